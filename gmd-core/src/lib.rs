@@ -1,0 +1,1 @@
+//! gmd-core: state map, configuration, device lifecycle and the local data path.

@@ -1,0 +1,1 @@
+//! NBD export of GeoMirror devices.

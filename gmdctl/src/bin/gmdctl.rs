@@ -1,0 +1,2 @@
+//! gmdctl.
+fn main() {}

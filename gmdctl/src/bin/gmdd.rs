@@ -1,0 +1,2 @@
+//! gmdd.
+fn main() {}

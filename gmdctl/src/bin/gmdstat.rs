@@ -1,0 +1,2 @@
+//! gmdstat.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Control protocol shared by gmdd, gmdctl and gmdstat.

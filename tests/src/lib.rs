@@ -1,0 +1,1 @@
+//! Harness for end-to-end tests: runs gmdd processes and real clients.
