@@ -1,1 +1,10 @@
-//! gmd-core: state map, configuration, device lifecycle and the local data path.
+//! gmd-core: the state map, configuration, device lifecycle and the local data
+//! path of a GeoMirror device. No sockets, no ublk, no NBD wire formats.
+
+pub mod buf;
+pub mod config;
+pub mod engine;
+pub mod runtime;
+pub mod statemap;
+pub mod units;
+pub mod volume;

@@ -1,0 +1,778 @@
+//! The running device: one thread per AVAILABLE device that owns an
+//! io_uring, the [`Engine`], the data volume and the state map volume (both
+//! `O_DIRECT`), and executes the engine's actions.
+//!
+//! Frontends hand requests over with [`Runtime::submit`] (a bounded lock-free
+//! queue plus an eventfd wake-up that is only written when the thread
+//! sleeps) and get results through their [`CompletionSink`], called on the
+//! device thread. Request slots, ring entries and buffers are allocated when
+//! the device starts; the steady-state data path allocates nothing.
+//!
+//! Threading: the thread sleeps in `io_uring_enter` waiting for either a
+//! completion or the eventfd; it never blocks on anything else.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_queue::ArrayQueue;
+use io_uring::{IoUring, opcode, squeue, types};
+use uuid::Uuid;
+
+use crate::buf::IoBuf;
+use crate::engine::{
+    Action, Engine, EngineError, EngineParams, EngineStats, OpKind, Request, Slot,
+};
+use crate::statemap::cells::StateMap;
+use crate::statemap::file::PageSlots;
+use crate::statemap::format::{self, BLOCK_SIZE, Layout};
+use crate::volume;
+
+/// Most map page writes in flight at once during a group commit.
+pub const MAP_WRITES_INFLIGHT_MAX: usize = 64;
+
+const KIND_SHIFT: u32 = 62;
+const KIND_DATA: u64 = 0;
+const KIND_MAP_PAGE: u64 = 1;
+const KIND_MAP_SYNC: u64 = 2;
+const KIND_WAKE: u64 = 3;
+
+/// Receives the results of requests; called on the device thread, so it must
+/// not block.
+pub trait CompletionSink: Send + Sync {
+    /// The request `tag` finished with `result`; `buf` is the request's buffer
+    /// (holding the data for a read).
+    fn complete(&self, tag: u64, result: Result<(), EngineError>, buf: Option<IoBuf>);
+}
+
+/// A request handed to the device thread.
+pub struct Submission {
+    /// What to do.
+    pub request: Request,
+    /// Data to write, or room for the data to read (length = request length).
+    pub buf: Option<IoBuf>,
+    /// The frontend's identifier, returned with the result.
+    pub tag: u64,
+    /// Where the result goes.
+    pub sink: Arc<dyn CompletionSink>,
+}
+
+impl std::fmt::Debug for Submission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submission")
+            .field("request", &self.request)
+            .field("tag", &self.tag)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything needed to start a device thread.
+#[derive(Debug)]
+pub struct RuntimeConfig {
+    /// Device name (thread name and logs).
+    pub name: String,
+    /// Data volume.
+    pub data_path: PathBuf,
+    /// State map volume.
+    pub map_path: PathBuf,
+    /// Device identity (written into every map page).
+    pub uuid: Uuid,
+    /// Cells as loaded from the map.
+    pub map: StateMap,
+    /// Which copy of each map page is current.
+    pub page_slots: PageSlots,
+    /// Engine parameters (`slots_max` is also the submission queue bound).
+    pub params: EngineParams,
+}
+
+/// Live counters of a running device, readable from any thread.
+#[derive(Debug, Default)]
+pub struct RuntimeStats {
+    /// Reads completed.
+    pub reads: AtomicU64,
+    /// Bytes read.
+    pub read_bytes: AtomicU64,
+    /// Writes (including write-zeroes and trims) completed.
+    pub writes: AtomicU64,
+    /// Bytes written.
+    pub write_bytes: AtomicU64,
+    /// Flushes completed.
+    pub flushes: AtomicU64,
+    /// Requests that failed.
+    pub errors: AtomicU64,
+    /// Map group commits.
+    pub map_commits: AtomicU64,
+    /// Map pages written.
+    pub map_pages_written: AtomicU64,
+    /// Writes that waited for a map commit.
+    pub writes_waited_for_map: AtomicU64,
+    /// Requests currently in the device.
+    pub in_flight: AtomicU64,
+}
+
+/// A plain copy of [`RuntimeStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StatsSnapshot {
+    /// Reads completed.
+    pub reads: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Writes completed.
+    pub writes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Flushes completed.
+    pub flushes: u64,
+    /// Requests that failed.
+    pub errors: u64,
+    /// Map group commits.
+    pub map_commits: u64,
+    /// Map pages written.
+    pub map_pages_written: u64,
+    /// Writes that waited for a map commit.
+    pub writes_waited_for_map: u64,
+    /// Requests currently in the device.
+    pub in_flight: u64,
+}
+
+impl RuntimeStats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            reads: r(&self.reads),
+            read_bytes: r(&self.read_bytes),
+            writes: r(&self.writes),
+            write_bytes: r(&self.write_bytes),
+            flushes: r(&self.flushes),
+            errors: r(&self.errors),
+            map_commits: r(&self.map_commits),
+            map_pages_written: r(&self.map_pages_written),
+            writes_waited_for_map: r(&self.writes_waited_for_map),
+            in_flight: r(&self.in_flight),
+        }
+    }
+}
+
+type SnapshotReply = Box<dyn FnOnce(StateMap) + Send>;
+type DoneReply = Box<dyn FnOnce(Result<(), EngineError>) + Send>;
+
+enum Control {
+    Snapshot(SnapshotReply),
+    MarkAll(u8, DoneReply),
+    Stop,
+}
+
+struct Shared {
+    inbox: ArrayQueue<Submission>,
+    control: Mutex<Vec<Control>>,
+    control_pending: AtomicBool,
+    wake_fd: OwnedFd,
+    sleeping: AtomicBool,
+    stats: RuntimeStats,
+}
+
+impl Shared {
+    /// Wakes the device thread if it sleeps (or is about to).
+    fn wake(&self) {
+        fence(Ordering::SeqCst);
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            self.wake_always();
+        }
+    }
+
+    fn wake_always(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes from a valid buffer to our eventfd.
+        unsafe { libc::write(self.wake_fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+}
+
+/// What the device thread returns when it stops: the cells and page slots to
+/// carry on from.
+pub type StopResult = io::Result<(StateMap, PageSlots)>;
+
+/// Handle to a running device thread.
+pub struct Runtime {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<StopResult>>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// Opens the volumes, sets up the ring and starts the device thread.
+    ///
+    /// # Errors
+    /// A volume cannot be opened with `O_DIRECT`, or io_uring is unavailable.
+    pub fn start(config: RuntimeConfig) -> io::Result<Runtime> {
+        let data = volume::open_rw(&config.data_path, true).map_err(|e| {
+            io::Error::new(e.kind(), format!("{}: {e}", config.data_path.display()))
+        })?;
+        let map_file = volume::open_rw(&config.map_path, true)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", config.map_path.display())))?;
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: raw is a fresh descriptor we own.
+        let wake_fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let slots = config.params.slots_max;
+        let entries = (slots + MAP_WRITES_INFLIGHT_MAX + 2).next_power_of_two() as u32;
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 2)
+            .build(entries)
+            .map_err(|e| io::Error::new(e.kind(), format!("io_uring setup failed: {e}")))?;
+        let shared = Arc::new(Shared {
+            inbox: ArrayQueue::new(slots),
+            control: Mutex::new(Vec::new()),
+            control_pending: AtomicBool::new(false),
+            wake_fd,
+            sleeping: AtomicBool::new(false),
+            stats: RuntimeStats::default(),
+        });
+        let mut worker = Worker {
+            shared: shared.clone(),
+            ring,
+            data,
+            map_file,
+            uuid: config.uuid,
+            engine: Engine::new(config.params, config.map),
+            page_slots: config.page_slots,
+            slots: (0..slots).map(|_| SlotEntry::default()).collect(),
+            free: (0..slots as Slot).rev().collect(),
+            ops_in_flight: 0,
+            completions: Vec::with_capacity(entries as usize * 2),
+            wake_buf: Box::new([0; 8]),
+            flush: None,
+            flush_pages: Vec::new(),
+            map_bufs: (0..MAP_WRITES_INFLIGHT_MAX)
+                .map(|_| IoBuf::new(BLOCK_SIZE))
+                .collect(),
+            map_bufs_free: (0..MAP_WRITES_INFLIGHT_MAX).collect(),
+            stopping: false,
+            stats_seen: EngineStats::default(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("gmd-{}", config.name))
+            .spawn(move || worker.run())?;
+        Ok(Runtime {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands a request to the device thread.
+    ///
+    /// # Errors
+    /// The queue is full (more than `slots_max` requests outstanding); the
+    /// submission is given back.
+    pub fn submit(&self, submission: Submission) -> Result<(), Submission> {
+        self.shared.inbox.push(submission)?;
+        self.shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.shared.wake();
+        Ok(())
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &RuntimeStats {
+        &self.shared.stats
+    }
+
+    fn control(&self, message: Control) {
+        self.shared
+            .control
+            .lock()
+            .expect("control queue lock")
+            .push(message);
+        self.shared.control_pending.store(true, Ordering::SeqCst);
+        self.shared.wake_always();
+    }
+
+    /// Asks for a copy of the live state map; `reply` is called on the device thread.
+    pub fn snapshot(&self, reply: impl FnOnce(StateMap) + Send + 'static) {
+        self.control(Control::Snapshot(Box::new(reply)));
+    }
+
+    /// Sets every cell to `value` and calls `reply` once that is durable.
+    pub fn mark_all(
+        &self,
+        value: u8,
+        reply: impl FnOnce(Result<(), EngineError>) + Send + 'static,
+    ) {
+        self.control(Control::MarkAll(value, Box::new(reply)));
+    }
+
+    /// Finishes every request in flight, persists the map and stops the thread.
+    ///
+    /// Requests still queued are executed first; frontends should stop
+    /// submitting before calling this.
+    ///
+    /// # Errors
+    /// The device thread failed (an io_uring error) or panicked.
+    pub fn stop(mut self) -> StopResult {
+        self.control(Control::Stop);
+        let thread = self.thread.take().expect("thread present until stop");
+        thread
+            .join()
+            .map_err(|_| io::Error::other("device thread panicked"))?
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.control(Control::Stop);
+            let _ = thread.join();
+        }
+    }
+}
+
+#[derive(Default)]
+struct SlotEntry {
+    submission: Option<Submission>,
+    done_bytes: u64,
+    phase: Phase,
+}
+
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+enum Phase {
+    #[default]
+    Main,
+    /// FUA of a write-zeroes or trim: a data sync after the operation.
+    Sync,
+    /// Trim fell back from punching a hole to zeroing the range.
+    ZeroFallback,
+}
+
+struct Flush {
+    epoch: u64,
+    next: usize,
+    writes_in_flight: usize,
+    failed: Option<i32>,
+    syncing: bool,
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    ring: IoUring,
+    data: File,
+    map_file: File,
+    uuid: Uuid,
+    engine: Engine,
+    page_slots: PageSlots,
+    slots: Vec<SlotEntry>,
+    free: Vec<Slot>,
+    ops_in_flight: usize,
+    completions: Vec<(u64, i32)>,
+    wake_buf: Box<[u8; 8]>,
+    flush: Option<Flush>,
+    /// Pages of the current group commit: (page, copy, sequence).
+    flush_pages: Vec<(u64, u8, u64)>,
+    map_bufs: Vec<IoBuf>,
+    map_bufs_free: Vec<usize>,
+    stopping: bool,
+    stats_seen: EngineStats,
+}
+
+fn user_data(kind: u64, index: u64) -> u64 {
+    (kind << KIND_SHIFT) | index
+}
+
+impl Worker {
+    fn run(&mut self) -> StopResult {
+        self.arm_wake()?;
+        let mut waiting_marks: Vec<(u64, DoneReply)> = Vec::new();
+        loop {
+            // Control messages.
+            let controls: Vec<Control> =
+                if self.shared.control_pending.swap(false, Ordering::SeqCst) {
+                    std::mem::take(&mut *self.shared.control.lock().expect("control queue lock"))
+                } else {
+                    Vec::new()
+                };
+            for control in controls {
+                match control {
+                    Control::Snapshot(reply) => reply(self.engine.map().clone()),
+                    Control::MarkAll(value, reply) => {
+                        if self.engine.map_failed() {
+                            reply(Err(EngineError::MapFailed));
+                        } else {
+                            let epoch = self.engine.mark_all(value);
+                            waiting_marks.push((epoch, reply));
+                        }
+                    }
+                    Control::Stop => self.stopping = true,
+                }
+            }
+            // New requests, as long as there are free slots.
+            while let Some(&slot) = self.free.last() {
+                let Some(submission) = self.shared.inbox.pop() else {
+                    break;
+                };
+                self.free.pop();
+                let request = submission.request;
+                let entry = &mut self.slots[slot as usize];
+                entry.submission = Some(submission);
+                entry.done_bytes = 0;
+                entry.phase = Phase::Main;
+                self.engine.submit(slot, request);
+            }
+            self.execute_actions()?;
+            // Answer administrative changes that are now durable.
+            if !waiting_marks.is_empty() {
+                let durable = self.engine.durable_epoch();
+                let failed = self.engine.map_failed();
+                let mut i = 0;
+                while i < waiting_marks.len() {
+                    if waiting_marks[i].0 <= durable {
+                        (waiting_marks.swap_remove(i).1)(Ok(()));
+                    } else if failed {
+                        (waiting_marks.swap_remove(i).1)(Err(EngineError::MapFailed));
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            self.publish_engine_stats();
+            if self.stopping
+                && self.shared.inbox.is_empty()
+                && self.engine.is_idle()
+                && self.ops_in_flight == 0
+                && waiting_marks.is_empty()
+            {
+                break;
+            }
+            // Sleep until a completion or a wake-up, unless work is already waiting.
+            self.shared.sleeping.store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            let busy = (!self.shared.inbox.is_empty() && !self.free.is_empty())
+                || self.shared.control_pending.load(Ordering::SeqCst);
+            let wait = if busy { 0 } else { 1 };
+            match self.ring.submit_and_wait(wait) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => return Err(e),
+            }
+            self.shared.sleeping.store(false, Ordering::SeqCst);
+            self.reap()?;
+        }
+        let map = self.engine.map().clone();
+        Ok((map, self.page_slots.clone()))
+    }
+
+    fn publish_engine_stats(&mut self) {
+        let now = self.engine.stats();
+        if now != self.stats_seen {
+            let s = &self.shared.stats;
+            s.map_commits.store(now.map_commits, Ordering::Relaxed);
+            s.map_pages_written
+                .store(now.map_pages_written, Ordering::Relaxed);
+            s.writes_waited_for_map
+                .store(now.writes_waited_for_map, Ordering::Relaxed);
+            self.stats_seen = now;
+        }
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        let entry = opcode::Read::new(
+            types::Fd(self.shared.wake_fd.as_raw_fd()),
+            self.wake_buf.as_mut_ptr(),
+            8,
+        )
+        .build()
+        .user_data(user_data(KIND_WAKE, 0));
+        self.push(entry)?;
+        self.ops_in_flight -= 1; // the wake-up read is not work
+        Ok(())
+    }
+
+    fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every buffer an entry points at (slot buffers, map page
+            // buffers, the wake buffer) lives in this worker and is neither
+            // moved nor freed until the entry's completion has been reaped.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                self.ops_in_flight += 1;
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+    }
+
+    fn execute_actions(&mut self) -> io::Result<()> {
+        while let Some(action) = self.engine.poll_action() {
+            match action {
+                Action::Local(slot) => self.issue_local(slot)?,
+                Action::PersistMap(epoch) => {
+                    self.flush_pages.clear();
+                    for &page in self.engine.flushing_pages() {
+                        let (slot, seq) = self.page_slots.next(page);
+                        self.flush_pages.push((page, slot, seq));
+                    }
+                    self.flush = Some(Flush {
+                        epoch,
+                        next: 0,
+                        writes_in_flight: 0,
+                        failed: None,
+                        syncing: false,
+                    });
+                    self.pump_flush()?;
+                }
+                Action::Complete(slot, result) => self.complete(slot, result),
+            }
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self, slot: Slot, result: Result<(), EngineError>) {
+        let entry = &mut self.slots[slot as usize];
+        let submission = entry
+            .submission
+            .take()
+            .expect("completed slot has a request");
+        let stats = &self.shared.stats;
+        let request = submission.request;
+        match (&result, request.kind) {
+            (Err(_), _) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            (Ok(()), OpKind::Read) => {
+                stats.reads.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .read_bytes
+                    .fetch_add(request.len_bytes, Ordering::Relaxed);
+            }
+            (Ok(()), OpKind::Flush) => {
+                stats.flushes.fetch_add(1, Ordering::Relaxed);
+            }
+            (Ok(()), _) => {
+                stats.writes.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .write_bytes
+                    .fetch_add(request.len_bytes, Ordering::Relaxed);
+            }
+        }
+        stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.free.push(slot);
+        submission
+            .sink
+            .complete(submission.tag, result, submission.buf);
+    }
+
+    fn issue_local(&mut self, slot: Slot) -> io::Result<()> {
+        let fd = types::Fd(self.data.as_raw_fd());
+        let entry = &mut self.slots[slot as usize];
+        let submission = entry
+            .submission
+            .as_mut()
+            .expect("issued slot has a request");
+        let request = submission.request;
+        let ud = user_data(KIND_DATA, u64::from(slot));
+        let offset = request.offset_bytes + entry.done_bytes;
+        let remaining = request.len_bytes - entry.done_bytes;
+        let sqe = match (request.kind, entry.phase) {
+            (_, Phase::Sync) | (OpKind::Flush, _) => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            (OpKind::Read | OpKind::Write, _) if remaining == 0 => {
+                // Zero-length transfer: nothing to do.
+                return self.finish_local(slot, Ok(()));
+            }
+            (OpKind::Read, _) => {
+                let buf = submission.buf.as_mut().expect("read has a buffer");
+                // SAFETY: done_bytes < len ≤ buffer length.
+                let ptr = unsafe { buf.as_mut_ptr().add(entry.done_bytes as usize) };
+                opcode::Read::new(fd, ptr, remaining as u32)
+                    .offset(offset)
+                    .build()
+            }
+            (OpKind::Write, _) => {
+                let buf = submission.buf.as_mut().expect("write has a buffer");
+                // SAFETY: as above.
+                let ptr = unsafe { buf.as_mut_ptr().add(entry.done_bytes as usize) };
+                let flags = if request.fua { libc::RWF_DSYNC } else { 0 };
+                opcode::Write::new(fd, ptr, remaining as u32)
+                    .offset(offset)
+                    .rw_flags(flags)
+                    .build()
+            }
+            (OpKind::WriteZeroes, _) | (OpKind::Trim, Phase::ZeroFallback) => {
+                opcode::Fallocate::new(fd, request.len_bytes)
+                    .offset(request.offset_bytes)
+                    .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+                    .build()
+            }
+            (OpKind::Trim, _) => opcode::Fallocate::new(fd, request.len_bytes)
+                .offset(request.offset_bytes)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
+        };
+        self.push(sqe.user_data(ud))
+    }
+
+    fn finish_local(&mut self, slot: Slot, result: Result<(), i32>) -> io::Result<()> {
+        self.engine.local_done(slot, result);
+        Ok(())
+    }
+
+    fn on_data_completion(&mut self, slot: Slot, res: i32) -> io::Result<()> {
+        let entry = &mut self.slots[slot as usize];
+        let request = entry
+            .submission
+            .as_ref()
+            .expect("completion for a live slot")
+            .request;
+        if res < 0 {
+            let errno = -res;
+            if request.kind == OpKind::Trim
+                && entry.phase == Phase::Main
+                && (errno == libc::EOPNOTSUPP || errno == libc::EINVAL)
+            {
+                entry.phase = Phase::ZeroFallback;
+                return self.issue_local(slot);
+            }
+            if errno == libc::EINTR || errno == libc::EAGAIN {
+                return self.issue_local(slot);
+            }
+            return self.finish_local(slot, Err(errno));
+        }
+        match request.kind {
+            OpKind::Read | OpKind::Write if entry.phase == Phase::Main => {
+                if res == 0 {
+                    // End of the volume inside the device: it shrank underneath us.
+                    return self.finish_local(slot, Err(libc::EIO));
+                }
+                entry.done_bytes += res as u64;
+                if entry.done_bytes < request.len_bytes {
+                    return self.issue_local(slot);
+                }
+                self.finish_local(slot, Ok(()))
+            }
+            OpKind::WriteZeroes | OpKind::Trim if request.fua && entry.phase != Phase::Sync => {
+                entry.phase = Phase::Sync;
+                self.issue_local(slot)
+            }
+            _ => self.finish_local(slot, Ok(())),
+        }
+    }
+
+    fn pump_flush(&mut self) -> io::Result<()> {
+        loop {
+            let Some(flush) = self.flush.as_mut() else {
+                return Ok(());
+            };
+            if flush.failed.is_some() || flush.syncing {
+                return Ok(());
+            }
+            if flush.next == self.flush_pages.len() {
+                if flush.writes_in_flight == 0 {
+                    flush.syncing = true;
+                    let sqe = opcode::Fsync::new(types::Fd(self.map_file.as_raw_fd()))
+                        .flags(types::FsyncFlags::DATASYNC)
+                        .build()
+                        .user_data(user_data(KIND_MAP_SYNC, 0));
+                    self.push(sqe)?;
+                }
+                return Ok(());
+            }
+            let Some(buf_index) = self.map_bufs_free.pop() else {
+                return Ok(());
+            };
+            let (page, slot, seq) = self.flush_pages[flush.next];
+            flush.next += 1;
+            flush.writes_in_flight += 1;
+            let packed = self.engine.map().packed();
+            let buf = &mut self.map_bufs[buf_index];
+            format::encode_page(
+                &self.uuid,
+                page,
+                seq,
+                &packed[Layout::page_cells(page, packed.len())],
+                buf,
+            );
+            let sqe = opcode::Write::new(
+                types::Fd(self.map_file.as_raw_fd()),
+                buf.as_mut_ptr(),
+                BLOCK_SIZE as u32,
+            )
+            .offset(Layout::page_offset(page, slot))
+            .build()
+            .user_data(user_data(KIND_MAP_PAGE, buf_index as u64));
+            self.push(sqe)?;
+        }
+    }
+
+    fn on_map_completion(&mut self, kind: u64, index: u64, res: i32) -> io::Result<()> {
+        let flush = self.flush.as_mut().expect("map completion during a flush");
+        if kind == KIND_MAP_PAGE {
+            self.map_bufs_free.push(index as usize);
+            flush.writes_in_flight -= 1;
+            if res != BLOCK_SIZE as i32 {
+                flush
+                    .failed
+                    .get_or_insert(if res < 0 { -res } else { libc::EIO });
+            }
+            if let Some(errno) = flush.failed {
+                if flush.writes_in_flight == 0 {
+                    let epoch = flush.epoch;
+                    self.flush = None;
+                    tracing::error!(errno, "state map write failed");
+                    self.engine.map_written(epoch, Err(errno));
+                }
+                return Ok(());
+            }
+            return self.pump_flush();
+        }
+        // The sync ends the group commit.
+        let epoch = flush.epoch;
+        self.flush = None;
+        if res < 0 {
+            tracing::error!(errno = -res, "state map sync failed");
+            self.engine.map_written(epoch, Err(-res));
+        } else {
+            for &(page, slot, seq) in &self.flush_pages {
+                self.page_slots.commit(page, slot, seq);
+            }
+            self.engine.map_written(epoch, Ok(()));
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self) -> io::Result<()> {
+        self.completions.clear();
+        for cqe in self.ring.completion() {
+            self.completions.push((cqe.user_data(), cqe.result()));
+        }
+        for i in 0..self.completions.len() {
+            let (ud, res) = self.completions[i];
+            let kind = ud >> KIND_SHIFT;
+            let index = ud & ((1 << KIND_SHIFT) - 1);
+            if kind == KIND_WAKE {
+                self.arm_wake()?;
+                continue;
+            }
+            self.ops_in_flight -= 1;
+            match kind {
+                KIND_DATA => self.on_data_completion(index as Slot, res)?,
+                _ => self.on_map_completion(kind, index, res)?,
+            }
+            self.execute_actions()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
