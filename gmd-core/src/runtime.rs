@@ -44,9 +44,15 @@ const KIND_WAKE: u64 = 3;
 /// Receives the results of requests; called on the device thread, so it must
 /// not block.
 pub trait CompletionSink: Send + Sync {
-    /// The request `tag` finished with `result`; `buf` is the request's buffer
-    /// (holding the data for a read).
-    fn complete(&self, tag: u64, result: Result<(), EngineError>, buf: Option<IoBuf>);
+    /// The request `tag` (which asked for `request`) finished with `result`;
+    /// `buf` is the request's buffer (holding the data for a read).
+    fn complete(
+        &self,
+        tag: u64,
+        request: &Request,
+        result: Result<(), EngineError>,
+        buf: Option<IoBuf>,
+    );
 }
 
 /// A request handed to the device thread.
@@ -568,7 +574,7 @@ impl Worker {
         self.free.push(slot);
         submission
             .sink
-            .complete(submission.tag, result, submission.buf);
+            .complete(submission.tag, &request, result, submission.buf);
     }
 
     fn issue_local(&mut self, slot: Slot) -> io::Result<()> {

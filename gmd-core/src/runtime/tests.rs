@@ -21,7 +21,13 @@ struct Collect {
 }
 
 impl CompletionSink for Collect {
-    fn complete(&self, tag: u64, result: Result<(), EngineError>, buf: Option<IoBuf>) {
+    fn complete(
+        &self,
+        tag: u64,
+        _request: &Request,
+        result: Result<(), EngineError>,
+        buf: Option<IoBuf>,
+    ) {
         self.done.lock().unwrap().push((tag, result, buf));
         self.cv.notify_all();
     }
