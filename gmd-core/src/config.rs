@@ -220,7 +220,7 @@ pub struct Device {
     pub mode: Mode,
     /// Size of the data volume in bytes.
     pub size_bytes: u64,
-    /// Logical block size exposed to applications (512 or 4096).
+    /// Logical block size exposed to applications (512, the default, or 4096).
     pub block_size: u32,
     /// High water mark of async mode, KiB.
     pub hwm_kib: u64,
@@ -438,7 +438,9 @@ impl ClusterConfig {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(path, &text)
+        // Absolute, so that relative paths inside mean the same from anywhere.
+        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+        Self::parse(&path, &text)
     }
 
     /// Parses and checks configuration `text` as if read from `path`.
@@ -738,7 +740,7 @@ fn build(c: &mut Checker, path: &Path, base: &Path, raw: RawConfig) -> ClusterCo
             }
         };
         let block_size = match d.block_size {
-            None => 4096,
+            None => 512,
             Some(512) => 512,
             Some(4096) => 4096,
             Some(n) => {
@@ -746,7 +748,7 @@ fn build(c: &mut Checker, path: &Path, base: &Path, raw: RawConfig) -> ClusterCo
                     format!("{field}.block_size"),
                     format!("{n} is not supported; use 512 or 4096"),
                 );
-                4096
+                512
             }
         };
         let size_bytes = match &d.size {

@@ -3,6 +3,7 @@
 
 pub mod buf;
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod runtime;
 pub mod statemap;

@@ -183,6 +183,13 @@ struct Shared {
 }
 
 impl Shared {
+    fn submit(&self, submission: Submission) -> Result<(), Submission> {
+        self.inbox.push(submission)?;
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.wake();
+        Ok(())
+    }
+
     /// Wakes the device thread if it sleeps (or is about to).
     fn wake(&self) {
         fence(Ordering::SeqCst);
@@ -283,10 +290,14 @@ impl Runtime {
     /// The queue is full (more than `slots_max` requests outstanding); the
     /// submission is given back.
     pub fn submit(&self, submission: Submission) -> Result<(), Submission> {
-        self.shared.inbox.push(submission)?;
-        self.shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.shared.wake();
-        Ok(())
+        self.shared.submit(submission)
+    }
+
+    /// A cheap, cloneable handle that can only submit requests (for frontends).
+    pub fn submitter(&self) -> Submitter {
+        Submitter {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Live counters.
@@ -331,6 +342,36 @@ impl Runtime {
         thread
             .join()
             .map_err(|_| io::Error::other("device thread panicked"))?
+    }
+}
+
+/// Submits requests to a running device; see [`Runtime::submitter`].
+///
+/// A request submitted after the device stopped is never completed, so
+/// frontends must be detached before the device stops.
+#[derive(Clone)]
+pub struct Submitter {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Submitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submitter").finish_non_exhaustive()
+    }
+}
+
+impl Submitter {
+    /// As [`Runtime::submit`].
+    ///
+    /// # Errors
+    /// The queue is full; the submission is given back.
+    pub fn submit(&self, submission: Submission) -> Result<(), Submission> {
+        self.shared.submit(submission)
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &RuntimeStats {
+        &self.shared.stats
     }
 }
 

@@ -1,1 +1,8 @@
-//! Control protocol shared by gmdd, gmdctl and gmdstat.
+//! The gmd daemon (`gmdd`), its control protocol, and the pieces shared by
+//! the command-line tools `gmdctl` and `gmdstat`.
+
+pub mod client;
+pub mod daemon;
+pub mod keyfile;
+pub mod protocol;
+pub mod verify;

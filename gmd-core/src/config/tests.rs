@@ -40,7 +40,7 @@ fn example_parses_with_resolved_paths_and_defaults() {
     assert_eq!(dev.size_bytes, 256 << 20);
     assert_eq!(dev.hwm_kib, 128);
     assert_eq!(dev.sync_rate_kib, 32);
-    assert_eq!(dev.block_size, 4096);
+    assert_eq!(dev.block_size, 512);
     assert_eq!(dev.export, vec![Frontend::Nbd]);
     assert_eq!(
         dev.machines["alpha"].data,

@@ -72,6 +72,12 @@ pub enum MapError {
         /// Size in the configuration.
         config_bytes: u64,
     },
+    /// Another process (or a configured device) holds the map.
+    #[error("state map {path} is in use by another process or a configured device")]
+    Busy {
+        /// The map's path.
+        path: PathBuf,
+    },
     /// A valid map is already there and overwriting was not forced.
     #[error("state map {path} already holds a valid map of device {uuid}")]
     Exists {
@@ -145,6 +151,30 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> MapError + '_ {
 }
 
 fn open_file(path: &Path, create: bool) -> Result<File, MapError> {
+    let file = open_unlocked(path, create)?;
+    // SAFETY: flock on a descriptor we own; the lock lives as long as the file.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(MapError::Busy {
+                path: path.to_owned(),
+            });
+        }
+        return Err(MapError::Io {
+            path: path.to_owned(),
+            source: err,
+        });
+    }
+    Ok(file)
+}
+
+fn open_unlocked(path: &Path, create: bool) -> Result<File, MapError> {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -555,12 +585,26 @@ mod tests {
             sb.peers_down = vec!["beta".into()];
         })
         .unwrap();
+        let slots = file.page_slots().clone();
+        drop(file);
         let (again, loaded) = MapFile::open(&path, Some(SIZE)).unwrap();
         assert_eq!(loaded, cells);
         assert_eq!(again.superblock().admin_state, AdminState::Available);
         assert_eq!(again.superblock().peers_down, vec!["beta".to_string()]);
         assert_eq!(again.superblock().generation, 2);
-        assert_eq!(again.page_slots(), file.page_slots());
+        assert_eq!(again.page_slots(), &slots);
+    }
+
+    #[test]
+    fn a_map_held_open_is_busy_for_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, held) = fresh(&dir);
+        assert!(matches!(
+            MapFile::open(&path, None),
+            Err(MapError::Busy { .. })
+        ));
+        drop(held);
+        MapFile::open(&path, None).unwrap();
     }
 
     #[test]
@@ -672,8 +716,10 @@ mod tests {
                     raw.write_all_at(&block[..cut], Layout::page_offset(page, slot)).unwrap();
                 }
                 drop(raw);
+                let page_count = file.layout().page_count;
+                drop(file);
                 let (_, loaded) = MapFile::open(&path, Some(SIZE)).unwrap();
-                for page in 0..file.layout().page_count {
+                for page in 0..page_count {
                     let range = Layout::page_cells(page, next.packed().len());
                     let got = &loaded.packed()[range.clone()];
                     prop_assert!(got == &durable.packed()[range.clone()] || got == &next.packed()[range],
@@ -705,6 +751,7 @@ mod tests {
                 let raw = OpenOptions::new().write(true).open(&path).unwrap();
                 raw.write_all_at(&block[..cut], Layout::superblock_offset(file.super_slot ^ 1)).unwrap();
                 drop(raw);
+                drop(file);
                 let (loaded, _) = MapFile::open(&path, Some(SIZE)).unwrap();
                 prop_assert!(*loaded.superblock() == old || *loaded.superblock() == new);
                 if cut == BLOCK_SIZE {

@@ -96,6 +96,16 @@ pub enum AdminState {
     Available,
 }
 
+impl std::fmt::Display for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AdminState::Defined => "DEFINED",
+            AdminState::Stopped => "STOPPED",
+            AdminState::Available => "AVAILABLE",
+        })
+    }
+}
+
 impl AdminState {
     fn to_byte(self) -> u8 {
         match self {

@@ -1,2 +1,518 @@
-//! gmdctl.
-fn main() {}
+//! `gmdctl`: administer the GeoMirror devices of this machine.
+//!
+//! Exit status: 0 success; 1 bad input; 2 refused or not available (and
+//! `show-state` of a dirty map, as the reference's gmd_show_state);
+//! 255 system error (e.g. gmdd not running).
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use clap::{Args, Parser, Subcommand};
+use gmd_core::config::ClusterConfig;
+use gmd_core::device::{self, DeviceError, ErrorClass};
+use gmd_core::statemap::cells::{CELL_CONSISTENT, CELL_STALE};
+use gmd_core::statemap::dump::{self, MapSummary};
+use gmd_core::units::{REGION_SIZE_BYTES, format_size};
+use gmdctl::client::{Client, ClientError};
+use gmdctl::protocol::*;
+
+/// Administer GeoMirror devices (gmd).
+#[derive(Parser, Debug)]
+#[command(
+    name = "gmdctl",
+    version,
+    about,
+    after_help = "Exit status: 0 ok, 1 bad input, 2 refused or not available, 255 system error."
+)]
+struct Cli {
+    /// gmdd's control socket.
+    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Cluster configuration, for commands that work without gmdd.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// This machine's name (default: the hostname), for commands without gmdd.
+    #[arg(long, global = true)]
+    machine: Option<String>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Args, Debug)]
+struct TargetArgs {
+    /// The device.
+    device: Option<String>,
+    /// Every device of this machine.
+    #[arg(short = 'A', long = "all", conflicts_with = "device")]
+    all: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Write a new random cluster key (mode 0600); copy it to every machine.
+    Genkey {
+        /// Key file to create.
+        file: PathBuf,
+        /// Replace an existing key.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write a fresh state map for this machine's copy of a device (DEFINED only).
+    InitState {
+        /// The device.
+        device: String,
+        /// Replace a valid map (its record of regions to resynchronise is lost).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check configuration, volumes, maps, key and addresses on this machine.
+    Verify,
+    /// One line per device.
+    List,
+    /// Device state in detail.
+    Status {
+        /// One device (default: all).
+        device: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// DEFINED → STOPPED: open and check the map and the data volume.
+    Configure(TargetArgs),
+    /// STOPPED → AVAILABLE: start serving applications.
+    Start(TargetArgs),
+    /// AVAILABLE → STOPPED (refused while in use).
+    Stop(TargetArgs),
+    /// STOPPED → DEFINED.
+    Unconfigure(TargetArgs),
+    /// Record a remote peer as down so that start does not wait for it (STOPPED only).
+    Down {
+        /// The device.
+        device: String,
+        /// The remote machine.
+        peer: String,
+    },
+    /// Change attributes while DEFINED: mode, role, role.<machine>, hwm_kib, sync_rate_kib, minor, size, block_size, export.
+    Set {
+        /// The device.
+        device: String,
+        /// KEY=VALUE pairs, applied together.
+        #[arg(required = true)]
+        assignments: Vec<String>,
+    },
+    /// Print a device's state map (exit 2 when it is dirty).
+    ShowState {
+        /// The device (not with --from).
+        #[arg(required_unless_present = "from")]
+        device: Option<String>,
+        /// Also write a machine-readable map file.
+        #[arg(long, value_name = "FILE")]
+        dump: Option<PathBuf>,
+        /// Print a map file written by --dump instead.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["device", "dump"])]
+        from: Option<PathBuf>,
+    },
+    /// Mark every region stale: the whole device is sent to the peer when mirroring resumes.
+    Dirty {
+        /// The device.
+        device: String,
+    },
+    /// Mark every region consistent (testing only: the record of differences is lost).
+    Clean {
+        /// The device.
+        device: String,
+        /// Confirm that the record of regions to resynchronise may be lost.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+struct Failure {
+    code: i32,
+    message: String,
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure {
+            code: e.exit_code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<DeviceError> for Failure {
+    fn from(e: DeviceError) -> Self {
+        Failure {
+            code: match e.class {
+                ErrorClass::Invalid => 1,
+                ErrorClass::Refused | ErrorClass::NotFound => 2,
+                ErrorClass::Internal => 255,
+            },
+            message: e.message,
+        }
+    }
+}
+
+fn fail(code: i32, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        message: message.into(),
+    }
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(f) => {
+            eprintln!("gmdctl: {}", f.message);
+            std::process::exit(f.code);
+        }
+    }
+}
+
+fn target(args: &TargetArgs) -> Result<Target, Failure> {
+    match (&args.device, args.all) {
+        (Some(d), false) => Ok(Target::Device(d.clone())),
+        (None, true) => Ok(Target::All),
+        _ => Err(fail(1, "name a device, or give -A for all devices")),
+    }
+}
+
+fn print_outcome(value: serde_json::Value) -> Result<i32, Failure> {
+    let outcome: Outcome = serde_json::from_value(value).map_err(|e| fail(255, e.to_string()))?;
+    for line in outcome.lines {
+        println!("{line}");
+    }
+    for warning in outcome.warnings {
+        eprintln!("gmdctl: warning: {warning}");
+    }
+    Ok(0)
+}
+
+/// Talks to gmdd when it runs; otherwise returns `None` so that the caller
+/// can work on the files directly.
+fn daemon_or_offline(socket: &Path) -> Result<Option<Client>, Failure> {
+    match Client::connect(socket) {
+        Ok(c) => Ok(Some(c)),
+        Err(ClientError::NotRunning { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn offline(cli: &Cli) -> Result<(ClusterConfig, String), Failure> {
+    let path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let config = ClusterConfig::load(&path).map_err(|e| fail(1, e.to_string()))?;
+    let machine = gmdctl::daemon::resolve_machine(&config, cli.machine.as_deref())
+        .map_err(|e| fail(1, e.to_string()))?;
+    Ok((config, machine))
+}
+
+fn local_device<'a>(
+    config: &'a ClusterConfig,
+    machine: &str,
+    name: &str,
+) -> Result<
+    (
+        &'a gmd_core::config::Device,
+        &'a gmd_core::config::DeviceMachine,
+    ),
+    Failure,
+> {
+    let device = config.devices.get(name).ok_or_else(|| {
+        fail(
+            2,
+            format!("no device named {name} in {}", config.path.display()),
+        )
+    })?;
+    let local = device
+        .on(machine)
+        .ok_or_else(|| fail(2, format!("device {name} has no copy on machine {machine}")))?;
+    Ok((device, local))
+}
+
+fn run(cli: Cli) -> Result<i32, Failure> {
+    match &cli.command {
+        Cmd::Genkey { file, force } => {
+            gmdctl::keyfile::generate(file, *force).map_err(|e| fail(2, e.to_string()))?;
+            println!(
+                "new cluster key written to {} (mode 0600); copy it to every machine",
+                file.display()
+            );
+            Ok(0)
+        }
+        Cmd::Verify => {
+            let path = match (&cli.config, Client::connect(&cli.socket)) {
+                (Some(p), _) => p.clone(),
+                (None, Ok(mut client)) => {
+                    let hello: Hello = client.call(Command::Hello)?;
+                    PathBuf::from(hello.config)
+                }
+                (None, Err(_)) => PathBuf::from(DEFAULT_CONFIG),
+            };
+            let findings = gmdctl::verify::verify_local(&path, cli.machine.as_deref());
+            print!("{}", gmdctl::verify::render(&findings));
+            Ok(if findings.iter().all(|f| f.ok) { 0 } else { 1 })
+        }
+        Cmd::InitState { device, force } => match daemon_or_offline(&cli.socket)? {
+            Some(mut client) => print_outcome(client.call_value(Command::InitState {
+                device: device.clone(),
+                force: *force,
+            })?),
+            None => {
+                let (config, machine) = offline(&cli)?;
+                let (dev, local) = local_device(&config, &machine, device)?;
+                let uuid = device::init_state(dev, local, *force)?;
+                println!(
+                    "{device}: new state map written to {} (device id {uuid})",
+                    local.state_map.display()
+                );
+                Ok(0)
+            }
+        },
+        Cmd::List => {
+            let mut client = Client::connect(&cli.socket)?;
+            let devices: Vec<DeviceStatus> = client.call(Command::Status { device: None })?;
+            println!(
+                "{:<16} {:<10} {:<6} {:<10} {:>6} {:>10}",
+                "DEVICE", "STATE", "MODE", "ROLE", "MINOR", "SIZE"
+            );
+            for d in devices {
+                println!(
+                    "{:<16} {:<10} {:<6} {:<10} {:>6} {:>10}",
+                    d.name,
+                    d.state.to_string(),
+                    d.mode.to_string(),
+                    d.role.to_string(),
+                    d.minor,
+                    format_size(d.size_bytes)
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Status { device, json } => {
+            let mut client = Client::connect(&cli.socket)?;
+            let value = client.call_value(Command::Status {
+                device: device.clone(),
+            })?;
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&value).unwrap_or_default()
+                );
+                return Ok(0);
+            }
+            let devices: Vec<DeviceStatus> =
+                serde_json::from_value(value).map_err(|e| fail(255, e.to_string()))?;
+            for d in devices {
+                print_status(&d);
+            }
+            Ok(0)
+        }
+        Cmd::Configure(t) => {
+            let target = target(t)?;
+            print_outcome(Client::connect(&cli.socket)?.call_value(Command::Configure { target })?)
+        }
+        Cmd::Start(t) => {
+            let target = target(t)?;
+            print_outcome(Client::connect(&cli.socket)?.call_value(Command::Start { target })?)
+        }
+        Cmd::Stop(t) => {
+            let target = target(t)?;
+            print_outcome(Client::connect(&cli.socket)?.call_value(Command::Stop { target })?)
+        }
+        Cmd::Unconfigure(t) => {
+            let target = target(t)?;
+            print_outcome(
+                Client::connect(&cli.socket)?.call_value(Command::Unconfigure { target })?,
+            )
+        }
+        Cmd::Down { device, peer } => {
+            print_outcome(Client::connect(&cli.socket)?.call_value(Command::Down {
+                device: device.clone(),
+                peer: peer.clone(),
+            })?)
+        }
+        Cmd::Set {
+            device,
+            assignments,
+        } => {
+            let mut changes = Vec::new();
+            for a in assignments {
+                let Some((k, v)) = a.split_once('=') else {
+                    return Err(fail(
+                        1,
+                        format!("{a:?} is not KEY=VALUE (e.g. role=primary)"),
+                    ));
+                };
+                changes.push((k.trim().to_owned(), v.trim().to_owned()));
+            }
+            print_outcome(Client::connect(&cli.socket)?.call_value(Command::Set {
+                device: device.clone(),
+                changes,
+            })?)
+        }
+        Cmd::ShowState {
+            device,
+            dump: dump_path,
+            from,
+        } => {
+            if let Some(path) = from {
+                let bytes =
+                    std::fs::read(path).map_err(|e| fail(2, format!("{}: {e}", path.display())))?;
+                let (uuid, cells) = dump::decode(&bytes)
+                    .map_err(|e| fail(2, format!("{}: {e}", path.display())))?;
+                println!("Map file: {}", path.display());
+                println!("Device id: {uuid}");
+                return Ok(print_map(&cells));
+            }
+            let device = device.clone().expect("clap requires it");
+            let (header, uuid, cells) = match daemon_or_offline(&cli.socket)? {
+                Some(mut client) => {
+                    let s: ShowState = client.call(Command::ShowState {
+                        device: device.clone(),
+                    })?;
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(&s.map_file_base64)
+                        .map_err(|e| fail(255, e.to_string()))?;
+                    let (uuid, cells) =
+                        dump::decode(&bytes).map_err(|e| fail(255, e.to_string()))?;
+                    (
+                        format!(
+                            "Point of View: Node {}\nName: {}  Status: {}  (map read from {})",
+                            s.machine,
+                            s.device,
+                            s.state,
+                            if s.source == "disk" { "disk" } else { "gmdd" }
+                        ),
+                        uuid,
+                        cells,
+                    )
+                }
+                None => {
+                    let (config, machine) = offline(&cli)?;
+                    let (dev, local) = local_device(&config, &machine, &device)?;
+                    let (uuid, cells) = device::read_map(dev, local)?;
+                    (
+                        format!(
+                            "Point of View: Node {machine}\nName: {device}  Status: DEFINED  (map read from disk; gmdd not running)"
+                        ),
+                        uuid,
+                        cells,
+                    )
+                }
+            };
+            if let Some(path) = dump_path {
+                std::fs::write(path, dump::encode(&uuid, &cells))
+                    .map_err(|e| fail(255, format!("{}: {e}", path.display())))?;
+                eprintln!("map file written to {}", path.display());
+            }
+            println!("{header}");
+            println!("Device id: {uuid}");
+            Ok(print_map(&cells))
+        }
+        Cmd::Dirty { device } => match daemon_or_offline(&cli.socket)? {
+            Some(mut client) => print_outcome(client.call_value(Command::Dirty {
+                device: device.clone(),
+            })?),
+            None => {
+                let (config, machine) = offline(&cli)?;
+                let (dev, local) = local_device(&config, &machine, device)?;
+                device::mark_all_on_disk(dev, local, CELL_STALE)?;
+                println!(
+                    "{device}: every region marked stale; the whole device will be sent to the peer when mirroring resumes"
+                );
+                Ok(0)
+            }
+        },
+        Cmd::Clean { device, force } => match daemon_or_offline(&cli.socket)? {
+            Some(mut client) => print_outcome(client.call_value(Command::Clean {
+                device: device.clone(),
+                force: *force,
+            })?),
+            None => {
+                if !force {
+                    return Err(fail(
+                        2,
+                        format!(
+                            "{device}: clean refused without --force: it discards the record of regions that differ from the peer"
+                        ),
+                    ));
+                }
+                let (config, machine) = offline(&cli)?;
+                let (dev, local) = local_device(&config, &machine, device)?;
+                let (_, before) = device::read_map(dev, local)?;
+                device::mark_all_on_disk(dev, local, CELL_CONSISTENT)?;
+                println!("{device}: state map cleaned");
+                eprintln!(
+                    "gmdctl: warning: {} region(s) marked as differing from the peer were forgotten; they will not be resynchronised",
+                    before.count_nonzero()
+                );
+                Ok(0)
+            }
+        },
+    }
+}
+
+fn print_map(cells: &gmd_core::statemap::StateMap) -> i32 {
+    let s = MapSummary::of(cells);
+    println!(
+        "State Map: {} cells of {}: {} stale, {} inconsistent{}",
+        s.cells,
+        format_size(REGION_SIZE_BYTES),
+        s.stale,
+        s.inconsistent,
+        if s.is_dirty() { " (dirty)" } else { " (clean)" }
+    );
+    print!("{}", dump::render_cells(cells));
+    if s.is_dirty() { 2 } else { 0 }
+}
+
+fn print_status(d: &DeviceStatus) {
+    println!(
+        "{}  {}  {} mode  role {}  minor {}  {}",
+        d.name,
+        d.state,
+        d.mode,
+        d.role,
+        d.minor,
+        format_size(d.size_bytes)
+    );
+    println!("  data        {}", d.data);
+    let map = match &d.map {
+        Some(m) => format!(
+            "  {} stale, {} inconsistent of {} cells",
+            m.stale, m.inconsistent, m.cells
+        ),
+        None => String::new(),
+    };
+    println!("  state map   {}{map}", d.state_map);
+    if let Some(uuid) = &d.uuid {
+        println!("  device id   {uuid}");
+    }
+    for p in &d.peers {
+        println!(
+            "  peer        {} (site {}){}",
+            p.machine,
+            p.site,
+            if p.down { ": recorded down" } else { "" }
+        );
+    }
+    for e in &d.exports {
+        println!("  export      {e}  ({} client(s))", d.clients);
+    }
+    if let Some(problem) = &d.problem {
+        println!("  problem     {problem}");
+    }
+}

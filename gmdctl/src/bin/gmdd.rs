@@ -1,2 +1,54 @@
-//! gmdd.
-fn main() {}
+//! `gmdd`: the gmd daemon, one per machine.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use gmdctl::daemon::{Options, run};
+use gmdctl::protocol::{DEFAULT_CONFIG, DEFAULT_SOCKET};
+
+/// The gmd daemon: hosts this machine's GeoMirror devices.
+#[derive(Parser, Debug)]
+#[command(name = "gmdd", version, about)]
+struct Args {
+    /// Cluster configuration file (identical on every machine).
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// This machine's name in the configuration (default: the hostname).
+    #[arg(long)]
+    machine: Option<String>,
+    /// Control socket (root only).
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GMD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .thread_name("gmdd")
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gmdd: cannot start the async runtime: {e}");
+            std::process::exit(255);
+        }
+    };
+    let result = runtime.block_on(run(Options {
+        config: args.config,
+        machine: args.machine,
+        socket: args.socket,
+    }));
+    if let Err(e) = result {
+        eprintln!("gmdd: {e:#}");
+        std::process::exit(1);
+    }
+}

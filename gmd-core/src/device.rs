@@ -1,0 +1,815 @@
+//! A GeoMirror device on this machine and its lifecycle:
+//! DEFINED → STOPPED → AVAILABLE, the start rules, and the state-map
+//! commands (init-state, show-state, dirty, clean, down).
+//!
+//! Frontends are not known here: the daemon asks whether the device is in use
+//! and registers exports itself. Remote peers are described to [`DeviceHandle::start`]
+//! by a [`PeerView`], so the rules can be tested without a network.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::buf::IoBuf;
+use crate::config::{ClusterConfig, Device, DeviceMachine, Mode, Role};
+use crate::engine::EngineParams;
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::statemap::cells::{CELL_CONSISTENT, CELL_STALE, StateMap};
+use crate::statemap::file::{MapError, MapFile};
+use crate::statemap::format::{AdminState, PEER_NAME_MAX};
+use crate::units::format_size;
+use crate::volume;
+
+/// Request slots per device (requests in flight at once).
+pub const DEVICE_SLOTS: usize = 256;
+/// Largest single read or write accepted.
+pub const IO_LEN_MAX: u32 = 4 << 20;
+/// How long administrative calls wait for the device thread.
+const DEVICE_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Classes of device errors (they decide exit codes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Not allowed now; another command resolves it.
+    Refused,
+    /// No such device or peer.
+    NotFound,
+    /// Bad input.
+    Invalid,
+    /// The system failed.
+    Internal,
+}
+
+/// A device operation that failed, with a message saying what to do.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DeviceError {
+    /// What kind of failure.
+    pub class: ErrorClass,
+    /// What was wrong and what to do.
+    pub message: String,
+}
+
+impl DeviceError {
+    fn refused(message: impl Into<String>) -> Self {
+        DeviceError {
+            class: ErrorClass::Refused,
+            message: message.into(),
+        }
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        DeviceError {
+            class: ErrorClass::NotFound,
+            message: message.into(),
+        }
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        DeviceError {
+            class: ErrorClass::Internal,
+            message: message.into(),
+        }
+    }
+}
+
+/// Explains a map problem for device `device`, with the command that resolves it.
+pub fn map_error(device: &str, err: &MapError) -> DeviceError {
+    match err {
+        MapError::Missing { path } => DeviceError::refused(format!(
+            "{device}: state map {} does not exist; create it with 'gmdctl init-state {device}'",
+            path.display()
+        )),
+        MapError::Busy { .. } => DeviceError::refused(format!(
+            "{device}: {err}; is another gmdd running, or the device configured?"
+        )),
+        MapError::Exists { path, uuid } => DeviceError::refused(format!(
+            "{device}: state map {} already holds a valid map of device {uuid}; \
+             add --force to replace it (its record of regions to resynchronise is lost)",
+            path.display()
+        )),
+        e if e.is_damage() => DeviceError::refused(format!(
+            "{device}: {e}; the map cannot be trusted, so the device will not start. \
+             To keep this side's data and resynchronise the whole device to its peer, \
+             run 'gmdctl dirty {device}'"
+        )),
+        MapError::SizeMismatch { .. } => DeviceError::refused(format!(
+            "{device}: {err}; fix the size in the configuration, or re-create the map with \
+             'gmdctl init-state {device} --force' and then 'gmdctl dirty {device}'"
+        )),
+        other => DeviceError::internal(format!("{device}: {other}")),
+    }
+}
+
+/// What is known about one remote peer when starting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerView {
+    /// Machine name.
+    pub machine: String,
+    /// The machine answers over GeoMessage.
+    pub reachable: bool,
+    /// Its copy of the device is AVAILABLE.
+    pub available: bool,
+    /// Its copy is starting.
+    pub starting: bool,
+    /// Its role for the device.
+    pub role: Role,
+    /// Its state map has non-zero cells.
+    pub dirty: bool,
+}
+
+enum State {
+    Defined,
+    Stopped {
+        map: MapFile,
+        cells: StateMap,
+        _data_lock: File,
+    },
+    Available {
+        map: MapFile,
+        runtime: Runtime,
+        _data_lock: File,
+        started: Instant,
+    },
+}
+
+/// One device on this machine.
+pub struct DeviceHandle {
+    config: Device,
+    machine: String,
+    state: State,
+    /// Why the device could not be restored or configured, for status.
+    problem: Option<String>,
+}
+
+impl std::fmt::Debug for DeviceHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceHandle")
+            .field("name", &self.config.name)
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceHandle {
+    /// The device `name` as seen from `machine`.
+    ///
+    /// # Errors
+    /// No such device, or it has no copy on this machine.
+    pub fn new(config: &ClusterConfig, machine: &str, name: &str) -> Result<Self, DeviceError> {
+        let device = lookup(config, machine, name)?;
+        Ok(DeviceHandle {
+            config: device.clone(),
+            machine: machine.to_owned(),
+            state: State::Defined,
+            problem: None,
+        })
+    }
+
+    /// The device's configuration.
+    pub fn config(&self) -> &Device {
+        &self.config
+    }
+
+    /// This machine's part of the device.
+    pub fn local(&self) -> &DeviceMachine {
+        self.config.on(&self.machine).expect("checked at creation")
+    }
+
+    /// The lifecycle state.
+    pub fn state(&self) -> AdminState {
+        match self.state {
+            State::Defined => AdminState::Defined,
+            State::Stopped { .. } => AdminState::Stopped,
+            State::Available { .. } => AdminState::Available,
+        }
+    }
+
+    /// Why the device is not usable, if something went wrong restoring it.
+    pub fn problem(&self) -> Option<&str> {
+        self.problem.as_deref()
+    }
+
+    /// The running device, when AVAILABLE.
+    pub fn runtime(&self) -> Option<&Runtime> {
+        match &self.state {
+            State::Available { runtime, .. } => Some(runtime),
+            _ => None,
+        }
+    }
+
+    /// Time since the device became AVAILABLE.
+    pub fn uptime(&self) -> Option<Duration> {
+        match &self.state {
+            State::Available { started, .. } => Some(started.elapsed()),
+            _ => None,
+        }
+    }
+
+    /// The device identity, when the map is open.
+    pub fn uuid(&self) -> Option<Uuid> {
+        self.map_file().map(|m| m.superblock().uuid)
+    }
+
+    /// Remote peers recorded as down.
+    pub fn peers_down(&self) -> Vec<String> {
+        self.map_file()
+            .map(|m| m.superblock().peers_down.clone())
+            .unwrap_or_default()
+    }
+
+    fn map_file(&self) -> Option<&MapFile> {
+        match &self.state {
+            State::Defined => None,
+            State::Stopped { map, .. } | State::Available { map, .. } => Some(map),
+        }
+    }
+
+    /// Replaces the configuration (only while DEFINED).
+    ///
+    /// # Errors
+    /// The device is not DEFINED.
+    pub fn update_config(&mut self, config: &ClusterConfig) -> Result<(), DeviceError> {
+        self.require(
+            AdminState::Defined,
+            "change its attributes",
+            "gmdctl stop / unconfigure",
+        )?;
+        self.config = lookup(config, &self.machine, &self.config.name)?.clone();
+        Ok(())
+    }
+
+    fn require(&self, needed: AdminState, action: &str, how: &str) -> Result<(), DeviceError> {
+        let state = self.state();
+        if state == needed {
+            return Ok(());
+        }
+        Err(DeviceError::refused(format!(
+            "{}: cannot {action} while {state}; the device must be {needed} ({how})",
+            self.config.name
+        )))
+    }
+
+    /// DEFINED → STOPPED: opens and checks the state map and the data volume.
+    ///
+    /// # Errors
+    /// Wrong state, a missing or damaged map (naming `gmdctl dirty` /
+    /// `init-state`), a missing or wrongly sized data volume, or a volume that
+    /// cannot do direct I/O at the device's block size.
+    pub fn configure(&mut self) -> Result<(), DeviceError> {
+        self.require(AdminState::Defined, "configure it", "gmdctl unconfigure")?;
+        let name = self.config.name.clone();
+        let data_lock = check_data_volume(&self.config, self.local())?;
+        let (mut map, cells) = MapFile::open(&self.local().state_map, Some(self.config.size_bytes))
+            .map_err(|e| map_error(&name, &e))?;
+        map.update_superblock(|sb| sb.admin_state = AdminState::Stopped)
+            .map_err(|e| map_error(&name, &e))?;
+        self.problem = None;
+        self.state = State::Stopped {
+            map,
+            cells,
+            _data_lock: data_lock,
+        };
+        Ok(())
+    }
+
+    /// STOPPED → AVAILABLE, applying the start rules against `peers`.
+    ///
+    /// # Errors
+    /// Wrong state, a refusal by a start rule (each names the command that
+    /// resolves it), or the device thread could not start.
+    pub fn start(&mut self, peers: &[PeerView]) -> Result<(), DeviceError> {
+        self.require(AdminState::Stopped, "start it", "gmdctl configure")?;
+        let name = self.config.name.clone();
+        let down = self.peers_down();
+        let State::Stopped { cells, .. } = &self.state else {
+            unreachable!("checked above")
+        };
+        for peer in peers {
+            if down.contains(&peer.machine) {
+                continue;
+            }
+            if !peer.reachable {
+                return Err(DeviceError::refused(format!(
+                    "{name}: start refused: remote peer {} cannot be reached. If {} is down, \
+                     record it with 'gmdctl down {name} {}' and start again \
+                     (writes are then marked stale and resynchronised when it returns)",
+                    peer.machine, peer.machine, peer.machine
+                )));
+            }
+            if peer.starting {
+                return Err(DeviceError::refused(format!(
+                    "{name}: start refused: remote peer {} is starting the device; \
+                     start again once it is AVAILABLE",
+                    peer.machine
+                )));
+            }
+            if !peer.available {
+                return Err(DeviceError::refused(format!(
+                    "{name}: start refused: the device is not AVAILABLE on remote peer {}; \
+                     start it there first, or record the peer as down with 'gmdctl down {name} {}'",
+                    peer.machine, peer.machine
+                )));
+            }
+            if !cells.is_clean() && peer.dirty {
+                return Err(DeviceError::refused(format!(
+                    "{name}: start refused: both sides have dirty state maps (data divergence); \
+                     inspect with 'gmdctl show-state {name}' on both machines, \
+                     resolve with 'gmdctl unify {name} --master <machine>'"
+                )));
+            }
+            if self.local().role == Role::Primary && peer.role == Role::Primary {
+                return Err(DeviceError::refused(format!(
+                    "{name}: start refused: remote peer {} is also primary and AVAILABLE",
+                    peer.machine
+                )));
+            }
+        }
+        let active = peers
+            .iter()
+            .filter(|p| !down.contains(&p.machine) && p.available)
+            .count();
+        if active > 1 {
+            return Err(DeviceError::refused(format!(
+                "{name}: start refused: {active} remote peers are active; only one may be. \
+                 Stop the device on all but one, or record them with 'gmdctl down'"
+            )));
+        }
+        let State::Stopped {
+            mut map,
+            cells,
+            _data_lock,
+        } = std::mem::replace(&mut self.state, State::Defined)
+        else {
+            unreachable!("checked above")
+        };
+        let writable = !(self.config.mode == Mode::Async && self.local().role == Role::Secondary);
+        let runtime = Runtime::start(RuntimeConfig {
+            name: name.clone(),
+            data_path: self.local().data.clone(),
+            map_path: self.local().state_map.clone(),
+            uuid: map.superblock().uuid,
+            map: cells.clone(),
+            page_slots: map.page_slots().clone(),
+            params: EngineParams {
+                size_bytes: self.config.size_bytes,
+                block_size: self.config.block_size,
+                io_len_max: u64::from(IO_LEN_MAX),
+                slots_max: DEVICE_SLOTS,
+                writable,
+            },
+        });
+        let runtime = match runtime {
+            Ok(r) => r,
+            Err(e) => {
+                self.state = State::Stopped {
+                    map,
+                    cells,
+                    _data_lock,
+                };
+                return Err(DeviceError::internal(format!(
+                    "{name}: cannot start the device thread: {e}"
+                )));
+            }
+        };
+        if let Err(e) = map.update_superblock(|sb| sb.admin_state = AdminState::Available) {
+            let _ = runtime.stop();
+            self.state = State::Stopped {
+                map,
+                cells,
+                _data_lock,
+            };
+            return Err(map_error(&name, &e));
+        }
+        self.state = State::Available {
+            map,
+            runtime,
+            _data_lock,
+            started: Instant::now(),
+        };
+        Ok(())
+    }
+
+    /// AVAILABLE → STOPPED: finishes every request, persists the map.
+    ///
+    /// `clients` is the number of frontend users; a device in use is not stopped.
+    ///
+    /// # Errors
+    /// Wrong state, in use, or the device thread failed.
+    pub fn stop(&mut self, clients: u64) -> Result<(), DeviceError> {
+        self.require(AdminState::Available, "stop it", "it is not running")?;
+        let name = self.config.name.clone();
+        if clients > 0 {
+            return Err(DeviceError::refused(format!(
+                "{name}: stop refused: the device is in use ({clients} client(s) connected); \
+                 unmount it and disconnect its NBD clients first"
+            )));
+        }
+        let State::Available {
+            mut map,
+            runtime,
+            _data_lock,
+            ..
+        } = std::mem::replace(&mut self.state, State::Defined)
+        else {
+            unreachable!("checked above")
+        };
+        let (cells, slots) = match runtime.stop() {
+            Ok(r) => r,
+            Err(e) => {
+                // The thread is gone; reload what is on disk, which is safe by design.
+                drop(map);
+                self.problem = Some(format!("device thread failed: {e}"));
+                return Err(DeviceError::internal(format!(
+                    "{name}: device thread failed: {e}; the device is DEFINED now, configure it again"
+                )));
+            }
+        };
+        map.set_page_slots(slots);
+        let result = map.update_superblock(|sb| sb.admin_state = AdminState::Stopped);
+        self.state = State::Stopped {
+            map,
+            cells,
+            _data_lock,
+        };
+        result.map_err(|e| map_error(&name, &e))
+    }
+
+    /// Stops a running device for a daemon shutdown: finishes in-flight
+    /// requests and persists the map, but keeps AVAILABLE recorded so that the
+    /// next gmdd brings the device back.
+    ///
+    /// # Errors
+    /// The device thread failed.
+    pub fn shutdown(&mut self) -> Result<(), DeviceError> {
+        if self.state() != AdminState::Available {
+            return Ok(());
+        }
+        let State::Available {
+            mut map,
+            runtime,
+            _data_lock,
+            ..
+        } = std::mem::replace(&mut self.state, State::Defined)
+        else {
+            unreachable!("checked above")
+        };
+        let (cells, slots) = runtime.stop().map_err(|e| {
+            DeviceError::internal(format!("{}: device thread failed: {e}", self.config.name))
+        })?;
+        map.set_page_slots(slots);
+        self.state = State::Stopped {
+            map,
+            cells,
+            _data_lock,
+        };
+        Ok(())
+    }
+
+    /// STOPPED → DEFINED.
+    ///
+    /// # Errors
+    /// Wrong state or the map cannot be written.
+    pub fn unconfigure(&mut self) -> Result<(), DeviceError> {
+        self.require(AdminState::Stopped, "unconfigure it", "gmdctl stop")?;
+        let State::Stopped { mut map, .. } = std::mem::replace(&mut self.state, State::Defined)
+        else {
+            unreachable!("checked above")
+        };
+        map.update_superblock(|sb| sb.admin_state = AdminState::Defined)
+            .map_err(|e| map_error(&self.config.name, &e))
+    }
+
+    /// Records remote peer `peer` as down so that start does not wait for it.
+    ///
+    /// # Errors
+    /// Wrong state (must be STOPPED), or `peer` is not a remote peer of the device.
+    pub fn down(&mut self, config: &ClusterConfig, peer: &str) -> Result<(), DeviceError> {
+        let name = self.config.name.clone();
+        let remote: Vec<String> = self
+            .config
+            .remote_peers(config, &self.machine)
+            .map(|m| m.machine.clone())
+            .collect();
+        if !remote.iter().any(|m| m == peer) {
+            return Err(DeviceError::not_found(format!(
+                "{name}: {peer} is not a remote peer of the device; its remote peers are: {}",
+                remote.join(", ")
+            )));
+        }
+        self.require(
+            AdminState::Stopped,
+            "record a peer as down",
+            "gmdctl stop / configure",
+        )?;
+        debug_assert!(peer.len() <= PEER_NAME_MAX);
+        let State::Stopped { map, .. } = &mut self.state else {
+            unreachable!("checked above")
+        };
+        map.update_superblock(|sb| {
+            if !sb.peers_down.iter().any(|p| p == peer) {
+                sb.peers_down.push(peer.to_owned());
+            }
+        })
+        .map_err(|e| map_error(&name, &e))
+    }
+
+    /// The device identity and a copy of its state map: from disk when DEFINED,
+    /// from memory when STOPPED, from the running device when AVAILABLE.
+    ///
+    /// # Errors
+    /// The map cannot be read (DEFINED) or the device thread does not answer.
+    pub fn map_snapshot(&self) -> Result<(Uuid, StateMap), DeviceError> {
+        match &self.state {
+            State::Defined => read_map(&self.config, self.local()),
+            State::Stopped { map, cells, .. } => Ok((map.superblock().uuid, cells.clone())),
+            State::Available { map, runtime, .. } => {
+                let (tx, rx) = mpsc::channel();
+                runtime.snapshot(move |cells| {
+                    let _ = tx.send(cells);
+                });
+                let cells = rx.recv_timeout(DEVICE_REPLY_TIMEOUT).map_err(|_| {
+                    DeviceError::internal(format!(
+                        "{}: the device thread did not answer",
+                        self.config.name
+                    ))
+                })?;
+                Ok((map.superblock().uuid, cells))
+            }
+        }
+    }
+
+    /// Marks every cell stale (`gmdctl dirty`): the whole device will be sent
+    /// to the peer. On a damaged map (DEFINED) this rebuilds the map.
+    ///
+    /// # Errors
+    /// The map cannot be written, or the device thread failed.
+    pub fn dirty(&mut self) -> Result<(), DeviceError> {
+        self.mark_all(CELL_STALE)
+    }
+
+    /// Marks every cell consistent (`gmdctl clean`): the record of regions to
+    /// resynchronise is lost. Returns how many cells were non-zero.
+    ///
+    /// `peers_down` tells whether every remote peer is down (recorded or unreachable).
+    ///
+    /// # Errors
+    /// Without `force`, while AVAILABLE, or while a peer is up.
+    pub fn clean(&mut self, force: bool, peers_down: bool) -> Result<u64, DeviceError> {
+        let name = self.config.name.clone();
+        if !force {
+            return Err(DeviceError::refused(format!(
+                "{name}: clean refused without --force: it discards the record of regions that \
+                 differ from the peer, and they will never be resynchronised"
+            )));
+        }
+        if !peers_down {
+            return Err(DeviceError::refused(format!(
+                "{name}: clean refused: a remote peer is up; clean only while the peer is down \
+                 (gmdctl down {name} <peer>)"
+            )));
+        }
+        if self.state() == AdminState::Available {
+            return Err(DeviceError::refused(format!(
+                "{name}: clean refused while AVAILABLE; stop the device first (gmdctl stop {name})"
+            )));
+        }
+        let (_, before) = self.map_snapshot()?;
+        self.mark_all(CELL_CONSISTENT)?;
+        Ok(before.count_nonzero())
+    }
+
+    fn mark_all(&mut self, value: u8) -> Result<(), DeviceError> {
+        let name = self.config.name.clone();
+        match &mut self.state {
+            State::Defined => mark_all_on_disk(&self.config, self.local(), value),
+            State::Stopped { map, cells, .. } => {
+                let mut next = cells.clone();
+                next.fill(value);
+                map.write_all(&next).map_err(|e| map_error(&name, &e))?;
+                *cells = next;
+                Ok(())
+            }
+            State::Available { runtime, .. } => {
+                let (tx, rx) = mpsc::channel();
+                runtime.mark_all(value, move |r| {
+                    let _ = tx.send(r);
+                });
+                match rx.recv_timeout(DEVICE_REPLY_TIMEOUT) {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(DeviceError::internal(format!("{name}: {e}"))),
+                    Err(_) => Err(DeviceError::internal(format!(
+                        "{name}: the device thread did not answer"
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// Writes a fresh, clean state map (`gmdctl init-state`), only while DEFINED.
+    ///
+    /// # Errors
+    /// Wrong state, a missing data volume, or a valid map in place without `force`.
+    pub fn init_state(&self, force: bool) -> Result<Uuid, DeviceError> {
+        self.require(
+            AdminState::Defined,
+            "initialise its state map",
+            "gmdctl stop / unconfigure",
+        )?;
+        init_state(&self.config, self.local(), force)
+    }
+
+    /// Brings the device back to the state recorded in its map (after a
+    /// daemon restart). Problems are kept for status and returned.
+    ///
+    /// # Errors
+    /// What configure or start refused.
+    pub fn restore(&mut self, peers: &[PeerView]) -> Result<AdminState, DeviceError> {
+        let recorded = match MapFile::open(&self.local().state_map, Some(self.config.size_bytes)) {
+            Ok((map, _)) => map.superblock().admin_state,
+            Err(MapError::Missing { .. }) => return Ok(AdminState::Defined),
+            Err(e) => {
+                let err = map_error(&self.config.name, &e);
+                self.problem = Some(err.message.clone());
+                return Err(err);
+            }
+        };
+        let result = (|| -> Result<AdminState, DeviceError> {
+            if recorded != AdminState::Defined {
+                self.configure()?;
+            }
+            if recorded == AdminState::Available {
+                self.start(peers)?;
+            }
+            Ok(recorded)
+        })();
+        if let Err(e) = &result {
+            self.problem = Some(e.message.clone());
+        }
+        result
+    }
+}
+
+fn lookup<'a>(
+    config: &'a ClusterConfig,
+    machine: &str,
+    name: &str,
+) -> Result<&'a Device, DeviceError> {
+    let device = config.devices.get(name).ok_or_else(|| {
+        DeviceError::not_found(format!(
+            "no device named {name} in {}; devices: {}",
+            config.path.display(),
+            config
+                .devices
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    if device.on(machine).is_none() {
+        return Err(DeviceError::not_found(format!(
+            "device {name} has no copy on machine {machine}"
+        )));
+    }
+    Ok(device)
+}
+
+/// Checks the data volume exists, has the configured size and can do direct
+/// I/O at the device's block size; returns it opened and locked.
+///
+/// # Errors
+/// A message saying how to create or fix the volume.
+pub fn check_data_volume(device: &Device, local: &DeviceMachine) -> Result<File, DeviceError> {
+    let path = &local.data;
+    let name = &device.name;
+    let size = device.size_bytes;
+    let file = volume::open_rw(path, false).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            DeviceError::refused(format!(
+                "{name}: data volume {} does not exist; create it, e.g. 'truncate -s {size} {}', \
+                 or point 'data' at a block device of exactly {size} bytes",
+                path.display(),
+                path.display()
+            ))
+        } else {
+            DeviceError::internal(format!("{name}: data volume {}: {e}", path.display()))
+        }
+    })?;
+    let actual = volume::size_bytes(&file).map_err(|e| {
+        DeviceError::internal(format!("{name}: data volume {}: {e}", path.display()))
+    })?;
+    if actual != size {
+        return Err(DeviceError::refused(format!(
+            "{name}: data volume {} is {actual} bytes ({}) but the configured size is {size} bytes ({}); \
+             make them equal",
+            path.display(),
+            format_size(actual),
+            format_size(size)
+        )));
+    }
+    // SAFETY: flock on a descriptor we own.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        return Err(DeviceError::refused(format!(
+            "{name}: data volume {} is in use by another process",
+            path.display()
+        )));
+    }
+    check_direct_io(path, device.block_size).map_err(|e| {
+        DeviceError::refused(format!(
+            "{name}: data volume {} cannot do direct I/O in {}-byte blocks ({e}); \
+             set block_size = 4096 for the device, or use a volume that supports O_DIRECT",
+            path.display(),
+            device.block_size
+        ))
+    })?;
+    Ok(file)
+}
+
+fn check_direct_io(path: &Path, block_size: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = volume::open_rw(path, true)?;
+    let mut buf = IoBuf::new(block_size as usize);
+    file.read_exact_at(&mut buf, u64::from(block_size))
+        .or_else(|e| {
+            // A tiny volume has no second block; try the first.
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                file.read_exact_at(&mut buf, 0)
+            } else {
+                Err(e)
+            }
+        })
+}
+
+/// Reads the map of a DEFINED device from disk.
+///
+/// # Errors
+/// As [`map_error`].
+pub fn read_map(device: &Device, local: &DeviceMachine) -> Result<(Uuid, StateMap), DeviceError> {
+    let (map, cells) = MapFile::open(&local.state_map, Some(device.size_bytes))
+        .map_err(|e| map_error(&device.name, &e))?;
+    Ok((map.superblock().uuid, cells))
+}
+
+/// Writes a fresh, clean map for `local`'s side of `device`.
+///
+/// # Errors
+/// A missing or wrongly sized data volume, or a valid map in place without `force`.
+pub fn init_state(
+    device: &Device,
+    local: &DeviceMachine,
+    force: bool,
+) -> Result<Uuid, DeviceError> {
+    drop(check_data_volume(device, local)?);
+    let uuid = Uuid::new_v4();
+    MapFile::create(&local.state_map, uuid, device.size_bytes, force)
+        .map_err(|e| map_error(&device.name, &e))?;
+    Ok(uuid)
+}
+
+/// Sets every cell of a DEFINED device's map on disk; a damaged map is
+/// rebuilt with the UUID salvaged from it (it must be readable somewhere).
+///
+/// # Errors
+/// The map cannot be written, or nothing of the device's identity survives.
+pub fn mark_all_on_disk(
+    device: &Device,
+    local: &DeviceMachine,
+    value: u8,
+) -> Result<(), DeviceError> {
+    let name = &device.name;
+    match MapFile::open(&local.state_map, Some(device.size_bytes)) {
+        Ok((mut map, mut cells)) => {
+            cells.fill(value);
+            map.write_all(&cells).map_err(|e| map_error(name, &e))
+        }
+        Err(e) if e.is_damage() && value == CELL_STALE => {
+            let Some(uuid) = MapFile::salvage_uuid(&local.state_map) else {
+                return Err(DeviceError::refused(format!(
+                    "{name}: state map {} is damaged beyond recovery (no readable block names the device); \
+                     re-create it with 'gmdctl init-state {name} --force', then run 'gmdctl dirty {name}' \
+                     (the device gets a new identity and the peer must be re-initialised too)",
+                    local.state_map.display()
+                )));
+            };
+            let mut map = MapFile::create(&local.state_map, uuid, device.size_bytes, true)
+                .map_err(|e| map_error(name, &e))?;
+            let mut cells = StateMap::new(device.size_bytes);
+            cells.fill(CELL_STALE);
+            map.write_all(&cells).map_err(|e| map_error(name, &e))
+        }
+        Err(e) => Err(map_error(name, &e)),
+    }
+}
+
+#[cfg(test)]
+mod tests;

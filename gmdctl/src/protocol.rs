@@ -1,0 +1,342 @@
+//! The control protocol between `gmdd` and its clients (`gmdctl`, `gmdstat`).
+//!
+//! One JSON object per line in each direction over a Unix socket. Every
+//! request carries [`PROTOCOL_VERSION`]; the daemon refuses other versions
+//! with an error naming both. A request is answered by exactly one response.
+
+use gmd_core::config::{Mode, Role};
+use gmd_core::runtime::StatsSnapshot;
+use gmd_core::statemap::AdminState;
+use gmd_core::statemap::dump::MapSummary;
+use serde::{Deserialize, Serialize};
+
+/// Version of this protocol.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Default path of the control socket.
+pub const DEFAULT_SOCKET: &str = "/run/gmd/gmdd.sock";
+
+/// Default path of the cluster configuration.
+pub const DEFAULT_CONFIG: &str = "/etc/gmd/cluster.toml";
+
+/// Which devices a lifecycle command applies to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// One device by name.
+    Device(String),
+    /// Every device of this machine (`-A`).
+    All,
+}
+
+/// A command for the daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Daemon identity and configuration path.
+    Hello,
+    /// State of one or all devices.
+    Status {
+        /// A device, or all when absent.
+        device: Option<String>,
+    },
+    /// DEFINED → STOPPED.
+    Configure {
+        /// Which devices.
+        target: Target,
+    },
+    /// STOPPED → AVAILABLE.
+    Start {
+        /// Which devices.
+        target: Target,
+    },
+    /// AVAILABLE → STOPPED.
+    Stop {
+        /// Which devices.
+        target: Target,
+    },
+    /// STOPPED → DEFINED.
+    Unconfigure {
+        /// Which devices.
+        target: Target,
+    },
+    /// Records a remote peer as down (device STOPPED).
+    Down {
+        /// The device.
+        device: String,
+        /// The remote machine.
+        peer: String,
+    },
+    /// Changes attributes (device DEFINED).
+    Set {
+        /// The device.
+        device: String,
+        /// `key`, `value` pairs.
+        changes: Vec<(String, String)>,
+    },
+    /// The device's state map.
+    ShowState {
+        /// The device.
+        device: String,
+    },
+    /// Marks every cell stale.
+    Dirty {
+        /// The device.
+        device: String,
+    },
+    /// Marks every cell consistent (dangerous).
+    Clean {
+        /// The device.
+        device: String,
+        /// The administrator accepted the loss of the record.
+        force: bool,
+    },
+    /// Writes a fresh state map (device DEFINED).
+    InitState {
+        /// The device.
+        device: String,
+        /// Overwrite a valid map.
+        force: bool,
+    },
+    /// Counters for gmdstat.
+    Stats {
+        /// Devices to report; all when empty.
+        devices: Vec<String>,
+    },
+}
+
+/// A request: a command with the protocol version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// What to do.
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+/// Classes of failure, which decide gmdctl's exit status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request itself is wrong (unknown attribute, bad value): exit 1.
+    Invalid,
+    /// No such device or peer here: exit 2.
+    NotFound,
+    /// Not allowed in the current state (start rules, in use, wrong state): exit 2.
+    Refused,
+    /// The system failed (I/O error, daemon fault): exit 255.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The exit status gmdctl uses for this kind.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ErrorKind::Invalid => 1,
+            ErrorKind::NotFound | ErrorKind::Refused => 2,
+            ErrorKind::Internal => 255,
+        }
+    }
+}
+
+/// A failure with a message that says what was wrong and what to do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ControlError {
+    /// The class of failure.
+    pub kind: ErrorKind,
+    /// What was wrong and what to do.
+    pub message: String,
+}
+
+impl ControlError {
+    /// A refusal.
+    pub fn refused(message: impl Into<String>) -> Self {
+        ControlError {
+            kind: ErrorKind::Refused,
+            message: message.into(),
+        }
+    }
+
+    /// Not found.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ControlError {
+            kind: ErrorKind::NotFound,
+            message: message.into(),
+        }
+    }
+
+    /// Invalid request.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ControlError {
+            kind: ErrorKind::Invalid,
+            message: message.into(),
+        }
+    }
+
+    /// Internal failure.
+    pub fn internal(message: impl Into<String>) -> Self {
+        ControlError {
+            kind: ErrorKind::Internal,
+            message: message.into(),
+        }
+    }
+}
+
+/// A response: the result or an error.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// The daemon's protocol version.
+    pub version: u32,
+    /// The result when the command succeeded.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub result: Option<serde_json::Value>,
+    /// The error when it failed.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<ControlError>,
+}
+
+/// Result of [`Command::Hello`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// This machine's name.
+    pub machine: String,
+    /// The configuration file in use.
+    pub config: String,
+    /// The daemon's version.
+    pub daemon_version: String,
+    /// Seconds since the daemon started.
+    pub uptime_s: u64,
+}
+
+/// A remote peer as a device sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// Machine name.
+    pub machine: String,
+    /// Its site.
+    pub site: String,
+    /// Recorded as down with `gmdctl down`.
+    pub down: bool,
+}
+
+/// State of one device (result of [`Command::Status`], one per device).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    /// Device name.
+    pub name: String,
+    /// Lifecycle state.
+    pub state: AdminState,
+    /// Minor number.
+    pub minor: u32,
+    /// Mirroring mode.
+    pub mode: Mode,
+    /// This machine's role.
+    pub role: Role,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Device identity, when the map is readable.
+    pub uuid: Option<String>,
+    /// Data volume path.
+    pub data: String,
+    /// State map path.
+    pub state_map: String,
+    /// Remote peers.
+    pub peers: Vec<PeerStatus>,
+    /// Map cell counts, when known.
+    pub map: Option<MapSummary>,
+    /// Where the device is exported, when AVAILABLE.
+    pub exports: Vec<String>,
+    /// Clients connected (the device is in use when non-zero).
+    pub clients: u64,
+    /// Why the device is not usable, when something is wrong (e.g. damaged map).
+    pub problem: Option<String>,
+}
+
+/// Result of [`Command::ShowState`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShowState {
+    /// Machine the map belongs to.
+    pub machine: String,
+    /// Device name.
+    pub device: String,
+    /// Device state.
+    pub state: AdminState,
+    /// Where the map was read: `disk` or `daemon`.
+    pub source: String,
+    /// The map as a map file (see `gmd_core::statemap::dump`), base64.
+    pub map_file_base64: String,
+}
+
+/// Per-device counters (result of [`Command::Stats`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStats {
+    /// Device name.
+    pub name: String,
+    /// Lifecycle state.
+    pub state: AdminState,
+    /// Mode configured.
+    pub mode: Mode,
+    /// Counters since the device started (zero when not AVAILABLE).
+    pub counters: StatsSnapshot,
+    /// Map cell counts.
+    pub map: Option<MapSummary>,
+    /// Milliseconds since the device started.
+    pub uptime_ms: u64,
+}
+
+/// Result of [`Command::Stats`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Machine name.
+    pub machine: String,
+    /// One entry per device requested.
+    pub devices: Vec<DeviceStats>,
+}
+
+/// Result of a lifecycle command: one line per device it touched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// What happened, one human-readable line per device.
+    pub lines: Vec<String>,
+    /// Warnings the administrator must see.
+    pub warnings: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_flat_tagged_json() {
+        let req = Request {
+            version: PROTOCOL_VERSION,
+            command: Command::Start {
+                target: Target::Device("data10gmd".into()),
+            },
+        };
+        let text = serde_json::to_string(&req).unwrap();
+        assert_eq!(
+            text,
+            r#"{"version":1,"cmd":"start","target":{"device":"data10gmd"}}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), req);
+        let all: Request =
+            serde_json::from_str(r#"{"version":1,"cmd":"stop","target":"all"}"#).unwrap();
+        assert_eq!(
+            all.command,
+            Command::Stop {
+                target: Target::All
+            }
+        );
+    }
+
+    #[test]
+    fn exit_codes_follow_the_reference() {
+        assert_eq!(ErrorKind::Invalid.exit_code(), 1);
+        assert_eq!(ErrorKind::Refused.exit_code(), 2);
+        assert_eq!(ErrorKind::NotFound.exit_code(), 2);
+        assert_eq!(ErrorKind::Internal.exit_code(), 255);
+    }
+}
