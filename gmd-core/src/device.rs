@@ -801,11 +801,21 @@ pub fn mark_all_on_disk(
                     local.state_map.display()
                 )));
             };
+            let salvaged = MapFile::salvage_superblock(&local.state_map);
             let mut map = MapFile::create(&local.state_map, uuid, device.size_bytes, true)
                 .map_err(|e| map_error(name, &e))?;
             let mut cells = StateMap::new(device.size_bytes);
             cells.fill(CELL_STALE);
-            map.write_all(&cells).map_err(|e| map_error(name, &e))
+            map.write_all(&cells).map_err(|e| map_error(name, &e))?;
+            // Keep what the administrator recorded (peers down, generation).
+            if let Some(old) = salvaged.filter(|sb| sb.uuid == uuid) {
+                map.update_superblock(|sb| {
+                    sb.peers_down = old.peers_down;
+                    sb.generation = sb.generation.max(old.generation);
+                })
+                .map_err(|e| map_error(name, &e))?;
+            }
+            Ok(())
         }
         Err(e) => Err(map_error(name, &e)),
     }

@@ -1,1 +1,362 @@
-//! Harness for end-to-end tests: runs gmdd processes and real clients.
+//! Harness for end-to-end tests: a cluster directory made like a user would
+//! (configuration, key, data files, state maps), `gmdd` processes, and the
+//! real clients (`qemu-io`, `fio`, `nbdfuse`, `losetup`, `mkfs.ext4`, …).
+//!
+//! The gmd binaries must be built (`cargo build --workspace --bins`, which
+//! `cargo nextest run --workspace` does).
+
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a gmd binary next to the test executable's target directory.
+///
+/// # Panics
+/// When the binary has not been built.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// The outcome of a command.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit status (−1 when killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(output: Output) -> Run {
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Both streams together, for messages.
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+
+    /// Panics unless the command succeeded.
+    #[track_caller]
+    pub fn ok(self) -> Run {
+        assert_eq!(self.code, 0, "command failed:\n{}", self.text());
+        self
+    }
+}
+
+/// Runs a command to completion.
+///
+/// # Panics
+/// When the program cannot be started (e.g. not installed: see `.ci/run`).
+pub fn run(cmd: &mut Command) -> Run {
+    let output = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is it installed? see .ci/run)"));
+    Run::from(output)
+}
+
+/// A free TCP or UDP port on 127.0.0.1 (both protocols free at the time of the call).
+pub fn free_port() -> u16 {
+    loop {
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = tcp.local_addr().expect("addr").port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Size of the test device.
+pub const DEVICE_SIZE: u64 = 256 << 20;
+
+/// A cluster directory as a user sets it up from `examples/loopback.toml`.
+pub struct Cluster {
+    /// The directory (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// The configuration file.
+    pub config: PathBuf,
+    /// NBD port per machine: alpha, beta.
+    pub nbd_ports: [u16; 2],
+}
+
+/// The example configuration shipped with gmd.
+pub fn example_config() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/loopback.toml");
+    std::fs::read_to_string(path).expect("examples/loopback.toml")
+}
+
+impl Cluster {
+    /// The example cluster with fresh ports: key generated, data files
+    /// truncated to size and state maps initialised on both machines.
+    pub fn new() -> Cluster {
+        let cluster = Cluster::with_config(|text| text);
+        for machine in ["alpha", "beta"] {
+            cluster
+                .gmdctl_offline(machine, &["init-state", "data10gmd"])
+                .ok();
+        }
+        cluster
+    }
+
+    /// The example cluster with `edit` applied to the configuration text;
+    /// key and data files created, state maps not.
+    pub fn with_config(edit: impl FnOnce(String) -> String) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let nbd_ports = [free_port(), free_port()];
+        let text = example_config()
+            .replace("127.0.0.1:10809", &format!("127.0.0.1:{}", nbd_ports[0]))
+            .replace("127.0.0.1:10810", &format!("127.0.0.1:{}", nbd_ports[1]))
+            .replace("127.0.0.1:6755", &format!("127.0.0.1:{}", free_port()))
+            .replace("127.0.0.1:6756", &format!("127.0.0.1:{}", free_port()));
+        let config = dir.path().join("cluster.toml");
+        std::fs::write(&config, edit(text)).expect("write config");
+        let cluster = Cluster {
+            dir,
+            config,
+            nbd_ports,
+        };
+        run(Command::new(bin("gmdctl"))
+            .arg("genkey")
+            .arg(cluster.path("cluster.key")))
+        .ok();
+        for machine in ["alpha", "beta"] {
+            std::fs::create_dir_all(cluster.path(machine)).expect("mkdir");
+            let data = std::fs::File::create(cluster.path(&format!("{machine}/data10.img")))
+                .expect("create data");
+            data.set_len(DEVICE_SIZE).expect("truncate");
+        }
+        cluster
+    }
+
+    /// A path inside the cluster directory.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Control socket of `machine`'s gmdd.
+    pub fn socket(&self, machine: &str) -> PathBuf {
+        self.path(&format!("{machine}.sock"))
+    }
+
+    /// Runs gmdctl for `machine` without a daemon (offline commands).
+    pub fn gmdctl_offline(&self, machine: &str, args: &[&str]) -> Run {
+        run(Command::new(bin("gmdctl"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--machine")
+            .arg(machine)
+            .arg("--socket")
+            .arg(self.socket(machine))
+            .args(args))
+    }
+
+    /// Starts gmdd for `machine` and waits until it answers.
+    pub fn gmdd(&self, machine: &str) -> Gmdd {
+        let log = self.path(&format!("{machine}.log"));
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = Command::new(bin("gmdd"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--machine")
+            .arg(machine)
+            .arg("--socket")
+            .arg(self.socket(machine))
+            .env("GMD_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn gmdd");
+        let port = if machine == "alpha" {
+            self.nbd_ports[0]
+        } else {
+            self.nbd_ports[1]
+        };
+        let gmdd = Gmdd {
+            child: Some(child),
+            socket: self.socket(machine),
+            config: self.config.clone(),
+            machine: machine.to_owned(),
+            log,
+            nbd: format!("nbd://127.0.0.1:{port}"),
+        };
+        gmdd.wait_ready();
+        gmdd
+    }
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A running gmdd.
+pub struct Gmdd {
+    child: Option<Child>,
+    /// Its control socket.
+    pub socket: PathBuf,
+    config: PathBuf,
+    /// Its machine.
+    pub machine: String,
+    /// Its log file.
+    pub log: PathBuf,
+    /// `nbd://127.0.0.1:PORT` of its exports.
+    pub nbd: String,
+}
+
+impl Gmdd {
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("gmdd {} did not start:\n{}", self.machine, self.log_text());
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs gmdctl against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> Run {
+        run(Command::new(bin("gmdctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--machine")
+            .arg(&self.machine)
+            .args(args))
+    }
+
+    /// Runs gmdstat against this daemon.
+    pub fn stat(&self, args: &[&str]) -> Run {
+        run(Command::new(bin("gmdstat"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args))
+    }
+
+    /// URL of an export.
+    pub fn url(&self, device: &str) -> String {
+        format!("{}/{device}", self.nbd)
+    }
+
+    /// Configures and starts `device` with every remote peer recorded as down.
+    pub fn start_standalone(&self, device: &str, peer: &str) {
+        self.ctl(&["configure", device]).ok();
+        self.ctl(&["down", device, peer]).ok();
+        self.ctl(&["start", device]).ok();
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    ///
+    /// # Panics
+    /// If gmdd does not exit 0 within 30 s.
+    pub fn terminate(mut self) -> String {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                assert!(
+                    status.success(),
+                    "gmdd exited with {status}:\n{}",
+                    self.log_text()
+                );
+                return self.log_text();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gmdd did not stop:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills gmdd with SIGKILL, as a crash would.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Gmdd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Parses `gmdctl show-state` output into the list of cell values.
+///
+/// # Panics
+/// If the output is not a state map rendering.
+pub fn cells_from_show_state(text: &str) -> Vec<u8> {
+    let start = text.find("Cell      Value").expect("a cell table");
+    let count = gmd_core::units::region_count(DEVICE_SIZE);
+    gmd_core::statemap::dump::parse_rendered(&text[start..], count).expect("cell table parses")
+}
+
+/// Regions touched by byte ranges, as a sorted list.
+pub fn regions_of(ranges: &[(u64, u64)]) -> Vec<u64> {
+    let mut out: Vec<u64> = ranges
+        .iter()
+        .flat_map(|&(o, l)| gmd_core::units::regions_touched(o, l))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Runs qemu-io commands against an NBD URL.
+pub fn qemu_io(url: &str, commands: &[&str]) -> Run {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", url]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    run(&mut cmd)
+}
+
+/// Asserts qemu-io ran every command without a pattern mismatch or an error.
+#[track_caller]
+pub fn assert_qemu_io_clean(result: &Run) {
+    let text = result.text();
+    assert_eq!(result.code, 0, "qemu-io failed:\n{text}");
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+    assert!(!text.to_lowercase().contains("error"), "{text}");
+}

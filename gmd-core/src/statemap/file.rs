@@ -403,19 +403,12 @@ impl MapFile {
     /// Finds the device UUID in a damaged map: from a valid superblock copy,
     /// else from the first valid page.
     pub fn salvage_uuid(path: &Path) -> Option<Uuid> {
+        if let Some(sb) = Self::salvage_superblock(path) {
+            return Some(sb.uuid);
+        }
         let file = File::open(path).ok()?;
         let len = volume::size_bytes(&file).ok()?;
         let mut block = vec![0u8; BLOCK_SIZE];
-        for slot in 0..2 {
-            if file
-                .read_exact_at(&mut block, Layout::superblock_offset(slot))
-                .is_ok()
-            {
-                if let Ok((sb, _)) = format::decode_superblock(&block) {
-                    return Some(sb.uuid);
-                }
-            }
-        }
         let mut offset = Layout::page_offset(0, 0);
         while offset + BLOCK_SIZE as u64 <= len {
             if file.read_exact_at(&mut block, offset).is_ok() {
@@ -426,6 +419,26 @@ impl MapFile {
             offset += BLOCK_SIZE as u64;
         }
         None
+    }
+
+    /// The newest valid superblock of a map whose pages may be damaged.
+    pub fn salvage_superblock(path: &Path) -> Option<Superblock> {
+        let file = File::open(path).ok()?;
+        let mut block = vec![0u8; BLOCK_SIZE];
+        let mut best: Option<(Superblock, u64)> = None;
+        for slot in 0..2 {
+            if file
+                .read_exact_at(&mut block, Layout::superblock_offset(slot))
+                .is_ok()
+            {
+                if let Ok((sb, seq)) = format::decode_superblock(&block) {
+                    if best.as_ref().is_none_or(|(_, s)| seq > *s) {
+                        best = Some((sb, seq));
+                    }
+                }
+            }
+        }
+        best.map(|(sb, _)| sb)
     }
 
     /// The map's path.

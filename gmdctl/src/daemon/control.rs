@@ -33,12 +33,7 @@ pub(super) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         }
     }
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!(
-                "another gmdd is already running on {} (stop it, or give this one --socket)",
-                path.display()
-            );
-        }
+        ensure_no_daemon(path)?;
         std::fs::remove_file(path)
             .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
     }
@@ -46,6 +41,20 @@ pub(super) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         .with_context(|| format!("cannot create the control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
+}
+
+/// Fails when a daemon already answers on `path`.
+///
+/// # Errors
+/// Another gmdd is running there.
+pub(super) fn ensure_no_daemon(path: &Path) -> anyhow::Result<()> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!(
+            "another gmdd is already running on {} (stop it, or give this one --socket)",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Serves control clients until shutdown.

@@ -535,8 +535,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let config = ClusterConfig::load(&options.config)?;
     let machine = resolve_machine(&config, options.machine.as_deref())?;
     let _key = crate::keyfile::read(&config.key_file)?;
+    control::ensure_no_daemon(&options.socket)?;
     let nbd_listen = config.machines[&machine].nbd_listen.clone();
-    let control_listener = control::bind(&options.socket)?;
     let nbd_listener = match &nbd_listen {
         ListenAddr::Tcp(addr) => {
             gmd_nbd::Listener::Tcp(tokio::net::TcpListener::bind(addr).await.with_context(
@@ -544,6 +544,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             )?)
         }
         ListenAddr::Unix(path) => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!(
+                    "another process serves NBD on {} (machines.{machine}.nbd_listen)",
+                    path.display()
+                );
+            }
             let _ = std::fs::remove_file(path);
             gmd_nbd::Listener::Unix(tokio::net::UnixListener::bind(path).with_context(|| {
                 format!(
@@ -553,6 +559,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             })?)
         }
     };
+    let control_listener = control::bind(&options.socket)?;
     info!(%machine, config = %config.path.display(), socket = %options.socket.display(), nbd = %nbd_listen, "gmdd starting");
     let daemon = Arc::new(Daemon::new(config, machine));
     {
