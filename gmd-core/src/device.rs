@@ -13,9 +13,12 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::buf::IoBuf;
+use std::sync::Arc;
+
+use crate::buf::{BufPool, IoBuf};
 use crate::config::{ClusterConfig, Device, DeviceMachine, Mode, Role};
 use crate::engine::EngineParams;
+use crate::mirror::PeerLink;
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::statemap::cells::{CELL_CONSISTENT, CELL_STALE, StateMap};
 use crate::statemap::file::{MapError, MapFile};
@@ -101,6 +104,23 @@ pub fn map_error(device: &str, err: &MapError) -> DeviceError {
              'gmdctl init-state {device} --force' and then 'gmdctl dirty {device}'"
         )),
         other => DeviceError::internal(format!("{device}: {other}")),
+    }
+}
+
+/// What a starting device is given by its host.
+#[derive(Clone, Default)]
+pub struct StartOptions {
+    /// Buffers for peer data and resync reads.
+    pub pool: BufPool,
+    /// Where messages for the peer go (none: the device stays standalone).
+    pub link: Option<Arc<dyn PeerLink>>,
+}
+
+impl std::fmt::Debug for StartOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartOptions")
+            .field("link", &self.link.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -281,7 +301,7 @@ impl DeviceHandle {
     /// # Errors
     /// Wrong state, a refusal by a start rule (each names the command that
     /// resolves it), or the device thread could not start.
-    pub fn start(&mut self, peers: &[PeerView]) -> Result<(), DeviceError> {
+    pub fn start(&mut self, peers: &[PeerView], options: &StartOptions) -> Result<(), DeviceError> {
         self.require(AdminState::Stopped, "start it", "gmdctl configure")?;
         let name = self.config.name.clone();
         let down = self.peers_down();
@@ -346,7 +366,15 @@ impl DeviceHandle {
         else {
             unreachable!("checked above")
         };
-        let writable = !(self.config.mode == Mode::Async && self.local().role == Role::Secondary);
+        let secondary = self.config.mode == Mode::Async && self.local().role == Role::Secondary;
+        let mut params = EngineParams::new(self.config.size_bytes, self.config.mode);
+        params.block_size = self.config.block_size;
+        params.io_len_max = u64::from(IO_LEN_MAX);
+        params.slots_max = DEVICE_SLOTS;
+        params.writable = !secondary;
+        params.readable = !secondary;
+        params.hwm_bytes = self.config.hwm_kib * 1024;
+        params.resync_in_flight_max_bytes = self.config.sync_rate_kib * 1024;
         let runtime = Runtime::start(RuntimeConfig {
             name: name.clone(),
             data_path: self.local().data.clone(),
@@ -354,13 +382,9 @@ impl DeviceHandle {
             uuid: map.superblock().uuid,
             map: cells.clone(),
             page_slots: map.page_slots().clone(),
-            params: EngineParams {
-                size_bytes: self.config.size_bytes,
-                block_size: self.config.block_size,
-                io_len_max: u64::from(IO_LEN_MAX),
-                slots_max: DEVICE_SLOTS,
-                writable,
-            },
+            params,
+            pool: options.pool.clone(),
+            link: options.link.clone(),
         });
         let runtime = match runtime {
             Ok(r) => r,
@@ -627,7 +651,11 @@ impl DeviceHandle {
     ///
     /// # Errors
     /// What configure or start refused.
-    pub fn restore(&mut self, peers: &[PeerView]) -> Result<AdminState, DeviceError> {
+    pub fn restore(
+        &mut self,
+        peers: &[PeerView],
+        options: &StartOptions,
+    ) -> Result<AdminState, DeviceError> {
         let recorded = match MapFile::open(&self.local().state_map, Some(self.config.size_bytes)) {
             Ok((map, _)) => map.superblock().admin_state,
             Err(MapError::Missing { .. }) => return Ok(AdminState::Defined),
@@ -642,7 +670,7 @@ impl DeviceHandle {
                 self.configure()?;
             }
             if recorded == AdminState::Available {
-                self.start(peers)?;
+                self.start(peers, options)?;
             }
             Ok(recorded)
         })();

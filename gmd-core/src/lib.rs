@@ -5,6 +5,7 @@ pub mod buf;
 pub mod config;
 pub mod device;
 pub mod engine;
+pub mod mirror;
 pub mod runtime;
 pub mod statemap;
 pub mod units;

@@ -2,15 +2,19 @@
 //! io_uring, the [`Engine`], the data volume and the state map volume (both
 //! `O_DIRECT`), and executes the engine's actions.
 //!
-//! Frontends hand requests over with [`Runtime::submit`] (a bounded lock-free
-//! queue plus an eventfd wake-up that is only written when the thread
-//! sleeps) and get results through their [`CompletionSink`], called on the
-//! device thread. Request slots, ring entries and buffers are allocated when
-//! the device starts; the steady-state data path allocates nothing.
+//! Frontends hand requests over with [`Submitter::submit`] (a bounded
+//! lock-free queue plus an eventfd wake-up that is only written when the
+//! thread sleeps) and get results through their [`CompletionSink`], called on
+//! the device thread. Messages for the peer go to a [`PeerLink`]; messages
+//! from the peer and link changes come in through [`Runtime::from_peer`] and
+//! [`Runtime::link_event`]. Request slots, ring entries and buffers are
+//! allocated when the device starts; the steady-state local data path
+//! allocates nothing.
 //!
-//! Threading: the thread sleeps in `io_uring_enter` waiting for either a
-//! completion or the eventfd; it never blocks on anything else.
+//! Threading: the thread sleeps in `io_uring_enter` (at most
+//! [`TICK_INTERVAL`]) waiting for a completion or the eventfd.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -18,15 +22,18 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use io_uring::{IoUring, opcode, squeue, types};
 use uuid::Uuid;
 
-use crate::buf::IoBuf;
+use crate::buf::{BufPool, IoBuf};
 use crate::engine::{
-    Action, Engine, EngineError, EngineParams, EngineStats, OpKind, Request, Slot,
+    Action, Engine, EngineError, EngineParams, EngineStats, OpKind, Request, Seq, Slot,
 };
+use crate::mirror::{FromPeer, LinkEvent, PeerLink, ToPeer};
 use crate::statemap::cells::StateMap;
 use crate::statemap::file::PageSlots;
 use crate::statemap::format::{self, BLOCK_SIZE, Layout};
@@ -34,6 +41,10 @@ use crate::volume;
 
 /// Most map page writes in flight at once during a group commit.
 pub const MAP_WRITES_INFLIGHT_MAX: usize = 64;
+/// How often the engine clock advances (lazy cleaning, resync pacing).
+pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a stopping device waits for the peer to acknowledge its backlog.
+pub const STOP_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 const KIND_SHIFT: u32 = 62;
 const KIND_DATA: u64 = 0;
@@ -45,7 +56,7 @@ const KIND_WAKE: u64 = 3;
 /// not block.
 pub trait CompletionSink: Send + Sync {
     /// The request `tag` (which asked for `request`) finished with `result`;
-    /// `buf` is the request's buffer (holding the data for a read).
+    /// `buf` is the request's buffer when it still owns it (always for reads).
     fn complete(
         &self,
         tag: u64,
@@ -77,7 +88,6 @@ impl std::fmt::Debug for Submission {
 }
 
 /// Everything needed to start a device thread.
-#[derive(Debug)]
 pub struct RuntimeConfig {
     /// Device name (thread name and logs).
     pub name: String,
@@ -91,8 +101,21 @@ pub struct RuntimeConfig {
     pub map: StateMap,
     /// Which copy of each map page is current.
     pub page_slots: PageSlots,
-    /// Engine parameters (`slots_max` is also the submission queue bound).
+    /// Engine parameters (`slots_max` also bounds the submission queue).
     pub params: EngineParams,
+    /// Buffers for data from the peer and for resync reads.
+    pub pool: BufPool,
+    /// Where messages for the peer go.
+    pub link: Option<Arc<dyn PeerLink>>,
+}
+
+impl std::fmt::Debug for RuntimeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeConfig")
+            .field("name", &self.name)
+            .field("data_path", &self.data_path)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Live counters of a running device, readable from any thread.
@@ -110,17 +133,14 @@ pub struct RuntimeStats {
     pub flushes: AtomicU64,
     /// Requests that failed.
     pub errors: AtomicU64,
-    /// Map group commits.
-    pub map_commits: AtomicU64,
-    /// Map pages written.
-    pub map_pages_written: AtomicU64,
-    /// Writes that waited for a map commit.
-    pub writes_waited_for_map: AtomicU64,
     /// Requests currently in the device.
     pub in_flight: AtomicU64,
+    /// Sum of write latencies, microseconds.
+    pub write_latency_us: AtomicU64,
+    engine: Mutex<EngineStats>,
 }
 
-/// A plain copy of [`RuntimeStats`].
+/// A plain copy of [`RuntimeStats`] plus the engine's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
     /// Reads completed.
@@ -135,14 +155,12 @@ pub struct StatsSnapshot {
     pub flushes: u64,
     /// Requests that failed.
     pub errors: u64,
-    /// Map group commits.
-    pub map_commits: u64,
-    /// Map pages written.
-    pub map_pages_written: u64,
-    /// Writes that waited for a map commit.
-    pub writes_waited_for_map: u64,
     /// Requests currently in the device.
     pub in_flight: u64,
+    /// Sum of write latencies, microseconds.
+    pub write_latency_us: u64,
+    /// The engine's counters.
+    pub engine: EngineStats,
 }
 
 impl RuntimeStats {
@@ -156,10 +174,9 @@ impl RuntimeStats {
             write_bytes: r(&self.write_bytes),
             flushes: r(&self.flushes),
             errors: r(&self.errors),
-            map_commits: r(&self.map_commits),
-            map_pages_written: r(&self.map_pages_written),
-            writes_waited_for_map: r(&self.writes_waited_for_map),
             in_flight: r(&self.in_flight),
+            write_latency_us: r(&self.write_latency_us),
+            engine: *self.engine.lock().expect("stats lock"),
         }
     }
 }
@@ -170,12 +187,14 @@ type DoneReply = Box<dyn FnOnce(Result<(), EngineError>) + Send>;
 enum Control {
     Snapshot(SnapshotReply),
     MarkAll(u8, DoneReply),
+    Link(LinkEvent),
     Stop,
 }
 
 struct Shared {
     inbox: ArrayQueue<Submission>,
     control: Mutex<Vec<Control>>,
+    peer_inbox: Mutex<VecDeque<FromPeer>>,
     control_pending: AtomicBool,
     wake_fd: OwnedFd,
     sleeping: AtomicBool,
@@ -221,6 +240,36 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
+/// Submits requests to a running device; see [`Runtime::submitter`].
+///
+/// A request submitted after the device stopped is never completed, so
+/// frontends must be detached before the device stops.
+#[derive(Clone)]
+pub struct Submitter {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Submitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submitter").finish_non_exhaustive()
+    }
+}
+
+impl Submitter {
+    /// Hands a request to the device thread.
+    ///
+    /// # Errors
+    /// The queue is full; the submission is given back.
+    pub fn submit(&self, submission: Submission) -> Result<(), Submission> {
+        self.shared.submit(submission)
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &RuntimeStats {
+        &self.shared.stats
+    }
+}
+
 impl Runtime {
     /// Opens the volumes, sets up the ring and starts the device thread.
     ///
@@ -239,15 +288,17 @@ impl Runtime {
         }
         // SAFETY: raw is a fresh descriptor we own.
         let wake_fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let slots = config.params.slots_max;
+        let params = config.params;
+        let slots = params.slots_max + params.peer_slots_max + params.resync_slots_max;
         let entries = (slots + MAP_WRITES_INFLIGHT_MAX + 2).next_power_of_two() as u32;
         let ring = IoUring::builder()
             .setup_cqsize(entries * 2)
             .build(entries)
             .map_err(|e| io::Error::new(e.kind(), format!("io_uring setup failed: {e}")))?;
         let shared = Arc::new(Shared {
-            inbox: ArrayQueue::new(slots),
+            inbox: ArrayQueue::new(params.slots_max),
             control: Mutex::new(Vec::new()),
+            peer_inbox: Mutex::new(VecDeque::new()),
             control_pending: AtomicBool::new(false),
             wake_fd,
             sleeping: AtomicBool::new(false),
@@ -259,10 +310,9 @@ impl Runtime {
             data,
             map_file,
             uuid: config.uuid,
-            engine: Engine::new(config.params, config.map),
+            engine: Engine::new(params, config.map),
             page_slots: config.page_slots,
             slots: (0..slots).map(|_| SlotEntry::default()).collect(),
-            free: (0..slots as Slot).rev().collect(),
             ops_in_flight: 0,
             completions: Vec::with_capacity(entries as usize * 2),
             wake_buf: Box::new([0; 8]),
@@ -272,7 +322,12 @@ impl Runtime {
                 .map(|_| IoBuf::new(BLOCK_SIZE))
                 .collect(),
             map_bufs_free: (0..MAP_WRITES_INFLIGHT_MAX).collect(),
-            stopping: false,
+            peer_waiting: VecDeque::new(),
+            pool: config.pool,
+            link: config.link,
+            stopping: None,
+            started: Instant::now(),
+            last_tick: Instant::now(),
             stats_seen: EngineStats::default(),
         };
         let thread = std::thread::Builder::new()
@@ -315,6 +370,22 @@ impl Runtime {
         self.shared.wake_always();
     }
 
+    /// Delivers a message from the peer.
+    pub fn from_peer(&self, message: FromPeer) {
+        self.shared
+            .peer_inbox
+            .lock()
+            .expect("peer inbox lock")
+            .push_back(message);
+        self.shared.control_pending.store(true, Ordering::SeqCst);
+        self.shared.wake();
+    }
+
+    /// Tells the device the link changed.
+    pub fn link_event(&self, event: LinkEvent) {
+        self.control(Control::Link(event));
+    }
+
     /// Asks for a copy of the live state map; `reply` is called on the device thread.
     pub fn snapshot(&self, reply: impl FnOnce(StateMap) + Send + 'static) {
         self.control(Control::Snapshot(Box::new(reply)));
@@ -329,10 +400,9 @@ impl Runtime {
         self.control(Control::MarkAll(value, Box::new(reply)));
     }
 
-    /// Finishes every request in flight, persists the map and stops the thread.
-    ///
-    /// Requests still queued are executed first; frontends should stop
-    /// submitting before calling this.
+    /// Finishes every request in flight, waits (up to [`STOP_DRAIN_TIMEOUT`])
+    /// for the peer to acknowledge what it has not yet, persists the map and
+    /// stops the thread.
     ///
     /// # Errors
     /// The device thread failed (an io_uring error) or panicked.
@@ -345,36 +415,6 @@ impl Runtime {
     }
 }
 
-/// Submits requests to a running device; see [`Runtime::submitter`].
-///
-/// A request submitted after the device stopped is never completed, so
-/// frontends must be detached before the device stops.
-#[derive(Clone)]
-pub struct Submitter {
-    shared: Arc<Shared>,
-}
-
-impl std::fmt::Debug for Submitter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Submitter").finish_non_exhaustive()
-    }
-}
-
-impl Submitter {
-    /// As [`Runtime::submit`].
-    ///
-    /// # Errors
-    /// The queue is full; the submission is given back.
-    pub fn submit(&self, submission: Submission) -> Result<(), Submission> {
-        self.shared.submit(submission)
-    }
-
-    /// Live counters.
-    pub fn stats(&self) -> &RuntimeStats {
-        &self.shared.stats
-    }
-}
-
 impl Drop for Runtime {
     fn drop(&mut self) {
         if let Some(thread) = self.thread.take() {
@@ -384,9 +424,36 @@ impl Drop for Runtime {
     }
 }
 
+/// The data a slot's operation works on.
+enum Data {
+    /// An aligned buffer owned by the slot.
+    Owned(IoBuf),
+    /// Shared with a message to the peer (the bytes stay valid while held).
+    Shared(Bytes),
+}
+
+impl Data {
+    fn ptr(&mut self, offset: u64) -> *mut u8 {
+        match self {
+            Data::Owned(buf) => {
+                // SAFETY: offset < buffer length (checked by the caller).
+                unsafe { buf.as_mut_ptr().add(offset as usize) }
+            }
+            // The kernel only reads from a shared buffer (a write).
+            Data::Shared(bytes) => bytes[offset as usize..].as_ptr().cast_mut(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct SlotEntry {
+    /// Application request (app slots).
     submission: Option<Submission>,
+    /// Buffer for peer operations and resync reads, or the shared app data.
+    data: Option<Data>,
+    /// The peer's stream position (peer slots).
+    peer_seq: Seq,
+    started: Option<Instant>,
     done_bytes: u64,
     phase: Phase,
 }
@@ -418,7 +485,6 @@ struct Worker {
     engine: Engine,
     page_slots: PageSlots,
     slots: Vec<SlotEntry>,
-    free: Vec<Slot>,
     ops_in_flight: usize,
     completions: Vec<(u64, i32)>,
     wake_buf: Box<[u8; 8]>,
@@ -427,7 +493,13 @@ struct Worker {
     flush_pages: Vec<(u64, u8, u64)>,
     map_bufs: Vec<IoBuf>,
     map_bufs_free: Vec<usize>,
-    stopping: bool,
+    /// Operations from the peer waiting for a slot.
+    peer_waiting: VecDeque<FromPeer>,
+    pool: BufPool,
+    link: Option<Arc<dyn PeerLink>>,
+    stopping: Option<Instant>,
+    started: Instant,
+    last_tick: Instant,
     stats_seen: EngineStats,
 }
 
@@ -440,42 +512,37 @@ impl Worker {
         self.arm_wake()?;
         let mut waiting_marks: Vec<(u64, DoneReply)> = Vec::new();
         loop {
-            // Control messages.
-            let controls: Vec<Control> =
-                if self.shared.control_pending.swap(false, Ordering::SeqCst) {
-                    std::mem::take(&mut *self.shared.control.lock().expect("control queue lock"))
-                } else {
-                    Vec::new()
-                };
-            for control in controls {
-                match control {
-                    Control::Snapshot(reply) => reply(self.engine.map().clone()),
-                    Control::MarkAll(value, reply) => {
-                        if self.engine.map_failed() {
-                            reply(Err(EngineError::MapFailed));
-                        } else {
-                            let epoch = self.engine.mark_all(value);
-                            waiting_marks.push((epoch, reply));
-                        }
-                    }
-                    Control::Stop => self.stopping = true,
+            if self.shared.control_pending.swap(false, Ordering::SeqCst) {
+                let controls: Vec<Control> =
+                    std::mem::take(&mut *self.shared.control.lock().expect("control queue lock"));
+                for control in controls {
+                    self.on_control(control, &mut waiting_marks);
                 }
+                let messages: VecDeque<FromPeer> =
+                    std::mem::take(&mut *self.shared.peer_inbox.lock().expect("peer inbox lock"));
+                self.peer_waiting.extend(messages);
             }
+            self.take_peer_messages()?;
             // New requests, as long as there are free slots.
-            while let Some(&slot) = self.free.last() {
+            while self.engine.app_slot_available() {
                 let Some(submission) = self.shared.inbox.pop() else {
                     break;
                 };
-                self.free.pop();
-                let request = submission.request;
+                let slot = self.engine.submit(submission.request);
                 let entry = &mut self.slots[slot as usize];
                 entry.submission = Some(submission);
+                entry.started = Some(Instant::now());
                 entry.done_bytes = 0;
                 entry.phase = Phase::Main;
-                self.engine.submit(slot, request);
+                // A refused request frees its slot at once: handle that
+                // before the slot can be given to the next request.
+                self.execute_actions()?;
+            }
+            if self.last_tick.elapsed() >= TICK_INTERVAL {
+                self.last_tick = Instant::now();
+                self.engine.tick(self.started.elapsed().as_millis() as u64);
             }
             self.execute_actions()?;
-            // Answer administrative changes that are now durable.
             if !waiting_marks.is_empty() {
                 let durable = self.engine.durable_epoch();
                 let failed = self.engine.map_failed();
@@ -491,24 +558,39 @@ impl Worker {
                 }
             }
             self.publish_engine_stats();
-            if self.stopping
-                && self.shared.inbox.is_empty()
-                && self.engine.is_idle()
-                && self.ops_in_flight == 0
-                && waiting_marks.is_empty()
-            {
-                break;
+            if let Some(since) = self.stopping {
+                if self.engine.is_connected() && since.elapsed() >= STOP_DRAIN_TIMEOUT {
+                    tracing::warn!("peer did not acknowledge in time; its backlog is marked stale");
+                    self.engine.peer_lost();
+                    continue;
+                }
+                if self.shared.inbox.is_empty()
+                    && self.engine.is_idle()
+                    && self.ops_in_flight == 0
+                    && waiting_marks.is_empty()
+                {
+                    break;
+                }
             }
-            // Sleep until a completion or a wake-up, unless work is already waiting.
+            // Sleep until a completion, a wake-up or the next tick.
             self.shared.sleeping.store(true, Ordering::SeqCst);
             fence(Ordering::SeqCst);
-            let busy = (!self.shared.inbox.is_empty() && !self.free.is_empty())
+            let busy = (!self.shared.inbox.is_empty() && self.engine.app_slot_available())
                 || self.shared.control_pending.load(Ordering::SeqCst);
-            let wait = if busy { 0 } else { 1 };
-            match self.ring.submit_and_wait(wait) {
+            let result = if busy {
+                self.ring.submit()
+            } else {
+                let ts = types::Timespec::from(TICK_INTERVAL);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            };
+            match result {
                 Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::ETIME)
+                    ) => {}
                 Err(e) => return Err(e),
             }
             self.shared.sleeping.store(false, Ordering::SeqCst);
@@ -518,15 +600,74 @@ impl Worker {
         Ok((map, self.page_slots.clone()))
     }
 
+    fn on_control(&mut self, control: Control, waiting_marks: &mut Vec<(u64, DoneReply)>) {
+        match control {
+            Control::Snapshot(reply) => reply(self.engine.map().clone()),
+            Control::MarkAll(value, reply) => {
+                if self.engine.map_failed() {
+                    reply(Err(EngineError::MapFailed));
+                } else {
+                    let epoch = self.engine.mark_all(value);
+                    waiting_marks.push((epoch, reply));
+                }
+            }
+            Control::Link(LinkEvent::Connected(role)) => {
+                if self.engine.is_connected() {
+                    self.engine.peer_lost();
+                }
+                self.peer_waiting.clear();
+                self.engine.connect(role);
+            }
+            Control::Link(LinkEvent::Lost) => {
+                self.peer_waiting.clear();
+                self.engine.peer_lost();
+            }
+            Control::Stop => {
+                self.stopping.get_or_insert_with(Instant::now);
+            }
+        }
+    }
+
+    /// Hands messages from the peer to the engine while it has slots for them.
+    fn take_peer_messages(&mut self) -> io::Result<()> {
+        while let Some(message) = self.peer_waiting.front() {
+            match message {
+                FromPeer::Op { .. } if !self.engine.peer_slot_available() => return Ok(()),
+                _ => {}
+            }
+            match self.peer_waiting.pop_front().expect("present") {
+                FromPeer::Op { op, data } => {
+                    if !self.engine.is_connected() {
+                        continue;
+                    }
+                    let slot = self.engine.peer_op(op);
+                    let entry = &mut self.slots[slot as usize];
+                    entry.peer_seq = op.seq;
+                    entry.done_bytes = 0;
+                    entry.phase = Phase::Main;
+                    entry.data = if data.is_empty() {
+                        None
+                    } else {
+                        // O_DIRECT needs aligned memory: one copy here.
+                        let mut buf = self.pool.take(data.len());
+                        buf.copy_from_slice(&data);
+                        Some(Data::Owned(buf))
+                    };
+                    // An invalid operation is answered at once; do that
+                    // before its slot can be reused.
+                    self.execute_actions()?;
+                }
+                FromPeer::Answer { seq, result } => self.engine.remote_done(seq, result),
+                FromPeer::Prioritize { region } => self.engine.prioritize(region),
+            }
+        }
+        Ok(())
+    }
+
     fn publish_engine_stats(&mut self) {
         let now = self.engine.stats();
         if now != self.stats_seen {
-            let s = &self.shared.stats;
-            s.map_commits.store(now.map_commits, Ordering::Relaxed);
-            s.map_pages_written
-                .store(now.map_pages_written, Ordering::Relaxed);
-            s.writes_waited_for_map
-                .store(now.writes_waited_for_map, Ordering::Relaxed);
+            *self.shared.stats.engine.lock().expect("stats lock") = now;
             self.stats_seen = now;
         }
     }
@@ -558,6 +699,12 @@ impl Worker {
         }
     }
 
+    fn send(&self, message: ToPeer) {
+        if let Some(link) = &self.link {
+            link.send(message);
+        }
+    }
+
     fn execute_actions(&mut self) -> io::Result<()> {
         while let Some(action) = self.engine.poll_action() {
             match action {
@@ -578,6 +725,72 @@ impl Worker {
                     self.pump_flush()?;
                 }
                 Action::Complete(slot, result) => self.complete(slot, result),
+                Action::SendWrite {
+                    slot,
+                    seq,
+                    after,
+                    request,
+                } => {
+                    let entry = &mut self.slots[slot as usize];
+                    let data = if request.kind == OpKind::Write {
+                        let shared = match entry.data.take() {
+                            Some(Data::Shared(bytes)) => bytes,
+                            // Already being written locally: the heap memory
+                            // stays where it is when the buffer moves into Bytes.
+                            Some(Data::Owned(buf)) => Bytes::from_owner(buf),
+                            _ => {
+                                let buf = entry
+                                    .submission
+                                    .as_mut()
+                                    .and_then(|s| s.buf.take())
+                                    .expect("a write carries its data");
+                                Bytes::from_owner(buf)
+                            }
+                        };
+                        entry.data = Some(Data::Shared(shared.clone()));
+                        shared
+                    } else {
+                        Bytes::new()
+                    };
+                    self.send(ToPeer::Write {
+                        seq,
+                        after,
+                        request,
+                        data,
+                    });
+                }
+                Action::SendFlush { seq } => self.send(ToPeer::Flush { seq }),
+                Action::Reply(slot, result) => {
+                    let entry = &mut self.slots[slot as usize];
+                    entry.data = None;
+                    let seq = entry.peer_seq;
+                    self.send(ToPeer::Reply {
+                        seq,
+                        result: result.map_err(|e| e.errno()),
+                    });
+                }
+                Action::Discard(slot) => self.slots[slot as usize].data = None,
+                Action::ResyncRead(slot) => {
+                    let len = self.engine.request(slot).len_bytes as usize;
+                    let entry = &mut self.slots[slot as usize];
+                    entry.data = Some(Data::Owned(self.pool.take(len)));
+                    entry.done_bytes = 0;
+                    entry.phase = Phase::Main;
+                    self.issue_local(slot)?;
+                }
+                Action::SendResync { slot, seq, region } => {
+                    let data = match self.slots[slot as usize].data.take() {
+                        Some(Data::Owned(buf)) => Bytes::from_owner(buf),
+                        _ => unreachable!("a resync read fills an owned buffer"),
+                    };
+                    self.send(ToPeer::Resync { seq, region, data });
+                }
+                Action::SendPrioritize { region } => self.send(ToPeer::Prioritize { region }),
+                Action::ResyncDone => {
+                    if let Some(link) = &self.link {
+                        link.resync_done();
+                    }
+                }
             }
         }
         Ok(())
@@ -589,6 +802,8 @@ impl Worker {
             .submission
             .take()
             .expect("completed slot has a request");
+        entry.data = None;
+        let started = entry.started.take();
         let stats = &self.shared.stats;
         let request = submission.request;
         match (&result, request.kind) {
@@ -609,10 +824,14 @@ impl Worker {
                 stats
                     .write_bytes
                     .fetch_add(request.len_bytes, Ordering::Relaxed);
+                if let Some(t) = started {
+                    stats
+                        .write_latency_us
+                        .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                }
             }
         }
         stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.free.push(slot);
         submission
             .sink
             .complete(submission.tag, &request, result, submission.buf);
@@ -620,12 +839,8 @@ impl Worker {
 
     fn issue_local(&mut self, slot: Slot) -> io::Result<()> {
         let fd = types::Fd(self.data.as_raw_fd());
+        let request = *self.engine.request(slot);
         let entry = &mut self.slots[slot as usize];
-        let submission = entry
-            .submission
-            .as_mut()
-            .expect("issued slot has a request");
-        let request = submission.request;
         let ud = user_data(KIND_DATA, u64::from(slot));
         let offset = request.offset_bytes + entry.done_bytes;
         let remaining = request.len_bytes - entry.done_bytes;
@@ -634,26 +849,28 @@ impl Worker {
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
             (OpKind::Read | OpKind::Write, _) if remaining == 0 => {
-                // Zero-length transfer: nothing to do.
-                return self.finish_local(slot, Ok(()));
+                self.engine.local_done(slot, Ok(()));
+                return Ok(());
             }
-            (OpKind::Read, _) => {
-                let buf = submission.buf.as_mut().expect("read has a buffer");
-                // SAFETY: done_bytes < len ≤ buffer length.
-                let ptr = unsafe { buf.as_mut_ptr().add(entry.done_bytes as usize) };
-                opcode::Read::new(fd, ptr, remaining as u32)
-                    .offset(offset)
-                    .build()
-            }
-            (OpKind::Write, _) => {
-                let buf = submission.buf.as_mut().expect("write has a buffer");
-                // SAFETY: as above.
-                let ptr = unsafe { buf.as_mut_ptr().add(entry.done_bytes as usize) };
-                let flags = if request.fua { libc::RWF_DSYNC } else { 0 };
-                opcode::Write::new(fd, ptr, remaining as u32)
-                    .offset(offset)
-                    .rw_flags(flags)
-                    .build()
+            (OpKind::Read | OpKind::Write, _) => {
+                if entry.data.is_none() {
+                    if let Some(buf) = entry.submission.as_mut().and_then(|s| s.buf.take()) {
+                        entry.data = Some(Data::Owned(buf));
+                    }
+                }
+                let data = entry.data.as_mut().expect("reads and writes have a buffer");
+                let ptr = data.ptr(entry.done_bytes);
+                if request.kind == OpKind::Read {
+                    opcode::Read::new(fd, ptr, remaining as u32)
+                        .offset(offset)
+                        .build()
+                } else {
+                    let flags = if request.fua { libc::RWF_DSYNC } else { 0 };
+                    opcode::Write::new(fd, ptr, remaining as u32)
+                        .offset(offset)
+                        .rw_flags(flags)
+                        .build()
+                }
             }
             (OpKind::WriteZeroes, _) | (OpKind::Trim, Phase::ZeroFallback) => {
                 opcode::Fallocate::new(fd, request.len_bytes)
@@ -669,18 +886,9 @@ impl Worker {
         self.push(sqe.user_data(ud))
     }
 
-    fn finish_local(&mut self, slot: Slot, result: Result<(), i32>) -> io::Result<()> {
-        self.engine.local_done(slot, result);
-        Ok(())
-    }
-
     fn on_data_completion(&mut self, slot: Slot, res: i32) -> io::Result<()> {
+        let request = *self.engine.request(slot);
         let entry = &mut self.slots[slot as usize];
-        let request = entry
-            .submission
-            .as_ref()
-            .expect("completion for a live slot")
-            .request;
         if res < 0 {
             let errno = -res;
             if request.kind == OpKind::Trim
@@ -693,25 +901,41 @@ impl Worker {
             if errno == libc::EINTR || errno == libc::EAGAIN {
                 return self.issue_local(slot);
             }
-            return self.finish_local(slot, Err(errno));
+            self.engine.local_done(slot, Err(errno));
+            return Ok(());
         }
         match request.kind {
             OpKind::Read | OpKind::Write if entry.phase == Phase::Main => {
                 if res == 0 {
                     // End of the volume inside the device: it shrank underneath us.
-                    return self.finish_local(slot, Err(libc::EIO));
+                    self.engine.local_done(slot, Err(libc::EIO));
+                    return Ok(());
                 }
                 entry.done_bytes += res as u64;
                 if entry.done_bytes < request.len_bytes {
                     return self.issue_local(slot);
                 }
-                self.finish_local(slot, Ok(()))
+                // Hand an application read's data back with its request.
+                if request.kind == OpKind::Read {
+                    if let (Some(Data::Owned(_)), Some(sub)) = (&entry.data, &entry.submission) {
+                        if sub.buf.is_none() {
+                            if let Some(Data::Owned(buf)) = entry.data.take() {
+                                entry.submission.as_mut().expect("checked").buf = Some(buf);
+                            }
+                        }
+                    }
+                }
+                self.engine.local_done(slot, Ok(()));
+                Ok(())
             }
             OpKind::WriteZeroes | OpKind::Trim if request.fua && entry.phase != Phase::Sync => {
                 entry.phase = Phase::Sync;
                 self.issue_local(slot)
             }
-            _ => self.finish_local(slot, Ok(())),
+            _ => {
+                self.engine.local_done(slot, Ok(()));
+                Ok(())
+            }
         }
     }
 

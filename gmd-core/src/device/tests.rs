@@ -48,11 +48,13 @@ fn full_lifecycle_with_the_peer_recorded_down() {
     dev.init_state(false).unwrap();
     dev.configure().unwrap();
     assert_eq!(dev.state(), AdminState::Stopped);
-    let err = dev.start(&[beta(false)]).unwrap_err();
+    let err = dev
+        .start(&[beta(false)], &StartOptions::default())
+        .unwrap_err();
     assert_eq!(err.class, ErrorClass::Refused);
     assert!(err.message.contains("gmdctl down data10gmd beta"), "{err}");
     dev.down(&s.config, "beta").unwrap();
-    dev.start(&[beta(false)]).unwrap();
+    dev.start(&[beta(false)], &StartOptions::default()).unwrap();
     assert_eq!(dev.state(), AdminState::Available);
     assert!(dev.runtime().is_some());
     let err = dev.down(&s.config, "beta").unwrap_err();
@@ -73,7 +75,7 @@ fn wrong_states_and_unknown_peers_are_refused_with_the_way_out() {
     let mut dev = handle(&s);
     dev.init_state(false).unwrap();
     assert!(
-        dev.start(&[])
+        dev.start(&[], &StartOptions::default())
             .unwrap_err()
             .message
             .contains("gmdctl configure")
@@ -102,7 +104,7 @@ fn start_rules_against_the_peer() {
         ..beta(true)
     };
     assert!(
-        dev.start(&[starting])
+        dev.start(&[starting], &StartOptions::default())
             .unwrap_err()
             .message
             .contains("is starting")
@@ -112,7 +114,7 @@ fn start_rules_against_the_peer() {
         ..beta(true)
     };
     assert!(
-        dev.start(&[stopped])
+        dev.start(&[stopped], &StartOptions::default())
             .unwrap_err()
             .message
             .contains("not AVAILABLE on remote peer beta")
@@ -123,7 +125,9 @@ fn start_rules_against_the_peer() {
         dirty: true,
         ..beta(true)
     };
-    let err = dev.start(&[dirty_peer]).unwrap_err();
+    let err = dev
+        .start(&[dirty_peer], &StartOptions::default())
+        .unwrap_err();
     assert!(err.message.contains("divergence"), "{err}");
     assert!(
         err.message.contains("gmdctl unify data10gmd --master"),
@@ -134,7 +138,9 @@ fn start_rules_against_the_peer() {
         machine: "gamma".into(),
         ..beta(true)
     };
-    let err = dev.start(&[beta(true), gamma]).unwrap_err();
+    let err = dev
+        .start(&[beta(true), gamma], &StartOptions::default())
+        .unwrap_err();
     assert!(err.message.contains("2 remote peers are active"), "{err}");
     assert_eq!(dev.state(), AdminState::Stopped);
 }
@@ -158,7 +164,7 @@ fn two_primaries_are_refused() {
         role: Role::Primary,
         ..beta(true)
     };
-    let err = dev.start(&[primary]).unwrap_err();
+    let err = dev.start(&[primary], &StartOptions::default()).unwrap_err();
     assert!(err.message.contains("also primary"), "{err}");
 }
 
@@ -234,7 +240,7 @@ fn clean_needs_force_a_down_peer_and_a_stopped_device() {
             .contains("peer is up")
     );
     dev.down(&s.config, "beta").unwrap();
-    dev.start(&[beta(false)]).unwrap();
+    dev.start(&[beta(false)], &StartOptions::default()).unwrap();
     assert!(
         dev.clean(true, true)
             .unwrap_err()
@@ -255,14 +261,23 @@ fn restore_returns_to_the_recorded_state() {
         dev.init_state(false).unwrap();
         dev.configure().unwrap();
         dev.down(&s.config, "beta").unwrap();
-        dev.start(&[beta(false)]).unwrap();
+        dev.start(&[beta(false)], &StartOptions::default()).unwrap();
         // Dropped while AVAILABLE, as when gmdd is killed.
     }
     let mut dev = handle(&s);
-    assert_eq!(dev.restore(&[beta(false)]).unwrap(), AdminState::Available);
+    assert_eq!(
+        dev.restore(&[beta(false)], &StartOptions::default())
+            .unwrap(),
+        AdminState::Available
+    );
     assert_eq!(dev.state(), AdminState::Available);
     dev.stop(0).unwrap();
     let mut again = handle(&s);
     drop(dev);
-    assert_eq!(again.restore(&[beta(false)]).unwrap(), AdminState::Stopped);
+    assert_eq!(
+        again
+            .restore(&[beta(false)], &StartOptions::default())
+            .unwrap(),
+        AdminState::Stopped
+    );
 }

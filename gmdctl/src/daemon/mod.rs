@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use base64::Engine as _;
 use gmd_core::buf::BufPool;
 use gmd_core::config::{ClusterConfig, Frontend, ListenAddr, set_device_attributes};
-use gmd_core::device::{DeviceError, DeviceHandle, ErrorClass, PeerView};
+use gmd_core::device::{DeviceError, DeviceHandle, ErrorClass, PeerView, StartOptions};
 use gmd_core::statemap::AdminState;
 use gmd_core::statemap::dump::{self, MapSummary};
 use indexmap::IndexMap;
@@ -129,13 +129,21 @@ impl Daemon {
             .collect()
     }
 
+    fn start_options(&self) -> StartOptions {
+        StartOptions {
+            pool: self.pool.clone(),
+            link: None,
+        }
+    }
+
     fn restore_all(&self) {
         let mut devices = self.devices.lock().expect("devices lock");
         let names: Vec<String> = devices.keys().cloned().collect();
         for name in names {
             let handle = devices.get_mut(&name).expect("listed");
             let peers = self.peer_views(handle);
-            match handle.restore(&peers) {
+            let options = self.start_options();
+            match handle.restore(&peers, &options) {
                 Ok(AdminState::Defined) => {}
                 Ok(state) => {
                     info!(device = %name, %state, "device restored");
@@ -306,7 +314,8 @@ impl Daemon {
                 Step::Configure => handle.configure(),
                 Step::Start => {
                     let peers = self.peer_views(handle);
-                    let r = handle.start(&peers);
+                    let options = self.start_options();
+                    let r = handle.start(&peers, &options);
                     if r.is_ok() {
                         self.export(handle);
                     }

@@ -1,0 +1,1574 @@
+//! The device engine: a sans-IO state machine that decides, for every
+//! request, what must be durable in the state map before which local
+//! operation or message to the peer, and when the request completes.
+//!
+//! Drive it like raft-rs's `RawNode`: hand it requests ([`Engine::submit`]),
+//! operations received from the peer ([`Engine::peer_op`]), results of the
+//! actions it asked for ([`Engine::local_done`], [`Engine::map_written`],
+//! [`Engine::remote_done`]), link changes ([`Engine::connect`],
+//! [`Engine::peer_lost`]) and clock ticks ([`Engine::tick`]); drain
+//! [`Engine::poll_action`] after each call. It performs no I/O, reads no
+//! clock and allocates nothing per request, so the same code runs under the
+//! io_uring runtime ([`crate::runtime`]) and in simulations.
+//!
+//! # Rules it enforces
+//! - **Write intent before dispatch.** Connected, a write first puts its
+//!   regions in the activity set (cell `0x1`, durable before the write is
+//!   issued anywhere); regions stay marked while hot and are cleared lazily
+//!   once idle, so hot regions cost no map write. With the peer down, a write
+//!   marks its regions stale (`0xf`), durable before the write is issued.
+//! - **Modes.** sync: remote, then local, then completion. mwc: local and
+//!   remote together, completion when both are done. async: local, then
+//!   completion, then the remote in completion order; when the bytes
+//!   completed but not yet acknowledged by the peer would exceed the high
+//!   water mark, writes behave as mwc until that backlog is zero.
+//! - **Peer loss.** Every write the peer did not acknowledge leaves its
+//!   regions stale; the intent mark already on disk covers the gap until the
+//!   stale mark is.
+//! - **Receiving.** Operations from the peer are applied in stream order
+//!   under the rules of [`target`]: never reordered across overlaps,
+//!   dependencies or barriers.
+//! - **Resync.** The source sends every region of the agreed set, never
+//!   reading a region while writes to it are in flight, and holding back
+//!   writes to a region while it reads it; the target holds back its own
+//!   application's I/O to regions not yet received.
+
+mod activity;
+mod journal;
+mod resync;
+mod target;
+
+use std::collections::VecDeque;
+use std::ops::Range;
+
+pub use journal::Epoch;
+pub use target::Seq;
+
+use crate::config::Mode;
+use crate::statemap::cells::{
+    CELL_ACTIVE, CELL_CONSISTENT, CELL_INCONSISTENT, CELL_LOCAL_DONE, CELL_QUEUED,
+    CELL_REMOTE_DONE, CELL_RESYNC, CELL_STALE, CELL_WRITING, CellValue, StateMap,
+};
+use crate::units::{REGION_SIZE_BYTES, region_bytes};
+use activity::ActivitySet;
+use journal::Journal;
+use resync::{RegionBits, ResyncSource};
+use target::{Ordered, TargetQueue};
+
+/// Index of a request in the engine's table (shared with the driver, which
+/// keeps the request's buffer under the same index).
+pub type Slot = u32;
+
+/// What a request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    /// Read bytes.
+    Read,
+    /// Write bytes.
+    Write,
+    /// Make every completed write durable.
+    Flush,
+    /// Write zeroes (without sending a buffer).
+    WriteZeroes,
+    /// Discard: the range reads back as zeroes afterwards.
+    Trim,
+}
+
+impl OpKind {
+    /// Whether the operation changes data (and so the state map).
+    pub fn changes_data(self) -> bool {
+        matches!(self, OpKind::Write | OpKind::WriteZeroes | OpKind::Trim)
+    }
+}
+
+/// A request from a frontend, or an operation to apply for the peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// The operation.
+    pub kind: OpKind,
+    /// First byte (ignored for flush).
+    pub offset_bytes: u64,
+    /// Number of bytes (ignored for flush).
+    pub len_bytes: u64,
+    /// Force unit access: durable before completion.
+    pub fua: bool,
+}
+
+/// Why a request failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The range goes beyond the end of the device.
+    #[error(
+        "range {offset_bytes}+{len_bytes} is beyond the end of the device ({size_bytes} bytes)"
+    )]
+    OutOfRange {
+        /// Start of the request.
+        offset_bytes: u64,
+        /// Length of the request.
+        len_bytes: u64,
+        /// Device size.
+        size_bytes: u64,
+    },
+    /// Offset or length is not a multiple of the logical block size.
+    #[error("range {offset_bytes}+{len_bytes} is not aligned to the block size {block_size}")]
+    Misaligned {
+        /// Start of the request.
+        offset_bytes: u64,
+        /// Length of the request.
+        len_bytes: u64,
+        /// Logical block size.
+        block_size: u32,
+    },
+    /// The request is larger than the device accepts in one piece.
+    #[error("request of {len_bytes} bytes exceeds the maximum of {max_bytes}")]
+    TooLarge {
+        /// Length of the request.
+        len_bytes: u64,
+        /// Largest accepted.
+        max_bytes: u64,
+    },
+    /// The device refuses writes here.
+    #[error("device is read-only on this machine")]
+    ReadOnly,
+    /// The async secondary serves no application I/O.
+    #[error("this machine is the async secondary of the device; applications use the primary")]
+    Secondary,
+    /// The data is not here yet: resynchronisation from the peer was interrupted.
+    #[error("region not yet resynchronised and the peer is gone; its data is not available here")]
+    Unavailable,
+    /// The state map could not be written, so writes cannot be protected.
+    #[error("state map cannot be written; writes are refused until the device is restarted")]
+    MapFailed,
+    /// The local volume returned an error (errno).
+    #[error("local volume error: {}", std::io::Error::from_raw_os_error(*.0))]
+    Io(i32),
+    /// The peer failed the operation (errno).
+    #[error("peer volume error: {}", std::io::Error::from_raw_os_error(*.0))]
+    Remote(i32),
+    /// The link to the peer ended before the answer.
+    #[error("the link to the peer ended")]
+    PeerLost,
+    /// The device is stopping.
+    #[error("device is stopping")]
+    Stopping,
+}
+
+impl EngineError {
+    /// The errno a frontend reports for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            EngineError::OutOfRange { .. } | EngineError::Misaligned { .. } => libc::EINVAL,
+            EngineError::TooLarge { .. } => libc::EOVERFLOW,
+            EngineError::ReadOnly | EngineError::Secondary => libc::EPERM,
+            EngineError::Unavailable | EngineError::MapFailed => libc::EIO,
+            EngineError::Io(errno) | EngineError::Remote(errno) => *errno,
+            EngineError::PeerLost => libc::ENOTCONN,
+            EngineError::Stopping => libc::ESHUTDOWN,
+        }
+    }
+}
+
+/// An operation received from the peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerOp {
+    /// Its place in the peer's stream.
+    pub seq: Seq,
+    /// Every message up to this one must be applied first.
+    pub after: Seq,
+    /// What to do (`Flush` is a barrier).
+    pub request: Request,
+    /// Resync data for this region (the write covers the whole region).
+    pub resync_region: Option<u64>,
+}
+
+/// What the engine asks its driver to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Issue the local operation of this slot; report with [`Engine::local_done`].
+    Local(Slot),
+    /// Write the pages listed by [`Engine::flushing_pages`] and sync the map;
+    /// report with [`Engine::map_written`].
+    PersistMap(Epoch),
+    /// Complete this application request; the slot is free again.
+    Complete(Slot, Result<(), EngineError>),
+    /// Send this slot's write to the peer as message `seq` (taking a
+    /// reference to its data, which stays needed after `Complete` in async
+    /// mode); report with [`Engine::remote_done`].
+    SendWrite {
+        /// The slot holding the request and its data.
+        slot: Slot,
+        /// Its place in the stream.
+        seq: Seq,
+        /// The peer must apply everything up to here first.
+        after: Seq,
+        /// The write (the slot may be free by the time this is handled).
+        request: Request,
+    },
+    /// Send a flush barrier as message `seq`; report with [`Engine::remote_done`].
+    SendFlush {
+        /// Its place in the stream.
+        seq: Seq,
+    },
+    /// Answer the peer for the operation in this slot; the slot is free again.
+    Reply(Slot, Result<(), EngineError>),
+    /// Drop the operation in this slot without answering (it belonged to an
+    /// earlier link session); the slot is free again.
+    Discard(Slot),
+    /// Read the region of this resync slot (its request says where) into a
+    /// buffer; report with [`Engine::local_done`].
+    ResyncRead(Slot),
+    /// Send the region data read into this slot as message `seq` (taking the
+    /// buffer); the slot is free again. Report with [`Engine::remote_done`].
+    SendResync {
+        /// The slot holding the data.
+        slot: Slot,
+        /// Its place in the stream.
+        seq: Seq,
+        /// The region.
+        region: u64,
+    },
+    /// Ask the peer to resynchronise `region` next (an application waits for it).
+    SendPrioritize {
+        /// The region.
+        region: u64,
+    },
+    /// The resync this side took part in is finished.
+    ResyncDone,
+}
+
+/// The part this side plays in resynchronisation when a link starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResyncRole {
+    /// Both copies are the same: nothing to send.
+    None,
+    /// Send these regions (one bit per region, as [`Engine::dirty_bits`]).
+    Source(Vec<u8>),
+    /// Receive these regions.
+    Target(Vec<u8>),
+}
+
+/// Fixed parameters of an engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineParams {
+    /// Device size.
+    pub size_bytes: u64,
+    /// Logical block size: offsets and lengths must be multiples of it.
+    pub block_size: u32,
+    /// Largest request accepted.
+    pub io_len_max: u64,
+    /// Application requests in flight at once.
+    pub slots_max: usize,
+    /// Operations from the peer in flight at once.
+    pub peer_slots_max: usize,
+    /// Resync reads in flight at once.
+    pub resync_slots_max: usize,
+    /// Whether applications may write here.
+    pub writable: bool,
+    /// Whether applications may read here.
+    pub readable: bool,
+    /// Mirroring mode.
+    pub mode: Mode,
+    /// Async high water mark, bytes.
+    pub hwm_bytes: u64,
+    /// Resync data in flight at most, bytes (the sync rate).
+    pub resync_in_flight_max_bytes: u64,
+    /// Idle regions kept in the activity set.
+    pub activity_regions: usize,
+    /// A region idle this long leaves the activity set.
+    pub activity_idle_ms: u64,
+}
+
+impl EngineParams {
+    /// Parameters for a device of `size_bytes` with defaults for the rest.
+    pub fn new(size_bytes: u64, mode: Mode) -> Self {
+        EngineParams {
+            size_bytes,
+            block_size: 512,
+            io_len_max: 4 << 20,
+            slots_max: 256,
+            peer_slots_max: 256,
+            resync_slots_max: 16,
+            writable: true,
+            readable: true,
+            mode,
+            hwm_bytes: 128 << 10,
+            resync_in_flight_max_bytes: 32 << 10,
+            activity_regions: 4096,
+            activity_idle_ms: 5000,
+        }
+    }
+
+    fn slots_total(&self) -> usize {
+        self.slots_max + self.peer_slots_max + self.resync_slots_max
+    }
+}
+
+/// Counters kept by the engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EngineStats {
+    /// Map writes (group commits) completed.
+    pub map_commits: u64,
+    /// Map pages written.
+    pub map_pages_written: u64,
+    /// Writes that had to wait for a map write.
+    pub writes_waited_for_map: u64,
+    /// Writes sent to the peer.
+    pub remote_writes: u64,
+    /// Bytes of writes sent to the peer.
+    pub remote_write_bytes: u64,
+    /// Flushes sent to the peer.
+    pub remote_flushes: u64,
+    /// Writes or flushes the peer failed or never answered.
+    pub remote_failures: u64,
+    /// Async bytes completed but not yet acknowledged by the peer.
+    pub backlog_bytes: u64,
+    /// Times async fell back to mwc at the high water mark.
+    pub hwm_fallbacks: u64,
+    /// Whether async currently behaves as mwc (1) or not (0).
+    pub hwm_fallback_active: u64,
+    /// Regions in the current resync (source side).
+    pub resync_total: u64,
+    /// Regions of it still to be confirmed.
+    pub resync_remaining: u64,
+    /// Resync bytes sent since start.
+    pub resync_bytes_sent: u64,
+    /// Regions still to be received (target side).
+    pub resync_target_remaining: u64,
+    /// Operations received from the peer and applied.
+    pub peer_ops: u64,
+    /// Bytes written for the peer.
+    pub peer_op_bytes: u64,
+    /// Regions in the activity set.
+    pub activity_regions: u64,
+    /// Whether a peer is connected (1) or not (0).
+    pub connected: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owner {
+    Free,
+    App,
+    Peer,
+    Resync,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Local {
+    Idle,
+    InFlight,
+    Done(Result<(), i32>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Remote {
+    /// No peer part (standalone, reads, or async before completion).
+    NotNeeded,
+    /// Sent as message `seq`, waiting for the answer.
+    Pending(Seq),
+    /// The peer applied it.
+    Done,
+    /// The peer failed it, or the link ended first: the regions are stale.
+    Lost,
+    /// Async: handed to the backlog at local completion.
+    Backlog,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    None,
+    /// The map must be durable up to this epoch.
+    Epoch(Epoch),
+    /// A region is being read for resync (source).
+    ResyncRead,
+    /// A region has not been received yet (target).
+    ResyncTarget,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct SlotInfo {
+    owner: Owner,
+    request: Request,
+    wait: Wait,
+    local: Local,
+    remote: Remote,
+    /// Regions were entered in the activity set (ended at completion or by the backlog).
+    tracked: bool,
+    /// Stream position everything before must be applied by the peer first
+    /// (async), taken in link session `session` (0: not connected).
+    after: Seq,
+    session: u64,
+    resync_region: Option<u64>,
+}
+
+impl SlotInfo {
+    const FREE: SlotInfo = SlotInfo {
+        owner: Owner::Free,
+        request: Request {
+            kind: OpKind::Flush,
+            offset_bytes: 0,
+            len_bytes: 0,
+            fua: false,
+        },
+        wait: Wait::None,
+        local: Local::Idle,
+        remote: Remote::NotNeeded,
+        tracked: false,
+        after: 0,
+        session: 0,
+        resync_region: None,
+    };
+}
+
+#[derive(Clone, Copy, Debug)]
+enum RemoteKind {
+    Write {
+        regions_start: u64,
+        regions_end: u64,
+        bytes: u64,
+    },
+    Flush,
+    Resync {
+        region: u64,
+        bytes: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RemoteEntry {
+    seq: Seq,
+    /// The application request waiting for it; `None` for backlog and resync.
+    slot: Option<Slot>,
+    kind: RemoteKind,
+    done: bool,
+}
+
+/// Most regions remembered as asked for from the peer.
+const REQUESTED_MAX: usize = 64;
+
+/// The per-device state machine. See the module documentation.
+#[derive(Debug)]
+pub struct Engine {
+    params: EngineParams,
+    journal: Journal,
+    slots: Vec<SlotInfo>,
+    free_app: Vec<Slot>,
+    free_peer: Vec<Slot>,
+    free_resync: Vec<Slot>,
+    actions: VecDeque<Action>,
+    waiting: VecDeque<Slot>,
+    activity: ActivitySet,
+    evicted: Vec<u64>,
+    scratch: Vec<Slot>,
+    now_ms: u64,
+    connected: bool,
+    /// Number of the current (or last) link session.
+    session: u64,
+    next_seq: Seq,
+    remote: VecDeque<RemoteEntry>,
+    backlog_bytes: u64,
+    fallback: bool,
+    resync: Option<ResyncSource>,
+    /// Regions being read for resync: application writes to them wait.
+    reading: Vec<u64>,
+    target: TargetQueue,
+    target_marks_epoch: Epoch,
+    target_resync_left: u64,
+    /// Operations of an ended session still being applied locally: until
+    /// they land, no resync read and no new operation may touch the disk.
+    stale_peer_ops: usize,
+    requested: Vec<u64>,
+    stats: EngineStats,
+}
+
+impl Engine {
+    /// An engine over `map` (as loaded from disk) with the given parameters.
+    ///
+    /// # Panics
+    /// If the map describes another size than `params.size_bytes`.
+    pub fn new(params: EngineParams, map: StateMap) -> Engine {
+        assert_eq!(map.size_bytes(), params.size_bytes, "map of another device");
+        // In-flight stages loaded from disk are crash leftovers: only a resync
+        // may clear them, so they must not look like hot regions.
+        let mut map = map;
+        for region in 0..map.region_count() {
+            if (CELL_WRITING..=CELL_ACTIVE).contains(&map.get(region)) {
+                map.set(region, CELL_INCONSISTENT);
+            }
+        }
+        let total = params.slots_total();
+        let app = params.slots_max as Slot;
+        let peer = app + params.peer_slots_max as Slot;
+        let target_resync_left = (0..map.region_count())
+            .filter(|&r| map.get(r) == CELL_RESYNC)
+            .count() as u64;
+        let in_flight_regions = (params.slots_max + params.peer_slots_max)
+            * (params.io_len_max / REGION_SIZE_BYTES + 1) as usize;
+        Engine {
+            params,
+            journal: Journal::new(map),
+            slots: vec![SlotInfo::FREE; total],
+            free_app: (0..app).rev().collect(),
+            free_peer: (app..peer).rev().collect(),
+            free_resync: (peer..total as Slot).rev().collect(),
+            actions: VecDeque::with_capacity(total * 3 + 8),
+            waiting: VecDeque::with_capacity(total),
+            activity: ActivitySet::new(params.activity_regions, in_flight_regions.min(1 << 16)),
+            evicted: Vec::with_capacity(params.activity_regions),
+            scratch: Vec::with_capacity(total),
+            now_ms: 0,
+            connected: false,
+            session: 0,
+            next_seq: 1,
+            remote: VecDeque::with_capacity(total * 2),
+            backlog_bytes: 0,
+            fallback: false,
+            resync: None,
+            reading: Vec::with_capacity(params.resync_slots_max),
+            target: TargetQueue::new(params.peer_slots_max),
+            target_marks_epoch: 0,
+            target_resync_left,
+            stale_peer_ops: 0,
+            requested: Vec::with_capacity(REQUESTED_MAX),
+            stats: EngineStats::default(),
+        }
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &EngineParams {
+        &self.params
+    }
+
+    /// The in-memory state map (a snapshot is a clone of it).
+    pub fn map(&self) -> &StateMap {
+        &self.journal.map
+    }
+
+    /// The request held by `slot` (for a resync slot: the region to read;
+    /// for a peer slot: the operation to apply).
+    pub fn request(&self, slot: Slot) -> &Request {
+        &self.slots[slot as usize].request
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EngineStats {
+        let mut s = self.stats;
+        s.backlog_bytes = self.backlog_bytes;
+        s.hwm_fallback_active = u64::from(self.fallback);
+        s.resync_remaining = self.resync.as_ref().map_or(0, |r| r.remaining());
+        s.resync_total = self.resync.as_ref().map_or(s.resync_total, |r| r.total);
+        s.resync_target_remaining = self.target_resync_left;
+        s.activity_regions = self.activity.len() as u64;
+        s.connected = u64::from(self.connected);
+        s
+    }
+
+    /// Whether a peer is connected.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Whether nothing is in flight: no request, no map write, no message to the peer.
+    pub fn is_idle(&self) -> bool {
+        !self.journal.in_flight()
+            && !self.journal.has_dirty()
+            && self.slots.iter().all(|s| s.owner == Owner::Free)
+            && self.actions.is_empty()
+            && self.remote.is_empty()
+    }
+
+    /// Whether an application request can be submitted now.
+    pub fn app_slot_available(&self) -> bool {
+        !self.free_app.is_empty()
+    }
+
+    /// Whether an operation from the peer can be taken now.
+    pub fn peer_slot_available(&self) -> bool {
+        !self.free_peer.is_empty()
+    }
+
+    /// The next action for the driver, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Pages the current map write must write (valid after [`Action::PersistMap`]).
+    pub fn flushing_pages(&self) -> &[u64] {
+        self.journal.flushing()
+    }
+
+    /// The last epoch known durable.
+    pub fn durable_epoch(&self) -> Epoch {
+        self.journal.durable()
+    }
+
+    /// Whether a map write failed (writes are refused until restart).
+    pub fn map_failed(&self) -> bool {
+        self.journal.failed
+    }
+
+    /// Async bytes completed but not yet acknowledged by the peer.
+    pub fn backlog_bytes(&self) -> u64 {
+        self.backlog_bytes
+    }
+
+    /// The non-zero cells as one bit per region (for the resync handshake).
+    pub fn dirty_bits(&self) -> Vec<u8> {
+        let map = &self.journal.map;
+        let mut out = vec![0u8; map.region_count().div_ceil(8) as usize];
+        for run in map.dirty_region_runs() {
+            for r in run {
+                out[(r / 8) as usize] |= 1 << (r % 8);
+            }
+        }
+        out
+    }
+
+    // ----- application requests -------------------------------------------
+
+    /// Takes a new application request; returns its slot.
+    ///
+    /// # Panics
+    /// If no application slot is free ([`Engine::app_slot_available`]).
+    pub fn submit(&mut self, request: Request) -> Slot {
+        let slot = self.free_app.pop().expect("an application slot is free");
+        self.slots[slot as usize] = SlotInfo {
+            owner: Owner::App,
+            request,
+            after: self.next_seq - 1,
+            session: if self.connected { self.session } else { 0 },
+            ..SlotInfo::FREE
+        };
+        if let Err(e) = self.check(&request) {
+            self.finish_app(slot, Err(e));
+            return slot;
+        }
+        self.advance(slot);
+        slot
+    }
+
+    fn check(&self, request: &Request) -> Result<(), EngineError> {
+        if request.kind == OpKind::Flush {
+            return Ok(());
+        }
+        let Request {
+            offset_bytes,
+            len_bytes,
+            ..
+        } = *request;
+        if offset_bytes
+            .checked_add(len_bytes)
+            .is_none_or(|end| end > self.params.size_bytes)
+        {
+            return Err(EngineError::OutOfRange {
+                offset_bytes,
+                len_bytes,
+                size_bytes: self.params.size_bytes,
+            });
+        }
+        let block = u64::from(self.params.block_size);
+        if offset_bytes % block != 0 || len_bytes % block != 0 {
+            return Err(EngineError::Misaligned {
+                offset_bytes,
+                len_bytes,
+                block_size: self.params.block_size,
+            });
+        }
+        if matches!(request.kind, OpKind::Read | OpKind::Write)
+            && len_bytes > self.params.io_len_max
+        {
+            return Err(EngineError::TooLarge {
+                len_bytes,
+                max_bytes: self.params.io_len_max,
+            });
+        }
+        Ok(())
+    }
+
+    fn regions(&self, request: &Request) -> Range<u64> {
+        if request.kind == OpKind::Flush {
+            return 0..0;
+        }
+        self.journal
+            .map
+            .regions_of(request.offset_bytes, request.len_bytes)
+    }
+
+    /// Moves an application request as far as it can go now.
+    fn advance(&mut self, slot: Slot) {
+        let info = self.slots[slot as usize];
+        let request = info.request;
+        if request.kind == OpKind::Flush {
+            self.dispatch_flush(slot);
+            return;
+        }
+        if !self.params.readable {
+            self.finish_app(slot, Err(EngineError::Secondary));
+            return;
+        }
+        if request.kind.changes_data() && !self.params.writable {
+            self.finish_app(slot, Err(EngineError::ReadOnly));
+            return;
+        }
+        let regions = self.regions(&request);
+        // Target of a resync: this region's data has not arrived yet.
+        if self.target_resync_left > 0 {
+            if let Some(region) = regions
+                .clone()
+                .find(|&r| self.journal.map.get(r) == CELL_RESYNC)
+            {
+                if !self.connected {
+                    self.finish_app(slot, Err(EngineError::Unavailable));
+                    return;
+                }
+                self.park(slot, Wait::ResyncTarget);
+                self.ask_for(region);
+                return;
+            }
+        }
+        if !request.kind.changes_data() {
+            self.issue_local(slot);
+            return;
+        }
+        if self.journal.failed {
+            self.finish_app(slot, Err(EngineError::MapFailed));
+            return;
+        }
+        // Source of a resync: the region is being read; wait until its data is queued.
+        if regions.clone().any(|r| self.reading.contains(&r)) {
+            self.park(slot, Wait::ResyncRead);
+            return;
+        }
+        // Write intent (connected) or stale mark (standalone).
+        for region in regions.clone() {
+            self.activity.begin(region, self.now_ms);
+            let cell = self.journal.map.get(region);
+            if self.connected {
+                if cell == CELL_CONSISTENT || cell == CELL_ACTIVE {
+                    self.journal.set(region, CELL_WRITING);
+                }
+            } else if cell != CELL_STALE {
+                self.journal.set(region, CELL_STALE);
+            }
+        }
+        self.slots[slot as usize].tracked = true;
+        if self.activity.over_capacity() {
+            self.evict_idle();
+        }
+        let need = self.journal.needed(regions);
+        if need > self.journal.durable() {
+            self.stats.writes_waited_for_map += 1;
+            self.park(slot, Wait::Epoch(need));
+            self.start_commit();
+            return;
+        }
+        self.dispatch_write(slot);
+    }
+
+    fn park(&mut self, slot: Slot, wait: Wait) {
+        self.slots[slot as usize].wait = wait;
+        self.waiting.push_back(slot);
+    }
+
+    fn ask_for(&mut self, region: u64) {
+        if !self.requested.contains(&region) {
+            if self.requested.len() == REQUESTED_MAX {
+                self.requested.remove(0);
+            }
+            self.requested.push(region);
+            self.actions.push_back(Action::SendPrioritize { region });
+        }
+    }
+
+    fn dispatch_write(&mut self, slot: Slot) {
+        if !self.connected {
+            // The peer will not get this write: its regions are stale.
+            self.lose(slot);
+            self.issue_local(slot);
+            return;
+        }
+        match self.params.mode {
+            Mode::Sync => self.send_write(slot),
+            Mode::Mwc => {
+                self.issue_local(slot);
+                self.send_write(slot);
+            }
+            Mode::Async if self.fallback => {
+                self.issue_local(slot);
+                self.send_write(slot);
+            }
+            Mode::Async => self.issue_local(slot),
+        }
+    }
+
+    fn dispatch_flush(&mut self, slot: Slot) {
+        self.issue_local(slot);
+        if self.connected && self.params.mode != Mode::Async {
+            let seq = self.push_remote(Some(slot), RemoteKind::Flush);
+            self.slots[slot as usize].remote = Remote::Pending(seq);
+            self.stats.remote_flushes += 1;
+            self.actions.push_back(Action::SendFlush { seq });
+        }
+    }
+
+    fn issue_local(&mut self, slot: Slot) {
+        let info = &mut self.slots[slot as usize];
+        info.local = Local::InFlight;
+        info.wait = Wait::None;
+        let request = info.request;
+        if let Some(cells) = self.stage_cells(&request) {
+            self.set_stage(cells, CELL_WRITING);
+        }
+        self.actions.push_back(Action::Local(slot));
+    }
+
+    /// Regions whose cell shows the stage of a mirrored write, if any.
+    fn stage_cells(&self, request: &Request) -> Option<Range<u64>> {
+        (self.connected && request.kind.changes_data()).then(|| self.regions(request))
+    }
+
+    /// Shows a write's stage in its cells (in-flight values only; stale and
+    /// resync marks stay).
+    fn set_stage(&mut self, regions: Range<u64>, value: CellValue) {
+        for region in regions {
+            let cell = self.journal.map.get(region);
+            if (CELL_WRITING..=CELL_ACTIVE).contains(&cell) {
+                self.journal.set(region, value);
+            }
+        }
+    }
+
+    fn push_remote(&mut self, slot: Option<Slot>, kind: RemoteKind) -> Seq {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.remote.push_back(RemoteEntry {
+            seq,
+            slot,
+            kind,
+            done: false,
+        });
+        seq
+    }
+
+    /// The dependency to send with a write: only within the session it was
+    /// taken in (a write submitted before this session depends on nothing
+    /// the peer has not already got through resync).
+    fn after_of(&self, info: &SlotInfo) -> Seq {
+        if self.params.mode == Mode::Async && info.session == self.session {
+            info.after
+        } else {
+            0
+        }
+    }
+
+    fn send_write(&mut self, slot: Slot) {
+        let request = self.slots[slot as usize].request;
+        let regions = self.regions(&request);
+        let seq = self.push_remote(
+            Some(slot),
+            RemoteKind::Write {
+                regions_start: regions.start,
+                regions_end: regions.end,
+                bytes: request.len_bytes,
+            },
+        );
+        let after = self.after_of(&self.slots[slot as usize]);
+        self.slots[slot as usize].remote = Remote::Pending(seq);
+        self.stats.remote_writes += 1;
+        self.stats.remote_write_bytes += request.len_bytes;
+        self.actions.push_back(Action::SendWrite {
+            slot,
+            seq,
+            after,
+            request,
+        });
+    }
+
+    /// Completes an application request when every part of it is done.
+    fn try_complete(&mut self, slot: Slot) {
+        let info = self.slots[slot as usize];
+        let Local::Done(local) = info.local else {
+            return;
+        };
+        if matches!(info.remote, Remote::Pending(_)) {
+            return;
+        }
+        let regions = self.regions(&info.request);
+        if info.request.kind.changes_data() && info.tracked && info.remote != Remote::Backlog {
+            self.end_regions(regions.clone(), info.remote == Remote::Lost);
+        }
+        if local.is_err() && info.request.kind.changes_data() {
+            // The local copy may be wrong where the peer's is right: keep the
+            // regions marked as inconsistent, out of reach of lazy cleaning.
+            for region in regions {
+                if self.journal.map.get(region) != CELL_STALE {
+                    self.journal.set(region, CELL_INCONSISTENT);
+                }
+            }
+        }
+        self.finish_app(slot, local.map_err(EngineError::Io));
+    }
+
+    /// The writes of a finished request leave their regions.
+    fn end_regions(&mut self, regions: Range<u64>, lost: bool) {
+        for region in regions {
+            let left = self.activity.end(region, self.now_ms);
+            let cell = self.journal.map.get(region);
+            if lost {
+                if cell != CELL_STALE {
+                    self.journal.set(region, CELL_STALE);
+                }
+            } else if left == 0 && (CELL_WRITING..=CELL_QUEUED).contains(&cell) {
+                self.journal.set(region, CELL_ACTIVE);
+            }
+        }
+    }
+
+    fn finish_app(&mut self, slot: Slot, result: Result<(), EngineError>) {
+        self.slots[slot as usize] = SlotInfo::FREE;
+        self.free_app.push(slot);
+        self.actions.push_back(Action::Complete(slot, result));
+    }
+
+    // ----- results of actions ---------------------------------------------
+
+    /// Reports the end of the local operation of `slot` (`Err(errno)` on failure).
+    ///
+    /// # Panics
+    /// If `slot` had no local operation in flight.
+    pub fn local_done(&mut self, slot: Slot, result: Result<(), i32>) {
+        let info = self.slots[slot as usize];
+        assert_eq!(
+            info.local,
+            Local::InFlight,
+            "slot {slot} had no local operation"
+        );
+        self.slots[slot as usize].local = Local::Done(result);
+        match info.owner {
+            Owner::App => self.app_local_done(slot, result),
+            Owner::Peer => self.peer_local_done(slot, result),
+            Owner::Resync => self.resync_read_done(slot, result),
+            Owner::Free => unreachable!("free slots have no operation"),
+        }
+    }
+
+    fn app_local_done(&mut self, slot: Slot, result: Result<(), i32>) {
+        let info = self.slots[slot as usize];
+        let request = info.request;
+        if self.connected
+            && self.params.mode == Mode::Async
+            && info.remote == Remote::NotNeeded
+            && result.is_ok()
+        {
+            if request.kind == OpKind::Flush {
+                // A barrier in the stream, in completion order; nobody waits for it.
+                self.push_remote(None, RemoteKind::Flush);
+                let seq = self.next_seq - 1;
+                self.stats.remote_flushes += 1;
+                self.actions.push_back(Action::SendFlush { seq });
+            } else if request.kind.changes_data() {
+                if !self.fallback && self.backlog_bytes + request.len_bytes <= self.params.hwm_bytes
+                {
+                    let regions = self.regions(&request);
+                    let seq = self.push_remote(
+                        None,
+                        RemoteKind::Write {
+                            regions_start: regions.start,
+                            regions_end: regions.end,
+                            bytes: request.len_bytes,
+                        },
+                    );
+                    self.backlog_bytes += request.len_bytes;
+                    self.stats.remote_writes += 1;
+                    self.stats.remote_write_bytes += request.len_bytes;
+                    self.set_stage(regions, CELL_QUEUED);
+                    self.slots[slot as usize].remote = Remote::Backlog;
+                    let after = self.after_of(&info);
+                    self.actions.push_back(Action::SendWrite {
+                        slot,
+                        seq,
+                        after,
+                        request,
+                    });
+                } else {
+                    // High water mark: this write and those after it wait
+                    // for the peer until the backlog is zero.
+                    if !self.fallback {
+                        self.fallback = true;
+                        self.stats.hwm_fallbacks += 1;
+                    }
+                    self.send_write(slot);
+                }
+            }
+        } else if let Some(regions) = self.stage_cells(&request) {
+            if matches!(info.remote, Remote::Pending(_)) {
+                self.set_stage(regions, CELL_LOCAL_DONE);
+            }
+        }
+        self.try_complete(slot);
+    }
+
+    /// Reports the peer's answer to message `seq`.
+    pub fn remote_done(&mut self, seq: Seq, result: Result<(), EngineError>) {
+        if !self.connected {
+            return;
+        }
+        let Some(front) = self.remote.front() else {
+            return;
+        };
+        let Some(index) = seq.checked_sub(front.seq).map(|i| i as usize) else {
+            return;
+        };
+        let Some(entry) = self.remote.get_mut(index) else {
+            return;
+        };
+        if entry.done {
+            return;
+        }
+        entry.done = true;
+        let entry = *entry;
+        if result.is_err() {
+            self.stats.remote_failures += 1;
+        }
+        match (entry.kind, entry.slot) {
+            (RemoteKind::Write { .. } | RemoteKind::Flush, Some(slot)) => {
+                let info = self.slots[slot as usize];
+                if result.is_err() {
+                    if let RemoteKind::Write {
+                        regions_start,
+                        regions_end,
+                        ..
+                    } = entry.kind
+                    {
+                        self.mark_stale(regions_start..regions_end);
+                    }
+                }
+                self.slots[slot as usize].remote = if result.is_ok() {
+                    Remote::Done
+                } else {
+                    Remote::Lost
+                };
+                if info.local == Local::Idle {
+                    // sync: the peer has it, now the local copy.
+                    self.issue_local(slot);
+                    if let Some(regions) = self.stage_cells(&info.request) {
+                        self.set_stage(regions, CELL_REMOTE_DONE);
+                    }
+                } else {
+                    self.try_complete(slot);
+                }
+            }
+            (
+                RemoteKind::Write {
+                    regions_start,
+                    regions_end,
+                    bytes,
+                },
+                None,
+            ) => {
+                self.backlog_bytes -= bytes;
+                self.end_regions(regions_start..regions_end, result.is_err());
+                if self.backlog_bytes == 0 {
+                    self.fallback = false;
+                }
+            }
+            (RemoteKind::Flush, None) => {}
+            (RemoteKind::Resync { region, bytes }, _) => {
+                self.resync_confirmed(region, bytes, result)
+            }
+        }
+        while self.remote.front().is_some_and(|e| e.done) {
+            self.remote.pop_front();
+        }
+        self.pump_resync();
+    }
+
+    /// The peer will never get this write: mark its regions stale (the intent
+    /// mark already on disk covers them until the stale mark is).
+    fn lose(&mut self, slot: Slot) {
+        let regions = self.regions(&self.slots[slot as usize].request);
+        self.mark_stale(regions);
+        self.slots[slot as usize].remote = Remote::Lost;
+    }
+
+    fn mark_stale(&mut self, regions: Range<u64>) {
+        for region in regions {
+            if self.journal.map.get(region) != CELL_STALE {
+                self.journal.set(region, CELL_STALE);
+            }
+        }
+    }
+
+    /// Reports the end of map write `epoch`.
+    ///
+    /// On failure the pages stay marked in memory, every write waiting for the
+    /// map fails with [`EngineError::MapFailed`], and so do later writes.
+    ///
+    /// # Panics
+    /// If `epoch` is not the map write in flight.
+    pub fn map_written(&mut self, epoch: Epoch, result: Result<(), i32>) {
+        let pages = self.journal.flushing().len() as u64;
+        self.journal.finish(epoch, result.is_ok());
+        if result.is_ok() {
+            self.stats.map_commits += 1;
+            self.stats.map_pages_written += pages;
+        }
+        self.resume_waiting();
+        self.issue_peer_ops();
+        self.start_commit();
+    }
+
+    fn start_commit(&mut self) {
+        if self.journal.failed {
+            return;
+        }
+        if let Some(epoch) = self.journal.start() {
+            self.actions.push_back(Action::PersistMap(epoch));
+        }
+    }
+
+    /// Re-examines every waiting request.
+    fn resume_waiting(&mut self) {
+        let mut count = self.waiting.len();
+        while count > 0 {
+            count -= 1;
+            let slot = self.waiting.pop_front().expect("counted");
+            let info = self.slots[slot as usize];
+            match info.wait {
+                Wait::Epoch(_) if self.journal.failed => {
+                    self.finish_app(slot, Err(EngineError::MapFailed));
+                }
+                Wait::Epoch(need) if need <= self.journal.durable() => {
+                    self.slots[slot as usize].wait = Wait::None;
+                    self.dispatch_write(slot);
+                }
+                Wait::ResyncRead | Wait::ResyncTarget => {
+                    self.slots[slot as usize].wait = Wait::None;
+                    self.advance(slot);
+                }
+                _ => self.waiting.push_back(slot),
+            }
+        }
+    }
+
+    // ----- the link -------------------------------------------------------
+
+    /// A peer is connected: mirroring starts, with `role` in resync.
+    ///
+    /// # Panics
+    /// If a peer is already connected, or the bitmap is too short.
+    pub fn connect(&mut self, role: ResyncRole) {
+        assert!(!self.connected, "already connected");
+        self.connected = true;
+        self.session += 1;
+        // Sequence numbers keep growing across sessions, so that a late
+        // answer from an earlier session can never match a new message.
+        self.target.reset();
+        self.requested.clear();
+        let regions = self.journal.map.region_count();
+        let bits_of = |bits: &[u8]| {
+            assert!(
+                bits.len() as u64 >= regions.div_ceil(8),
+                "resync bitmap too short"
+            );
+            let mut set = RegionBits::new(regions);
+            for r in 0..regions {
+                if bits[(r / 8) as usize] & (1 << (r % 8)) != 0 {
+                    set.set(r);
+                }
+            }
+            set
+        };
+        match role {
+            ResyncRole::None => {}
+            ResyncRole::Source(bits) => {
+                let set = bits_of(&bits);
+                // Keep every region to send marked here too, so that a crash
+                // of this side during the resync still covers them. (0x6
+                // means "data missing here", which is the target's mark.)
+                let mut next = set.next_from(0);
+                while let Some(r) = next {
+                    let cell = self.journal.map.get(r);
+                    if cell == CELL_CONSISTENT || cell == CELL_ACTIVE {
+                        self.journal.set(r, CELL_INCONSISTENT);
+                    }
+                    next = set.next_from(r + 1);
+                }
+                self.stats.resync_total = set.count();
+                if set.count() > 0 {
+                    self.resync = Some(ResyncSource::new(set));
+                } else {
+                    self.actions.push_back(Action::ResyncDone);
+                }
+            }
+            ResyncRole::Target(bits) => {
+                let set = bits_of(&bits);
+                let mut next = set.next_from(0);
+                let mut count = 0;
+                while let Some(r) = next {
+                    if self.journal.map.get(r) != CELL_RESYNC {
+                        self.journal.set(r, CELL_RESYNC);
+                    }
+                    count += 1;
+                    next = set.next_from(r + 1);
+                }
+                self.target_resync_left = count;
+                // Received data is applied only once the marks are durable.
+                self.target_marks_epoch = self.journal.needed_all();
+                if count == 0 {
+                    self.actions.push_back(Action::ResyncDone);
+                }
+            }
+        }
+        self.start_commit();
+        self.pump_resync();
+    }
+
+    /// The link to the peer ended: every write it did not acknowledge leaves
+    /// its regions stale, and the device goes on alone.
+    pub fn peer_lost(&mut self) {
+        if !self.connected {
+            return;
+        }
+        self.connected = false;
+        let entries: Vec<RemoteEntry> = self.remote.drain(..).collect();
+        for entry in entries {
+            if entry.done {
+                continue;
+            }
+            self.stats.remote_failures += 1;
+            match (entry.kind, entry.slot) {
+                (
+                    RemoteKind::Write {
+                        regions_start,
+                        regions_end,
+                        ..
+                    },
+                    Some(slot),
+                ) => {
+                    self.mark_stale(regions_start..regions_end);
+                    self.slots[slot as usize].remote = Remote::Lost;
+                }
+                (RemoteKind::Flush, Some(slot)) => self.slots[slot as usize].remote = Remote::Lost,
+                (
+                    RemoteKind::Write {
+                        regions_start,
+                        regions_end,
+                        ..
+                    },
+                    None,
+                ) => self.end_regions(regions_start..regions_end, true),
+                _ => {}
+            }
+        }
+        self.backlog_bytes = 0;
+        self.fallback = false;
+        self.resync = None;
+        self.reading.clear();
+        let session = self.session;
+        self.stale_peer_ops += self
+            .slots
+            .iter()
+            .filter(|s| {
+                s.owner == Owner::Peer && s.local == Local::InFlight && s.session == session
+            })
+            .count();
+        // Operations from the peer not yet applied are dropped.
+        self.scratch.clear();
+        self.target.drain_pending(&mut self.scratch);
+        let dropped: Vec<Slot> = self.scratch.drain(..).collect();
+        for slot in dropped {
+            self.slots[slot as usize] = SlotInfo::FREE;
+            self.free_peer.push(slot);
+            self.actions.push_back(Action::Discard(slot));
+        }
+        // Writes not yet handed to the peer (waiting for their intent, or
+        // async writes not yet complete locally) will not reach it either.
+        for slot in 0..self.params.slots_max as Slot {
+            let info = self.slots[slot as usize];
+            if info.owner == Owner::App
+                && info.request.kind.changes_data()
+                && info.tracked
+                && info.remote == Remote::NotNeeded
+            {
+                self.lose(slot);
+            }
+        }
+        // Requests whose peer part is gone move on alone.
+        for slot in 0..self.slots.len() as Slot {
+            let info = self.slots[slot as usize];
+            if info.owner == Owner::App && info.remote == Remote::Lost {
+                if info.local == Local::Idle && info.wait == Wait::None {
+                    self.issue_local(slot);
+                } else {
+                    self.try_complete(slot);
+                }
+            }
+        }
+        self.resume_waiting();
+        self.start_commit();
+    }
+
+    /// The peer asks for `region` to be resynchronised next.
+    pub fn prioritize(&mut self, region: u64) {
+        if let Some(rs) = self.resync.as_mut() {
+            rs.prioritize(region);
+        }
+        self.pump_resync();
+    }
+
+    // ----- operations from the peer ---------------------------------------
+
+    /// Takes an operation received from the peer; returns its slot (the
+    /// driver keeps the operation's data and reply handle there).
+    ///
+    /// # Panics
+    /// If no peer slot is free ([`Engine::peer_slot_available`]).
+    pub fn peer_op(&mut self, op: PeerOp) -> Slot {
+        let slot = self.free_peer.pop().expect("a peer slot is free");
+        self.slots[slot as usize] = SlotInfo {
+            owner: Owner::Peer,
+            request: op.request,
+            after: op.after,
+            session: self.session,
+            resync_region: op.resync_region,
+            ..SlotInfo::FREE
+        };
+        let invalid = self.check(&op.request).err().or_else(|| {
+            op.resync_region
+                .filter(|&r| {
+                    let bytes = region_bytes(r, self.params.size_bytes);
+                    r >= self.journal.map.region_count()
+                        || op.request.offset_bytes != bytes.start
+                        || op.request.len_bytes != bytes.end - bytes.start
+                })
+                .map(|_| EngineError::OutOfRange {
+                    offset_bytes: op.request.offset_bytes,
+                    len_bytes: op.request.len_bytes,
+                    size_bytes: self.params.size_bytes,
+                })
+        });
+        if let Some(e) = invalid {
+            self.target.complete(op.seq);
+            self.finish_peer(slot, Err(e));
+            self.issue_peer_ops();
+            return slot;
+        }
+        let (start, end) = if op.request.kind == OpKind::Flush {
+            (0, 0)
+        } else {
+            (
+                op.request.offset_bytes,
+                op.request.offset_bytes + op.request.len_bytes,
+            )
+        };
+        self.target.push(Ordered {
+            slot,
+            seq: op.seq,
+            after: op.after,
+            start,
+            end,
+            barrier: op.request.kind == OpKind::Flush,
+        });
+        self.issue_peer_ops();
+        slot
+    }
+
+    fn issue_peer_ops(&mut self) {
+        if !self.connected
+            || self.stale_peer_ops > 0
+            || self.journal.durable() < self.target_marks_epoch
+        {
+            return;
+        }
+        self.scratch.clear();
+        self.target.issuable(|_| false, &mut self.scratch);
+        for i in 0..self.scratch.len() {
+            let slot = self.scratch[i];
+            self.slots[slot as usize].local = Local::InFlight;
+            self.actions.push_back(Action::Local(slot));
+        }
+    }
+
+    fn peer_local_done(&mut self, slot: Slot, result: Result<(), i32>) {
+        let info = self.slots[slot as usize];
+        if !self.connected || info.session != self.session {
+            // Applied for a session that ended: no answer may reach the new one.
+            self.slots[slot as usize] = SlotInfo::FREE;
+            self.free_peer.push(slot);
+            self.actions.push_back(Action::Discard(slot));
+            self.stale_peer_ops -= 1;
+            if self.stale_peer_ops == 0 {
+                self.issue_peer_ops();
+                self.pump_resync();
+            }
+            return;
+        }
+        self.target.finished(slot);
+        if result.is_ok() {
+            self.stats.peer_ops += 1;
+            if info.request.kind.changes_data() {
+                self.stats.peer_op_bytes += info.request.len_bytes;
+            }
+            if let Some(region) = info.resync_region {
+                if self.journal.map.get(region) == CELL_RESYNC {
+                    self.journal.set(region, CELL_CONSISTENT);
+                    self.target_resync_left = self.target_resync_left.saturating_sub(1);
+                    self.requested.retain(|&r| r != region);
+                    if self.target_resync_left == 0 {
+                        self.actions.push_back(Action::ResyncDone);
+                    }
+                    self.resume_waiting();
+                }
+            }
+        }
+        self.finish_peer(slot, result.map_err(EngineError::Io));
+        self.issue_peer_ops();
+    }
+
+    fn finish_peer(&mut self, slot: Slot, result: Result<(), EngineError>) {
+        self.slots[slot as usize] = SlotInfo::FREE;
+        self.free_peer.push(slot);
+        self.actions.push_back(Action::Reply(slot, result));
+    }
+
+    // ----- resync (source) ------------------------------------------------
+
+    fn pump_resync(&mut self) {
+        if !self.connected || self.stale_peer_ops > 0 {
+            return;
+        }
+        let Some(rs) = self.resync.as_mut() else {
+            return;
+        };
+        while !self.free_resync.is_empty()
+            && (rs.in_flight_bytes == 0
+                || rs.in_flight_bytes + REGION_SIZE_BYTES <= self.params.resync_in_flight_max_bytes)
+        {
+            let activity = &self.activity;
+            let Some(region) = rs.next(|r| activity.in_flight(r) > 0) else {
+                break;
+            };
+            rs.busy.set(region);
+            let bytes = region_bytes(region, self.params.size_bytes);
+            let len = bytes.end - bytes.start;
+            rs.in_flight_bytes += len;
+            let slot = self.free_resync.pop().expect("checked");
+            self.slots[slot as usize] = SlotInfo {
+                owner: Owner::Resync,
+                request: Request {
+                    kind: OpKind::Read,
+                    offset_bytes: bytes.start,
+                    len_bytes: len,
+                    fua: false,
+                },
+                local: Local::InFlight,
+                session: self.session,
+                resync_region: Some(region),
+                ..SlotInfo::FREE
+            };
+            self.reading.push(region);
+            self.actions.push_back(Action::ResyncRead(slot));
+        }
+        if rs.remaining() == 0 && rs.in_flight_bytes == 0 {
+            self.resync = None;
+            self.actions.push_back(Action::ResyncDone);
+        }
+    }
+
+    fn resync_read_done(&mut self, slot: Slot, result: Result<(), i32>) {
+        let info = self.slots[slot as usize];
+        let region = info.resync_region.expect("resync slots carry a region");
+        let len = info.request.len_bytes;
+        self.slots[slot as usize] = SlotInfo::FREE;
+        self.free_resync.push(slot);
+        let current = self.resync.is_some() && self.connected && info.session == self.session;
+        // A read of an ended session was forgotten when it ended; the same
+        // region may be being read again for the current one.
+        if info.session == self.session {
+            if let Some(i) = self.reading.iter().position(|&r| r == region) {
+                self.reading.swap_remove(i);
+            }
+        }
+        match (current, result) {
+            (true, Ok(())) => {
+                let seq = self.push_remote(None, RemoteKind::Resync { region, bytes: len });
+                self.stats.resync_bytes_sent += len;
+                self.actions
+                    .push_back(Action::SendResync { slot, seq, region });
+            }
+            (true, Err(errno)) => {
+                // The local copy cannot be read: stop resyncing; the regions
+                // stay marked and the next resync tries again.
+                tracing::error!(region, errno, "resync read failed; resync stopped");
+                self.resync = None;
+            }
+            (false, _) => {}
+        }
+        // Writes held back for this region may go now: the resync data is queued first.
+        self.resume_waiting();
+        self.pump_resync();
+    }
+
+    fn resync_confirmed(&mut self, region: u64, bytes: u64, result: Result<(), EngineError>) {
+        let Some(rs) = self.resync.as_mut() else {
+            return;
+        };
+        rs.busy.clear(region);
+        rs.in_flight_bytes -= bytes;
+        if result.is_err() {
+            return;
+        }
+        rs.pending.clear(region);
+        let cell = self.journal.map.get(region);
+        let next = if self.activity.in_flight(region) > 0 {
+            CELL_WRITING
+        } else if self.activity.contains(region) {
+            CELL_ACTIVE
+        } else {
+            CELL_CONSISTENT
+        };
+        if cell != next {
+            self.journal.set(region, next);
+        }
+    }
+
+    // ----- time and administration ----------------------------------------
+
+    /// Advances the engine clock: idle regions leave the activity set (their
+    /// cells are cleared lazily) and pending map changes are committed.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        self.evict_idle();
+        self.start_commit();
+        self.pump_resync();
+    }
+
+    fn evict_idle(&mut self) {
+        self.evicted.clear();
+        self.activity
+            .evict(self.now_ms, self.params.activity_idle_ms, &mut self.evicted);
+        for i in 0..self.evicted.len() {
+            let region = self.evicted[i];
+            if self.journal.map.get(region) == CELL_ACTIVE {
+                self.journal.set(region, CELL_CONSISTENT);
+            }
+        }
+    }
+
+    /// Marks every cell `value` (stale for `gmdctl dirty`); returns the epoch
+    /// to wait for before the change is durable.
+    pub fn mark_all(&mut self, value: u8) -> Epoch {
+        self.evicted.clear();
+        self.activity.clear_idle(&mut self.evicted);
+        for region in 0..self.journal.map.region_count() {
+            if self.journal.map.get(region) != value {
+                self.journal.set(region, value);
+            }
+        }
+        self.start_commit();
+        self.journal.needed_all()
+    }
+}
+
+#[cfg(test)]
+mod tests;

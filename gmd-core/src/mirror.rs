@@ -1,0 +1,375 @@
+//! What a running device exchanges with its peer, and how it is encoded on
+//! the device's ordered GeoMessage stream.
+//!
+//! The device thread hands [`ToPeer`] messages to a [`PeerLink`] (the daemon
+//! moves them over GeoMessage) and receives [`FromPeer`] messages through
+//! [`crate::runtime::Runtime::from_peer`]. Encoding is a fixed little-endian
+//! header followed by the data; [`decode`] checks every field, because even
+//! an authenticated peer may run another version.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::engine::{EngineError, OpKind, PeerOp, Request, ResyncRole, Seq};
+
+/// A message from the device thread for the peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToPeer {
+    /// Apply this write (data empty for write-zeroes and trim).
+    Write {
+        /// Stream position.
+        seq: Seq,
+        /// Apply everything up to here first.
+        after: Seq,
+        /// The operation.
+        request: Request,
+        /// The data.
+        data: Bytes,
+    },
+    /// A barrier: everything before it durable.
+    Flush {
+        /// Stream position.
+        seq: Seq,
+    },
+    /// Resync data of one region.
+    Resync {
+        /// Stream position.
+        seq: Seq,
+        /// The region.
+        region: u64,
+        /// Its bytes.
+        data: Bytes,
+    },
+    /// The answer to the peer's message `seq`.
+    Reply {
+        /// The peer's stream position.
+        seq: Seq,
+        /// `Err(errno)` when it failed.
+        result: Result<(), i32>,
+    },
+    /// Please resync this region next.
+    Prioritize {
+        /// The region.
+        region: u64,
+    },
+}
+
+/// A message from the peer for the device thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FromPeer {
+    /// An operation to apply (its data, empty if none).
+    Op {
+        /// The operation.
+        op: PeerOp,
+        /// Its data.
+        data: Bytes,
+    },
+    /// The peer's answer to our message `seq`.
+    Answer {
+        /// Our stream position.
+        seq: Seq,
+        /// Its result.
+        result: Result<(), EngineError>,
+    },
+    /// Resync this region next.
+    Prioritize {
+        /// The region.
+        region: u64,
+    },
+}
+
+/// A change of the link, decided by the daemon's handshake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// Mirroring starts with this resync role.
+    Connected(ResyncRole),
+    /// The peer is gone.
+    Lost,
+}
+
+/// Where the device thread sends what is for the peer. Called on the device
+/// thread: must not block.
+pub trait PeerLink: Send + Sync + 'static {
+    /// Sends one message, in order.
+    fn send(&self, message: ToPeer);
+    /// This side's part of a resync finished.
+    fn resync_done(&self);
+}
+
+const TAG_WRITE: u8 = 1;
+const TAG_FLUSH: u8 = 2;
+const TAG_RESYNC: u8 = 3;
+const TAG_REPLY: u8 = 4;
+const TAG_PRIORITIZE: u8 = 5;
+
+/// Why a message from the peer was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("malformed device message: {0}")]
+pub struct DecodeError(pub &'static str);
+
+fn kind_byte(kind: OpKind) -> u8 {
+    match kind {
+        OpKind::Read => 0,
+        OpKind::Write => 1,
+        OpKind::Flush => 2,
+        OpKind::WriteZeroes => 3,
+        OpKind::Trim => 4,
+    }
+}
+
+fn kind_of(byte: u8) -> Option<OpKind> {
+    Some(match byte {
+        1 => OpKind::Write,
+        3 => OpKind::WriteZeroes,
+        4 => OpKind::Trim,
+        _ => return None,
+    })
+}
+
+/// Encodes a message: the header, then the data (shared, not copied when the
+/// transport takes a list; here it is one contiguous buffer).
+pub fn encode(message: &ToPeer) -> Bytes {
+    let mut out;
+    match message {
+        ToPeer::Write {
+            seq,
+            after,
+            request,
+            data,
+        } => {
+            out = BytesMut::with_capacity(40 + data.len());
+            out.put_u8(TAG_WRITE);
+            out.put_u8(kind_byte(request.kind));
+            out.put_u8(u8::from(request.fua));
+            out.put_u64_le(*seq);
+            out.put_u64_le(*after);
+            out.put_u64_le(request.offset_bytes);
+            out.put_u64_le(request.len_bytes);
+            out.put_slice(data);
+        }
+        ToPeer::Flush { seq } => {
+            out = BytesMut::with_capacity(9);
+            out.put_u8(TAG_FLUSH);
+            out.put_u64_le(*seq);
+        }
+        ToPeer::Resync { seq, region, data } => {
+            out = BytesMut::with_capacity(17 + data.len());
+            out.put_u8(TAG_RESYNC);
+            out.put_u64_le(*seq);
+            out.put_u64_le(*region);
+            out.put_slice(data);
+        }
+        ToPeer::Reply { seq, result } => {
+            out = BytesMut::with_capacity(13);
+            out.put_u8(TAG_REPLY);
+            out.put_u64_le(*seq);
+            out.put_i32_le(match result {
+                Ok(()) => 0,
+                Err(errno) => (*errno).max(1),
+            });
+        }
+        ToPeer::Prioritize { region } => {
+            out = BytesMut::with_capacity(9);
+            out.put_u8(TAG_PRIORITIZE);
+            out.put_u64_le(*region);
+        }
+    }
+    out.freeze()
+}
+
+fn take_u64(bytes: &[u8], at: &mut usize) -> Result<u64, DecodeError> {
+    let v = bytes
+        .get(*at..*at + 8)
+        .ok_or(DecodeError("truncated"))?
+        .try_into()
+        .map(u64::from_le_bytes)
+        .map_err(|_| DecodeError("truncated"))?;
+    *at += 8;
+    Ok(v)
+}
+
+/// Decodes a message from the peer for a device of `size_bytes`.
+///
+/// # Errors
+/// Unknown tag, truncated header, data length not matching the header, or
+/// a range outside the device.
+pub fn decode(body: &Bytes, size_bytes: u64) -> Result<FromPeer, DecodeError> {
+    let tag = *body.first().ok_or(DecodeError("empty"))?;
+    let mut at = 1;
+    match tag {
+        TAG_WRITE => {
+            let kind = kind_of(*body.get(1).ok_or(DecodeError("truncated"))?)
+                .ok_or(DecodeError("unknown operation"))?;
+            let fua = *body.get(2).ok_or(DecodeError("truncated"))? != 0;
+            at = 3;
+            let seq = take_u64(body, &mut at)?;
+            let after = take_u64(body, &mut at)?;
+            let offset = take_u64(body, &mut at)?;
+            let len = take_u64(body, &mut at)?;
+            if offset.checked_add(len).is_none_or(|end| end > size_bytes) {
+                return Err(DecodeError("range beyond the device"));
+            }
+            let data = body.slice(at..);
+            let expected = if kind == OpKind::Write { len } else { 0 };
+            if data.len() as u64 != expected {
+                return Err(DecodeError("data length does not match"));
+            }
+            Ok(FromPeer::Op {
+                op: PeerOp {
+                    seq,
+                    after,
+                    request: Request {
+                        kind,
+                        offset_bytes: offset,
+                        len_bytes: len,
+                        fua,
+                    },
+                    resync_region: None,
+                },
+                data,
+            })
+        }
+        TAG_FLUSH => {
+            let seq = take_u64(body, &mut at)?;
+            Ok(FromPeer::Op {
+                op: PeerOp {
+                    seq,
+                    after: 0,
+                    request: Request {
+                        kind: OpKind::Flush,
+                        offset_bytes: 0,
+                        len_bytes: 0,
+                        fua: false,
+                    },
+                    resync_region: None,
+                },
+                data: Bytes::new(),
+            })
+        }
+        TAG_RESYNC => {
+            let seq = take_u64(body, &mut at)?;
+            let region = take_u64(body, &mut at)?;
+            let bytes = crate::units::region_bytes(region, size_bytes);
+            let data = body.slice(at..);
+            if bytes.is_empty() || data.len() as u64 != bytes.end - bytes.start {
+                return Err(DecodeError("resync data does not match its region"));
+            }
+            Ok(FromPeer::Op {
+                op: PeerOp {
+                    seq,
+                    after: 0,
+                    request: Request {
+                        kind: OpKind::Write,
+                        offset_bytes: bytes.start,
+                        len_bytes: bytes.end - bytes.start,
+                        fua: false,
+                    },
+                    resync_region: Some(region),
+                },
+                data,
+            })
+        }
+        TAG_REPLY => {
+            let seq = take_u64(body, &mut at)?;
+            let code = body
+                .get(at..at + 4)
+                .ok_or(DecodeError("truncated"))?
+                .try_into()
+                .map(i32::from_le_bytes)
+                .map_err(|_| DecodeError("truncated"))?;
+            Ok(FromPeer::Answer {
+                seq,
+                result: if code == 0 {
+                    Ok(())
+                } else {
+                    Err(EngineError::Remote(code))
+                },
+            })
+        }
+        TAG_PRIORITIZE => Ok(FromPeer::Prioritize {
+            region: take_u64(body, &mut at)?,
+        }),
+        _ => Err(DecodeError("unknown message")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let write = ToPeer::Write {
+            seq: 7,
+            after: 5,
+            request: Request {
+                kind: OpKind::Write,
+                offset_bytes: 4096,
+                len_bytes: 4,
+                fua: true,
+            },
+            data: Bytes::from_static(b"abcd"),
+        };
+        match decode(&encode(&write), 1 << 20).unwrap() {
+            FromPeer::Op { op, data } => {
+                assert_eq!(op.seq, 7);
+                assert_eq!(op.after, 5);
+                assert!(op.request.fua);
+                assert_eq!(&data[..], b"abcd");
+            }
+            other => panic!("{other:?}"),
+        }
+        let reply = ToPeer::Reply {
+            seq: 9,
+            result: Err(5),
+        };
+        assert_eq!(
+            decode(&encode(&reply), 1 << 20).unwrap(),
+            FromPeer::Answer {
+                seq: 9,
+                result: Err(EngineError::Remote(5))
+            }
+        );
+        let resync = ToPeer::Resync {
+            seq: 1,
+            region: 1,
+            data: Bytes::from(vec![0u8; 32768]),
+        };
+        assert!(matches!(
+            decode(&encode(&resync), 1 << 20).unwrap(),
+            FromPeer::Op { op, .. } if op.resync_region == Some(1)
+        ));
+    }
+
+    #[test]
+    fn bad_messages_are_refused() {
+        assert!(decode(&Bytes::new(), 1 << 20).is_err());
+        assert!(decode(&Bytes::from_static(&[99]), 1 << 20).is_err());
+        let write = ToPeer::Write {
+            seq: 1,
+            after: 0,
+            request: Request {
+                kind: OpKind::Write,
+                offset_bytes: (1 << 20) - 2,
+                len_bytes: 4,
+                fua: false,
+            },
+            data: Bytes::from_static(b"abcd"),
+        };
+        assert!(
+            decode(&encode(&write), 1 << 20).is_err(),
+            "beyond the device"
+        );
+        let mut short = encode(&write).to_vec();
+        short.truncate(20);
+        assert!(decode(&Bytes::from(short), 1 << 30).is_err());
+        let resync = ToPeer::Resync {
+            seq: 1,
+            region: 0,
+            data: Bytes::from(vec![0u8; 100]),
+        };
+        assert!(
+            decode(&encode(&resync), 1 << 20).is_err(),
+            "wrong region size"
+        );
+    }
+}
