@@ -80,8 +80,13 @@ pub enum FromPeer {
 /// A change of the link, decided by the daemon's handshake.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkEvent {
-    /// Mirroring starts with this resync role.
-    Connected(ResyncRole),
+    /// Mirroring starts, as link session `session` (never 0), with this resync role.
+    Connected {
+        /// The session id both sides agreed on.
+        session: u64,
+        /// This side's part in resync.
+        role: ResyncRole,
+    },
     /// The peer is gone.
     Lost,
 }

@@ -194,7 +194,7 @@ enum Control {
 struct Shared {
     inbox: ArrayQueue<Submission>,
     control: Mutex<Vec<Control>>,
-    peer_inbox: Mutex<VecDeque<FromPeer>>,
+    peer_inbox: Mutex<VecDeque<(u64, FromPeer)>>,
     control_pending: AtomicBool,
     wake_fd: OwnedFd,
     sleeping: AtomicBool,
@@ -323,6 +323,7 @@ impl Runtime {
                 .collect(),
             map_bufs_free: (0..MAP_WRITES_INFLIGHT_MAX).collect(),
             peer_waiting: VecDeque::new(),
+            session: 0,
             pool: config.pool,
             link: config.link,
             stopping: None,
@@ -370,13 +371,14 @@ impl Runtime {
         self.shared.wake_always();
     }
 
-    /// Delivers a message from the peer.
-    pub fn from_peer(&self, message: FromPeer) {
+    /// Delivers a message from the peer, sent in link session `session`;
+    /// messages of any other than the current session are dropped.
+    pub fn from_peer(&self, session: u64, message: FromPeer) {
         self.shared
             .peer_inbox
             .lock()
             .expect("peer inbox lock")
-            .push_back(message);
+            .push_back((session, message));
         self.shared.control_pending.store(true, Ordering::SeqCst);
         self.shared.wake();
     }
@@ -493,8 +495,10 @@ struct Worker {
     flush_pages: Vec<(u64, u8, u64)>,
     map_bufs: Vec<IoBuf>,
     map_bufs_free: Vec<usize>,
-    /// Operations from the peer waiting for a slot.
-    peer_waiting: VecDeque<FromPeer>,
+    /// Messages from the peer waiting for a slot, with their session.
+    peer_waiting: VecDeque<(u64, FromPeer)>,
+    /// The link session in force (0: none).
+    session: u64,
     pool: BufPool,
     link: Option<Arc<dyn PeerLink>>,
     stopping: Option<Instant>,
@@ -518,7 +522,7 @@ impl Worker {
                 for control in controls {
                     self.on_control(control, &mut waiting_marks);
                 }
-                let messages: VecDeque<FromPeer> =
+                let messages: VecDeque<(u64, FromPeer)> =
                     std::mem::take(&mut *self.shared.peer_inbox.lock().expect("peer inbox lock"));
                 self.peer_waiting.extend(messages);
             }
@@ -611,15 +615,15 @@ impl Worker {
                     waiting_marks.push((epoch, reply));
                 }
             }
-            Control::Link(LinkEvent::Connected(role)) => {
+            Control::Link(LinkEvent::Connected { session, role }) => {
                 if self.engine.is_connected() {
                     self.engine.peer_lost();
                 }
-                self.peer_waiting.clear();
+                self.session = session;
                 self.engine.connect(role);
             }
             Control::Link(LinkEvent::Lost) => {
-                self.peer_waiting.clear();
+                self.session = 0;
                 self.engine.peer_lost();
             }
             Control::Stop => {
@@ -628,18 +632,27 @@ impl Worker {
         }
     }
 
-    /// Hands messages from the peer to the engine while it has slots for them.
+    /// Hands messages from the peer to the engine while it has slots for
+    /// them. Until the link is connected they wait (the peer may finish its
+    /// side of the handshake first); a lost link drops them.
     fn take_peer_messages(&mut self) -> io::Result<()> {
-        while let Some(message) = self.peer_waiting.front() {
+        if !self.engine.is_connected() {
+            // Keep only what may belong to a session about to start.
+            self.peer_waiting
+                .retain(|(s, _)| *s != 0 && *s != self.session);
+            return Ok(());
+        }
+        while let Some((session, message)) = self.peer_waiting.front() {
+            if *session != self.session {
+                self.peer_waiting.pop_front();
+                continue;
+            }
             match message {
                 FromPeer::Op { .. } if !self.engine.peer_slot_available() => return Ok(()),
                 _ => {}
             }
-            match self.peer_waiting.pop_front().expect("present") {
+            match self.peer_waiting.pop_front().expect("present").1 {
                 FromPeer::Op { op, data } => {
-                    if !self.engine.is_connected() {
-                        continue;
-                    }
                     let slot = self.engine.peer_op(op);
                     let entry = &mut self.slots[slot as usize];
                     entry.peer_seq = op.seq;

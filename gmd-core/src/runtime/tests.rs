@@ -215,3 +215,182 @@ fn mark_all_is_durable_when_acknowledged() {
     assert_eq!(on_disk.count_nonzero(), on_disk.region_count());
     dev.runtime.take().unwrap().stop().unwrap();
 }
+
+mod mirroring {
+    use super::*;
+    use crate::engine::ResyncRole;
+    use crate::mirror::{self, FromPeer, LinkEvent, PeerLink, ToPeer};
+    use std::sync::OnceLock;
+
+    /// Hands every message to the other runtime through the wire encoding.
+    struct Wire {
+        other: OnceLock<Arc<Runtime>>,
+        session: u64,
+        resyncs_done: AtomicU64,
+    }
+
+    impl PeerLink for Wire {
+        fn send(&self, message: ToPeer) {
+            let bytes = mirror::encode(&message);
+            let decoded: FromPeer = mirror::decode(&bytes, SIZE).expect("valid message");
+            self.other
+                .get()
+                .expect("linked")
+                .from_peer(self.session, decoded);
+        }
+        fn resync_done(&self) {
+            self.resyncs_done.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn side(dir: &std::path::Path, name: &str, link: Arc<Wire>) -> (Runtime, PathBuf, PathBuf) {
+        let data = dir.join(format!("{name}.img"));
+        let map = dir.join(format!("{name}.sm"));
+        File::create(&data).unwrap().set_len(SIZE).unwrap();
+        let file = MapFile::create(&map, Uuid::from_u128(3), SIZE, false).unwrap();
+        let runtime = Runtime::start(RuntimeConfig {
+            name: name.into(),
+            data_path: data.clone(),
+            map_path: map.clone(),
+            uuid: Uuid::from_u128(3),
+            map: StateMap::new(SIZE),
+            page_slots: file.page_slots().clone(),
+            params: EngineParams {
+                block_size: 4096,
+                slots_max: 64,
+                resync_in_flight_max_bytes: 256 << 10,
+                ..EngineParams::new(SIZE, crate::config::Mode::Mwc)
+            },
+            pool: BufPool::new(),
+            link: Some(link),
+        })
+        .unwrap();
+        (runtime, data, map)
+    }
+
+    fn write_all(rt: &Runtime, sink: &Arc<Collect>, pool: &BufPool, writes: &[(u64, u64, u8)]) {
+        for (i, &(offset, len, fill)) in writes.iter().enumerate() {
+            let mut buf = pool.take(len as usize);
+            buf.fill(fill);
+            rt.submit(Submission {
+                request: Request {
+                    kind: OpKind::Write,
+                    offset_bytes: offset,
+                    len_bytes: len,
+                    fua: false,
+                },
+                buf: Some(buf),
+                tag: i as u64,
+                sink: sink.clone(),
+            })
+            .unwrap();
+        }
+        let done = sink.wait(writes.len());
+        assert!(
+            done.iter().all(|(_, r, _)| r.is_ok()),
+            "{:?}",
+            done.iter().map(|d| d.1).collect::<Vec<_>>()
+        );
+    }
+
+    fn snapshot(rt: &Runtime) -> StateMap {
+        let (tx, rx) = mpsc::channel();
+        rt.snapshot(move |m| tx.send(m).unwrap());
+        rx.recv_timeout(Duration::from_secs(10)).unwrap()
+    }
+
+    #[test]
+    fn standalone_writes_resync_then_mirrored_writes_leave_identical_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let wire_a = Arc::new(Wire {
+            other: OnceLock::new(),
+            session: 7,
+            resyncs_done: AtomicU64::new(0),
+        });
+        let wire_b = Arc::new(Wire {
+            other: OnceLock::new(),
+            session: 7,
+            resyncs_done: AtomicU64::new(0),
+        });
+        let (a, data_a, _) = side(dir.path(), "a", wire_a.clone());
+        let (b, data_b, _) = side(dir.path(), "b", wire_b.clone());
+        let a = Arc::new(a);
+        let b = Arc::new(b);
+        wire_a.other.set(b.clone()).ok().unwrap();
+        wire_b.other.set(a.clone()).ok().unwrap();
+        let pool = BufPool::new();
+        let sink = Arc::new(Collect::default());
+
+        // A alone: these regions become stale.
+        let alone: Vec<(u64, u64, u8)> = (0..40u64)
+            .map(|i| (i * 5 * REGION_SIZE_BYTES + 4096, 65536, i as u8 + 1))
+            .collect();
+        write_all(&a, &sink, &pool, &alone);
+        let stale = snapshot(&a);
+        let mut expected = StateMap::new(SIZE);
+        for &(o, l, _) in &alone {
+            expected.mark_bytes(o, l, CELL_STALE);
+        }
+        assert_eq!(stale, expected);
+
+        // Connect: A sends its stale regions to B.
+        let bits = {
+            let mut bits = vec![0u8; stale.region_count().div_ceil(8) as usize];
+            for run in stale.dirty_region_runs() {
+                for r in run {
+                    bits[(r / 8) as usize] |= 1 << (r % 8);
+                }
+            }
+            bits
+        };
+        b.link_event(LinkEvent::Connected {
+            session: 7,
+            role: ResyncRole::Target(bits.clone()),
+        });
+        a.link_event(LinkEvent::Connected {
+            session: 7,
+            role: ResyncRole::Source(bits),
+        });
+        // Meanwhile the application keeps writing on A (mirrored, mwc).
+        let during: Vec<(u64, u64, u8)> = (0..40u64)
+            .map(|i| (i * 7 * REGION_SIZE_BYTES, 8192, 0xa0 + i as u8))
+            .collect();
+        write_all(&a, &sink, &pool, &during);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while wire_a.resyncs_done.load(Ordering::SeqCst) == 0
+            || wire_b.resyncs_done.load(Ordering::SeqCst) == 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "resync did not finish"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let after: Vec<(u64, u64, u8)> = (0..20u64)
+            .map(|i| (i * 11 * REGION_SIZE_BYTES + 512 * 8, 4096, 0x70 + i as u8))
+            .collect();
+        write_all(&a, &sink, &pool, &after);
+        assert!(
+            !snapshot(&a)
+                .dirty_region_runs()
+                .any(|r| stale.get(r.start) == 0xf && snapshot(&a).get(r.start) == 0xf),
+            "no region is stale any more"
+        );
+        let stats = a.stats().snapshot().engine;
+        assert_eq!(stats.resync_total, expected.count_nonzero());
+        assert!(stats.remote_writes >= 60);
+        drop(wire_a);
+        drop(wire_b);
+        let a = Arc::try_unwrap(a).ok();
+        let b = Arc::try_unwrap(b).ok();
+        // Links hold the runtimes: stop through the handles we still have.
+        if let (Some(a), Some(b)) = (a, b) {
+            a.stop().unwrap();
+            b.stop().unwrap();
+        }
+        assert!(
+            std::fs::read(&data_a).unwrap() == std::fs::read(&data_b).unwrap(),
+            "the copies differ"
+        );
+    }
+}
