@@ -45,7 +45,8 @@ pub use error::NetError;
 pub use proto::{Endpoint, Event, RequestId};
 pub use stats::{MachineStats, NetworkStats, PathStats, SecurityStats, Stats};
 
-// DRIVER_EXPORTS
+#[cfg(feature = "tokio")]
+pub use driver::{Incoming, IncomingReceiver, Node, NodeEvent, Responder};
 
 /// A stream of messages to one peer. Streams other than [`StreamId::CONTROL`]
 /// deliver in order; each is independent of the others (one per device keeps

@@ -1,1 +1,1 @@
-//! stub
+//! netprobe placeholder

@@ -525,6 +525,17 @@ impl Endpoint {
         self.peers.iter().flatten().all(|p| p.is_idle())
     }
 
+    /// The peer's epoch in the current session, if known.
+    pub fn peer_epoch(&self, peer: PeerId) -> Option<u64> {
+        self.peers.get(peer.0 as usize).and_then(|p| p.as_ref()).and_then(|p| p.remote_epoch())
+    }
+
+    /// Our epoch toward the peer (grows when we reset the session after
+    /// declaring the peer down).
+    pub fn local_epoch(&self, peer: PeerId) -> Option<u64> {
+        self.peers.get(peer.0 as usize).and_then(|p| p.as_ref()).map(|p| p.local_epoch())
+    }
+
     /// Whether the peer is currently up.
     pub fn is_peer_up(&self, peer: PeerId) -> bool {
         self.peers

@@ -272,8 +272,12 @@ impl Peer {
         p
     }
 
-    fn local_epoch(&self) -> u64 {
+    pub(crate) fn local_epoch(&self) -> u64 {
         self.boot_epoch + self.generation
+    }
+
+    pub(crate) fn remote_epoch(&self) -> Option<u64> {
+        self.remote_epoch
     }
 
     pub(crate) fn session_tag(&self) -> u64 {

@@ -67,8 +67,8 @@ struct InFlight {
     from: usize,
     network: usize,
     data: Vec<u8>,
-    /// The original copy (not a simulated duplicate).
-    first_copy: bool,
+    /// Copies of one sent datagram share a group.
+    group: u64,
 }
 
 /// One simulated machine.
@@ -102,11 +102,12 @@ pub struct Sim {
     in_flight: BTreeMap<u64, InFlight>,
     next_packet: u64,
     configs: Vec<crate::NetConfig>,
-    /// Last time an original datagram from `from` was delivered to `to`:
+    /// Last time a datagram (first arriving copy) from `from` was delivered to `to`:
     /// `last_delivery[to][from]`.
     pub last_delivery: Vec<Vec<Option<Instant>>>,
     /// Datagrams delivered.
     pub delivered: u64,
+    groups_delivered: std::collections::BTreeSet<u64>,
     /// Datagrams dropped by loss, queue or down links.
     pub dropped: u64,
     buf: Vec<u8>,
@@ -168,6 +169,7 @@ impl Sim {
             configs,
             last_delivery: vec![vec![None; machines]; machines],
             delivered: 0,
+            groups_delivered: Default::default(),
             dropped: 0,
             buf: Vec::new(),
         }
@@ -253,8 +255,9 @@ impl Sim {
             depart = busy + tx;
             self.links[li].busy_until = Some(depart);
         }
+        let group = self.next_packet;
         let copies = if p.duplicate > 0.0 && self.rng.gen_bool(p.duplicate) { 2 } else { 1 };
-        for c in 0..copies {
+        for _ in 0..copies {
             let jitter = if p.jitter.is_zero() {
                 Duration::ZERO
             } else {
@@ -270,7 +273,7 @@ impl Sim {
                     from,
                     network,
                     data: data.to_vec(),
-                    first_copy: c == 0,
+                    group,
                 },
             );
             self.queue.push(Reverse((at, id)));
@@ -307,7 +310,8 @@ impl Sim {
                 continue;
             }
             self.delivered += 1;
-            if pkt.first_copy {
+            if self.groups_delivered.insert(pkt.group) {
+                // The first copy to arrive (a duplicate may overtake the original).
                 self.last_delivery[pkt.to][pkt.from] = Some(self.now);
             }
             let data = BytesMut::from(&pkt.data[..]);
@@ -478,6 +482,10 @@ struct SentMsg {
     replied: bool,
     failed: bool,
     body_len: usize,
+    /// Sender's epoch toward the receiver when sent.
+    sender_epoch: u64,
+    /// Receiver's epoch as the sender knew it when sent.
+    receiver_epoch: Option<u64>,
 }
 
 /// A scenario failure, with the seed to replay.
@@ -531,6 +539,7 @@ fn reply_for(request_body: &[u8]) -> Bytes {
 
 /// Observed resets, for deciding which losses are excused.
 #[derive(Debug, Clone, Copy)]
+#[allow(dead_code)] // `restart` is shown in failure messages.
 struct ResetSeen {
     at: Instant,
     by: usize,
@@ -585,6 +594,8 @@ impl Runner {
                 replied: false,
                 failed: false,
                 body_len: size,
+                sender_epoch: 0,
+                receiver_epoch: None,
             });
             let body = body_for(idx as u64, size);
             self.backlog.push((from, to, stream, idx, body, is_request));
@@ -605,6 +616,8 @@ impl Runner {
             self.msgs[idx].sent_at = now;
             self.msgs[idx].from_incarnation = self.sim.nodes[from].incarnation;
             let ep = &mut self.sim.nodes[from].endpoint;
+            self.msgs[idx].sender_epoch = ep.local_epoch(PeerId(to as u16)).expect("peer");
+            self.msgs[idx].receiver_epoch = ep.peer_epoch(PeerId(to as u16));
             let res = if is_request {
                 ep.request(now, PeerId(to as u16), StreamId(stream), body.clone()).map(Some)
             } else {
@@ -653,7 +666,7 @@ impl Runner {
                         if msg.body_len != d.body.len() {
                             return Err(self.fail(format!("message {idx} has the wrong length")));
                         }
-                        if let Some(why) = self.old_session_delivery(&msg, m, now) {
+                        if let Some(why) = self.old_session_delivery(&msg, m) {
                             return Err(self.fail(format!("message {idx} from an old session delivered: {why}")));
                         }
                         if d.stream.is_ordered() {
@@ -720,9 +733,10 @@ impl Runner {
                         let restarted_recently = self.restarts_done.iter().any(|&(_, w)| w == m);
                         if !restarted_recently && now < last + self.sc.promote {
                             return Err(self.fail(format!(
-                                "peer down fired {:?} after the last datagram, before the timeout {:?}",
+                                "peer down fired {:?} after the last datagram, before the timeout {:?}; {:?}",
                                 now - last,
-                                self.sc.promote
+                                self.sc.promote,
+                                self.sim.nodes[m].endpoint.stats().security
                             )));
                         }
                         if self.sc.promote.is_zero() {
@@ -743,34 +757,22 @@ impl Runner {
     }
 
     /// Whether delivering `msg` at `to` now would leak a message of an old
-    /// session into a new one.
-    fn old_session_delivery(&self, msg: &SentMsg, to: usize, now: Instant) -> Option<String> {
-        let from = msg.from;
-        let ts = msg.sent_at;
-        if let Some(&(t, _)) = self.restarts_done.iter().find(|&&(t, w)| w == to && t > ts && t <= now) {
-            return Some(format!("receiver restarted at {:?}", t - self.sim.start));
+    /// session into a new one: the receiver must still be in the session the
+    /// sender was in when it sent.
+    fn old_session_delivery(&self, msg: &SentMsg, to: usize) -> Option<String> {
+        let ep = &self.sim.nodes[to].endpoint;
+        let from = PeerId(msg.from as u16);
+        if ep.peer_epoch(from) != Some(msg.sender_epoch) {
+            return Some(format!(
+                "sender epoch {:#x}, receiver knows {:?}",
+                msg.sender_epoch,
+                ep.peer_epoch(from)
+            ));
         }
-        for r in self.resets.iter().filter(|r| r.by == to && r.about == from && r.at > ts && r.at <= now) {
-            if !r.restart {
-                return Some(format!("receiver declared the sender down at {:?}", r.at - self.sim.start));
-            }
-            // When did the sender's epoch change (restart or its own down)?
-            let change = self
-                .restarts_done
-                .iter()
-                .filter(|&&(t, w)| w == from && t <= r.at)
-                .map(|&(t, _)| t)
-                .chain(
-                    self.resets
-                        .iter()
-                        .filter(|x| x.by == from && x.about == to && !x.restart && x.at <= r.at)
-                        .map(|x| x.at),
-                )
-                .max();
-            match change {
-                Some(tc) if ts >= tc => {}
-                _ => return Some(format!("receiver saw the sender's new epoch at {:?}", r.at - self.sim.start)),
-            }
+        if let Some(e) = msg.receiver_epoch
+            && ep.local_epoch(from) != Some(e)
+        {
+            return Some(format!("sent to receiver epoch {e:#x}, receiver is at {:?}", ep.local_epoch(from)));
         }
         None
     }
