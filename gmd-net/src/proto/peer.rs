@@ -549,17 +549,6 @@ impl Peer {
         let known = self.remote_epoch == Some(hdr.src_epoch);
         let to_us = hdr.dst_epoch == local_epoch;
         let hello = hdr.dst_epoch == 0;
-        // Replay check against the window of the session this claims to be in.
-        if known && to_us && !self.replay.check(hdr.packet_number) {
-            sink.sec.replayed += 1;
-            sink.nets[network.0 as usize].duplicates += 1;
-            return;
-        }
-        if known && hello && !self.replay_hello.check(hdr.packet_number) {
-            sink.sec.replayed += 1;
-            sink.nets[network.0 as usize].duplicates += 1;
-            return;
-        }
         let ids = SessionIds {
             src_machine: self.cfg.machine_id,
             src_epoch: hdr.src_epoch,
@@ -589,6 +578,20 @@ impl Peer {
         };
         if opened.is_err() {
             sink.sec.bad_auth += 1;
+            return;
+        }
+        // Replay check against the window of the session it belongs to
+        // (after authentication, so forgeries are counted as such).
+        let replay_ok = if known && to_us {
+            self.replay.check(hdr.packet_number)
+        } else if known && hello {
+            self.replay_hello.check(hdr.packet_number)
+        } else {
+            true
+        };
+        if !replay_ok {
+            sink.sec.replayed += 1;
+            sink.nets[network.0 as usize].duplicates += 1;
             return;
         }
         let len = data.len();
