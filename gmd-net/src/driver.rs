@@ -570,9 +570,10 @@ impl Driver {
         let slot = self.socks[i].slot_bytes;
         let need = slot * BATCH_MAX;
         for _ in 0..RECV_BATCHES_PER_TURN {
-            if self.rx_arena.capacity() < need {
-                self.rx_arena = BytesMut::with_capacity(need);
-            }
+            // Reuses the previous allocation when every datagram split off it
+            // has been dropped (the usual case: payloads are copied into
+            // reassembly buffers or released quickly).
+            self.rx_arena.reserve(need);
             self.rx_list.clear();
             let Driver {
                 socks, rx_arena, rx_list, ..
