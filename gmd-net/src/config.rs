@@ -242,8 +242,8 @@ impl NetConfig {
         if t.message_bytes_max > u32::MAX as usize / 2 {
             return bad("tuning.message_bytes_max is too large".into());
         }
-        if t.streams_max < 2 || t.streams_max > crate::StreamId::REPLY.0 {
-            return bad("tuning.streams_max must be in 2..65535".into());
+        if t.streams_max < 2 || t.streams_max > crate::StreamId::PROBE.0 {
+            return bad("tuning.streams_max must be in 2..=65534".into());
         }
         if t.stream_window_messages < 16 || t.stream_window_messages > 1 << 20 {
             return bad("tuning.stream_window_messages must be in 16..=1048576".into());

@@ -59,8 +59,10 @@ impl StreamId {
     pub const CONTROL: StreamId = StreamId(0);
     /// Internal lane carrying replies (unordered).
     pub(crate) const REPLY: StreamId = StreamId(u16::MAX);
+    /// Reserved unordered stream answered by the driver itself (netprobe).
+    pub const PROBE: StreamId = StreamId(u16::MAX - 1);
     /// Whether messages on this stream are delivered in order.
     pub fn is_ordered(self) -> bool {
-        self != StreamId::CONTROL
+        self != StreamId::CONTROL && self != StreamId::PROBE && self != StreamId::REPLY
     }
 }

@@ -353,8 +353,11 @@ pub enum Frame<'a> {
 
 impl Frame<'_> {
     /// Whether receiving this frame obliges the receiver to acknowledge.
+    /// CREDIT rides on acknowledgements and must not elicit one, or two
+    /// endpoints would acknowledge each other forever; a CREDIT that has to be
+    /// reliable is sent with a PING.
     pub fn is_ack_eliciting(&self) -> bool {
-        !matches!(self, Frame::Ack(_))
+        !matches!(self, Frame::Ack(_) | Frame::Credit(_))
     }
 }
 

@@ -211,6 +211,42 @@ fn machine<'a>(st: &'a gmd_net::Stats, name: &str) -> &'a gmd_net::MachineStats 
     st.machines.iter().find(|m| m.name == name).expect("machine in stats")
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netprobe_measures_every_path() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let p = pair(Duration::from_secs(30), 8192);
+        let peer_b = p.a.peer("m1").expect("m1");
+        // Wait for the session and for both paths to be measured.
+        loop {
+            let st = p.a.stats().await.unwrap();
+            if st.paths.iter().all(|x| x.up) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let report = gmd_net::netprobe::netprobe(&p.a, peer_b, &[64, 100_000], 5).await.expect("probe");
+        assert_eq!(report.peer, "m1");
+        assert_eq!(report.paths.len(), 2);
+        for path in &report.paths {
+            assert!(path.up, "{path:?}");
+            assert_eq!(path.sizes.len(), 2);
+            for s in &path.sizes {
+                assert!(s.rtt_min <= s.rtt_avg && s.rtt_avg <= s.rtt_max);
+                assert!(s.throughput_bytes_per_sec > 0.0);
+            }
+            assert!(path.srtt.is_some());
+        }
+        // Both relays carried probe traffic.
+        for r in &p.relays {
+            assert!(r.control.forwarded.load(std::sync::atomic::Ordering::Relaxed) > 10);
+        }
+        p.a.shutdown().await;
+        p.b.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
 /// Polls futures concurrently without an extra dependency.
 async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
     let mut handles: Vec<std::pin::Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();

@@ -196,6 +196,7 @@ fn gm_server(args: &[String]) {
 struct GmResult {
     bytes_per_sec: f64,
     resends: u64,
+    timeouts: u64,
     injected: u64,
 }
 
@@ -249,6 +250,7 @@ fn gm_bulk(encrypt: bool, loss: u32, dg: usize, total: usize) -> GmResult {
     GmResult {
         bytes_per_sec: rate,
         resends: st.networks.iter().map(|n| n.resends).sum(),
+        timeouts: st.networks.iter().map(|n| n.timeouts).sum(),
         injected: st.injected_losses,
     }
 }
@@ -294,14 +296,25 @@ fn all(args: &[String]) {
     let tcp = tcp_bulk(tcp_port, total);
     println!("  tcp bulk                   {:>9.1} MiB/s", mib(tcp));
     let gm0 = gm_bulk(true, 0, dg, total);
-    println!("  geomsg bulk, 0% loss, enc  {:>9.1} MiB/s  resends {}", mib(gm0.bytes_per_sec), gm0.resends);
+    println!(
+        "  geomsg bulk, 0% loss, enc  {:>9.1} MiB/s  resends {} timeouts {}",
+        mib(gm0.bytes_per_sec),
+        gm0.resends,
+        gm0.timeouts
+    );
     let gm0p = gm_bulk(false, 0, dg, total);
-    println!("  geomsg bulk, 0% loss, auth {:>9.1} MiB/s  resends {}", mib(gm0p.bytes_per_sec), gm0p.resends);
+    println!(
+        "  geomsg bulk, 0% loss, auth {:>9.1} MiB/s  resends {} timeouts {}",
+        mib(gm0p.bytes_per_sec),
+        gm0p.resends,
+        gm0p.timeouts
+    );
     let gm1 = gm_bulk(true, 10_000, dg, total);
     println!(
-        "  geomsg bulk, 1% loss, enc  {:>9.1} MiB/s  resends {} injected losses {}",
+        "  geomsg bulk, 1% loss, enc  {:>9.1} MiB/s  resends {} timeouts {} (client-side injected drops {})",
         mib(gm1.bytes_per_sec),
         gm1.resends,
+        gm1.timeouts,
         gm1.injected
     );
     let mut tr = tcp_rtt(tcp_port);

@@ -311,7 +311,7 @@ impl Endpoint {
     }
 
     fn check_stream(&self, stream: StreamId) -> Result<(), NetError> {
-        if stream.0 >= self.shared.tuning.streams_max {
+        if stream.0 >= self.shared.tuning.streams_max && stream != StreamId::PROBE {
             return Err(NetError::BadStream {
                 stream: stream.0,
                 streams_max: self.shared.tuning.streams_max,

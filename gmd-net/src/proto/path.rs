@@ -8,6 +8,10 @@ use crate::config::{PathConfig, Tuning};
 /// Clock granularity `G` of RFC 6298.
 pub(crate) const GRANULARITY: Duration = Duration::from_micros(100);
 
+/// Bounds of the RTT increase that ends slow start (RFC 9406).
+const HYSTART_RTT_THRESH_MIN: Duration = Duration::from_millis(4);
+const HYSTART_RTT_THRESH_MAX: Duration = Duration::from_millis(16);
+
 /// RFC 6298 smoothed RTT estimator.
 #[derive(Debug, Clone)]
 pub(crate) struct RttEstimator {
@@ -52,6 +56,9 @@ impl RttEstimator {
     }
     pub(crate) fn latest(&self) -> Duration {
         self.latest
+    }
+    pub(crate) fn min(&self) -> Duration {
+        self.min
     }
 
     /// RTO = SRTT + max(G, 4·RTTVAR) + peer's maximum ack delay, clamped.
@@ -208,7 +215,16 @@ impl Path {
             return;
         }
         if self.cwnd_bytes < self.ssthresh_bytes {
-            self.cwnd_bytes += len;
+            // Leave slow start once the RTT shows a standing queue (the
+            // delay-increase test of HyStart++, RFC 9406), before a burst
+            // overflows a buffer and costs a retransmission timeout.
+            let min = self.rtt.min();
+            let thresh = (min / 8).clamp(HYSTART_RTT_THRESH_MIN, HYSTART_RTT_THRESH_MAX);
+            if self.rtt.srtt().is_some() && self.rtt.latest() >= min + thresh {
+                self.ssthresh_bytes = self.cwnd_bytes;
+            } else {
+                self.cwnd_bytes += len;
+            }
         } else {
             // Additive increase: one datagram per window acknowledged.
             self.acked_accum_bytes += len;

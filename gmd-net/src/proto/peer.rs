@@ -65,6 +65,9 @@ struct SentPacket {
     chunks_start: u64,
     chunks_end: u64,
     has_credit: bool,
+    /// Ack-eliciting, counted in the path's bytes in flight. Ack-only
+    /// packets are tracked too, for the send time of RTT samples.
+    in_flight: bool,
     resolved: bool,
 }
 
@@ -209,7 +212,7 @@ pub(crate) struct Peer {
 }
 
 fn lane_ordered(lane: u16) -> bool {
-    lane != StreamId::CONTROL.0 && lane != StreamId::REPLY.0
+    StreamId(lane).is_ordered()
 }
 
 impl Peer {
@@ -702,6 +705,8 @@ impl Peer {
             return;
         }
         let mut newly_acked_any = false;
+        let mut eliciting_acked = false;
+        let mut largest_newly: Option<(Instant, usize)> = None;
         for (lo, hi) in a.ranges() {
             let start = self.sent.partition_point(|s| s.pn < lo);
             for i in start..self.sent.len() {
@@ -713,36 +718,50 @@ impl Peer {
                 }
                 newly_acked_any = true;
                 self.sent[i].resolved = true;
-                let (pn, path, time_sent, size, cs, ce) = {
+                let (pn, path, time_sent, size, cs, ce, in_flight) = {
                     let s = &self.sent[i];
-                    (s.pn, s.path as usize, s.time_sent, s.size as usize, s.chunks_start, s.chunks_end)
+                    (s.pn, s.path as usize, s.time_sent, s.size as usize, s.chunks_start, s.chunks_end, s.in_flight)
                 };
+                if pn == a.largest {
+                    largest_newly = Some((time_sent, path));
+                }
                 let p = &mut self.paths[path];
+                if p.largest_acked.is_none_or(|l| pn > l) {
+                    p.largest_acked = Some(pn);
+                }
+                if !in_flight {
+                    continue;
+                }
+                eliciting_acked = true;
                 p.on_left_flight(size);
                 p.on_ack_cc(time_sent, size, t);
                 p.timeouts_in_row = 0;
                 p.rto_base_touch(now);
-                if p.largest_acked.is_none_or(|l| pn > l) {
-                    p.largest_acked = Some(pn);
-                }
-                if pn == a.largest && path == pi_recv {
-                    let ack_delay = Duration::from_micros(a.delay_us).min(t.ack_delay_max);
-                    let raw = now.saturating_duration_since(time_sent);
-                    let rtt = if raw > ack_delay + GRANULARITY { raw - ack_delay } else { raw };
-                    p.rtt.sample(rtt);
-                    if p.state != PathState::Up {
-                        p.state = PathState::Up;
-                        debug!(peer = %self.cfg.name, network = p.cfg.network.0, "path up");
-                        sink.events.push_back(Event::PathUp {
-                            peer: self.id,
-                            network: p.cfg.network,
-                        });
-                    }
-                }
                 for ci in cs..ce {
                     let c = self.chunk_log[(ci - self.chunk_base) as usize];
                     self.on_chunk_acked(sink, c);
                 }
+            }
+        }
+        // RTT sample (RFC 9002 §5.1): the largest acknowledged is newly
+        // acknowledged and something ack-eliciting was; only when the ack
+        // came back on the path the packet went out on.
+        if let Some((time_sent, path)) = largest_newly
+            && eliciting_acked
+            && path == pi_recv
+        {
+            let p = &mut self.paths[path];
+            let ack_delay = Duration::from_micros(a.delay_us).min(t.ack_delay_max);
+            let raw = now.saturating_duration_since(time_sent);
+            let rtt = if raw > ack_delay + GRANULARITY { raw - ack_delay } else { raw };
+            p.rtt.sample(rtt);
+            if p.state != PathState::Up {
+                p.state = PathState::Up;
+                debug!(peer = %self.cfg.name, network = p.cfg.network.0, "path up");
+                sink.events.push_back(Event::PathUp {
+                    peer: self.id,
+                    network: p.cfg.network,
+                });
             }
         }
         if newly_acked_any {
@@ -820,6 +839,9 @@ impl Peer {
         s.resolved = true;
         let (path, time_sent, size, cs, ce, credit) =
             (s.path as usize, s.time_sent, s.size as usize, s.chunks_start, s.chunks_end, s.has_credit);
+        if !s.in_flight {
+            return;
+        }
         let p = &mut self.paths[path];
         p.on_left_flight(size);
         if !timeout {
@@ -867,7 +889,7 @@ impl Peer {
 
     fn on_stream(&mut self, shared: &Shared, sink: &mut Sink, s: &wire::StreamFrame<'_>, body: Bytes) {
         let t = &shared.tuning;
-        if s.stream != StreamId::REPLY.0 && s.stream >= t.streams_max {
+        if s.stream != StreamId::REPLY.0 && s.stream != StreamId::PROBE.0 && s.stream >= t.streams_max {
             sink.sec.malformed += 1;
             return;
         }
@@ -906,7 +928,7 @@ impl Peer {
             let data = if s.offset == 0 && s.data.len() == s.total_len as usize {
                 RecvData::Whole(body.clone())
             } else {
-                RecvData::Parts(BytesMut::zeroed(s.total_len as usize))
+                RecvData::Parts(BytesMut::with_capacity(s.total_len as usize))
             };
             *slot = Slot::Partial(RecvMsg {
                 kind: s.kind,
@@ -939,7 +961,19 @@ impl Peer {
                 return;
             }
             if let RecvData::Parts(buf) = &mut m.data {
-                buf[start as usize..end as usize].copy_from_slice(s.data);
+                // Fragments usually arrive in order: append without zeroing
+                // the buffer first; fill holes in place; zero only gaps.
+                let (start, end) = (start as usize, end as usize);
+                let filled = buf.len();
+                if end <= filled {
+                    buf[start..end].copy_from_slice(s.data);
+                } else if start <= filled {
+                    buf[start..filled].copy_from_slice(&s.data[..filled - start]);
+                    buf.extend_from_slice(&s.data[filled - start..]);
+                } else {
+                    buf.resize(start, 0);
+                    buf.extend_from_slice(s.data);
+                }
             }
             m.got.insert(start, end);
             if !m.got.contains_range(0, u64::from(m.total)) {
@@ -1296,6 +1330,7 @@ impl Peer {
                 chunks_start: end,
                 chunks_end: end,
                 has_credit: false,
+                in_flight: !close,
                 resolved: close,
             });
             if !close {
@@ -1404,7 +1439,8 @@ impl Peer {
             self.credit_advertised = limit;
             self.credit_dirty = false;
             has_credit = true;
-            eliciting = true;
+            // A grant the sender may be blocked on must arrive: elicit an ack.
+            self.paths[pi].ping_pending = true;
         }
         if self.paths[pi].ping_pending {
             self.paths[pi].ping_pending = false;
@@ -1425,17 +1461,18 @@ impl Peer {
         let pn = self.next_pn;
         self.next_pn += 1;
         let chunks_end = self.chunk_base + self.chunk_log.len() as u64;
+        self.sent.push_back(SentPacket {
+            pn,
+            path: pi as u8,
+            time_sent: now,
+            size: len as u32,
+            chunks_start,
+            chunks_end,
+            has_credit,
+            in_flight: eliciting,
+            resolved: false,
+        });
         if eliciting {
-            self.sent.push_back(SentPacket {
-                pn,
-                path: pi as u8,
-                time_sent: now,
-                size: len as u32,
-                chunks_start,
-                chunks_end,
-                has_credit,
-                resolved: false,
-            });
             let p = &mut self.paths[pi];
             p.on_sent(now, len, true);
             p.rto_base_touch(now);
