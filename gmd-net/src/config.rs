@@ -252,12 +252,17 @@ impl NetConfig {
             return bad("tuning: need 0 < rto_min <= rto_initial, rto_min <= rto_max".into());
         }
         if t.path_timeouts_max == 0 || t.ping_interval.is_zero() || t.handshake_interval.is_zero() {
-            return bad("tuning: path_timeouts_max, ping_interval and handshake_interval must be > 0".into());
+            return bad(
+                "tuning: path_timeouts_max, ping_interval and handshake_interval must be > 0"
+                    .into(),
+            );
         }
         if t.sent_packets_max < 64 || t.requests_outstanding_max == 0 {
             return bad("tuning: sent_packets_max >= 64 and requests_outstanding_max >= 1".into());
         }
-        if t.cwnd_initial_bytes < 2 * DATAGRAM_BYTES_MAX / 16 || t.cwnd_max_bytes < t.cwnd_initial_bytes {
+        if t.cwnd_initial_bytes < 2 * DATAGRAM_BYTES_MAX / 16
+            || t.cwnd_max_bytes < t.cwnd_initial_bytes
+        {
             return bad("tuning: cwnd_initial_bytes too small or above cwnd_max_bytes".into());
         }
         if !(10..=95).contains(&t.cwnd_decrease_percent) {
@@ -287,7 +292,10 @@ impl NetConfig {
             }
             let id = wire::machine_id(&m.name);
             if ids.contains(&id) {
-                return bad(format!("machine {:?}: name hash collides with another machine", m.name));
+                return bad(format!(
+                    "machine {:?}: name hash collides with another machine",
+                    m.name
+                ));
             }
             ids.push(id);
             if m.interfaces.is_empty() || m.interfaces.len() > NETWORKS_MAX {
@@ -306,8 +314,15 @@ impl NetConfig {
                 }
             }
         }
-        let Some(local_index) = self.machines.iter().position(|m| m.name == self.local_machine) else {
-            return bad(format!("local machine {:?} is not in the machine list", self.local_machine));
+        let Some(local_index) = self
+            .machines
+            .iter()
+            .position(|m| m.name == self.local_machine)
+        else {
+            return bad(format!(
+                "local machine {:?} is not in the machine list",
+                self.local_machine
+            ));
         };
         let local = &self.machines[local_index];
         let networks: Vec<(String, SocketAddr, usize)> = local
@@ -356,6 +371,9 @@ impl NetConfig {
 impl Topology {
     /// Index of the machine called `name`.
     pub fn peer_by_name(&self, name: &str) -> Option<PeerId> {
-        self.peers.iter().position(|p| p.name == name).map(|i| PeerId(i as u16))
+        self.peers
+            .iter()
+            .position(|p| p.name == name)
+            .map(|i| PeerId(i as u16))
     }
 }

@@ -93,6 +93,16 @@ impl MasterKey {
     }
 }
 
+/// BLAKE3 keyed hash over the packet number and the datagram (the number is
+/// also in the header; hashing it keeps the nonce argument meaningful in both
+/// modes).
+fn mac(key: &[u8; 32], packet_number: u64, body: &[u8]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(&packet_number.to_be_bytes());
+    h.update(body);
+    h.finalize()
+}
+
 fn nonce(packet_number: u64) -> Nonce {
     let mut n = [0u8; 12];
     n[4..].copy_from_slice(&packet_number.to_be_bytes());
@@ -117,8 +127,7 @@ impl SessionKey {
                 .expect("AES-GCM sealing cannot fail below its length limit");
             tag_out.copy_from_slice(tag.as_ref());
         } else {
-            // The packet number is in the header, so the MAC covers it.
-            let h = blake3::keyed_hash(&self.mac, body);
+            let h = mac(&self.mac, packet_number, body);
             tag_out.copy_from_slice(&h.as_bytes()[..TAG_BYTES]);
         }
     }
@@ -142,9 +151,12 @@ impl SessionKey {
                 .map_err(|_| ())
         } else {
             let (body, tag) = datagram.split_at(n - TAG_BYTES);
-            let h = blake3::keyed_hash(&self.mac, body);
+            let h = mac(&self.mac, packet_number, body);
             // Constant-time comparison of the truncated tag.
-            let diff = h.as_bytes()[..TAG_BYTES].iter().zip(tag).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            let diff = h.as_bytes()[..TAG_BYTES]
+                .iter()
+                .zip(tag)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
             if diff == 0 { Ok(()) } else { Err(()) }
         }
     }
@@ -238,7 +250,10 @@ mod tests {
             let mut d = vec![0u8; HEADER_BYTES + 10 + TAG_BYTES];
             d[HEADER_BYTES..HEADER_BYTES + 10].copy_from_slice(b"0123456789");
             k.seal(7, &mut d, encrypt);
-            assert_eq!(&d[HEADER_BYTES..HEADER_BYTES + 10] == b"0123456789", !encrypt);
+            assert_eq!(
+                &d[HEADER_BYTES..HEADER_BYTES + 10] == b"0123456789",
+                !encrypt
+            );
             let mut c = d.clone();
             assert!(k.open(7, &mut c, encrypt).is_ok());
             assert_eq!(&c[HEADER_BYTES..HEADER_BYTES + 10], b"0123456789");
@@ -255,7 +270,10 @@ mod tests {
     fn different_psk_or_session_gives_different_key() {
         let a = MasterKey::new(&[5u8; 32], 99).session(ids());
         let b = MasterKey::new(&[6u8; 32], 99).session(ids());
-        let c = MasterKey::new(&[5u8; 32], 99).session(SessionIds { dst_epoch: 5, ..ids() });
+        let c = MasterKey::new(&[5u8; 32], 99).session(SessionIds {
+            dst_epoch: 5,
+            ..ids()
+        });
         let mut d = vec![0u8; HEADER_BYTES + TAG_BYTES + 4];
         a.seal(1, &mut d, true);
         assert!(b.open(1, &mut d.clone(), true).is_err());

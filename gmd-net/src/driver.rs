@@ -213,10 +213,15 @@ impl Node {
         let mut socks = Vec::new();
         let mut local_addrs = Vec::new();
         for (name, addr, dg) in &topo.networks {
-            let (s, gso, gro) = sys::bind(*addr).map_err(|e| NetError::io(format!("bind {name} {addr}"), &e))?;
+            let (s, gso, gro) =
+                sys::bind(*addr).map_err(|e| NetError::io(format!("bind {name} {addr}"), &e))?;
             local_addrs.push(s.local_addr().map_err(|e| NetError::io("local_addr", &e))?);
             let io = UdpSocket::from_std(s).map_err(|e| NetError::io("register socket", &e))?;
-            let slot_bytes = if gro { 65_536 } else { (*dg).next_power_of_two().max(2048) };
+            let slot_bytes = if gro {
+                65_536
+            } else {
+                (*dg).next_power_of_two().max(2048)
+            };
             debug!(network = %name, %addr, gso, gro, "socket bound");
             socks.push(Sock {
                 io,
@@ -246,7 +251,9 @@ impl Node {
             pending: BTreeMap::new(),
             streams: BTreeMap::new(),
             unclaimed: BTreeMap::new(),
-            tx_bufs: (0..BATCH_MAX).map(|_| Vec::with_capacity(GSO_BYTES_MAX)).collect(),
+            tx_bufs: (0..BATCH_MAX)
+                .map(|_| Vec::with_capacity(GSO_BYTES_MAX))
+                .collect(),
             tx_queue: VecDeque::new(),
             rx_arena: BytesMut::new(),
             rx_list: Vec::with_capacity(BATCH_MAX),
@@ -264,17 +271,25 @@ impl Node {
 
     /// The peer called `name`.
     pub fn peer(&self, name: &str) -> Option<PeerId> {
-        self.topo.peer_by_name(name).filter(|&p| p != self.topo.local)
+        self.topo
+            .peer_by_name(name)
+            .filter(|&p| p != self.topo.local)
     }
 
     /// Name of a peer.
     pub fn peer_name(&self, peer: PeerId) -> Option<&str> {
-        self.topo.peers.get(peer.0 as usize).map(|p| p.name.as_str())
+        self.topo
+            .peers
+            .get(peer.0 as usize)
+            .map(|p| p.name.as_str())
     }
 
     /// Name of a local network.
     pub fn network_name(&self, network: NetworkId) -> Option<&str> {
-        self.topo.networks.get(network.0 as usize).map(|n| n.0.as_str())
+        self.topo
+            .networks
+            .get(network.0 as usize)
+            .map(|n| n.0.as_str())
     }
 
     /// Addresses the local sockets are bound to (one per network).
@@ -297,7 +312,9 @@ impl Node {
         if peer == self.topo.local {
             return Err(NetError::BadPeer(peer.0));
         }
-        self.gates.get(peer.0 as usize).ok_or(NetError::BadPeer(peer.0))
+        self.gates
+            .get(peer.0 as usize)
+            .ok_or(NetError::BadPeer(peer.0))
     }
 
     /// Sends a request and waits for its reply. Waits first for send-buffer
@@ -306,9 +323,18 @@ impl Node {
     /// # Errors
     /// `PeerDown`/`PeerRestarted` when the peer is declared down or restarts
     /// before replying; `BadPeer`, `BadStream`, `MessageTooLarge`, `Shutdown`.
-    pub async fn request(&self, peer: PeerId, stream: StreamId, body: Bytes) -> Result<Bytes, NetError> {
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        stream: StreamId,
+        body: Bytes,
+    ) -> Result<Bytes, NetError> {
         let gate = self.gate(peer, body.len())?;
-        gate.requests.acquire().await.map_err(|_| NetError::Shutdown)?.forget();
+        gate.requests
+            .acquire()
+            .await
+            .map_err(|_| NetError::Shutdown)?
+            .forget();
         let charge = message_charge(body.len()) as u32;
         match gate.bytes.acquire_many(charge).await {
             Ok(p) => p.forget(),
@@ -381,7 +407,9 @@ impl Node {
     /// `Shutdown`.
     pub async fn stats(&self) -> Result<Stats, NetError> {
         let (tx, rx) = oneshot::channel();
-        self.cmd.send(Command::Stats(tx)).map_err(|_| NetError::Shutdown)?;
+        self.cmd
+            .send(Command::Stats(tx))
+            .map_err(|_| NetError::Shutdown)?;
         rx.await.map_err(|_| NetError::Shutdown)
     }
 
@@ -393,7 +421,11 @@ impl Node {
     pub async fn pin_path(&self, peer: PeerId, network: Option<NetworkId>) -> Result<(), NetError> {
         let (tx, rx) = oneshot::channel();
         self.cmd
-            .send(Command::Pin { peer, network, done: tx })
+            .send(Command::Pin {
+                peer,
+                network,
+                done: tx,
+            })
             .map_err(|_| NetError::Shutdown)?;
         rx.await.map_err(|_| NetError::Shutdown)?
     }
@@ -559,7 +591,11 @@ impl Driver {
             Command::Stats(tx) => {
                 let _ = tx.send(self.ep.stats());
             }
-            Command::Pin { peer, network, done } => {
+            Command::Pin {
+                peer,
+                network,
+                done,
+            } => {
                 let _ = done.send(self.ep.pin_path(peer, network));
             }
             Command::Shutdown(_) => unreachable!("handled by the loop"),
@@ -576,12 +612,15 @@ impl Driver {
             self.rx_arena.reserve(need);
             self.rx_list.clear();
             let Driver {
-                socks, rx_arena, rx_list, ..
+                socks,
+                rx_arena,
+                rx_list,
+                ..
             } = self;
             let spare: &mut [MaybeUninit<u8>] = &mut rx_arena.spare_capacity_mut()[..need];
-            let r = socks[i]
-                .io
-                .try_io(Interest::READABLE, || sys::recv_batch(&socks[i].io, spare, slot, rx_list));
+            let r = socks[i].io.try_io(Interest::READABLE, || {
+                sys::recv_batch(&socks[i].io, spare, slot, rx_list)
+            });
             let got = match r {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
@@ -592,7 +631,12 @@ impl Driver {
                     return;
                 }
             };
-            let used = self.rx_list.iter().map(|d| d.slot * slot + d.len).max().unwrap_or(0);
+            let used = self
+                .rx_list
+                .iter()
+                .map(|d| d.slot * slot + d.len)
+                .max()
+                .unwrap_or(0);
             // SAFETY: recvmmsg initialised `len` bytes at the start of every
             // slot it reported; bytes between datagrams are never read (each
             // datagram is split off by its own range below), and BytesMut
@@ -632,7 +676,9 @@ impl Driver {
         for _ in 0..TRANSMITS_PER_TURN {
             // Fill free buffers.
             while self.tx_queue.len() < BATCH_MAX {
-                let idx = (0..BATCH_MAX).find(|b| !self.tx_queue.iter().any(|q| q.0 == *b)).expect("free buffer");
+                let idx = (0..BATCH_MAX)
+                    .find(|b| !self.tx_queue.iter().any(|q| q.0 == *b))
+                    .expect("free buffer");
                 let mut buf = std::mem::take(&mut self.tx_bufs[idx]);
                 let max = self.max_segments();
                 let t = self.ep.poll_transmit(now, max, &mut buf);
@@ -647,7 +693,11 @@ impl Driver {
             }
             // Send a run of transmits that share a socket.
             let net = self.tx_queue[0].1.network.0 as usize;
-            let n = self.tx_queue.iter().take_while(|q| q.1.network.0 as usize == net).count();
+            let n = self
+                .tx_queue
+                .iter()
+                .take_while(|q| q.1.network.0 as usize == net)
+                .count();
             let sock = &self.socks[net];
             let items: Vec<OutDatagram<'_>> = self
                 .tx_queue
@@ -660,7 +710,9 @@ impl Driver {
                 })
                 .collect();
             let gso = sock.gso;
-            let r = sock.io.try_io(Interest::WRITABLE, || sys::send_batch(&sock.io, &items, gso));
+            let r = sock.io.try_io(Interest::WRITABLE, || {
+                sys::send_batch(&sock.io, &items, gso)
+            });
             drop(items);
             match r {
                 Ok(k) => {
@@ -687,7 +739,14 @@ impl Driver {
 
     fn max_segments(&self) -> usize {
         // The same limit for every path; computed from the smallest datagram.
-        let dg = self.ep.topology().networks.iter().map(|n| n.2).min().unwrap_or(1400);
+        let dg = self
+            .ep
+            .topology()
+            .networks
+            .iter()
+            .map(|n| n.2)
+            .min()
+            .unwrap_or(1400);
         if self.socks.iter().all(|s| s.gso) {
             (GSO_BYTES_MAX / dg).clamp(1, GSO_SEGMENTS_MAX)
         } else {
@@ -734,14 +793,22 @@ impl Driver {
                     }
                     continue;
                 }
-                Event::Reply { peer, request, body } => {
+                Event::Reply {
+                    peer,
+                    request,
+                    body,
+                } => {
                     if let Some(tx) = self.pending.remove(&(peer, request)) {
                         let _ = tx.send(Ok(body));
                     }
                     self.gates[peer.0 as usize].requests.add_permits(1);
                     continue;
                 }
-                Event::RequestFailed { peer, request, error } => {
+                Event::RequestFailed {
+                    peer,
+                    request,
+                    error,
+                } => {
                     if let Some(tx) = self.pending.remove(&(peer, request)) {
                         let _ = tx.send(Err(error));
                     }
@@ -757,7 +824,9 @@ impl Driver {
                 Event::PeerRestarted { peer, epoch } => NodeEvent::PeerRestarted { peer, epoch },
                 Event::PathUp { peer, network } => NodeEvent::PathUp { peer, network },
                 Event::PathDown { peer, network } => NodeEvent::PathDown { peer, network },
-                Event::ActivePathChanged { peer, network } => NodeEvent::ActivePathChanged { peer, network },
+                Event::ActivePathChanged { peer, network } => {
+                    NodeEvent::ActivePathChanged { peer, network }
+                }
             };
             let _ = self.events.send(ne);
         }

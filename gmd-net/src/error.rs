@@ -81,7 +81,9 @@ impl NetError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            NetError::PeerDown { .. } | NetError::PeerRestarted { .. } | NetError::WouldBlock { .. }
+            NetError::PeerDown { .. }
+                | NetError::PeerRestarted { .. }
+                | NetError::WouldBlock { .. }
         )
     }
 

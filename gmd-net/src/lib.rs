@@ -38,8 +38,8 @@ mod sys;
 pub mod testing;
 
 pub use config::{
-    InterfaceConfig, MachineConfig, NetConfig, NetworkConfig, NetworkId, PeerId, Tuning, DATAGRAM_BYTES_DEFAULT,
-    PORT_DEFAULT,
+    DATAGRAM_BYTES_DEFAULT, InterfaceConfig, MachineConfig, NetConfig, NetworkConfig, NetworkId,
+    PORT_DEFAULT, PeerId, Tuning,
 };
 pub use error::NetError;
 pub use proto::{Endpoint, Event, RequestId};

@@ -62,9 +62,17 @@ pub const PROBE_SIZES_DEFAULT: &[usize] = &[64, 1024, 8192, 65_536, 1 << 20];
 ///
 /// # Errors
 /// `PeerDown`/`PeerRestarted` if the peer goes away, `BadPeer`, `Shutdown`.
-pub async fn netprobe(node: &Node, peer: PeerId, sizes: &[usize], rounds: usize) -> Result<ProbeReport, NetError> {
+pub async fn netprobe(
+    node: &Node,
+    peer: PeerId,
+    sizes: &[usize],
+    rounds: usize,
+) -> Result<ProbeReport, NetError> {
     let rounds = rounds.max(1);
-    let name = node.peer_name(peer).ok_or(NetError::BadPeer(peer.0))?.to_string();
+    let name = node
+        .peer_name(peer)
+        .ok_or(NetError::BadPeer(peer.0))?
+        .to_string();
     let networks: Vec<(NetworkId, String)> = node
         .topology()
         .peers
@@ -72,7 +80,12 @@ pub async fn netprobe(node: &Node, peer: PeerId, sizes: &[usize], rounds: usize)
         .ok_or(NetError::BadPeer(peer.0))?
         .paths
         .iter()
-        .map(|p| (p.network, node.network_name(p.network).unwrap_or("?").to_string()))
+        .map(|p| {
+            (
+                p.network,
+                node.network_name(p.network).unwrap_or("?").to_string(),
+            )
+        })
         .collect();
     let mut paths = Vec::new();
     for (net, net_name) in networks {
@@ -95,7 +108,11 @@ pub async fn netprobe(node: &Node, peer: PeerId, sizes: &[usize], rounds: usize)
     Ok(ProbeReport { peer: name, paths })
 }
 
-async fn path_state(node: &Node, peer: &str, network: &str) -> Result<(bool, Option<Duration>), NetError> {
+async fn path_state(
+    node: &Node,
+    peer: &str,
+    network: &str,
+) -> Result<(bool, Option<Duration>), NetError> {
     let st = node.stats().await?;
     Ok(st
         .paths
@@ -104,7 +121,12 @@ async fn path_state(node: &Node, peer: &str, network: &str) -> Result<(bool, Opt
         .map_or((false, None), |p| (p.up, p.srtt)))
 }
 
-async fn probe_sizes(node: &Node, peer: PeerId, sizes: &[usize], rounds: usize) -> Result<Vec<SizeProbe>, NetError> {
+async fn probe_sizes(
+    node: &Node,
+    peer: PeerId,
+    sizes: &[usize],
+    rounds: usize,
+) -> Result<Vec<SizeProbe>, NetError> {
     let mut out = Vec::new();
     for &size in sizes {
         let body = Bytes::from(vec![0xA5; size]);
@@ -118,7 +140,9 @@ async fn probe_sizes(node: &Node, peer: PeerId, sizes: &[usize], rounds: usize) 
         let mut sent = 0;
         while sent < rounds {
             let n = PROBE_WINDOW.min(rounds - sent);
-            let futs: Vec<_> = (0..n).map(|_| node.request(peer, StreamId::PROBE, body.clone())).collect();
+            let futs: Vec<_> = (0..n)
+                .map(|_| node.request(peer, StreamId::PROBE, body.clone()))
+                .collect();
             for r in join_all(futs).await {
                 r?;
             }
@@ -151,7 +175,11 @@ async fn join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
                 }
             }
         }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
     })
     .await;
     out.into_iter().flatten().collect()

@@ -46,7 +46,9 @@ impl RangeSet {
         }
         // First range whose end is > start.
         let i = self.ranges.partition_point(|r| r.1 <= start);
-        self.ranges.get(i).is_some_and(|r| r.0 <= start && r.1 >= end)
+        self.ranges
+            .get(i)
+            .is_some_and(|r| r.0 <= start && r.1 >= end)
     }
 
     /// True when `v` is contained.

@@ -156,22 +156,52 @@ impl Stats {
         for m in &mut d.machines {
             if let Some(o) = earlier.machines.iter().find(|o| o.name == m.name) {
                 sub_fields!(
-                    m, o, rpcs_sent, rpcs_received, bytes_sent, bytes_received, replies_sent, replies_received,
-                    failures, fragmented, fragments, duplicate_fragments, peer_downs, restarts
+                    m,
+                    o,
+                    rpcs_sent,
+                    rpcs_received,
+                    bytes_sent,
+                    bytes_received,
+                    replies_sent,
+                    replies_received,
+                    failures,
+                    fragmented,
+                    fragments,
+                    duplicate_fragments,
+                    peer_downs,
+                    restarts
                 );
             }
         }
         for n in &mut d.networks {
             if let Some(o) = earlier.networks.iter().find(|o| o.name == n.name) {
                 sub_fields!(
-                    n, o, packets_sent, packets_received, bytes_sent, bytes_received, resends, timeouts, failures,
-                    duplicates, other
+                    n,
+                    o,
+                    packets_sent,
+                    packets_received,
+                    bytes_sent,
+                    bytes_received,
+                    resends,
+                    timeouts,
+                    failures,
+                    duplicates,
+                    other
                 );
             }
         }
         let (s, o) = (&mut d.security, &earlier.security);
         sub_fields!(
-            s, o, truncated, bad_version, wrong_cluster, unknown_machine, bad_auth, replayed, stale_epoch, malformed
+            s,
+            o,
+            truncated,
+            bad_version,
+            wrong_cluster,
+            unknown_machine,
+            bad_auth,
+            replayed,
+            stale_epoch,
+            malformed
         );
         d.injected_losses = d.injected_losses.saturating_sub(earlier.injected_losses);
         d

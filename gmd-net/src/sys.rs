@@ -27,9 +27,24 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<(std::net::UdpSocket, bool, b
     let sock = std::net::UdpSocket::bind(addr)?;
     sock.set_nonblocking(true)?;
     let fd = sock.as_raw_fd();
-    for (force, normal) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
-        if setsockopt_int(fd, libc::SOL_SOCKET, force, SOCKET_BUFFER_BYTES as libc::c_int).is_err() {
-            let _ = setsockopt_int(fd, libc::SOL_SOCKET, normal, SOCKET_BUFFER_BYTES as libc::c_int);
+    for (force, normal) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if setsockopt_int(
+            fd,
+            libc::SOL_SOCKET,
+            force,
+            SOCKET_BUFFER_BYTES as libc::c_int,
+        )
+        .is_err()
+        {
+            let _ = setsockopt_int(
+                fd,
+                libc::SOL_SOCKET,
+                normal,
+                SOCKET_BUFFER_BYTES as libc::c_int,
+            );
         }
     }
     let gro = setsockopt_int(fd, SOL_UDP, UDP_GRO, 1).is_ok();
@@ -38,27 +53,55 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<(std::net::UdpSocket, bool, b
     Ok((sock, gso, gro))
 }
 
-fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: `v` lives across the call and its size is passed.
     let r = unsafe {
-        libc::setsockopt(fd, level, name, (&v as *const libc::c_int).cast(), size_of::<libc::c_int>() as libc::socklen_t)
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&v as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
     };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
     let mut v: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `v` and `len` are valid for writes of the sizes given.
-    let r = unsafe { libc::getsockopt(fd, level, name, (&mut v as *mut libc::c_int).cast(), &mut len) };
-    if r == 0 { Ok(v) } else { Err(io::Error::last_os_error()) }
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 {
+        Ok(v)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn to_sockaddr(addr: &SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
     match addr {
         SocketAddr::V4(a) => {
             // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
-            let sin = unsafe { &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let sin =
+                unsafe { &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             sin.sin_family = libc::AF_INET as libc::sa_family_t;
             sin.sin_port = a.port().to_be();
             sin.sin_addr = libc::in_addr {
@@ -68,10 +111,13 @@ fn to_sockaddr(addr: &SocketAddr, out: &mut libc::sockaddr_storage) -> libc::soc
         }
         SocketAddr::V6(a) => {
             // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
-            let sin6 = unsafe { &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let sin6 =
+                unsafe { &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
             sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
             sin6.sin6_port = a.port().to_be();
-            sin6.sin6_addr = libc::in6_addr { s6_addr: a.ip().octets() };
+            sin6.sin6_addr = libc::in6_addr {
+                s6_addr: a.ip().octets(),
+            };
             sin6.sin6_flowinfo = a.flowinfo();
             sin6.sin6_scope_id = a.scope_id();
             size_of::<libc::sockaddr_in6>() as libc::socklen_t
@@ -91,7 +137,8 @@ fn from_sockaddr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
         }
         libc::AF_INET6 => {
             // SAFETY: the family says this is a sockaddr_in6.
-            let sin6 = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let sin6 =
+                unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
             Some(SocketAddr::V6(SocketAddrV6::new(
                 sin6.sin6_addr.s6_addr.into(),
                 u16::from_be(sin6.sin6_port),
@@ -118,7 +165,11 @@ pub(crate) struct OutDatagram<'a> {
 ///
 /// # Errors
 /// The OS error of the call when nothing was sent (`WouldBlock` included).
-pub(crate) fn send_batch(sock: &impl AsRawFd, items: &[OutDatagram<'_>], gso: bool) -> io::Result<usize> {
+pub(crate) fn send_batch(
+    sock: &impl AsRawFd,
+    items: &[OutDatagram<'_>],
+    gso: bool,
+) -> io::Result<usize> {
     let fd = sock.as_raw_fd();
     // Expand to per-message entries: (item index, slice, segment or 0).
     let mut entries: [(usize, &[u8], u16); BATCH_MAX] = [(0, &[], 0); BATCH_MAX];
@@ -241,7 +292,13 @@ pub(crate) fn recv_batch(
     }
     // SAFETY: every header points at live buffers of the sizes given.
     let r = unsafe {
-        libc::recvmmsg(fd, hdrs.as_mut_ptr(), slots as libc::c_uint, libc::MSG_DONTWAIT, std::ptr::null_mut())
+        libc::recvmmsg(
+            fd,
+            hdrs.as_mut_ptr(),
+            slots as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
     };
     if r < 0 {
         return Err(io::Error::last_os_error());

@@ -104,7 +104,11 @@ impl Header {
         if datagram.len() < HEADER_BYTES + TAG_BYTES {
             return Err(DecodeError::Truncated);
         }
-        if datagram[0] != VERSION || datagram[1] & !FLAG_ENCRYPTED != 0 || datagram[2] != 0 || datagram[3] != 0 {
+        if datagram[0] != VERSION
+            || datagram[1] & !FLAG_ENCRYPTED != 0
+            || datagram[2] != 0
+            || datagram[3] != 0
+        {
             return Err(DecodeError::BadVersion);
         }
         let u64_at = |i: usize| u64::from_be_bytes(datagram[i..i + 8].try_into().expect("8 bytes"));
@@ -362,7 +366,14 @@ impl Frame<'_> {
 }
 
 /// Encoded size of a STREAM frame header for these values.
-pub fn stream_frame_header_len(stream: u16, seq: u64, kind: MsgKind, total_len: u32, offset: u32, len: usize) -> usize {
+pub fn stream_frame_header_len(
+    stream: u16,
+    seq: u64,
+    kind: MsgKind,
+    total_len: u32,
+    offset: u32,
+    len: usize,
+) -> usize {
     let kind_len = match kind {
         MsgKind::OneWay => 1,
         MsgKind::Request(id) | MsgKind::Reply(id) => 1 + varint_len(id),
@@ -433,7 +444,9 @@ pub struct Frames<'a> {
 
 /// Starts iterating the frames of `payload`.
 pub fn frames(payload: &[u8]) -> Frames<'_> {
-    Frames { r: Reader::new(payload) }
+    Frames {
+        r: Reader::new(payload),
+    }
 }
 
 impl<'a> Iterator for Frames<'a> {
@@ -489,7 +502,10 @@ fn decode_frame<'a>(r: &mut Reader<'a>) -> Result<Frame<'a>, DecodeError> {
                 let gap = r.varint()?;
                 let len = r.varint()?;
                 // next high = low - gap - 2 must not underflow, nor high - len.
-                let high = low.checked_sub(gap).and_then(|v| v.checked_sub(2)).ok_or(DecodeError::Malformed)?;
+                let high = low
+                    .checked_sub(gap)
+                    .and_then(|v| v.checked_sub(2))
+                    .ok_or(DecodeError::Malformed)?;
                 low = high.checked_sub(len).ok_or(DecodeError::Malformed)?;
             }
             Ok(Frame::Ack(AckFrame {
@@ -548,7 +564,10 @@ mod tests {
         let mut buf = [0u8; HEADER_BYTES + TAG_BYTES];
         h.encode(&mut buf);
         assert_eq!(Header::decode(&buf), Ok(h));
-        assert_eq!(Header::decode(&buf[..HEADER_BYTES + TAG_BYTES - 1]), Err(DecodeError::Truncated));
+        assert_eq!(
+            Header::decode(&buf[..HEADER_BYTES + TAG_BYTES - 1]),
+            Err(DecodeError::Truncated)
+        );
         buf[0] = 2;
         assert_eq!(Header::decode(&buf), Err(DecodeError::BadVersion));
         buf[0] = VERSION;
@@ -579,7 +598,9 @@ mod tests {
         let n = w.len();
         assert!(n <= ack_frame_len_max(3));
         let mut it = frames(&buf[..n]);
-        let Some(Ok(Frame::Ack(a))) = it.next() else { panic!("no ack") };
+        let Some(Ok(Frame::Ack(a))) = it.next() else {
+            panic!("no ack")
+        };
         assert_eq!(a.largest, 100);
         assert_eq!(a.delay_us, 123);
         assert_eq!(a.ranges().collect::<Vec<_>>(), ranges.to_vec());
@@ -601,7 +622,10 @@ mod tests {
         let mut w = Writer::new(&mut buf);
         write_stream(&mut w, &f);
         let n = w.len();
-        assert_eq!(n, stream_frame_header_len(3, 1000, f.kind, 300, 200, 100) + 100);
+        assert_eq!(
+            n,
+            stream_frame_header_len(3, 1000, f.kind, 300, 200, 100) + 100
+        );
         let got: Vec<_> = frames(&buf[..n]).collect();
         assert!(matches!(&got[..], [Ok(Frame::Stream(g))] if *g == f));
         // Truncated data.

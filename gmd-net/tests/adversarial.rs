@@ -14,11 +14,21 @@ use gmd_net::{NetConfig, NetworkId, PeerId, StreamId, Tuning};
 use proptest::prelude::*;
 
 fn addrs() -> Vec<Vec<SocketAddr>> {
-    vec![vec!["10.0.0.1:6755".parse().unwrap()], vec!["10.0.0.2:6755".parse().unwrap()]]
+    vec![
+        vec!["10.0.0.1:6755".parse().unwrap()],
+        vec!["10.0.0.2:6755".parse().unwrap()],
+    ]
 }
 
 fn config(local: usize) -> NetConfig {
-    cluster_config(local, &addrs(), 1400, Duration::from_secs(10), true, Tuning::default())
+    cluster_config(
+        local,
+        &addrs(),
+        1400,
+        Duration::from_secs(10),
+        true,
+        Tuning::default(),
+    )
 }
 
 /// Moves every pending datagram from `from` to `to`; returns them too.
@@ -49,9 +59,18 @@ fn setup() -> Setup {
         pump(now, &mut a, &mut b);
         pump(now, &mut b, &mut a);
     }
-    assert!(a.is_peer_up(PeerId(1)) && b.is_peer_up(PeerId(0)), "handshake");
+    assert!(
+        a.is_peer_up(PeerId(1)) && b.is_peer_up(PeerId(0)),
+        "handshake"
+    );
     while b.poll_event().is_some() {}
-    a.send(now, PeerId(1), StreamId(1), Bytes::from_static(b"secret payload")).unwrap();
+    a.send(
+        now,
+        PeerId(1),
+        StreamId(1),
+        Bytes::from_static(b"secret payload"),
+    )
+    .unwrap();
     let mut buf = Vec::new();
     let t = a.poll_transmit(now, 1, &mut buf).expect("data datagram");
     Setup {
@@ -67,10 +86,24 @@ fn assert_rejected(s: &mut Setup, d: &[u8], counter: fn(&gmd_net::SecurityStats)
     let before = s.b.stats();
     s.b.handle_datagram(s.now, NetworkId(0), BytesMut::from(d));
     let after = s.b.stats();
-    assert_eq!(counter(&after.security), counter(&before.security) + 1, "counter did not move");
-    assert_eq!(after.rejected_total(), before.rejected_total() + 1, "exactly one rejection");
-    assert!(s.b.poll_event().is_none(), "a rejected datagram had an effect");
-    assert_eq!(after.networks[0].packets_received, before.networks[0].packets_received);
+    assert_eq!(
+        counter(&after.security),
+        counter(&before.security) + 1,
+        "counter did not move"
+    );
+    assert_eq!(
+        after.rejected_total(),
+        before.rejected_total() + 1,
+        "exactly one rejection"
+    );
+    assert!(
+        s.b.poll_event().is_none(),
+        "a rejected datagram had an effect"
+    );
+    assert_eq!(
+        after.networks[0].packets_received,
+        before.networks[0].packets_received
+    );
     assert_eq!(after.machines, before.machines);
 }
 
@@ -87,10 +120,16 @@ fn delivered(s: &mut Setup) -> Vec<Bytes> {
 #[test]
 fn genuine_datagram_is_accepted_and_encrypted() {
     let mut s = setup();
-    assert!(!s.data.windows(14).any(|w| w == b"secret payload"), "payload visible on the wire");
+    assert!(
+        !s.data.windows(14).any(|w| w == b"secret payload"),
+        "payload visible on the wire"
+    );
     let d = s.data.clone();
     s.b.handle_datagram(s.now, NetworkId(0), BytesMut::from(&d[..]));
-    assert_eq!(delivered(&mut s), vec![Bytes::from_static(b"secret payload")]);
+    assert_eq!(
+        delivered(&mut s),
+        vec![Bytes::from_static(b"secret payload")]
+    );
     assert_eq!(s.b.stats().rejected_total(), 0);
 }
 
@@ -174,7 +213,8 @@ fn unknown_machine_is_rejected() {
     let mut s = setup();
     // A datagram from B to A delivered back to B: B is not its destination.
     let mut buf = Vec::new();
-    s.b.send(s.now, PeerId(0), StreamId(1), Bytes::from_static(b"x")).unwrap();
+    s.b.send(s.now, PeerId(0), StreamId(1), Bytes::from_static(b"x"))
+        .unwrap();
     let t = s.b.poll_transmit(s.now, 1, &mut buf).expect("datagram");
     let d = buf[..t.len].to_vec();
     assert_rejected(&mut s, &d, |x| x.unknown_machine);
@@ -192,13 +232,20 @@ fn restarted_peer_is_recognised_and_old_data_never_delivered() {
     }
     let evs: Vec<Event> = std::iter::from_fn(|| s.b.poll_event()).collect();
     assert!(
-        evs.iter().any(|e| matches!(e, Event::PeerRestarted { peer: PeerId(0), epoch: 300 })),
+        evs.iter().any(|e| matches!(
+            e,
+            Event::PeerRestarted {
+                peer: PeerId(0),
+                epoch: 300
+            }
+        )),
         "no PeerRestarted in {evs:?}"
     );
     // The old incarnation's in-flight datagram arrives late: dropped, counted.
     assert_rejected(&mut s, &old, |x| x.stale_epoch);
     // New data flows.
-    a2.send(s.now, PeerId(1), StreamId(1), Bytes::from_static(b"new")).unwrap();
+    a2.send(s.now, PeerId(1), StreamId(1), Bytes::from_static(b"new"))
+        .unwrap();
     pump(s.now, &mut a2, &mut s.b);
     assert_eq!(delivered(&mut s), vec![Bytes::from_static(b"new")]);
 }
@@ -206,7 +253,9 @@ fn restarted_peer_is_recognised_and_old_data_never_delivered() {
 #[test]
 fn restart_fails_outstanding_requests_with_peer_restarted() {
     let mut s = setup();
-    let id = s.b.request(s.now, PeerId(0), StreamId(1), Bytes::from_static(b"q")).unwrap();
+    let id =
+        s.b.request(s.now, PeerId(0), StreamId(1), Bytes::from_static(b"q"))
+            .unwrap();
     pump(s.now, &mut s.b, &mut s.a);
     let mut a2 = Endpoint::new(&config(0), 300, 3, s.now).unwrap();
     for _ in 0..3 {
@@ -228,7 +277,10 @@ fn peer_down_only_after_promote_failure_timeout() {
     let mut t = t0;
     let mut down_at = None;
     while t < t0 + Duration::from_secs(15) {
-        t = s.b.poll_timeout().unwrap_or(t + Duration::from_millis(100)).max(t + Duration::from_micros(1));
+        t =
+            s.b.poll_timeout()
+                .unwrap_or(t + Duration::from_millis(100))
+                .max(t + Duration::from_micros(1));
         s.b.handle_timeout(t);
         let mut buf = Vec::new();
         while s.b.poll_transmit(t, 1, &mut buf).is_some() {}
@@ -239,8 +291,16 @@ fn peer_down_only_after_promote_failure_timeout() {
         }
     }
     let down_at = down_at.expect("peer down never fired");
-    assert!(down_at >= t0 + Duration::from_secs(10), "fired early: {:?}", down_at - t0);
-    assert!(down_at <= t0 + Duration::from_millis(10_010), "fired late: {:?}", down_at - t0);
+    assert!(
+        down_at >= t0 + Duration::from_secs(10),
+        "fired early: {:?}",
+        down_at - t0
+    );
+    assert!(
+        down_at <= t0 + Duration::from_millis(10_010),
+        "fired late: {:?}",
+        down_at - t0
+    );
 }
 
 proptest! {

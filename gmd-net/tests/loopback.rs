@@ -44,7 +44,10 @@ fn pair(promote: Duration, datagram_bytes: usize) -> Pair {
 
 fn try_pair(promote: Duration, datagram_bytes: usize) -> Option<Pair> {
     // Hold the reservations until every port is chosen.
-    let held: Vec<UdpSocket> = [1, 2, 1, 2].iter().map(|&i| UdpSocket::bind((ip(i), 0)).expect("bind")).collect();
+    let held: Vec<UdpSocket> = [1, 2, 1, 2]
+        .iter()
+        .map(|&i| UdpSocket::bind((ip(i), 0)).expect("bind"))
+        .collect();
     let addr = |i: usize| held[i].local_addr().expect("addr");
     let a_addrs = [addr(0), addr(1)];
     let b_addrs = [addr(2), addr(3)];
@@ -52,10 +55,32 @@ fn try_pair(promote: Duration, datagram_bytes: usize) -> Option<Pair> {
     let relays: Vec<Relay> = (0..2)
         .map(|n| Relay::start(ip(n as u8 + 3), a_addrs[n], b_addrs[n]).expect("relay"))
         .collect();
-    let a_view = vec![a_addrs.to_vec(), relays.iter().map(|r| r.addr_for_a()).collect()];
-    let b_view = vec![relays.iter().map(|r| r.addr_for_b()).collect(), b_addrs.to_vec()];
-    let a = Node::start(cluster_config(0, &a_view, datagram_bytes, promote, true, tuning())).ok()?;
-    let b = Node::start(cluster_config(1, &b_view, datagram_bytes, promote, true, tuning())).ok()?;
+    let a_view = vec![
+        a_addrs.to_vec(),
+        relays.iter().map(|r| r.addr_for_a()).collect(),
+    ];
+    let b_view = vec![
+        relays.iter().map(|r| r.addr_for_b()).collect(),
+        b_addrs.to_vec(),
+    ];
+    let a = Node::start(cluster_config(
+        0,
+        &a_view,
+        datagram_bytes,
+        promote,
+        true,
+        tuning(),
+    ))
+    .ok()?;
+    let b = Node::start(cluster_config(
+        1,
+        &b_view,
+        datagram_bytes,
+        promote,
+        true,
+        tuning(),
+    ))
+    .ok()?;
     Some(Pair { a, b, relays })
 }
 
@@ -84,8 +109,13 @@ async fn traffic_moves_to_the_other_path_when_one_is_cut() {
         echo(&p.b, StreamId(1));
         let mut events = p.a.events();
         // Warm up so both paths are measured.
-        p.a.request(peer_b, StreamId(1), payload(0, 100)).await.expect("first request");
-        let active = machine(&p.a.stats().await.unwrap(), "m1").active_network.clone().expect("active path");
+        p.a.request(peer_b, StreamId(1), payload(0, 100))
+            .await
+            .expect("first request");
+        let active = machine(&p.a.stats().await.unwrap(), "m1")
+            .active_network
+            .clone()
+            .expect("active path");
         let active_index = if active == "net0" { 0 } else { 1 };
         let done = std::sync::atomic::AtomicUsize::new(0);
         let mut tasks = Vec::new();
@@ -112,8 +142,17 @@ async fn traffic_moves_to_the_other_path_when_one_is_cut() {
         }
         let other = 1 - active_index;
         let stats = p.a.stats().await.unwrap();
-        assert_eq!(machine(&stats, "m1").active_network.as_deref(), Some(if other == 0 { "net0" } else { "net1" }));
-        assert!(p.relays[other].control.forwarded.load(std::sync::atomic::Ordering::Relaxed) > 100);
+        assert_eq!(
+            machine(&stats, "m1").active_network.as_deref(),
+            Some(if other == 0 { "net0" } else { "net1" })
+        );
+        assert!(
+            p.relays[other]
+                .control
+                .forwarded
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 100
+        );
         let mut saw_down = false;
         while let Ok(e) = events.try_recv() {
             if let NodeEvent::PathDown { network, .. } = e {
@@ -133,28 +172,42 @@ async fn ordered_stream_and_large_messages_survive_loss() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let p = pair(Duration::from_secs(30), 1400);
         for r in &p.relays {
-            r.control.loss_ppm.store(20_000, std::sync::atomic::Ordering::Relaxed);
+            r.control
+                .loss_ppm
+                .store(20_000, std::sync::atomic::Ordering::Relaxed);
         }
         let peer_b = p.a.peer("m1").expect("m1");
         let mut rx = p.b.register_stream(StreamId(7)).expect("register");
         let sizes = [0usize, 1, 1300, 5000, 4 << 20, 70_000, 3];
         let sender = async {
             for (i, &len) in sizes.iter().enumerate() {
-                p.a.send(peer_b, StreamId(7), Bytes::from(vec![i as u8; len])).await.expect("send");
+                p.a.send(peer_b, StreamId(7), Bytes::from(vec![i as u8; len]))
+                    .await
+                    .expect("send");
             }
         };
         let receiver = async {
             for (i, &len) in sizes.iter().enumerate() {
                 let inc = rx.recv().await.expect("message");
                 assert_eq!(inc.peer, PeerId(0));
-                assert_eq!(inc.body.len(), len, "message {i} has the wrong size (out of order?)");
-                assert!(inc.body.iter().all(|&b| b == i as u8), "message {i} corrupted");
+                assert_eq!(
+                    inc.body.len(),
+                    len,
+                    "message {i} has the wrong size (out of order?)"
+                );
+                assert!(
+                    inc.body.iter().all(|&b| b == i as u8),
+                    "message {i} corrupted"
+                );
             }
         };
         tokio::join!(sender, receiver);
         let st = p.a.stats().await.unwrap();
         let m1 = machine(&st, "m1");
-        assert!(m1.fragmented >= 3, "large messages were not fragmented: {m1:?}");
+        assert!(
+            m1.fragmented >= 3,
+            "large messages were not fragmented: {m1:?}"
+        );
         p.a.shutdown().await;
         p.b.shutdown().await;
     })
@@ -170,8 +223,11 @@ async fn peer_down_fails_outstanding_requests_and_recovers() {
         // No echo: requests stay outstanding.
         let _rx = p.b.register_stream(StreamId(2)).expect("register");
         let mut events = p.a.events();
-        p.a.send(peer_b, StreamId(2), Bytes::from_static(b"hello")).await.expect("send");
-        let pending = p.a.request(peer_b, StreamId(2), Bytes::from_static(b"never answered"));
+        p.a.send(peer_b, StreamId(2), Bytes::from_static(b"hello"))
+            .await
+            .expect("send");
+        let pending =
+            p.a.request(peer_b, StreamId(2), Bytes::from_static(b"never answered"));
         tokio::time::sleep(Duration::from_millis(300)).await;
         let cut_at = tokio::time::Instant::now();
         for r in &p.relays {
@@ -180,10 +236,19 @@ async fn peer_down_fails_outstanding_requests_and_recovers() {
         let err = pending.await.expect_err("request must fail");
         let waited = cut_at.elapsed();
         assert!(matches!(err, NetError::PeerDown { .. }), "got {err}");
-        assert!(waited >= Duration::from_millis(1200), "peer down too early: {waited:?}");
-        assert!(waited < Duration::from_secs(5), "peer down too late: {waited:?}");
+        assert!(
+            waited >= Duration::from_millis(1200),
+            "peer down too early: {waited:?}"
+        );
+        assert!(
+            waited < Duration::from_secs(5),
+            "peer down too late: {waited:?}"
+        );
         // While down, sends fail at once.
-        let e = p.a.send(peer_b, StreamId(2), Bytes::from_static(b"x")).await.expect_err("down");
+        let e =
+            p.a.send(peer_b, StreamId(2), Bytes::from_static(b"x"))
+                .await
+                .expect_err("down");
         assert!(matches!(e, NetError::PeerDown { .. }));
         // Heal: the peer comes back up without restarting anything.
         for r in &p.relays {
@@ -198,7 +263,10 @@ async fn peer_down_fails_outstanding_requests_and_recovers() {
                 _ => {}
             }
         }
-        let reply = p.a.request(peer_b, StreamId(3), Bytes::from_static(b"again")).await.expect("after heal");
+        let reply =
+            p.a.request(peer_b, StreamId(3), Bytes::from_static(b"again"))
+                .await
+                .expect("after heal");
         assert_eq!(&reply[..], b"again");
         p.a.shutdown().await;
         p.b.shutdown().await;
@@ -208,7 +276,10 @@ async fn peer_down_fails_outstanding_requests_and_recovers() {
 }
 
 fn machine<'a>(st: &'a gmd_net::Stats, name: &str) -> &'a gmd_net::MachineStats {
-    st.machines.iter().find(|m| m.name == name).expect("machine in stats")
+    st.machines
+        .iter()
+        .find(|m| m.name == name)
+        .expect("machine in stats")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,7 +295,9 @@ async fn netprobe_measures_every_path() {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let report = gmd_net::netprobe::netprobe(&p.a, peer_b, &[64, 100_000], 5).await.expect("probe");
+        let report = gmd_net::netprobe::netprobe(&p.a, peer_b, &[64, 100_000], 5)
+            .await
+            .expect("probe");
         assert_eq!(report.peer, "m1");
         assert_eq!(report.paths.len(), 2);
         for path in &report.paths {
@@ -238,7 +311,12 @@ async fn netprobe_measures_every_path() {
         }
         // Both relays carried probe traffic.
         for r in &p.relays {
-            assert!(r.control.forwarded.load(std::sync::atomic::Ordering::Relaxed) > 10);
+            assert!(
+                r.control
+                    .forwarded
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 10
+            );
         }
         p.a.shutdown().await;
         p.b.shutdown().await;
@@ -261,7 +339,11 @@ async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output
                 }
             }
         }
-        if all { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     })
     .await;
     out.into_iter().map(|o| o.expect("done")).collect()

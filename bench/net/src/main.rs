@@ -23,14 +23,26 @@ const RTT_BYTES: usize = 64;
 const CASE_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
 }
 
 fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("port")
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("port")
 }
 
-fn gm_config(local: usize, ports: [u16; 2], encrypt: bool, loss_ppm: u32, datagram: usize) -> NetConfig {
+fn gm_config(
+    local: usize,
+    ports: [u16; 2],
+    encrypt: bool,
+    loss_ppm: u32,
+    datagram: usize,
+) -> NetConfig {
     let m = |i: usize| MachineConfig {
         name: format!("bench{i}"),
         promote_failure_timeout: Duration::from_secs(30),
@@ -59,7 +71,9 @@ fn gm_config(local: usize, ports: [u16; 2], encrypt: bool, loss_ppm: u32, datagr
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
-        Some("tcp-server") => tcp_server(arg(&args, "--port").expect("--port").parse().expect("port")),
+        Some("tcp-server") => {
+            tcp_server(arg(&args, "--port").expect("--port").parse().expect("port"))
+        }
         Some("gm-server") => gm_server(&args),
         Some("all") | None => all(&args),
         Some(other) => {
@@ -179,9 +193,15 @@ fn gm_server(args: &[String]) {
         arg(args, "--p1").unwrap().parse().unwrap(),
     ];
     let encrypt = arg(args, "--encrypt").as_deref() != Some("0");
-    let loss: u32 = arg(args, "--loss-ppm").unwrap_or_default().parse().unwrap_or(0);
+    let loss: u32 = arg(args, "--loss-ppm")
+        .unwrap_or_default()
+        .parse()
+        .unwrap_or(0);
     let dg: usize = arg(args, "--datagram").unwrap().parse().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let node = Node::start(gm_config(1, ports, encrypt, loss, dg)).expect("start server");
         let mut rx = node.register_stream(StreamId(1)).unwrap();
@@ -200,22 +220,38 @@ struct GmResult {
     injected: u64,
 }
 
-fn gm_client<T>(ports: [u16; 2], encrypt: bool, loss: u32, dg: usize, f: impl AsyncFnOnce(&Node, gmd_net::PeerId) -> T) -> (T, gmd_net::Stats) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+fn gm_client<T>(
+    ports: [u16; 2],
+    encrypt: bool,
+    loss: u32,
+    dg: usize,
+    f: impl AsyncFnOnce(&Node, gmd_net::PeerId) -> T,
+) -> (T, gmd_net::Stats) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let node = Node::start(gm_config(0, ports, encrypt, loss, dg)).expect("start client");
         let peer = node.peer("bench1").unwrap();
         // Wait until the server answers.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match tokio::time::timeout(Duration::from_millis(500), node.request(peer, StreamId(1), Bytes::from_static(b"hi"))).await {
+            match tokio::time::timeout(
+                Duration::from_millis(500),
+                node.request(peer, StreamId(1), Bytes::from_static(b"hi")),
+            )
+            .await
+            {
                 Ok(Ok(_)) => break,
                 _ if Instant::now() < deadline => continue,
                 _ => panic!("server did not answer"),
             }
         }
         let before = node.stats().await.unwrap();
-        let r = tokio::time::timeout(CASE_TIMEOUT, f(&node, peer)).await.expect("case timed out");
+        let r = tokio::time::timeout(CASE_TIMEOUT, f(&node, peer))
+            .await
+            .expect("case timed out");
         let st = node.stats().await.unwrap().since(&before);
         node.shutdown().await;
         (r, st)
@@ -241,10 +277,14 @@ fn gm_bulk(encrypt: bool, loss: u32, dg: usize, total: usize) -> GmResult {
     let (rate, st) = gm_client(ports, encrypt, loss, dg, async |node: &Node, peer| {
         let start = Instant::now();
         for _ in 0..total / MESSAGE_BYTES {
-            node.send(peer, StreamId(1), msg.clone()).await.expect("send");
+            node.send(peer, StreamId(1), msg.clone())
+                .await
+                .expect("send");
         }
         // Same ordered stream: the reply proves everything before it arrived.
-        node.request(peer, StreamId(1), Bytes::from_static(b"done")).await.expect("final");
+        node.request(peer, StreamId(1), Bytes::from_static(b"done"))
+            .await
+            .expect("final");
         total as f64 / start.elapsed().as_secs_f64()
     });
     GmResult {
@@ -271,7 +311,9 @@ fn gm_rtt(dg: usize) -> Vec<Duration> {
         let mut v = Vec::with_capacity(RTT_ROUNDS);
         for _ in 0..RTT_ROUNDS {
             let t = Instant::now();
-            node.request(peer, StreamId(1), body.clone()).await.expect("rtt");
+            node.request(peer, StreamId(1), body.clone())
+                .await
+                .expect("rtt");
             v.push(t.elapsed());
         }
         v
@@ -285,11 +327,18 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 }
 
 fn all(args: &[String]) {
-    let gib: f64 = arg(args, "--gib").and_then(|s| s.parse().ok()).unwrap_or(1.0);
-    let dg: usize = arg(args, "--datagram").and_then(|s| s.parse().ok()).unwrap_or(65_000);
+    let gib: f64 = arg(args, "--gib")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    let dg: usize = arg(args, "--datagram")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(65_000);
     let total = ((gib * (1u64 << 30) as f64) as usize / MESSAGE_BYTES).max(1) * MESSAGE_BYTES;
     let mib = |b: f64| b / (1 << 20) as f64;
-    println!("GeoMessage vs TCP on loopback: {} MiB in 1 MiB messages, datagram {dg} bytes", total >> 20);
+    println!(
+        "GeoMessage vs TCP on loopback: {} MiB in 1 MiB messages, datagram {dg} bytes",
+        total >> 20
+    );
 
     let tcp_port = free_port();
     let _tcp = spawn(&["tcp-server", "--port", &tcp_port.to_string()]);
@@ -321,7 +370,9 @@ fn all(args: &[String]) {
     let mut gr = gm_rtt(dg);
     let (t50, t99) = (pct(&mut tr, 0.5), pct(&mut tr, 0.99));
     let (g50, g99) = (pct(&mut gr, 0.5), pct(&mut gr, 0.99));
-    println!("  rtt {RTT_BYTES} B x {RTT_ROUNDS}: tcp p50 {t50:?} p99 {t99:?}; geomsg p50 {g50:?} p99 {g99:?}");
+    println!(
+        "  rtt {RTT_BYTES} B x {RTT_ROUNDS}: tcp p50 {t50:?} p99 {t99:?}; geomsg p50 {g50:?} p99 {g99:?}"
+    );
     println!();
     println!("| metric | GeoMessage | TCP | ratio | goal |");
     println!("|---|---|---|---|---|");

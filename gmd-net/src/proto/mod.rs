@@ -249,7 +249,12 @@ impl Endpoint {
     ///
     /// # Errors
     /// `NetError::Config` if the configuration does not validate.
-    pub fn new(config: &NetConfig, epoch: u64, seed: u64, now: Instant) -> Result<Endpoint, NetError> {
+    pub fn new(
+        config: &NetConfig,
+        epoch: u64,
+        seed: u64,
+        now: Instant,
+    ) -> Result<Endpoint, NetError> {
         let topo = config.validate()?;
         if epoch == 0 {
             return Err(NetError::Config("epoch 0 is reserved".into()));
@@ -327,15 +332,34 @@ impl Endpoint {
     /// `BadPeer`, `BadStream`, `MessageTooLarge`, `PeerDown` (while the peer
     /// is declared down) or `WouldBlock` (send buffer full: wait for
     /// `Event::Released`).
-    pub fn send(&mut self, now: Instant, peer: PeerId, stream: StreamId, body: Bytes) -> Result<(), NetError> {
+    pub fn send(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        stream: StreamId,
+        body: Bytes,
+    ) -> Result<(), NetError> {
         self.check_stream(stream)?;
-        let Endpoint { shared, peers, sink, .. } = self;
+        let Endpoint {
+            shared,
+            peers,
+            sink,
+            ..
+        } = self;
         let p = peers
             .get_mut(peer.0 as usize)
             .and_then(|p| p.as_mut())
             .ok_or(NetError::BadPeer(peer.0))?;
-        p.enqueue(now, shared, sink, stream.0, wire::MsgKind::OneWay, body, true)
-            .map(|_| ())
+        p.enqueue(
+            now,
+            shared,
+            sink,
+            stream.0,
+            wire::MsgKind::OneWay,
+            body,
+            true,
+        )
+        .map(|_| ())
     }
 
     /// Queues a request; the reply arrives as `Event::Reply` with the returned
@@ -344,15 +368,34 @@ impl Endpoint {
     /// # Errors
     /// As [`Endpoint::send`]; `WouldBlock` also when `requests_outstanding_max`
     /// requests are outstanding.
-    pub fn request(&mut self, now: Instant, peer: PeerId, stream: StreamId, body: Bytes) -> Result<RequestId, NetError> {
+    pub fn request(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        stream: StreamId,
+        body: Bytes,
+    ) -> Result<RequestId, NetError> {
         self.check_stream(stream)?;
-        let Endpoint { shared, peers, sink, .. } = self;
+        let Endpoint {
+            shared,
+            peers,
+            sink,
+            ..
+        } = self;
         let p = peers
             .get_mut(peer.0 as usize)
             .and_then(|p| p.as_mut())
             .ok_or(NetError::BadPeer(peer.0))?;
-        p.enqueue(now, shared, sink, stream.0, wire::MsgKind::Request(0), body, true)
-            .map(|id| RequestId(id.expect("requests get an id")))
+        p.enqueue(
+            now,
+            shared,
+            sink,
+            stream.0,
+            wire::MsgKind::Request(0),
+            body,
+            true,
+        )
+        .map(|id| RequestId(id.expect("requests get an id")))
     }
 
     /// Sends the reply to a delivered request. Replies are not subject to the
@@ -363,7 +406,12 @@ impl Endpoint {
     /// `PeerRestarted`/`PeerDown` when the request's session is gone (the
     /// requester was already told), `MessageTooLarge`.
     pub fn reply(&mut self, now: Instant, to: ReplyTo, body: Bytes) -> Result<(), NetError> {
-        let Endpoint { shared, peers, sink, .. } = self;
+        let Endpoint {
+            shared,
+            peers,
+            sink,
+            ..
+        } = self;
         let p = peers
             .get_mut(to.peer.0 as usize)
             .and_then(|p| p.as_mut())
@@ -371,8 +419,16 @@ impl Endpoint {
         if p.session_tag() != to.session {
             return Err(p.session_gone_error());
         }
-        p.enqueue(now, shared, sink, StreamId::REPLY.0, wire::MsgKind::Reply(to.request.0), body, false)
-            .map(|_| ())
+        p.enqueue(
+            now,
+            shared,
+            sink,
+            StreamId::REPLY.0,
+            wire::MsgKind::Reply(to.request.0),
+            body,
+            false,
+        )
+        .map(|_| ())
     }
 
     /// Returns receive-window credit for a consumed message.
@@ -425,11 +481,22 @@ impl Endpoint {
             self.sink.sec.unknown_machine += 1;
             return;
         }
-        let Some(index) = self.shared.topo.peers.iter().position(|p| p.machine_id == hdr.src_machine) else {
+        let Some(index) = self
+            .shared
+            .topo
+            .peers
+            .iter()
+            .position(|p| p.machine_id == hdr.src_machine)
+        else {
             self.sink.sec.unknown_machine += 1;
             return;
         };
-        let Endpoint { shared, peers, sink, .. } = self;
+        let Endpoint {
+            shared,
+            peers,
+            sink,
+            ..
+        } = self;
         let Some(p) = peers[index].as_mut() else {
             // Our own machine id as a sender: a reflection or a forgery.
             sink.sec.unknown_machine += 1;
@@ -440,7 +507,12 @@ impl Endpoint {
 
     /// Fires every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let Endpoint { shared, peers, sink, .. } = self;
+        let Endpoint {
+            shared,
+            peers,
+            sink,
+            ..
+        } = self;
         for p in peers.iter_mut().flatten() {
             p.handle_timeout(now, shared, sink);
         }
@@ -448,12 +520,21 @@ impl Endpoint {
 
     /// The earliest deadline at which [`Endpoint::handle_timeout`] must run.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.peers.iter().flatten().filter_map(|p| p.next_timeout()).min()
+        self.peers
+            .iter()
+            .flatten()
+            .filter_map(|p| p.next_timeout())
+            .min()
     }
 
     /// Writes the next datagram(s) to send into `buf` (cleared first), up to
     /// `max_datagrams` datagrams of one path batched for GSO.
-    pub fn poll_transmit(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
+    pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+        max_datagrams: usize,
+        buf: &mut Vec<u8>,
+    ) -> Option<Transmit> {
         let n = self.peers.len();
         let Endpoint {
             shared,
@@ -482,7 +563,12 @@ impl Endpoint {
     /// Tells every peer we are going away (one CLOSE datagram per path) and
     /// fails everything outstanding. Drain `poll_transmit` afterwards.
     pub fn close(&mut self, now: Instant) {
-        let Endpoint { shared, peers, sink, .. } = self;
+        let Endpoint {
+            shared,
+            peers,
+            sink,
+            ..
+        } = self;
         for p in peers.iter_mut().flatten() {
             p.close(now, shared, sink);
         }
@@ -527,13 +613,19 @@ impl Endpoint {
 
     /// The peer's epoch in the current session, if known.
     pub fn peer_epoch(&self, peer: PeerId) -> Option<u64> {
-        self.peers.get(peer.0 as usize).and_then(|p| p.as_ref()).and_then(|p| p.remote_epoch())
+        self.peers
+            .get(peer.0 as usize)
+            .and_then(|p| p.as_ref())
+            .and_then(|p| p.remote_epoch())
     }
 
     /// Our epoch toward the peer (grows when we reset the session after
     /// declaring the peer down).
     pub fn local_epoch(&self, peer: PeerId) -> Option<u64> {
-        self.peers.get(peer.0 as usize).and_then(|p| p.as_ref()).map(|p| p.local_epoch())
+        self.peers
+            .get(peer.0 as usize)
+            .and_then(|p| p.as_ref())
+            .map(|p| p.local_epoch())
     }
 
     /// Whether the peer is currently up.

@@ -65,7 +65,8 @@ impl RttEstimator {
     pub(crate) fn rto(&self, t: &Tuning) -> Duration {
         match self.srtt {
             None => t.rto_initial,
-            Some(srtt) => (srtt + (self.rttvar * 4).max(GRANULARITY) + t.ack_delay_max).clamp(t.rto_min, t.rto_max),
+            Some(srtt) => (srtt + (self.rttvar * 4).max(GRANULARITY) + t.ack_delay_max)
+                .clamp(t.rto_min, t.rto_max),
         }
     }
 }
@@ -162,7 +163,9 @@ impl Path {
         self.ack_pending = false;
         self.unacked_received = 0;
         self.timers[PathTimer::Loss as usize] = None;
-        self.cwnd_bytes = self.cwnd_bytes.min(t.cwnd_initial_bytes.max(self.cwnd_bytes / 2));
+        self.cwnd_bytes = self
+            .cwnd_bytes
+            .min(t.cwnd_initial_bytes.max(self.cwnd_bytes / 2));
         self.acked_accum_bytes = 0;
     }
 

@@ -9,7 +9,10 @@ use bytes::{Bytes, BytesMut};
 use tracing::{debug, trace};
 
 use super::path::{GRANULARITY, Path, PathState, PathTimer};
-use super::{Credit, Delivery, Event, IncomingKind, PeerFootprint, ReplyTo, RequestId, Shared, Sink, Transmit};
+use super::{
+    Credit, Delivery, Event, IncomingKind, PeerFootprint, ReplyTo, RequestId, Shared, Sink,
+    Transmit,
+};
 use super::{MESSAGE_OVERHEAD_BYTES, message_charge};
 use crate::config::{NetworkId, PeerConfig, PeerId, Tuning};
 use crate::crypto::{ReplayWindow, SessionIds, SessionKey};
@@ -192,7 +195,7 @@ pub(crate) struct Peer {
     reply_bytes: usize,
     credit_limit: u64,
     credit_used: u64,
-    requests: BTreeMap<u64, ()>,
+    requests: std::collections::BTreeSet<u64>,
     next_request: u64,
 
     recv_lanes: BTreeMap<u16, RecvLane>,
@@ -211,14 +214,37 @@ pub(crate) struct Peer {
     close_due: Vec<bool>,
 }
 
+/// Sent packets that may be tracked before new data waits; the rest of
+/// `sent_packets_max` is kept for acknowledgements and pings.
+fn data_packets_max(t: &Tuning) -> usize {
+    t.sent_packets_max - CONTROL_PACKETS_RESERVED
+}
+
+/// Tracked packets reserved for control traffic.
+const CONTROL_PACKETS_RESERVED: usize = 32;
+const _: () = assert!(
+    CONTROL_PACKETS_RESERVED < 64,
+    "sent_packets_max is validated to be >= 64"
+);
+
 fn lane_ordered(lane: u16) -> bool {
     StreamId(lane).is_ordered()
 }
 
 impl Peer {
-    pub(crate) fn new(id: PeerId, cfg: PeerConfig, boot_epoch: u64, shared: &Shared, now: Instant) -> Peer {
+    pub(crate) fn new(
+        id: PeerId,
+        cfg: PeerConfig,
+        boot_epoch: u64,
+        shared: &Shared,
+        now: Instant,
+    ) -> Peer {
         let t = &shared.tuning;
-        let paths: Vec<Path> = cfg.paths.iter().map(|pc| Path::new(pc.clone(), t)).collect();
+        let paths: Vec<Path> = cfg
+            .paths
+            .iter()
+            .map(|pc| Path::new(pc.clone(), t))
+            .collect();
         let n = paths.len();
         let mut p = Peer {
             id,
@@ -256,7 +282,7 @@ impl Peer {
             reply_bytes: 0,
             credit_limit: t.recv_window_bytes as u64,
             credit_used: 0,
-            requests: BTreeMap::new(),
+            requests: Default::default(),
             next_request: 1,
             recv_lanes: BTreeMap::new(),
             charged_in: 0,
@@ -315,7 +341,12 @@ impl Peer {
                 self.paths
                     .iter()
                     .position(|p| p.cfg.network == n)
-                    .ok_or_else(|| NetError::Config(format!("peer {} has no path on network {}", self.cfg.name, n.0)))?,
+                    .ok_or_else(|| {
+                        NetError::Config(format!(
+                            "peer {} has no path on network {}",
+                            self.cfg.name, n.0
+                        ))
+                    })?,
             ),
         };
         Ok(())
@@ -363,7 +394,7 @@ impl Peer {
             }
             let rid = self.next_request;
             self.next_request += 1;
-            self.requests.insert(rid, ());
+            self.requests.insert(rid);
             kind = MsgKind::Request(rid);
             id = Some(rid);
         }
@@ -416,7 +447,9 @@ impl Peer {
     }
 
     fn window_hint(&self) -> u64 {
-        self.credit_advertised.saturating_sub(self.released_in).max(1)
+        self.credit_advertised
+            .saturating_sub(self.released_in)
+            .max(1)
     }
 
     // ------------------------------------------------------------------
@@ -438,7 +471,7 @@ impl Peer {
                 epoch,
             },
         };
-        for (&rid, _) in &self.requests {
+        for &rid in &self.requests {
             self.stats.failures += 1;
             sink.events.push_back(Event::RequestFailed {
                 peer: self.id,
@@ -501,12 +534,21 @@ impl Peer {
                 self.remote_epoch = Some(epoch);
                 self.stats.restarts += 1;
                 debug!(peer = %self.cfg.name, epoch, "peer restarted");
-                sink.events.push_back(Event::PeerRestarted { peer: self.id, epoch });
+                sink.events.push_back(Event::PeerRestarted {
+                    peer: self.id,
+                    epoch,
+                });
             }
         }
     }
 
-    fn on_session_established(&mut self, now: Instant, shared: &Shared, sink: &mut Sink, epoch: u64) {
+    fn on_session_established(
+        &mut self,
+        now: Instant,
+        shared: &Shared,
+        sink: &mut Sink,
+        epoch: u64,
+    ) {
         let t = &shared.tuning;
         self.remote_epoch = Some(epoch);
         self.timers[PeerTimer::Handshake as usize] = None;
@@ -519,7 +561,10 @@ impl Peer {
         if self.state != PeerState::Up {
             self.state = PeerState::Up;
             debug!(peer = %self.cfg.name, epoch, "peer up");
-            sink.events.push_back(Event::PeerUp { peer: self.id, epoch });
+            sink.events.push_back(Event::PeerUp {
+                peer: self.id,
+                epoch,
+            });
         }
     }
 
@@ -565,19 +610,30 @@ impl Peer {
             return;
         }
         let opened = if known && to_us {
-            if self.rx_key.as_ref().is_none_or(|k| k.0 != hdr.src_epoch || k.1 != hdr.dst_epoch) {
+            if self
+                .rx_key
+                .as_ref()
+                .is_none_or(|k| k.0 != hdr.src_epoch || k.1 != hdr.dst_epoch)
+            {
                 self.rx_key = Some((hdr.src_epoch, hdr.dst_epoch, shared.master.session(ids)));
             }
             let k = &self.rx_key.as_ref().expect("just set").2;
             k.open(hdr.packet_number, &mut data, encrypted)
         } else if known && hello {
-            if self.rx_hello_key.as_ref().is_none_or(|k| k.0 != hdr.src_epoch) {
+            if self
+                .rx_hello_key
+                .as_ref()
+                .is_none_or(|k| k.0 != hdr.src_epoch)
+            {
                 self.rx_hello_key = Some((hdr.src_epoch, shared.master.session(ids)));
             }
             let k = &self.rx_hello_key.as_ref().expect("just set").1;
             k.open(hdr.packet_number, &mut data, encrypted)
         } else {
-            shared.master.session(ids).open(hdr.packet_number, &mut data, encrypted)
+            shared
+                .master
+                .session(ids)
+                .open(hdr.packet_number, &mut data, encrypted)
         };
         if opened.is_err() {
             sink.sec.bad_auth += 1;
@@ -616,7 +672,9 @@ impl Peer {
         match self.remote_epoch {
             Some(e) if e == hdr.src_epoch => {}
             Some(e) => {
-                let silent = self.last_recv.is_none_or(|l| now.saturating_duration_since(l) >= t.stale_epoch_silence);
+                let silent = self
+                    .last_recv
+                    .is_none_or(|l| now.saturating_duration_since(l) >= t.stale_epoch_silence);
                 if hdr.src_epoch > e || silent {
                     self.reset_session(now, shared, sink, Reset::Restarted(hdr.src_epoch));
                     self.on_session_established(now, shared, sink, hdr.src_epoch);
@@ -691,13 +749,22 @@ impl Peer {
 
     fn owe_hello(&mut self, now: Instant, pi: usize, t: &Tuning) {
         // Rate-limited: one answer per path per handshake interval / 4.
-        if self.last_hello_reply[pi].is_none_or(|l| now.saturating_duration_since(l) >= t.handshake_interval / 4) {
+        if self.last_hello_reply[pi]
+            .is_none_or(|l| now.saturating_duration_since(l) >= t.handshake_interval / 4)
+        {
             self.last_hello_reply[pi] = Some(now);
             self.hello_due[pi] = true;
         }
     }
 
-    fn on_ack(&mut self, now: Instant, shared: &Shared, sink: &mut Sink, pi_recv: usize, a: &wire::AckFrame<'_>) {
+    fn on_ack(
+        &mut self,
+        now: Instant,
+        shared: &Shared,
+        sink: &mut Sink,
+        pi_recv: usize,
+        a: &wire::AckFrame<'_>,
+    ) {
         let t = &shared.tuning;
         if a.largest >= self.next_pn {
             // Acknowledges a packet we never sent: a protocol violation.
@@ -706,7 +773,8 @@ impl Peer {
         }
         let mut newly_acked_any = false;
         let mut eliciting_acked = false;
-        let mut largest_newly: Option<(Instant, usize)> = None;
+        // Largest newly acknowledged packet sent on the path the ack came back on.
+        let mut largest_on_path: Option<(u64, Instant)> = None;
         for (lo, hi) in a.ranges() {
             let start = self.sent.partition_point(|s| s.pn < lo);
             for i in start..self.sent.len() {
@@ -720,10 +788,18 @@ impl Peer {
                 self.sent[i].resolved = true;
                 let (pn, path, time_sent, size, cs, ce, in_flight) = {
                     let s = &self.sent[i];
-                    (s.pn, s.path as usize, s.time_sent, s.size as usize, s.chunks_start, s.chunks_end, s.in_flight)
+                    (
+                        s.pn,
+                        s.path as usize,
+                        s.time_sent,
+                        s.size as usize,
+                        s.chunks_start,
+                        s.chunks_end,
+                        s.in_flight,
+                    )
                 };
-                if pn == a.largest {
-                    largest_newly = Some((time_sent, path));
+                if path == pi_recv && largest_on_path.is_none_or(|(l, _)| pn > l) {
+                    largest_on_path = Some((pn, time_sent));
                 }
                 let p = &mut self.paths[path];
                 if p.largest_acked.is_none_or(|l| pn > l) {
@@ -743,17 +819,27 @@ impl Peer {
                 }
             }
         }
-        // RTT sample (RFC 9002 §5.1): the largest acknowledged is newly
-        // acknowledged and something ack-eliciting was; only when the ack
-        // came back on the path the packet went out on.
-        if let Some((time_sent, path)) = largest_newly
+        // RTT sample of the path the ack came back on, from the largest newly
+        // acknowledged packet sent on it, when something ack-eliciting was
+        // acknowledged (RFC 9002 §5.1, per path). The peer's ack delay is
+        // subtracted only when that packet is the frame's largest; otherwise
+        // the sample may be high by up to `ack_delay_max`. Pings on several
+        // paths at once would otherwise never yield a sample on any but one.
+        if let Some((pn, time_sent)) = largest_on_path
             && eliciting_acked
-            && path == pi_recv
         {
-            let p = &mut self.paths[path];
-            let ack_delay = Duration::from_micros(a.delay_us).min(t.ack_delay_max);
+            let p = &mut self.paths[pi_recv];
+            let ack_delay = if pn == a.largest {
+                Duration::from_micros(a.delay_us).min(t.ack_delay_max)
+            } else {
+                Duration::ZERO
+            };
             let raw = now.saturating_duration_since(time_sent);
-            let rtt = if raw > ack_delay + GRANULARITY { raw - ack_delay } else { raw };
+            let rtt = if raw > ack_delay + GRANULARITY {
+                raw - ack_delay
+            } else {
+                raw
+            };
             p.rtt.sample(rtt);
             if p.state != PathState::Up {
                 p.state = PathState::Up;
@@ -772,9 +858,15 @@ impl Peer {
     }
 
     fn on_chunk_acked(&mut self, sink: &mut Sink, c: Chunk) {
-        let Some(lane) = self.lanes.get_mut(&c.lane) else { return };
+        let Some(lane) = self.lanes.get_mut(&c.lane) else {
+            return;
+        };
         let Some(m) = lane.get(c.seq) else { return };
-        let end = if c.len == 0 { 1 } else { u64::from(c.offset) + u64::from(c.len) };
+        let end = if c.len == 0 {
+            1
+        } else {
+            u64::from(c.offset) + u64::from(c.len)
+        };
         m.acked.insert(u64::from(c.offset), end);
         if !(m.fully_queued() && m.fully_acked()) {
             return;
@@ -784,7 +876,10 @@ impl Peer {
         let charge = message_charge(m.body.len());
         if m.gated {
             self.buffered_bytes -= charge;
-            sink.events.push_back(Event::Released { peer: self.id, bytes: charge });
+            sink.events.push_back(Event::Released {
+                peer: self.id,
+                bytes: charge,
+            });
         } else {
             self.reply_bytes -= charge;
         }
@@ -833,12 +928,25 @@ impl Peer {
         }
     }
 
-    fn declare_lost(&mut self, now: Instant, shared: &Shared, sink: &mut Sink, i: usize, timeout: bool) {
+    fn declare_lost(
+        &mut self,
+        now: Instant,
+        shared: &Shared,
+        sink: &mut Sink,
+        i: usize,
+        timeout: bool,
+    ) {
         let t = &shared.tuning;
         let s = &mut self.sent[i];
         s.resolved = true;
-        let (path, time_sent, size, cs, ce, credit) =
-            (s.path as usize, s.time_sent, s.size as usize, s.chunks_start, s.chunks_end, s.has_credit);
+        let (path, time_sent, size, cs, ce, credit) = (
+            s.path as usize,
+            s.time_sent,
+            s.size as usize,
+            s.chunks_start,
+            s.chunks_end,
+            s.has_credit,
+        );
         if !s.in_flight {
             return;
         }
@@ -856,9 +964,15 @@ impl Peer {
         trace!(peer = %self.cfg.name, pn = self.sent[i].pn, "lost");
         for ci in cs..ce {
             let c = self.chunk_log[(ci - self.chunk_base) as usize];
-            let Some(lane) = self.lanes.get_mut(&c.lane) else { continue };
+            let Some(lane) = self.lanes.get_mut(&c.lane) else {
+                continue;
+            };
             let Some(m) = lane.get(c.seq) else { continue };
-            let end = if c.len == 0 { 1 } else { u64::from(c.offset) + u64::from(c.len) };
+            let end = if c.len == 0 {
+                1
+            } else {
+                u64::from(c.offset) + u64::from(c.len)
+            };
             if !m.acked.contains_range(u64::from(c.offset), end) {
                 self.retransmit.push_back(c);
             }
@@ -866,10 +980,21 @@ impl Peer {
     }
 
     fn trim_sent(&mut self) {
-        while self.sent.front().is_some_and(|s| s.resolved) {
+        // Ack-only packets at the front are dropped as well: nothing will ever
+        // acknowledge them unless a later ack-eliciting packet is pending.
+        while self
+            .sent
+            .front()
+            .is_some_and(|s| s.resolved || !s.in_flight)
+        {
             self.sent.pop_front();
         }
-        let keep_from = self.sent.front().map_or(self.chunk_base + self.chunk_log.len() as u64, |s| s.chunks_start);
+        let keep_from = self
+            .sent
+            .front()
+            .map_or(self.chunk_base + self.chunk_log.len() as u64, |s| {
+                s.chunks_start
+            });
         while self.chunk_base < keep_from {
             self.chunk_log.pop_front();
             self.chunk_base += 1;
@@ -887,9 +1012,18 @@ impl Peer {
         };
     }
 
-    fn on_stream(&mut self, shared: &Shared, sink: &mut Sink, s: &wire::StreamFrame<'_>, body: Bytes) {
+    fn on_stream(
+        &mut self,
+        shared: &Shared,
+        sink: &mut Sink,
+        s: &wire::StreamFrame<'_>,
+        body: Bytes,
+    ) {
         let t = &shared.tuning;
-        if s.stream != StreamId::REPLY.0 && s.stream != StreamId::PROBE.0 && s.stream >= t.streams_max {
+        if s.stream != StreamId::REPLY.0
+            && s.stream != StreamId::PROBE.0
+            && s.stream >= t.streams_max
+        {
             sink.sec.malformed += 1;
             return;
         }
@@ -980,7 +1114,9 @@ impl Peer {
                 return;
             }
         }
-        let Slot::Partial(m) = std::mem::replace(slot, Slot::Empty) else { unreachable!() };
+        let Slot::Partial(m) = std::mem::replace(slot, Slot::Empty) else {
+            unreachable!()
+        };
         *slot = Slot::Ready(m);
         self.deliver_ready(shared, sink, s.stream);
     }
@@ -990,14 +1126,18 @@ impl Peer {
         let mut out = Vec::new();
         if lane.ordered {
             while matches!(lane.slots.front(), Some(Slot::Ready(_))) {
-                let Some(Slot::Ready(m)) = lane.slots.pop_front() else { unreachable!() };
+                let Some(Slot::Ready(m)) = lane.slots.pop_front() else {
+                    unreachable!()
+                };
                 lane.base += 1;
                 out.push(m);
             }
         } else {
             for slot in lane.slots.iter_mut() {
                 if matches!(slot, Slot::Ready(_)) {
-                    let Slot::Ready(m) = std::mem::replace(slot, Slot::Delivered) else { unreachable!() };
+                    let Slot::Ready(m) = std::mem::replace(slot, Slot::Delivered) else {
+                        unreachable!()
+                    };
                     out.push(m);
                 }
             }
@@ -1021,7 +1161,7 @@ impl Peer {
                     // Replies are consumed by the endpoint itself.
                     self.released_in += credit.bytes as u64;
                     self.maybe_grant_credit_after_release();
-                    if self.requests.remove(&id).is_some() {
+                    if self.requests.remove(&id) {
                         self.stats.replies_received += 1;
                         self.stats.bytes_received += body.len() as u64;
                         sink.events.push_back(Event::Reply {
@@ -1059,7 +1199,12 @@ impl Peer {
 
     pub(crate) fn next_timeout(&self) -> Option<Instant> {
         let peer = self.timers.iter().flatten().min().copied();
-        let path = self.paths.iter().flat_map(|p| p.timers.iter().flatten()).min().copied();
+        let path = self
+            .paths
+            .iter()
+            .flat_map(|p| p.timers.iter().flatten())
+            .min()
+            .copied();
         match (peer, path) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -1077,7 +1222,11 @@ impl Peer {
         if self.timers[PeerTimer::Handshake as usize].is_some_and(|d| d <= now) {
             if self.remote_epoch.is_none() {
                 self.hello_due.iter_mut().for_each(|h| *h = true);
-                let every = if self.state == PeerState::Down { t.ping_interval } else { t.handshake_interval };
+                let every = if self.state == PeerState::Down {
+                    t.ping_interval
+                } else {
+                    t.handshake_interval
+                };
                 self.timers[PeerTimer::Handshake as usize] = Some(now + every);
             } else {
                 self.timers[PeerTimer::Handshake as usize] = None;
@@ -1098,7 +1247,9 @@ impl Peer {
             let p = &mut self.paths[pi];
             if p.timers[PathTimer::Ping as usize].is_some_and(|d| d <= now) {
                 let idle_since = p.last_send.unwrap_or(self.created);
-                if p.state == PathState::Down || now.saturating_duration_since(idle_since) >= t.ping_interval {
+                if p.state == PathState::Down
+                    || now.saturating_duration_since(idle_since) >= t.ping_interval
+                {
                     p.ping_pending = true;
                 }
                 p.timers[PathTimer::Ping as usize] = Some(now + t.ping_interval);
@@ -1158,7 +1309,11 @@ impl Peer {
         let rank = |p: &Path| (p.state != PathState::Up, p.rank_rtt(t));
         let best = (0..self.paths.len())
             .filter(|&i| self.paths[i].is_usable())
-            .min_by(|&a, &b| rank(&self.paths[a]).cmp(&rank(&self.paths[b])).then(a.cmp(&b)));
+            .min_by(|&a, &b| {
+                rank(&self.paths[a])
+                    .cmp(&rank(&self.paths[b]))
+                    .then(a.cmp(&b))
+            });
         let new = match (self.active, best) {
             (_, None) => None,
             (None, Some(b)) => Some(b),
@@ -1171,7 +1326,11 @@ impl Peer {
                     let (ra, rb) = (pa.rank_rtt(t), pb.rank_rtt(t));
                     let clearly_better = rb * 8 < ra * 7;
                     let earlier_and_equal = b < a && rb <= ra * 9 / 8;
-                    if b != a && (clearly_better || earlier_and_equal) { Some(b) } else { Some(a) }
+                    if b != a && (clearly_better || earlier_and_equal) {
+                        Some(b)
+                    } else {
+                        Some(a)
+                    }
                 }
             }
         };
@@ -1191,9 +1350,15 @@ impl Peer {
         if !self.retransmit.is_empty() {
             return true;
         }
-        let Some(&(lane, seq)) = self.pending.front() else { return false };
-        let Some(l) = self.lanes.get(&lane) else { return false };
-        let Some(Some(m)) = l.msgs.get((seq - l.base_seq) as usize) else { return false };
+        let Some(&(lane, seq)) = self.pending.front() else {
+            return false;
+        };
+        let Some(l) = self.lanes.get(&lane) else {
+            return false;
+        };
+        let Some(Some(m)) = l.msgs.get((seq - l.base_seq) as usize) else {
+            return false;
+        };
         m.started || self.may_start(lane, seq, m.body.len())
     }
 
@@ -1201,14 +1366,17 @@ impl Peer {
     /// stream's window and the peer's credit.
     fn may_start(&self, lane: u16, seq: u64, len: usize) -> bool {
         let l = &self.lanes[&lane];
-        seq < l.base_seq + self.stream_window && self.credit_used + message_charge(len) as u64 <= self.credit_limit
+        seq < l.base_seq + self.stream_window
+            && self.credit_used + message_charge(len) as u64 <= self.credit_limit
     }
 
     /// Path for data: the active path, else overflow paths within the RTT
     /// ratio, each only with congestion-window room.
     fn data_path(&self, t: &Tuning) -> Option<usize> {
         if let Some(p) = self.pin {
-            return (self.paths[p].is_usable() && self.paths[p].can_send(self.paths[p].cfg.datagram_bytes)).then_some(p);
+            return (self.paths[p].is_usable()
+                && self.paths[p].can_send(self.paths[p].cfg.datagram_bytes))
+            .then_some(p);
         }
         let a = self.active?;
         let pa = &self.paths[a];
@@ -1223,7 +1391,9 @@ impl Peer {
             .filter(|&i| i != a)
             .filter(|&i| {
                 let p = &self.paths[i];
-                p.state == PathState::Up && p.rank_rtt(t) <= limit && p.can_send(p.cfg.datagram_bytes)
+                p.state == PathState::Up
+                    && p.rank_rtt(t) <= limit
+                    && p.can_send(p.cfg.datagram_bytes)
             })
             .min_by_key(|&i| (self.paths[i].rank_rtt(t), i))
     }
@@ -1247,9 +1417,7 @@ impl Peer {
                 }
             }
         }
-        if self.remote_epoch.is_none() {
-            return None;
-        }
+        self.remote_epoch?;
         // Acks and pings owed on specific paths; data may ride along.
         let data_path = self.data_path(t);
         for pi in 0..self.paths.len() {
@@ -1267,7 +1435,7 @@ impl Peer {
         }
         // Data, batched for GSO while datagrams come out full-sized.
         let pi = data_path?;
-        if !self.has_data() || self.sent.len() >= t.sent_packets_max {
+        if !self.has_data() || self.sent.len() >= data_packets_max(t) {
             return None;
         }
         let seg = self.paths[pi].cfg.datagram_bytes;
@@ -1275,7 +1443,7 @@ impl Peer {
         for _ in 0..max_datagrams {
             if !self.has_data()
                 || !self.paths[pi].can_send(seg)
-                || self.sent.len() >= t.sent_packets_max
+                || self.sent.len() >= data_packets_max(t)
                 || (self.data_path(t) != Some(pi))
             {
                 break;
@@ -1305,14 +1473,25 @@ impl Peer {
     }
 
     /// A hello (or close) datagram on path `pi`; returns its length.
-    fn build_control(&mut self, now: Instant, shared: &Shared, sink: &mut Sink, pi: usize, buf: &mut Vec<u8>) -> usize {
+    fn build_control(
+        &mut self,
+        now: Instant,
+        shared: &Shared,
+        sink: &mut Sink,
+        pi: usize,
+        buf: &mut Vec<u8>,
+    ) -> usize {
         let close = self.close_due[pi];
         self.hello_due[pi] = false;
         self.close_due[pi] = false;
         let dst_epoch = self.remote_epoch.unwrap_or(0);
         buf.clear();
         buf.resize(HEADER_BYTES + 1 + TAG_BYTES, 0);
-        buf[HEADER_BYTES] = if close { wire::FRAME_CLOSE } else { wire::FRAME_HELLO };
+        buf[HEADER_BYTES] = if close {
+            wire::FRAME_CLOSE
+        } else {
+            wire::FRAME_HELLO
+        };
         let pn = if dst_epoch == 0 {
             let pn = self.hello_pn;
             self.hello_pn += 1;
@@ -1321,19 +1500,22 @@ impl Peer {
             let pn = self.next_pn;
             self.next_pn += 1;
             // Hellos in a session are ack-eliciting and tracked like any packet.
+            let tracked = self.sent.len() < shared.tuning.sent_packets_max;
             let end = self.chunk_base + self.chunk_log.len() as u64;
-            self.sent.push_back(SentPacket {
-                pn,
-                path: pi as u8,
-                time_sent: now,
-                size: buf.len() as u32,
-                chunks_start: end,
-                chunks_end: end,
-                has_credit: false,
-                in_flight: !close,
-                resolved: close,
-            });
-            if !close {
+            if tracked {
+                self.sent.push_back(SentPacket {
+                    pn,
+                    path: pi as u8,
+                    time_sent: now,
+                    size: buf.len() as u32,
+                    chunks_start: end,
+                    chunks_end: end,
+                    has_credit: false,
+                    in_flight: !close,
+                    resolved: close,
+                });
+            }
+            if !close && tracked {
                 self.paths[pi].on_sent(now, buf.len(), true);
                 self.paths[pi].rto_base_touch(now);
                 self.arm_loss_timer(pi, &shared.tuning);
@@ -1375,7 +1557,8 @@ impl Peer {
             dst_epoch,
         };
         let key = if dst_epoch == 0 {
-            self.hello_key.get_or_insert_with(|| shared.master.session(ids))
+            self.hello_key
+                .get_or_insert_with(|| shared.master.session(ids))
         } else {
             if self.tx_key.as_ref().is_none_or(|k| k.0 != dst_epoch) {
                 self.tx_key = Some((dst_epoch, shared.master.session(ids)));
@@ -1412,10 +1595,12 @@ impl Peer {
                 .take(wire::ACK_RANGES_MAX)
                 .map(|(s, e)| (s, e - 1))
                 .collect();
-            let delay = self
-                .largest_received
-                .map_or(0, |(_, at)| now.saturating_duration_since(at).as_micros() as u64);
-            if wire::ack_frame_len_max(ranges.len()) + 10 <= w.remaining() && wire::write_ack(&mut w, delay, &ranges) {
+            let delay = self.largest_received.map_or(0, |(_, at)| {
+                now.saturating_duration_since(at).as_micros() as u64
+            });
+            if wire::ack_frame_len_max(ranges.len()) + 10 <= w.remaining()
+                && wire::write_ack(&mut w, delay, &ranges)
+            {
                 let p = &mut self.paths[pi];
                 p.ack_pending = false;
                 p.unacked_received = 0;
@@ -1449,7 +1634,7 @@ impl Peer {
         }
         let chunks_start = self.chunk_base + self.chunk_log.len() as u64;
         let mut data = false;
-        if with_data && self.sent.len() < t.sent_packets_max && self.paths[pi].can_send(seg) {
+        if with_data && self.sent.len() < data_packets_max(t) && self.paths[pi].can_send(seg) {
             data = self.fill_data(sink, &mut w);
             eliciting |= data;
         }
@@ -1461,18 +1646,23 @@ impl Peer {
         let pn = self.next_pn;
         self.next_pn += 1;
         let chunks_end = self.chunk_base + self.chunk_log.len() as u64;
-        self.sent.push_back(SentPacket {
-            pn,
-            path: pi as u8,
-            time_sent: now,
-            size: len as u32,
-            chunks_start,
-            chunks_end,
-            has_credit,
-            in_flight: eliciting,
-            resolved: false,
-        });
-        if eliciting {
+        // Control packets beyond the bound go untracked: they carry nothing
+        // to retransmit (CREDIT rides every ack again), only a lost RTT sample.
+        let track = data || self.sent.len() < t.sent_packets_max;
+        if track {
+            self.sent.push_back(SentPacket {
+                pn,
+                path: pi as u8,
+                time_sent: now,
+                size: len as u32,
+                chunks_start,
+                chunks_end,
+                has_credit,
+                in_flight: eliciting,
+                resolved: false,
+            });
+        }
+        if eliciting && track {
             let p = &mut self.paths[pi];
             p.on_sent(now, len, true);
             p.rto_base_touch(now);
@@ -1480,7 +1670,13 @@ impl Peer {
         } else {
             self.paths[pi].last_send = Some(now);
         }
-        self.seal(shared, self.remote_epoch.expect("session established"), pn, &mut out[..len]);
+        self.trim_sent();
+        self.seal(
+            shared,
+            self.remote_epoch.expect("session established"),
+            pn,
+            &mut out[..len],
+        );
         self.account_sent(sink, pi, len, data);
         len
     }
@@ -1496,14 +1692,27 @@ impl Peer {
             }
             // Retransmissions.
             if let Some(c) = self.retransmit.pop_front() {
-                let Some(lane) = self.lanes.get_mut(&c.lane) else { continue };
+                let Some(lane) = self.lanes.get_mut(&c.lane) else {
+                    continue;
+                };
                 let Some(m) = lane.get(c.seq) else { continue };
-                let end = if c.len == 0 { 1 } else { u64::from(c.offset) + u64::from(c.len) };
+                let end = if c.len == 0 {
+                    1
+                } else {
+                    u64::from(c.offset) + u64::from(c.len)
+                };
                 if m.acked.contains_range(u64::from(c.offset), end) {
                     continue;
                 }
                 let total = m.body.len() as u32;
-                let hdr = wire::stream_frame_header_len(c.lane, c.seq, m.kind, total, c.offset, c.len as usize);
+                let hdr = wire::stream_frame_header_len(
+                    c.lane,
+                    c.seq,
+                    m.kind,
+                    total,
+                    c.offset,
+                    c.len as usize,
+                );
                 let fit = (room.saturating_sub(hdr) as u32).min(c.len);
                 if fit == 0 && c.len > 0 {
                     self.retransmit.push_front(c);
@@ -1533,7 +1742,9 @@ impl Peer {
                 continue;
             }
             // New data.
-            let Some(&(lane_id, seq)) = self.pending.front() else { break };
+            let Some(&(lane_id, seq)) = self.pending.front() else {
+                break;
+            };
             let (len, started) = {
                 let lane = self.lanes.get_mut(&lane_id).expect("pending lane exists");
                 let m = lane.get(seq).expect("pending message exists");
@@ -1551,7 +1762,8 @@ impl Peer {
             let total = m.body.len() as u32;
             let off = m.sent_offset;
             let left = total - off;
-            let hdr = wire::stream_frame_header_len(lane_id, seq, m.kind, total, off, left as usize);
+            let hdr =
+                wire::stream_frame_header_len(lane_id, seq, m.kind, total, off, left as usize);
             let fit = (room.saturating_sub(hdr) as u32).min(left);
             if fit == 0 && left > 0 {
                 break;
@@ -1622,9 +1834,11 @@ impl Peer {
         let mut m = self.stats.clone();
         m.up = self.state == PeerState::Up;
         m.epoch = self.remote_epoch;
-        m.active_network = self
-            .active
-            .map(|i| shared.topo.networks[self.paths[i].cfg.network.0 as usize].0.clone());
+        m.active_network = self.active.map(|i| {
+            shared.topo.networks[self.paths[i].cfg.network.0 as usize]
+                .0
+                .clone()
+        });
         st.machines.push(m);
         for (i, p) in self.paths.iter().enumerate() {
             st.paths.push(PathStats {

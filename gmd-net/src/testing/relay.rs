@@ -41,7 +41,11 @@ impl Relay {
     ///
     /// # Errors
     /// Socket errors.
-    pub fn start(bind_ip: std::net::IpAddr, a: SocketAddr, b: SocketAddr) -> std::io::Result<Relay> {
+    pub fn start(
+        bind_ip: std::net::IpAddr,
+        a: SocketAddr,
+        b: SocketAddr,
+    ) -> std::io::Result<Relay> {
         let sa = UdpSocket::bind((bind_ip, 0))?;
         let sb = UdpSocket::bind((bind_ip, 0))?;
         sa.set_read_timeout(Some(Duration::from_millis(50)))?;
@@ -97,7 +101,9 @@ fn spawn_half(
         let mut buf = vec![0u8; 65_536];
         let mut x = seed;
         while !control.stop.load(Ordering::Relaxed) {
-            let Ok((n, _)) = from.recv_from(&mut buf) else { continue };
+            let Ok((n, _)) = from.recv_from(&mut buf) else {
+                continue;
+            };
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;

@@ -114,7 +114,10 @@ pub struct Sim {
 }
 
 fn sim_addr(machine: usize, network: usize) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, network as u8, 0, machine as u8 + 1)), 6755)
+    SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(10, network as u8, 0, machine as u8 + 1)),
+        6755,
+    )
 }
 
 impl Sim {
@@ -132,18 +135,27 @@ impl Sim {
         tuning: Tuning,
     ) -> Sim {
         let start = Instant::now();
-        let addrs: Vec<Vec<SocketAddr>> =
-            (0..machines).map(|m| (0..networks).map(|n| sim_addr(m, n)).collect()).collect();
+        let addrs: Vec<Vec<SocketAddr>> = (0..machines)
+            .map(|m| (0..networks).map(|n| sim_addr(m, n)).collect())
+            .collect();
         let configs: Vec<_> = (0..machines)
             .map(|m| {
-                super::cluster_config(m, &addrs, datagram_bytes, promote_failure_timeout, encrypt, tuning.clone())
+                super::cluster_config(
+                    m,
+                    &addrs,
+                    datagram_bytes,
+                    promote_failure_timeout,
+                    encrypt,
+                    tuning.clone(),
+                )
             })
             .collect();
         let nodes = configs
             .iter()
             .enumerate()
             .map(|(m, c)| SimNode {
-                endpoint: Endpoint::new(c, 1_000_000, seed ^ m as u64, start).expect("valid sim config"),
+                endpoint: Endpoint::new(c, 1_000_000, seed ^ m as u64, start)
+                    .expect("valid sim config"),
                 incarnation: 0,
                 events: Vec::new(),
             })
@@ -214,14 +226,23 @@ impl Sim {
         let epoch = 1_000_000 + self.elapsed().as_micros() as u64 + 1;
         let n = &mut self.nodes[machine];
         n.incarnation += 1;
-        n.endpoint = Endpoint::new(&self.configs[machine], epoch, n.incarnation as u64, self.now).expect("valid");
+        n.endpoint = Endpoint::new(
+            &self.configs[machine],
+            epoch,
+            n.incarnation as u64,
+            self.now,
+        )
+        .expect("valid");
     }
 
     /// Moves every endpoint's pending datagrams onto the links.
     pub fn flush(&mut self) {
         for from in 0..self.nodes.len() {
             let mut buf = std::mem::take(&mut self.buf);
-            while let Some(t) = self.nodes[from].endpoint.poll_transmit(self.now, 16, &mut buf) {
+            while let Some(t) = self.nodes[from]
+                .endpoint
+                .poll_transmit(self.now, 16, &mut buf)
+            {
                 let to = (0..self.nodes.len())
                     .find(|&m| sim_addr(m, t.network.0 as usize) == t.destination)
                     .expect("destination is a sim machine");
@@ -245,18 +266,23 @@ impl Sim {
             return;
         }
         let mut depart = self.now;
-        if p.bandwidth_bytes_per_sec > 0 {
+        if let Some(ns) = (data.len() as u64 * 1_000_000_000).checked_div(p.bandwidth_bytes_per_sec)
+        {
             let busy = self.links[li].busy_until.unwrap_or(self.now).max(self.now);
             if busy - self.now > LINK_QUEUE_TIME {
                 self.dropped += 1;
                 return;
             }
-            let tx = Duration::from_nanos(data.len() as u64 * 1_000_000_000 / p.bandwidth_bytes_per_sec);
+            let tx = Duration::from_nanos(ns);
             depart = busy + tx;
             self.links[li].busy_until = Some(depart);
         }
         let group = self.next_packet;
-        let copies = if p.duplicate > 0.0 && self.rng.gen_bool(p.duplicate) { 2 } else { 1 };
+        let copies = if p.duplicate > 0.0 && self.rng.gen_bool(p.duplicate) {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
             let jitter = if p.jitter.is_zero() {
                 Duration::ZERO
@@ -283,7 +309,11 @@ impl Sim {
     /// The next time something happens inside the network or the endpoints.
     pub fn next_event_time(&self) -> Option<Instant> {
         let q = self.queue.peek().map(|Reverse((t, _))| *t);
-        let e = self.nodes.iter().filter_map(|n| n.endpoint.poll_timeout()).min();
+        let e = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.endpoint.poll_timeout())
+            .min();
         match (q, e) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -315,9 +345,11 @@ impl Sim {
                 self.last_delivery[pkt.to][pkt.from] = Some(self.now);
             }
             let data = BytesMut::from(&pkt.data[..]);
-            self.nodes[pkt.to]
-                .endpoint
-                .handle_datagram(self.now, NetworkId(pkt.network as u8), data);
+            self.nodes[pkt.to].endpoint.handle_datagram(
+                self.now,
+                NetworkId(pkt.network as u8),
+                data,
+            );
         }
         for n in &mut self.nodes {
             if n.endpoint.poll_timeout().is_some_and(|t| t <= self.now) {
@@ -395,6 +427,8 @@ pub struct Scenario {
     pub messages: usize,
     /// Largest message size.
     pub size_max: usize,
+    /// Fraction of messages drawn up to `size_max` (the rest are < 2 KB).
+    pub large_fraction: f64,
     /// The application releases credit this long after delivery.
     pub release_delay: Duration,
 }
@@ -407,13 +441,27 @@ impl Scenario {
         let networks = r.gen_range(1..=3);
         let links = (0..networks)
             .map(|_| {
-                let latency = Duration::from_micros(*[100u64, 1_000, 5_000, 20_000, 50_000].get(r.gen_range(0..5)).unwrap());
+                let latency = Duration::from_micros(
+                    *[100u64, 1_000, 5_000, 20_000, 50_000]
+                        .get(r.gen_range(0..5))
+                        .unwrap(),
+                );
                 LinkParams {
                     latency,
-                    jitter: if r.gen_bool(0.5) { latency / 2 } else { Duration::ZERO },
-                    loss: *[0.0, 0.01, 0.05, 0.15, 0.30].get(r.gen_range(0..5)).unwrap(),
+                    jitter: if r.gen_bool(0.5) {
+                        latency / 2
+                    } else {
+                        Duration::ZERO
+                    },
+                    loss: *[0.0, 0.01, 0.05, 0.15, 0.30]
+                        .get(r.gen_range(0..5))
+                        .unwrap(),
                     duplicate: if r.gen_bool(0.3) { 0.05 } else { 0.0 },
-                    bandwidth_bytes_per_sec: if r.gen_bool(0.3) { r.gen_range(1..50) * 1_000_000 } else { 0 },
+                    bandwidth_bytes_per_sec: if r.gen_bool(0.3) {
+                        r.gen_range(1..50) * 1_000_000
+                    } else {
+                        0
+                    },
                 }
             })
             .collect();
@@ -434,14 +482,18 @@ impl Scenario {
         let fault_for = match fault {
             Fault::ShortPartition => promote / 6,
             Fault::PathFailure if networks == 1 => promote / 6,
-            Fault::LongPartition | Fault::LongPartitionNeverDown => Duration::from_secs(r.gen_range(7..12)),
+            Fault::LongPartition | Fault::LongPartitionNeverDown => {
+                Duration::from_secs(r.gen_range(7..12))
+            }
             _ => Duration::from_millis(r.gen_range(500..4_000)),
         };
         Scenario {
             seed,
             machines,
             networks,
-            datagram_bytes: *[1200usize, 1400, 4000, 9000].get(r.gen_range(0..4)).unwrap(),
+            datagram_bytes: *[1200usize, 1400, 4000, 9000]
+                .get(r.gen_range(0..4))
+                .unwrap(),
             encrypt: r.gen_bool(0.5),
             links,
             fault,
@@ -450,7 +502,12 @@ impl Scenario {
             promote,
             messages: r.gen_range(10..60),
             size_max: if r.gen_bool(0.1) { 300_000 } else { 20_000 },
-            release_delay: if r.gen_bool(0.3) { Duration::from_millis(r.gen_range(1..50)) } else { Duration::ZERO },
+            large_fraction: 0.05,
+            release_delay: if r.gen_bool(0.3) {
+                Duration::from_millis(r.gen_range(1..50))
+            } else {
+                Duration::ZERO
+            },
         }
     }
 
@@ -569,14 +626,19 @@ impl Runner {
     fn fail(&self, reason: impl Into<String>) -> SimFailure {
         SimFailure {
             seed: self.sc.seed,
-            reason: format!("{} (scenario {:?}, t={:?})", reason.into(), self.sc, self.sim.elapsed()),
+            reason: format!(
+                "{} (scenario {:?}, t={:?})",
+                reason.into(),
+                self.sc,
+                self.sim.elapsed()
+            ),
         }
     }
 
     fn submit(&mut self, from: usize, to: usize, count: usize) {
         for _ in 0..count {
             let stream = self.sim.rng.gen_range(0..4u16);
-            let size = if self.sim.rng.gen_bool(0.05) {
+            let size = if self.sim.rng.gen_bool(self.sc.large_fraction) {
                 self.sim.rng.gen_range(12..=self.sc.size_max)
             } else {
                 self.sim.rng.gen_range(12..2_000)
@@ -619,9 +681,11 @@ impl Runner {
             self.msgs[idx].sender_epoch = ep.local_epoch(PeerId(to as u16)).expect("peer");
             self.msgs[idx].receiver_epoch = ep.peer_epoch(PeerId(to as u16));
             let res = if is_request {
-                ep.request(now, PeerId(to as u16), StreamId(stream), body.clone()).map(Some)
+                ep.request(now, PeerId(to as u16), StreamId(stream), body.clone())
+                    .map(Some)
             } else {
-                ep.send(now, PeerId(to as u16), StreamId(stream), body.clone()).map(|_| None)
+                ep.send(now, PeerId(to as u16), StreamId(stream), body.clone())
+                    .map(|_| None)
             };
             match res {
                 Ok(rid) => {
@@ -653,12 +717,22 @@ impl Runner {
                 match e {
                     Event::Message(d) => {
                         let Some(idx) = check_body(&d.body) else {
-                            return Err(self.fail(format!("machine {m} got a corrupt message on {:?}", d.stream)));
+                            return Err(self.fail(format!(
+                                "machine {m} got a corrupt message on {:?}",
+                                d.stream
+                            )));
                         };
                         let idx = idx as usize;
-                        let msg = self.msgs.get(idx).cloned().ok_or_else(|| self.fail("unknown message id"))?;
-                        if msg.to != m || msg.from != d.peer.0 as usize || msg.stream != d.stream.0 {
-                            return Err(self.fail(format!("message {idx} delivered to the wrong place")));
+                        let msg = self
+                            .msgs
+                            .get(idx)
+                            .cloned()
+                            .ok_or_else(|| self.fail("unknown message id"))?;
+                        if msg.to != m || msg.from != d.peer.0 as usize || msg.stream != d.stream.0
+                        {
+                            return Err(
+                                self.fail(format!("message {idx} delivered to the wrong place"))
+                            );
                         }
                         if !msg.delivered.is_empty() {
                             return Err(self.fail(format!("message {idx} delivered twice")));
@@ -667,7 +741,9 @@ impl Runner {
                             return Err(self.fail(format!("message {idx} has the wrong length")));
                         }
                         if let Some(why) = self.old_session_delivery(&msg, m) {
-                            return Err(self.fail(format!("message {idx} from an old session delivered: {why}")));
+                            return Err(self.fail(format!(
+                                "message {idx} from an old session delivered: {why}"
+                            )));
                         }
                         if d.stream.is_ordered() {
                             let k = (m, msg.from, msg.from_incarnation, msg.stream);
@@ -683,34 +759,50 @@ impl Runner {
                         }
                         self.msgs[idx].delivered.push(now);
                         if let IncomingKind::Request(to) = d.kind {
-                            let _ = self.sim.nodes[m].endpoint.reply(now, to, reply_for(&d.body));
+                            let _ = self.sim.nodes[m]
+                                .endpoint
+                                .reply(now, to, reply_for(&d.body));
                         }
                         if self.sc.release_delay.is_zero() {
                             self.sim.nodes[m].endpoint.release(d.credit);
                         } else {
-                            self.releases.push((now + self.sc.release_delay, m, d.credit));
+                            self.releases
+                                .push((now + self.sc.release_delay, m, d.credit));
                         }
                     }
-                    Event::Reply { peer, request, body } => {
+                    Event::Reply {
+                        peer,
+                        request,
+                        body,
+                    } => {
                         let key = (m, self.sim.nodes[m].incarnation, peer.0 as usize, request.0);
                         let Some(&idx) = self.requests.get(&key) else {
                             return Err(self.fail(format!("reply to unknown request {key:?}")));
                         };
                         let req = body_for(idx as u64, self.msgs[idx].body_len);
                         if body != reply_for(&req) {
-                            return Err(self.fail(format!("reply to {idx} does not match its request")));
+                            return Err(
+                                self.fail(format!("reply to {idx} does not match its request"))
+                            );
                         }
                         if self.msgs[idx].replied || self.msgs[idx].failed {
                             return Err(self.fail(format!("request {idx} resolved twice")));
                         }
                         self.msgs[idx].replied = true;
                     }
-                    Event::RequestFailed { peer, request, error } => {
+                    Event::RequestFailed {
+                        peer,
+                        request,
+                        error,
+                    } => {
                         let key = (m, self.sim.nodes[m].incarnation, peer.0 as usize, request.0);
                         let Some(&idx) = self.requests.get(&key) else {
                             return Err(self.fail(format!("failure of unknown request {key:?}")));
                         };
-                        if !matches!(error, NetError::PeerDown { .. } | NetError::PeerRestarted { .. }) {
+                        if !matches!(
+                            error,
+                            NetError::PeerDown { .. } | NetError::PeerRestarted { .. }
+                        ) {
                             return Err(self.fail(format!("request failed with {error}")));
                         }
                         if self.msgs[idx].replied || self.msgs[idx].failed {
@@ -772,7 +864,10 @@ impl Runner {
         if let Some(e) = msg.receiver_epoch
             && ep.local_epoch(from) != Some(e)
         {
-            return Some(format!("sent to receiver epoch {e:#x}, receiver is at {:?}", ep.local_epoch(from)));
+            return Some(format!(
+                "sent to receiver epoch {e:#x}, receiver is at {:?}",
+                ep.local_epoch(from)
+            ));
         }
         None
     }
@@ -788,11 +883,13 @@ impl Runner {
                 let ok = f.send_buffered_bytes <= t.send_buffer_bytes_max
                     && f.sent_packets <= t.sent_packets_max
                     && f.recv_charged_bytes <= t.recv_window_bytes
-                    && f.recv_slots <= (t.streams_max as usize + 1) * t.stream_window_messages as usize
+                    && f.recv_slots
+                        <= (t.streams_max as usize + 1) * t.stream_window_messages as usize
                     && f.requests <= t.requests_outstanding_max
                     && f.ack_ranges <= ACK_RANGES_MAX
                     && f.retransmit_chunks <= t.sent_packets_max * 64
-                    && f.reply_buffered_bytes <= t.requests_outstanding_max * (t.message_bytes_max + 64);
+                    && f.reply_buffered_bytes
+                        <= t.requests_outstanding_max * (t.message_bytes_max + 64);
                 if !ok {
                     return Err(self.fail(format!("machine {m} toward {p} exceeds a bound: {f:?}")));
                 }
@@ -804,11 +901,15 @@ impl Runner {
     fn excused(&self, idx: usize) -> bool {
         let msg = &self.msgs[idx];
         msg.failed
+            || self.resets.iter().any(|r| {
+                r.at >= msg.sent_at
+                    && ((r.by == msg.from && r.about == msg.to)
+                        || (r.by == msg.to && r.about == msg.from))
+            })
             || self
-                .resets
+                .restarts_done
                 .iter()
-                .any(|r| r.at >= msg.sent_at && ((r.by == msg.from && r.about == msg.to) || (r.by == msg.to && r.about == msg.from)))
-            || self.restarts_done.iter().any(|&(t, who)| t >= msg.sent_at && (who == msg.from || who == msg.to))
+                .any(|&(t, who)| t >= msg.sent_at && (who == msg.from || who == msg.to))
     }
 }
 
@@ -827,6 +928,8 @@ pub struct SimStats {
     pub messages: usize,
     /// Messages delivered.
     pub delivered: usize,
+    /// Largest message delivered, in bytes.
+    pub largest_delivered_bytes: usize,
     /// Datagrams delivered by the simulated network.
     pub datagrams: u64,
     /// Virtual time the scenario took.
@@ -838,7 +941,15 @@ pub struct SimStats {
 /// # Errors
 /// A [`SimFailure`] naming the seed and the violated property.
 pub fn run_scenario(sc: Scenario) -> Result<SimStats, SimFailure> {
-    let mut sim = Sim::new(sc.seed, sc.machines, sc.networks, sc.datagram_bytes, sc.promote, sc.encrypt, sc.tuning());
+    let mut sim = Sim::new(
+        sc.seed,
+        sc.machines,
+        sc.networks,
+        sc.datagram_bytes,
+        sc.promote,
+        sc.encrypt,
+        sc.tuning(),
+    );
     for (n, l) in sc.links.iter().enumerate() {
         sim.set_network(n, *l);
     }
@@ -877,7 +988,9 @@ pub fn run_scenario(sc: Scenario) -> Result<SimStats, SimFailure> {
     // Second burst after the fault heals (and after a long partition, after the
     // peers found each other again).
     let settle = match sc.fault {
-        Fault::LongPartition | Fault::LongPartitionNeverDown | Fault::Restart => Duration::from_secs(3),
+        Fault::LongPartition | Fault::LongPartitionNeverDown | Fault::Restart => {
+            Duration::from_secs(3)
+        }
         _ => Duration::from_millis(500),
     };
     let second = fault_end + settle;
@@ -906,7 +1019,9 @@ pub fn run_scenario(sc: Scenario) -> Result<SimStats, SimFailure> {
             match sc.fault {
                 Fault::None => {}
                 Fault::PathFailure => r.sim.set_network_up(victim_net, false),
-                Fault::ShortPartition | Fault::LongPartition | Fault::LongPartitionNeverDown => r.sim.partitioned = true,
+                Fault::ShortPartition | Fault::LongPartition | Fault::LongPartitionNeverDown => {
+                    r.sim.partitioned = true
+                }
                 Fault::Restart => {
                     r.sim.restart(1);
                     r.restarts_done.push((now, 1));
@@ -951,8 +1066,14 @@ pub fn run_scenario(sc: Scenario) -> Result<SimStats, SimFailure> {
                 .flat_map(|a| (0..m).filter(move |&b| b != a).map(move |b| (a, b)))
                 .map(|(a, b)| (a, b, r.sim.nodes[a].endpoint.footprint(PeerId(b as u16))))
                 .collect();
+            let paths: Vec<_> = r
+                .sim
+                .nodes
+                .iter()
+                .map(|n| n.endpoint.stats().paths)
+                .collect();
             return Err(r.fail(format!(
-                "did not settle within the deadline; backlog {} footprints {stuck:?}",
+                "did not settle within the deadline; backlog {} footprints {stuck:?} paths {paths:?}",
                 r.backlog.len()
             )));
         }
@@ -981,11 +1102,16 @@ pub fn run_scenario(sc: Scenario) -> Result<SimStats, SimFailure> {
     for idx in 0..r.msgs.len() {
         let msg = &r.msgs[idx];
         if msg.delivered.len() > 1 {
-            return Err(r.fail(format!("message {idx} delivered {} times", msg.delivered.len())));
+            return Err(r.fail(format!(
+                "message {idx} delivered {} times",
+                msg.delivered.len()
+            )));
         }
         delivered += msg.delivered.len();
         if msg.delivered.is_empty() && !r.excused(idx) {
-            return Err(r.fail(format!("message {idx} {msg:?} was never delivered and no reset excuses it")));
+            return Err(r.fail(format!(
+                "message {idx} {msg:?} was never delivered and no reset excuses it"
+            )));
         }
         if msg.request.is_some() && !msg.replied && !msg.failed && !r.excused(idx) {
             return Err(r.fail(format!("request {idx} never resolved")));
@@ -1005,20 +1131,32 @@ pub fn run_scenario(sc: Scenario) -> Result<SimStats, SimFailure> {
                         continue;
                     }
                     let Some(&(t, _, _)) = r.downs.iter().find(|d| d.1 == a && d.2 == b) else {
-                        return Err(r.fail(format!("machine {a} never declared {b} down in a long partition")));
+                        return Err(r.fail(format!(
+                            "machine {a} never declared {b} down in a long partition"
+                        )));
                     };
                     if t > fault_start + sc.promote + Duration::from_millis(1) {
-                        return Err(r.fail(format!("peer down fired late: {:?} after the partition", t - fault_start)));
+                        return Err(r.fail(format!(
+                            "peer down fired late: {:?} after the partition",
+                            t - fault_start
+                        )));
                     }
                 }
             }
         }
-        Fault::ShortPartition | Fault::None | Fault::PathFailure | Fault::LongPartitionNeverDown => {
+        Fault::ShortPartition
+        | Fault::None
+        | Fault::PathFailure
+        | Fault::LongPartitionNeverDown => {
             if let Some(d) = r.downs.first() {
-                return Err(r.fail(format!("peer declared down without a long partition: {d:?}")));
+                return Err(r.fail(format!(
+                    "peer declared down without a long partition: {d:?}"
+                )));
             }
             if let Some(x) = r.resets.first() {
-                return Err(r.fail(format!("session reset without a long partition or restart: {x:?}")));
+                return Err(r.fail(format!(
+                    "session reset without a long partition or restart: {x:?}"
+                )));
             }
         }
         Fault::Restart => {}
@@ -1027,12 +1165,23 @@ pub fn run_scenario(sc: Scenario) -> Result<SimStats, SimFailure> {
     // without restarting anything) — checked above, since nothing excuses it
     // unless a reset happened after it was sent.
     let after_heal: Vec<_> = r.msgs.iter().filter(|x| x.sent_at >= second).collect();
-    if after_heal.iter().any(|x| x.delivered.is_empty() && !x.failed) && sc.fault != Fault::Restart {
+    if after_heal
+        .iter()
+        .any(|x| x.delivered.is_empty() && !x.failed)
+        && sc.fault != Fault::Restart
+    {
         return Err(r.fail("traffic did not resume after the fault healed"));
     }
     Ok(SimStats {
         messages: r.msgs.len(),
         delivered,
+        largest_delivered_bytes: r
+            .msgs
+            .iter()
+            .filter(|x| !x.delivered.is_empty())
+            .map(|x| x.body_len)
+            .max()
+            .unwrap_or(0),
         datagrams: r.sim.delivered,
         elapsed: r.sim.elapsed(),
     })
