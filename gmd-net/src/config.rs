@@ -149,7 +149,7 @@ impl Default for Tuning {
             stream_window_messages: 4096,
             streams_max: 1024,
             requests_outstanding_max: 16_384,
-            sent_packets_max: 65_536,
+            sent_packets_max: 16_384,
             cwnd_initial_bytes: 64 << 10,
             cwnd_max_bytes: 64 << 20,
             cwnd_decrease_percent: 70,

@@ -31,8 +31,9 @@ use crate::{NetError, StreamId};
 use peer::Peer;
 
 /// Bytes charged per message on top of its length, so that many empty
-/// messages still consume send buffer and receive window.
-pub const MESSAGE_OVERHEAD_BYTES: usize = 64;
+/// messages still consume send buffer and receive window; it covers the
+/// per-message bookkeeping on both sides, so charged bytes bound memory.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 256;
 
 /// What a message costs against the send buffer and the receive window.
 pub fn message_charge(len_bytes: usize) -> usize {

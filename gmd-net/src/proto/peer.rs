@@ -172,6 +172,7 @@ pub(crate) struct Peer {
     active: Option<usize>,
     pin: Option<usize>,
     stream_window: u64,
+    chunk_records_max: usize,
 
     tx_key: Option<(u64, SessionKey)>,
     rx_key: Option<(u64, u64, SessionKey)>,
@@ -199,6 +200,8 @@ pub(crate) struct Peer {
     next_request: u64,
 
     recv_lanes: BTreeMap<u16, RecvLane>,
+    /// Receive slots across all lanes (bounded by `recv_slots_max`).
+    recv_slots: usize,
     charged_in: u64,
     released_in: u64,
     credit_advertised: u64,
@@ -218,6 +221,23 @@ pub(crate) struct Peer {
 /// `sent_packets_max` is kept for acknowledgements and pings.
 fn data_packets_max(t: &Tuning) -> usize {
     t.sent_packets_max - CONTROL_PACKETS_RESERVED
+}
+
+/// Fragment records kept for tracked packets (each 24 bytes).
+pub(crate) fn chunk_records_max(t: &Tuning) -> usize {
+    t.sent_packets_max * CHUNKS_PER_PACKET_AVG
+}
+
+/// Average fragments per tracked packet that `chunk_records_max` allows;
+/// packets of many tiny messages stop filling at the bound.
+const CHUNKS_PER_PACKET_AVG: usize = 4;
+
+/// Receive slots across all streams: what the receive window can have
+/// started (each message is charged at least `MESSAGE_OVERHEAD_BYTES`), plus
+/// the windows of the three unordered lanes, whose delivered slots wait for
+/// earlier ones after their credit was released.
+pub(crate) fn recv_slots_max(t: &Tuning) -> usize {
+    t.recv_window_bytes / MESSAGE_OVERHEAD_BYTES + 3 * t.stream_window_messages as usize
 }
 
 /// Tracked packets reserved for control traffic.
@@ -262,6 +282,7 @@ impl Peer {
             active: Some(0),
             pin: None,
             stream_window: u64::from(t.stream_window_messages),
+            chunk_records_max: chunk_records_max(t),
             tx_key: None,
             rx_key: None,
             rx_hello_key: None,
@@ -285,6 +306,7 @@ impl Peer {
             requests: Default::default(),
             next_request: 1,
             recv_lanes: BTreeMap::new(),
+            recv_slots: 0,
             charged_in: 0,
             released_in: 0,
             credit_advertised: t.recv_window_bytes as u64,
@@ -497,6 +519,7 @@ impl Peer {
         self.received_pns.clear();
         self.largest_received = None;
         self.recv_lanes.clear();
+        self.recv_slots = 0;
         self.charged_in = 0;
         self.released_in = 0;
         self.credit_advertised = t.recv_window_bytes as u64;
@@ -1048,8 +1071,15 @@ impl Peer {
             return;
         }
         let idx = idx as usize;
-        while lane.slots.len() <= idx {
-            lane.slots.push_back(Slot::Empty);
+        if idx >= lane.slots.len() {
+            let grow = idx + 1 - lane.slots.len();
+            if self.recv_slots + grow > recv_slots_max(t) {
+                // More than an honest sender's credit could have started.
+                sink.sec.malformed += 1;
+                return;
+            }
+            self.recv_slots += grow;
+            lane.slots.resize_with(idx + 1, || Slot::Empty);
         }
         let slot = &mut lane.slots[idx];
         if let Slot::Empty = slot {
@@ -1144,6 +1174,7 @@ impl Peer {
             while matches!(lane.slots.front(), Some(Slot::Delivered)) {
                 lane.slots.pop_front();
                 lane.base += 1;
+                self.recv_slots -= 1;
             }
         }
         for m in out {
@@ -1252,7 +1283,18 @@ impl Peer {
                 {
                     p.ping_pending = true;
                 }
-                p.timers[PathTimer::Ping as usize] = Some(now + t.ping_interval);
+                // A silent peer is probed four times as often, so that a
+                // lossy but working path is found before the promote-failure
+                // timeout declares the peer down.
+                let silent = self
+                    .last_recv
+                    .is_none_or(|l| now.saturating_duration_since(l) > t.ping_interval);
+                let every = if silent {
+                    (t.ping_interval / 4).max(t.rto_min)
+                } else {
+                    t.ping_interval
+                };
+                p.timers[PathTimer::Ping as usize] = Some(now + every);
             }
         }
     }
@@ -1686,6 +1728,9 @@ impl Peer {
     fn fill_data(&mut self, _sink: &mut Sink, w: &mut Writer<'_>) -> bool {
         let mut wrote = false;
         loop {
+            if self.chunk_log.len() >= self.chunk_records_max {
+                break;
+            }
             let room = w.remaining();
             if room < wire::STREAM_FRAME_OVERHEAD_BYTES + FRAGMENT_BYTES_MIN.min(room) {
                 break;
@@ -1856,4 +1901,6 @@ impl Peer {
     }
 }
 
-const _: () = assert!(MESSAGE_OVERHEAD_BYTES >= 32);
+// The charge must cover the bookkeeping it stands for.
+const _: () =
+    assert!(MESSAGE_OVERHEAD_BYTES >= std::mem::size_of::<OutMsg>() + std::mem::size_of::<Slot>());

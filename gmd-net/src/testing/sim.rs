@@ -108,6 +108,8 @@ pub struct Sim {
     /// Datagrams delivered.
     pub delivered: u64,
     groups_delivered: std::collections::BTreeSet<u64>,
+    /// Print every datagram sent (`GMD_SIM_TRACE=1`).
+    trace: bool,
     /// Datagrams dropped by loss, queue or down links.
     pub dropped: u64,
     buf: Vec<u8>,
@@ -182,6 +184,7 @@ impl Sim {
             last_delivery: vec![vec![None; machines]; machines],
             delivered: 0,
             groups_delivered: Default::default(),
+            trace: std::env::var_os("GMD_SIM_TRACE").is_some(),
             dropped: 0,
             buf: Vec::new(),
         }
@@ -255,6 +258,13 @@ impl Sim {
     }
 
     fn send_datagram(&mut self, from: usize, to: usize, network: usize, data: &[u8]) {
+        if self.trace {
+            eprintln!(
+                "{:>12?} {from}->{to} net{network} {} bytes",
+                self.elapsed(),
+                data.len()
+            );
+        }
         if self.partitioned || !self.network_up[network] {
             self.dropped += 1;
             return;
@@ -887,7 +897,8 @@ impl Runner {
                         <= (t.streams_max as usize + 1) * t.stream_window_messages as usize
                     && f.requests <= t.requests_outstanding_max
                     && f.ack_ranges <= ACK_RANGES_MAX
-                    && f.retransmit_chunks <= t.sent_packets_max * 64
+                    && f.chunk_records <= t.sent_packets_max * 4
+                    && f.retransmit_chunks <= 2 * t.sent_packets_max * 4
                     && f.reply_buffered_bytes
                         <= t.requests_outstanding_max * (t.message_bytes_max + 64);
                 if !ok {
@@ -1150,7 +1161,12 @@ pub fn run_scenario(sc: Scenario) -> Result<SimStats, SimFailure> {
         | Fault::LongPartitionNeverDown => {
             if let Some(d) = r.downs.first() {
                 return Err(r.fail(format!(
-                    "peer declared down without a long partition: {d:?}"
+                    "peer declared down without a long partition: {d:?} {:?}",
+                    r.sim
+                        .nodes
+                        .iter()
+                        .map(|n| n.endpoint.stats())
+                        .collect::<Vec<_>>()
                 )));
             }
             if let Some(x) = r.resets.first() {
