@@ -213,6 +213,7 @@ fn gm_server(args: &[String]) {
     });
 }
 
+#[derive(Debug, Default)]
 struct GmResult {
     bytes_per_sec: f64,
     resends: u64,
@@ -321,6 +322,11 @@ fn gm_rtt(dg: usize) -> Vec<Duration> {
     .0
 }
 
+fn median(mut v: Vec<GmResult>) -> GmResult {
+    v.sort_by(|a, b| a.bytes_per_sec.total_cmp(&b.bytes_per_sec));
+    v.swap_remove(v.len() / 2)
+}
+
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
     v[((v.len() - 1) as f64 * p) as usize]
@@ -340,25 +346,48 @@ fn all(args: &[String]) {
         total >> 20
     );
 
+    let repeat: usize = arg(args, "--repeat")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    println!("  each bulk case runs {repeat} times, interleaved; the median is reported");
     let tcp_port = free_port();
     let _tcp = spawn(&["tcp-server", "--port", &tcp_port.to_string()]);
-    let tcp = tcp_bulk(tcp_port, total);
+    let mut runs: [Vec<GmResult>; 4] = Default::default();
+    for r in 0..repeat {
+        runs[0].push(GmResult {
+            bytes_per_sec: tcp_bulk(tcp_port, total),
+            resends: 0,
+            timeouts: 0,
+            injected: 0,
+        });
+        runs[1].push(gm_bulk(true, 0, dg, total));
+        runs[2].push(gm_bulk(false, 0, dg, total));
+        runs[3].push(gm_bulk(true, 10_000, dg, total));
+        let show: Vec<String> = runs
+            .iter()
+            .map(|v| format!("{:.0}", mib(v[r].bytes_per_sec)))
+            .collect();
+        println!(
+            "  run {r}: tcp / enc / auth / enc+1% loss MiB/s: {}",
+            show.join(" / ")
+        );
+    }
+    let [tcp, gm0, gm0p, gm1] = runs.map(median);
+    let tcp = tcp.bytes_per_sec;
     println!("  tcp bulk                   {:>9.1} MiB/s", mib(tcp));
-    let gm0 = gm_bulk(true, 0, dg, total);
     println!(
         "  geomsg bulk, 0% loss, enc  {:>9.1} MiB/s  resends {} timeouts {}",
         mib(gm0.bytes_per_sec),
         gm0.resends,
         gm0.timeouts
     );
-    let gm0p = gm_bulk(false, 0, dg, total);
     println!(
         "  geomsg bulk, 0% loss, auth {:>9.1} MiB/s  resends {} timeouts {}",
         mib(gm0p.bytes_per_sec),
         gm0p.resends,
         gm0p.timeouts
     );
-    let gm1 = gm_bulk(true, 10_000, dg, total);
     println!(
         "  geomsg bulk, 1% loss, enc  {:>9.1} MiB/s  resends {} timeouts {} (client-side injected drops {})",
         mib(gm1.bytes_per_sec),

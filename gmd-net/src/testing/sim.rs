@@ -630,6 +630,9 @@ struct Runner {
     downs: Vec<(Instant, usize, usize)>,
     restarts_done: Vec<(Instant, usize)>,
     fault_windows: Vec<(Instant, Instant)>,
+    /// (machine, peer) -> (peer's epoch known, our epoch toward it), as of
+    /// the events processed so far.
+    epochs: BTreeMap<(usize, usize), (Option<u64>, u64)>,
 }
 
 impl Runner {
@@ -820,8 +823,16 @@ impl Runner {
                         }
                         self.msgs[idx].failed = true;
                     }
+                    Event::PeerUp { peer, epoch } => {
+                        self.epochs
+                            .get_mut(&(m, peer.0 as usize))
+                            .expect("tracked")
+                            .0 = Some(epoch);
+                    }
                     Event::PeerDown { peer } => {
                         let p = peer.0 as usize;
+                        let e = self.epochs.get_mut(&(m, p)).expect("tracked");
+                        *e = (None, e.1 + 1);
                         self.resets.push(ResetSeen {
                             at: now,
                             by: m,
@@ -845,12 +856,18 @@ impl Runner {
                             return Err(self.fail("peer down with promote-failure timeout 0"));
                         }
                     }
-                    Event::PeerRestarted { peer, .. } => self.resets.push(ResetSeen {
-                        at: now,
-                        by: m,
-                        about: peer.0 as usize,
-                        restart: true,
-                    }),
+                    Event::PeerRestarted { peer, epoch } => {
+                        self.epochs
+                            .get_mut(&(m, peer.0 as usize))
+                            .expect("tracked")
+                            .0 = Some(epoch);
+                        self.resets.push(ResetSeen {
+                            at: now,
+                            by: m,
+                            about: peer.0 as usize,
+                            restart: true,
+                        });
+                    }
                     _ => {}
                 }
             }
@@ -861,25 +878,39 @@ impl Runner {
     /// Whether delivering `msg` at `to` now would leak a message of an old
     /// session into a new one: the receiver must still be in the session the
     /// sender was in when it sent.
+    ///
+    /// The receiver's epochs are tracked through its event stream (not read
+    /// from the endpoint), because events are drained after a whole step in
+    /// which later datagrams may already have moved the session on.
     fn old_session_delivery(&self, msg: &SentMsg, to: usize) -> Option<String> {
-        let ep = &self.sim.nodes[to].endpoint;
-        let from = PeerId(msg.from as u16);
-        if ep.peer_epoch(from) != Some(msg.sender_epoch) {
+        let (remote, local) = self.epochs[&(to, msg.from)];
+        if remote != Some(msg.sender_epoch) {
             return Some(format!(
-                "sender epoch {:#x}, receiver knows {:?}",
-                msg.sender_epoch,
-                ep.peer_epoch(from)
+                "sender epoch {:#x}, receiver knew {remote:?}",
+                msg.sender_epoch
             ));
         }
         if let Some(e) = msg.receiver_epoch
-            && ep.local_epoch(from) != Some(e)
+            && local != e
         {
             return Some(format!(
-                "sent to receiver epoch {e:#x}, receiver is at {:?}",
-                ep.local_epoch(from)
+                "sent to receiver epoch {e:#x}, receiver was at {local:#x}"
             ));
         }
         None
+    }
+
+    /// Starts tracking the epochs of machine `m` (at start and after a restart).
+    fn track_epochs(&mut self, m: usize) {
+        for p in 0..self.sim.nodes.len() {
+            if p != m {
+                let local = self.sim.nodes[m]
+                    .endpoint
+                    .local_epoch(PeerId(p as u16))
+                    .expect("peer");
+                self.epochs.insert((m, p), (None, local));
+            }
+        }
     }
 
     fn check_bounds(&self) -> Result<(), SimFailure> {
@@ -976,7 +1007,11 @@ pub fn run_scenario(sc: Scenario) -> Result<SimStats, SimFailure> {
         downs: Vec::new(),
         restarts_done: Vec::new(),
         fault_windows: Vec::new(),
+        epochs: BTreeMap::new(),
     };
+    for m in 0..sc.machines {
+        r.track_epochs(m);
+    }
     let start = r.sim.start;
     let m = sc.machines;
     // First burst: spread over the first two seconds.
@@ -1036,6 +1071,7 @@ pub fn run_scenario(sc: Scenario) -> Result<SimStats, SimFailure> {
                 Fault::Restart => {
                     r.sim.restart(1);
                     r.restarts_done.push((now, 1));
+                    r.track_epochs(1);
                     // The dead incarnation's sends are gone.
                     r.backlog.retain(|b| b.0 != 1);
                 }
