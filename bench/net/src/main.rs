@@ -277,10 +277,25 @@ fn gm_bulk(encrypt: bool, loss: u32, dg: usize, total: usize) -> GmResult {
     let msg = Bytes::from(vec![0x5a; MESSAGE_BYTES]);
     let (rate, st) = gm_client(ports, encrypt, loss, dg, async |node: &Node, peer| {
         let start = Instant::now();
-        for _ in 0..total / MESSAGE_BYTES {
+        let verbose = std::env::var_os("GMD_BENCH_VERBOSE").is_some();
+        for i in 0..total / MESSAGE_BYTES {
             node.send(peer, StreamId(1), msg.clone())
                 .await
                 .expect("send");
+            if verbose && i % 64 == 0 {
+                let st = node.stats().await.unwrap();
+                let (p, n) = (&st.paths[0], &st.networks[0]);
+                eprintln!(
+                    "{:>6.3}s msg {i}: cwnd {} in flight {} srtt {:?} rto {:?} resends {} timeouts {}",
+                    start.elapsed().as_secs_f64(),
+                    p.cwnd_bytes,
+                    p.in_flight_bytes,
+                    p.srtt,
+                    p.rto,
+                    n.resends,
+                    n.timeouts
+                );
+            }
         }
         // Same ordered stream: the reply proves everything before it arrived.
         node.request(peer, StreamId(1), Bytes::from_static(b"done"))

@@ -173,6 +173,7 @@ pub(crate) struct Peer {
     pin: Option<usize>,
     stream_window: u64,
     chunk_records_max: usize,
+    recv_window: u64,
 
     tx_key: Option<(u64, SessionKey)>,
     rx_key: Option<(u64, u64, SessionKey)>,
@@ -283,6 +284,7 @@ impl Peer {
             pin: None,
             stream_window: u64::from(t.stream_window_messages),
             chunk_records_max: chunk_records_max(t),
+            recv_window: t.recv_window_bytes as u64,
             tx_key: None,
             rx_key: None,
             rx_hello_key: None,
@@ -462,16 +464,10 @@ impl Peer {
     fn maybe_grant_credit_after_release(&mut self) {
         // Advertise when at least an eighth of the window was freed, so that
         // a sender blocked on credit resumes without waiting for an ack.
-        let limit = self.released_in + self.window_hint();
-        if limit >= self.credit_advertised + self.window_hint() / 8 {
+        let limit = self.released_in + self.recv_window;
+        if limit >= self.credit_advertised + self.recv_window / 8 {
             self.credit_dirty = true;
         }
-    }
-
-    fn window_hint(&self) -> u64 {
-        self.credit_advertised
-            .saturating_sub(self.released_in)
-            .max(1)
     }
 
     // ------------------------------------------------------------------
