@@ -317,6 +317,35 @@ impl Node {
             .ok_or(NetError::BadPeer(peer.0))
     }
 
+    /// Waits for send-buffer space (and a request slot) toward `peer`. The
+    /// permits are handed to the driver only once all are held, with no await
+    /// in between and the command sent right after, so dropping the caller's
+    /// future never leaks them; the driver returns them when the core
+    /// releases the message.
+    async fn admit(&self, peer: PeerId, len: usize, request: bool) -> Result<(), NetError> {
+        let gate = self.gate(peer, len)?;
+        let slot = match request {
+            true => Some(
+                gate.requests
+                    .acquire()
+                    .await
+                    .map_err(|_| NetError::Shutdown)?,
+            ),
+            false => None,
+        };
+        let charge = message_charge(len) as u32;
+        let bytes = gate
+            .bytes
+            .acquire_many(charge)
+            .await
+            .map_err(|_| NetError::Shutdown)?;
+        bytes.forget();
+        if let Some(s) = slot {
+            s.forget();
+        }
+        Ok(())
+    }
+
     /// Sends a request and waits for its reply. Waits first for send-buffer
     /// space toward the peer (flow control).
     ///
@@ -329,17 +358,7 @@ impl Node {
         stream: StreamId,
         body: Bytes,
     ) -> Result<Bytes, NetError> {
-        let gate = self.gate(peer, body.len())?;
-        gate.requests
-            .acquire()
-            .await
-            .map_err(|_| NetError::Shutdown)?
-            .forget();
-        let charge = message_charge(body.len()) as u32;
-        match gate.bytes.acquire_many(charge).await {
-            Ok(p) => p.forget(),
-            Err(_) => return Err(NetError::Shutdown),
-        }
+        self.admit(peer, body.len(), true).await?;
         let (tx, rx) = oneshot::channel();
         self.cmd
             .send(Command::Send {
@@ -360,12 +379,7 @@ impl Node {
     /// `PeerDown` while the peer is declared down; `BadPeer`, `BadStream`,
     /// `MessageTooLarge`, `Shutdown`.
     pub async fn send(&self, peer: PeerId, stream: StreamId, body: Bytes) -> Result<(), NetError> {
-        let gate = self.gate(peer, body.len())?;
-        let charge = message_charge(body.len()) as u32;
-        match gate.bytes.acquire_many(charge).await {
-            Ok(p) => p.forget(),
-            Err(_) => return Err(NetError::Shutdown),
-        }
+        self.admit(peer, body.len(), false).await?;
         let (tx, rx) = oneshot::channel();
         self.cmd
             .send(Command::Send {

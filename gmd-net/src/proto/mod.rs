@@ -341,26 +341,8 @@ impl Endpoint {
         body: Bytes,
     ) -> Result<(), NetError> {
         self.check_stream(stream)?;
-        let Endpoint {
-            shared,
-            peers,
-            sink,
-            ..
-        } = self;
-        let p = peers
-            .get_mut(peer.0 as usize)
-            .and_then(|p| p.as_mut())
-            .ok_or(NetError::BadPeer(peer.0))?;
-        p.enqueue(
-            now,
-            shared,
-            sink,
-            stream.0,
-            wire::MsgKind::OneWay,
-            body,
-            true,
-        )
-        .map(|_| ())
+        self.enqueue(now, peer, stream, wire::MsgKind::OneWay, body, None)
+            .map(|_| ())
     }
 
     /// Queues a request; the reply arrives as `Event::Reply` with the returned
@@ -377,26 +359,8 @@ impl Endpoint {
         body: Bytes,
     ) -> Result<RequestId, NetError> {
         self.check_stream(stream)?;
-        let Endpoint {
-            shared,
-            peers,
-            sink,
-            ..
-        } = self;
-        let p = peers
-            .get_mut(peer.0 as usize)
-            .and_then(|p| p.as_mut())
-            .ok_or(NetError::BadPeer(peer.0))?;
-        p.enqueue(
-            now,
-            shared,
-            sink,
-            stream.0,
-            wire::MsgKind::Request(0),
-            body,
-            true,
-        )
-        .map(|id| RequestId(id.expect("requests get an id")))
+        self.enqueue(now, peer, stream, wire::MsgKind::Request(0), body, None)
+            .map(|id| RequestId(id.expect("requests get an id")))
     }
 
     /// Sends the reply to a delivered request. Replies are not subject to the
@@ -407,6 +371,22 @@ impl Endpoint {
     /// `PeerRestarted`/`PeerDown` when the request's session is gone (the
     /// requester was already told), `MessageTooLarge`.
     pub fn reply(&mut self, now: Instant, to: ReplyTo, body: Bytes) -> Result<(), NetError> {
+        let kind = wire::MsgKind::Reply(to.request.0);
+        self.enqueue(now, to.peer, StreamId::REPLY, kind, body, Some(to.session))
+            .map(|_| ())
+    }
+
+    /// Queues a message toward `peer`. Replies (`reply_session` set) must
+    /// still belong to the current session and bypass the send-buffer bound.
+    fn enqueue(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        stream: StreamId,
+        kind: wire::MsgKind,
+        body: Bytes,
+        reply_session: Option<u64>,
+    ) -> Result<Option<u64>, NetError> {
         let Endpoint {
             shared,
             peers,
@@ -414,22 +394,16 @@ impl Endpoint {
             ..
         } = self;
         let p = peers
-            .get_mut(to.peer.0 as usize)
+            .get_mut(peer.0 as usize)
             .and_then(|p| p.as_mut())
-            .ok_or(NetError::BadPeer(to.peer.0))?;
-        if p.session_tag() != to.session {
+            .ok_or(NetError::BadPeer(peer.0))?;
+        if let Some(session) = reply_session
+            && p.session_tag() != session
+        {
             return Err(p.session_gone_error());
         }
-        p.enqueue(
-            now,
-            shared,
-            sink,
-            StreamId::REPLY.0,
-            wire::MsgKind::Reply(to.request.0),
-            body,
-            false,
-        )
-        .map(|_| ())
+        let gated = reply_session.is_none();
+        p.enqueue(now, shared, sink, stream.0, kind, body, gated)
     }
 
     /// Returns receive-window credit for a consumed message.

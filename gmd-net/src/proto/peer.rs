@@ -58,6 +58,21 @@ struct Chunk {
     len: u32,
 }
 
+impl Chunk {
+    /// The byte range it covers; an empty message counts as `[0, 1)`.
+    fn range(&self) -> (u64, u64) {
+        let start = u64::from(self.offset);
+        (
+            start,
+            if self.len == 0 {
+                start + 1
+            } else {
+                start + u64::from(self.len)
+            },
+        )
+    }
+}
+
 #[derive(Debug)]
 struct SentPacket {
     pn: u64,
@@ -881,12 +896,8 @@ impl Peer {
             return;
         };
         let Some(m) = lane.get(c.seq) else { return };
-        let end = if c.len == 0 {
-            1
-        } else {
-            u64::from(c.offset) + u64::from(c.len)
-        };
-        m.acked.insert(u64::from(c.offset), end);
+        let (start, end) = c.range();
+        m.acked.insert(start, end);
         if !(m.fully_queued() && m.fully_acked()) {
             return;
         }
@@ -987,12 +998,8 @@ impl Peer {
                 continue;
             };
             let Some(m) = lane.get(c.seq) else { continue };
-            let end = if c.len == 0 {
-                1
-            } else {
-                u64::from(c.offset) + u64::from(c.len)
-            };
-            if !m.acked.contains_range(u64::from(c.offset), end) {
+            let (start, end) = c.range();
+            if !m.acked.contains_range(start, end) {
                 self.retransmit.push_back(c);
             }
         }
@@ -1737,12 +1744,8 @@ impl Peer {
                     continue;
                 };
                 let Some(m) = lane.get(c.seq) else { continue };
-                let end = if c.len == 0 {
-                    1
-                } else {
-                    u64::from(c.offset) + u64::from(c.len)
-                };
-                if m.acked.contains_range(u64::from(c.offset), end) {
+                let (start, end) = c.range();
+                if m.acked.contains_range(start, end) {
                     continue;
                 }
                 let total = m.body.len() as u32;
