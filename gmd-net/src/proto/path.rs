@@ -8,6 +8,9 @@ use crate::config::{PathConfig, Tuning};
 /// Clock granularity `G` of RFC 6298.
 pub(crate) const GRANULARITY: Duration = Duration::from_micros(100);
 
+/// Smallest congestion window, in datagrams.
+const CWND_MIN_DATAGRAMS: usize = 4;
+
 /// Bounds of the RTT increase that ends slow start (RFC 9406).
 const HYSTART_RTT_THRESH_MIN: Duration = Duration::from_millis(4);
 const HYSTART_RTT_THRESH_MAX: Duration = Duration::from_millis(16);
@@ -189,8 +192,10 @@ impl Path {
         self.rtt.srtt().unwrap_or(t.rto_initial)
     }
 
+    /// Smallest congestion window: enough datagrams that a single loss can
+    /// still be detected by the packets after it rather than a timeout.
     pub(crate) fn min_cwnd(&self) -> usize {
-        2 * self.cfg.datagram_bytes
+        CWND_MIN_DATAGRAMS * self.cfg.datagram_bytes
     }
 
     /// Room for another datagram of `len` bytes under the congestion window.

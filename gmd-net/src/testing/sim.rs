@@ -1051,7 +1051,7 @@ pub fn run_scenario(sc: Scenario) -> Result<SimStats, SimFailure> {
     let mut fault_started = false;
     let mut fault_ended = false;
     let victim_net = r.sim.rng.gen_range(0..sc.networks);
-    let deadline = second + Duration::from_secs(120);
+    let deadline = second + Duration::from_secs(300);
     let mut steps: u64 = 0;
     let mut next_action = 0;
     loop {
