@@ -20,6 +20,8 @@ struct Pair {
     a: Node,
     b: Node,
     relays: Vec<Relay>,
+    /// B's configuration, to start it again.
+    b_config: gmd_net::NetConfig,
 }
 
 fn tuning() -> Tuning {
@@ -72,16 +74,14 @@ fn try_pair(promote: Duration, datagram_bytes: usize) -> Option<Pair> {
         tuning(),
     ))
     .ok()?;
-    let b = Node::start(cluster_config(
-        1,
-        &b_view,
-        datagram_bytes,
-        promote,
-        true,
-        tuning(),
-    ))
-    .ok()?;
-    Some(Pair { a, b, relays })
+    let b_config = cluster_config(1, &b_view, datagram_bytes, promote, true, tuning());
+    let b = Node::start(b_config.clone()).ok()?;
+    Some(Pair {
+        a,
+        b,
+        relays,
+        b_config,
+    })
 }
 
 fn echo(node: &Node, stream: StreamId) {
@@ -320,6 +320,60 @@ async fn netprobe_measures_every_path() {
         }
         p.a.shutdown().await;
         p.b.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_peer_is_recognised() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let p = pair(Duration::from_secs(30), 1400);
+        let peer_b = p.a.peer("m1").expect("m1");
+        let _silent = p.b.register_stream(StreamId(4)).expect("register");
+        let mut events = p.a.events();
+        let pending =
+            p.a.request(peer_b, StreamId(4), Bytes::from_static(b"unanswered"));
+        let (res, ()) = tokio::join!(pending, async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            p.b.shutdown().await;
+        });
+        // B said goodbye: the request fails at once, not after 30 s.
+        assert!(matches!(res, Err(NetError::PeerDown { .. })), "got {res:?}");
+        let mut first_epoch = None;
+        while let Ok(e) = events.try_recv() {
+            if let NodeEvent::PeerUp { epoch, .. } = e {
+                first_epoch = Some(epoch);
+            }
+        }
+        // Start B again on the same addresses (retry while the old sockets close).
+        let b2 = loop {
+            match Node::start(p.b_config.clone()) {
+                Ok(n) => break n,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        echo(&b2, StreamId(4));
+        let new_epoch = loop {
+            match events.recv().await.expect("event") {
+                NodeEvent::PeerUp { peer, epoch } if peer == peer_b => break epoch,
+                NodeEvent::PeerRestarted { peer, epoch } if peer == peer_b => break epoch,
+                _ => {}
+            }
+        };
+        if let Some(old) = first_epoch {
+            assert!(
+                new_epoch > old,
+                "epoch did not grow: {old:#x} -> {new_epoch:#x}"
+            );
+        }
+        let r =
+            p.a.request(peer_b, StreamId(4), Bytes::from_static(b"again"))
+                .await
+                .expect("new session");
+        assert_eq!(&r[..], b"again");
+        b2.shutdown().await;
+        p.a.shutdown().await;
     })
     .await
     .expect("test timed out");
