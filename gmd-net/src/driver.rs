@@ -651,10 +651,19 @@ impl Driver {
                 .map(|d| d.slot * slot + d.len)
                 .max()
                 .unwrap_or(0);
-            // SAFETY: recvmmsg initialised `len` bytes at the start of every
-            // slot it reported; bytes between datagrams are never read (each
-            // datagram is split off by its own range below), and BytesMut
-            // treats them as plain storage.
+            // Initialise the gaps between datagrams (at most one slot's tail
+            // each), so every byte below `used` is initialised.
+            {
+                let spare = self.rx_arena.spare_capacity_mut();
+                for d in &self.rx_list {
+                    let gap_end = ((d.slot + 1) * slot).min(used);
+                    let gap_start = (d.slot * slot + d.len).min(gap_end);
+                    spare[gap_start..gap_end].fill(MaybeUninit::new(0));
+                }
+            }
+            // SAFETY: recvmmsg initialised the first `len` bytes of every slot
+            // it reported (slots 0..got, in order) and the loop above the rest
+            // of each slot up to `used`.
             unsafe { self.rx_arena.set_len(used) };
             let mut whole = self.rx_arena.split_to(used);
             let now = Instant::now();
