@@ -4,7 +4,8 @@
 //!
 //! A failing seed prints itself and replays exactly:
 //! `GMD_SIM_SEED=1234 cargo nextest run -p gmd-net sim`.
-//! `GMD_SIM_SEEDS=n` changes the number of seeds per shard (default 1000).
+//! `GMD_SIM_SEEDS=n` changes the number of seeds per shard (default 1000),
+//! `GMD_SIM_SEED_START=k` where each shard starts (default 0).
 
 use gmd_net::testing::sim::{Fault, Scenario, run_scenario, run_seed};
 
@@ -27,8 +28,13 @@ fn run_shard(shard: u64) {
         return;
     }
     let n = seeds_per_shard();
+    // `GMD_SIM_SEED_START=k` explores seeds k.. of every shard instead of 0..
+    let first: u64 = std::env::var("GMD_SIM_SEED_START")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let mut delivered = 0;
-    for i in 0..n {
+    for i in first..first + n {
         let seed = shard * 1_000_000 + i;
         match run_seed(seed) {
             Ok(s) => delivered += s.delivered,
