@@ -502,8 +502,10 @@ impl Endpoint {
             .min()
     }
 
-    /// Writes the next datagram(s) to send into `buf` (cleared first), up to
-    /// `max_datagrams` datagrams of one path batched for GSO.
+    /// Writes the next datagram(s) to send into `buf`, up to `max_datagrams`
+    /// datagrams of one path batched for GSO. The datagrams are
+    /// `buf[..transmit.len]`; `buf` may be longer (it is reused as scratch
+    /// and never shrunk, so reuse one buffer per batch slot).
     pub fn poll_transmit(
         &mut self,
         now: Instant,

@@ -233,6 +233,15 @@ pub(crate) struct Peer {
     close_due: Vec<bool>,
 }
 
+/// Makes `buf` at least `len` long. Transmit buffers are reused without
+/// truncation, so steady-state sends never zero-fill them again; only
+/// `buf[..Transmit::len]` is meaningful.
+fn grow(buf: &mut Vec<u8>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+}
+
 /// Sent packets that may be tracked before new data waits; the rest of
 /// `sent_packets_max` is kept for acknowledgements and pings.
 fn data_packets_max(t: &Tuning) -> usize {
@@ -1452,7 +1461,6 @@ impl Peer {
         buf: &mut Vec<u8>,
     ) -> Option<Transmit> {
         let t = &shared.tuning;
-        buf.clear();
         // Hellos (handshake, or answers to a peer that lost track of us).
         for pi in 0..self.paths.len() {
             if self.hello_due[pi] || self.close_due[pi] {
@@ -1470,10 +1478,9 @@ impl Peer {
             if p.ack_pending || p.ping_pending || (self.credit_dirty && Some(pi) == data_path) {
                 let with_data = Some(pi) == data_path;
                 let seg = self.paths[pi].cfg.datagram_bytes;
-                buf.resize(seg, 0);
+                grow(buf, seg);
                 let len = self.build_packet(now, shared, sink, pi, &mut buf[..seg], with_data);
                 if len > 0 {
-                    buf.truncate(len);
                     return Some(self.transmit(pi, len, len));
                 }
             }
@@ -1493,7 +1500,7 @@ impl Peer {
             {
                 break;
             }
-            buf.resize(total + seg, 0);
+            grow(buf, total + seg);
             let len = self.build_packet(now, shared, sink, pi, &mut buf[total..total + seg], true);
             if len == 0 {
                 break;
@@ -1503,7 +1510,6 @@ impl Peer {
                 break;
             }
         }
-        buf.truncate(total);
         (total > 0).then(|| self.transmit(pi, total, seg.min(total)))
     }
 
@@ -1530,8 +1536,8 @@ impl Peer {
         self.hello_due[pi] = false;
         self.close_due[pi] = false;
         let dst_epoch = self.remote_epoch.unwrap_or(0);
-        buf.clear();
-        buf.resize(HEADER_BYTES + 1 + TAG_BYTES, 0);
+        let len = HEADER_BYTES + 1 + TAG_BYTES;
+        grow(buf, len);
         buf[HEADER_BYTES] = if close {
             wire::FRAME_CLOSE
         } else {
@@ -1552,7 +1558,7 @@ impl Peer {
                     pn,
                     path: pi as u8,
                     time_sent: now,
-                    size: buf.len() as u32,
+                    size: len as u32,
                     chunks_start: end,
                     chunks_end: end,
                     has_credit: false,
@@ -1561,14 +1567,13 @@ impl Peer {
                 });
             }
             if !close && tracked {
-                self.paths[pi].on_sent(now, buf.len(), true);
+                self.paths[pi].on_sent(now, len, true);
                 self.paths[pi].rto_base_touch(now);
                 self.arm_loss_timer(pi, &shared.tuning);
             }
             pn
         };
-        let len = buf.len();
-        self.seal(shared, dst_epoch, pn, &mut buf[..]);
+        self.seal(shared, dst_epoch, pn, &mut buf[..len]);
         self.trim_sent();
         self.account_sent(sink, pi, len, false);
         len
