@@ -1,0 +1,453 @@
+//! GeoMessage vs plain TCP on loopback, measured in the same run.
+//!
+//! `gmd-net-bench all` spawns itself as the receiving process for each case
+//! and prints a table of ratios:
+//! - bulk one-way transfer of `--gib` GiB in 1 MiB messages: TCP, GeoMessage
+//!   with 0 % loss (encrypted and authenticated-only), and with 1 % injected
+//!   loss (the `recv_loss_ppm` knob on both nodes);
+//! - small-message round trips: TCP ping-pong vs GeoMessage request/reply.
+//!
+//! Every case is bounded: a fixed byte/round-trip count and a 120 s timeout.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gmd_net::{InterfaceConfig, MachineConfig, NetConfig, NetworkConfig, Node, StreamId, Tuning};
+
+const MESSAGE_BYTES: usize = 1 << 20;
+const RTT_ROUNDS: usize = 20_000;
+const RTT_BYTES: usize = 64;
+const CASE_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+fn gm_config(
+    local: usize,
+    ports: [u16; 2],
+    encrypt: bool,
+    loss_ppm: u32,
+    datagram: usize,
+) -> NetConfig {
+    let m = |i: usize| MachineConfig {
+        name: format!("bench{i}"),
+        promote_failure_timeout: Duration::from_secs(30),
+        interfaces: vec![InterfaceConfig {
+            network: "lo".into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], ports[i])),
+        }],
+    };
+    NetConfig {
+        cluster_name: "bench".into(),
+        psk: vec![0x42; 32],
+        encrypt,
+        local_machine: format!("bench{local}"),
+        machines: vec![m(0), m(1)],
+        networks: vec![NetworkConfig {
+            name: "lo".into(),
+            datagram_bytes: datagram,
+        }],
+        tuning: Tuning {
+            recv_loss_ppm: loss_ppm,
+            ..Tuning::default()
+        },
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("tcp-server") => {
+            tcp_server(arg(&args, "--port").expect("--port").parse().expect("port"))
+        }
+        Some("gm-server") => gm_server(&args),
+        Some("all") | None => all(&args),
+        Some(other) => {
+            eprintln!("unknown mode {other}; use: all [--gib N] [--datagram BYTES]");
+            std::process::exit(1);
+        }
+    }
+}
+
+struct ChildGuard(Child);
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str]) -> ChildGuard {
+    let exe = std::env::current_exe().expect("exe");
+    ChildGuard(
+        Command::new(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn server"),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// TCP baseline.
+
+fn tcp_server(port: u16) {
+    let l = TcpListener::bind(("127.0.0.1", port)).expect("listen");
+    for conn in l.incoming() {
+        let Ok(mut c) = conn else { continue };
+        c.set_nodelay(true).ok();
+        let mut mode = [0u8; 1];
+        if c.read_exact(&mut mode).is_err() {
+            continue;
+        }
+        if mode[0] == b'B' {
+            // Bulk: length-prefixed messages until a zero length, then ack.
+            let mut buf = vec![0u8; MESSAGE_BYTES];
+            loop {
+                let mut len = [0u8; 4];
+                if c.read_exact(&mut len).is_err() {
+                    break;
+                }
+                let n = u32::from_be_bytes(len) as usize;
+                if n == 0 {
+                    let _ = c.write_all(b"k");
+                    break;
+                }
+                if c.read_exact(&mut buf[..n]).is_err() {
+                    break;
+                }
+            }
+        } else {
+            let mut buf = [0u8; RTT_BYTES];
+            while c.read_exact(&mut buf).is_ok() {
+                if c.write_all(&buf).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn tcp_connect(port: u16) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => return s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+}
+
+fn tcp_bulk(port: u16, total: usize) -> f64 {
+    let mut s = tcp_connect(port);
+    s.set_nodelay(true).ok();
+    let msg = vec![0x5a; MESSAGE_BYTES];
+    let start = Instant::now();
+    s.write_all(b"B").unwrap();
+    for _ in 0..total / MESSAGE_BYTES {
+        s.write_all(&(MESSAGE_BYTES as u32).to_be_bytes()).unwrap();
+        s.write_all(&msg).unwrap();
+    }
+    s.write_all(&0u32.to_be_bytes()).unwrap();
+    let mut k = [0u8; 1];
+    s.read_exact(&mut k).unwrap();
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+fn tcp_rtt(port: u16) -> Vec<Duration> {
+    let mut s = tcp_connect(port);
+    s.set_nodelay(true).ok();
+    s.write_all(b"R").unwrap();
+    let mut buf = [7u8; RTT_BYTES];
+    let mut v = Vec::with_capacity(RTT_ROUNDS);
+    for _ in 0..RTT_ROUNDS {
+        let t = Instant::now();
+        s.write_all(&buf).unwrap();
+        s.read_exact(&mut buf).unwrap();
+        v.push(t.elapsed());
+    }
+    v
+}
+
+// ---------------------------------------------------------------------------
+// GeoMessage.
+
+fn gm_server(args: &[String]) {
+    let ports = [
+        arg(args, "--p0").unwrap().parse().unwrap(),
+        arg(args, "--p1").unwrap().parse().unwrap(),
+    ];
+    let encrypt = arg(args, "--encrypt").as_deref() != Some("0");
+    let loss: u32 = arg(args, "--loss-ppm")
+        .unwrap_or_default()
+        .parse()
+        .unwrap_or(0);
+    let dg: usize = arg(args, "--datagram").unwrap().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let node = Node::start(gm_config(1, ports, encrypt, loss, dg)).expect("start server");
+        let mut rx = node.register_stream(StreamId(1)).unwrap();
+        while let Some(inc) = rx.recv().await {
+            if let Some(r) = inc.responder {
+                let _ = r.reply(inc.body.slice(..inc.body.len().min(RTT_BYTES)));
+            }
+        }
+    });
+}
+
+#[derive(Debug, Default)]
+struct GmResult {
+    bytes_per_sec: f64,
+    resends: u64,
+    timeouts: u64,
+    injected: u64,
+}
+
+fn gm_client<T>(
+    ports: [u16; 2],
+    encrypt: bool,
+    loss: u32,
+    dg: usize,
+    f: impl AsyncFnOnce(&Node, gmd_net::PeerId) -> T,
+) -> (T, gmd_net::Stats) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let node = Node::start(gm_config(0, ports, encrypt, loss, dg)).expect("start client");
+        let peer = node.peer("bench1").unwrap();
+        // Wait until the server answers.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout(
+                Duration::from_millis(500),
+                node.request(peer, StreamId(1), Bytes::from_static(b"hi")),
+            )
+            .await
+            {
+                Ok(Ok(_)) => break,
+                _ if Instant::now() < deadline => continue,
+                _ => panic!("server did not answer"),
+            }
+        }
+        let before = node.stats().await.unwrap();
+        let r = tokio::time::timeout(CASE_TIMEOUT, f(&node, peer))
+            .await
+            .expect("case timed out");
+        let st = node.stats().await.unwrap().since(&before);
+        node.shutdown().await;
+        (r, st)
+    })
+}
+
+fn gm_bulk(encrypt: bool, loss: u32, dg: usize, total: usize) -> GmResult {
+    let ports = [free_port(), free_port()];
+    let _server = spawn(&[
+        "gm-server",
+        "--p0",
+        &ports[0].to_string(),
+        "--p1",
+        &ports[1].to_string(),
+        "--encrypt",
+        if encrypt { "1" } else { "0" },
+        "--loss-ppm",
+        &loss.to_string(),
+        "--datagram",
+        &dg.to_string(),
+    ]);
+    let msg = Bytes::from(vec![0x5a; MESSAGE_BYTES]);
+    let (rate, st) = gm_client(ports, encrypt, loss, dg, async |node: &Node, peer| {
+        let start = Instant::now();
+        let verbose = std::env::var_os("GMD_BENCH_VERBOSE").is_some();
+        for i in 0..total / MESSAGE_BYTES {
+            node.send(peer, StreamId(1), msg.clone())
+                .await
+                .expect("send");
+            if verbose && i % 64 == 0 {
+                let st = node.stats().await.unwrap();
+                let (p, n) = (&st.paths[0], &st.networks[0]);
+                eprintln!(
+                    "{:>6.3}s msg {i}: cwnd {} in flight {} srtt {:?} rto {:?} resends {} timeouts {}",
+                    start.elapsed().as_secs_f64(),
+                    p.cwnd_bytes,
+                    p.in_flight_bytes,
+                    p.srtt,
+                    p.rto,
+                    n.resends,
+                    n.timeouts
+                );
+            }
+        }
+        // Same ordered stream: the reply proves everything before it arrived.
+        node.request(peer, StreamId(1), Bytes::from_static(b"done"))
+            .await
+            .expect("final");
+        total as f64 / start.elapsed().as_secs_f64()
+    });
+    GmResult {
+        bytes_per_sec: rate,
+        resends: st.networks.iter().map(|n| n.resends).sum(),
+        timeouts: st.networks.iter().map(|n| n.timeouts).sum(),
+        injected: st.injected_losses,
+    }
+}
+
+fn gm_rtt(dg: usize) -> Vec<Duration> {
+    let ports = [free_port(), free_port()];
+    let _server = spawn(&[
+        "gm-server",
+        "--p0",
+        &ports[0].to_string(),
+        "--p1",
+        &ports[1].to_string(),
+        "--datagram",
+        &dg.to_string(),
+    ]);
+    let body = Bytes::from(vec![7u8; RTT_BYTES]);
+    gm_client(ports, true, 0, dg, async |node: &Node, peer| {
+        let mut v = Vec::with_capacity(RTT_ROUNDS);
+        for _ in 0..RTT_ROUNDS {
+            let t = Instant::now();
+            node.request(peer, StreamId(1), body.clone())
+                .await
+                .expect("rtt");
+            v.push(t.elapsed());
+        }
+        v
+    })
+    .0
+}
+
+fn median(mut v: Vec<GmResult>) -> GmResult {
+    v.sort_by(|a, b| a.bytes_per_sec.total_cmp(&b.bytes_per_sec));
+    v.swap_remove(v.len() / 2)
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() - 1) as f64 * p) as usize]
+}
+
+fn all(args: &[String]) {
+    let gib: f64 = arg(args, "--gib")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    let dg: usize = arg(args, "--datagram")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(65_000);
+    let total = ((gib * (1u64 << 30) as f64) as usize / MESSAGE_BYTES).max(1) * MESSAGE_BYTES;
+    let mib = |b: f64| b / (1 << 20) as f64;
+    println!(
+        "GeoMessage vs TCP on loopback: {} MiB in 1 MiB messages, datagram {dg} bytes",
+        total >> 20
+    );
+
+    let repeat: usize = arg(args, "--repeat")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    println!("  each bulk case runs {repeat} times, interleaved; the median is reported");
+    let tcp_port = free_port();
+    let _tcp = spawn(&["tcp-server", "--port", &tcp_port.to_string()]);
+    let mut runs: [Vec<GmResult>; 4] = Default::default();
+    for r in 0..repeat {
+        runs[0].push(GmResult {
+            bytes_per_sec: tcp_bulk(tcp_port, total),
+            resends: 0,
+            timeouts: 0,
+            injected: 0,
+        });
+        runs[1].push(gm_bulk(true, 0, dg, total));
+        runs[2].push(gm_bulk(false, 0, dg, total));
+        runs[3].push(gm_bulk(true, 10_000, dg, total));
+        let show: Vec<String> = runs
+            .iter()
+            .map(|v| format!("{:.0}", mib(v[r].bytes_per_sec)))
+            .collect();
+        println!(
+            "  run {r}: tcp / enc / auth / enc+1% loss MiB/s: {}",
+            show.join(" / ")
+        );
+    }
+    let [tcp, gm0, gm0p, gm1] = runs.map(median);
+    let tcp = tcp.bytes_per_sec;
+    println!("  tcp bulk                   {:>9.1} MiB/s", mib(tcp));
+    println!(
+        "  geomsg bulk, 0% loss, enc  {:>9.1} MiB/s  resends {} timeouts {}",
+        mib(gm0.bytes_per_sec),
+        gm0.resends,
+        gm0.timeouts
+    );
+    println!(
+        "  geomsg bulk, 0% loss, auth {:>9.1} MiB/s  resends {} timeouts {}",
+        mib(gm0p.bytes_per_sec),
+        gm0p.resends,
+        gm0p.timeouts
+    );
+    println!(
+        "  geomsg bulk, 1% loss, enc  {:>9.1} MiB/s  resends {} timeouts {} (client-side injected drops {})",
+        mib(gm1.bytes_per_sec),
+        gm1.resends,
+        gm1.timeouts,
+        gm1.injected
+    );
+    let mut tr = tcp_rtt(tcp_port);
+    let mut gr = gm_rtt(dg);
+    let (t50, t99) = (pct(&mut tr, 0.5), pct(&mut tr, 0.99));
+    let (g50, g99) = (pct(&mut gr, 0.5), pct(&mut gr, 0.99));
+    println!(
+        "  rtt {RTT_BYTES} B x {RTT_ROUNDS}: tcp p50 {t50:?} p99 {t99:?}; geomsg p50 {g50:?} p99 {g99:?}"
+    );
+    println!();
+    println!("| metric | GeoMessage | TCP | ratio | goal |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| bulk 0% loss, encrypted (MiB/s) | {:.0} | {:.0} | {:.2}x | >= 1.0x |",
+        mib(gm0.bytes_per_sec),
+        mib(tcp),
+        gm0.bytes_per_sec / tcp
+    );
+    println!(
+        "| bulk 0% loss, auth only (MiB/s) | {:.0} | {:.0} | {:.2}x | >= 1.0x |",
+        mib(gm0p.bytes_per_sec),
+        mib(tcp),
+        gm0p.bytes_per_sec / tcp
+    );
+    println!(
+        "| bulk 1% loss vs own 0% (MiB/s) | {:.0} | {:.0} (own 0%) | {:.2}x | >= 0.7x |",
+        mib(gm1.bytes_per_sec),
+        mib(gm0.bytes_per_sec),
+        gm1.bytes_per_sec / gm0.bytes_per_sec
+    );
+    println!(
+        "| small RPC p50 (us) | {:.1} | {:.1} | {:.2}x | lower is better |",
+        g50.as_secs_f64() * 1e6,
+        t50.as_secs_f64() * 1e6,
+        g50.as_secs_f64() / t50.as_secs_f64()
+    );
+    println!(
+        "| small RPC p99 (us) | {:.1} | {:.1} | {:.2}x | lower is better |",
+        g99.as_secs_f64() * 1e6,
+        t99.as_secs_f64() * 1e6,
+        g99.as_secs_f64() / t99.as_secs_f64()
+    );
+}

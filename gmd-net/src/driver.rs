@@ -1,0 +1,877 @@
+//! The tokio driver: [`Node`] owns one UDP socket per local interface and a
+//! task that runs the sans-IO [`Endpoint`] — one small loop, in the manner of
+//! quinn's connection driver: take commands, receive a batch per socket,
+//! fire timers, transmit (at most `TRANSMITS_PER_TURN` datagram batches per
+//! turn so receiving is never starved), forward events, then sleep until a
+//! socket, a command or the next deadline wakes it.
+//!
+//! Backpressure: every peer has a byte semaphore sized to the send buffer and
+//! a request semaphore sized to `requests_outstanding_max`; `send` and
+//! `request` wait on them, and permits return when the core reports the
+//! message acknowledged (or dropped by a reset).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::poll_fn;
+use std::mem::MaybeUninit;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::config::{NetConfig, NetworkId, PeerId, Topology};
+use crate::proto::{Credit, Endpoint, Event, IncomingKind, ReplyTo, RequestId, message_charge};
+use crate::stats::Stats;
+use crate::sys::{self, BATCH_MAX, GSO_BYTES_MAX, GSO_SEGMENTS_MAX, InDatagram, OutDatagram};
+use crate::{NetError, StreamId};
+
+/// Datagram batches transmitted per loop turn before receiving again.
+const TRANSMITS_PER_TURN: usize = 64;
+/// Receive batches per socket per loop turn.
+const RECV_BATCHES_PER_TURN: usize = 8;
+/// Commands taken per loop turn.
+const COMMANDS_PER_TURN: usize = 1024;
+/// Capacity of the event broadcast channel; a receiver that lags further
+/// loses the oldest events (and sees `RecvError::Lagged`).
+pub(crate) const EVENT_CHANNEL_CAPACITY: usize = 4096;
+
+/// Peer and path events, as broadcast by [`Node::events`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// A session with the peer is established.
+    PeerUp {
+        /// The peer.
+        peer: PeerId,
+        /// Its epoch.
+        epoch: u64,
+    },
+    /// The peer was declared down; outstanding requests failed.
+    PeerDown {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// The peer restarted (new epoch); outstanding requests failed.
+    PeerRestarted {
+        /// The peer.
+        peer: PeerId,
+        /// Its new epoch.
+        epoch: u64,
+    },
+    /// A path started working.
+    PathUp {
+        /// The peer.
+        peer: PeerId,
+        /// The network.
+        network: NetworkId,
+    },
+    /// A path was declared down.
+    PathDown {
+        /// The peer.
+        peer: PeerId,
+        /// The network.
+        network: NetworkId,
+    },
+    /// Traffic to the peer now prefers this network.
+    ActivePathChanged {
+        /// The peer.
+        peer: PeerId,
+        /// The network, or `None` if no path is usable.
+        network: Option<NetworkId>,
+    },
+}
+
+/// A message received from a peer.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Sender.
+    pub peer: PeerId,
+    /// Stream.
+    pub stream: StreamId,
+    /// The message.
+    pub body: Bytes,
+    /// Present for requests: answer through it (later and out of order is fine).
+    pub responder: Option<Responder>,
+}
+
+/// Answers one request.
+#[derive(Debug)]
+pub struct Responder {
+    to: ReplyTo,
+    cmd: mpsc::UnboundedSender<Command>,
+}
+
+impl Responder {
+    /// Sends the reply. Replies to a session that has since been reset are
+    /// dropped (the requester already got `PeerDown`/`PeerRestarted`).
+    ///
+    /// # Errors
+    /// `Shutdown` if the node is gone.
+    pub fn reply(self, body: Bytes) -> Result<(), NetError> {
+        self.cmd
+            .send(Command::Reply { to: self.to, body })
+            .map_err(|_| NetError::Shutdown)
+    }
+
+    /// The requesting peer.
+    pub fn peer(&self) -> PeerId {
+        self.to.peer
+    }
+}
+
+/// Receives the messages of one stream, in order (except the control stream).
+/// Taking a message returns its receive-window credit to the peer, so a slow
+/// consumer slows the sender instead of growing memory.
+#[derive(Debug)]
+pub struct IncomingReceiver {
+    rx: mpsc::UnboundedReceiver<(Incoming, Credit)>,
+    cmd: mpsc::UnboundedSender<Command>,
+}
+
+impl IncomingReceiver {
+    /// Waits for the next message; `None` once the node is shut down.
+    pub async fn recv(&mut self) -> Option<Incoming> {
+        let (inc, credit) = self.rx.recv().await?;
+        let _ = self.cmd.send(Command::Release(credit));
+        Some(inc)
+    }
+}
+
+#[derive(Debug)]
+enum Command {
+    Send {
+        peer: PeerId,
+        stream: StreamId,
+        body: Bytes,
+        reply: Option<oneshot::Sender<Result<Bytes, NetError>>>,
+        accepted: Option<oneshot::Sender<Result<(), NetError>>>,
+    },
+    Reply {
+        to: ReplyTo,
+        body: Bytes,
+    },
+    Release(Credit),
+    Register {
+        stream: StreamId,
+        tx: mpsc::UnboundedSender<(Incoming, Credit)>,
+    },
+    Stats(oneshot::Sender<Stats>),
+    Pin {
+        peer: PeerId,
+        network: Option<NetworkId>,
+        done: oneshot::Sender<Result<(), NetError>>,
+    },
+    Shutdown(oneshot::Sender<()>),
+}
+
+#[derive(Debug)]
+struct Gate {
+    bytes: Semaphore,
+    requests: Semaphore,
+}
+
+/// A running GeoMessage endpoint.
+#[derive(Debug)]
+pub struct Node {
+    topo: Topology,
+    message_bytes_max: usize,
+    gates: Arc<Vec<Gate>>,
+    cmd: mpsc::UnboundedSender<Command>,
+    events: broadcast::Sender<NodeEvent>,
+    local_addrs: Vec<std::net::SocketAddr>,
+}
+
+struct Sock {
+    io: UdpSocket,
+    gso: bool,
+    gro: bool,
+    slot_bytes: usize,
+}
+
+impl Node {
+    /// Validates `config`, binds one UDP socket per local interface and
+    /// spawns the driver task on the current tokio runtime.
+    ///
+    /// # Errors
+    /// `Config` for an invalid configuration, `Io` if a socket cannot be bound.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn start(config: NetConfig) -> Result<Node, NetError> {
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1)
+            .max(1);
+        let seed = epoch ^ u64::from(std::process::id()).rotate_left(32);
+        let ep = Endpoint::new(&config, epoch, seed, Instant::now())?;
+        let topo = ep.topology().clone();
+        let t = ep.tuning().clone();
+        let mut socks = Vec::new();
+        let mut local_addrs = Vec::new();
+        for (name, addr, dg) in &topo.networks {
+            let (s, gso, gro) =
+                sys::bind(*addr).map_err(|e| NetError::io(format!("bind {name} {addr}"), &e))?;
+            local_addrs.push(s.local_addr().map_err(|e| NetError::io("local_addr", &e))?);
+            let io = UdpSocket::from_std(s).map_err(|e| NetError::io("register socket", &e))?;
+            let slot_bytes = if gro {
+                65_536
+            } else {
+                (*dg).next_power_of_two().max(2048)
+            };
+            debug!(network = %name, %addr, gso, gro, "socket bound");
+            socks.push(Sock {
+                io,
+                gso,
+                gro,
+                slot_bytes,
+            });
+        }
+        let gates: Arc<Vec<Gate>> = Arc::new(
+            topo.peers
+                .iter()
+                .map(|_| Gate {
+                    bytes: Semaphore::new(t.send_buffer_bytes_max),
+                    requests: Semaphore::new(t.requests_outstanding_max),
+                })
+                .collect(),
+        );
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (ev_tx, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
+        let driver = Driver {
+            ep,
+            socks,
+            cmd_rx,
+            cmd_tx: cmd_tx.clone(),
+            events: ev_tx.clone(),
+            gates: gates.clone(),
+            pending: BTreeMap::new(),
+            streams: BTreeMap::new(),
+            unclaimed: BTreeMap::new(),
+            tx_bufs: (0..BATCH_MAX)
+                .map(|_| Vec::with_capacity(GSO_BYTES_MAX))
+                .collect(),
+            tx_queue: VecDeque::new(),
+            rx_arena: BytesMut::new(),
+            rx_list: Vec::with_capacity(BATCH_MAX),
+        };
+        tokio::spawn(driver.run());
+        Ok(Node {
+            message_bytes_max: t.message_bytes_max,
+            topo,
+            gates,
+            cmd: cmd_tx,
+            events: ev_tx,
+            local_addrs,
+        })
+    }
+
+    /// The peer called `name`.
+    pub fn peer(&self, name: &str) -> Option<PeerId> {
+        self.topo
+            .peer_by_name(name)
+            .filter(|&p| p != self.topo.local)
+    }
+
+    /// Name of a peer.
+    pub fn peer_name(&self, peer: PeerId) -> Option<&str> {
+        self.topo
+            .peers
+            .get(peer.0 as usize)
+            .map(|p| p.name.as_str())
+    }
+
+    /// Name of a local network.
+    pub fn network_name(&self, network: NetworkId) -> Option<&str> {
+        self.topo
+            .networks
+            .get(network.0 as usize)
+            .map(|n| n.0.as_str())
+    }
+
+    /// Addresses the local sockets are bound to (one per network).
+    pub fn local_addrs(&self) -> &[std::net::SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// The resolved topology.
+    pub fn topology(&self) -> &Topology {
+        &self.topo
+    }
+
+    fn gate(&self, peer: PeerId, len: usize) -> Result<&Gate, NetError> {
+        if len > self.message_bytes_max {
+            return Err(NetError::MessageTooLarge {
+                len_bytes: len,
+                max_bytes: self.message_bytes_max,
+            });
+        }
+        if peer == self.topo.local {
+            return Err(NetError::BadPeer(peer.0));
+        }
+        self.gates
+            .get(peer.0 as usize)
+            .ok_or(NetError::BadPeer(peer.0))
+    }
+
+    /// Waits for send-buffer space (and a request slot) toward `peer`. The
+    /// permits are handed to the driver only once all are held, with no await
+    /// in between and the command sent right after, so dropping the caller's
+    /// future never leaks them; the driver returns them when the core
+    /// releases the message.
+    async fn admit(&self, peer: PeerId, len: usize, request: bool) -> Result<(), NetError> {
+        let gate = self.gate(peer, len)?;
+        let slot = match request {
+            true => Some(
+                gate.requests
+                    .acquire()
+                    .await
+                    .map_err(|_| NetError::Shutdown)?,
+            ),
+            false => None,
+        };
+        let charge = message_charge(len) as u32;
+        let bytes = gate
+            .bytes
+            .acquire_many(charge)
+            .await
+            .map_err(|_| NetError::Shutdown)?;
+        bytes.forget();
+        if let Some(s) = slot {
+            s.forget();
+        }
+        Ok(())
+    }
+
+    /// Sends a request and waits for its reply. Waits first for send-buffer
+    /// space toward the peer (flow control).
+    ///
+    /// # Errors
+    /// `PeerDown`/`PeerRestarted` when the peer is declared down or restarts
+    /// before replying; `BadPeer`, `BadStream`, `MessageTooLarge`, `Shutdown`.
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        stream: StreamId,
+        body: Bytes,
+    ) -> Result<Bytes, NetError> {
+        self.admit(peer, body.len(), true).await?;
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Command::Send {
+                peer,
+                stream,
+                body,
+                reply: Some(tx),
+                accepted: None,
+            })
+            .map_err(|_| NetError::Shutdown)?;
+        rx.await.map_err(|_| NetError::Shutdown)?
+    }
+
+    /// Sends a one-way message (reliable, and ordered on its stream). Returns
+    /// once the message is queued; waits while the send buffer is full.
+    ///
+    /// # Errors
+    /// `PeerDown` while the peer is declared down; `BadPeer`, `BadStream`,
+    /// `MessageTooLarge`, `Shutdown`.
+    pub async fn send(&self, peer: PeerId, stream: StreamId, body: Bytes) -> Result<(), NetError> {
+        self.admit(peer, body.len(), false).await?;
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Command::Send {
+                peer,
+                stream,
+                body,
+                reply: None,
+                accepted: Some(tx),
+            })
+            .map_err(|_| NetError::Shutdown)?;
+        rx.await.map_err(|_| NetError::Shutdown)?
+    }
+
+    /// Registers a stream and returns its receiver. Messages that arrived for
+    /// it before registration are delivered first. Registering again replaces
+    /// the previous receiver.
+    ///
+    /// # Errors
+    /// `Shutdown`.
+    pub fn register_stream(&self, stream: StreamId) -> Result<IncomingReceiver, NetError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.cmd
+            .send(Command::Register { stream, tx })
+            .map_err(|_| NetError::Shutdown)?;
+        Ok(IncomingReceiver {
+            rx,
+            cmd: self.cmd.clone(),
+        })
+    }
+
+    /// Subscribes to peer and path events.
+    pub fn events(&self) -> broadcast::Receiver<NodeEvent> {
+        self.events.subscribe()
+    }
+
+    /// A snapshot of all counters.
+    ///
+    /// # Errors
+    /// `Shutdown`.
+    pub async fn stats(&self) -> Result<Stats, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Command::Stats(tx))
+            .map_err(|_| NetError::Shutdown)?;
+        rx.await.map_err(|_| NetError::Shutdown)
+    }
+
+    /// Forces data to `peer` onto one network (`None` restores automatic
+    /// choice). Used by netprobe.
+    ///
+    /// # Errors
+    /// `BadPeer`, `Config` (no such path), `Shutdown`.
+    pub async fn pin_path(&self, peer: PeerId, network: Option<NetworkId>) -> Result<(), NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Command::Pin {
+                peer,
+                network,
+                done: tx,
+            })
+            .map_err(|_| NetError::Shutdown)?;
+        rx.await.map_err(|_| NetError::Shutdown)?
+    }
+
+    /// Tells the peers we are leaving, fails everything outstanding with
+    /// `Shutdown` and stops the driver.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Command::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        for g in self.gates.iter() {
+            g.bytes.close();
+            g.requests.close();
+        }
+    }
+}
+
+struct Driver {
+    ep: Endpoint,
+    socks: Vec<Sock>,
+    cmd_rx: mpsc::UnboundedReceiver<Command>,
+    cmd_tx: mpsc::UnboundedSender<Command>,
+    events: broadcast::Sender<NodeEvent>,
+    gates: Arc<Vec<Gate>>,
+    pending: BTreeMap<(PeerId, RequestId), oneshot::Sender<Result<Bytes, NetError>>>,
+    streams: BTreeMap<StreamId, mpsc::UnboundedSender<(Incoming, Credit)>>,
+    /// Messages for streams nobody registered yet; bounded by the receive
+    /// window because their credit is held until they are taken.
+    unclaimed: BTreeMap<StreamId, VecDeque<(Incoming, Credit)>>,
+    tx_bufs: Vec<Vec<u8>>,
+    /// Filled transmit buffers waiting for the socket: (buffer index, transmit).
+    tx_queue: VecDeque<(usize, crate::proto::Transmit)>,
+    rx_arena: BytesMut,
+    rx_list: Vec<InDatagram>,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        loop {
+            // 1. Commands.
+            for _ in 0..COMMANDS_PER_TURN {
+                match self.cmd_rx.try_recv() {
+                    Ok(Command::Shutdown(done)) => {
+                        self.shutdown().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    Ok(c) => self.command(c),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        self.shutdown().await;
+                        return;
+                    }
+                }
+            }
+            // 2. Receive.
+            for i in 0..self.socks.len() {
+                self.receive(i);
+            }
+            // 3. Timers.
+            let now = Instant::now();
+            if self.ep.poll_timeout().is_some_and(|t| t <= now) {
+                self.ep.handle_timeout(now);
+            }
+            // 4. Transmit.
+            let blocked = self.transmit();
+            // 5. Events.
+            self.dispatch_events();
+            // 6. Sleep until something happens.
+            if !self.cmd_rx.is_empty() {
+                continue;
+            }
+            let deadline = self.ep.poll_timeout();
+            let wake = poll_fn(|cx| {
+                for s in &self.socks {
+                    if s.io.poll_recv_ready(cx).is_ready() {
+                        return Poll::Ready(());
+                    }
+                }
+                if let Some(i) = blocked
+                    && self.socks[i].io.poll_send_ready(cx).is_ready()
+                {
+                    return Poll::Ready(());
+                }
+                Poll::Pending
+            });
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                c = self.cmd_rx.recv() => match c {
+                    Some(Command::Shutdown(done)) => {
+                        self.shutdown().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(c) => self.command(c),
+                    None => {
+                        self.shutdown().await;
+                        return;
+                    }
+                },
+                _ = wake => {}
+                _ = sleep => {}
+            }
+        }
+    }
+
+    fn command(&mut self, c: Command) {
+        let now = Instant::now();
+        match c {
+            Command::Send {
+                peer,
+                stream,
+                body,
+                reply,
+                accepted,
+            } => {
+                let charge = message_charge(body.len());
+                let gate = &self.gates[peer.0 as usize];
+                if let Some(reply) = reply {
+                    match self.ep.request(now, peer, stream, body) {
+                        Ok(id) => {
+                            self.pending.insert((peer, id), reply);
+                        }
+                        Err(e) => {
+                            gate.bytes.add_permits(charge);
+                            gate.requests.add_permits(1);
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                } else {
+                    let r = self.ep.send(now, peer, stream, body);
+                    if r.is_err() {
+                        gate.bytes.add_permits(charge);
+                    }
+                    if let Some(a) = accepted {
+                        let _ = a.send(r);
+                    }
+                }
+            }
+            Command::Reply { to, body } => {
+                if let Err(e) = self.ep.reply(now, to, body) {
+                    debug!(error = %e, "reply dropped");
+                }
+            }
+            Command::Release(c) => self.ep.release(c),
+            Command::Register { stream, tx } => {
+                if let Some(q) = self.unclaimed.remove(&stream) {
+                    for item in q {
+                        if let Err(mpsc::error::SendError(item)) = tx.send(item) {
+                            self.ep.release(item.1);
+                        }
+                    }
+                }
+                self.streams.insert(stream, tx);
+            }
+            Command::Stats(tx) => {
+                let _ = tx.send(self.ep.stats());
+            }
+            Command::Pin {
+                peer,
+                network,
+                done,
+            } => {
+                let _ = done.send(self.ep.pin_path(peer, network));
+            }
+            Command::Shutdown(_) => unreachable!("handled by the loop"),
+        }
+    }
+
+    fn receive(&mut self, i: usize) {
+        let slot = self.socks[i].slot_bytes;
+        let need = slot * BATCH_MAX;
+        for _ in 0..RECV_BATCHES_PER_TURN {
+            // Reuses the previous allocation when every datagram split off it
+            // has been dropped (the usual case: payloads are copied into
+            // reassembly buffers or released quickly).
+            self.rx_arena.reserve(need);
+            self.rx_list.clear();
+            let Driver {
+                socks,
+                rx_arena,
+                rx_list,
+                ..
+            } = self;
+            let spare: &mut [MaybeUninit<u8>] = &mut rx_arena.spare_capacity_mut()[..need];
+            let r = socks[i].io.try_io(Interest::READABLE, || {
+                sys::recv_batch(&socks[i].io, spare, slot, rx_list)
+            });
+            let got = match r {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // ICMP errors (port unreachable) surface here; the protocol
+                    // handles the loss, so only note it.
+                    debug!(error = %e, "recv");
+                    return;
+                }
+            };
+            let used = self
+                .rx_list
+                .iter()
+                .map(|d| d.slot * slot + d.len)
+                .max()
+                .unwrap_or(0);
+            // Initialise the gaps between datagrams (at most one slot's tail
+            // each), so every byte below `used` is initialised.
+            {
+                let spare = self.rx_arena.spare_capacity_mut();
+                for d in &self.rx_list {
+                    let gap_end = ((d.slot + 1) * slot).min(used);
+                    let gap_start = (d.slot * slot + d.len).min(gap_end);
+                    spare[gap_start..gap_end].fill(MaybeUninit::new(0));
+                }
+            }
+            // SAFETY: recvmmsg initialised the first `len` bytes of every slot
+            // it reported (slots 0..got, in order) and the loop above the rest
+            // of each slot up to `used`.
+            unsafe { self.rx_arena.set_len(used) };
+            let mut whole = self.rx_arena.split_to(used);
+            let now = Instant::now();
+            let mut consumed = 0;
+            let network = NetworkId(i as u8);
+            let list = std::mem::take(&mut self.rx_list);
+            for d in &list {
+                let start = d.slot * slot;
+                let _ = whole.split_to(start - consumed);
+                let mut dgram = whole.split_to(d.len);
+                consumed = start + d.len;
+                if self.socks[i].gro && d.segment < d.len {
+                    while !dgram.is_empty() {
+                        let n = d.segment.min(dgram.len());
+                        let seg = dgram.split_to(n);
+                        self.ep.handle_datagram(now, network, seg);
+                    }
+                } else {
+                    self.ep.handle_datagram(now, network, dgram);
+                }
+            }
+            self.rx_list = list;
+            if got < BATCH_MAX {
+                return;
+            }
+        }
+    }
+
+    /// Drains the endpoint's transmits into sockets. Returns the socket that
+    /// would block, if any.
+    fn transmit(&mut self) -> Option<usize> {
+        let now = Instant::now();
+        for _ in 0..TRANSMITS_PER_TURN {
+            // Fill free buffers.
+            while self.tx_queue.len() < BATCH_MAX {
+                let idx = (0..BATCH_MAX)
+                    .find(|b| !self.tx_queue.iter().any(|q| q.0 == *b))
+                    .expect("free buffer");
+                let mut buf = std::mem::take(&mut self.tx_bufs[idx]);
+                let max = self.max_segments();
+                let t = self.ep.poll_transmit(now, max, &mut buf);
+                self.tx_bufs[idx] = buf;
+                match t {
+                    Some(t) => self.tx_queue.push_back((idx, t)),
+                    None => break,
+                }
+            }
+            if self.tx_queue.is_empty() {
+                return None;
+            }
+            // Send a run of transmits that share a socket.
+            let net = self.tx_queue[0].1.network.0 as usize;
+            let n = self
+                .tx_queue
+                .iter()
+                .take_while(|q| q.1.network.0 as usize == net)
+                .count();
+            let sock = &self.socks[net];
+            let items: Vec<OutDatagram<'_>> = self
+                .tx_queue
+                .iter()
+                .take(n)
+                .map(|(b, t)| OutDatagram {
+                    dest: t.destination,
+                    data: &self.tx_bufs[*b][..t.len],
+                    segment: t.segment_bytes,
+                })
+                .collect();
+            let gso = sock.gso;
+            let r = sock.io.try_io(Interest::WRITABLE, || {
+                sys::send_batch(&sock.io, &items, gso)
+            });
+            drop(items);
+            match r {
+                Ok(k) => {
+                    for _ in 0..k {
+                        self.tx_queue.pop_front();
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(net),
+                Err(e) => {
+                    if gso && e.raw_os_error() == Some(libc::EIO) {
+                        warn!("UDP GSO failed; sending datagrams one by one from now on");
+                        self.socks[net].gso = false;
+                        continue;
+                    }
+                    // Unreachable destination and the like: drop the datagram;
+                    // loss recovery and path liveness deal with it.
+                    debug!(error = %e, "send");
+                    self.tx_queue.pop_front();
+                }
+            }
+        }
+        None
+    }
+
+    fn max_segments(&self) -> usize {
+        // The same limit for every path; computed from the smallest datagram.
+        let dg = self
+            .ep
+            .topology()
+            .networks
+            .iter()
+            .map(|n| n.2)
+            .min()
+            .unwrap_or(1400);
+        if self.socks.iter().all(|s| s.gso) {
+            (GSO_BYTES_MAX / dg).clamp(1, GSO_SEGMENTS_MAX)
+        } else {
+            1
+        }
+    }
+
+    fn dispatch_events(&mut self) {
+        while let Some(e) = self.ep.poll_event() {
+            let ne = match e {
+                Event::Message(d) => {
+                    let responder = match d.kind {
+                        IncomingKind::Request(to) => Some(Responder {
+                            to,
+                            cmd: self.cmd_tx.clone(),
+                        }),
+                        IncomingKind::OneWay => None,
+                    };
+                    let inc = Incoming {
+                        peer: d.peer,
+                        stream: d.stream,
+                        body: d.body,
+                        responder,
+                    };
+                    if d.stream == StreamId::PROBE {
+                        // netprobe: answer at once with a short reply.
+                        self.ep.release(d.credit);
+                        if let Some(r) = inc.responder {
+                            let head = inc.body.slice(..inc.body.len().min(8));
+                            let _ = self.ep.reply(Instant::now(), r.to, head);
+                        }
+                        continue;
+                    }
+                    let item = (inc, d.credit);
+                    match self.streams.get(&d.stream) {
+                        Some(tx) => {
+                            if let Err(mpsc::error::SendError(item)) = tx.send(item) {
+                                // Receiver dropped: hold until registered again.
+                                self.streams.remove(&d.stream);
+                                self.unclaimed.entry(d.stream).or_default().push_back(item);
+                            }
+                        }
+                        None => self.unclaimed.entry(d.stream).or_default().push_back(item),
+                    }
+                    continue;
+                }
+                Event::Reply {
+                    peer,
+                    request,
+                    body,
+                } => {
+                    if let Some(tx) = self.pending.remove(&(peer, request)) {
+                        let _ = tx.send(Ok(body));
+                    }
+                    self.gates[peer.0 as usize].requests.add_permits(1);
+                    continue;
+                }
+                Event::RequestFailed {
+                    peer,
+                    request,
+                    error,
+                } => {
+                    if let Some(tx) = self.pending.remove(&(peer, request)) {
+                        let _ = tx.send(Err(error));
+                    }
+                    self.gates[peer.0 as usize].requests.add_permits(1);
+                    continue;
+                }
+                Event::Released { peer, bytes } => {
+                    self.gates[peer.0 as usize].bytes.add_permits(bytes);
+                    continue;
+                }
+                Event::PeerUp { peer, epoch } => NodeEvent::PeerUp { peer, epoch },
+                Event::PeerDown { peer } => NodeEvent::PeerDown { peer },
+                Event::PeerRestarted { peer, epoch } => NodeEvent::PeerRestarted { peer, epoch },
+                Event::PathUp { peer, network } => NodeEvent::PathUp { peer, network },
+                Event::PathDown { peer, network } => NodeEvent::PathDown { peer, network },
+                Event::ActivePathChanged { peer, network } => {
+                    NodeEvent::ActivePathChanged { peer, network }
+                }
+            };
+            let _ = self.events.send(ne);
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let now = Instant::now();
+        self.ep.close(now);
+        // Best effort: push the CLOSE datagrams out.
+        for _ in 0..4 {
+            if self.transmit().is_none() && self.tx_queue.is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        for (_, tx) in std::mem::take(&mut self.pending) {
+            let _ = tx.send(Err(NetError::Shutdown));
+        }
+        for g in self.gates.iter() {
+            g.bytes.close();
+            g.requests.close();
+        }
+        self.streams.clear();
+    }
+}

@@ -1,0 +1,404 @@
+//! Real sockets on loopback: two nodes joined by two "networks" (127.0.0.1
+//! and 127.0.0.2), each through a fault-injecting relay. Every test is
+//! bounded in time and message count.
+
+use std::net::{IpAddr, Ipv4Addr, UdpSocket};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gmd_net::testing::cluster_config;
+use gmd_net::testing::relay::Relay;
+use gmd_net::{NetError, Node, NodeEvent, PeerId, StreamId, Tuning};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+struct Pair {
+    a: Node,
+    b: Node,
+    relays: Vec<Relay>,
+    /// B's configuration, to start it again.
+    b_config: gmd_net::NetConfig,
+}
+
+fn tuning() -> Tuning {
+    Tuning {
+        rto_min: Duration::from_millis(10),
+        ping_interval: Duration::from_millis(100),
+        path_timeouts_max: 3,
+        ..Tuning::default()
+    }
+}
+
+/// Node A = m0, node B = m1, one relay per network. Ports are picked by the
+/// kernel and may race with other tests, so a failed bind retries.
+fn pair(promote: Duration, datagram_bytes: usize) -> Pair {
+    for _ in 0..10 {
+        if let Some(p) = try_pair(promote, datagram_bytes) {
+            return p;
+        }
+    }
+    panic!("could not bind the test sockets");
+}
+
+fn try_pair(promote: Duration, datagram_bytes: usize) -> Option<Pair> {
+    // Hold the reservations until every port is chosen.
+    let held: Vec<UdpSocket> = [1, 2, 1, 2]
+        .iter()
+        .map(|&i| UdpSocket::bind((ip(i), 0)).expect("bind"))
+        .collect();
+    let addr = |i: usize| held[i].local_addr().expect("addr");
+    let a_addrs = [addr(0), addr(1)];
+    let b_addrs = [addr(2), addr(3)];
+    drop(held);
+    let relays: Vec<Relay> = (0..2)
+        .map(|n| Relay::start(ip(n as u8 + 3), a_addrs[n], b_addrs[n]).expect("relay"))
+        .collect();
+    let a_view = vec![
+        a_addrs.to_vec(),
+        relays.iter().map(|r| r.addr_for_a()).collect(),
+    ];
+    let b_view = vec![
+        relays.iter().map(|r| r.addr_for_b()).collect(),
+        b_addrs.to_vec(),
+    ];
+    let a = Node::start(cluster_config(
+        0,
+        &a_view,
+        datagram_bytes,
+        promote,
+        true,
+        tuning(),
+    ))
+    .ok()?;
+    let b_config = cluster_config(1, &b_view, datagram_bytes, promote, true, tuning());
+    let b = Node::start(b_config.clone()).ok()?;
+    Some(Pair {
+        a,
+        b,
+        relays,
+        b_config,
+    })
+}
+
+fn echo(node: &Node, stream: StreamId) {
+    let mut rx = node.register_stream(stream).expect("register");
+    tokio::spawn(async move {
+        while let Some(inc) = rx.recv().await {
+            if let Some(r) = inc.responder {
+                let _ = r.reply(inc.body);
+            }
+        }
+    });
+}
+
+fn payload(i: u32, len: usize) -> Bytes {
+    let mut v = vec![(i % 251) as u8; len];
+    v[..4].copy_from_slice(&i.to_be_bytes());
+    Bytes::from(v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_moves_to_the_other_path_when_one_is_cut() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let p = pair(Duration::from_secs(30), 8192);
+        let peer_b = p.a.peer("m1").expect("m1");
+        echo(&p.b, StreamId(1));
+        let mut events = p.a.events();
+        // Warm up so both paths are measured.
+        p.a.request(peer_b, StreamId(1), payload(0, 100))
+            .await
+            .expect("first request");
+        let active = machine(&p.a.stats().await.unwrap(), "m1")
+            .active_network
+            .clone()
+            .expect("active path");
+        let active_index = if active == "net0" { 0 } else { 1 };
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let mut tasks = Vec::new();
+        for i in 0..300u32 {
+            let req = p.a.request(peer_b, StreamId(1), payload(i, 64 << 10));
+            let done = &done;
+            tasks.push(async move {
+                let r = req.await;
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                (i, r)
+            });
+        }
+        let cutter = async {
+            // Cut the active path mid-transfer.
+            while done.load(std::sync::atomic::Ordering::SeqCst) < 100 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            p.relays[active_index].set_cut(true);
+        };
+        let (results, ()) = tokio::join!(futures_join_all(tasks), cutter);
+        for (i, r) in results {
+            let body = r.unwrap_or_else(|e| panic!("request {i} failed: {e}"));
+            assert_eq!(body, payload(i, 64 << 10), "reply {i} does not match");
+        }
+        let other = 1 - active_index;
+        let stats = p.a.stats().await.unwrap();
+        assert_eq!(
+            machine(&stats, "m1").active_network.as_deref(),
+            Some(if other == 0 { "net0" } else { "net1" })
+        );
+        assert!(
+            p.relays[other]
+                .control
+                .forwarded
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 100
+        );
+        let mut saw_down = false;
+        while let Ok(e) = events.try_recv() {
+            if let NodeEvent::PathDown { network, .. } = e {
+                saw_down |= network.0 as usize == active_index;
+            }
+        }
+        assert!(saw_down, "no PathDown event for the cut path");
+        p.a.shutdown().await;
+        p.b.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_stream_and_large_messages_survive_loss() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let p = pair(Duration::from_secs(30), 1400);
+        for r in &p.relays {
+            r.control
+                .loss_ppm
+                .store(20_000, std::sync::atomic::Ordering::Relaxed);
+        }
+        let peer_b = p.a.peer("m1").expect("m1");
+        let mut rx = p.b.register_stream(StreamId(7)).expect("register");
+        let sizes = [0usize, 1, 1300, 5000, 4 << 20, 70_000, 3];
+        let sender = async {
+            for (i, &len) in sizes.iter().enumerate() {
+                p.a.send(peer_b, StreamId(7), Bytes::from(vec![i as u8; len]))
+                    .await
+                    .expect("send");
+            }
+        };
+        let receiver = async {
+            for (i, &len) in sizes.iter().enumerate() {
+                let inc = rx.recv().await.expect("message");
+                assert_eq!(inc.peer, PeerId(0));
+                assert_eq!(
+                    inc.body.len(),
+                    len,
+                    "message {i} has the wrong size (out of order?)"
+                );
+                assert!(
+                    inc.body.iter().all(|&b| b == i as u8),
+                    "message {i} corrupted"
+                );
+            }
+        };
+        tokio::join!(sender, receiver);
+        let st = p.a.stats().await.unwrap();
+        let m1 = machine(&st, "m1");
+        assert!(
+            m1.fragmented >= 3,
+            "large messages were not fragmented: {m1:?}"
+        );
+        p.a.shutdown().await;
+        p.b.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_down_fails_outstanding_requests_and_recovers() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let p = pair(Duration::from_millis(1500), 1400);
+        let peer_b = p.a.peer("m1").expect("m1");
+        // No echo: requests stay outstanding.
+        let _rx = p.b.register_stream(StreamId(2)).expect("register");
+        let mut events = p.a.events();
+        p.a.send(peer_b, StreamId(2), Bytes::from_static(b"hello"))
+            .await
+            .expect("send");
+        let pending =
+            p.a.request(peer_b, StreamId(2), Bytes::from_static(b"never answered"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let cut_at = tokio::time::Instant::now();
+        for r in &p.relays {
+            r.set_cut(true);
+        }
+        let err = pending.await.expect_err("request must fail");
+        let waited = cut_at.elapsed();
+        assert!(matches!(err, NetError::PeerDown { .. }), "got {err}");
+        assert!(
+            waited >= Duration::from_millis(1200),
+            "peer down too early: {waited:?}"
+        );
+        assert!(
+            waited < Duration::from_secs(5),
+            "peer down too late: {waited:?}"
+        );
+        // While down, sends fail at once.
+        let e =
+            p.a.send(peer_b, StreamId(2), Bytes::from_static(b"x"))
+                .await
+                .expect_err("down");
+        assert!(matches!(e, NetError::PeerDown { .. }));
+        // Heal: the peer comes back up without restarting anything.
+        for r in &p.relays {
+            r.set_cut(false);
+        }
+        echo(&p.b, StreamId(3));
+        let mut seen_down = false;
+        loop {
+            match events.recv().await.expect("events") {
+                NodeEvent::PeerDown { peer } if peer == peer_b => seen_down = true,
+                NodeEvent::PeerUp { peer, .. } if peer == peer_b && seen_down => break,
+                _ => {}
+            }
+        }
+        let reply =
+            p.a.request(peer_b, StreamId(3), Bytes::from_static(b"again"))
+                .await
+                .expect("after heal");
+        assert_eq!(&reply[..], b"again");
+        p.a.shutdown().await;
+        p.b.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+fn machine<'a>(st: &'a gmd_net::Stats, name: &str) -> &'a gmd_net::MachineStats {
+    st.machines
+        .iter()
+        .find(|m| m.name == name)
+        .expect("machine in stats")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netprobe_measures_every_path() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let p = pair(Duration::from_secs(30), 8192);
+        let peer_b = p.a.peer("m1").expect("m1");
+        // Wait for the session and for both paths to be measured.
+        loop {
+            let st = p.a.stats().await.unwrap();
+            if st.paths.iter().all(|x| x.up) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let report = gmd_net::netprobe::netprobe(&p.a, peer_b, &[64, 100_000], 5)
+            .await
+            .expect("probe");
+        assert_eq!(report.peer, "m1");
+        assert_eq!(report.paths.len(), 2);
+        for path in &report.paths {
+            assert!(path.up, "{path:?}");
+            assert_eq!(path.sizes.len(), 2);
+            for s in &path.sizes {
+                assert!(s.rtt_min <= s.rtt_avg && s.rtt_avg <= s.rtt_max);
+                assert!(s.throughput_bytes_per_sec > 0.0);
+            }
+            assert!(path.srtt.is_some());
+        }
+        // Both relays carried probe traffic.
+        for r in &p.relays {
+            assert!(
+                r.control
+                    .forwarded
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 10
+            );
+        }
+        p.a.shutdown().await;
+        p.b.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_peer_is_recognised() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let p = pair(Duration::from_secs(30), 1400);
+        let peer_b = p.a.peer("m1").expect("m1");
+        let _silent = p.b.register_stream(StreamId(4)).expect("register");
+        let mut events = p.a.events();
+        let pending =
+            p.a.request(peer_b, StreamId(4), Bytes::from_static(b"unanswered"));
+        let (res, ()) = tokio::join!(pending, async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            p.b.shutdown().await;
+        });
+        // B said goodbye: the request fails at once, not after 30 s.
+        assert!(matches!(res, Err(NetError::PeerDown { .. })), "got {res:?}");
+        let mut first_epoch = None;
+        while let Ok(e) = events.try_recv() {
+            if let NodeEvent::PeerUp { epoch, .. } = e {
+                first_epoch = Some(epoch);
+            }
+        }
+        // Start B again on the same addresses (retry while the old sockets close).
+        let b2 = loop {
+            match Node::start(p.b_config.clone()) {
+                Ok(n) => break n,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        echo(&b2, StreamId(4));
+        let new_epoch = loop {
+            match events.recv().await.expect("event") {
+                NodeEvent::PeerUp { peer, epoch } if peer == peer_b => break epoch,
+                NodeEvent::PeerRestarted { peer, epoch } if peer == peer_b => break epoch,
+                _ => {}
+            }
+        };
+        if let Some(old) = first_epoch {
+            assert!(
+                new_epoch > old,
+                "epoch did not grow: {old:#x} -> {new_epoch:#x}"
+            );
+        }
+        let r =
+            p.a.request(peer_b, StreamId(4), Bytes::from_static(b"again"))
+                .await
+                .expect("new session");
+        assert_eq!(&r[..], b"again");
+        b2.shutdown().await;
+        p.a.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Polls futures concurrently without an extra dependency.
+async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut handles: Vec<std::pin::Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = (0..handles.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (i, h) in handles.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match h.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.expect("done")).collect()
+}
