@@ -137,8 +137,8 @@ pub struct PeerView {
     pub starting: bool,
     /// Its role for the device.
     pub role: Role,
-    /// Its state map has non-zero cells.
-    pub dirty: bool,
+    /// Its state map has stale cells (it wrote alone).
+    pub stale: bool,
 }
 
 enum State {
@@ -211,6 +211,19 @@ impl DeviceHandle {
     /// Why the device is not usable, if something went wrong restoring it.
     pub fn problem(&self) -> Option<&str> {
         self.problem.as_deref()
+    }
+
+    /// Counts of stale and inconsistent cells, when the map is open.
+    pub fn map_counts(&self) -> Option<(u64, u64)> {
+        let summary = match &self.state {
+            State::Defined => return None,
+            State::Stopped { cells, .. } => crate::statemap::dump::MapSummary::of(cells),
+            State::Available { .. } => {
+                let (_, cells) = self.map_snapshot().ok()?;
+                crate::statemap::dump::MapSummary::of(&cells)
+            }
+        };
+        Some((summary.stale, summary.inconsistent))
     }
 
     /// The running device, when AVAILABLE.
@@ -334,11 +347,19 @@ impl DeviceHandle {
                     peer.machine, peer.machine
                 )));
             }
-            if !cells.is_clean() && peer.dirty {
+            let local_stale = cells.count_value(CELL_STALE) > 0;
+            if local_stale && peer.stale {
                 return Err(DeviceError::refused(format!(
-                    "{name}: start refused: both sides have dirty state maps (data divergence); \
+                    "{name}: start refused: both sides have stale marks in their state maps (data divergence); \
                      inspect with 'gmdctl show-state {name}' on both machines, \
                      resolve with 'gmdctl unify {name} --master <machine>'"
+                )));
+            }
+            if local_stale {
+                return Err(DeviceError::refused(format!(
+                    "{name}: start refused: this side has stale marks (writes {} has not got) while {} is AVAILABLE; \
+                     start this side first (stop the device on {}), or resolve with 'gmdctl unify {name} --master <machine>'",
+                    peer.machine, peer.machine, peer.machine
                 )));
             }
             if self.local().role == Role::Primary && peer.role == Role::Primary {
@@ -637,13 +658,90 @@ impl DeviceHandle {
     ///
     /// # Errors
     /// Wrong state, a missing data volume, or a valid map in place without `force`.
-    pub fn init_state(&self, force: bool) -> Result<Uuid, DeviceError> {
+    pub fn init_state(&self, uuid: Uuid, force: bool) -> Result<Uuid, DeviceError> {
         self.require(
             AdminState::Defined,
             "initialise its state map",
             "gmdctl stop / unconfigure",
         )?;
-        init_state(&self.config, self.local(), force)
+        init_state(&self.config, self.local(), uuid, force)
+    }
+
+    /// Records (or forgets) remote peer `peer` as down, in any state but
+    /// DEFINED (promotion of a failure, or the peer coming back).
+    ///
+    /// # Errors
+    /// The map cannot be written.
+    pub fn set_peer_down(&mut self, peer: &str, down: bool) -> Result<(), DeviceError> {
+        let name = self.config.name.clone();
+        let map = match &mut self.state {
+            State::Defined => return Ok(()),
+            State::Stopped { map, .. } | State::Available { map, .. } => map,
+        };
+        let listed = map.superblock().peers_down.iter().any(|p| p == peer);
+        if listed == down {
+            return Ok(());
+        }
+        map.update_superblock(|sb| {
+            if down {
+                sb.peers_down.push(peer.to_owned());
+            } else {
+                sb.peers_down.retain(|p| p != peer);
+            }
+        })
+        .map_err(|e| map_error(&name, &e))
+    }
+
+    /// Clears the map of a device that is not running (unify, non-master side).
+    ///
+    /// # Errors
+    /// AVAILABLE, or the map cannot be written.
+    pub fn clear_map(&mut self) -> Result<(), DeviceError> {
+        if self.state() == AdminState::Available {
+            return Err(DeviceError::refused(format!(
+                "{}: the non-master side must be stopped for unify (gmdctl stop {})",
+                self.config.name, self.config.name
+            )));
+        }
+        self.mark_all(CELL_CONSISTENT)
+    }
+
+    /// Marks stale the regions whose bit is set (unify, master side).
+    ///
+    /// # Errors
+    /// The map cannot be written.
+    pub fn mark_stale_bits(&mut self, bits: &[u8]) -> Result<(), DeviceError> {
+        let name = self.config.name.clone();
+        let size = self.config.size_bytes;
+        let map_path = self.local().state_map.clone();
+        match &mut self.state {
+            State::Defined => {
+                let (mut map, mut cells) =
+                    MapFile::open(&map_path, Some(size)).map_err(|e| map_error(&name, &e))?;
+                mark_bits(&mut cells, bits);
+                map.write_all(&cells).map_err(|e| map_error(&name, &e))
+            }
+            State::Stopped { map, cells, .. } => {
+                let mut next = cells.clone();
+                mark_bits(&mut next, bits);
+                map.write_all(&next).map_err(|e| map_error(&name, &e))?;
+                *cells = next;
+                Ok(())
+            }
+            State::Available { runtime, .. } => {
+                let (tx, rx) = mpsc::channel();
+                runtime.port().mark_stale(bits.to_vec(), move |r| {
+                    let _ = tx.send(r);
+                });
+                match rx.recv_timeout(DEVICE_REPLY_TIMEOUT) {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(DeviceError::internal(format!("{name}: {e}"))),
+                    Err(_) => Err(DeviceError::internal(format!(
+                        "{name}: the device thread did not answer"
+                    ))),
+                }
+            }
+        }
     }
 
     /// Brings the device back to the state recorded in its map (after a
@@ -704,6 +802,17 @@ fn lookup<'a>(
         )));
     }
     Ok(device)
+}
+
+fn mark_bits(cells: &mut StateMap, bits: &[u8]) {
+    for region in 0..cells.region_count() {
+        if bits
+            .get((region / 8) as usize)
+            .is_some_and(|b| b & (1 << (region % 8)) != 0)
+        {
+            cells.set(region, CELL_STALE);
+        }
+    }
 }
 
 /// Checks the data volume exists, has the configured size and can do direct
@@ -788,17 +897,29 @@ pub fn read_map(device: &Device, local: &DeviceMachine) -> Result<(Uuid, StateMa
     Ok((map.superblock().uuid, cells))
 }
 
-/// Writes a fresh, clean map for `local`'s side of `device`.
+/// The identity a device gets unless one is given: derived from what defines
+/// it (cluster, name, minor, size), so that both sides, initialised
+/// independently, agree — and a device redefined with another minor or size
+/// is another device.
+pub fn default_uuid(cluster_name: &str, device: &Device) -> Uuid {
+    let name = format!(
+        "gmd:{cluster_name}:{}:{}:{}",
+        device.name, device.minor, device.size_bytes
+    );
+    Uuid::new_v5(&Uuid::NAMESPACE_OID, name.as_bytes())
+}
+
+/// Writes a fresh, clean map for `local`'s side of `device` with identity `uuid`.
 ///
 /// # Errors
 /// A missing or wrongly sized data volume, or a valid map in place without `force`.
 pub fn init_state(
     device: &Device,
     local: &DeviceMachine,
+    uuid: Uuid,
     force: bool,
 ) -> Result<Uuid, DeviceError> {
     drop(check_data_volume(device, local)?);
-    let uuid = Uuid::new_v4();
     MapFile::create(&local.state_map, uuid, device.size_bytes, force)
         .map_err(|e| map_error(&device.name, &e))?;
     Ok(uuid)

@@ -187,6 +187,7 @@ type DoneReply = Box<dyn FnOnce(Result<(), EngineError>) + Send>;
 enum Control {
     Snapshot(SnapshotReply),
     MarkAll(u8, DoneReply),
+    MarkStale(Vec<u8>, DoneReply),
     Link(LinkEvent),
     Stop,
 }
@@ -270,7 +271,85 @@ impl Submitter {
     }
 }
 
+/// Reaches a running device from the network side: messages from the peer,
+/// link changes, map snapshots. Cloneable; see [`Runtime::port`].
+#[derive(Clone)]
+pub struct Port {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Port {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Port").finish_non_exhaustive()
+    }
+}
+
+impl Port {
+    fn control(&self, message: Control) {
+        self.shared
+            .control
+            .lock()
+            .expect("control queue lock")
+            .push(message);
+        self.shared.control_pending.store(true, Ordering::SeqCst);
+        self.shared.wake_always();
+    }
+
+    /// Delivers a message from the peer, sent in link session `session`;
+    /// messages of any other than the current session are dropped.
+    pub fn from_peer(&self, session: u64, message: FromPeer) {
+        self.shared
+            .peer_inbox
+            .lock()
+            .expect("peer inbox lock")
+            .push_back((session, message));
+        self.shared.control_pending.store(true, Ordering::SeqCst);
+        self.shared.wake();
+    }
+
+    /// Tells the device the link changed.
+    pub fn link_event(&self, event: LinkEvent) {
+        self.control(Control::Link(event));
+    }
+
+    /// Asks for a copy of the live state map; `reply` is called on the device thread.
+    pub fn snapshot(&self, reply: impl FnOnce(StateMap) + Send + 'static) {
+        self.control(Control::Snapshot(Box::new(reply)));
+    }
+
+    /// Sets every cell to `value` and calls `reply` once that is durable.
+    pub fn mark_all(
+        &self,
+        value: u8,
+        reply: impl FnOnce(Result<(), EngineError>) + Send + 'static,
+    ) {
+        self.control(Control::MarkAll(value, Box::new(reply)));
+    }
+
+    /// Marks the regions whose bit is set stale (unify on the master) and
+    /// calls `reply` once that is durable.
+    pub fn mark_stale(
+        &self,
+        bits: Vec<u8>,
+        reply: impl FnOnce(Result<(), EngineError>) + Send + 'static,
+    ) {
+        self.control(Control::MarkStale(bits, Box::new(reply)));
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &RuntimeStats {
+        &self.shared.stats
+    }
+}
+
 impl Runtime {
+    /// A handle for the network side; see [`Port`].
+    pub fn port(&self) -> Port {
+        Port {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Opens the volumes, sets up the ring and starts the device thread.
     ///
     /// # Errors
@@ -362,25 +441,12 @@ impl Runtime {
     }
 
     fn control(&self, message: Control) {
-        self.shared
-            .control
-            .lock()
-            .expect("control queue lock")
-            .push(message);
-        self.shared.control_pending.store(true, Ordering::SeqCst);
-        self.shared.wake_always();
+        self.port().control(message);
     }
 
-    /// Delivers a message from the peer, sent in link session `session`;
-    /// messages of any other than the current session are dropped.
+    /// Delivers a message from the peer (see [`Port::from_peer`]).
     pub fn from_peer(&self, session: u64, message: FromPeer) {
-        self.shared
-            .peer_inbox
-            .lock()
-            .expect("peer inbox lock")
-            .push_back((session, message));
-        self.shared.control_pending.store(true, Ordering::SeqCst);
-        self.shared.wake();
+        self.port().from_peer(session, message);
     }
 
     /// Tells the device the link changed.
@@ -612,6 +678,14 @@ impl Worker {
                     reply(Err(EngineError::MapFailed));
                 } else {
                     let epoch = self.engine.mark_all(value);
+                    waiting_marks.push((epoch, reply));
+                }
+            }
+            Control::MarkStale(bits, reply) => {
+                if self.engine.map_failed() {
+                    reply(Err(EngineError::MapFailed));
+                } else {
+                    let epoch = self.engine.mark_stale_bits(&bits);
                     waiting_marks.push((epoch, reply));
                 }
             }

@@ -36,6 +36,9 @@ pub trait Export: Send + Sync + 'static {
     /// # Errors
     /// The device is full; cannot happen for a request holding a permit.
     fn submit(&self, submission: Submission) -> Result<(), Submission>;
+    /// Cancelled when the device is being stopped by force: connections
+    /// finish what is in flight and close.
+    fn fence(&self) -> &CancellationToken;
 }
 
 /// Keeps an export "in use" while a client is connected to it.
@@ -380,6 +383,9 @@ impl Server {
         loop {
             let read = tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
+                _ = export.fence().cancelled() => {
+                    return Err("the device is being stopped by force; disconnecting".into());
+                }
                 r = reader.read_exact(&mut header) => r,
             };
             match read {

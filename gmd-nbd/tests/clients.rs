@@ -21,6 +21,7 @@ struct MemExport {
     data: Mutex<Vec<u8>>,
     pool: BufPool,
     admission: Semaphore,
+    fence: CancellationToken,
 }
 
 impl Export for MemExport {
@@ -41,6 +42,9 @@ impl Export for MemExport {
     }
     fn admission(&self) -> &Semaphore {
         &self.admission
+    }
+    fn fence(&self) -> &CancellationToken {
+        &self.fence
     }
     fn submit(&self, mut s: Submission) -> Result<(), Submission> {
         let r = s.request;
@@ -119,6 +123,7 @@ fn serve() -> Fixture {
         data: Mutex::new(vec![0; SIZE as usize]),
         pool: BufPool::new(),
         admission: Semaphore::new(256),
+        fence: CancellationToken::new(),
     });
     let leases = Arc::new(Mutex::new(0));
     let registry = Arc::new(MemRegistry {

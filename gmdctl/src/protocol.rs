@@ -97,11 +97,23 @@ pub enum Command {
         device: String,
         /// Overwrite a valid map.
         force: bool,
+        /// Identity to give the device (default: derived from its definition).
+        #[serde(default)]
+        uuid: Option<String>,
     },
     /// Counters for gmdstat.
     Stats {
         /// Devices to report; all when empty.
         devices: Vec<String>,
+    },
+    /// Unifies the maps of this machine and the other copy after divergence.
+    Unify {
+        /// The device.
+        device: String,
+        /// The machine whose data wins.
+        master: String,
+        /// Only show the unified map.
+        preview: bool,
     },
 }
 
@@ -252,6 +264,35 @@ pub struct DeviceStatus {
     pub clients: u64,
     /// Why the device is not usable, when something is wrong (e.g. damaged map).
     pub problem: Option<String>,
+    /// Mirroring, when AVAILABLE.
+    pub link: Option<LinkStatus>,
+}
+
+/// Mirroring state of an AVAILABLE device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    /// The peer mirrored with (or being connected).
+    pub peer: Option<String>,
+    /// Whether writes are mirrored now.
+    pub connected: bool,
+    /// Mode in effect: the configured one, `async (hwm fallback: mwc)`, or `standalone`.
+    pub mode_in_effect: String,
+    /// This side's part in the current resync: `source`, `target` or `none`.
+    pub resync_role: Option<String>,
+    /// Regions of the current resync.
+    pub resync_total: u64,
+    /// Regions of it left (source: to confirm; target: to receive).
+    pub resync_remaining: u64,
+    /// Resync rate since it started, bytes per second (source).
+    pub resync_bytes_per_s: u64,
+    /// Estimated seconds to finish (source).
+    pub resync_eta_s: Option<u64>,
+    /// Async bytes completed but not yet acknowledged by the peer.
+    pub backlog_bytes: u64,
+    /// Times async fell back to mwc at the high water mark.
+    pub hwm_fallbacks: u64,
+    /// Why the last connection attempt was refused, if it was.
+    pub refused: Option<String>,
 }
 
 /// Result of [`Command::ShowState`].

@@ -35,7 +35,7 @@ fn beta(reachable: bool) -> PeerView {
         available: reachable,
         starting: false,
         role: Role::None,
-        dirty: false,
+        stale: false,
     }
 }
 
@@ -45,7 +45,7 @@ fn full_lifecycle_with_the_peer_recorded_down() {
     let mut dev = handle(&s);
     let err = dev.configure().unwrap_err();
     assert!(err.message.contains("gmdctl init-state data10gmd"), "{err}");
-    dev.init_state(false).unwrap();
+    dev.init_state(uuid::Uuid::from_u128(42), false).unwrap();
     dev.configure().unwrap();
     assert_eq!(dev.state(), AdminState::Stopped);
     let err = dev
@@ -73,7 +73,7 @@ fn full_lifecycle_with_the_peer_recorded_down() {
 fn wrong_states_and_unknown_peers_are_refused_with_the_way_out() {
     let s = site();
     let mut dev = handle(&s);
-    dev.init_state(false).unwrap();
+    dev.init_state(uuid::Uuid::from_u128(42), false).unwrap();
     assert!(
         dev.start(&[], &StartOptions::default())
             .unwrap_err()
@@ -87,7 +87,7 @@ fn wrong_states_and_unknown_peers_are_refused_with_the_way_out() {
     assert!(err.message.contains("remote peers are: beta"), "{err}");
     dev.configure().unwrap();
     assert!(dev.update_config(&s.config).is_err());
-    let err = dev.init_state(true).unwrap_err();
+    let err = dev.init_state(uuid::Uuid::from_u128(42), true).unwrap_err();
     assert!(err.message.contains("DEFINED"), "{err}");
     let err = DeviceHandle::new(&s.config, "alpha", "nosuch").unwrap_err();
     assert_eq!(err.class, ErrorClass::NotFound);
@@ -97,7 +97,7 @@ fn wrong_states_and_unknown_peers_are_refused_with_the_way_out() {
 fn start_rules_against_the_peer() {
     let s = site();
     let mut dev = handle(&s);
-    dev.init_state(false).unwrap();
+    dev.init_state(uuid::Uuid::from_u128(42), false).unwrap();
     dev.configure().unwrap();
     let starting = PeerView {
         starting: true,
@@ -122,7 +122,7 @@ fn start_rules_against_the_peer() {
     // Divergence: both sides dirty.
     dev.dirty().unwrap();
     let dirty_peer = PeerView {
-        dirty: true,
+        stale: true,
         ..beta(true)
     };
     let err = dev
@@ -133,6 +133,12 @@ fn start_rules_against_the_peer() {
         err.message.contains("gmdctl unify data10gmd --master"),
         "{err}"
     );
+    // Local stale marks while the peer is available and clean.
+    let err = dev
+        .start(&[beta(true)], &StartOptions::default())
+        .unwrap_err();
+    assert!(err.message.contains("this side has stale marks"), "{err}");
+    dev.clean(true, true).unwrap();
     // More than one active remote peer.
     let gamma = PeerView {
         machine: "gamma".into(),
@@ -158,7 +164,7 @@ fn two_primaries_are_refused() {
     .unwrap();
     let config = ClusterConfig::load(&path).unwrap();
     let mut dev = DeviceHandle::new(&config, "alpha", "data10gmd").unwrap();
-    dev.init_state(false).unwrap();
+    dev.init_state(uuid::Uuid::from_u128(42), false).unwrap();
     dev.configure().unwrap();
     let primary = PeerView {
         role: Role::Primary,
@@ -171,7 +177,7 @@ fn two_primaries_are_refused() {
 fn damage_and_recover(damage: &[(u64, usize)]) {
     let s = site();
     let mut dev = handle(&s);
-    let uuid = dev.init_state(false).unwrap();
+    let uuid = dev.init_state(uuid::Uuid::from_u128(42), false).unwrap();
     let map_path = s.dir.path().join("alpha/data10.sm");
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -210,13 +216,17 @@ fn data_volume_problems_say_how_to_fix_them() {
     let s = site();
     let dev = handle(&s);
     std::fs::remove_file(s.dir.path().join("alpha/data10.img")).unwrap();
-    let err = dev.init_state(false).unwrap_err();
+    let err = dev
+        .init_state(uuid::Uuid::from_u128(42), false)
+        .unwrap_err();
     assert!(err.message.contains("truncate -s 67108864"), "{err}");
     File::create(s.dir.path().join("alpha/data10.img"))
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    let err = dev.init_state(false).unwrap_err();
+    let err = dev
+        .init_state(uuid::Uuid::from_u128(42), false)
+        .unwrap_err();
     assert!(err.message.contains("configured size is 67108864"), "{err}");
 }
 
@@ -224,7 +234,7 @@ fn data_volume_problems_say_how_to_fix_them() {
 fn clean_needs_force_a_down_peer_and_a_stopped_device() {
     let s = site();
     let mut dev = handle(&s);
-    dev.init_state(false).unwrap();
+    dev.init_state(uuid::Uuid::from_u128(42), false).unwrap();
     dev.configure().unwrap();
     dev.dirty().unwrap();
     assert!(
@@ -258,7 +268,7 @@ fn restore_returns_to_the_recorded_state() {
     let s = site();
     {
         let mut dev = handle(&s);
-        dev.init_state(false).unwrap();
+        dev.init_state(uuid::Uuid::from_u128(42), false).unwrap();
         dev.configure().unwrap();
         dev.down(&s.config, "beta").unwrap();
         dev.start(&[beta(false)], &StartOptions::default()).unwrap();

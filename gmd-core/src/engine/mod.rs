@@ -334,6 +334,8 @@ pub struct EngineStats {
     pub resync_bytes_sent: u64,
     /// Regions still to be received (target side).
     pub resync_target_remaining: u64,
+    /// Regions to receive in the current resync (target side).
+    pub resync_target_total: u64,
     /// Operations received from the peer and applied.
     pub peer_ops: u64,
     /// Bytes written for the peer.
@@ -1212,6 +1214,7 @@ impl Engine {
                     next = set.next_from(r + 1);
                 }
                 self.target_resync_left = count;
+                self.stats.resync_target_total = count;
                 // Received data is applied only once the marks are durable.
                 self.target_marks_epoch = self.journal.needed_all();
                 if count == 0 {
@@ -1553,6 +1556,21 @@ impl Engine {
                 self.journal.set(region, CELL_CONSISTENT);
             }
         }
+    }
+
+    /// Marks stale every region whose bit is set (one bit per region, as
+    /// [`Engine::dirty_bits`]); returns the epoch to wait for.
+    pub fn mark_stale_bits(&mut self, bits: &[u8]) -> Epoch {
+        for region in 0..self.journal.map.region_count() {
+            let set = bits
+                .get((region / 8) as usize)
+                .is_some_and(|b| b & (1 << (region % 8)) != 0);
+            if set && self.journal.map.get(region) != CELL_STALE {
+                self.journal.set(region, CELL_STALE);
+            }
+        }
+        self.start_commit();
+        self.journal.needed_all()
     }
 
     /// Marks every cell `value` (stale for `gmdctl dirty`); returns the epoch

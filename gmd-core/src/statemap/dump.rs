@@ -87,8 +87,13 @@ pub struct MapSummary {
     pub cells: u64,
     /// Cells with value 0xf.
     pub stale: u64,
-    /// Cells with values 0x1–0x7.
+    /// Cells with values 0x1–0x4, 0x6, 0x7: writes in flight, regions being
+    /// resynchronised, or left over from a crash.
     pub inconsistent: u64,
+    /// Cells with value 0x5: written recently and identical on both sides,
+    /// kept marked while hot (cleared when idle).
+    #[serde(default)]
+    pub hot: u64,
 }
 
 impl MapSummary {
@@ -98,11 +103,15 @@ impl MapSummary {
             cells: map.region_count(),
             stale: 0,
             inconsistent: 0,
+            hot: 0,
         };
         for run in map.dirty_region_runs() {
             for region in run {
                 match CellClass::of(map.get(region)) {
                     CellClass::Stale => summary.stale += 1,
+                    CellClass::Inconsistent if map.get(region) == super::cells::CELL_ACTIVE => {
+                        summary.hot += 1
+                    }
                     CellClass::Inconsistent => summary.inconsistent += 1,
                     CellClass::Clean => {}
                 }
@@ -113,7 +122,7 @@ impl MapSummary {
 
     /// Whether any cell is non-zero.
     pub fn is_dirty(&self) -> bool {
-        self.stale + self.inconsistent > 0
+        self.stale + self.inconsistent + self.hot > 0
     }
 }
 

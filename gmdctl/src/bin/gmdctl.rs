@@ -64,6 +64,10 @@ enum Cmd {
         /// Replace a valid map (its record of regions to resynchronise is lost).
         #[arg(long)]
         force: bool,
+        /// Device identity (default: derived from the cluster name, device
+        /// name, minor and size, so both sides agree).
+        #[arg(long)]
+        uuid: Option<uuid::Uuid>,
     },
     /// Check configuration, volumes, maps, key and addresses on this machine.
     Verify,
@@ -124,6 +128,19 @@ enum Cmd {
         /// Confirm that the record of regions to resynchronise may be lost.
         #[arg(long)]
         force: bool,
+    },
+    /// After divergence: OR both maps into the master's, clear the other's;
+    /// starting the other side then resyncs those regions from the master.
+    /// With --preview, print the unified map (exit 2 while it is dirty).
+    Unify {
+        /// The device.
+        device: String,
+        /// The machine whose data wins.
+        #[arg(long)]
+        master: String,
+        /// Only show the unified map.
+        #[arg(long)]
+        preview: bool,
     },
 }
 
@@ -265,15 +282,21 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             print!("{}", gmdctl::verify::render(&findings));
             Ok(if findings.iter().all(|f| f.ok) { 0 } else { 1 })
         }
-        Cmd::InitState { device, force } => match daemon_or_offline(&cli.socket)? {
+        Cmd::InitState {
+            device,
+            force,
+            uuid,
+        } => match daemon_or_offline(&cli.socket)? {
             Some(mut client) => print_outcome(client.call_value(Command::InitState {
                 device: device.clone(),
                 force: *force,
+                uuid: uuid.map(|u| u.to_string()),
             })?),
             None => {
                 let (config, machine) = offline(&cli)?;
                 let (dev, local) = local_device(&config, &machine, device)?;
-                let uuid = device::init_state(dev, local, *force)?;
+                let uuid = uuid.unwrap_or_else(|| device::default_uuid(&config.name, dev));
+                let uuid = device::init_state(dev, local, uuid, *force)?;
                 println!(
                     "{device}: new state map written to {} (device id {uuid})",
                     local.state_map.display()
@@ -422,6 +445,32 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             println!("Device id: {uuid}");
             Ok(print_map(&cells))
         }
+        Cmd::Unify {
+            device,
+            master,
+            preview,
+        } => {
+            let mut client = Client::connect(&cli.socket)?;
+            let value = client.call_value(Command::Unify {
+                device: device.clone(),
+                master: master.clone(),
+                preview: *preview,
+            })?;
+            if !*preview {
+                return print_outcome(value);
+            }
+            let s: ShowState =
+                serde_json::from_value(value).map_err(|e| fail(255, e.to_string()))?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(&s.map_file_base64)
+                .map_err(|e| fail(255, e.to_string()))?;
+            let (_, cells) = dump::decode(&bytes).map_err(|e| fail(255, e.to_string()))?;
+            println!(
+                "Point of View: Nodes {}\nName: {device}  (unified map, preview; master {master})",
+                s.machine
+            );
+            Ok(print_map(&cells))
+        }
         Cmd::Dirty { device } => match daemon_or_offline(&cli.socket)? {
             Some(mut client) => print_outcome(client.call_value(Command::Dirty {
                 device: device.clone(),
@@ -468,11 +517,12 @@ fn run(cli: Cli) -> Result<i32, Failure> {
 fn print_map(cells: &gmd_core::statemap::StateMap) -> i32 {
     let s = MapSummary::of(cells);
     println!(
-        "State Map: {} cells of {}: {} stale, {} inconsistent{}",
+        "State Map: {} cells of {}: {} stale, {} inconsistent, {} hot{}",
         s.cells,
         format_size(REGION_SIZE_BYTES),
         s.stale,
         s.inconsistent,
+        s.hot,
         if s.is_dirty() { " (dirty)" } else { " (clean)" }
     );
     print!("{}", dump::render_cells(cells));
@@ -492,8 +542,8 @@ fn print_status(d: &DeviceStatus) {
     println!("  data        {}", d.data);
     let map = match &d.map {
         Some(m) => format!(
-            "  {} stale, {} inconsistent of {} cells",
-            m.stale, m.inconsistent, m.cells
+            "  {} stale, {} inconsistent, {} hot of {} cells",
+            m.stale, m.inconsistent, m.hot, m.cells
         ),
         None => String::new(),
     };
@@ -508,6 +558,41 @@ fn print_status(d: &DeviceStatus) {
             p.site,
             if p.down { ": recorded down" } else { "" }
         );
+    }
+    if let Some(l) = &d.link {
+        match (&l.peer, l.connected) {
+            (Some(peer), true) => println!("  mirroring   with {peer}, {}", l.mode_in_effect),
+            _ => println!("  mirroring   no: standalone, written regions are marked stale"),
+        }
+        if l.resync_remaining > 0 {
+            let eta = l
+                .resync_eta_s
+                .map(|s| format!(", about {s} s left"))
+                .unwrap_or_default();
+            println!(
+                "  resync      {}: {} of {} regions left{}{}",
+                l.resync_role.as_deref().unwrap_or("?"),
+                l.resync_remaining,
+                l.resync_total,
+                if l.resync_bytes_per_s > 0 {
+                    format!(", {}/s", format_size(l.resync_bytes_per_s))
+                } else {
+                    String::new()
+                },
+                eta
+            );
+        }
+        if l.backlog_bytes > 0 || l.hwm_fallbacks > 0 {
+            println!(
+                "  async       backlog {} bytes, {} fallback(s) to mwc at the high water mark",
+                l.backlog_bytes, l.hwm_fallbacks
+            );
+        }
+        if let Some(reason) = &l.refused {
+            if !l.connected {
+                println!("  refused     {reason}");
+            }
+        }
     }
     for e in &d.exports {
         println!("  export      {e}  ({} client(s))", d.clients);

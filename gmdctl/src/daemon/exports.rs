@@ -11,6 +11,7 @@ use gmd_core::device::{DEVICE_SLOTS, IO_LEN_MAX};
 use gmd_core::runtime::{Submission, Submitter};
 use gmd_nbd::{Export, Lease, Registry};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 /// A running device as exported over NBD.
 pub(super) struct DeviceExport {
@@ -24,6 +25,7 @@ pub(super) struct DeviceExport {
     pool: BufPool,
     admission: Semaphore,
     leases: AtomicU64,
+    fence: CancellationToken,
 }
 
 impl DeviceExport {
@@ -44,6 +46,7 @@ impl DeviceExport {
             pool,
             admission: Semaphore::new(DEVICE_SLOTS),
             leases: AtomicU64::new(0),
+            fence: CancellationToken::new(),
         }
     }
 
@@ -74,6 +77,9 @@ impl Export for DeviceExport {
     }
     fn submit(&self, submission: Submission) -> Result<(), Submission> {
         self.submitter.submit(submission)
+    }
+    fn fence(&self) -> &CancellationToken {
+        &self.fence
     }
 }
 
@@ -117,6 +123,14 @@ impl Exports {
     /// Withdraws `name` whatever its clients (daemon shutdown).
     pub(super) fn withdraw(&self, name: &str) {
         self.table.write().expect("exports lock").remove(name);
+    }
+
+    /// Withdraws `name` and disconnects its clients once their requests in
+    /// flight finish (forced stop); returns the export to wait on.
+    pub(super) fn fence(&self, name: &str) -> Option<Arc<DeviceExport>> {
+        let export = self.table.write().expect("exports lock").remove(name)?;
+        export.fence.cancel();
+        Some(export)
     }
 
     /// Whether `name` is exported.

@@ -1,22 +1,31 @@
 //! `gmdd`: one daemon per machine. It hosts every GeoMirror device of the
-//! machine, serves the root-only control socket and the NBD exports, brings
+//! machine, serves the root-only control socket and the NBD exports, runs
+//! the GeoMessage endpoint that mirrors devices to their peers, brings
 //! devices back to their recorded state when it starts, and on SIGTERM
 //! finishes in-flight I/O and persists every map before exiting.
 
 mod control;
 mod exports;
+mod link;
+mod peers;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use base64::Engine as _;
+use bytes::Bytes;
 use gmd_core::buf::BufPool;
-use gmd_core::config::{ClusterConfig, Frontend, ListenAddr, set_device_attributes};
+use gmd_core::config::{ClusterConfig, Frontend, ListenAddr, Mode, Role, set_device_attributes};
 use gmd_core::device::{DeviceError, DeviceHandle, ErrorClass, PeerView, StartOptions};
-use gmd_core::statemap::AdminState;
 use gmd_core::statemap::dump::{self, MapSummary};
+use gmd_core::statemap::{AdminState, StateMap};
+use gmd_core::units::REGION_SIZE_BYTES;
+use gmd_net::{
+    InterfaceConfig, MachineConfig, NetConfig, NetworkConfig, Node, NodeEvent, StreamId, Tuning,
+};
 use indexmap::IndexMap;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +33,9 @@ use tracing::{error, info, warn};
 
 use crate::protocol::*;
 use exports::{DeviceExport, Exports};
+use link::DeviceLink;
+pub use peers::{DeviceInfo, PeerState};
+use peers::{PeerReply, PeerRequest, bits_of, decode_bits, encode_bits, union};
 
 /// How `gmdd` was started.
 #[derive(Clone, Debug)]
@@ -63,14 +75,62 @@ pub fn resolve_machine(config: &ClusterConfig, given: Option<&str>) -> anyhow::R
     Ok(name)
 }
 
-/// The daemon's state, shared by the control server and the NBD server.
+/// The GeoMessage configuration of this machine, from the cluster's.
+pub fn net_config(config: &ClusterConfig, machine: &str, key: &[u8]) -> NetConfig {
+    NetConfig {
+        cluster_name: config.name.clone(),
+        psk: key.to_vec(),
+        encrypt: config.encrypt,
+        local_machine: machine.to_owned(),
+        machines: config
+            .machines
+            .values()
+            .map(|m| MachineConfig {
+                name: m.name.clone(),
+                promote_failure_timeout: Duration::from_secs(m.promote_failure_timeout_s),
+                interfaces: m
+                    .interfaces
+                    .iter()
+                    .map(|(network, addr)| InterfaceConfig {
+                        network: network.clone(),
+                        addr: *addr,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        networks: config
+            .networks
+            .values()
+            .map(|n| NetworkConfig {
+                name: n.name.clone(),
+                datagram_bytes: n
+                    .datagram_size
+                    .map_or(gmd_net::DATAGRAM_BYTES_DEFAULT, |d| d as usize),
+            })
+            .collect(),
+        tuning: Tuning {
+            // One ordered stream per device: minor + 1 (minors 0–1023).
+            streams_max: 1026,
+            ..Tuning::default()
+        },
+    }
+}
+
+/// The daemon's state, shared by the control server, the NBD server and
+/// the GeoMessage tasks.
 pub struct Daemon {
     machine: String,
     config: Mutex<Arc<ClusterConfig>>,
     devices: Mutex<IndexMap<String, DeviceHandle>>,
     exports: Arc<Exports>,
+    links: HashMap<String, Arc<DeviceLink>>,
+    node: Arc<Node>,
+    rt: tokio::runtime::Handle,
     pool: BufPool,
     started: Instant,
+    resync_started: Mutex<HashMap<String, Instant>>,
+    /// Peers GeoMessage has a working session with.
+    reachable: Mutex<std::collections::HashSet<String>>,
 }
 
 fn control_error(e: DeviceError) -> ControlError {
@@ -90,20 +150,35 @@ fn to_value<T: serde::Serialize>(value: &T) -> Result<Value, ControlError> {
 }
 
 impl Daemon {
-    fn new(config: ClusterConfig, machine: String) -> Daemon {
+    fn new(config: ClusterConfig, machine: String, node: Arc<Node>) -> Daemon {
         let mut devices = IndexMap::new();
+        let mut links = HashMap::new();
         for device in config.devices_on(&machine) {
             let handle = DeviceHandle::new(&config, &machine, &device.name)
                 .expect("devices_on lists only devices with a copy here");
             devices.insert(device.name.clone(), handle);
+            links.insert(
+                device.name.clone(),
+                DeviceLink::start(
+                    node.clone(),
+                    device.name.clone(),
+                    device.minor,
+                    device.size_bytes,
+                ),
+            );
         }
         Daemon {
             machine,
             config: Mutex::new(Arc::new(config)),
             devices: Mutex::new(devices),
             exports: Arc::new(Exports::default()),
+            links,
+            node,
+            rt: tokio::runtime::Handle::current(),
             pool: BufPool::new(),
             started: Instant::now(),
+            resync_started: Mutex::new(HashMap::new()),
+            reachable: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -111,65 +186,191 @@ impl Daemon {
         self.config.lock().expect("config lock").clone()
     }
 
-    /// What this machine knows about the remote peers of a device. Until
-    /// GeoMessage joins the daemon, no peer can be reached.
-    fn peer_views(&self, handle: &DeviceHandle) -> Vec<PeerView> {
+    fn link(&self, device: &str) -> Option<Arc<DeviceLink>> {
+        self.links.get(device).cloned()
+    }
+
+    fn links(&self) -> Vec<Arc<DeviceLink>> {
+        self.links.values().cloned().collect()
+    }
+
+    /// Remote peers of `device` (machines at the other site), in config order.
+    fn remote_peers(&self, device: &str) -> Vec<String> {
         let config = self.config();
-        handle
-            .config()
-            .remote_peers(&config, &self.machine)
-            .map(|m| PeerView {
-                machine: m.machine.clone(),
-                reachable: false,
-                available: false,
-                starting: false,
-                role: m.role,
-                dirty: false,
+        config
+            .devices
+            .get(device)
+            .map(|d| {
+                d.remote_peers(&config, &self.machine)
+                    .map(|m| m.machine.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// This machine's description of `device`, with its non-zero cells as
+    /// bits when asked.
+    fn local_info(
+        &self,
+        device: &str,
+        with_bits: bool,
+    ) -> Result<(DeviceInfo, Option<Vec<u8>>), ControlError> {
+        let devices = self.devices.lock().expect("devices lock");
+        let handle = devices.get(device).ok_or_else(|| self.unknown(device))?;
+        let (connected_to, starting) = self
+            .link(device)
+            .map(|l| {
+                let inner = l.inner.lock().expect("link lock");
+                (
+                    inner.peer.clone().filter(|_| inner.connected),
+                    inner.starting,
+                )
+            })
+            .unwrap_or((None, false));
+        let state = match handle.state() {
+            _ if starting => PeerState::Starting,
+            AdminState::Defined => PeerState::Defined,
+            AdminState::Stopped => PeerState::Stopped,
+            AdminState::Available => PeerState::Available,
+        };
+        let (summary, bits) = match handle.state() {
+            AdminState::Defined => (None, None),
+            _ => {
+                let (_, cells) = handle.map_snapshot().map_err(control_error)?;
+                let bits = with_bits.then(|| bits_of(&cells));
+                (Some(MapSummary::of(&cells)), bits)
+            }
+        };
+        Ok((
+            DeviceInfo {
+                uuid: handle.uuid().map(|u| u.to_string()),
+                size_bytes: handle.config().size_bytes,
+                minor: handle.config().minor,
+                mode: handle.config().mode,
+                role: handle.local().role,
+                state,
+                stale: summary.map_or(0, |s| s.stale),
+                inconsistent: summary.map_or(0, |s| s.inconsistent),
+                connected_to,
+            },
+            bits,
+        ))
+    }
+
+    /// What the remote peers of `device` say (blocking; no lock held).
+    fn remote_views(&self, device: &str) -> Vec<PeerView> {
+        let config = self.config();
+        let roles: HashMap<String, Role> = config
+            .devices
+            .get(device)
+            .map(|d| {
+                d.machines
+                    .values()
+                    .map(|m| (m.machine.clone(), m.role))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.remote_peers(device)
+            .into_iter()
+            .map(|peer| {
+                let info = self.rt.block_on(self.peer_status(device, &peer));
+                PeerView {
+                    reachable: info.is_some(),
+                    available: info
+                        .as_ref()
+                        .is_some_and(|i| i.state == PeerState::Available),
+                    starting: info
+                        .as_ref()
+                        .is_some_and(|i| i.state == PeerState::Starting),
+                    role: info
+                        .as_ref()
+                        .map_or(roles.get(&peer).copied().unwrap_or(Role::None), |i| i.role),
+                    stale: info.as_ref().is_some_and(|i| i.stale > 0),
+                    machine: peer,
+                }
             })
             .collect()
     }
 
-    fn start_options(&self) -> StartOptions {
-        StartOptions {
-            pool: self.pool.clone(),
-            link: None,
-        }
-    }
-
-    fn restore_all(&self) {
-        let mut devices = self.devices.lock().expect("devices lock");
-        let names: Vec<String> = devices.keys().cloned().collect();
+    fn restore_all(self: &Arc<Self>) {
+        let names: Vec<String> = self
+            .devices
+            .lock()
+            .expect("devices lock")
+            .keys()
+            .cloned()
+            .collect();
         for name in names {
+            let recorded = {
+                let devices = self.devices.lock().expect("devices lock");
+                let handle = &devices[&name];
+                gmd_core::statemap::file::MapFile::open(
+                    &handle.local().state_map,
+                    Some(handle.config().size_bytes),
+                )
+                .map(|(m, _)| m.superblock().admin_state)
+                .ok()
+            };
+            let peers = if recorded == Some(AdminState::Available) {
+                self.set_starting(&name, true);
+                self.remote_views(&name)
+            } else {
+                Vec::new()
+            };
+            let options = self.start_options(&name);
+            let mut devices = self.devices.lock().expect("devices lock");
             let handle = devices.get_mut(&name).expect("listed");
-            let peers = self.peer_views(handle);
-            let options = self.start_options();
-            match handle.restore(&peers, &options) {
+            let result = handle.restore(&peers, &options);
+            match result {
                 Ok(AdminState::Defined) => {}
                 Ok(state) => {
                     info!(device = %name, %state, "device restored");
                     if state == AdminState::Available {
-                        self.export(handle);
+                        self.went_available(handle);
                     }
                 }
                 Err(e) => error!(device = %name, "device not restored: {e}"),
             }
+            drop(devices);
+            self.set_starting(&name, false);
         }
     }
 
-    fn export(&self, handle: &DeviceHandle) {
-        let config = handle.config();
-        if !config.export.is_empty() && !config.export.contains(&Frontend::Nbd) {
-            return;
+    fn set_starting(&self, device: &str, starting: bool) {
+        if let Some(link) = self.link(device) {
+            link.inner.lock().expect("link lock").starting = starting;
         }
-        let runtime = handle.runtime().expect("exported devices are AVAILABLE");
-        let read_only = config.mode == gmd_core::config::Mode::Async
-            && handle.local().role == gmd_core::config::Role::Secondary;
-        self.exports.insert(Arc::new(DeviceExport::new(
-            config,
-            read_only,
-            runtime.submitter(),
-            self.pool.clone(),
-        )));
+    }
+
+    fn start_options(&self, device: &str) -> StartOptions {
+        StartOptions {
+            pool: self.pool.clone(),
+            link: self
+                .link(device)
+                .map(|l| l as Arc<dyn gmd_core::mirror::PeerLink>),
+        }
+    }
+
+    /// A device just became AVAILABLE: export it, attach its link and look
+    /// for its peer.
+    fn went_available(self: &Arc<Self>, handle: &DeviceHandle) {
+        let name = handle.config().name.clone();
+        let runtime = handle.runtime().expect("AVAILABLE devices run");
+        if let Some(link) = self.link(&name) {
+            link.attach(runtime.port());
+        }
+        let config = handle.config();
+        if config.export.is_empty() || config.export.contains(&Frontend::Nbd) {
+            let secondary = config.mode == Mode::Async && handle.local().role == Role::Secondary;
+            self.exports.insert(Arc::new(DeviceExport::new(
+                config,
+                secondary,
+                runtime.submitter(),
+                self.pool.clone(),
+            )));
+        }
+        let daemon = self.clone();
+        self.rt.spawn(async move { daemon.reconnect().await });
     }
 
     fn nbd_url(&self, device: &str) -> String {
@@ -181,7 +382,7 @@ impl Daemon {
     }
 
     /// Executes one control command (blocking; run it off the async workers).
-    fn handle(&self, command: Command) -> Result<Value, ControlError> {
+    fn handle(self: &Arc<Self>, command: Command) -> Result<Value, ControlError> {
         match command {
             Command::Hello => to_value(&Hello {
                 machine: self.machine.clone(),
@@ -194,15 +395,7 @@ impl Daemon {
             Command::Start { target } => self.lifecycle(target, Step::Start),
             Command::Stop { target } => self.lifecycle(target, Step::Stop),
             Command::Unconfigure { target } => self.lifecycle(target, Step::Unconfigure),
-            Command::Down { device, peer } => {
-                let config = self.config();
-                self.with_device(&device, |h| h.down(&config, &peer))?;
-                info!(%device, %peer, "remote peer recorded as down");
-                to_value(&Outcome {
-                    lines: vec![format!("{device}: remote peer {peer} recorded as down")],
-                    warnings: vec![],
-                })
-            }
+            Command::Down { device, peer } => self.down(&device, &peer),
             Command::Set { device, changes } => self.set(&device, &changes),
             Command::ShowState { device } => {
                 let (uuid, cells, state) = self.with_device(&device, |h| {
@@ -224,6 +417,7 @@ impl Daemon {
                 })
             }
             Command::Dirty { device } => {
+                self.refuse_if_peer_available(&device, "dirty")?;
                 self.with_device(&device, |h| h.dirty())?;
                 info!(%device, "every cell of the state map marked stale");
                 to_value(&Outcome {
@@ -234,7 +428,8 @@ impl Daemon {
                 })
             }
             Command::Clean { device, force } => {
-                let cleared = self.with_device(&device, |h| h.clean(force, true))?;
+                let peer_up = self.remote_views(&device).iter().any(|p| p.available);
+                let cleared = self.with_device(&device, |h| h.clean(force, !peer_up))?;
                 warn!(%device, cleared, "state map cleaned by the administrator");
                 to_value(&Outcome {
                     lines: vec![format!("{device}: state map cleaned")],
@@ -244,8 +439,24 @@ impl Daemon {
                     )],
                 })
             }
-            Command::InitState { device, force } => {
-                let uuid = self.with_device(&device, |h| h.init_state(force))?;
+            Command::InitState {
+                device,
+                force,
+                uuid,
+            } => {
+                let cluster = self.config().name.clone();
+                let given =
+                    match uuid {
+                        Some(text) => Some(text.parse::<uuid::Uuid>().map_err(|_| {
+                            ControlError::invalid(format!("{text:?} is not a UUID"))
+                        })?),
+                        None => None,
+                    };
+                let uuid = self.with_device(&device, |h| {
+                    let uuid = given
+                        .unwrap_or_else(|| gmd_core::device::default_uuid(&cluster, h.config()));
+                    h.init_state(uuid, force)
+                })?;
                 info!(%device, %uuid, "state map initialised");
                 to_value(&Outcome {
                     lines: vec![format!(
@@ -255,6 +466,11 @@ impl Daemon {
                 })
             }
             Command::Stats { devices } => self.stats(&devices),
+            Command::Unify {
+                device,
+                master,
+                preview,
+            } => self.unify(&device, &master, preview),
         }
     }
 
@@ -288,20 +504,41 @@ impl Daemon {
         }
     }
 
-    fn lifecycle(&self, target: Target, step: Step) -> Result<Value, ControlError> {
-        let mut devices = self.devices.lock().expect("devices lock");
-        let names: Vec<String> = match &target {
-            Target::Device(name) => {
-                if !devices.contains_key(name) {
-                    return Err(self.unknown(name));
+    fn refuse_if_peer_available(&self, device: &str, what: &str) -> Result<(), ControlError> {
+        if !self
+            .devices
+            .lock()
+            .expect("devices lock")
+            .contains_key(device)
+        {
+            return Err(self.unknown(device));
+        }
+        if let Some(peer) = self.remote_views(device).into_iter().find(|p| p.available) {
+            return Err(ControlError::refused(format!(
+                "{device}: {what} refused while the device is AVAILABLE on the remote peer {}; \
+                 stop it there first (gmdctl stop {device} on {})",
+                peer.machine, peer.machine
+            )));
+        }
+        Ok(())
+    }
+
+    fn lifecycle(self: &Arc<Self>, target: Target, step: Step) -> Result<Value, ControlError> {
+        let names: Vec<String> = {
+            let devices = self.devices.lock().expect("devices lock");
+            match &target {
+                Target::Device(name) => {
+                    if !devices.contains_key(name) {
+                        return Err(self.unknown(name));
+                    }
+                    vec![name.clone()]
                 }
-                vec![name.clone()]
+                Target::All => devices
+                    .iter()
+                    .filter(|(_, h)| h.state() == step.from())
+                    .map(|(n, _)| n.clone())
+                    .collect(),
             }
-            Target::All => devices
-                .iter()
-                .filter(|(_, h)| h.state() == step.from())
-                .map(|(n, _)| n.clone())
-                .collect(),
         };
         let mut outcome = Outcome {
             lines: vec![],
@@ -309,45 +546,15 @@ impl Daemon {
         };
         let mut failures = Vec::new();
         for name in names {
-            let handle = devices.get_mut(&name).expect("listed");
-            let result = match step {
-                Step::Configure => handle.configure(),
-                Step::Start => {
-                    let peers = self.peer_views(handle);
-                    let options = self.start_options();
-                    let r = handle.start(&peers, &options);
-                    if r.is_ok() {
-                        self.export(handle);
-                    }
-                    r
-                }
-                Step::Stop => {
-                    let clients = self.exports.withdraw_unless_in_use(&name);
-                    handle.stop(clients)
-                }
-                Step::Unconfigure => handle.unconfigure(),
-            };
-            match result {
-                Ok(()) => {
-                    info!(device = %name, state = %handle.state(), "{}", step.done());
+            match self.step(&name, step) {
+                Ok(mut lines) => {
+                    info!(device = %name, "{}", step.done());
                     outcome.lines.push(format!("{name}: {}", step.done()));
-                    if step == Step::Start {
-                        let down = handle.peers_down();
-                        if !down.is_empty() {
-                            outcome.warnings.push(format!(
-                                "{name}: remote peer(s) {} down: writes are marked stale until they return",
-                                down.join(", ")
-                            ));
-                        }
-                        if self.exports.contains(&name) {
-                            outcome
-                                .lines
-                                .push(format!("{name}: exported at {}", self.nbd_url(&name)));
-                        }
-                    }
+                    outcome.lines.append(&mut lines.0);
+                    outcome.warnings.append(&mut lines.1);
                 }
                 Err(e) => {
-                    warn!(device = %name, "{e}");
+                    warn!(device = %name, "{}", e.message);
                     failures.push(e);
                 }
             }
@@ -357,7 +564,7 @@ impl Daemon {
         }
         let kind = failures
             .iter()
-            .map(|e| control_error(e.clone()).kind)
+            .map(|e| e.kind)
             .max_by_key(|k| k.exit_code())
             .unwrap_or(ErrorKind::Refused);
         let mut message: Vec<String> = outcome.lines;
@@ -365,6 +572,193 @@ impl Daemon {
         Err(ControlError {
             kind,
             message: message.join("\n"),
+        })
+    }
+
+    /// One lifecycle step of one device; returns extra lines and warnings.
+    fn step(
+        self: &Arc<Self>,
+        name: &str,
+        step: Step,
+    ) -> Result<(Vec<String>, Vec<String>), ControlError> {
+        match step {
+            Step::Configure => {
+                self.with_device(name, |h| h.configure())?;
+                // The peer must hold the same device.
+                let (local, _) = self.local_info(name, false)?;
+                for peer in self.remote_peers(name) {
+                    if let Some(remote) = self.rt.block_on(self.peer_status(name, &peer)) {
+                        if let Err(reason) =
+                            link::same_device(name, &local, &remote, &self.machine, &peer)
+                        {
+                            let _ = self.with_device(name, |h| h.unconfigure());
+                            return Err(ControlError::refused(format!(
+                                "configure refused: {reason}"
+                            )));
+                        }
+                    }
+                }
+                Ok((vec![], vec![]))
+            }
+            Step::Start => {
+                {
+                    let devices = self.devices.lock().expect("devices lock");
+                    let handle = devices.get(name).ok_or_else(|| self.unknown(name))?;
+                    if handle.state() != AdminState::Stopped {
+                        drop(devices);
+                        return self
+                            .with_device(name, |h| h.start(&[], &StartOptions::default()))
+                            .map(|_| (vec![], vec![]));
+                    }
+                }
+                self.set_starting(name, true);
+                let peers = self.remote_views(name);
+                let options = self.start_options(name);
+                let result = {
+                    let mut devices = self.devices.lock().expect("devices lock");
+                    let handle = devices.get_mut(name).expect("checked");
+                    let r = handle.start(&peers, &options);
+                    if r.is_ok() {
+                        self.went_available(handle);
+                    }
+                    r.map(|()| handle.peers_down())
+                };
+                self.set_starting(name, false);
+                let down = result.map_err(control_error)?;
+                let mut lines = Vec::new();
+                let mut warnings = Vec::new();
+                if self.exports.contains(name) {
+                    lines.push(format!("{name}: exported at {}", self.nbd_url(name)));
+                }
+                if let Some(peer) = peers
+                    .iter()
+                    .find(|p| p.available && !down.contains(&p.machine))
+                {
+                    lines.push(format!("{name}: mirroring with {}", peer.machine));
+                } else if !down.is_empty() {
+                    warnings.push(format!(
+                        "{name}: remote peer(s) {} down: writes are marked stale until they return",
+                        down.join(", ")
+                    ));
+                }
+                Ok((lines, warnings))
+            }
+            Step::Stop => {
+                self.leave(name);
+                let clients = self.exports.withdraw_unless_in_use(name);
+                let result = self.with_device(name, |h| h.stop(clients));
+                if result.is_err() && clients > 0 {
+                    // Still in use: it keeps running; look for the peer again.
+                    let daemon = self.clone();
+                    self.rt.spawn(async move { daemon.reconnect().await });
+                }
+                result.map(|()| (vec![], vec![]))
+            }
+            Step::Unconfigure => self
+                .with_device(name, |h| h.unconfigure())
+                .map(|()| (vec![], vec![])),
+        }
+    }
+
+    /// Tells the peer this device stops mirroring with it, then detaches.
+    fn leave(&self, device: &str) {
+        let Some(link) = self.link(device) else {
+            return;
+        };
+        let connected = {
+            let inner = link.inner.lock().expect("link lock");
+            (inner.session != 0).then(|| (inner.peer.clone(), inner.session))
+        };
+        if let Some((Some(peer), session)) = connected {
+            let request = PeerRequest::Leave {
+                device: device.into(),
+                session,
+            };
+            if let Err(e) = self
+                .rt
+                .block_on(self.ask(&peer, &request, Duration::from_secs(3)))
+            {
+                warn!(%device, %peer, "could not tell the peer: {e}");
+            }
+        }
+        link.detach();
+    }
+
+    /// Stops a device whatever its clients (the peer asked: `gmdctl down`
+    /// run there, or a second remote peer took over).
+    fn force_stop(&self, device: &str) -> Result<(), ControlError> {
+        if !self
+            .devices
+            .lock()
+            .expect("devices lock")
+            .contains_key(device)
+        {
+            return Err(self.unknown(device));
+        }
+        if let Some(export) = self.exports.fence(device) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while export.clients() > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if let Some(link) = self.link(device) {
+            link.detach();
+        }
+        self.with_device(device, |h| {
+            if h.state() == AdminState::Available {
+                h.stop(0)
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    fn down(self: &Arc<Self>, device: &str, peer: &str) -> Result<Value, ControlError> {
+        let mut warnings = Vec::new();
+        if !self.remote_peers(device).iter().any(|p| p == peer) {
+            // Let the device layer produce its message.
+            let config = self.config();
+            return self
+                .with_device(device, |h| h.down(&config, peer))
+                .map(|()| Value::Null);
+        }
+        {
+            let devices = self.devices.lock().expect("devices lock");
+            let handle = devices.get(device).ok_or_else(|| self.unknown(device))?;
+            if handle.state() != AdminState::Stopped {
+                let config = self.config();
+                drop(devices);
+                return self
+                    .with_device(device, |h| h.down(&config, peer))
+                    .map(|()| Value::Null);
+            }
+        }
+        if let Some(info) = self.rt.block_on(self.peer_status(device, peer)) {
+            if info.state == PeerState::Available {
+                // Protect against divergence: the peer's device stops.
+                let request = PeerRequest::StopDevice {
+                    device: device.into(),
+                    by: self.machine.clone(),
+                };
+                match self.rt.block_on(self.ask(peer, &request, Duration::from_secs(20))) {
+                    Ok(PeerReply::Ok) => warnings.push(format!(
+                        "{peer} was in fact AVAILABLE: its copy of {device} was stopped to protect against divergence"
+                    )),
+                    Ok(PeerReply::Refused { reason }) => {
+                        return Err(ControlError::refused(format!(
+                            "{device}: {peer} is AVAILABLE and could not be stopped: {reason}"
+                        )));
+                    }
+                    Ok(_) | Err(_) => {}
+                }
+            }
+        }
+        let config = self.config();
+        self.with_device(device, |h| h.down(&config, peer))?;
+        info!(%device, %peer, "remote peer recorded as down");
+        to_value(&Outcome {
+            lines: vec![format!("{device}: remote peer {peer} recorded as down")],
+            warnings,
         })
     }
 
@@ -396,6 +790,193 @@ impl Daemon {
             warnings: vec![
                 "make the same change on every machine of the device (gmdctl verify checks)".into(),
             ],
+        })
+    }
+
+    /// Applies unify on this machine: as master, mark `bits` stale; otherwise clear the map.
+    fn unify_local(&self, device: &str, master: bool, bits: &[u8]) -> Result<(), ControlError> {
+        self.with_device(device, |h| {
+            if master {
+                h.mark_stale_bits(bits)
+            } else {
+                h.clear_map()
+            }
+        })?;
+        info!(%device, master, "state map unified");
+        Ok(())
+    }
+
+    fn unify(&self, device: &str, master: &str, preview: bool) -> Result<Value, ControlError> {
+        let peers = self.remote_peers(device);
+        if !self
+            .devices
+            .lock()
+            .expect("devices lock")
+            .contains_key(device)
+        {
+            return Err(self.unknown(device));
+        }
+        let other = if master == self.machine {
+            peers.first().cloned()
+        } else if peers.iter().any(|p| p == master) {
+            Some(master.to_owned())
+        } else {
+            return Err(ControlError::invalid(format!(
+                "{device}: --master must be {} or one of its remote peers ({})",
+                self.machine,
+                peers.join(", ")
+            )));
+        }
+        .ok_or_else(|| ControlError::invalid(format!("{device} has no remote peer")))?;
+        let (local, local_bits) = self.local_info(device, true)?;
+        let remote = match self.rt.block_on(self.ask(
+            &other,
+            &PeerRequest::GetMap {
+                device: device.into(),
+            },
+            Duration::from_secs(20),
+        )) {
+            Ok(PeerReply::Map { info, bits }) => {
+                (info, decode_bits(&bits).map_err(ControlError::internal)?)
+            }
+            Ok(PeerReply::Refused { reason }) => return Err(ControlError::refused(reason)),
+            Ok(other) => {
+                return Err(ControlError::internal(format!(
+                    "unexpected answer {other:?}"
+                )));
+            }
+            Err(e) => {
+                return Err(ControlError::refused(format!(
+                    "{device}: {other} cannot be reached ({e}); unify needs both state maps"
+                )));
+            }
+        };
+        let all = union(&local_bits.unwrap_or_default(), &remote.1);
+        let size = local.size_bytes;
+        let mut unified = StateMap::new(size);
+        for r in 0..unified.region_count() {
+            if all
+                .get((r / 8) as usize)
+                .is_some_and(|b| b & (1 << (r % 8)) != 0)
+            {
+                unified.set(r, gmd_core::statemap::cells::CELL_STALE);
+            }
+        }
+        let uuid =
+            gmd_core::device::default_uuid(&self.config().name, &self.config().devices[device]);
+        let map_file =
+            base64::engine::general_purpose::STANDARD.encode(dump::encode(&uuid, &unified));
+        if preview {
+            return to_value(&ShowState {
+                machine: format!("{} + {}", self.machine, other),
+                device: device.into(),
+                state: AdminState::Defined,
+                source: "unify preview".into(),
+                map_file_base64: map_file,
+            });
+        }
+        let non_master_state = if master == self.machine {
+            remote.0.state
+        } else {
+            local.state
+        };
+        if non_master_state == PeerState::Available || non_master_state == PeerState::Starting {
+            let non_master = if master == self.machine {
+                other.clone()
+            } else {
+                self.machine.clone()
+            };
+            return Err(ControlError::refused(format!(
+                "{device}: stop the device on {non_master} (the side whose changes are discarded) before unify: gmdctl stop {device}"
+            )));
+        }
+        let bits = encode_bits(&all);
+        let apply = |machine: &str, is_master: bool| -> Result<(), ControlError> {
+            if machine == self.machine {
+                self.unify_local(device, is_master, &all)
+            } else {
+                let request = PeerRequest::Unify {
+                    device: device.into(),
+                    master: is_master,
+                    bits: bits.clone(),
+                };
+                match self
+                    .rt
+                    .block_on(self.ask(machine, &request, Duration::from_secs(30)))
+                {
+                    Ok(PeerReply::Ok) => Ok(()),
+                    Ok(PeerReply::Refused { reason }) => Err(ControlError::refused(reason)),
+                    Ok(other) => Err(ControlError::internal(format!(
+                        "unexpected answer {other:?}"
+                    ))),
+                    Err(e) => Err(ControlError::refused(e)),
+                }
+            }
+        };
+        let non_master = if master == self.machine {
+            other.clone()
+        } else {
+            self.machine.clone()
+        };
+        // Master first: the union is durable there before the other map is cleared.
+        apply(master, true)?;
+        apply(&non_master, false)?;
+        let regions = unified.count_nonzero();
+        warn!(%device, %master, regions, "maps unified");
+        to_value(&Outcome {
+            lines: vec![
+                format!("{device}: {regions} region(s) will be sent from {master} to {non_master}"),
+                format!(
+                    "{device}: now start the device on {non_master} (gmdctl start {device}) to resynchronise it from {master}"
+                ),
+            ],
+            warnings: vec![format!(
+                "changes made on {non_master} in those regions while apart are discarded"
+            )],
+        })
+    }
+
+    fn link_status(&self, device: &str, handle: &DeviceHandle) -> Option<LinkStatus> {
+        let runtime = handle.runtime()?;
+        let link = self.link(device)?;
+        let stats = runtime.stats().snapshot().engine;
+        let inner = link.inner.lock().expect("link lock");
+        let (total, remaining) = match inner.resync_role {
+            Some(peers::WireRole::Source) => (stats.resync_total, stats.resync_remaining),
+            Some(peers::WireRole::Target) => {
+                (stats.resync_target_total, stats.resync_target_remaining)
+            }
+            _ => (0, 0),
+        };
+        let mut started = self.resync_started.lock().expect("resync lock");
+        let key = format!("{device}/{}", inner.session);
+        let since = *started.entry(key).or_insert_with(Instant::now);
+        let elapsed = since.elapsed().as_secs_f64().max(0.001);
+        let rate = (stats.resync_bytes_sent as f64 / elapsed) as u64;
+        let eta = (remaining > 0 && rate > 0).then(|| remaining * REGION_SIZE_BYTES / rate);
+        let mode = if !inner.connected {
+            "standalone".to_string()
+        } else if stats.hwm_fallback_active == 1 {
+            "async (above the high water mark: mwc)".to_string()
+        } else {
+            handle.config().mode.to_string()
+        };
+        Some(LinkStatus {
+            peer: inner.peer.clone(),
+            connected: inner.connected,
+            mode_in_effect: mode,
+            resync_role: inner.resync_role.map(|r| format!("{r:?}").to_lowercase()),
+            resync_total: total,
+            resync_remaining: remaining,
+            resync_bytes_per_s: if inner.resync_role == Some(peers::WireRole::Source) {
+                rate
+            } else {
+                0
+            },
+            resync_eta_s: eta,
+            backlog_bytes: stats.backlog_bytes,
+            hwm_fallbacks: stats.hwm_fallbacks,
+            refused: inner.refused.as_ref().map(|(r, _)| r.clone()),
         })
     }
 
@@ -443,6 +1024,7 @@ impl Daemon {
                 },
                 clients: self.exports.clients(name),
                 problem: handle.problem().map(str::to_owned),
+                link: self.link_status(name, handle),
             });
         }
         if let Some(d) = device {
@@ -494,9 +1076,18 @@ impl Daemon {
     /// Stops every running device without changing its recorded state, so the
     /// next gmdd brings it back (SIGTERM).
     fn shutdown_devices(&self) {
-        let mut devices = self.devices.lock().expect("devices lock");
-        for (name, handle) in devices.iter_mut() {
-            self.exports.withdraw(name);
+        let names: Vec<String> = self
+            .devices
+            .lock()
+            .expect("devices lock")
+            .keys()
+            .cloned()
+            .collect();
+        for name in names {
+            self.exports.withdraw(&name);
+            self.leave(&name);
+            let mut devices = self.devices.lock().expect("devices lock");
+            let handle = devices.get_mut(&name).expect("listed");
             if handle.state() == AdminState::Available {
                 match handle.shutdown() {
                     Ok(()) => info!(device = %name, "device stopped for shutdown; map persisted"),
@@ -535,6 +1126,62 @@ impl Step {
     }
 }
 
+/// Answers other daemons on GeoMessage's control stream.
+async fn serve_peers(daemon: Arc<Daemon>, mut rx: gmd_net::IncomingReceiver) {
+    while let Some(incoming) = rx.recv().await {
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let from = daemon
+                .node
+                .peer_name(incoming.peer)
+                .unwrap_or("?")
+                .to_owned();
+            let reply = match serde_json::from_slice::<PeerRequest>(&incoming.body) {
+                Ok(request) => daemon.clone().on_peer_request(from, request).await,
+                Err(e) => PeerReply::Refused {
+                    reason: format!("unreadable request: {e}"),
+                },
+            };
+            if let Some(responder) = incoming.responder {
+                let body = serde_json::to_vec(&reply).unwrap_or_default();
+                let _ = responder.reply(Bytes::from(body));
+            }
+        });
+    }
+}
+
+/// Follows GeoMessage's view of the peers.
+async fn watch_peers(daemon: Arc<Daemon>, shutdown: CancellationToken) {
+    let mut events = daemon.node.events();
+    let mut tick = tokio::time::interval(link::RECONNECT_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => daemon.reconnect().await,
+            event = events.recv() => match event {
+                Ok(NodeEvent::PeerUp { peer, .. }) => {
+                    let name = daemon.node.peer_name(peer).unwrap_or("?").to_owned();
+                    info!(peer = %name, "peer reachable");
+                    daemon.reachable.lock().expect("reachable lock").insert(name.clone());
+                    daemon.reconnect().await;
+                }
+                Ok(NodeEvent::PeerDown { peer }) => {
+                    let name = daemon.node.peer_name(peer).unwrap_or("?").to_owned();
+                    daemon.reachable.lock().expect("reachable lock").remove(&name);
+                    daemon.peer_lost(&name, "peer unreachable for its promote-failure timeout").await;
+                }
+                Ok(NodeEvent::PeerRestarted { peer, .. }) => {
+                    let name = daemon.node.peer_name(peer).unwrap_or("?").to_owned();
+                    daemon.peer_lost(&name, "peer restarted").await;
+                }
+                Ok(other) => info!(event = ?other, "GeoMessage"),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => warn!(missed = n, "GeoMessage events lagged"),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 ///
 /// # Errors
@@ -543,7 +1190,7 @@ impl Step {
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let config = ClusterConfig::load(&options.config)?;
     let machine = resolve_machine(&config, options.machine.as_deref())?;
-    let _key = crate::keyfile::read(&config.key_file)?;
+    let key = crate::keyfile::read(&config.key_file)?;
     control::ensure_no_daemon(&options.socket)?;
     let nbd_listen = config.machines[&machine].nbd_listen.clone();
     let nbd_listener = match &nbd_listen {
@@ -568,14 +1215,21 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             })?)
         }
     };
+    let node = Arc::new(
+        Node::start(net_config(&config, &machine, &key))
+            .with_context(|| format!("cannot start GeoMessage (machines.{machine}.interfaces)"))?,
+    );
+    let peer_requests = node.register_stream(StreamId::CONTROL)?;
     let control_listener = control::bind(&options.socket)?;
     info!(%machine, config = %config.path.display(), socket = %options.socket.display(), nbd = %nbd_listen, "gmdd starting");
-    let daemon = Arc::new(Daemon::new(config, machine));
+    let daemon = Arc::new(Daemon::new(config, machine, node.clone()));
+    let shutdown = CancellationToken::new();
+    tokio::spawn(serve_peers(daemon.clone(), peer_requests));
     {
         let d = daemon.clone();
         tokio::task::spawn_blocking(move || d.restore_all()).await?;
     }
-    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_peers(daemon.clone(), shutdown.clone()));
     let nbd = gmd_nbd::Server::new(
         daemon.exports.clone(),
         gmd_nbd::Limits::default(),
@@ -603,6 +1257,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     let d = daemon.clone();
     tokio::task::spawn_blocking(move || d.shutdown_devices()).await?;
+    node.shutdown().await;
     let _ = std::fs::remove_file(&options.socket);
     if let ListenAddr::Unix(path) = &nbd_listen {
         let _ = std::fs::remove_file(path);

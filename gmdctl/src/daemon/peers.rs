@@ -1,0 +1,141 @@
+//! What daemons ask each other about a device, over GeoMessage's control
+//! stream: one JSON request, one JSON reply. Bitmaps (one bit per region)
+//! travel base64-encoded.
+
+use base64::Engine as _;
+use gmd_core::config::{Mode, Role};
+use serde::{Deserialize, Serialize};
+
+/// A device as the other machine describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// Identity, when the map is open.
+    pub uuid: Option<String>,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Minor number.
+    pub minor: u32,
+    /// Mode.
+    pub mode: Mode,
+    /// That machine's role.
+    pub role: Role,
+    /// Lifecycle state there.
+    pub state: PeerState,
+    /// Stale cells (written alone).
+    pub stale: u64,
+    /// Inconsistent cells (crash leftovers, resync marks).
+    pub inconsistent: u64,
+    /// The machine it mirrors with now, if any.
+    pub connected_to: Option<String>,
+}
+
+/// Lifecycle state of a device on another machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum PeerState {
+    /// Not configured.
+    Defined,
+    /// Configured.
+    Stopped,
+    /// Being started.
+    Starting,
+    /// Serving.
+    Available,
+}
+
+/// A side's part in the resync a connection starts with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum WireRole {
+    /// Nothing to resync.
+    None,
+    /// Sends the regions.
+    Source,
+    /// Receives them.
+    Target,
+}
+
+/// A request from another daemon.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub(super) enum PeerRequest {
+    /// Describe the device.
+    Status { device: String },
+    /// Start mirroring with the sender (`from`), whose device is described
+    /// by `info` and whose non-zero cells are `bits`.
+    Connect {
+        device: String,
+        from: String,
+        info: DeviceInfo,
+        bits: String,
+    },
+    /// The sender has connected its side of session `session`: connect yours.
+    Go { device: String, session: u64 },
+    /// The sender's device stops: go on alone (and record it down).
+    Leave { device: String, session: u64 },
+    /// Stop your device now (`gmdctl down` run on an AVAILABLE peer, or a
+    /// second remote peer took over).
+    StopDevice { device: String, by: String },
+    /// Send your map (unify).
+    GetMap { device: String },
+    /// Unify: as master, mark these regions stale; otherwise clear the map.
+    Unify {
+        device: String,
+        master: bool,
+        bits: String,
+    },
+}
+
+/// The answer to a [`PeerRequest`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub(super) enum PeerReply {
+    /// The device's description.
+    Status { info: DeviceInfo },
+    /// Connection accepted as session `session`; the requester's resync part
+    /// is `role` over the regions `bits` (the union of both maps).
+    Accept {
+        session: u64,
+        role: WireRole,
+        bits: String,
+    },
+    /// The device's map.
+    Map { info: DeviceInfo, bits: String },
+    /// Done.
+    Ok,
+    /// Not done, and why (with the command that resolves it).
+    Refused { reason: String },
+}
+
+/// Encodes a bitmap for the wire.
+pub(super) fn encode_bits(bits: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bits)
+}
+
+/// Decodes a bitmap from the wire.
+pub(super) fn decode_bits(text: &str) -> Result<Vec<u8>, String> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| format!("bad bitmap: {e}"))
+}
+
+/// One bit per region of `map`, set where the cell is non-zero.
+pub(super) fn bits_of(map: &gmd_core::statemap::StateMap) -> Vec<u8> {
+    let mut out = vec![0u8; map.region_count().div_ceil(8) as usize];
+    for run in map.dirty_region_runs() {
+        for r in run {
+            out[(r / 8) as usize] |= 1 << (r % 8);
+        }
+    }
+    out
+}
+
+/// Bitwise OR of two bitmaps of the same device.
+pub(super) fn union(a: &[u8], b: &[u8]) -> Vec<u8> {
+    let mut out = a.to_vec();
+    out.resize(a.len().max(b.len()), 0);
+    for (o, x) in out.iter_mut().zip(b) {
+        *o |= x;
+    }
+    out
+}
