@@ -821,10 +821,7 @@ impl Driver {
                     request,
                     body,
                 } => {
-                    if let Some(tx) = self.pending.remove(&(peer, request)) {
-                        let _ = tx.send(Ok(body));
-                    }
-                    self.gates[peer.0 as usize].requests.add_permits(1);
+                    self.resolve(peer, request, Ok(body));
                     continue;
                 }
                 Event::RequestFailed {
@@ -832,10 +829,7 @@ impl Driver {
                     request,
                     error,
                 } => {
-                    if let Some(tx) = self.pending.remove(&(peer, request)) {
-                        let _ = tx.send(Err(error));
-                    }
-                    self.gates[peer.0 as usize].requests.add_permits(1);
+                    self.resolve(peer, request, Err(error));
                     continue;
                 }
                 Event::Released { peer, bytes } => {
@@ -853,6 +847,14 @@ impl Driver {
             };
             let _ = self.events.send(ne);
         }
+    }
+
+    /// Completes a request's future and returns its request slot.
+    fn resolve(&mut self, peer: PeerId, request: RequestId, result: Result<Bytes, NetError>) {
+        if let Some(tx) = self.pending.remove(&(peer, request)) {
+            let _ = tx.send(result);
+        }
+        self.gates[peer.0 as usize].requests.add_permits(1);
     }
 
     async fn shutdown(&mut self) {

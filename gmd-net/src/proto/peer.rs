@@ -1289,18 +1289,19 @@ impl Peer {
             }
             let p = &mut self.paths[pi];
             if p.timers[PathTimer::Ping as usize].is_some_and(|d| d <= now) {
-                let idle_since = p.last_send.unwrap_or(self.created);
-                if p.state == PathState::Down
-                    || now.saturating_duration_since(idle_since) >= t.ping_interval
-                {
-                    p.ping_pending = true;
-                }
                 // A silent peer is probed four times as often, so that a
                 // lossy but working path is found before the promote-failure
                 // timeout declares the peer down.
                 let silent = self
                     .last_recv
                     .is_none_or(|l| now.saturating_duration_since(l) > t.ping_interval);
+                let idle_since = p.last_send.unwrap_or(self.created);
+                if p.state == PathState::Down
+                    || silent
+                    || now.saturating_duration_since(idle_since) >= t.ping_interval
+                {
+                    p.ping_pending = true;
+                }
                 let every = if silent {
                     (t.ping_interval / 4).max(t.rto_min)
                 } else {
