@@ -322,7 +322,9 @@ impl DeviceHandle {
             unreachable!("checked above")
         };
         for peer in peers {
-            if down.contains(&peer.machine) {
+            // A down record means "do not wait for it"; a peer recorded down
+            // that is in fact there is held to the rules like any other.
+            if down.contains(&peer.machine) && !(peer.reachable && peer.available) {
                 continue;
             }
             if !peer.reachable {

@@ -98,6 +98,9 @@ pub trait PeerLink: Send + Sync + 'static {
     fn send(&self, message: ToPeer);
     /// This side's part of a resync finished.
     fn resync_done(&self);
+    /// The session must be dropped and set up again (see
+    /// [`crate::engine::Action::Renegotiate`]).
+    fn renegotiate(&self);
 }
 
 const TAG_WRITE: u8 = 1;

@@ -587,6 +587,9 @@ impl Worker {
                     std::mem::take(&mut *self.shared.control.lock().expect("control queue lock"));
                 for control in controls {
                     self.on_control(control, &mut waiting_marks);
+                    // The engine may have freed slots: carry that out before
+                    // anything can reuse them.
+                    self.execute_actions()?;
                 }
                 let messages: VecDeque<(u64, FromPeer)> =
                     std::mem::take(&mut *self.shared.peer_inbox.lock().expect("peer inbox lock"));
@@ -611,6 +614,7 @@ impl Worker {
             if self.last_tick.elapsed() >= TICK_INTERVAL {
                 self.last_tick = Instant::now();
                 self.engine.tick(self.started.elapsed().as_millis() as u64);
+                self.execute_actions()?;
             }
             self.execute_actions()?;
             if !waiting_marks.is_empty() {
@@ -740,13 +744,13 @@ impl Worker {
                         buf.copy_from_slice(&data);
                         Some(Data::Owned(buf))
                     };
-                    // An invalid operation is answered at once; do that
-                    // before its slot can be reused.
-                    self.execute_actions()?;
                 }
                 FromPeer::Answer { seq, result } => self.engine.remote_done(seq, result),
                 FromPeer::Prioritize { region } => self.engine.prioritize(region),
             }
+            // An answer may complete a request and free its slot: carry that
+            // out before a new request can be given the same slot.
+            self.execute_actions()?;
         }
         Ok(())
     }
@@ -794,6 +798,7 @@ impl Worker {
 
     fn execute_actions(&mut self) -> io::Result<()> {
         while let Some(action) = self.engine.poll_action() {
+            tracing::trace!(?action, "device action");
             match action {
                 Action::Local(slot) => self.issue_local(slot)?,
                 Action::PersistMap(epoch) => {
@@ -876,6 +881,11 @@ impl Worker {
                 Action::ResyncDone => {
                     if let Some(link) = &self.link {
                         link.resync_done();
+                    }
+                }
+                Action::Renegotiate => {
+                    if let Some(link) = &self.link {
+                        link.renegotiate();
                     }
                 }
             }

@@ -143,6 +143,9 @@ struct World {
     step: usize,
     unified: bool,
     log: Vec<String>,
+    /// A handshake whose maps were read but whose connect has not happened
+    /// yet: (source, resync bits, steps until connect). Writes go on meanwhile.
+    handshaking: Option<(usize, Vec<u8>, usize)>,
 }
 
 impl World {
@@ -181,6 +184,7 @@ impl World {
             step: 0,
             unified: false,
             log: Vec::new(),
+            handshaking: None,
         };
         if mode == Mode::Async {
             // The secondary serves no application I/O.
@@ -313,6 +317,10 @@ impl World {
             }
             Action::SendPrioritize { region } => {
                 self.wires[wire].push_back(Msg::Prioritize { region })
+            }
+            Action::Renegotiate => {
+                self.note(format!("node {n} asks to renegotiate"));
+                self.link_lost();
             }
             Action::ResyncDone => {
                 self.note(format!("resync done on node {n}"));
@@ -541,6 +549,7 @@ impl World {
     }
 
     fn link_lost(&mut self) {
+        self.handshaking = None;
         if !self.connected {
             return;
         }
@@ -558,7 +567,11 @@ impl World {
 
     /// What the daemons do when both sides are running and can talk.
     fn handshake(&mut self) {
-        if self.connected || !self.link_up || self.nodes.iter().any(|n| n.engine.is_none()) {
+        if self.connected
+            || self.handshaking.is_some()
+            || !self.link_up
+            || self.nodes.iter().any(|n| n.engine.is_none())
+        {
             return;
         }
         let stale = |w: &World, n: usize| {
@@ -584,6 +597,28 @@ impl World {
             let b = self.nodes[1].engine.as_ref().unwrap().dirty_bits();
             a.iter().zip(&b).map(|(x, y)| x | y).collect()
         };
+        // The maps were read; the connect happens a few steps later, as it
+        // does across the network (writes keep marking stale meanwhile).
+        let delay = if self.step == 0 {
+            0
+        } else {
+            self.rng.gen_range(0..8)
+        };
+        self.handshaking = Some((source, bits, delay));
+        self.finish_handshake();
+    }
+
+    fn finish_handshake(&mut self) {
+        let Some((source, bits, delay)) = self.handshaking.take() else {
+            return;
+        };
+        if delay > 0 {
+            self.handshaking = Some((source, bits, delay - 1));
+            return;
+        }
+        if !self.link_up || self.nodes.iter().any(|n| n.engine.is_none()) {
+            return;
+        }
         self.connected = true;
         self.wires[0].clear();
         self.wires[1].clear();
@@ -858,6 +893,7 @@ impl World {
 
     fn step(&mut self) {
         self.step += 1;
+        self.finish_handshake();
         let r = self.rng.gen_range(0..100);
         let n = self.rng.gen_range(0..2);
         match r {
@@ -930,6 +966,7 @@ impl World {
         self.handshake();
         for round in 0..200_000 {
             self.step += 1;
+            self.finish_handshake();
             let mut progressed = false;
             for n in 0..2 {
                 if self.nodes[n].map_in_flight.is_some() {
@@ -959,12 +996,30 @@ impl World {
                     .iter()
                     .all(|n| n.map_in_flight.is_none() && n.locals.is_empty())
                 && self.wires.iter().all(|w| w.is_empty())
-                && self.resync_source.is_none()
+                && self.handshaking.is_none()
+                && self.connected
                 && self.nodes.iter().all(|n| n.map_durable.is_clean());
             if quiet {
                 return;
             }
         }
+        let marks = |n: usize| -> Vec<(u64, u8, u8)> {
+            (0..REGIONS)
+                .filter(|&r| self.nodes[n].map_durable.get(r) != 0)
+                .map(|r| {
+                    (
+                        r,
+                        self.nodes[n].map_durable.get(r),
+                        self.nodes[n].engine.as_ref().map_or(99, |e| e.map().get(r)),
+                    )
+                })
+                .collect()
+        };
+        eprintln!(
+            "durable marks (region, durable, memory): {:?} / {:?}",
+            marks(0),
+            marks(1)
+        );
         panic!(
             "the pair did not settle: connected {}, resync source {:?}, wires {} {}, maps {} {}, locals {} {}, stats {:?} / {:?}",
             self.connected,

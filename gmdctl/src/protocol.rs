@@ -106,6 +106,14 @@ pub enum Command {
         /// Devices to report; all when empty.
         devices: Vec<String>,
     },
+    /// Measures round trips and throughput per message size on each path to
+    /// `peer` (the reference's geonet).
+    NetProbe {
+        /// The machine to probe.
+        peer: String,
+        /// Requests per size.
+        rounds: usize,
+    },
     /// Unifies the maps of this machine and the other copy after divergence.
     Unify {
         /// The device.
@@ -266,6 +274,43 @@ pub struct DeviceStatus {
     pub problem: Option<String>,
     /// Mirroring, when AVAILABLE.
     pub link: Option<LinkStatus>,
+}
+
+/// Result of [`Command::NetProbe`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NetProbe {
+    /// The machine probed.
+    pub peer: String,
+    /// One entry per path (network).
+    pub paths: Vec<ProbePath>,
+}
+
+/// Measurements of one path.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProbePath {
+    /// Network name.
+    pub network: String,
+    /// Whether the path was up.
+    pub up: bool,
+    /// Smoothed RTT after the probe, microseconds.
+    pub srtt_us: Option<u64>,
+    /// One entry per message size.
+    pub sizes: Vec<ProbeSize>,
+}
+
+/// Measurements of one message size on one path.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProbeSize {
+    /// Request size in bytes.
+    pub bytes: usize,
+    /// Fastest round trip, microseconds.
+    pub rtt_min_us: u64,
+    /// Mean round trip, microseconds.
+    pub rtt_avg_us: u64,
+    /// Slowest round trip, microseconds.
+    pub rtt_max_us: u64,
+    /// Throughput with requests pipelined, bytes per second.
+    pub bytes_per_s: u64,
 }
 
 /// Mirroring state of an AVAILABLE device.

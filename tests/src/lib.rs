@@ -360,3 +360,200 @@ pub fn assert_qemu_io_clean(result: &Run) {
     assert!(!text.contains("Pattern verification failed"), "{text}");
     assert!(!text.to_lowercase().contains("error"), "{text}");
 }
+
+/// Mirroring modes, as the configuration spells them.
+pub const MODES: [&str; 3] = ["sync", "mwc", "async"];
+
+impl Cluster {
+    /// The example cluster in `mode` (async: alpha primary, beta secondary),
+    /// with a promote-failure timeout of `promote_s` seconds; state maps
+    /// initialised on both machines.
+    pub fn with_mode(mode: &str, promote_s: u32) -> Cluster {
+        let cluster = Cluster::with_config(|text| {
+            let mut text = text
+                .replace("mode = \"mwc\"", &format!("mode = \"{mode}\""))
+                .replace(
+                    "promote_failure_timeout = 5",
+                    &format!("promote_failure_timeout = {promote_s}"),
+                );
+            if mode == "async" {
+                text = text
+                    .replacen(
+                        "state_map = \"alpha/data10.sm\"",
+                        "state_map = \"alpha/data10.sm\"\nrole = \"primary\"",
+                        1,
+                    )
+                    .replacen(
+                        "state_map = \"beta/data10.sm\"",
+                        "state_map = \"beta/data10.sm\"\nrole = \"secondary\"",
+                        1,
+                    );
+            }
+            text
+        });
+        for machine in ["alpha", "beta"] {
+            cluster
+                .gmdctl_offline(machine, &["init-state", "data10gmd"])
+                .ok();
+        }
+        cluster
+    }
+
+    /// GeoMessage UDP ports of alpha and beta.
+    pub fn geomessage_ports(&self) -> Vec<u16> {
+        let text = std::fs::read_to_string(&self.config).expect("config");
+        text.lines()
+            .filter(|l| l.contains("interfaces = { geonet1"))
+            .filter_map(|l| l.rsplit(':').next())
+            .filter_map(|p| p.trim_end_matches([' ', '}', '"']).parse().ok())
+            .collect()
+    }
+
+    /// Starts gmdd on both machines and the device on both, alpha first
+    /// (with beta recorded down), then waits until they mirror.
+    pub fn start_pair(&self) -> (Gmdd, Gmdd) {
+        let alpha = self.gmdd("alpha");
+        let beta = self.gmdd("beta");
+        alpha.start_standalone("data10gmd", "beta");
+        beta.ctl(&["configure", "data10gmd"]).ok();
+        beta.ctl(&["start", "data10gmd"]).ok();
+        alpha.wait_mirroring("data10gmd", true);
+        beta.wait_mirroring("data10gmd", true);
+        (alpha, beta)
+    }
+}
+
+/// Polls `cond` every 100 ms until it holds or `timeout` passes.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+impl Gmdd {
+    /// `gmdctl status DEV --json` of this daemon.
+    pub fn status_json(&self, device: &str) -> serde_json::Value {
+        let run = self.ctl(&["status", device, "--json"]).ok();
+        let mut all: serde_json::Value = serde_json::from_str(&run.stdout).expect("status json");
+        all[0].take()
+    }
+
+    /// Waits until the device mirrors (or stops mirroring) with its peer.
+    pub fn wait_mirroring(&self, device: &str, mirroring: bool) {
+        wait_for(
+            &format!("{} {} mirroring = {mirroring}", self.machine, device),
+            Duration::from_secs(60),
+            || self.status_json(device)["link"]["connected"] == mirroring,
+        );
+    }
+
+    /// Waits until no resync runs and no cell is stale or inconsistent
+    /// (hot regions aside).
+    pub fn wait_in_sync(&self, device: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let s = self.status_json(device);
+            if s["link"]["connected"] == true
+                && s["link"]["resync_remaining"] == 0
+                && s["map"]["stale"] == 0
+                && s["map"]["inconsistent"] == 0
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} {device} not in sync after 120 s:\n{s:#}\n{}",
+                    self.machine,
+                    self.log_text()
+                        .lines()
+                        .filter(|l| l.contains("WARN")
+                            || l.contains("mirroring")
+                            || l.contains("resync"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// PID of the daemon.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+}
+
+/// A network cut between the two machines: an nftables rule that drops
+/// GeoMessage datagrams to either machine's port. Removed when dropped.
+pub struct Cut {
+    table: String,
+}
+
+impl Cut {
+    /// Cuts GeoMessage traffic to the given UDP ports.
+    ///
+    /// # Panics
+    /// When nftables cannot be used (root and the `nftables` package are needed).
+    pub fn new(ports: &[u16]) -> Cut {
+        let table = format!(
+            "gmdcut{}{}",
+            std::process::id(),
+            ports.first().copied().unwrap_or(0)
+        );
+        let set: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
+        let script = format!(
+            "table inet {table} {{\n  chain out {{\n    type filter hook output priority 0;\n    udp dport {{ {} }} drop\n  }}\n}}\n",
+            set.join(", ")
+        );
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("nft (package nftables)");
+        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), script.as_bytes())
+            .expect("write");
+        drop(child.stdin.take());
+        assert!(
+            child.wait().expect("nft").success(),
+            "nft refused:\n{script}"
+        );
+        Cut { table }
+    }
+
+    /// Heals the cut.
+    pub fn heal(self) {}
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .status();
+    }
+}
+
+/// SHA-256-free comparison of two files: equal bytes.
+#[track_caller]
+pub fn assert_same_files(a: &Path, b: &Path) {
+    let x = std::fs::read(a).expect("read");
+    let y = std::fs::read(b).expect("read");
+    assert_eq!(x.len(), y.len(), "sizes differ");
+    if x != y {
+        let first = x.iter().zip(&y).position(|(p, q)| p != q).unwrap_or(0);
+        let differing = x
+            .chunks(32768)
+            .zip(y.chunks(32768))
+            .filter(|(p, q)| p != q)
+            .count();
+        panic!(
+            "{} and {} differ: first at byte {first}, {differing} region(s) differ",
+            a.display(),
+            b.display()
+        );
+    }
+}

@@ -7,7 +7,9 @@
 //! actions it asked for ([`Engine::local_done`], [`Engine::map_written`],
 //! [`Engine::remote_done`]), link changes ([`Engine::connect`],
 //! [`Engine::peer_lost`]) and clock ticks ([`Engine::tick`]); drain
-//! [`Engine::poll_action`] after each call. It performs no I/O, reads no
+//! [`Engine::poll_action`] after each call — completely, and carrying each
+//! action out, before the next call: a slot freed by one call is handed to
+//! the next request submitted. It performs no I/O, reads no
 //! clock and allocates nothing per request, so the same code runs under the
 //! io_uring runtime ([`crate::runtime`]) and in simulations.
 //!
@@ -234,6 +236,9 @@ pub enum Action {
     },
     /// The resync this side took part in is finished.
     ResyncDone,
+    /// The link must be set up again: this side wrote alone after the
+    /// handshake read its map (the agreed resync does not cover it).
+    Renegotiate,
 }
 
 /// The part this side plays in resynchronisation when a link starts.
@@ -814,6 +819,12 @@ impl Engine {
 
     fn issue_local(&mut self, slot: Slot) {
         let info = &mut self.slots[slot as usize];
+        assert!(
+            info.owner != Owner::Free && info.local == Local::Idle,
+            "slot {slot}: local operation issued in state {:?}/{:?}",
+            info.owner,
+            info.local
+        );
         info.local = Local::InFlight;
         info.wait = Wait::None;
         let request = info.request;
@@ -864,6 +875,11 @@ impl Engine {
 
     fn send_write(&mut self, slot: Slot) {
         let request = self.slots[slot as usize].request;
+        assert!(
+            self.slots[slot as usize].owner == Owner::App
+                && !matches!(self.slots[slot as usize].remote, Remote::Pending(_)),
+            "slot {slot}: sent twice"
+        );
         let regions = self.regions(&request);
         let seq = self.push_remote(
             Some(slot),
@@ -918,6 +934,7 @@ impl Engine {
             if lost {
                 if cell != CELL_STALE {
                     self.journal.set(region, CELL_STALE);
+                    self.resync_add(region);
                 }
             } else if left == 0 && (CELL_WRITING..=CELL_QUEUED).contains(&cell) {
                 self.journal.set(region, CELL_ACTIVE);
@@ -1096,8 +1113,21 @@ impl Engine {
         for region in regions {
             if self.journal.map.get(region) != CELL_STALE {
                 self.journal.set(region, CELL_STALE);
+                self.resync_add(region);
             }
         }
+    }
+
+    /// A region became stale while a peer is connected (a write that was
+    /// issued before the link came up, or one the peer failed): send it.
+    fn resync_add(&mut self, region: u64) {
+        if !self.connected {
+            return;
+        }
+        let regions = self.journal.map.region_count();
+        self.resync
+            .get_or_insert_with(|| ResyncSource::new(RegionBits::new(regions)))
+            .add(region);
     }
 
     /// Reports the end of map write `epoch`.
@@ -1181,9 +1211,17 @@ impl Engine {
             set
         };
         match role {
-            ResyncRole::None => {}
+            ResyncRole::None => self.renegotiate_if_uncovered(&RegionBits::new(regions)),
             ResyncRole::Source(bits) => {
-                let set = bits_of(&bits);
+                let mut set = bits_of(&bits);
+                // Regions that became stale after the handshake's snapshot go too.
+                for run in self.journal.map.dirty_region_runs() {
+                    for r in run {
+                        if self.journal.map.get(r) == CELL_STALE {
+                            set.set(r);
+                        }
+                    }
+                }
                 // Keep every region to send marked here too, so that a crash
                 // of this side during the resync still covers them. (0x6
                 // means "data missing here", which is the target's mark.)
@@ -1204,6 +1242,7 @@ impl Engine {
             }
             ResyncRole::Target(bits) => {
                 let set = bits_of(&bits);
+                self.renegotiate_if_uncovered(&set);
                 let mut next = set.next_from(0);
                 let mut count = 0;
                 while let Some(r) = next {
@@ -1224,6 +1263,21 @@ impl Engine {
         }
         self.start_commit();
         self.pump_resync();
+    }
+
+    /// This side is not the source, yet holds stale regions the agreed resync
+    /// does not cover (it wrote alone after the handshake read its map):
+    /// only a new handshake can decide who keeps what.
+    fn renegotiate_if_uncovered(&mut self, covered: &RegionBits) {
+        let uncovered = self
+            .journal
+            .map
+            .dirty_region_runs()
+            .flatten()
+            .any(|r| self.journal.map.get(r) == CELL_STALE && !covered.get(r));
+        if uncovered {
+            self.actions.push_back(Action::Renegotiate);
+        }
     }
 
     /// The link to the peer ended: every write it did not acknowledge leaves

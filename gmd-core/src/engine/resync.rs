@@ -143,6 +143,14 @@ impl ResyncSource {
         }
     }
 
+    /// Adds a region to send (one that became stale during the session).
+    pub(super) fn add(&mut self, region: u64) {
+        if !self.pending.get(region) {
+            self.pending.set(region);
+            self.total += 1;
+        }
+    }
+
     /// Regions not yet confirmed.
     pub(super) fn remaining(&self) -> u64 {
         self.pending.count()

@@ -241,6 +241,9 @@ mod mirroring {
         fn resync_done(&self) {
             self.resyncs_done.fetch_add(1, Ordering::SeqCst);
         }
+        fn renegotiate(&self) {
+            panic!("no renegotiation expected");
+        }
     }
 
     fn side(dir: &std::path::Path, name: &str, link: Arc<Wire>) -> (Runtime, PathBuf, PathBuf) {

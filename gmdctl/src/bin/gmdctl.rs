@@ -129,6 +129,18 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Round trips and throughput per message size on each GeoMessage path
+    /// to a machine (the reference's geonet).
+    Netprobe {
+        /// The machine to probe.
+        peer: String,
+        /// Requests per message size.
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// After divergence: OR both maps into the master's, clear the other's;
     /// starting the other side then resyncs those regions from the master.
     /// With --preview, print the unified map (exit 2 while it is dirty).
@@ -444,6 +456,49 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             println!("{header}");
             println!("Device id: {uuid}");
             Ok(print_map(&cells))
+        }
+        Cmd::Netprobe { peer, rounds, json } => {
+            let mut client = Client::connect(&cli.socket)?;
+            let value = client.call_value(Command::NetProbe {
+                peer: peer.clone(),
+                rounds: *rounds,
+            })?;
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&value).unwrap_or_default()
+                );
+                return Ok(0);
+            }
+            let report: NetProbe =
+                serde_json::from_value(value).map_err(|e| fail(255, e.to_string()))?;
+            for path in &report.paths {
+                let srtt = path
+                    .srtt_us
+                    .map(|u| format!("{u} µs"))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{} via {}: {}, smoothed RTT {srtt}",
+                    report.peer,
+                    path.network,
+                    if path.up { "up" } else { "DOWN" }
+                );
+                println!(
+                    "  {:>9} {:>10} {:>10} {:>10} {:>12}",
+                    "size", "rtt min", "rtt avg", "rtt max", "throughput"
+                );
+                for s in &path.sizes {
+                    println!(
+                        "  {:>9} {:>8}µs {:>8}µs {:>8}µs {:>10}/s",
+                        format_size(s.bytes as u64),
+                        s.rtt_min_us,
+                        s.rtt_avg_us,
+                        s.rtt_max_us,
+                        format_size(s.bytes_per_s)
+                    );
+                }
+            }
+            Ok(0)
         }
         Cmd::Unify {
             device,

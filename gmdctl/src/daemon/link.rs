@@ -82,6 +82,8 @@ pub(super) struct DeviceLink {
     size_bytes: u64,
     out: mpsc::UnboundedSender<(PeerId, Bytes)>,
     pub(super) inner: Mutex<LinkInner>,
+    node: Arc<Node>,
+    rt: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for DeviceLink {
@@ -113,6 +115,36 @@ impl PeerLink for DeviceLink {
         inner.resync_done = true;
         info!(device = %self.device, peer = ?inner.peer, role = ?inner.resync_role, "resync finished");
     }
+
+    fn renegotiate(&self) {
+        let (peer, session) = {
+            let inner = self.inner.lock().expect("link lock");
+            (inner.peer.clone(), inner.session)
+        };
+        info!(device = %self.device, ?peer, "wrote alone during the handshake: setting the link up again");
+        self.disconnect();
+        let (Some(peer), true) = (peer, session != 0) else {
+            return;
+        };
+        let Some(id) = self.node.peer(&peer) else {
+            return;
+        };
+        let request = PeerRequest::Renegotiate {
+            device: self.device.clone(),
+            session,
+        };
+        let Ok(body) = serde_json::to_vec(&request) else {
+            return;
+        };
+        let node = self.node.clone();
+        self.rt.spawn(async move {
+            let _ = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                node.request(id, StreamId::CONTROL, Bytes::from(body)),
+            )
+            .await;
+        });
+    }
 }
 
 impl DeviceLink {
@@ -129,6 +161,8 @@ impl DeviceLink {
             size_bytes,
             out: tx,
             inner: Mutex::new(LinkInner::default()),
+            node: node.clone(),
+            rt: tokio::runtime::Handle::current(),
         });
         let stream = device_stream(minor);
         tokio::spawn(send_loop(node.clone(), stream, rx));
@@ -540,6 +574,19 @@ impl Daemon {
                 }
                 PeerReply::Ok
             }
+            PeerRequest::Renegotiate { device, session } => {
+                if let Some(link) = self.link(&device) {
+                    let current = {
+                        let inner = link.inner.lock().expect("link lock");
+                        inner.session == session && inner.peer.as_deref() == Some(from.as_str())
+                    };
+                    if current {
+                        info!(%device, peer = %from, "peer asks to set the link up again");
+                        link.disconnect();
+                    }
+                }
+                PeerReply::Ok
+            }
             PeerRequest::StopDevice { device, by } => {
                 warn!(%device, %by, "stopping the device at the request of {by}");
                 let d = self.clone();
@@ -725,8 +772,22 @@ impl Daemon {
         }
     }
 
+    /// A device just started here: mirror with the first remote peer whose
+    /// copy is AVAILABLE, taking over from whichever peer it mirrors with now
+    /// (one active remote peer; the first is taken down).
+    pub(super) async fn join(self: &Arc<Self>, device: String) {
+        for peer in self.remote_peers(&device) {
+            if let Some(info) = self.peer_status(&device, &peer).await {
+                if info.state == PeerState::Available {
+                    self.clone().connect(device.clone(), peer).await;
+                    return;
+                }
+            }
+        }
+    }
+
     /// Connects every AVAILABLE device that is not mirroring to the first
-    /// reachable remote peer whose copy is AVAILABLE.
+    /// reachable remote peer whose copy is AVAILABLE and free.
     pub(super) async fn reconnect(self: &Arc<Self>) {
         for link in self.links() {
             let skip = {

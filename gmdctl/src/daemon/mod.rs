@@ -370,7 +370,7 @@ impl Daemon {
             )));
         }
         let daemon = self.clone();
-        self.rt.spawn(async move { daemon.reconnect().await });
+        self.rt.spawn(async move { daemon.join(name).await });
     }
 
     fn nbd_url(&self, device: &str) -> String {
@@ -471,7 +471,59 @@ impl Daemon {
                 master,
                 preview,
             } => self.unify(&device, &master, preview),
+            Command::NetProbe { peer, rounds } => self.netprobe(&peer, rounds),
         }
+    }
+
+    fn netprobe(&self, peer: &str, rounds: usize) -> Result<Value, ControlError> {
+        let id = self
+            .node
+            .peer(peer)
+            .filter(|_| peer != self.machine)
+            .ok_or_else(|| {
+                ControlError::not_found(format!(
+                    "{peer} is not another machine of the cluster; machines: {}",
+                    self.config()
+                        .machines
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+        let sizes = gmd_net::netprobe::PROBE_SIZES_DEFAULT;
+        let report = self
+            .rt
+            .block_on(gmd_net::netprobe::netprobe(
+                &self.node,
+                id,
+                sizes,
+                rounds.clamp(1, 1000),
+            ))
+            .map_err(|e| ControlError::refused(format!("netprobe to {peer}: {e}")))?;
+        to_value(&NetProbe {
+            peer: report.peer,
+            paths: report
+                .paths
+                .into_iter()
+                .map(|p| ProbePath {
+                    network: p.network,
+                    up: p.up,
+                    srtt_us: p.srtt.map(|d| d.as_micros() as u64),
+                    sizes: p
+                        .sizes
+                        .into_iter()
+                        .map(|s| ProbeSize {
+                            bytes: s.message_bytes,
+                            rtt_min_us: s.rtt_min.as_micros() as u64,
+                            rtt_avg_us: s.rtt_avg.as_micros() as u64,
+                            rtt_max_us: s.rtt_max.as_micros() as u64,
+                            bytes_per_s: s.throughput_bytes_per_sec as u64,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
     }
 
     fn with_device<T>(

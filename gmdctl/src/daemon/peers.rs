@@ -73,6 +73,9 @@ pub(super) enum PeerRequest {
     Go { device: String, session: u64 },
     /// The sender's device stops: go on alone (and record it down).
     Leave { device: String, session: u64 },
+    /// Drop session `session` quietly; the next handshake sets the link up
+    /// again (one side wrote alone during the handshake).
+    Renegotiate { device: String, session: u64 },
     /// Stop your device now (`gmdctl down` run on an AVAILABLE peer, or a
     /// second remote peer took over).
     StopDevice { device: String, by: String },

@@ -1,0 +1,396 @@
+//! Two machines (two gmdd processes on loopback) mirroring a device in each
+//! mode, under faults: the secondary killed with SIGKILL and restarted, the
+//! primary killed and restarted, the network cut and healed. fio checks
+//! every block it wrote (crc32c); at the end both backing files are
+//! identical. Then divergence and unify, the async prefix property, and
+//! the identity and peer rules.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use gmd_tests::*;
+
+const DEV: &str = "data10gmd";
+/// Promote-failure timeout used by these tests (seconds).
+const PROMOTE_S: u32 = 2;
+
+fn fio_args(url: &str, offset: &str, size: &str) -> Vec<String> {
+    [
+        "--name=mirror",
+        "--ioengine=nbd",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--rate_iops=2500",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        format!("--uri={url}"),
+        format!("--offset={offset}"),
+        format!("--size={size}"),
+    ])
+    .collect()
+}
+
+fn spawn_fio(args: &[String], log: &std::path::Path) -> Child {
+    Command::new("fio")
+        .args(args)
+        .arg(format!("--output={}", log.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("fio")
+}
+
+#[track_caller]
+fn assert_fio_clean(child: &mut Child, log: &std::path::Path) {
+    let status = wait_child(child, Duration::from_secs(240));
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(status, "fio failed:\n{text}");
+    assert!(text.contains("err= 0"), "fio reported errors:\n{text}");
+    assert!(!text.contains("verify:"), "fio found bad data:\n{text}");
+}
+
+fn wait_child(child: &mut Child, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.success();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("fio did not finish in {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Stops both devices and compares the backing files.
+fn stop_and_compare(cluster: &Cluster, alpha: &Gmdd, beta: &Gmdd) {
+    alpha.wait_in_sync(DEV);
+    beta.wait_in_sync(DEV);
+    alpha.ctl(&["stop", DEV]).ok();
+    beta.ctl(&["stop", DEV]).ok();
+    assert_same_files(
+        &cluster.path("alpha/data10.img"),
+        &cluster.path("beta/data10.img"),
+    );
+}
+
+fn secondary_killed(mode: &str) {
+    let cluster = Cluster::with_mode(mode, PROMOTE_S);
+    let (alpha, beta) = cluster.start_pair();
+    let log = cluster.path("fio.log");
+    let mut fio = spawn_fio(&fio_args(&alpha.url(DEV), "0", "96M"), &log);
+    std::thread::sleep(Duration::from_secs(2));
+    beta.kill9();
+    alpha.wait_mirroring(DEV, false);
+    let beta = cluster.gmdd("beta");
+    assert_fio_clean(&mut fio, &log);
+    let status = alpha.status_json(DEV);
+    assert!(status["link"]["connected"] == true || status["map"]["stale"].as_u64() > Some(0));
+    stop_and_compare(&cluster, &alpha, &beta);
+}
+
+fn primary_killed(mode: &str) {
+    let cluster = Cluster::with_mode(mode, PROMOTE_S);
+    let (alpha, beta) = cluster.start_pair();
+    // Data written and acknowledged before the crash...
+    let log = cluster.path("fio1.log");
+    let first = fio_args(&alpha.url(DEV), "0", "32M");
+    let mut fio = spawn_fio(&first, &log);
+    assert_fio_clean(&mut fio, &log);
+    // ...then a crash in the middle of more writes.
+    let mut second = spawn_fio(
+        &fio_args(&alpha.url(DEV), "128M", "64M"),
+        &cluster.path("fio2.log"),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    alpha.kill9();
+    let _ = wait_child(&mut second, Duration::from_secs(60));
+    let alpha = cluster.gmdd("alpha");
+    alpha.wait_mirroring(DEV, true);
+    // Everything acknowledged before the crash reads back intact.
+    let log = cluster.path("fio3.log");
+    let mut verify: Vec<String> = first.clone();
+    verify.push("--verify_only".into());
+    let mut fio = spawn_fio(&verify, &log);
+    assert_fio_clean(&mut fio, &log);
+    stop_and_compare(&cluster, &alpha, &beta);
+}
+
+fn network_cut(mode: &str) {
+    let cluster = Cluster::with_mode(mode, PROMOTE_S);
+    let (alpha, beta) = cluster.start_pair();
+    let log = cluster.path("fio.log");
+    let mut fio = spawn_fio(&fio_args(&alpha.url(DEV), "0", "96M"), &log);
+    std::thread::sleep(Duration::from_secs(2));
+    let cut = Cut::new(&cluster.geomessage_ports());
+    alpha.wait_mirroring(DEV, false);
+    beta.wait_mirroring(DEV, false);
+    std::thread::sleep(Duration::from_secs(2));
+    cut.heal();
+    assert_fio_clean(&mut fio, &log);
+    alpha.wait_mirroring(DEV, true);
+    stop_and_compare(&cluster, &alpha, &beta);
+}
+
+#[test]
+fn sync_survives_the_secondary_killed() {
+    secondary_killed("sync");
+}
+
+#[test]
+fn mwc_survives_the_secondary_killed() {
+    secondary_killed("mwc");
+}
+
+#[test]
+fn async_survives_the_secondary_killed() {
+    secondary_killed("async");
+}
+
+#[test]
+fn sync_survives_the_primary_killed() {
+    primary_killed("sync");
+}
+
+#[test]
+fn mwc_survives_the_primary_killed() {
+    primary_killed("mwc");
+}
+
+#[test]
+fn async_survives_the_primary_killed() {
+    primary_killed("async");
+}
+
+#[test]
+fn sync_survives_a_network_cut() {
+    network_cut("sync");
+}
+
+#[test]
+fn mwc_survives_a_network_cut() {
+    network_cut("mwc");
+}
+
+#[test]
+fn async_survives_a_network_cut() {
+    network_cut("async");
+}
+
+#[test]
+fn divergence_refuses_until_unified() {
+    let cluster = Cluster::with_mode("mwc", PROMOTE_S);
+    let (alpha, beta) = cluster.start_pair();
+    let cut = Cut::new(&cluster.geomessage_ports());
+    alpha.wait_mirroring(DEV, false);
+    beta.wait_mirroring(DEV, false);
+    // Both sides write while apart.
+    assert_qemu_io_clean(&qemu_io(&alpha.url(DEV), &["write -P 0xaa 0 64k"]));
+    assert_qemu_io_clean(&qemu_io(&beta.url(DEV), &["write -P 0xbb 100M 64k"]));
+    cut.heal();
+    // They meet and refuse to mirror: divergence.
+    wait_for("the divergence refusal", Duration::from_secs(30), || {
+        [&alpha, &beta].iter().any(|g| {
+            g.status_json(DEV)["link"]["refused"]
+                .as_str()
+                .is_some_and(|r| r.contains("divergence"))
+        })
+    });
+    assert_eq!(alpha.status_json(DEV)["link"]["connected"], false);
+    // Restarting the non-master is refused too.
+    beta.ctl(&["stop", DEV]).ok();
+    let refused = beta.ctl(&["start", DEV]);
+    assert_eq!(refused.code, 2, "{}", refused.text());
+    assert!(refused.stderr.contains("divergence"), "{}", refused.text());
+    assert!(
+        refused.stderr.contains("gmdctl unify"),
+        "{}",
+        refused.text()
+    );
+    // Preview, then unify with alpha as master.
+    let preview = alpha.ctl(&["unify", DEV, "--master", "alpha", "--preview"]);
+    assert_eq!(preview.code, 2, "dirty maps exit 2: {}", preview.text());
+    let cells = cells_from_show_state(&preview.stdout);
+    let expected = regions_of(&[(0, 65536), (100 << 20, 65536)]);
+    for r in &expected {
+        assert_ne!(cells[*r as usize], 0, "region {r} in the union");
+    }
+    alpha.ctl(&["unify", DEV, "--master", "alpha"]).ok();
+    beta.ctl(&["start", DEV]).ok();
+    beta.wait_mirroring(DEV, true);
+    stop_and_compare(&cluster, &alpha, &beta);
+    // alpha's data won; beta's write while apart was discarded.
+    let data = std::fs::read(cluster.path("beta/data10.img")).unwrap();
+    assert!(data[..65536].iter().all(|&b| b == 0xaa));
+    assert!(data[100 << 20..(100 << 20) + 65536].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn async_secondary_holds_a_prefix_of_the_primarys_writes_after_a_cut() {
+    let cluster = Cluster::with_mode("async", PROMOTE_S);
+    let (alpha, beta) = cluster.start_pair();
+    // Sequential writes: each completes before the next is issued.
+    const WRITES: u64 = 3000;
+    let commands: Vec<String> = (0..WRITES)
+        .map(|i| format!("write -P {} {} 4k", i % 250 + 1, i * 4096))
+        .collect();
+    let mut qemu = Command::new("qemu-io");
+    qemu.args(["-f", "raw", &alpha.url(DEV)]);
+    for c in &commands {
+        qemu.args(["-c", c]);
+    }
+    let mut child = qemu
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    std::thread::sleep(Duration::from_millis(1500));
+    let cut = Cut::new(&cluster.geomessage_ports());
+    assert!(
+        wait_child(&mut child, Duration::from_secs(180)),
+        "qemu-io failed"
+    );
+    beta.wait_mirroring(DEV, false);
+    // The secondary stops where the stream stopped.
+    beta.terminate();
+    let data = std::fs::read(cluster.path("beta/data10.img")).unwrap();
+    let block = |i: u64| &data[(i * 4096) as usize..((i + 1) * 4096) as usize];
+    let applied = (0..WRITES)
+        .take_while(|&i| block(i).iter().all(|&b| b == (i % 250 + 1) as u8))
+        .count() as u64;
+    assert!(applied > 0, "nothing reached the secondary before the cut");
+    assert!(applied < WRITES, "the cut came too late to test anything");
+    for i in applied..WRITES {
+        assert!(
+            block(i).iter().all(|&b| b == 0),
+            "write {i} reached the secondary after write {applied} did not: not a prefix"
+        );
+    }
+    // Heal and resync: identical again.
+    cut.heal();
+    let beta = cluster.gmdd("beta");
+    beta.wait_mirroring(DEV, true);
+    stop_and_compare(&cluster, &alpha, &beta);
+}
+
+#[test]
+fn configure_refuses_a_peer_holding_another_device() {
+    let cluster = Cluster::with_mode("mwc", PROMOTE_S);
+    // beta's map is re-created with another identity.
+    cluster
+        .gmdctl_offline(
+            "beta",
+            &[
+                "init-state",
+                DEV,
+                "--force",
+                "--uuid",
+                "11111111-2222-3333-4444-555555555555",
+            ],
+        )
+        .ok();
+    let alpha = cluster.gmdd("alpha");
+    let beta = cluster.gmdd("beta");
+    beta.ctl(&["configure", DEV]).ok();
+    let refused = alpha.ctl(&["configure", DEV]);
+    assert_eq!(refused.code, 2, "{}", refused.text());
+    assert!(
+        refused.stderr.contains("do not hold the same device"),
+        "{}",
+        refused.text()
+    );
+    assert!(refused.stderr.contains("identity"), "{}", refused.text());
+    assert!(alpha.status_json(DEV)["state"] == "DEFINED");
+}
+
+#[test]
+fn down_on_an_available_peer_stops_its_device() {
+    let cluster = Cluster::with_mode("mwc", PROMOTE_S);
+    let (alpha, beta) = cluster.start_pair();
+    alpha.ctl(&["stop", DEV]).ok();
+    let down = alpha.ctl(&["down", DEV, "beta"]).ok();
+    assert!(
+        down.stderr.contains("was in fact AVAILABLE"),
+        "{}",
+        down.text()
+    );
+    assert_eq!(beta.status_json(DEV)["state"], "STOPPED");
+    // alpha can start alone now; beta joins again later and is resynced.
+    alpha.ctl(&["start", DEV]).ok();
+    assert_qemu_io_clean(&qemu_io(&alpha.url(DEV), &["write -P 0x42 1M 64k"]));
+    beta.ctl(&["start", DEV]).ok();
+    beta.wait_mirroring(DEV, true);
+    stop_and_compare(&cluster, &alpha, &beta);
+}
+
+#[test]
+fn a_second_remote_peer_takes_over_from_the_first() {
+    let gamma_nbd = free_port();
+    let gamma_geo = free_port();
+    let cluster = Cluster::with_config(|text| {
+        format!(
+            "{}\n[machines.gamma]\nsite = \"dallas\"\npromote_failure_timeout = 2\n\
+             interfaces = {{ geonet1 = \"127.0.0.1:{gamma_geo}\" }}\nnbd_listen = \"127.0.0.1:{gamma_nbd}\"\n\n\
+             [devices.data10gmd.machines.gamma]\ndata = \"gamma/data10.img\"\nstate_map = \"gamma/data10.sm\"\n",
+            text.replace("promote_failure_timeout = 5", "promote_failure_timeout = 2")
+        )
+    });
+    std::fs::create_dir_all(cluster.path("gamma")).unwrap();
+    std::fs::File::create(cluster.path("gamma/data10.img"))
+        .unwrap()
+        .set_len(DEVICE_SIZE)
+        .unwrap();
+    for m in ["alpha", "beta", "gamma"] {
+        cluster.gmdctl_offline(m, &["init-state", DEV]).ok();
+    }
+    let alpha = cluster.gmdd("alpha");
+    let beta = cluster.gmdd("beta");
+    let gamma = cluster.gmdd("gamma");
+    alpha.ctl(&["configure", DEV]).ok();
+    alpha.ctl(&["down", DEV, "beta"]).ok();
+    alpha.ctl(&["down", DEV, "gamma"]).ok();
+    alpha.ctl(&["start", DEV]).ok();
+    beta.ctl(&["configure", DEV]).ok();
+    beta.ctl(&["start", DEV]).ok();
+    alpha.wait_mirroring(DEV, true);
+    assert_eq!(alpha.status_json(DEV)["link"]["peer"], "beta");
+    assert_qemu_io_clean(&qemu_io(&alpha.url(DEV), &["write -P 0x11 0 1M"]));
+    // gamma joins: beta is taken down and its device stopped.
+    gamma.ctl(&["configure", DEV]).ok();
+    gamma.ctl(&["start", DEV]).ok();
+    wait_for("gamma to take over", Duration::from_secs(30), || {
+        alpha.status_json(DEV)["link"]["peer"] == "gamma"
+            && alpha.status_json(DEV)["link"]["connected"] == true
+    });
+    wait_for("beta to be stopped", Duration::from_secs(30), || {
+        beta.status_json(DEV)["state"] == "STOPPED"
+    });
+    assert!(
+        alpha.log_text().contains("a second remote peer joined"),
+        "{}",
+        alpha.log_text()
+    );
+    let status = alpha.status_json(DEV);
+    assert!(
+        status["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["machine"] == "beta" && p["down"] == true)
+    );
+    alpha.wait_in_sync(DEV);
+    gamma.wait_in_sync(DEV);
+    alpha.ctl(&["stop", DEV]).ok();
+    gamma.ctl(&["stop", DEV]).ok();
+    assert_same_files(
+        &cluster.path("alpha/data10.img"),
+        &cluster.path("gamma/data10.img"),
+    );
+}
