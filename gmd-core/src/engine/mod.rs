@@ -1494,12 +1494,19 @@ impl Engine {
         if !self.connected || self.stale_peer_ops > 0 {
             return;
         }
+        // The application comes first: while it has requests in flight,
+        // resync keeps to half its budget (always at least one region).
+        let app_busy = self.free_app.len() < self.params.slots_max;
+        let budget = if app_busy {
+            self.params.resync_in_flight_max_bytes / 2
+        } else {
+            self.params.resync_in_flight_max_bytes
+        };
         let Some(rs) = self.resync.as_mut() else {
             return;
         };
         while !self.free_resync.is_empty()
-            && (rs.in_flight_bytes == 0
-                || rs.in_flight_bytes + REGION_SIZE_BYTES <= self.params.resync_in_flight_max_bytes)
+            && (rs.in_flight_bytes == 0 || rs.in_flight_bytes + REGION_SIZE_BYTES <= budget)
         {
             let activity = &self.activity;
             let Some(region) = rs.next(|r| activity.in_flight(r) > 0) else {
