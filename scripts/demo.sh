@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# A tour of gmd on file-backed defaults, in ./demo (nothing outside it).
-#
-# Sets up the example cluster (examples/loopback.toml) as a user would,
-# starts gmdd for machine alpha with its peer beta recorded as down,
-# writes through the NBD export with qemu-io, shows the state map and
-# gmdstat, restarts gmdd and reads the data back.
+# A tour of gmd's main job on file-backed defaults, all inside ./demo:
+# two machines (alpha and beta, two gmdd on loopback) mirror a 256 MiB
+# device in mwc mode. We write through alpha's NBD export, look at gmdstat,
+# kill beta's daemon, write more (alpha goes on alone after its peer's
+# promote-failure timeout and marks what it writes stale), bring beta back,
+# watch the resync, and end by comparing both backing files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -17,49 +17,75 @@ cargo build --release --bins --quiet
 export PATH=$ROOT/target/release:$PATH
 
 say "Setting up the example cluster in $DEMO"
-if [ -S "$DEMO/alpha.sock" ]; then gmdctl --socket "$DEMO/alpha.sock" stop -A >/dev/null 2>&1 || true; fi
-pkill -f "gmdd --config $DEMO/loopback.toml" 2>/dev/null || true
+for m in alpha beta; do [ -f "$DEMO/$m.pid" ] && kill "$(cat "$DEMO/$m.pid")" 2>/dev/null || true; done
+sleep 0.5
 rm -rf "$DEMO" && mkdir -p "$DEMO" && cd "$DEMO"
 cp "$ROOT/examples/loopback.toml" .
 run gmdctl genkey cluster.key
 run mkdir -p alpha beta
 run truncate -s 256M alpha/data10.img beta/data10.img
-CTL="gmdctl --config loopback.toml --machine alpha --socket $DEMO/alpha.sock"
-run $CTL init-state data10gmd
-run $CTL verify
+A="gmdctl --config loopback.toml --machine alpha --socket $DEMO/alpha.sock"
+B="gmdctl --config loopback.toml --machine beta --socket $DEMO/beta.sock"
+run $A init-state data10gmd
+run $B init-state data10gmd
+run $A verify
 
-say "Starting gmdd for machine alpha"
-gmdd --config loopback.toml --machine alpha --socket "$DEMO/alpha.sock" 2> alpha.log &
-GMDD=$!
-trap 'kill $GMDD 2>/dev/null || true' EXIT
-for _ in $(seq 100); do [ -S alpha.sock ] && break; sleep 0.05; done
-run $CTL configure data10gmd
-echo "(beta is not running: start must refuse and say what to do)"
-$CTL start data10gmd || true
-run $CTL down data10gmd beta
-run $CTL start data10gmd
-run $CTL status data10gmd
+start_gmdd() { # machine
+    gmdd --config loopback.toml --machine "$1" --socket "$DEMO/$1.sock" 2>> "$1.log" &
+    echo $! > "$1.pid"
+    for _ in $(seq 100); do [ -S "$1.sock" ] && break; sleep 0.05; done
+}
+wait_for() { # description, command...
+    local what=$1; shift
+    for _ in $(seq 600); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+    echo "timed out waiting for $what" >&2; return 1
+}
+mirroring() { $1 status data10gmd --json | python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)[0]["link"]["connected"] else 1)'; }
+in_sync() { $1 status data10gmd --json | python3 -c '
+import json,sys
+d=json.load(sys.stdin)[0]
+sys.exit(0 if d["link"]["connected"] and d["map"]["stale"]==0 and d["link"]["resync_remaining"]==0 else 1)'; }
+trap 'for m in alpha beta; do [ -f $m.pid ] && kill $(cat $m.pid) 2>/dev/null; done; true' EXIT
 
-say "Writing through the NBD export with qemu-io"
+say "Starting gmdd on alpha and beta"
+start_gmdd alpha
+start_gmdd beta
+run $A configure data10gmd
+echo "(alpha starts first; beta's device is not running yet, so start must refuse and say what to do)"
+$A start data10gmd || true
+run $A down data10gmd beta
+run $A start data10gmd
+run $B configure data10gmd
+run $B start data10gmd
+wait_for "mirroring" mirroring "$A"
+run $A status data10gmd
+
+say "Writing through alpha's NBD export: mirrored to beta"
 URL=nbd://127.0.0.1:10809/data10gmd
-run qemu-io -f raw "$URL" -c "write -P 0xa5 0 4M" -c "write -P 0x5a 100M 64k"
-run gmdstat --socket "$DEMO/alpha.sock" -A
-echo "(every written region is stale: it must go to beta when beta returns)"
-$CTL show-state data10gmd || true
+run qemu-io -f raw "$URL" -c "write -P 0xa5 0 16M"
+run gmdstat --socket "$DEMO/alpha.sock" -l data10gmd
+run gmdstat --socket "$DEMO/beta.sock" -l data10gmd
 
-say "Restarting gmdd: the device comes back AVAILABLE with its data and map"
-kill $GMDD; wait $GMDD || true
-gmdd --config loopback.toml --machine alpha --socket "$DEMO/alpha.sock" 2>> alpha.log &
-GMDD=$!
-for _ in $(seq 100); do [ -S alpha.sock ] && break; sleep 0.05; done
-sleep 0.2
-run $CTL status data10gmd
-run qemu-io -f raw "$URL" -c "read -P 0xa5 0 4M" -c "read -P 0x5a 100M 64k"
+say "Cutting the peer: beta's daemon is killed (SIGKILL)"
+run kill -9 "$(cat beta.pid)"
+echo "(alpha waits for beta's promote-failure timeout, 5 s, then goes on alone)"
+run qemu-io -f raw "$URL" -c "write -P 0x5a 64M 8M" -c "write -P 0x3c 200M 1M"
+wait_for "alpha alone" bash -c "! $A status data10gmd --json | grep -q '\"connected\": true'"
+run $A status data10gmd
+$A show-state data10gmd | head -14 || true
 
-say "Stopping"
-run $CTL stop data10gmd
-run $CTL unconfigure data10gmd
-kill $GMDD; wait $GMDD || true
-trap - EXIT
+say "Bringing beta back: it restores its device and resynchronises from alpha"
+start_gmdd beta
+wait_for "mirroring again" mirroring "$A"
+$A status data10gmd | grep -E "mirroring|resync|state map" || true
+wait_for "resync" in_sync "$A"
+run $A status data10gmd
+grep -h "resync finished" alpha.log beta.log | sed 's/^/  log: /'
+
+say "Stopping both devices and comparing the backing files"
+run $A stop data10gmd
+run $B stop data10gmd
+run cmp alpha/data10.img beta/data10.img
+echo "alpha/data10.img and beta/data10.img are identical."
 echo
 echo "Demo finished. Files and logs are in $DEMO."

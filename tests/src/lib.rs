@@ -8,6 +8,7 @@
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 /// Path of a gmd binary next to the test executable's target directory.
@@ -177,7 +178,8 @@ impl Cluster {
             .append(true)
             .open(&log)
             .expect("log file");
-        let child = Command::new(bin("gmdd"))
+        let mut child = Command::new(bin("gmdd"));
+        child
             .arg("--config")
             .arg(&self.config)
             .arg("--machine")
@@ -187,9 +189,19 @@ impl Cluster {
             .env("GMD_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn gmdd");
+            .stderr(stderr);
+        // A test killed by its timeout never runs Drop; make the kernel
+        // kill the daemon when the test thread that started it ends.
+        // SAFETY: prctl is async-signal-safe and touches no memory.
+        unsafe {
+            child.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = child.spawn().expect("spawn gmdd");
         let port = if machine == "alpha" {
             self.nbd_ports[0]
         } else {

@@ -34,8 +34,12 @@ use tracing::{error, info, warn};
 use crate::protocol::*;
 use exports::{DeviceExport, Exports};
 use link::DeviceLink;
+
 pub use peers::{DeviceInfo, PeerState};
 use peers::{PeerReply, PeerRequest, bits_of, decode_bits, encode_bits, union};
+
+/// How long SIGTERM waits for the devices to stop before gmdd exits anyway.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(60);
 
 /// How `gmdd` was started.
 #[derive(Clone, Debug)]
@@ -1308,7 +1312,19 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let d = daemon.clone();
-    tokio::task::spawn_blocking(move || d.shutdown_devices()).await?;
+    let stopping = tokio::task::spawn_blocking(move || d.shutdown_devices());
+    // A device that cannot stop must not keep the daemon alive forever: its
+    // state map already covers every write not known to be on both sides,
+    // so exiting is as safe as a kill -9.
+    if tokio::time::timeout(SHUTDOWN_LIMIT, stopping).await.is_err() {
+        error!(
+            "devices did not stop within {SHUTDOWN_LIMIT:?}; exiting anyway \
+             (their state maps mark what must be resynchronised)"
+        );
+        let _ = std::fs::remove_file(&options.socket);
+        // The runtime would wait for the stuck thread when dropped.
+        std::process::exit(1);
+    }
     node.shutdown().await;
     let _ = std::fs::remove_file(&options.socket);
     if let ListenAddr::Unix(path) = &nbd_listen {
