@@ -6,9 +6,9 @@
 //! `cargo nextest run --workspace` does).
 
 use std::net::{TcpListener, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 /// Path of a gmd binary next to the test executable's target directory.

@@ -1316,7 +1316,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // A device that cannot stop must not keep the daemon alive forever: its
     // state map already covers every write not known to be on both sides,
     // so exiting is as safe as a kill -9.
-    if tokio::time::timeout(SHUTDOWN_LIMIT, stopping).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_LIMIT, stopping)
+        .await
+        .is_err()
+    {
         error!(
             "devices did not stop within {SHUTDOWN_LIMIT:?}; exiting anyway \
              (their state maps mark what must be resynchronised)"
