@@ -569,3 +569,66 @@ pub fn assert_same_files(a: &Path, b: &Path) {
         );
     }
 }
+
+/// An NBD export seen as a block device without the kernel NBD client:
+/// `nbdfuse` shows it as a file, `losetup` makes that file a loop device.
+pub struct NbdLoop {
+    fuse_dir: PathBuf,
+    /// The loop device, e.g. `/dev/loop3`.
+    pub loop_dev: String,
+    nbdfuse: Option<Child>,
+}
+
+impl NbdLoop {
+    /// Attaches the export at `url`, using `dir/fuse` as the mount point.
+    pub fn attach(url: &str, dir: &Path) -> NbdLoop {
+        let fuse_dir = dir.join("fuse");
+        std::fs::create_dir_all(&fuse_dir).expect("fuse dir");
+        let nbdfuse = Command::new("nbdfuse")
+            .arg(&fuse_dir)
+            .arg(url)
+            .spawn()
+            .expect("nbdfuse (package nbdfuse / libnbd-bin)");
+        let file = fuse_dir.join("nbd");
+        wait_for("nbdfuse", Duration::from_secs(10), || file.exists());
+        let mut attached = NbdLoop {
+            fuse_dir,
+            loop_dev: String::new(),
+            nbdfuse: Some(nbdfuse),
+        };
+        attached.loop_dev = run(Command::new("losetup").args(["-f", "--show"]).arg(&file))
+            .ok()
+            .stdout
+            .trim()
+            .to_owned();
+        attached
+    }
+
+    /// Detaches the loop device and unmounts the FUSE file, checking both.
+    pub fn detach(mut self) {
+        run(Command::new("losetup").args(["-d", &self.loop_dev])).ok();
+        run(Command::new("fusermount3").arg("-u").arg(&self.fuse_dir)).ok();
+        if let Some(mut child) = self.nbdfuse.take() {
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NbdLoop {
+    fn drop(&mut self) {
+        // After a failed assertion: leave no loop device or FUSE mount behind.
+        if let Some(mut child) = self.nbdfuse.take() {
+            if !self.loop_dev.is_empty() {
+                let _ = Command::new("losetup")
+                    .args(["-d", &self.loop_dev])
+                    .status();
+            }
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.fuse_dir)
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -165,49 +165,12 @@ fn fio_randwrite_verifies_through_nbd() {
     assert_eq!(json["devices"][0]["map"]["stale"], 2048);
 }
 
-struct Mounted {
-    fuse_dir: std::path::PathBuf,
-    loop_dev: String,
-    nbdfuse: std::process::Child,
-}
-
-impl Mounted {
-    fn attach(url: &str, dir: &std::path::Path) -> Mounted {
-        let fuse_dir = dir.join("fuse");
-        std::fs::create_dir_all(&fuse_dir).unwrap();
-        let nbdfuse = Command::new("nbdfuse")
-            .arg(&fuse_dir)
-            .arg(url)
-            .spawn()
-            .expect("nbdfuse (package nbdfuse / libnbd-bin)");
-        let file = fuse_dir.join("nbd");
-        for _ in 0..200 {
-            if file.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        let out = run(Command::new("losetup").args(["-f", "--show"]).arg(&file)).ok();
-        Mounted {
-            fuse_dir,
-            loop_dev: out.stdout.trim().to_owned(),
-            nbdfuse,
-        }
-    }
-
-    fn detach(mut self) {
-        run(Command::new("losetup").args(["-d", &self.loop_dev])).ok();
-        run(Command::new("fusermount3").arg("-u").arg(&self.fuse_dir)).ok();
-        let _ = self.nbdfuse.wait();
-    }
-}
-
 #[test]
 fn ext4_on_nbdfuse_and_loop_mounts_writes_and_checks_clean() {
     let cluster = Cluster::new();
     let alpha = cluster.gmdd("alpha");
     alpha.start_standalone(DEV, "beta");
-    let attached = Mounted::attach(&alpha.url(DEV), cluster.dir.path());
+    let attached = NbdLoop::attach(&alpha.url(DEV), cluster.dir.path());
     let dev = attached.loop_dev.clone();
     run(Command::new("mkfs.ext4").args(["-q", "-F", &dev])).ok();
     let mnt = cluster.path("mnt");
