@@ -140,3 +140,27 @@ fn sim_four_mib_messages() {
         "no large message was delivered: {st:?}"
     );
 }
+
+/// A long session of small ordered messages through the smallest windows: the
+/// receiver must give every receive slot back, or it refuses all data once
+/// the slots an honest sender could use have leaked away.
+#[test]
+fn sim_long_session_gives_back_receive_slots() {
+    let mut sc = Scenario::from_seed(9_200_000);
+    sc.fault = Fault::None;
+    sc.machines = 2;
+    sc.networks = 1;
+    sc.links.truncate(1);
+    sc.links[0].loss = 0.0;
+    sc.links[0].duplicate = 0.0;
+    sc.links[0].bandwidth_bytes_per_sec = 0;
+    sc.size_max = 64;
+    sc.large_fraction = 0.0;
+    sc.messages = 20_000;
+    sc.release_delay = std::time::Duration::ZERO;
+    let st = run_scenario(sc).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        st.delivered >= 2 * 20_000,
+        "not every message of the long session arrived: {st:?}"
+    );
+}

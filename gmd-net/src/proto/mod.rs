@@ -224,6 +224,9 @@ pub struct PeerFootprint {
     pub recv_charged_bytes: usize,
     /// Receive slots across streams.
     pub recv_slots: usize,
+    /// Receive slots as the admission check counts them; equal to
+    /// `recv_slots` unless a slot leaked.
+    pub recv_slots_accounted: usize,
     /// Outstanding requests.
     pub requests: usize,
     /// Ranges of received packet numbers kept for acknowledgements.

@@ -1172,6 +1172,7 @@ impl Peer {
                     unreachable!()
                 };
                 lane.base += 1;
+                self.recv_slots -= 1;
                 out.push(m);
             }
         } else {
@@ -1865,6 +1866,7 @@ impl Peer {
             retransmit_chunks: self.retransmit.len(),
             recv_charged_bytes: (self.charged_in - self.released_in.min(self.charged_in)) as usize,
             recv_slots: self.recv_lanes.values().map(|l| l.slots.len()).sum(),
+            recv_slots_accounted: self.recv_slots,
             requests: self.requests.len(),
             ack_ranges: self.received_pns.len(),
         }

@@ -924,6 +924,7 @@ impl Runner {
                 let ok = f.send_buffered_bytes <= t.send_buffer_bytes_max
                     && f.sent_packets <= t.sent_packets_max
                     && f.recv_charged_bytes <= t.recv_window_bytes
+                    && f.recv_slots == f.recv_slots_accounted
                     && f.recv_slots
                         <= (t.streams_max as usize + 1) * t.stream_window_messages as usize
                     && f.requests <= t.requests_outstanding_max
