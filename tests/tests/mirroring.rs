@@ -23,6 +23,7 @@ fn fio_args(url: &str, offset: &str, size: &str) -> Vec<String> {
         "--iodepth=16",
         "--verify=crc32c",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--rate_iops=2500",
     ]
     .iter()

@@ -150,6 +150,7 @@ fn fio_randwrite_verifies_through_nbd() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
         ])
         .arg(format!("--uri={}", alpha.url(DEV))));
     assert_eq!(result.code, 0, "{}", result.text());
