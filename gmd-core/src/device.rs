@@ -114,6 +114,9 @@ pub struct StartOptions {
     pub pool: BufPool,
     /// Where messages for the peer go (none: the device stays standalone).
     pub link: Option<Arc<dyn PeerLink>>,
+    /// A connected peer silent this long while messages wait is dropped
+    /// (milliseconds; 0 = wait forever).
+    pub peer_stall_ms: u64,
 }
 
 impl std::fmt::Debug for StartOptions {
@@ -398,6 +401,7 @@ impl DeviceHandle {
         params.readable = !secondary;
         params.hwm_bytes = self.config.hwm_kib * 1024;
         params.resync_in_flight_max_bytes = self.config.sync_rate_kib * 1024;
+        params.peer_stall_ms = options.peer_stall_ms;
         let runtime = Runtime::start(RuntimeConfig {
             name: name.clone(),
             data_path: self.local().data.clone(),

@@ -101,6 +101,9 @@ pub trait PeerLink: Send + Sync + 'static {
     /// The session must be dropped and set up again (see
     /// [`crate::engine::Action::Renegotiate`]).
     fn renegotiate(&self);
+    /// The peer answered nothing for `waited_ms` while messages waited
+    /// ([`crate::engine::Action::PeerStalled`]): drop the session.
+    fn stalled(&self, waited_ms: u64);
 }
 
 const TAG_WRITE: u8 = 1;

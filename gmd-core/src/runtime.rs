@@ -888,6 +888,11 @@ impl Worker {
                         link.renegotiate();
                     }
                 }
+                Action::PeerStalled { waited_ms } => {
+                    if let Some(link) = &self.link {
+                        link.stalled(waited_ms);
+                    }
+                }
             }
         }
         Ok(())

@@ -113,6 +113,9 @@ fn params(mode: Mode, writable: bool) -> EngineParams {
         resync_in_flight_max_bytes: 64 << 10,
         activity_regions: 6,
         activity_idle_ms: 40,
+        // Steps are milliseconds: a peer silent this long while messages
+        // wait (a wire held up by the scenario) is dropped like a cut link.
+        peer_stall_ms: 300,
     }
 }
 
@@ -320,6 +323,12 @@ impl World {
             }
             Action::Renegotiate => {
                 self.note(format!("node {n} asks to renegotiate"));
+                self.link_lost();
+            }
+            Action::PeerStalled { waited_ms } => {
+                self.note(format!(
+                    "node {n}: peer silent for {waited_ms} ms, link dropped"
+                ));
                 self.link_lost();
             }
             Action::ResyncDone => {

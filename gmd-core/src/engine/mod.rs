@@ -239,6 +239,13 @@ pub enum Action {
     /// The link must be set up again: this side wrote alone after the
     /// handshake read its map (the agreed resync does not cover it).
     Renegotiate,
+    /// The connected peer answered nothing for `peer_stall_ms` while
+    /// messages waited: drop the link (the device goes on alone, marking
+    /// writes stale) rather than hold applications forever.
+    PeerStalled {
+        /// How long the oldest unanswered message has waited without progress.
+        waited_ms: u64,
+    },
 }
 
 /// The part this side plays in resynchronisation when a link starts.
@@ -281,6 +288,9 @@ pub struct EngineParams {
     pub activity_regions: usize,
     /// A region idle this long leaves the activity set.
     pub activity_idle_ms: u64,
+    /// A connected peer that answers nothing for this long while messages
+    /// wait is dropped ([`Action::PeerStalled`]); 0 = wait forever.
+    pub peer_stall_ms: u64,
 }
 
 impl EngineParams {
@@ -298,8 +308,11 @@ impl EngineParams {
             mode,
             hwm_bytes: 128 << 10,
             resync_in_flight_max_bytes: 32 << 10,
-            activity_regions: 4096,
-            activity_idle_ms: 5000,
+            // 1 GiB of hot regions kept for 30 s: a database's working set
+            // pays no map write per data write; a crash resends at most this.
+            activity_regions: 32_768,
+            activity_idle_ms: 30_000,
+            peer_stall_ms: 30_000,
         }
     }
 
@@ -349,6 +362,8 @@ pub struct EngineStats {
     pub activity_regions: u64,
     /// Whether a peer is connected (1) or not (0).
     pub connected: u64,
+    /// Times a connected peer was dropped for answering nothing.
+    pub peer_stalls: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -467,6 +482,11 @@ pub struct Engine {
     evicted: Vec<u64>,
     scratch: Vec<Slot>,
     now_ms: u64,
+    /// Last time the peer answered anything, or the queue of unanswered
+    /// messages became non-empty.
+    remote_progress_ms: u64,
+    /// This session's stall was reported.
+    stall_reported: bool,
     connected: bool,
     /// Number of the current (or last) link session.
     session: u64,
@@ -523,6 +543,8 @@ impl Engine {
             evicted: Vec::with_capacity(params.activity_regions),
             scratch: Vec::with_capacity(total),
             now_ms: 0,
+            remote_progress_ms: 0,
+            stall_reported: false,
             connected: false,
             session: 0,
             next_seq: 1,
@@ -853,6 +875,11 @@ impl Engine {
     fn push_remote(&mut self, slot: Option<Slot>, kind: RemoteKind) -> Seq {
         let seq = self.next_seq;
         self.next_seq += 1;
+        if self.remote.is_empty() {
+            // Answered messages leave the front at once, so an empty queue
+            // means nothing was waiting: the stall clock starts now.
+            self.remote_progress_ms = self.now_ms;
+        }
         self.remote.push_back(RemoteEntry {
             seq,
             slot,
@@ -1045,6 +1072,7 @@ impl Engine {
         }
         entry.done = true;
         let entry = *entry;
+        self.remote_progress_ms = self.now_ms;
         if result.is_err() {
             self.stats.remote_failures += 1;
         }
@@ -1192,6 +1220,8 @@ impl Engine {
         assert!(!self.connected, "already connected");
         self.connected = true;
         self.session += 1;
+        self.stall_reported = false;
+        self.remote_progress_ms = self.now_ms;
         // Sequence numbers keep growing across sessions, so that a late
         // answer from an earlier session can never match a new message.
         self.target.reset();
@@ -1602,9 +1632,26 @@ impl Engine {
     /// cells are cleared lazily) and pending map changes are committed.
     pub fn tick(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
+        self.check_stall();
         self.evict_idle();
         self.start_commit();
         self.pump_resync();
+    }
+
+    /// Reports a connected peer that has answered nothing for
+    /// `peer_stall_ms` while messages waited (progress-based: a slow peer
+    /// that keeps answering is never dropped).
+    fn check_stall(&mut self) {
+        let limit = self.params.peer_stall_ms;
+        if limit == 0 || !self.connected || self.stall_reported || self.remote.is_empty() {
+            return;
+        }
+        let waited_ms = self.now_ms.saturating_sub(self.remote_progress_ms);
+        if waited_ms >= limit {
+            self.stall_reported = true;
+            self.stats.peer_stalls += 1;
+            self.actions.push_back(Action::PeerStalled { waited_ms });
+        }
     }
 
     fn evict_idle(&mut self) {

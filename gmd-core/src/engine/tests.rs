@@ -35,6 +35,8 @@ struct Model {
     completed: Vec<(Slot, Result<(), EngineError>)>,
     map_writes: usize,
     log: Vec<String>,
+    /// `PeerStalled` reports, with how long the peer had been silent.
+    stalls: Vec<u64>,
 }
 
 impl Model {
@@ -53,6 +55,7 @@ impl Model {
             completed: Vec::new(),
             map_writes: 0,
             log: Vec::new(),
+            stalls: Vec::new(),
         }
     }
 
@@ -117,6 +120,7 @@ impl Model {
                     self.log.push("send flush".into());
                     self.flushes_sent.push(seq);
                 }
+                Action::PeerStalled { waited_ms } => self.stalls.push(waited_ms),
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -164,6 +168,13 @@ impl Model {
         while self.in_flight_map.is_some() {
             self.finish_map_write(true);
         }
+    }
+}
+
+impl Model {
+    fn tick(&mut self, now_ms: u64) {
+        self.engine.tick(now_ms);
+        self.pump();
     }
 }
 
@@ -509,4 +520,70 @@ proptest! {
             prop_assert_eq!(m.durable.get(region) != 0, written.get(region) != 0);
         }
     }
+}
+
+#[test]
+fn a_peer_that_answers_nothing_is_reported_once_after_the_stall_limit() {
+    let mut m = Model::with(EngineParams {
+        peer_stall_ms: 1_000,
+        ..params(Mode::Mwc)
+    });
+    m.tick(10_000);
+    m.engine.connect(ResyncRole::None);
+    m.pump();
+    // Nothing waits: an idle peer is never stalled.
+    m.tick(20_000);
+    assert!(m.stalls.is_empty());
+    m.submit(write(0, 4096));
+    m.settle_map();
+    assert_eq!(m.sent.len(), 1);
+    m.tick(20_999);
+    assert!(m.stalls.is_empty(), "reported before the limit");
+    m.tick(21_000);
+    assert_eq!(m.stalls, vec![1_000]);
+    m.tick(40_000);
+    assert_eq!(m.stalls.len(), 1, "reported once per session");
+    assert_eq!(m.engine.stats().peer_stalls, 1);
+    // The daemon drops the link: the write completes, its region stale.
+    m.engine.peer_lost();
+    m.pump();
+    m.settle_map();
+    assert_eq!(m.engine.map().get(0), crate::statemap::cells::CELL_STALE);
+}
+
+#[test]
+fn a_slow_peer_that_keeps_answering_is_not_stalled() {
+    let mut m = Model::with(EngineParams {
+        peer_stall_ms: 1_000,
+        ..params(Mode::Mwc)
+    });
+    m.engine.connect(ResyncRole::None);
+    m.pump();
+    // Two writes in flight; each answer comes 900 ms after the last
+    // progress, so the oldest waits 1.8 s in all without the peer stalling.
+    m.submit(write(0, 4096));
+    m.submit(write(REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    assert_eq!(m.sent.len(), 2);
+    m.tick(900);
+    m.ack(m.sent[0].0);
+    m.tick(1_800);
+    assert!(m.stalls.is_empty(), "a peer making progress was stalled");
+    m.ack(m.sent[1].0);
+    m.tick(5_000);
+    assert!(m.stalls.is_empty(), "nothing waits any more");
+}
+
+#[test]
+fn a_stall_limit_of_zero_waits_forever() {
+    let mut m = Model::with(EngineParams {
+        peer_stall_ms: 0,
+        ..params(Mode::Sync)
+    });
+    m.engine.connect(ResyncRole::None);
+    m.pump();
+    m.submit(write(0, 4096));
+    m.settle_map();
+    m.tick(10_000_000);
+    assert!(m.stalls.is_empty());
 }

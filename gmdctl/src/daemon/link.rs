@@ -116,6 +116,10 @@ impl PeerLink for DeviceLink {
         info!(device = %self.device, peer = ?inner.peer, role = ?inner.resync_role, "resync finished");
     }
 
+    fn stalled(&self, waited_ms: u64) {
+        self.drop_stalled_peer(waited_ms);
+    }
+
     fn renegotiate(&self) {
         let (peer, session) = {
             let inner = self.inner.lock().expect("link lock");
@@ -148,6 +152,30 @@ impl PeerLink for DeviceLink {
 }
 
 impl DeviceLink {
+    /// Drops a peer that acknowledged nothing for `waited_ms`: the device
+    /// goes on alone and marks what it writes stale, as after a peer loss.
+    fn drop_stalled_peer(&self, waited_ms: u64) {
+        let peer = self.inner.lock().expect("link lock").peer.clone();
+        warn!(
+            device = %self.device,
+            ?peer,
+            "the peer acknowledged nothing for {:.1} s while writes waited: \
+             dropping it and going on alone (written regions are marked stale \
+             and resynchronised when the peer answers again)",
+            waited_ms as f64 / 1000.0
+        );
+        self.disconnect();
+        // Do not reconnect at once to a peer that is probably still stuck:
+        // wait as after a refused handshake, serving alone meanwhile.
+        self.inner.lock().expect("link lock").refused = Some((
+            format!(
+                "the peer acknowledged nothing for {:.1} s",
+                waited_ms as f64 / 1000.0
+            ),
+            Instant::now(),
+        ));
+    }
+
     /// A link for `device` and its two tasks (sender and receiver) on `node`.
     pub(super) fn start(
         node: Arc<Node>,

@@ -79,6 +79,9 @@ pub fn resolve_machine(config: &ClusterConfig, given: Option<&str>) -> anyhow::R
     Ok(name)
 }
 
+/// The shortest time a reachable but silent peer is waited for.
+pub const PEER_STALL_MIN: Duration = Duration::from_secs(30);
+
 /// The GeoMessage configuration of this machine, from the cluster's.
 pub fn net_config(config: &ClusterConfig, machine: &str, key: &[u8]) -> NetConfig {
     NetConfig {
@@ -352,7 +355,29 @@ impl Daemon {
             link: self
                 .link(device)
                 .map(|l| l as Arc<dyn gmd_core::mirror::PeerLink>),
+            peer_stall_ms: self.peer_stall_ms(device),
         }
+    }
+
+    /// How long a reachable peer may leave messages unanswered before the
+    /// device drops it and goes on alone: its machine's promote-failure
+    /// timeout, but never under [`PEER_STALL_MIN`] (a disk pausing for a few
+    /// seconds is not a failure); 0 (wait forever) if a peer's timeout is 0.
+    fn peer_stall_ms(&self, device: &str) -> u64 {
+        let config = self.config();
+        let mut limit = PEER_STALL_MIN;
+        for peer in self.remote_peers(device) {
+            match config
+                .machines
+                .get(&peer)
+                .map(|m| m.promote_failure_timeout_s)
+            {
+                Some(0) => return 0,
+                Some(s) => limit = limit.max(Duration::from_secs(s)),
+                None => {}
+            }
+        }
+        limit.as_millis() as u64
     }
 
     /// A device just became AVAILABLE: export it, attach its link and look
