@@ -7,6 +7,7 @@
 mod control;
 mod exports;
 mod link;
+mod ops;
 mod peers;
 
 use std::collections::HashMap;
@@ -32,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::protocol::*;
+use crate::report::*;
 use exports::{DeviceExport, Exports};
 use link::DeviceLink;
 
@@ -135,6 +137,10 @@ pub struct Daemon {
     resync_started: Mutex<HashMap<String, Instant>>,
     /// Peers GeoMessage has a working session with.
     reachable: Mutex<std::collections::HashSet<String>>,
+    /// State changes for `gmdctl events`.
+    events: tokio::sync::broadcast::Sender<Event>,
+    /// The metrics endpoint's address and its stop token, when it runs.
+    metrics: tokio::sync::Mutex<Option<(std::net::SocketAddr, CancellationToken)>>,
 }
 
 fn control_error(e: DeviceError) -> ControlError {
@@ -183,7 +189,16 @@ impl Daemon {
             started: Instant::now(),
             resync_started: Mutex::new(HashMap::new()),
             reachable: Mutex::new(std::collections::HashSet::new()),
+            events: tokio::sync::broadcast::channel(ops::EVENTS_QUEUE_MAX).0,
+            metrics: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Subscribes to state changes, with the `exists` events of the current
+    /// state first.
+    pub(crate) fn subscribe(&self) -> (Vec<Event>, tokio::sync::broadcast::Receiver<Event>) {
+        let rx = self.events.subscribe();
+        (self.exists_events(), rx)
     }
 
     fn config(&self) -> Arc<ClusterConfig> {
@@ -470,6 +485,10 @@ impl Daemon {
                 })
             }
             Command::Stats { devices } => self.stats(&devices),
+            Command::NetStat => self.netstat(),
+            Command::Events => Err(ControlError::invalid(
+                "events is a streaming command: the control session handles it",
+            )),
             Command::Unify {
                 device,
                 master,
@@ -1092,6 +1111,16 @@ impl Daemon {
     }
 
     fn stats(&self, wanted: &[String]) -> Result<Value, ControlError> {
+        to_value(&self.report(wanted)?)
+    }
+
+    /// Every figure of the devices in `wanted` (all when empty) and of the
+    /// remote machines.
+    fn report(&self, wanted: &[String]) -> Result<Report, ControlError> {
+        let net = self
+            .rt
+            .block_on(self.node.stats())
+            .map_err(|e| ControlError::internal(format!("GeoMessage statistics: {e}")))?;
         let devices = self.devices.lock().expect("devices lock");
         for name in wanted {
             if !devices.contains_key(name) {
@@ -1103,30 +1132,121 @@ impl Daemon {
             if !wanted.is_empty() && !wanted.contains(name) {
                 continue;
             }
-            let counters = handle
-                .runtime()
-                .map(|r| r.stats().snapshot())
-                .unwrap_or_default();
-            let map = match handle.state() {
-                AdminState::Defined => None,
-                _ => handle
-                    .map_snapshot()
-                    .ok()
-                    .map(|(_, cells)| MapSummary::of(&cells)),
-            };
-            out.push(DeviceStats {
-                name: name.clone(),
-                state: handle.state(),
-                mode: handle.config().mode,
-                counters,
-                map,
-                uptime_ms: handle.uptime().map_or(0, |d| d.as_millis() as u64),
-            });
+            out.push(self.device_report(name, handle));
         }
-        to_value(&Stats {
+        Ok(Report {
+            schema: REPORT_SCHEMA,
             machine: self.machine.clone(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
             devices: out,
+            peers: net
+                .machines
+                .iter()
+                .map(|m| PeerReport {
+                    machine: m.name.clone(),
+                    up: m.up,
+                    active_network: m.active_network.clone(),
+                    messages_sent: m.rpcs_sent,
+                    retries: m.resends,
+                    replies: m.replies_received,
+                    bytes_sent: m.bytes_sent,
+                    bytes_received: m.bytes_received,
+                    failures: m.failures,
+                })
+                .collect(),
         })
+    }
+
+    fn device_report(&self, name: &str, handle: &DeviceHandle) -> DeviceReport {
+        let c = handle
+            .runtime()
+            .map(|r| r.stats().snapshot())
+            .unwrap_or_default();
+        let e = &c.engine;
+        let map = match handle.state() {
+            AdminState::Defined => None,
+            _ => handle.map_snapshot().ok().map(|(_, cells)| {
+                let s = MapSummary::of(&cells);
+                MapCounts {
+                    regions: s.cells,
+                    stale: s.stale,
+                    inconsistent: s.inconsistent,
+                    hot: s.hot,
+                }
+            }),
+        };
+        let link = self.link_status(name, handle);
+        let mode = handle.config().mode;
+        let mode_in_effect = match (handle.state(), &link) {
+            (AdminState::Defined, _) => "defined".to_string(),
+            (AdminState::Stopped, _) => "stopped".to_string(),
+            (_, Some(l)) if l.connected => {
+                if mode == Mode::Async && e.hwm_fallback_active == 1 {
+                    "async-hwm-fallback".to_string()
+                } else {
+                    mode.to_string()
+                }
+            }
+            _ => "standalone".to_string(),
+        };
+        DeviceReport {
+            name: name.to_owned(),
+            state: handle.state(),
+            mode,
+            mode_in_effect,
+            peer: link
+                .as_ref()
+                .filter(|l| l.connected)
+                .and_then(|l| l.peer.clone()),
+            uptime_ms: handle.uptime().map_or(0, |d| d.as_millis() as u64),
+            local: LocalCounters {
+                reads: c.reads,
+                read_bytes: c.read_bytes,
+                writes: c.writes,
+                write_bytes: c.write_bytes,
+                flushes: c.flushes,
+                errors: c.errors,
+                in_flight: c.in_flight,
+            },
+            remote: RemoteCounters {
+                writes: e.peer_ops,
+                write_bytes: e.peer_op_bytes,
+            },
+            mirrored: MirrorCounters {
+                writes: e.remote_writes,
+                write_bytes: e.remote_write_bytes,
+                flushes: e.remote_flushes,
+                failures: e.remote_failures,
+                wait_us: c.remote_wait_us,
+            },
+            latency: Latency::from_buckets(c.write_latency_buckets, c.write_latency_us),
+            backlog: Backlog {
+                bytes: e.backlog_bytes,
+                hwm_bytes: if mode == Mode::Async {
+                    handle.config().hwm_kib * 1024
+                } else {
+                    0
+                },
+                hwm_fallbacks: e.hwm_fallbacks,
+                fallback_active: e.hwm_fallback_active == 1,
+            },
+            map,
+            resync: link.filter(|l| l.resync_remaining > 0).map(|l| Resync {
+                role: l.resync_role.unwrap_or_else(|| "none".into()),
+                regions_total: l.resync_total,
+                regions_left: l.resync_remaining,
+                bytes_per_s: l.resync_bytes_per_s,
+                eta_s: l.resync_eta_s,
+            }),
+        }
+    }
+
+    fn netstat(&self) -> Result<Value, ControlError> {
+        let net = self
+            .rt
+            .block_on(self.node.stats())
+            .map_err(|e| ControlError::internal(format!("GeoMessage statistics: {e}")))?;
+        to_value(&NetReport::from_stats(&self.machine, &net))
     }
 
     /// Stops every running device without changing its recorded state, so the
@@ -1206,6 +1326,27 @@ async fn serve_peers(daemon: Arc<Daemon>, mut rx: gmd_net::IncomingReceiver) {
     }
 }
 
+impl Daemon {
+    fn path_event(&self, peer: gmd_net::PeerId, network: gmd_net::NetworkId, up: bool) {
+        let name = self.node.peer_name(peer).unwrap_or("?").to_owned();
+        let net = self.node.network_name(network).unwrap_or("?").to_owned();
+        if up {
+            info!(peer = %name, network = %net, "path up");
+        } else {
+            warn!(peer = %name, network = %net, "path down");
+        }
+        self.publish(Event::now(
+            "change",
+            "path",
+            &name,
+            &[
+                ("network", net),
+                ("up", if up { "yes" } else { "no" }.into()),
+            ],
+        ));
+    }
+}
+
 /// Follows GeoMessage's view of the peers.
 async fn watch_peers(daemon: Arc<Daemon>, shutdown: CancellationToken) {
     let mut events = daemon.node.events();
@@ -1218,19 +1359,30 @@ async fn watch_peers(daemon: Arc<Daemon>, shutdown: CancellationToken) {
                 Ok(NodeEvent::PeerUp { peer, .. }) => {
                     let name = daemon.node.peer_name(peer).unwrap_or("?").to_owned();
                     info!(peer = %name, "peer reachable");
+                    daemon.publish(Event::now("change", "peer", &name, &[("up", "yes".into())]));
                     daemon.reachable.lock().expect("reachable lock").insert(name.clone());
                     daemon.reconnect().await;
                 }
                 Ok(NodeEvent::PeerDown { peer }) => {
                     let name = daemon.node.peer_name(peer).unwrap_or("?").to_owned();
                     daemon.reachable.lock().expect("reachable lock").remove(&name);
+                    warn!(peer = %name, "peer down: promote-failure timeout exceeded");
+                    daemon.publish(Event::now("change", "peer", &name, &[("up", "no".into())]));
                     daemon.peer_lost(&name, "peer unreachable for its promote-failure timeout").await;
                 }
                 Ok(NodeEvent::PeerRestarted { peer, .. }) => {
                     let name = daemon.node.peer_name(peer).unwrap_or("?").to_owned();
+                    daemon.publish(Event::now("change", "peer", &name, &[("up", "yes".into()), ("restarted", "yes".into())]));
                     daemon.peer_lost(&name, "peer restarted").await;
                 }
-                Ok(other) => info!(event = ?other, "GeoMessage"),
+                Ok(NodeEvent::PathUp { peer, network }) => daemon.path_event(peer, network, true),
+                Ok(NodeEvent::PathDown { peer, network }) => daemon.path_event(peer, network, false),
+                Ok(NodeEvent::ActivePathChanged { peer, network }) => {
+                    let name = daemon.node.peer_name(peer).unwrap_or("?").to_owned();
+                    let net = network.and_then(|n| daemon.node.network_name(n)).unwrap_or("-").to_owned();
+                    info!(peer = %name, network = %net, "active path changed");
+                    daemon.publish(Event::now("change", "path", &name, &[("network", net), ("active", "yes".into())]));
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => warn!(missed = n, "GeoMessage events lagged"),
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
@@ -1286,6 +1438,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || d.restore_all()).await?;
     }
     tokio::spawn(watch_peers(daemon.clone(), shutdown.clone()));
+    tokio::spawn(ops::watch_devices(daemon.clone(), shutdown.clone()));
+    let metrics = daemon.config().machines[&daemon.machine].metrics;
+    daemon.set_metrics(metrics).await;
     let nbd = gmd_nbd::Server::new(
         daemon.exports.clone(),
         gmd_nbd::Limits::default(),
