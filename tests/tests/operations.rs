@@ -506,3 +506,53 @@ fn sizing_reports_a_file_written_at_a_known_rate() {
         1
     );
 }
+
+#[test]
+fn sighup_applies_what_it_can_and_names_what_needs_a_restart() {
+    let cluster = Cluster::new();
+    let alpha = cluster.gmdd("alpha");
+    let hup = || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(alpha.pid() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("SIGHUP")
+    };
+    // The metrics endpoint starts without a restart; a DEFINED device takes
+    // new attributes.
+    let port = free_port();
+    let text = std::fs::read_to_string(&cluster.config).unwrap();
+    let text = text
+        .replacen(
+            "nbd_listen = \"127.0.0.1:",
+            &format!("metrics = \"127.0.0.1:{port}\"\nnbd_listen = \"127.0.0.1:"),
+            1,
+        )
+        .replace("hwm_kib = 128", "hwm_kib = 256");
+    std::fs::write(&cluster.config, &text).unwrap();
+    hup();
+    let body = scrape(&format!("127.0.0.1:{port}"));
+    assert!(body.contains("gmd_up{machine=\"alpha\"} 1"), "{body}");
+    wait_for("reload logged", Duration::from_secs(30), || {
+        alpha.log_text().contains("SIGHUP: configuration reloaded")
+    });
+    // A network change needs a restart: said, and not applied.
+    std::fs::write(
+        &cluster.config,
+        text.replace("datagram_size = 8192", "datagram_size = 4096"),
+    )
+    .unwrap();
+    hup();
+    wait_for("restart warning", Duration::from_secs(30), || {
+        alpha
+            .log_text()
+            .contains("need a restart of gmdd and were not applied: networks")
+    });
+    // A broken file keeps the configuration in use.
+    std::fs::write(&cluster.config, "not toml [").unwrap();
+    hup();
+    wait_for("reload refused", Duration::from_secs(30), || {
+        alpha.log_text().contains("configuration not reloaded")
+    });
+    alpha.ctl(&["status", DEV]).ok();
+}

@@ -1302,6 +1302,100 @@ impl Step {
     }
 }
 
+impl Daemon {
+    /// SIGHUP: re-reads the configuration file. Applied without a restart:
+    /// the metrics address, and the attributes of devices that are DEFINED.
+    /// Anything else that changed is logged as needing a restart (machines,
+    /// sites, networks, cluster name or key, devices added or removed) or a
+    /// stop and unconfigure first (attributes of a configured device); the
+    /// configuration in use then stays as it was for those.
+    async fn reload(self: &Arc<Self>) {
+        let old = self.config();
+        let new = match ClusterConfig::load(&old.path) {
+            Ok(c) => c,
+            Err(e) => {
+                error!("SIGHUP: configuration not reloaded, the one in use stays: {e}");
+                return;
+            }
+        };
+        let mut restart = Vec::new();
+        if new.name != old.name || new.key_file != old.key_file || new.encrypt != old.encrypt {
+            restart.push("cluster name, key or encryption".to_string());
+        }
+        if new.sites != old.sites {
+            restart.push("sites".into());
+        }
+        if new.networks != old.networks {
+            restart.push("networks".into());
+        }
+        let strip = |c: &ClusterConfig| {
+            c.machines
+                .values()
+                .map(|m| {
+                    let mut m = m.clone();
+                    m.metrics = None;
+                    m
+                })
+                .collect::<Vec<_>>()
+        };
+        if strip(&new) != strip(&old) {
+            restart.push("machines (interfaces, sites, timeouts, nbd_listen)".into());
+        }
+        let here = |c: &ClusterConfig| {
+            c.devices_on(&self.machine)
+                .map(|d| d.name.clone())
+                .collect::<Vec<_>>()
+        };
+        if here(&new) != here(&old) {
+            restart.push("the devices of this machine (added or removed)".into());
+        }
+        let metrics = new.machines.get(&self.machine).and_then(|m| m.metrics);
+        self.set_metrics(metrics).await;
+        if !restart.is_empty() {
+            warn!(
+                "SIGHUP: these changes need a restart of gmdd and were not applied: {}",
+                restart.join("; ")
+            );
+            info!(?metrics, "SIGHUP: metrics address applied");
+            return;
+        }
+        let d = self.clone();
+        let new = Arc::new(new);
+        let n = new.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let mut applied = Vec::new();
+            let mut refused = Vec::new();
+            let mut devices = d.devices.lock().expect("devices lock");
+            for (name, handle) in devices.iter_mut() {
+                if old.devices.get(name) == n.devices.get(name) {
+                    continue;
+                }
+                match handle.update_config(&n) {
+                    Ok(()) => applied.push(name.clone()),
+                    Err(e) => refused.push(format!("{name}: {}", e.message)),
+                }
+            }
+            (applied, refused)
+        })
+        .await;
+        let (applied, refused) = outcome.unwrap_or_default();
+        if refused.is_empty() {
+            *self.config.lock().expect("config lock") = new;
+        } else {
+            warn!(
+                "SIGHUP: device attributes not applied (stop and unconfigure the device, \
+                 then send SIGHUP again): {}",
+                refused.join("; ")
+            );
+        }
+        info!(
+            ?metrics,
+            devices = %applied.join(", "),
+            "SIGHUP: configuration reloaded (metrics address; attributes of DEFINED devices)"
+        );
+    }
+}
+
 /// Answers other daemons on GeoMessage's control stream.
 async fn serve_peers(daemon: Arc<Daemon>, mut rx: gmd_net::IncomingReceiver) {
     while let Some(incoming) = rx.recv().await {
@@ -1396,6 +1490,11 @@ async fn watch_peers(daemon: Arc<Daemon>, shutdown: CancellationToken) {
 /// Bad configuration, key file, socket or listen address: nothing is left
 /// half-started.
 pub async fn run(options: Options) -> anyhow::Result<()> {
+    // Signals first: one that arrives while gmdd starts must not kill it
+    // with the default action.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let config = ClusterConfig::load(&options.config)?;
     let machine = resolve_machine(&config, options.machine.as_deref())?;
     let key = crate::keyfile::read(&config.key_file)?;
@@ -1452,11 +1551,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         control_listener,
         shutdown.clone(),
     ));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = int.recv() => info!("SIGINT: stopping"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { info!("SIGINT: stopping"); break; }
+            _ = hup.recv() => daemon.reload().await,
+        }
     }
     shutdown.cancel();
     let _ = nbd_task.await;
