@@ -107,6 +107,9 @@ pub enum Command {
     },
     /// GeoMessage counters (result: [`crate::report::NetReport`]).
     NetStat,
+    /// Compares configuration and state maps with every other machine over
+    /// GeoMessage (result: a list of [`crate::verify::Finding`]).
+    VerifyCluster,
     /// Streams state changes: the response is `{"streaming":true}`, then one
     /// [`Event`] per line until the client closes the connection. The
     /// current state comes first as `exists` events, ended by one event of

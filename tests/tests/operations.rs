@@ -556,3 +556,110 @@ fn sighup_applies_what_it_can_and_names_what_needs_a_restart() {
     });
     alpha.ctl(&["status", DEV]).ok();
 }
+
+/// A change made to beta's copy of the configuration.
+type Edit = Box<dyn Fn(&str) -> String>;
+
+/// `gmdctl verify` on alpha, once beta answers over GeoMessage.
+fn verify_across(alpha: &Gmdd) -> Run {
+    let mut last = None;
+    wait_for("beta answers verify", Duration::from_secs(60), || {
+        let run = alpha.ctl(&["verify"]);
+        let reached = !run.stdout.contains("cannot be reached");
+        last = Some(run);
+        reached
+    });
+    last.expect("a run")
+}
+
+#[test]
+fn verify_across_machines_names_each_mismatch() {
+    let cluster = Cluster::new();
+    let alpha = cluster.gmdd("alpha");
+    let original = std::fs::read_to_string(&cluster.config).unwrap();
+    let beta_config = cluster.path("beta.toml");
+    // Identical configurations: no errors.
+    std::fs::write(&beta_config, &original).unwrap();
+    let beta = cluster.gmdd_with_config("beta", &beta_config);
+    let run = verify_across(&alpha);
+    assert_eq!(run.code, 0, "{}", run.text());
+    assert!(
+        run.stdout.contains("beta answers over GeoMessage"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        run.stdout.lines().last(),
+        Some("No ERRORS"),
+        "{}",
+        run.stdout
+    );
+    drop(beta);
+    let data_sm = cluster.path("beta/data10.sm");
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "name",
+            Box::new(|t: &str| t.replace("data10gmd", "data11gmd")),
+            "data10gmd: not defined on beta",
+        ),
+        (
+            "minor",
+            Box::new(|t: &str| t.replace("minor = 10", "minor = 11")),
+            "data10gmd: minor differs: 10 on alpha, 11 on beta",
+        ),
+        (
+            "size",
+            Box::new(|t: &str| t.replace("size = \"256MiB\"", "size = \"128MiB\"")),
+            "data10gmd: size differs: 268435456 on alpha, 134217728 on beta",
+        ),
+        (
+            "mode",
+            Box::new(|t: &str| t.replace("mode = \"mwc\"", "mode = \"sync\"")),
+            "data10gmd: mode differs: mwc on alpha, sync on beta",
+        ),
+        (
+            "role",
+            Box::new(|t: &str| {
+                t.replacen(
+                    "state_map = \"alpha/data10.sm\"",
+                    "state_map = \"alpha/data10.sm\"\nrole = \"primary\"",
+                    1,
+                )
+            }),
+            "data10gmd: role differs: alpha=none beta=none on alpha, alpha=primary beta=none on beta",
+        ),
+        (
+            "networks",
+            Box::new(|t: &str| t.replace("datagram_size = 8192", "datagram_size = 4096")),
+            "network definitions differ",
+        ),
+        (
+            "state map",
+            Box::new(|t: &str| t.to_owned()),
+            "data10gmd: on beta:",
+        ),
+    ];
+    for (what, edit, expected) in cases {
+        std::fs::write(&beta_config, edit(&original)).unwrap();
+        let saved = (what == "state map").then(|| {
+            let bytes = std::fs::read(&data_sm).unwrap();
+            std::fs::remove_file(&data_sm).unwrap();
+            bytes
+        });
+        let beta = cluster.gmdd_with_config("beta", &beta_config);
+        let run = verify_across(&alpha);
+        assert_eq!(run.code, 1, "{what}: {}", run.text());
+        assert!(
+            run.stdout
+                .lines()
+                .any(|l| l.starts_with("ERROR") && l.contains(expected)),
+            "{what}: expected an ERROR line with {expected:?}:\n{}",
+            run.stdout
+        );
+        assert!(run.stdout.ends_with("ERROR(S)\n"), "{}", run.stdout);
+        drop(beta);
+        if let Some(bytes) = saved {
+            std::fs::write(&data_sm, bytes).unwrap();
+        }
+    }
+}

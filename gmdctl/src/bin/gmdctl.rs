@@ -350,7 +350,19 @@ fn run(cli: Cli) -> Result<i32, Failure> {
                 }
                 (None, Err(_)) => PathBuf::from(DEFAULT_CONFIG),
             };
-            let findings = gmdctl::verify::verify_local(&path, cli.machine.as_deref());
+            let mut findings = gmdctl::verify::verify_local(&path, cli.machine.as_deref());
+            match Client::connect(&cli.socket) {
+                Ok(mut client) => {
+                    let across: Vec<gmdctl::verify::Finding> =
+                        client.call(Command::VerifyCluster)?;
+                    findings.extend(across);
+                }
+                Err(_) => findings.push(gmdctl::verify::Finding {
+                    ok: true,
+                    text: "gmdd is not running here: the checks across machines were skipped"
+                        .into(),
+                }),
+            }
             print!("{}", gmdctl::verify::render(&findings));
             Ok(if findings.iter().all(|f| f.ok) { 0 } else { 1 })
         }

@@ -486,6 +486,7 @@ impl Daemon {
             }
             Command::Stats { devices } => self.stats(&devices),
             Command::NetStat => self.netstat(),
+            Command::VerifyCluster => self.verify_cluster(),
             Command::Events => Err(ControlError::invalid(
                 "events is a streaming command: the control session handles it",
             )),
@@ -1239,6 +1240,51 @@ impl Daemon {
                 eta_s: l.resync_eta_s,
             }),
         }
+    }
+
+    /// This machine's configuration and state map facts.
+    fn facts(&self) -> crate::verify::MachineFacts {
+        crate::verify::facts(&self.config(), &self.machine)
+    }
+
+    /// Compares this machine's facts with every other machine's, asked over
+    /// GeoMessage (blocking).
+    fn verify_cluster(&self) -> Result<Value, ControlError> {
+        let local = self.facts();
+        let mut findings = Vec::new();
+        let others: Vec<String> = self
+            .config()
+            .machines
+            .keys()
+            .filter(|m| **m != self.machine)
+            .cloned()
+            .collect();
+        for other in others {
+            match self.rt.block_on(self.ask(
+                &other,
+                &PeerRequest::Facts,
+                Duration::from_secs(20),
+            )) {
+                Ok(PeerReply::Facts { facts }) => {
+                    findings.push(crate::verify::Finding {
+                        ok: true,
+                        text: format!("{other} answers over GeoMessage"),
+                    });
+                    findings.extend(crate::verify::compare(&local, &facts));
+                }
+                Ok(other_reply) => findings.push(crate::verify::Finding {
+                    ok: false,
+                    text: format!("{other} did not describe itself: {other_reply:?}"),
+                }),
+                Err(e) => findings.push(crate::verify::Finding {
+                    ok: false,
+                    text: format!(
+                        "{other} cannot be reached over GeoMessage ({e}); start gmdd there to check it"
+                    ),
+                }),
+            }
+        }
+        to_value(&findings)
     }
 
     fn netstat(&self) -> Result<Value, ControlError> {
