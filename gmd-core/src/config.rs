@@ -16,6 +16,7 @@
 //! promote_failure_timeout = 5     # seconds; 0 = never
 //! interfaces = { geonet1 = "127.0.0.1:6755" }
 //! nbd_listen = "127.0.0.1:10809"  # or "unix:/run/gmd/nbd.sock"
+//! # metrics = "127.0.0.1:9477"    # Prometheus endpoint; off when absent
 //!
 //! [devices.data10gmd]
 //! minor = 10
@@ -185,6 +186,8 @@ pub struct Machine {
     pub interfaces: IndexMap<String, SocketAddr>,
     /// Where this machine's NBD exports listen.
     pub nbd_listen: ListenAddr,
+    /// Where gmdd serves Prometheus metrics (`GET /metrics`); off when absent.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A GeoMessage network.
@@ -336,6 +339,7 @@ struct RawMachine {
     #[serde(default)]
     interfaces: IndexMap<String, String>,
     nbd_listen: Option<String>,
+    metrics: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -668,6 +672,17 @@ fn build(c: &mut Checker, path: &Path, base: &Path, raw: RawConfig) -> ClusterCo
                     ListenAddr::Tcp(NBD_LISTEN_DEFAULT.parse().expect("valid default"))
                 }
             };
+        let metrics = match m.metrics.as_deref().map(str::parse::<SocketAddr>) {
+            None => None,
+            Some(Ok(addr)) => Some(addr),
+            Some(Err(_)) => {
+                c.problem(
+                    format!("{field}.metrics"),
+                    "not an IP address and port, e.g. metrics = \"127.0.0.1:9477\"",
+                );
+                None
+            }
+        };
         machines.insert(
             machine_name.clone(),
             Machine {
@@ -676,6 +691,7 @@ fn build(c: &mut Checker, path: &Path, base: &Path, raw: RawConfig) -> ClusterCo
                 promote_failure_timeout_s: timeout,
                 interfaces,
                 nbd_listen,
+                metrics,
             },
         );
     }

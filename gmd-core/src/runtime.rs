@@ -137,7 +137,40 @@ pub struct RuntimeStats {
     pub in_flight: AtomicU64,
     /// Sum of write latencies, microseconds.
     pub write_latency_us: AtomicU64,
+    /// Writes by latency: bucket `i` counts latencies below `2^(i+1)` µs
+    /// (and at least `2^i` µs for `i > 0`); the last bucket takes the rest.
+    pub write_latency_buckets: [AtomicU64; LATENCY_BUCKETS],
+    /// Time writes waited for the peer after their local part finished,
+    /// microseconds.
+    pub remote_wait_us: AtomicU64,
     engine: Mutex<EngineStats>,
+}
+
+/// Number of buckets of the write latency histogram (powers of two of µs).
+pub const LATENCY_BUCKETS: usize = 32;
+
+/// The latency at or below which a fraction `q` (0–1) of the writes counted
+/// in `buckets` finished, as the upper bound of its bucket in microseconds;
+/// `None` when no write was counted.
+pub fn latency_percentile_us(buckets: &[u64; LATENCY_BUCKETS], q: f64) -> Option<u64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+    let mut seen = 0;
+    for (i, count) in buckets.iter().enumerate() {
+        seen += count;
+        if seen >= rank {
+            return Some(1u64 << (i + 1));
+        }
+    }
+    Some(1u64 << LATENCY_BUCKETS)
+}
+
+/// Histogram bucket of a latency in microseconds.
+fn latency_bucket(us: u64) -> usize {
+    (63 - us.max(1).leading_zeros() as usize).min(LATENCY_BUCKETS - 1)
 }
 
 /// A plain copy of [`RuntimeStats`] plus the engine's counters.
@@ -159,6 +192,10 @@ pub struct StatsSnapshot {
     pub in_flight: u64,
     /// Sum of write latencies, microseconds.
     pub write_latency_us: u64,
+    /// Writes by latency (see [`RuntimeStats::write_latency_buckets`]).
+    pub write_latency_buckets: [u64; LATENCY_BUCKETS],
+    /// Time writes waited for the peer after their local part finished, µs.
+    pub remote_wait_us: u64,
     /// The engine's counters.
     pub engine: EngineStats,
 }
@@ -176,6 +213,8 @@ impl RuntimeStats {
             errors: r(&self.errors),
             in_flight: r(&self.in_flight),
             write_latency_us: r(&self.write_latency_us),
+            write_latency_buckets: std::array::from_fn(|i| r(&self.write_latency_buckets[i])),
+            remote_wait_us: r(&self.remote_wait_us),
             engine: *self.engine.lock().expect("stats lock"),
         }
     }
@@ -522,6 +561,8 @@ struct SlotEntry {
     /// The peer's stream position (peer slots).
     peer_seq: Seq,
     started: Option<Instant>,
+    /// When the local part of an application write finished.
+    local_done_at: Option<Instant>,
     done_bytes: u64,
     phase: Phase,
 }
@@ -906,6 +947,7 @@ impl Worker {
             .expect("completed slot has a request");
         entry.data = None;
         let started = entry.started.take();
+        let local_done_at = entry.local_done_at.take();
         let stats = &self.shared.stats;
         let request = submission.request;
         match (&result, request.kind) {
@@ -927,8 +969,13 @@ impl Worker {
                     .write_bytes
                     .fetch_add(request.len_bytes, Ordering::Relaxed);
                 if let Some(t) = started {
+                    let us = t.elapsed().as_micros() as u64;
+                    stats.write_latency_us.fetch_add(us, Ordering::Relaxed);
+                    stats.write_latency_buckets[latency_bucket(us)].fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(t) = local_done_at {
                     stats
-                        .write_latency_us
+                        .remote_wait_us
                         .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
                 }
             }
@@ -988,6 +1035,15 @@ impl Worker {
         self.push(sqe.user_data(ud))
     }
 
+    /// Notes when an application write's local part finished, to measure
+    /// how long it then waits for the peer.
+    fn mark_local_done(&mut self, slot: Slot, kind: OpKind) {
+        let entry = &mut self.slots[slot as usize];
+        if entry.submission.is_some() && !matches!(kind, OpKind::Read | OpKind::Flush) {
+            entry.local_done_at = Some(Instant::now());
+        }
+    }
+
     fn on_data_completion(&mut self, slot: Slot, res: i32) -> io::Result<()> {
         let request = *self.engine.request(slot);
         let entry = &mut self.slots[slot as usize];
@@ -1027,6 +1083,7 @@ impl Worker {
                         }
                     }
                 }
+                self.mark_local_done(slot, request.kind);
                 self.engine.local_done(slot, Ok(()));
                 Ok(())
             }
@@ -1035,6 +1092,7 @@ impl Worker {
                 self.issue_local(slot)
             }
             _ => {
+                self.mark_local_done(slot, request.kind);
                 self.engine.local_done(slot, Ok(()));
                 Ok(())
             }

@@ -32,6 +32,9 @@ pub struct MachineStats {
     pub fragments: u64,
     /// Duplicate message fragments received and dropped.
     pub duplicate_fragments: u64,
+    /// Datagrams to this machine whose data was declared lost and re-queued
+    /// (retries, summed over its paths).
+    pub resends: u64,
     /// Times the peer was declared down.
     pub peer_downs: u64,
     /// Times the peer's epoch changed (restart or session reset).
@@ -168,6 +171,7 @@ impl Stats {
                     fragmented,
                     fragments,
                     duplicate_fragments,
+                    resends,
                     peer_downs,
                     restarts
                 );

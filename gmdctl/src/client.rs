@@ -132,6 +132,33 @@ impl Client {
         Ok(response.result.unwrap_or(serde_json::Value::Null))
     }
 
+    /// Asks for the event stream and returns an iterator over its events;
+    /// it ends when gmdd stops.
+    ///
+    /// # Errors
+    /// As [`Client::call_value`].
+    pub fn events(
+        mut self,
+    ) -> Result<impl Iterator<Item = Result<crate::protocol::Event, ClientError>>, ClientError>
+    {
+        self.call_value(Command::Events)?;
+        let path = self.path.clone();
+        self.reader
+            .get_ref()
+            .set_read_timeout(None)
+            .map_err(|source| ClientError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(self.reader.lines().map(move |line| {
+            let line = line.map_err(|source| ClientError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            serde_json::from_str(&line).map_err(|e| ClientError::Protocol(e.to_string()))
+        }))
+    }
+
     /// Sends a command and decodes its result as `T`.
     ///
     /// # Errors

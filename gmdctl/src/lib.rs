@@ -4,5 +4,8 @@
 pub mod client;
 pub mod daemon;
 pub mod keyfile;
+pub mod metrics;
 pub mod protocol;
+pub mod report;
+pub mod sizing;
 pub mod verify;

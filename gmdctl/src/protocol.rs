@@ -5,7 +5,6 @@
 //! with an error naming both. A request is answered by exactly one response.
 
 use gmd_core::config::{Mode, Role};
-use gmd_core::runtime::StatsSnapshot;
 use gmd_core::statemap::AdminState;
 use gmd_core::statemap::dump::MapSummary;
 use serde::{Deserialize, Serialize};
@@ -101,11 +100,21 @@ pub enum Command {
         #[serde(default)]
         uuid: Option<String>,
     },
-    /// Counters for gmdstat.
+    /// Counters for gmdstat (result: [`crate::report::Report`]).
     Stats {
         /// Devices to report; all when empty.
         devices: Vec<String>,
     },
+    /// GeoMessage counters (result: [`crate::report::NetReport`]).
+    NetStat,
+    /// Compares configuration and state maps with every other machine over
+    /// GeoMessage (result: a list of [`crate::verify::Finding`]).
+    VerifyCluster,
+    /// Streams state changes: the response is `{"streaming":true}`, then one
+    /// [`Event`] per line until the client closes the connection. The
+    /// current state comes first as `exists` events, ended by one event of
+    /// object `-`.
+    Events,
     /// Measures round trips and throughput per message size on each path to
     /// `peer` (the reference's geonet).
     NetProbe {
@@ -355,30 +364,56 @@ pub struct ShowState {
     pub map_file_base64: String,
 }
 
-/// Per-device counters (result of [`Command::Stats`]).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DeviceStats {
-    /// Device name.
+/// A state change, streamed by [`Command::Events`] (see docs/OPERATIONS.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// `exists` for the state when the stream starts, `change` afterwards.
+    pub change: String,
+    /// What changed: `device`, `connection`, `peer`, `path`, `hwm`,
+    /// `resync`, `divergence`, `refused`; `-` ends the `exists` part.
+    pub object: String,
+    /// The device, or the machine for `peer` and `path`.
     pub name: String,
-    /// Lifecycle state.
-    pub state: AdminState,
-    /// Mode configured.
-    pub mode: Mode,
-    /// Counters since the device started (zero when not AVAILABLE).
-    pub counters: StatsSnapshot,
-    /// Map cell counts.
-    pub map: Option<MapSummary>,
-    /// Milliseconds since the device started.
-    pub uptime_ms: u64,
+    /// Attributes, in a fixed order per object.
+    pub attrs: indexmap::IndexMap<String, String>,
 }
 
-/// Result of [`Command::Stats`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Stats {
-    /// Machine name.
-    pub machine: String,
-    /// One entry per device requested.
-    pub devices: Vec<DeviceStats>,
+impl Event {
+    /// An event stamped now.
+    pub fn now(change: &str, object: &str, name: &str, attrs: &[(&str, String)]) -> Event {
+        Event {
+            time_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            change: change.into(),
+            object: object.into(),
+            name: name.into(),
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        }
+    }
+
+    /// One line as `drbdsetup events2` prints them:
+    /// `change device name:data10gmd state:AVAILABLE` (values with spaces
+    /// are quoted).
+    pub fn to_text(&self) -> String {
+        let mut line = format!("{} {}", self.change, self.object);
+        if self.object != "-" {
+            line.push_str(&format!(" name:{}", self.name));
+        }
+        for (k, v) in &self.attrs {
+            if v.contains(char::is_whitespace) || v.is_empty() {
+                line.push_str(&format!(" {k}:{v:?}"));
+            } else {
+                line.push_str(&format!(" {k}:{v}"));
+            }
+        }
+        line
+    }
 }
 
 /// Result of a lifecycle command: one line per device it touched.

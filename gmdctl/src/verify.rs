@@ -1,5 +1,7 @@
 //! `gmdctl verify`: checks everything that can be checked on this machine
-//! (the reference's geo_verify, local part) and ends with `No ERRORS`.
+//! (the reference's geo_verify, local part), then, with gmdd running, what
+//! every other machine says about its configuration and state maps
+//! ([`MachineFacts`], compared by [`compare`]); ends with `No ERRORS`.
 
 use std::net::UdpSocket;
 use std::path::Path;
@@ -11,7 +13,7 @@ use gmd_core::statemap::format::Layout;
 use gmd_core::units::region_count;
 
 /// One line of the report.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Finding {
     /// Whether the check passed.
     pub ok: bool,
@@ -159,4 +161,197 @@ pub fn render(findings: &[Finding]) -> String {
         text.push_str(&format!("{errors} ERROR(S)\n"));
     }
     text
+}
+
+/// What a machine says about its configuration and its state maps, for
+/// the comparison across machines (reference 6.4).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MachineFacts {
+    /// The machine describing itself.
+    pub machine: String,
+    /// Cluster name.
+    pub cluster: String,
+    /// Sites: name and whether dominant.
+    pub sites: Vec<(String, bool)>,
+    /// Networks: name and datagram size.
+    pub networks: Vec<(String, Option<u32>)>,
+    /// Machines: name, site and interfaces (`network=address`).
+    pub machines: Vec<(String, String, Vec<String>)>,
+    /// Every device of the configuration.
+    pub devices: Vec<DeviceFacts>,
+}
+
+/// One device as a machine defines it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceFacts {
+    /// Device name.
+    pub name: String,
+    /// Minor number.
+    pub minor: u32,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Mode.
+    pub mode: String,
+    /// Role per machine holding a copy (`machine=role`).
+    pub roles: Vec<String>,
+    /// Sites of the remote peers, seen from the describing machine (when it
+    /// holds a copy).
+    pub remote_sites: Vec<String>,
+    /// Whether the describing machine holds a copy.
+    pub local_copy: bool,
+    /// Why its state map is missing or too small, if it is.
+    pub state_map_problem: Option<String>,
+}
+
+/// This machine's facts, from its configuration and its files.
+pub fn facts(config: &ClusterConfig, machine: &str) -> MachineFacts {
+    MachineFacts {
+        machine: machine.to_owned(),
+        cluster: config.name.clone(),
+        sites: config
+            .sites
+            .values()
+            .map(|s| (s.name.clone(), s.dominant))
+            .collect(),
+        networks: config
+            .networks
+            .values()
+            .map(|n| (n.name.clone(), n.datagram_size))
+            .collect(),
+        machines: config
+            .machines
+            .values()
+            .map(|m| {
+                (
+                    m.name.clone(),
+                    m.site.clone(),
+                    m.interfaces
+                        .iter()
+                        .map(|(n, a)| format!("{n}={a}"))
+                        .collect(),
+                )
+            })
+            .collect(),
+        devices: config
+            .devices
+            .values()
+            .map(|d| {
+                let local = d.on(machine);
+                let mut remote_sites: Vec<String> = if local.is_some() {
+                    d.remote_peers(config, machine)
+                        .filter_map(|m| config.site_of(&m.machine).map(str::to_owned))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                remote_sites.dedup();
+                DeviceFacts {
+                    name: d.name.clone(),
+                    minor: d.minor,
+                    size_bytes: d.size_bytes,
+                    mode: d.mode.to_string(),
+                    roles: d
+                        .machines
+                        .values()
+                        .map(|m| format!("{}={}", m.machine, m.role))
+                        .collect(),
+                    remote_sites,
+                    local_copy: local.is_some(),
+                    state_map_problem: local.and_then(|l| {
+                        match MapFile::open(&l.state_map, Some(d.size_bytes)) {
+                            Ok(_) | Err(MapError::Busy { .. }) => None,
+                            Err(e) => Some(gmd_core::device::map_error(&d.name, &e).message),
+                        }
+                    }),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Compares this machine's facts with another machine's: same devices with
+/// the same name, minor, size, mode and roles; state maps present and large
+/// enough there; identical sites, networks and machines; remote peers at
+/// one site.
+pub fn compare(local: &MachineFacts, remote: &MachineFacts) -> Vec<Finding> {
+    let (me, it) = (&local.machine, &remote.machine);
+    let mut out = Vec::new();
+    let mut same = |what: &str, a: String, b: String| {
+        if a == b {
+            out.push(ok(format!("{what}: same on {me} and {it}")));
+        } else {
+            out.push(err(format!(
+                "{what} differ: {me} has {a}, {it} has {b}; make the configuration identical on every machine"
+            )));
+        }
+    };
+    same(
+        "cluster name",
+        local.cluster.clone(),
+        remote.cluster.clone(),
+    );
+    same(
+        "sites",
+        format!("{:?}", local.sites),
+        format!("{:?}", remote.sites),
+    );
+    same(
+        "network definitions",
+        format!("{:?}", local.networks),
+        format!("{:?}", remote.networks),
+    );
+    same(
+        "machine definitions",
+        format!("{:?}", local.machines),
+        format!("{:?}", remote.machines),
+    );
+    for d in local.devices.iter().filter(|d| d.local_copy) {
+        let name = &d.name;
+        let Some(r) = remote.devices.iter().find(|r| r.name == d.name) else {
+            out.push(err(format!(
+                "{name}: not defined on {it} (same GMD name on every machine)"
+            )));
+            continue;
+        };
+        let mut field = |what: &str, a: String, b: String| {
+            if a != b {
+                out.push(err(format!(
+                    "{name}: {what} differs: {a} on {me}, {b} on {it}"
+                )));
+                false
+            } else {
+                true
+            }
+        };
+        let mut all = field("minor", d.minor.to_string(), r.minor.to_string());
+        all &= field("size", d.size_bytes.to_string(), r.size_bytes.to_string());
+        all &= field("mode", d.mode.clone(), r.mode.clone());
+        all &= field("role", d.roles.join(" "), r.roles.join(" "));
+        if all {
+            out.push(ok(format!(
+                "{name}: same name, minor, size, mode and roles on {me} and {it}"
+            )));
+        }
+        if r.local_copy {
+            match &r.state_map_problem {
+                None => out.push(ok(format!(
+                    "{name}: state map on {it} is present and large enough"
+                ))),
+                Some(p) => out.push(err(format!("{name}: on {it}: {p}"))),
+            }
+            if r.remote_sites.len() > 1 {
+                out.push(err(format!(
+                    "{name}: the remote peers of {it} are at several sites ({}); they must be at one",
+                    r.remote_sites.join(", ")
+                )));
+            }
+        }
+        if d.remote_sites.len() > 1 {
+            out.push(err(format!(
+                "{name}: the remote peers of {me} are at several sites ({}); they must be at one",
+                d.remote_sites.join(", ")
+            )));
+        }
+    }
+    out
 }

@@ -172,6 +172,12 @@ impl Cluster {
 
     /// Starts gmdd for `machine` and waits until it answers.
     pub fn gmdd(&self, machine: &str) -> Gmdd {
+        self.gmdd_with_config(machine, &self.config)
+    }
+
+    /// Starts gmdd for `machine` with another configuration file (e.g. one
+    /// that differs from the other machines'), and waits until it answers.
+    pub fn gmdd_with_config(&self, machine: &str, config: &Path) -> Gmdd {
         let log = self.path(&format!("{machine}.log"));
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -181,7 +187,7 @@ impl Cluster {
         let mut child = Command::new(bin("gmdd"));
         child
             .arg("--config")
-            .arg(&self.config)
+            .arg(config)
             .arg("--machine")
             .arg(machine)
             .arg("--socket")
@@ -210,7 +216,7 @@ impl Cluster {
         let gmdd = Gmdd {
             child: Some(child),
             socket: self.socket(machine),
-            config: self.config.clone(),
+            config: config.to_owned(),
             machine: machine.to_owned(),
             log,
             nbd: format!("nbd://127.0.0.1:{port}"),

@@ -158,7 +158,7 @@ fn fio_randwrite_verifies_through_nbd() {
     assert!(!result.text().contains("verify: bad"), "{}", result.text());
     let stat = alpha.stat(&["-l", DEV, "--json"]).ok();
     let json: serde_json::Value = serde_json::from_str(stat.stdout.trim()).unwrap();
-    let counters = &json["devices"][0]["counters"];
+    let counters = &json["devices"][0]["local"];
     assert!(counters["writes"].as_u64().unwrap() >= 16384, "{json}");
     assert!(counters["reads"].as_u64().unwrap() >= 16384, "{json}");
     assert_eq!(counters["errors"], 0);

@@ -416,3 +416,19 @@ mod mirroring {
         );
     }
 }
+
+#[test]
+fn latency_percentiles_are_bucket_upper_bounds() {
+    let mut buckets = [0u64; LATENCY_BUCKETS];
+    assert_eq!(latency_percentile_us(&buckets, 0.5), None);
+    // 90 writes below 128 µs (bucket 6: 64–127 µs), 9 at 1–2 ms, 1 at 40 ms.
+    buckets[latency_bucket(100)] += 90;
+    buckets[latency_bucket(1500)] += 9;
+    buckets[latency_bucket(40_000)] += 1;
+    assert_eq!(latency_bucket(100), 6);
+    assert_eq!(latency_percentile_us(&buckets, 0.5), Some(128));
+    assert_eq!(latency_percentile_us(&buckets, 0.99), Some(2048));
+    assert_eq!(latency_percentile_us(&buckets, 0.999), Some(65536));
+    assert_eq!(latency_bucket(0), 0);
+    assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
+}

@@ -999,6 +999,7 @@ impl Peer {
         }
         if ce > cs {
             sink.nets[p.cfg.network.0 as usize].resends += 1;
+            self.stats.resends += 1;
         }
         trace!(peer = %self.cfg.name, pn = self.sent[i].pn, "lost");
         for ci in cs..ce {

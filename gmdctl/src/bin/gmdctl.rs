@@ -15,6 +15,7 @@ use gmd_core::statemap::dump::{self, MapSummary};
 use gmd_core::units::{REGION_SIZE_BYTES, format_size};
 use gmdctl::client::{Client, ClientError};
 use gmdctl::protocol::*;
+use gmdctl::report::{NetReport, render_netstat};
 
 /// Administer GeoMirror devices (gmd).
 #[derive(Parser, Debug)]
@@ -138,6 +139,65 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         rounds: usize,
         /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// GeoMessage statistics per machine, network and path (the reference's krpcstat).
+    Netstat {
+        /// Summary report (no per-path or second lines).
+        #[arg(short = 's')]
+        summary: bool,
+        /// Only these remote machines.
+        #[arg(short = 'm', num_args = 1.., value_name = "MACHINE")]
+        machines: Vec<String>,
+        /// Only these networks.
+        #[arg(short = 'n', num_args = 1.., value_name = "NETWORK")]
+        networks: Vec<String>,
+        /// Seconds between reports (default 1).
+        #[arg(short = 'i', value_name = "SEC")]
+        interval: Option<f64>,
+        /// Number of reports (default 1; with -i alone, until interrupted).
+        #[arg(short = 'c', value_name = "COUNT")]
+        count: Option<u64>,
+        /// One JSON object per report, per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sample the write rate of block devices or files and report the
+    /// network bandwidth it needs (the reference's gmdsizing); with
+    /// --sync-time, print how long a full synchronisation takes per link.
+    /// Ctrl-C ends sampling early, with a report.
+    Sizing {
+        /// Block devices (sampled from /proc/diskstats) or regular files
+        /// (sampled by their growth).
+        #[arg(required_unless_present = "sync_time", conflicts_with = "sync_time")]
+        targets: Vec<PathBuf>,
+        /// Time between samples: seconds, or e.g. 30s, 5m.
+        #[arg(short = 'i', long, default_value = "1")]
+        interval: String,
+        /// How long to sample: seconds, or e.g. 5m, 24h.
+        #[arg(short = 't', long, default_value = "60")]
+        duration: String,
+        /// Print every interval as it ends.
+        #[arg(short = 'V', long)]
+        verbose: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Print the table of full synchronisation times instead.
+        #[arg(long, requires_all = ["size", "link"])]
+        sync_time: bool,
+        /// Amount of data to synchronise (e.g. 1T, 500G; binary units).
+        #[arg(long)]
+        size: Option<String>,
+        /// The link's rate (e.g. 1Gbit, 100Mbit, 1.544Mbit).
+        #[arg(long)]
+        link: Option<String>,
+    },
+    /// Stream state changes (like `drbdsetup events2`): the current state as
+    /// `exists` lines, `exists -`, then one `change` line per change.
+    Events {
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
@@ -290,7 +350,19 @@ fn run(cli: Cli) -> Result<i32, Failure> {
                 }
                 (None, Err(_)) => PathBuf::from(DEFAULT_CONFIG),
             };
-            let findings = gmdctl::verify::verify_local(&path, cli.machine.as_deref());
+            let mut findings = gmdctl::verify::verify_local(&path, cli.machine.as_deref());
+            match Client::connect(&cli.socket) {
+                Ok(mut client) => {
+                    let across: Vec<gmdctl::verify::Finding> =
+                        client.call(Command::VerifyCluster)?;
+                    findings.extend(across);
+                }
+                Err(_) => findings.push(gmdctl::verify::Finding {
+                    ok: true,
+                    text: "gmdd is not running here: the checks across machines were skipped"
+                        .into(),
+                }),
+            }
             print!("{}", gmdctl::verify::render(&findings));
             Ok(if findings.iter().all(|f| f.ok) { 0 } else { 1 })
         }
@@ -500,6 +572,66 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             }
             Ok(0)
         }
+        Cmd::Netstat {
+            summary,
+            machines,
+            networks,
+            interval,
+            count,
+            json,
+        } => netstat(
+            &cli.socket,
+            *summary,
+            machines,
+            networks,
+            *interval,
+            *count,
+            *json,
+        ),
+        Cmd::Sizing {
+            targets,
+            interval,
+            duration,
+            verbose,
+            json,
+            sync_time,
+            size,
+            link,
+        } => {
+            if *sync_time {
+                let (size, link) = (size.as_deref().unwrap_or(""), link.as_deref().unwrap_or(""));
+                let bytes = gmd_core::units::parse_size_bytes(size)
+                    .filter(|b| *b > 0)
+                    .ok_or_else(|| {
+                        fail(1, format!("--size {size:?} is not a size (e.g. 1T, 500G)"))
+                    })?;
+                let bits = gmdctl::sizing::parse_link_bits_s(link).map_err(|e| fail(1, e))?;
+                print!(
+                    "{}",
+                    gmdctl::sizing::sync_table(bytes, &format_size(bytes), link, bits)
+                );
+                return Ok(0);
+            }
+            sizing(targets, interval, duration, *verbose, *json)
+        }
+        Cmd::Events { json } => {
+            use std::io::Write as _;
+            let events = Client::connect(&cli.socket)?.events()?;
+            let mut out = std::io::stdout().lock();
+            for event in events {
+                let event = event?;
+                let line = if *json {
+                    serde_json::to_string(&event).unwrap_or_default()
+                } else {
+                    event.to_text()
+                };
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    // The reader went away (e.g. `| head`).
+                    return Ok(0);
+                }
+            }
+            Ok(0)
+        }
         Cmd::Unify {
             device,
             master,
@@ -567,6 +699,189 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             }
         },
     }
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// `gmdctl sizing`: samples every target each interval until the duration
+/// ends or SIGINT/SIGTERM arrives, then reports.
+fn sizing(
+    targets: &[PathBuf],
+    interval: &str,
+    duration: &str,
+    verbose: bool,
+    json: bool,
+) -> Result<i32, Failure> {
+    use gmdctl::sizing::*;
+    use std::time::{Duration, Instant};
+    let every = parse_duration_s(interval).map_err(|e| fail(1, format!("-i: {e}")))?;
+    let total = parse_duration_s(duration).map_err(|e| fail(1, format!("-t: {e}")))?;
+    let mut sources = Vec::new();
+    for t in targets {
+        sources.push(source_of(t).map_err(|e| fail(2, e))?);
+    }
+    let mut last: Vec<gmdctl::sizing::Counters> = sources
+        .iter()
+        .map(sample)
+        .collect::<Result<_, _>>()
+        .map_err(|e| fail(2, e))?;
+    for signal in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe {
+            nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::Handler(on_interrupt))
+        }
+        .map_err(|e| fail(255, format!("cannot catch {signal}: {e}")))?;
+    }
+    let names: Vec<String> = targets.iter().map(|t| t.display().to_string()).collect();
+    if !json {
+        println!(
+            "sampling {} every {every} s for {total} s (Ctrl-C to stop early)",
+            names.join(", ")
+        );
+    }
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    let start = Instant::now();
+    let mut intervals: Vec<Vec<Interval>> = vec![Vec::new(); sources.len()];
+    let mut taken = Instant::now();
+    let stop = |now: Instant| {
+        INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+            || now.duration_since(start).as_secs_f64() >= total
+    };
+    loop {
+        let due = taken + Duration::from_secs_f64(every);
+        while Instant::now() < due && !stop(Instant::now()) {
+            std::thread::sleep(Duration::from_millis(50).min(due - Instant::now()));
+        }
+        let now = Instant::now();
+        let seconds = now.duration_since(taken).as_secs_f64();
+        taken = now;
+        for (i, source) in sources.iter().enumerate() {
+            let c = sample(source).map_err(|e| fail(255, e))?;
+            let iv = Interval {
+                seconds,
+                read_bytes: c.read_bytes.saturating_sub(last[i].read_bytes),
+                write_bytes: c.write_bytes.saturating_sub(last[i].write_bytes),
+            };
+            if verbose && !json {
+                println!(
+                    "{:<24} {:>8.1} s  read {:>10.1} KiB  written {:>10.1} KiB",
+                    names[i],
+                    iv.seconds,
+                    iv.read_bytes as f64 / 1024.0,
+                    iv.write_bytes as f64 / 1024.0
+                );
+            }
+            intervals[i].push(iv);
+            last[i] = c;
+        }
+        if stop(now) {
+            break;
+        }
+    }
+    let reports: Vec<TargetReport> = sources
+        .iter()
+        .zip(intervals)
+        .zip(&names)
+        .map(|((s, iv), n)| TargetReport::new(n, s, iv))
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "schema": gmdctl::report::REPORT_SCHEMA, "interval_s": every, "targets": reports })
+        );
+    } else {
+        for r in &reports {
+            print!("{}", r.render());
+        }
+    }
+    Ok(0)
+}
+
+/// `gmdctl netstat`: the first report since gmdd started, then one per interval.
+fn netstat(
+    socket: &Path,
+    summary: bool,
+    machines: &[String],
+    networks: &[String],
+    interval: Option<f64>,
+    count: Option<u64>,
+    json: bool,
+) -> Result<i32, Failure> {
+    if interval.is_some_and(|i| !i.is_finite() || i <= 0.0 || i > 86_400.0) {
+        return Err(fail(1, "-i needs a number of seconds between 0 and 86400"));
+    }
+    if count == Some(0) {
+        return Err(fail(1, "-c needs at least 1 report"));
+    }
+    let mut client = Client::connect(socket)?;
+    let fetch = |client: &mut Client| -> Result<NetReport, Failure> {
+        let mut r: NetReport = client.call(Command::NetStat)?;
+        for m in machines {
+            if !r.machines.iter().any(|x| &x.name == m) {
+                return Err(fail(
+                    2,
+                    format!(
+                        "{m} is not a remote machine of {} (machines: {})",
+                        r.machine,
+                        r.machines
+                            .iter()
+                            .map(|x| x.name.clone())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
+        for n in networks {
+            if !r.networks.iter().any(|x| &x.name == n) {
+                return Err(fail(
+                    2,
+                    format!(
+                        "{n} is not a network of {} (networks: {})",
+                        r.machine,
+                        r.networks
+                            .iter()
+                            .map(|x| x.name.clone())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
+        r.filter(machines, networks);
+        Ok(r)
+    };
+    let emit = |r: &NetReport, seconds: Option<f64>| {
+        if json {
+            let mut value = serde_json::to_value(r).unwrap_or_default();
+            value["interval_s"] = serde_json::json!(seconds);
+            println!("{value}");
+        } else {
+            print!("{}", render_netstat(r, seconds, summary));
+        }
+    };
+    let mut previous = fetch(&mut client)?;
+    emit(&previous, None);
+    let every = std::time::Duration::from_secs_f64(interval.unwrap_or(1.0));
+    let count = count.unwrap_or(if interval.is_some() { u64::MAX } else { 1 });
+    let mut taken = std::time::Instant::now();
+    for _ in 1..count {
+        std::thread::sleep(every.saturating_sub(taken.elapsed()));
+        let now = fetch(&mut client)?;
+        let seconds = taken.elapsed().as_secs_f64();
+        taken = std::time::Instant::now();
+        emit(&now.since(&previous), Some(seconds));
+        previous = now;
+    }
+    Ok(0)
 }
 
 fn print_map(cells: &gmd_core::statemap::StateMap) -> i32 {

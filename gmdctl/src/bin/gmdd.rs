@@ -21,16 +21,35 @@ struct Args {
     socket: PathBuf,
 }
 
-fn main() {
-    let args = Args::parse();
+/// Logs to journald with each event's level as its priority when stderr is
+/// the journal (systemd sets `JOURNAL_STREAM`), to stderr otherwise.
+/// `GMD_LOG` sets the filter (default `info`).
+fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("GMD_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            tracing_subscriber::registry()
+                .with(filter())
+                .with(journald.with_syslog_identifier("gmdd".into()))
+                .init();
+            return;
+        }
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GMD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter())
         .init();
+}
+
+fn main() {
+    let args = Args::parse();
+    init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .thread_name("gmdd")
         .enable_all()

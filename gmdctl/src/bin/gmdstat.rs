@@ -4,36 +4,44 @@
 //! available, 255 system error.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use gmd_core::statemap::AdminState;
 use gmdctl::client::{Client, ClientError};
-use gmdctl::protocol::{Command, DEFAULT_SOCKET, DeviceStats, Stats};
+use gmdctl::protocol::{Command, ControlError, DEFAULT_SOCKET};
+use gmdctl::report::{GmdstatDevice, GmdstatJson, Report, render_gmdstat};
 
 /// Show GeoMirror device statistics.
 #[derive(Parser, Debug)]
-#[command(name = "gmdstat", version, about)]
+#[command(
+    name = "gmdstat",
+    version,
+    about,
+    after_help = "The first report gives rates since each device started; each further one, \
+                  rates over the last interval.\n\
+                  Exit status: 0 ok, 1 bad switches, 2 device not available, 255 system error."
+)]
 struct Args {
     /// gmdd's control socket.
     #[arg(long, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Only the figures since start (no per-second rates).
+    /// Summary report: one line per device.
     #[arg(short = 's')]
-    since_start: bool,
+    summary: bool,
     /// All devices.
     #[arg(short = 'A', conflicts_with = "devices")]
     all: bool,
-    /// These devices.
+    /// These devices (each must be AVAILABLE).
     #[arg(short = 'l', num_args = 1.., value_name = "GMD")]
     devices: Vec<String>,
-    /// Seconds between reports.
+    /// Seconds between reports (default 1).
     #[arg(short = 'i', value_name = "SEC")]
     interval: Option<f64>,
-    /// Number of reports.
+    /// Number of reports (default 1; with -i alone, until interrupted).
     #[arg(short = 'c', value_name = "COUNT")]
     count: Option<u64>,
-    /// One JSON object per report.
+    /// One JSON object per report, per line (see docs/OPERATIONS.md).
     #[arg(long)]
     json: bool,
 }
@@ -51,8 +59,15 @@ fn main() {
         eprintln!("gmdstat: give -A for all devices or -l GMD ...");
         std::process::exit(1);
     }
-    if args.interval.is_some_and(|i| i.is_nan() || i <= 0.0) {
-        eprintln!("gmdstat: -i needs a positive number of seconds");
+    if args
+        .interval
+        .is_some_and(|i| !i.is_finite() || i <= 0.0 || i > 86_400.0)
+    {
+        eprintln!("gmdstat: -i needs a number of seconds between 0 and 86400");
+        std::process::exit(1);
+    }
+    if args.count == Some(0) {
+        eprintln!("gmdstat: -c needs at least 1 report");
         std::process::exit(1);
     }
     std::process::exit(match run(&args) {
@@ -64,7 +79,7 @@ fn main() {
     });
 }
 
-fn fetch(client: &mut Client, args: &Args) -> Result<Stats, ClientError> {
+fn fetch(client: &mut Client, args: &Args) -> Result<Report, ClientError> {
     client.call(Command::Stats {
         devices: args.devices.clone(),
     })
@@ -75,102 +90,55 @@ fn run(args: &Args) -> Result<(), ClientError> {
     let mut previous = fetch(&mut client, args)?;
     for d in &previous.devices {
         if !args.devices.is_empty() && d.state != AdminState::Available {
-            return Err(ClientError::Daemon(
-                gmdctl::protocol::ControlError::not_found(format!(
-                    "{} is {}, not AVAILABLE",
-                    d.name, d.state
-                )),
-            ));
+            return Err(ClientError::Daemon(ControlError::not_found(format!(
+                "{} is {}, not AVAILABLE (gmdctl start {})",
+                d.name, d.state, d.name
+            ))));
         }
     }
-    let interval = args.interval.map(Duration::from_secs_f64);
+    let interval = Duration::from_secs_f64(args.interval.unwrap_or(1.0));
     let count = args
         .count
-        .unwrap_or(if interval.is_some() { u64::MAX } else { 1 });
-    report(args, &previous, None, None);
-    let mut done = 1;
-    while done < count {
-        let Some(interval) = interval else { break };
-        std::thread::sleep(interval);
+        .unwrap_or(if args.interval.is_some() { u64::MAX } else { 1 });
+    let mut taken = Instant::now();
+    emit(args, &previous, None);
+    for _ in 1..count {
+        std::thread::sleep(interval.saturating_sub(taken.elapsed()));
         let now = fetch(&mut client, args)?;
-        report(args, &now, Some(&previous), Some(interval));
+        let seconds = taken.elapsed().as_secs_f64();
+        taken = Instant::now();
+        emit(args, &now, Some((&previous, seconds)));
         previous = now;
-        done += 1;
     }
     Ok(())
 }
 
-fn kib(bytes: u64) -> f64 {
-    bytes as f64 / 1024.0
-}
-
-fn report(args: &Args, now: &Stats, before: Option<&Stats>, interval: Option<Duration>) {
-    if args.json {
-        let mut value = serde_json::to_value(now).unwrap_or_default();
-        if let Some(secs) = interval.map(|i| i.as_secs_f64()) {
-            value["interval_s"] = serde_json::json!(secs);
-        }
-        println!("{}", serde_json::to_string(&value).unwrap_or_default());
+fn emit(args: &Args, now: &Report, earlier: Option<(&Report, f64)>) {
+    if !args.json {
+        print!("{}", render_gmdstat(now, earlier, args.summary));
         return;
     }
-    println!(
-        "{:<14} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8}",
-        "GMD", "lx", "lx/s", "lw", "lw/s", "lkw", "lkw/s", "stale"
-    );
-    for d in &now.devices {
-        let prev = before.and_then(|b| b.devices.iter().find(|p| p.name == d.name));
-        let (dx, dw, dkw, secs) = rates(d, prev, interval);
-        let c = &d.counters;
-        let per = |x: f64| {
-            if args.since_start {
-                "-".to_string()
-            } else {
-                format!("{:.1}", x / secs)
-            }
-        };
-        println!(
-            "{:<14} {:>9} {:>9} {:>9} {:>9} {:>10.1} {:>10} {:>8}",
-            d.name,
-            c.reads + c.writes,
-            per(dx),
-            c.writes,
-            per(dw),
-            kib(c.write_bytes),
-            per(dkw),
-            d.map.map_or(0, |m| m.stale),
-        );
-    }
-    println!(
-        "lx = local transfers, lw = local writes, lkw = KiB written locally, /s = per second {}",
-        if interval.is_some() {
-            "over the interval"
-        } else {
-            "since start"
-        }
-    );
-}
-
-fn rates(
-    d: &DeviceStats,
-    prev: Option<&DeviceStats>,
-    interval: Option<Duration>,
-) -> (f64, f64, f64, f64) {
-    let c = &d.counters;
-    match (prev, interval) {
-        (Some(p), Some(i)) => {
-            let pc = &p.counters;
-            (
-                (c.reads + c.writes).saturating_sub(pc.reads + pc.writes) as f64,
-                c.writes.saturating_sub(pc.writes) as f64,
-                kib(c.write_bytes.saturating_sub(pc.write_bytes)),
-                i.as_secs_f64(),
-            )
-        }
-        _ => (
-            (c.reads + c.writes) as f64,
-            c.writes as f64,
-            kib(c.write_bytes),
-            (d.uptime_ms as f64 / 1000.0).max(0.001),
-        ),
+    let json = GmdstatJson {
+        schema: now.schema,
+        machine: now.machine.clone(),
+        interval_s: earlier.map(|(_, s)| s),
+        devices: now
+            .devices
+            .iter()
+            .map(|d| GmdstatDevice {
+                interval: match earlier
+                    .and_then(|(e, s)| e.devices.iter().find(|p| p.name == d.name).map(|p| (p, s)))
+                {
+                    Some((p, s)) => d.since(p, s),
+                    None => d.since_start(),
+                },
+                report: d.clone(),
+            })
+            .collect(),
+        peers: now.peers.clone(),
+    };
+    match serde_json::to_string(&json) {
+        Ok(line) => println!("{line}"),
+        Err(e) => eprintln!("gmdstat: cannot encode the report: {e}"),
     }
 }

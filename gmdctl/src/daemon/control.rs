@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::Daemon;
-use crate::protocol::{ControlError, PROTOCOL_VERSION, Request, Response};
+use crate::protocol::{Command, ControlError, PROTOCOL_VERSION, Request, Response};
 
 /// Longest request line accepted.
 const REQUEST_LINE_MAX: usize = 1 << 20;
@@ -125,6 +125,12 @@ async fn session(
                     request.version
                 )))
             }
+            Ok(Request {
+                command: Command::Events,
+                ..
+            }) => {
+                return stream_events(&daemon, reader, writer, shutdown).await;
+            }
             Ok(request) => {
                 let d = daemon.clone();
                 let result = tokio::task::spawn_blocking(move || d.handle(request.command))
@@ -148,6 +154,55 @@ async fn session(
             }
         };
         writer.write_all(response.as_bytes()).await?;
+    }
+}
+
+/// Streams events to the client until it closes the connection or gmdd stops.
+async fn stream_events(
+    daemon: &Arc<Daemon>,
+    mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut writer: tokio::net::unix::OwnedWriteHalf,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let d = daemon.clone();
+    let (exists, mut rx) = tokio::task::spawn_blocking(move || d.subscribe())
+        .await
+        .map_err(std::io::Error::other)?;
+    writer
+        .write_all(
+            encode(&Response {
+                version: PROTOCOL_VERSION,
+                result: Some(serde_json::json!({ "streaming": true })),
+                error: None,
+            })
+            .as_bytes(),
+        )
+        .await?;
+    let line = |e: &crate::protocol::Event| {
+        let mut text = serde_json::to_string(e).unwrap_or_default();
+        text.push('\n');
+        text
+    };
+    for e in &exists {
+        writer.write_all(line(e).as_bytes()).await?;
+    }
+    let mut sink = [0u8; 256];
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            n = reader.read(&mut sink) => {
+                if n? == 0 {
+                    return Ok(());
+                }
+            }
+            event = rx.recv() => match event {
+                Ok(e) => writer.write_all(line(&e).as_bytes()).await?,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(missed = n, "an events client is too slow; it missed some events");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+        }
     }
 }
 

@@ -571,6 +571,15 @@ impl Daemon {
         request: PeerRequest,
     ) -> PeerReply {
         match request {
+            PeerRequest::Facts => {
+                let d = self.clone();
+                match tokio::task::spawn_blocking(move || d.facts()).await {
+                    Ok(facts) => PeerReply::Facts { facts },
+                    Err(e) => PeerReply::Refused {
+                        reason: e.to_string(),
+                    },
+                }
+            }
             PeerRequest::Status { device } => {
                 let d = self.clone();
                 match tokio::task::spawn_blocking(move || d.local_info(&device, false)).await {

@@ -7,6 +7,7 @@
 mod control;
 mod exports;
 mod link;
+mod ops;
 mod peers;
 
 use std::collections::HashMap;
@@ -32,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::protocol::*;
+use crate::report::*;
 use exports::{DeviceExport, Exports};
 use link::DeviceLink;
 
@@ -138,6 +140,10 @@ pub struct Daemon {
     resync_started: Mutex<HashMap<String, Instant>>,
     /// Peers GeoMessage has a working session with.
     reachable: Mutex<std::collections::HashSet<String>>,
+    /// State changes for `gmdctl events`.
+    events: tokio::sync::broadcast::Sender<Event>,
+    /// The metrics endpoint's address and its stop token, when it runs.
+    metrics: tokio::sync::Mutex<Option<(std::net::SocketAddr, CancellationToken)>>,
 }
 
 fn control_error(e: DeviceError) -> ControlError {
@@ -186,7 +192,16 @@ impl Daemon {
             started: Instant::now(),
             resync_started: Mutex::new(HashMap::new()),
             reachable: Mutex::new(std::collections::HashSet::new()),
+            events: tokio::sync::broadcast::channel(ops::EVENTS_QUEUE_MAX).0,
+            metrics: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Subscribes to state changes, with the `exists` events of the current
+    /// state first.
+    pub(crate) fn subscribe(&self) -> (Vec<Event>, tokio::sync::broadcast::Receiver<Event>) {
+        let rx = self.events.subscribe();
+        (self.exists_events(), rx)
     }
 
     fn config(&self) -> Arc<ClusterConfig> {
@@ -495,6 +510,11 @@ impl Daemon {
                 })
             }
             Command::Stats { devices } => self.stats(&devices),
+            Command::NetStat => self.netstat(),
+            Command::VerifyCluster => self.verify_cluster(),
+            Command::Events => Err(ControlError::invalid(
+                "events is a streaming command: the control session handles it",
+            )),
             Command::Unify {
                 device,
                 master,
@@ -1117,6 +1137,16 @@ impl Daemon {
     }
 
     fn stats(&self, wanted: &[String]) -> Result<Value, ControlError> {
+        to_value(&self.report(wanted)?)
+    }
+
+    /// Every figure of the devices in `wanted` (all when empty) and of the
+    /// remote machines.
+    fn report(&self, wanted: &[String]) -> Result<Report, ControlError> {
+        let net = self
+            .rt
+            .block_on(self.node.stats())
+            .map_err(|e| ControlError::internal(format!("GeoMessage statistics: {e}")))?;
         let devices = self.devices.lock().expect("devices lock");
         for name in wanted {
             if !devices.contains_key(name) {
@@ -1128,30 +1158,166 @@ impl Daemon {
             if !wanted.is_empty() && !wanted.contains(name) {
                 continue;
             }
-            let counters = handle
-                .runtime()
-                .map(|r| r.stats().snapshot())
-                .unwrap_or_default();
-            let map = match handle.state() {
-                AdminState::Defined => None,
-                _ => handle
-                    .map_snapshot()
-                    .ok()
-                    .map(|(_, cells)| MapSummary::of(&cells)),
-            };
-            out.push(DeviceStats {
-                name: name.clone(),
-                state: handle.state(),
-                mode: handle.config().mode,
-                counters,
-                map,
-                uptime_ms: handle.uptime().map_or(0, |d| d.as_millis() as u64),
-            });
+            out.push(self.device_report(name, handle));
         }
-        to_value(&Stats {
+        Ok(Report {
+            schema: REPORT_SCHEMA,
             machine: self.machine.clone(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
             devices: out,
+            peers: net
+                .machines
+                .iter()
+                .map(|m| PeerReport {
+                    machine: m.name.clone(),
+                    up: m.up,
+                    active_network: m.active_network.clone(),
+                    messages_sent: m.rpcs_sent,
+                    retries: m.resends,
+                    replies: m.replies_received,
+                    bytes_sent: m.bytes_sent,
+                    bytes_received: m.bytes_received,
+                    failures: m.failures,
+                })
+                .collect(),
         })
+    }
+
+    fn device_report(&self, name: &str, handle: &DeviceHandle) -> DeviceReport {
+        let c = handle
+            .runtime()
+            .map(|r| r.stats().snapshot())
+            .unwrap_or_default();
+        let e = &c.engine;
+        let map = match handle.state() {
+            AdminState::Defined => None,
+            _ => handle.map_snapshot().ok().map(|(_, cells)| {
+                let s = MapSummary::of(&cells);
+                MapCounts {
+                    regions: s.cells,
+                    stale: s.stale,
+                    inconsistent: s.inconsistent,
+                    hot: s.hot,
+                }
+            }),
+        };
+        let link = self.link_status(name, handle);
+        let mode = handle.config().mode;
+        let mode_in_effect = match (handle.state(), &link) {
+            (AdminState::Defined, _) => "defined".to_string(),
+            (AdminState::Stopped, _) => "stopped".to_string(),
+            (_, Some(l)) if l.connected => {
+                if mode == Mode::Async && e.hwm_fallback_active == 1 {
+                    "async-hwm-fallback".to_string()
+                } else {
+                    mode.to_string()
+                }
+            }
+            _ => "standalone".to_string(),
+        };
+        DeviceReport {
+            name: name.to_owned(),
+            state: handle.state(),
+            mode,
+            mode_in_effect,
+            peer: link
+                .as_ref()
+                .filter(|l| l.connected)
+                .and_then(|l| l.peer.clone()),
+            uptime_ms: handle.uptime().map_or(0, |d| d.as_millis() as u64),
+            local: LocalCounters {
+                reads: c.reads,
+                read_bytes: c.read_bytes,
+                writes: c.writes,
+                write_bytes: c.write_bytes,
+                flushes: c.flushes,
+                errors: c.errors,
+                in_flight: c.in_flight,
+            },
+            remote: RemoteCounters {
+                writes: e.peer_ops,
+                write_bytes: e.peer_op_bytes,
+            },
+            mirrored: MirrorCounters {
+                writes: e.remote_writes,
+                write_bytes: e.remote_write_bytes,
+                flushes: e.remote_flushes,
+                failures: e.remote_failures,
+                wait_us: c.remote_wait_us,
+            },
+            latency: Latency::from_buckets(c.write_latency_buckets, c.write_latency_us),
+            backlog: Backlog {
+                bytes: e.backlog_bytes,
+                hwm_bytes: if mode == Mode::Async {
+                    handle.config().hwm_kib * 1024
+                } else {
+                    0
+                },
+                hwm_fallbacks: e.hwm_fallbacks,
+                fallback_active: e.hwm_fallback_active == 1,
+            },
+            map,
+            resync: link.filter(|l| l.resync_remaining > 0).map(|l| Resync {
+                role: l.resync_role.unwrap_or_else(|| "none".into()),
+                regions_total: l.resync_total,
+                regions_left: l.resync_remaining,
+                bytes_per_s: l.resync_bytes_per_s,
+                eta_s: l.resync_eta_s,
+            }),
+        }
+    }
+
+    /// This machine's configuration and state map facts.
+    fn facts(&self) -> crate::verify::MachineFacts {
+        crate::verify::facts(&self.config(), &self.machine)
+    }
+
+    /// Compares this machine's facts with every other machine's, asked over
+    /// GeoMessage (blocking).
+    fn verify_cluster(&self) -> Result<Value, ControlError> {
+        let local = self.facts();
+        let mut findings = Vec::new();
+        let others: Vec<String> = self
+            .config()
+            .machines
+            .keys()
+            .filter(|m| **m != self.machine)
+            .cloned()
+            .collect();
+        for other in others {
+            match self.rt.block_on(self.ask(
+                &other,
+                &PeerRequest::Facts,
+                Duration::from_secs(20),
+            )) {
+                Ok(PeerReply::Facts { facts }) => {
+                    findings.push(crate::verify::Finding {
+                        ok: true,
+                        text: format!("{other} answers over GeoMessage"),
+                    });
+                    findings.extend(crate::verify::compare(&local, &facts));
+                }
+                Ok(other_reply) => findings.push(crate::verify::Finding {
+                    ok: false,
+                    text: format!("{other} did not describe itself: {other_reply:?}"),
+                }),
+                Err(e) => findings.push(crate::verify::Finding {
+                    ok: false,
+                    text: format!(
+                        "{other} cannot be reached over GeoMessage ({e}); start gmdd there to check it"
+                    ),
+                }),
+            }
+        }
+        to_value(&findings)
+    }
+
+    fn netstat(&self) -> Result<Value, ControlError> {
+        let net = self
+            .rt
+            .block_on(self.node.stats())
+            .map_err(|e| ControlError::internal(format!("GeoMessage statistics: {e}")))?;
+        to_value(&NetReport::from_stats(&self.machine, &net))
     }
 
     /// Stops every running device without changing its recorded state, so the
@@ -1207,6 +1373,100 @@ impl Step {
     }
 }
 
+impl Daemon {
+    /// SIGHUP: re-reads the configuration file. Applied without a restart:
+    /// the metrics address, and the attributes of devices that are DEFINED.
+    /// Anything else that changed is logged as needing a restart (machines,
+    /// sites, networks, cluster name or key, devices added or removed) or a
+    /// stop and unconfigure first (attributes of a configured device); the
+    /// configuration in use then stays as it was for those.
+    async fn reload(self: &Arc<Self>) {
+        let old = self.config();
+        let new = match ClusterConfig::load(&old.path) {
+            Ok(c) => c,
+            Err(e) => {
+                error!("SIGHUP: configuration not reloaded, the one in use stays: {e}");
+                return;
+            }
+        };
+        let mut restart = Vec::new();
+        if new.name != old.name || new.key_file != old.key_file || new.encrypt != old.encrypt {
+            restart.push("cluster name, key or encryption".to_string());
+        }
+        if new.sites != old.sites {
+            restart.push("sites".into());
+        }
+        if new.networks != old.networks {
+            restart.push("networks".into());
+        }
+        let strip = |c: &ClusterConfig| {
+            c.machines
+                .values()
+                .map(|m| {
+                    let mut m = m.clone();
+                    m.metrics = None;
+                    m
+                })
+                .collect::<Vec<_>>()
+        };
+        if strip(&new) != strip(&old) {
+            restart.push("machines (interfaces, sites, timeouts, nbd_listen)".into());
+        }
+        let here = |c: &ClusterConfig| {
+            c.devices_on(&self.machine)
+                .map(|d| d.name.clone())
+                .collect::<Vec<_>>()
+        };
+        if here(&new) != here(&old) {
+            restart.push("the devices of this machine (added or removed)".into());
+        }
+        let metrics = new.machines.get(&self.machine).and_then(|m| m.metrics);
+        self.set_metrics(metrics).await;
+        if !restart.is_empty() {
+            warn!(
+                "SIGHUP: these changes need a restart of gmdd and were not applied: {}",
+                restart.join("; ")
+            );
+            info!(?metrics, "SIGHUP: metrics address applied");
+            return;
+        }
+        let d = self.clone();
+        let new = Arc::new(new);
+        let n = new.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let mut applied = Vec::new();
+            let mut refused = Vec::new();
+            let mut devices = d.devices.lock().expect("devices lock");
+            for (name, handle) in devices.iter_mut() {
+                if old.devices.get(name) == n.devices.get(name) {
+                    continue;
+                }
+                match handle.update_config(&n) {
+                    Ok(()) => applied.push(name.clone()),
+                    Err(e) => refused.push(format!("{name}: {}", e.message)),
+                }
+            }
+            (applied, refused)
+        })
+        .await;
+        let (applied, refused) = outcome.unwrap_or_default();
+        if refused.is_empty() {
+            *self.config.lock().expect("config lock") = new;
+        } else {
+            warn!(
+                "SIGHUP: device attributes not applied (stop and unconfigure the device, \
+                 then send SIGHUP again): {}",
+                refused.join("; ")
+            );
+        }
+        info!(
+            ?metrics,
+            devices = %applied.join(", "),
+            "SIGHUP: configuration reloaded (metrics address; attributes of DEFINED devices)"
+        );
+    }
+}
+
 /// Answers other daemons on GeoMessage's control stream.
 async fn serve_peers(daemon: Arc<Daemon>, mut rx: gmd_net::IncomingReceiver) {
     while let Some(incoming) = rx.recv().await {
@@ -1231,6 +1491,27 @@ async fn serve_peers(daemon: Arc<Daemon>, mut rx: gmd_net::IncomingReceiver) {
     }
 }
 
+impl Daemon {
+    fn path_event(&self, peer: gmd_net::PeerId, network: gmd_net::NetworkId, up: bool) {
+        let name = self.node.peer_name(peer).unwrap_or("?").to_owned();
+        let net = self.node.network_name(network).unwrap_or("?").to_owned();
+        if up {
+            info!(peer = %name, network = %net, "path up");
+        } else {
+            warn!(peer = %name, network = %net, "path down");
+        }
+        self.publish(Event::now(
+            "change",
+            "path",
+            &name,
+            &[
+                ("network", net),
+                ("up", if up { "yes" } else { "no" }.into()),
+            ],
+        ));
+    }
+}
+
 /// Follows GeoMessage's view of the peers.
 async fn watch_peers(daemon: Arc<Daemon>, shutdown: CancellationToken) {
     let mut events = daemon.node.events();
@@ -1243,19 +1524,30 @@ async fn watch_peers(daemon: Arc<Daemon>, shutdown: CancellationToken) {
                 Ok(NodeEvent::PeerUp { peer, .. }) => {
                     let name = daemon.node.peer_name(peer).unwrap_or("?").to_owned();
                     info!(peer = %name, "peer reachable");
+                    daemon.publish(Event::now("change", "peer", &name, &[("up", "yes".into())]));
                     daemon.reachable.lock().expect("reachable lock").insert(name.clone());
                     daemon.reconnect().await;
                 }
                 Ok(NodeEvent::PeerDown { peer }) => {
                     let name = daemon.node.peer_name(peer).unwrap_or("?").to_owned();
                     daemon.reachable.lock().expect("reachable lock").remove(&name);
+                    warn!(peer = %name, "peer down: promote-failure timeout exceeded");
+                    daemon.publish(Event::now("change", "peer", &name, &[("up", "no".into())]));
                     daemon.peer_lost(&name, "peer unreachable for its promote-failure timeout").await;
                 }
                 Ok(NodeEvent::PeerRestarted { peer, .. }) => {
                     let name = daemon.node.peer_name(peer).unwrap_or("?").to_owned();
+                    daemon.publish(Event::now("change", "peer", &name, &[("up", "yes".into()), ("restarted", "yes".into())]));
                     daemon.peer_lost(&name, "peer restarted").await;
                 }
-                Ok(other) => info!(event = ?other, "GeoMessage"),
+                Ok(NodeEvent::PathUp { peer, network }) => daemon.path_event(peer, network, true),
+                Ok(NodeEvent::PathDown { peer, network }) => daemon.path_event(peer, network, false),
+                Ok(NodeEvent::ActivePathChanged { peer, network }) => {
+                    let name = daemon.node.peer_name(peer).unwrap_or("?").to_owned();
+                    let net = network.and_then(|n| daemon.node.network_name(n)).unwrap_or("-").to_owned();
+                    info!(peer = %name, network = %net, "active path changed");
+                    daemon.publish(Event::now("change", "path", &name, &[("network", net), ("active", "yes".into())]));
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => warn!(missed = n, "GeoMessage events lagged"),
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
@@ -1269,6 +1561,11 @@ async fn watch_peers(daemon: Arc<Daemon>, shutdown: CancellationToken) {
 /// Bad configuration, key file, socket or listen address: nothing is left
 /// half-started.
 pub async fn run(options: Options) -> anyhow::Result<()> {
+    // Signals first: one that arrives while gmdd starts must not kill it
+    // with the default action.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let config = ClusterConfig::load(&options.config)?;
     let machine = resolve_machine(&config, options.machine.as_deref())?;
     let key = crate::keyfile::read(&config.key_file)?;
@@ -1311,6 +1608,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || d.restore_all()).await?;
     }
     tokio::spawn(watch_peers(daemon.clone(), shutdown.clone()));
+    tokio::spawn(ops::watch_devices(daemon.clone(), shutdown.clone()));
+    let metrics = daemon.config().machines[&daemon.machine].metrics;
+    daemon.set_metrics(metrics).await;
     let nbd = gmd_nbd::Server::new(
         daemon.exports.clone(),
         gmd_nbd::Limits::default(),
@@ -1322,11 +1622,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         control_listener,
         shutdown.clone(),
     ));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = int.recv() => info!("SIGINT: stopping"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { info!("SIGINT: stopping"); break; }
+            _ = hup.recv() => daemon.reload().await,
+        }
     }
     shutdown.cancel();
     let _ = nbd_task.await;

@@ -81,6 +81,8 @@ pub(super) enum PeerRequest {
     StopDevice { device: String, by: String },
     /// Send your map (unify).
     GetMap { device: String },
+    /// Describe your configuration and state maps (`gmdctl verify`).
+    Facts,
     /// Unify: as master, mark these regions stale; otherwise clear the map.
     Unify {
         device: String,
@@ -104,6 +106,8 @@ pub(super) enum PeerReply {
     },
     /// The device's map.
     Map { info: DeviceInfo, bits: String },
+    /// The answer to [`PeerRequest::Facts`].
+    Facts { facts: crate::verify::MachineFacts },
     /// Done.
     Ok,
     /// Not done, and why (with the command that resolves it).

@@ -1,0 +1,435 @@
+//! Operations: the event stream (`gmdctl events`) and the Prometheus
+//! endpoint.
+//!
+//! Device-level changes (state, connection, HWM fallback, resync, refusals)
+//! are found by comparing a small snapshot of each device every
+//! [`WATCH_INTERVAL`]; peer and path changes come straight from GeoMessage's
+//! events (see `watch_peers`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gmd_core::statemap::AdminState;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::Daemon;
+use crate::protocol::Event;
+
+/// How often device snapshots are compared.
+pub(super) const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+/// Least time between two resync progress events of one device.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+/// Events kept for a slow subscriber before it misses some.
+pub(super) const EVENTS_QUEUE_MAX: usize = 1024;
+/// Longest HTTP request head the metrics endpoint reads.
+const HTTP_HEAD_MAX: usize = 8192;
+
+/// What the watcher compares, per device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Seen {
+    state: AdminState,
+    peer: Option<String>,
+    mode: String,
+    fallback: bool,
+    backlog_bytes: u64,
+    /// (role, total, left) of the current resync.
+    resync: Option<(String, u64, u64)>,
+    refused: Option<String>,
+}
+
+fn yes(b: bool) -> String {
+    if b { "yes" } else { "no" }.into()
+}
+
+impl Daemon {
+    /// Publishes an event to every `gmdctl events` client.
+    pub(super) fn publish(&self, event: Event) {
+        debug!(event = %event.to_text(), "event");
+        let _ = self.events.send(event);
+    }
+
+    /// The snapshot of every device (blocking).
+    pub(super) fn seen(&self) -> Vec<(String, Seen)> {
+        let devices = self.devices.lock().expect("devices lock");
+        devices
+            .iter()
+            .map(|(name, handle)| {
+                let link = self.link_status(name, handle);
+                let engine = handle
+                    .runtime()
+                    .map(|r| r.stats().snapshot().engine)
+                    .unwrap_or_default();
+                let connected = link.as_ref().is_some_and(|l| l.connected);
+                let seen = Seen {
+                    state: handle.state(),
+                    peer: link
+                        .as_ref()
+                        .filter(|l| l.connected)
+                        .and_then(|l| l.peer.clone()),
+                    mode: if connected {
+                        if engine.hwm_fallback_active == 1 {
+                            "async-hwm-fallback".into()
+                        } else {
+                            handle.config().mode.to_string()
+                        }
+                    } else {
+                        "standalone".into()
+                    },
+                    fallback: engine.hwm_fallback_active == 1,
+                    backlog_bytes: engine.backlog_bytes,
+                    resync: link.as_ref().filter(|l| l.resync_remaining > 0).map(|l| {
+                        (
+                            l.resync_role.clone().unwrap_or_default(),
+                            l.resync_total,
+                            l.resync_remaining,
+                        )
+                    }),
+                    refused: link
+                        .as_ref()
+                        .filter(|l| !l.connected)
+                        .and_then(|l| l.refused.clone()),
+                };
+                (name.clone(), seen)
+            })
+            .collect()
+    }
+
+    /// The `exists` events describing the current state, ended by `-`.
+    pub(super) fn exists_events(&self) -> Vec<Event> {
+        let mut out = Vec::new();
+        for (name, s) in self.seen() {
+            out.push(Event::now(
+                "exists",
+                "device",
+                &name,
+                &[("state", s.state.to_string())],
+            ));
+            if s.state == AdminState::Available {
+                out.push(connection_event("exists", &name, &s));
+            }
+            if let Some((role, total, left)) = &s.resync {
+                out.push(Event::now(
+                    "exists",
+                    "resync",
+                    &name,
+                    &[
+                        ("phase", "progress".into()),
+                        ("role", role.clone()),
+                        ("regions_total", total.to_string()),
+                        ("regions_left", left.to_string()),
+                    ],
+                ));
+            }
+        }
+        let reachable = self.reachable.lock().expect("reachable lock").clone();
+        let config = self.config();
+        for machine in config.machines.keys().filter(|m| **m != self.machine) {
+            out.push(Event::now(
+                "exists",
+                "peer",
+                machine,
+                &[("up", yes(reachable.contains(machine)))],
+            ));
+        }
+        out.push(Event::now("exists", "-", "", &[]));
+        out
+    }
+}
+
+fn connection_event(change: &str, name: &str, s: &Seen) -> Event {
+    Event::now(
+        change,
+        "connection",
+        name,
+        &[
+            ("peer", s.peer.clone().unwrap_or_else(|| "-".into())),
+            ("connected", yes(s.peer.is_some())),
+            ("mode", s.mode.clone()),
+        ],
+    )
+}
+
+/// The events that lead from `old` to `new` for device `name`.
+fn changes(name: &str, old: &Seen, new: &Seen, last_progress: &mut Instant) -> Vec<Event> {
+    let mut out = Vec::new();
+    if old.state != new.state {
+        out.push(Event::now(
+            "change",
+            "device",
+            name,
+            &[("state", new.state.to_string())],
+        ));
+    }
+    if old.peer != new.peer || (new.peer.is_some() && old.mode != new.mode && !new.fallback) {
+        out.push(connection_event("change", name, new));
+    }
+    if old.fallback != new.fallback {
+        out.push(Event::now(
+            "change",
+            "hwm",
+            name,
+            &[
+                (
+                    "fallback",
+                    if new.fallback { "entered" } else { "left" }.into(),
+                ),
+                ("backlog_bytes", new.backlog_bytes.to_string()),
+            ],
+        ));
+    }
+    match (&old.resync, &new.resync) {
+        (None, Some((role, total, left))) => {
+            *last_progress = Instant::now();
+            out.push(Event::now(
+                "change",
+                "resync",
+                name,
+                &[
+                    ("phase", "start".into()),
+                    ("role", role.clone()),
+                    ("regions_total", total.to_string()),
+                    ("regions_left", left.to_string()),
+                ],
+            ));
+        }
+        (Some(_), Some((role, total, left)))
+            if old.resync != new.resync && last_progress.elapsed() >= PROGRESS_INTERVAL =>
+        {
+            *last_progress = Instant::now();
+            out.push(Event::now(
+                "change",
+                "resync",
+                name,
+                &[
+                    ("phase", "progress".into()),
+                    ("role", role.clone()),
+                    ("regions_total", total.to_string()),
+                    ("regions_left", left.to_string()),
+                ],
+            ));
+        }
+        (Some((role, total, _)), None) => {
+            out.push(Event::now(
+                "change",
+                "resync",
+                name,
+                &[
+                    ("phase", "end".into()),
+                    ("role", role.clone()),
+                    ("regions_total", total.to_string()),
+                    ("regions_left", "0".into()),
+                ],
+            ));
+        }
+        _ => {}
+    }
+    if old.refused != new.refused {
+        if let Some(reason) = &new.refused {
+            let divergence =
+                reason.contains("divergence") || reason.contains("holds writes of its own");
+            out.push(Event::now(
+                "change",
+                if divergence { "divergence" } else { "refused" },
+                name,
+                &[("reason", reason.clone())],
+            ));
+        }
+    }
+    out
+}
+
+/// Compares device snapshots every [`WATCH_INTERVAL`] and publishes the
+/// differences.
+pub(super) async fn watch_devices(daemon: Arc<Daemon>, shutdown: CancellationToken) {
+    let mut last: HashMap<String, Seen> = HashMap::new();
+    let mut progress: HashMap<String, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let d = daemon.clone();
+        let Ok(now) = tokio::task::spawn_blocking(move || d.seen()).await else {
+            continue;
+        };
+        for (name, seen) in now {
+            if let Some(old) = last.get(&name) {
+                let p = progress.entry(name.clone()).or_insert_with(Instant::now);
+                for event in changes(&name, old, &seen, p) {
+                    daemon.publish(event);
+                }
+            }
+            last.insert(name, seen);
+        }
+    }
+}
+
+/// Serves `GET /metrics` in Prometheus text format on `listener` until
+/// `stop` is cancelled.
+pub(super) async fn serve_metrics(
+    daemon: Arc<Daemon>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
+    loop {
+        let (mut stream, from) = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "metrics accept failed");
+                    continue;
+                }
+            },
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            let read = async {
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < HTTP_HEAD_MAX {
+                    let n = stream.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                Ok::<_, std::io::Error>(())
+            };
+            if tokio::time::timeout(Duration::from_secs(5), read)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let line = String::from_utf8_lossy(&head);
+            let mut words = line.split_whitespace();
+            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let (status, content_type, body) = if method != "GET" {
+                (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "GET only\n".to_string(),
+                )
+            } else if path == "/metrics" || path.starts_with("/metrics?") {
+                let d = daemon.clone();
+                match tokio::task::spawn_blocking(move || d.metrics_text()).await {
+                    Ok(Ok(text)) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text),
+                    Ok(Err(e)) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
+                    Err(e) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
+                }
+            } else {
+                ("404 Not Found", "text/plain", "see /metrics\n".to_string())
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Err(e) = stream.write_all(response.as_bytes()).await {
+                debug!(%from, error = %e, "metrics client went away");
+            }
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+impl Daemon {
+    /// Every figure in Prometheus text format (blocking).
+    fn metrics_text(&self) -> Result<String, crate::protocol::ControlError> {
+        let report = self.report(&[])?;
+        let net = self
+            .rt
+            .block_on(self.node.stats())
+            .map_err(|e| crate::protocol::ControlError::internal(e.to_string()))?;
+        let net = crate::report::NetReport::from_stats(&self.machine, &net);
+        Ok(crate::metrics::render(&report, &net))
+    }
+
+    /// Starts, moves or stops the metrics endpoint to match `addr`.
+    pub(super) async fn set_metrics(self: &Arc<Self>, addr: Option<SocketAddr>) {
+        let mut current = self.metrics.lock().await;
+        if current.as_ref().map(|(a, _)| *a) == addr {
+            return;
+        }
+        if let Some((old, stop)) = current.take() {
+            stop.cancel();
+            info!(%old, "metrics endpoint closed");
+        }
+        let Some(addr) = addr else { return };
+        match TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let stop = CancellationToken::new();
+                tokio::spawn(serve_metrics(self.clone(), listener, stop.clone()));
+                info!(%addr, "metrics endpoint listening (GET /metrics)");
+                *current = Some((addr, stop));
+            }
+            Err(e) => warn!(%addr, error = %e, "cannot serve metrics"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen() -> Seen {
+        Seen {
+            state: AdminState::Available,
+            peer: None,
+            mode: "standalone".into(),
+            fallback: false,
+            backlog_bytes: 0,
+            resync: None,
+            refused: None,
+        }
+    }
+
+    #[test]
+    fn changes_name_what_changed() {
+        let mut p = Instant::now();
+        let a = seen();
+        assert!(changes("d", &a, &a, &mut p).is_empty());
+        let mut b = a.clone();
+        b.peer = Some("beta".into());
+        b.mode = "async".into();
+        b.resync = Some(("source".into(), 10, 10));
+        let e = changes("d", &a, &b, &mut p);
+        let text: Vec<String> = e.iter().map(Event::to_text).collect();
+        assert_eq!(
+            text,
+            [
+                "change connection name:d peer:beta connected:yes mode:async",
+                "change resync name:d phase:start role:source regions_total:10 regions_left:10",
+            ]
+        );
+        let mut c = b.clone();
+        c.fallback = true;
+        c.mode = "async-hwm-fallback".into();
+        c.resync = None;
+        let text: Vec<String> = changes("d", &b, &c, &mut p)
+            .iter()
+            .map(Event::to_text)
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "change hwm name:d fallback:entered backlog_bytes:0",
+                "change resync name:d phase:end role:source regions_total:10 regions_left:0",
+            ]
+        );
+        let mut d = a.clone();
+        d.refused = Some("d: both wrote while apart (data divergence)".into());
+        let e = changes("d", &a, &d, &mut p);
+        assert_eq!(e[0].object, "divergence");
+        assert!(
+            e[0].to_text()
+                .starts_with("change divergence name:d reason:\"")
+        );
+    }
+}

@@ -1,0 +1,490 @@
+//! The figures of gmdstat and netstat in Prometheus text exposition format
+//! (version 0.0.4), named per Prometheus conventions: `gmd_` prefix, base
+//! units (bytes, seconds), `_total` on counters. docs/OPERATIONS.md lists
+//! every metric.
+
+use std::fmt::Write as _;
+
+use gmd_core::runtime::LATENCY_BUCKETS;
+
+use crate::report::{NetReport, Report};
+
+/// Writes metric families: one `# HELP` and `# TYPE` per family, then its samples.
+struct Writer {
+    out: String,
+}
+
+/// Escapes a label value.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn labels(pairs: &[(&str, &str)]) -> String {
+    if pairs.is_empty() {
+        return String::new();
+    }
+    let inner: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+impl Writer {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, pairs: &[(&str, &str)], value: f64) {
+        let _ = writeln!(self.out, "{name}{} {value}", labels(pairs));
+    }
+
+    /// A family with one sample per item.
+    fn each<T>(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        items: &[T],
+        label: impl Fn(&T) -> Vec<(&'static str, String)>,
+        value: impl Fn(&T) -> f64,
+    ) {
+        if items.is_empty() {
+            return;
+        }
+        self.family(name, kind, help);
+        for item in items {
+            let l = label(item);
+            let pairs: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            self.sample(name, &pairs, value(item));
+        }
+    }
+}
+
+fn b(x: bool) -> f64 {
+    if x { 1.0 } else { 0.0 }
+}
+
+/// Renders every figure of `report` and `net`.
+pub fn render(report: &Report, net: &NetReport) -> String {
+    let mut w = Writer { out: String::new() };
+    let d = &report.devices;
+    let dev = |x: &crate::report::DeviceReport| vec![("device", x.name.clone())];
+    w.family("gmd_up", "gauge", "Whether gmdd answers (always 1).");
+    w.sample("gmd_up", &[("machine", &report.machine)], 1.0);
+    w.family("gmd_uptime_seconds", "gauge", "Seconds since gmdd started.");
+    w.sample("gmd_uptime_seconds", &[], report.uptime_ms as f64 / 1000.0);
+    w.each(
+        "gmd_device_info",
+        "gauge",
+        "Device attributes and state (value 1).",
+        d,
+        |x| {
+            vec![
+                ("device", x.name.clone()),
+                ("state", x.state.to_string()),
+                ("mode", x.mode.to_string()),
+                ("mode_in_effect", x.mode_in_effect.clone()),
+                ("peer", x.peer.clone().unwrap_or_default()),
+            ]
+        },
+        |_| 1.0,
+    );
+    w.each(
+        "gmd_device_available",
+        "gauge",
+        "Whether the device is AVAILABLE.",
+        d,
+        dev,
+        |x| b(x.state == gmd_core::statemap::AdminState::Available),
+    );
+    w.each(
+        "gmd_device_connected",
+        "gauge",
+        "Whether the device mirrors with a peer now.",
+        d,
+        dev,
+        |x| b(x.peer.is_some()),
+    );
+    w.each(
+        "gmd_device_reads_total",
+        "counter",
+        "Local reads completed.",
+        d,
+        dev,
+        |x| x.local.reads as f64,
+    );
+    w.each(
+        "gmd_device_read_bytes_total",
+        "counter",
+        "Bytes read locally.",
+        d,
+        dev,
+        |x| x.local.read_bytes as f64,
+    );
+    w.each(
+        "gmd_device_writes_total",
+        "counter",
+        "Local writes completed.",
+        d,
+        dev,
+        |x| x.local.writes as f64,
+    );
+    w.each(
+        "gmd_device_written_bytes_total",
+        "counter",
+        "Bytes written locally.",
+        d,
+        dev,
+        |x| x.local.write_bytes as f64,
+    );
+    w.each(
+        "gmd_device_flushes_total",
+        "counter",
+        "Local flushes completed.",
+        d,
+        dev,
+        |x| x.local.flushes as f64,
+    );
+    w.each(
+        "gmd_device_errors_total",
+        "counter",
+        "Local requests that failed.",
+        d,
+        dev,
+        |x| x.local.errors as f64,
+    );
+    w.each(
+        "gmd_device_in_flight_requests",
+        "gauge",
+        "Requests in the device now.",
+        d,
+        dev,
+        |x| x.local.in_flight as f64,
+    );
+    w.each(
+        "gmd_device_remote_writes_total",
+        "counter",
+        "Writes originated by the remote peer and applied here.",
+        d,
+        dev,
+        |x| x.remote.writes as f64,
+    );
+    w.each(
+        "gmd_device_remote_written_bytes_total",
+        "counter",
+        "Bytes written here for the remote peer.",
+        d,
+        dev,
+        |x| x.remote.write_bytes as f64,
+    );
+    w.each(
+        "gmd_device_mirrored_writes_total",
+        "counter",
+        "Local writes sent to the peer.",
+        d,
+        dev,
+        |x| x.mirrored.writes as f64,
+    );
+    w.each(
+        "gmd_device_mirrored_bytes_total",
+        "counter",
+        "Bytes of local writes sent to the peer.",
+        d,
+        dev,
+        |x| x.mirrored.write_bytes as f64,
+    );
+    w.each(
+        "gmd_device_mirror_failures_total",
+        "counter",
+        "Writes or flushes the peer failed or never answered.",
+        d,
+        dev,
+        |x| x.mirrored.failures as f64,
+    );
+    w.each(
+        "gmd_device_remote_wait_seconds_total",
+        "counter",
+        "Time local writes waited for the peer after their local part.",
+        d,
+        dev,
+        |x| x.mirrored.wait_us as f64 / 1e6,
+    );
+    if !d.is_empty() {
+        let name = "gmd_device_write_latency_seconds";
+        w.family(name, "histogram", "Latency of local writes.");
+        for x in d {
+            let mut cumulative = 0;
+            for (i, count) in x.latency.buckets.iter().enumerate() {
+                cumulative += count;
+                let le = if i + 1 == LATENCY_BUCKETS {
+                    "+Inf".to_string()
+                } else {
+                    format!("{}", (1u64 << (i + 1)) as f64 / 1e6)
+                };
+                w.sample(
+                    &format!("{name}_bucket"),
+                    &[("device", &x.name), ("le", &le)],
+                    cumulative as f64,
+                );
+            }
+            w.sample(
+                &format!("{name}_sum"),
+                &[("device", &x.name)],
+                x.latency.sum_us as f64 / 1e6,
+            );
+            w.sample(
+                &format!("{name}_count"),
+                &[("device", &x.name)],
+                x.latency.writes as f64,
+            );
+        }
+    }
+    w.each(
+        "gmd_device_backlog_bytes",
+        "gauge",
+        "Async bytes completed locally, not yet acknowledged by the peer.",
+        d,
+        dev,
+        |x| x.backlog.bytes as f64,
+    );
+    w.each(
+        "gmd_device_hwm_bytes",
+        "gauge",
+        "Async high water mark (0 for sync and mwc).",
+        d,
+        dev,
+        |x| x.backlog.hwm_bytes as f64,
+    );
+    w.each(
+        "gmd_device_hwm_fallbacks_total",
+        "counter",
+        "Times async fell back to mwc at the high water mark.",
+        d,
+        dev,
+        |x| x.backlog.hwm_fallbacks as f64,
+    );
+    w.each(
+        "gmd_device_hwm_fallback_active",
+        "gauge",
+        "Whether async behaves as mwc now.",
+        d,
+        dev,
+        |x| b(x.backlog.fallback_active),
+    );
+    let mapped: Vec<_> = d.iter().filter(|x| x.map.is_some()).collect();
+    let map = |x: &&crate::report::DeviceReport| x.map.unwrap_or_default();
+    w.each(
+        "gmd_device_regions",
+        "gauge",
+        "Regions (state map cells) of the device.",
+        &mapped,
+        |x| vec![("device", x.name.clone())],
+        |x| map(x).regions as f64,
+    );
+    w.each(
+        "gmd_device_stale_regions",
+        "gauge",
+        "Regions that differ from the peer (dirty).",
+        &mapped,
+        |x| vec![("device", x.name.clone())],
+        |x| map(x).stale as f64,
+    );
+    w.each(
+        "gmd_device_inconsistent_regions",
+        "gauge",
+        "Regions with writes in flight or being resynchronised.",
+        &mapped,
+        |x| vec![("device", x.name.clone())],
+        |x| map(x).inconsistent as f64,
+    );
+    w.each(
+        "gmd_device_resync_regions_left",
+        "gauge",
+        "Regions left in the current resync (0 when none runs).",
+        d,
+        dev,
+        |x| x.resync.as_ref().map_or(0, |r| r.regions_left) as f64,
+    );
+    w.each(
+        "gmd_device_resync_bytes_per_second",
+        "gauge",
+        "Resync rate since it started (source side).",
+        d,
+        dev,
+        |x| x.resync.as_ref().map_or(0, |r| r.bytes_per_s) as f64,
+    );
+    let peer = |p: &crate::report::PeerReport| vec![("peer", p.machine.clone())];
+    let p = &report.peers;
+    w.each(
+        "gmd_peer_up",
+        "gauge",
+        "Whether GeoMessage has a session with the machine.",
+        p,
+        peer,
+        |x| b(x.up),
+    );
+    w.each(
+        "gmd_peer_messages_sent_total",
+        "counter",
+        "Messages sent to the machine (originals).",
+        p,
+        peer,
+        |x| x.messages_sent as f64,
+    );
+    w.each(
+        "gmd_peer_retries_total",
+        "counter",
+        "Datagrams to the machine re-sent after a loss.",
+        p,
+        peer,
+        |x| x.retries as f64,
+    );
+    w.each(
+        "gmd_peer_replies_total",
+        "counter",
+        "Replies received from the machine.",
+        p,
+        peer,
+        |x| x.replies as f64,
+    );
+    w.each(
+        "gmd_peer_sent_bytes_total",
+        "counter",
+        "Message bytes sent to the machine.",
+        p,
+        peer,
+        |x| x.bytes_sent as f64,
+    );
+    w.each(
+        "gmd_peer_received_bytes_total",
+        "counter",
+        "Message bytes received from the machine.",
+        p,
+        peer,
+        |x| x.bytes_received as f64,
+    );
+    w.each(
+        "gmd_peer_failures_total",
+        "counter",
+        "Requests to the machine that failed.",
+        p,
+        peer,
+        |x| x.failures as f64,
+    );
+    let n = &net.networks;
+    let netl = |x: &crate::report::NetNetwork| vec![("network", x.name.clone())];
+    w.each(
+        "gmd_network_packets_sent_total",
+        "counter",
+        "Datagrams sent (with resends, pings and acks).",
+        n,
+        netl,
+        |x| x.packets_sent as f64,
+    );
+    w.each(
+        "gmd_network_packets_received_total",
+        "counter",
+        "Datagrams received and authenticated.",
+        n,
+        netl,
+        |x| x.packets_received as f64,
+    );
+    w.each(
+        "gmd_network_sent_bytes_total",
+        "counter",
+        "Bytes of datagrams sent.",
+        n,
+        netl,
+        |x| x.bytes_sent as f64,
+    );
+    w.each(
+        "gmd_network_received_bytes_total",
+        "counter",
+        "Bytes of datagrams received.",
+        n,
+        netl,
+        |x| x.bytes_received as f64,
+    );
+    w.each(
+        "gmd_network_resends_total",
+        "counter",
+        "Datagrams whose data was re-sent.",
+        n,
+        netl,
+        |x| x.resends as f64,
+    );
+    w.each(
+        "gmd_network_timeouts_total",
+        "counter",
+        "Retransmission timeouts.",
+        n,
+        netl,
+        |x| x.timeouts as f64,
+    );
+    w.each(
+        "gmd_network_failures_total",
+        "counter",
+        "Times a path on the network was declared down.",
+        n,
+        netl,
+        |x| x.failures as f64,
+    );
+    w.each(
+        "gmd_network_duplicates_total",
+        "counter",
+        "Duplicate datagrams received.",
+        n,
+        netl,
+        |x| x.duplicates as f64,
+    );
+    let paths = &net.paths;
+    let pathl =
+        |x: &crate::report::NetPath| vec![("peer", x.peer.clone()), ("network", x.network.clone())];
+    w.each(
+        "gmd_path_up",
+        "gauge",
+        "Whether the path is up.",
+        paths,
+        pathl,
+        |x| b(x.up),
+    );
+    w.each(
+        "gmd_path_active",
+        "gauge",
+        "Whether traffic to the peer uses the path now.",
+        paths,
+        pathl,
+        |x| b(x.active),
+    );
+    let measured: Vec<_> = paths.iter().filter(|x| x.srtt_us.is_some()).collect();
+    w.each(
+        "gmd_path_srtt_seconds",
+        "gauge",
+        "Smoothed round-trip time of the path.",
+        &measured,
+        |x| vec![("peer", x.peer.clone()), ("network", x.network.clone())],
+        |x| x.srtt_us.unwrap_or(0) as f64 / 1e6,
+    );
+    w.family(
+        "gmd_rejected_datagrams_total",
+        "counter",
+        "Datagrams rejected before they had any effect.",
+    );
+    w.sample("gmd_rejected_datagrams_total", &[], net.rejected as f64);
+    w.out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(labels(&[("a", "x\"y\\z\n")]), r#"{a="x\"y\\z\n"}"#);
+        assert_eq!(labels(&[]), "");
+    }
+}
