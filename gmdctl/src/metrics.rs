@@ -260,6 +260,30 @@ pub fn render(report: &Report, net: &NetReport) -> String {
         |x| x.backlog.hwm_bytes as f64,
     );
     w.each(
+        "gmd_device_peer_stalls_total",
+        "counter",
+        "Times the peer was dropped for acknowledging nothing while writes waited.",
+        d,
+        dev,
+        |x| x.mirrored.stalls as f64,
+    );
+    w.each(
+        "gmd_device_map_commits_total",
+        "counter",
+        "State map commits (each one write and sync of the dirty pages).",
+        d,
+        dev,
+        |x| x.map_writes.commits as f64,
+    );
+    w.each(
+        "gmd_device_map_pages_written_total",
+        "counter",
+        "State map pages written.",
+        d,
+        dev,
+        |x| x.map_writes.pages_written as f64,
+    );
+    w.each(
         "gmd_device_hwm_fallbacks_total",
         "counter",
         "Times async fell back to mwc at the high water mark.",

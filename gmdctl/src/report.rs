@@ -61,6 +61,8 @@ pub struct DeviceReport {
     pub backlog: Backlog,
     /// State map cell counts, when the map is open.
     pub map: Option<MapCounts>,
+    /// State map writes since start (group commits amortise them).
+    pub map_writes: MapWrites,
     /// The current resync, if one runs.
     pub resync: Option<Resync>,
 }
@@ -107,6 +109,9 @@ pub struct MirrorCounters {
     /// Microseconds local writes waited for the peer after their local part
     /// finished (the reference's time spent satisfying KRPC requests).
     pub wait_us: u64,
+    /// Times the peer was dropped for acknowledging nothing for its stall
+    /// limit while writes waited.
+    pub stalls: u64,
 }
 
 /// Write latency histogram and percentiles.
@@ -158,6 +163,15 @@ pub struct Backlog {
     pub hwm_fallbacks: u64,
     /// Whether async behaves as mwc now.
     pub fallback_active: bool,
+}
+
+/// State map writes: commits (one sync each) and the pages they wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapWrites {
+    /// Map commits.
+    pub commits: u64,
+    /// Map pages written by them.
+    pub pages_written: u64,
 }
 
 /// State map cell counts.
@@ -253,6 +267,7 @@ impl DeviceReport {
                 flushes: m.flushes.saturating_sub(em.flushes),
                 failures: m.failures.saturating_sub(em.failures),
                 wait_us: m.wait_us.saturating_sub(em.wait_us),
+                stalls: m.stalls.saturating_sub(em.stalls),
             },
             latency: self.latency.since(&earlier.latency),
         }
@@ -869,6 +884,7 @@ mod tests {
                 hwm_fallbacks: 3,
                 fallback_active: true,
             },
+            map_writes: MapWrites::default(),
             map: Some(MapCounts {
                 regions: 8192,
                 stale: 8192,

@@ -95,6 +95,9 @@ fn a_peer_whose_disk_hangs_is_dropped_and_resynchronised_later() {
         "alpha must say why it dropped beta:\n{}",
         alpha.log_text()
     );
+    let stat = alpha.stat(&["-l", DEV, "--json"]).ok();
+    let json: serde_json::Value = serde_json::from_str(stat.stdout.trim()).expect("gmdstat json");
+    assert_eq!(json["devices"][0]["mirrored"]["stalls"], 1, "{json:#}");
     // Alpha goes on serving alone while beta is stuck.
     assert_qemu_io_clean(&qemu_io(&url, &["write -P 0x33 16M 64k"]));
 

@@ -1244,6 +1244,7 @@ impl Daemon {
                 flushes: e.remote_flushes,
                 failures: e.remote_failures,
                 wait_us: c.remote_wait_us,
+                stalls: e.peer_stalls,
             },
             latency: Latency::from_buckets(c.write_latency_buckets, c.write_latency_us),
             backlog: Backlog {
@@ -1257,6 +1258,10 @@ impl Daemon {
                 fallback_active: e.hwm_fallback_active == 1,
             },
             map,
+            map_writes: MapWrites {
+                commits: e.map_commits,
+                pages_written: e.map_pages_written,
+            },
             resync: link.filter(|l| l.resync_remaining > 0).map(|l| Resync {
                 role: l.resync_role.unwrap_or_else(|| "none".into()),
                 regions_total: l.resync_total,
