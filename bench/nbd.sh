@@ -84,5 +84,6 @@ done
 echo
 $CTL status data10gmd | sed -n '3p'
 gmdstat --socket "$W/alpha.sock" -l data10gmd --json | python3 -c '
-import json,sys; d=json.load(sys.stdin)["devices"][0]["counters"]
-print("map commits %d, map pages written %d, data writes %d" % (d["map_commits"], d["map_pages_written"], d["writes"]))'
+import json,sys; d=json.load(sys.stdin)["devices"][0]
+m=d["map_writes"]
+print("map commits %d, map pages written %d, data writes %d" % (m["commits"], m["pages_written"], d["local"]["writes"]))'
