@@ -172,6 +172,11 @@ impl Cluster {
 
     /// Starts gmdd for `machine` and waits until it answers.
     pub fn gmdd(&self, machine: &str) -> Gmdd {
+        self.gmdd_env(machine, &[])
+    }
+
+    /// Starts gmdd for `machine` with extra environment variables.
+    pub fn gmdd_env(&self, machine: &str, env: &[(&str, &str)]) -> Gmdd {
         let log = self.path(&format!("{machine}.log"));
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -187,6 +192,7 @@ impl Cluster {
             .arg("--socket")
             .arg(self.socket(machine))
             .env("GMD_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
