@@ -72,6 +72,10 @@ pub const IO_BYTES_MAX: u32 = 512 << 10;
 /// Largest discard or write-zeroes request the kernel sends (bytes).
 pub const DISCARD_BYTES_MAX: u32 = 64 << 20;
 
+/// How long `start` waits for a live device whose server died to be
+/// quiesced by the kernel.
+const LIVE_WAIT: Duration = Duration::from_secs(20);
+
 /// How long `start` waits for the kernel to bring the device up.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -283,7 +287,15 @@ impl UblkFrontend {
             return Err(Error::NotLoaded);
         }
         let id = spec.id;
-        let (recover, queues, depth) = match existing(id) {
+        // A server that just died leaves its device LIVE until the kernel
+        // notices (a few seconds) and quiesces it: wait for that.
+        let mut found = existing(id);
+        let deadline = std::time::Instant::now() + LIVE_WAIT;
+        while matches!(found, Existing::Live) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            found = existing(id);
+        }
+        let (recover, queues, depth) = match found {
             Existing::None => (false, spec.queues, spec.depth),
             Existing::Quiesced { queues, depth } => (true, queues, depth),
             Existing::Dead => {

@@ -25,7 +25,7 @@ wait_until() {
   return 1
 }
 
-# make_cluster DIR MODE MINOR SIZE
+# make_cluster DIR MODE MINOR SIZE_MIB
 make_cluster() {
   local d=$1 mode=$2 minor=$3 size=$4
   mkdir -p "$d/alpha" "$d/beta"
@@ -51,7 +51,7 @@ nbd_listen = "127.0.0.1:$((10810 + minor * 2))"
 [devices.d$minor]
 minor = $minor
 mode = "$mode"
-size = "$size"
+size = "${size}MiB"
 ublk_queues = 2
 [devices.d$minor.machines.alpha]
 data = "alpha/data.img"
@@ -63,7 +63,7 @@ state_map = "beta/data.sm"
 role = "secondary"
 TOML
   gmdctl genkey "$d/cluster.key" >/dev/null
-  truncate -s "$size" "$d/alpha/data.img" "$d/beta/data.img"
+  truncate -s $((size * 1048576)) "$d/alpha/data.img" "$d/beta/data.img"
   for m in alpha beta; do
     gmdctl --config "$d/cluster.toml" --machine $m init-state "d$minor" >/dev/null
   done
