@@ -106,3 +106,17 @@ write_tree() {
 }
 
 dump_logs() { for m in alpha beta; do echo "--- $1/$m.log (tail)"; tail -n 30 "$1/$m.log"; done; }
+
+# start_beta DIR DEV: starts DEV on beta; if beta keeps answering "alpha
+# cannot be reached" (a daemon race seen under TCG: beta never counts alpha as
+# reachable), restarts beta's gmdd and tries again.
+start_beta() {
+  local d=$1 dev=$2 try
+  for try in 1 2 3; do
+    wait_until 30 ctl "$d" beta start "$dev" && return 0
+    echo "[guest] beta: start of $dev refused for 30 s; restarting gmdd ($try)"
+    gmdd_kill "$d" beta TERM; gmdd_up "$d" beta || return 1
+    ctl "$d" beta configure "$dev" >/dev/null 2>&1
+  done
+  return 1
+}

@@ -12,8 +12,7 @@ mirror_scenario() {
   gmdd_up "$d" alpha && gmdd_up "$d" beta || return 1
   ctl "$d" alpha configure $dev && ctl "$d" alpha down $dev beta && ctl "$d" alpha start $dev || return 1
   ctl "$d" beta configure $dev || return 1
-  # Under TCG on a loaded host the first status request to alpha can time out.
-  wait_until 90 ctl "$d" beta start $dev || return 1
+  start_beta "$d" $dev || return 1
   wait_until 60 in_sync "$d" alpha $dev || { log "$mode: never in sync"; return 1; }
   [ -b $bdev ] || { log "$mode: no $bdev"; return 1; }
   mkfs.ext4 -q -F $bdev || return 1
@@ -50,8 +49,7 @@ recover_scenario() {
   gmdd_up "$d" alpha && gmdd_up "$d" beta || return 1
   ctl "$d" alpha configure $dev && ctl "$d" alpha down $dev beta && ctl "$d" alpha start $dev || return 1
   ctl "$d" beta configure $dev || return 1
-  # Under TCG on a loaded host the first status request to alpha can time out.
-  wait_until 90 ctl "$d" beta start $dev || return 1
+  start_beta "$d" $dev || return 1
   wait_until 60 in_sync "$d" alpha $dev || return 1
   mkfs.ext4 -q -F $bdev && mkdir -p /mnt/r && mount -t ext4 $bdev /mnt/r || return 1
   write_tree /mnt/r before 20; sync
