@@ -1340,8 +1340,11 @@ async fn serve_peers(daemon: Arc<Daemon>, mut rx: gmd_net::IncomingReceiver) {
 }
 
 /// Follows GeoMessage's view of the peers.
-async fn watch_peers(daemon: Arc<Daemon>, shutdown: CancellationToken) {
-    let mut events = daemon.node.events();
+async fn watch_peers(
+    daemon: Arc<Daemon>,
+    mut events: tokio::sync::broadcast::Receiver<NodeEvent>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(link::RECONNECT_INTERVAL);
     loop {
         tokio::select! {
@@ -1408,6 +1411,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         Node::start(net_config(&config, &machine, &key))
             .with_context(|| format!("cannot start GeoMessage (machines.{machine}.interfaces)"))?,
     );
+    // Follow peer events from the start: a session that comes up while the
+    // devices are being restored must still count as reachable.
+    let peer_events = node.events();
     let peer_requests = node.register_stream(StreamId::CONTROL)?;
     let control_listener = control::bind(&options.socket)?;
     info!(%machine, config = %config.path.display(), socket = %options.socket.display(), nbd = %nbd_listen, "gmdd starting");
@@ -1418,7 +1424,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         let d = daemon.clone();
         tokio::task::spawn_blocking(move || d.restore_all()).await?;
     }
-    tokio::spawn(watch_peers(daemon.clone(), shutdown.clone()));
+    tokio::spawn(watch_peers(daemon.clone(), peer_events, shutdown.clone()));
     let nbd = gmd_nbd::Server::new(
         daemon.exports.clone(),
         gmd_nbd::Limits::default(),
