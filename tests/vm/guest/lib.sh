@@ -108,8 +108,9 @@ write_tree() {
 dump_logs() { for m in alpha beta; do echo "--- $1/$m.log (tail)"; tail -n 30 "$1/$m.log"; done; }
 
 # start_beta DIR DEV: starts DEV on beta; if beta keeps answering "alpha
-# cannot be reached" (a daemon race seen under TCG: beta never counts alpha as
-# reachable), restarts beta's gmdd and tries again.
+# cannot be reached" for 30 s, restarts beta's gmdd and tries again (a safety
+# net: gmdd once missed a peer that came up while it restored its devices,
+# fixed in fcb0509).
 start_beta() {
   local d=$1 dev=$2 try
   for try in 1 2 3; do
