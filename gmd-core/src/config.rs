@@ -51,7 +51,11 @@ pub const MACHINES_MAX: usize = 8;
 pub const REMOTE_PEERS_MAX: usize = 7;
 /// Longest name of a cluster, site, machine, network or device.
 pub const NAME_LEN_MAX: usize = 63;
-/// Default high water mark of async mode, in KiB.
+/// Most ublk queues per device.
+pub const UBLK_QUEUES_MAX: i64 = 64;
+/// Deepest ublk queue.
+pub const UBLK_DEPTH_MAX: i64 = 1024;
+/// Default async high water mark, KiB.
 pub const HWM_KIB_DEFAULT: u64 = 128;
 /// Default resync concurrency, in KiB.
 pub const SYNC_RATE_KIB_DEFAULT: u64 = 32;
@@ -231,6 +235,10 @@ pub struct Device {
     pub sync_rate_kib: u64,
     /// Frontends that expose the device; empty = the default for the host.
     pub export: Vec<Frontend>,
+    /// ublk queues (one thread each); 0 = one per core.
+    pub ublk_queues: u16,
+    /// ublk requests in flight per queue; 0 = the default (128).
+    pub ublk_depth: u16,
     /// The machines that hold a copy, in file order.
     pub machines: IndexMap<String, DeviceMachine>,
 }
@@ -359,6 +367,8 @@ struct RawDevice {
     hwm_kib: Option<i64>,
     sync_rate_kib: Option<i64>,
     export: Option<Vec<String>>,
+    ublk_queues: Option<i64>,
+    ublk_depth: Option<i64>,
     #[serde(default)]
     machines: IndexMap<String, RawDeviceMachine>,
 }
@@ -823,6 +833,28 @@ fn build(c: &mut Checker, path: &Path, base: &Path, raw: RawConfig) -> ClusterCo
                 ),
             }
         }
+        let ublk_queues = match d.ublk_queues {
+            None => 0,
+            Some(v) if (1..=UBLK_QUEUES_MAX).contains(&v) => v as u16,
+            Some(v) => {
+                c.problem(
+                    format!("{field}.ublk_queues"),
+                    format!("{v} is not allowed; use 1–{UBLK_QUEUES_MAX} (default: one per core)"),
+                );
+                0
+            }
+        };
+        let ublk_depth = match d.ublk_depth {
+            None => 0,
+            Some(v) if (1..=UBLK_DEPTH_MAX).contains(&v) => v as u16,
+            Some(v) => {
+                c.problem(
+                    format!("{field}.ublk_depth"),
+                    format!("{v} is not allowed; use 1–{UBLK_DEPTH_MAX} (default 128)"),
+                );
+                0
+            }
+        };
         let default_role = match d.role.as_deref() {
             None => Role::None,
             Some(text) => Role::parse(text).unwrap_or_else(|| {
@@ -895,6 +927,8 @@ fn build(c: &mut Checker, path: &Path, base: &Path, raw: RawConfig) -> ClusterCo
                 hwm_kib,
                 sync_rate_kib,
                 export,
+                ublk_queues,
+                ublk_depth,
                 machines: dev_machines,
             },
         );

@@ -575,6 +575,9 @@ enum Phase {
     Sync,
     /// Trim fell back from punching a hole to zeroing the range.
     ZeroFallback,
+    /// Write-zeroes fell back from zeroing the range to punching a hole
+    /// (tmpfs and some other file systems lack `FALLOC_FL_ZERO_RANGE`).
+    PunchFallback,
 }
 
 struct Flush {
@@ -1021,6 +1024,12 @@ impl Worker {
                         .build()
                 }
             }
+            (OpKind::WriteZeroes, Phase::PunchFallback) => {
+                opcode::Fallocate::new(fd, request.len_bytes)
+                    .offset(request.offset_bytes)
+                    .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                    .build()
+            }
             (OpKind::WriteZeroes, _) | (OpKind::Trim, Phase::ZeroFallback) => {
                 opcode::Fallocate::new(fd, request.len_bytes)
                     .offset(request.offset_bytes)
@@ -1054,6 +1063,13 @@ impl Worker {
                 && (errno == libc::EOPNOTSUPP || errno == libc::EINVAL)
             {
                 entry.phase = Phase::ZeroFallback;
+                return self.issue_local(slot);
+            }
+            if request.kind == OpKind::WriteZeroes
+                && entry.phase == Phase::Main
+                && (errno == libc::EOPNOTSUPP || errno == libc::EINVAL)
+            {
+                entry.phase = Phase::PunchFallback;
                 return self.issue_local(slot);
             }
             if errno == libc::EINTR || errno == libc::EAGAIN {

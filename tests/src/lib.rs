@@ -172,12 +172,21 @@ impl Cluster {
 
     /// Starts gmdd for `machine` and waits until it answers.
     pub fn gmdd(&self, machine: &str) -> Gmdd {
-        self.gmdd_with_config(machine, &self.config)
+        self.spawn_gmdd(machine, &self.config, &[])
     }
 
     /// Starts gmdd for `machine` with another configuration file (e.g. one
     /// that differs from the other machines'), and waits until it answers.
     pub fn gmdd_with_config(&self, machine: &str, config: &Path) -> Gmdd {
+        self.spawn_gmdd(machine, config, &[])
+    }
+
+    /// Starts gmdd for `machine` with extra environment variables.
+    pub fn gmdd_env(&self, machine: &str, env: &[(&str, &str)]) -> Gmdd {
+        self.spawn_gmdd(machine, &self.config, env)
+    }
+
+    fn spawn_gmdd(&self, machine: &str, config: &Path, env: &[(&str, &str)]) -> Gmdd {
         let log = self.path(&format!("{machine}.log"));
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -193,6 +202,7 @@ impl Cluster {
             .arg("--socket")
             .arg(self.socket(machine))
             .env("GMD_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);

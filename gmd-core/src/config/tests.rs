@@ -259,3 +259,38 @@ fn set_rewrites_attributes_and_keeps_comments() {
     let err = set(&path, &[("colour", "blue")]).unwrap_err();
     assert!(err.to_string().contains("not an attribute"), "{err}");
 }
+
+#[test]
+fn ublk_queues_and_depth_parse_with_defaults_and_named_errors() {
+    let dev = &parse(EXAMPLE).unwrap().devices["data10gmd"];
+    assert_eq!(
+        (dev.ublk_queues, dev.ublk_depth),
+        (0, 0),
+        "0 = the defaults"
+    );
+    let text = edited(
+        "export = [\"nbd\"]",
+        "export = [\"ublk\", \"nbd\"]\nublk_queues = 4\nublk_depth = 64",
+    );
+    let dev = &parse(&text).unwrap().devices["data10gmd"];
+    assert_eq!(dev.export, vec![Frontend::Ublk, Frontend::Nbd]);
+    assert_eq!((dev.ublk_queues, dev.ublk_depth), (4, 64));
+    assert_problem(
+        &edited("export = [\"nbd\"]", "export = [\"nbd\"]\nublk_queues = 0"),
+        "devices.data10gmd.ublk_queues",
+        "use 1–64",
+    );
+    assert_problem(
+        &edited(
+            "export = [\"nbd\"]",
+            "export = [\"nbd\"]\nublk_depth = 5000",
+        ),
+        "devices.data10gmd.ublk_depth",
+        "use 1–1024",
+    );
+    assert_problem(
+        &edited("export = [\"nbd\"]", "export = [\"iscsi\"]"),
+        "devices.data10gmd.export",
+        "use \"ublk\" and/or \"nbd\"",
+    );
+}

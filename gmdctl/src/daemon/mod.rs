@@ -19,7 +19,9 @@ use anyhow::{Context, bail};
 use base64::Engine as _;
 use bytes::Bytes;
 use gmd_core::buf::BufPool;
-use gmd_core::config::{ClusterConfig, Frontend, ListenAddr, Mode, Role, set_device_attributes};
+use gmd_core::config::{
+    ClusterConfig, Device, Frontend, ListenAddr, Mode, Role, set_device_attributes,
+};
 use gmd_core::device::{DeviceError, DeviceHandle, ErrorClass, PeerView, StartOptions};
 use gmd_core::statemap::dump::{self, MapSummary};
 use gmd_core::statemap::{AdminState, StateMap};
@@ -132,6 +134,8 @@ pub struct Daemon {
     config: Mutex<Arc<ClusterConfig>>,
     devices: Mutex<IndexMap<String, DeviceHandle>>,
     exports: Arc<Exports>,
+    /// ublk devices, by device name.
+    ublk: Mutex<HashMap<String, gmd_ublk::UblkFrontend>>,
     links: HashMap<String, Arc<DeviceLink>>,
     node: Arc<Node>,
     rt: tokio::runtime::Handle,
@@ -185,6 +189,7 @@ impl Daemon {
             config: Mutex::new(Arc::new(config)),
             devices: Mutex::new(devices),
             exports: Arc::new(Exports::default()),
+            ublk: Mutex::new(HashMap::new()),
             links,
             node,
             rt: tokio::runtime::Handle::current(),
@@ -348,7 +353,9 @@ impl Daemon {
                 Ok(state) => {
                     info!(device = %name, %state, "device restored");
                     if state == AdminState::Available {
-                        self.went_available(handle);
+                        if let Err(e) = self.went_available(handle) {
+                            error!(device = %name, "{}", e.message);
+                        }
                     }
                 }
                 Err(e) => error!(device = %name, "device not restored: {e}"),
@@ -395,17 +402,68 @@ impl Daemon {
         limit.as_millis() as u64
     }
 
+    /// Which frontends `config` gets on this host: (ublk, nbd). With no
+    /// `export` list: ublk where the driver is loaded, else NBD (logged).
+    fn frontends(&self, config: &Device) -> (bool, bool) {
+        if config.export.is_empty() {
+            if gmd_ublk::available() {
+                return (true, false);
+            }
+            info!(
+                device = %config.name,
+                "exporting over NBD: no ublk on this host ({} is missing; `modprobe ublk_drv`, Linux ≥ 6.0)",
+                gmd_ublk::control_path().display()
+            );
+            return (false, true);
+        }
+        (
+            config.export.contains(&Frontend::Ublk),
+            config.export.contains(&Frontend::Nbd),
+        )
+    }
+
     /// A device just became AVAILABLE: export it, attach its link and look
     /// for its peer.
-    fn went_available(self: &Arc<Self>, handle: &DeviceHandle) {
+    ///
+    /// # Errors
+    /// The ublk device could not be created; nothing was exported then.
+    fn went_available(self: &Arc<Self>, handle: &DeviceHandle) -> Result<(), ControlError> {
         let name = handle.config().name.clone();
         let runtime = handle.runtime().expect("AVAILABLE devices run");
+        let config = handle.config();
+        let secondary = config.mode == Mode::Async && handle.local().role == Role::Secondary;
+        let (ublk, nbd) = self.frontends(config);
+        if ublk && secondary {
+            info!(device = %name, "not exported over ublk here: an async secondary is not readable");
+        } else if ublk {
+            let spec = gmd_ublk::Spec {
+                id: config.minor,
+                name: name.clone(),
+                size_bytes: config.size_bytes,
+                block_size: config.block_size,
+                queues: if config.ublk_queues == 0 {
+                    gmd_ublk::queues_default()
+                } else {
+                    config.ublk_queues
+                },
+                depth: if config.ublk_depth == 0 {
+                    gmd_ublk::DEPTH_DEFAULT
+                } else {
+                    config.ublk_depth
+                },
+            };
+            let frontend =
+                gmd_ublk::UblkFrontend::start(spec, runtime.submitter(), self.pool.clone())
+                    .map_err(|e| ControlError::refused(format!("{name}: {e}")))?;
+            self.ublk
+                .lock()
+                .expect("ublk lock")
+                .insert(name.clone(), frontend);
+        }
         if let Some(link) = self.link(&name) {
             link.attach(runtime.port());
         }
-        let config = handle.config();
-        if config.export.is_empty() || config.export.contains(&Frontend::Nbd) {
-            let secondary = config.mode == Mode::Async && handle.local().role == Role::Secondary;
+        if nbd {
             self.exports.insert(Arc::new(DeviceExport::new(
                 config,
                 secondary,
@@ -415,6 +473,39 @@ impl Daemon {
         }
         let daemon = self.clone();
         self.rt.spawn(async move { daemon.join(name).await });
+        Ok(())
+    }
+
+    /// The ublk node of `device`, if it has one.
+    fn ublk_path(&self, device: &str) -> Option<String> {
+        self.ublk
+            .lock()
+            .expect("ublk lock")
+            .get(device)
+            .map(|u| u.path().display().to_string())
+    }
+
+    /// Deletes `device`'s ublk node; refused while it is open or mounted
+    /// unless `force`.
+    fn remove_ublk(&self, device: &str, force: bool) -> Result<(), ControlError> {
+        let mut table = self.ublk.lock().expect("ublk lock");
+        let Some(frontend) = table.remove(device) else {
+            return Ok(());
+        };
+        if !force {
+            if let Some(why) = frontend.in_use() {
+                let path = frontend.path();
+                table.insert(device.to_owned(), frontend);
+                return Err(ControlError::refused(format!(
+                    "{device}: stop refused: the device is in use ({} is {why}); unmount it and close it first",
+                    path.display()
+                )));
+            }
+        }
+        drop(table);
+        frontend
+            .stop(force)
+            .map_err(|e| ControlError::refused(format!("{device}: {e}")))
     }
 
     fn nbd_url(&self, device: &str) -> String {
@@ -712,22 +803,47 @@ impl Daemon {
                             .map(|_| (vec![], vec![]));
                     }
                 }
+                {
+                    let devices = self.devices.lock().expect("devices lock");
+                    let config = devices.get(name).expect("checked").config();
+                    if config.export.contains(&Frontend::Ublk) && !gmd_ublk::available() {
+                        return Err(ControlError::refused(format!(
+                            "{name}: start refused: {}",
+                            gmd_ublk::NOT_LOADED
+                        )));
+                    }
+                }
                 self.set_starting(name, true);
                 let peers = self.remote_views(name);
                 let options = self.start_options(name);
                 let result = {
                     let mut devices = self.devices.lock().expect("devices lock");
                     let handle = devices.get_mut(name).expect("checked");
-                    let r = handle.start(&peers, &options);
-                    if r.is_ok() {
-                        self.went_available(handle);
+                    match handle.start(&peers, &options).map_err(control_error) {
+                        Ok(()) => match self.went_available(handle) {
+                            Ok(()) => Ok(handle.peers_down()),
+                            Err(e) => {
+                                // Nothing half-made: back to STOPPED.
+                                self.exports.withdraw(name);
+                                if let Some(link) = self.link(name) {
+                                    link.detach();
+                                }
+                                if let Err(stop) = handle.stop(0) {
+                                    warn!(device = %name, "{stop}");
+                                }
+                                Err(e)
+                            }
+                        },
+                        Err(e) => Err(e),
                     }
-                    r.map(|()| handle.peers_down())
                 };
                 self.set_starting(name, false);
-                let down = result.map_err(control_error)?;
+                let down = result?;
                 let mut lines = Vec::new();
                 let mut warnings = Vec::new();
+                if let Some(path) = self.ublk_path(name) {
+                    lines.push(format!("{name}: exported at {path}"));
+                }
                 if self.exports.contains(name) {
                     lines.push(format!("{name}: exported at {}", self.nbd_url(name)));
                 }
@@ -745,6 +861,10 @@ impl Daemon {
                 Ok((lines, warnings))
             }
             Step::Stop => {
+                // NBD clients refuse the stop below; only then is ublk's turn.
+                if self.exports.clients(name) == 0 {
+                    self.remove_ublk(name, false)?;
+                }
                 self.leave(name);
                 let clients = self.exports.withdraw_unless_in_use(name);
                 let result = self.with_device(name, |h| h.stop(clients));
@@ -795,6 +915,9 @@ impl Daemon {
             .contains_key(device)
         {
             return Err(self.unknown(device));
+        }
+        if let Err(e) = self.remove_ublk(device, true) {
+            warn!(%device, "{}", e.message);
         }
         if let Some(export) = self.exports.fence(device) {
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -1118,10 +1241,12 @@ impl Daemon {
                     })
                     .collect(),
                 map,
-                exports: if exported {
-                    vec![self.nbd_url(name)]
-                } else {
-                    vec![]
+                exports: {
+                    let mut e: Vec<String> = self.ublk_path(name).into_iter().collect();
+                    if exported {
+                        e.push(self.nbd_url(name));
+                    }
+                    e
                 },
                 clients: self.exports.clients(name),
                 problem: handle.problem().map(str::to_owned),
@@ -1336,6 +1461,14 @@ impl Daemon {
             .cloned()
             .collect();
         for name in names {
+            let ublk = self.ublk.lock().expect("ublk lock").remove(&name);
+            if let Some(frontend) = ublk {
+                if frontend.in_use().is_some() {
+                    frontend.detach();
+                } else if let Err(e) = frontend.stop(false) {
+                    warn!(device = %name, "{e}");
+                }
+            }
             self.exports.withdraw(&name);
             self.leave(&name);
             let mut devices = self.devices.lock().expect("devices lock");
@@ -1518,8 +1651,11 @@ impl Daemon {
 }
 
 /// Follows GeoMessage's view of the peers.
-async fn watch_peers(daemon: Arc<Daemon>, shutdown: CancellationToken) {
-    let mut events = daemon.node.events();
+async fn watch_peers(
+    daemon: Arc<Daemon>,
+    mut events: tokio::sync::broadcast::Receiver<NodeEvent>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(link::RECONNECT_INTERVAL);
     loop {
         tokio::select! {
@@ -1602,6 +1738,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         Node::start(net_config(&config, &machine, &key))
             .with_context(|| format!("cannot start GeoMessage (machines.{machine}.interfaces)"))?,
     );
+    // Follow peer events from the start: a session that comes up while the
+    // devices are being restored must still count as reachable.
+    let peer_events = node.events();
     let peer_requests = node.register_stream(StreamId::CONTROL)?;
     let control_listener = control::bind(&options.socket)?;
     info!(%machine, config = %config.path.display(), socket = %options.socket.display(), nbd = %nbd_listen, "gmdd starting");
@@ -1612,7 +1751,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         let d = daemon.clone();
         tokio::task::spawn_blocking(move || d.restore_all()).await?;
     }
-    tokio::spawn(watch_peers(daemon.clone(), shutdown.clone()));
+    tokio::spawn(watch_peers(daemon.clone(), peer_events, shutdown.clone()));
     tokio::spawn(ops::watch_devices(daemon.clone(), shutdown.clone()));
     let metrics = daemon.config().machines[&daemon.machine].metrics;
     daemon.set_metrics(metrics).await;

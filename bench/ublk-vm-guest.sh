@@ -1,0 +1,38 @@
+# /init body (after tests/vm/guest/lib.sh) for bench/ublk-vm.sh: fio on the raw
+# virtio disk, then on /dev/ublkb<minor> standalone and mirrored in each mode
+# (backing files on an ext4 on that same disk). Prints "BENCH <target> <job>
+# <MiB/s> <IOPS>" lines, then "RESULT: PASS".
+boot_guest
+FIO="fio --ioengine=io_uring --direct=1 --time_based --runtime=${BENCH_S:-10} --ramp_time=2 --group_reporting"
+# "  write: IOPS=12.3k, BW=48.1MiB/s (...)" → "MiB/s IOPS"
+parse() {
+  grep -m1 ' write: IOPS=' | sed 's/.*IOPS=\([0-9.]*[kM]*\), BW=\([0-9.]*\)\([KMG]i*B\)\/s.*/\1 \2 \3/' |
+  awk '{ i=$1; m=1; if (i ~ /k$/) m=1000; if (i ~ /M$/) m=1000000; sub(/[kM]$/, "", i)
+         b=$2; u=$3; f=1; if (u=="KiB") f=1/1024; if (u=="GiB") f=1024; if (u=="B") f=1/1048576
+         printf "%.1f %d", b*f, i*m }'
+}
+job() { # TARGET DEVICE SIZE
+  local t=$1 dev=$2 size=$3
+  echo "BENCH $t randwrite-4k-qd32 $($FIO --name=r4k --filename=$dev --size=$size --rw=randwrite --bs=4k --iodepth=32 | parse)"
+  echo "BENCH $t write-1m-qd16 $($FIO --name=s1m --filename=$dev --size=$size --rw=write --bs=1m --iodepth=16 | parse)"
+}
+job raw /dev/vda 256M
+mkfs.ext4 -q -F /dev/vda && umount /t && mount -t ext4 /dev/vda /t || { echo "RESULT: FAIL"; poweroff -f; }
+minor=0
+for mode in standalone mwc async sync; do
+  m=$mode; [ $mode = standalone ] && m=mwc
+  d=/t/$mode; make_cluster "$d" $m $minor 256
+  gmdd_up "$d" alpha
+  ctl "$d" alpha configure d$minor >/dev/null && ctl "$d" alpha down d$minor beta >/dev/null && ctl "$d" alpha start d$minor >/dev/null
+  if [ $mode != standalone ]; then
+    gmdd_up "$d" beta
+    ctl "$d" beta configure d$minor >/dev/null && ctl "$d" beta start d$minor >/dev/null
+    wait_until 120 in_sync "$d" alpha d$minor
+  fi
+  job $mode /dev/ublkb$minor 256M
+  ctl "$d" alpha stop d$minor >/dev/null; [ $mode != standalone ] && ctl "$d" beta stop d$minor >/dev/null
+  gmdd_kill "$d" alpha TERM; [ $mode != standalone ] && gmdd_kill "$d" beta TERM
+  minor=$((minor + 1))
+done
+echo "RESULT: PASS"
+sync; poweroff -f

@@ -1,0 +1,26 @@
+#!/bin/bash
+# Benchmark (not a test): inside the test VM (TCG), in one run, fio 4 KiB
+# randwrite QD32 and 1 MiB sequential write QD16 on the raw virtio disk, on
+# /dev/ublkb<minor> standalone, and mirrored in mwc, async and sync mode (two
+# gmdd on loopback, backing files on the same virtio disk). Prints each
+# figure and its ratio to the raw disk: absolute TCG figures mean nothing.
+# Env: VM_WORK (default target/vm), BENCH_S (seconds per fio job, default 10).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VM=$ROOT/tests/vm
+W=${VM_WORK:-$ROOT/target/vm}
+mkdir -p "$W"
+(cd "$ROOT" && cargo build --release -p gmdctl --bins --quiet)
+"$VM/setup-kernel.sh" "$W" >/dev/null
+{ echo '#!/bin/busybox sh'; echo "BENCH_S=${BENCH_S:-10}"; cat "$VM/guest/lib.sh" "$ROOT/bench/ublk-vm-guest.sh"; } > "$W/bench-init.sh"
+"$VM/mkinitramfs.sh" "$W" "$W/bench-init.sh" "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" "$(command -v fio)" >/dev/null
+truncate -s 2G "$W/bench-disk.img"
+DISK=$W/bench-disk.img TMO=${TMO:-1200} MEM=${MEM:-2560} "$VM/boot.sh" "$W" 'RESULT: PASS' > "$W/bench.out" 2>&1 || { tail -40 "$W/console.log"; exit 1; }
+tr -d '\r' < "$W/console.log" | awk '
+  $1 == "BENCH" { key = $3; if ($2 == "raw") raw[key] = $4; line[++n] = $0 }
+  END {
+    printf "%-11s %-18s %10s %8s %9s\n", "target", "job", "MiB/s", "IOPS", "vs raw"
+    for (i = 1; i <= n; i++) { split(line[i], f, " ")
+      r = raw[f[3]] > 0 ? sprintf("%.2f", f[4] / raw[f[3]]) : "-"
+      printf "%-11s %-18s %10s %8s %9s\n", f[2], f[3], f[4], f[5], r }
+  }'
