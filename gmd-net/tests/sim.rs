@@ -7,7 +7,9 @@
 //! `GMD_SIM_SEEDS=n` changes the number of seeds per shard (default 1000),
 //! `GMD_SIM_SEED_START=k` where each shard starts (default 0).
 
-use gmd_net::testing::sim::{Fault, Scenario, run_scenario, run_seed};
+use std::time::Duration;
+
+use gmd_net::testing::sim::{Fault, LinkParams, Scenario, Sim, run_scenario, run_seed};
 
 fn seeds_per_shard() -> u64 {
     std::env::var("GMD_SIM_SEEDS")
@@ -163,4 +165,178 @@ fn sim_long_session_gives_back_receive_slots() {
         st.delivered >= 2 * 20_000,
         "not every message of the long session arrived: {st:?}"
     );
+}
+
+/// One run of the loopback test `traffic_moves_to_the_other_path_when_one_is_cut`
+/// in the simulator: A sends 150 requests of 32 KiB on stream 1, B echoes;
+/// after 50 replies the path that carried them (net0, the first and
+/// preferred one) is cut for good. Optionally net1 gets faster at that moment
+/// (as under load), so the active path moves away from net0 while data is in
+/// flight on it. Every request must still be answered over net1 within a
+/// bounded time, and both sides must declare net0 down.
+fn path_cut_run(seed: u64, net0: LinkParams, net1: LinkParams, net1_after_cut: Option<LinkParams>) {
+    use bytes::Bytes;
+    use gmd_net::proto::{Event, IncomingKind};
+    use gmd_net::{NetworkId, PeerId, StreamId, Tuning};
+
+    const REQUESTS: usize = 150;
+    let tuning = Tuning {
+        rto_min: Duration::from_millis(10),
+        ping_interval: Duration::from_millis(100),
+        path_timeouts_max: 3,
+        ..Tuning::default()
+    };
+    let rto_max = tuning.rto_max;
+    let mut sim = Sim::new(
+        seed,
+        2,
+        2,
+        8192,
+        Duration::from_secs(30),
+        seed % 2 == 0,
+        tuning,
+    );
+    sim.set_network(0, net0);
+    sim.set_network(1, net1);
+    let start = sim.now;
+    // Warm up: let the handshake finish and both paths be measured.
+    while sim.now < start + Duration::from_millis(300) {
+        sim.step(start + Duration::from_millis(300));
+    }
+    for m in 0..2 {
+        sim.drain_events(m);
+    }
+    let mut next = 0usize;
+    let mut replies = [false; REQUESTS];
+    let mut done = 0usize;
+    let mut cut_at = None;
+    let mut path_down = [None; 2];
+    let mut last_progress = (0usize, sim.now);
+    let deadline = sim.now + Duration::from_secs(60);
+    let ctx = |sim: &Sim| {
+        format!(
+            "seed {seed}, t={:?}, a={:?}, b={:?}",
+            sim.elapsed(),
+            sim.nodes[0].endpoint.stats().paths,
+            sim.nodes[1].endpoint.stats().paths
+        )
+    };
+    while done < REQUESTS || path_down.iter().any(Option::is_none) {
+        while next < REQUESTS {
+            let mut body = vec![(next % 251) as u8; 32 << 10];
+            body[..4].copy_from_slice(&(next as u32).to_be_bytes());
+            match sim.nodes[0]
+                .endpoint
+                .request(sim.now, PeerId(1), StreamId(1), Bytes::from(body))
+            {
+                Ok(_) => next += 1,
+                Err(gmd_net::NetError::WouldBlock { .. }) => break,
+                Err(e) => panic!("request failed: {e} ({})", ctx(&sim)),
+            }
+        }
+        let now = sim.now;
+        for (m, down) in path_down.iter_mut().enumerate() {
+            for e in sim.drain_events(m) {
+                match e {
+                    Event::Message(d) => {
+                        let IncomingKind::Request(to) = d.kind else {
+                            panic!("unexpected one-way message")
+                        };
+                        sim.nodes[m].endpoint.release(d.credit);
+                        sim.nodes[m].endpoint.reply(now, to, d.body).expect("reply");
+                    }
+                    Event::Reply { body, .. } => {
+                        let i = u32::from_be_bytes(body[..4].try_into().unwrap()) as usize;
+                        assert!(!replies[i], "reply {i} twice ({})", ctx(&sim));
+                        replies[i] = true;
+                        done += 1;
+                    }
+                    Event::PathDown { network, .. } => {
+                        assert_eq!(
+                            network,
+                            NetworkId(0),
+                            "working path declared down ({})",
+                            ctx(&sim)
+                        );
+                        assert!(cut_at.is_some(), "net0 down before the cut ({})", ctx(&sim));
+                        down.get_or_insert(now);
+                    }
+                    Event::RequestFailed { error, .. } => {
+                        panic!("request failed: {error} ({})", ctx(&sim))
+                    }
+                    Event::PeerDown { .. } | Event::PeerRestarted { .. } => {
+                        panic!("session lost: {e:?} ({})", ctx(&sim))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if cut_at.is_none() && done >= 50 {
+            sim.set_network_up(0, false);
+            if let Some(l) = net1_after_cut {
+                sim.set_network(1, l);
+            }
+            cut_at = Some(sim.now);
+        }
+        if done > last_progress.0 {
+            last_progress = (done, sim.now);
+        }
+        if let Some(c) = cut_at {
+            // The cut path is declared down after path_timeouts_max
+            // backed-off timeouts, and nothing waits on it for longer.
+            let bound = rto_max * 3 + Duration::from_secs(1);
+            for (m, d) in path_down.iter().enumerate() {
+                assert!(
+                    d.is_some() || sim.now <= c + bound,
+                    "machine {m} did not declare the cut net0 down ({})",
+                    ctx(&sim)
+                );
+            }
+            assert!(
+                done == REQUESTS || sim.now <= last_progress.1 + bound,
+                "after the cut of net0, stuck at {done}/{REQUESTS} replies since {:?} ({})",
+                sim.now - last_progress.1,
+                ctx(&sim)
+            );
+        }
+        assert!(sim.now < deadline, "not finished in time ({})", ctx(&sim));
+        sim.step(deadline);
+    }
+}
+
+/// The cut path's packets vanish while the other path works; neither the
+/// pings on the cut path (every 100 ms, less than its backed-off RTO) nor a
+/// move of the active path to the other network may keep its in-flight data
+/// from being resent there, or the cut path from being declared down.
+#[test]
+fn sim_cut_path_is_declared_down_and_its_data_moves() {
+    let ms = Duration::from_millis;
+    let slow = LinkParams {
+        latency: ms(5),
+        jitter: ms(10),
+        ..LinkParams::default()
+    };
+    let fast = LinkParams {
+        latency: ms(1),
+        jitter: ms(1),
+        ..LinkParams::default()
+    };
+    for seed in 0..8 {
+        // Paths alike: whichever is active at the cut, net0's data in flight
+        // (requests from A, replies from B) must move.
+        path_cut_run(seed, slow, slow, None);
+        // net1 gets faster at the cut: the active path moves while data is in
+        // flight on net0.
+        path_cut_run(100 + seed, slow, slow, Some(fast));
+        // net1 a little slower (within the hysteresis band) before the cut.
+        path_cut_run(
+            200 + seed,
+            slow,
+            LinkParams {
+                latency: ms(6),
+                ..slow
+            },
+            Some(fast),
+        );
+    }
 }

@@ -114,8 +114,9 @@ pub(crate) struct Path {
     pub(crate) recovery_start: Option<Instant>,
     /// Earliest time-threshold loss deadline of packets on this path.
     pub(crate) loss_time: Option<Instant>,
-    /// The retransmission timer runs from here (last ack-eliciting send or
-    /// last newly acknowledged packet).
+    /// The retransmission timer runs from here: the first ack-eliciting send
+    /// while nothing was in flight, the last newly acknowledged packet, or
+    /// the last timeout. Later sends do not move it.
     pub(crate) rto_base: Option<Instant>,
     /// Largest packet number acknowledged among those sent on this path.
     pub(crate) largest_acked: Option<u64>,
@@ -203,9 +204,18 @@ impl Path {
         self.in_flight_bytes + len <= self.cwnd_bytes
     }
 
+    /// An ack-eliciting datagram of `len` bytes went out. The retransmission
+    /// timer starts only if it is not running (RFC 6298 §5.1): restarting it
+    /// on every send would let a stream of sends no faster than the RTO (the
+    /// periodic pings on an idle path, each unanswered on a dead one) keep it
+    /// from ever expiring, so the path would never be declared down and its
+    /// in-flight data never resent elsewhere.
     pub(crate) fn on_sent(&mut self, now: Instant, len: usize, ack_eliciting: bool) {
         self.last_send = Some(now);
         if ack_eliciting {
+            if self.in_flight_packets == 0 {
+                self.rto_base = Some(now);
+            }
             self.in_flight_bytes += len;
             self.in_flight_packets += 1;
         }

@@ -1571,7 +1571,6 @@ impl Peer {
             }
             if !close && tracked {
                 self.paths[pi].on_sent(now, len, true);
-                self.paths[pi].rto_base_touch(now);
                 self.arm_loss_timer(pi, &shared.tuning);
             }
             pn
@@ -1718,7 +1717,6 @@ impl Peer {
         if eliciting && track {
             let p = &mut self.paths[pi];
             p.on_sent(now, len, true);
-            p.rto_base_touch(now);
             self.arm_loss_timer(pi, t);
         } else {
             self.paths[pi].last_send = Some(now);
