@@ -6,7 +6,8 @@
 # recover a SIGKILLed gmdd, and refuse ublk on a host without it.
 # Prints the guest's "MODE <name>: PASS|FAIL" lines; exits 0 only if every
 # scenario passed (and non-zero on a FAIL, a missing line or a timeout).
-# Env: VM_WORK (scratch folder, default target/vm), TMO (seconds, default 540).
+# Env: VM_WORK (scratch folder, default target/vm), TMO (seconds, default 840:
+# the scenarios take ~8 min under TCG on a busy 2-core host, ~3–5 min on a quiet one).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 HERE=$ROOT/tests/vm
@@ -24,7 +25,7 @@ cat "$HERE/guest/test.sh" >> "$W/init.sh"
 "$HERE/mkinitramfs.sh" "$W" "$W/init.sh" "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" >/dev/null
 echo "vm: booting (TCG) after $(( $(date +%s) - t0 )) s of preparation"
 set +e
-TMO=${TMO:-540} MEM=${MEM:-2560} SMP=${SMP:-2} "$HERE/boot.sh" "$W" 'RESULT: PASS' > "$W/boot.out" 2>&1
+TMO=${TMO:-840} MEM=${MEM:-2560} SMP=${SMP:-2} "$HERE/boot.sh" "$W" 'RESULT: PASS' > "$W/boot.out" 2>&1
 set -e
 grep -E '^\[guest|^MODE |^RESULT' "$W/console.log" | tr -d '\r' || true
 status=0

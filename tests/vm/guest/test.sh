@@ -24,16 +24,19 @@ mirror_scenario() {
   log "$mode: peer back"
   gmdd_up "$d" beta || return 1
   wait_until 120 in_sync "$d" alpha $dev || { log "$mode: no resync"; return 1; }
+  log "$mode: resynchronised"
   write_tree /mnt/$mode after 10; sync
   # A stop while mounted is refused ("in use") and changes nothing.
   if ctl "$d" alpha stop $dev 2>/tmp/stop.err; then log "$mode: stop while mounted was accepted"; return 1; fi
   grep -q "in use" /tmp/stop.err || { cat /tmp/stop.err; return 1; }
   umount /mnt/$mode || return 1
   e2fsck -fn $bdev > /tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; return 1; }
+  log "$mode: e2fsck clean"
   wait_until 120 in_sync "$d" alpha $dev || return 1
   ctl "$d" alpha stop $dev || return 1
   [ ! -e $bdev ] || { log "$mode: $bdev still there after stop"; return 1; }
   ctl "$d" beta stop $dev || return 1
+  log "$mode: both stopped, comparing"
   local a b
   a=$(sha256sum < "$d/alpha/data.img"); b=$(sha256sum < "$d/beta/data.img")
   [ "$a" = "$b" ] || { log "$mode: backing files differ"; return 1; }
