@@ -3,6 +3,9 @@
 # (backing files on an ext4 on that same disk). Prints "BENCH <target> <job>
 # <MiB/s> <IOPS>" lines, then "RESULT: PASS".
 boot_guest
+# The raw virtio disk (/dev/vda): its driver is a module in Debian's kernel.
+while read -r m; do insmod "/modules/$m" 2>/dev/null; done < /modules/extra.list
+wait_until 10 test -b /dev/vda || { echo "no /dev/vda"; echo "RESULT: FAIL"; poweroff -f; }
 FIO="fio --ioengine=io_uring --direct=1 --time_based --runtime=${BENCH_S:-10} --ramp_time=2 --group_reporting"
 # "  write: IOPS=12.3k, BW=48.1MiB/s (...)" → "MiB/s IOPS"
 parse() {

@@ -13,10 +13,10 @@ mkdir -p "$W"
 (cd "$ROOT" && cargo build --release -p gmdctl --bins --quiet)
 "$VM/setup-kernel.sh" "$W" >/dev/null
 { echo '#!/bin/busybox sh'; echo "BENCH_S=${BENCH_S:-10}"; cat "$VM/guest/lib.sh" "$ROOT/bench/ublk-vm-guest.sh"; } > "$W/bench-init.sh"
-"$VM/mkinitramfs.sh" "$W" "$W/bench-init.sh" "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" "$(command -v fio)" >/dev/null
+EXTRA_MODULES=virtio_blk "$VM/mkinitramfs.sh" "$W" "$W/bench-init.sh" "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" "$(command -v fio)" >/dev/null
 truncate -s 2G "$W/bench-disk.img"
 DISK=$W/bench-disk.img TMO=${TMO:-1200} MEM=${MEM:-2560} "$VM/boot.sh" "$W" 'RESULT: PASS' > "$W/bench.out" 2>&1 || { tail -40 "$W/console.log"; exit 1; }
-tr -d '\r' < "$W/console.log" | awk '
+tr -d '\r' < "$W/console.log" | sed -n 's/.*BENCH /BENCH /p' | awk '
   $1 == "BENCH" { key = $3; if ($2 == "raw") raw[key] = $4; line[++n] = $0 }
   END {
     printf "%-11s %-18s %10s %8s %9s\n", "target", "job", "MiB/s", "IOPS", "vs raw"
