@@ -342,6 +342,9 @@ pub struct EngineStats {
     pub backlog_bytes: u64,
     /// Times async fell back to mwc at the high water mark.
     pub hwm_fallbacks: u64,
+    /// Resyncs this side took part in (as source or target), however short:
+    /// watchers that sample the state compare this to see ones they missed.
+    pub resyncs: u64,
     /// Whether async currently behaves as mwc (1) or not (0).
     pub hwm_fallback_active: u64,
     /// Regions in the current resync (source side).
@@ -640,16 +643,11 @@ impl Engine {
         self.backlog_bytes
     }
 
-    /// The non-zero cells as one bit per region (for the resync handshake).
+    /// The regions this side needs resynchronised, one bit per region (for
+    /// the resync handshake): every non-zero cell but the hot ones, which
+    /// the peer has acknowledged (see [`StateMap::resync_bits`]).
     pub fn dirty_bits(&self) -> Vec<u8> {
-        let map = &self.journal.map;
-        let mut out = vec![0u8; map.region_count().div_ceil(8) as usize];
-        for run in map.dirty_region_runs() {
-            for r in run {
-                out[(r / 8) as usize] |= 1 << (r % 8);
-            }
-        }
-        out
+        self.journal.map.resync_bits(true)
     }
 
     // ----- application requests -------------------------------------------
@@ -1240,6 +1238,9 @@ impl Engine {
             }
             set
         };
+        if role != ResyncRole::None {
+            self.stats.resyncs += 1;
+        }
         match role {
             ResyncRole::None => self.renegotiate_if_uncovered(&RegionBits::new(regions)),
             ResyncRole::Source(bits) => {

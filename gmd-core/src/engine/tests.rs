@@ -121,6 +121,10 @@ impl Model {
                     self.flushes_sent.push(seq);
                 }
                 Action::PeerStalled { waited_ms } => self.stalls.push(waited_ms),
+                Action::Reply(slot, result) => {
+                    self.log.push(format!("reply {slot} {result:?}"));
+                }
+                Action::ResyncDone => self.log.push("resync done".into()),
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -343,6 +347,40 @@ fn peer_loss_completes_waiting_writes_and_leaves_their_regions_stale() {
     assert_eq!(m.engine.map().get(0), crate::statemap::cells::CELL_STALE);
     m.settle_map();
     assert_eq!(m.durable.get(0), crate::statemap::cells::CELL_STALE);
+}
+
+#[test]
+fn a_lost_link_resends_what_the_peer_missed_but_not_the_acknowledged_hot_set() {
+    let mut m = Model::connected(Mode::Mwc);
+    // Regions 0..8: written and acknowledged (hot). Region 20: written,
+    // but the link goes before the peer answers.
+    for r in 0..8u64 {
+        let s = m.submit(write(r * REGION_SIZE_BYTES, 4096));
+        m.settle_map();
+        m.finish_local(s);
+        let (seq, _) = *m.sent.last().unwrap();
+        m.ack(seq);
+    }
+    let cut = m.submit(write(20 * REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    m.finish_local(cut);
+    m.engine.peer_lost();
+    m.pump();
+    // Region 30: written alone.
+    let alone = m.submit(write(30 * REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    m.finish_local(alone);
+    assert_eq!(m.engine.map().get(3), CELL_ACTIVE, "still hot");
+    let bits = m.engine.dirty_bits();
+    let set: Vec<u64> = (0..m.engine.map().region_count())
+        .filter(|&r| bits[(r / 8) as usize] & (1 << (r % 8)) != 0)
+        .collect();
+    assert_eq!(set, vec![20, 30]);
+    // Loaded from disk, the same cells are all suspect.
+    let reloaded = Engine::new(params(Mode::Mwc), m.engine.map().clone());
+    let bits = reloaded.dirty_bits();
+    let count: u32 = bits.iter().map(|b| b.count_ones()).sum();
+    assert_eq!(count, 10);
 }
 
 #[test]

@@ -226,6 +226,24 @@ impl StateMap {
         self.packed.iter().all(|&b| b == 0)
     }
 
+    /// One bit per region (bit `r % 8` of byte `r / 8`) that a resync must
+    /// cover: every non-zero cell, except hot cells ([`CELL_ACTIVE`]) when
+    /// `live`. A running engine's hot cell means "in the activity set, every
+    /// write acknowledged by the peer": both copies are identical, so a
+    /// link that comes back need not resend it. Cells read from disk are
+    /// never `live`: there a hot cell may hide a write cut by a crash.
+    pub fn resync_bits(&self, live: bool) -> Vec<u8> {
+        let mut out = vec![0u8; self.region_count.div_ceil(8) as usize];
+        for run in self.dirty_region_runs() {
+            for r in run {
+                if !(live && self.get(r) == CELL_ACTIVE) {
+                    out[(r / 8) as usize] |= 1 << (r % 8);
+                }
+            }
+        }
+        out
+    }
+
     /// Maximal runs of consecutive non-zero regions, in ascending order.
     pub fn dirty_region_runs(&self) -> DirtyRuns<'_> {
         DirtyRuns { map: self, next: 0 }
@@ -292,6 +310,30 @@ mod tests {
     use proptest::prelude::*;
 
     const SIZE: u64 = 64 * REGION_SIZE_BYTES + 4096;
+
+    #[test]
+    fn resync_bits_skip_hot_cells_only_when_live() {
+        let mut map = StateMap::new(SIZE);
+        map.set(1, CELL_ACTIVE);
+        map.set(2, CELL_STALE);
+        map.set(9, CELL_WRITING);
+        map.set(64, CELL_ACTIVE);
+        let on_disk = map.resync_bits(false);
+        assert_eq!(on_disk, {
+            let mut b = vec![0u8; 9];
+            b[0] = 0b110;
+            b[1] = 0b10;
+            b[8] = 1;
+            b
+        });
+        let live = map.resync_bits(true);
+        assert_eq!(live, {
+            let mut b = vec![0u8; 9];
+            b[0] = 0b100;
+            b[1] = 0b10;
+            b
+        });
+    }
 
     #[test]
     fn new_map_is_clean_and_sized() {

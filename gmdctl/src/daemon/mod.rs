@@ -40,7 +40,7 @@ use exports::{DeviceExport, Exports};
 use link::DeviceLink;
 
 pub use peers::{DeviceInfo, PeerState};
-use peers::{PeerReply, PeerRequest, bits_of, decode_bits, encode_bits, union};
+use peers::{PeerReply, PeerRequest, decode_bits, encode_bits, union};
 
 /// How long SIGTERM waits for the devices to stop before gmdd exits anyway.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(60);
@@ -262,9 +262,11 @@ impl Daemon {
         };
         let (summary, bits) = match handle.state() {
             AdminState::Defined => (None, None),
-            _ => {
+            admin => {
                 let (_, cells) = handle.map_snapshot().map_err(control_error)?;
-                let bits = with_bits.then(|| bits_of(&cells));
+                // Only a running engine's hot cells are known to be identical.
+                let live = admin == AdminState::Available;
+                let bits = with_bits.then(|| cells.resync_bits(live));
                 (Some(MapSummary::of(&cells)), bits)
             }
         };

@@ -39,6 +39,11 @@ pub(super) struct Seen {
     backlog_bytes: u64,
     /// (role, total, left) of the current resync.
     resync: Option<(String, u64, u64)>,
+    /// Resyncs started since the device started (to see short ones that
+    /// began and ended between two snapshots).
+    resyncs: u64,
+    /// (role, total) of the latest resync, running or finished.
+    last_resync: (String, u64),
     refused: Option<String>,
 }
 
@@ -89,6 +94,11 @@ impl Daemon {
                             l.resync_remaining,
                         )
                     }),
+                    resyncs: engine.resyncs,
+                    last_resync: link
+                        .as_ref()
+                        .map(|l| (l.resync_role.clone().unwrap_or_default(), l.resync_total))
+                        .unwrap_or_default(),
                     refused: link
                         .as_ref()
                         .filter(|l| !l.connected)
@@ -182,49 +192,42 @@ fn changes(name: &str, old: &Seen, new: &Seen, last_progress: &mut Instant) -> V
             ],
         ));
     }
+    let resync_event = |phase: &str, role: &str, total: u64, left: u64| {
+        Event::now(
+            "change",
+            "resync",
+            name,
+            &[
+                ("phase", phase.into()),
+                ("role", role.into()),
+                ("regions_total", total.to_string()),
+                ("regions_left", left.to_string()),
+            ],
+        )
+    };
+    // Resyncs that started since the last snapshot, the current one included.
+    let started = new.resyncs.saturating_sub(old.resyncs);
+    if let Some((role, total, _)) = &old.resync {
+        if new.resync.is_none() || started > 0 {
+            out.push(resync_event("end", role, *total, 0));
+        }
+    }
+    if started > u64::from(new.resync.is_some()) {
+        // One began and finished between two snapshots.
+        let (role, total) = &new.last_resync;
+        out.push(resync_event("start", role, *total, *total));
+        out.push(resync_event("end", role, *total, 0));
+    }
     match (&old.resync, &new.resync) {
-        (None, Some((role, total, left))) => {
+        (old_resync, Some((role, total, left))) if old_resync.is_none() || started > 0 => {
             *last_progress = Instant::now();
-            out.push(Event::now(
-                "change",
-                "resync",
-                name,
-                &[
-                    ("phase", "start".into()),
-                    ("role", role.clone()),
-                    ("regions_total", total.to_string()),
-                    ("regions_left", left.to_string()),
-                ],
-            ));
+            out.push(resync_event("start", role, *total, *left));
         }
         (Some(_), Some((role, total, left)))
             if old.resync != new.resync && last_progress.elapsed() >= PROGRESS_INTERVAL =>
         {
             *last_progress = Instant::now();
-            out.push(Event::now(
-                "change",
-                "resync",
-                name,
-                &[
-                    ("phase", "progress".into()),
-                    ("role", role.clone()),
-                    ("regions_total", total.to_string()),
-                    ("regions_left", left.to_string()),
-                ],
-            ));
-        }
-        (Some((role, total, _)), None) => {
-            out.push(Event::now(
-                "change",
-                "resync",
-                name,
-                &[
-                    ("phase", "end".into()),
-                    ("role", role.clone()),
-                    ("regions_total", total.to_string()),
-                    ("regions_left", "0".into()),
-                ],
-            ));
+            out.push(resync_event("progress", role, *total, *left));
         }
         _ => {}
     }
@@ -386,8 +389,51 @@ mod tests {
             fallback: false,
             backlog_bytes: 0,
             resync: None,
+            resyncs: 0,
+            last_resync: Default::default(),
             refused: None,
         }
+    }
+
+    #[test]
+    fn a_resync_shorter_than_the_watch_interval_still_shows() {
+        let mut p = Instant::now();
+        let a = seen();
+        // Started and finished between two snapshots.
+        let mut b = a.clone();
+        b.resyncs = 1;
+        b.last_resync = ("source".into(), 128);
+        let text: Vec<String> = changes("d", &a, &b, &mut p)
+            .iter()
+            .map(Event::to_text)
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "change resync name:d phase:start role:source regions_total:128 regions_left:128",
+                "change resync name:d phase:end role:source regions_total:128 regions_left:0",
+            ]
+        );
+        // One running is replaced by a new one (the link came back).
+        let mut c = b.clone();
+        c.resync = Some(("source".into(), 20, 15));
+        c.resyncs = 2;
+        c.last_resync = ("source".into(), 20);
+        let mut d = c.clone();
+        d.resync = Some(("target".into(), 30, 30));
+        d.resyncs = 3;
+        d.last_resync = ("target".into(), 30);
+        let text: Vec<String> = changes("d", &c, &d, &mut p)
+            .iter()
+            .map(Event::to_text)
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "change resync name:d phase:end role:source regions_total:20 regions_left:0",
+                "change resync name:d phase:start role:target regions_total:30 regions_left:30",
+            ]
+        );
     }
 
     #[test]
@@ -399,6 +445,8 @@ mod tests {
         b.peer = Some("beta".into());
         b.mode = "async".into();
         b.resync = Some(("source".into(), 10, 10));
+        b.resyncs = 1;
+        b.last_resync = ("source".into(), 10);
         let e = changes("d", &a, &b, &mut p);
         let text: Vec<String> = e.iter().map(Event::to_text).collect();
         assert_eq!(

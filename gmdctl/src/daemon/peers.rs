@@ -126,17 +126,6 @@ pub(super) fn decode_bits(text: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("bad bitmap: {e}"))
 }
 
-/// One bit per region of `map`, set where the cell is non-zero.
-pub(super) fn bits_of(map: &gmd_core::statemap::StateMap) -> Vec<u8> {
-    let mut out = vec![0u8; map.region_count().div_ceil(8) as usize];
-    for run in map.dirty_region_runs() {
-        for r in run {
-            out[(r / 8) as usize] |= 1 << (r % 8);
-        }
-    }
-    out
-}
-
 /// Bitwise OR of two bitmaps of the same device.
 pub(super) fn union(a: &[u8], b: &[u8]) -> Vec<u8> {
     let mut out = a.to_vec();
