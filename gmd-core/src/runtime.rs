@@ -52,6 +52,10 @@ const KIND_MAP_PAGE: u64 = 1;
 const KIND_MAP_SYNC: u64 = 2;
 const KIND_WAKE: u64 = 3;
 
+/// In [`Shared::read_gate`]: direct reads are not allowed now. The other
+/// bits count the direct reads in flight.
+const READ_GATE_CLOSED: u64 = 1 << 63;
+
 /// Receives the results of requests; called on the device thread, so it must
 /// not block.
 pub trait CompletionSink: Send + Sync {
@@ -125,6 +129,8 @@ pub struct RuntimeStats {
     pub reads: AtomicU64,
     /// Bytes read.
     pub read_bytes: AtomicU64,
+    /// Of the reads, those a frontend did itself ([`Submitter::direct_read`]).
+    pub direct_reads: AtomicU64,
     /// Writes (including write-zeroes and trims) completed.
     pub writes: AtomicU64,
     /// Bytes written.
@@ -180,6 +186,8 @@ pub struct StatsSnapshot {
     pub reads: u64,
     /// Bytes read.
     pub read_bytes: u64,
+    /// Of the reads, those a frontend did itself.
+    pub direct_reads: u64,
     /// Writes completed.
     pub writes: u64,
     /// Bytes written.
@@ -207,6 +215,7 @@ impl RuntimeStats {
         StatsSnapshot {
             reads: r(&self.reads),
             read_bytes: r(&self.read_bytes),
+            direct_reads: r(&self.direct_reads),
             writes: r(&self.writes),
             write_bytes: r(&self.write_bytes),
             flushes: r(&self.flushes),
@@ -239,6 +248,13 @@ struct Shared {
     wake_fd: OwnedFd,
     sleeping: AtomicBool,
     stats: RuntimeStats,
+    /// Whether frontends may read the data volume themselves
+    /// ([`READ_GATE_CLOSED`] clear) and how many such reads are in flight.
+    read_gate: AtomicU64,
+    /// The data volume (`O_DIRECT`), for direct reads.
+    read_file: File,
+    /// Device size, block size and largest read: what a direct read must fit.
+    read_limits: (u64, u64, u64),
 }
 
 impl Shared {
@@ -307,6 +323,89 @@ impl Submitter {
     /// Live counters.
     pub fn stats(&self) -> &RuntimeStats {
         &self.shared.stats
+    }
+
+    /// Permission to read `len_bytes` at `offset_bytes` straight from the
+    /// data volume on the caller's own thread (and io_uring), without the
+    /// device thread; `None` when the read must be submitted instead: the
+    /// device is a secondary, a resync target still waiting for regions, or
+    /// the request is not a plain valid read (the engine then answers with
+    /// the precise error). Hold the permit until the read finished: the
+    /// device thread waits for outstanding permits before it starts a
+    /// resync as target.
+    pub fn direct_read(&self, offset_bytes: u64, len_bytes: u64) -> Option<DirectRead<'_>> {
+        let shared = &*self.shared;
+        let (size, block, len_max) = shared.read_limits;
+        let valid = len_bytes > 0
+            && len_bytes <= len_max
+            && offset_bytes % block == 0
+            && len_bytes % block == 0
+            && offset_bytes
+                .checked_add(len_bytes)
+                .is_some_and(|end| end <= size);
+        if !valid {
+            return None;
+        }
+        if shared.read_gate.fetch_add(1, Ordering::Acquire) & READ_GATE_CLOSED != 0 {
+            shared.read_gate.fetch_sub(1, Ordering::Release);
+            return None;
+        }
+        shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(DirectRead {
+            shared,
+            len_bytes,
+            done: false,
+        })
+    }
+}
+
+/// A read a frontend carries out itself on the data volume; see
+/// [`Submitter::direct_read`]. Dropping it without [`DirectRead::finish`]
+/// counts the read as failed.
+pub struct DirectRead<'a> {
+    shared: &'a Shared,
+    len_bytes: u64,
+    done: bool,
+}
+
+impl std::fmt::Debug for DirectRead<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectRead")
+            .field("len_bytes", &self.len_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DirectRead<'_> {
+    /// The data volume, opened with `O_DIRECT`: buffers, offsets and lengths
+    /// must be aligned to the device's block size.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.shared.read_file.as_raw_fd()
+    }
+
+    /// Ends the read, counting it in the device's statistics.
+    pub fn finish(mut self, ok: bool) {
+        let stats = &self.shared.stats;
+        if ok {
+            stats.reads.fetch_add(1, Ordering::Relaxed);
+            stats.direct_reads.fetch_add(1, Ordering::Relaxed);
+            stats
+                .read_bytes
+                .fetch_add(self.len_bytes, Ordering::Relaxed);
+        } else {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.done = true;
+    }
+}
+
+impl Drop for DirectRead<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.shared.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.shared.read_gate.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -407,6 +506,7 @@ impl Runtime {
         // SAFETY: raw is a fresh descriptor we own.
         let wake_fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let params = config.params;
+        let read_file = data.try_clone()?;
         let slots = params.slots_max + params.peer_slots_max + params.resync_slots_max;
         let entries = (slots + MAP_WRITES_INFLIGHT_MAX + 2).next_power_of_two() as u32;
         let ring = IoUring::builder()
@@ -421,6 +521,13 @@ impl Runtime {
             wake_fd,
             sleeping: AtomicBool::new(false),
             stats: RuntimeStats::default(),
+            read_gate: AtomicU64::new(READ_GATE_CLOSED),
+            read_file,
+            read_limits: (
+                params.size_bytes,
+                u64::from(params.block_size),
+                params.io_len_max,
+            ),
         });
         let mut worker = Worker {
             shared: shared.clone(),
@@ -624,6 +731,7 @@ fn user_data(kind: u64, index: u64) -> u64 {
 impl Worker {
     fn run(&mut self) -> StopResult {
         self.arm_wake()?;
+        self.update_read_gate();
         let mut waiting_marks: Vec<(u64, DoneReply)> = Vec::new();
         loop {
             if self.shared.control_pending.swap(false, Ordering::SeqCst) {
@@ -676,6 +784,7 @@ impl Worker {
                 }
             }
             self.publish_engine_stats();
+            self.update_read_gate();
             if let Some(since) = self.stopping {
                 if self.engine.is_connected() && since.elapsed() >= STOP_DRAIN_TIMEOUT {
                     tracing::warn!("peer did not acknowledge in time; its backlog is marked stale");
@@ -738,6 +847,9 @@ impl Worker {
                 }
             }
             Control::Link(LinkEvent::Connected { session, role }) => {
+                // As a resync target, reads of regions not yet received
+                // must wait in the engine: no direct read may overlap that.
+                self.close_read_gate();
                 if self.engine.is_connected() {
                     self.engine.peer_lost();
                 }
@@ -751,6 +863,33 @@ impl Worker {
             Control::Stop => {
                 self.stopping.get_or_insert_with(Instant::now);
             }
+        }
+    }
+
+    /// Opens the gate for direct reads when the engine allows them; it is
+    /// closed only by [`Worker::close_read_gate`].
+    fn update_read_gate(&self) {
+        let gate = &self.shared.read_gate;
+        if self.engine.direct_reads_allowed()
+            && gate.load(Ordering::Relaxed) & READ_GATE_CLOSED != 0
+        {
+            gate.fetch_and(!READ_GATE_CLOSED, Ordering::AcqRel);
+        }
+    }
+
+    /// Stops new direct reads and waits until those in flight finished
+    /// (they are local reads, so this takes about one disk access).
+    fn close_read_gate(&self) {
+        let gate = &self.shared.read_gate;
+        gate.fetch_or(READ_GATE_CLOSED, Ordering::AcqRel);
+        let since = Instant::now();
+        let mut warned = false;
+        while gate.load(Ordering::Acquire) & !READ_GATE_CLOSED != 0 {
+            if !warned && since.elapsed() > Duration::from_secs(5) {
+                tracing::warn!("waiting for direct reads to finish before the link starts");
+                warned = true;
+            }
+            std::thread::sleep(Duration::from_micros(50));
         }
     }
 

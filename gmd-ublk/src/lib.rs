@@ -10,13 +10,21 @@
 //! One thread per ublk queue (libublk's `run_target`). Each queue thread runs
 //! a single-threaded executor with one task per tag: the task receives a
 //! request from the kernel (`FETCH`/`COMMIT_AND_FETCH` on the queue's
-//! io_uring), copies write data into a pooled buffer, hands a
-//! [`Submission`] to the device thread ([`Submitter::submit`]) and waits. The
-//! device thread completes it through the queue's [`CompletionSink`], which
-//! pushes the result into a fixed-capacity queue and writes the queue's
-//! eventfd; a read of that eventfd is always pending on the queue's io_uring,
-//! so the queue thread wakes, hands each result to its tag's task, which
-//! copies read data back and commits the result to the kernel.
+//! io_uring).
+//!
+//! A READ goes straight to the data volume when the device allows it
+//! ([`Submitter::direct_read`]: not a secondary, no resync holding reads
+//! back): the task reads into the tag's own buffer with an io_uring READ on
+//! the queue's ring and commits the result; no other thread and no copy.
+//!
+//! Everything else (writes, flushes, discards, and reads the engine must
+//! order) copies write data into a pooled buffer, hands a [`Submission`] to
+//! the device thread ([`Submitter::submit`]) and waits. The device thread
+//! completes it through the queue's [`CompletionSink`], which pushes the
+//! result into a fixed-capacity queue and writes the queue's eventfd; a read
+//! of that eventfd is always pending on the queue's io_uring, so the queue
+//! thread wakes, hands each result to its tag's task, which copies read data
+//! back and commits the result to the kernel.
 //!
 //! Nothing is allocated per request: buffers come from the device's
 //! [`BufPool`], completion queues and per-tag slots are sized when the queue
@@ -46,7 +54,7 @@ use std::time::Duration;
 use crossbeam_queue::ArrayQueue;
 use gmd_core::buf::{BufPool, IoBuf};
 use gmd_core::engine::{EngineError, OpKind, Request};
-use gmd_core::runtime::{CompletionSink, Submission, Submitter};
+use gmd_core::runtime::{CompletionSink, DirectRead, Submission, Submitter};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::{BufDesc, UblkError, UblkFlags, sys};
@@ -675,6 +683,38 @@ async fn tag_task(
     }
 }
 
+/// Reads straight from the data volume into the tag's buffer on this queue's
+/// io_uring (no thread hop, no copy); returns the ublk result.
+async fn read_direct(q: &UblkQueue<'_>, read: DirectRead<'_>, offset: u64, data: &mut [u8]) -> i32 {
+    let mut done = 0usize;
+    while done < data.len() {
+        let rest = &mut data[done..];
+        let sqe = io_uring::opcode::Read::new(
+            io_uring::types::Fd(read.fd()),
+            rest.as_mut_ptr(),
+            rest.len() as u32,
+        )
+        .offset(offset + done as u64)
+        .build();
+        let res = q.ublk_submit_sqe(sqe).await;
+        match res {
+            n if n > 0 => done += n as usize,
+            0 => {
+                warn!(offset, "direct read hit the end of the data volume");
+                read.finish(false);
+                return -libc::EIO;
+            }
+            e if e == -libc::EINTR || e == -libc::EAGAIN => {}
+            e => {
+                read.finish(false);
+                return e;
+            }
+        }
+    }
+    read.finish(true);
+    data.len() as i32
+}
+
 /// Decodes one ublk request, runs it through the device, returns the ublk
 /// result (bytes, 0 or -errno).
 async fn handle(
@@ -713,6 +753,14 @@ async fn handle(
         }
     };
     let len = request.len_bytes as usize;
+    if kind == OpKind::Read && len <= data.len() {
+        if let Some(read) = shared
+            .submitter
+            .direct_read(request.offset_bytes, request.len_bytes)
+        {
+            return read_direct(q, read, request.offset_bytes, &mut data[..len]).await;
+        }
+    }
     let io_buf = match kind {
         OpKind::Read | OpKind::Write => {
             if len > data.len() {

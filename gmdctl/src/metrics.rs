@@ -126,6 +126,14 @@ pub fn render(report: &Report, net: &NetReport) -> String {
         |x| x.local.read_bytes as f64,
     );
     w.each(
+        "gmd_device_direct_reads_total",
+        "counter",
+        "Reads the frontend served itself, without the device thread.",
+        d,
+        dev,
+        |x| x.local.direct_reads as f64,
+    );
+    w.each(
         "gmd_device_writes_total",
         "counter",
         "Local writes completed.",

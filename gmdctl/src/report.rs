@@ -74,6 +74,10 @@ pub struct LocalCounters {
     pub reads: u64,
     /// Bytes read.
     pub read_bytes: u64,
+    /// Of the reads, those the frontend served itself, without the device
+    /// thread (ublk queue threads, when no resync holds reads back).
+    #[serde(default)]
+    pub direct_reads: u64,
     /// Writes (including write-zeroes and trims) completed.
     pub writes: u64,
     /// Bytes written.
@@ -251,6 +255,7 @@ impl DeviceReport {
             local: LocalCounters {
                 reads: l.reads.saturating_sub(e.reads),
                 read_bytes: l.read_bytes.saturating_sub(e.read_bytes),
+                direct_reads: l.direct_reads.saturating_sub(e.direct_reads),
                 writes: l.writes.saturating_sub(e.writes),
                 write_bytes: l.write_bytes.saturating_sub(e.write_bytes),
                 flushes: l.flushes.saturating_sub(e.flushes),

@@ -608,6 +608,15 @@ impl Engine {
             && self.remote.is_empty()
     }
 
+    /// Whether an application read could skip the engine and go straight
+    /// to the data volume now: the device is readable and no region is
+    /// waiting for resync data (reads are never ordered against writes, so
+    /// nothing else about a read depends on the engine's state). Becomes
+    /// false only in [`Engine::connect`] (as a resync target).
+    pub fn direct_reads_allowed(&self) -> bool {
+        self.params.readable && self.target_resync_left == 0
+    }
+
     /// Whether an application request can be submitted now.
     pub fn app_slot_available(&self) -> bool {
         !self.free_app.is_empty()

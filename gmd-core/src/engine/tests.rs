@@ -474,6 +474,45 @@ fn the_async_secondary_refuses_reads_and_writes() {
 }
 
 #[test]
+fn direct_reads_are_allowed_only_when_readable_and_nothing_awaits_resync() {
+    let secondary = Model::with(EngineParams {
+        readable: false,
+        ..params(Mode::Mwc)
+    });
+    assert!(!secondary.engine.direct_reads_allowed());
+
+    let mut m = Model::new(Mode::Mwc);
+    assert!(m.engine.direct_reads_allowed());
+    let regions = [0u64, 5];
+    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
+    for r in regions {
+        bits[0] |= 1 << r;
+    }
+    m.engine.connect(ResyncRole::Target(bits));
+    m.pump();
+    m.settle_map();
+    for (i, &region) in regions.iter().enumerate() {
+        assert!(
+            !m.engine.direct_reads_allowed(),
+            "region {region} has not arrived yet"
+        );
+        let bytes = region_bytes(region, SIZE);
+        let slot = m.engine.peer_op(PeerOp {
+            seq: i as Seq + 1,
+            after: 0,
+            request: write(bytes.start, bytes.end - bytes.start),
+            resync_region: Some(region),
+        });
+        m.pump();
+        m.settle_map();
+        m.finish_local(slot);
+        m.settle_map();
+    }
+    assert!(m.log.iter().any(|l| l == "resync done"), "{:?}", m.log);
+    assert!(m.engine.direct_reads_allowed());
+}
+
+#[test]
 fn a_failed_map_write_fails_waiting_writes_and_later_ones() {
     let mut m = Model::new(Mode::Mwc);
     let s = m.submit(write(0, 4096));

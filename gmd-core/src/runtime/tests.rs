@@ -201,6 +201,95 @@ fn bad_requests_fail_without_touching_the_device() {
     assert_eq!(rt.stats().snapshot().errors, 2);
 }
 
+/// Reads `len` bytes at `offset` with `pread` under `permit`.
+fn pread_direct(permit: &DirectRead<'_>, offset: u64, len: u64) -> Vec<u8> {
+    let mut buf = IoBuf::new(len as usize);
+    // SAFETY: the buffer is valid for `len` bytes and 4 KiB aligned.
+    let n = unsafe {
+        libc::pread(
+            permit.fd(),
+            buf.as_mut_ptr().cast(),
+            len as usize,
+            offset as libc::off_t,
+        )
+    };
+    assert_eq!(n, len as isize, "{}", io::Error::last_os_error());
+    buf.to_vec()
+}
+
+/// Waits until the device thread opened the gate for direct reads.
+fn direct_read_permit(submitter: &Submitter, offset: u64, len: u64) -> DirectRead<'_> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(permit) = submitter.direct_read(offset, len) {
+            return permit;
+        }
+        assert!(Instant::now() < deadline, "direct reads never allowed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn direct_reads_see_completed_writes_and_are_counted() {
+    let mut dev = device();
+    dev.submit(1, OpKind::Write, 3 * 4096, 8192, Some(0x5a));
+    dev.sink.wait(1)[0].1.unwrap();
+    let submitter = dev.runtime.as_ref().unwrap().submitter();
+    let before = submitter.stats().snapshot();
+    let permit = direct_read_permit(&submitter, 2 * 4096, 4 * 4096);
+    let data = pread_direct(&permit, 2 * 4096, 4 * 4096);
+    permit.finish(true);
+    assert!(data[..4096].iter().all(|&b| b == 0));
+    assert!(data[4096..3 * 4096].iter().all(|&b| b == 0x5a));
+    assert!(data[3 * 4096..].iter().all(|&b| b == 0));
+    let after = submitter.stats().snapshot();
+    assert_eq!(after.reads, before.reads + 1);
+    assert_eq!(after.direct_reads, before.direct_reads + 1);
+    assert_eq!(after.read_bytes, before.read_bytes + 4 * 4096);
+    assert_eq!(after.in_flight, 0);
+    // Not a plain valid read: left to the engine, which names the error.
+    assert!(submitter.direct_read(512, 4096).is_none(), "misaligned");
+    assert!(
+        submitter.direct_read(SIZE - 4096, 8192).is_none(),
+        "past the end"
+    );
+    assert!(submitter.direct_read(0, 0).is_none(), "empty");
+    drop(submitter);
+    dev.runtime.take().unwrap().stop().unwrap();
+}
+
+#[test]
+fn a_secondary_never_allows_direct_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_path = dir.path().join("data.img");
+    let map_path = dir.path().join("data.sm");
+    File::create(&data_path).unwrap().set_len(SIZE).unwrap();
+    let map = MapFile::create(&map_path, Uuid::from_u128(3), SIZE, false).unwrap();
+    let runtime = Runtime::start(RuntimeConfig {
+        name: "secondary".into(),
+        data_path,
+        map_path,
+        uuid: Uuid::from_u128(3),
+        map: StateMap::new(SIZE),
+        page_slots: map.page_slots().clone(),
+        params: EngineParams {
+            block_size: 4096,
+            readable: false,
+            writable: false,
+            ..EngineParams::new(SIZE, crate::config::Mode::Async)
+        },
+        pool: BufPool::new(),
+        link: None,
+    })
+    .unwrap();
+    // Let the device thread run its loop a few times.
+    let (tx, rx) = mpsc::channel();
+    runtime.snapshot(move |m| tx.send(m).unwrap());
+    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(runtime.submitter().direct_read(0, 4096).is_none());
+    runtime.stop().unwrap();
+}
+
 #[test]
 fn mark_all_is_durable_when_acknowledged() {
     let mut dev = device();
@@ -303,6 +392,73 @@ mod mirroring {
         let (tx, rx) = mpsc::channel();
         rt.snapshot(move |m| tx.send(m).unwrap());
         rx.recv_timeout(Duration::from_secs(10)).unwrap()
+    }
+
+    /// A resync target waits for direct reads in flight before it takes
+    /// the link, then refuses them until every region arrived; afterwards
+    /// they see the source's data.
+    #[test]
+    fn a_resync_target_drains_direct_reads_and_refuses_them_until_resynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let wire = |session| {
+            Arc::new(Wire {
+                other: OnceLock::new(),
+                session,
+                resyncs_done: AtomicU64::new(0),
+            })
+        };
+        let (wire_a, wire_b) = (wire(9), wire(9));
+        let (a, _, _) = side(dir.path(), "a", wire_a.clone());
+        let (b, _, _) = side(dir.path(), "b", wire_b.clone());
+        let (a, b) = (Arc::new(a), Arc::new(b));
+        wire_a.other.set(b.clone()).ok().unwrap();
+        wire_b.other.set(a.clone()).ok().unwrap();
+        let pool = BufPool::new();
+        let sink = Arc::new(Collect::default());
+        let region = 12u64;
+        let offset = region * REGION_SIZE_BYTES;
+        write_all(&a, &sink, &pool, &[(offset, REGION_SIZE_BYTES, 0x3c)]);
+        let mut bits = vec![0u8; (SIZE / REGION_SIZE_BYTES).div_ceil(8) as usize];
+        bits[(region / 8) as usize] |= 1 << (region % 8);
+
+        let reader = b.submitter();
+        let permit = direct_read_permit(&reader, offset, 4096);
+        b.link_event(LinkEvent::Connected {
+            session: 9,
+            role: ResyncRole::Target(bits.clone()),
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            b.stats().snapshot().engine.connected,
+            0,
+            "the target took the link while a direct read was in flight"
+        );
+        let old = pread_direct(&permit, offset, 4096);
+        assert!(old.iter().all(|&x| x == 0));
+        permit.finish(true);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while b.stats().snapshot().engine.connected == 0 {
+            assert!(Instant::now() < deadline, "no link after the read ended");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            reader.direct_read(offset, 4096).is_none(),
+            "a direct read of a region not yet received"
+        );
+        a.link_event(LinkEvent::Connected {
+            session: 9,
+            role: ResyncRole::Source(bits),
+        });
+        let permit = direct_read_permit(&reader, offset, 4096);
+        assert_eq!(wire_b.resyncs_done.load(Ordering::SeqCst), 1);
+        let new = pread_direct(&permit, offset, 4096);
+        permit.finish(true);
+        assert!(new.iter().all(|&x| x == 0x3c), "resynchronised data");
+        drop((reader, wire_a, wire_b));
+        if let (Some(a), Some(b)) = (Arc::try_unwrap(a).ok(), Arc::try_unwrap(b).ok()) {
+            a.stop().unwrap();
+            b.stop().unwrap();
+        }
     }
 
     #[test]

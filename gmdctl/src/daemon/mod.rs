@@ -1355,6 +1355,7 @@ impl Daemon {
             local: LocalCounters {
                 reads: c.reads,
                 read_bytes: c.read_bytes,
+                direct_reads: c.direct_reads,
                 writes: c.writes,
                 write_bytes: c.write_bytes,
                 flushes: c.flushes,
