@@ -7,17 +7,18 @@ boot_guest
 while read -r m; do insmod "/modules/$m" 2>/dev/null; done < /modules/extra.list
 wait_until 10 test -b /dev/vda || { echo "no /dev/vda"; echo "RESULT: FAIL"; poweroff -f; }
 FIO="fio --ioengine=io_uring --direct=1 --time_based --runtime=${BENCH_S:-10} --ramp_time=2 --group_reporting"
-# "  write: IOPS=12.3k, BW=48.1MiB/s (...)" → "MiB/s IOPS"
+# parse OP: "  write: IOPS=12.3k, BW=48.1MiB/s (...)" → "MiB/s IOPS"
 parse() {
-  grep -m1 ' write: IOPS=' | sed 's/.*IOPS=\([0-9.]*[kM]*\), BW=\([0-9.]*\)\([KMG]i*B\)\/s.*/\1 \2 \3/' |
+  grep -m1 " $1: IOPS=" | sed 's/.*IOPS=\([0-9.]*[kM]*\), BW=\([0-9.]*\)\([KMG]i*B\)\/s.*/\1 \2 \3/' |
   awk '{ i=$1; m=1; if (i ~ /k$/) m=1000; if (i ~ /M$/) m=1000000; sub(/[kM]$/, "", i)
          b=$2; u=$3; f=1; if (u=="KiB") f=1/1024; if (u=="GiB") f=1024; if (u=="B") f=1/1048576
          printf "%.1f %d", b*f, i*m }'
 }
 job() { # TARGET DEVICE SIZE
   local t=$1 dev=$2 size=$3
-  echo "BENCH $t randwrite-4k-qd32 $($FIO --name=r4k --filename=$dev --size=$size --rw=randwrite --bs=4k --iodepth=32 | parse)"
-  echo "BENCH $t write-1m-qd16 $($FIO --name=s1m --filename=$dev --size=$size --rw=write --bs=1m --iodepth=16 | parse)"
+  echo "BENCH $t randwrite-4k-qd32 $($FIO --name=r4k --filename=$dev --size=$size --rw=randwrite --bs=4k --iodepth=32 | parse write)"
+  echo "BENCH $t write-1m-qd16 $($FIO --name=s1m --filename=$dev --size=$size --rw=write --bs=1m --iodepth=16 | parse write)"
+  echo "BENCH $t randread-4k-qd32 $($FIO --name=rr4k --filename=$dev --size=$size --rw=randread --bs=4k --iodepth=32 | parse read)"
 }
 job raw /dev/vda 256M
 mkfs.ext4 -q -F /dev/vda && umount /t && mount -t ext4 /dev/vda /t || { echo "RESULT: FAIL"; poweroff -f; }

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Benchmark (not a test): inside the test VM (TCG), in one run, fio 4 KiB
-# randwrite QD32 and 1 MiB sequential write QD16 on the raw virtio disk, on
+# randwrite QD32, 1 MiB sequential write QD16 and 4 KiB randread QD32 (the
+# direct read path of the ublk queue threads) on the raw virtio disk, on
 # /dev/ublkb<minor> standalone, and mirrored in mwc, async and sync mode (two
 # gmdd on loopback, backing files on the same virtio disk). Prints each
 # figure and its ratio to the raw disk: absolute TCG figures mean nothing.

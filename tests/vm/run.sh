@@ -22,7 +22,7 @@ fi
 cat "$HERE/guest/lib.sh" > "$W/init.sh"
 sed -i '1i #!/bin/busybox sh' "$W/init.sh"
 cat "$HERE/guest/test.sh" >> "$W/init.sh"
-"$HERE/mkinitramfs.sh" "$W" "$W/init.sh" "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" >/dev/null
+"$HERE/mkinitramfs.sh" "$W" "$W/init.sh" "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" "$ROOT/target/release/gmdstat" >/dev/null
 echo "vm: booting (TCG) after $(( $(date +%s) - t0 )) s of preparation"
 set +e
 TMO=${TMO:-840} MEM=${MEM:-2560} SMP=${SMP:-2} "$HERE/boot.sh" "$W" 'RESULT: PASS' > "$W/boot.out" 2>&1

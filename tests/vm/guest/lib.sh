@@ -95,6 +95,15 @@ in_sync() {
   case $s in *'"inconsistent":0'*) ;; *) return 1;; esac
 }
 
+# direct_reads DIR MACHINE DEVICE: the device counted reads that its ublk
+# queue threads served themselves (prints the count).
+direct_reads() {
+  local n
+  n=$(gmdstat --socket "$1/$2.sock" -l "$3" --json | tr -d ' \n' | sed -n 's/.*"direct_reads":\([0-9]*\).*/\1/p')
+  log "$3: $n direct reads"
+  [ "${n:-0}" -gt 0 ]
+}
+
 # write_tree DIR TAG COUNT: files of various sizes in nested directories.
 write_tree() {
   local i
@@ -102,6 +111,14 @@ write_tree() {
   for i in $(seq 1 "$3"); do
     mkdir -p "$1/$2/d$((i % 4))"
     dd if=/dev/urandom of="$1/$2/d$((i % 4))/f$i" bs=4k count=$(( (i * 37) % 200 + 1 )) 2>/dev/null
+  done
+}
+
+# link_log DIR: the link's story (connects, refusals, peer loss) on both sides.
+link_log() {
+  for m in alpha beta; do
+    grep -E 'mirroring|refused|not mirroring|goes on alone|restarted|unreachable|resync' "$1/$m.log" |
+      sed -e 's/\x1b\[[0-9;]*m//g' -e "s/^/[$m] /" | tail -n 12
   done
 }
 

@@ -25,6 +25,14 @@ mirror_scenario() {
   gmdd_up "$d" beta || return 1
   wait_until 120 in_sync "$d" alpha $dev || { log "$mode: no resync"; return 1; }
   log "$mode: resynchronised"
+  link_log "$d"
+  # Read the files back from the device with a cold page cache: ublk queue
+  # threads serve these reads themselves (direct reads), and must return
+  # exactly what was written.
+  (cd /mnt/$mode && find before during -type f | sort | xargs sha256sum) > /tmp/sums.$mode
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  (cd /mnt/$mode && sha256sum -c -s /tmp/sums.$mode) || { log "$mode: files read back differ"; return 1; }
+  direct_reads "$d" alpha $dev || { log "$mode: no direct reads counted"; return 1; }
   write_tree /mnt/$mode after 10; sync
   # A stop while mounted is refused ("in use") and changes nothing.
   if ctl "$d" alpha stop $dev 2>/tmp/stop.err; then log "$mode: stop while mounted was accepted"; return 1; fi
