@@ -74,6 +74,39 @@ pub(super) struct LinkInner {
     pub(super) resync_done: bool,
     /// This side's part in the current session's resync.
     pub(super) resync_role: Option<WireRole>,
+    /// Which peer acknowledged the writes behind the running engine's hot
+    /// cells (reset when the device starts).
+    pub(super) hot_acked_by: HotPeer,
+}
+
+/// The peers a running device mirrored with since it started: its hot cells
+/// (0x5) are known to be identical only on such a peer, and only if there
+/// was one. A peer that takes over from another must get them resent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) enum HotPeer {
+    /// No session yet.
+    #[default]
+    Nobody,
+    /// Every session was with this peer.
+    Only(String),
+    /// Sessions with more than one peer.
+    Several,
+}
+
+impl HotPeer {
+    /// Records a session with `peer`.
+    fn session_with(&mut self, peer: &str) {
+        *self = match std::mem::take(self) {
+            HotPeer::Nobody => HotPeer::Only(peer.to_owned()),
+            HotPeer::Only(p) if p == peer => HotPeer::Only(p),
+            _ => HotPeer::Several,
+        };
+    }
+
+    /// Whether every session was with `peer`.
+    pub(super) fn is_only(&self, peer: &str) -> bool {
+        matches!(self, HotPeer::Only(p) if p == peer)
+    }
 }
 
 /// Joins one device to GeoMessage; the device thread's [`PeerLink`].
@@ -203,6 +236,7 @@ impl DeviceLink {
         let mut inner = self.inner.lock().expect("link lock");
         inner.port = Some(port);
         inner.starting = false;
+        inner.hot_acked_by = HotPeer::Nobody;
     }
 
     /// Ends the session, if any; returns the peer and session it had.
@@ -475,10 +509,12 @@ impl Daemon {
     ) -> Result<(), String> {
         let d = self.clone();
         let name = device.to_owned();
-        let (info, bits) = tokio::task::spawn_blocking(move || d.local_info(&name, true))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.message)?;
+        let who = peer.to_owned();
+        let (info, bits) =
+            tokio::task::spawn_blocking(move || d.local_info(&name, true, Some(&who)))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.message)?;
         let request = PeerRequest::Connect {
             device: device.into(),
             from: self.machine.clone(),
@@ -509,6 +545,7 @@ impl Daemon {
             inner.peer_id = peer_id;
             inner.resync_done = false;
             inner.resync_role = Some(role);
+            inner.hot_acked_by.session_with(peer);
             port.link_event(LinkEvent::Connected {
                 session,
                 role: resync_role(role, bits),
@@ -582,7 +619,8 @@ impl Daemon {
             }
             PeerRequest::Status { device } => {
                 let d = self.clone();
-                match tokio::task::spawn_blocking(move || d.local_info(&device, false)).await {
+                match tokio::task::spawn_blocking(move || d.local_info(&device, false, None)).await
+                {
                     Ok(Ok((info, _))) => PeerReply::Status { info },
                     Ok(Err(e)) => PeerReply::Refused { reason: e.message },
                     Err(e) => PeerReply::Refused {
@@ -637,7 +675,7 @@ impl Daemon {
             }
             PeerRequest::GetMap { device } => {
                 let d = self.clone();
-                match tokio::task::spawn_blocking(move || d.local_info(&device, true)).await {
+                match tokio::task::spawn_blocking(move || d.local_info(&device, true, None)).await {
                     Ok(Ok((info, bits))) => PeerReply::Map {
                         info,
                         bits: encode_bits(&bits.unwrap_or_default()),
@@ -688,12 +726,16 @@ impl Daemon {
         };
         let d = self.clone();
         let name = device.clone();
-        let (local, local_bits) =
-            match tokio::task::spawn_blocking(move || d.local_info(&name, true)).await {
-                Ok(Ok(x)) => x,
-                Ok(Err(e)) => return refuse(e.message),
-                Err(e) => return refuse(e.to_string()),
-            };
+        let who = from.clone();
+        let (local, local_bits) = match tokio::task::spawn_blocking(move || {
+            d.local_info(&name, true, Some(&who))
+        })
+        .await
+        {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => return refuse(e.message),
+            Err(e) => return refuse(e.to_string()),
+        };
         if local.state != PeerState::Available {
             return refuse(format!(
                 "{device} is {:?} on {}, not AVAILABLE",
@@ -785,6 +827,7 @@ impl Daemon {
                 };
             };
             port.link_event(LinkEvent::Connected { session, role });
+            inner.hot_acked_by.session_with(from);
             inner.connected = true;
             inner.refused = None;
         }
@@ -855,5 +898,23 @@ impl Daemon {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HotPeer;
+
+    #[test]
+    fn hot_cells_count_as_acknowledged_only_by_the_single_peer_since_start() {
+        let mut hot = HotPeer::default();
+        assert!(!hot.is_only("beta"), "no session yet");
+        hot.session_with("beta");
+        hot.session_with("beta");
+        assert!(hot.is_only("beta"));
+        assert!(!hot.is_only("gamma"));
+        hot.session_with("gamma");
+        assert_eq!(hot, HotPeer::Several);
+        assert!(!hot.is_only("gamma") && !hot.is_only("beta"));
     }
 }

@@ -241,19 +241,21 @@ impl Daemon {
         &self,
         device: &str,
         with_bits: bool,
+        peer: Option<&str>,
     ) -> Result<(DeviceInfo, Option<Vec<u8>>), ControlError> {
         let devices = self.devices.lock().expect("devices lock");
         let handle = devices.get(device).ok_or_else(|| self.unknown(device))?;
-        let (connected_to, starting) = self
+        let (connected_to, starting, hot_acked) = self
             .link(device)
             .map(|l| {
                 let inner = l.inner.lock().expect("link lock");
                 (
                     inner.peer.clone().filter(|_| inner.connected),
                     inner.starting,
+                    peer.is_some_and(|p| inner.hot_acked_by.is_only(p)),
                 )
             })
-            .unwrap_or((None, false));
+            .unwrap_or((None, false, false));
         let state = match handle.state() {
             _ if starting => PeerState::Starting,
             AdminState::Defined => PeerState::Defined,
@@ -264,8 +266,9 @@ impl Daemon {
             AdminState::Defined => (None, None),
             admin => {
                 let (_, cells) = handle.map_snapshot().map_err(control_error)?;
-                // Only a running engine's hot cells are known to be identical.
-                let live = admin == AdminState::Available;
+                // A running engine's hot cells are identical on the peer
+                // that acknowledged them, if it is the one asking.
+                let live = admin == AdminState::Available && hot_acked;
                 let bits = with_bits.then(|| cells.resync_bits(live));
                 (Some(MapSummary::of(&cells)), bits)
             }
@@ -779,7 +782,7 @@ impl Daemon {
             Step::Configure => {
                 self.with_device(name, |h| h.configure())?;
                 // The peer must hold the same device.
-                let (local, _) = self.local_info(name, false)?;
+                let (local, _) = self.local_info(name, false, None)?;
                 for peer in self.remote_peers(name) {
                     if let Some(remote) = self.rt.block_on(self.peer_status(name, &peer)) {
                         if let Err(reason) =
@@ -1054,7 +1057,7 @@ impl Daemon {
             )));
         }
         .ok_or_else(|| ControlError::invalid(format!("{device} has no remote peer")))?;
-        let (local, local_bits) = self.local_info(device, true)?;
+        let (local, local_bits) = self.local_info(device, true, None)?;
         let remote = match self.rt.block_on(self.ask(
             &other,
             &PeerRequest::GetMap {
