@@ -5,6 +5,7 @@
 //! identical. Then divergence and unify, the async prefix property, and
 //! the identity and peer rules.
 
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -25,6 +26,9 @@ fn fio_args(url: &str, offset: &str, size: &str) -> Vec<String> {
         "--verify_fatal=1",
         "--verify_state_save=0",
         "--rate_iops=2500",
+        // One process: killing it ends every job (forked job processes
+        // outlive a killed parent and write errors to their log forever).
+        "--thread",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -36,35 +40,66 @@ fn fio_args(url: &str, offset: &str, size: &str) -> Vec<String> {
     .collect()
 }
 
-fn spawn_fio(args: &[String], log: &std::path::Path) -> Child {
-    Command::new("fio")
-        .args(args)
-        .arg(format!("--output={}", log.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("fio")
+/// A running fio, killed when dropped (also when a test fails half-way).
+struct Fio {
+    child: Child,
+    log: PathBuf,
 }
 
-#[track_caller]
-fn assert_fio_clean(child: &mut Child, log: &std::path::Path) {
-    let status = wait_child(child, Duration::from_secs(240));
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    assert!(status, "fio failed:\n{text}");
-    assert!(text.contains("err= 0"), "fio reported errors:\n{text}");
-    assert!(!text.contains("verify:"), "fio found bad data:\n{text}");
+impl Fio {
+    fn spawn(args: &[String], log: &Path) -> Fio {
+        let child = Command::new("fio")
+            .args(args)
+            .arg(format!("--output={}", log.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("fio");
+        Fio {
+            child,
+            log: log.to_owned(),
+        }
+    }
+
+    /// Waits until fio ends, at most `timeout` (then kills it); whether it
+    /// ended by itself and succeeded.
+    fn finish_within(&mut self, timeout: Duration) -> bool {
+        wait_child(&mut self.child, timeout).unwrap_or(false)
+    }
+
+    /// Waits for fio (4 min at most) and checks it wrote and verified
+    /// everything without error.
+    #[track_caller]
+    fn assert_clean(mut self) {
+        let finished = wait_child(&mut self.child, Duration::from_secs(240));
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        assert!(finished.is_some(), "fio did not finish in 240 s:\n{text}");
+        assert!(finished == Some(true), "fio failed:\n{text}");
+        assert!(text.contains("err= 0"), "fio reported errors:\n{text}");
+        assert!(!text.contains("verify:"), "fio found bad data:\n{text}");
+    }
 }
 
-fn wait_child(child: &mut Child, timeout: Duration) -> bool {
+impl Drop for Fio {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for `child` at most `timeout`: `Some(success)` when it ended, `None`
+/// when it had to be killed.
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<bool> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait().expect("wait") {
-            return status.success();
+            return Some(status.success());
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
-            panic!("fio did not finish in {timeout:?}");
+            let _ = child.wait();
+            return None;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -85,13 +120,15 @@ fn stop_and_compare(cluster: &Cluster, alpha: &Gmdd, beta: &Gmdd) {
 fn secondary_killed(mode: &str) {
     let cluster = Cluster::with_mode(mode, PROMOTE_S);
     let (alpha, beta) = cluster.start_pair();
-    let log = cluster.path("fio.log");
-    let mut fio = spawn_fio(&fio_args(&alpha.url(DEV), "0", "96M"), &log);
+    let fio = Fio::spawn(
+        &fio_args(&alpha.url(DEV), "0", "96M"),
+        &cluster.path("fio.log"),
+    );
     std::thread::sleep(Duration::from_secs(2));
     beta.kill9();
     alpha.wait_mirroring(DEV, false);
     let beta = cluster.gmdd("beta");
-    assert_fio_clean(&mut fio, &log);
+    fio.assert_clean();
     let status = alpha.status_json(DEV);
     assert!(status["link"]["connected"] == true || status["map"]["stale"].as_u64() > Some(0));
     stop_and_compare(&cluster, &alpha, &beta);
@@ -101,41 +138,41 @@ fn primary_killed(mode: &str) {
     let cluster = Cluster::with_mode(mode, PROMOTE_S);
     let (alpha, beta) = cluster.start_pair();
     // Data written and acknowledged before the crash...
-    let log = cluster.path("fio1.log");
     let first = fio_args(&alpha.url(DEV), "0", "32M");
-    let mut fio = spawn_fio(&first, &log);
-    assert_fio_clean(&mut fio, &log);
-    // ...then a crash in the middle of more writes.
-    let mut second = spawn_fio(
+    Fio::spawn(&first, &cluster.path("fio1.log")).assert_clean();
+    // ...then a crash in the middle of more writes. fio fails with the
+    // server (its nbd engine may also retry until killed).
+    let mut second = Fio::spawn(
         &fio_args(&alpha.url(DEV), "128M", "64M"),
         &cluster.path("fio2.log"),
     );
     std::thread::sleep(Duration::from_secs(2));
     alpha.kill9();
-    let _ = wait_child(&mut second, Duration::from_secs(60));
+    second.finish_within(Duration::from_secs(30));
+    drop(second);
     let alpha = cluster.gmdd("alpha");
     alpha.wait_mirroring(DEV, true);
     // Everything acknowledged before the crash reads back intact.
-    let log = cluster.path("fio3.log");
     let mut verify: Vec<String> = first.clone();
     verify.push("--verify_only".into());
-    let mut fio = spawn_fio(&verify, &log);
-    assert_fio_clean(&mut fio, &log);
+    Fio::spawn(&verify, &cluster.path("fio3.log")).assert_clean();
     stop_and_compare(&cluster, &alpha, &beta);
 }
 
 fn network_cut(mode: &str) {
     let cluster = Cluster::with_mode(mode, PROMOTE_S);
     let (alpha, beta) = cluster.start_pair();
-    let log = cluster.path("fio.log");
-    let mut fio = spawn_fio(&fio_args(&alpha.url(DEV), "0", "96M"), &log);
+    let fio = Fio::spawn(
+        &fio_args(&alpha.url(DEV), "0", "96M"),
+        &cluster.path("fio.log"),
+    );
     std::thread::sleep(Duration::from_secs(2));
     let cut = Cut::new(&cluster.geomessage_ports());
     alpha.wait_mirroring(DEV, false);
     beta.wait_mirroring(DEV, false);
     std::thread::sleep(Duration::from_secs(2));
     cut.heal();
-    assert_fio_clean(&mut fio, &log);
+    fio.assert_clean();
     alpha.wait_mirroring(DEV, true);
     stop_and_compare(&cluster, &alpha, &beta);
 }
@@ -254,9 +291,10 @@ fn async_secondary_holds_a_prefix_of_the_primarys_writes_after_a_cut() {
         .expect("qemu-io");
     std::thread::sleep(Duration::from_millis(1500));
     let cut = Cut::new(&cluster.geomessage_ports());
-    assert!(
+    assert_eq!(
         wait_child(&mut child, Duration::from_secs(180)),
-        "qemu-io failed"
+        Some(true),
+        "qemu-io failed or hung"
     );
     beta.wait_mirroring(DEV, false);
     // The secondary stops where the stream stopped.
