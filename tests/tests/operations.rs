@@ -292,6 +292,55 @@ impl Drop for Events {
     }
 }
 
+/// Async mode with the peer frozen (SIGSTOP: reachable as far as anyone
+/// knows, answering nothing): writes complete alone until the unacknowledged
+/// backlog would pass the high-water mark, then wait for the peer as in mwc
+/// (an `hwm fallback:entered` event); once the peer answers again the
+/// backlog drains, async resumes (`fallback:left`) and both copies match.
+#[test]
+fn async_falls_back_to_mwc_above_the_high_water_mark_and_back() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let cluster = Cluster::with_mode("async", 60);
+    let (alpha, beta) = cluster.start_pair();
+    alpha.wait_in_sync(DEV);
+    let mut events = Events::start(&alpha);
+    events.expect("-", &[]);
+    let beta_pid = Pid::from_raw(beta.pid() as i32);
+    kill(beta_pid, Signal::SIGSTOP).expect("SIGSTOP");
+    // Sixteen 64 KiB writes: two fit under the 128 KiB high-water mark.
+    let url = alpha.url(DEV);
+    let writer = std::thread::spawn(move || {
+        let cmds: Vec<String> = (0..16)
+            .map(|i| format!("write -P 0x{:02x} {}k 64k", 0x40 + i, i * 64))
+            .collect();
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        qemu_io(&url, &cmds)
+    });
+    events.expect("hwm", &[("fallback", "entered")]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !writer.is_finished(),
+        "writes past the high-water mark completed without the peer"
+    );
+    let stat = alpha.stat(&["-l", DEV, "--json"]).ok();
+    assert!(
+        stat.stdout.contains("async-hwm-fallback"),
+        "gmdstat does not show the fallback: {}",
+        stat.stdout
+    );
+    kill(beta_pid, Signal::SIGCONT).expect("SIGCONT");
+    assert_qemu_io_clean(&writer.join().expect("writer"));
+    events.expect("hwm", &[("fallback", "left")]);
+    alpha.wait_in_sync(DEV);
+    alpha.ctl(&["stop", DEV]).ok();
+    beta.ctl(&["stop", DEV]).ok();
+    assert_same_files(
+        &cluster.path("alpha/data10.img"),
+        &cluster.path("beta/data10.img"),
+    );
+}
+
 #[test]
 fn events_stream_state_changes() {
     let cluster = Cluster::with_mode("mwc", 2);
