@@ -555,6 +555,8 @@ impl Runtime {
             started: Instant::now(),
             last_tick: Instant::now(),
             stats_seen: EngineStats::default(),
+            controls: VecDeque::new(),
+            controls_waiting: None,
         };
         let thread = std::thread::Builder::new()
             .name(format!("gmd-{}", config.name))
@@ -722,6 +724,12 @@ struct Worker {
     started: Instant,
     last_tick: Instant,
     stats_seen: EngineStats,
+    /// Control messages not yet handled, in order: a link event that can
+    /// make this side a resync target waits at the front until no direct
+    /// read is in flight (the thread goes on serving requests meanwhile).
+    controls: VecDeque<Control>,
+    /// Since when the front control has waited for direct reads.
+    controls_waiting: Option<Instant>,
 }
 
 fn user_data(kind: u64, index: u64) -> u64 {
@@ -737,15 +745,27 @@ impl Worker {
             if self.shared.control_pending.swap(false, Ordering::SeqCst) {
                 let controls: Vec<Control> =
                     std::mem::take(&mut *self.shared.control.lock().expect("control queue lock"));
-                for control in controls {
-                    self.on_control(control, &mut waiting_marks);
-                    // The engine may have freed slots: carry that out before
-                    // anything can reuse them.
-                    self.execute_actions()?;
-                }
+                self.controls.extend(controls);
                 let messages: VecDeque<(u64, FromPeer)> =
                     std::mem::take(&mut *self.shared.peer_inbox.lock().expect("peer inbox lock"));
                 self.peer_waiting.extend(messages);
+            }
+            while let Some(control) = self.controls.front() {
+                // As a resync target, reads of regions not yet received must
+                // wait in the engine: no direct read may overlap that. Never
+                // block here: a frontend thread holding a read permit may be
+                // waiting for this thread to take its next request.
+                if matches!(control, Control::Link(LinkEvent::Connected { .. }))
+                    && !self.read_gate_drained()
+                {
+                    break;
+                }
+                self.controls_waiting = None;
+                let control = self.controls.pop_front().expect("front exists");
+                self.on_control(control, &mut waiting_marks);
+                // The engine may have freed slots: carry that out before
+                // anything can reuse them.
+                self.execute_actions()?;
             }
             self.take_peer_messages()?;
             // New requests, as long as there are free slots.
@@ -847,9 +867,6 @@ impl Worker {
                 }
             }
             Control::Link(LinkEvent::Connected { session, role }) => {
-                // As a resync target, reads of regions not yet received
-                // must wait in the engine: no direct read may overlap that.
-                self.close_read_gate();
                 if self.engine.is_connected() {
                     self.engine.peer_lost();
                 }
@@ -866,31 +883,33 @@ impl Worker {
         }
     }
 
-    /// Opens the gate for direct reads when the engine allows them; it is
-    /// closed only by [`Worker::close_read_gate`].
+    /// Opens the gate for direct reads when the engine allows them and no
+    /// control waits for it to drain; it is closed only by
+    /// [`Worker::read_gate_drained`].
     fn update_read_gate(&self) {
         let gate = &self.shared.read_gate;
-        if self.engine.direct_reads_allowed()
+        if self.controls_waiting.is_none()
+            && self.engine.direct_reads_allowed()
             && gate.load(Ordering::Relaxed) & READ_GATE_CLOSED != 0
         {
             gate.fetch_and(!READ_GATE_CLOSED, Ordering::AcqRel);
         }
     }
 
-    /// Stops new direct reads and waits until those in flight finished
-    /// (they are local reads, so this takes about one disk access).
-    fn close_read_gate(&self) {
+    /// Stops new direct reads; whether none is in flight any more (they are
+    /// local reads, so that takes about one disk access).
+    fn read_gate_drained(&mut self) -> bool {
         let gate = &self.shared.read_gate;
-        gate.fetch_or(READ_GATE_CLOSED, Ordering::AcqRel);
-        let since = Instant::now();
-        let mut warned = false;
-        while gate.load(Ordering::Acquire) & !READ_GATE_CLOSED != 0 {
-            if !warned && since.elapsed() > Duration::from_secs(5) {
-                tracing::warn!("waiting for direct reads to finish before the link starts");
-                warned = true;
-            }
-            std::thread::sleep(Duration::from_micros(50));
+        let in_flight = gate.fetch_or(READ_GATE_CLOSED, Ordering::AcqRel) & !READ_GATE_CLOSED;
+        if in_flight == 0 {
+            return true;
         }
+        let since = *self.controls_waiting.get_or_insert_with(Instant::now);
+        if since.elapsed() > Duration::from_secs(5) {
+            tracing::warn!(in_flight, "the link waits for direct reads to finish");
+            self.controls_waiting = Some(Instant::now());
+        }
+        false
     }
 
     /// Hands messages from the peer to the engine while it has slots for

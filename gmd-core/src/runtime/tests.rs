@@ -433,6 +433,22 @@ mod mirroring {
             0,
             "the target took the link while a direct read was in flight"
         );
+        // Meanwhile the device thread keeps serving requests (the reader
+        // may be a frontend thread waiting for it).
+        b.submit(Submission {
+            request: Request {
+                kind: OpKind::Read,
+                offset_bytes: 0,
+                len_bytes: 4096,
+                fua: false,
+            },
+            buf: Some(pool.take(4096)),
+            tag: 77,
+            sink: sink.clone(),
+        })
+        .unwrap();
+        let done = sink.wait(1);
+        assert_eq!((done[0].0, done[0].1), (77, Ok(())));
         let old = pread_direct(&permit, offset, 4096);
         assert!(old.iter().all(|&x| x == 0));
         permit.finish(true);
