@@ -393,6 +393,28 @@ impl Node {
         rx.await.map_err(|_| NetError::Shutdown)?
     }
 
+    /// Sends a one-way message (reliable, and ordered on its stream, also
+    /// after earlier `post`s and `send`s from the same task), returning as
+    /// soon as flow control admits it and the driver has it: unlike
+    /// [`Node::send`], it does not wait a driver turn for the message to be
+    /// queued, so one task can stream messages back to back. A refusal by
+    /// the driver (peer down, unknown stream) is not reported.
+    ///
+    /// # Errors
+    /// `BadPeer`, `MessageTooLarge`, `Shutdown`.
+    pub async fn post(&self, peer: PeerId, stream: StreamId, body: Bytes) -> Result<(), NetError> {
+        self.admit(peer, body.len(), false).await?;
+        self.cmd
+            .send(Command::Send {
+                peer,
+                stream,
+                body,
+                reply: None,
+                accepted: None,
+            })
+            .map_err(|_| NetError::Shutdown)
+    }
+
     /// Registers a stream and returns its receiver. Messages that arrived for
     /// it before registration are delivered first. Registering again replaces
     /// the previous receiver.

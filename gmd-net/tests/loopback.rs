@@ -215,6 +215,46 @@ async fn ordered_stream_and_large_messages_survive_loss() {
     .expect("test timed out");
 }
 
+/// `post` (no wait for the driver to queue each message) keeps stream
+/// order with itself and with `send`, under loss and with flow control
+/// holding the poster back (more bytes than the send buffer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posted_messages_keep_their_order_with_sends_under_loss() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let p = pair(Duration::from_secs(30), 1400);
+        for r in &p.relays {
+            r.control
+                .loss_ppm
+                .store(10_000, std::sync::atomic::Ordering::Relaxed);
+        }
+        let peer_b = p.a.peer("m1").expect("m1");
+        let mut rx = p.b.register_stream(StreamId(9)).expect("register");
+        const COUNT: u32 = 600;
+        let len = |i: u32| 4 + (i as usize * 7919) % 40_000;
+        let sender = async {
+            for i in 0..COUNT {
+                let body = payload(i, len(i));
+                if i % 5 == 0 {
+                    p.a.send(peer_b, StreamId(9), body).await.expect("send");
+                } else {
+                    p.a.post(peer_b, StreamId(9), body).await.expect("post");
+                }
+            }
+        };
+        let receiver = async {
+            for i in 0..COUNT {
+                let inc = rx.recv().await.expect("message");
+                assert_eq!(inc.body, payload(i, len(i)), "message {i} out of order");
+            }
+        };
+        tokio::join!(sender, receiver);
+        p.a.shutdown().await;
+        p.b.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_down_fails_outstanding_requests_and_recovers() {
     tokio::time::timeout(TEST_TIMEOUT, async {

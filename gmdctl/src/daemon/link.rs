@@ -43,6 +43,9 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 const STARTUP_GRACE: Duration = Duration::from_secs(2);
 /// How often disconnected devices look for their peer.
 pub(super) const RECONNECT_INTERVAL: Duration = Duration::from_secs(2);
+/// Device messages up to this size are handed to GeoMessage without
+/// waiting for the driver to queue each one (see `send_loop`).
+const POST_BYTES_MAX: usize = 64 << 10;
 /// A refused connection is retried this much later.
 const REFUSED_RETRY: Duration = Duration::from_secs(30);
 
@@ -274,8 +277,17 @@ async fn send_loop(
     mut rx: mpsc::UnboundedReceiver<(PeerId, Bytes)>,
 ) {
     while let Some((peer, body)) = rx.recv().await {
-        // In order: each send returns once the message is queued.
-        if let Err(e) = node.send(peer, stream, body).await {
+        // In order: flow control admits each message before the next, and
+        // the driver takes them in that order. Small messages do not wait a
+        // driver turn each (4 KiB writes stream back to back); large ones
+        // do, which paces the driver's fragmenting (measured: bursts of
+        // 1 MiB messages lost a quarter of their throughput).
+        let result = if body.len() <= POST_BYTES_MAX {
+            node.post(peer, stream, body).await
+        } else {
+            node.send(peer, stream, body).await
+        };
+        if let Err(e) = result {
             debug!(stream = stream.0, error = %e, "device message not sent");
         }
     }
