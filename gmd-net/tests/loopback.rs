@@ -153,12 +153,23 @@ async fn traffic_moves_to_the_other_path_when_one_is_cut() {
                 .load(std::sync::atomic::Ordering::Relaxed)
                 > 100
         );
-        let mut saw_down = false;
-        while let Ok(e) = events.try_recv() {
-            if let NodeEvent::PathDown { network, .. } = e {
-                saw_down |= network.0 as usize == active_index;
+        // Traffic may move on (retransmission to the other path) before the
+        // cut path is declared down: wait for the event, not just look.
+        let saw_down = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match events.recv().await {
+                    Ok(NodeEvent::PathDown { network, .. })
+                        if network.0 as usize == active_index =>
+                    {
+                        return true;
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return false,
+                }
             }
-        }
+        })
+        .await
+        .unwrap_or(false);
         assert!(saw_down, "no PathDown event for the cut path");
         p.a.shutdown().await;
         p.b.shutdown().await;
