@@ -26,6 +26,9 @@
 #   there), SKIP_BUILD=1 (use the binaries in target/release as they are).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+for tool in fio rsync; do
+  command -v "$tool" >/dev/null || { echo "mirror.sh needs $tool (apt-get install fio rsync)" >&2; exit 1; }
+done
 T=${1:-10}
 SIZE=${SIZE:-1G}
 HOT=${HOT:-64M}
