@@ -379,17 +379,8 @@ impl Node {
     /// `PeerDown` while the peer is declared down; `BadPeer`, `BadStream`,
     /// `MessageTooLarge`, `Shutdown`.
     pub async fn send(&self, peer: PeerId, stream: StreamId, body: Bytes) -> Result<(), NetError> {
-        self.admit(peer, body.len(), false).await?;
         let (tx, rx) = oneshot::channel();
-        self.cmd
-            .send(Command::Send {
-                peer,
-                stream,
-                body,
-                reply: None,
-                accepted: Some(tx),
-            })
-            .map_err(|_| NetError::Shutdown)?;
+        self.one_way(peer, stream, body, Some(tx)).await?;
         rx.await.map_err(|_| NetError::Shutdown)?
     }
 
@@ -403,6 +394,18 @@ impl Node {
     /// # Errors
     /// `BadPeer`, `MessageTooLarge`, `Shutdown`.
     pub async fn post(&self, peer: PeerId, stream: StreamId, body: Bytes) -> Result<(), NetError> {
+        self.one_way(peer, stream, body, None).await
+    }
+
+    /// Admits a one-way message and hands it to the driver, which answers
+    /// on `accepted` once it is queued (or refused).
+    async fn one_way(
+        &self,
+        peer: PeerId,
+        stream: StreamId,
+        body: Bytes,
+        accepted: Option<oneshot::Sender<Result<(), NetError>>>,
+    ) -> Result<(), NetError> {
         self.admit(peer, body.len(), false).await?;
         self.cmd
             .send(Command::Send {
@@ -410,7 +413,7 @@ impl Node {
                 stream,
                 body,
                 reply: None,
-                accepted: None,
+                accepted,
             })
             .map_err(|_| NetError::Shutdown)
     }

@@ -55,6 +55,14 @@ struct Device {
 }
 
 fn device() -> Device {
+    device_with(EngineParams {
+        block_size: 4096,
+        slots_max: 128,
+        ..EngineParams::new(SIZE, crate::config::Mode::Mwc)
+    })
+}
+
+fn device_with(params: EngineParams) -> Device {
     let dir = tempfile::tempdir().unwrap();
     let data_path = dir.path().join("data.img");
     let map_path = dir.path().join("data.sm");
@@ -67,11 +75,7 @@ fn device() -> Device {
         uuid: Uuid::from_u128(3),
         map: StateMap::new(SIZE),
         page_slots: map.page_slots().clone(),
-        params: EngineParams {
-            block_size: 4096,
-            slots_max: 128,
-            ..EngineParams::new(SIZE, crate::config::Mode::Mwc)
-        },
+        params,
         pool: BufPool::new(),
         link: None,
     })
@@ -260,28 +264,13 @@ fn direct_reads_see_completed_writes_and_are_counted() {
 
 #[test]
 fn a_secondary_never_allows_direct_reads() {
-    let dir = tempfile::tempdir().unwrap();
-    let data_path = dir.path().join("data.img");
-    let map_path = dir.path().join("data.sm");
-    File::create(&data_path).unwrap().set_len(SIZE).unwrap();
-    let map = MapFile::create(&map_path, Uuid::from_u128(3), SIZE, false).unwrap();
-    let runtime = Runtime::start(RuntimeConfig {
-        name: "secondary".into(),
-        data_path,
-        map_path,
-        uuid: Uuid::from_u128(3),
-        map: StateMap::new(SIZE),
-        page_slots: map.page_slots().clone(),
-        params: EngineParams {
-            block_size: 4096,
-            readable: false,
-            writable: false,
-            ..EngineParams::new(SIZE, crate::config::Mode::Async)
-        },
-        pool: BufPool::new(),
-        link: None,
-    })
-    .unwrap();
+    let mut dev = device_with(EngineParams {
+        block_size: 4096,
+        readable: false,
+        writable: false,
+        ..EngineParams::new(SIZE, crate::config::Mode::Async)
+    });
+    let runtime = dev.runtime.take().unwrap();
     // Let the device thread run its loop a few times.
     let (tx, rx) = mpsc::channel();
     runtime.snapshot(move |m| tx.send(m).unwrap());
