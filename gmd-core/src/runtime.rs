@@ -916,6 +916,11 @@ impl Worker {
     /// them. Until the link is connected they wait (the peer may finish its
     /// side of the handshake first); a lost link drops them.
     fn take_peer_messages(&mut self) -> io::Result<()> {
+        if !self.controls.is_empty() {
+            // A link event waits (see `run`): the messages may belong to the
+            // session it starts, which the engine does not know yet.
+            return Ok(());
+        }
         if !self.engine.is_connected() {
             // Keep only what may belong to a session about to start.
             self.peer_waiting

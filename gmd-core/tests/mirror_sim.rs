@@ -975,6 +975,11 @@ impl World {
         self.handshake();
         for round in 0..200_000 {
             self.step += 1;
+            if !self.connected && self.handshaking.is_none() {
+                // A side asked to renegotiate: the daemons set the link up
+                // again (a divergence found then is unified).
+                self.handshake();
+            }
             self.finish_handshake();
             let mut progressed = false;
             for n in 0..2 {

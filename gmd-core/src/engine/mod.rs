@@ -1282,7 +1282,22 @@ impl Engine {
             }
             ResyncRole::Target(bits) => {
                 let set = bits_of(&bits);
-                self.renegotiate_if_uncovered(&set);
+                // A target had no stale cell at the handshake (it would have
+                // been the source, or the copies diverged): one now was
+                // written alone since, and its data must not be overwritten
+                // by the source's. Set the link up again instead; the marks
+                // stay as they are.
+                let wrote_alone = self
+                    .journal
+                    .map
+                    .dirty_region_runs()
+                    .flatten()
+                    .any(|r| self.journal.map.get(r) == CELL_STALE);
+                if wrote_alone {
+                    self.actions.push_back(Action::Renegotiate);
+                    self.start_commit();
+                    return;
+                }
                 let mut next = set.next_from(0);
                 let mut count = 0;
                 while let Some(r) = next {

@@ -125,6 +125,7 @@ impl Model {
                     self.log.push(format!("reply {slot} {result:?}"));
                 }
                 Action::ResyncDone => self.log.push("resync done".into()),
+                Action::Renegotiate => self.log.push("renegotiate".into()),
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -509,6 +510,35 @@ fn direct_reads_are_allowed_only_when_readable_and_nothing_awaits_resync() {
         m.settle_map();
     }
     assert!(m.log.iter().any(|l| l == "resync done"), "{:?}", m.log);
+    assert!(m.engine.direct_reads_allowed());
+}
+
+/// A side that wrote alone after the handshake read its map and is then
+/// told to be the target must not let the source overwrite those writes:
+/// it asks for a new handshake and keeps its stale marks.
+#[test]
+fn a_target_that_wrote_alone_since_the_handshake_renegotiates() {
+    let mut m = Model::new(Mode::Mwc);
+    let s = m.submit(write(3 * REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    m.finish_local(s);
+    assert_eq!(m.completed.last(), Some(&(s, Ok(()))));
+    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
+    bits[0] = (1 << 3) | (1 << 4);
+    m.engine.connect(ResyncRole::Target(bits));
+    m.pump();
+    m.settle_map();
+    assert!(m.log.iter().any(|l| l == "renegotiate"), "{:?}", m.log);
+    assert_eq!(
+        m.engine.map().get(3),
+        CELL_STALE,
+        "the write alone stays to be sent"
+    );
+    assert_ne!(
+        m.engine.map().get(4),
+        CELL_RESYNC,
+        "nothing is to be received"
+    );
     assert!(m.engine.direct_reads_allowed());
 }
 

@@ -122,6 +122,12 @@ link_log() {
   done
 }
 
+# sync_report DIR DEVICE: both sides' status (why in_sync does not hold).
+sync_report() {
+  for m in alpha beta; do echo "--- $m status"; ctl "$1" $m status "$2" --json | tr -d ' \n' | cut -c1-1500; echo; done
+  link_log "$1"
+}
+
 dump_logs() { for m in alpha beta; do echo "--- $1/$m.log (tail)"; tail -n 30 "$1/$m.log"; done; }
 
 # start_beta DIR DEV: starts DEV on beta; if beta keeps answering "alpha

@@ -75,9 +75,11 @@ recover_scenario() {
   wait_until 60 grep -q "ublk device /dev/ublkb3 up" "$d/alpha.log" || { dump_logs "$d"; return 1; }
   grep -q "recovered=true" "$d/alpha.log" || { log "recover: not a recovery"; dump_logs "$d"; return 1; }
   wait_until 120 test -e /tmp/recover-writer || { log "recover: writer stuck"; return 1; }
-  wait_until 120 in_sync "$d" alpha $dev || return 1
+  wait_until 120 in_sync "$d" alpha $dev || { log "recover: not in sync"; sync_report "$d" $dev; return 1; }
+  log "recover: in sync"
+  link_log "$d"
   umount /mnt/r && e2fsck -fn $bdev > /tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; return 1; }
-  wait_until 120 in_sync "$d" alpha $dev || return 1
+  wait_until 120 in_sync "$d" alpha $dev || { log "recover: not in sync after fsck"; sync_report "$d" $dev; return 1; }
   ctl "$d" alpha stop $dev && ctl "$d" beta stop $dev || return 1
   [ "$(sha256sum < "$d/alpha/data.img")" = "$(sha256sum < "$d/beta/data.img")" ] || return 1
   gmdd_kill "$d" alpha TERM; gmdd_kill "$d" beta TERM
