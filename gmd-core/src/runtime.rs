@@ -330,9 +330,9 @@ impl Submitter {
     /// device thread; `None` when the read must be submitted instead: the
     /// device is a secondary, a resync target still waiting for regions, or
     /// the request is not a plain valid read (the engine then answers with
-    /// the precise error). Hold the permit until the read finished: the
-    /// device thread waits for outstanding permits before it starts a
-    /// resync as target.
+    /// the precise error). Hold the permit until the read finished: a link
+    /// event that can make the device a resync target waits for outstanding
+    /// permits.
     pub fn direct_read(&self, offset_bytes: u64, len_bytes: u64) -> Option<DirectRead<'_>> {
         let shared = &*self.shared;
         let (size, block, len_max) = shared.read_limits;

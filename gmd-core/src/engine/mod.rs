@@ -1251,7 +1251,11 @@ impl Engine {
             self.stats.resyncs += 1;
         }
         match role {
-            ResyncRole::None => self.renegotiate_if_uncovered(&RegionBits::new(regions)),
+            ResyncRole::None => {
+                if self.wrote_alone() {
+                    self.actions.push_back(Action::Renegotiate);
+                }
+            }
             ResyncRole::Source(bits) => {
                 let mut set = bits_of(&bits);
                 // Regions that became stale after the handshake's snapshot go too.
@@ -1287,13 +1291,7 @@ impl Engine {
                 // written alone since, and its data must not be overwritten
                 // by the source's. Set the link up again instead; the marks
                 // stay as they are.
-                let wrote_alone = self
-                    .journal
-                    .map
-                    .dirty_region_runs()
-                    .flatten()
-                    .any(|r| self.journal.map.get(r) == CELL_STALE);
-                if wrote_alone {
+                if self.wrote_alone() {
                     self.actions.push_back(Action::Renegotiate);
                     self.start_commit();
                     return;
@@ -1320,19 +1318,15 @@ impl Engine {
         self.pump_resync();
     }
 
-    /// This side is not the source, yet holds stale regions the agreed resync
-    /// does not cover (it wrote alone after the handshake read its map):
-    /// only a new handshake can decide who keeps what.
-    fn renegotiate_if_uncovered(&mut self, covered: &RegionBits) {
-        let uncovered = self
-            .journal
+    /// Whether any region is stale. On a side that is not the resync source
+    /// that means it wrote alone after the handshake read its map: only a
+    /// new handshake can decide who keeps what.
+    fn wrote_alone(&self) -> bool {
+        self.journal
             .map
             .dirty_region_runs()
             .flatten()
-            .any(|r| self.journal.map.get(r) == CELL_STALE && !covered.get(r));
-        if uncovered {
-            self.actions.push_back(Action::Renegotiate);
-        }
+            .any(|r| self.journal.map.get(r) == CELL_STALE)
     }
 
     /// The link to the peer ended: every write it did not acknowledge leaves
