@@ -11,13 +11,23 @@
 //! allocated when the device starts; the steady-state local data path
 //! allocates nothing.
 //!
+//! Frontends with an io_uring per thread (ublk queues) can instead run a
+//! request on their own thread ([`Submitter::start_here`]): the engine and
+//! its slots sit behind one lock (`Core`), so the frontend takes the request
+//! into the engine, sends what goes to the peer, and gets the local I/O back
+//! to issue on its own ring ([`Here::Issue`], then
+//! [`Submitter::local_result`]). What only the device thread can do (map
+//! commits, resync, replies to the peer, other requests' I/O) is left to it
+//! in order, and everything after it too.
+//!
 //! Threading: the thread sleeps in `io_uring_enter` (at most
-//! [`TICK_INTERVAL`]) waiting for a completion or the eventfd.
+//! [`TICK_INTERVAL`]) waiting for a completion or the eventfd, without the
+//! lock.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex};
@@ -133,6 +143,9 @@ pub struct RuntimeStats {
     pub direct_reads: AtomicU64,
     /// Writes (including write-zeroes and trims) completed.
     pub writes: AtomicU64,
+    /// Of the writes, those whose local part a frontend ran on its own
+    /// thread ([`Submitter::start_here`]).
+    pub direct_writes: AtomicU64,
     /// Bytes written.
     pub write_bytes: AtomicU64,
     /// Flushes completed.
@@ -190,6 +203,8 @@ pub struct StatsSnapshot {
     pub direct_reads: u64,
     /// Writes completed.
     pub writes: u64,
+    /// Of the writes, those whose local part a frontend ran itself.
+    pub direct_writes: u64,
     /// Bytes written.
     pub write_bytes: u64,
     /// Flushes completed.
@@ -217,6 +232,7 @@ impl RuntimeStats {
             read_bytes: r(&self.read_bytes),
             direct_reads: r(&self.direct_reads),
             writes: r(&self.writes),
+            direct_writes: r(&self.direct_writes),
             write_bytes: r(&self.write_bytes),
             flushes: r(&self.flushes),
             errors: r(&self.errors),
@@ -241,6 +257,10 @@ enum Control {
 }
 
 struct Shared {
+    /// The engine and its slots; see [`Core`].
+    core: Mutex<Core>,
+    /// Where messages for the peer go (any thread holding `core` may send).
+    link: Option<Arc<dyn PeerLink>>,
     inbox: ArrayQueue<Submission>,
     control: Mutex<Vec<Control>>,
     peer_inbox: Mutex<VecDeque<(u64, FromPeer)>>,
@@ -251,13 +271,55 @@ struct Shared {
     /// Whether frontends may read the data volume themselves
     /// ([`READ_GATE_CLOSED`] clear) and how many such reads are in flight.
     read_gate: AtomicU64,
-    /// The data volume (`O_DIRECT`), for direct reads.
+    /// The data volume (`O_DIRECT`), for direct reads and for requests
+    /// frontends run on their own rings.
     read_file: File,
     /// Device size, block size and largest read: what a direct read must fit.
     read_limits: (u64, u64, u64),
 }
 
 impl Shared {
+    /// Everything but the device thread: the engine over `map`, the queues,
+    /// the wake-up eventfd; `data` is the data volume (`O_DIRECT`).
+    fn new(
+        params: EngineParams,
+        map: StateMap,
+        link: Option<Arc<dyn PeerLink>>,
+        data: File,
+    ) -> io::Result<Shared> {
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: raw is a fresh descriptor we own.
+        let wake_fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let slots = params.slots_max + params.peer_slots_max + params.resync_slots_max;
+        Ok(Shared {
+            core: Mutex::new(Core {
+                engine: Engine::new(params, map),
+                slots: (0..slots).map(|_| SlotEntry::default()).collect(),
+                deferred: VecDeque::new(),
+                stats_seen: EngineStats::default(),
+            }),
+            link,
+            inbox: ArrayQueue::new(params.slots_max),
+            control: Mutex::new(Vec::new()),
+            peer_inbox: Mutex::new(VecDeque::new()),
+            control_pending: AtomicBool::new(false),
+            wake_fd,
+            sleeping: AtomicBool::new(false),
+            stats: RuntimeStats::default(),
+            read_gate: AtomicU64::new(READ_GATE_CLOSED),
+            read_file: data,
+            read_limits: (
+                params.size_bytes,
+                u64::from(params.block_size),
+                params.io_len_max,
+            ),
+        })
+    }
+
     fn submit(&self, submission: Submission) -> Result<(), Submission> {
         self.inbox.push(submission)?;
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -271,6 +333,59 @@ impl Shared {
         if self.sleeping.swap(false, Ordering::SeqCst) {
             self.wake_always();
         }
+    }
+
+    /// Carries out on a frontend thread what the engine asks after a call
+    /// for slot `own` there: the local part of `own` (returned to issue),
+    /// completions, messages to the peer. Anything else, and everything
+    /// after it, is left in order to the device thread.
+    fn run_here(&self, core: &mut Core, own: Slot) -> Here {
+        let mut here = Here::Handed;
+        let mut deferred = false;
+        let mut freed = false;
+        while let Some(action) = core.engine.poll_action() {
+            if !core.deferred.is_empty() {
+                core.deferred.push_back(action);
+                deferred = true;
+                continue;
+            }
+            let action = match core.send(self.link.as_ref(), action) {
+                Ok(()) => continue,
+                Err(action) => action,
+            };
+            match action {
+                Action::Local(slot) if slot == own => {
+                    if let Some(sqe) = core.local_sqe(slot, self.read_file.as_raw_fd()) {
+                        here = Here::Issue { slot, sqe };
+                    }
+                }
+                Action::Complete(slot, result) => {
+                    let submission = core.finish(slot, &result, &self.stats);
+                    freed = true;
+                    if slot == own {
+                        here = Here::Done {
+                            result,
+                            buf: submission.buf,
+                        };
+                    } else {
+                        hand_back(submission, result);
+                    }
+                }
+                other => {
+                    core.deferred.push_back(other);
+                    deferred = true;
+                }
+            }
+        }
+        core.publish_stats(&self.stats);
+        if deferred {
+            self.control_pending.store(true, Ordering::SeqCst);
+            self.wake();
+        } else if freed && !self.inbox.is_empty() {
+            // Requests wait for the slot this freed.
+            self.wake();
+        }
+        here
     }
 
     fn wake_always(&self) {
@@ -325,6 +440,51 @@ impl Submitter {
         &self.shared.stats
     }
 
+    /// Runs a request on the caller's thread as far as it can go: the
+    /// engine takes it here (write intent, place in the peer stream, the
+    /// message to the peer) and, when its local part can start at once,
+    /// gives it back as an io_uring operation for the caller's own ring
+    /// ([`Here::Issue`]), whose result goes to [`Submitter::local_result`].
+    /// No device-thread hop on the local path; waiting for the peer or for
+    /// the state map is left to the device thread ([`Here::Handed`]).
+    ///
+    /// Meant for frontends with an io_uring per thread (ublk queues); the
+    /// request's `sink` still receives the result when it is handed on.
+    pub fn start_here(&self, submission: Submission) -> Here {
+        let shared = &*self.shared;
+        let mut core = shared.core.lock().expect("core lock");
+        if !core.deferred.is_empty() {
+            // The device thread has actions of the engine to carry out
+            // first (see `Core::deferred`): let it take this one too.
+            drop(core);
+            return match shared.submit(submission) {
+                Ok(()) => Here::Handed,
+                Err(back) => Here::Full(back),
+            };
+        }
+        if !core.engine.app_slot_available() {
+            return Here::Full(submission);
+        }
+        shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let slot = core.admit(submission);
+        shared.run_here(&mut core, slot)
+    }
+
+    /// Takes the result (`res`: bytes or -errno, as io_uring gives it) of
+    /// an operation from [`Here::Issue`] for `slot`; says what comes next.
+    pub fn local_result(&self, slot: Slot, res: i32) -> Here {
+        let shared = &*self.shared;
+        let mut core = shared.core.lock().expect("core lock");
+        let changes_data = core.engine.request(slot).kind.changes_data();
+        if let Some(sqe) = core.local_result(slot, res, shared.read_file.as_raw_fd()) {
+            return Here::Issue { slot, sqe };
+        }
+        if changes_data {
+            shared.stats.direct_writes.fetch_add(1, Ordering::Relaxed);
+        }
+        shared.run_here(&mut core, slot)
+    }
+
     /// Permission to read `len_bytes` at `offset_bytes` straight from the
     /// data volume on the caller's own thread (and io_uring), without the
     /// device thread; `None` when the read must be submitted instead: the
@@ -356,6 +516,44 @@ impl Submitter {
             len_bytes,
             done: false,
         })
+    }
+}
+
+/// What a frontend running a request on its own thread does next; see
+/// [`Submitter::start_here`].
+pub enum Here {
+    /// Carry out this io_uring operation on the data volume (it points into
+    /// the request's buffer, which stays put until the request ends; set
+    /// your own `user_data`), then hand its result to
+    /// [`Submitter::local_result`] with `slot`.
+    Issue {
+        /// The request's slot in the engine.
+        slot: Slot,
+        /// The operation.
+        sqe: squeue::Entry,
+    },
+    /// The request ended.
+    Done {
+        /// Its result.
+        result: Result<(), EngineError>,
+        /// Its buffer (with the data of a read).
+        buf: Option<IoBuf>,
+    },
+    /// The device thread finishes it: the result comes through the
+    /// submission's sink.
+    Handed,
+    /// The device has no room now: the submission is given back, try later.
+    Full(Submission),
+}
+
+impl std::fmt::Debug for Here {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Here::Issue { slot, .. } => f.debug_struct("Issue").field("slot", slot).finish(),
+            Here::Done { result, .. } => f.debug_struct("Done").field("result", result).finish(),
+            Here::Handed => f.write_str("Handed"),
+            Here::Full(s) => f.debug_tuple("Full").field(s).finish(),
+        }
     }
 }
 
@@ -498,46 +696,26 @@ impl Runtime {
         })?;
         let map_file = volume::open_rw(&config.map_path, true)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", config.map_path.display())))?;
-        // SAFETY: eventfd returns a new descriptor or -1.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: raw is a fresh descriptor we own.
-        let wake_fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let params = config.params;
-        let read_file = data.try_clone()?;
         let slots = params.slots_max + params.peer_slots_max + params.resync_slots_max;
         let entries = (slots + MAP_WRITES_INFLIGHT_MAX + 2).next_power_of_two() as u32;
         let ring = IoUring::builder()
             .setup_cqsize(entries * 2)
             .build(entries)
             .map_err(|e| io::Error::new(e.kind(), format!("io_uring setup failed: {e}")))?;
-        let shared = Arc::new(Shared {
-            inbox: ArrayQueue::new(params.slots_max),
-            control: Mutex::new(Vec::new()),
-            peer_inbox: Mutex::new(VecDeque::new()),
-            control_pending: AtomicBool::new(false),
-            wake_fd,
-            sleeping: AtomicBool::new(false),
-            stats: RuntimeStats::default(),
-            read_gate: AtomicU64::new(READ_GATE_CLOSED),
-            read_file,
-            read_limits: (
-                params.size_bytes,
-                u64::from(params.block_size),
-                params.io_len_max,
-            ),
-        });
+        let shared = Arc::new(Shared::new(
+            params,
+            config.map,
+            config.link,
+            data.try_clone()?,
+        )?);
         let mut worker = Worker {
             shared: shared.clone(),
             ring,
             data,
             map_file,
             uuid: config.uuid,
-            engine: Engine::new(params, config.map),
             page_slots: config.page_slots,
-            slots: (0..slots).map(|_| SlotEntry::default()).collect(),
             ops_in_flight: 0,
             completions: Vec::with_capacity(entries as usize * 2),
             wake_buf: Box::new([0; 8]),
@@ -550,11 +728,9 @@ impl Runtime {
             peer_waiting: VecDeque::new(),
             session: 0,
             pool: config.pool,
-            link: config.link,
             stopping: None,
             started: Instant::now(),
             last_tick: Instant::now(),
-            stats_seen: EngineStats::default(),
             controls: VecDeque::new(),
             controls_waiting: None,
         };
@@ -703,9 +879,7 @@ struct Worker {
     data: File,
     map_file: File,
     uuid: Uuid,
-    engine: Engine,
     page_slots: PageSlots,
-    slots: Vec<SlotEntry>,
     ops_in_flight: usize,
     completions: Vec<(u64, i32)>,
     wake_buf: Box<[u8; 8]>,
@@ -719,11 +893,9 @@ struct Worker {
     /// The link session in force (0: none).
     session: u64,
     pool: BufPool,
-    link: Option<Arc<dyn PeerLink>>,
     stopping: Option<Instant>,
     started: Instant,
     last_tick: Instant,
-    stats_seen: EngineStats,
     /// Control messages not yet handled, in order: a link event that can
     /// make this side a resync target waits at the front until no direct
     /// read is in flight (the thread goes on serving requests meanwhile).
@@ -736,427 +908,42 @@ fn user_data(kind: u64, index: u64) -> u64 {
     (kind << KIND_SHIFT) | index
 }
 
-impl Worker {
-    fn run(&mut self) -> StopResult {
-        self.arm_wake()?;
-        self.update_read_gate();
-        let mut waiting_marks: Vec<(u64, DoneReply)> = Vec::new();
-        loop {
-            if self.shared.control_pending.swap(false, Ordering::SeqCst) {
-                let controls: Vec<Control> =
-                    std::mem::take(&mut *self.shared.control.lock().expect("control queue lock"));
-                self.controls.extend(controls);
-                let messages: VecDeque<(u64, FromPeer)> =
-                    std::mem::take(&mut *self.shared.peer_inbox.lock().expect("peer inbox lock"));
-                self.peer_waiting.extend(messages);
-            }
-            while let Some(control) = self.controls.front() {
-                // As a resync target, reads of regions not yet received must
-                // wait in the engine: no direct read may overlap that. Never
-                // block here: a frontend thread holding a read permit may be
-                // waiting for this thread to take its next request.
-                if matches!(control, Control::Link(LinkEvent::Connected { .. }))
-                    && !self.read_gate_drained()
-                {
-                    break;
-                }
-                self.controls_waiting = None;
-                let control = self.controls.pop_front().expect("front exists");
-                self.on_control(control, &mut waiting_marks);
-                // The engine may have freed slots: carry that out before
-                // anything can reuse them.
-                self.execute_actions()?;
-            }
-            self.take_peer_messages()?;
-            // New requests, as long as there are free slots.
-            while self.engine.app_slot_available() {
-                let Some(submission) = self.shared.inbox.pop() else {
-                    break;
-                };
-                let slot = self.engine.submit(submission.request);
-                let entry = &mut self.slots[slot as usize];
-                entry.submission = Some(submission);
-                entry.started = Some(Instant::now());
-                entry.done_bytes = 0;
-                entry.phase = Phase::Main;
-                // A refused request frees its slot at once: handle that
-                // before the slot can be given to the next request.
-                self.execute_actions()?;
-            }
-            if self.last_tick.elapsed() >= TICK_INTERVAL {
-                self.last_tick = Instant::now();
-                self.engine.tick(self.started.elapsed().as_millis() as u64);
-                self.execute_actions()?;
-            }
-            self.execute_actions()?;
-            if !waiting_marks.is_empty() {
-                let durable = self.engine.durable_epoch();
-                let failed = self.engine.map_failed();
-                let mut i = 0;
-                while i < waiting_marks.len() {
-                    if waiting_marks[i].0 <= durable {
-                        (waiting_marks.swap_remove(i).1)(Ok(()));
-                    } else if failed {
-                        (waiting_marks.swap_remove(i).1)(Err(EngineError::MapFailed));
-                    } else {
-                        i += 1;
-                    }
-                }
-            }
-            self.publish_engine_stats();
-            self.update_read_gate();
-            if let Some(since) = self.stopping {
-                if self.engine.is_connected() && since.elapsed() >= STOP_DRAIN_TIMEOUT {
-                    tracing::warn!("peer did not acknowledge in time; its backlog is marked stale");
-                    self.engine.peer_lost();
-                    continue;
-                }
-                if self.shared.inbox.is_empty()
-                    && self.engine.is_idle()
-                    && self.ops_in_flight == 0
-                    && waiting_marks.is_empty()
-                {
-                    break;
-                }
-            }
-            // Sleep until a completion, a wake-up or the next tick.
-            self.shared.sleeping.store(true, Ordering::SeqCst);
-            fence(Ordering::SeqCst);
-            let busy = (!self.shared.inbox.is_empty() && self.engine.app_slot_available())
-                || self.shared.control_pending.load(Ordering::SeqCst);
-            let result = if busy {
-                self.ring.submit()
-            } else {
-                let ts = types::Timespec::from(TICK_INTERVAL);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
-            };
-            match result {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::ETIME)
-                    ) => {}
-                Err(e) => return Err(e),
-            }
-            self.shared.sleeping.store(false, Ordering::SeqCst);
-            self.reap()?;
-        }
-        let map = self.engine.map().clone();
-        Ok((map, self.page_slots.clone()))
-    }
+/// The engine and the state of its slots. The device thread holds it while
+/// it works (never while it sleeps); a frontend thread holds it while it
+/// runs a request on its own thread ([`Submitter::start_here`]).
+struct Core {
+    engine: Engine,
+    slots: Vec<SlotEntry>,
+    /// Actions drawn on a frontend thread that only the device thread can
+    /// carry out, in the engine's order. While any waits here every later
+    /// action waits behind it, and frontends take no new request inline:
+    /// the peer stream and slot reuse keep the engine's order. The device
+    /// thread empties it before it touches the engine.
+    deferred: VecDeque<Action>,
+    /// The engine counters last published to [`RuntimeStats`].
+    stats_seen: EngineStats,
+}
 
-    fn on_control(&mut self, control: Control, waiting_marks: &mut Vec<(u64, DoneReply)>) {
-        match control {
-            Control::Snapshot(reply) => reply(self.engine.map().clone()),
-            Control::MarkAll(value, reply) => {
-                if self.engine.map_failed() {
-                    reply(Err(EngineError::MapFailed));
-                } else {
-                    let epoch = self.engine.mark_all(value);
-                    waiting_marks.push((epoch, reply));
-                }
-            }
-            Control::MarkStale(bits, reply) => {
-                if self.engine.map_failed() {
-                    reply(Err(EngineError::MapFailed));
-                } else {
-                    let epoch = self.engine.mark_stale_bits(&bits);
-                    waiting_marks.push((epoch, reply));
-                }
-            }
-            Control::Link(LinkEvent::Connected { session, role }) => {
-                if self.engine.is_connected() {
-                    self.engine.peer_lost();
-                }
-                self.session = session;
-                self.engine.connect(role);
-            }
-            Control::Link(LinkEvent::Lost) => {
-                self.session = 0;
-                self.engine.peer_lost();
-            }
-            Control::Stop => {
-                self.stopping.get_or_insert_with(Instant::now);
-            }
-        }
-    }
-
-    /// Opens the gate for direct reads when the engine allows them and no
-    /// control waits for it to drain; it is closed only by
-    /// [`Worker::read_gate_drained`].
-    fn update_read_gate(&self) {
-        let gate = &self.shared.read_gate;
-        if self.controls_waiting.is_none()
-            && self.engine.direct_reads_allowed()
-            && gate.load(Ordering::Relaxed) & READ_GATE_CLOSED != 0
-        {
-            gate.fetch_and(!READ_GATE_CLOSED, Ordering::AcqRel);
-        }
-    }
-
-    /// Stops new direct reads; whether none is in flight any more (they are
-    /// local reads, so that takes about one disk access).
-    fn read_gate_drained(&mut self) -> bool {
-        let gate = &self.shared.read_gate;
-        let in_flight = gate.fetch_or(READ_GATE_CLOSED, Ordering::AcqRel) & !READ_GATE_CLOSED;
-        if in_flight == 0 {
-            return true;
-        }
-        let since = *self.controls_waiting.get_or_insert_with(Instant::now);
-        if since.elapsed() > Duration::from_secs(5) {
-            tracing::warn!(in_flight, "the link waits for direct reads to finish");
-            self.controls_waiting = Some(Instant::now());
-        }
-        false
-    }
-
-    /// Hands messages from the peer to the engine while it has slots for
-    /// them. Until the link is connected they wait (the peer may finish its
-    /// side of the handshake first); a lost link drops them.
-    fn take_peer_messages(&mut self) -> io::Result<()> {
-        if !self.controls.is_empty() {
-            // A link event waits (see `run`): the messages may belong to the
-            // session it starts, which the engine does not know yet.
-            return Ok(());
-        }
-        if !self.engine.is_connected() {
-            // Keep only what may belong to a session about to start.
-            self.peer_waiting
-                .retain(|(s, _)| *s != 0 && *s != self.session);
-            return Ok(());
-        }
-        while let Some((session, message)) = self.peer_waiting.front() {
-            if *session != self.session {
-                self.peer_waiting.pop_front();
-                continue;
-            }
-            match message {
-                FromPeer::Op { .. } if !self.engine.peer_slot_available() => return Ok(()),
-                _ => {}
-            }
-            match self.peer_waiting.pop_front().expect("present").1 {
-                FromPeer::Op { op, data } => {
-                    let slot = self.engine.peer_op(op);
-                    let entry = &mut self.slots[slot as usize];
-                    entry.peer_seq = op.seq;
-                    entry.done_bytes = 0;
-                    entry.phase = Phase::Main;
-                    entry.data = if data.is_empty() {
-                        None
-                    } else {
-                        // O_DIRECT needs aligned memory: one copy here.
-                        let mut buf = self.pool.take(data.len());
-                        buf.copy_from_slice(&data);
-                        Some(Data::Owned(buf))
-                    };
-                }
-                FromPeer::Answer { seq, result } => self.engine.remote_done(seq, result),
-                FromPeer::Prioritize { region } => self.engine.prioritize(region),
-            }
-            // An answer may complete a request and free its slot: carry that
-            // out before a new request can be given the same slot.
-            self.execute_actions()?;
-        }
-        Ok(())
-    }
-
-    fn publish_engine_stats(&mut self) {
-        let now = self.engine.stats();
-        if now != self.stats_seen {
-            *self.shared.stats.engine.lock().expect("stats lock") = now;
-            self.stats_seen = now;
-        }
-    }
-
-    fn arm_wake(&mut self) -> io::Result<()> {
-        let entry = opcode::Read::new(
-            types::Fd(self.shared.wake_fd.as_raw_fd()),
-            self.wake_buf.as_mut_ptr(),
-            8,
-        )
-        .build()
-        .user_data(user_data(KIND_WAKE, 0));
-        self.push(entry)?;
-        self.ops_in_flight -= 1; // the wake-up read is not work
-        Ok(())
-    }
-
-    fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
-        loop {
-            // SAFETY: every buffer an entry points at (slot buffers, map page
-            // buffers, the wake buffer) lives in this worker and is neither
-            // moved nor freed until the entry's completion has been reaped.
-            let pushed = unsafe { self.ring.submission().push(&entry) };
-            if pushed.is_ok() {
-                self.ops_in_flight += 1;
-                return Ok(());
-            }
-            self.ring.submit()?;
-        }
-    }
-
-    fn send(&self, message: ToPeer) {
-        if let Some(link) = &self.link {
-            link.send(message);
-        }
-    }
-
-    fn execute_actions(&mut self) -> io::Result<()> {
-        while let Some(action) = self.engine.poll_action() {
-            tracing::trace!(?action, "device action");
-            match action {
-                Action::Local(slot) => self.issue_local(slot)?,
-                Action::PersistMap(epoch) => {
-                    self.flush_pages.clear();
-                    for &page in self.engine.flushing_pages() {
-                        let (slot, seq) = self.page_slots.next(page);
-                        self.flush_pages.push((page, slot, seq));
-                    }
-                    self.flush = Some(Flush {
-                        epoch,
-                        next: 0,
-                        writes_in_flight: 0,
-                        failed: None,
-                        syncing: false,
-                    });
-                    self.pump_flush()?;
-                }
-                Action::Complete(slot, result) => self.complete(slot, result),
-                Action::SendWrite {
-                    slot,
-                    seq,
-                    after,
-                    request,
-                } => {
-                    let entry = &mut self.slots[slot as usize];
-                    let data = if request.kind == OpKind::Write {
-                        let shared = match entry.data.take() {
-                            Some(Data::Shared(bytes)) => bytes,
-                            // Already being written locally: the heap memory
-                            // stays where it is when the buffer moves into Bytes.
-                            Some(Data::Owned(buf)) => Bytes::from_owner(buf),
-                            _ => {
-                                let buf = entry
-                                    .submission
-                                    .as_mut()
-                                    .and_then(|s| s.buf.take())
-                                    .expect("a write carries its data");
-                                Bytes::from_owner(buf)
-                            }
-                        };
-                        entry.data = Some(Data::Shared(shared.clone()));
-                        shared
-                    } else {
-                        Bytes::new()
-                    };
-                    self.send(ToPeer::Write {
-                        seq,
-                        after,
-                        request,
-                        data,
-                    });
-                }
-                Action::SendFlush { seq } => self.send(ToPeer::Flush { seq }),
-                Action::Reply(slot, result) => {
-                    let entry = &mut self.slots[slot as usize];
-                    entry.data = None;
-                    let seq = entry.peer_seq;
-                    self.send(ToPeer::Reply {
-                        seq,
-                        result: result.map_err(|e| e.errno()),
-                    });
-                }
-                Action::Discard(slot) => self.slots[slot as usize].data = None,
-                Action::ResyncRead(slot) => {
-                    let len = self.engine.request(slot).len_bytes as usize;
-                    let entry = &mut self.slots[slot as usize];
-                    entry.data = Some(Data::Owned(self.pool.take(len)));
-                    entry.done_bytes = 0;
-                    entry.phase = Phase::Main;
-                    self.issue_local(slot)?;
-                }
-                Action::SendResync { slot, seq, region } => {
-                    let data = match self.slots[slot as usize].data.take() {
-                        Some(Data::Owned(buf)) => Bytes::from_owner(buf),
-                        _ => unreachable!("a resync read fills an owned buffer"),
-                    };
-                    self.send(ToPeer::Resync { seq, region, data });
-                }
-                Action::SendPrioritize { region } => self.send(ToPeer::Prioritize { region }),
-                Action::ResyncDone => {
-                    if let Some(link) = &self.link {
-                        link.resync_done();
-                    }
-                }
-                Action::Renegotiate => {
-                    if let Some(link) = &self.link {
-                        link.renegotiate();
-                    }
-                }
-                Action::PeerStalled { waited_ms } => {
-                    if let Some(link) = &self.link {
-                        link.stalled(waited_ms);
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn complete(&mut self, slot: Slot, result: Result<(), EngineError>) {
+impl Core {
+    /// Gives a new application request to the engine.
+    fn admit(&mut self, submission: Submission) -> Slot {
+        let slot = self.engine.submit(submission.request);
         let entry = &mut self.slots[slot as usize];
-        let submission = entry
-            .submission
-            .take()
-            .expect("completed slot has a request");
-        entry.data = None;
-        let started = entry.started.take();
-        let local_done_at = entry.local_done_at.take();
-        let stats = &self.shared.stats;
-        let request = submission.request;
-        match (&result, request.kind) {
-            (Err(_), _) => {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            (Ok(()), OpKind::Read) => {
-                stats.reads.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .read_bytes
-                    .fetch_add(request.len_bytes, Ordering::Relaxed);
-            }
-            (Ok(()), OpKind::Flush) => {
-                stats.flushes.fetch_add(1, Ordering::Relaxed);
-            }
-            (Ok(()), _) => {
-                stats.writes.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .write_bytes
-                    .fetch_add(request.len_bytes, Ordering::Relaxed);
-                if let Some(t) = started {
-                    let us = t.elapsed().as_micros() as u64;
-                    stats.write_latency_us.fetch_add(us, Ordering::Relaxed);
-                    stats.write_latency_buckets[latency_bucket(us)].fetch_add(1, Ordering::Relaxed);
-                }
-                if let Some(t) = local_done_at {
-                    stats
-                        .remote_wait_us
-                        .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-                }
-            }
-        }
-        stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        submission
-            .sink
-            .complete(submission.tag, &request, result, submission.buf);
+        entry.submission = Some(submission);
+        entry.started = Some(Instant::now());
+        entry.local_done_at = None;
+        entry.done_bytes = 0;
+        entry.phase = Phase::Main;
+        slot
     }
 
-    fn issue_local(&mut self, slot: Slot) -> io::Result<()> {
-        let fd = types::Fd(self.data.as_raw_fd());
+    /// The io_uring operation that carries out (the rest of) the local part
+    /// of `slot` on the data volume `fd`; `None` when nothing is left to do
+    /// (the engine has been told).
+    fn local_sqe(&mut self, slot: Slot, fd: RawFd) -> Option<squeue::Entry> {
+        let fd = types::Fd(fd);
         let request = *self.engine.request(slot);
         let entry = &mut self.slots[slot as usize];
-        let ud = user_data(KIND_DATA, u64::from(slot));
         let offset = request.offset_bytes + entry.done_bytes;
         let remaining = request.len_bytes - entry.done_bytes;
         let sqe = match (request.kind, entry.phase) {
@@ -1165,7 +952,7 @@ impl Worker {
                 .build(),
             (OpKind::Read | OpKind::Write, _) if remaining == 0 => {
                 self.engine.local_done(slot, Ok(()));
-                return Ok(());
+                return None;
             }
             (OpKind::Read | OpKind::Write, _) => {
                 if entry.data.is_none() {
@@ -1204,53 +991,43 @@ impl Worker {
                 .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
                 .build(),
         };
-        self.push(sqe.user_data(ud))
+        Some(sqe)
     }
 
-    /// Notes when an application write's local part finished, to measure
-    /// how long it then waits for the peer.
-    fn mark_local_done(&mut self, slot: Slot, kind: OpKind) {
-        let entry = &mut self.slots[slot as usize];
-        if entry.submission.is_some() && !matches!(kind, OpKind::Read | OpKind::Flush) {
-            entry.local_done_at = Some(Instant::now());
-        }
-    }
-
-    fn on_data_completion(&mut self, slot: Slot, res: i32) -> io::Result<()> {
+    /// Takes the result `res` of the local operation of `slot`; returns the
+    /// operation to issue next when it is not finished (a short transfer, a
+    /// retry, a fallback, the sync of a FUA), else tells the engine.
+    fn local_result(&mut self, slot: Slot, res: i32, fd: RawFd) -> Option<squeue::Entry> {
         let request = *self.engine.request(slot);
         let entry = &mut self.slots[slot as usize];
         if res < 0 {
             let errno = -res;
-            if request.kind == OpKind::Trim
-                && entry.phase == Phase::Main
-                && (errno == libc::EOPNOTSUPP || errno == libc::EINVAL)
-            {
+            let unsupported = errno == libc::EOPNOTSUPP || errno == libc::EINVAL;
+            if request.kind == OpKind::Trim && entry.phase == Phase::Main && unsupported {
                 entry.phase = Phase::ZeroFallback;
-                return self.issue_local(slot);
+                return self.local_sqe(slot, fd);
             }
-            if request.kind == OpKind::WriteZeroes
-                && entry.phase == Phase::Main
-                && (errno == libc::EOPNOTSUPP || errno == libc::EINVAL)
-            {
+            if request.kind == OpKind::WriteZeroes && entry.phase == Phase::Main && unsupported {
+                // tmpfs and some other file systems lack FALLOC_FL_ZERO_RANGE.
                 entry.phase = Phase::PunchFallback;
-                return self.issue_local(slot);
+                return self.local_sqe(slot, fd);
             }
             if errno == libc::EINTR || errno == libc::EAGAIN {
-                return self.issue_local(slot);
+                return self.local_sqe(slot, fd);
             }
             self.engine.local_done(slot, Err(errno));
-            return Ok(());
+            return None;
         }
         match request.kind {
             OpKind::Read | OpKind::Write if entry.phase == Phase::Main => {
                 if res == 0 {
                     // End of the volume inside the device: it shrank underneath us.
                     self.engine.local_done(slot, Err(libc::EIO));
-                    return Ok(());
+                    return None;
                 }
                 entry.done_bytes += res as u64;
                 if entry.done_bytes < request.len_bytes {
-                    return self.issue_local(slot);
+                    return self.local_sqe(slot, fd);
                 }
                 // Hand an application read's data back with its request.
                 if request.kind == OpKind::Read {
@@ -1262,23 +1039,508 @@ impl Worker {
                         }
                     }
                 }
-                self.mark_local_done(slot, request.kind);
-                self.engine.local_done(slot, Ok(()));
-                Ok(())
             }
             OpKind::WriteZeroes | OpKind::Trim if request.fua && entry.phase != Phase::Sync => {
                 entry.phase = Phase::Sync;
-                self.issue_local(slot)
+                return self.local_sqe(slot, fd);
             }
-            _ => {
-                self.mark_local_done(slot, request.kind);
-                self.engine.local_done(slot, Ok(()));
-                Ok(())
+            _ => {}
+        }
+        // Note when an application write's local part finished, to measure
+        // how long it then waits for the peer.
+        if entry.submission.is_some() && !matches!(request.kind, OpKind::Read | OpKind::Flush) {
+            entry.local_done_at = Some(Instant::now());
+        }
+        self.engine.local_done(slot, Ok(()));
+        None
+    }
+
+    /// Carries out an action any thread may: a message to the peer.
+    /// Gives any other action back.
+    fn send(&mut self, link: Option<&Arc<dyn PeerLink>>, action: Action) -> Result<(), Action> {
+        let message = match action {
+            Action::SendWrite {
+                slot,
+                seq,
+                after,
+                request,
+            } => {
+                let entry = &mut self.slots[slot as usize];
+                let data = if request.kind == OpKind::Write {
+                    let shared = match entry.data.take() {
+                        Some(Data::Shared(bytes)) => bytes,
+                        // Already being written locally: the heap memory
+                        // stays where it is when the buffer moves into Bytes.
+                        Some(Data::Owned(buf)) => Bytes::from_owner(buf),
+                        _ => {
+                            let buf = entry
+                                .submission
+                                .as_mut()
+                                .and_then(|s| s.buf.take())
+                                .expect("a write carries its data");
+                            Bytes::from_owner(buf)
+                        }
+                    };
+                    entry.data = Some(Data::Shared(shared.clone()));
+                    shared
+                } else {
+                    Bytes::new()
+                };
+                ToPeer::Write {
+                    seq,
+                    after,
+                    request,
+                    data,
+                }
+            }
+            Action::SendFlush { seq } => ToPeer::Flush { seq },
+            Action::SendPrioritize { region } => ToPeer::Prioritize { region },
+            other => return Err(other),
+        };
+        if let Some(link) = link {
+            link.send(message);
+        }
+        Ok(())
+    }
+
+    /// Ends an application request: counts it and returns its submission
+    /// (holding the data of a read) for its frontend.
+    fn finish(
+        &mut self,
+        slot: Slot,
+        result: &Result<(), EngineError>,
+        stats: &RuntimeStats,
+    ) -> Submission {
+        let entry = &mut self.slots[slot as usize];
+        let submission = entry
+            .submission
+            .take()
+            .expect("completed slot has a request");
+        entry.data = None;
+        let started = entry.started.take();
+        let local_done_at = entry.local_done_at.take();
+        let request = submission.request;
+        match (result, request.kind) {
+            (Err(_), _) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            (Ok(()), OpKind::Read) => {
+                stats.reads.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .read_bytes
+                    .fetch_add(request.len_bytes, Ordering::Relaxed);
+            }
+            (Ok(()), OpKind::Flush) => {
+                stats.flushes.fetch_add(1, Ordering::Relaxed);
+            }
+            (Ok(()), _) => {
+                stats.writes.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .write_bytes
+                    .fetch_add(request.len_bytes, Ordering::Relaxed);
+                if let Some(t) = started {
+                    let us = t.elapsed().as_micros() as u64;
+                    stats.write_latency_us.fetch_add(us, Ordering::Relaxed);
+                    stats.write_latency_buckets[latency_bucket(us)].fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(t) = local_done_at {
+                    stats
+                        .remote_wait_us
+                        .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        submission
+    }
+
+    /// Copies the engine's counters where readers see them, when they changed.
+    fn publish_stats(&mut self, stats: &RuntimeStats) {
+        let now = self.engine.stats();
+        if now != self.stats_seen {
+            *stats.engine.lock().expect("stats lock") = now;
+            self.stats_seen = now;
+        }
+    }
+}
+
+/// Hands a finished request to its frontend.
+fn hand_back(submission: Submission, result: Result<(), EngineError>) {
+    let Submission {
+        request,
+        buf,
+        tag,
+        sink,
+    } = submission;
+    sink.complete(tag, &request, result, buf);
+}
+
+impl Worker {
+    fn run(&mut self) -> StopResult {
+        self.arm_wake()?;
+        let shared = self.shared.clone();
+        let mut waiting_marks: Vec<(u64, DoneReply)> = Vec::new();
+        loop {
+            let mut guard = shared.core.lock().expect("core lock");
+            let core = &mut *guard;
+            self.reap(core)?;
+            // Frontends may have left actions for this thread: they come
+            // before anything else touches the engine.
+            self.execute_actions(core)?;
+            if self.shared.control_pending.swap(false, Ordering::SeqCst) {
+                let controls: Vec<Control> =
+                    std::mem::take(&mut *self.shared.control.lock().expect("control queue lock"));
+                self.controls.extend(controls);
+                let messages: VecDeque<(u64, FromPeer)> =
+                    std::mem::take(&mut *self.shared.peer_inbox.lock().expect("peer inbox lock"));
+                self.peer_waiting.extend(messages);
+            }
+            while let Some(control) = self.controls.front() {
+                // As a resync target, reads of regions not yet received must
+                // wait in the engine: no direct read may overlap that. Never
+                // block here: a frontend thread holding a read permit may be
+                // waiting for this thread to take its next request.
+                if matches!(control, Control::Link(LinkEvent::Connected { .. }))
+                    && !self.read_gate_drained()
+                {
+                    break;
+                }
+                self.controls_waiting = None;
+                let control = self.controls.pop_front().expect("front exists");
+                self.on_control(core, control, &mut waiting_marks);
+                // The engine may have freed slots: carry that out before
+                // anything can reuse them.
+                self.execute_actions(core)?;
+            }
+            self.take_peer_messages(core)?;
+            // New requests, as long as there are free slots.
+            while core.engine.app_slot_available() {
+                let Some(submission) = self.shared.inbox.pop() else {
+                    break;
+                };
+                core.admit(submission);
+                // A refused request frees its slot at once: handle that
+                // before the slot can be given to the next request.
+                self.execute_actions(core)?;
+            }
+            if self.last_tick.elapsed() >= TICK_INTERVAL {
+                self.last_tick = Instant::now();
+                core.engine.tick(self.started.elapsed().as_millis() as u64);
+                self.execute_actions(core)?;
+            }
+            self.execute_actions(core)?;
+            if !waiting_marks.is_empty() {
+                let durable = core.engine.durable_epoch();
+                let failed = core.engine.map_failed();
+                let mut i = 0;
+                while i < waiting_marks.len() {
+                    if waiting_marks[i].0 <= durable {
+                        (waiting_marks.swap_remove(i).1)(Ok(()));
+                    } else if failed {
+                        (waiting_marks.swap_remove(i).1)(Err(EngineError::MapFailed));
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            core.publish_stats(&self.shared.stats);
+            self.update_read_gate(core);
+            if let Some(since) = self.stopping {
+                if core.engine.is_connected() && since.elapsed() >= STOP_DRAIN_TIMEOUT {
+                    tracing::warn!("peer did not acknowledge in time; its backlog is marked stale");
+                    core.engine.peer_lost();
+                    continue;
+                }
+                if self.shared.inbox.is_empty()
+                    && core.engine.is_idle()
+                    && self.ops_in_flight == 0
+                    && waiting_marks.is_empty()
+                {
+                    break;
+                }
+            }
+            // Sleep until a completion, a wake-up or the next tick.
+            self.shared.sleeping.store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            let busy = (!self.shared.inbox.is_empty() && core.engine.app_slot_available())
+                || self.shared.control_pending.load(Ordering::SeqCst);
+            drop(guard);
+            let result = if busy {
+                self.ring.submit()
+            } else {
+                let ts = types::Timespec::from(TICK_INTERVAL);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            };
+            match result {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::ETIME)
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+            self.shared.sleeping.store(false, Ordering::SeqCst);
+        }
+        let map = shared.core.lock().expect("core lock").engine.map().clone();
+        Ok((map, self.page_slots.clone()))
+    }
+
+    fn on_control(
+        &mut self,
+        core: &mut Core,
+        control: Control,
+        waiting_marks: &mut Vec<(u64, DoneReply)>,
+    ) {
+        let engine = &mut core.engine;
+        match control {
+            Control::Snapshot(reply) => reply(engine.map().clone()),
+            Control::MarkAll(value, reply) => {
+                if engine.map_failed() {
+                    reply(Err(EngineError::MapFailed));
+                } else {
+                    let epoch = engine.mark_all(value);
+                    waiting_marks.push((epoch, reply));
+                }
+            }
+            Control::MarkStale(bits, reply) => {
+                if engine.map_failed() {
+                    reply(Err(EngineError::MapFailed));
+                } else {
+                    let epoch = engine.mark_stale_bits(&bits);
+                    waiting_marks.push((epoch, reply));
+                }
+            }
+            Control::Link(LinkEvent::Connected { session, role }) => {
+                if engine.is_connected() {
+                    engine.peer_lost();
+                }
+                self.session = session;
+                engine.connect(role);
+            }
+            Control::Link(LinkEvent::Lost) => {
+                self.session = 0;
+                engine.peer_lost();
+            }
+            Control::Stop => {
+                self.stopping.get_or_insert_with(Instant::now);
             }
         }
     }
 
-    fn pump_flush(&mut self) -> io::Result<()> {
+    /// Opens the gate for direct reads when the engine allows them and no
+    /// control waits for it to drain; it is closed only by
+    /// [`Worker::read_gate_drained`].
+    fn update_read_gate(&self, core: &Core) {
+        let gate = &self.shared.read_gate;
+        if self.controls_waiting.is_none()
+            && core.engine.direct_reads_allowed()
+            && gate.load(Ordering::Relaxed) & READ_GATE_CLOSED != 0
+        {
+            gate.fetch_and(!READ_GATE_CLOSED, Ordering::AcqRel);
+        }
+    }
+
+    /// Stops new direct reads; whether none is in flight any more (they are
+    /// local reads, so that takes about one disk access).
+    fn read_gate_drained(&mut self) -> bool {
+        let gate = &self.shared.read_gate;
+        let in_flight = gate.fetch_or(READ_GATE_CLOSED, Ordering::AcqRel) & !READ_GATE_CLOSED;
+        if in_flight == 0 {
+            return true;
+        }
+        let since = *self.controls_waiting.get_or_insert_with(Instant::now);
+        if since.elapsed() > Duration::from_secs(5) {
+            tracing::warn!(in_flight, "the link waits for direct reads to finish");
+            self.controls_waiting = Some(Instant::now());
+        }
+        false
+    }
+
+    /// Hands messages from the peer to the engine while it has slots for
+    /// them. Until the link is connected they wait (the peer may finish its
+    /// side of the handshake first); a lost link drops them.
+    fn take_peer_messages(&mut self, core: &mut Core) -> io::Result<()> {
+        if !self.controls.is_empty() {
+            // A link event waits (see `run`): the messages may belong to the
+            // session it starts, which the engine does not know yet.
+            return Ok(());
+        }
+        if !core.engine.is_connected() {
+            // Keep only what may belong to a session about to start.
+            self.peer_waiting
+                .retain(|(s, _)| *s != 0 && *s != self.session);
+            return Ok(());
+        }
+        while let Some((session, message)) = self.peer_waiting.front() {
+            if *session != self.session {
+                self.peer_waiting.pop_front();
+                continue;
+            }
+            match message {
+                FromPeer::Op { .. } if !core.engine.peer_slot_available() => return Ok(()),
+                _ => {}
+            }
+            match self.peer_waiting.pop_front().expect("present").1 {
+                FromPeer::Op { op, data } => {
+                    let slot = core.engine.peer_op(op);
+                    let entry = &mut core.slots[slot as usize];
+                    entry.peer_seq = op.seq;
+                    entry.done_bytes = 0;
+                    entry.phase = Phase::Main;
+                    entry.data = if data.is_empty() {
+                        None
+                    } else {
+                        // O_DIRECT needs aligned memory: one copy here.
+                        let mut buf = self.pool.take(data.len());
+                        buf.copy_from_slice(&data);
+                        Some(Data::Owned(buf))
+                    };
+                }
+                FromPeer::Answer { seq, result } => core.engine.remote_done(seq, result),
+                FromPeer::Prioritize { region } => core.engine.prioritize(region),
+            }
+            // An answer may complete a request and free its slot: carry that
+            // out before a new request can be given the same slot.
+            self.execute_actions(core)?;
+        }
+        Ok(())
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        let entry = opcode::Read::new(
+            types::Fd(self.shared.wake_fd.as_raw_fd()),
+            self.wake_buf.as_mut_ptr(),
+            8,
+        )
+        .build()
+        .user_data(user_data(KIND_WAKE, 0));
+        self.push(entry)?;
+        self.ops_in_flight -= 1; // the wake-up read is not work
+        Ok(())
+    }
+
+    fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every buffer an entry points at (slot buffers, map page
+            // buffers, the wake buffer) lives in this worker or its core and
+            // is neither moved nor freed until the entry's completion has
+            // been reaped.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                self.ops_in_flight += 1;
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+    }
+
+    /// Carries out the actions left by frontends, then the engine's.
+    fn execute_actions(&mut self, core: &mut Core) -> io::Result<()> {
+        loop {
+            let Some(action) = core
+                .deferred
+                .pop_front()
+                .or_else(|| core.engine.poll_action())
+            else {
+                return Ok(());
+            };
+            tracing::trace!(?action, "device action");
+            let action = match core.send(self.shared.link.as_ref(), action) {
+                Ok(()) => continue,
+                Err(action) => action,
+            };
+            match action {
+                Action::Local(slot) => self.issue_local(core, slot)?,
+                Action::PersistMap(epoch) => {
+                    self.flush_pages.clear();
+                    for &page in core.engine.flushing_pages() {
+                        let (slot, seq) = self.page_slots.next(page);
+                        self.flush_pages.push((page, slot, seq));
+                    }
+                    self.flush = Some(Flush {
+                        epoch,
+                        next: 0,
+                        writes_in_flight: 0,
+                        failed: None,
+                        syncing: false,
+                    });
+                    self.pump_flush(core)?;
+                }
+                Action::Complete(slot, result) => {
+                    hand_back(core.finish(slot, &result, &self.shared.stats), result);
+                }
+                Action::Reply(slot, result) => {
+                    let entry = &mut core.slots[slot as usize];
+                    entry.data = None;
+                    let seq = entry.peer_seq;
+                    self.send(ToPeer::Reply {
+                        seq,
+                        result: result.map_err(|e| e.errno()),
+                    });
+                }
+                Action::Discard(slot) => core.slots[slot as usize].data = None,
+                Action::ResyncRead(slot) => {
+                    let len = core.engine.request(slot).len_bytes as usize;
+                    let entry = &mut core.slots[slot as usize];
+                    entry.data = Some(Data::Owned(self.pool.take(len)));
+                    entry.done_bytes = 0;
+                    entry.phase = Phase::Main;
+                    self.issue_local(core, slot)?;
+                }
+                Action::SendResync { slot, seq, region } => {
+                    let data = match core.slots[slot as usize].data.take() {
+                        Some(Data::Owned(buf)) => Bytes::from_owner(buf),
+                        _ => unreachable!("a resync read fills an owned buffer"),
+                    };
+                    self.send(ToPeer::Resync { seq, region, data });
+                }
+                Action::ResyncDone => {
+                    if let Some(link) = &self.shared.link {
+                        link.resync_done();
+                    }
+                }
+                Action::Renegotiate => {
+                    if let Some(link) = &self.shared.link {
+                        link.renegotiate();
+                    }
+                }
+                Action::PeerStalled { waited_ms } => {
+                    if let Some(link) = &self.shared.link {
+                        link.stalled(waited_ms);
+                    }
+                }
+                Action::SendWrite { .. }
+                | Action::SendFlush { .. }
+                | Action::SendPrioritize { .. } => {
+                    unreachable!("sent by Core::send")
+                }
+            }
+        }
+    }
+
+    fn send(&self, message: ToPeer) {
+        if let Some(link) = &self.shared.link {
+            link.send(message);
+        }
+    }
+
+    fn issue_local(&mut self, core: &mut Core, slot: Slot) -> io::Result<()> {
+        match core.local_sqe(slot, self.data.as_raw_fd()) {
+            Some(sqe) => self.push(sqe.user_data(user_data(KIND_DATA, u64::from(slot)))),
+            None => Ok(()),
+        }
+    }
+
+    fn on_data_completion(&mut self, core: &mut Core, slot: Slot, res: i32) -> io::Result<()> {
+        match core.local_result(slot, res, self.data.as_raw_fd()) {
+            Some(sqe) => self.push(sqe.user_data(user_data(KIND_DATA, u64::from(slot)))),
+            None => Ok(()),
+        }
+    }
+
+    fn pump_flush(&mut self, core: &mut Core) -> io::Result<()> {
         loop {
             let Some(flush) = self.flush.as_mut() else {
                 return Ok(());
@@ -1303,7 +1565,7 @@ impl Worker {
             let (page, slot, seq) = self.flush_pages[flush.next];
             flush.next += 1;
             flush.writes_in_flight += 1;
-            let packed = self.engine.map().packed();
+            let packed = core.engine.map().packed();
             let buf = &mut self.map_bufs[buf_index];
             format::encode_page(
                 &self.uuid,
@@ -1324,7 +1586,13 @@ impl Worker {
         }
     }
 
-    fn on_map_completion(&mut self, kind: u64, index: u64, res: i32) -> io::Result<()> {
+    fn on_map_completion(
+        &mut self,
+        core: &mut Core,
+        kind: u64,
+        index: u64,
+        res: i32,
+    ) -> io::Result<()> {
         let flush = self.flush.as_mut().expect("map completion during a flush");
         if kind == KIND_MAP_PAGE {
             self.map_bufs_free.push(index as usize);
@@ -1339,28 +1607,28 @@ impl Worker {
                     let epoch = flush.epoch;
                     self.flush = None;
                     tracing::error!(errno, "state map write failed");
-                    self.engine.map_written(epoch, Err(errno));
+                    core.engine.map_written(epoch, Err(errno));
                 }
                 return Ok(());
             }
-            return self.pump_flush();
+            return self.pump_flush(core);
         }
         // The sync ends the group commit.
         let epoch = flush.epoch;
         self.flush = None;
         if res < 0 {
             tracing::error!(errno = -res, "state map sync failed");
-            self.engine.map_written(epoch, Err(-res));
+            core.engine.map_written(epoch, Err(-res));
         } else {
             for &(page, slot, seq) in &self.flush_pages {
                 self.page_slots.commit(page, slot, seq);
             }
-            self.engine.map_written(epoch, Ok(()));
+            core.engine.map_written(epoch, Ok(()));
         }
         Ok(())
     }
 
-    fn reap(&mut self) -> io::Result<()> {
+    fn reap(&mut self, core: &mut Core) -> io::Result<()> {
         self.completions.clear();
         for cqe in self.ring.completion() {
             self.completions.push((cqe.user_data(), cqe.result()));
@@ -1375,10 +1643,10 @@ impl Worker {
             }
             self.ops_in_flight -= 1;
             match kind {
-                KIND_DATA => self.on_data_completion(index as Slot, res)?,
-                _ => self.on_map_completion(kind, index, res)?,
+                KIND_DATA => self.on_data_completion(core, index as Slot, res)?,
+                _ => self.on_map_completion(core, kind, index, res)?,
             }
-            self.execute_actions()?;
+            self.execute_actions(core)?;
         }
         Ok(())
     }

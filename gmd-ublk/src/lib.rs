@@ -18,13 +18,18 @@
 //! the queue's ring and commits the result; no other thread and no copy.
 //!
 //! Everything else (writes, flushes, discards, and reads the engine must
-//! order) copies write data into a pooled buffer, hands a [`Submission`] to
-//! the device thread ([`Submitter::submit`]) and waits. The device thread
-//! completes it through the queue's [`CompletionSink`], which pushes the
-//! result into a fixed-capacity queue and writes the queue's eventfd; a read
-//! of that eventfd is always pending on the queue's io_uring, so the queue
-//! thread wakes, hands each result to its tag's task, which copies read data
-//! back and commits the result to the kernel.
+//! order) copies write data into a pooled buffer and runs on the queue
+//! thread ([`Submitter::start_here`]): the engine takes the request there,
+//! hands what goes to the peer to GeoMessage, and gives the local I/O back
+//! as an io_uring operation that the task issues on the queue's ring. When
+//! it finishes ([`Submitter::local_result`]) the request usually completes
+//! at once (standalone, async). If it waits for something else (the peer's
+//! answer in mwc and sync, a state map commit, resync), the device thread
+//! finishes it. It completes through the queue's [`CompletionSink`], which
+//! pushes the result into a fixed-capacity queue and writes the queue's
+//! eventfd. A read of that eventfd is always pending on the queue's io_uring,
+//! so the queue thread wakes and hands each result to its tag's task. The
+//! task copies read data back and commits the result to the kernel.
 //!
 //! Nothing is allocated per request: buffers come from the device's
 //! [`BufPool`], completion queues and per-tag slots are sized when the queue
@@ -54,7 +59,7 @@ use std::time::Duration;
 use crossbeam_queue::ArrayQueue;
 use gmd_core::buf::{BufPool, IoBuf};
 use gmd_core::engine::{EngineError, OpKind, Request};
-use gmd_core::runtime::{CompletionSink, DirectRead, Submission, Submitter};
+use gmd_core::runtime::{CompletionSink, DirectRead, Here, Submission, Submitter};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::{BufDesc, UblkError, UblkFlags, sys};
@@ -715,6 +720,34 @@ async fn read_direct(q: &UblkQueue<'_>, read: DirectRead<'_>, offset: u64, data:
     data.len() as i32
 }
 
+/// Waits for the device thread to finish this tag's request.
+async fn wait_for_device(
+    tag: u16,
+    slots: &RefCell<Vec<TagSlot>>,
+) -> (Result<(), EngineError>, Option<IoBuf>) {
+    std::future::poll_fn(|cx| {
+        let mut slots = slots.borrow_mut();
+        let slot = &mut slots[usize::from(tag)];
+        match slot.done.take() {
+            Some(d) => Poll::Ready(d),
+            None => {
+                slot.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    })
+    .await
+}
+
+/// Sleeps on the queue's io_uring (an io_uring timeout), so the queue's
+/// other tasks go on meanwhile.
+async fn pause(q: &UblkQueue<'_>, how_long: Duration) {
+    // The kernel copies the timespec when it takes the entry.
+    let ts = io_uring::types::Timespec::from(how_long);
+    let sqe = io_uring::opcode::Timeout::new(&ts).build();
+    let _ = q.ublk_submit_sqe(sqe).await;
+}
+
 /// Decodes one ublk request, runs it through the device, returns the ublk
 /// result (bytes, 0 or -errno).
 async fn handle(
@@ -774,35 +807,32 @@ async fn handle(
         }
         _ => None,
     };
-    let mut submission = Submission {
+    let submission = Submission {
         request,
         buf: io_buf,
         tag: u64::from(tag),
         sink: sink.clone(),
     };
-    // The device's submission queue is shared with other frontends and
-    // bounded; when it is full (rare), wait for room.
-    loop {
-        match shared.submitter.submit(submission) {
-            Ok(()) => break,
-            Err(back) => {
-                submission = back;
-                std::thread::sleep(Duration::from_micros(100));
+    // The engine takes the request on this thread; its local part runs on
+    // this queue's ring. The device thread only steps in for what waits
+    // (the peer's answer, a state map commit, resync).
+    let mut here = shared.submitter.start_here(submission);
+    let (result, back) = loop {
+        match here {
+            Here::Issue { slot, sqe } => {
+                let res = q.ublk_submit_sqe(sqe).await;
+                here = shared.submitter.local_result(slot, res);
+            }
+            Here::Done { result, buf } => break (result, buf),
+            Here::Handed => break wait_for_device(tag, slots).await,
+            Here::Full(back) => {
+                // The device is full (it is shared with other frontends):
+                // let this queue's other requests run meanwhile.
+                pause(q, Duration::from_micros(100)).await;
+                here = shared.submitter.start_here(back);
             }
         }
-    }
-    let (result, back) = std::future::poll_fn(|cx| {
-        let mut slots = slots.borrow_mut();
-        let slot = &mut slots[usize::from(tag)];
-        match slot.done.take() {
-            Some(d) => Poll::Ready(d),
-            None => {
-                slot.waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        }
-    })
-    .await;
+    };
     match result {
         Ok(()) => match kind {
             OpKind::Read => match back {

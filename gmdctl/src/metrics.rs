@@ -134,6 +134,14 @@ pub fn render(report: &Report, net: &NetReport) -> String {
         |x| x.local.direct_reads as f64,
     );
     w.each(
+        "gmd_device_direct_writes_total",
+        "counter",
+        "Writes whose local part the frontend ran itself, without the device thread.",
+        d,
+        dev,
+        |x| x.local.direct_writes as f64,
+    );
+    w.each(
         "gmd_device_writes_total",
         "counter",
         "Local writes completed.",

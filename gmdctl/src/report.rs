@@ -80,6 +80,10 @@ pub struct LocalCounters {
     pub direct_reads: u64,
     /// Writes (including write-zeroes and trims) completed.
     pub writes: u64,
+    /// Of the writes, those whose local part the frontend ran itself, without
+    /// the device thread (ublk queue threads).
+    #[serde(default)]
+    pub direct_writes: u64,
     /// Bytes written.
     pub write_bytes: u64,
     /// Flushes completed.
@@ -257,6 +261,7 @@ impl DeviceReport {
                 read_bytes: l.read_bytes.saturating_sub(e.read_bytes),
                 direct_reads: l.direct_reads.saturating_sub(e.direct_reads),
                 writes: l.writes.saturating_sub(e.writes),
+                direct_writes: l.direct_writes.saturating_sub(e.direct_writes),
                 write_bytes: l.write_bytes.saturating_sub(e.write_bytes),
                 flushes: l.flushes.saturating_sub(e.flushes),
                 errors: l.errors.saturating_sub(e.errors),

@@ -279,6 +279,146 @@ fn a_secondary_never_allows_direct_reads() {
     runtime.stop().unwrap();
 }
 
+/// What a ublk queue thread does: runs requests with the engine on its own
+/// thread and their local I/O on its own io_uring.
+struct Frontend {
+    ring: IoUring,
+    /// Operations this thread carried out.
+    issued: u64,
+}
+
+/// A request's end as the frontend saw it: `None` when the device thread
+/// took it over (the result comes through the sink).
+type Inline = Option<(Result<(), EngineError>, Option<IoBuf>)>;
+
+impl Frontend {
+    fn new() -> Frontend {
+        Frontend {
+            ring: IoUring::new(8).unwrap(),
+            issued: 0,
+        }
+    }
+
+    fn run(&mut self, submitter: &Submitter, submission: Submission) -> Inline {
+        let mut here = submitter.start_here(submission);
+        loop {
+            here = match here {
+                Here::Issue { slot, sqe } => {
+                    // SAFETY: the entry points into the request's buffer,
+                    // which the device keeps until the request ends.
+                    unsafe { self.ring.submission().push(&sqe.user_data(7)).unwrap() };
+                    self.ring.submit_and_wait(1).unwrap();
+                    let cqe = self.ring.completion().next().unwrap();
+                    assert_eq!(cqe.user_data(), 7);
+                    self.issued += 1;
+                    submitter.local_result(slot, cqe.result())
+                }
+                Here::Done { result, buf } => return Some((result, buf)),
+                Here::Handed => return None,
+                Here::Full(back) => {
+                    std::thread::sleep(Duration::from_millis(1));
+                    submitter.start_here(back)
+                }
+            };
+        }
+    }
+}
+
+impl Device {
+    fn inline(
+        &self,
+        frontend: &mut Frontend,
+        tag: u64,
+        kind: OpKind,
+        offset: u64,
+        len: u64,
+        fill: u8,
+    ) -> Inline {
+        let buf = matches!(kind, OpKind::Read | OpKind::Write).then(|| {
+            let mut buf = self.pool.take(len as usize);
+            buf.fill(fill);
+            buf
+        });
+        let submission = Submission {
+            request: Request {
+                kind,
+                offset_bytes: offset,
+                len_bytes: len,
+                fua: false,
+            },
+            buf,
+            tag,
+            sink: self.sink.clone(),
+        };
+        frontend.run(&self.runtime.as_ref().unwrap().submitter(), submission)
+    }
+}
+
+/// Writes whose regions are already marked run entirely on the frontend's
+/// thread: the engine takes them there and their local I/O goes on the
+/// frontend's ring; the first write to a region waits for the state map on
+/// the device thread and comes back through the sink.
+#[test]
+fn writes_run_on_the_frontend_thread_once_their_regions_are_marked() {
+    let mut dev = device();
+    let mut fe = Frontend::new();
+    let at = 5 * REGION_SIZE_BYTES;
+    // First write: its region must be durably stale before the data is written.
+    assert!(
+        dev.inline(&mut fe, 1, OpKind::Write, at, 8192, 0x11)
+            .is_none(),
+        "the first write to a region waits for the map"
+    );
+    let done = dev.sink.wait(1);
+    assert_eq!(done[0].0, 1);
+    done[0].1.unwrap();
+    let issued = fe.issued;
+    // Then: done here, on this thread's ring.
+    let (result, _) = dev
+        .inline(&mut fe, 2, OpKind::Write, at + 4096, 16384, 0x22)
+        .expect("finished on the frontend thread");
+    result.unwrap();
+    assert_eq!(fe.issued, issued + 1);
+    for (tag, kind) in [(3, OpKind::WriteZeroes), (4, OpKind::Trim)] {
+        let (result, _) = dev
+            .inline(&mut fe, tag, kind, at + 8192, 4096, 0)
+            .expect("finished on the frontend thread");
+        result.unwrap();
+    }
+    let (result, _) = dev
+        .inline(&mut fe, 5, OpKind::Flush, 0, 0, 0)
+        .expect("finished on the frontend thread");
+    result.unwrap();
+    // A read the engine serves comes back with its data.
+    let (result, buf) = dev
+        .inline(&mut fe, 6, OpKind::Read, at, 20480, 0xee)
+        .expect("finished on the frontend thread");
+    result.unwrap();
+    let data = buf.unwrap().to_vec();
+    assert!(data[..4096].iter().all(|&b| b == 0x11));
+    assert!(data[4096..8192].iter().all(|&b| b == 0x22));
+    assert!(data[8192..12288].iter().all(|&b| b == 0));
+    assert!(data[12288..].iter().all(|&b| b == 0x22));
+    // A bad request is refused at once, without I/O.
+    let issued = fe.issued;
+    let (result, _) = dev
+        .inline(&mut fe, 7, OpKind::Write, SIZE - 4096, 8192, 1)
+        .expect("refused at once");
+    assert_eq!(result.unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(fe.issued, issued);
+    let stats = dev.runtime.as_ref().unwrap().stats().snapshot();
+    assert_eq!(stats.writes, 4);
+    assert_eq!(stats.direct_writes, 3, "write, write-zeroes, trim");
+    assert_eq!(stats.flushes, 1);
+    assert_eq!(stats.errors, 1);
+    assert_eq!(stats.in_flight, 0);
+    dev.runtime.take().unwrap().stop().unwrap();
+    let (_, on_disk) = MapFile::open(&dev.map_path, Some(SIZE)).unwrap();
+    let mut expected = StateMap::new(SIZE);
+    expected.mark_bytes(at, 8192, CELL_STALE);
+    assert_eq!(on_disk, expected);
+}
+
 #[test]
 fn mark_all_is_durable_when_acknowledged() {
     let mut dev = device();
@@ -298,11 +438,13 @@ mod mirroring {
     use super::*;
     use crate::engine::ResyncRole;
     use crate::mirror::{self, FromPeer, LinkEvent, PeerLink, ToPeer};
-    use std::sync::OnceLock;
+    use std::sync::{OnceLock, Weak};
 
     /// Hands every message to the other runtime through the wire encoding.
     struct Wire {
-        other: OnceLock<Arc<Runtime>>,
+        /// Weak: each runtime holds its link, so strong references both
+        /// ways would keep both alive.
+        other: OnceLock<Weak<Runtime>>,
         session: u64,
         resyncs_done: AtomicU64,
     }
@@ -311,10 +453,10 @@ mod mirroring {
         fn send(&self, message: ToPeer) {
             let bytes = mirror::encode(&message);
             let decoded: FromPeer = mirror::decode(&bytes, SIZE).expect("valid message");
-            self.other
-                .get()
-                .expect("linked")
-                .from_peer(self.session, decoded);
+            // Once the other side stopped, its messages are lost.
+            if let Some(other) = self.other.get().expect("linked").upgrade() {
+                other.from_peer(self.session, decoded);
+            }
         }
         fn resync_done(&self) {
             self.resyncs_done.fetch_add(1, Ordering::SeqCst);
@@ -328,6 +470,15 @@ mod mirroring {
     }
 
     fn side(dir: &std::path::Path, name: &str, link: Arc<Wire>) -> (Runtime, PathBuf, PathBuf) {
+        side_in(dir, name, link, crate::config::Mode::Mwc)
+    }
+
+    fn side_in(
+        dir: &std::path::Path,
+        name: &str,
+        link: Arc<Wire>,
+        mode: crate::config::Mode,
+    ) -> (Runtime, PathBuf, PathBuf) {
         let data = dir.join(format!("{name}.img"));
         let map = dir.join(format!("{name}.sm"));
         File::create(&data).unwrap().set_len(SIZE).unwrap();
@@ -343,7 +494,7 @@ mod mirroring {
                 block_size: 4096,
                 slots_max: 64,
                 resync_in_flight_max_bytes: 256 << 10,
-                ..EngineParams::new(SIZE, crate::config::Mode::Mwc)
+                ..EngineParams::new(SIZE, mode)
             },
             pool: BufPool::new(),
             link: Some(link),
@@ -352,11 +503,19 @@ mod mirroring {
         (runtime, data, map)
     }
 
-    fn write_all(rt: &Runtime, sink: &Arc<Collect>, pool: &BufPool, writes: &[(u64, u64, u8)]) {
+    /// Writes on `rt`; with a frontend, the way a ublk queue thread does.
+    fn write_all(
+        rt: &Runtime,
+        sink: &Arc<Collect>,
+        pool: &BufPool,
+        writes: &[(u64, u64, u8)],
+        mut frontend: Option<&mut Frontend>,
+    ) {
+        let mut results = Vec::new();
         for (i, &(offset, len, fill)) in writes.iter().enumerate() {
             let mut buf = pool.take(len as usize);
             buf.fill(fill);
-            rt.submit(Submission {
+            let submission = Submission {
                 request: Request {
                     kind: OpKind::Write,
                     offset_bytes: offset,
@@ -366,15 +525,47 @@ mod mirroring {
                 buf: Some(buf),
                 tag: i as u64,
                 sink: sink.clone(),
-            })
-            .unwrap();
+            };
+            match frontend.as_deref_mut() {
+                Some(fe) => {
+                    if let Some((result, _)) = fe.run(&rt.submitter(), submission) {
+                        results.push(result);
+                    }
+                }
+                None => rt.submit(submission).unwrap(),
+            }
         }
-        let done = sink.wait(writes.len());
-        assert!(
-            done.iter().all(|(_, r, _)| r.is_ok()),
-            "{:?}",
-            done.iter().map(|d| d.1).collect::<Vec<_>>()
-        );
+        let handed = writes.len() - results.len();
+        results.extend(sink.wait(handed).into_iter().map(|d| d.1));
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    }
+
+    /// The resync set of a handshake: one bit per dirty region.
+    fn stale_bits(map: &StateMap) -> Vec<u8> {
+        let mut bits = vec![0u8; map.region_count().div_ceil(8) as usize];
+        for r in map.dirty_region_runs().flatten() {
+            bits[(r / 8) as usize] |= 1 << (r % 8);
+        }
+        bits
+    }
+
+    /// Stops `a`, then `b`. Once `a` is out of its `Arc`, `b`'s answers no
+    /// longer reach it: let `a`'s backlog drain first.
+    fn stop_both(a: Arc<Runtime>, b: Arc<Runtime>) {
+        for rt in [a, b] {
+            let mut rt = rt;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            // The other side's link may hold it for a moment.
+            let rt = loop {
+                match Arc::try_unwrap(rt) {
+                    Ok(rt) => break rt,
+                    Err(back) => rt = back,
+                }
+                assert!(Instant::now() < deadline, "a runtime is still held");
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            rt.stop().unwrap();
+        }
     }
 
     fn snapshot(rt: &Runtime) -> StateMap {
@@ -400,13 +591,13 @@ mod mirroring {
         let (a, _, _) = side(dir.path(), "a", wire_a.clone());
         let (b, _, _) = side(dir.path(), "b", wire_b.clone());
         let (a, b) = (Arc::new(a), Arc::new(b));
-        wire_a.other.set(b.clone()).ok().unwrap();
-        wire_b.other.set(a.clone()).ok().unwrap();
+        wire_a.other.set(Arc::downgrade(&b)).unwrap();
+        wire_b.other.set(Arc::downgrade(&a)).unwrap();
         let pool = BufPool::new();
         let sink = Arc::new(Collect::default());
         let region = 12u64;
         let offset = region * REGION_SIZE_BYTES;
-        write_all(&a, &sink, &pool, &[(offset, REGION_SIZE_BYTES, 0x3c)]);
+        write_all(&a, &sink, &pool, &[(offset, REGION_SIZE_BYTES, 0x3c)], None);
         let mut bits = vec![0u8; (SIZE / REGION_SIZE_BYTES).div_ceil(8) as usize];
         bits[(region / 8) as usize] |= 1 << (region % 8);
 
@@ -459,11 +650,8 @@ mod mirroring {
         let new = pread_direct(&permit, offset, 4096);
         permit.finish(true);
         assert!(new.iter().all(|&x| x == 0x3c), "resynchronised data");
-        drop((reader, wire_a, wire_b));
-        if let (Some(a), Some(b)) = (Arc::try_unwrap(a).ok(), Arc::try_unwrap(b).ok()) {
-            a.stop().unwrap();
-            b.stop().unwrap();
-        }
+        drop(reader);
+        stop_both(a, b);
     }
 
     #[test]
@@ -483,8 +671,8 @@ mod mirroring {
         let (b, data_b, _) = side(dir.path(), "b", wire_b.clone());
         let a = Arc::new(a);
         let b = Arc::new(b);
-        wire_a.other.set(b.clone()).ok().unwrap();
-        wire_b.other.set(a.clone()).ok().unwrap();
+        wire_a.other.set(Arc::downgrade(&b)).unwrap();
+        wire_b.other.set(Arc::downgrade(&a)).unwrap();
         let pool = BufPool::new();
         let sink = Arc::new(Collect::default());
 
@@ -492,7 +680,7 @@ mod mirroring {
         let alone: Vec<(u64, u64, u8)> = (0..40u64)
             .map(|i| (i * 5 * REGION_SIZE_BYTES + 4096, 65536, i as u8 + 1))
             .collect();
-        write_all(&a, &sink, &pool, &alone);
+        write_all(&a, &sink, &pool, &alone, None);
         let stale = snapshot(&a);
         let mut expected = StateMap::new(SIZE);
         for &(o, l, _) in &alone {
@@ -501,15 +689,7 @@ mod mirroring {
         assert_eq!(stale, expected);
 
         // Connect: A sends its stale regions to B.
-        let bits = {
-            let mut bits = vec![0u8; stale.region_count().div_ceil(8) as usize];
-            for run in stale.dirty_region_runs() {
-                for r in run {
-                    bits[(r / 8) as usize] |= 1 << (r % 8);
-                }
-            }
-            bits
-        };
+        let bits = stale_bits(&stale);
         b.link_event(LinkEvent::Connected {
             session: 7,
             role: ResyncRole::Target(bits.clone()),
@@ -532,7 +712,11 @@ mod mirroring {
         let during: Vec<(u64, u64, u8)> = (0..40u64)
             .map(|i| (i * 7 * REGION_SIZE_BYTES, 8192, 0xa0 + i as u8))
             .collect();
-        write_all(&a, &sink, &pool, &during);
+        // Half of them the way a ublk queue thread does, during the resync.
+        let mut fe = Frontend::new();
+        let (first, second) = during.split_at(20);
+        write_all(&a, &sink, &pool, first, None);
+        write_all(&a, &sink, &pool, second, Some(&mut fe));
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while wire_a.resyncs_done.load(Ordering::SeqCst) == 0
             || wire_b.resyncs_done.load(Ordering::SeqCst) == 0
@@ -546,7 +730,14 @@ mod mirroring {
         let after: Vec<(u64, u64, u8)> = (0..20u64)
             .map(|i| (i * 11 * REGION_SIZE_BYTES + 512 * 8, 4096, 0x70 + i as u8))
             .collect();
-        write_all(&a, &sink, &pool, &after);
+        write_all(&a, &sink, &pool, &after, Some(&mut fe));
+        // Their regions are marked now: written again, they run on the
+        // frontend's thread (mwc: the peer's answer still comes through the
+        // device thread).
+        let before = a.stats().snapshot().direct_writes;
+        let again: Vec<(u64, u64, u8)> = after.iter().map(|&(o, l, f)| (o, l, !f)).collect();
+        write_all(&a, &sink, &pool, &again, Some(&mut fe));
+        assert_eq!(a.stats().snapshot().direct_writes, before + 20);
         let now = snapshot(&a);
         let still: Vec<(u64, u8)> = now
             .dirty_region_runs()
@@ -562,19 +753,240 @@ mod mirroring {
         let stats = a.stats().snapshot().engine;
         assert_eq!(stats.resync_total, expected.count_nonzero());
         assert!(stats.remote_writes >= 60);
-        drop(wire_a);
-        drop(wire_b);
-        let a = Arc::try_unwrap(a).ok();
-        let b = Arc::try_unwrap(b).ok();
-        // Links hold the runtimes: stop through the handles we still have.
-        if let (Some(a), Some(b)) = (a, b) {
-            a.stop().unwrap();
-            b.stop().unwrap();
-        }
+        stop_both(a, b);
         assert!(
             std::fs::read(&data_a).unwrap() == std::fs::read(&data_b).unwrap(),
             "the copies differ"
         );
+    }
+
+    /// Records what the device would send.
+    #[derive(Default)]
+    struct Recorder {
+        sent: Mutex<Vec<ToPeer>>,
+    }
+
+    impl PeerLink for Recorder {
+        fn send(&self, message: ToPeer) {
+            self.sent.lock().unwrap().push(message);
+        }
+        fn resync_done(&self) {}
+        fn renegotiate(&self) {}
+        fn stalled(&self, _: u64) {}
+    }
+
+    /// While an action waits for the device thread, a frontend carries out
+    /// nothing the engine asks after it (here an async write's message and
+    /// its completion, which would free the data the message needs) and
+    /// takes no new request inline: the engine's order is kept. Driven by
+    /// hand, without a device thread, so nothing races.
+    #[test]
+    fn a_frontend_defers_everything_behind_an_action_left_to_the_device_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.img");
+        File::create(&path).unwrap().set_len(SIZE).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let shared = Arc::new(
+            Shared::new(
+                EngineParams {
+                    block_size: 4096,
+                    ..EngineParams::new(SIZE, crate::config::Mode::Async)
+                },
+                StateMap::new(SIZE),
+                Some(recorder.clone()),
+                crate::volume::open_rw(&path, true).unwrap(),
+            )
+            .unwrap(),
+        );
+        let submitter = Submitter {
+            shared: shared.clone(),
+        };
+        {
+            let engine = &mut shared.core.lock().unwrap().engine;
+            engine.connect(ResyncRole::Source(vec![0; 256]));
+            while engine.poll_action().is_some() {}
+        }
+        let pool = BufPool::new();
+        let sink = Arc::new(Collect::default());
+        let write = |tag: u64| {
+            let mut buf = pool.take(4096);
+            buf.fill(tag as u8);
+            Submission {
+                request: Request {
+                    kind: OpKind::Write,
+                    offset_bytes: 4096 * tag,
+                    len_bytes: 4096,
+                    fua: false,
+                },
+                buf: Some(buf),
+                tag,
+                sink: sink.clone(),
+            }
+        };
+        // The first write marks its region: the map commit is left to the
+        // device thread, which here is this test.
+        assert!(matches!(submitter.start_here(write(1)), Here::Handed));
+        let slot = {
+            let mut core = shared.core.lock().unwrap();
+            let Some(Action::PersistMap(epoch)) = core.deferred.pop_front() else {
+                panic!("expected a map commit, got {:?}", core.deferred);
+            };
+            assert!(core.deferred.is_empty());
+            core.engine.map_written(epoch, Ok(()));
+            let Some(Action::Local(slot)) = core.engine.poll_action() else {
+                panic!("the write goes on once the map is durable");
+            };
+            assert_eq!(core.engine.poll_action(), None);
+            slot
+        };
+        // Say the write's local part ran on the frontend's ring, and the
+        // device thread still has an action to carry out.
+        let sqe = shared
+            .core
+            .lock()
+            .unwrap()
+            .local_sqe(slot, shared.read_file.as_raw_fd());
+        assert!(sqe.is_some());
+        let waiting = Action::SendPrioritize { region: 9 };
+        shared.core.lock().unwrap().deferred.push_back(waiting);
+        assert!(matches!(submitter.local_result(slot, 4096), Here::Handed));
+        let deferred: Vec<Action> = shared.core.lock().unwrap().deferred.drain(..).collect();
+        assert!(
+            matches!(
+                deferred[..],
+                [
+                    Action::SendPrioritize { region: 9 },
+                    Action::SendWrite { slot: s, .. },
+                    Action::Complete(c, Ok(())),
+                ] if s == slot && c == slot
+            ),
+            "{deferred:?}"
+        );
+        assert!(
+            recorder.sent.lock().unwrap().is_empty(),
+            "nothing sent out of order"
+        );
+        // Nor is a new request taken inline meanwhile: it queues for the
+        // device thread.
+        shared.core.lock().unwrap().deferred.push_back(waiting);
+        assert!(matches!(submitter.start_here(write(2)), Here::Handed));
+        assert_eq!(shared.inbox.len(), 1);
+    }
+
+    /// Two frontend threads run writes on their own threads while the
+    /// device resynchronises and mirrors, in each mode: the engine is shared
+    /// between them and the device thread, and actions only the device
+    /// thread can carry out keep their order. Both copies end identical.
+    #[test]
+    fn frontend_threads_and_the_device_thread_share_the_engine_in_every_mode() {
+        use crate::config::Mode;
+        for mode in [Mode::Sync, Mode::Mwc, Mode::Async] {
+            let dir = tempfile::tempdir().unwrap();
+            let wire = || {
+                Arc::new(Wire {
+                    other: OnceLock::new(),
+                    session: 5,
+                    resyncs_done: AtomicU64::new(0),
+                })
+            };
+            let (wire_a, wire_b) = (wire(), wire());
+            let (a, data_a, _) = side_in(dir.path(), "a", wire_a.clone(), mode);
+            let (b, data_b, _) = side_in(dir.path(), "b", wire_b.clone(), mode);
+            let (a, b) = (Arc::new(a), Arc::new(b));
+            wire_a.other.set(Arc::downgrade(&b)).unwrap();
+            wire_b.other.set(Arc::downgrade(&a)).unwrap();
+            let pool = BufPool::new();
+            // A alone first: 300 regions to resynchronise.
+            let alone: Vec<(u64, u64, u8)> = (0..300u64)
+                .map(|i| (i * 6 * REGION_SIZE_BYTES, REGION_SIZE_BYTES, i as u8))
+                .collect();
+            for chunk in alone.chunks(50) {
+                write_all(&a, &Arc::new(Collect::default()), &pool, chunk, None);
+            }
+            let bits = stale_bits(&snapshot(&a));
+            b.link_event(LinkEvent::Connected {
+                session: 5,
+                role: ResyncRole::Target(bits.clone()),
+            });
+            a.link_event(LinkEvent::Connected {
+                session: 5,
+                role: ResyncRole::Source(bits),
+            });
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while a.stats().snapshot().engine.connected == 0
+                || b.stats().snapshot().engine.connected == 0
+            {
+                assert!(Instant::now() < deadline, "no link");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Each thread owns 12 regions, some of them still to resync; per
+            // round it writes 24 blocks in them, none twice, and waits.
+            std::thread::scope(|s| {
+                for t in 0..2u64 {
+                    let (a, pool) = (&a, &pool);
+                    s.spawn(move || {
+                        let mut fe = Frontend::new();
+                        let sink = Arc::new(Collect::default());
+                        for round in 0..12u64 {
+                            let writes: Vec<(u64, u64, u8)> = (0..24u64)
+                                .map(|k| {
+                                    let region = (k % 12) * 50 + t;
+                                    let block = (round + k / 12 * 4) % 8;
+                                    let offset = region * REGION_SIZE_BYTES + block * 4096;
+                                    (offset, 4096, (t * 100 + round * 24 + k) as u8)
+                                })
+                                .collect();
+                            write_all(a, &sink, pool, &writes, Some(&mut fe));
+                        }
+                    });
+                }
+            });
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while wire_a.resyncs_done.load(Ordering::SeqCst) == 0
+                || wire_b.resyncs_done.load(Ordering::SeqCst) == 0
+                || a.stats().snapshot().engine.backlog_bytes != 0
+            {
+                assert!(Instant::now() < deadline, "{mode:?}: resync did not finish");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // Once the map is quiet, writes to marked regions run inline
+            // (while it changes they wait for its next commit). Sync writes
+            // the peer's copy first: the local write follows the answer, on
+            // the device thread.
+            // The first round starts the commit of what the resync changed.
+            let sink = Arc::new(Collect::default());
+            let mut before = 0;
+            for fill in [0xf0, 0xe0] {
+                before = a.stats().snapshot().direct_writes;
+                let again: Vec<(u64, u64, u8)> = (0..12u64)
+                    .map(|k| (k * 50 * REGION_SIZE_BYTES, 4096, fill | k as u8))
+                    .collect();
+                write_all(&a, &sink, &pool, &again, Some(&mut Frontend::new()));
+            }
+            let stats = a.stats().snapshot();
+            if mode != Mode::Sync {
+                assert!(
+                    stats.direct_writes > before,
+                    "{mode:?}: no write ran inline"
+                );
+            }
+            assert_eq!(stats.errors, 0);
+            // Async: let the peer acknowledge the backlog while it can
+            // still reach this side.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while a.stats().snapshot().engine.backlog_bytes != 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "{mode:?}: backlog not acknowledged"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            stop_both(a, b);
+            assert!(
+                std::fs::read(&data_a).unwrap() == std::fs::read(&data_b).unwrap(),
+                "{mode:?}: the copies differ"
+            );
+        }
     }
 }
 

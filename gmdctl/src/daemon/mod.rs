@@ -1360,6 +1360,7 @@ impl Daemon {
                 read_bytes: c.read_bytes,
                 direct_reads: c.direct_reads,
                 writes: c.writes,
+                direct_writes: c.direct_writes,
                 write_bytes: c.write_bytes,
                 flushes: c.flushes,
                 errors: c.errors,

@@ -95,12 +95,13 @@ in_sync() {
   case $s in *'"inconsistent":0'*) ;; *) return 1;; esac
 }
 
-# direct_reads DIR MACHINE DEVICE: the device counted reads that its ublk
-# queue threads served themselves (prints the count).
-direct_reads() {
+# direct_count DIR MACHINE DEVICE KIND: the device counted KIND (reads or
+# writes) whose local part its ublk queue threads ran themselves, without
+# the device thread (logs the count; fails when there were none).
+direct_count() {
   local n
-  n=$(gmdstat --socket "$1/$2.sock" -l "$3" --json | tr -d ' \n' | sed -n 's/.*"direct_reads":\([0-9]*\).*/\1/p')
-  log "$3: $n direct reads"
+  n=$(gmdstat --socket "$1/$2.sock" -l "$3" --json | tr -d ' \n' | sed -n "s/.*\"direct_$4\":\([0-9]*\).*/\1/p")
+  log "$3: $n direct $4"
   [ "${n:-0}" -gt 0 ]
 }
 
