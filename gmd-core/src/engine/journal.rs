@@ -2,9 +2,13 @@
 //! the group commit in flight, and two epochs (`started`, `durable`).
 //!
 //! A cell change that alters its class (clean / inconsistent / stale) dirties
-//! its page. A writer that needs a page durable waits for the epoch after
-//! which it is: the next commit if the page is dirty, the current one if the
-//! page is being written, none otherwise.
+//! its page and marks its region changed. A writer that needs its regions'
+//! cells durable waits for the epoch after which they are: the next commit
+//! if one of its regions changed since the last commit started, the current
+//! one if such a change is being written, none otherwise. Tracking this per
+//! region, not per page, keeps writes to regions already marked on disk
+//! from waiting for commits of their neighbours (a page covers thousands of
+//! regions).
 
 use crate::statemap::cells::{CellClass, CellValue, StateMap};
 use crate::statemap::format::Layout;
@@ -27,25 +31,12 @@ impl PageSet {
         }
     }
 
-    pub(super) fn contains(&self, page: u64) -> bool {
-        self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
-    }
-
     pub(super) fn insert(&mut self, page: u64) {
         let word = &mut self.words[(page / 64) as usize];
         let bit = 1 << (page % 64);
         if *word & bit == 0 {
             *word |= bit;
             self.count += 1;
-        }
-    }
-
-    fn remove(&mut self, page: u64) {
-        let word = &mut self.words[(page / 64) as usize];
-        let bit = 1 << (page % 64);
-        if *word & bit != 0 {
-            *word &= !bit;
-            self.count -= 1;
         }
     }
 
@@ -66,13 +57,62 @@ impl PageSet {
     }
 }
 
+/// A set of regions as a bitmap that remembers which words it touched, so
+/// that clearing costs what was inserted, not the device size.
+#[derive(Clone, Debug)]
+pub(super) struct RegionSet {
+    words: Vec<u64>,
+    touched: Vec<usize>,
+}
+
+impl RegionSet {
+    fn new(regions: u64) -> Self {
+        RegionSet {
+            words: vec![0; regions.div_ceil(64) as usize],
+            touched: Vec::new(),
+        }
+    }
+
+    fn contains(&self, region: u64) -> bool {
+        self.words[(region / 64) as usize] & (1 << (region % 64)) != 0
+    }
+
+    fn insert(&mut self, region: u64) {
+        let index = (region / 64) as usize;
+        if self.words[index] == 0 {
+            self.touched.push(index);
+        }
+        self.words[index] |= 1 << (region % 64);
+    }
+
+    fn clear(&mut self) {
+        for &index in &self.touched {
+            self.words[index] = 0;
+        }
+        self.touched.clear();
+    }
+
+    /// Adds every region of `other`.
+    fn extend(&mut self, other: &RegionSet) {
+        for &index in &other.touched {
+            if self.words[index] == 0 && other.words[index] != 0 {
+                self.touched.push(index);
+            }
+            self.words[index] |= other.words[index];
+        }
+    }
+}
+
 /// The in-memory map plus what of it is durable.
 #[derive(Debug)]
 pub(super) struct Journal {
     pub(super) map: StateMap,
     dirty: PageSet,
     flushing: Vec<u64>,
-    flushing_set: PageSet,
+    /// Regions whose class changed since the last commit started.
+    changed: RegionSet,
+    /// Regions whose class change the commit in flight writes.
+    flushing_regions: RegionSet,
     started: Epoch,
     durable: Epoch,
     in_flight: bool,
@@ -82,11 +122,13 @@ pub(super) struct Journal {
 impl Journal {
     pub(super) fn new(map: StateMap) -> Self {
         let pages = Layout::for_regions(map.region_count()).page_count;
+        let regions = map.region_count();
         Journal {
             map,
             dirty: PageSet::new(pages),
             flushing: Vec::with_capacity(pages as usize),
-            flushing_set: PageSet::new(pages),
+            changed: RegionSet::new(regions),
+            flushing_regions: RegionSet::new(regions),
             started: 0,
             durable: 0,
             in_flight: false,
@@ -99,28 +141,24 @@ impl Journal {
         let old = self.map.set(region, value);
         if CellClass::of(old) != CellClass::of(value) {
             self.dirty.insert(Layout::page_of_region(region));
+            self.changed.insert(region);
         }
         old
     }
 
-    /// The epoch after which the pages holding `regions` are durable as they are in memory.
+    /// The epoch after which the cells of `regions` are durable as they
+    /// are in memory (their class, which is what a crash must find).
     pub(super) fn needed(&self, regions: std::ops::Range<u64>) -> Epoch {
-        if regions.is_empty() {
-            return self.durable;
+        let mut need = self.durable;
+        for region in regions {
+            if self.changed.contains(region) {
+                return self.started + 1;
+            }
+            if self.in_flight && self.flushing_regions.contains(region) {
+                need = self.started;
+            }
         }
-        let pages = Layout::page_of_region(regions.start)..=Layout::page_of_region(regions.end - 1);
-        pages
-            .map(|page| {
-                if self.dirty.contains(page) {
-                    self.started + 1
-                } else if self.in_flight && self.flushing_set.contains(page) {
-                    self.started
-                } else {
-                    self.durable
-                }
-            })
-            .max()
-            .unwrap_or(self.durable)
+        need
     }
 
     /// The epoch after which every change made so far is durable.
@@ -153,9 +191,8 @@ impl Journal {
         }
         self.flushing.clear();
         self.dirty.drain_into(&mut self.flushing);
-        for &page in &self.flushing {
-            self.flushing_set.insert(page);
-        }
+        self.flushing_regions.clear();
+        std::mem::swap(&mut self.changed, &mut self.flushing_regions);
         self.started += 1;
         self.in_flight = true;
         Some(self.started)
@@ -175,9 +212,6 @@ impl Journal {
             "map write {epoch} was not in flight"
         );
         self.in_flight = false;
-        for &page in &self.flushing {
-            self.flushing_set.remove(page);
-        }
         if ok {
             self.durable = epoch;
         } else {
@@ -185,6 +219,47 @@ impl Journal {
             for &page in &self.flushing {
                 self.dirty.insert(page);
             }
+            self.changed.extend(&self.flushing_regions);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::statemap::cells::{CELL_ACTIVE, CELL_CONSISTENT, CELL_STALE, CELL_WRITING};
+    use crate::units::REGION_SIZE_BYTES;
+
+    /// A write waits only for its own regions' class changes, not for those
+    /// of other regions on the same map page.
+    #[test]
+    fn a_write_waits_only_for_changes_of_its_own_regions() {
+        let mut j = Journal::new(StateMap::new(1000 * REGION_SIZE_BYTES));
+        assert_eq!(Layout::page_of_region(3), Layout::page_of_region(700));
+        // Region 3 marked and durable.
+        j.set(3, CELL_WRITING);
+        assert_eq!(j.needed(3..4), 1, "its change waits for the next commit");
+        let first = j.start().unwrap();
+        assert_eq!(j.needed(3..4), first, "then for the commit in flight");
+        // A neighbour changes while the commit is in flight.
+        j.set(700, CELL_STALE);
+        assert_eq!(j.needed(700..701), first + 1);
+        assert_eq!(j.needed(3..5), first, "region 3 is being written");
+        j.finish(first, true);
+        assert_eq!(j.needed(3..5), first, "durable: nothing to wait for");
+        assert_eq!(j.needed(699..701), first + 1, "the neighbour still waits");
+        // Changes within a class need nothing: the disk shows the class.
+        j.set(3, CELL_ACTIVE);
+        j.set(3, CELL_WRITING);
+        assert_eq!(j.needed(3..4), first);
+        let second = j.start().unwrap();
+        assert_eq!(j.needed(699..701), second);
+        assert_eq!(j.needed(3..4), first);
+        // A failed commit leaves its changes waiting.
+        j.finish(second, false);
+        assert_eq!(j.needed(700..701), second + 1);
+        // Back to clean is a change too.
+        j.set(3, CELL_CONSISTENT);
+        assert_eq!(j.needed(3..4), second + 1);
     }
 }
