@@ -10,10 +10,19 @@
 //!   through — for every write present there, everything the primary had
 //!   completed before that write was issued is present too.
 //!
+//! At each unify (divergence), before anything is discarded:
+//! - (1) every acknowledged write is on the disk of the node that wrote it
+//!   (with the exceptions below), so that a resync that overwrote it is not
+//!   hidden by the unify that follows.
+//!
 //! And at the end, once everything is healed and quiet:
 //! - (3) both disks are identical and both durable maps are clean;
-//! - (1) every acknowledged write is on both disks (unless a later write
-//!   replaced it, or unify discarded a divergent side on purpose).
+//! - (1) every acknowledged write is on both disks, unless a later write
+//!   replaced it or unify discarded it on purpose: only what node 1 held and
+//!   node 0 did not, in the regions unify marked. One known gap is excused
+//!   in runs that diverged: a write acknowledged alone whose node crashed
+//!   before its stale mark was durable (only the intent mark was) — the
+//!   handshake counts stale cells only, so that node may become the target.
 //!
 //! A failing seed is printed; replay one with `GMD_SIM_SEED=<n>`, change the
 //! count with `GMD_SIM_SEEDS=<n>` (default 2000).
@@ -25,9 +34,9 @@ use gmd_core::engine::{
     Action, Engine, EngineError, EngineParams, Epoch, OpKind, PeerOp, Request, ResyncRole, Seq,
     Slot,
 };
-use gmd_core::statemap::StateMap;
 use gmd_core::statemap::cells::{CELL_RESYNC, CELL_STALE};
 use gmd_core::statemap::format::Layout;
+use gmd_core::statemap::{CellClass, StateMap};
 use gmd_core::units::{REGION_SIZE_BYTES, region_bytes};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -122,6 +131,8 @@ fn params(mode: Mode, writable: bool) -> EngineParams {
 /// One write as the application saw it.
 #[derive(Clone, Debug)]
 struct History {
+    /// The node whose application issued it.
+    node: usize,
     blocks: std::ops::Range<usize>,
     submitted: usize,
     completed: Option<usize>,
@@ -143,6 +154,13 @@ struct World {
     writes: Vec<History>,
     /// Per block, the writes to it in issue order (ids).
     block_writes: Vec<Vec<WriteId>>,
+    /// Per block, the positions in `block_writes` whose data unify discarded
+    /// on purpose (the non-master's writes the master did not hold).
+    discarded: Vec<Vec<std::ops::Range<usize>>>,
+    /// Per block, the positions in `block_writes` of writes the peer did not
+    /// hold when their node crashed with only an intent mark (`0x1`–`0x7`),
+    /// not yet the stale mark, durable for them (see `crash`).
+    intent_only: Vec<Vec<std::ops::Range<usize>>>,
     step: usize,
     unified: bool,
     log: Vec<String>,
@@ -178,12 +196,15 @@ impl World {
             resync_done: [false, false],
             next_id: 1,
             writes: vec![History {
+                node: 0,
                 blocks: 0..0,
                 submitted: 0,
                 completed: Some(0),
                 acked: true,
             }],
             block_writes: vec![Vec::new(); BLOCKS],
+            discarded: vec![Vec::new(); BLOCKS],
+            intent_only: vec![Vec::new(); BLOCKS],
             step: 0,
             unified: false,
             log: Vec::new(),
@@ -420,6 +441,7 @@ impl World {
             self.block_writes[b].push(id);
         }
         self.writes.push(History {
+            node: n,
             blocks,
             submitted: self.step,
             completed: None,
@@ -606,12 +628,14 @@ impl World {
             let b = self.nodes[1].engine.as_ref().unwrap().dirty_bits();
             a.iter().zip(&b).map(|(x, y)| x | y).collect()
         };
-        // The maps were read; the connect happens a few steps later, as it
-        // does across the network (writes keep marking stale meanwhile).
+        // The maps were read; the connect happens up to about a message's
+        // way there and back later (Connect, Accept, Go across the network),
+        // long enough for writes issued meanwhile to mark stale, be written
+        // locally and acknowledged before the connect.
         let delay = if self.step == 0 {
             0
         } else {
-            self.rng.gen_range(0..8)
+            self.rng.gen_range(0..16)
         };
         self.handshaking = Some((source, bits, delay));
         self.finish_handshake();
@@ -631,15 +655,22 @@ impl World {
         self.connected = true;
         self.wires[0].clear();
         self.wires[1].clear();
-        self.resync_source = Some(source);
+        let regions = bits.iter().map(|b| b.count_ones()).sum::<u32>();
         self.resync_done = [false, false];
-        self.note(format!(
-            "connect: source {source}, {} regions",
-            bits.iter().map(|b| b.count_ones()).sum::<u32>()
-        ));
-        self.engine(source)
-            .connect(ResyncRole::Source(bits.clone()));
-        self.engine(1 - source).connect(ResyncRole::Target(bits));
+        if regions == 0 {
+            // Nothing to resend: the daemons connect both without a resync.
+            self.resync_source = None;
+            self.note("connect: no resync".into());
+            for n in 0..2 {
+                self.engine(n).connect(ResyncRole::None);
+            }
+        } else {
+            self.resync_source = Some(source);
+            self.note(format!("connect: source {source}, {regions} regions"));
+            self.engine(source)
+                .connect(ResyncRole::Source(bits.clone()));
+            self.engine(1 - source).connect(ResyncRole::Target(bits));
+        }
         for n in 0..2 {
             self.pump(n);
         }
@@ -647,12 +678,23 @@ impl World {
 
     /// Divergence: both sides wrote alone. The administrator picks node 0 as
     /// master: both devices stop, the OR of both maps goes to the master and
-    /// the other's is cleared, and they start again.
+    /// the other's is cleared, and they start again. What node 1 holds and
+    /// node 0 does not in those regions is discarded on purpose; everything
+    /// else acknowledged must have survived until now, on the disk of the
+    /// node that wrote it.
     fn unify(&mut self) {
         self.note("divergence: unify with node 0 as master".into());
         self.unified = true;
         for n in 0..2 {
             self.drain_node(n);
+        }
+        for b in 0..BLOCKS {
+            let Some(p) = self.last_acked_kept(b) else {
+                continue;
+            };
+            let writer = self.writes[self.block_writes[b][p] as usize].node;
+            let have = self.nodes[writer].disk[b];
+            self.check_acked(b, p, have, &format!("before unify, on node {writer}"));
         }
         let mut merged = self.nodes[0].map_durable.clone();
         merged.merge(&self.nodes[1].map_durable).unwrap();
@@ -660,6 +702,15 @@ impl World {
         for r in 0..REGIONS {
             if merged.get(r) != 0 {
                 master.set(r, CELL_STALE);
+                let bytes = region_bytes(r, SIZE);
+                for b in (bytes.start / BLOCK) as usize..(bytes.end / BLOCK) as usize {
+                    let kept = self.nodes[0].disk[b];
+                    let from = self.position(b, kept);
+                    let to = self.block_writes[b].len();
+                    if from < to {
+                        self.discarded[b].push(from..to);
+                    }
+                }
             }
         }
         self.nodes[0].map_durable = master;
@@ -688,6 +739,9 @@ impl World {
 
     fn crash(&mut self, n: usize) {
         self.note(format!("crash node {n}"));
+        // The node stops at once: only its peer sees the link go (a dead
+        // engine acknowledges nothing and commits nothing more).
+        let engine = self.nodes[n].engine.take().expect("running");
         self.link_lost();
         // In-flight local writes land or not; a commit in flight lands page by page or not.
         let locals = std::mem::take(&mut self.nodes[n].locals);
@@ -695,7 +749,7 @@ impl World {
             if !self.rng.gen_bool(0.5) {
                 continue;
             }
-            let request = *self.nodes[n].engine.as_ref().unwrap().request(slot);
+            let request = *engine.request(slot);
             let blocks = (request.offset_bytes / BLOCK) as usize
                 ..((request.offset_bytes + request.len_bytes) / BLOCK) as usize;
             match self.nodes[n].slots.get(&slot) {
@@ -725,13 +779,34 @@ impl World {
             }
             self.nodes[n].map_durable = StateMap::from_packed(SIZE, packed).unwrap();
         }
+        // A write acknowledged alone is covered on disk by its intent mark
+        // until its stale mark is durable; a crash in between leaves only
+        // an inconsistent cell (0x7 once loaded), which the handshake does
+        // not count: the node can become the target and lose the writes its
+        // peer never got. A known gap, excused in runs that diverge (see
+        // `last_acked_kept`).
+        for r in 0..REGIONS {
+            if CellClass::of(self.nodes[n].map_durable.get(r)) != CellClass::Inconsistent {
+                continue;
+            }
+            let bytes = region_bytes(r, SIZE);
+            for b in (bytes.start / BLOCK) as usize..(bytes.end / BLOCK) as usize {
+                let from = self.position(b, self.nodes[1 - n].disk[b]);
+                let writes = &self.block_writes[b][from..];
+                if writes.iter().any(|&w| {
+                    let w = &self.writes[w as usize];
+                    w.acked && w.node == n
+                }) {
+                    self.intent_only[b].push(from..self.block_writes[b].len());
+                }
+            }
+        }
         // Writes in flight from this node's application are unacknowledged for ever.
         for data in self.nodes[n].slots.values() {
             if let SlotData::AppWrite { id } = data {
                 self.writes[*id as usize].completed = Some(self.step);
             }
         }
-        self.nodes[n].engine = None;
         self.nodes[n].slots.clear();
         self.nodes[n].busy_blocks.clear();
         self.nodes[n].down_since = Some(self.step);
@@ -880,22 +955,60 @@ impl World {
             assert!(e.map().is_clean(), "node {n}: map not clean in memory");
             assert!(e.is_idle(), "node {n}: engine not idle");
         }
-        if self.unified {
-            return;
-        }
-        // (1) every acknowledged write survived, unless a later write replaced it.
-        for (b, writes) in self.block_writes.iter().enumerate() {
-            let have = self.nodes[0].disk[b];
-            let last_acked = writes.iter().rposition(|&w| self.writes[w as usize].acked);
-            if let Some(p) = last_acked {
-                let ok = writes[p..].contains(&have);
-                assert!(
-                    ok,
-                    "block {b}: acknowledged write {} lost (disk holds {have})",
-                    writes[p]
-                );
+        // (1) every acknowledged write survived, unless a later write
+        // replaced it or unify discarded it (see `last_acked_kept`).
+        for b in 0..BLOCKS {
+            if let Some(p) = self.last_acked_kept(b) {
+                self.check_acked(b, p, self.nodes[0].disk[b], "after recovery");
             }
         }
+    }
+
+    /// Where `id` stands among the writes to block `b`: 0 for the initial
+    /// contents, else one past its index.
+    fn position(&self, b: usize, id: WriteId) -> usize {
+        if id == 0 {
+            return 0;
+        }
+        let writes = &self.block_writes[b];
+        writes
+            .iter()
+            .position(|&w| w == id)
+            .expect("a write to the block")
+            + 1
+    }
+
+    /// The index of the last acknowledged write to block `b` that must have
+    /// survived: not discarded by unify, nor (in a run that diverged, where
+    /// both nodes write) left covered by an intent mark only by a crash of
+    /// its node. Runs that never diverge keep the strict check.
+    fn last_acked_kept(&self, b: usize) -> Option<usize> {
+        self.block_writes[b]
+            .iter()
+            .enumerate()
+            .rposition(|(i, &w)| {
+                self.writes[w as usize].acked
+                    && !self.discarded[b].iter().any(|d| d.contains(&i))
+                    && !(self.unified && self.intent_only[b].iter().any(|d| d.contains(&i)))
+            })
+    }
+
+    /// (1) for block `b`, holding `have`: the acknowledged write at index `p`
+    /// or a later one.
+    fn check_acked(&self, b: usize, p: usize, have: WriteId, when: &str) {
+        let writes = &self.block_writes[b];
+        if writes[p..].contains(&have) {
+            return;
+        }
+        let id = writes[p];
+        let w = &self.writes[id as usize];
+        panic!(
+            "block {b}: acknowledged write {id} lost {when} (written by node {}, submitted at step {}, \
+             acknowledged at step {}); the disk holds write {have}",
+            w.node,
+            w.submitted,
+            w.completed.unwrap_or(0),
+        );
     }
 
     // ----- the schedule ---------------------------------------------------
