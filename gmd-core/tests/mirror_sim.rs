@@ -19,10 +19,9 @@
 //! - (3) both disks are identical and both durable maps are clean;
 //! - (1) every acknowledged write is on both disks, unless a later write
 //!   replaced it or unify discarded it on purpose: only what node 1 held and
-//!   node 0 did not, in the regions unify marked. One known gap is excused
-//!   in runs that diverged: a write acknowledged alone whose node crashed
-//!   before its stale mark was durable (only the intent mark was) — the
-//!   handshake counts stale cells only, so that node may become the target.
+//!   node 0 did not, in the regions unify marked. (A write the peer lost is
+//!   acknowledged only once its stale mark is durable: a crash before that
+//!   would leave an intent mark, which the handshake does not count.)
 //!
 //! A failing seed is printed; replay one with `GMD_SIM_SEED=<n>`, change the
 //! count with `GMD_SIM_SEEDS=<n>` (default 2000).
@@ -34,9 +33,9 @@ use gmd_core::engine::{
     Action, Engine, EngineError, EngineParams, Epoch, OpKind, PeerOp, Request, ResyncRole, Seq,
     Slot,
 };
+use gmd_core::statemap::StateMap;
 use gmd_core::statemap::cells::{CELL_RESYNC, CELL_STALE};
 use gmd_core::statemap::format::Layout;
-use gmd_core::statemap::{CellClass, StateMap};
 use gmd_core::units::{REGION_SIZE_BYTES, region_bytes};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -157,10 +156,6 @@ struct World {
     /// Per block, the positions in `block_writes` whose data unify discarded
     /// on purpose (the non-master's writes the master did not hold).
     discarded: Vec<Vec<std::ops::Range<usize>>>,
-    /// Per block, the positions in `block_writes` of writes the peer did not
-    /// hold when their node crashed with only an intent mark (`0x1`–`0x7`),
-    /// not yet the stale mark, durable for them (see `crash`).
-    intent_only: Vec<Vec<std::ops::Range<usize>>>,
     step: usize,
     unified: bool,
     log: Vec<String>,
@@ -204,7 +199,6 @@ impl World {
             }],
             block_writes: vec![Vec::new(); BLOCKS],
             discarded: vec![Vec::new(); BLOCKS],
-            intent_only: vec![Vec::new(); BLOCKS],
             step: 0,
             unified: false,
             log: Vec::new(),
@@ -779,28 +773,6 @@ impl World {
             }
             self.nodes[n].map_durable = StateMap::from_packed(SIZE, packed).unwrap();
         }
-        // A write acknowledged alone is covered on disk by its intent mark
-        // until its stale mark is durable; a crash in between leaves only
-        // an inconsistent cell (0x7 once loaded), which the handshake does
-        // not count: the node can become the target and lose the writes its
-        // peer never got. A known gap, excused in runs that diverge (see
-        // `last_acked_kept`).
-        for r in 0..REGIONS {
-            if CellClass::of(self.nodes[n].map_durable.get(r)) != CellClass::Inconsistent {
-                continue;
-            }
-            let bytes = region_bytes(r, SIZE);
-            for b in (bytes.start / BLOCK) as usize..(bytes.end / BLOCK) as usize {
-                let from = self.position(b, self.nodes[1 - n].disk[b]);
-                let writes = &self.block_writes[b][from..];
-                if writes.iter().any(|&w| {
-                    let w = &self.writes[w as usize];
-                    w.acked && w.node == n
-                }) {
-                    self.intent_only[b].push(from..self.block_writes[b].len());
-                }
-            }
-        }
         // Writes in flight from this node's application are unacknowledged for ever.
         for data in self.nodes[n].slots.values() {
             if let SlotData::AppWrite { id } = data {
@@ -987,9 +959,7 @@ impl World {
             .iter()
             .enumerate()
             .rposition(|(i, &w)| {
-                self.writes[w as usize].acked
-                    && !self.discarded[b].iter().any(|d| d.contains(&i))
-                    && !(self.unified && self.intent_only[b].iter().any(|d| d.contains(&i)))
+                self.writes[w as usize].acked && !self.discarded[b].iter().any(|d| d.contains(&i))
             })
     }
 

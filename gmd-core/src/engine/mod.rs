@@ -407,6 +407,9 @@ enum Wait {
     ResyncRead,
     /// A region has not been received yet (target).
     ResyncTarget,
+    /// Done, but the peer did not get it: acknowledged once the map is
+    /// durable up to this epoch (its regions stale on disk).
+    Acknowledge(Epoch),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -941,7 +944,7 @@ impl Engine {
         let Local::Done(local) = info.local else {
             return;
         };
-        if matches!(info.remote, Remote::Pending(_)) {
+        if matches!(info.remote, Remote::Pending(_)) || matches!(info.wait, Wait::Acknowledge(_)) {
             return;
         }
         let regions = self.regions(&info.request);
@@ -951,10 +954,26 @@ impl Engine {
         if local.is_err() && info.request.kind.changes_data() {
             // The local copy may be wrong where the peer's is right: keep the
             // regions marked as inconsistent, out of reach of lazy cleaning.
-            for region in regions {
+            for region in regions.clone() {
                 if self.journal.map.get(region) != CELL_STALE {
                     self.journal.set(region, CELL_INCONSISTENT);
                 }
+            }
+        }
+        if info.remote == Remote::Lost && local.is_ok() {
+            // Only this side has the write. Until its regions are stale on
+            // disk, a crash would find just the intent mark ("inconsistent"),
+            // which a handshake may settle in the peer's favour, losing an
+            // acknowledged write: acknowledge it once the mark is durable.
+            if self.journal.failed {
+                self.finish_app(slot, Err(EngineError::MapFailed));
+                return;
+            }
+            let need = self.journal.needed(regions);
+            if need > self.journal.durable() {
+                self.park(slot, Wait::Acknowledge(need));
+                self.start_commit();
+                return;
             }
         }
         self.finish_app(slot, local.map_err(EngineError::Io));
@@ -1201,8 +1220,11 @@ impl Engine {
             let slot = self.waiting.pop_front().expect("counted");
             let info = self.slots[slot as usize];
             match info.wait {
-                Wait::Epoch(_) if self.journal.failed => {
+                Wait::Epoch(_) | Wait::Acknowledge(_) if self.journal.failed => {
                     self.finish_app(slot, Err(EngineError::MapFailed));
+                }
+                Wait::Acknowledge(need) if need <= self.journal.durable() => {
+                    self.finish_app(slot, Ok(()));
                 }
                 Wait::Epoch(need) if need <= self.journal.durable() => {
                     self.slots[slot as usize].wait = Wait::None;

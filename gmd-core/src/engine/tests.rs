@@ -336,7 +336,7 @@ fn flush_is_honoured_remotely_in_sync_and_mwc_but_not_waited_for_in_async() {
 }
 
 #[test]
-fn peer_loss_completes_waiting_writes_and_leaves_their_regions_stale() {
+fn peer_loss_completes_waiting_writes_once_their_regions_are_durably_stale() {
     let mut m = Model::connected(Mode::Mwc);
     let s = m.submit(write(0, 4096));
     m.settle_map();
@@ -344,10 +344,37 @@ fn peer_loss_completes_waiting_writes_and_leaves_their_regions_stale() {
     assert!(m.completed.is_empty());
     m.engine.peer_lost();
     m.pump();
-    assert_eq!(m.completed, vec![(s, Ok(()))]);
     assert_eq!(m.engine.map().get(0), crate::statemap::cells::CELL_STALE);
+    // Only this side has the write: a crash now would find just its intent
+    // mark, so it is not acknowledged before the stale mark is on disk.
+    assert!(
+        m.completed.is_empty(),
+        "acknowledged before the mark was durable"
+    );
     m.settle_map();
     assert_eq!(m.durable.get(0), crate::statemap::cells::CELL_STALE);
+    assert_eq!(m.completed, vec![(s, Ok(()))]);
+    // Once the region is stale on disk, later lost writes to it need nothing.
+    m.engine.connect(ResyncRole::None);
+    m.pump();
+    let t = m.submit(write(4096, 4096));
+    m.settle_map();
+    m.finish_local(t);
+    m.engine.peer_lost();
+    m.pump();
+    assert_eq!(m.completed.last(), Some(&(t, Ok(()))));
+}
+
+#[test]
+fn a_lost_write_fails_when_its_stale_mark_cannot_be_written() {
+    let mut m = Model::connected(Mode::Mwc);
+    let s = m.submit(write(0, 4096));
+    m.settle_map();
+    m.finish_local(s);
+    m.engine.peer_lost();
+    m.pump();
+    m.finish_map_write(false);
+    assert_eq!(m.completed, vec![(s, Err(EngineError::MapFailed))]);
 }
 
 #[test]
