@@ -3,8 +3,11 @@
 # randwrite QD32, 1 MiB sequential write QD16 and 4 KiB randread QD32 (the
 # direct read path of the ublk queue threads) on the raw virtio disk, on
 # /dev/ublkb<minor> standalone, and mirrored in mwc, async and sync mode (two
-# gmdd on loopback, backing files on the same virtio disk). Prints each
-# figure and its ratio to the raw disk: absolute TCG figures mean nothing.
+# gmdd on loopback, backing files on the same virtio disk), plus 4 KiB
+# randwrite QD1 (latency-bound). Each target is written once before it is
+# measured (steady state: blocks allocated, regions marked). Prints each
+# figure and its ratio to the raw disk (absolute TCG figures mean nothing),
+# and how many of the device's writes ran on the ublk queue threads.
 # Env: VM_WORK (default target/vm), BENCH_S (seconds per fio job, default 10).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -14,9 +17,10 @@ mkdir -p "$W"
 (cd "$ROOT" && cargo build --release -p gmdctl --bins --quiet)
 "$VM/setup-kernel.sh" "$W" >/dev/null
 { echo '#!/bin/busybox sh'; echo "BENCH_S=${BENCH_S:-10}"; cat "$VM/guest/lib.sh" "$ROOT/bench/ublk-vm-guest.sh"; } > "$W/bench-init.sh"
-EXTRA_MODULES=virtio_blk "$VM/mkinitramfs.sh" "$W" "$W/bench-init.sh" "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" "$(command -v fio)" >/dev/null
+EXTRA_MODULES=virtio_blk "$VM/mkinitramfs.sh" "$W" "$W/bench-init.sh" "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" "$ROOT/target/release/gmdstat" "$(command -v fio)" >/dev/null
 truncate -s 2G "$W/bench-disk.img"
 DISK=$W/bench-disk.img TMO=${TMO:-1200} MEM=${MEM:-2560} "$VM/boot.sh" "$W" 'RESULT: PASS' > "$W/bench.out" 2>&1 || { tail -40 "$W/console.log"; exit 1; }
+tr -d '\r' < "$W/console.log" | sed -n 's/.*BENCH-INFO /  /p'
 tr -d '\r' < "$W/console.log" | sed -n 's/.*BENCH /BENCH /p' | awk '
   $1 == "BENCH" { key = $3; if ($2 == "raw") raw[key] = $4; line[++n] = $0 }
   END {
