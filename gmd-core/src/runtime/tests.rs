@@ -549,6 +549,28 @@ mod mirroring {
         bits
     }
 
+    /// Connects `a` (resync source of `bits`) and `b` (its target) in link
+    /// session `session`, and waits until both engines mirror: link events
+    /// and submissions reach the device thread by different queues, and
+    /// writes submitted before a side took the event would be written alone.
+    fn connect(a: &Runtime, b: &Runtime, session: u64, bits: Vec<u8>) {
+        b.link_event(LinkEvent::Connected {
+            session,
+            role: ResyncRole::Target(bits.clone()),
+        });
+        a.link_event(LinkEvent::Connected {
+            session,
+            role: ResyncRole::Source(bits),
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while a.stats().snapshot().engine.connected == 0
+            || b.stats().snapshot().engine.connected == 0
+        {
+            assert!(Instant::now() < deadline, "no link");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Stops `a`, then `b`. Once `a` is out of its `Arc`, `b`'s answers no
     /// longer reach it: let `a`'s backlog drain first.
     fn stop_both(a: Arc<Runtime>, b: Arc<Runtime>) {
@@ -689,25 +711,7 @@ mod mirroring {
         assert_eq!(stale, expected);
 
         // Connect: A sends its stale regions to B.
-        let bits = stale_bits(&stale);
-        b.link_event(LinkEvent::Connected {
-            session: 7,
-            role: ResyncRole::Target(bits.clone()),
-        });
-        a.link_event(LinkEvent::Connected {
-            session: 7,
-            role: ResyncRole::Source(bits),
-        });
-        // Link events and submissions reach the device thread by different
-        // queues: writes submitted before A took the event would be written
-        // alone (stale, and resynchronised too). Wait until both mirror.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while a.stats().snapshot().engine.connected == 0
-            || b.stats().snapshot().engine.connected == 0
-        {
-            assert!(std::time::Instant::now() < deadline, "no link");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        connect(&a, &b, 7, stale_bits(&stale));
         // Meanwhile the application keeps writing on A (mirrored, mwc).
         let during: Vec<(u64, u64, u8)> = (0..40u64)
             .map(|i| (i * 7 * REGION_SIZE_BYTES, 8192, 0xa0 + i as u8))
@@ -903,22 +907,7 @@ mod mirroring {
             for chunk in alone.chunks(50) {
                 write_all(&a, &Arc::new(Collect::default()), &pool, chunk, None);
             }
-            let bits = stale_bits(&snapshot(&a));
-            b.link_event(LinkEvent::Connected {
-                session: 5,
-                role: ResyncRole::Target(bits.clone()),
-            });
-            a.link_event(LinkEvent::Connected {
-                session: 5,
-                role: ResyncRole::Source(bits),
-            });
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while a.stats().snapshot().engine.connected == 0
-                || b.stats().snapshot().engine.connected == 0
-            {
-                assert!(Instant::now() < deadline, "no link");
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            connect(&a, &b, 5, stale_bits(&snapshot(&a)));
             // Each thread owns 12 regions, some of them still to resync; per
             // round it writes 24 blocks in them, none twice, and waits.
             std::thread::scope(|s| {
