@@ -136,10 +136,26 @@ fn kind_of(byte: u8) -> Option<OpKind> {
     })
 }
 
-/// Encodes a message: the header, then the data (shared, not copied when the
-/// transport takes a list; here it is one contiguous buffer).
+/// Encodes a message: the header, then the data.
 pub fn encode(message: &ToPeer) -> Bytes {
-    let mut out;
+    let mut out = BytesMut::with_capacity(encoded_len(message));
+    encode_into(message, &mut out);
+    out.freeze()
+}
+
+/// How many bytes [`encode_into`] appends for `message`.
+pub fn encoded_len(message: &ToPeer) -> usize {
+    match message {
+        ToPeer::Write { data, .. } => 35 + data.len(),
+        ToPeer::Flush { .. } | ToPeer::Prioritize { .. } => 9,
+        ToPeer::Resync { data, .. } => 17 + data.len(),
+        ToPeer::Reply { .. } => 13,
+    }
+}
+
+/// Appends the encoding of `message` to `out` (for a sender that puts its
+/// own header first: one buffer, one copy of the data).
+pub fn encode_into(message: &ToPeer, out: &mut BytesMut) {
     match message {
         ToPeer::Write {
             seq,
@@ -147,7 +163,6 @@ pub fn encode(message: &ToPeer) -> Bytes {
             request,
             data,
         } => {
-            out = BytesMut::with_capacity(40 + data.len());
             out.put_u8(TAG_WRITE);
             out.put_u8(kind_byte(request.kind));
             out.put_u8(u8::from(request.fua));
@@ -158,19 +173,16 @@ pub fn encode(message: &ToPeer) -> Bytes {
             out.put_slice(data);
         }
         ToPeer::Flush { seq } => {
-            out = BytesMut::with_capacity(9);
             out.put_u8(TAG_FLUSH);
             out.put_u64_le(*seq);
         }
         ToPeer::Resync { seq, region, data } => {
-            out = BytesMut::with_capacity(17 + data.len());
             out.put_u8(TAG_RESYNC);
             out.put_u64_le(*seq);
             out.put_u64_le(*region);
             out.put_slice(data);
         }
         ToPeer::Reply { seq, result } => {
-            out = BytesMut::with_capacity(13);
             out.put_u8(TAG_REPLY);
             out.put_u64_le(*seq);
             out.put_i32_le(match result {
@@ -179,12 +191,10 @@ pub fn encode(message: &ToPeer) -> Bytes {
             });
         }
         ToPeer::Prioritize { region } => {
-            out = BytesMut::with_capacity(9);
             out.put_u8(TAG_PRIORITIZE);
             out.put_u64_le(*region);
         }
     }
-    out.freeze()
 }
 
 fn take_u64(bytes: &[u8], at: &mut usize) -> Result<u64, DecodeError> {
@@ -306,6 +316,43 @@ pub fn decode(body: &Bytes, size_bytes: u64) -> Result<FromPeer, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size a sender reserves is the size it gets: no reallocation.
+    #[test]
+    fn encoded_len_is_exact_for_every_message() {
+        let data = Bytes::from_static(&[7; 100]);
+        let request = Request {
+            kind: OpKind::Write,
+            offset_bytes: 0,
+            len_bytes: 100,
+            fua: false,
+        };
+        for message in [
+            ToPeer::Write {
+                seq: 1,
+                after: 0,
+                request,
+                data: data.clone(),
+            },
+            ToPeer::Flush { seq: 2 },
+            ToPeer::Resync {
+                seq: 3,
+                region: 4,
+                data,
+            },
+            ToPeer::Reply {
+                seq: 5,
+                result: Err(5),
+            },
+            ToPeer::Prioritize { region: 6 },
+        ] {
+            let mut out = BytesMut::new();
+            out.put_u64_le(9);
+            encode_into(&message, &mut out);
+            assert_eq!(out.len(), 8 + encoded_len(&message), "{message:?}");
+            assert_eq!(&out[8..], &encode(&message)[..]);
+        }
+    }
 
     #[test]
     fn messages_round_trip() {

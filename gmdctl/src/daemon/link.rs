@@ -139,10 +139,10 @@ impl PeerLink for DeviceLink {
                 (s, Some(p)) => (s, p),
             }
         };
-        let encoded = mirror::encode(&message);
-        let mut body = BytesMut::with_capacity(8 + encoded.len());
+        // One buffer: the session, then the message (one copy of the data).
+        let mut body = BytesMut::with_capacity(8 + mirror::encoded_len(&message));
         body.put_u64_le(session);
-        body.put_slice(&encoded);
+        mirror::encode_into(&message, &mut body);
         let _ = self.out.send((peer, body.freeze()));
     }
 
