@@ -453,16 +453,11 @@ impl Submitter {
     pub fn start_here(&self, submission: Submission) -> Here {
         let shared = &*self.shared;
         let mut core = shared.core.lock().expect("core lock");
-        if !core.deferred.is_empty() {
-            // The device thread has actions of the engine to carry out
-            // first (see `Core::deferred`): let it take this one too.
-            drop(core);
-            return match shared.submit(submission) {
-                Ok(()) => Here::Handed,
-                Err(back) => Here::Full(back),
-            };
-        }
-        if !core.engine.app_slot_available() {
+        // The device thread has actions of the engine to carry out first
+        // (see `Core::deferred`; it has been woken), or no slot is free.
+        // The submission queue stays for submitters that cannot wait (NBD
+        // sizes its admission to it).
+        if !core.deferred.is_empty() || !core.engine.app_slot_available() {
             return Here::Full(submission);
         }
         shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -542,7 +537,9 @@ pub enum Here {
     /// The device thread finishes it: the result comes through the
     /// submission's sink.
     Handed,
-    /// The device has no room now: the submission is given back, try later.
+    /// The device cannot take it now (no free slot, or the device thread
+    /// has the engine's work to do first): the submission is given back;
+    /// try again shortly.
     Full(Submission),
 }
 

@@ -739,6 +739,11 @@ async fn wait_for_device(
     .await
 }
 
+/// First and longest wait of a request the device cannot take yet.
+const PAUSE_MIN: Duration = Duration::from_micros(20);
+/// Longest wait between two tries.
+const PAUSE_MAX: Duration = Duration::from_millis(1);
+
 /// Sleeps on the queue's io_uring (an io_uring timeout), so the queue's
 /// other tasks go on meanwhile.
 async fn pause(q: &UblkQueue<'_>, how_long: Duration) {
@@ -817,6 +822,7 @@ async fn handle(
     // this queue's ring. The device thread only steps in for what waits
     // (the peer's answer, a state map commit, resync).
     let mut here = shared.submitter.start_here(submission);
+    let mut backoff = PAUSE_MIN;
     let (result, back) = loop {
         match here {
             Here::Issue { slot, sqe } => {
@@ -826,9 +832,11 @@ async fn handle(
             Here::Done { result, buf } => break (result, buf),
             Here::Handed => break wait_for_device(tag, slots).await,
             Here::Full(back) => {
-                // The device is full (it is shared with other frontends):
-                // let this queue's other requests run meanwhile.
-                pause(q, Duration::from_micros(100)).await;
+                // The device is busy (its slots are shared with the other
+                // queues and NBD): let this queue's other requests run
+                // meanwhile, backing off so waiting tasks do not spin.
+                pause(q, backoff).await;
+                backoff = (backoff * 2).min(PAUSE_MAX);
                 here = shared.submitter.start_here(back);
             }
         }
