@@ -273,7 +273,7 @@ struct Shared {
     read_gate: AtomicU64,
     /// The data volume (`O_DIRECT`), for direct reads and for requests
     /// frontends run on their own rings.
-    read_file: File,
+    data_file: File,
     /// Device size, block size and largest read: what a direct read must fit.
     read_limits: (u64, u64, u64),
 }
@@ -311,7 +311,7 @@ impl Shared {
             sleeping: AtomicBool::new(false),
             stats: RuntimeStats::default(),
             read_gate: AtomicU64::new(READ_GATE_CLOSED),
-            read_file: data,
+            data_file: data,
             read_limits: (
                 params.size_bytes,
                 u64::from(params.block_size),
@@ -355,7 +355,7 @@ impl Shared {
             };
             match action {
                 Action::Local(slot) if slot == own => {
-                    if let Some(sqe) = core.local_sqe(slot, self.read_file.as_raw_fd()) {
+                    if let Some(sqe) = core.local_sqe(slot, self.data_file.as_raw_fd()) {
                         here = Here::Issue { slot, sqe };
                     }
                 }
@@ -471,7 +471,7 @@ impl Submitter {
         let shared = &*self.shared;
         let mut core = shared.core.lock().expect("core lock");
         let changes_data = core.engine.request(slot).kind.changes_data();
-        if let Some(sqe) = core.local_result(slot, res, shared.read_file.as_raw_fd()) {
+        if let Some(sqe) = core.local_result(slot, res, shared.data_file.as_raw_fd()) {
             return Here::Issue { slot, sqe };
         }
         if changes_data {
@@ -575,7 +575,7 @@ impl DirectRead<'_> {
     /// The data volume, opened with `O_DIRECT`: buffers, offsets and lengths
     /// must be aligned to the device's block size.
     pub fn fd(&self) -> std::os::fd::RawFd {
-        self.shared.read_file.as_raw_fd()
+        self.shared.data_file.as_raw_fd()
     }
 
     /// Ends the read, counting it in the device's statistics.

@@ -849,7 +849,7 @@ mod mirroring {
             .core
             .lock()
             .unwrap()
-            .local_sqe(slot, shared.read_file.as_raw_fd());
+            .local_sqe(slot, shared.data_file.as_raw_fd());
         assert!(sqe.is_some());
         let waiting = Action::SendPrioritize { region: 9 };
         shared.core.lock().unwrap().deferred.push_back(waiting);
