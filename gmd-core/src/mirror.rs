@@ -51,6 +51,12 @@ pub enum ToPeer {
         /// The region.
         region: u64,
     },
+    /// This region was added to the resync after the handshake: mark it
+    /// not received before applying anything sent after this.
+    ResyncAdd {
+        /// The region.
+        region: u64,
+    },
 }
 
 /// A message from the peer for the device thread.
@@ -72,6 +78,12 @@ pub enum FromPeer {
     },
     /// Resync this region next.
     Prioritize {
+        /// The region.
+        region: u64,
+    },
+    /// The peer added this region to its resync after the handshake
+    /// ([`crate::engine::Engine::resync_added`]).
+    ResyncAdd {
         /// The region.
         region: u64,
     },
@@ -111,6 +123,9 @@ const TAG_FLUSH: u8 = 2;
 const TAG_RESYNC: u8 = 3;
 const TAG_REPLY: u8 = 4;
 const TAG_PRIORITIZE: u8 = 5;
+/// Added after the others: a peer that does not know it refuses the message
+/// (the daemon logs it) and goes on as before.
+const TAG_RESYNC_ADD: u8 = 6;
 
 /// Why a message from the peer was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -147,7 +162,7 @@ pub fn encode(message: &ToPeer) -> Bytes {
 pub fn encoded_len(message: &ToPeer) -> usize {
     match message {
         ToPeer::Write { data, .. } => 35 + data.len(),
-        ToPeer::Flush { .. } | ToPeer::Prioritize { .. } => 9,
+        ToPeer::Flush { .. } | ToPeer::Prioritize { .. } | ToPeer::ResyncAdd { .. } => 9,
         ToPeer::Resync { data, .. } => 17 + data.len(),
         ToPeer::Reply { .. } => 13,
     }
@@ -192,6 +207,10 @@ pub fn encode_into(message: &ToPeer, out: &mut BytesMut) {
         }
         ToPeer::Prioritize { region } => {
             out.put_u8(TAG_PRIORITIZE);
+            out.put_u64_le(*region);
+        }
+        ToPeer::ResyncAdd { region } => {
+            out.put_u8(TAG_RESYNC_ADD);
             out.put_u64_le(*region);
         }
     }
@@ -309,6 +328,16 @@ pub fn decode(body: &Bytes, size_bytes: u64) -> Result<FromPeer, DecodeError> {
         TAG_PRIORITIZE => Ok(FromPeer::Prioritize {
             region: take_u64(body, &mut at)?,
         }),
+        TAG_RESYNC_ADD => {
+            let region = take_u64(body, &mut at)?;
+            if region
+                .checked_mul(crate::units::REGION_SIZE_BYTES)
+                .is_none_or(|start| start >= size_bytes)
+            {
+                return Err(DecodeError("region beyond the device"));
+            }
+            Ok(FromPeer::ResyncAdd { region })
+        }
         _ => Err(DecodeError("unknown message")),
     }
 }
@@ -345,6 +374,7 @@ mod tests {
                 result: Err(5),
             },
             ToPeer::Prioritize { region: 6 },
+            ToPeer::ResyncAdd { region: 7 },
         ] {
             let mut out = BytesMut::new();
             out.put_u64_le(9);
@@ -396,6 +426,10 @@ mod tests {
             decode(&encode(&resync), 1 << 20).unwrap(),
             FromPeer::Op { op, .. } if op.resync_region == Some(1)
         ));
+        assert_eq!(
+            decode(&encode(&ToPeer::ResyncAdd { region: 31 }), 1 << 20).unwrap(),
+            FromPeer::ResyncAdd { region: 31 }
+        );
     }
 
     #[test]
@@ -429,5 +463,10 @@ mod tests {
             decode(&encode(&resync), 1 << 20).is_err(),
             "wrong region size"
         );
+        assert!(
+            decode(&encode(&ToPeer::ResyncAdd { region: 32 }), 1 << 20).is_err(),
+            "region beyond the device"
+        );
+        assert!(decode(&encode(&ToPeer::ResyncAdd { region: u64::MAX }), 1 << 20).is_err());
     }
 }

@@ -1092,6 +1092,7 @@ impl Core {
             }
             Action::SendFlush { seq } => ToPeer::Flush { seq },
             Action::SendPrioritize { region } => ToPeer::Prioritize { region },
+            Action::SendResyncAdd { region } => ToPeer::ResyncAdd { region },
             other => return Err(other),
         };
         if let Some(link) = link {
@@ -1327,8 +1328,9 @@ impl Worker {
     }
 
     /// Opens the gate for direct reads when the engine allows them and no
-    /// control waits for it to drain; it is closed only by
-    /// [`Worker::read_gate_drained`].
+    /// control waits for it to drain; it is closed by
+    /// [`Worker::read_gate_drained`], and when the peer adds a region to its
+    /// resync ([`FromPeer::ResyncAdd`]).
     fn update_read_gate(&self, core: &Core) {
         let gate = &self.shared.read_gate;
         if self.controls_waiting.is_none()
@@ -1397,6 +1399,18 @@ impl Worker {
                 }
                 FromPeer::Answer { seq, result } => core.engine.remote_done(seq, result),
                 FromPeer::Prioritize { region } => core.engine.prioritize(region),
+                FromPeer::ResyncAdd { region } => {
+                    core.engine.resync_added(region);
+                    if !core.engine.direct_reads_allowed() {
+                        // Reads of the region must wait in the engine now.
+                        // Direct reads already in flight began before this
+                        // message and may finish; `update_read_gate` opens
+                        // the gate again once the data is here.
+                        self.shared
+                            .read_gate
+                            .fetch_or(READ_GATE_CLOSED, Ordering::AcqRel);
+                    }
+                }
             }
             // An answer may complete a request and free its slot: carry that
             // out before a new request can be given the same slot.
@@ -1510,7 +1524,8 @@ impl Worker {
                 }
                 Action::SendWrite { .. }
                 | Action::SendFlush { .. }
-                | Action::SendPrioritize { .. } => {
+                | Action::SendPrioritize { .. }
+                | Action::SendResyncAdd { .. } => {
                     unreachable!("sent by Core::send")
                 }
             }

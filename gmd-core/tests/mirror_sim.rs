@@ -72,6 +72,9 @@ enum Msg {
     Prioritize {
         region: u64,
     },
+    ResyncAdd {
+        region: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -336,6 +339,9 @@ impl World {
             Action::SendPrioritize { region } => {
                 self.wires[wire].push_back(Msg::Prioritize { region })
             }
+            Action::SendResyncAdd { region } => {
+                self.wires[wire].push_back(Msg::ResyncAdd { region })
+            }
             Action::Renegotiate => {
                 self.note(format!("node {n} asks to renegotiate"));
                 self.link_lost();
@@ -568,6 +574,10 @@ impl World {
             Msg::Prioritize { region } => {
                 self.wires[wire].pop_front();
                 self.engine(to).prioritize(region);
+            }
+            Msg::ResyncAdd { region } => {
+                self.wires[wire].pop_front();
+                self.engine(to).resync_added(region);
             }
         }
         self.pump(to);

@@ -234,6 +234,14 @@ pub enum Action {
         /// The region.
         region: u64,
     },
+    /// Tell the peer, target of this side's resync, that `region` was added
+    /// to the resync after the handshake (the handshake's set does not hold
+    /// it): the peer marks it not received (`0x6`), durably before it applies
+    /// anything sent after this message. Sent in stream order, never answered.
+    SendResyncAdd {
+        /// The region.
+        region: u64,
+    },
     /// The resync this side took part in is finished.
     ResyncDone,
     /// The link must be set up again: this side wrote alone after the
@@ -615,7 +623,8 @@ impl Engine {
     /// to the data volume now: the device is readable and no region is
     /// waiting for resync data (reads are never ordered against writes, so
     /// nothing else about a read depends on the engine's state). Becomes
-    /// false only in [`Engine::connect`] (as a resync target).
+    /// false only in [`Engine::connect`] (as a resync target) and in
+    /// [`Engine::resync_added`].
     pub fn direct_reads_allowed(&self) -> bool {
         self.params.readable && self.target_resync_left == 0
     }
@@ -1179,9 +1188,14 @@ impl Engine {
             return;
         }
         let regions = self.journal.map.region_count();
-        self.resync
+        let added = self
+            .resync
             .get_or_insert_with(|| ResyncSource::new(RegionBits::new(regions)))
             .add(region);
+        if added {
+            // The peer did not get it in the handshake's set: tell it.
+            self.actions.push_back(Action::SendResyncAdd { region });
+        }
     }
 
     /// Reports the end of map write `epoch`.
@@ -1280,11 +1294,16 @@ impl Engine {
             }
             ResyncRole::Source(bits) => {
                 let mut set = bits_of(&bits);
-                // Regions that became stale after the handshake's snapshot go too.
+                // Regions that became stale after the handshake's snapshot go
+                // too. The target knows only the handshake's set: it is told
+                // of these before anything else of this session, so that it
+                // marks them before any later write lands (async: a write
+                // completed here after one of theirs depends on it).
                 for run in self.journal.map.dirty_region_runs() {
                     for r in run {
-                        if self.journal.map.get(r) == CELL_STALE {
+                        if self.journal.map.get(r) == CELL_STALE && !set.get(r) {
                             set.set(r);
+                            self.actions.push_back(Action::SendResyncAdd { region: r });
                         }
                     }
                 }
@@ -1442,6 +1461,32 @@ impl Engine {
             rs.prioritize(region);
         }
         self.pump_resync();
+    }
+
+    /// The peer, source of a resync, added `region` to it after the
+    /// handshake ([`Action::SendResyncAdd`]): its data here is out of date
+    /// until the peer sends it. Marked as not received (`0x6`) like the
+    /// handshake's regions; nothing received after this is applied before
+    /// the mark is durable, so that an interrupted resync leaves a map that
+    /// says which data is missing (async: the secondary then holds a state
+    /// the primary went through everywhere else).
+    pub fn resync_added(&mut self, region: u64) {
+        if !self.connected || region >= self.journal.map.region_count() {
+            return;
+        }
+        match self.journal.map.get(region) {
+            CELL_RESYNC => {}
+            // Written alone here: a stale mark is never dropped (the
+            // handshake settles which side keeps what).
+            CELL_STALE => return,
+            _ => {
+                self.journal.set(region, CELL_RESYNC);
+                self.target_resync_left += 1;
+                self.stats.resync_target_total += 1;
+            }
+        }
+        self.target_marks_epoch = self.journal.needed_all();
+        self.start_commit();
     }
 
     // ----- operations from the peer ---------------------------------------

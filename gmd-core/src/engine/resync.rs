@@ -143,12 +143,15 @@ impl ResyncSource {
         }
     }
 
-    /// Adds a region to send (one that became stale during the session).
-    pub(super) fn add(&mut self, region: u64) {
-        if !self.pending.get(region) {
-            self.pending.set(region);
-            self.total += 1;
+    /// Adds a region to send (one that became stale during the session);
+    /// whether it was not to be sent already.
+    pub(super) fn add(&mut self, region: u64) -> bool {
+        if self.pending.get(region) {
+            return false;
         }
+        self.pending.set(region);
+        self.total += 1;
+        true
     }
 
     /// Regions not yet confirmed.
