@@ -1185,6 +1185,9 @@ impl Worker {
             // Frontends may have left actions for this thread: they come
             // before anything else touches the engine.
             self.execute_actions(core)?;
+            // A failed write from the peer makes its regions wait for the
+            // peer's data: no direct read of them from now on.
+            self.update_read_gate(core);
             if self.shared.control_pending.swap(false, Ordering::SeqCst) {
                 let controls: Vec<Control> =
                     std::mem::take(&mut *self.shared.control.lock().expect("control queue lock"));
@@ -1328,16 +1331,21 @@ impl Worker {
     }
 
     /// Opens the gate for direct reads when the engine allows them and no
-    /// control waits for it to drain; it is closed by
-    /// [`Worker::read_gate_drained`], and when the peer adds a region to its
-    /// resync ([`FromPeer::ResyncAdd`]).
+    /// control waits for it to drain, and closes it when the engine stops
+    /// allowing them in the middle of a session (the peer added a region to
+    /// its resync, or one of its writes failed here: reads of that region
+    /// must wait in the engine; direct reads already in flight began before
+    /// and may finish). Before a link event that can make this side a
+    /// resync target it is closed and drained by
+    /// [`Worker::read_gate_drained`].
     fn update_read_gate(&self, core: &Core) {
         let gate = &self.shared.read_gate;
-        if self.controls_waiting.is_none()
-            && core.engine.direct_reads_allowed()
-            && gate.load(Ordering::Relaxed) & READ_GATE_CLOSED != 0
-        {
+        let closed = gate.load(Ordering::Relaxed) & READ_GATE_CLOSED != 0;
+        let allowed = core.engine.direct_reads_allowed();
+        if allowed && closed && self.controls_waiting.is_none() {
             gate.fetch_and(!READ_GATE_CLOSED, Ordering::AcqRel);
+        } else if !allowed && !closed {
+            gate.fetch_or(READ_GATE_CLOSED, Ordering::AcqRel);
         }
     }
 
@@ -1401,15 +1409,8 @@ impl Worker {
                 FromPeer::Prioritize { region } => core.engine.prioritize(region),
                 FromPeer::ResyncAdd { region } => {
                     core.engine.resync_added(region);
-                    if !core.engine.direct_reads_allowed() {
-                        // Reads of the region must wait in the engine now.
-                        // Direct reads already in flight began before this
-                        // message and may finish; `update_read_gate` opens
-                        // the gate again once the data is here.
-                        self.shared
-                            .read_gate
-                            .fetch_or(READ_GATE_CLOSED, Ordering::AcqRel);
-                    }
+                    // Reads of the region must wait in the engine now.
+                    self.update_read_gate(core);
                 }
             }
             // An answer may complete a request and free its slot: carry that

@@ -1474,17 +1474,10 @@ impl Engine {
         if !self.connected || region >= self.journal.map.region_count() {
             return;
         }
-        match self.journal.map.get(region) {
-            CELL_RESYNC => {}
-            // Written alone here: a stale mark is never dropped (the
-            // handshake settles which side keeps what).
-            CELL_STALE => return,
-            _ => {
-                self.journal.set(region, CELL_RESYNC);
-                self.target_resync_left += 1;
-                self.stats.resync_target_total += 1;
-            }
+        if self.journal.map.get(region) == CELL_STALE {
+            return;
         }
+        self.mark_not_received(region);
         self.target_marks_epoch = self.journal.needed_all();
         self.start_commit();
     }
@@ -1593,9 +1586,34 @@ impl Engine {
                     self.resume_waiting();
                 }
             }
+        } else if info.request.kind.changes_data() && info.resync_region.is_none() {
+            // The peer's write did not land here: this copy is out of date
+            // in its regions until the peer sends them again (the error
+            // reply makes it resynchronise them). Mark them not received,
+            // durably before anything later from the peer is applied, so
+            // that neither a crash nor a cut leaves a clean map over them.
+            for region in self.regions(&info.request) {
+                self.mark_not_received(region);
+            }
+            self.target_marks_epoch = self.journal.needed_all();
+            self.start_commit();
         }
         self.finish_peer(slot, result.map_err(EngineError::Io));
         self.issue_peer_ops();
+    }
+
+    /// Marks `region` as waiting for the peer's data (`0x6`), unless it is
+    /// already, or stale (written alone here: a stale mark is never dropped;
+    /// the handshake settles which side keeps what).
+    fn mark_not_received(&mut self, region: u64) {
+        match self.journal.map.get(region) {
+            CELL_RESYNC | CELL_STALE => {}
+            _ => {
+                self.journal.set(region, CELL_RESYNC);
+                self.target_resync_left += 1;
+                self.stats.resync_target_total += 1;
+            }
+        }
     }
 
     fn finish_peer(&mut self, slot: Slot, result: Result<(), EngineError>) {

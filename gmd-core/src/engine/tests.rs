@@ -705,6 +705,56 @@ fn a_region_the_peer_adds_to_the_resync_is_read_only_once_received() {
     assert!(m.engine.direct_reads_allowed());
 }
 
+/// A write from the peer that fails here leaves this copy out of date in
+/// its regions: they are marked not received (0x6), durably before anything
+/// later from the peer is applied, reads of them wait for the peer's data,
+/// and the peer learns of the failure from the reply.
+#[test]
+fn a_peer_write_that_fails_here_marks_its_regions_not_received() {
+    let mut m = Model::connected(Mode::Mwc);
+    let op = |seq: Seq, offset: u64| PeerOp {
+        seq,
+        after: 0,
+        request: write(offset, 4096),
+        resync_region: None,
+    };
+    let failing = m.engine.peer_op(op(1, 3 * REGION_SIZE_BYTES));
+    m.pump();
+    assert_eq!(m.local, vec![failing]);
+    m.local.clear();
+    m.engine.local_done(failing, Err(libc::EIO));
+    m.pump();
+    assert!(
+        m.log
+            .iter()
+            .any(|l| l.starts_with(&format!("reply {failing} Err"))),
+        "{:?}",
+        m.log
+    );
+    assert_eq!(m.engine.map().get(3), CELL_RESYNC);
+    assert!(!m.engine.direct_reads_allowed());
+    // The next write from the peer waits for the mark to be on disk.
+    let next = m.engine.peer_op(op(2, 9 * REGION_SIZE_BYTES));
+    m.pump();
+    assert!(m.local.is_empty(), "applied before the mark was durable");
+    m.settle_map();
+    assert_eq!(m.durable.get(3), CELL_RESYNC);
+    assert_eq!(m.local, vec![next]);
+    m.finish_local(next);
+    // The peer resends the region: the copy is whole again.
+    let bytes = region_bytes(3, SIZE);
+    let resync = m.engine.peer_op(PeerOp {
+        seq: 3,
+        after: 0,
+        request: write(bytes.start, bytes.end - bytes.start),
+        resync_region: Some(3),
+    });
+    m.pump();
+    m.finish_local(resync);
+    assert_eq!(m.engine.map().get(3), CELL_CONSISTENT);
+    assert!(m.engine.direct_reads_allowed());
+}
+
 #[test]
 fn a_failed_map_write_fails_waiting_writes_and_later_ones() {
     let mut m = Model::new(Mode::Mwc);
