@@ -206,6 +206,17 @@ fn flush() -> Request {
     }
 }
 
+/// The resync data of a whole region, message `seq` from the peer.
+fn resync_op(seq: Seq, region: u64) -> PeerOp {
+    let bytes = region_bytes(region, SIZE);
+    PeerOp {
+        seq,
+        after: 0,
+        request: write(bytes.start, bytes.end - bytes.start),
+        resync_region: Some(region),
+    }
+}
+
 #[test]
 fn standalone_first_write_to_a_region_waits_for_the_stale_mark() {
     let mut m = Model::new(Mode::Mwc);
@@ -529,13 +540,7 @@ fn direct_reads_are_allowed_only_when_readable_and_nothing_awaits_resync() {
             !m.engine.direct_reads_allowed(),
             "region {region} has not arrived yet"
         );
-        let bytes = region_bytes(region, SIZE);
-        let slot = m.engine.peer_op(PeerOp {
-            seq: i as Seq + 1,
-            after: 0,
-            request: write(bytes.start, bytes.end - bytes.start),
-            resync_region: Some(region),
-        });
+        let slot = m.engine.peer_op(resync_op(i as Seq + 1, region));
         m.pump();
         m.settle_map();
         m.finish_local(slot);
@@ -692,13 +697,7 @@ fn a_region_the_peer_adds_to_the_resync_is_read_only_once_received() {
     assert!(m.local.is_empty(), "read before the region arrived");
     assert!(m.log.iter().any(|l| l == "prioritize 4"), "{:?}", m.log);
     m.settle_map();
-    let bytes = region_bytes(4, SIZE);
-    let data = m.engine.peer_op(PeerOp {
-        seq: 1,
-        after: 0,
-        request: write(bytes.start, bytes.end - bytes.start),
-        resync_region: Some(4),
-    });
+    let data = m.engine.peer_op(resync_op(1, 4));
     m.pump();
     m.finish_local(data);
     assert_eq!(m.local, vec![read]);
@@ -742,13 +741,7 @@ fn a_peer_write_that_fails_here_marks_its_regions_not_received() {
     assert_eq!(m.local, vec![next]);
     m.finish_local(next);
     // The peer resends the region: the copy is whole again.
-    let bytes = region_bytes(3, SIZE);
-    let resync = m.engine.peer_op(PeerOp {
-        seq: 3,
-        after: 0,
-        request: write(bytes.start, bytes.end - bytes.start),
-        resync_region: Some(3),
-    });
+    let resync = m.engine.peer_op(resync_op(3, 3));
     m.pump();
     m.finish_local(resync);
     assert_eq!(m.engine.map().get(3), CELL_CONSISTENT);
