@@ -967,6 +967,13 @@ impl Engine {
                 if self.journal.map.get(region) != CELL_STALE {
                     self.journal.set(region, CELL_INCONSISTENT);
                 }
+                // Resync data read before this write is on its way: its
+                // confirmation must not clear the mark, the region goes again.
+                if let Some(rs) = self.resync.as_mut() {
+                    if rs.busy.get(region) {
+                        rs.resend.set(region);
+                    }
+                }
             }
         }
         if info.remote == Remote::Lost && local.is_ok() {
@@ -1713,6 +1720,12 @@ impl Engine {
         };
         rs.busy.clear(region);
         rs.in_flight_bytes -= bytes;
+        if rs.resend.get(region) {
+            // A local write failed after the data was read: what the peer
+            // got is not this copy; read and send the region again.
+            rs.resend.clear(region);
+            return;
+        }
         if result.is_err() {
             return;
         }

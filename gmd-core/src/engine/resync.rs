@@ -82,6 +82,9 @@ pub(super) struct ResyncSource {
     pub(super) pending: RegionBits,
     /// Regions being read or on the wire (not to be picked again).
     pub(super) busy: RegionBits,
+    /// Busy regions whose local copy changed outside the mirror stream after
+    /// their data was read (a write failed here): sent again once confirmed.
+    pub(super) resend: RegionBits,
     cursor: u64,
     priority: VecDeque<u64>,
     /// Resync data bytes read or on the wire.
@@ -96,6 +99,7 @@ impl ResyncSource {
         ResyncSource {
             total: pending.count(),
             busy: RegionBits::new(regions),
+            resend: RegionBits::new(regions),
             pending,
             cursor: 0,
             priority: VecDeque::with_capacity(PRIORITY_MAX),

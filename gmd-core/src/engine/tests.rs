@@ -37,6 +37,10 @@ struct Model {
     log: Vec<String>,
     /// `PeerStalled` reports, with how long the peer had been silent.
     stalls: Vec<u64>,
+    /// Resync reads asked for and not yet reported.
+    resync_reads: Vec<Slot>,
+    /// Resync data sent: (seq, region).
+    resync_sent: Vec<(Seq, u64)>,
 }
 
 impl Model {
@@ -56,6 +60,8 @@ impl Model {
             map_writes: 0,
             log: Vec::new(),
             stalls: Vec::new(),
+            resync_reads: Vec::new(),
+            resync_sent: Vec::new(),
         }
     }
 
@@ -128,7 +134,14 @@ impl Model {
                 }
                 Action::SendResyncAdd { region } => self.log.push(format!("resync add {region}")),
                 Action::SendPrioritize { region } => self.log.push(format!("prioritize {region}")),
-                Action::ResyncRead(slot) => self.log.push(format!("resync read {slot}")),
+                Action::ResyncRead(slot) => {
+                    self.log.push(format!("resync read {slot}"));
+                    self.resync_reads.push(slot);
+                }
+                Action::SendResync { seq, region, .. } => {
+                    self.log.push(format!("send resync {region}"));
+                    self.resync_sent.push((seq, region));
+                }
                 Action::ResyncDone => self.log.push("resync done".into()),
                 Action::Renegotiate => self.log.push("renegotiate".into()),
                 other => panic!("unexpected {other:?}"),
@@ -746,6 +759,47 @@ fn a_peer_write_that_fails_here_marks_its_regions_not_received() {
     m.finish_local(resync);
     assert_eq!(m.engine.map().get(3), CELL_CONSISTENT);
     assert!(m.engine.direct_reads_allowed());
+}
+
+/// An application write that fails here, in a region whose resync data was
+/// read before it and is on its way, leaves this copy unlike what the peer
+/// gets: the peer's confirmation must not clear the region, which is read
+/// and sent again (mirror_sim seeds 509, 1520, 1674, 2095, 3499).
+#[test]
+fn a_local_write_failing_after_its_region_was_read_for_resync_sends_it_again() {
+    let mut m = Model::new(Mode::Async);
+    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
+    bits[0] = 1 << 2;
+    m.engine.connect(ResyncRole::Source(bits));
+    m.pump();
+    m.settle_map();
+    let read = m.resync_reads.pop().expect("region 2 is read");
+    m.engine.local_done(read, Ok(()));
+    m.pump();
+    let (seq, region) = m.resync_sent[0];
+    assert_eq!(region, 2);
+    // A write to region 2, issued once its data was read, fails here (any
+    // part of it may have reached the disk).
+    let w = m.submit(write(2 * REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    assert_eq!(m.local, vec![w]);
+    m.local.clear();
+    m.engine.local_done(w, Err(libc::EIO));
+    m.pump();
+    assert_eq!(m.completed, vec![(w, Err(EngineError::Io(libc::EIO)))]);
+    // The peer confirms the data read before the failure: the region stays marked.
+    m.ack(seq);
+    assert_eq!(m.engine.map().get(2), CELL_INCONSISTENT);
+    assert!(!m.log.iter().any(|l| l == "resync done"), "{:?}", m.log);
+    // It is read and sent again; that confirmation clears it.
+    let again = m.resync_reads.pop().expect("region 2 is read again");
+    m.engine.local_done(again, Ok(()));
+    m.pump();
+    let (seq, region) = m.resync_sent[1];
+    assert_eq!(region, 2);
+    m.ack(seq);
+    assert_ne!(m.engine.map().get(2), CELL_INCONSISTENT);
+    assert!(m.log.iter().any(|l| l == "resync done"), "{:?}", m.log);
 }
 
 #[test]
