@@ -1,7 +1,12 @@
 //! Deterministic simulation of two mirror engines: applications writing,
 //! disks completing in any order, map commits torn per page by crashes,
 //! ordered links that break, nodes that crash and restart, partitions that
-//! heal, resync, and unify after divergence.
+//! heal, resync, and unify after divergence. Now and then (1 %) a local data
+//! write — the application's, the peer's or resync data — fails with EIO,
+//! having written any subset of its blocks: the application write completes
+//! with the error, unacknowledged (so (1) never asks for it, and what it left
+//! counts as a later write over earlier ones); a peer write or resync data
+//! is answered with the error and resent.
 //!
 //! Invariants checked after every step:
 //! - (3) wherever the two disks differ, at least one durable map marks the region;
@@ -16,7 +21,10 @@
 //!   hidden by the unify that follows.
 //!
 //! And at the end, once everything is healed and quiet:
-//! - (3) both disks are identical and both durable maps are clean;
+//! - (3) both disks are identical, both durable maps are clean and no region
+//!   still counts as awaiting resync data; a region whose application write
+//!   failed locally stays inconsistent (0x7) until a handshake resends it,
+//!   so healing sets the link up again when only such marks are left;
 //! - (1) every acknowledged write is on both disks, unless a later write
 //!   replaced it or unify discarded it on purpose: only what node 1 held and
 //!   node 0 did not, in the regions unify marked. (A write the peer lost is
@@ -34,7 +42,7 @@ use gmd_core::engine::{
     Slot,
 };
 use gmd_core::statemap::StateMap;
-use gmd_core::statemap::cells::{CELL_RESYNC, CELL_STALE};
+use gmd_core::statemap::cells::{CELL_INCONSISTENT, CELL_RESYNC, CELL_STALE};
 use gmd_core::statemap::format::Layout;
 use gmd_core::units::{REGION_SIZE_BYTES, region_bytes};
 use rand::rngs::StdRng;
@@ -45,6 +53,12 @@ const REGIONS: u64 = 48;
 const SIZE: u64 = REGIONS * REGION_SIZE_BYTES;
 const BLOCKS: usize = (SIZE / BLOCK) as usize;
 const STEPS: usize = 1500;
+/// Chance that a local data write fails with EIO.
+const EIO_PROBABILITY: f64 = 0.01;
+
+fn region_of(block: usize) -> u64 {
+    block as u64 * BLOCK / REGION_SIZE_BYTES
+}
 
 /// A write's identity; block contents are the id of the write that produced them.
 type WriteId = u32;
@@ -105,6 +119,9 @@ struct Node {
     locals: Vec<Slot>,
     /// Blocks with an application write in flight (the application never overlaps itself).
     busy_blocks: HashSet<usize>,
+    /// Regions where an application write failed here: marked inconsistent
+    /// (0x7) until the next handshake resends them.
+    failed_regions: HashSet<u64>,
     writer: bool,
     down_since: Option<usize>,
 }
@@ -165,6 +182,10 @@ struct World {
     /// A handshake whose maps were read but whose connect has not happened
     /// yet: (source, resync bits, steps until connect). Writes go on meanwhile.
     handshaking: Option<(usize, Vec<u8>, usize)>,
+    /// Application writes whose local part failed (never acknowledged).
+    failed_writes: HashSet<WriteId>,
+    /// Local data writes failed so far: application, peer, resync data.
+    eio_count: [usize; 3],
 }
 
 impl World {
@@ -180,6 +201,7 @@ impl World {
             slots: HashMap::new(),
             locals: Vec::new(),
             busy_blocks: HashSet::new(),
+            failed_regions: HashSet::new(),
             writer,
             down_since: None,
         };
@@ -206,6 +228,8 @@ impl World {
             unified: false,
             log: Vec::new(),
             handshaking: None,
+            failed_writes: HashSet::new(),
+            eio_count: [0; 3],
         };
         if mode == Mode::Async {
             // The secondary serves no application I/O.
@@ -282,10 +306,17 @@ impl World {
                     }
                     h.completed = Some(self.step);
                     h.acked = result.is_ok();
-                    // The only refusal: data not here after an interrupted resync.
+                    // The only refusals: data not here after an interrupted
+                    // resync, and the local disk failing the write.
+                    let failed_here = self.failed_writes.contains(&id);
+                    let expected = if failed_here {
+                        matches!(result, Err(EngineError::Io(libc::EIO)))
+                    } else {
+                        matches!(result, Ok(()) | Err(EngineError::Unavailable))
+                    };
                     assert!(
-                        result.is_ok() || result == Err(EngineError::Unavailable),
-                        "write {id} failed: {result:?}"
+                        expected,
+                        "write {id} completed with {result:?} (local part failed: {failed_here})"
                     );
                 }
             }
@@ -367,17 +398,50 @@ impl World {
         let request = *self.engine(n).request(slot);
         let blocks = (request.offset_bytes / BLOCK) as usize
             ..((request.offset_bytes + request.len_bytes) / BLOCK) as usize;
+        // A data write (the application's, the peer's or resync data) fails
+        // now and then with EIO; any subset of its blocks may have landed.
+        let writes_data = matches!(
+            self.nodes[n].slots.get(&slot),
+            Some(SlotData::AppWrite { .. } | SlotData::Peer { .. })
+        ) && request.kind.changes_data();
+        let fails = writes_data && self.rng.gen_bool(EIO_PROBABILITY);
+        let kind = match self.nodes[n].slots.get(&slot) {
+            Some(SlotData::AppWrite { .. }) => 0,
+            Some(SlotData::Peer { resync: None, .. }) => 1,
+            _ => 2,
+        };
+        let landed: Vec<bool> = if fails {
+            let len = blocks.len();
+            match self.rng.gen_range(0..3) {
+                0 => vec![false; len],
+                1 => vec![true; len],
+                _ => (0..len).map(|_| self.rng.gen_bool(0.5)).collect(),
+            }
+        } else {
+            vec![true; blocks.len()]
+        };
+        let disk = &mut self.nodes[n].disk;
+        let mut put = |i: usize, id: WriteId| {
+            if landed[i] {
+                disk[blocks.start + i] = id;
+            }
+        };
         match self.nodes[n].slots.get_mut(&slot) {
             Some(SlotData::AppWrite { id }) => {
                 let id = *id;
-                self.nodes[n].disk[blocks].fill(id);
+                (0..blocks.len()).for_each(|i| put(i, id));
+                if fails {
+                    self.failed_writes.insert(id);
+                    let regions = region_of(blocks.start)..=region_of(blocks.end - 1);
+                    self.nodes[n].failed_regions.extend(regions);
+                }
             }
             Some(SlotData::Peer { id, resync, .. }) => {
                 if let Some(data) = resync.take() {
-                    self.nodes[n].disk[blocks].copy_from_slice(&data);
+                    (0..blocks.len()).for_each(|i| put(i, data[i]));
                 } else if request.kind.changes_data() {
                     let id = *id;
-                    self.nodes[n].disk[blocks].fill(id);
+                    (0..blocks.len()).for_each(|i| put(i, id));
                 }
             }
             Some(SlotData::ResyncRead { blocks: data }) => {
@@ -385,7 +449,16 @@ impl World {
             }
             Some(SlotData::AppOther) | None => {}
         }
-        self.engine(n).local_done(slot, Ok(()));
+        let result = if fails {
+            self.eio_count[kind] += 1;
+            self.note(format!(
+                "node {n}: local write of slot {slot} ({request:?}) fails with EIO"
+            ));
+            Err(libc::EIO)
+        } else {
+            Ok(())
+        };
+        self.engine(n).local_done(slot, result);
         self.pump(n);
     }
 
@@ -615,6 +688,11 @@ impl World {
                 .filter(|&r| map.get(r) == CELL_STALE)
                 .count()
         };
+        // The maps are read now: the regions whose local writes failed so
+        // far are in them, and the resync that follows clears them.
+        for node in &mut self.nodes {
+            node.failed_regions.clear();
+        }
         let (s0, s1) = (stale(self, 0), stale(self, 1));
         if s0 > 0 && s1 > 0 {
             self.unify();
@@ -922,6 +1000,28 @@ impl World {
         }
     }
 
+    /// Whether the only marks left, in memory and on disk, are the
+    /// inconsistent cells of regions where an application write failed
+    /// locally since the last handshake (only a handshake clears those).
+    fn only_failed_writes_marked(&self) -> bool {
+        let mut any = false;
+        for node in &self.nodes {
+            let memory = node.engine.as_ref().expect("running").map();
+            for r in 0..REGIONS {
+                for cell in [memory.get(r), node.map_durable.get(r)] {
+                    if cell == 0 {
+                        continue;
+                    }
+                    if cell != CELL_INCONSISTENT || !node.failed_regions.contains(&r) {
+                        return false;
+                    }
+                    any = true;
+                }
+            }
+        }
+        any
+    }
+
     fn final_checks(&self) {
         assert_eq!(
             self.nodes[0].disk, self.nodes[1].disk,
@@ -936,6 +1036,11 @@ impl World {
             let e = node.engine.as_ref().unwrap();
             assert!(e.map().is_clean(), "node {n}: map not clean in memory");
             assert!(e.is_idle(), "node {n}: engine not idle");
+            assert_eq!(
+                e.stats().resync_target_remaining,
+                0,
+                "node {n}: still counts regions to receive with a clean map"
+            );
         }
         // (1) every acknowledged write survived, unless a later write
         // replaced it or unify discarded it (see `last_acked_kept`).
@@ -1097,17 +1202,24 @@ impl World {
             }
             self.watch();
             self.check();
-            let quiet = !progressed
+            let drained = !progressed
                 && self
                     .nodes
                     .iter()
                     .all(|n| n.map_in_flight.is_none() && n.locals.is_empty())
                 && self.wires.iter().all(|w| w.is_empty())
                 && self.handshaking.is_none()
-                && self.connected
-                && self.nodes.iter().all(|n| n.map_durable.is_clean());
-            if quiet {
+                && self.connected;
+            if drained && self.nodes.iter().all(|n| n.map_durable.is_clean()) {
                 return;
+            }
+            if drained && self.only_failed_writes_marked() {
+                // A region whose application write failed here stays
+                // inconsistent until a handshake resends it: the operator
+                // sets the link up again.
+                self.note("heal: link set up again for regions whose local write failed".into());
+                self.link_lost();
+                self.handshake();
             }
         }
         let marks = |n: usize| -> Vec<(u64, u8, u8)> {
@@ -1143,16 +1255,19 @@ impl World {
     }
 }
 
-fn run(seed: u64) {
+/// Runs one seed; returns how many application, peer and resync data
+/// writes failed locally.
+fn run(seed: u64) -> [usize; 3] {
     let mut world = World::new(seed);
     for _ in 0..STEPS {
         world.step();
     }
     world.settle();
     world.final_checks();
+    world.eio_count
 }
 
-fn run_catching(seed: u64) -> Result<(), String> {
+fn run_catching(seed: u64) -> Result<[usize; 3], String> {
     std::panic::catch_unwind(|| run(seed)).map_err(|e| {
         e.downcast_ref::<String>()
             .cloned()
@@ -1189,15 +1304,29 @@ fn two_engines_keep_every_invariant_under_faults() {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let mut failures = Vec::new();
+    let mut eio = [0; 3];
     for seed in 0..seeds {
-        if let Err(message) = run_catching(seed) {
-            failures.push(format!("seed {seed}: {message}"));
-            if failures.len() >= 5 {
-                break;
+        match run_catching(seed) {
+            Ok(counts) => (0..3).for_each(|k| eio[k] += counts[k]),
+            Err(message) => {
+                failures.push(format!("seed {seed}: {message}"));
+                if failures.len() >= 5 {
+                    break;
+                }
             }
         }
     }
     std::panic::set_hook(hook);
+    eprintln!(
+        "{seeds} seeds; local EIO on application writes {}, peer writes {}, resync data {}",
+        eio[0], eio[1], eio[2]
+    );
+    if seeds >= 100 && failures.is_empty() {
+        assert!(
+            eio.iter().all(|&c| c > 0),
+            "every kind of local write failure occurs: {eio:?}"
+        );
+    }
     assert!(
         failures.is_empty(),
         "{} failing seed(s) (replay with GMD_SIM_SEED=<n>):\n{}",
