@@ -10,7 +10,7 @@
 //! from waiting for commits of their neighbours (a page covers thousands of
 //! regions).
 
-use crate::statemap::cells::{CellClass, CellValue, StateMap};
+use crate::statemap::cells::{CELL_RESYNC, CellClass, CellValue, StateMap};
 use crate::statemap::format::Layout;
 
 /// Number of a state-map write (group commit).
@@ -113,6 +113,9 @@ pub(super) struct Journal {
     changed: RegionSet,
     /// Regions whose class change the commit in flight writes.
     flushing_regions: RegionSet,
+    /// Cells marked not received (`0x6`): kept here, where every change
+    /// goes through, so that no path can leave the count behind.
+    resync_cells: u64,
     started: Epoch,
     durable: Epoch,
     in_flight: bool,
@@ -123,12 +126,14 @@ impl Journal {
     pub(super) fn new(map: StateMap) -> Self {
         let pages = Layout::for_regions(map.region_count()).page_count;
         let regions = map.region_count();
+        let resync_cells = (0..regions).filter(|&r| map.get(r) == CELL_RESYNC).count() as u64;
         Journal {
             map,
             dirty: PageSet::new(pages),
             flushing: Vec::with_capacity(pages as usize),
             changed: RegionSet::new(regions),
             flushing_regions: RegionSet::new(regions),
+            resync_cells,
             started: 0,
             durable: 0,
             in_flight: false,
@@ -139,11 +144,22 @@ impl Journal {
     /// Sets one cell; dirties its page when the class changes.
     pub(super) fn set(&mut self, region: u64, value: CellValue) -> CellValue {
         let old = self.map.set(region, value);
+        if old == CELL_RESYNC && value != CELL_RESYNC {
+            self.resync_cells -= 1;
+        } else if value == CELL_RESYNC && old != CELL_RESYNC {
+            self.resync_cells += 1;
+        }
         if CellClass::of(old) != CellClass::of(value) {
             self.dirty.insert(Layout::page_of_region(region));
             self.changed.insert(region);
         }
         old
+    }
+
+    /// How many cells are marked not received (`0x6`): a resync target
+    /// still waits for their data.
+    pub(super) fn resync_cells(&self) -> u64 {
+        self.resync_cells
     }
 
     /// The epoch after which the cells of `regions` are durable as they

@@ -513,7 +513,6 @@ pub struct Engine {
     reading: Vec<u64>,
     target: TargetQueue,
     target_marks_epoch: Epoch,
-    target_resync_left: u64,
     /// Operations of an ended session still being applied locally: until
     /// they land, no resync read and no new operation may touch the disk.
     stale_peer_ops: usize,
@@ -539,9 +538,6 @@ impl Engine {
         let total = params.slots_total();
         let app = params.slots_max as Slot;
         let peer = app + params.peer_slots_max as Slot;
-        let target_resync_left = (0..map.region_count())
-            .filter(|&r| map.get(r) == CELL_RESYNC)
-            .count() as u64;
         let in_flight_regions = (params.slots_max + params.peer_slots_max)
             * (params.io_len_max / REGION_SIZE_BYTES + 1) as usize;
         Engine {
@@ -569,7 +565,6 @@ impl Engine {
             reading: Vec::with_capacity(params.resync_slots_max),
             target: TargetQueue::new(params.peer_slots_max),
             target_marks_epoch: 0,
-            target_resync_left,
             stale_peer_ops: 0,
             requested: Vec::with_capacity(REQUESTED_MAX),
             stats: EngineStats::default(),
@@ -599,7 +594,7 @@ impl Engine {
         s.hwm_fallback_active = u64::from(self.fallback);
         s.resync_remaining = self.resync.as_ref().map_or(0, |r| r.remaining());
         s.resync_total = self.resync.as_ref().map_or(s.resync_total, |r| r.total);
-        s.resync_target_remaining = self.target_resync_left;
+        s.resync_target_remaining = self.journal.resync_cells();
         s.activity_regions = self.activity.len() as u64;
         s.connected = u64::from(self.connected);
         s
@@ -626,7 +621,7 @@ impl Engine {
     /// false only in [`Engine::connect`] (as a resync target) and in
     /// [`Engine::resync_added`].
     pub fn direct_reads_allowed(&self) -> bool {
-        self.params.readable && self.target_resync_left == 0
+        self.params.readable && self.journal.resync_cells() == 0
     }
 
     /// Whether an application request can be submitted now.
@@ -759,7 +754,7 @@ impl Engine {
         }
         let regions = self.regions(&request);
         // Target of a resync: this region's data has not arrived yet.
-        if self.target_resync_left > 0 {
+        if self.journal.resync_cells() > 0 {
             if let Some(region) = regions
                 .clone()
                 .find(|&r| self.journal.map.get(r) == CELL_RESYNC)
@@ -1353,7 +1348,6 @@ impl Engine {
                     count += 1;
                     next = set.next_from(r + 1);
                 }
-                self.target_resync_left = count;
                 self.stats.resync_target_total = count;
                 // Received data is applied only once the marks are durable.
                 self.target_marks_epoch = self.journal.needed_all();
@@ -1585,9 +1579,8 @@ impl Engine {
             if let Some(region) = info.resync_region {
                 if self.journal.map.get(region) == CELL_RESYNC {
                     self.journal.set(region, CELL_CONSISTENT);
-                    self.target_resync_left = self.target_resync_left.saturating_sub(1);
                     self.requested.retain(|&r| r != region);
-                    if self.target_resync_left == 0 {
+                    if self.journal.resync_cells() == 0 {
                         self.actions.push_back(Action::ResyncDone);
                     }
                     self.resume_waiting();
@@ -1617,7 +1610,6 @@ impl Engine {
             CELL_RESYNC | CELL_STALE => {}
             _ => {
                 self.journal.set(region, CELL_RESYNC);
-                self.target_resync_left += 1;
                 self.stats.resync_target_total += 1;
             }
         }

@@ -802,6 +802,33 @@ fn a_local_write_failing_after_its_region_was_read_for_resync_sends_it_again() {
     assert!(m.log.iter().any(|l| l == "resync done"), "{:?}", m.log);
 }
 
+/// A node that restarts with a region still marked not received (0x6) and
+/// becomes the resync source clears that mark when the peer confirms the
+/// region: nothing is left waiting (direct reads, resync as a target).
+#[test]
+fn a_source_clearing_its_own_not_received_mark_waits_for_nothing_after() {
+    let mut map = StateMap::new(SIZE);
+    map.set(2, CELL_RESYNC);
+    let mut m = Model::new(Mode::Mwc);
+    m.engine = Engine::new(params(Mode::Mwc), map.clone());
+    m.durable = map;
+    assert!(!m.engine.direct_reads_allowed(), "region 2 awaits data");
+    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
+    bits[0] = 1 << 2;
+    m.engine.connect(ResyncRole::Source(bits));
+    m.pump();
+    m.settle_map();
+    let read = m.resync_reads.pop().expect("region 2 is read");
+    m.engine.local_done(read, Ok(()));
+    m.pump();
+    let (seq, region) = m.resync_sent[0];
+    assert_eq!(region, 2);
+    m.ack(seq);
+    assert_ne!(m.engine.map().get(2), CELL_RESYNC);
+    assert_eq!(m.engine.stats().resync_target_remaining, 0);
+    assert!(m.engine.direct_reads_allowed());
+}
+
 #[test]
 fn a_failed_map_write_fails_waiting_writes_and_later_ones() {
     let mut m = Model::new(Mode::Mwc);
