@@ -195,6 +195,28 @@ impl Model {
 }
 
 impl Model {
+    /// Connects as the resync source of `region` alone and lets it be read
+    /// and sent; returns the message's sequence number.
+    fn source_sends_region(&mut self, region: u64) -> Seq {
+        let mut bits = vec![0u8; self.engine.map().region_count().div_ceil(8) as usize];
+        bits[(region / 8) as usize] |= 1 << (region % 8);
+        self.engine.connect(ResyncRole::Source(bits));
+        self.pump();
+        self.settle_map();
+        self.read_and_send_region(region)
+    }
+
+    /// Finishes the pending resync read, which must be of `region`; returns
+    /// the sequence number of the data sent.
+    fn read_and_send_region(&mut self, region: u64) -> Seq {
+        let read = self.resync_reads.pop().expect("a resync read");
+        self.engine.local_done(read, Ok(()));
+        self.pump();
+        let (seq, sent) = *self.resync_sent.last().expect("resync data sent");
+        assert_eq!(sent, region);
+        seq
+    }
+
     fn tick(&mut self, now_ms: u64) {
         self.engine.tick(now_ms);
         self.pump();
@@ -768,16 +790,7 @@ fn a_peer_write_that_fails_here_marks_its_regions_not_received() {
 #[test]
 fn a_local_write_failing_after_its_region_was_read_for_resync_sends_it_again() {
     let mut m = Model::new(Mode::Async);
-    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
-    bits[0] = 1 << 2;
-    m.engine.connect(ResyncRole::Source(bits));
-    m.pump();
-    m.settle_map();
-    let read = m.resync_reads.pop().expect("region 2 is read");
-    m.engine.local_done(read, Ok(()));
-    m.pump();
-    let (seq, region) = m.resync_sent[0];
-    assert_eq!(region, 2);
+    let seq = m.source_sends_region(2);
     // A write to region 2, issued once its data was read, fails here (any
     // part of it may have reached the disk).
     let w = m.submit(write(2 * REGION_SIZE_BYTES, 4096));
@@ -792,11 +805,7 @@ fn a_local_write_failing_after_its_region_was_read_for_resync_sends_it_again() {
     assert_eq!(m.engine.map().get(2), CELL_INCONSISTENT);
     assert!(!m.log.iter().any(|l| l == "resync done"), "{:?}", m.log);
     // It is read and sent again; that confirmation clears it.
-    let again = m.resync_reads.pop().expect("region 2 is read again");
-    m.engine.local_done(again, Ok(()));
-    m.pump();
-    let (seq, region) = m.resync_sent[1];
-    assert_eq!(region, 2);
+    let seq = m.read_and_send_region(2);
     m.ack(seq);
     assert_ne!(m.engine.map().get(2), CELL_INCONSISTENT);
     assert!(m.log.iter().any(|l| l == "resync done"), "{:?}", m.log);
@@ -813,16 +822,7 @@ fn a_source_clearing_its_own_not_received_mark_waits_for_nothing_after() {
     m.engine = Engine::new(params(Mode::Mwc), map.clone());
     m.durable = map;
     assert!(!m.engine.direct_reads_allowed(), "region 2 awaits data");
-    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
-    bits[0] = 1 << 2;
-    m.engine.connect(ResyncRole::Source(bits));
-    m.pump();
-    m.settle_map();
-    let read = m.resync_reads.pop().expect("region 2 is read");
-    m.engine.local_done(read, Ok(()));
-    m.pump();
-    let (seq, region) = m.resync_sent[0];
-    assert_eq!(region, 2);
+    let seq = m.source_sends_region(2);
     m.ack(seq);
     assert_ne!(m.engine.map().get(2), CELL_RESYNC);
     assert_eq!(m.engine.stats().resync_target_remaining, 0);
