@@ -6,6 +6,10 @@
 //! and registers exports itself. Remote peers are described to [`DeviceHandle::start`]
 //! by a [`PeerView`], so the rules can be tested without a network.
 
+// Without `runtime` only the offline functions remain; some imports serve
+// only the running device.
+#![cfg_attr(not(feature = "runtime"), allow(unused_imports))]
+
 use std::fs::File;
 use std::path::Path;
 use std::sync::mpsc;
@@ -19,6 +23,7 @@ use crate::buf::{BufPool, IoBuf};
 use crate::config::{ClusterConfig, Device, DeviceMachine, Mode, Role};
 use crate::engine::EngineParams;
 use crate::mirror::PeerLink;
+#[cfg(feature = "runtime")]
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::statemap::cells::{CELL_CONSISTENT, CELL_STALE, StateMap};
 use crate::statemap::file::{MapError, MapFile};
@@ -30,6 +35,7 @@ use crate::volume;
 pub const DEVICE_SLOTS: usize = 256;
 /// Largest single read or write accepted.
 pub const IO_LEN_MAX: u32 = 4 << 20;
+#[cfg(feature = "runtime")]
 /// How long administrative calls wait for the device thread.
 const DEVICE_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -64,6 +70,7 @@ impl DeviceError {
         }
     }
 
+    #[cfg(feature = "runtime")]
     fn not_found(message: impl Into<String>) -> Self {
         DeviceError {
             class: ErrorClass::NotFound,
@@ -144,6 +151,7 @@ pub struct PeerView {
     pub stale: bool,
 }
 
+#[cfg(feature = "runtime")]
 enum State {
     Defined,
     Stopped {
@@ -159,6 +167,7 @@ enum State {
     },
 }
 
+#[cfg(feature = "runtime")]
 /// One device on this machine.
 pub struct DeviceHandle {
     config: Device,
@@ -168,6 +177,7 @@ pub struct DeviceHandle {
     problem: Option<String>,
 }
 
+#[cfg(feature = "runtime")]
 impl std::fmt::Debug for DeviceHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceHandle")
@@ -177,6 +187,7 @@ impl std::fmt::Debug for DeviceHandle {
     }
 }
 
+#[cfg(feature = "runtime")]
 impl DeviceHandle {
     /// The device `name` as seen from `machine`.
     ///
@@ -785,6 +796,7 @@ impl DeviceHandle {
     }
 }
 
+#[cfg(feature = "runtime")]
 fn lookup<'a>(
     config: &'a ClusterConfig,
     machine: &str,
@@ -810,6 +822,7 @@ fn lookup<'a>(
     Ok(device)
 }
 
+#[cfg(feature = "runtime")]
 fn mark_bits(cells: &mut StateMap, bits: &[u8]) {
     for region in 0..cells.region_count() {
         if bits
@@ -976,5 +989,6 @@ pub fn mark_all_on_disk(
     }
 }
 
+#[cfg(feature = "runtime")]
 #[cfg(test)]
 mod tests;

@@ -24,48 +24,78 @@
 //! [`TICK_INTERVAL`]) waiting for a completion or the eventfd, without the
 //! lock.
 
+#[cfg(feature = "runtime")]
 use std::collections::VecDeque;
+#[cfg(feature = "runtime")]
 use std::fs::File;
+#[cfg(feature = "runtime")]
 use std::io;
+#[cfg(feature = "runtime")]
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+#[cfg(feature = "runtime")]
 use std::path::PathBuf;
+#[cfg(feature = "runtime")]
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+#[cfg(feature = "runtime")]
 use std::sync::{Arc, Mutex};
+#[cfg(feature = "runtime")]
 use std::thread::JoinHandle;
+#[cfg(feature = "runtime")]
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "runtime")]
 use bytes::Bytes;
+#[cfg(feature = "runtime")]
 use crossbeam_queue::ArrayQueue;
+#[cfg(feature = "runtime")]
 use io_uring::{IoUring, opcode, squeue, types};
+#[cfg(feature = "runtime")]
 use uuid::Uuid;
 
+#[cfg(feature = "runtime")]
 use crate::buf::{BufPool, IoBuf};
+#[cfg(feature = "runtime")]
 use crate::engine::{
     Action, Engine, EngineError, EngineParams, EngineStats, OpKind, Request, Seq, Slot,
 };
+#[cfg(feature = "runtime")]
 use crate::mirror::{FromPeer, LinkEvent, PeerLink, ToPeer};
+#[cfg(feature = "runtime")]
 use crate::statemap::cells::StateMap;
+#[cfg(feature = "runtime")]
 use crate::statemap::file::PageSlots;
+#[cfg(feature = "runtime")]
 use crate::statemap::format::{self, BLOCK_SIZE, Layout};
+#[cfg(feature = "runtime")]
 use crate::volume;
 
+#[cfg(feature = "runtime")]
 /// Most map page writes in flight at once during a group commit.
 pub const MAP_WRITES_INFLIGHT_MAX: usize = 64;
+#[cfg(feature = "runtime")]
 /// How often the engine clock advances (lazy cleaning, resync pacing).
 pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
+#[cfg(feature = "runtime")]
 /// How long a stopping device waits for the peer to acknowledge its backlog.
 pub const STOP_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+#[cfg(feature = "runtime")]
 const KIND_SHIFT: u32 = 62;
+#[cfg(feature = "runtime")]
 const KIND_DATA: u64 = 0;
+#[cfg(feature = "runtime")]
 const KIND_MAP_PAGE: u64 = 1;
+#[cfg(feature = "runtime")]
 const KIND_MAP_SYNC: u64 = 2;
+#[cfg(feature = "runtime")]
 const KIND_WAKE: u64 = 3;
 
+#[cfg(feature = "runtime")]
 /// In [`Shared::read_gate`]: direct reads are not allowed now. The other
 /// bits count the direct reads in flight.
 const READ_GATE_CLOSED: u64 = 1 << 63;
 
+#[cfg(feature = "runtime")]
 /// Receives the results of requests; called on the device thread, so it must
 /// not block.
 pub trait CompletionSink: Send + Sync {
@@ -80,6 +110,7 @@ pub trait CompletionSink: Send + Sync {
     );
 }
 
+#[cfg(feature = "runtime")]
 /// A request handed to the device thread.
 pub struct Submission {
     /// What to do.
@@ -92,6 +123,7 @@ pub struct Submission {
     pub sink: Arc<dyn CompletionSink>,
 }
 
+#[cfg(feature = "runtime")]
 impl std::fmt::Debug for Submission {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Submission")
@@ -101,6 +133,7 @@ impl std::fmt::Debug for Submission {
     }
 }
 
+#[cfg(feature = "runtime")]
 /// Everything needed to start a device thread.
 pub struct RuntimeConfig {
     /// Device name (thread name and logs).
@@ -123,6 +156,7 @@ pub struct RuntimeConfig {
     pub link: Option<Arc<dyn PeerLink>>,
 }
 
+#[cfg(feature = "runtime")]
 impl std::fmt::Debug for RuntimeConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RuntimeConfig")
@@ -132,6 +166,7 @@ impl std::fmt::Debug for RuntimeConfig {
     }
 }
 
+#[cfg(feature = "runtime")]
 /// Live counters of a running device, readable from any thread.
 #[derive(Debug, Default)]
 pub struct RuntimeStats {
@@ -187,11 +222,13 @@ pub fn latency_percentile_us(buckets: &[u64; LATENCY_BUCKETS], q: f64) -> Option
     Some(1u64 << LATENCY_BUCKETS)
 }
 
+#[cfg(feature = "runtime")]
 /// Histogram bucket of a latency in microseconds.
 fn latency_bucket(us: u64) -> usize {
     (63 - us.max(1).leading_zeros() as usize).min(LATENCY_BUCKETS - 1)
 }
 
+#[cfg(feature = "runtime")]
 /// A plain copy of [`RuntimeStats`] plus the engine's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
@@ -223,6 +260,7 @@ pub struct StatsSnapshot {
     pub engine: EngineStats,
 }
 
+#[cfg(feature = "runtime")]
 impl RuntimeStats {
     /// Reads every counter.
     pub fn snapshot(&self) -> StatsSnapshot {
@@ -245,9 +283,12 @@ impl RuntimeStats {
     }
 }
 
+#[cfg(feature = "runtime")]
 type SnapshotReply = Box<dyn FnOnce(StateMap) + Send>;
+#[cfg(feature = "runtime")]
 type DoneReply = Box<dyn FnOnce(Result<(), EngineError>) + Send>;
 
+#[cfg(feature = "runtime")]
 enum Control {
     Snapshot(SnapshotReply),
     MarkAll(u8, DoneReply),
@@ -256,6 +297,7 @@ enum Control {
     Stop,
 }
 
+#[cfg(feature = "runtime")]
 struct Shared {
     /// The engine and its slots; see [`Core`].
     core: Mutex<Core>,
@@ -278,6 +320,7 @@ struct Shared {
     read_limits: (u64, u64, u64),
 }
 
+#[cfg(feature = "runtime")]
 impl Shared {
     /// Everything but the device thread: the engine over `map`, the queues,
     /// the wake-up eventfd; `data` is the data volume (`O_DIRECT`).
@@ -395,22 +438,26 @@ impl Shared {
     }
 }
 
+#[cfg(feature = "runtime")]
 /// What the device thread returns when it stops: the cells and page slots to
 /// carry on from.
 pub type StopResult = io::Result<(StateMap, PageSlots)>;
 
+#[cfg(feature = "runtime")]
 /// Handle to a running device thread.
 pub struct Runtime {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<StopResult>>,
 }
 
+#[cfg(feature = "runtime")]
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runtime").finish_non_exhaustive()
     }
 }
 
+#[cfg(feature = "runtime")]
 /// Submits requests to a running device; see [`Runtime::submitter`].
 ///
 /// A request submitted after the device stopped is never completed, so
@@ -420,12 +467,14 @@ pub struct Submitter {
     shared: Arc<Shared>,
 }
 
+#[cfg(feature = "runtime")]
 impl std::fmt::Debug for Submitter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Submitter").finish_non_exhaustive()
     }
 }
 
+#[cfg(feature = "runtime")]
 impl Submitter {
     /// Hands a request to the device thread.
     ///
@@ -514,6 +563,7 @@ impl Submitter {
     }
 }
 
+#[cfg(feature = "runtime")]
 /// What a frontend running a request on its own thread does next; see
 /// [`Submitter::start_here`].
 pub enum Here {
@@ -543,6 +593,7 @@ pub enum Here {
     Full(Submission),
 }
 
+#[cfg(feature = "runtime")]
 impl std::fmt::Debug for Here {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -554,6 +605,7 @@ impl std::fmt::Debug for Here {
     }
 }
 
+#[cfg(feature = "runtime")]
 /// A read a frontend carries out itself on the data volume; see
 /// [`Submitter::direct_read`]. Dropping it without [`DirectRead::finish`]
 /// counts the read as failed.
@@ -563,6 +615,7 @@ pub struct DirectRead<'a> {
     done: bool,
 }
 
+#[cfg(feature = "runtime")]
 impl std::fmt::Debug for DirectRead<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DirectRead")
@@ -571,6 +624,7 @@ impl std::fmt::Debug for DirectRead<'_> {
     }
 }
 
+#[cfg(feature = "runtime")]
 impl DirectRead<'_> {
     /// The data volume, opened with `O_DIRECT`: buffers, offsets and lengths
     /// must be aligned to the device's block size.
@@ -594,6 +648,7 @@ impl DirectRead<'_> {
     }
 }
 
+#[cfg(feature = "runtime")]
 impl Drop for DirectRead<'_> {
     fn drop(&mut self) {
         if !self.done {
@@ -604,6 +659,7 @@ impl Drop for DirectRead<'_> {
     }
 }
 
+#[cfg(feature = "runtime")]
 /// Reaches a running device from the network side: messages from the peer,
 /// link changes, map snapshots. Cloneable; see [`Runtime::port`].
 #[derive(Clone)]
@@ -611,12 +667,14 @@ pub struct Port {
     shared: Arc<Shared>,
 }
 
+#[cfg(feature = "runtime")]
 impl std::fmt::Debug for Port {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Port").finish_non_exhaustive()
     }
 }
 
+#[cfg(feature = "runtime")]
 impl Port {
     fn control(&self, message: Control) {
         self.shared
@@ -675,6 +733,7 @@ impl Port {
     }
 }
 
+#[cfg(feature = "runtime")]
 impl Runtime {
     /// A handle for the network side; see [`Port`].
     pub fn port(&self) -> Port {
@@ -804,6 +863,7 @@ impl Runtime {
     }
 }
 
+#[cfg(feature = "runtime")]
 impl Drop for Runtime {
     fn drop(&mut self) {
         if let Some(thread) = self.thread.take() {
@@ -813,6 +873,7 @@ impl Drop for Runtime {
     }
 }
 
+#[cfg(feature = "runtime")]
 /// The data a slot's operation works on.
 enum Data {
     /// An aligned buffer owned by the slot.
@@ -821,6 +882,7 @@ enum Data {
     Shared(Bytes),
 }
 
+#[cfg(feature = "runtime")]
 impl Data {
     fn ptr(&mut self, offset: u64) -> *mut u8 {
         match self {
@@ -834,6 +896,7 @@ impl Data {
     }
 }
 
+#[cfg(feature = "runtime")]
 #[derive(Default)]
 struct SlotEntry {
     /// Application request (app slots).
@@ -849,6 +912,7 @@ struct SlotEntry {
     phase: Phase,
 }
 
+#[cfg(feature = "runtime")]
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 enum Phase {
     #[default]
@@ -862,6 +926,7 @@ enum Phase {
     PunchFallback,
 }
 
+#[cfg(feature = "runtime")]
 struct Flush {
     epoch: u64,
     next: usize,
@@ -870,6 +935,7 @@ struct Flush {
     syncing: bool,
 }
 
+#[cfg(feature = "runtime")]
 struct Worker {
     shared: Arc<Shared>,
     ring: IoUring,
@@ -901,10 +967,12 @@ struct Worker {
     controls_waiting: Option<Instant>,
 }
 
+#[cfg(feature = "runtime")]
 fn user_data(kind: u64, index: u64) -> u64 {
     (kind << KIND_SHIFT) | index
 }
 
+#[cfg(feature = "runtime")]
 /// The engine and the state of its slots. The device thread holds it while
 /// it works (never while it sleeps); a frontend thread holds it while it
 /// runs a request on its own thread ([`Submitter::start_here`]).
@@ -921,6 +989,7 @@ struct Core {
     stats_seen: EngineStats,
 }
 
+#[cfg(feature = "runtime")]
 impl Core {
     /// Gives a new application request to the engine.
     fn admit(&mut self, submission: Submission) -> Slot {
@@ -1162,6 +1231,7 @@ impl Core {
     }
 }
 
+#[cfg(feature = "runtime")]
 /// Hands a finished request to its frontend.
 fn hand_back(submission: Submission, result: Result<(), EngineError>) {
     let Submission {
@@ -1173,6 +1243,7 @@ fn hand_back(submission: Submission, result: Result<(), EngineError>) {
     sink.complete(tag, &request, result, buf);
 }
 
+#[cfg(feature = "runtime")]
 impl Worker {
     fn run(&mut self) -> StopResult {
         self.arm_wake()?;
@@ -1665,5 +1736,6 @@ impl Worker {
     }
 }
 
+#[cfg(feature = "runtime")]
 #[cfg(test)]
 mod tests;
