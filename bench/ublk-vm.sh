@@ -14,7 +14,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VM=$ROOT/tests/vm
 W=${VM_WORK:-$ROOT/target/vm}
 mkdir -p "$W"
-(cd "$ROOT" && cargo build --release -p gmdctl --bins --quiet)
+(cd "$ROOT" && cargo build --release -p gmdd -p gmdctl --bins --quiet)
 "$VM/setup-kernel.sh" "$W" >/dev/null
 { echo '#!/bin/busybox sh'; echo "BENCH_S=${BENCH_S:-10}"; cat "$VM/guest/lib.sh" "$ROOT/bench/ublk-vm-guest.sh"; } > "$W/bench-init.sh"
 EXTRA_MODULES=virtio_blk "$VM/mkinitramfs.sh" "$W" "$W/bench-init.sh" "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" "$ROOT/target/release/gmdstat" "$(command -v fio)" >/dev/null

@@ -646,68 +646,6 @@ pub struct NetPath {
 }
 
 impl NetReport {
-    /// Builds a report from GeoMessage's counters.
-    pub fn from_stats(machine: &str, s: &gmd_net::Stats) -> NetReport {
-        let us = |d: Option<std::time::Duration>| d.map(|d| d.as_micros() as u64);
-        NetReport {
-            schema: REPORT_SCHEMA,
-            machine: machine.to_owned(),
-            machines: s
-                .machines
-                .iter()
-                .map(|m| NetMachine {
-                    name: m.name.clone(),
-                    up: m.up,
-                    active_network: m.active_network.clone(),
-                    rpcs_sent: m.rpcs_sent,
-                    rpcs_received: m.rpcs_received,
-                    bytes_sent: m.bytes_sent,
-                    bytes_received: m.bytes_received,
-                    replies_sent: m.replies_sent,
-                    replies_received: m.replies_received,
-                    failures: m.failures,
-                    fragmented: m.fragmented,
-                    fragments: m.fragments,
-                    resends: m.resends,
-                    peer_downs: m.peer_downs,
-                })
-                .collect(),
-            networks: s
-                .networks
-                .iter()
-                .map(|n| NetNetwork {
-                    name: n.name.clone(),
-                    packets_sent: n.packets_sent,
-                    packets_received: n.packets_received,
-                    bytes_sent: n.bytes_sent,
-                    bytes_received: n.bytes_received,
-                    resends: n.resends,
-                    timeouts: n.timeouts,
-                    failures: n.failures,
-                    duplicates: n.duplicates,
-                    other: n.other,
-                    srtt_us: us(n.srtt),
-                })
-                .collect(),
-            paths: s
-                .paths
-                .iter()
-                .map(|p| NetPath {
-                    peer: p.peer.clone(),
-                    network: p.network.clone(),
-                    up: p.up,
-                    active: p.active,
-                    srtt_us: us(p.srtt),
-                    rttvar_us: us(p.rttvar),
-                    rto_us: p.rto.as_micros() as u64,
-                    cwnd_bytes: p.cwnd_bytes as u64,
-                    in_flight_bytes: p.in_flight_bytes as u64,
-                })
-                .collect(),
-            rejected: s.rejected_total(),
-        }
-    }
-
     /// Keeps only the named machines and networks (all when a list is empty).
     pub fn filter(&mut self, machines: &[String], networks: &[String]) {
         if !machines.is_empty() {

@@ -65,7 +65,7 @@ pub fn verify_local(config_path: &Path, machine: Option<&str>) -> Vec<Finding> {
             return out;
         }
     };
-    let machine = match crate::daemon::resolve_machine(&config, machine) {
+    let machine = match crate::machine::resolve_machine(&config, machine) {
         Ok(m) => m,
         Err(e) => {
             out.push(err(e.to_string()));

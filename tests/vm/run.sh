@@ -17,7 +17,7 @@ t0=$(date +%s)
 if ! command -v clang >/dev/null && ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then
   echo "libclang is needed to build libublk (apt-get install libclang-dev)" >&2; exit 1
 fi
-(cd "$ROOT" && cargo build --release -p gmdctl --bins --quiet)
+(cd "$ROOT" && cargo build --release -p gmdd -p gmdctl --bins --quiet)
 "$HERE/setup-kernel.sh" "$W" >/dev/null
 cat "$HERE/guest/lib.sh" > "$W/init.sh"
 sed -i '1i #!/bin/busybox sh' "$W/init.sh"

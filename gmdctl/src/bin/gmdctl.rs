@@ -303,7 +303,7 @@ fn offline(cli: &Cli) -> Result<(ClusterConfig, String), Failure> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     let config = ClusterConfig::load(&path).map_err(|e| fail(1, e.to_string()))?;
-    let machine = gmdctl::daemon::resolve_machine(&config, cli.machine.as_deref())
+    let machine = gmdctl::machine::resolve_machine(&config, cli.machine.as_deref())
         .map_err(|e| fail(1, e.to_string()))?;
     Ok((config, machine))
 }

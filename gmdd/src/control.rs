@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::Daemon;
-use crate::protocol::{Command, ControlError, PROTOCOL_VERSION, Request, Response};
+use gmdctl::protocol::{Command, ControlError, PROTOCOL_VERSION, Request, Response};
 
 /// Longest request line accepted.
 const REQUEST_LINE_MAX: usize = 1 << 20;
@@ -178,7 +178,7 @@ async fn stream_events(
             .as_bytes(),
         )
         .await?;
-    let line = |e: &crate::protocol::Event| {
+    let line = |e: &gmdctl::protocol::Event| {
         let mut text = serde_json::to_string(e).unwrap_or_default();
         text.push('\n');
         text

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use gmdctl::daemon::{Options, run};
 use gmdctl::protocol::{DEFAULT_CONFIG, DEFAULT_SOCKET};
+use gmdd::{Options, run};
 
 /// The gmd daemon: hosts this machine's GeoMirror devices.
 #[derive(Parser, Debug)]

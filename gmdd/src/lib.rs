@@ -34,9 +34,10 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::protocol::*;
-use crate::report::*;
 use exports::{DeviceExport, Exports};
+use gmdctl::machine::resolve_machine;
+use gmdctl::protocol::*;
+use gmdctl::report::*;
 use link::DeviceLink;
 
 pub use peers::{DeviceInfo, PeerState};
@@ -54,33 +55,6 @@ pub struct Options {
     pub machine: Option<String>,
     /// Control socket path.
     pub socket: PathBuf,
-}
-
-/// Finds this machine in the configuration.
-///
-/// # Errors
-/// The name (given or the hostname) is not a machine of the cluster.
-pub fn resolve_machine(config: &ClusterConfig, given: Option<&str>) -> anyhow::Result<String> {
-    let name = match given {
-        Some(n) => n.to_owned(),
-        None => nix::unistd::gethostname()
-            .context("cannot read the hostname; give --machine NAME")?
-            .to_string_lossy()
-            .into_owned(),
-    };
-    if !config.machines.contains_key(&name) {
-        bail!(
-            "machine {name:?} is not in {} (machines: {}); give --machine NAME",
-            config.path.display(),
-            config
-                .machines
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
-    Ok(name)
 }
 
 /// The shortest time a reachable but silent peer is waited for.
@@ -124,6 +98,69 @@ pub fn net_config(config: &ClusterConfig, machine: &str, key: &[u8]) -> NetConfi
             streams_max: 1026,
             ..Tuning::default()
         },
+    }
+}
+
+/// The `netstat` report (and the metrics' network part) from GeoMessage's
+/// counters.
+pub fn net_report(machine: &str, s: &gmd_net::Stats) -> NetReport {
+    let us = |d: Option<std::time::Duration>| d.map(|d| d.as_micros() as u64);
+    NetReport {
+        schema: REPORT_SCHEMA,
+        machine: machine.to_owned(),
+        machines: s
+            .machines
+            .iter()
+            .map(|m| NetMachine {
+                name: m.name.clone(),
+                up: m.up,
+                active_network: m.active_network.clone(),
+                rpcs_sent: m.rpcs_sent,
+                rpcs_received: m.rpcs_received,
+                bytes_sent: m.bytes_sent,
+                bytes_received: m.bytes_received,
+                replies_sent: m.replies_sent,
+                replies_received: m.replies_received,
+                failures: m.failures,
+                fragmented: m.fragmented,
+                fragments: m.fragments,
+                resends: m.resends,
+                peer_downs: m.peer_downs,
+            })
+            .collect(),
+        networks: s
+            .networks
+            .iter()
+            .map(|n| NetNetwork {
+                name: n.name.clone(),
+                packets_sent: n.packets_sent,
+                packets_received: n.packets_received,
+                bytes_sent: n.bytes_sent,
+                bytes_received: n.bytes_received,
+                resends: n.resends,
+                timeouts: n.timeouts,
+                failures: n.failures,
+                duplicates: n.duplicates,
+                other: n.other,
+                srtt_us: us(n.srtt),
+            })
+            .collect(),
+        paths: s
+            .paths
+            .iter()
+            .map(|p| NetPath {
+                peer: p.peer.clone(),
+                network: p.network.clone(),
+                up: p.up,
+                active: p.active,
+                srtt_us: us(p.srtt),
+                rttvar_us: us(p.rttvar),
+                rto_us: p.rto.as_micros() as u64,
+                cwnd_bytes: p.cwnd_bytes as u64,
+                in_flight_bytes: p.in_flight_bytes as u64,
+            })
+            .collect(),
+        rejected: s.rejected_total(),
     }
 }
 
@@ -1405,8 +1442,8 @@ impl Daemon {
     }
 
     /// This machine's configuration and state map facts.
-    fn facts(&self) -> crate::verify::MachineFacts {
-        crate::verify::facts(&self.config(), &self.machine)
+    fn facts(&self) -> gmdctl::verify::MachineFacts {
+        gmdctl::verify::facts(&self.config(), &self.machine)
     }
 
     /// Compares this machine's facts with every other machine's, asked over
@@ -1428,17 +1465,17 @@ impl Daemon {
                 Duration::from_secs(20),
             )) {
                 Ok(PeerReply::Facts { facts }) => {
-                    findings.push(crate::verify::Finding {
+                    findings.push(gmdctl::verify::Finding {
                         ok: true,
                         text: format!("{other} answers over GeoMessage"),
                     });
-                    findings.extend(crate::verify::compare(&local, &facts));
+                    findings.extend(gmdctl::verify::compare(&local, &facts));
                 }
-                Ok(other_reply) => findings.push(crate::verify::Finding {
+                Ok(other_reply) => findings.push(gmdctl::verify::Finding {
                     ok: false,
                     text: format!("{other} did not describe itself: {other_reply:?}"),
                 }),
-                Err(e) => findings.push(crate::verify::Finding {
+                Err(e) => findings.push(gmdctl::verify::Finding {
                     ok: false,
                     text: format!(
                         "{other} cannot be reached over GeoMessage ({e}); start gmdd there to check it"
@@ -1454,7 +1491,7 @@ impl Daemon {
             .rt
             .block_on(self.node.stats())
             .map_err(|e| ControlError::internal(format!("GeoMessage statistics: {e}")))?;
-        to_value(&NetReport::from_stats(&self.machine, &net))
+        to_value(&net_report(&self.machine, &net))
     }
 
     /// Stops every running device without changing its recorded state, so the
@@ -1716,7 +1753,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let config = ClusterConfig::load(&options.config)?;
     let machine = resolve_machine(&config, options.machine.as_deref())?;
-    let key = crate::keyfile::read(&config.key_file)?;
+    let key = gmdctl::keyfile::read(&config.key_file)?;
     control::ensure_no_daemon(&options.socket)?;
     let nbd_listen = config.machines[&machine].nbd_listen.clone();
     let nbd_listener = match &nbd_listen {

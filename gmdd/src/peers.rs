@@ -107,7 +107,7 @@ pub(super) enum PeerReply {
     /// The device's map.
     Map { info: DeviceInfo, bits: String },
     /// The answer to [`PeerRequest::Facts`].
-    Facts { facts: crate::verify::MachineFacts },
+    Facts { facts: gmdctl::verify::MachineFacts },
     /// Done.
     Ok,
     /// Not done, and why (with the command that resolves it).

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Daemon;
-use crate::protocol::Event;
+use gmdctl::protocol::Event;
 
 /// How often device snapshots are compared.
 pub(super) const WATCH_INTERVAL: Duration = Duration::from_millis(250);
@@ -344,14 +344,14 @@ pub(super) async fn serve_metrics(
 
 impl Daemon {
     /// Every figure in Prometheus text format (blocking).
-    fn metrics_text(&self) -> Result<String, crate::protocol::ControlError> {
+    fn metrics_text(&self) -> Result<String, gmdctl::protocol::ControlError> {
         let report = self.report(&[])?;
         let net = self
             .rt
             .block_on(self.node.stats())
-            .map_err(|e| crate::protocol::ControlError::internal(e.to_string()))?;
-        let net = crate::report::NetReport::from_stats(&self.machine, &net);
-        Ok(crate::metrics::render(&report, &net))
+            .map_err(|e| gmdctl::protocol::ControlError::internal(e.to_string()))?;
+        let net = crate::net_report(&self.machine, &net);
+        Ok(gmdctl::metrics::render(&report, &net))
     }
 
     /// Starts, moves or stops the metrics endpoint to match `addr`.
