@@ -21,13 +21,16 @@ use std::sync::Arc;
 
 use crate::buf::{BufPool, IoBuf};
 use crate::config::{ClusterConfig, Device, DeviceMachine, Mode, Role};
-use crate::engine::EngineParams;
+use crate::engine::{Engine, EngineParams, Epoch};
+use crate::generations::Generations;
+use crate::link::roles::{self, Lacks, PeerCondition};
+use crate::link::{Identity, PairRole, Regions, SideFacts};
 use crate::mirror::PeerLink;
 #[cfg(feature = "runtime")]
 use crate::runtime::{Runtime, RuntimeConfig};
-use crate::statemap::cells::{CELL_CONSISTENT, CELL_STALE, StateMap};
+use crate::statemap::cells::{CELL_CONSISTENT, CELL_RESYNC, CELL_STALE, StateMap};
 use crate::statemap::file::{MapError, MapFile};
-use crate::statemap::format::{AdminState, PEER_NAME_MAX};
+use crate::statemap::format::{AdminState, PEER_NAME_MAX, Superblock};
 use crate::units::format_size;
 use crate::volume;
 
@@ -124,6 +127,9 @@ pub struct StartOptions {
     /// A connected peer silent this long while messages wait is dropped
     /// (milliseconds; 0 = wait forever).
     pub peer_stall_ms: u64,
+    /// The device comes back after a daemon restart: it takes the role it
+    /// ran in (where that is safe) rather than the configured one.
+    pub restoring: bool,
 }
 
 impl std::fmt::Debug for StartOptions {
@@ -145,10 +151,11 @@ pub struct PeerView {
     pub available: bool,
     /// Its copy is starting.
     pub starting: bool,
-    /// Its role for the device.
-    pub role: Role,
-    /// Its state map has stale cells (it wrote alone).
-    pub stale: bool,
+    /// Its role now (AVAILABLE copies).
+    pub role: PairRole,
+    /// What its copy holds (when its map is open), for the same decision
+    /// the handshake makes ([`crate::link::decide`]).
+    pub facts: Option<SideFacts>,
 }
 
 #[cfg(feature = "runtime")]
@@ -164,6 +171,7 @@ enum State {
         runtime: Runtime,
         _data_lock: File,
         started: Instant,
+        role: PairRole,
     },
 }
 
@@ -175,6 +183,8 @@ pub struct DeviceHandle {
     state: State,
     /// Why the device could not be restored or configured, for status.
     problem: Option<String>,
+    /// Why the device started in another role than asked, for status.
+    role_note: Option<String>,
 }
 
 #[cfg(feature = "runtime")]
@@ -200,6 +210,7 @@ impl DeviceHandle {
             machine: machine.to_owned(),
             state: State::Defined,
             problem: None,
+            role_note: None,
         })
     }
 
@@ -325,6 +336,12 @@ impl DeviceHandle {
 
     /// STOPPED → AVAILABLE, applying the start rules against `peers`.
     ///
+    /// The device starts as primary when the configuration says so (or,
+    /// restoring after a daemon restart, when it ran as primary) and that is
+    /// safe: no peer is primary, its copy lacks nothing, and a peer it
+    /// cannot reach is recorded down. Otherwise it starts as secondary and
+    /// [`DeviceHandle::role_note`] says why.
+    ///
     /// # Errors
     /// Wrong state, a refusal by a start rule (each names the command that
     /// resolves it), or the device thread could not start.
@@ -332,16 +349,34 @@ impl DeviceHandle {
         self.require(AdminState::Stopped, "start it", "gmdctl configure")?;
         let name = self.config.name.clone();
         let down = self.peers_down();
-        let State::Stopped { cells, .. } = &self.state else {
-            unreachable!("checked above")
+        let Some(facts) = self.side_facts() else {
+            unreachable!("STOPPED devices have a map")
         };
+        let (recorded, _) = self.recorded();
+        let wanted = if options.restoring {
+            recorded
+        } else if self.local().role == Role::Primary {
+            PairRole::Primary
+        } else {
+            PairRole::Secondary
+        };
+        let mut peer_condition = PeerCondition::None;
         for peer in peers {
             // A down record means "do not wait for it"; a peer recorded down
             // that is in fact there is held to the rules like any other.
             if down.contains(&peer.machine) && !(peer.reachable && peer.available) {
+                peer_condition = PeerCondition::KnownDown {
+                    machine: peer.machine.clone(),
+                };
                 continue;
             }
             if !peer.reachable {
+                if options.restoring {
+                    peer_condition = PeerCondition::Unknown {
+                        machine: peer.machine.clone(),
+                    };
+                    continue;
+                }
                 return Err(DeviceError::refused(format!(
                     "{name}: start refused: remote peer {} cannot be reached. If {} is down, \
                      record it with 'gmdctl down {name} {}' and start again \
@@ -363,27 +398,10 @@ impl DeviceHandle {
                     peer.machine, peer.machine
                 )));
             }
-            let local_stale = cells.count_value(CELL_STALE) > 0;
-            if local_stale && peer.stale {
-                return Err(DeviceError::refused(format!(
-                    "{name}: start refused: both sides have stale marks in their state maps (data divergence); \
-                     inspect with 'gmdctl show-state {name}' on both machines, \
-                     resolve with 'gmdctl unify {name} --master <machine>'"
-                )));
-            }
-            if local_stale {
-                return Err(DeviceError::refused(format!(
-                    "{name}: start refused: this side has stale marks (writes {} has not got) while {} is AVAILABLE; \
-                     start this side first (stop the device on {}), or resolve with 'gmdctl unify {name} --master <machine>'",
-                    peer.machine, peer.machine, peer.machine
-                )));
-            }
-            if self.local().role == Role::Primary && peer.role == Role::Primary {
-                return Err(DeviceError::refused(format!(
-                    "{name}: start refused: remote peer {} is also primary and AVAILABLE",
-                    peer.machine
-                )));
-            }
+            peer_condition = PeerCondition::Connected {
+                machine: peer.machine.clone(),
+                role: peer.role,
+            };
         }
         let active = peers
             .iter()
@@ -395,6 +413,39 @@ impl DeviceHandle {
                  Stop the device on all but one, or record them with 'gmdctl down'"
             )));
         }
+        // The role it starts in: the one asked for where that is safe.
+        let lacks = Lacks {
+            no_data: facts.gens.holds_no_data(),
+            not_received: facts.not_received,
+        };
+        let (role, note) = match wanted {
+            PairRole::Secondary => (PairRole::Secondary, None),
+            PairRole::Split => (PairRole::Split, None),
+            PairRole::Primary => {
+                match roles::may_promote(&name, PairRole::Secondary, &peer_condition, lacks, false)
+                {
+                    Ok(_) => (PairRole::Primary, None),
+                    Err(why) => (PairRole::Secondary, Some(why)),
+                }
+            }
+        };
+        if let Some(why) = &note {
+            tracing::warn!(device = %name, "started as secondary, not primary: {why}");
+        }
+        // The same decision the handshake will make: a start that could only
+        // be refused (divergence, a newer copy here while the peer is
+        // primary) is refused now, with the commands that resolve it.
+        for peer in peers.iter().filter(|p| p.reachable && p.available) {
+            if let Some(remote) = &peer.facts {
+                let mut local = facts.clone();
+                local.primary = role == PairRole::Primary;
+                // Marks of a copy read from disk are all to be resent.
+                local.marked = local.marked.max(local.stale + local.not_received);
+                if let Err(refusal) = crate::link::decide(&name, &local, remote) {
+                    return Err(DeviceError::refused(format!("start refused: {refusal}")));
+                }
+            }
+        }
         let State::Stopped {
             mut map,
             cells,
@@ -403,13 +454,26 @@ impl DeviceHandle {
         else {
             unreachable!("checked above")
         };
-        let secondary = self.config.mode == Mode::Async && self.local().role == Role::Secondary;
+        // Recorded first: a device found AVAILABLE in its map is restored
+        // by the next gmdd, in the role recorded with it.
+        if let Err(e) = map.update_superblock(|sb| {
+            sb.admin_state = AdminState::Available;
+            sb.role = role;
+        }) {
+            self.state = State::Stopped {
+                map,
+                cells,
+                _data_lock,
+            };
+            return Err(map_error(&name, &e));
+        }
+        let async_secondary = self.config.mode == Mode::Async && role == PairRole::Secondary;
         let mut params = EngineParams::new(self.config.size_bytes, self.config.mode);
         params.block_size = self.config.block_size;
         params.io_len_max = u64::from(IO_LEN_MAX);
         params.slots_max = DEVICE_SLOTS;
-        params.writable = !secondary;
-        params.readable = !secondary;
+        params.writable = role.writable();
+        params.readable = !async_secondary;
         params.hwm_bytes = self.config.hwm_kib * 1024;
         params.resync_in_flight_max_bytes = self.config.sync_rate_kib * 1024;
         params.peer_stall_ms = options.peer_stall_ms;
@@ -420,6 +484,8 @@ impl DeviceHandle {
             uuid: map.superblock().uuid,
             map: cells.clone(),
             page_slots: map.page_slots().clone(),
+            superblock: map.superblock_state(),
+            gen_seed: random_seed(),
             params,
             pool: options.pool.clone(),
             link: options.link.clone(),
@@ -427,6 +493,7 @@ impl DeviceHandle {
         let runtime = match runtime {
             Ok(r) => r,
             Err(e) => {
+                let _ = map.update_superblock(|sb| sb.admin_state = AdminState::Stopped);
                 self.state = State::Stopped {
                     map,
                     cells,
@@ -437,22 +504,188 @@ impl DeviceHandle {
                 )));
             }
         };
-        if let Err(e) = map.update_superblock(|sb| sb.admin_state = AdminState::Available) {
-            let _ = runtime.stop();
-            self.state = State::Stopped {
-                map,
-                cells,
-                _data_lock,
-            };
-            return Err(map_error(&name, &e));
-        }
+        self.role_note = note;
         self.state = State::Available {
             map,
             runtime,
             _data_lock,
             started: Instant::now(),
+            role,
         };
         Ok(())
+    }
+
+    /// The role the device runs in (AVAILABLE), or last ran in.
+    pub fn role(&self) -> PairRole {
+        match &self.state {
+            State::Available { role, .. } => *role,
+            _ => self.recorded().0,
+        }
+    }
+
+    /// Why the device started as secondary when primary was asked for.
+    pub fn role_note(&self) -> Option<&str> {
+        self.role_note.as_deref()
+    }
+
+    /// The role and data generations recorded in the map (defaults when
+    /// DEFINED).
+    fn recorded(&self) -> (PairRole, Generations) {
+        self.map_file()
+            .map(|m| (m.superblock().role, m.superblock().generations))
+            .unwrap_or_default()
+    }
+
+    /// What identifies this device to its peer.
+    pub fn identity(&self) -> Option<Identity> {
+        Some(Identity {
+            uuid: self.uuid()?,
+            size_bytes: self.config.size_bytes,
+            minor: self.config.minor,
+            mode: self.config.mode,
+        })
+    }
+
+    /// This copy's facts for the handshake, with the regions its map asks
+    /// to resend: (facts, marks, hot). A running device's hot regions are
+    /// given apart (see [`crate::link::Offer`]); a map read from disk has
+    /// none (after a crash a hot cell may hide a cut write). `None` when
+    /// DEFINED.
+    pub fn offer_parts(&self) -> Option<(SideFacts, Regions, Regions)> {
+        let machine = self.machine.clone();
+        match &self.state {
+            State::Defined => None,
+            State::Stopped { map, cells, .. } => {
+                let sb = map.superblock();
+                let marks = Regions::from_bits(&cells.resync_bits(false));
+                Some((
+                    facts_of(
+                        machine,
+                        sb.role == PairRole::Primary,
+                        sb.generations,
+                        cells,
+                        &marks,
+                    ),
+                    marks,
+                    Regions::new(),
+                ))
+            }
+            State::Available { runtime, role, .. } => {
+                let role = *role;
+                Some(runtime.port().inspect(|engine: &Engine| {
+                    let cells = engine.map();
+                    let marks = Regions::from_bits(&cells.resync_bits(true));
+                    let hot = Regions::from_bits(&cells.hot_bits());
+                    (
+                        facts_of(
+                            machine,
+                            role == PairRole::Primary,
+                            engine.durable_generations(),
+                            cells,
+                            &marks,
+                        ),
+                        marks,
+                        hot,
+                    )
+                }))
+            }
+        }
+    }
+
+    /// This copy's facts (see [`DeviceHandle::offer_parts`]).
+    pub fn side_facts(&self) -> Option<SideFacts> {
+        self.offer_parts().map(|(facts, _, _)| facts)
+    }
+
+    /// The data generations: as durable on disk (the running engine's durable ones).
+    pub fn generations(&self) -> Option<Generations> {
+        match &self.state {
+            State::Defined => None,
+            State::Stopped { map, .. } => Some(map.superblock().generations),
+            State::Available { runtime, .. } => {
+                Some(runtime.port().inspect(|e| e.durable_generations()))
+            }
+        }
+    }
+
+    /// Runs `change` on the running device's engine and superblock and
+    /// waits until it is durable.
+    fn change_running(
+        &self,
+        change: impl FnOnce(&mut Engine, &mut Superblock) -> Epoch + Send + 'static,
+    ) -> Result<(), DeviceError> {
+        let name = &self.config.name;
+        let State::Available { runtime, .. } = &self.state else {
+            return Err(DeviceError::internal(format!("{name}: not running")));
+        };
+        let (tx, rx) = mpsc::channel();
+        runtime.port().change(change, move |r| {
+            let _ = tx.send(r);
+        });
+        match rx.recv_timeout(DEVICE_REPLY_TIMEOUT) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(DeviceError::internal(format!("{name}: {e}"))),
+            Err(_) => Err(DeviceError::internal(format!(
+                "{name}: the device thread did not answer"
+            ))),
+        }
+    }
+
+    /// Changes the role of the running device (the caller applied the
+    /// rules of [`crate::link::roles`]): what applications may do here, and
+    /// the role recorded in the map. With `forced`, the copy becomes the
+    /// newest as it is ([`Engine::force_new_generation`]).
+    ///
+    /// # Errors
+    /// Not AVAILABLE, or the map cannot be written.
+    pub fn set_role(&mut self, new: PairRole, forced: bool) -> Result<(), DeviceError> {
+        self.require(AdminState::Available, "change its role", "gmdctl start")?;
+        let readable = !(self.config.mode == Mode::Async && new == PairRole::Secondary);
+        self.change_running(move |engine, sb| {
+            engine.set_access(new.writable(), readable);
+            sb.role = new;
+            let epoch = engine.touch_superblock();
+            if forced {
+                epoch.max(engine.force_new_generation())
+            } else {
+                epoch
+            }
+        })?;
+        if let State::Available { role, .. } = &mut self.state {
+            *role = new;
+        }
+        self.role_note = None;
+        Ok(())
+    }
+
+    /// Drops this copy's own changes (rejoin after a drill, the non-master
+    /// side of unify): see [`Engine::discard_own_changes`]. The device must
+    /// not be connected.
+    ///
+    /// # Errors
+    /// The map cannot be written.
+    pub fn discard_own_changes(&mut self) -> Result<(), DeviceError> {
+        let name = self.config.name.clone();
+        match &mut self.state {
+            State::Defined => Err(DeviceError::refused(format!(
+                "{name}: configure the device first (gmdctl configure {name})"
+            ))),
+            State::Stopped { map, cells, .. } => {
+                let mut next = cells.clone();
+                for region in 0..next.region_count() {
+                    if next.get(region) == CELL_STALE {
+                        next.set(region, crate::statemap::cells::CELL_INCONSISTENT);
+                    }
+                }
+                map.write_all(&next).map_err(|e| map_error(&name, &e))?;
+                *cells = next;
+                map.update_superblock(|sb| sb.generations.discard_own_changes())
+                    .map_err(|e| map_error(&name, &e))
+            }
+            State::Available { .. } => {
+                self.change_running(|engine, _| engine.discard_own_changes())
+            }
+        }
     }
 
     /// AVAILABLE → STOPPED: finishes every request, persists the map.
@@ -479,7 +712,7 @@ impl DeviceHandle {
         else {
             unreachable!("checked above")
         };
-        let (cells, slots) = match runtime.stop() {
+        let stopped = match runtime.stop() {
             Ok(r) => r,
             Err(e) => {
                 // The thread is gone; reload what is on disk, which is safe by design.
@@ -490,11 +723,16 @@ impl DeviceHandle {
                 )));
             }
         };
-        map.set_page_slots(slots);
-        let result = map.update_superblock(|sb| sb.admin_state = AdminState::Stopped);
+        map.set_page_slots(stopped.page_slots);
+        map.set_superblock_state(stopped.superblock);
+        // A clean stop: the next start takes the configured role.
+        let result = map.update_superblock(|sb| {
+            sb.admin_state = AdminState::Stopped;
+            sb.role = PairRole::Secondary;
+        });
         self.state = State::Stopped {
             map,
-            cells,
+            cells: stopped.map,
             _data_lock,
         };
         result.map_err(|e| map_error(&name, &e))
@@ -519,13 +757,14 @@ impl DeviceHandle {
         else {
             unreachable!("checked above")
         };
-        let (cells, slots) = runtime.stop().map_err(|e| {
+        let stopped = runtime.stop().map_err(|e| {
             DeviceError::internal(format!("{}: device thread failed: {e}", self.config.name))
         })?;
-        map.set_page_slots(slots);
+        map.set_page_slots(stopped.page_slots);
+        map.set_superblock_state(stopped.superblock);
         self.state = State::Stopped {
             map,
-            cells,
+            cells: stopped.map,
             _data_lock,
         };
         Ok(())
@@ -545,10 +784,11 @@ impl DeviceHandle {
             .map_err(|e| map_error(&self.config.name, &e))
     }
 
-    /// Records remote peer `peer` as down so that start does not wait for it.
+    /// Records remote peer `peer` as down so that start does not wait for it
+    /// and this side may become primary alone.
     ///
     /// # Errors
-    /// Wrong state (must be STOPPED), or `peer` is not a remote peer of the device.
+    /// DEFINED, or `peer` is not a remote peer of the device.
     pub fn down(&mut self, config: &ClusterConfig, peer: &str) -> Result<(), DeviceError> {
         let name = self.config.name.clone();
         let remote: Vec<String> = self
@@ -562,21 +802,14 @@ impl DeviceHandle {
                 remote.join(", ")
             )));
         }
-        self.require(
-            AdminState::Stopped,
-            "record a peer as down",
-            "gmdctl stop / configure",
-        )?;
+        if self.state() == AdminState::Defined {
+            return Err(DeviceError::refused(format!(
+                "{name}: cannot record a peer as down while DEFINED; the device must be \
+                 STOPPED or AVAILABLE (gmdctl configure {name})"
+            )));
+        }
         debug_assert!(peer.len() <= PEER_NAME_MAX);
-        let State::Stopped { map, .. } = &mut self.state else {
-            unreachable!("checked above")
-        };
-        map.update_superblock(|sb| {
-            if !sb.peers_down.iter().any(|p| p == peer) {
-                sb.peers_down.push(peer.to_owned());
-            }
-        })
-        .map_err(|e| map_error(&name, &e))
+        self.set_peer_down(peer, true)
     }
 
     /// The device identity and a copy of its state map: from disk when DEFINED,
@@ -675,13 +908,18 @@ impl DeviceHandle {
     ///
     /// # Errors
     /// Wrong state, a missing data volume, or a valid map in place without `force`.
-    pub fn init_state(&self, uuid: Uuid, force: bool) -> Result<Uuid, DeviceError> {
+    pub fn init_state(
+        &self,
+        uuid: Uuid,
+        volume: NewVolume,
+        force: bool,
+    ) -> Result<Uuid, DeviceError> {
         self.require(
             AdminState::Defined,
             "initialise its state map",
             "gmdctl stop / unconfigure",
         )?;
-        init_state(&self.config, self.local(), uuid, force)
+        init_state(&self.config, self.local(), uuid, volume, force)
     }
 
     /// Records (or forgets) remote peer `peer` as down, in any state but
@@ -691,22 +929,42 @@ impl DeviceHandle {
     /// The map cannot be written.
     pub fn set_peer_down(&mut self, peer: &str, down: bool) -> Result<(), DeviceError> {
         let name = self.config.name.clone();
-        let map = match &mut self.state {
-            State::Defined => return Ok(()),
-            State::Stopped { map, .. } | State::Available { map, .. } => map,
-        };
-        let listed = map.superblock().peers_down.iter().any(|p| p == peer);
+        let listed = self.peers_down().iter().any(|p| p == peer);
         if listed == down {
             return Ok(());
         }
-        map.update_superblock(|sb| {
+        let owned = peer.to_owned();
+        let change = move |sb: &mut Superblock| {
             if down {
-                sb.peers_down.push(peer.to_owned());
+                if !sb.peers_down.contains(&owned) {
+                    sb.peers_down.push(owned);
+                }
             } else {
-                sb.peers_down.retain(|p| p != peer);
+                sb.peers_down.retain(|p| *p != owned);
             }
-        })
-        .map_err(|e| map_error(&name, &e))
+        };
+        match &mut self.state {
+            State::Defined => Ok(()),
+            State::Stopped { map, .. } => map
+                .update_superblock(change)
+                .map_err(|e| map_error(&name, &e)),
+            State::Available { .. } => {
+                let peers_down = {
+                    let mut sb = self.map_file().expect("open").superblock().clone();
+                    change(&mut sb);
+                    sb.peers_down
+                };
+                let recorded = peers_down.clone();
+                self.change_running(move |engine, sb| {
+                    sb.peers_down = recorded;
+                    engine.touch_superblock()
+                })?;
+                if let State::Available { map, .. } = &mut self.state {
+                    map.note_peers_down(peers_down);
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Clears the map of a device that is not running (unify, non-master side).
@@ -785,7 +1043,11 @@ impl DeviceHandle {
                 self.configure()?;
             }
             if recorded == AdminState::Available {
-                self.start(peers, options)?;
+                let options = StartOptions {
+                    restoring: true,
+                    ..options.clone()
+                };
+                self.start(peers, &options)?;
             }
             Ok(recorded)
         })();
@@ -820,6 +1082,40 @@ fn lookup<'a>(
         )));
     }
     Ok(device)
+}
+
+/// The facts of a copy with `cells` for the handshake.
+#[cfg(feature = "runtime")]
+fn facts_of(
+    machine: String,
+    primary: bool,
+    gens: Generations,
+    cells: &StateMap,
+    marks: &Regions,
+) -> SideFacts {
+    SideFacts {
+        machine,
+        primary,
+        gens,
+        stale: cells.count_value(CELL_STALE),
+        not_received: cells.count_value(CELL_RESYNC),
+        marked: marks.count(),
+    }
+}
+
+/// A random seed for new generation ids.
+fn random_seed() -> u64 {
+    let mut seed = [0u8; 8];
+    // SAFETY: getrandom writes at most `len` bytes into the buffer.
+    let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+    if n != seed.len() as isize {
+        // Never expected on Linux ≥ 3.17; the time is unique enough then.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        return now.as_nanos() as u64 ^ u64::from(std::process::id()) << 32;
+    }
+    u64::from_le_bytes(seed)
 }
 
 #[cfg(feature = "runtime")]
@@ -928,6 +1224,18 @@ pub fn default_uuid(cluster_name: &str, device: &Device) -> Uuid {
     Uuid::new_v5(&Uuid::NAMESPACE_OID, name.as_bytes())
 }
 
+/// What a new state map says about the data volume it describes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NewVolume {
+    /// Nothing is known of its data: it receives a full copy from its peer
+    /// (a new pair needs `gmdctl primary --force` on the side to keep).
+    #[default]
+    Unknown,
+    /// The administrator says it holds only zeroes, like its peer's
+    /// (initialised the same way): the pair starts without a copy.
+    Zeroed,
+}
+
 /// Writes a fresh, clean map for `local`'s side of `device` with identity `uuid`.
 ///
 /// # Errors
@@ -936,10 +1244,15 @@ pub fn init_state(
     device: &Device,
     local: &DeviceMachine,
     uuid: Uuid,
+    volume: NewVolume,
     force: bool,
 ) -> Result<Uuid, DeviceError> {
     drop(check_data_volume(device, local)?);
-    MapFile::create(&local.state_map, uuid, device.size_bytes, force)
+    let gens = match volume {
+        NewVolume::Unknown => Generations::none(),
+        NewVolume::Zeroed => Generations::zeroed(&uuid),
+    };
+    MapFile::create_with(&local.state_map, uuid, device.size_bytes, gens, force)
         .map_err(|e| map_error(&device.name, &e))?;
     Ok(uuid)
 }
@@ -975,14 +1288,23 @@ pub fn mark_all_on_disk(
             let mut cells = StateMap::new(device.size_bytes);
             cells.fill(CELL_STALE);
             map.write_all(&cells).map_err(|e| map_error(name, &e))?;
-            // Keep what the administrator recorded (peers down, generation).
-            if let Some(old) = salvaged.filter(|sb| sb.uuid == uuid) {
-                map.update_superblock(|sb| {
-                    sb.peers_down = old.peers_down;
-                    sb.generation = sb.generation.max(old.generation);
-                })
-                .map_err(|e| map_error(name, &e))?;
-            }
+            // Keep what the administrator recorded (peers down, data
+            // generations). Without them, this copy's data is declared the
+            // newest as it is (`dirty` sends all of it): a new generation.
+            let (peers_down, generation, gens) = match salvaged.filter(|sb| sb.uuid == uuid) {
+                Some(old) => (old.peers_down, old.generation, old.generations),
+                None => {
+                    let mut gens = Generations::none();
+                    gens.go_alone(crate::generations::GenSource::new(random_seed()).draw());
+                    (Vec::new(), 0, gens)
+                }
+            };
+            map.update_superblock(|sb| {
+                sb.peers_down = peers_down;
+                sb.generation = sb.generation.max(generation);
+                sb.generations = gens;
+            })
+            .map_err(|e| map_error(name, &e))?;
             Ok(())
         }
         Err(e) => Err(map_error(name, &e)),

@@ -5,7 +5,11 @@ pub mod buf;
 pub mod config;
 pub mod device;
 pub mod engine;
+pub mod generations;
+pub mod latency;
+pub mod link;
 pub mod mirror;
+#[cfg(feature = "runtime")]
 pub mod runtime;
 pub mod statemap;
 pub mod units;

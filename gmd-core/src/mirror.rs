@@ -9,7 +9,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::engine::{EngineError, OpKind, PeerOp, Request, ResyncRole, Seq};
+use crate::engine::{Connection, EngineError, OpKind, PeerOp, Request, Seq};
+use crate::generations::GenId;
 
 /// A message from the device thread for the peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +58,11 @@ pub enum ToPeer {
         /// The region.
         region: u64,
     },
+    /// This side (resync target) now durably holds generation `current`.
+    Adopted {
+        /// The generation.
+        current: GenId,
+    },
 }
 
 /// A message from the peer for the device thread.
@@ -87,20 +93,30 @@ pub enum FromPeer {
         /// The region.
         region: u64,
     },
+    /// The peer, target of this side's resync, durably holds `current`
+    /// ([`crate::engine::Engine::peer_adopted`]).
+    Adopted {
+        /// The generation.
+        current: GenId,
+    },
 }
 
 /// A change of the link, decided by the daemon's handshake.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkEvent {
-    /// Mirroring starts, as link session `session` (never 0), with this resync role.
+    /// Mirroring starts, as link session `session` (never 0), with this
+    /// part in resync.
     Connected {
         /// The session id both sides agreed on.
         session: u64,
-        /// This side's part in resync.
-        role: ResyncRole,
+        /// This side's part in resync, and the peer's generation.
+        connection: Connection,
     },
     /// The peer is gone.
     Lost,
+    /// The peer stopped its device cleanly, after flushing its volume
+    /// ([`crate::engine::Engine::peer_left`]).
+    Left,
 }
 
 /// Where the device thread sends what is for the peer. Called on the device
@@ -126,6 +142,9 @@ const TAG_PRIORITIZE: u8 = 5;
 /// Added after the others: a peer that does not know it refuses the message
 /// (the daemon logs it) and goes on as before.
 const TAG_RESYNC_ADD: u8 = 6;
+/// Added with data generations (likewise refused by older peers, which
+/// then keep counting their marks from the older generation: safe).
+const TAG_ADOPTED: u8 = 7;
 
 /// Why a message from the peer was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -162,7 +181,10 @@ pub fn encode(message: &ToPeer) -> Bytes {
 pub fn encoded_len(message: &ToPeer) -> usize {
     match message {
         ToPeer::Write { data, .. } => 35 + data.len(),
-        ToPeer::Flush { .. } | ToPeer::Prioritize { .. } | ToPeer::ResyncAdd { .. } => 9,
+        ToPeer::Flush { .. }
+        | ToPeer::Prioritize { .. }
+        | ToPeer::ResyncAdd { .. }
+        | ToPeer::Adopted { .. } => 9,
         ToPeer::Resync { data, .. } => 17 + data.len(),
         ToPeer::Reply { .. } => 13,
     }
@@ -212,6 +234,10 @@ pub fn encode_into(message: &ToPeer, out: &mut BytesMut) {
         ToPeer::ResyncAdd { region } => {
             out.put_u8(TAG_RESYNC_ADD);
             out.put_u64_le(*region);
+        }
+        ToPeer::Adopted { current } => {
+            out.put_u8(TAG_ADOPTED);
+            out.put_u64_le(*current);
         }
     }
 }
@@ -338,6 +364,9 @@ pub fn decode(body: &Bytes, size_bytes: u64) -> Result<FromPeer, DecodeError> {
             }
             Ok(FromPeer::ResyncAdd { region })
         }
+        TAG_ADOPTED => Ok(FromPeer::Adopted {
+            current: take_u64(body, &mut at)?,
+        }),
         _ => Err(DecodeError("unknown message")),
     }
 }
@@ -375,6 +404,7 @@ mod tests {
             },
             ToPeer::Prioritize { region: 6 },
             ToPeer::ResyncAdd { region: 7 },
+            ToPeer::Adopted { current: 8 },
         ] {
             let mut out = BytesMut::new();
             out.put_u64_le(9);
@@ -429,6 +459,10 @@ mod tests {
         assert_eq!(
             decode(&encode(&ToPeer::ResyncAdd { region: 31 }), 1 << 20).unwrap(),
             FromPeer::ResyncAdd { region: 31 }
+        );
+        assert_eq!(
+            decode(&encode(&ToPeer::Adopted { current: 0xfeed }), 1 << 20).unwrap(),
+            FromPeer::Adopted { current: 0xfeed }
         );
     }
 

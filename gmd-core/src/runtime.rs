@@ -24,78 +24,55 @@
 //! [`TICK_INTERVAL`]) waiting for a completion or the eventfd, without the
 //! lock.
 
-#[cfg(feature = "runtime")]
 use std::collections::VecDeque;
-#[cfg(feature = "runtime")]
 use std::fs::File;
-#[cfg(feature = "runtime")]
 use std::io;
-#[cfg(feature = "runtime")]
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-#[cfg(feature = "runtime")]
 use std::path::PathBuf;
-#[cfg(feature = "runtime")]
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
-#[cfg(feature = "runtime")]
 use std::sync::{Arc, Mutex};
-#[cfg(feature = "runtime")]
 use std::thread::JoinHandle;
-#[cfg(feature = "runtime")]
 use std::time::{Duration, Instant};
 
-#[cfg(feature = "runtime")]
 use bytes::Bytes;
-#[cfg(feature = "runtime")]
 use crossbeam_queue::ArrayQueue;
-#[cfg(feature = "runtime")]
 use io_uring::{IoUring, opcode, squeue, types};
-#[cfg(feature = "runtime")]
 use uuid::Uuid;
 
-#[cfg(feature = "runtime")]
 use crate::buf::{BufPool, IoBuf};
-#[cfg(feature = "runtime")]
 use crate::engine::{
-    Action, Engine, EngineError, EngineParams, EngineStats, OpKind, Request, Seq, Slot,
+    Action, Engine, EngineError, EngineParams, EngineStats, Epoch, OpKind, Request, Seq, Slot,
 };
-#[cfg(feature = "runtime")]
 use crate::mirror::{FromPeer, LinkEvent, PeerLink, ToPeer};
-#[cfg(feature = "runtime")]
 use crate::statemap::cells::StateMap;
-#[cfg(feature = "runtime")]
 use crate::statemap::file::PageSlots;
-#[cfg(feature = "runtime")]
-use crate::statemap::format::{self, BLOCK_SIZE, Layout};
-#[cfg(feature = "runtime")]
+use crate::statemap::format::{self, BLOCK_SIZE, Layout, Superblock};
 use crate::volume;
 
-#[cfg(feature = "runtime")]
+use crate::latency::latency_bucket;
+pub use crate::latency::{LATENCY_BUCKETS, latency_percentile_us};
+
 /// Most map page writes in flight at once during a group commit.
 pub const MAP_WRITES_INFLIGHT_MAX: usize = 64;
-#[cfg(feature = "runtime")]
 /// How often the engine clock advances (lazy cleaning, resync pacing).
 pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
-#[cfg(feature = "runtime")]
 /// How long a stopping device waits for the peer to acknowledge its backlog.
 pub const STOP_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[cfg(feature = "runtime")]
 const KIND_SHIFT: u32 = 62;
-#[cfg(feature = "runtime")]
 const KIND_DATA: u64 = 0;
-#[cfg(feature = "runtime")]
 const KIND_MAP_PAGE: u64 = 1;
-#[cfg(feature = "runtime")]
 const KIND_MAP_SYNC: u64 = 2;
-#[cfg(feature = "runtime")]
 const KIND_WAKE: u64 = 3;
+/// With [`KIND_MAP_SYNC`]: the sync of the data volume for a barrier.
+const DATA_SYNC_INDEX: u64 = 1;
+/// In a group commit's page list: the superblock, not a page.
+const SUPERBLOCK_PAGE: u64 = u64::MAX;
 
-#[cfg(feature = "runtime")]
 /// In [`Shared::read_gate`]: direct reads are not allowed now. The other
 /// bits count the direct reads in flight.
 const READ_GATE_CLOSED: u64 = 1 << 63;
 
-#[cfg(feature = "runtime")]
 /// Receives the results of requests; called on the device thread, so it must
 /// not block.
 pub trait CompletionSink: Send + Sync {
@@ -110,7 +87,6 @@ pub trait CompletionSink: Send + Sync {
     );
 }
 
-#[cfg(feature = "runtime")]
 /// A request handed to the device thread.
 pub struct Submission {
     /// What to do.
@@ -123,7 +99,6 @@ pub struct Submission {
     pub sink: Arc<dyn CompletionSink>,
 }
 
-#[cfg(feature = "runtime")]
 impl std::fmt::Debug for Submission {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Submission")
@@ -133,7 +108,6 @@ impl std::fmt::Debug for Submission {
     }
 }
 
-#[cfg(feature = "runtime")]
 /// Everything needed to start a device thread.
 pub struct RuntimeConfig {
     /// Device name (thread name and logs).
@@ -148,6 +122,11 @@ pub struct RuntimeConfig {
     pub map: StateMap,
     /// Which copy of each map page is current.
     pub page_slots: PageSlots,
+    /// The superblock as last written, and which copy holds it with what
+    /// sequence number: the device thread writes it from now on.
+    pub superblock: (Superblock, u8, u64),
+    /// Seed for new data generation ids (random).
+    pub gen_seed: u64,
     /// Engine parameters (`slots_max` also bounds the submission queue).
     pub params: EngineParams,
     /// Buffers for data from the peer and for resync reads.
@@ -156,7 +135,6 @@ pub struct RuntimeConfig {
     pub link: Option<Arc<dyn PeerLink>>,
 }
 
-#[cfg(feature = "runtime")]
 impl std::fmt::Debug for RuntimeConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RuntimeConfig")
@@ -166,7 +144,6 @@ impl std::fmt::Debug for RuntimeConfig {
     }
 }
 
-#[cfg(feature = "runtime")]
 /// Live counters of a running device, readable from any thread.
 #[derive(Debug, Default)]
 pub struct RuntimeStats {
@@ -200,35 +177,6 @@ pub struct RuntimeStats {
     engine: Mutex<EngineStats>,
 }
 
-/// Number of buckets of the write latency histogram (powers of two of µs).
-pub const LATENCY_BUCKETS: usize = 32;
-
-/// The latency at or below which a fraction `q` (0–1) of the writes counted
-/// in `buckets` finished, as the upper bound of its bucket in microseconds;
-/// `None` when no write was counted.
-pub fn latency_percentile_us(buckets: &[u64; LATENCY_BUCKETS], q: f64) -> Option<u64> {
-    let total: u64 = buckets.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
-    let mut seen = 0;
-    for (i, count) in buckets.iter().enumerate() {
-        seen += count;
-        if seen >= rank {
-            return Some(1u64 << (i + 1));
-        }
-    }
-    Some(1u64 << LATENCY_BUCKETS)
-}
-
-#[cfg(feature = "runtime")]
-/// Histogram bucket of a latency in microseconds.
-fn latency_bucket(us: u64) -> usize {
-    (63 - us.max(1).leading_zeros() as usize).min(LATENCY_BUCKETS - 1)
-}
-
-#[cfg(feature = "runtime")]
 /// A plain copy of [`RuntimeStats`] plus the engine's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
@@ -260,7 +208,6 @@ pub struct StatsSnapshot {
     pub engine: EngineStats,
 }
 
-#[cfg(feature = "runtime")]
 impl RuntimeStats {
     /// Reads every counter.
     pub fn snapshot(&self) -> StatsSnapshot {
@@ -283,21 +230,21 @@ impl RuntimeStats {
     }
 }
 
-#[cfg(feature = "runtime")]
 type SnapshotReply = Box<dyn FnOnce(StateMap) + Send>;
-#[cfg(feature = "runtime")]
 type DoneReply = Box<dyn FnOnce(Result<(), EngineError>) + Send>;
+/// A change made on the device thread to the engine and the superblock;
+/// returns the epoch after which it is durable.
+pub type EngineChange = Box<dyn FnOnce(&mut Engine, &mut Superblock) -> Epoch + Send>;
 
-#[cfg(feature = "runtime")]
 enum Control {
     Snapshot(SnapshotReply),
     MarkAll(u8, DoneReply),
     MarkStale(Vec<u8>, DoneReply),
+    Change(EngineChange, DoneReply),
     Link(LinkEvent),
     Stop,
 }
 
-#[cfg(feature = "runtime")]
 struct Shared {
     /// The engine and its slots; see [`Core`].
     core: Mutex<Core>,
@@ -320,16 +267,11 @@ struct Shared {
     read_limits: (u64, u64, u64),
 }
 
-#[cfg(feature = "runtime")]
 impl Shared {
     /// Everything but the device thread: the engine over `map`, the queues,
     /// the wake-up eventfd; `data` is the data volume (`O_DIRECT`).
-    fn new(
-        params: EngineParams,
-        map: StateMap,
-        link: Option<Arc<dyn PeerLink>>,
-        data: File,
-    ) -> io::Result<Shared> {
+    fn new(engine: Engine, link: Option<Arc<dyn PeerLink>>, data: File) -> io::Result<Shared> {
+        let params = *engine.params();
         // SAFETY: eventfd returns a new descriptor or -1.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if raw < 0 {
@@ -340,7 +282,7 @@ impl Shared {
         let slots = params.slots_max + params.peer_slots_max + params.resync_slots_max;
         Ok(Shared {
             core: Mutex::new(Core {
-                engine: Engine::new(params, map),
+                engine,
                 slots: (0..slots).map(|_| SlotEntry::default()).collect(),
                 deferred: VecDeque::new(),
                 stats_seen: EngineStats::default(),
@@ -438,26 +380,33 @@ impl Shared {
     }
 }
 
-#[cfg(feature = "runtime")]
 /// What the device thread returns when it stops: the cells and page slots to
 /// carry on from.
-pub type StopResult = io::Result<(StateMap, PageSlots)>;
+pub type StopResult = io::Result<Stopped>;
 
-#[cfg(feature = "runtime")]
+/// What a stopped device leaves: its map as last written, and where.
+#[derive(Debug)]
+pub struct Stopped {
+    /// The cells.
+    pub map: StateMap,
+    /// Which copy of each page is current.
+    pub page_slots: PageSlots,
+    /// The superblock, its copy and its sequence number.
+    pub superblock: (Superblock, u8, u64),
+}
+
 /// Handle to a running device thread.
 pub struct Runtime {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<StopResult>>,
 }
 
-#[cfg(feature = "runtime")]
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runtime").finish_non_exhaustive()
     }
 }
 
-#[cfg(feature = "runtime")]
 /// Submits requests to a running device; see [`Runtime::submitter`].
 ///
 /// A request submitted after the device stopped is never completed, so
@@ -467,14 +416,12 @@ pub struct Submitter {
     shared: Arc<Shared>,
 }
 
-#[cfg(feature = "runtime")]
 impl std::fmt::Debug for Submitter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Submitter").finish_non_exhaustive()
     }
 }
 
-#[cfg(feature = "runtime")]
 impl Submitter {
     /// Hands a request to the device thread.
     ///
@@ -563,7 +510,6 @@ impl Submitter {
     }
 }
 
-#[cfg(feature = "runtime")]
 /// What a frontend running a request on its own thread does next; see
 /// [`Submitter::start_here`].
 pub enum Here {
@@ -593,7 +539,6 @@ pub enum Here {
     Full(Submission),
 }
 
-#[cfg(feature = "runtime")]
 impl std::fmt::Debug for Here {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -605,7 +550,6 @@ impl std::fmt::Debug for Here {
     }
 }
 
-#[cfg(feature = "runtime")]
 /// A read a frontend carries out itself on the data volume; see
 /// [`Submitter::direct_read`]. Dropping it without [`DirectRead::finish`]
 /// counts the read as failed.
@@ -615,7 +559,6 @@ pub struct DirectRead<'a> {
     done: bool,
 }
 
-#[cfg(feature = "runtime")]
 impl std::fmt::Debug for DirectRead<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DirectRead")
@@ -624,7 +567,6 @@ impl std::fmt::Debug for DirectRead<'_> {
     }
 }
 
-#[cfg(feature = "runtime")]
 impl DirectRead<'_> {
     /// The data volume, opened with `O_DIRECT`: buffers, offsets and lengths
     /// must be aligned to the device's block size.
@@ -648,7 +590,6 @@ impl DirectRead<'_> {
     }
 }
 
-#[cfg(feature = "runtime")]
 impl Drop for DirectRead<'_> {
     fn drop(&mut self) {
         if !self.done {
@@ -659,7 +600,6 @@ impl Drop for DirectRead<'_> {
     }
 }
 
-#[cfg(feature = "runtime")]
 /// Reaches a running device from the network side: messages from the peer,
 /// link changes, map snapshots. Cloneable; see [`Runtime::port`].
 #[derive(Clone)]
@@ -667,14 +607,12 @@ pub struct Port {
     shared: Arc<Shared>,
 }
 
-#[cfg(feature = "runtime")]
 impl std::fmt::Debug for Port {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Port").finish_non_exhaustive()
     }
 }
 
-#[cfg(feature = "runtime")]
 impl Port {
     fn control(&self, message: Control) {
         self.shared
@@ -717,6 +655,22 @@ impl Port {
         self.control(Control::MarkAll(value, Box::new(reply)));
     }
 
+    /// Runs `change` on the device thread against the engine and the
+    /// superblock (which the next map write writes), and calls `reply` once
+    /// the epoch it returns is durable.
+    pub fn change(
+        &self,
+        change: impl FnOnce(&mut Engine, &mut Superblock) -> Epoch + Send + 'static,
+        reply: impl FnOnce(Result<(), EngineError>) + Send + 'static,
+    ) {
+        self.control(Control::Change(Box::new(change), Box::new(reply)));
+    }
+
+    /// Reads the engine now (under its lock, on the calling thread).
+    pub fn inspect<T>(&self, read: impl FnOnce(&Engine) -> T) -> T {
+        read(&self.shared.core.lock().expect("core lock").engine)
+    }
+
     /// Marks the regions whose bit is set stale (unify on the master) and
     /// calls `reply` once that is durable.
     pub fn mark_stale(
@@ -733,7 +687,6 @@ impl Port {
     }
 }
 
-#[cfg(feature = "runtime")]
 impl Runtime {
     /// A handle for the network side; see [`Port`].
     pub fn port(&self) -> Port {
@@ -759,12 +712,10 @@ impl Runtime {
             .setup_cqsize(entries * 2)
             .build(entries)
             .map_err(|e| io::Error::new(e.kind(), format!("io_uring setup failed: {e}")))?;
-        let shared = Arc::new(Shared::new(
-            params,
-            config.map,
-            config.link,
-            data.try_clone()?,
-        )?);
+        let (superblock, super_slot, super_seq) = config.superblock;
+        let engine =
+            Engine::with_generations(params, config.map, superblock.generations, config.gen_seed);
+        let shared = Arc::new(Shared::new(engine, config.link, data.try_clone()?)?);
         let mut worker = Worker {
             shared: shared.clone(),
             ring,
@@ -772,6 +723,9 @@ impl Runtime {
             map_file,
             uuid: config.uuid,
             page_slots: config.page_slots,
+            superblock,
+            super_slot,
+            super_seq,
             ops_in_flight: 0,
             completions: Vec::with_capacity(entries as usize * 2),
             wake_buf: Box::new([0; 8]),
@@ -863,7 +817,6 @@ impl Runtime {
     }
 }
 
-#[cfg(feature = "runtime")]
 impl Drop for Runtime {
     fn drop(&mut self) {
         if let Some(thread) = self.thread.take() {
@@ -873,7 +826,6 @@ impl Drop for Runtime {
     }
 }
 
-#[cfg(feature = "runtime")]
 /// The data a slot's operation works on.
 enum Data {
     /// An aligned buffer owned by the slot.
@@ -882,7 +834,6 @@ enum Data {
     Shared(Bytes),
 }
 
-#[cfg(feature = "runtime")]
 impl Data {
     fn ptr(&mut self, offset: u64) -> *mut u8 {
         match self {
@@ -896,7 +847,6 @@ impl Data {
     }
 }
 
-#[cfg(feature = "runtime")]
 #[derive(Default)]
 struct SlotEntry {
     /// Application request (app slots).
@@ -912,7 +862,6 @@ struct SlotEntry {
     phase: Phase,
 }
 
-#[cfg(feature = "runtime")]
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 enum Phase {
     #[default]
@@ -926,7 +875,6 @@ enum Phase {
     PunchFallback,
 }
 
-#[cfg(feature = "runtime")]
 struct Flush {
     epoch: u64,
     next: usize,
@@ -935,7 +883,6 @@ struct Flush {
     syncing: bool,
 }
 
-#[cfg(feature = "runtime")]
 struct Worker {
     shared: Arc<Shared>,
     ring: IoUring,
@@ -943,6 +890,10 @@ struct Worker {
     map_file: File,
     uuid: Uuid,
     page_slots: PageSlots,
+    /// The superblock the device thread writes, its copy and sequence.
+    superblock: Superblock,
+    super_slot: u8,
+    super_seq: u64,
     ops_in_flight: usize,
     completions: Vec<(u64, i32)>,
     wake_buf: Box<[u8; 8]>,
@@ -967,12 +918,10 @@ struct Worker {
     controls_waiting: Option<Instant>,
 }
 
-#[cfg(feature = "runtime")]
 fn user_data(kind: u64, index: u64) -> u64 {
     (kind << KIND_SHIFT) | index
 }
 
-#[cfg(feature = "runtime")]
 /// The engine and the state of its slots. The device thread holds it while
 /// it works (never while it sleeps); a frontend thread holds it while it
 /// runs a request on its own thread ([`Submitter::start_here`]).
@@ -989,7 +938,6 @@ struct Core {
     stats_seen: EngineStats,
 }
 
-#[cfg(feature = "runtime")]
 impl Core {
     /// Gives a new application request to the engine.
     fn admit(&mut self, submission: Submission) -> Slot {
@@ -1162,6 +1110,7 @@ impl Core {
             Action::SendFlush { seq } => ToPeer::Flush { seq },
             Action::SendPrioritize { region } => ToPeer::Prioritize { region },
             Action::SendResyncAdd { region } => ToPeer::ResyncAdd { region },
+            Action::SendAdopted { current } => ToPeer::Adopted { current },
             other => return Err(other),
         };
         if let Some(link) = link {
@@ -1231,7 +1180,6 @@ impl Core {
     }
 }
 
-#[cfg(feature = "runtime")]
 /// Hands a finished request to its frontend.
 fn hand_back(submission: Submission, result: Result<(), EngineError>) {
     let Submission {
@@ -1243,7 +1191,6 @@ fn hand_back(submission: Submission, result: Result<(), EngineError>) {
     sink.complete(tag, &request, result, buf);
 }
 
-#[cfg(feature = "runtime")]
 impl Worker {
     fn run(&mut self) -> StopResult {
         self.arm_wake()?;
@@ -1356,7 +1303,11 @@ impl Worker {
             self.shared.sleeping.store(false, Ordering::SeqCst);
         }
         let map = shared.core.lock().expect("core lock").engine.map().clone();
-        Ok((map, self.page_slots.clone()))
+        Ok(Stopped {
+            map,
+            page_slots: self.page_slots.clone(),
+            superblock: (self.superblock.clone(), self.super_slot, self.super_seq),
+        })
     }
 
     fn on_control(
@@ -1384,19 +1335,39 @@ impl Worker {
                     waiting_marks.push((epoch, reply));
                 }
             }
-            Control::Link(LinkEvent::Connected { session, role }) => {
+            Control::Change(change, reply) => {
+                if engine.map_failed() {
+                    reply(Err(EngineError::MapFailed));
+                } else {
+                    let epoch = change(engine, &mut self.superblock);
+                    waiting_marks.push((epoch, reply));
+                }
+            }
+            Control::Link(LinkEvent::Connected {
+                session,
+                connection,
+            }) => {
                 if engine.is_connected() {
                     engine.peer_lost();
                 }
                 self.session = session;
-                engine.connect(role);
+                engine.connect(connection);
             }
             Control::Link(LinkEvent::Lost) => {
                 self.session = 0;
                 engine.peer_lost();
             }
+            Control::Link(LinkEvent::Left) => {
+                self.session = 0;
+                engine.peer_left();
+            }
             Control::Stop => {
-                self.stopping.get_or_insert_with(Instant::now);
+                if self.stopping.is_none() {
+                    self.stopping = Some(Instant::now());
+                    // Hot regions' marks go behind a barrier: a clean stop
+                    // of a connected pair leaves both maps clean.
+                    engine.prepare_stop();
+                }
             }
         }
     }
@@ -1483,6 +1454,7 @@ impl Worker {
                     // Reads of the region must wait in the engine now.
                     self.update_read_gate(core);
                 }
+                FromPeer::Adopted { current } => core.engine.peer_adopted(current),
             }
             // An answer may complete a request and free its slot: carry that
             // out before a new request can be given the same slot.
@@ -1542,6 +1514,15 @@ impl Worker {
                         let (slot, seq) = self.page_slots.next(page);
                         self.flush_pages.push((page, slot, seq));
                     }
+                    if let Some(gens) = core.engine.flushing_generations() {
+                        self.superblock.generations = gens;
+                        self.superblock.generation += 1;
+                        self.flush_pages.push((
+                            SUPERBLOCK_PAGE,
+                            self.super_slot ^ 1,
+                            self.super_seq + 1,
+                        ));
+                    }
                     self.flush = Some(Flush {
                         epoch,
                         next: 0,
@@ -1579,6 +1560,13 @@ impl Worker {
                     };
                     self.send(ToPeer::Resync { seq, region, data });
                 }
+                Action::SyncData => {
+                    let sqe = opcode::Fsync::new(types::Fd(self.data.as_raw_fd()))
+                        .flags(types::FsyncFlags::DATASYNC)
+                        .build()
+                        .user_data(user_data(KIND_MAP_SYNC, DATA_SYNC_INDEX));
+                    self.push(sqe)?;
+                }
                 Action::ResyncDone => {
                     if let Some(link) = &self.shared.link {
                         link.resync_done();
@@ -1597,7 +1585,8 @@ impl Worker {
                 Action::SendWrite { .. }
                 | Action::SendFlush { .. }
                 | Action::SendPrioritize { .. }
-                | Action::SendResyncAdd { .. } => {
+                | Action::SendResyncAdd { .. }
+                | Action::SendAdopted { .. } => {
                     unreachable!("sent by Core::send")
                 }
             }
@@ -1651,19 +1640,25 @@ impl Worker {
             flush.writes_in_flight += 1;
             let packed = core.engine.map().packed();
             let buf = &mut self.map_bufs[buf_index];
-            format::encode_page(
-                &self.uuid,
-                page,
-                seq,
-                &packed[Layout::page_cells(page, packed.len())],
-                buf,
-            );
+            let offset = if page == SUPERBLOCK_PAGE {
+                format::encode_superblock(&self.superblock, seq, buf);
+                Layout::superblock_offset(slot)
+            } else {
+                format::encode_page(
+                    &self.uuid,
+                    page,
+                    seq,
+                    &packed[Layout::page_cells(page, packed.len())],
+                    buf,
+                );
+                Layout::page_offset(page, slot)
+            };
             let sqe = opcode::Write::new(
                 types::Fd(self.map_file.as_raw_fd()),
                 buf.as_mut_ptr(),
                 BLOCK_SIZE as u32,
             )
-            .offset(Layout::page_offset(page, slot))
+            .offset(offset)
             .build()
             .user_data(user_data(KIND_MAP_PAGE, buf_index as u64));
             self.push(sqe)?;
@@ -1705,7 +1700,12 @@ impl Worker {
             core.engine.map_written(epoch, Err(-res));
         } else {
             for &(page, slot, seq) in &self.flush_pages {
-                self.page_slots.commit(page, slot, seq);
+                if page == SUPERBLOCK_PAGE {
+                    self.super_slot = slot;
+                    self.super_seq = seq;
+                } else {
+                    self.page_slots.commit(page, slot, seq);
+                }
             }
             core.engine.map_written(epoch, Ok(()));
         }
@@ -1728,6 +1728,10 @@ impl Worker {
             self.ops_in_flight -= 1;
             match kind {
                 KIND_DATA => self.on_data_completion(core, index as Slot, res)?,
+                KIND_MAP_SYNC if index == DATA_SYNC_INDEX => {
+                    core.engine
+                        .data_synced(if res < 0 { Err(-res) } else { Ok(()) });
+                }
                 _ => self.on_map_completion(core, kind, index, res)?,
             }
             self.execute_actions(core)?;
@@ -1736,6 +1740,5 @@ impl Worker {
     }
 }
 
-#[cfg(feature = "runtime")]
 #[cfg(test)]
 mod tests;

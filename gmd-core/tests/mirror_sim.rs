@@ -89,6 +89,9 @@ enum Msg {
     ResyncAdd {
         region: u64,
     },
+    Adopted {
+        current: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -383,6 +386,11 @@ impl World {
                 ));
                 self.link_lost();
             }
+            Action::SendAdopted { current } => self.wires[wire].push_back(Msg::Adopted { current }),
+            Action::SyncData => {
+                // Completed writes are durable here (no volatile cache yet).
+                self.engine(n).data_synced(Ok(()));
+            }
             Action::ResyncDone => {
                 self.note(format!("resync done on node {n}"));
                 self.resync_done[n] = true;
@@ -651,6 +659,10 @@ impl World {
             Msg::ResyncAdd { region } => {
                 self.wires[wire].pop_front();
                 self.engine(to).resync_added(region);
+            }
+            Msg::Adopted { current } => {
+                self.wires[wire].pop_front();
+                self.engine(to).peer_adopted(current);
             }
         }
         self.pump(to);

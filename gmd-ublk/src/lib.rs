@@ -174,6 +174,8 @@ pub struct Spec {
     pub queues: u16,
     /// Requests in flight per queue.
     pub depth: u16,
+    /// The block device refuses writes (a secondary copy).
+    pub read_only: bool,
 }
 
 /// One request's result, from the device thread to its queue thread.
@@ -554,7 +556,13 @@ fn init_params(dev: &mut UblkDev, spec: &Spec) {
     dev.tgt.params = sys::ublk_params {
         types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD,
         basic: sys::ublk_param_basic {
-            attrs: sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA,
+            attrs: sys::UBLK_ATTR_VOLATILE_CACHE
+                | sys::UBLK_ATTR_FUA
+                | if spec.read_only {
+                    sys::UBLK_ATTR_READ_ONLY
+                } else {
+                    0
+                },
             logical_bs_shift: lbs_shift,
             physical_bs_shift: lbs_shift.max(12),
             io_opt_shift: lbs_shift.max(12),

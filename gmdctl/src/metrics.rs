@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use gmd_core::runtime::LATENCY_BUCKETS;
+use gmd_core::latency::LATENCY_BUCKETS;
 
 use crate::report::{NetReport, Report};
 

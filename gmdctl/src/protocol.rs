@@ -5,6 +5,8 @@
 //! with an error naming both. A request is answered by exactly one response.
 
 use gmd_core::config::{Mode, Role};
+pub use gmd_core::generations::Generations;
+pub use gmd_core::link::PairRole;
 use gmd_core::statemap::AdminState;
 use gmd_core::statemap::dump::MapSummary;
 use serde::{Deserialize, Serialize};
@@ -59,7 +61,7 @@ pub enum Command {
         /// Which devices.
         target: Target,
     },
-    /// Records a remote peer as down (device STOPPED).
+    /// Records a remote peer as down (device STOPPED or AVAILABLE).
     Down {
         /// The device.
         device: String,
@@ -99,6 +101,35 @@ pub enum Command {
         /// Identity to give the device (default: derived from its definition).
         #[serde(default)]
         uuid: Option<String>,
+        /// The volume is new and holds only zeroes, like its peer's
+        /// (initialised the same way): the pair starts without a copy.
+        /// Otherwise the map says it holds no known data.
+        #[serde(default)]
+        zeroed: bool,
+    },
+    /// Makes this side primary (device AVAILABLE).
+    Primary {
+        /// The device.
+        device: String,
+        /// Also when this copy lacks data: it becomes the newest as it is.
+        #[serde(default)]
+        force: bool,
+    },
+    /// Makes this side secondary (device AVAILABLE): flushes, then refuses writes.
+    Secondary {
+        /// The device.
+        device: String,
+    },
+    /// Drill: makes this secondary copy writable here, apart from the primary.
+    Split {
+        /// The device.
+        device: String,
+    },
+    /// Ends a drill: discards the split copy's writes and resynchronises it
+    /// from the primary.
+    Rejoin {
+        /// The device.
+        device: String,
     },
     /// Counters for gmdstat (result: [`crate::report::Report`]).
     Stats {
@@ -261,12 +292,18 @@ pub struct DeviceStatus {
     pub minor: u32,
     /// Mirroring mode.
     pub mode: Mode,
-    /// This machine's role.
-    pub role: Role,
+    /// The role the device runs in here (AVAILABLE), or last ran in.
+    pub role: PairRole,
+    /// The role the configuration gives this machine (the role at start).
+    pub configured_role: Role,
+    /// Why the device runs as secondary where primary was asked for.
+    pub role_note: Option<String>,
     /// Size in bytes.
     pub size_bytes: u64,
     /// Device identity, when the map is readable.
     pub uuid: Option<String>,
+    /// Which data this copy holds, when the map is readable (durable).
+    pub generations: Option<Generations>,
     /// Data volume path.
     pub data: String,
     /// State map path.
@@ -347,6 +384,40 @@ pub struct LinkStatus {
     pub hwm_fallbacks: u64,
     /// Why the last connection attempt was refused, if it was.
     pub refused: Option<String>,
+    /// Why the resync goes this way (`same_data`, `ahead`, `ahead_unmarked`,
+    /// `target_empty`), when there is one.
+    pub resync_basis: Option<String>,
+    /// Whether it copies every region.
+    pub resync_full: bool,
+    /// Regions written here and never sent, overwritten by the peer's newer
+    /// data when this session started.
+    pub discarded_regions: u64,
+    /// Resync reads that failed (each region is retried after a back-off).
+    pub resync_read_errors: u64,
+    /// Regions whose read failed and that wait for their retry.
+    pub resync_failed_regions: u64,
+}
+
+/// Result of a role change ([`Command::Primary`], [`Command::Secondary`],
+/// [`Command::Split`], [`Command::Rejoin`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleChange {
+    /// Machine.
+    pub machine: String,
+    /// Device.
+    pub device: String,
+    /// Role before.
+    pub previous: PairRole,
+    /// Role now.
+    pub role: PairRole,
+    /// Whether the copy became the newest as it is (`--force`).
+    pub forced: bool,
+    /// Data generations now.
+    pub generations: Option<Generations>,
+    /// What happened, for people.
+    pub lines: Vec<String>,
+    /// What to watch for.
+    pub warnings: Vec<String>,
 }
 
 /// Result of [`Command::ShowState`].

@@ -9,7 +9,7 @@
 use std::fmt::Write as _;
 
 use gmd_core::config::Mode;
-use gmd_core::runtime::{LATENCY_BUCKETS, latency_percentile_us};
+use gmd_core::latency::{LATENCY_BUCKETS, latency_percentile_us};
 use gmd_core::statemap::AdminState;
 use serde::{Deserialize, Serialize};
 

@@ -2,7 +2,7 @@
 //! with a lease count that makes the device "in use".
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use gmd_core::buf::BufPool;
@@ -20,7 +20,9 @@ pub(super) struct DeviceExport {
     size_bytes: u64,
     block_size: u32,
     io_len_max: u32,
-    read_only: bool,
+    /// Secondary: new clients are told the export is read-only (writes
+    /// are refused by the device in any case).
+    read_only: AtomicBool,
     submitter: Submitter,
     pool: BufPool,
     admission: Semaphore,
@@ -41,7 +43,7 @@ impl DeviceExport {
             size_bytes: device.size_bytes,
             block_size: device.block_size,
             io_len_max: IO_LEN_MAX,
-            read_only,
+            read_only: AtomicBool::new(read_only),
             submitter,
             pool,
             admission: Semaphore::new(DEVICE_SLOTS),
@@ -67,7 +69,7 @@ impl Export for DeviceExport {
         self.io_len_max
     }
     fn read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::SeqCst)
     }
     fn buffers(&self) -> &BufPool {
         &self.pool
@@ -131,6 +133,13 @@ impl Exports {
         let export = self.table.write().expect("exports lock").remove(name)?;
         export.fence.cancel();
         Some(export)
+    }
+
+    /// Tells new clients of `name` whether it is read-only (a role change).
+    pub(super) fn set_read_only(&self, name: &str, read_only: bool) {
+        if let Some(e) = self.table.read().expect("exports lock").get(name) {
+            e.read_only.store(read_only, Ordering::SeqCst);
+        }
     }
 
     /// Whether `name` is exported.

@@ -9,6 +9,7 @@ mod exports;
 mod link;
 mod ops;
 mod peers;
+mod roles;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,10 +20,9 @@ use anyhow::{Context, bail};
 use base64::Engine as _;
 use bytes::Bytes;
 use gmd_core::buf::BufPool;
-use gmd_core::config::{
-    ClusterConfig, Device, Frontend, ListenAddr, Mode, Role, set_device_attributes,
-};
+use gmd_core::config::{ClusterConfig, Device, Frontend, ListenAddr, Mode, set_device_attributes};
 use gmd_core::device::{DeviceError, DeviceHandle, ErrorClass, PeerView, StartOptions};
+use gmd_core::link::PairRole;
 use gmd_core::statemap::dump::{self, MapSummary};
 use gmd_core::statemap::{AdminState, StateMap};
 use gmd_core::units::REGION_SIZE_BYTES;
@@ -203,6 +203,26 @@ fn to_value<T: serde::Serialize>(value: &T) -> Result<Value, ControlError> {
     serde_json::to_value(value).map_err(|e| ControlError::internal(e.to_string()))
 }
 
+/// The identity a peer's description gives, when its map is open.
+fn identity_of(info: &DeviceInfo) -> Option<gmd_core::link::Identity> {
+    Some(gmd_core::link::Identity {
+        uuid: info.uuid.as_deref()?.parse().ok()?,
+        size_bytes: info.size_bytes,
+        minor: info.minor,
+        mode: info.mode,
+    })
+}
+
+/// How status names why a resync goes the way it goes.
+fn basis_name(basis: gmd_core::link::Basis) -> &'static str {
+    match basis {
+        gmd_core::link::Basis::SameData => "same_data",
+        gmd_core::link::Basis::Ahead => "ahead",
+        gmd_core::link::Basis::AheadUnmarked => "ahead_unmarked",
+        gmd_core::link::Basis::TargetEmpty => "target_empty",
+    }
+}
+
 impl Daemon {
     fn new(config: ClusterConfig, machine: String, node: Arc<Node>) -> Daemon {
         let mut devices = IndexMap::new();
@@ -215,6 +235,7 @@ impl Daemon {
                 device.name.clone(),
                 DeviceLink::start(
                     node.clone(),
+                    &machine,
                     device.name.clone(),
                     device.minor,
                     device.size_bytes,
@@ -273,26 +294,21 @@ impl Daemon {
     }
 
     /// This machine's description of `device`, with its non-zero cells as
-    /// bits when asked.
+    /// bits when asked (unify).
     fn local_info(
         &self,
         device: &str,
         with_bits: bool,
-        peer: Option<&str>,
     ) -> Result<(DeviceInfo, Option<Vec<u8>>), ControlError> {
         let devices = self.devices.lock().expect("devices lock");
         let handle = devices.get(device).ok_or_else(|| self.unknown(device))?;
-        let (connected_to, starting, hot_acked) = self
+        let (connected_to, starting) = self
             .link(device)
             .map(|l| {
                 let inner = l.inner.lock().expect("link lock");
-                (
-                    inner.peer.clone().filter(|_| inner.connected),
-                    inner.starting,
-                    peer.is_some_and(|p| inner.hot_acked_by.is_only(p)),
-                )
+                (inner.connected_peer(), inner.starting)
             })
-            .unwrap_or((None, false, false));
+            .unwrap_or((None, false));
         let state = match handle.state() {
             _ if starting => PeerState::Starting,
             AdminState::Defined => PeerState::Defined,
@@ -301,12 +317,9 @@ impl Daemon {
         };
         let (summary, bits) = match handle.state() {
             AdminState::Defined => (None, None),
-            admin => {
+            _ => {
                 let (_, cells) = handle.map_snapshot().map_err(control_error)?;
-                // A running engine's hot cells are identical on the peer
-                // that acknowledged them, if it is the one asking.
-                let live = admin == AdminState::Available && hot_acked;
-                let bits = with_bits.then(|| cells.resync_bits(live));
+                let bits = with_bits.then(|| cells.resync_bits(false));
                 (Some(MapSummary::of(&cells)), bits)
             }
         };
@@ -316,11 +329,12 @@ impl Daemon {
                 size_bytes: handle.config().size_bytes,
                 minor: handle.config().minor,
                 mode: handle.config().mode,
-                role: handle.local().role,
+                role: handle.role(),
                 state,
                 stale: summary.map_or(0, |s| s.stale),
                 inconsistent: summary.map_or(0, |s| s.inconsistent),
                 connected_to,
+                facts: handle.side_facts(),
             },
             bits,
         ))
@@ -328,17 +342,6 @@ impl Daemon {
 
     /// What the remote peers of `device` say (blocking; no lock held).
     fn remote_views(&self, device: &str) -> Vec<PeerView> {
-        let config = self.config();
-        let roles: HashMap<String, Role> = config
-            .devices
-            .get(device)
-            .map(|d| {
-                d.machines
-                    .values()
-                    .map(|m| (m.machine.clone(), m.role))
-                    .collect()
-            })
-            .unwrap_or_default();
         self.remote_peers(device)
             .into_iter()
             .map(|peer| {
@@ -351,10 +354,10 @@ impl Daemon {
                     starting: info
                         .as_ref()
                         .is_some_and(|i| i.state == PeerState::Starting),
-                    role: info
-                        .as_ref()
-                        .map_or(roles.get(&peer).copied().unwrap_or(Role::None), |i| i.role),
-                    stale: info.as_ref().is_some_and(|i| i.stale > 0),
+                    role: info.as_ref().map_or(PairRole::Secondary, |i| i.role),
+                    facts: info
+                        .filter(|i| i.state == PeerState::Available)
+                        .and_then(|i| i.facts),
                     machine: peer,
                 }
             })
@@ -420,6 +423,7 @@ impl Daemon {
                 .link(device)
                 .map(|l| l as Arc<dyn gmd_core::mirror::PeerLink>),
             peer_stall_ms: self.peer_stall_ms(device),
+            restoring: false,
         }
     }
 
@@ -473,49 +477,70 @@ impl Daemon {
         let name = handle.config().name.clone();
         let runtime = handle.runtime().expect("AVAILABLE devices run");
         let config = handle.config();
-        let secondary = config.mode == Mode::Async && handle.local().role == Role::Secondary;
-        let (ublk, nbd) = self.frontends(config);
-        if ublk && secondary {
-            info!(device = %name, "not exported over ublk here: an async secondary is not readable");
-        } else if ublk {
-            let spec = gmd_ublk::Spec {
-                id: config.minor,
-                name: name.clone(),
-                size_bytes: config.size_bytes,
-                block_size: config.block_size,
-                queues: if config.ublk_queues == 0 {
-                    gmd_ublk::queues_default()
-                } else {
-                    config.ublk_queues
-                },
-                depth: if config.ublk_depth == 0 {
-                    gmd_ublk::DEPTH_DEFAULT
-                } else {
-                    config.ublk_depth
-                },
-            };
-            let frontend =
-                gmd_ublk::UblkFrontend::start(spec, runtime.submitter(), self.pool.clone())
-                    .map_err(|e| ControlError::refused(format!("{name}: {e}")))?;
-            self.ublk
-                .lock()
-                .expect("ublk lock")
-                .insert(name.clone(), frontend);
-        }
+        let role = handle.role();
+        let (_, nbd) = self.frontends(config);
+        self.export_ublk(handle)?;
         if let Some(link) = self.link(&name) {
-            link.attach(runtime.port());
+            link.attach(runtime.port(), role);
         }
         if nbd {
             self.exports.insert(Arc::new(DeviceExport::new(
                 config,
-                secondary,
+                !role.writable(),
                 runtime.submitter(),
                 self.pool.clone(),
             )));
         }
+        if let Some(note) = handle.role_note() {
+            warn!(device = %name, "started as secondary: {note}");
+        }
         let daemon = self.clone();
         self.rt.spawn(async move { daemon.join(name).await });
         Ok(())
+    }
+
+    /// Makes the ublk device of a running device, when it is exported over
+    /// ublk: read-only while secondary; none for an async secondary, which
+    /// serves no application I/O.
+    fn export_ublk(&self, handle: &DeviceHandle) -> Result<(), ControlError> {
+        let config = handle.config();
+        let name = config.name.clone();
+        let role = handle.role();
+        let (ublk, _) = self.frontends(config);
+        if !ublk {
+            return Ok(());
+        }
+        if config.mode == Mode::Async && role == PairRole::Secondary {
+            info!(device = %name, "not exported over ublk here: an async secondary is not readable");
+            return Ok(());
+        }
+        let runtime = handle.runtime().expect("AVAILABLE devices run");
+        let spec = gmd_ublk::Spec {
+            read_only: !role.writable(),
+            id: config.minor,
+            name: name.clone(),
+            size_bytes: config.size_bytes,
+            block_size: config.block_size,
+            queues: if config.ublk_queues == 0 {
+                gmd_ublk::queues_default()
+            } else {
+                config.ublk_queues
+            },
+            depth: if config.ublk_depth == 0 {
+                gmd_ublk::DEPTH_DEFAULT
+            } else {
+                config.ublk_depth
+            },
+        };
+        let frontend = gmd_ublk::UblkFrontend::start(spec, runtime.submitter(), self.pool.clone())
+            .map_err(|e| ControlError::refused(format!("{name}: {e}")))?;
+        self.ublk.lock().expect("ublk lock").insert(name, frontend);
+        Ok(())
+    }
+
+    /// Whether `device` has a ublk device now.
+    fn ublk_exported(&self, device: &str) -> bool {
+        self.ublk.lock().expect("ublk lock").contains_key(device)
     }
 
     /// The ublk node of `device`, if it has one.
@@ -616,12 +641,22 @@ impl Daemon {
                     )],
                 })
             }
+            Command::Primary { device, force } => self.primary(&device, force),
+            Command::Secondary { device } => self.secondary(&device),
+            Command::Split { device } => self.split(&device),
+            Command::Rejoin { device } => self.rejoin(&device),
             Command::InitState {
                 device,
                 force,
                 uuid,
+                zeroed,
             } => {
                 let cluster = self.config().name.clone();
+                let volume = if zeroed {
+                    gmd_core::device::NewVolume::Zeroed
+                } else {
+                    gmd_core::device::NewVolume::Unknown
+                };
                 let given =
                     match uuid {
                         Some(text) => Some(text.parse::<uuid::Uuid>().map_err(|_| {
@@ -632,13 +667,22 @@ impl Daemon {
                 let uuid = self.with_device(&device, |h| {
                     let uuid = given
                         .unwrap_or_else(|| gmd_core::device::default_uuid(&cluster, h.config()));
-                    h.init_state(uuid, force)
+                    h.init_state(uuid, volume, force)
                 })?;
-                info!(%device, %uuid, "state map initialised");
+                info!(%device, %uuid, zeroed, "state map initialised");
                 to_value(&Outcome {
-                    lines: vec![format!(
-                        "{device}: new state map written (device id {uuid})"
-                    )],
+                    lines: vec![
+                        format!("{device}: new state map written (device id {uuid})"),
+                        if zeroed {
+                            format!(
+                                "{device}: the volume is declared zeroed: with a peer initialised --zeroed too, the pair starts without a copy"
+                            )
+                        } else {
+                            format!(
+                                "{device}: the volume holds no known data: it receives a full copy from its peer (for a new pair, run 'gmdctl primary {device} --force' on the side to keep)"
+                            )
+                        },
+                    ],
                     warnings: vec![],
                 })
             }
@@ -819,11 +863,14 @@ impl Daemon {
             Step::Configure => {
                 self.with_device(name, |h| h.configure())?;
                 // The peer must hold the same device.
-                let (local, _) = self.local_info(name, false, None)?;
+                let (local, _) = self.local_info(name, false)?;
                 for peer in self.remote_peers(name) {
                     if let Some(remote) = self.rt.block_on(self.peer_status(name, &peer)) {
+                        let (Some(a), Some(b)) = (identity_of(&local), identity_of(&remote)) else {
+                            continue;
+                        };
                         if let Err(reason) =
-                            link::same_device(name, &local, &remote, &self.machine, &peer)
+                            gmd_core::link::same_device(name, &a, &b, &self.machine, &peer)
                         {
                             let _ = self.with_device(name, |h| h.unconfigure());
                             return Err(ControlError::refused(format!(
@@ -907,14 +954,26 @@ impl Daemon {
                 if self.exports.clients(name) == 0 {
                     self.remove_ublk(name, false)?;
                 }
-                self.leave(name);
                 let clients = self.exports.withdraw_unless_in_use(name);
-                let result = self.with_device(name, |h| h.stop(clients));
-                if result.is_err() && clients > 0 {
-                    // Still in use: it keeps running; look for the peer again.
-                    let daemon = self.clone();
-                    self.rt.spawn(async move { daemon.reconnect().await });
+                if clients > 0 {
+                    return self
+                        .with_device(name, |h| h.stop(clients))
+                        .map(|()| (vec![], vec![]));
                 }
+                // The device drains while still linked: its hot regions'
+                // marks go behind a barrier with the peer, and its volume
+                // is flushed; the peer is told after, so that both maps
+                // are left clean.
+                let session = self.link(name).and_then(|l| {
+                    l.inner
+                        .lock()
+                        .expect("link lock")
+                        .core
+                        .connected()
+                        .map(|(p, s)| (p.to_owned(), s))
+                });
+                let result = self.with_device(name, |h| h.stop(0));
+                self.leave(name, session, result.is_ok());
                 result.map(|()| (vec![], vec![]))
             }
             Step::Unconfigure => self
@@ -923,19 +982,18 @@ impl Daemon {
         }
     }
 
-    /// Tells the peer this device stops mirroring with it, then detaches.
-    fn leave(&self, device: &str) {
+    /// Tells the peer of `session` (taken before the device stopped) that
+    /// this device stopped mirroring with it (`flushed`: after flushing its
+    /// volume), then detaches the link.
+    fn leave(&self, device: &str, session: Option<(String, u64)>, flushed: bool) {
         let Some(link) = self.link(device) else {
             return;
         };
-        let connected = {
-            let inner = link.inner.lock().expect("link lock");
-            (inner.session != 0).then(|| (inner.peer.clone(), inner.session))
-        };
-        if let Some((Some(peer), session)) = connected {
+        if let Some((peer, session)) = session {
             let request = PeerRequest::Leave {
                 device: device.into(),
                 session,
+                flushed,
             };
             if let Err(e) = self
                 .rt
@@ -991,12 +1049,21 @@ impl Daemon {
         {
             let devices = self.devices.lock().expect("devices lock");
             let handle = devices.get(device).ok_or_else(|| self.unknown(device))?;
-            if handle.state() != AdminState::Stopped {
+            if handle.state() == AdminState::Defined {
                 let config = self.config();
                 drop(devices);
                 return self
                     .with_device(device, |h| h.down(&config, peer))
                     .map(|()| Value::Null);
+            }
+        }
+        // A running device stops mirroring with it first: it goes on alone.
+        if let Some(link) = self.link(device) {
+            let with_it = link.inner.lock().expect("link lock").core.peer() == Some(peer);
+            if with_it && link.disconnect().is_some() {
+                warnings.push(format!(
+                    "{device}: stopped mirroring with {peer}; writes are marked stale until it returns"
+                ));
             }
         }
         if let Some(info) = self.rt.block_on(self.peer_status(device, peer)) {
@@ -1065,6 +1132,10 @@ impl Daemon {
             if master {
                 h.mark_stale_bits(bits)
             } else {
+                // This side's changes are discarded: its data generation
+                // goes back to the one its marks counted from, and the
+                // master's union covers every region that may differ.
+                h.discard_own_changes()?;
                 h.clear_map()
             }
         })?;
@@ -1094,7 +1165,7 @@ impl Daemon {
             )));
         }
         .ok_or_else(|| ControlError::invalid(format!("{device} has no remote peer")))?;
-        let (local, local_bits) = self.local_info(device, true, None)?;
+        let (local, local_bits) = self.local_info(device, true)?;
         let remote = match self.rt.block_on(self.ask(
             &other,
             &PeerRequest::GetMap {
@@ -1207,34 +1278,37 @@ impl Daemon {
         let link = self.link(device)?;
         let stats = runtime.stats().snapshot().engine;
         let inner = link.inner.lock().expect("link lock");
-        let (total, remaining) = match inner.resync_role {
-            Some(peers::WireRole::Source) => (stats.resync_total, stats.resync_remaining),
-            Some(peers::WireRole::Target) => {
+        let part = inner.plan.map(|(p, _)| p);
+        let (total, remaining) = match part {
+            Some(link::ResyncPart::Source) => (stats.resync_total, stats.resync_remaining),
+            Some(link::ResyncPart::Target) => {
                 (stats.resync_target_total, stats.resync_target_remaining)
             }
             _ => (0, 0),
         };
+        let connected = inner.core.connected();
         let mut started = self.resync_started.lock().expect("resync lock");
-        let key = format!("{device}/{}", inner.session);
+        let key = format!("{device}/{}", connected.map_or(0, |(_, s)| s));
         let since = *started.entry(key).or_insert_with(Instant::now);
         let elapsed = since.elapsed().as_secs_f64().max(0.001);
         let rate = (stats.resync_bytes_sent as f64 / elapsed) as u64;
         let eta = (remaining > 0 && rate > 0).then(|| remaining * REGION_SIZE_BYTES / rate);
-        let mode = if !inner.connected {
+        let mode = if connected.is_none() {
             "standalone".to_string()
         } else if stats.hwm_fallback_active == 1 {
             "async (above the high water mark: mwc)".to_string()
         } else {
             handle.config().mode.to_string()
         };
+        let plan = inner.plan.map(|(_, p)| p);
         Some(LinkStatus {
-            peer: inner.peer.clone(),
-            connected: inner.connected,
+            peer: inner.core.peer().map(str::to_owned),
+            connected: connected.is_some(),
             mode_in_effect: mode,
-            resync_role: inner.resync_role.map(|r| format!("{r:?}").to_lowercase()),
+            resync_role: part.map(|p| p.name().to_owned()),
             resync_total: total,
             resync_remaining: remaining,
-            resync_bytes_per_s: if inner.resync_role == Some(peers::WireRole::Source) {
+            resync_bytes_per_s: if part == Some(link::ResyncPart::Source) {
                 rate
             } else {
                 0
@@ -1243,6 +1317,15 @@ impl Daemon {
             backlog_bytes: stats.backlog_bytes,
             hwm_fallbacks: stats.hwm_fallbacks,
             refused: inner.refused.as_ref().map(|(r, _)| r.clone()),
+            resync_basis: plan
+                .filter(|p| p.source.is_some())
+                .map(|p| basis_name(p.basis).to_owned()),
+            resync_full: plan.is_some_and(|p| p.full),
+            discarded_regions: plan
+                .filter(|_| part == Some(link::ResyncPart::Target))
+                .map_or(0, |p| p.discarded),
+            resync_read_errors: stats.resync_read_errors,
+            resync_failed_regions: stats.resync_failed_regions,
         })
     }
 
@@ -1268,9 +1351,12 @@ impl Daemon {
                 state: handle.state(),
                 minor: handle.config().minor,
                 mode: handle.config().mode,
-                role: handle.local().role,
+                role: handle.role(),
+                configured_role: handle.local().role,
+                role_note: handle.role_note().map(str::to_owned),
                 size_bytes: handle.config().size_bytes,
                 uuid: handle.uuid().map(|u| u.to_string()),
+                generations: handle.generations(),
                 data: handle.local().data.display().to_string(),
                 state_map: handle.local().state_map.display().to_string(),
                 peers: handle
@@ -1514,15 +1600,33 @@ impl Daemon {
                 }
             }
             self.exports.withdraw(&name);
-            self.leave(&name);
-            let mut devices = self.devices.lock().expect("devices lock");
-            let handle = devices.get_mut(&name).expect("listed");
-            if handle.state() == AdminState::Available {
-                match handle.shutdown() {
-                    Ok(()) => info!(device = %name, "device stopped for shutdown; map persisted"),
-                    Err(e) => error!(device = %name, "{e}"),
+            let session = self.link(&name).and_then(|l| {
+                l.inner
+                    .lock()
+                    .expect("link lock")
+                    .core
+                    .connected()
+                    .map(|(p, s)| (p.to_owned(), s))
+            });
+            let stopped = {
+                let mut devices = self.devices.lock().expect("devices lock");
+                let handle = devices.get_mut(&name).expect("listed");
+                if handle.state() != AdminState::Available {
+                    None
+                } else {
+                    match handle.shutdown() {
+                        Ok(()) => {
+                            info!(device = %name, "device stopped for shutdown; map persisted");
+                            Some(true)
+                        }
+                        Err(e) => {
+                            error!(device = %name, "{e}");
+                            Some(false)
+                        }
+                    }
                 }
-            }
+            };
+            self.leave(&name, session, stopped == Some(true));
         }
     }
 }

@@ -1,16 +1,17 @@
 //! Mirroring between daemons: one [`DeviceLink`] per device joins the device
-//! thread to GeoMessage, and the handshake below decides when two copies
-//! mirror, which one resyncs which, and when they refuse.
+//! thread to GeoMessage and drives the device's sans-IO link
+//! ([`gmd_core::link::Link`]): the handshake, the role, the session.
 //!
 //! - Messages of the device protocol travel on the device's ordered stream
 //!   (stream = minor + 1), each prefixed with the link session it belongs
-//!   to; a receiver hands only the current session's to the device.
+//!   to; a receiver hands only the session's the link takes to the device.
 //! - The handshake runs on the control stream: the initiator sends
-//!   `Connect` with its map; the responder checks identity and the rules,
-//!   picks the resync direction and a fresh session id and answers
-//!   `Accept`; the initiator connects its device and sends `Go`; the
+//!   `Connect` with its offer (identity, role, data generations, marks);
+//!   the responder lets the link decide ([`gmd_core::link::decide`]: which
+//!   side is newer, what moves, or why not) and answers `Accept` with a
+//!   fresh session; the initiator connects its device and sends `Go`; the
 //!   responder connects its own. Whatever the initiator sends before the
-//!   responder connects waits in the responder's device, tagged with the
+//!   responder connected waits in the responder's device, tagged with the
 //!   session.
 //! - A peer declared down by GeoMessage (its promote-failure timeout), a
 //!   peer that restarted, or a peer that says it leaves, turns the link off:
@@ -21,18 +22,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use gmd_core::config::{Mode, Role};
-use gmd_core::engine::ResyncRole;
+use gmd_core::link::{Link, Offer, PairRole, Part, Plan, Start};
 use gmd_core::mirror::{self, LinkEvent, PeerLink, ToPeer};
 use gmd_core::runtime::Port;
+use gmd_core::units::region_count;
 use gmd_net::{Node, PeerId, StreamId};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::Daemon;
-use super::peers::{
-    DeviceInfo, PeerReply, PeerRequest, PeerState, WireRole, decode_bits, encode_bits, union,
-};
+use super::peers::{DeviceInfo, PeerReply, PeerRequest, PeerState, decode_bits, encode_bits};
 
 /// How long a handshake request may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,61 +53,63 @@ pub(super) fn device_stream(minor: u32) -> StreamId {
     StreamId(minor as u16 + 1)
 }
 
+/// This side's part in a session's resync, for status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ResyncPart {
+    /// Nothing to resync.
+    None,
+    /// Sends.
+    Source,
+    /// Receives.
+    Target,
+}
+
+impl ResyncPart {
+    fn of(part: &Part) -> ResyncPart {
+        match part {
+            Part::None => ResyncPart::None,
+            Part::Source(_) => ResyncPart::Source,
+            Part::Target { .. } => ResyncPart::Target,
+        }
+    }
+
+    /// The name status uses.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            ResyncPart::None => "none",
+            ResyncPart::Source => "source",
+            ResyncPart::Target => "target",
+        }
+    }
+}
+
 /// The link state of one device.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct LinkInner {
     /// The running device (AVAILABLE only).
     pub(super) port: Option<Port>,
-    /// The peer of the session (pending or connected).
-    pub(super) peer: Option<String>,
+    /// The peer of the session (pending or in force).
     peer_id: Option<PeerId>,
-    /// The session in force or being set up (0: none).
-    pub(super) session: u64,
-    /// Mirroring.
-    pub(super) connected: bool,
+    /// The link itself: role, handshake, session, hot peer.
+    pub(super) core: Link,
+    /// A handshake this side started is under way.
     connecting: bool,
     /// The device is being started (peers asking see STARTING).
     pub(super) starting: bool,
-    /// The role to take when the initiator says `Go` (responder).
-    pending_role: Option<ResyncRole>,
     /// Last refusal and when.
     pub(super) refused: Option<(String, Instant)>,
     /// This side's part of the current resync is done.
     pub(super) resync_done: bool,
-    /// This side's part in the current session's resync.
-    pub(super) resync_role: Option<WireRole>,
-    /// Which peer acknowledged the writes behind the running engine's hot
-    /// cells (reset when the device starts).
-    pub(super) hot_acked_by: HotPeer,
+    /// This side's part in the current session's resync, and the plan.
+    pub(super) plan: Option<(ResyncPart, Plan)>,
+    /// Responder: the incarnation the initiator's offer carried.
+    offer_incarnation: u64,
 }
 
-/// The peers a running device mirrored with since it started: its hot cells
-/// (0x5) are known to be identical only on such a peer, and only if there
-/// was one. A peer that takes over from another must get them resent.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(super) enum HotPeer {
-    /// No session yet.
-    #[default]
-    Nobody,
-    /// Every session was with this peer.
-    Only(String),
-    /// Sessions with more than one peer.
-    Several,
-}
-
-impl HotPeer {
-    /// Records a session with `peer`.
-    fn session_with(&mut self, peer: &str) {
-        *self = match std::mem::take(self) {
-            HotPeer::Nobody => HotPeer::Only(peer.to_owned()),
-            HotPeer::Only(p) if p == peer => HotPeer::Only(p),
-            _ => HotPeer::Several,
-        };
-    }
-
-    /// Whether every session was with `peer`.
-    pub(super) fn is_only(&self, peer: &str) -> bool {
-        matches!(self, HotPeer::Only(p) if p == peer)
+impl LinkInner {
+    /// The peer mirrored with now, if any.
+    pub(super) fn connected_peer(&self) -> Option<String> {
+        self.core.connected().map(|(p, _)| p.to_owned())
     }
 }
 
@@ -134,9 +135,9 @@ impl PeerLink for DeviceLink {
     fn send(&self, message: ToPeer) {
         let (session, peer) = {
             let inner = self.inner.lock().expect("link lock");
-            match (inner.session, inner.peer_id) {
-                (0, _) | (_, None) => return,
-                (s, Some(p)) => (s, p),
+            match (inner.core.connected(), inner.peer_id) {
+                (Some((_, s)), Some(p)) => (s, p),
+                _ => return,
             }
         };
         // One buffer: the session, then the message (one copy of the data).
@@ -149,7 +150,8 @@ impl PeerLink for DeviceLink {
     fn resync_done(&self) {
         let mut inner = self.inner.lock().expect("link lock");
         inner.resync_done = true;
-        info!(device = %self.device, peer = ?inner.peer, role = ?inner.resync_role, "resync finished");
+        let part = inner.plan.map(|(p, _)| p.name());
+        info!(device = %self.device, peer = ?inner.connected_peer(), part, "resync finished");
     }
 
     fn stalled(&self, waited_ms: u64) {
@@ -159,13 +161,13 @@ impl PeerLink for DeviceLink {
     fn renegotiate(&self) {
         let (peer, session) = {
             let inner = self.inner.lock().expect("link lock");
-            (inner.peer.clone(), inner.session)
+            match inner.core.connected() {
+                Some((p, s)) => (p.to_owned(), s),
+                None => return,
+            }
         };
-        info!(device = %self.device, ?peer, "wrote alone during the handshake: setting the link up again");
+        info!(device = %self.device, %peer, "the link must be set up again (a side wrote alone, or holds a region stale)");
         self.disconnect();
-        let (Some(peer), true) = (peer, session != 0) else {
-            return;
-        };
         let Some(id) = self.node.peer(&peer) else {
             return;
         };
@@ -191,7 +193,7 @@ impl DeviceLink {
     /// Drops a peer that acknowledged nothing for `waited_ms`: the device
     /// goes on alone and marks what it writes stale, as after a peer loss.
     fn drop_stalled_peer(&self, waited_ms: u64) {
-        let peer = self.inner.lock().expect("link lock").peer.clone();
+        let peer = self.inner.lock().expect("link lock").connected_peer();
         warn!(
             device = %self.device,
             ?peer,
@@ -212,19 +214,31 @@ impl DeviceLink {
         ));
     }
 
-    /// A link for `device` and its two tasks (sender and receiver) on `node`.
+    /// A link for `device` on `machine` and its two tasks (sender and
+    /// receiver) on `node`.
     pub(super) fn start(
         node: Arc<Node>,
+        machine: &str,
         device: String,
         minor: u32,
         size_bytes: u64,
     ) -> Arc<DeviceLink> {
         let (tx, rx) = mpsc::unbounded_channel();
         let link = Arc::new(DeviceLink {
+            inner: Mutex::new(LinkInner {
+                port: None,
+                peer_id: None,
+                core: Link::new(&device, machine),
+                connecting: false,
+                starting: false,
+                refused: None,
+                resync_done: false,
+                plan: None,
+                offer_incarnation: 0,
+            }),
             device,
             size_bytes,
             out: tx,
-            inner: Mutex::new(LinkInner::default()),
             node: node.clone(),
             rt: tokio::runtime::Handle::current(),
         });
@@ -234,40 +248,57 @@ impl DeviceLink {
         link
     }
 
-    /// Gives the link the running device.
-    pub(super) fn attach(&self, port: Port) {
+    /// Regions of the device.
+    fn region_count(&self) -> u64 {
+        region_count(self.size_bytes)
+    }
+
+    /// Gives the link the running device, started in `role`.
+    pub(super) fn attach(&self, port: Port, role: PairRole) {
         let mut inner = self.inner.lock().expect("link lock");
         inner.port = Some(port);
         inner.starting = false;
-        inner.hot_acked_by = HotPeer::Nobody;
+        inner.refused = None;
+        let incarnation = loop {
+            let i: u64 = rand::random();
+            if i != 0 {
+                break i;
+            }
+        };
+        inner.core.started(incarnation, role);
     }
 
-    /// Ends the session, if any; returns the peer and session it had.
+    /// Ends the session, if any, as a loss of the peer (the device marks
+    /// unacknowledged writes stale); returns the peer and session it had.
     pub(super) fn disconnect(&self) -> Option<(String, u64)> {
+        self.end(LinkEvent::Lost)
+    }
+
+    /// Ends the session, if any, telling the device with `event`.
+    fn end(&self, event: LinkEvent) -> Option<(String, u64)> {
         let mut inner = self.inner.lock().expect("link lock");
-        let had = inner
-            .peer
-            .clone()
-            .filter(|_| inner.session != 0)
-            .map(|p| (p, inner.session));
-        if inner.session != 0 {
+        let peer = inner.core.peer().map(str::to_owned);
+        let had = inner.core.end();
+        if had.is_some() {
             if let Some(port) = &inner.port {
-                port.link_event(LinkEvent::Lost);
+                port.link_event(event);
             }
         }
-        inner.session = 0;
-        inner.connected = false;
         inner.connecting = false;
-        inner.pending_role = None;
-        inner.peer = None;
         inner.peer_id = None;
-        had
+        inner.plan = None;
+        had.and_then(|session| peer.map(|p| (p, session)))
     }
 
     /// Forgets the running device (it is stopping).
     pub(super) fn detach(&self) {
         self.disconnect();
         self.inner.lock().expect("link lock").port = None;
+    }
+
+    /// Changes the role the link offers (the device's changed already).
+    pub(super) fn set_role(&self, role: PairRole) {
+        self.inner.lock().expect("link lock").core.set_role(role);
     }
 }
 
@@ -308,11 +339,13 @@ async fn receive_loop(node: Arc<Node>, stream: StreamId, link: Arc<DeviceLink>) 
             continue;
         }
         let session = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+        // Only the session the link takes from this peer (pending or in
+        // force) reaches the device: nothing from an ended one.
         let port = {
             let inner = link.inner.lock().expect("link lock");
-            (inner.session == session && inner.peer_id == Some(incoming.peer))
-                .then(|| inner.port.clone())
-                .flatten()
+            let taken = inner.peer_id == Some(incoming.peer)
+                && inner.core.peer().and_then(|p| inner.core.session_with(p)) == Some(session);
+            taken.then(|| inner.port.clone()).flatten()
         };
         let Some(port) = port else {
             continue;
@@ -322,114 +355,6 @@ async fn receive_loop(node: Arc<Node>, stream: StreamId, link: Arc<DeviceLink>) 
             Err(e) => warn!(device = %link.device, error = %e, "device message refused"),
         }
     }
-}
-
-fn wire_role(role: &ResyncRole) -> WireRole {
-    match role {
-        ResyncRole::None => WireRole::None,
-        ResyncRole::Source(_) => WireRole::Source,
-        ResyncRole::Target(_) => WireRole::Target,
-    }
-}
-
-fn resync_role(role: WireRole, bits: Vec<u8>) -> ResyncRole {
-    match role {
-        WireRole::None => ResyncRole::None,
-        WireRole::Source => ResyncRole::Source(bits),
-        WireRole::Target => ResyncRole::Target(bits),
-    }
-}
-
-/// Refuses two copies that are not of the same device: identity (when both
-/// maps are known), size, minor number and mode must be equal.
-pub(super) fn same_device(
-    device: &str,
-    local: &DeviceInfo,
-    remote: &DeviceInfo,
-    local_name: &str,
-    remote_name: &str,
-) -> Result<(), String> {
-    let mut differs = Vec::new();
-    if local.uuid.is_some() && remote.uuid.is_some() && local.uuid != remote.uuid {
-        differs.push(format!(
-            "identity {} vs {}",
-            fmt_uuid(&local.uuid),
-            fmt_uuid(&remote.uuid)
-        ));
-    }
-    if local.size_bytes != remote.size_bytes {
-        differs.push(format!(
-            "size {} vs {}",
-            local.size_bytes, remote.size_bytes
-        ));
-    }
-    if local.minor != remote.minor {
-        differs.push(format!("minor {} vs {}", local.minor, remote.minor));
-    }
-    if local.mode != remote.mode {
-        differs.push(format!("mode {} vs {}", local.mode, remote.mode));
-    }
-    if !differs.is_empty() {
-        return Err(format!(
-            "{device}: {local_name} and {remote_name} do not hold the same device ({}); \
-             make the configuration identical on both machines (gmdctl verify), and re-create \
-             a wrong state map with 'gmdctl init-state {device} --force' followed by 'gmdctl dirty {device}' on the side to keep",
-            differs.join(", ")
-        ));
-    }
-    Ok(())
-}
-
-/// Which side sends (`Ok(true)`: the local one), or why they must not mirror.
-pub(super) fn decide(
-    device: &str,
-    mode: Mode,
-    local: &DeviceInfo,
-    remote: &DeviceInfo,
-    local_name: &str,
-    remote_name: &str,
-) -> Result<bool, String> {
-    same_device(device, local, remote, local_name, remote_name)?;
-    if local.uuid.is_none() || remote.uuid.is_none() {
-        return Err(format!("{device}: the state map of one side is not open"));
-    }
-    if local.stale > 0 && remote.stale > 0 {
-        return Err(format!(
-            "{device}: both {local_name} and {remote_name} wrote while apart (data divergence); \
-             inspect with 'gmdctl show-state {device}' on both, resolve with 'gmdctl unify {device} --master <machine>'"
-        ));
-    }
-    if local.role == Role::Primary && remote.role == Role::Primary {
-        return Err(format!(
-            "{device}: both {local_name} and {remote_name} are primary"
-        ));
-    }
-    // Returns whether the local side is the resync source.
-    if mode == Mode::Async {
-        let (primary_stale, secondary_stale, local_primary) = if local.role == Role::Primary {
-            (local.stale, remote.stale, true)
-        } else {
-            (remote.stale, local.stale, false)
-        };
-        let _ = primary_stale;
-        if secondary_stale > 0 {
-            let secondary = if local_primary {
-                remote_name
-            } else {
-                local_name
-            };
-            return Err(format!(
-                "{device}: the async secondary {secondary} holds writes of its own; \
-                 resolve with 'gmdctl unify {device} --master <machine>'"
-            ));
-        }
-        return Ok(local_primary);
-    }
-    Ok(remote.stale == 0)
-}
-
-fn fmt_uuid(uuid: &Option<String>) -> &str {
-    uuid.as_deref().unwrap_or("unknown")
 }
 
 impl Daemon {
@@ -489,6 +414,25 @@ impl Daemon {
         }
     }
 
+    /// This side's offer for a handshake of `device` (blocking).
+    fn local_offer(&self, device: &str) -> Result<Offer, String> {
+        let link = self
+            .link(device)
+            .ok_or_else(|| format!("no device {device}"))?;
+        let devices = self.devices.lock().expect("devices lock");
+        let handle = devices
+            .get(device)
+            .ok_or_else(|| format!("no device {device}"))?;
+        let identity = handle
+            .identity()
+            .ok_or_else(|| format!("{device}: the state map is not open"))?;
+        let (facts, marks, hot) = handle
+            .offer_parts()
+            .ok_or_else(|| format!("{device}: the state map is not open"))?;
+        let inner = link.inner.lock().expect("link lock");
+        Ok(inner.core.offer(identity, facts, marks, hot))
+    }
+
     /// Starts mirroring `device` with `peer`, as initiator.
     pub(super) async fn connect(self: Arc<Self>, device: String, peer: String) {
         let Some(link) = self.link(&device) else {
@@ -496,14 +440,20 @@ impl Daemon {
         };
         {
             let mut inner = link.inner.lock().expect("link lock");
-            if inner.connected || inner.connecting || inner.port.is_none() {
+            if inner.port.is_none() || inner.connecting {
+                return;
+            }
+            if let Err(e) = inner.core.begin(&peer) {
+                debug!(%device, %peer, "not connecting: {e}");
                 return;
             }
             inner.connecting = true;
+            inner.peer_id = self.node.peer(&peer);
         }
         let result = self.clone().try_connect(&link, &device, &peer).await;
         let mut inner = link.inner.lock().expect("link lock");
         inner.connecting = false;
+        inner.core.abandon_offer(&peer);
         if let Err(reason) = result {
             let repeated = inner.refused.as_ref().is_some_and(|(r, _)| *r == reason);
             if !repeated {
@@ -521,54 +471,42 @@ impl Daemon {
     ) -> Result<(), String> {
         let d = self.clone();
         let name = device.to_owned();
-        let who = peer.to_owned();
-        let (info, bits) =
-            tokio::task::spawn_blocking(move || d.local_info(&name, true, Some(&who)))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.message)?;
+        let offer = tokio::task::spawn_blocking(move || d.local_offer(&name))
+            .await
+            .map_err(|e| e.to_string())??;
         let request = PeerRequest::Connect {
             device: device.into(),
-            from: self.machine.clone(),
-            info,
-            bits: encode_bits(&bits.unwrap_or_default()),
+            offer: Box::new(offer),
         };
-        let (session, role, bits) = match self.ask(peer, &request, HANDSHAKE_TIMEOUT).await? {
-            PeerReply::Accept {
-                session,
-                role,
-                bits,
-            } => (session, role, decode_bits(&bits)?),
+        let accept = match self.ask(peer, &request, HANDSHAKE_TIMEOUT).await? {
+            PeerReply::Accept { accept } => accept,
             PeerReply::Refused { reason } => return Err(reason),
             other => return Err(format!("unexpected answer {other:?}")),
         };
-        let peer_id = self.node.peer(peer);
-        let regions: u32 = bits.iter().map(|b| b.count_ones()).sum();
-        {
+        let start = {
             let mut inner = link.inner.lock().expect("link lock");
             let Some(port) = inner.port.clone() else {
                 return Err("the device stopped during the handshake".into());
             };
-            if inner.session != 0 {
-                port.link_event(LinkEvent::Lost);
-            }
-            inner.session = session;
-            inner.peer = Some(peer.to_owned());
-            inner.peer_id = peer_id;
+            let start = inner
+                .core
+                .on_accept(peer, &accept, link.region_count())
+                .map_err(|e| e.to_string())?;
+            inner.peer_id = self.node.peer(peer);
             inner.resync_done = false;
-            inner.resync_role = Some(role);
-            inner.hot_acked_by.session_with(peer);
+            inner.plan = Some((ResyncPart::of(&start.part), start.plan));
             port.link_event(LinkEvent::Connected {
-                session,
-                role: resync_role(role, bits),
+                session: start.session,
+                connection: start.connection(link.region_count()),
             });
-        }
+            start
+        };
         match self
             .ask(
                 peer,
                 &PeerRequest::Go {
                     device: device.into(),
-                    session,
+                    session: start.session,
                 },
                 HANDSHAKE_TIMEOUT,
             )
@@ -588,14 +526,39 @@ impl Daemon {
                 return Err(e);
             }
         }
-        {
-            let mut inner = link.inner.lock().expect("link lock");
-            inner.connected = true;
-            inner.refused = None;
-        }
-        info!(%device, %peer, session, resync = ?role, regions, "mirroring");
-        self.record_peer(device, peer, false).await;
+        link.inner.lock().expect("link lock").refused = None;
+        self.connected(device, &start).await;
         Ok(())
+    }
+
+    /// A session started: say so, and forget the peer's down record.
+    async fn connected(self: &Arc<Self>, device: &str, start: &Start) {
+        let part = ResyncPart::of(&start.part);
+        let regions = match &start.part {
+            Part::None => 0,
+            Part::Source(r) | Part::Target { regions: r, .. } => r.count(),
+        };
+        info!(
+            %device,
+            peer = %start.peer,
+            session = start.session,
+            part = part.name(),
+            regions,
+            basis = ?start.plan.basis,
+            full = start.plan.full,
+            "mirroring"
+        );
+        if part == ResyncPart::Target && start.plan.discarded > 0 {
+            warn!(
+                %device,
+                peer = %start.peer,
+                regions = start.plan.discarded,
+                "{} region(s) written here and never sent to {} are overwritten by its newer data",
+                start.plan.discarded,
+                start.peer
+            );
+        }
+        self.record_peer(device, &start.peer, false).await;
     }
 
     /// Records or forgets `peer` as down for `device` (in its map).
@@ -619,43 +582,38 @@ impl Daemon {
         from: String,
         request: PeerRequest,
     ) -> PeerReply {
+        let refused = |reason: String| PeerReply::Refused { reason };
         match request {
             PeerRequest::Facts => {
                 let d = self.clone();
                 match tokio::task::spawn_blocking(move || d.facts()).await {
                     Ok(facts) => PeerReply::Facts { facts },
-                    Err(e) => PeerReply::Refused {
-                        reason: e.to_string(),
-                    },
+                    Err(e) => refused(e.to_string()),
                 }
             }
             PeerRequest::Status { device } => {
                 let d = self.clone();
-                match tokio::task::spawn_blocking(move || d.local_info(&device, false, None)).await
-                {
+                match tokio::task::spawn_blocking(move || d.local_info(&device, false)).await {
                     Ok(Ok((info, _))) => PeerReply::Status { info },
-                    Ok(Err(e)) => PeerReply::Refused { reason: e.message },
-                    Err(e) => PeerReply::Refused {
-                        reason: e.to_string(),
-                    },
+                    Ok(Err(e)) => refused(e.message),
+                    Err(e) => refused(e.to_string()),
                 }
             }
-            PeerRequest::Connect {
-                device,
-                from: initiator,
-                info,
-                bits,
-            } => self.on_connect(initiator, device, info, bits).await,
+            PeerRequest::Connect { device, offer } => self.on_connect(from, device, *offer).await,
             PeerRequest::Go { device, session } => self.on_go(&from, &device, session).await,
-            PeerRequest::Leave { device, session } => {
+            PeerRequest::Leave {
+                device,
+                session,
+                flushed,
+            } => {
                 if let Some(link) = self.link(&device) {
-                    let current = {
-                        let inner = link.inner.lock().expect("link lock");
-                        inner.session == session && inner.peer.as_deref() == Some(from.as_str())
-                    };
-                    if current {
-                        link.disconnect();
-                        warn!(%device, peer = %from, "peer stopped its device: going on alone, writes are marked stale");
+                    if link.current(&from, session) {
+                        link.end(if flushed {
+                            LinkEvent::Left
+                        } else {
+                            LinkEvent::Lost
+                        });
+                        warn!(%device, peer = %from, flushed, "peer stopped its device: going on alone, writes are marked stale");
                         self.record_peer(&device, &from, true).await;
                     }
                 }
@@ -663,11 +621,7 @@ impl Daemon {
             }
             PeerRequest::Renegotiate { device, session } => {
                 if let Some(link) = self.link(&device) {
-                    let current = {
-                        let inner = link.inner.lock().expect("link lock");
-                        inner.session == session && inner.peer.as_deref() == Some(from.as_str())
-                    };
-                    if current {
+                    if link.current(&from, session) {
                         info!(%device, peer = %from, "peer asks to set the link up again");
                         link.disconnect();
                     }
@@ -679,23 +633,19 @@ impl Daemon {
                 let d = self.clone();
                 match tokio::task::spawn_blocking(move || d.force_stop(&device)).await {
                     Ok(Ok(())) => PeerReply::Ok,
-                    Ok(Err(e)) => PeerReply::Refused { reason: e.message },
-                    Err(e) => PeerReply::Refused {
-                        reason: e.to_string(),
-                    },
+                    Ok(Err(e)) => refused(e.message),
+                    Err(e) => refused(e.to_string()),
                 }
             }
             PeerRequest::GetMap { device } => {
                 let d = self.clone();
-                match tokio::task::spawn_blocking(move || d.local_info(&device, true, None)).await {
+                match tokio::task::spawn_blocking(move || d.local_info(&device, true)).await {
                     Ok(Ok((info, bits))) => PeerReply::Map {
                         info,
                         bits: encode_bits(&bits.unwrap_or_default()),
                     },
-                    Ok(Err(e)) => PeerReply::Refused { reason: e.message },
-                    Err(e) => PeerReply::Refused {
-                        reason: e.to_string(),
-                    },
+                    Ok(Err(e)) => refused(e.message),
+                    Err(e) => refused(e.to_string()),
                 }
             }
             PeerRequest::Unify {
@@ -705,66 +655,42 @@ impl Daemon {
             } => {
                 let bits = match decode_bits(&bits) {
                     Ok(b) => b,
-                    Err(reason) => return PeerReply::Refused { reason },
+                    Err(reason) => return refused(reason),
                 };
                 let d = self.clone();
                 match tokio::task::spawn_blocking(move || d.unify_local(&device, master, &bits))
                     .await
                 {
                     Ok(Ok(())) => PeerReply::Ok,
-                    Ok(Err(e)) => PeerReply::Refused { reason: e.message },
-                    Err(e) => PeerReply::Refused {
-                        reason: e.to_string(),
-                    },
+                    Ok(Err(e)) => refused(e.message),
+                    Err(e) => refused(e.to_string()),
                 }
             }
         }
     }
 
-    async fn on_connect(
-        self: Arc<Self>,
-        from: String,
-        device: String,
-        remote: DeviceInfo,
-        bits: String,
-    ) -> PeerReply {
+    async fn on_connect(self: Arc<Self>, from: String, device: String, remote: Offer) -> PeerReply {
         let refuse = |reason: String| PeerReply::Refused { reason };
         let Some(link) = self.link(&device) else {
             return refuse(format!("device {device} has no copy on {}", self.machine));
         };
-        let remote_bits = match decode_bits(&bits) {
-            Ok(b) => b,
-            Err(e) => return refuse(e),
-        };
-        let d = self.clone();
-        let name = device.clone();
-        let who = from.clone();
-        let (local, local_bits) = match tokio::task::spawn_blocking(move || {
-            d.local_info(&name, true, Some(&who))
-        })
-        .await
-        {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => return refuse(e.message),
-            Err(e) => return refuse(e.to_string()),
-        };
-        if local.state != PeerState::Available {
+        if remote.facts.machine != from {
             return refuse(format!(
-                "{device} is {:?} on {}, not AVAILABLE",
-                local.state, self.machine
+                "{device}: an offer from {from} that names {}",
+                remote.facts.machine
             ));
         }
-        // One active remote peer: a second one joining takes over.
-        let previous = {
+        let (running, previous) = {
             let inner = link.inner.lock().expect("link lock");
-            if inner.connecting && inner.peer.is_none() && self.machine < from {
-                return refuse(format!("{} is connecting to {from} itself", self.machine));
-            }
-            inner
-                .peer
-                .clone()
-                .filter(|p| *p != from && inner.session != 0)
+            (
+                inner.port.is_some() && !inner.starting,
+                inner.connected_peer().filter(|p| *p != from),
+            )
         };
+        if !running {
+            return refuse(format!("{device} is not AVAILABLE on {}", self.machine));
+        }
+        // One active remote peer: a second one joining takes over.
         if let Some(previous) = previous {
             warn!(%device, first = %previous, second = %from,
                 "a second remote peer joined: {previous} is taken down (gmddown) and its device stopped");
@@ -778,20 +704,12 @@ impl Daemon {
                 warn!(%device, peer = %previous, "could not stop the device there: {e}");
             }
         }
-        let local_source = match decide(&device, local.mode, &local, &remote, &self.machine, &from)
-        {
-            Ok(s) => s,
-            Err(reason) => {
-                warn!(%device, peer = %from, "connection refused: {reason}");
-                return refuse(reason);
-            }
-        };
-        let all = union(&local_bits.unwrap_or_default(), &remote_bits);
-        let any = all.iter().any(|&b| b != 0);
-        let (mine, theirs) = match (any, local_source) {
-            (false, _) => (ResyncRole::None, WireRole::None),
-            (true, true) => (ResyncRole::Source(all.clone()), WireRole::Target),
-            (true, false) => (ResyncRole::Target(all.clone()), WireRole::Source),
+        let d = self.clone();
+        let name = device.clone();
+        let local = match tokio::task::spawn_blocking(move || d.local_offer(&name)).await {
+            Ok(Ok(offer)) => offer,
+            Ok(Err(e)) => return refuse(e),
+            Err(e) => return refuse(e.to_string()),
         };
         let session = loop {
             let s: u64 = rand::random();
@@ -799,26 +717,31 @@ impl Daemon {
                 break s;
             }
         };
-        {
-            let mut inner = link.inner.lock().expect("link lock");
-            if inner.session != 0 {
-                // The initiator starts over (it restarted, or lost our earlier answer).
-                if let Some(port) = &inner.port {
-                    port.link_event(LinkEvent::Lost);
+        let mut inner = link.inner.lock().expect("link lock");
+        // The initiator starts over (it restarted, or lost our earlier
+        // answer): the session in force ends first.
+        if inner.connected_peer().is_some() && inner.core.end().is_some() {
+            if let Some(port) = &inner.port {
+                port.link_event(LinkEvent::Lost);
+            }
+        }
+        match inner.core.on_offer(&local, &remote, session) {
+            Ok(accept) => {
+                inner.peer_id = self.node.peer(&from);
+                inner.offer_incarnation = remote.incarnation;
+                inner.resync_done = false;
+                PeerReply::Accept {
+                    accept: Box::new(accept),
                 }
             }
-            inner.session = session;
-            inner.peer = Some(from.clone());
-            inner.peer_id = self.node.peer(&from);
-            inner.connected = false;
-            inner.resync_done = false;
-            inner.resync_role = Some(wire_role(&mine));
-            inner.pending_role = Some(mine);
-        }
-        PeerReply::Accept {
-            session,
-            role: theirs,
-            bits: encode_bits(&all),
+            Err(e) => {
+                let reason = e.to_string();
+                drop(inner);
+                warn!(%device, peer = %from, "connection refused: {reason}");
+                let mut inner = link.inner.lock().expect("link lock");
+                inner.refused = Some((reason.clone(), Instant::now()));
+                refuse(reason)
+            }
         }
     }
 
@@ -828,23 +751,32 @@ impl Daemon {
                 reason: format!("no device {device}"),
             };
         };
-        {
+        let start = {
             let mut inner = link.inner.lock().expect("link lock");
-            let ok = inner.session == session && inner.peer.as_deref() == Some(from);
-            let (Some(role), Some(port), true) =
-                (inner.pending_role.take(), inner.port.clone(), ok)
-            else {
+            let Some(port) = inner.port.clone() else {
                 return PeerReply::Refused {
-                    reason: format!("{device}: no connection being set up with {from}"),
+                    reason: format!("{device} stopped on {}", self.machine),
                 };
             };
-            port.link_event(LinkEvent::Connected { session, role });
-            inner.hot_acked_by.session_with(from);
-            inner.connected = true;
-            inner.refused = None;
-        }
-        info!(%device, peer = %from, session, "mirroring");
-        self.record_peer(device, from, false).await;
+            let incarnation = inner.offer_incarnation;
+            match inner.core.on_go(from, session, incarnation) {
+                Ok(start) => {
+                    inner.plan = Some((ResyncPart::of(&start.part), start.plan));
+                    inner.refused = None;
+                    port.link_event(LinkEvent::Connected {
+                        session,
+                        connection: start.connection(link.region_count()),
+                    });
+                    start
+                }
+                Err(e) => {
+                    return PeerReply::Refused {
+                        reason: e.to_string(),
+                    };
+                }
+            }
+        };
+        self.connected(device, &start).await;
         PeerReply::Ok
     }
 
@@ -852,12 +784,8 @@ impl Daemon {
     /// mirroring with it goes on alone and records it down.
     pub(super) async fn peer_lost(self: &Arc<Self>, peer: &str, why: &str) {
         for link in self.links() {
-            let lost = {
-                let inner = link.inner.lock().expect("link lock");
-                inner.session != 0 && inner.peer.as_deref() == Some(peer)
-            };
-            if lost {
-                link.disconnect();
+            let lost = link.inner.lock().expect("link lock").core.peer() == Some(peer);
+            if lost && link.disconnect().is_some() {
                 warn!(device = %link.device, %peer, "{why}: the device goes on alone and marks written regions stale");
                 self.record_peer(&link.device, peer, true).await;
             }
@@ -885,8 +813,9 @@ impl Daemon {
             let skip = {
                 let inner = link.inner.lock().expect("link lock");
                 inner.port.is_none()
-                    || inner.connected
+                    || inner.core.peer().is_some()
                     || inner.connecting
+                    || inner.core.role() == PairRole::Split
                     || inner
                         .refused
                         .as_ref()
@@ -913,20 +842,14 @@ impl Daemon {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::HotPeer;
-
-    #[test]
-    fn hot_cells_count_as_acknowledged_only_by_the_single_peer_since_start() {
-        let mut hot = HotPeer::default();
-        assert!(!hot.is_only("beta"), "no session yet");
-        hot.session_with("beta");
-        hot.session_with("beta");
-        assert!(hot.is_only("beta"));
-        assert!(!hot.is_only("gamma"));
-        hot.session_with("gamma");
-        assert_eq!(hot, HotPeer::Several);
-        assert!(!hot.is_only("gamma") && !hot.is_only("beta"));
+impl DeviceLink {
+    /// Whether `session` with `peer` is the one pending or in force.
+    fn current(&self, peer: &str, session: u64) -> bool {
+        self.inner
+            .lock()
+            .expect("link lock")
+            .core
+            .session_with(peer)
+            == Some(session)
     }
 }

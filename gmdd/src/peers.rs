@@ -1,9 +1,10 @@
 //! What daemons ask each other about a device, over GeoMessage's control
-//! stream: one JSON request, one JSON reply. Bitmaps (one bit per region)
-//! travel base64-encoded.
+//! stream: one JSON request, one JSON reply. Region sets travel as runs
+//! ([`gmd_core::link::Regions`]); the unify bitmap base64-encoded.
 
 use base64::Engine as _;
-use gmd_core::config::{Mode, Role};
+use gmd_core::config::Mode;
+use gmd_core::link::{Accept, Offer, PairRole, SideFacts};
 use serde::{Deserialize, Serialize};
 
 /// A device as the other machine describes it.
@@ -17,8 +18,8 @@ pub struct DeviceInfo {
     pub minor: u32,
     /// Mode.
     pub mode: Mode,
-    /// That machine's role.
-    pub role: Role,
+    /// The role it runs in (AVAILABLE), or last ran in.
+    pub role: PairRole,
     /// Lifecycle state there.
     pub state: PeerState,
     /// Stale cells (written alone).
@@ -27,6 +28,8 @@ pub struct DeviceInfo {
     pub inconsistent: u64,
     /// The machine it mirrors with now, if any.
     pub connected_to: Option<String>,
+    /// Role, data generations and marks, when the map is open.
+    pub facts: Option<SideFacts>,
 }
 
 /// Lifecycle state of a device on another machine.
@@ -43,36 +46,24 @@ pub enum PeerState {
     Available,
 }
 
-/// A side's part in the resync a connection starts with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub(super) enum WireRole {
-    /// Nothing to resync.
-    None,
-    /// Sends the regions.
-    Source,
-    /// Receives them.
-    Target,
-}
-
 /// A request from another daemon.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub(super) enum PeerRequest {
     /// Describe the device.
     Status { device: String },
-    /// Start mirroring with the sender (`from`), whose device is described
-    /// by `info` and whose non-zero cells are `bits`.
-    Connect {
-        device: String,
-        from: String,
-        info: DeviceInfo,
-        bits: String,
-    },
+    /// Start mirroring with the sender, whose copy `offer` describes.
+    Connect { device: String, offer: Box<Offer> },
     /// The sender has connected its side of session `session`: connect yours.
     Go { device: String, session: u64 },
-    /// The sender's device stops: go on alone (and record it down).
-    Leave { device: String, session: u64 },
+    /// The sender's device stops (`flushed`: after flushing its volume, so
+    /// that everything it acknowledged is durable there): go on alone.
+    Leave {
+        device: String,
+        session: u64,
+        #[serde(default)]
+        flushed: bool,
+    },
     /// Drop session `session` quietly; the next handshake sets the link up
     /// again (one side wrote alone during the handshake).
     Renegotiate { device: String, session: u64 },
@@ -83,7 +74,8 @@ pub(super) enum PeerRequest {
     GetMap { device: String },
     /// Describe your configuration and state maps (`gmdctl verify`).
     Facts,
-    /// Unify: as master, mark these regions stale; otherwise clear the map.
+    /// Unify: as master, mark these regions stale; otherwise drop this
+    /// side's own changes and clear the map.
     Unify {
         device: String,
         master: bool,
@@ -97,13 +89,8 @@ pub(super) enum PeerRequest {
 pub(super) enum PeerReply {
     /// The device's description.
     Status { info: DeviceInfo },
-    /// Connection accepted as session `session`; the requester's resync part
-    /// is `role` over the regions `bits` (the union of both maps).
-    Accept {
-        session: u64,
-        role: WireRole,
-        bits: String,
-    },
+    /// Connection accepted.
+    Accept { accept: Box<Accept> },
     /// The device's map.
     Map { info: DeviceInfo, bits: String },
     /// The answer to [`PeerRequest::Facts`].

@@ -107,15 +107,20 @@ pub fn example_config() -> String {
 
 impl Cluster {
     /// The example cluster with fresh ports: key generated, data files
-    /// truncated to size and state maps initialised on both machines.
+    /// truncated to size (zeroes) and state maps initialised on both
+    /// machines as new zeroed volumes (the pair starts without a copy).
     pub fn new() -> Cluster {
         let cluster = Cluster::with_config(|text| text);
+        cluster.init_zeroed();
+        cluster
+    }
+
+    /// `gmdctl init-state data10gmd --zeroed` on both machines (offline).
+    pub fn init_zeroed(&self) {
         for machine in ["alpha", "beta"] {
-            cluster
-                .gmdctl_offline(machine, &["init-state", "data10gmd"])
+            self.gmdctl_offline(machine, &["init-state", "data10gmd", "--zeroed"])
                 .ok();
         }
-        cluster
     }
 
     /// The example cluster with `edit` applied to the configuration text;
@@ -298,11 +303,13 @@ impl Gmdd {
         format!("{}/{device}", self.nbd)
     }
 
-    /// Configures and starts `device` with every remote peer recorded as down.
+    /// Configures and starts `device` with every remote peer recorded as
+    /// down, and makes this side primary.
     pub fn start_standalone(&self, device: &str, peer: &str) {
         self.ctl(&["configure", device]).ok();
         self.ctl(&["down", device, peer]).ok();
         self.ctl(&["start", device]).ok();
+        self.ctl(&["primary", device]).ok();
     }
 
     /// Sends SIGTERM and waits for a clean exit.
@@ -419,11 +426,7 @@ impl Cluster {
             }
             text
         });
-        for machine in ["alpha", "beta"] {
-            cluster
-                .gmdctl_offline(machine, &["init-state", "data10gmd"])
-                .ok();
-        }
+        cluster.init_zeroed();
         cluster
     }
 

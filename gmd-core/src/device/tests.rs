@@ -34,8 +34,8 @@ fn beta(reachable: bool) -> PeerView {
         reachable,
         available: reachable,
         starting: false,
-        role: Role::None,
-        stale: false,
+        role: PairRole::Secondary,
+        facts: None,
     }
 }
 
@@ -45,7 +45,8 @@ fn full_lifecycle_with_the_peer_recorded_down() {
     let mut dev = handle(&s);
     let err = dev.configure().unwrap_err();
     assert!(err.message.contains("gmdctl init-state data10gmd"), "{err}");
-    dev.init_state(uuid::Uuid::from_u128(42), false).unwrap();
+    dev.init_state(uuid::Uuid::from_u128(42), NewVolume::Unknown, false)
+        .unwrap();
     dev.configure().unwrap();
     assert_eq!(dev.state(), AdminState::Stopped);
     let err = dev
@@ -73,7 +74,8 @@ fn full_lifecycle_with_the_peer_recorded_down() {
 fn wrong_states_and_unknown_peers_are_refused_with_the_way_out() {
     let s = site();
     let mut dev = handle(&s);
-    dev.init_state(uuid::Uuid::from_u128(42), false).unwrap();
+    dev.init_state(uuid::Uuid::from_u128(42), NewVolume::Unknown, false)
+        .unwrap();
     assert!(
         dev.start(&[], &StartOptions::default())
             .unwrap_err()
@@ -87,7 +89,9 @@ fn wrong_states_and_unknown_peers_are_refused_with_the_way_out() {
     assert!(err.message.contains("remote peers are: beta"), "{err}");
     dev.configure().unwrap();
     assert!(dev.update_config(&s.config).is_err());
-    let err = dev.init_state(uuid::Uuid::from_u128(42), true).unwrap_err();
+    let err = dev
+        .init_state(uuid::Uuid::from_u128(42), NewVolume::Unknown, true)
+        .unwrap_err();
     assert!(err.message.contains("DEFINED"), "{err}");
     let err = DeviceHandle::new(&s.config, "alpha", "nosuch").unwrap_err();
     assert_eq!(err.class, ErrorClass::NotFound);
@@ -97,7 +101,8 @@ fn wrong_states_and_unknown_peers_are_refused_with_the_way_out() {
 fn start_rules_against_the_peer() {
     let s = site();
     let mut dev = handle(&s);
-    dev.init_state(uuid::Uuid::from_u128(42), false).unwrap();
+    dev.init_state(uuid::Uuid::from_u128(42), NewVolume::Zeroed, false)
+        .unwrap();
     dev.configure().unwrap();
     let starting = PeerView {
         starting: true,
@@ -119,10 +124,12 @@ fn start_rules_against_the_peer() {
             .message
             .contains("not AVAILABLE on remote peer beta")
     );
-    // Divergence: both sides dirty.
+    // Divergence: both sides wrote alone from the same data.
     dev.dirty().unwrap();
+    let mut theirs = dev.side_facts().unwrap();
+    theirs.machine = "beta".into();
     let dirty_peer = PeerView {
-        stale: true,
+        facts: Some(theirs.clone()),
         ..beta(true)
     };
     let err = dev
@@ -133,11 +140,16 @@ fn start_rules_against_the_peer() {
         err.message.contains("gmdctl unify data10gmd --master"),
         "{err}"
     );
-    // Local stale marks while the peer is available and clean.
-    let err = dev
-        .start(&[beta(true)], &StartOptions::default())
-        .unwrap_err();
-    assert!(err.message.contains("this side has stale marks"), "{err}");
+    // Stale marks here while the peer is available with the same data and
+    // clean: this side is the source of the resync that follows.
+    theirs.stale = 0;
+    theirs.marked = 0;
+    let clean_peer = PeerView {
+        facts: Some(theirs),
+        ..beta(true)
+    };
+    dev.start(&[clean_peer], &StartOptions::default()).unwrap();
+    dev.stop(0).unwrap();
     dev.clean(true, true).unwrap();
     // More than one active remote peer.
     let gamma = PeerView {
@@ -152,7 +164,7 @@ fn start_rules_against_the_peer() {
 }
 
 #[test]
-fn two_primaries_are_refused() {
+fn a_configured_primary_starts_as_secondary_where_primary_is_not_safe() {
     let s = site();
     let path = s.config.path.clone();
     crate::config::set_device_attributes(
@@ -164,20 +176,37 @@ fn two_primaries_are_refused() {
     .unwrap();
     let config = ClusterConfig::load(&path).unwrap();
     let mut dev = DeviceHandle::new(&config, "alpha", "data10gmd").unwrap();
-    dev.init_state(uuid::Uuid::from_u128(42), false).unwrap();
+    dev.init_state(uuid::Uuid::from_u128(42), NewVolume::Unknown, false)
+        .unwrap();
+    dev.configure().unwrap();
+    // A copy without known data does not start as primary either.
+    dev.down(&s.config, "beta").unwrap();
+    dev.start(&[beta(false)], &StartOptions::default()).unwrap();
+    assert_eq!(dev.role(), PairRole::Secondary);
+    assert!(dev.role_note().unwrap().contains("holds no known data"));
+    dev.stop(0).unwrap();
+    dev.unconfigure().unwrap();
+    dev.init_state(uuid::Uuid::from_u128(42), NewVolume::Zeroed, true)
+        .unwrap();
     dev.configure().unwrap();
     let primary = PeerView {
-        role: Role::Primary,
+        role: PairRole::Primary,
         ..beta(true)
     };
-    let err = dev.start(&[primary], &StartOptions::default()).unwrap_err();
-    assert!(err.message.contains("also primary"), "{err}");
+    dev.start(&[primary], &StartOptions::default()).unwrap();
+    assert_eq!(dev.role(), PairRole::Secondary, "one primary per pair");
+    assert!(dev.role_note().unwrap().contains("beta is primary"));
+    dev.stop(0).unwrap();
+    dev.start(&[beta(true)], &StartOptions::default()).unwrap();
+    assert_eq!(dev.role(), PairRole::Primary, "the configured role");
 }
 
 fn damage_and_recover(damage: &[(u64, usize)]) {
     let s = site();
     let mut dev = handle(&s);
-    let uuid = dev.init_state(uuid::Uuid::from_u128(42), false).unwrap();
+    let uuid = dev
+        .init_state(uuid::Uuid::from_u128(42), NewVolume::Unknown, false)
+        .unwrap();
     let map_path = s.dir.path().join("alpha/data10.sm");
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -217,7 +246,7 @@ fn data_volume_problems_say_how_to_fix_them() {
     let dev = handle(&s);
     std::fs::remove_file(s.dir.path().join("alpha/data10.img")).unwrap();
     let err = dev
-        .init_state(uuid::Uuid::from_u128(42), false)
+        .init_state(uuid::Uuid::from_u128(42), NewVolume::Unknown, false)
         .unwrap_err();
     assert!(err.message.contains("truncate -s 67108864"), "{err}");
     File::create(s.dir.path().join("alpha/data10.img"))
@@ -225,7 +254,7 @@ fn data_volume_problems_say_how_to_fix_them() {
         .set_len(1 << 20)
         .unwrap();
     let err = dev
-        .init_state(uuid::Uuid::from_u128(42), false)
+        .init_state(uuid::Uuid::from_u128(42), NewVolume::Unknown, false)
         .unwrap_err();
     assert!(err.message.contains("configured size is 67108864"), "{err}");
 }
@@ -234,7 +263,8 @@ fn data_volume_problems_say_how_to_fix_them() {
 fn clean_needs_force_a_down_peer_and_a_stopped_device() {
     let s = site();
     let mut dev = handle(&s);
-    dev.init_state(uuid::Uuid::from_u128(42), false).unwrap();
+    dev.init_state(uuid::Uuid::from_u128(42), NewVolume::Unknown, false)
+        .unwrap();
     dev.configure().unwrap();
     dev.dirty().unwrap();
     assert!(
@@ -268,7 +298,8 @@ fn restore_returns_to_the_recorded_state() {
     let s = site();
     {
         let mut dev = handle(&s);
-        dev.init_state(uuid::Uuid::from_u128(42), false).unwrap();
+        dev.init_state(uuid::Uuid::from_u128(42), NewVolume::Unknown, false)
+            .unwrap();
         dev.configure().unwrap();
         dev.down(&s.config, "beta").unwrap();
         dev.start(&[beta(false)], &StartOptions::default()).unwrap();

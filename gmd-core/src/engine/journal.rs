@@ -1,17 +1,37 @@
 //! Which state-map pages are durable: per-page dirty bits, the page list of
 //! the group commit in flight, and two epochs (`started`, `durable`).
 //!
-//! A cell change that alters its class (clean / inconsistent / stale) dirties
-//! its page and marks its region changed. A writer that needs its regions'
-//! cells durable waits for the epoch after which they are: the next commit
-//! if one of its regions changed since the last commit started, the current
-//! one if such a change is being written, none otherwise. Tracking this per
-//! region, not per page, keeps writes to regions already marked on disk
-//! from waiting for commits of their neighbours (a page covers thousands of
-//! regions).
+//! A cell change that alters what recovery would read from it dirties its
+//! page and marks its region changed (see [`durable_class`]: clean, written
+//! or hot, not received, stale). A writer that needs its regions' cells
+//! durable waits for the epoch after which they are: the next commit if one
+//! of its regions changed since the last commit started, the current one if
+//! such a change is being written, none otherwise. Tracking this per region,
+//! not per page, keeps writes to regions already marked on disk from waiting
+//! for commits of their neighbours (a page covers thousands of regions).
+//!
+//! The superblock (data generations, and what the driver records there) is
+//! committed the same way: a change dirties it, and the next commit writes
+//! it with the pages.
 
-use crate::statemap::cells::{CELL_RESYNC, CellClass, CellValue, StateMap};
+use crate::generations::Generations;
+use crate::statemap::cells::{
+    CELL_CONSISTENT, CELL_INCONSISTENT, CELL_RESYNC, CELL_STALE, CellValue, StateMap,
+};
 use crate::statemap::format::Layout;
+
+/// What a crash followed by a reload makes of a cell value: the values a
+/// write in flight or a hot region leave (`0x1`–`0x5`) all load as `0x7`,
+/// so changes among them need no map write; `0x0`, `0x6` (not received)
+/// and `0xf` (stale) each mean something else to recovery and are written.
+pub(super) fn durable_class(value: CellValue) -> CellValue {
+    match value {
+        CELL_CONSISTENT => CELL_CONSISTENT,
+        CELL_RESYNC => CELL_RESYNC,
+        1..=5 | CELL_INCONSISTENT => CELL_INCONSISTENT,
+        _ => CELL_STALE,
+    }
+}
 
 /// Number of a state-map write (group commit).
 pub type Epoch = u64;
@@ -113,6 +133,14 @@ pub(super) struct Journal {
     changed: RegionSet,
     /// Regions whose class change the commit in flight writes.
     flushing_regions: RegionSet,
+    /// The data generations as they are in memory.
+    pub(super) gens: Generations,
+    /// As the last successful commit wrote them.
+    gens_durable: Generations,
+    /// As the commit in flight writes them, if it writes the superblock.
+    gens_flushing: Option<Generations>,
+    /// The superblock changed since the last commit started.
+    superblock_dirty: bool,
     /// Cells marked not received (`0x6`): kept here, where every change
     /// goes through, so that no path can leave the count behind.
     resync_cells: u64,
@@ -123,7 +151,7 @@ pub(super) struct Journal {
 }
 
 impl Journal {
-    pub(super) fn new(map: StateMap) -> Self {
+    pub(super) fn new(map: StateMap, gens: Generations) -> Self {
         let pages = Layout::for_regions(map.region_count()).page_count;
         let regions = map.region_count();
         let resync_cells = (0..regions).filter(|&r| map.get(r) == CELL_RESYNC).count() as u64;
@@ -133,6 +161,10 @@ impl Journal {
             flushing: Vec::with_capacity(pages as usize),
             changed: RegionSet::new(regions),
             flushing_regions: RegionSet::new(regions),
+            gens,
+            gens_durable: gens,
+            gens_flushing: None,
+            superblock_dirty: false,
             resync_cells,
             started: 0,
             durable: 0,
@@ -149,7 +181,7 @@ impl Journal {
         } else if value == CELL_RESYNC && old != CELL_RESYNC {
             self.resync_cells += 1;
         }
-        if CellClass::of(old) != CellClass::of(value) {
+        if durable_class(old) != durable_class(value) {
             self.dirty.insert(Layout::page_of_region(region));
             self.changed.insert(region);
         }
@@ -177,9 +209,44 @@ impl Journal {
         need
     }
 
+    /// Changes the data generations; they are written with the next commit.
+    pub(super) fn set_generations(&mut self, gens: Generations) {
+        if gens != self.gens {
+            self.gens = gens;
+            self.superblock_dirty = true;
+        }
+    }
+
+    /// Asks for the superblock to be written with the next commit (the
+    /// driver changed what it records there).
+    pub(super) fn touch_superblock(&mut self) {
+        self.superblock_dirty = true;
+    }
+
+    /// The generations as the last successful commit wrote them.
+    pub(super) fn durable_generations(&self) -> Generations {
+        self.gens_durable
+    }
+
+    /// The generations the commit in flight writes, if it writes the superblock.
+    pub(super) fn flushing_generations(&self) -> Option<Generations> {
+        self.gens_flushing
+    }
+
+    /// The epoch after which the generations in memory are durable.
+    pub(super) fn needed_generations(&self) -> Epoch {
+        if self.superblock_dirty {
+            self.started + 1
+        } else if self.in_flight && self.gens_flushing.is_some() {
+            self.started
+        } else {
+            self.durable
+        }
+    }
+
     /// The epoch after which every change made so far is durable.
     pub(super) fn needed_all(&self) -> Epoch {
-        if !self.dirty.is_empty() {
+        if !self.dirty.is_empty() || self.superblock_dirty {
             self.started + 1
         } else if self.in_flight {
             self.started
@@ -193,20 +260,23 @@ impl Journal {
     }
 
     pub(super) fn has_dirty(&self) -> bool {
-        !self.dirty.is_empty()
+        !self.dirty.is_empty() || self.superblock_dirty
     }
 
     pub(super) fn in_flight(&self) -> bool {
         self.in_flight
     }
 
-    /// Starts a group commit of every dirty page, if none is in flight.
+    /// Starts a group commit of every dirty page and of the superblock if
+    /// it changed, unless one is in flight.
     pub(super) fn start(&mut self) -> Option<Epoch> {
-        if self.in_flight || self.dirty.is_empty() {
+        if self.in_flight || !self.has_dirty() {
             return None;
         }
         self.flushing.clear();
         self.dirty.drain_into(&mut self.flushing);
+        self.gens_flushing = self.superblock_dirty.then_some(self.gens);
+        self.superblock_dirty = false;
         self.flushing_regions.clear();
         std::mem::swap(&mut self.changed, &mut self.flushing_regions);
         self.started += 1;
@@ -228,14 +298,19 @@ impl Journal {
             "map write {epoch} was not in flight"
         );
         self.in_flight = false;
+        let gens = self.gens_flushing.take();
         if ok {
             self.durable = epoch;
+            if let Some(gens) = gens {
+                self.gens_durable = gens;
+            }
         } else {
             self.failed = true;
             for &page in &self.flushing {
                 self.dirty.insert(page);
             }
             self.changed.extend(&self.flushing_regions);
+            self.superblock_dirty |= gens.is_some();
         }
     }
 }
@@ -243,14 +318,14 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::statemap::cells::{CELL_ACTIVE, CELL_CONSISTENT, CELL_STALE, CELL_WRITING};
+    use crate::statemap::cells::{CELL_ACTIVE, CELL_WRITING};
     use crate::units::REGION_SIZE_BYTES;
 
     /// A write waits only for its own regions' class changes, not for those
     /// of other regions on the same map page.
     #[test]
     fn a_write_waits_only_for_changes_of_its_own_regions() {
-        let mut j = Journal::new(StateMap::new(1000 * REGION_SIZE_BYTES));
+        let mut j = Journal::new(StateMap::new(1000 * REGION_SIZE_BYTES), Generations::none());
         assert_eq!(Layout::page_of_region(3), Layout::page_of_region(700));
         // Region 3 marked and durable.
         j.set(3, CELL_WRITING);
@@ -277,5 +352,53 @@ mod tests {
         // Back to clean is a change too.
         j.set(3, CELL_CONSISTENT);
         assert_eq!(j.needed(3..4), second + 1);
+    }
+
+    /// Every value recovery reads differently is written: not received over
+    /// hot, stale over not received, inconsistent over not received.
+    #[test]
+    fn values_that_recovery_tells_apart_are_written() {
+        let mut j = Journal::new(StateMap::new(1000 * REGION_SIZE_BYTES), Generations::none());
+        let commit = |j: &mut Journal| {
+            let e = j.start().expect("a change to write");
+            j.finish(e, true);
+        };
+        j.set(3, CELL_ACTIVE);
+        commit(&mut j);
+        j.set(3, CELL_RESYNC);
+        assert!(j.has_dirty(), "0x6 over 0x5 is written");
+        commit(&mut j);
+        j.set(3, CELL_STALE);
+        assert!(j.has_dirty(), "0xf over 0x6 is written");
+        commit(&mut j);
+        j.set(3, CELL_RESYNC);
+        commit(&mut j);
+        j.set(3, CELL_INCONSISTENT);
+        assert!(j.has_dirty(), "0x7 over 0x6 is written");
+        commit(&mut j);
+        // In-flight stages and hot all load as 0x7: nothing to write.
+        j.set(3, CELL_WRITING);
+        j.set(3, CELL_ACTIVE);
+        assert!(!j.has_dirty());
+    }
+
+    #[test]
+    fn generations_are_durable_once_a_commit_wrote_the_superblock() {
+        let mut j = Journal::new(StateMap::new(1000 * REGION_SIZE_BYTES), Generations::none());
+        let mut g = Generations::none();
+        g.go_alone(9);
+        j.set_generations(g);
+        assert_eq!(j.needed_generations(), 1);
+        let e = j.start().unwrap();
+        assert_eq!(j.flushing_generations(), Some(g));
+        assert_eq!(j.durable_generations(), Generations::none());
+        j.finish(e, true);
+        assert_eq!(j.durable_generations(), g);
+        assert_eq!(j.needed_generations(), e);
+        // A failed commit writes them again next time.
+        j.touch_superblock();
+        let e = j.start().unwrap();
+        j.finish(e, false);
+        assert!(j.has_dirty());
     }
 }

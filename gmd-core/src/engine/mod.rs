@@ -47,6 +47,7 @@ pub use journal::Epoch;
 pub use target::Seq;
 
 use crate::config::Mode;
+use crate::generations::{GenId, GenSource, Generations};
 use crate::statemap::cells::{
     CELL_ACTIVE, CELL_CONSISTENT, CELL_INCONSISTENT, CELL_LOCAL_DONE, CELL_QUEUED,
     CELL_REMOTE_DONE, CELL_RESYNC, CELL_STALE, CELL_WRITING, CellValue, StateMap,
@@ -129,8 +130,10 @@ pub enum EngineError {
         /// Largest accepted.
         max_bytes: u64,
     },
-    /// The device refuses writes here.
-    #[error("device is read-only on this machine")]
+    /// The device refuses writes here: this copy is secondary.
+    #[error(
+        "this copy is secondary and refuses writes; write on the primary, or promote this side with 'gmdctl primary'"
+    )]
     ReadOnly,
     /// The async secondary serves no application I/O.
     #[error("this machine is the async secondary of the device; applications use the primary")]
@@ -153,6 +156,9 @@ pub enum EngineError {
     /// The device is stopping.
     #[error("device is stopping")]
     Stopping,
+    /// Resync data for a region this side holds stale (it wrote it alone).
+    #[error("this side holds the region stale; the link is set up again")]
+    StaleHere,
 }
 
 impl EngineError {
@@ -166,6 +172,7 @@ impl EngineError {
             EngineError::Io(errno) | EngineError::Remote(errno) => *errno,
             EngineError::PeerLost => libc::ENOTCONN,
             EngineError::Stopping => libc::ESHUTDOWN,
+            EngineError::StaleHere => libc::EBUSY,
         }
     }
 }
@@ -242,6 +249,18 @@ pub enum Action {
         /// The region.
         region: u64,
     },
+    /// Tell the peer, source of this side's resync, that this side now
+    /// durably holds generation `current` (with every region it still
+    /// lacks marked): the source then stops counting its marks from an
+    /// older one. Sent in stream order, never answered.
+    SendAdopted {
+        /// The generation taken.
+        current: GenId,
+    },
+    /// Make every completed write to the local data volume durable (fsync);
+    /// report with [`Engine::data_synced`]. Marks are cleared on disk only
+    /// after the data they cover is durable on both sides.
+    SyncData,
     /// The resync this side took part in is finished.
     ResyncDone,
     /// The link must be set up again: this side wrote alone after the
@@ -265,6 +284,32 @@ pub enum ResyncRole {
     Source(Vec<u8>),
     /// Receive these regions.
     Target(Vec<u8>),
+}
+
+/// What the engine is told when a link session starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connection {
+    /// Its part in the resync.
+    pub role: ResyncRole,
+    /// The peer's current generation; for a target, the source's, which it
+    /// takes (durably, with its marks) before it applies anything.
+    pub peer_current: GenId,
+    /// How many cells of this side were stale when the handshake read its
+    /// map: more now means it wrote alone since, and a target then asks to
+    /// renegotiate rather than have those writes overwritten.
+    pub stale_at_handshake: u64,
+}
+
+impl From<ResyncRole> for Connection {
+    /// A connection to a peer holding no known data, after a handshake
+    /// that found no stale cell here (tests and tools).
+    fn from(role: ResyncRole) -> Self {
+        Connection {
+            role,
+            peer_current: crate::generations::GEN_NONE,
+            stale_at_handshake: 0,
+        }
+    }
 }
 
 /// Fixed parameters of an engine.
@@ -375,6 +420,14 @@ pub struct EngineStats {
     pub connected: u64,
     /// Times a connected peer was dropped for answering nothing.
     pub peer_stalls: u64,
+    /// Resync reads that failed (each region is retried after a back-off).
+    pub resync_read_errors: u64,
+    /// Regions whose resync read failed and that wait for their retry.
+    pub resync_failed_regions: u64,
+    /// Barriers completed before clearing marks (data durable on both sides).
+    pub barriers: u64,
+    /// Resync data from the peer refused because this side holds the region stale.
+    pub resync_refused: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -463,10 +516,23 @@ enum RemoteKind {
         bytes: u64,
     },
     Flush,
+    /// The remote half of a barrier before marks are cleared.
+    Barrier,
     Resync {
         region: u64,
         bytes: u64,
     },
+}
+
+/// A barrier in flight: the local data volume is being synced and the peer
+/// flushes its own; once both are done, the marks of `regions` go.
+#[derive(Debug)]
+struct Barrier {
+    local_done: bool,
+    /// The peer's flush (`None`: no peer part: it flushed when it left).
+    remote: Option<Seq>,
+    session: u64,
+    regions: Vec<u64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -518,14 +584,44 @@ pub struct Engine {
     stale_peer_ops: usize,
     requested: Vec<u64>,
     stats: EngineStats,
+    /// Draws data generation ids.
+    gen_source: GenSource,
+    /// The next write without a peer starts a new generation (set at start
+    /// and whenever a link ends, cleared when it connects).
+    new_generation_due: bool,
+    /// Target: the generation taken at connect, to announce once durable.
+    adopted: Option<(GenId, Epoch)>,
+    /// Regions whose marks may go once a barrier covers them.
+    clear_waiting: Vec<u64>,
+    /// The barrier in flight, if any.
+    barrier: Option<Barrier>,
+    /// The next barrier needs no peer part (the peer flushed as it left).
+    peer_flushed: bool,
 }
 
 impl Engine {
-    /// An engine over `map` (as loaded from disk) with the given parameters.
+    /// An engine over `map` (as loaded from disk) with the given
+    /// parameters, holding no known data (tests and tools; devices use
+    /// [`Engine::with_generations`]).
     ///
     /// # Panics
     /// If the map describes another size than `params.size_bytes`.
     pub fn new(params: EngineParams, map: StateMap) -> Engine {
+        Engine::with_generations(params, map, Generations::none(), 1)
+    }
+
+    /// An engine over `map` and data generations `gens` (both as loaded
+    /// from disk); new generation ids are drawn from `gen_seed` (random in
+    /// production, fixed in simulations).
+    ///
+    /// # Panics
+    /// If the map describes another size than `params.size_bytes`.
+    pub fn with_generations(
+        params: EngineParams,
+        map: StateMap,
+        gens: Generations,
+        gen_seed: u64,
+    ) -> Engine {
         assert_eq!(map.size_bytes(), params.size_bytes, "map of another device");
         // In-flight stages loaded from disk are crash leftovers: only a resync
         // may clear them, so they must not look like hot regions.
@@ -542,7 +638,7 @@ impl Engine {
             * (params.io_len_max / REGION_SIZE_BYTES + 1) as usize;
         Engine {
             params,
-            journal: Journal::new(map),
+            journal: Journal::new(map, gens),
             slots: vec![SlotInfo::FREE; total],
             free_app: (0..app).rev().collect(),
             free_peer: (app..peer).rev().collect(),
@@ -568,6 +664,12 @@ impl Engine {
             stale_peer_ops: 0,
             requested: Vec::with_capacity(REQUESTED_MAX),
             stats: EngineStats::default(),
+            gen_source: GenSource::new(gen_seed),
+            new_generation_due: true,
+            adopted: None,
+            clear_waiting: Vec::with_capacity(params.activity_regions),
+            barrier: None,
+            peer_flushed: false,
         }
     }
 
@@ -595,6 +697,7 @@ impl Engine {
         s.resync_remaining = self.resync.as_ref().map_or(0, |r| r.remaining());
         s.resync_total = self.resync.as_ref().map_or(s.resync_total, |r| r.total);
         s.resync_target_remaining = self.journal.resync_cells();
+        s.resync_failed_regions = self.resync.as_ref().map_or(0, |r| r.failed_count());
         s.activity_regions = self.activity.len() as u64;
         s.connected = u64::from(self.connected);
         s
@@ -612,6 +715,78 @@ impl Engine {
             && self.slots.iter().all(|s| s.owner == Owner::Free)
             && self.actions.is_empty()
             && self.remote.is_empty()
+            && self.barrier.is_none()
+            && self.clear_waiting.is_empty()
+    }
+
+    /// The data generations as they are now (changes not yet durable included).
+    pub fn generations(&self) -> Generations {
+        self.journal.gens
+    }
+
+    /// The data generations as the state map holds them durably: what the
+    /// handshake tells the peer (a crash returns to these).
+    pub fn durable_generations(&self) -> Generations {
+        self.journal.durable_generations()
+    }
+
+    /// The generations the map write in flight must put in the superblock,
+    /// if it writes the superblock (valid after [`Action::PersistMap`]).
+    pub fn flushing_generations(&self) -> Option<Generations> {
+        self.journal.flushing_generations()
+    }
+
+    /// The driver changed what it records in the superblock: the next map
+    /// write writes it; returns the epoch to wait for.
+    pub fn touch_superblock(&mut self) -> Epoch {
+        self.journal.touch_superblock();
+        self.start_commit();
+        self.journal.needed_all()
+    }
+
+    /// Sets what applications may do here: write (primary, or split for a
+    /// drill) and read (not an async secondary). Requests already taken
+    /// are not affected.
+    pub fn set_access(&mut self, writable: bool, readable: bool) {
+        self.params.writable = writable;
+        self.params.readable = readable;
+    }
+
+    /// Makes this copy the newest as it is (`gmdctl primary --force`): a
+    /// new generation, and regions it had not received become stale, to be
+    /// sent from here. Returns the epoch after which this is durable.
+    pub fn force_new_generation(&mut self) -> Epoch {
+        let mut gens = self.journal.gens;
+        gens.go_alone(self.gen_source.draw());
+        self.journal.set_generations(gens);
+        self.new_generation_due = false;
+        for region in 0..self.journal.map.region_count() {
+            if self.journal.map.get(region) == CELL_RESYNC {
+                self.journal.set(region, CELL_STALE);
+            }
+        }
+        self.start_commit();
+        self.journal.needed_all()
+    }
+
+    /// Drops this side's own changes (a drill's writes, or the side that is
+    /// not the master of a unify): its generation goes back to the one its
+    /// marks count from, and its stale marks become inconsistent, so that
+    /// the peer's data overwrites those regions at the next connection.
+    /// Not while connected. Returns the epoch after which this is durable.
+    pub fn discard_own_changes(&mut self) -> Epoch {
+        assert!(!self.connected, "discarding while connected");
+        let mut gens = self.journal.gens;
+        gens.discard_own_changes();
+        self.journal.set_generations(gens);
+        self.new_generation_due = true;
+        for region in 0..self.journal.map.region_count() {
+            if self.journal.map.get(region) == CELL_STALE {
+                self.journal.set(region, CELL_INCONSISTENT);
+            }
+        }
+        self.start_commit();
+        self.journal.needed_all()
     }
 
     /// Whether an application read could skip the engine and go straight
@@ -664,6 +839,13 @@ impl Engine {
     /// the peer has acknowledged (see [`StateMap::resync_bits`]).
     pub fn dirty_bits(&self) -> Vec<u8> {
         self.journal.map.resync_bits(true)
+    }
+
+    /// The hot regions (every write acknowledged by the peer of this
+    /// engine's sessions), one bit per region: identical on that peer
+    /// unless its device restarted since.
+    pub fn hot_bits(&self) -> Vec<u8> {
+        self.journal.map.hot_bits()
     }
 
     // ----- application requests -------------------------------------------
@@ -781,6 +963,15 @@ impl Engine {
             self.park(slot, Wait::ResyncRead);
             return;
         }
+        // Writing without the peer: a new generation first, durable before
+        // the write lands, so that a peer promoted meanwhile and this side
+        // are told apart (divergence) rather than one silently overwritten.
+        if !self.connected && self.new_generation_due {
+            self.new_generation_due = false;
+            let mut gens = self.journal.gens;
+            gens.go_alone(self.gen_source.draw());
+            self.journal.set_generations(gens);
+        }
         // Write intent (connected) or stale mark (standalone).
         for region in regions.clone() {
             self.activity.begin(region, self.now_ms);
@@ -797,7 +988,10 @@ impl Engine {
         if self.activity.over_capacity() {
             self.evict_idle();
         }
-        let need = self.journal.needed(regions);
+        let mut need = self.journal.needed(regions);
+        if !self.connected {
+            need = need.max(self.journal.needed_generations());
+        }
         if need > self.journal.durable() {
             self.stats.writes_waited_for_map += 1;
             self.park(slot, Wait::Epoch(need));
@@ -958,6 +1152,7 @@ impl Engine {
         if local.is_err() && info.request.kind.changes_data() {
             // The local copy may be wrong where the peer's is right: keep the
             // regions marked as inconsistent, out of reach of lazy cleaning.
+            self.keep_marked(regions.clone());
             for region in regions.clone() {
                 if self.journal.map.get(region) != CELL_STALE {
                     self.journal.set(region, CELL_INCONSISTENT);
@@ -1156,6 +1351,7 @@ impl Engine {
                 }
             }
             (RemoteKind::Flush, None) => {}
+            (RemoteKind::Barrier, _) => self.barrier_remote_done(seq, result.is_ok()),
             (RemoteKind::Resync { region, bytes }, _) => {
                 self.resync_confirmed(region, bytes, result)
             }
@@ -1216,6 +1412,7 @@ impl Engine {
         }
         self.resume_waiting();
         self.issue_peer_ops();
+        self.announce_adoption();
         self.start_commit();
     }
 
@@ -1257,15 +1454,23 @@ impl Engine {
 
     // ----- the link -------------------------------------------------------
 
-    /// A peer is connected: mirroring starts, with `role` in resync.
+    /// A peer is connected: mirroring starts, with `connection.role` in
+    /// resync (a bare [`ResyncRole`] converts: a peer holding no known data).
     ///
     /// # Panics
     /// If a peer is already connected, or the bitmap is too short.
-    pub fn connect(&mut self, role: ResyncRole) {
+    pub fn connect(&mut self, connection: impl Into<Connection>) {
+        let Connection {
+            role,
+            peer_current,
+            stale_at_handshake,
+        } = connection.into();
         assert!(!self.connected, "already connected");
         self.connected = true;
         self.session += 1;
         self.stall_reported = false;
+        self.new_generation_due = false;
+        self.peer_flushed = false;
         self.remote_progress_ms = self.now_ms;
         // Sequence numbers keep growing across sessions, so that a late
         // answer from an earlier session can never match a new message.
@@ -1290,8 +1495,15 @@ impl Engine {
         }
         match role {
             ResyncRole::None => {
-                if self.wrote_alone() {
+                if self.wrote_alone(stale_at_handshake) {
                     self.actions.push_back(Action::Renegotiate);
+                }
+                // Same data on both sides: marks no longer count from an
+                // older generation.
+                let mut gens = self.journal.gens;
+                if gens.current == peer_current && gens.bitmap != 0 {
+                    gens.bitmap = 0;
+                    self.journal.set_generations(gens);
                 }
             }
             ResyncRole::Source(bits) => {
@@ -1329,12 +1541,12 @@ impl Engine {
             }
             ResyncRole::Target(bits) => {
                 let set = bits_of(&bits);
-                // A target had no stale cell at the handshake (it would have
-                // been the source, or the copies diverged): one now was
-                // written alone since, and its data must not be overwritten
-                // by the source's. Set the link up again instead; the marks
-                // stay as they are.
-                if self.wrote_alone() {
+                // The target's stale regions at the handshake are in the set
+                // and discarded by the plan (the source's data overwrites
+                // them). One more now was written alone since, and its data
+                // must not be overwritten by the source's. Set the link up
+                // again instead; the marks stay.
+                if self.wrote_alone(stale_at_handshake) {
                     self.actions.push_back(Action::Renegotiate);
                     self.start_commit();
                     return;
@@ -1349,26 +1561,71 @@ impl Engine {
                     next = set.next_from(r + 1);
                 }
                 self.stats.resync_target_total = count;
+                // This copy takes the source's generation now, durably with
+                // the marks of every region it still lacks: an interrupted
+                // resync then resumes from those marks.
+                let mut gens = self.journal.gens;
+                gens.adopt(peer_current);
+                self.journal.set_generations(gens);
                 // Received data is applied only once the marks are durable.
                 self.target_marks_epoch = self.journal.needed_all();
+                self.adopted = Some((peer_current, self.target_marks_epoch));
                 if count == 0 {
                     self.actions.push_back(Action::ResyncDone);
                 }
             }
         }
+        // Hot regions left from earlier sessions that this one did not
+        // resend are identical on the peer: their marks may go (behind a
+        // barrier, like every clear).
+        for run in self.journal.map.dirty_region_runs() {
+            for r in run {
+                if self.journal.map.get(r) == CELL_ACTIVE && !self.activity.contains(r) {
+                    self.clear_waiting.push(r);
+                }
+            }
+        }
         self.start_commit();
+        self.announce_adoption();
         self.pump_resync();
+        self.pump_barrier();
     }
 
-    /// Whether any region is stale. On a side that is not the resync source
-    /// that means it wrote alone after the handshake read its map: only a
-    /// new handshake can decide who keeps what.
-    fn wrote_alone(&self) -> bool {
-        self.journal
+    /// Whether more regions are stale than the handshake found. On a side
+    /// that is not the resync source that means it wrote alone after the
+    /// handshake read its map: only a new handshake can decide who keeps what.
+    fn wrote_alone(&self, stale_at_handshake: u64) -> bool {
+        let stale = self
+            .journal
             .map
             .dirty_region_runs()
             .flatten()
-            .any(|r| self.journal.map.get(r) == CELL_STALE)
+            .filter(|&r| self.journal.map.get(r) == CELL_STALE)
+            .count() as u64;
+        stale > stale_at_handshake
+    }
+
+    /// Target: tells the source which generation this side now durably
+    /// holds, once the commit that wrote it (with the marks) is durable.
+    fn announce_adoption(&mut self) {
+        if let Some((current, epoch)) = self.adopted {
+            if self.connected && self.journal.durable() >= epoch && !self.journal.failed {
+                self.adopted = None;
+                self.actions.push_back(Action::SendAdopted { current });
+            }
+        }
+    }
+
+    /// The peer, target of this side's resync, durably holds generation
+    /// `current` ([`Action::SendAdopted`]): if that is this side's, the
+    /// marks no longer count from an older generation.
+    pub fn peer_adopted(&mut self, current: GenId) {
+        let mut gens = self.journal.gens;
+        if self.connected && gens.current == current && gens.bitmap != 0 {
+            gens.bitmap = 0;
+            self.journal.set_generations(gens);
+            self.start_commit();
+        }
     }
 
     /// The link to the peer ended: every write it did not acknowledge leaves
@@ -1378,6 +1635,12 @@ impl Engine {
             return;
         }
         self.connected = false;
+        self.new_generation_due = true;
+        self.adopted = None;
+        // Marks waiting for a barrier stay: without the peer's flush the
+        // data they cover is not known durable there.
+        self.barrier = None;
+        self.clear_waiting.clear();
         let entries: Vec<RemoteEntry> = self.remote.drain(..).collect();
         for entry in entries {
             if entry.done {
@@ -1456,6 +1719,154 @@ impl Engine {
         self.start_commit();
     }
 
+    /// The peer stopped its device cleanly: as [`Engine::peer_lost`], and
+    /// since it flushed its volume after applying everything it
+    /// acknowledged, the hot regions' marks may go once the local volume is
+    /// synced too (a barrier without a peer part): a clean stop leaves both
+    /// maps clean.
+    pub fn peer_left(&mut self) {
+        if !self.connected {
+            return;
+        }
+        self.peer_lost();
+        self.peer_flushed = true;
+        for run in self.journal.map.dirty_region_runs() {
+            for r in run {
+                if self.journal.map.get(r) == CELL_ACTIVE && self.activity.in_flight(r) == 0 {
+                    self.clear_waiting.push(r);
+                }
+            }
+        }
+        self.pump_barrier();
+    }
+
+    /// The device is about to stop: every idle hot region leaves the
+    /// activity set and its mark goes behind a barrier (connected: both
+    /// volumes flushed), so that a clean stop of a connected pair leaves
+    /// both maps clean. Drive the engine until [`Engine::is_idle`].
+    pub fn prepare_stop(&mut self) {
+        self.evicted.clear();
+        self.activity.clear_idle(&mut self.evicted);
+        if self.connected || self.peer_flushed {
+            for i in 0..self.evicted.len() {
+                let region = self.evicted[i];
+                if self.journal.map.get(region) == CELL_ACTIVE {
+                    self.clear_waiting.push(region);
+                }
+            }
+        }
+        self.pump_barrier();
+    }
+
+    // ----- barriers: marks go once the data is durable on both sides -------
+
+    /// Starts a barrier for the regions waiting to be cleared, unless one
+    /// is in flight: the local volume is synced and the peer flushes its own
+    /// (a flush in the mirror stream, after everything it covers).
+    fn pump_barrier(&mut self) {
+        if self.barrier.is_some() || self.clear_waiting.is_empty() || self.journal.failed {
+            return;
+        }
+        let remote = if self.connected {
+            let seq = self.push_remote(None, RemoteKind::Barrier);
+            self.actions.push_back(Action::SendFlush { seq });
+            Some(seq)
+        } else if self.peer_flushed {
+            None
+        } else {
+            return;
+        };
+        let regions = std::mem::take(&mut self.clear_waiting);
+        self.barrier = Some(Barrier {
+            local_done: false,
+            remote,
+            session: self.session,
+            regions,
+        });
+        self.actions.push_back(Action::SyncData);
+    }
+
+    /// Reports the end of [`Action::SyncData`].
+    pub fn data_synced(&mut self, result: Result<(), i32>) {
+        let Some(barrier) = self.barrier.as_mut() else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                barrier.local_done = true;
+                self.finish_barrier();
+            }
+            Err(errno) => {
+                // Nothing is known durable: the marks stay, tried again later.
+                tracing::error!(errno, "data volume sync failed; marks are kept");
+                let barrier = self.barrier.take().expect("checked");
+                self.clear_waiting.extend(barrier.regions);
+            }
+        }
+    }
+
+    /// The peer's part of the barrier (`seq`) is done.
+    fn barrier_remote_done(&mut self, seq: Seq, ok: bool) {
+        let Some(barrier) = self.barrier.as_mut() else {
+            return;
+        };
+        if barrier.remote != Some(seq) || barrier.session != self.session {
+            return;
+        }
+        if !ok {
+            let barrier = self.barrier.take().expect("checked");
+            self.clear_waiting.extend(barrier.regions);
+            return;
+        }
+        barrier.remote = None;
+        self.finish_barrier();
+    }
+
+    /// Clears the marks a completed barrier covers, where nothing newer
+    /// marked them meanwhile.
+    fn finish_barrier(&mut self) {
+        let done = self
+            .barrier
+            .as_ref()
+            .is_some_and(|b| b.local_done && b.remote.is_none());
+        if !done {
+            return;
+        }
+        let barrier = self.barrier.take().expect("checked");
+        self.stats.barriers += 1;
+        for &region in &barrier.regions {
+            let cell = self.journal.map.get(region);
+            let resyncing = self
+                .resync
+                .as_ref()
+                .is_some_and(|rs| rs.pending.get(region) || rs.busy.get(region));
+            if cell == CELL_STALE || cell == CELL_RESYNC || cell == CELL_CONSISTENT || resyncing {
+                continue;
+            }
+            let next = if self.activity.in_flight(region) > 0 {
+                CELL_WRITING
+            } else if self.activity.contains(region) {
+                CELL_ACTIVE
+            } else {
+                CELL_CONSISTENT
+            };
+            if cell != next {
+                self.journal.set(region, next);
+            }
+        }
+        self.start_commit();
+        self.pump_barrier();
+    }
+
+    /// Regions whose marks must stay (a local write failed there): taken
+    /// out of pending clears.
+    fn keep_marked(&mut self, regions: Range<u64>) {
+        self.clear_waiting.retain(|r| !regions.contains(r));
+        if let Some(b) = self.barrier.as_mut() {
+            b.regions.retain(|r| !regions.contains(r));
+        }
+    }
+
     /// The peer asks for `region` to be resynchronised next.
     pub fn prioritize(&mut self, region: u64) {
         if let Some(rs) = self.resync.as_mut() {
@@ -1476,6 +1887,10 @@ impl Engine {
             return;
         }
         if self.journal.map.get(region) == CELL_STALE {
+            // This side wrote the region alone: the source's data must not
+            // overwrite it. Only a new handshake can decide who keeps what.
+            self.stats.resync_refused += 1;
+            self.actions.push_back(Action::Renegotiate);
             return;
         }
         self.mark_not_received(region);
@@ -1490,8 +1905,13 @@ impl Engine {
     ///
     /// # Panics
     /// If no peer slot is free ([`Engine::peer_slot_available`]).
-    pub fn peer_op(&mut self, op: PeerOp) -> Slot {
+    pub fn peer_op(&mut self, mut op: PeerOp) -> Slot {
         let slot = self.free_peer.pop().expect("a peer slot is free");
+        // Resync data clears this side's mark once written: written with
+        // FUA, so that the mark never goes before the data is durable.
+        if op.resync_region.is_some() {
+            op.request.fua = true;
+        }
         self.slots[slot as usize] = SlotInfo {
             owner: Owner::Peer,
             request: op.request,
@@ -1517,6 +1937,18 @@ impl Engine {
         if let Some(e) = invalid {
             self.target.complete(op.seq);
             self.finish_peer(slot, Err(e));
+            self.issue_peer_ops();
+            return slot;
+        }
+        if op
+            .resync_region
+            .is_some_and(|r| self.journal.map.get(r) == CELL_STALE)
+        {
+            // Data for a region this side wrote alone: never applied over it.
+            self.stats.resync_refused += 1;
+            self.target.complete(op.seq);
+            self.finish_peer(slot, Err(EngineError::StaleHere));
+            self.actions.push_back(Action::Renegotiate);
             self.issue_peer_ops();
             return slot;
         }
@@ -1688,16 +2120,26 @@ impl Engine {
         }
         match (current, result) {
             (true, Ok(())) => {
+                self.resync.as_mut().expect("current").read_succeeded();
                 let seq = self.push_remote(None, RemoteKind::Resync { region, bytes: len });
                 self.stats.resync_bytes_sent += len;
                 self.actions
                     .push_back(Action::SendResync { slot, seq, region });
             }
             (true, Err(errno)) => {
-                // The local copy cannot be read: stop resyncing; the regions
-                // stay marked and the next resync tries again.
-                tracing::error!(region, errno, "resync read failed; resync stopped");
-                self.resync = None;
+                // The local copy cannot be read here now: the region stays
+                // marked and to be sent; it is read again after a back-off
+                // while the others go on. Reported, never silent.
+                self.stats.resync_read_errors += 1;
+                let rs = self.resync.as_mut().expect("current");
+                rs.in_flight_bytes -= len;
+                let backoff = rs.read_failed(region, self.now_ms);
+                tracing::error!(
+                    region,
+                    errno,
+                    "resync read failed; the region is read again in {} s",
+                    backoff / 1000
+                );
             }
             (false, _) => {}
         }
@@ -1722,16 +2164,18 @@ impl Engine {
             return;
         }
         rs.pending.clear(region);
+        // The target wrote the region durably (resync data is written with
+        // FUA); the mark goes once this side's copy is durable too, behind
+        // a barrier, unless something newer marked it meanwhile. A stale
+        // mark becomes a plain one meanwhile, so that a write the peer loses
+        // from now on marks it stale again (and sends it again).
         let cell = self.journal.map.get(region);
-        let next = if self.activity.in_flight(region) > 0 {
-            CELL_WRITING
-        } else if self.activity.contains(region) {
-            CELL_ACTIVE
-        } else {
-            CELL_CONSISTENT
-        };
-        if cell != next {
-            self.journal.set(region, next);
+        if cell == CELL_STALE {
+            self.journal.set(region, CELL_INCONSISTENT);
+        }
+        if cell != CELL_RESYNC && cell != CELL_CONSISTENT {
+            self.clear_waiting.push(region);
+            self.pump_barrier();
         }
     }
 
@@ -1744,7 +2188,11 @@ impl Engine {
         self.check_stall();
         self.evict_idle();
         self.start_commit();
+        if let Some(rs) = self.resync.as_mut() {
+            rs.retry_due(now_ms);
+        }
         self.pump_resync();
+        self.pump_barrier();
     }
 
     /// Reports a connected peer that has answered nothing for
@@ -1763,14 +2211,20 @@ impl Engine {
         }
     }
 
+    /// Idle regions leave the activity set; their marks go once a barrier
+    /// covers them (their data durable on both sides). Without a peer they
+    /// stay hot: whether the peer holds them durably is not known.
     fn evict_idle(&mut self) {
         self.evicted.clear();
         self.activity
             .evict(self.now_ms, self.params.activity_idle_ms, &mut self.evicted);
+        if !self.connected && !self.peer_flushed {
+            return;
+        }
         for i in 0..self.evicted.len() {
             let region = self.evicted[i];
             if self.journal.map.get(region) == CELL_ACTIVE {
-                self.journal.set(region, CELL_CONSISTENT);
+                self.clear_waiting.push(region);
             }
         }
     }

@@ -85,6 +85,11 @@ pub(super) struct ResyncSource {
     /// Busy regions whose local copy changed outside the mirror stream after
     /// their data was read (a write failed here): sent again once confirmed.
     pub(super) resend: RegionBits,
+    /// Regions whose read failed: tried again from `retry_at_ms` on.
+    failed: RegionBits,
+    retry_at_ms: u64,
+    /// Consecutive rounds of failed reads (sets the back-off).
+    failed_rounds: u32,
     cursor: u64,
     priority: VecDeque<u64>,
     /// Resync data bytes read or on the wire.
@@ -100,6 +105,9 @@ impl ResyncSource {
             total: pending.count(),
             busy: RegionBits::new(regions),
             resend: RegionBits::new(regions),
+            failed: RegionBits::new(regions),
+            retry_at_ms: 0,
+            failed_rounds: 0,
             pending,
             cursor: 0,
             priority: VecDeque::with_capacity(PRIORITY_MAX),
@@ -117,9 +125,45 @@ impl ResyncSource {
         }
     }
 
+    /// The read of `region` failed at `now_ms`: it stays to be sent and is
+    /// tried again after a back-off (1 s doubling to 1 min), other regions
+    /// going on meanwhile. Returns the back-off.
+    pub(super) fn read_failed(&mut self, region: u64, now_ms: u64) -> u64 {
+        self.busy.clear(region);
+        self.failed.set(region);
+        let backoff = (1000u64 << self.failed_rounds.min(6)).min(60_000);
+        if self.retry_at_ms <= now_ms {
+            self.failed_rounds = self.failed_rounds.saturating_add(1);
+            self.retry_at_ms = now_ms + backoff;
+        }
+        backoff
+    }
+
+    /// Regions whose read failed and that wait for their retry.
+    pub(super) fn failed_count(&self) -> u64 {
+        self.failed.count()
+    }
+
+    /// Lets failed regions be read again once their back-off passed.
+    pub(super) fn retry_due(&mut self, now_ms: u64) {
+        if self.failed.count() > 0 && now_ms >= self.retry_at_ms {
+            self.failed = RegionBits::new(self.pending.words.len() as u64 * 64);
+        }
+    }
+
+    /// A read succeeded: the back-off starts over.
+    pub(super) fn read_succeeded(&mut self) {
+        if self.failed.count() == 0 {
+            self.failed_rounds = 0;
+        }
+    }
+
     /// The next region to read, skipping those `skip` rejects (busy with
-    /// application writes); scans at most once around.
+    /// application writes) and those waiting to retry a failed read; scans
+    /// at most once around.
     pub(super) fn next(&mut self, skip: impl Fn(u64) -> bool) -> Option<u64> {
+        let failed = &self.failed;
+        let skip = |r: u64| failed.get(r) || skip(r);
         while let Some(region) = self.priority.pop_front() {
             if self.pending.get(region) && !self.busy.get(region) && !skip(region) {
                 return Some(region);

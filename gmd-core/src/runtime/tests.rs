@@ -75,6 +75,8 @@ fn device_with(params: EngineParams) -> Device {
         uuid: Uuid::from_u128(3),
         map: StateMap::new(SIZE),
         page_slots: map.page_slots().clone(),
+        superblock: map.superblock_state(),
+        gen_seed: 1,
         params,
         pool: BufPool::new(),
         link: None,
@@ -151,7 +153,8 @@ fn writes_read_back_and_leave_their_regions_durably_stale() {
     assert_eq!(stats.write_bytes, 64 * 65536);
     assert!(stats.engine.map_commits >= 1);
     assert_eq!(stats.in_flight, 0);
-    let (map, slots) = dev.runtime.take().unwrap().stop().unwrap();
+    let stopped = dev.runtime.take().unwrap().stop().unwrap();
+    let (map, slots) = (stopped.map, stopped.page_slots);
     // The map on disk, read back cold, holds exactly the written regions.
     let (file, on_disk) = MapFile::open(&dev.map_path, Some(SIZE)).unwrap();
     assert_eq!(on_disk, map);
@@ -490,6 +493,8 @@ mod mirroring {
             uuid: Uuid::from_u128(3),
             map: StateMap::new(SIZE),
             page_slots: file.page_slots().clone(),
+            superblock: file.superblock_state(),
+            gen_seed: 1,
             params: EngineParams {
                 block_size: 4096,
                 slots_max: 64,
@@ -556,11 +561,11 @@ mod mirroring {
     fn connect(a: &Runtime, b: &Runtime, session: u64, bits: Vec<u8>) {
         b.link_event(LinkEvent::Connected {
             session,
-            role: ResyncRole::Target(bits.clone()),
+            connection: ResyncRole::Target(bits.clone()).into(),
         });
         a.link_event(LinkEvent::Connected {
             session,
-            role: ResyncRole::Source(bits),
+            connection: ResyncRole::Source(bits).into(),
         });
         let deadline = Instant::now() + Duration::from_secs(20);
         while a.stats().snapshot().engine.connected == 0
@@ -627,7 +632,7 @@ mod mirroring {
         let permit = direct_read_permit(&reader, offset, 4096);
         b.link_event(LinkEvent::Connected {
             session: 9,
-            role: ResyncRole::Target(bits.clone()),
+            connection: ResyncRole::Target(bits.clone()).into(),
         });
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(
@@ -665,7 +670,7 @@ mod mirroring {
         );
         a.link_event(LinkEvent::Connected {
             session: 9,
-            role: ResyncRole::Source(bits),
+            connection: ResyncRole::Source(bits).into(),
         });
         let permit = direct_read_permit(&reader, offset, 4096);
         assert_eq!(wire_b.resyncs_done.load(Ordering::SeqCst), 1);
@@ -792,11 +797,13 @@ mod mirroring {
         let recorder = Arc::new(Recorder::default());
         let shared = Arc::new(
             Shared::new(
-                EngineParams {
-                    block_size: 4096,
-                    ..EngineParams::new(SIZE, crate::config::Mode::Async)
-                },
-                StateMap::new(SIZE),
+                crate::engine::Engine::new(
+                    EngineParams {
+                        block_size: 4096,
+                        ..EngineParams::new(SIZE, crate::config::Mode::Async)
+                    },
+                    StateMap::new(SIZE),
+                ),
                 Some(recorder.clone()),
                 crate::volume::open_rw(&path, true).unwrap(),
             )

@@ -244,6 +244,19 @@ impl StateMap {
         out
     }
 
+    /// One bit per region whose cell is hot ([`CELL_ACTIVE`]).
+    pub fn hot_bits(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.region_count.div_ceil(8) as usize];
+        for run in self.dirty_region_runs() {
+            for r in run {
+                if self.get(r) == CELL_ACTIVE {
+                    out[(r / 8) as usize] |= 1 << (r % 8);
+                }
+            }
+        }
+        out
+    }
+
     /// Maximal runs of consecutive non-zero regions, in ascending order.
     pub fn dirty_region_runs(&self) -> DirtyRuns<'_> {
         DirtyRuns { map: self, next: 0 }

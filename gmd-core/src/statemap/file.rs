@@ -16,6 +16,7 @@ use super::cells::StateMap;
 use super::format::{
     self, AdminState, BLOCK_SIZE, BlockError, Layout, PAGE_CELL_BYTES, Superblock,
 };
+use crate::generations::Generations;
 use crate::units::{CELL_BITS, REGION_SIZE_BYTES, region_count};
 use crate::volume;
 
@@ -196,17 +197,33 @@ fn open_unlocked(path: &Path, create: bool) -> Result<File, MapError> {
 }
 
 impl MapFile {
-    /// Writes a fresh, clean map for a device of `device_size_bytes` with identity `uuid`.
+    /// Writes a fresh, clean map for a device of `device_size_bytes` with
+    /// identity `uuid`, holding no known data ([`Generations::none`]).
+    ///
+    /// # Errors
+    /// As [`MapFile::create_with`].
+    pub fn create(
+        path: &Path,
+        uuid: Uuid,
+        device_size_bytes: u64,
+        force: bool,
+    ) -> Result<MapFile, MapError> {
+        Self::create_with(path, uuid, device_size_bytes, Generations::none(), force)
+    }
+
+    /// Writes a fresh, clean map for a device of `device_size_bytes` with
+    /// identity `uuid` and data generations `generations`.
     ///
     /// A regular file is created or extended as needed; a block device must be
     /// large enough. A valid map already in place is only replaced when `force`.
     ///
     /// # Errors
     /// [`MapError::Exists`] without `force`; I/O errors; a block device too small.
-    pub fn create(
+    pub fn create_with(
         path: &Path,
         uuid: Uuid,
         device_size_bytes: u64,
+        generations: Generations,
         force: bool,
     ) -> Result<MapFile, MapError> {
         if !force {
@@ -243,6 +260,8 @@ impl MapFile {
             generation: 1,
             admin_state: AdminState::Defined,
             peers_down: Vec::new(),
+            generations,
+            role: crate::link::PairRole::Secondary,
         };
         let mut map = MapFile {
             path: path.to_owned(),
@@ -465,6 +484,26 @@ impl MapFile {
     pub fn set_page_slots(&mut self, slots: PageSlots) {
         assert_eq!(slots.page_count(), self.layout.page_count);
         self.pages = slots;
+    }
+
+    /// The superblock with the copy that holds it and its sequence number,
+    /// for the running device, which writes it from then on.
+    pub fn superblock_state(&self) -> (Superblock, u8, u64) {
+        (self.superblock.clone(), self.super_slot, self.super_seq)
+    }
+
+    /// Records what the running device wrote for it (the peers down), so
+    /// that readers of this copy see it while the device runs.
+    pub fn note_peers_down(&mut self, peers_down: Vec<String>) {
+        self.superblock.peers_down = peers_down;
+    }
+
+    /// Takes back the superblock after the running device stopped.
+    pub fn set_superblock_state(&mut self, (superblock, slot, seq): (Superblock, u8, u64)) {
+        assert_eq!(superblock.uuid, self.superblock.uuid);
+        self.superblock = superblock;
+        self.super_slot = slot;
+        self.super_seq = seq;
     }
 
     /// Changes the superblock with `change` and writes it durably (generation + 1).

@@ -1,4 +1,4 @@
-//! On-disk format of a state map (format version 1).
+//! On-disk format of a state map (format version 2).
 //!
 //! ```text
 //! offset 0      superblock, copy A   (4 KiB)
@@ -16,8 +16,18 @@
 //!
 //! Each page holds 4032 bytes of packed cells (8064 regions, 252 MiB of
 //! device); a 1 TiB device needs 4162 pages, 33 MiB on disk.
+//!
+//! Version 2 adds to the superblock the data generations
+//! ([`crate::generations`]) and the role the device ran in (so that a
+//! device restored after a crash knows it was primary). Version 1 maps are
+//! read as holding their device's legacy generation (both sides of an
+//! upgraded pair agree) and are written as version 2 from then on; pages
+//! did not change.
 
 use uuid::Uuid;
+
+use crate::generations::Generations;
+use crate::link::PairRole;
 
 /// Size of every block of the format.
 pub const BLOCK_SIZE: usize = 4096;
@@ -28,7 +38,9 @@ pub const PAGE_CELL_BYTES: usize = BLOCK_SIZE - PAGE_HEADER_SIZE;
 /// Regions described by one page.
 pub const REGIONS_PER_PAGE: u64 = (PAGE_CELL_BYTES * 2) as u64;
 /// Current format version.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
+/// The oldest format version still read.
+pub const FORMAT_VERSION_MIN: u16 = 1;
 /// Most remote peers a device may have recorded as down.
 pub const PEERS_DOWN_MAX: usize = 7;
 /// Longest machine name that fits a down record.
@@ -40,7 +52,11 @@ const CRC_OFFSET: usize = BLOCK_SIZE - 4;
 const PAGE_CRC_OFFSET: usize = 60;
 
 const _: () = assert!(PAGE_CELL_BYTES % 2 == 0);
-const _: () = assert!(88 + 1 + PEERS_DOWN_MAX * (PEER_NAME_MAX + 1) < CRC_OFFSET);
+/// Where the version 2 fields start in the superblock.
+const GENERATIONS_OFFSET: usize = 1024;
+
+const _: () = assert!(88 + 1 + PEERS_DOWN_MAX * (PEER_NAME_MAX + 1) < GENERATIONS_OFFSET);
+const _: () = assert!(GENERATIONS_OFFSET + 48 < CRC_OFFSET);
 
 /// Where each block of a map of `page_count` pages lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +162,11 @@ pub struct Superblock {
     pub admin_state: AdminState,
     /// Remote peers recorded as down with `gmdctl down`.
     pub peers_down: Vec<String>,
+    /// Which data this volume holds (format 2).
+    pub generations: Generations,
+    /// The role the device ran in when this was written (format 2): a
+    /// device restored after a crash comes back in it where that is safe.
+    pub role: PairRole,
 }
 
 /// Why a block could not be decoded.
@@ -221,6 +242,18 @@ pub fn encode_superblock(sb: &Superblock, seq: u64, block: &mut [u8]) {
         block[at] = name.len() as u8;
         block[at + 1..at + 1 + name.len()].copy_from_slice(name.as_bytes());
     }
+    let g = &sb.generations;
+    let at = GENERATIONS_OFFSET;
+    block[at..at + 8].copy_from_slice(&g.current.to_le_bytes());
+    block[at + 8..at + 16].copy_from_slice(&g.bitmap.to_le_bytes());
+    for (i, h) in g.history.iter().enumerate() {
+        block[at + 16 + 8 * i..at + 24 + 8 * i].copy_from_slice(&h.to_le_bytes());
+    }
+    block[at + 40] = match sb.role {
+        PairRole::Secondary => 0,
+        PairRole::Primary => 1,
+        PairRole::Split => 2,
+    };
     let crc = crc_with_zeroed(block, CRC_OFFSET);
     block[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
 }
@@ -237,7 +270,7 @@ pub fn decode_superblock(block: &[u8]) -> Result<(Superblock, u64), BlockError> 
         return Err(BlockError::BadChecksum);
     }
     let version = read_u16(block, 8);
-    if version != FORMAT_VERSION {
+    if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
         return Err(BlockError::Version(version));
     }
     let admin_state = AdminState::from_byte(block[80]).ok_or(BlockError::Invalid("admin state"))?;
@@ -256,8 +289,30 @@ pub fn decode_superblock(block: &[u8]) -> Result<(Superblock, u64), BlockError> 
             .map_err(|_| BlockError::Invalid("peer name"))?;
         peers_down.push(name.to_owned());
     }
+    let uuid = Uuid::from_slice(&block[16..32]).expect("16 bytes");
+    let (generations, role) = if version == 1 {
+        (Generations::legacy(&uuid), PairRole::Secondary)
+    } else {
+        let at = GENERATIONS_OFFSET;
+        let generations = Generations {
+            current: read_u64(block, at),
+            bitmap: read_u64(block, at + 8),
+            history: [
+                read_u64(block, at + 16),
+                read_u64(block, at + 24),
+                read_u64(block, at + 32),
+            ],
+        };
+        let role = match block[at + 40] {
+            0 => PairRole::Secondary,
+            1 => PairRole::Primary,
+            2 => PairRole::Split,
+            _ => return Err(BlockError::Invalid("role")),
+        };
+        (generations, role)
+    };
     let sb = Superblock {
-        uuid: Uuid::from_slice(&block[16..32]).expect("16 bytes"),
+        uuid,
         device_size_bytes: read_u64(block, 32),
         region_size_bytes: read_u64(block, 40),
         cell_bits: block[10],
@@ -266,6 +321,8 @@ pub fn decode_superblock(block: &[u8]) -> Result<(Superblock, u64), BlockError> 
         generation: read_u64(block, 64),
         admin_state,
         peers_down,
+        generations,
+        role,
     };
     if sb.cell_bits != crate::units::CELL_BITS
         || sb.region_size_bytes != crate::units::REGION_SIZE_BYTES
@@ -330,7 +387,7 @@ pub fn decode_page_any(block: &[u8]) -> Result<(Uuid, u32, u64, &[u8]), BlockErr
         return Err(BlockError::BadChecksum);
     }
     let version = read_u16(block, 8);
-    if version != FORMAT_VERSION {
+    if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
         return Err(BlockError::Version(version));
     }
     Ok((
@@ -358,6 +415,12 @@ mod tests {
             generation: 7,
             admin_state: AdminState::Available,
             peers_down: vec!["beta".into(), "delta".into()],
+            generations: Generations {
+                current: 0x1111,
+                bitmap: 0x2222,
+                history: [3, 4, 5],
+            },
+            role: PairRole::Primary,
         }
     }
 
@@ -366,6 +429,40 @@ mod tests {
         let mut block = vec![0; BLOCK_SIZE];
         encode_superblock(&sb(), 42, &mut block);
         assert_eq!(decode_superblock(&block), Ok((sb(), 42)));
+    }
+
+    /// A superblock as format version 1 wrote it: no generations, no role.
+    fn encode_version_1(sb: &Superblock, seq: u64, block: &mut [u8]) {
+        encode_superblock(sb, seq, block);
+        block[8..10].copy_from_slice(&1u16.to_le_bytes());
+        block[GENERATIONS_OFFSET..GENERATIONS_OFFSET + 48].fill(0);
+        let crc = crc_with_zeroed(block, CRC_OFFSET);
+        block[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn a_version_1_superblock_reads_as_its_devices_legacy_generation() {
+        let mut block = vec![0; BLOCK_SIZE];
+        encode_version_1(&sb(), 9, &mut block);
+        let (read, seq) = decode_superblock(&block).unwrap();
+        assert_eq!(seq, 9);
+        assert_eq!(read.generations, Generations::legacy(&sb().uuid));
+        assert_eq!(read.role, PairRole::Secondary);
+        assert_eq!(read.peers_down, sb().peers_down);
+        // Written back, it is version 2 and keeps that generation.
+        encode_superblock(&read, 10, &mut block);
+        assert_eq!(read_u16(&block, 8), 2);
+        assert_eq!(decode_superblock(&block).unwrap().0, read);
+    }
+
+    #[test]
+    fn newer_format_versions_are_refused() {
+        let mut block = vec![0; BLOCK_SIZE];
+        encode_superblock(&sb(), 1, &mut block);
+        block[8..10].copy_from_slice(&3u16.to_le_bytes());
+        let crc = crc_with_zeroed(&block, CRC_OFFSET);
+        block[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode_superblock(&block), Err(BlockError::Version(3)));
     }
 
     #[test]

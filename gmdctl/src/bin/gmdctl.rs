@@ -69,6 +69,13 @@ enum Cmd {
         /// name, minor and size, so both sides agree).
         #[arg(long)]
         uuid: Option<uuid::Uuid>,
+        /// The data volume is new and holds only zeroes, and so does its
+        /// peer's (initialised with --zeroed too): the pair starts without a
+        /// copy. Without it the map says the volume holds no known data: it
+        /// receives a full copy from its peer, and a new pair needs
+        /// 'gmdctl primary DEVICE --force' on the side to keep.
+        #[arg(long)]
+        zeroed: bool,
     },
     /// Check configuration, volumes, maps, key and addresses on this machine.
     Verify,
@@ -90,12 +97,55 @@ enum Cmd {
     Stop(TargetArgs),
     /// STOPPED → DEFINED.
     Unconfigure(TargetArgs),
-    /// Record a remote peer as down so that start does not wait for it (STOPPED only).
+    /// Record a remote peer as down: start does not wait for it, and this
+    /// side may become primary alone (an AVAILABLE device stops mirroring
+    /// with it; if the peer is in fact running, its device is stopped).
     Down {
         /// The device.
         device: String,
         /// The remote machine.
         peer: String,
+    },
+    /// Make this side primary: applications may write here. Refused while
+    /// the peer is primary, while apart from a peer not known to be down,
+    /// and on a copy that lacks data unless --force.
+    Primary {
+        /// The device.
+        device: String,
+        /// Use this copy as it is even if it lacks data (it becomes the
+        /// newest: its peer's data is overwritten where they differ).
+        #[arg(long)]
+        force: bool,
+        /// Machine-readable result.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make this side secondary: flush, then refuse writes (refused while a
+    /// client holds the device open).
+    Secondary {
+        /// The device.
+        device: String,
+        /// Machine-readable result.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disaster-recovery drill: make this secondary copy writable here,
+    /// apart from the primary, while production goes on there.
+    Split {
+        /// The device.
+        device: String,
+        /// Machine-readable result.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a drill: discard the split copy's writes and resynchronise it
+    /// from the primary (the regions either side changed meanwhile).
+    Rejoin {
+        /// The device.
+        device: String,
+        /// Machine-readable result.
+        #[arg(long)]
+        json: bool,
     },
     /// Change attributes while DEFINED: mode, role, role.<machine>, hwm_kib, sync_rate_kib, minor, size, block_size, export.
     Set {
@@ -370,24 +420,61 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             device,
             force,
             uuid,
+            zeroed,
         } => match daemon_or_offline(&cli.socket)? {
             Some(mut client) => print_outcome(client.call_value(Command::InitState {
                 device: device.clone(),
                 force: *force,
                 uuid: uuid.map(|u| u.to_string()),
+                zeroed: *zeroed,
             })?),
             None => {
                 let (config, machine) = offline(&cli)?;
                 let (dev, local) = local_device(&config, &machine, device)?;
                 let uuid = uuid.unwrap_or_else(|| device::default_uuid(&config.name, dev));
-                let uuid = device::init_state(dev, local, uuid, *force)?;
+                let volume = if *zeroed {
+                    device::NewVolume::Zeroed
+                } else {
+                    device::NewVolume::Unknown
+                };
+                let uuid = device::init_state(dev, local, uuid, volume, *force)?;
                 println!(
                     "{device}: new state map written to {} (device id {uuid})",
                     local.state_map.display()
                 );
+                println!("{device}: {}", init_state_note(volume));
                 Ok(0)
             }
         },
+        Cmd::Primary {
+            device,
+            force,
+            json,
+        } => print_role_change(
+            Client::connect(&cli.socket)?.call_value(Command::Primary {
+                device: device.clone(),
+                force: *force,
+            })?,
+            *json,
+        ),
+        Cmd::Secondary { device, json } => print_role_change(
+            Client::connect(&cli.socket)?.call_value(Command::Secondary {
+                device: device.clone(),
+            })?,
+            *json,
+        ),
+        Cmd::Split { device, json } => print_role_change(
+            Client::connect(&cli.socket)?.call_value(Command::Split {
+                device: device.clone(),
+            })?,
+            *json,
+        ),
+        Cmd::Rejoin { device, json } => print_role_change(
+            Client::connect(&cli.socket)?.call_value(Command::Rejoin {
+                device: device.clone(),
+            })?,
+            *json,
+        ),
         Cmd::List => {
             let mut client = Client::connect(&cli.socket)?;
             let devices: Vec<DeviceStatus> = client.call(Command::Status { device: None })?;
@@ -899,9 +986,41 @@ fn print_map(cells: &gmd_core::statemap::StateMap) -> i32 {
     if s.is_dirty() { 2 } else { 0 }
 }
 
+/// What a new map means, for the person who wrote it.
+fn init_state_note(volume: device::NewVolume) -> &'static str {
+    match volume {
+        device::NewVolume::Zeroed => {
+            "the volume is declared zeroed: with a peer initialised --zeroed too, the pair starts without a copy"
+        }
+        device::NewVolume::Unknown => {
+            "the volume holds no known data: it receives a full copy from its peer \
+             (for a new pair, run 'gmdctl primary DEVICE --force' on the side to keep)"
+        }
+    }
+}
+
+/// Prints the result of a role change (or its JSON).
+fn print_role_change(value: serde_json::Value, json: bool) -> Result<i32, Failure> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+        return Ok(0);
+    }
+    let change: RoleChange = serde_json::from_value(value).map_err(|e| fail(255, e.to_string()))?;
+    for line in change.lines {
+        println!("{line}");
+    }
+    for warning in change.warnings {
+        eprintln!("gmdctl: warning: {warning}");
+    }
+    Ok(0)
+}
+
 fn print_status(d: &DeviceStatus) {
     println!(
-        "{}  {}  {} mode  role {}  minor {}  {}",
+        "{}  {}  {} mode  {}  minor {}  {}",
         d.name,
         d.state,
         d.mode,
@@ -909,7 +1028,16 @@ fn print_status(d: &DeviceStatus) {
         d.minor,
         format_size(d.size_bytes)
     );
-    println!("  data        {}", d.data);
+    if let Some(note) = &d.role_note {
+        println!(
+            "  role        {} (configured {}): {note}",
+            d.role, d.configured_role
+        );
+    }
+    if let Some(g) = &d.generations {
+        println!("  data        generation {g}");
+    }
+    println!("  volume      {}", d.data);
     let map = match &d.map {
         Some(m) => format!(
             "  {} stale, {} inconsistent, {} hot of {} cells",
@@ -956,6 +1084,18 @@ fn print_status(d: &DeviceStatus) {
             println!(
                 "  async       backlog {} bytes, {} fallback(s) to mwc at the high water mark",
                 l.backlog_bytes, l.hwm_fallbacks
+            );
+        }
+        if l.resync_read_errors > 0 {
+            println!(
+                "  resync      {} read error(s); {} region(s) wait to be read again",
+                l.resync_read_errors, l.resync_failed_regions
+            );
+        }
+        if l.discarded_regions > 0 {
+            println!(
+                "  discarded   {} region(s) written here and never sent were overwritten by the peer's newer data",
+                l.discarded_regions
             );
         }
         if let Some(reason) = &l.refused {
