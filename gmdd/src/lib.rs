@@ -449,11 +449,15 @@ impl Daemon {
     }
 
     /// Which frontends `config` gets on this host: (ublk, nbd). With no
-    /// `export` list: ublk where the driver is loaded, else NBD (logged).
-    fn frontends(&self, config: &Device) -> (bool, bool) {
+    /// `export` list: ublk where the driver is loaded, else NBD (logged
+    /// when `say_why`).
+    fn frontends(&self, config: &Device, say_why: bool) -> (bool, bool) {
         if config.export.is_empty() {
             if gmd_ublk::available() {
                 return (true, false);
+            }
+            if !say_why {
+                return (false, true);
             }
             info!(
                 device = %config.name,
@@ -478,7 +482,7 @@ impl Daemon {
         let runtime = handle.runtime().expect("AVAILABLE devices run");
         let config = handle.config();
         let role = handle.role();
-        let (_, nbd) = self.frontends(config);
+        let (_, nbd) = self.frontends(config, true);
         self.export_ublk(handle)?;
         if let Some(link) = self.link(&name) {
             link.attach(runtime.port(), role);
@@ -506,7 +510,7 @@ impl Daemon {
         let config = handle.config();
         let name = config.name.clone();
         let role = handle.role();
-        let (ublk, _) = self.frontends(config);
+        let (ublk, _) = self.frontends(config, false);
         if !ublk {
             return Ok(());
         }

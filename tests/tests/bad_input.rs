@@ -167,6 +167,7 @@ fn a_corrupt_state_map_refuses_until_dirtied_and_the_daemon_keeps_serving() {
     alpha.ctl(&["dirty", DEV]).ok();
     alpha.ctl(&["configure", DEV]).ok();
     alpha.ctl(&["start", DEV]).ok();
+    alpha.ctl(&["primary", DEV]).ok();
     assert_qemu_io_clean(&qemu_io(&alpha.url(DEV), &["read -P 0x5a 0 64k"]));
     let show = alpha.ctl(&["show-state", DEV]);
     assert!(show.stdout.contains("8192 stale"), "{}", show.stdout);

@@ -20,7 +20,9 @@ fn asking_for_ublk_without_the_driver_refuses_and_leaves_the_device_stopped() {
         let cluster = Cluster::with_config(|t| {
             t.replace(r#"export = ["nbd"]"#, &format!("export = {export}"))
         });
-        cluster.gmdctl_offline("alpha", &["init-state", DEV]).ok();
+        cluster
+            .gmdctl_offline("alpha", &["init-state", DEV, "--zeroed"])
+            .ok();
         let control = no_ublk(&cluster);
         let alpha = cluster.gmdd_env("alpha", &[("GMD_UBLK_CONTROL", &control)]);
         alpha.ctl(&["configure", DEV]).ok();
@@ -52,6 +54,7 @@ fn asking_for_ublk_without_the_driver_refuses_and_leaves_the_device_stopped() {
         alpha.ctl(&["set", DEV, "export=nbd"]).ok();
         alpha.ctl(&["configure", DEV]).ok();
         alpha.ctl(&["start", DEV]).ok();
+        alpha.ctl(&["primary", DEV]).ok();
         assert_qemu_io_clean(&qemu_io(
             &alpha.url(DEV),
             &["write -P 0x5a 0 65536", "read -P 0x5a 0 65536"],
@@ -64,7 +67,9 @@ fn asking_for_ublk_without_the_driver_refuses_and_leaves_the_device_stopped() {
 #[test]
 fn by_default_a_host_without_ublk_exports_over_nbd_and_says_why_once() {
     let cluster = Cluster::with_config(|t| t.replace("export = [\"nbd\"]\n", ""));
-    cluster.gmdctl_offline("alpha", &["init-state", DEV]).ok();
+    cluster
+            .gmdctl_offline("alpha", &["init-state", DEV, "--zeroed"])
+            .ok();
     let control = no_ublk(&cluster);
     let alpha = cluster.gmdd_env("alpha", &[("GMD_UBLK_CONTROL", &control)]);
     alpha.ctl(&["configure", DEV]).ok();
@@ -77,6 +82,7 @@ fn by_default_a_host_without_ublk_exports_over_nbd_and_says_why_once() {
         "{}",
         start.text()
     );
+    alpha.ctl(&["primary", DEV]).ok();
     assert_qemu_io_clean(&qemu_io(
         &alpha.url(DEV),
         &["write -P 0x33 4096 8192", "read -P 0x33 4096 8192"],

@@ -229,6 +229,8 @@ fn divergence_refuses_until_unified() {
     let cut = Cut::new(&cluster.geomessage_ports());
     alpha.wait_mirroring(DEV, false);
     beta.wait_mirroring(DEV, false);
+    // The promote-failure timeout passed on beta too: it may be promoted.
+    beta.ctl(&["primary", DEV]).ok();
     // Both sides write while apart.
     assert_qemu_io_clean(&qemu_io(&alpha.url(DEV), &["write -P 0xaa 0 64k"]));
     assert_qemu_io_clean(&qemu_io(&beta.url(DEV), &["write -P 0xbb 100M 64k"]));
@@ -363,6 +365,7 @@ fn down_on_an_available_peer_stops_its_device() {
     assert_eq!(beta.status_json(DEV)["state"], "STOPPED");
     // alpha can start alone now; beta joins again later and is resynced.
     alpha.ctl(&["start", DEV]).ok();
+    alpha.ctl(&["primary", DEV]).ok();
     assert_qemu_io_clean(&qemu_io(&alpha.url(DEV), &["write -P 0x42 1M 64k"]));
     beta.ctl(&["start", DEV]).ok();
     beta.wait_mirroring(DEV, true);
@@ -396,6 +399,9 @@ fn a_second_remote_peer_takes_over_from_the_first() {
     alpha.ctl(&["down", DEV, "beta"]).ok();
     alpha.ctl(&["down", DEV, "gamma"]).ok();
     alpha.ctl(&["start", DEV]).ok();
+    // Three new volumes holding no known data: alpha's is declared the one
+    // to keep, and the others receive full copies.
+    alpha.ctl(&["primary", DEV, "--force"]).ok();
     beta.ctl(&["configure", DEV]).ok();
     beta.ctl(&["start", DEV]).ok();
     alpha.wait_mirroring(DEV, true);

@@ -415,9 +415,7 @@ fn prometheus_scrape_parses_with_the_same_figures() {
             1,
         )
     });
-    for machine in ["alpha", "beta"] {
-        cluster.gmdctl_offline(machine, &["init-state", DEV]).ok();
-    }
+    cluster.init_zeroed();
     let alpha = cluster.gmdd("alpha");
     alpha.start_standalone(DEV, "beta");
     assert_qemu_io_clean(&qemu_io(

@@ -181,6 +181,9 @@ pub enum Refusal {
 /// `device` starts with (see the module documentation). Symmetric:
 /// `decide(d, b, a)` is `decide(d, a, b)` mirrored.
 pub fn decide(device: &str, local: &SideFacts, remote: &SideFacts) -> Result<Plan, Refusal> {
+    // What the data says comes first: a divergence is named as such even
+    // when both sides are primary too.
+    let plan = data_plan(device, local, remote)?;
     if local.primary && remote.primary {
         let (a, b) = ordered(local, remote);
         return Err(Refusal::TwoPrimaries {
@@ -189,6 +192,25 @@ pub fn decide(device: &str, local: &SideFacts, remote: &SideFacts) -> Result<Pla
             b: b.machine.clone(),
         });
     }
+    if let Some(source) = plan.source {
+        let (src, dst) = match source {
+            Side::Local => (local, remote),
+            Side::Remote => (remote, local),
+        };
+        if dst.primary {
+            return Err(Refusal::TargetIsPrimary {
+                device: device.into(),
+                newer: src.machine.clone(),
+                target: dst.machine.clone(),
+            });
+        }
+    }
+    Ok(plan)
+}
+
+/// Which side is newer and what moves, from the data alone (roles only
+/// break ties between copies of the same data).
+fn data_plan(device: &str, local: &SideFacts, remote: &SideFacts) -> Result<Plan, Refusal> {
     let (lg, rg) = (&local.gens, &remote.gens);
     match (lg.holds_no_data(), rg.holds_no_data()) {
         (true, true) => return Ok(Plan::nothing(Basis::SameData, GEN_NONE)),
@@ -285,11 +307,10 @@ fn same_data_source(device: &str, local: &SideFacts, remote: &SideFacts) -> Resu
         }
         (false, false) => {}
     }
-    if local.primary {
-        return Ok(Side::Local);
-    }
-    if remote.primary {
-        return Ok(Side::Remote);
+    match (local.primary, remote.primary) {
+        (true, false) => return Ok(Side::Local),
+        (false, true) => return Ok(Side::Remote),
+        _ => {}
     }
     match (lacks(local), lacks(remote)) {
         (false, true) => Ok(Side::Local),
@@ -307,7 +328,8 @@ fn same_data_source(device: &str, local: &SideFacts, remote: &SideFacts) -> Resu
     }
 }
 
-/// A plan with `source` (`src`) sending to `dst`, unless that is not safe.
+/// A plan with `source` (`src`) sending to `dst`, unless the source lacks
+/// data itself.
 fn from(
     device: &str,
     source: Side,
@@ -316,13 +338,6 @@ fn from(
     full: bool,
     basis: Basis,
 ) -> Result<Plan, Refusal> {
-    if dst.primary {
-        return Err(Refusal::TargetIsPrimary {
-            device: device.into(),
-            newer: src.machine.clone(),
-            target: dst.machine.clone(),
-        });
-    }
     if src.not_received > 0 {
         // The source would send data it does not have itself.
         let (a, b) = ordered(src, dst);
@@ -478,6 +493,16 @@ mod tests {
         assert!(matches!(
             decide("d", &primary(side("a", 7, 0)), &b),
             Err(Refusal::TwoPrimaries { .. })
+        ));
+    }
+
+    #[test]
+    fn two_primaries_that_both_wrote_are_named_a_divergence() {
+        let a = primary(marked(side("a", 8, 7), 1, 0, 0));
+        let b = primary(marked(side("b", 9, 7), 1, 0, 0));
+        assert!(matches!(
+            decide("d", &a, &b),
+            Err(Refusal::Divergence { .. })
         ));
     }
 
