@@ -214,7 +214,14 @@ pub struct DeviceMachine {
     pub state_map: PathBuf,
     /// Role of this machine for the device.
     pub role: Role,
+    /// ublk device id on this machine (`/dev/ublkb<id>`); the minor number
+    /// unless set (two machines sharing one kernel, as in a test VM, need
+    /// different ids).
+    pub ublk_id: Option<u32>,
 }
+
+/// The largest ublk device id a machine's copy may be given.
+pub const UBLK_ID_MAX: u32 = 65535;
 
 /// A GeoMirror device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -379,6 +386,7 @@ struct RawDeviceMachine {
     data: Option<String>,
     state_map: Option<String>,
     role: Option<String>,
+    ublk_id: Option<i64>,
 }
 
 struct Checker {
@@ -905,6 +913,16 @@ fn build(c: &mut Checker, path: &Path, base: &Path, raw: RawConfig) -> ClusterCo
                     default_role
                 }),
             };
+            let ublk_id = dm.ublk_id.and_then(|id| match u32::try_from(id) {
+                Ok(id) if id <= UBLK_ID_MAX => Some(id),
+                _ => {
+                    c.problem(
+                        format!("{mfield}.ublk_id"),
+                        format!("{id} is not a ublk device id; use 0–{UBLK_ID_MAX}"),
+                    );
+                    None
+                }
+            });
             dev_machines.insert(
                 machine_name.clone(),
                 DeviceMachine {
@@ -912,6 +930,7 @@ fn build(c: &mut Checker, path: &Path, base: &Path, raw: RawConfig) -> ClusterCo
                     data,
                     state_map,
                     role,
+                    ublk_id,
                 },
             );
         }

@@ -521,7 +521,7 @@ impl Daemon {
         let runtime = handle.runtime().expect("AVAILABLE devices run");
         let spec = gmd_ublk::Spec {
             read_only: !role.writable(),
-            id: config.minor,
+            id: handle.local().ublk_id.unwrap_or(config.minor),
             name: name.clone(),
             size_bytes: config.size_bytes,
             block_size: config.block_size,

@@ -64,8 +64,9 @@ role = "secondary"
 TOML
   gmdctl genkey "$d/cluster.key" >/dev/null
   truncate -s $((size * 1048576)) "$d/alpha/data.img" "$d/beta/data.img"
+  # New zeroed volumes on both sides: the pair starts without a copy.
   for m in alpha beta; do
-    gmdctl --config "$d/cluster.toml" --machine $m init-state "d$minor" >/dev/null
+    gmdctl --config "$d/cluster.toml" --machine $m init-state "d$minor" --zeroed >/dev/null
   done
 }
 
