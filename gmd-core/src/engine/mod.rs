@@ -428,6 +428,8 @@ pub struct EngineStats {
     pub barriers: u64,
     /// Resync data from the peer refused because this side holds the region stale.
     pub resync_refused: u64,
+    /// Application writes refused because this copy is secondary.
+    pub writes_refused: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -597,6 +599,8 @@ pub struct Engine {
     barrier: Option<Barrier>,
     /// The next barrier needs no peer part (the peer flushed as it left).
     peer_flushed: bool,
+    /// A refused write was logged since the access last changed.
+    refusal_logged: bool,
 }
 
 impl Engine {
@@ -670,6 +674,7 @@ impl Engine {
             clear_waiting: Vec::with_capacity(params.activity_regions),
             barrier: None,
             peer_flushed: false,
+            refusal_logged: false,
         }
     }
 
@@ -750,6 +755,7 @@ impl Engine {
     pub fn set_access(&mut self, writable: bool, readable: bool) {
         self.params.writable = writable;
         self.params.readable = readable;
+        self.refusal_logged = false;
     }
 
     /// Makes this copy the newest as it is (`gmdctl primary --force`): a
@@ -931,6 +937,16 @@ impl Engine {
             return;
         }
         if request.kind.changes_data() && !self.params.writable {
+            self.stats.writes_refused += 1;
+            if !self.refusal_logged {
+                // Once per role: an application writing here is told EPERM
+                // on every write; the log says why once.
+                self.refusal_logged = true;
+                tracing::warn!(
+                    "a write was refused: this copy is secondary (write on the primary, \
+                     or promote this side with 'gmdctl primary')"
+                );
+            }
             self.finish_app(slot, Err(EngineError::ReadOnly));
             return;
         }

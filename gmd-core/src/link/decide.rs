@@ -88,8 +88,9 @@ pub struct Plan {
     pub full: bool,
     /// Why.
     pub basis: Basis,
-    /// Regions the target wrote and never sent, overwritten by the source's
-    /// data (its stale cells): counted and reported.
+    /// Regions of the target holding changes of its own (written and never
+    /// sent, or in flight when it stopped), overwritten by the source's
+    /// data: counted and reported.
     pub discarded: u64,
     /// The source's `current`, which the target takes once it received everything.
     pub source_current: GenId,
@@ -351,7 +352,7 @@ fn from(
         source: Some(source),
         full,
         basis,
-        discarded: dst.stale,
+        discarded: dst.marked.saturating_sub(dst.not_received),
         source_current: src.gens.current,
     })
 }
@@ -437,7 +438,7 @@ mod tests {
                 plan.discarded,
                 plan.source_current
             ),
-            (Some(Side::Local), false, Basis::Ahead, 2, 8)
+            (Some(Side::Local), false, Basis::Ahead, 3, 8)
         );
     }
 
