@@ -26,8 +26,9 @@ run mkdir -p alpha beta
 run truncate -s 256M alpha/data10.img beta/data10.img
 A="gmdctl --config loopback.toml --machine alpha --socket $DEMO/alpha.sock"
 B="gmdctl --config loopback.toml --machine beta --socket $DEMO/beta.sock"
-run $A init-state data10gmd
-run $B init-state data10gmd
+echo "(new files hold only zeroes: --zeroed tells gmd both sides start identical, so no initial copy)"
+run $A init-state data10gmd --zeroed
+run $B init-state data10gmd --zeroed
 run $A verify
 
 start_gmdd() { # machine
@@ -55,6 +56,8 @@ echo "(alpha starts first; beta's device is not running yet, so start must refus
 $A start data10gmd || true
 run $A down data10gmd beta
 run $A start data10gmd
+echo "(the example's role is \"none\": a device starts as secondary; one side is made primary, the one writer)"
+run $A primary data10gmd
 run $B configure data10gmd
 run $B start data10gmd
 wait_for "mirroring" mirroring "$A"

@@ -683,7 +683,18 @@ impl DeviceHandle {
                     .map_err(|e| map_error(&name, &e))
             }
             State::Available { .. } => {
-                self.change_running(|engine, _| engine.discard_own_changes())
+                let (tx, rx) = mpsc::channel();
+                self.change_running(move |engine, _| {
+                    let epoch = engine.discard_own_changes();
+                    let _ = tx.send(epoch.is_some());
+                    epoch.unwrap_or_else(|| engine.durable_epoch())
+                })?;
+                if rx.try_recv() != Ok(true) {
+                    return Err(DeviceError::refused(format!(
+                        "{name}: mirroring with its peer: only a copy apart can discard its changes"
+                    )));
+                }
+                Ok(())
             }
         }
     }

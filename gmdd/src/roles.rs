@@ -387,13 +387,15 @@ impl Daemon {
                  (the drill's writes are about to be discarded)"
             )));
         }
-        self.apply_role(device, PairRole::Secondary, false)?;
+        // Still split (apart: the link does not connect) while the drill's
+        // writes are made durable and then discarded; secondary after.
         self.flush_device(device)?;
         self.with_device(device, |h| h.discard_own_changes())
             .map_err(|e| ControlError {
                 message: format!("{}; the copy stays apart", e.message),
                 ..e
             })?;
+        self.apply_role(device, PairRole::Secondary, false)?;
         self.reexport(device, PairRole::Secondary)?;
         info!(%device, "drill ended: its writes are discarded, resynchronising from the primary");
         // Set the link up again now, and report what moves.

@@ -779,9 +779,12 @@ impl Engine {
     /// not the master of a unify): its generation goes back to the one its
     /// marks count from, and its stale marks become inconsistent, so that
     /// the peer's data overwrites those regions at the next connection.
-    /// Not while connected. Returns the epoch after which this is durable.
-    pub fn discard_own_changes(&mut self) -> Epoch {
-        assert!(!self.connected, "discarding while connected");
+    /// Not while connected (then nothing changes and `None` is returned).
+    /// Returns the epoch after which this is durable.
+    pub fn discard_own_changes(&mut self) -> Option<Epoch> {
+        if self.connected {
+            return None;
+        }
         let mut gens = self.journal.gens;
         gens.discard_own_changes();
         self.journal.set_generations(gens);
@@ -792,7 +795,7 @@ impl Engine {
             }
         }
         self.start_commit();
-        self.journal.needed_all()
+        Some(self.journal.needed_all())
     }
 
     /// Whether an application read could skip the engine and go straight
