@@ -1862,9 +1862,12 @@ impl Engine {
             if cell == CELL_STALE || cell == CELL_RESYNC || cell == CELL_CONSISTENT || resyncing {
                 continue;
             }
+            // Connected, a region still in the activity set stays hot (its
+            // next write needs no map write); alone, its next write marks
+            // it stale anyway.
             let next = if self.activity.in_flight(region) > 0 {
                 CELL_WRITING
-            } else if self.activity.contains(region) {
+            } else if self.connected && self.activity.contains(region) {
                 CELL_ACTIVE
             } else {
                 CELL_CONSISTENT

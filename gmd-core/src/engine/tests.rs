@@ -3,6 +3,7 @@
 //! `tests/mirror_sim.rs`.
 
 use super::*;
+use crate::generations::{GenId, Generations};
 use crate::statemap::format::{Layout, REGIONS_PER_PAGE};
 use proptest::prelude::*;
 
@@ -41,6 +42,11 @@ struct Model {
     resync_reads: Vec<Slot>,
     /// Resync data sent: (seq, region).
     resync_sent: Vec<(Seq, u64)>,
+    /// Data volume syncs wait for [`Model::finish_syncs`] instead of
+    /// completing at once.
+    hold_syncs: bool,
+    /// Data volume syncs asked for and not yet finished.
+    syncs: usize,
 }
 
 impl Model {
@@ -62,6 +68,8 @@ impl Model {
             stalls: Vec::new(),
             resync_reads: Vec::new(),
             resync_sent: Vec::new(),
+            hold_syncs: false,
+            syncs: 0,
         }
     }
 
@@ -146,10 +154,12 @@ impl Model {
                 Action::Renegotiate => self.log.push("renegotiate".into()),
                 Action::SendAdopted { current } => self.log.push(format!("adopted {current}")),
                 Action::SyncData => {
-                    // The data volume syncs at once here (barriers are
-                    // tested with their own driver).
                     self.log.push("sync data".into());
-                    self.engine.data_synced(Ok(()));
+                    if self.hold_syncs {
+                        self.syncs += 1;
+                    } else {
+                        self.engine.data_synced(Ok(()));
+                    }
                 }
                 other => panic!("unexpected {other:?}"),
             }
@@ -206,6 +216,30 @@ impl Model {
         while self.in_flight_map.is_some() {
             self.finish_map_write(true);
         }
+    }
+
+    /// Finishes the data volume syncs held back.
+    fn finish_syncs(&mut self) {
+        for _ in 0..std::mem::take(&mut self.syncs) {
+            self.engine.data_synced(Ok(()));
+            self.pump();
+        }
+        self.settle_map();
+    }
+
+    /// A model whose engine holds data generation `current`.
+    fn with_generation(mode: Mode, current: GenId) -> Self {
+        let mut m = Model::new(mode);
+        m.engine = Engine::with_generations(
+            params(mode),
+            StateMap::new(SIZE),
+            Generations {
+                current,
+                ..Generations::default()
+            },
+            7,
+        );
+        m
     }
 }
 
@@ -1000,4 +1034,346 @@ fn a_stall_limit_of_zero_waits_forever() {
     m.settle_map();
     m.tick(10_000_000);
     assert!(m.stalls.is_empty());
+}
+
+// ----- one writer, data generations, barriers --------------------------------
+
+/// Writing without the peer starts a new generation, durable before the
+/// write lands: a peer promoted meanwhile and this side are then told apart
+/// (divergence) instead of one silently overwriting the other.
+#[test]
+fn a_write_without_the_peer_starts_a_new_generation_durably_first() {
+    let mut m = Model::with_generation(Mode::Mwc, 100);
+    let a = m.submit(write(0, 4096));
+    assert!(m.local.is_empty(), "not before the generation is durable");
+    assert_eq!(m.engine.durable_generations().current, 100);
+    m.settle_map();
+    let gens = m.engine.durable_generations();
+    assert_ne!(gens.current, 100);
+    assert_eq!((gens.bitmap, gens.history[0]), (100, 100));
+    assert_eq!(m.local, vec![a]);
+    m.finish_local(a);
+    // Further writes alone keep the generation.
+    let b = m.submit(write(5 * REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    m.finish_local(b);
+    assert_eq!(m.engine.durable_generations(), gens);
+    // A connection to a peer holding this data and a loss later, the next
+    // write alone draws again, counting from the generation both held.
+    m.engine.connect(Connection {
+        role: ResyncRole::None,
+        peer_current: gens.current,
+        stale_at_handshake: 2,
+    });
+    m.pump();
+    m.engine.peer_lost();
+    m.pump();
+    let c = m.submit(write(9 * REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    m.finish_local(c);
+    let again = m.engine.durable_generations();
+    assert_ne!(again.current, gens.current);
+    assert_eq!(again.bitmap, gens.current);
+}
+
+/// A resync target takes the source's generation at connect, durably with
+/// its marks, and tells the source only then.
+#[test]
+fn a_target_takes_the_source_generation_with_its_marks_and_then_says_so() {
+    let mut m = Model::with_generation(Mode::Mwc, 100);
+    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
+    bits[0] = 0b110;
+    m.engine.connect(Connection {
+        role: ResyncRole::Target(bits),
+        peer_current: 200,
+        stale_at_handshake: 0,
+    });
+    m.pump();
+    assert_eq!(m.engine.generations().current, 200);
+    assert!(
+        !m.log.iter().any(|l| l.starts_with("adopted")),
+        "{:?}",
+        m.log
+    );
+    m.settle_map();
+    assert_eq!(m.engine.durable_generations().current, 200);
+    assert_eq!(m.durable.get(1), CELL_RESYNC);
+    assert_eq!(
+        m.log.iter().filter(|l| *l == "adopted 200").count(),
+        1,
+        "{:?}",
+        m.log
+    );
+}
+
+/// The source stops counting its marks from the older generation once the
+/// target says it holds the source's.
+#[test]
+fn a_source_forgets_the_older_generation_once_the_target_adopted() {
+    let mut m = Model::new(Mode::Mwc);
+    m.engine = Engine::with_generations(
+        params(Mode::Mwc),
+        StateMap::new(SIZE),
+        Generations {
+            current: 200,
+            bitmap: 100,
+            history: [100, 0, 0],
+        },
+        7,
+    );
+    m.engine.connect(ResyncRole::None);
+    m.pump();
+    m.engine.peer_adopted(999);
+    m.pump();
+    m.settle_map();
+    assert_eq!(
+        m.engine.durable_generations().bitmap,
+        100,
+        "another generation"
+    );
+    m.engine.peer_adopted(200);
+    m.pump();
+    m.settle_map();
+    assert_eq!(m.engine.durable_generations().bitmap, 0);
+}
+
+/// Idle hot regions lose their marks only once both volumes are flushed:
+/// the local sync and the peer's flush, in either order.
+#[test]
+fn hot_marks_go_only_after_both_sides_flushed() {
+    for sync_first in [true, false] {
+        let mut m = Model::connected(Mode::Mwc);
+        m.hold_syncs = true;
+        let s = m.submit(write(0, 4096));
+        m.settle_map();
+        m.finish_local(s);
+        let (seq, _) = *m.sent.last().unwrap();
+        m.ack(seq);
+        assert_eq!(m.durable.get(0), CELL_WRITING, "written as in flight");
+        m.tick(1_000_000);
+        m.settle_map();
+        assert_eq!(m.syncs, 1, "a local sync for the barrier");
+        assert_eq!(m.flushes_sent.len(), 1, "and a flush to the peer");
+        if sync_first {
+            m.finish_syncs();
+            assert_ne!(m.durable.get(0), 0, "the peer has not flushed yet");
+            m.ack_flushes();
+        } else {
+            m.ack_flushes();
+            assert_ne!(m.durable.get(0), 0, "this side has not synced yet");
+            m.finish_syncs();
+        }
+        assert!(m.durable.is_clean(), "sync first: {sync_first}");
+        assert!(m.engine.is_idle());
+    }
+}
+
+/// A barrier the link takes away leaves the marks: nothing says the peer
+/// holds the data durably.
+#[test]
+fn a_barrier_cut_by_the_link_keeps_the_marks() {
+    let mut m = Model::connected(Mode::Mwc);
+    let s = m.submit(write(0, 4096));
+    m.settle_map();
+    m.finish_local(s);
+    let (seq, _) = *m.sent.last().unwrap();
+    m.ack(seq);
+    m.tick(1_000_000);
+    m.settle_map();
+    assert_eq!(m.flushes_sent.len(), 1);
+    m.engine.peer_lost();
+    m.pump();
+    m.settle_map();
+    assert_eq!(m.engine.map().get(0), CELL_ACTIVE, "still hot");
+    assert!(m.engine.is_idle(), "nothing waits for a peer that is gone");
+}
+
+/// Resync confirmations clear the source's marks behind a barrier too, and
+/// resync data is written with FUA on the target.
+#[test]
+fn resync_confirmations_clear_marks_behind_a_barrier_and_data_lands_with_fua() {
+    let mut m = Model::new(Mode::Mwc);
+    let seq = m.source_sends_region(4);
+    m.ack(seq);
+    m.settle_map();
+    assert_ne!(m.durable.get(4), 0, "not before the barrier");
+    m.ack_flushes();
+    assert_eq!(m.durable.get(4), 0);
+    // Target side.
+    let mut t = Model::new(Mode::Mwc);
+    let mut bits = vec![0u8; t.engine.map().region_count().div_ceil(8) as usize];
+    bits[0] = 1 << 4;
+    t.engine.connect(ResyncRole::Target(bits));
+    t.pump();
+    t.settle_map();
+    let slot = t.engine.peer_op(resync_op(1, 4));
+    t.pump();
+    assert!(t.engine.request(slot).fua, "resync data is written durably");
+}
+
+/// A resync read that fails keeps its region to send, is counted, and is
+/// read again after a back-off while the resync stays open: never silent,
+/// never stopped.
+#[test]
+fn a_failed_resync_read_is_counted_and_retried_after_a_back_off() {
+    let mut m = Model::new(Mode::Mwc);
+    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
+    bits[0] = 1 << 2;
+    m.engine.connect(ResyncRole::Source(bits));
+    m.pump();
+    m.settle_map();
+    let read = m.resync_reads.pop().expect("a read");
+    m.engine.local_done(read, Err(libc::EIO));
+    m.pump();
+    let stats = m.engine.stats();
+    assert_eq!(stats.resync_read_errors, 1);
+    assert_eq!(stats.resync_failed_regions, 1);
+    assert_eq!(stats.resync_remaining, 1, "still to send");
+    assert!(!m.log.iter().any(|l| l == "resync done"));
+    m.tick(500);
+    assert!(m.resync_reads.is_empty(), "not before the back-off");
+    m.tick(1_500);
+    let seq = m.read_and_send_region(2);
+    m.ack(seq);
+    m.ack_flushes();
+    assert!(m.log.iter().any(|l| l == "resync done"), "{:?}", m.log);
+    assert_eq!(m.engine.map().get(2), 0);
+}
+
+/// Resync data for a region the target holds stale is never applied over
+/// it: refused, and the pair sets the link up again (also when the source
+/// adds such a region to the resync).
+#[test]
+fn a_target_refuses_resync_data_for_a_region_it_holds_stale() {
+    let mut m = Model::new(Mode::Mwc);
+    let s = m.submit(write(3 * REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    m.finish_local(s);
+    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
+    bits[0] = 1 << 5;
+    m.engine.connect(Connection {
+        role: ResyncRole::Target(bits),
+        peer_current: 0,
+        stale_at_handshake: 1,
+    });
+    m.pump();
+    m.settle_map();
+    let slot = m.engine.peer_op(resync_op(1, 3));
+    m.pump();
+    assert!(
+        m.log
+            .iter()
+            .any(|l| *l == format!("reply {slot} Err(StaleHere)")),
+        "{:?}",
+        m.log
+    );
+    assert!(m.log.iter().any(|l| l == "renegotiate"), "{:?}", m.log);
+    assert_eq!(m.engine.map().get(3), CELL_STALE, "kept");
+    assert_eq!(m.engine.stats().resync_refused, 1);
+    m.log.clear();
+    m.engine.resync_added(3);
+    m.pump();
+    assert!(m.log.iter().any(|l| l == "renegotiate"), "{:?}", m.log);
+}
+
+/// A clean stop of a connected pair leaves the map clean: idle hot regions
+/// go behind a barrier before the device stops.
+#[test]
+fn a_clean_stop_of_a_connected_pair_leaves_the_map_clean() {
+    let mut m = Model::connected(Mode::Mwc);
+    for r in 0..4u64 {
+        let s = m.submit(write(r * REGION_SIZE_BYTES, 4096));
+        m.settle_map();
+        m.finish_local(s);
+        let (seq, _) = *m.sent.last().unwrap();
+        m.ack(seq);
+    }
+    assert!(!m.durable.is_clean());
+    m.engine.prepare_stop();
+    m.pump();
+    assert!(!m.engine.is_idle(), "the barrier is under way");
+    m.ack_flushes();
+    assert!(m.durable.is_clean());
+    assert!(m.engine.is_idle());
+}
+
+/// A peer that stopped after flushing everything it acknowledged lets the
+/// hot marks go once this side synced: no flush to a peer that is gone.
+#[test]
+fn a_peer_that_left_flushed_lets_hot_marks_go_after_a_local_sync() {
+    let mut m = Model::connected(Mode::Mwc);
+    m.hold_syncs = true;
+    let s = m.submit(write(0, 4096));
+    m.settle_map();
+    m.finish_local(s);
+    let (seq, _) = *m.sent.last().unwrap();
+    m.ack(seq);
+    m.engine.peer_left();
+    m.pump();
+    assert!(m.flushes_sent.is_empty());
+    assert_eq!(m.syncs, 1);
+    m.finish_syncs();
+    assert!(m.durable.is_clean());
+}
+
+/// A secondary refuses writes, and serves them again once promoted.
+#[test]
+fn access_follows_the_role() {
+    let mut m = Model::new(Mode::Mwc);
+    m.engine.set_access(false, true);
+    let w = m.submit(write(0, 4096));
+    assert_eq!(m.completed, vec![(w, Err(EngineError::ReadOnly))]);
+    assert_eq!(EngineError::ReadOnly.errno(), libc::EPERM);
+    let r = m.submit(Request {
+        kind: OpKind::Read,
+        ..write(0, 4096)
+    });
+    assert_eq!(m.local, vec![r], "reads go on");
+    m.finish_local(r);
+    assert_eq!(m.engine.stats().writes_refused, 1);
+    m.engine.set_access(true, true);
+    let w = m.submit(write(0, 4096));
+    m.settle_map();
+    m.finish_local(w);
+    assert_eq!(m.completed.last(), Some(&(w, Ok(()))));
+}
+
+/// `--force` makes a copy that lacks regions the newest as it is: a new
+/// generation, and the regions it had not received turn stale (sent from
+/// here); discarding goes the other way.
+#[test]
+fn forcing_and_discarding_move_the_generation_and_the_marks() {
+    let mut map = StateMap::new(SIZE);
+    map.set(2, CELL_RESYNC);
+    let mut m = Model::new(Mode::Mwc);
+    m.engine = Engine::with_generations(
+        params(Mode::Mwc),
+        map.clone(),
+        Generations {
+            current: 100,
+            ..Generations::default()
+        },
+        7,
+    );
+    m.durable = map;
+    m.engine.force_new_generation();
+    m.pump();
+    m.settle_map();
+    assert_eq!(m.durable.get(2), CELL_STALE);
+    let g = m.engine.durable_generations();
+    assert_ne!(g.current, 100);
+    assert_eq!(g.bitmap, 100);
+    assert!(m.engine.direct_reads_allowed(), "nothing awaited any more");
+    m.engine.discard_own_changes().expect("apart");
+    m.pump();
+    m.settle_map();
+    assert_eq!(m.durable.get(2), CELL_INCONSISTENT, "resent, not stale");
+    assert_eq!(m.engine.durable_generations().current, 100);
+    m.engine.connect(ResyncRole::None);
+    m.pump();
+    assert_eq!(
+        m.engine.discard_own_changes(),
+        None,
+        "never while connected"
+    );
 }
