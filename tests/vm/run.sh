@@ -29,7 +29,7 @@ TMO=${TMO:-840} MEM=${MEM:-2560} SMP=${SMP:-2} "$HERE/boot.sh" "$W" 'RESULT: PAS
 set -e
 grep -E '^\[guest|^MODE |^RESULT' "$W/console.log" | tr -d '\r' || true
 status=0
-for mode in mwc async sync recover nodriver; do
+for mode in mwc async sync recover failover nodriver; do
   if ! grep -q "^MODE $mode: PASS" <(tr -d '\r' < "$W/console.log"); then
     grep -q "^MODE $mode: FAIL" <(tr -d '\r' < "$W/console.log") || echo "MODE $mode: FAIL (no result: VM timed out or crashed)"
     status=1

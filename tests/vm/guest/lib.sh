@@ -70,10 +70,12 @@ TOML
   done
 }
 
-# gmdd_up DIR MACHINE: starts gmdd (beta without ublk) and waits for its socket.
+# gmdd_up DIR MACHINE [ublk]: starts gmdd (beta without ublk unless asked:
+# its ublk ids must then differ from alpha's, see ublk_id) and waits for its
+# socket.
 gmdd_up() {
   local d=$1 m=$2 env=
-  [ "$m" = beta ] && env="GMD_UBLK_CONTROL=/nonexistent"
+  [ "$m" = beta ] && [ "${3:-}" != ublk ] && env="GMD_UBLK_CONTROL=/nonexistent"
   env $env gmdd --config "$d/cluster.toml" --machine $m --socket "$d/$m.sock" >> "$d/$m.log" 2>&1 &
   echo $! > "$d/$m.pid"
   wait_until 30 test -S "$d/$m.sock"

@@ -2,7 +2,7 @@
 # "MODE <name>: PASS|FAIL" line per scenario and "RESULT: PASS|FAIL".
 boot_guest
 FAILED=0
-ALL="mwc async sync recover nodriver"
+ALL="mwc async sync recover failover nodriver"
 
 # mirror_scenario MODE MINOR: ext4 on /dev/ublkb<minor> on alpha, peer cut
 # (SIGTERM) and restarted mid-way, e2fsck, both backing files identical.
@@ -92,6 +92,66 @@ recover_scenario() {
   gmdd_kill "$d" alpha TERM; gmdd_kill "$d" beta TERM
 }
 
+# failover: ext4 on alpha's /dev/ublkb6 (primary), beta's copy read-only on
+# /dev/ublkb106; alpha's gmdd SIGKILLed with the file system mounted; on
+# beta `down` + `primary`: its ublk device becomes writable, the file system
+# mounts there (journal replay) with every file synced before the failure,
+# more is written, e2fsck is clean. Failback: alpha's gmdd comes back as
+# secondary by itself and receives beta's changes; the roles are switched
+# back and alpha holds every file.
+failover_scenario() {
+  local d=/t/failover minor=6 dev=d6 abdev=/dev/ublkb6 bbdev=/dev/ublkb106
+  make_cluster "$d" mwc $minor 128 || return 1
+  sed -i 's|^state_map = "beta/data.sm"$|state_map = "beta/data.sm"\nublk_id = 106|' "$d/cluster.toml"
+  grep -q "ublk_id = 106" "$d/cluster.toml" || { log "failover: no ublk_id in the config"; return 1; }
+  gmdd_up "$d" alpha && gmdd_up "$d" beta ublk || return 1
+  ctl "$d" alpha configure $dev && ctl "$d" alpha down $dev beta && ctl "$d" alpha start $dev || return 1
+  ctl "$d" beta configure $dev || return 1
+  start_beta "$d" $dev || return 1
+  wait_until 60 in_sync "$d" alpha $dev || { log "failover: never in sync"; return 1; }
+  [ -b $abdev ] && [ -b $bbdev ] || { log "failover: missing $abdev or $bbdev"; return 1; }
+  # The secondary's block device refuses writes.
+  if dd if=/dev/zero of=$bbdev bs=4096 count=1 oflag=direct 2>/dev/null; then
+    log "failover: a write on the secondary was accepted"; return 1
+  fi
+  mkfs.ext4 -q -F $abdev || return 1
+  mkdir -p /mnt/fa /mnt/fb && mount -t ext4 $abdev /mnt/fa || return 1
+  write_tree /mnt/fa before 30; sync
+  (cd /mnt/fa && find before -type f | sort | xargs sha256sum) > /tmp/fo.before
+  write_tree /mnt/fa unsynced 5
+  log "failover: SIGKILL of alpha's gmdd (the primary site is lost)"
+  gmdd_kill "$d" alpha KILL || return 1
+  ctl "$d" beta down $dev alpha || return 1
+  ctl "$d" beta primary $dev || { dump_logs "$d"; return 1; }
+  wait_until 30 test -b $bbdev || { log "failover: $bbdev did not come back"; return 1; }
+  mount -t ext4 $bbdev /mnt/fb || { log "failover: mount on beta failed"; return 1; }
+  (cd /mnt/fb && sha256sum -c -s /tmp/fo.before) || { log "failover: files synced before the failure differ on beta"; return 1; }
+  log "failover: beta serves every file synced before the failure"
+  write_tree /mnt/fb after 20; sync
+  (cd /mnt/fb && find before after -type f | sort | xargs sha256sum) > /tmp/fo.all
+  umount /mnt/fb || return 1
+  e2fsck -fn $bbdev > /tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; return 1; }
+  log "failover: e2fsck clean on beta"
+  # Failback: alpha's old mount is gone with its site; its gmdd returns.
+  umount -l /mnt/fa 2>/dev/null
+  mv "$d/alpha.log" "$d/alpha.log.1"
+  gmdd_up "$d" alpha || return 1
+  wait_until 120 in_sync "$d" beta $dev || { log "failover: no failback resync"; sync_report "$d" $dev; return 1; }
+  ctl "$d" alpha status $dev --json | tr -d ' \n' | grep -q '"role":"secondary"' || { log "failover: alpha did not come back secondary"; sync_report "$d" $dev; return 1; }
+  log "failover: alpha came back as secondary and resynchronised"
+  link_log "$d"
+  ctl "$d" beta secondary $dev || return 1
+  wait_until 60 ctl "$d" alpha primary $dev || { log "failover: alpha not promoted"; sync_report "$d" $dev; return 1; }
+  wait_until 30 test -b $abdev || return 1
+  mount -t ext4 $abdev /mnt/fa || { log "failover: mount on alpha failed"; return 1; }
+  (cd /mnt/fa && sha256sum -c -s /tmp/fo.all) || { log "failover: alpha lacks files after failback"; return 1; }
+  umount /mnt/fa && e2fsck -fn $abdev > /tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; return 1; }
+  wait_until 120 in_sync "$d" alpha $dev || return 1
+  ctl "$d" alpha stop $dev && ctl "$d" beta stop $dev || return 1
+  [ "$(sha256sum < "$d/alpha/data.img")" = "$(sha256sum < "$d/beta/data.img")" ] || { log "failover: backing files differ"; return 1; }
+  gmdd_kill "$d" alpha TERM; gmdd_kill "$d" beta TERM
+}
+
 # nodriver: a host without ublk (GMD_UBLK_CONTROL elsewhere): ublk asked
 # for is refused with the clear message and nothing is created; the
 # default falls back to NBD.
@@ -119,6 +179,7 @@ run mwc mirror_scenario mwc 0
 run async mirror_scenario async 1
 run sync mirror_scenario sync 2
 run recover recover_scenario
+run failover failover_scenario
 run nodriver nodriver_scenario
 
 if [ $FAILED = 0 ]; then echo "RESULT: PASS"; else echo "RESULT: FAIL"; fi
