@@ -64,8 +64,8 @@ const KIND_DATA: u64 = 0;
 const KIND_MAP_PAGE: u64 = 1;
 const KIND_MAP_SYNC: u64 = 2;
 const KIND_WAKE: u64 = 3;
-/// With [`KIND_MAP_SYNC`]: the sync of the data volume for a barrier.
-const DATA_SYNC_INDEX: u64 = 1;
+// With [`KIND_MAP_SYNC`], index 0 is the map's sync; any other index is the
+// id of a data volume sync for a barrier (ids start at 1).
 /// In a group commit's page list: the superblock, not a page.
 const SUPERBLOCK_PAGE: u64 = u64::MAX;
 
@@ -1560,11 +1560,11 @@ impl Worker {
                     };
                     self.send(ToPeer::Resync { seq, region, data });
                 }
-                Action::SyncData => {
+                Action::SyncData(sync) => {
                     let sqe = opcode::Fsync::new(types::Fd(self.data.as_raw_fd()))
                         .flags(types::FsyncFlags::DATASYNC)
                         .build()
-                        .user_data(user_data(KIND_MAP_SYNC, DATA_SYNC_INDEX));
+                        .user_data(user_data(KIND_MAP_SYNC, sync));
                     self.push(sqe)?;
                 }
                 Action::ResyncDone => {
@@ -1728,9 +1728,9 @@ impl Worker {
             self.ops_in_flight -= 1;
             match kind {
                 KIND_DATA => self.on_data_completion(core, index as Slot, res)?,
-                KIND_MAP_SYNC if index == DATA_SYNC_INDEX => {
+                KIND_MAP_SYNC if index != 0 => {
                     core.engine
-                        .data_synced(if res < 0 { Err(-res) } else { Ok(()) });
+                        .data_synced(index, if res < 0 { Err(-res) } else { Ok(()) });
                 }
                 _ => self.on_map_completion(core, kind, index, res)?,
             }

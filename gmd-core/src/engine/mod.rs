@@ -36,6 +36,7 @@
 //!   application's I/O to regions not yet received.
 
 mod activity;
+mod clears;
 mod journal;
 mod resync;
 mod target;
@@ -54,6 +55,7 @@ use crate::statemap::cells::{
 };
 use crate::units::{REGION_SIZE_BYTES, region_bytes};
 use activity::ActivitySet;
+use clears::Clears;
 use journal::Journal;
 use resync::{RegionBits, ResyncSource};
 use target::{Ordered, TargetQueue};
@@ -258,9 +260,9 @@ pub enum Action {
         current: GenId,
     },
     /// Make every completed write to the local data volume durable (fsync);
-    /// report with [`Engine::data_synced`]. Marks are cleared on disk only
-    /// after the data they cover is durable on both sides.
-    SyncData,
+    /// report with [`Engine::data_synced`] and this id. Marks are cleared on
+    /// disk only after the data they cover is durable on both sides.
+    SyncData(u64),
     /// The resync this side took part in is finished.
     ResyncDone,
     /// The link must be set up again: this side wrote alone after the
@@ -530,6 +532,8 @@ enum RemoteKind {
 /// flushes its own; once both are done, the marks of `regions` go.
 #[derive(Debug)]
 struct Barrier {
+    /// The id of its local sync.
+    sync: u64,
     local_done: bool,
     /// The peer's flush (`None`: no peer part: it flushed when it left).
     remote: Option<Seq>,
@@ -594,7 +598,9 @@ pub struct Engine {
     /// Target: the generation taken at connect, to announce once durable.
     adopted: Option<(GenId, Epoch)>,
     /// Regions whose marks may go once a barrier covers them.
-    clear_waiting: Vec<u64>,
+    clears: Clears,
+    /// Id of the next local data sync.
+    next_sync: u64,
     /// The barrier in flight, if any.
     barrier: Option<Barrier>,
     /// The next barrier needs no peer part (the peer flushed as it left).
@@ -635,6 +641,7 @@ impl Engine {
                 map.set(region, CELL_INCONSISTENT);
             }
         }
+        let region_count = map.region_count();
         let total = params.slots_total();
         let app = params.slots_max as Slot;
         let peer = app + params.peer_slots_max as Slot;
@@ -671,7 +678,8 @@ impl Engine {
             gen_source: GenSource::new(gen_seed),
             new_generation_due: true,
             adopted: None,
-            clear_waiting: Vec::with_capacity(params.activity_regions),
+            clears: Clears::new(region_count, params.activity_regions),
+            next_sync: 1,
             barrier: None,
             peer_flushed: false,
             refusal_logged: false,
@@ -721,7 +729,7 @@ impl Engine {
             && self.actions.is_empty()
             && self.remote.is_empty()
             && self.barrier.is_none()
-            && self.clear_waiting.is_empty()
+            && self.clears.is_empty()
     }
 
     /// The data generations as they are now (changes not yet durable included).
@@ -993,6 +1001,7 @@ impl Engine {
         }
         // Write intent (connected) or stale mark (standalone).
         for region in regions.clone() {
+            self.clears.touched(region);
             self.activity.begin(region, self.now_ms);
             let cell = self.journal.map.get(region);
             if self.connected {
@@ -1600,7 +1609,7 @@ impl Engine {
         for run in self.journal.map.dirty_region_runs() {
             for r in run {
                 if self.journal.map.get(r) == CELL_ACTIVE && !self.activity.contains(r) {
-                    self.clear_waiting.push(r);
+                    self.clears.queue(r);
                 }
             }
         }
@@ -1658,8 +1667,9 @@ impl Engine {
         self.adopted = None;
         // Marks waiting for a barrier stay: without the peer's flush the
         // data they cover is not known durable there.
-        self.barrier = None;
-        self.clear_waiting.clear();
+        let barrier = self.barrier.take();
+        self.clears
+            .drop_all(barrier.as_ref().map_or(&[], |b| &b.regions));
         let entries: Vec<RemoteEntry> = self.remote.drain(..).collect();
         for entry in entries {
             if entry.done {
@@ -1752,7 +1762,7 @@ impl Engine {
         for run in self.journal.map.dirty_region_runs() {
             for r in run {
                 if self.journal.map.get(r) == CELL_ACTIVE && self.activity.in_flight(r) == 0 {
-                    self.clear_waiting.push(r);
+                    self.clears.queue(r);
                 }
             }
         }
@@ -1770,7 +1780,7 @@ impl Engine {
             for i in 0..self.evicted.len() {
                 let region = self.evicted[i];
                 if self.journal.map.get(region) == CELL_ACTIVE {
-                    self.clear_waiting.push(region);
+                    self.clears.queue(region);
                 }
             }
         }
@@ -1783,31 +1793,41 @@ impl Engine {
     /// is in flight: the local volume is synced and the peer flushes its own
     /// (a flush in the mirror stream, after everything it covers).
     fn pump_barrier(&mut self) {
-        if self.barrier.is_some() || self.clear_waiting.is_empty() || self.journal.failed {
+        if self.barrier.is_some()
+            || self.clears.is_empty()
+            || self.journal.failed
+            || !(self.connected || self.peer_flushed)
+        {
             return;
         }
-        let remote = if self.connected {
+        // Only regions every write to which completed: the sync and the
+        // flush issued now cover them.
+        let activity = &self.activity;
+        let regions = self.clears.take_for_barrier(|r| activity.in_flight(r) == 0);
+        if regions.is_empty() {
+            return;
+        }
+        let remote = self.connected.then(|| {
             let seq = self.push_remote(None, RemoteKind::Barrier);
             self.actions.push_back(Action::SendFlush { seq });
-            Some(seq)
-        } else if self.peer_flushed {
-            None
-        } else {
-            return;
-        };
-        let regions = std::mem::take(&mut self.clear_waiting);
+            seq
+        });
+        let sync = self.next_sync;
+        self.next_sync += 1;
         self.barrier = Some(Barrier {
+            sync,
             local_done: false,
             remote,
             session: self.session,
             regions,
         });
-        self.actions.push_back(Action::SyncData);
+        self.actions.push_back(Action::SyncData(sync));
     }
 
-    /// Reports the end of [`Action::SyncData`].
-    pub fn data_synced(&mut self, result: Result<(), i32>) {
-        let Some(barrier) = self.barrier.as_mut() else {
+    /// Reports the end of [`Action::SyncData`] `sync`. A sync of a barrier
+    /// that was dropped (the link ended) counts for nothing.
+    pub fn data_synced(&mut self, sync: u64, result: Result<(), i32>) {
+        let Some(barrier) = self.barrier.as_mut().filter(|b| b.sync == sync) else {
             return;
         };
         match result {
@@ -1819,7 +1839,7 @@ impl Engine {
                 // Nothing is known durable: the marks stay, tried again later.
                 tracing::error!(errno, "data volume sync failed; marks are kept");
                 let barrier = self.barrier.take().expect("checked");
-                self.clear_waiting.extend(barrier.regions);
+                self.clears.requeue(&barrier.regions);
             }
         }
     }
@@ -1834,7 +1854,7 @@ impl Engine {
         }
         if !ok {
             let barrier = self.barrier.take().expect("checked");
-            self.clear_waiting.extend(barrier.regions);
+            self.clears.requeue(&barrier.regions);
             return;
         }
         barrier.remote = None;
@@ -1854,6 +1874,10 @@ impl Engine {
         let barrier = self.barrier.take().expect("checked");
         self.stats.barriers += 1;
         for &region in &barrier.regions {
+            // A write started there after the barrier did: not covered.
+            if !self.clears.still_covered(region) {
+                continue;
+            }
             let cell = self.journal.map.get(region);
             let resyncing = self
                 .resync
@@ -1883,9 +1907,8 @@ impl Engine {
     /// Regions whose marks must stay (a local write failed there): taken
     /// out of pending clears.
     fn keep_marked(&mut self, regions: Range<u64>) {
-        self.clear_waiting.retain(|r| !regions.contains(r));
-        if let Some(b) = self.barrier.as_mut() {
-            b.regions.retain(|r| !regions.contains(r));
+        for region in regions {
+            self.clears.keep(region);
         }
     }
 
@@ -2196,7 +2219,7 @@ impl Engine {
             self.journal.set(region, CELL_INCONSISTENT);
         }
         if cell != CELL_RESYNC && cell != CELL_CONSISTENT {
-            self.clear_waiting.push(region);
+            self.clears.queue(region);
             self.pump_barrier();
         }
     }
@@ -2246,7 +2269,7 @@ impl Engine {
         for i in 0..self.evicted.len() {
             let region = self.evicted[i];
             if self.journal.map.get(region) == CELL_ACTIVE {
-                self.clear_waiting.push(region);
+                self.clears.queue(region);
             }
         }
     }
