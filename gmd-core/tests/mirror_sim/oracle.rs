@@ -31,8 +31,6 @@ pub(crate) struct Promises {
     history: Vec<Vec<(u64, WriteId)>>,
     /// Changes so far.
     tick: u64,
-    /// The tick of the writer's last power cut (0: none).
-    last_cut: u64,
 }
 
 impl Promises {
@@ -43,7 +41,6 @@ impl Promises {
             durable: vec![0; blocks],
             history: vec![Vec::new(); blocks],
             tick: 0,
-            last_cut: 0,
         }
     }
 
@@ -84,7 +81,6 @@ impl Promises {
     /// The writer lost its volatile cache: only durable writes stay promised.
     pub(crate) fn power_cut(&mut self) {
         self.tick += 1;
-        self.last_cut = self.tick;
         for b in 0..self.floor.len() {
             if self.floor[b] != self.durable[b] {
                 self.floor[b] = self.durable[b];
@@ -93,26 +89,22 @@ impl Promises {
         }
     }
 
-    /// The tick of the writer's last power cut (0: none).
-    pub(crate) fn last_cut(&self) -> u64 {
-        self.last_cut
-    }
-
     /// The oldest write block `b` may show now.
     pub(crate) fn floor(&self, b: usize) -> WriteId {
         self.floor[b]
     }
 
     /// The floor of block `b` as it was at tick `tick`.
-    pub(crate) fn floor_at(&self, b: usize, tick: u64) -> WriteId {
+    fn floor_at(&self, b: usize, tick: u64) -> WriteId {
         let history = &self.history[b];
         let i = history.partition_point(|&(t, _)| t <= tick);
         if i == 0 { 0 } else { history[i - 1].1 }
     }
 
     /// The lowest floor of block `b` from tick `since` until now: what a
-    /// read submitted at `since` and served now must at least show (a power
-    /// cut meanwhile excuses what it cost).
+    /// read submitted at `since` and served now must at least show, or a
+    /// copy holding a write submitted at `since` (a power cut meanwhile
+    /// excuses what it cost).
     pub(crate) fn lowest_since(&self, b: usize, since: u64) -> WriteId {
         let history = &self.history[b];
         let i = history.partition_point(|&(t, _)| t <= since);
