@@ -99,8 +99,8 @@ use std::ops::Range;
 
 use gmd_core::config::Mode;
 use gmd_core::engine::{
-    Action, Engine, EngineError, EngineParams, Epoch, OpKind, PeerOp, Request, ResyncRole, Seq,
-    Slot,
+    Action, Connection, Engine, EngineError, EngineParams, Epoch, OpKind, PeerOp, Request,
+    ResyncRole, Seq, Slot,
 };
 use gmd_core::statemap::StateMap;
 use gmd_core::statemap::cells::{
@@ -126,10 +126,13 @@ const STEPS: usize = 1500;
 const PRIMARY: usize = 0;
 /// Steps a crashed node stays down at least.
 const DOWN_STEPS: usize = 20;
-/// Rounds of the settle phase with nothing in flight after which a pair
-/// that still has marks is stuck (idle regions leave the activity set after
-/// about 50 rounds).
-const STUCK_ROUNDS: usize = 500;
+/// Milliseconds the settle phase skips ahead when nothing is in flight
+/// (idle regions leave the activity set, failed resync reads are retried
+/// after a back-off of up to a minute).
+const QUIET_SKIP_MS: usize = 100;
+/// Milliseconds with nothing in flight after which a pair that still has
+/// marks is stuck.
+const STUCK_MS: usize = 180_000;
 
 /// A write's identity; block contents are the id of the write that produced them.
 type WriteId = u32;
@@ -225,6 +228,13 @@ struct Node {
     packed_seen: Vec<u8>,
     /// The link session this node's receiver is in (0: none).
     link_session: u64,
+    /// This incarnation of the node's device (a new one at each start), and
+    /// whose sessions its hot regions come from.
+    incarnation: u64,
+    hot_peer: HotPeer,
+    /// What the disk had cached when each of the engine's data syncs in
+    /// flight (`Action::SyncData`) was issued, in issue order.
+    syncs: Vec<CacheSnapshot>,
 }
 
 impl Node {
@@ -248,6 +258,9 @@ impl Node {
             cleared: vec![None; REGIONS as usize],
             packed_seen: StateMap::new(SIZE).packed().to_vec(),
             link_session: 0,
+            incarnation: 1,
+            hot_peer: HotPeer::Nobody,
+            syncs: Vec::new(),
         }
     }
 
@@ -292,6 +305,44 @@ struct History {
     acked: bool,
 }
 
+/// A handshake in progress: what the daemons agreed from the maps they
+/// read, to be carried out at connect.
+#[derive(Clone, Debug)]
+struct Handshake {
+    source: usize,
+    /// The regions to resend, one bit per region.
+    bits: Vec<u8>,
+    /// Steps until the connect.
+    delay: usize,
+    /// Per node: its stale cells and its durable generation when its map
+    /// was read, and its device's incarnation.
+    stale: [u64; 2],
+    current: [u64; 2],
+    incarnation: [u64; 2],
+}
+
+/// Who acknowledged the writes behind a running device's hot regions
+/// (`gmd_core::link::HotPeer`, for the one peer a node has).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HotPeer {
+    /// No session since the device started.
+    Nobody,
+    /// Every session was with this incarnation of the peer's device.
+    Only(u64),
+    /// Sessions with several incarnations.
+    Several,
+}
+
+impl HotPeer {
+    fn session_with(&mut self, incarnation: u64) {
+        *self = match *self {
+            HotPeer::Nobody => HotPeer::Only(incarnation),
+            HotPeer::Only(i) if i == incarnation => HotPeer::Only(i),
+            _ => HotPeer::Several,
+        };
+    }
+}
+
 /// What happened in a run, summed over seeds for the report.
 #[derive(Clone, Copy, Debug, Default)]
 struct Counts {
@@ -302,6 +353,9 @@ struct Counts {
     blocks_lost: usize,
     map_failures: usize,
     resync_read_failures: usize,
+    sync_failures: usize,
+    /// Data syncs issued while another was in flight.
+    syncs_overlapping: usize,
     /// Messages of an ended session dropped by a receiver in a newer one.
     old_dropped: usize,
     /// Blocks of successful reads checked against the promises…
@@ -318,6 +372,8 @@ impl Counts {
         self.blocks_lost += other.blocks_lost;
         self.map_failures += other.map_failures;
         self.resync_read_failures += other.resync_read_failures;
+        self.sync_failures += other.sync_failures;
+        self.syncs_overlapping += other.syncs_overlapping;
         self.old_dropped += other.old_dropped;
         self.read_blocks_checked += other.read_blocks_checked;
         self.read_blocks_lagging += other.read_blocks_lagging;
@@ -353,8 +409,8 @@ struct World {
     settling: bool,
     log: Vec<String>,
     /// A handshake whose maps were read but whose connect has not happened
-    /// yet: (source, resync bits, steps until connect). Writes go on meanwhile.
-    handshaking: Option<(usize, Vec<u8>, usize)>,
+    /// yet. Writes go on meanwhile.
+    handshaking: Option<Handshake>,
     /// Application writes whose local part failed (never acknowledged).
     failed_writes: HashSet<WriteId>,
     counts: Counts,
@@ -552,10 +608,14 @@ impl World {
             Action::SendResyncAdd { region } => self.send(n, Msg::ResyncAdd { region }),
             Action::SendAdopted { current } => self.send(n, Msg::Adopted { current }),
             Action::SyncData => {
-                // Every completed write becomes durable at once.
+                // `Engine::data_synced` does not say which sync completed: a
+                // second one in flight is counted (a sync of an ended barrier
+                // may complete the next one).
+                if !self.nodes[n].syncs.is_empty() {
+                    self.counts.syncs_overlapping += 1;
+                }
                 let cached = self.nodes[n].disk.cached();
-                self.nodes[n].disk.flush(&cached, &mut self.rng);
-                self.engine(n).data_synced(Ok(()));
+                self.nodes[n].syncs.push(cached);
             }
             Action::Renegotiate => {
                 self.note(format!("node {n} asks to renegotiate"));
@@ -747,6 +807,22 @@ impl World {
         }
         let cell = self.nodes[self.primary()].map().get(region_of(b));
         cell != CELL_CONSISTENT && cell != CELL_ACTIVE
+    }
+
+    /// The engine's data sync `index` (of those in flight) completes: what
+    /// was cached when it was issued is durable; or (`GMD_SIM_SYNC_EIO`) it
+    /// fails, and nothing is known durable.
+    fn sync_done(&mut self, n: usize, index: usize) {
+        let issued = self.nodes[n].syncs.remove(index);
+        if self.faults.sync_eio && self.rng.gen_bool(faults::SYNC_EIO_PROBABILITY) {
+            self.counts.sync_failures += 1;
+            self.note(format!("node {n}: data sync fails with EIO"));
+            self.engine(n).data_synced(Err(libc::EIO));
+        } else {
+            self.nodes[n].disk.flush(&issued, &mut self.rng);
+            self.engine(n).data_synced(Ok(()));
+        }
+        self.pump(n);
     }
 
     fn map_commit_done(&mut self, n: usize) {
@@ -1129,11 +1205,12 @@ impl World {
         } else {
             self.primary() // async: the primary; sync/mwc: the side that was running
         };
-        let bits: Vec<u8> = {
-            let a = self.nodes[0].engine.as_ref().unwrap().dirty_bits();
-            let b = self.nodes[1].engine.as_ref().unwrap().dirty_bits();
-            a.iter().zip(&b).map(|(x, y)| x | y).collect()
-        };
+        let bits = self
+            .resync_bits(0)
+            .iter()
+            .zip(&self.resync_bits(1))
+            .map(|(x, y)| x | y)
+            .collect();
         // The maps were read; the connect happens up to about a message's
         // way there and back later (Connect, Accept, Go across the network),
         // long enough for writes issued meanwhile to mark stale, be written
@@ -1143,48 +1220,90 @@ impl World {
         } else {
             self.rng.gen_range(0..16)
         };
-        self.handshaking = Some((source, bits, delay));
+        let engine = |n: usize| self.nodes[n].engine.as_ref().expect("running");
+        self.handshaking = Some(Handshake {
+            source,
+            bits,
+            delay,
+            stale: [s0 as u64, s1 as u64],
+            current: [0, 1].map(|n| engine(n).durable_generations().current),
+            incarnation: [0, 1].map(|n| self.nodes[n].incarnation),
+        });
         self.finish_handshake();
     }
 
+    /// The regions node `n` offers to resend (`gmd_core::link`'s offer):
+    /// its marks, and its hot regions unless every session since its device
+    /// started was with the peer's device as it is now (a peer that
+    /// restarted may have lost what it acknowledged but had not flushed).
+    fn resync_bits(&self, n: usize) -> Vec<u8> {
+        let engine = self.nodes[n].engine.as_ref().expect("running");
+        let mut bits = engine.dirty_bits();
+        if self.nodes[n].hot_peer != HotPeer::Only(self.nodes[1 - n].incarnation) {
+            for (b, hot) in bits.iter_mut().zip(engine.hot_bits()) {
+                *b |= hot;
+            }
+        }
+        bits
+    }
+
     fn finish_handshake(&mut self) {
-        let Some((source, bits, delay)) = self.handshaking.take() else {
+        let Some(mut handshake) = self.handshaking.take() else {
             return;
         };
-        if delay > 0 {
-            self.handshaking = Some((source, bits, delay - 1));
+        if handshake.delay > 0 {
+            handshake.delay -= 1;
+            self.handshaking = Some(handshake);
             return;
         }
-        if !self.link_up || self.nodes.iter().any(|n| n.engine.is_none()) {
+        let restarted = (0..2).any(|n| self.nodes[n].incarnation != handshake.incarnation[n]);
+        if !self.link_up || self.nodes.iter().any(|n| n.engine.is_none()) || restarted {
             return;
         }
+        let Handshake {
+            source,
+            bits,
+            stale,
+            current,
+            ..
+        } = handshake;
         self.check_unsent_regions_match(&bits);
         self.connected = true;
         self.last_session += 1;
         self.session = self.last_session;
-        for node in &mut self.nodes {
-            node.link_session = self.session;
+        for n in 0..2 {
+            self.nodes[n].link_session = self.session;
+            let peer = self.nodes[1 - n].incarnation;
+            self.nodes[n].hot_peer.session_with(peer);
         }
         let regions = bits.iter().map(|b| b.count_ones()).sum::<u32>();
         self.resync_done = [false, false];
         self.resync_read_failed = None;
-        if regions == 0 {
+        let roles = if regions == 0 {
             // Nothing to resend: the daemons connect both without a resync.
             self.resync_source = None;
             self.resync_finished();
             self.note(format!("connect (session {}): no resync", self.session));
-            for n in 0..2 {
-                self.engine(n).connect(ResyncRole::None);
-            }
+            [ResyncRole::None, ResyncRole::None]
         } else {
             self.resync_source = Some(source);
             self.note(format!(
                 "connect (session {}): source {source}, {regions} regions",
                 self.session
             ));
-            self.engine(source)
-                .connect(ResyncRole::Source(bits.clone()));
-            self.engine(1 - source).connect(ResyncRole::Target(bits));
+            let mut roles = [
+                ResyncRole::Target(bits.clone()),
+                ResyncRole::Target(bits.clone()),
+            ];
+            roles[source] = ResyncRole::Source(bits);
+            roles
+        };
+        for (n, role) in roles.into_iter().enumerate() {
+            self.engine(n).connect(Connection {
+                role,
+                peer_current: current[1 - n],
+                stale_at_handshake: stale[n],
+            });
         }
         for n in 0..2 {
             self.pump(n);
@@ -1241,6 +1360,7 @@ impl World {
         let node = &mut self.nodes[n];
         node.slots.clear();
         node.flushes.clear();
+        node.syncs.clear();
         node.busy_blocks.clear();
         node.down_since = Some(self.step);
         node.map_failed = None;
@@ -1281,6 +1401,8 @@ impl World {
             node.cells_seen[r as usize] = engine.map().get(r);
         }
         node.packed_seen = engine.map().packed().to_vec();
+        node.incarnation += 1;
+        node.hot_peer = HotPeer::Nobody;
         node.engine = Some(engine);
         self.nodes[n].down_since = None;
         self.pump(n);
@@ -1573,9 +1695,13 @@ impl World {
                 }
             }
             22..=49 => {
-                if !self.nodes[n].locals.is_empty() {
-                    let i = self.rng.gen_range(0..self.nodes[n].locals.len());
-                    self.local_complete(n, i);
+                let locals = self.nodes[n].locals.len();
+                let operations = locals + self.nodes[n].syncs.len();
+                if operations > 0 {
+                    match self.rng.gen_range(0..operations) {
+                        i if i < locals => self.local_complete(n, i),
+                        i => self.sync_done(n, i - locals),
+                    }
                 }
             }
             50..=61 => {
@@ -1660,6 +1786,10 @@ impl World {
                     self.local_complete(n, 0);
                     progressed = true;
                 }
+                if !self.nodes[n].syncs.is_empty() {
+                    self.sync_done(n, 0);
+                    progressed = true;
+                }
                 let before = self.wires[n].len();
                 self.deliver(n);
                 progressed |= self.wires[n].len() != before;
@@ -1674,10 +1804,9 @@ impl World {
             self.watch();
             self.check();
             let drained = !progressed
-                && self
-                    .nodes
-                    .iter()
-                    .all(|n| n.map_in_flight.is_none() && n.locals.is_empty())
+                && self.nodes.iter().all(|n| {
+                    n.map_in_flight.is_none() && n.locals.is_empty() && n.syncs.is_empty()
+                })
                 && self.wires.iter().all(|w| w.is_empty())
                 && self.handshaking.is_none()
                 && self.connected;
@@ -1693,9 +1822,16 @@ impl World {
                 self.handshake();
                 quiet_rounds = 0;
             } else if drained {
+                // Nothing happens until the engines' clocks say so: skip ahead.
                 quiet_rounds += 1;
-                if quiet_rounds > STUCK_ROUNDS {
+                if quiet_rounds * QUIET_SKIP_MS > STUCK_MS {
                     self.stuck();
+                }
+                self.step += QUIET_SKIP_MS;
+                for n in 0..2 {
+                    let now = self.step as u64;
+                    self.engine(n).tick(now);
+                    self.pump(n);
                 }
             } else {
                 quiet_rounds = 0;
@@ -1708,11 +1844,14 @@ impl World {
     fn stuck(&self) -> ! {
         let stats = |n: usize| self.nodes[n].engine.as_ref().map(|e| e.stats());
         let cause = match (self.resync_source, self.resync_read_failed) {
-            (Some(_), Some((node, region, step))) => format!(
-                "the resync hangs silently: node {node}'s resync read of region {region} failed \
-                 with EIO at step {step}, and the engine dropped the resync \
-                 (Engine::resync_read_done, \"resync stopped\") without ending the session, \
-                 retrying the region or reporting it done, so the marks stay for ever"
+            (Some(source), Some((node, region, step))) => format!(
+                "the resync hangs: node {node}'s resync read of region {region} failed with EIO \
+                 at step {step} (Engine::resync_read_done) and the resync never finished though \
+                 the session went on and nothing is in flight (source: {:?} regions to confirm, \
+                 {:?} waiting to be read again; target: {:?} to receive)",
+                stats(source).map(|s| s.resync_remaining),
+                stats(source).map(|s| s.resync_failed_regions),
+                stats(1 - source).map(|s| s.resync_target_remaining),
             ),
             (Some(source), None) => format!(
                 "the resync from node {source} never finishes though nothing is in flight \
@@ -1866,6 +2005,7 @@ fn two_engines_keep_every_invariant_under_faults() {
                 counts.resync_read_failures,
                 "resync read failures",
             ),
+            (faults.sync_eio, counts.sync_failures, "data sync failures"),
             (
                 faults.old_messages,
                 counts.old_dropped,

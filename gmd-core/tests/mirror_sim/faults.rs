@@ -14,6 +14,9 @@ pub(crate) const POWER_CUT_SHARE: f64 = 0.5;
 pub(crate) const MAP_EIO_PROBABILITY: f64 = 0.002;
 /// Chance that a resync read fails with EIO.
 pub(crate) const RESYNC_EIO_PROBABILITY: f64 = 0.01;
+/// Chance that the engine's sync of the data volume (`Action::SyncData`,
+/// a barrier's local part) fails with EIO.
+pub(crate) const SYNC_EIO_PROBABILITY: f64 = 0.01;
 /// Chance that a message on the wire survives a link loss (it is delivered
 /// once the receiver is in a session again, and must be dropped there).
 pub(crate) const OLD_MESSAGE_SURVIVAL: f64 = 0.3;
@@ -59,6 +62,12 @@ pub(crate) const RESYNC_EIO: Switch = Switch {
     default: false,
     what: "resync reads fail with EIO",
 };
+/// The engine's data syncs fail with EIO now and then.
+pub(crate) const SYNC_EIO: Switch = Switch {
+    env: "GMD_SIM_SYNC_EIO",
+    default: true,
+    what: "data syncs (barriers) fail with EIO",
+};
 /// Messages of an ended link session survive its end and arrive later.
 pub(crate) const OLD_MESSAGES: Switch = Switch {
     env: "GMD_SIM_OLD_MESSAGES",
@@ -85,6 +94,7 @@ pub(crate) struct Faults {
     pub(crate) durable_marks: bool,
     pub(crate) map_eio: bool,
     pub(crate) resync_eio: bool,
+    pub(crate) sync_eio: bool,
     pub(crate) old_messages: bool,
 }
 
@@ -98,6 +108,7 @@ impl Faults {
             durable_marks: DURABLE_MARKS.read(),
             map_eio: MAP_EIO.read(),
             resync_eio: RESYNC_EIO.read(),
+            sync_eio: SYNC_EIO.read(),
             old_messages: OLD_MESSAGES.read(),
         })
     }
@@ -110,6 +121,7 @@ impl Faults {
             (DURABLE_MARKS, self.durable_marks),
             (MAP_EIO, self.map_eio),
             (RESYNC_EIO, self.resync_eio),
+            (SYNC_EIO, self.sync_eio),
             (OLD_MESSAGES, self.old_messages),
         ]
         .iter()
