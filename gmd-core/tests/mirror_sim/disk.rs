@@ -22,10 +22,13 @@ pub(crate) struct Disk {
     version: Vec<u64>,
     /// Per block, the version the durable contents are of.
     durable_version: Vec<u64>,
+    /// Blocks that may be cached (a superset: each is checked when used).
+    dirty: Vec<usize>,
+    in_dirty: Vec<bool>,
 }
 
 /// The blocks a flush covers: those cached when it was issued, with the
-/// write each held and its version.
+/// write each held and its version, in block order.
 pub(crate) type CacheSnapshot = Vec<(usize, WriteId, u64)>;
 
 /// What a power cut keeps of the cache.
@@ -45,6 +48,8 @@ impl Disk {
             durable: vec![0; blocks],
             version: vec![0; blocks],
             durable_version: vec![0; blocks],
+            dirty: Vec::new(),
+            in_dirty: vec![false; blocks],
         }
     }
 
@@ -70,7 +75,22 @@ impl Disk {
         if fua {
             self.durable[b] = id;
             self.durable_version[b] = self.version[b];
+        } else if !self.in_dirty[b] {
+            self.in_dirty[b] = true;
+            self.dirty.push(b);
         }
+    }
+
+    /// The blocks cached now (and forgets those that are not any more).
+    fn dirty_blocks(&mut self) -> Vec<usize> {
+        let (version, durable_version, in_dirty) =
+            (&self.version, &self.durable_version, &mut self.in_dirty);
+        self.dirty.retain(|&b| {
+            let cached = version[b] != durable_version[b];
+            in_dirty[b] = cached;
+            cached
+        });
+        self.dirty.clone()
     }
 
     /// Whether a power cut now could change what block `b` holds.
@@ -79,9 +99,11 @@ impl Disk {
     }
 
     /// The cached blocks, for a flush being issued now.
-    pub(crate) fn cached(&self) -> CacheSnapshot {
-        (0..self.visible.len())
-            .filter(|&b| self.version[b] != self.durable_version[b])
+    pub(crate) fn cached(&mut self) -> CacheSnapshot {
+        let mut blocks = self.dirty_blocks();
+        blocks.sort_unstable();
+        blocks
+            .into_iter()
             .map(|b| (b, self.visible[b], self.version[b]))
             .collect()
     }
@@ -90,9 +112,8 @@ impl Disk {
     /// durable (a block written again since holds the flushed write or the
     /// newer one); blocks cached since the issue may or may not be.
     pub(crate) fn flush(&mut self, issued: &CacheSnapshot, rng: &mut StdRng) {
-        let mut covered = vec![false; self.visible.len()];
+        let dirty = self.dirty_blocks();
         for &(b, id, version) in issued {
-            covered[b] = true;
             if self.durable_version[b] >= version {
                 continue;
             }
@@ -103,7 +124,8 @@ impl Disk {
                 self.settle_block(b);
             }
         }
-        for (b, covered) in covered.into_iter().enumerate() {
+        for b in dirty {
+            let covered = issued.binary_search_by_key(&b, |&(b, _, _)| b).is_ok();
             if !covered && self.version[b] != self.durable_version[b] && rng.gen_bool(0.5) {
                 self.settle_block(b);
             }
@@ -121,10 +143,7 @@ impl Disk {
     /// with that write.
     pub(crate) fn power_cut(&mut self, cut: PowerCut, rng: &mut StdRng) -> Vec<(usize, WriteId)> {
         let mut lost = Vec::new();
-        for b in 0..self.visible.len() {
-            if self.version[b] == self.durable_version[b] {
-                continue;
-            }
+        for b in self.dirty_blocks() {
             if cut == PowerCut::KeepHalf && rng.gen_bool(0.5) {
                 self.settle_block(b);
                 continue;
