@@ -19,14 +19,17 @@
 //! - `GMD_SIM_POWER_CUT` (off, half the crashes): the disks have a volatile
 //!   write cache (`mirror_sim/disk.rs`; always modelled): a completed write
 //!   is durable only once a flush of that disk completes (an `OpKind::Flush`
-//!   local operation, which covers what was cached when it was issued) or if
-//!   it was written with FUA. A power cut is a crash that also loses the
+//!   local operation, or the engine's `Action::SyncData`; each covers what
+//!   was cached when it was issued) or if it was written with FUA. A power cut is a crash that also loses the
 //!   cache: all of it, or each cached block with probability 1/2. Map
 //!   commits are durable once complete (the runtime writes and fdatasyncs).
 //! - `GMD_SIM_MAP_EIO` (on, 0.2 % of commits): a map commit fails (each of
 //!   its pages landed or not); the engine fails writes with `MapFailed`
 //!   from then on, and the administrator restarts the node 5–40 steps later.
-//! - `GMD_SIM_RESYNC_EIO` (off, 1 %): a resync read fails with EIO.
+//! - `GMD_SIM_RESYNC_EIO` (on, 1 %): a resync read fails with EIO; the
+//!   engine reads the region again after a back-off.
+//! - `GMD_SIM_SYNC_EIO` (on, 1 %): the engine's data sync (`SyncData`, the
+//!   local half of a barrier before marks are cleared) fails with EIO.
 //! - `GMD_SIM_OLD_MESSAGES` (on, 30 %): every message carries the link
 //!   session it was sent in; a message on the wire survives a link loss with
 //!   this probability and arrives once the receiver is in a session again.

@@ -59,7 +59,7 @@ pub(crate) const MAP_EIO: Switch = Switch {
 /// Resync reads fail with EIO now and then.
 pub(crate) const RESYNC_EIO: Switch = Switch {
     env: "GMD_SIM_RESYNC_EIO",
-    default: false,
+    default: true,
     what: "resync reads fail with EIO",
 };
 /// The engine's data syncs fail with EIO now and then.
