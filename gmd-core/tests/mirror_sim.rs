@@ -235,9 +235,9 @@ struct Node {
     /// whose sessions its hot regions come from.
     incarnation: u64,
     hot_peer: HotPeer,
-    /// What the disk had cached when each of the engine's data syncs in
-    /// flight (`Action::SyncData`) was issued, in issue order.
-    syncs: Vec<CacheSnapshot>,
+    /// When each of the engine's data syncs in flight (`Action::SyncData`)
+    /// was issued and what the disk had cached then, in issue order.
+    syncs: Vec<(usize, CacheSnapshot)>,
 }
 
 impl Node {
@@ -618,7 +618,7 @@ impl World {
                     self.counts.syncs_overlapping += 1;
                 }
                 let cached = self.nodes[n].disk.cached();
-                self.nodes[n].syncs.push(cached);
+                self.nodes[n].syncs.push((self.step, cached));
             }
             Action::Renegotiate => {
                 self.note(format!("node {n} asks to renegotiate"));
@@ -816,7 +816,13 @@ impl World {
     /// was cached when it was issued is durable; or (`GMD_SIM_SYNC_EIO`) it
     /// fails, and nothing is known durable.
     fn sync_done(&mut self, n: usize, index: usize) {
-        let issued = self.nodes[n].syncs.remove(index);
+        let (step, issued) = self.nodes[n].syncs.remove(index);
+        if let Some(&(other, _)) = self.nodes[n].syncs.first() {
+            self.note(format!(
+                "node {n}: data sync issued at step {step} completes while the one issued at \
+                 step {other} is in flight"
+            ));
+        }
         if self.faults.sync_eio && self.rng.gen_bool(faults::SYNC_EIO_PROBABILITY) {
             self.counts.sync_failures += 1;
             self.note(format!("node {n}: data sync fails with EIO"));
