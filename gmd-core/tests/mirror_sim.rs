@@ -235,9 +235,10 @@ struct Node {
     /// whose sessions its hot regions come from.
     incarnation: u64,
     hot_peer: HotPeer,
-    /// When each of the engine's data syncs in flight (`Action::SyncData`)
-    /// was issued and what the disk had cached then, in issue order.
-    syncs: Vec<(usize, CacheSnapshot)>,
+    /// Each of the engine's data syncs in flight (`Action::SyncData`): its
+    /// id, when it was issued and what the disk had cached then, in issue
+    /// order.
+    syncs: Vec<(u64, usize, CacheSnapshot)>,
 }
 
 impl Node {
@@ -610,15 +611,14 @@ impl World {
             Action::SendPrioritize { region } => self.send(n, Msg::Prioritize { region }),
             Action::SendResyncAdd { region } => self.send(n, Msg::ResyncAdd { region }),
             Action::SendAdopted { current } => self.send(n, Msg::Adopted { current }),
-            Action::SyncData => {
-                // `Engine::data_synced` does not say which sync completed: a
-                // second one in flight is counted (a sync of an ended barrier
-                // may complete the next one).
+            Action::SyncData(sync) => {
+                // Two syncs in flight (the first one's barrier was dropped
+                // with its link): counted; each reports its own id.
                 if !self.nodes[n].syncs.is_empty() {
                     self.counts.syncs_overlapping += 1;
                 }
                 let cached = self.nodes[n].disk.cached();
-                self.nodes[n].syncs.push((self.step, cached));
+                self.nodes[n].syncs.push((sync, self.step, cached));
             }
             Action::Renegotiate => {
                 self.note(format!("node {n} asks to renegotiate"));
@@ -816,8 +816,8 @@ impl World {
     /// was cached when it was issued is durable; or (`GMD_SIM_SYNC_EIO`) it
     /// fails, and nothing is known durable.
     fn sync_done(&mut self, n: usize, index: usize) {
-        let (step, issued) = self.nodes[n].syncs.remove(index);
-        if let Some(&(other, _)) = self.nodes[n].syncs.first() {
+        let (sync, step, issued) = self.nodes[n].syncs.remove(index);
+        if let Some(&(_, other, _)) = self.nodes[n].syncs.first() {
             self.note(format!(
                 "node {n}: data sync issued at step {step} completes while the one issued at \
                  step {other} is in flight"
@@ -826,10 +826,10 @@ impl World {
         if self.faults.sync_eio && self.rng.gen_bool(faults::SYNC_EIO_PROBABILITY) {
             self.counts.sync_failures += 1;
             self.note(format!("node {n}: data sync fails with EIO"));
-            self.engine(n).data_synced(Err(libc::EIO));
+            self.engine(n).data_synced(sync, Err(libc::EIO));
         } else {
             self.nodes[n].disk.flush(&issued, &mut self.rng);
-            self.engine(n).data_synced(Ok(()));
+            self.engine(n).data_synced(sync, Ok(()));
         }
         self.pump(n);
     }

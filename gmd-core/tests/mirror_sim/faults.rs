@@ -1,7 +1,6 @@
 //! The faults the simulator injects: each has a switch (a constant default,
 //! overridden by an environment variable: `1` on, `0` off) and a probability.
-//! The defaults keep the default run green on today's engine: faults that
-//! find engine bugs are off until the engine is fixed.
+//! Every fault is on by default.
 
 use std::sync::OnceLock;
 
@@ -41,13 +40,13 @@ pub(crate) const DATA_EIO: Switch = Switch {
 /// Some crashes are power cuts, which lose the volatile write cache.
 pub(crate) const POWER_CUT: Switch = Switch {
     env: "GMD_SIM_POWER_CUT",
-    default: false,
+    default: true,
     what: "power cuts drop unflushed writes",
 };
 /// Check (3d): a region neither durable map marks is durable on both sides.
 pub(crate) const DURABLE_MARKS: Switch = Switch {
     env: "GMD_SIM_DURABLE_MARKS",
-    default: false,
+    default: true,
     what: "check (3d): unmarked regions are durable on both sides",
 };
 /// Map commits fail with EIO now and then; the administrator restarts the node.
