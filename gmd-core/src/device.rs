@@ -28,7 +28,7 @@ use crate::link::{Identity, PairRole, Regions, SideFacts};
 use crate::mirror::PeerLink;
 #[cfg(feature = "runtime")]
 use crate::runtime::{Runtime, RuntimeConfig};
-use crate::statemap::cells::{CELL_CONSISTENT, CELL_RESYNC, CELL_STALE, StateMap};
+use crate::statemap::cells::{CELL_CONSISTENT, CELL_STALE, StateMap};
 use crate::statemap::file::{MapError, MapFile};
 use crate::statemap::format::{AdminState, PEER_NAME_MAX, Superblock};
 use crate::units::format_size;
@@ -557,35 +557,23 @@ impl DeviceHandle {
             State::Defined => None,
             State::Stopped { map, cells, .. } => {
                 let sb = map.superblock();
-                let marks = Regions::from_bits(&cells.resync_bits(false));
-                Some((
-                    facts_of(
-                        machine,
-                        sb.role == PairRole::Primary,
-                        sb.generations,
-                        cells,
-                        &marks,
-                    ),
-                    marks,
-                    Regions::new(),
+                Some(crate::link::offer_parts(
+                    &machine,
+                    sb.role == PairRole::Primary,
+                    sb.generations,
+                    cells,
+                    crate::link::MapSource::Disk,
                 ))
             }
             State::Available { runtime, role, .. } => {
-                let role = *role;
+                let primary = *role == PairRole::Primary;
                 Some(runtime.port().inspect(|engine: &Engine| {
-                    let cells = engine.map();
-                    let marks = Regions::from_bits(&cells.resync_bits(true));
-                    let hot = Regions::from_bits(&cells.hot_bits());
-                    (
-                        facts_of(
-                            machine,
-                            role == PairRole::Primary,
-                            engine.durable_generations(),
-                            cells,
-                            &marks,
-                        ),
-                        marks,
-                        hot,
+                    crate::link::offer_parts(
+                        &machine,
+                        primary,
+                        engine.durable_generations(),
+                        engine.map(),
+                        crate::link::MapSource::Running,
                     )
                 }))
             }
@@ -1093,25 +1081,6 @@ fn lookup<'a>(
         )));
     }
     Ok(device)
-}
-
-/// The facts of a copy with `cells` for the handshake.
-#[cfg(feature = "runtime")]
-fn facts_of(
-    machine: String,
-    primary: bool,
-    gens: Generations,
-    cells: &StateMap,
-    marks: &Regions,
-) -> SideFacts {
-    SideFacts {
-        machine,
-        primary,
-        gens,
-        stale: cells.count_value(CELL_STALE),
-        not_received: cells.count_value(CELL_RESYNC),
-        marked: marks.count(),
-    }
 }
 
 /// A random seed for new generation ids.

@@ -16,7 +16,7 @@
 //!   of its blocks. The application write completes with the error,
 //!   unacknowledged (what it left counts as a later write over earlier
 //!   ones); a peer write or resync data is answered with the error.
-//! - `GMD_SIM_POWER_CUT` (off, half the crashes): the disks have a volatile
+//! - `GMD_SIM_POWER_CUT` (on, half the crashes): the disks have a volatile
 //!   write cache (`mirror_sim/disk.rs`; always modelled): a completed write
 //!   is durable only once a flush of that disk completes (an `OpKind::Flush`
 //!   local operation, or the engine's `Action::SyncData`; each covers what
@@ -38,7 +38,7 @@
 //!
 //! # Invariants checked after every step
 //! - (3) wherever the two disks differ, at least one durable map marks the region;
-//! - (3d) with `GMD_SIM_DURABLE_MARKS` (off): wherever neither durable map
+//! - (3d) with `GMD_SIM_DURABLE_MARKS` (on): wherever neither durable map
 //!   marks a region, its data is durable on both sides (a mark may be
 //!   cleared only once the data it covers survives a power cut of either
 //!   side; otherwise a power cut leaves the copies different, unmarked);

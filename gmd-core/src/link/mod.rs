@@ -6,11 +6,13 @@
 //! the simulator runs the same code.
 
 mod decide;
+mod facts;
 mod handshake;
 mod regions;
 pub mod roles;
 
 pub use decide::{Basis, Plan, Refusal, Side, SideFacts, decide};
+pub use facts::{MapSource, offer_parts};
 pub use handshake::{
     Accept, HandshakeError, HotPeer, Identity, Link, Offer, PairRole, Part, Start, same_device,
 };
