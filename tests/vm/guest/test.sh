@@ -127,7 +127,8 @@ failover_scenario() {
   mount -t ext4 $bbdev /mnt/fb || { log "failover: mount on beta failed"; return 1; }
   (cd /mnt/fb && sha256sum -c -s /tmp/fo.before) || { log "failover: files synced before the failure differ on beta"; return 1; }
   log "failover: beta serves every file synced before the failure"
-  write_tree /mnt/fb after 20; sync
+  # No global sync from here on: alpha's file system hangs with its server.
+  write_tree /mnt/fb after 20
   (cd /mnt/fb && find before after -type f | sort | xargs sha256sum) > /tmp/fo.all
   umount /mnt/fb || return 1
   e2fsck -fn $bbdev > /tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; return 1; }
@@ -183,4 +184,4 @@ run failover failover_scenario
 run nodriver nodriver_scenario
 
 if [ $FAILED = 0 ]; then echo "RESULT: PASS"; else echo "RESULT: FAIL"; fi
-sync; poweroff -f
+poweroff -f
