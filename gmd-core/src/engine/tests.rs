@@ -1402,7 +1402,11 @@ fn a_barrier_clears_only_what_it_covers() {
     m.tick(2_000_000);
     m.finish_syncs();
     m.ack_flushes();
-    assert_ne!(m.durable.get(0), 0, "the barrier did not cover the new write");
+    assert_ne!(
+        m.durable.get(0),
+        0,
+        "the barrier did not cover the new write"
+    );
     // A later barrier does.
     m.tick(3_000_000);
     m.finish_syncs();
