@@ -133,13 +133,16 @@ failover_scenario() {
   umount /mnt/fb || return 1
   e2fsck -fn $bbdev > /tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; return 1; }
   log "failover: e2fsck clean on beta"
-  # Failback: alpha's old mount is gone with its site; its gmdd returns.
-  umount -l /mnt/fa 2>/dev/null
+  # Failback: alpha's gmdd returns. Its device comes back as secondary; the
+  # old file system's writes still queued in the kernel are reissued and
+  # refused, so that file system gives up and can be unmounted.
   mv "$d/alpha.log" "$d/alpha.log.1"
   gmdd_up "$d" alpha || return 1
   wait_until 120 in_sync "$d" beta $dev || { log "failover: no failback resync"; sync_report "$d" $dev; return 1; }
   ctl "$d" alpha status $dev --json | tr -d ' \n' | grep -q '"role":"secondary"' || { log "failover: alpha did not come back secondary"; sync_report "$d" $dev; return 1; }
   log "failover: alpha came back as secondary and resynchronised"
+  umount /mnt/fa 2>/dev/null || umount -l /mnt/fa 2>/dev/null
+  log "failover: alpha's old file system unmounted"
   link_log "$d"
   ctl "$d" beta secondary $dev || return 1
   wait_until 60 ctl "$d" alpha primary $dev || { log "failover: alpha not promoted"; sync_report "$d" $dev; return 1; }
