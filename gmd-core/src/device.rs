@@ -887,19 +887,7 @@ impl DeviceHandle {
                 *cells = next;
                 Ok(())
             }
-            State::Available { runtime, .. } => {
-                let (tx, rx) = mpsc::channel();
-                runtime.mark_all(value, move |r| {
-                    let _ = tx.send(r);
-                });
-                match rx.recv_timeout(DEVICE_REPLY_TIMEOUT) {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(DeviceError::internal(format!("{name}: {e}"))),
-                    Err(_) => Err(DeviceError::internal(format!(
-                        "{name}: the device thread did not answer"
-                    ))),
-                }
-            }
+            State::Available { .. } => self.change_running(move |engine, _| engine.mark_all(value)),
         }
     }
 
@@ -1002,18 +990,9 @@ impl DeviceHandle {
                 *cells = next;
                 Ok(())
             }
-            State::Available { runtime, .. } => {
-                let (tx, rx) = mpsc::channel();
-                runtime.port().mark_stale(bits.to_vec(), move |r| {
-                    let _ = tx.send(r);
-                });
-                match rx.recv_timeout(DEVICE_REPLY_TIMEOUT) {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(DeviceError::internal(format!("{name}: {e}"))),
-                    Err(_) => Err(DeviceError::internal(format!(
-                        "{name}: the device thread did not answer"
-                    ))),
-                }
+            State::Available { .. } => {
+                let bits = bits.to_vec();
+                self.change_running(move |engine, _| engine.mark_stale_bits(&bits))
             }
         }
     }

@@ -238,8 +238,6 @@ pub type EngineChange = Box<dyn FnOnce(&mut Engine, &mut Superblock) -> Epoch + 
 
 enum Control {
     Snapshot(SnapshotReply),
-    MarkAll(u8, DoneReply),
-    MarkStale(Vec<u8>, DoneReply),
     Change(EngineChange, DoneReply),
     Link(LinkEvent),
     Stop,
@@ -646,15 +644,6 @@ impl Port {
         self.control(Control::Snapshot(Box::new(reply)));
     }
 
-    /// Sets every cell to `value` and calls `reply` once that is durable.
-    pub fn mark_all(
-        &self,
-        value: u8,
-        reply: impl FnOnce(Result<(), EngineError>) + Send + 'static,
-    ) {
-        self.control(Control::MarkAll(value, Box::new(reply)));
-    }
-
     /// Runs `change` on the device thread against the engine and the
     /// superblock (which the next map write writes), and calls `reply` once
     /// the epoch it returns is durable.
@@ -669,16 +658,6 @@ impl Port {
     /// Reads the engine now (under its lock, on the calling thread).
     pub fn inspect<T>(&self, read: impl FnOnce(&Engine) -> T) -> T {
         read(&self.shared.core.lock().expect("core lock").engine)
-    }
-
-    /// Marks the regions whose bit is set stale (unify on the master) and
-    /// calls `reply` once that is durable.
-    pub fn mark_stale(
-        &self,
-        bits: Vec<u8>,
-        reply: impl FnOnce(Result<(), EngineError>) + Send + 'static,
-    ) {
-        self.control(Control::MarkStale(bits, Box::new(reply)));
     }
 
     /// Live counters.
@@ -799,7 +778,8 @@ impl Runtime {
         value: u8,
         reply: impl FnOnce(Result<(), EngineError>) + Send + 'static,
     ) {
-        self.control(Control::MarkAll(value, Box::new(reply)));
+        self.port()
+            .change(move |engine, _| engine.mark_all(value), reply);
     }
 
     /// Finishes every request in flight, waits (up to [`STOP_DRAIN_TIMEOUT`])
@@ -1319,22 +1299,6 @@ impl Worker {
         let engine = &mut core.engine;
         match control {
             Control::Snapshot(reply) => reply(engine.map().clone()),
-            Control::MarkAll(value, reply) => {
-                if engine.map_failed() {
-                    reply(Err(EngineError::MapFailed));
-                } else {
-                    let epoch = engine.mark_all(value);
-                    waiting_marks.push((epoch, reply));
-                }
-            }
-            Control::MarkStale(bits, reply) => {
-                if engine.map_failed() {
-                    reply(Err(EngineError::MapFailed));
-                } else {
-                    let epoch = engine.mark_stale_bits(&bits);
-                    waiting_marks.push((epoch, reply));
-                }
-            }
             Control::Change(change, reply) => {
                 if engine.map_failed() {
                     reply(Err(EngineError::MapFailed));
