@@ -651,3 +651,162 @@ impl Drop for NbdLoop {
         }
     }
 }
+
+/// A minimal NBD client written from the protocol document (fixed
+/// newstyle, `NBD_OPT_GO`, simple replies), for what well-behaved clients
+/// refuse to do: send a write to an export whose flags say it is
+/// read-only, so that the server's own answer can be checked. It also
+/// writes without flushing, which qemu-io does not (it flushes when it
+/// closes the image).
+pub struct RawNbd {
+    stream: std::net::TcpStream,
+    /// Transmission flags the server sent at the handshake.
+    pub flags: u16,
+    /// Export size the server sent.
+    pub size_bytes: u64,
+    cookie: u64,
+}
+
+/// NBD transmission flag: the export is read-only.
+pub const NBD_FLAG_READ_ONLY: u16 = 1 << 1;
+/// NBD error: operation not permitted.
+pub const NBD_EPERM: u32 = 1;
+
+impl RawNbd {
+    /// Connects to `url` (`nbd://HOST:PORT`) and opens `export`.
+    ///
+    /// # Errors
+    /// Connection or protocol errors, or the server refusing the export.
+    pub fn connect(url: &str, export: &str) -> std::io::Result<RawNbd> {
+        use std::io::{Error, Read, Write};
+        let addr = url.trim_start_matches("nbd://").trim_end_matches('/');
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.set_nodelay(true)?;
+        let mut hello = [0u8; 18];
+        stream.read_exact(&mut hello)?;
+        if &hello[..8] != b"NBDMAGIC" || &hello[8..16] != b"IHAVEOPT" {
+            return Err(Error::other("not a newstyle NBD server"));
+        }
+        // Fixed newstyle, no zeroes.
+        stream.write_all(&3u32.to_be_bytes())?;
+        let mut data = Vec::new();
+        data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        data.extend_from_slice(export.as_bytes());
+        // One information request: NBD_INFO_BLOCK_SIZE (this client sends
+        // aligned requests only, which gmd asks clients to promise).
+        data.extend_from_slice(&1u16.to_be_bytes());
+        data.extend_from_slice(&3u16.to_be_bytes());
+        let mut opt = Vec::new();
+        opt.extend_from_slice(b"IHAVEOPT");
+        opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+        opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        opt.extend_from_slice(&data);
+        stream.write_all(&opt)?;
+        let (mut flags, mut size_bytes) = (None, 0);
+        loop {
+            let mut head = [0u8; 20];
+            stream.read_exact(&mut head)?;
+            let reply = u32::from_be_bytes(head[12..16].try_into().expect("4"));
+            let len = u32::from_be_bytes(head[16..20].try_into().expect("4")) as usize;
+            let mut body = vec![0u8; len];
+            stream.read_exact(&mut body)?;
+            match reply {
+                1 => break, // NBD_REP_ACK
+                3 if body.len() >= 12 && body[..2] == [0, 0] => {
+                    // NBD_REP_INFO, NBD_INFO_EXPORT: size and flags.
+                    size_bytes = u64::from_be_bytes(body[2..10].try_into().expect("8"));
+                    flags = Some(u16::from_be_bytes(body[10..12].try_into().expect("2")));
+                }
+                3 => {}
+                e if e & (1 << 31) != 0 => {
+                    return Err(Error::other(format!(
+                        "export {export} refused: reply {e:#x} {}",
+                        String::from_utf8_lossy(&body)
+                    )));
+                }
+                other => return Err(Error::other(format!("unexpected option reply {other}"))),
+            }
+        }
+        Ok(RawNbd {
+            stream,
+            flags: flags.ok_or_else(|| Error::other("no NBD_INFO_EXPORT"))?,
+            size_bytes,
+            cookie: 0,
+        })
+    }
+
+    /// Whether the server said the export is read-only.
+    pub fn read_only(&self) -> bool {
+        self.flags & NBD_FLAG_READ_ONLY != 0
+    }
+
+    fn request(&mut self, kind: u16, offset: u64, len: u32, payload: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.cookie += 1;
+        let mut req = Vec::with_capacity(28 + payload.len());
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&kind.to_be_bytes());
+        req.extend_from_slice(&self.cookie.to_be_bytes());
+        req.extend_from_slice(&offset.to_be_bytes());
+        req.extend_from_slice(&len.to_be_bytes());
+        req.extend_from_slice(payload);
+        self.stream.write_all(&req)
+    }
+
+    /// Reads the simple reply to the last request: its error (0 = success).
+    fn reply(&mut self) -> std::io::Result<u32> {
+        use std::io::Read;
+        let mut head = [0u8; 16];
+        self.stream.read_exact(&mut head)?;
+        if head[..4] != 0x6744_6698u32.to_be_bytes() {
+            return Err(std::io::Error::other("not a simple reply"));
+        }
+        if u64::from_be_bytes(head[8..16].try_into().expect("8")) != self.cookie {
+            return Err(std::io::Error::other("reply to another request"));
+        }
+        Ok(u32::from_be_bytes(head[4..8].try_into().expect("4")))
+    }
+
+    /// Writes `data` at `offset` without flushing; the NBD error (0 = done).
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<u32> {
+        self.request(1, offset, data.len() as u32, data)?;
+        self.reply()
+    }
+
+    /// Reads `len` bytes at `offset`: the data, or the NBD error.
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub fn read(&mut self, offset: u64, len: u32) -> std::io::Result<Result<Vec<u8>, u32>> {
+        use std::io::Read;
+        self.request(0, offset, len, &[])?;
+        let error = self.reply()?;
+        if error != 0 {
+            return Ok(Err(error));
+        }
+        let mut data = vec![0u8; len as usize];
+        self.stream.read_exact(&mut data)?;
+        Ok(Ok(data))
+    }
+
+    /// Flushes; the NBD error (0 = done).
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub fn flush(&mut self) -> std::io::Result<u32> {
+        self.request(3, 0, 0, &[])?;
+        self.reply()
+    }
+}
+
+impl Drop for RawNbd {
+    fn drop(&mut self) {
+        // NBD_CMD_DISC, then close.
+        let _ = self.request(2, 0, 0, &[]);
+    }
+}
