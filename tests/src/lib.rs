@@ -810,3 +810,304 @@ impl Drop for RawNbd {
         let _ = self.request(2, 0, 0, &[]);
     }
 }
+
+/// A disk with a volatile write cache, for power cuts.
+///
+/// `file` plays the platters. `nbdkit` serves it through its cache filter
+/// in writeback mode (`nbdkit-cache-filter(1)`): a write stays in nbdkit's
+/// own cache (a temporary file in `dir`, unlinked) until the client
+/// flushes, then goes to `file` and the file plugin syncs it. `nbdfuse`
+/// shows the export as a file and `losetup --direct-io=on` makes that a
+/// block device, so O_DIRECT writes and fdatasync on the device go
+/// through to nbdkit unchanged (fdatasync → loop flush → FUSE fsync →
+/// NBD_CMD_FLUSH). [`VolatileDisk::cut`] is a power cut: nbdkit is killed
+/// with SIGKILL, and every write not flushed is lost with its cache.
+/// [`VolatileDisk::restart`] powers the disk up again on the same file.
+///
+/// `link` is a symbolic link kept pointing at the current loop device:
+/// name it in gmdd's configuration (`data` or `state_map`).
+///
+/// Dropping the disk kills nbdkit and removes the loop device and the FUSE
+/// mount (lazily if something still holds them), also after a failed test.
+pub struct VolatileDisk {
+    file: PathBuf,
+    dir: PathBuf,
+    /// The symbolic link to the current loop device.
+    pub link: PathBuf,
+    /// The loop device now, e.g. `/dev/loop3` (empty while cut).
+    pub loop_dev: String,
+    nbdkit: Option<Child>,
+    nbdfuse: Option<Child>,
+    powered: u32,
+}
+
+impl VolatileDisk {
+    /// Powers up a disk on `file` (which must exist with its final size),
+    /// working in `dir` (created), with `link` pointing at its loop device.
+    ///
+    /// # Panics
+    /// When nbdkit, nbdfuse or losetup fail (root, `/dev/fuse` and the
+    /// packages `nbdkit`, `libnbd-bin`/`nbdfuse`, `fuse3` are needed).
+    pub fn new(file: &Path, dir: &Path, link: &Path) -> VolatileDisk {
+        std::fs::create_dir_all(dir).expect("disk dir");
+        let mut disk = VolatileDisk {
+            file: file.to_owned(),
+            dir: dir.to_owned(),
+            link: link.to_owned(),
+            loop_dev: String::new(),
+            nbdkit: None,
+            nbdfuse: None,
+            powered: 0,
+        };
+        disk.restart();
+        disk
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("nbdkit.sock")
+    }
+
+    fn fuse_dir(&self) -> PathBuf {
+        self.dir.join("fuse")
+    }
+
+    /// Powers the disk up (again) on the same file: a new nbdkit with an
+    /// empty cache, a new FUSE file and loop device; `link` follows.
+    ///
+    /// # Panics
+    /// If the disk is running, or a tool fails.
+    pub fn restart(&mut self) {
+        assert!(self.nbdkit.is_none(), "the disk is running");
+        self.powered += 1;
+        let socket = self.socket();
+        let _ = std::fs::remove_file(&socket);
+        let mut nbdkit = Command::new("nbdkit");
+        nbdkit
+            .args(["-f", "--exit-with-parent", "-U"])
+            .arg(&socket)
+            .args(["--filter=cache", "file"])
+            .arg(&self.file)
+            .arg("cache=writeback")
+            // The cache's temporary file lives here, not in /var/tmp.
+            .env("TMPDIR", &self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(self.dir.join(format!("nbdkit{}.log", self.powered)))
+                    .expect("nbdkit log"),
+            );
+        self.nbdkit = Some(nbdkit.spawn().expect("nbdkit (package nbdkit)"));
+        wait_for("nbdkit's socket", Duration::from_secs(10), || {
+            socket.exists()
+        });
+        let fuse_dir = self.fuse_dir();
+        std::fs::create_dir_all(&fuse_dir).expect("fuse dir");
+        self.nbdfuse = Some(
+            Command::new("nbdfuse")
+                .arg(fuse_dir.join("nbd"))
+                .arg("--unix")
+                .arg(&socket)
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("nbdfuse (package nbdfuse / libnbd-bin)"),
+        );
+        let file = fuse_dir.join("nbd");
+        wait_for("nbdfuse", Duration::from_secs(10), || file.exists());
+        self.loop_dev = run(Command::new("losetup")
+            .args(["-f", "--show", "--direct-io=on"])
+            .arg(&file))
+        .ok()
+        .stdout
+        .trim()
+        .to_owned();
+        let dio = std::fs::read_to_string(format!(
+            "/sys/block/{}/loop/dio",
+            self.loop_dev.trim_start_matches("/dev/")
+        ))
+        .unwrap_or_default();
+        assert_eq!(
+            dio.trim(),
+            "1",
+            "{} does not do direct I/O on its FUSE file: writes would wait in the page cache",
+            self.loop_dev
+        );
+        // Point the link at the new device (rename replaces atomically).
+        let tmp = self.link.with_extension("new");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&self.loop_dev, &tmp).expect("symlink");
+        std::fs::rename(&tmp, &self.link).expect("rename symlink");
+    }
+
+    /// Power cut: nbdkit is killed with SIGKILL, losing every write that
+    /// was not flushed, then the loop device and FUSE mount are removed.
+    /// To cut a machine, kill its gmdd in the same instant: see
+    /// [`power_cut`].
+    pub fn cut(&mut self) {
+        self.kill_nbdkit();
+        self.teardown();
+    }
+
+    fn kill_nbdkit(&mut self) {
+        if let Some(mut nbdkit) = self.nbdkit.take() {
+            let _ = nbdkit.kill();
+            let _ = nbdkit.wait();
+        }
+    }
+
+    /// Sends SIGKILL to nbdkit without waiting (see [`power_cut`]).
+    fn signal_nbdkit(&self) {
+        if let Some(nbdkit) = &self.nbdkit {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(nbdkit.id() as i32, libc::SIGKILL);
+            }
+        }
+    }
+
+    fn teardown(&mut self) {
+        if !self.loop_dev.is_empty() {
+            let _ = Command::new("losetup")
+                .args(["-d", &self.loop_dev])
+                .stderr(Stdio::null())
+                .status();
+            self.loop_dev.clear();
+        }
+        let fuse_dir = self.fuse_dir();
+        let unmounted = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&fuse_dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&fuse_dir)
+                .stderr(Stdio::null())
+                .status();
+        }
+        if let Some(mut nbdfuse) = self.nbdfuse.take() {
+            let _ = nbdfuse.kill();
+            let _ = nbdfuse.wait();
+        }
+    }
+
+    /// Flushes the disk's cache to the file: fdatasync on the loop device.
+    ///
+    /// # Panics
+    /// If the disk is cut or the flush fails.
+    pub fn flush(&self) {
+        let dev = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.loop_dev)
+            .expect("open the loop device");
+        dev.sync_data().expect("fdatasync through the loop device");
+    }
+
+    /// Flushes, then stops nbdkit and removes the loop device: the file
+    /// holds everything written.
+    pub fn shut_down(mut self) {
+        self.flush();
+        self.cut();
+    }
+}
+
+impl Drop for VolatileDisk {
+    fn drop(&mut self) {
+        self.kill_nbdkit();
+        self.teardown();
+    }
+}
+
+/// A power cut of a machine: its gmdd and its disks' nbdkit get SIGKILL in
+/// the same instant (gmdd first, so it never sees a disk fail; what it had
+/// in flight lands in the cache that dies with nbdkit), then the disks'
+/// loop devices and FUSE mounts are removed.
+pub fn power_cut(gmdd: Gmdd, disks: &mut [&mut VolatileDisk]) {
+    // SAFETY: kill(2) on a child's pid.
+    unsafe {
+        libc::kill(gmdd.pid() as i32, libc::SIGKILL);
+    }
+    for disk in disks.iter() {
+        disk.signal_nbdkit();
+    }
+    gmdd.kill9();
+    for disk in disks.iter_mut() {
+        disk.cut();
+    }
+}
+
+/// Writes `data` at `offset` of `path` with O_DIRECT (no page cache), and
+/// fdatasyncs afterwards when `sync`.
+///
+/// # Panics
+/// On any I/O error, or when `offset` and `data` are not 4 KiB aligned.
+pub fn write_direct(path: &Path, offset: u64, data: &[u8], sync: bool) {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .expect("open O_DIRECT");
+    let buf = AlignedBuf::from(data);
+    file.write_all_at(buf.as_slice(), offset)
+        .expect("O_DIRECT write");
+    if sync {
+        file.sync_data().expect("fdatasync");
+    }
+}
+
+/// Reads `len` bytes at `offset` of `path` with O_DIRECT.
+///
+/// # Panics
+/// On any I/O error, or when `offset` and `len` are not 4 KiB aligned.
+pub fn read_direct(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .expect("open O_DIRECT");
+    let mut buf = AlignedBuf::from(&vec![0u8; len][..]);
+    file.read_exact_at(buf.as_mut_slice(), offset)
+        .expect("O_DIRECT read");
+    buf.as_slice().to_vec()
+}
+
+/// A 4 KiB-aligned buffer for O_DIRECT.
+struct AlignedBuf {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn from(data: &[u8]) -> AlignedBuf {
+        assert!(
+            !data.is_empty() && data.len() % 4096 == 0,
+            "O_DIRECT needs 4 KiB multiples"
+        );
+        let layout = std::alloc::Layout::from_size_align(data.len(), 4096).expect("layout");
+        // SAFETY: non-zero size; the copy stays within the allocation.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        assert!(!ptr.is_null(), "out of memory");
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, data.len()) };
+        AlignedBuf { ptr, layout }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: allocated and initialised for layout.size() bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
