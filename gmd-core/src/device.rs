@@ -353,7 +353,10 @@ impl DeviceHandle {
             unreachable!("STOPPED devices have a map")
         };
         let (recorded, _) = self.recorded();
-        let wanted = if options.restoring {
+        // A format 1 map recorded no role: restored, the device takes its
+        // configured one, as a start does.
+        let role_recorded = self.map_file().is_none_or(|m| m.superblock().role_recorded);
+        let wanted = if options.restoring && role_recorded {
             recorded
         } else if self.local().role == Role::Primary {
             PairRole::Primary
@@ -459,6 +462,7 @@ impl DeviceHandle {
         if let Err(e) = map.update_superblock(|sb| {
             sb.admin_state = AdminState::Available;
             sb.role = role;
+            sb.role_recorded = true;
         }) {
             self.state = State::Stopped {
                 map,
