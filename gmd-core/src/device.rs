@@ -373,13 +373,17 @@ impl DeviceHandle {
                 };
                 continue;
             }
+            // Restoring after a restart, a peer that is not there yet
+            // (unreachable, or restoring or starting its copy at the same
+            // moment) is not waited for: the device comes back in the role
+            // that is safe without it and connects when the peer is there.
+            if options.restoring && (!peer.reachable || peer.starting || !peer.available) {
+                peer_condition = PeerCondition::Unknown {
+                    machine: peer.machine.clone(),
+                };
+                continue;
+            }
             if !peer.reachable {
-                if options.restoring {
-                    peer_condition = PeerCondition::Unknown {
-                        machine: peer.machine.clone(),
-                    };
-                    continue;
-                }
                 return Err(DeviceError::refused(format!(
                     "{name}: start refused: remote peer {} cannot be reached. If {} is down, \
                      record it with 'gmdctl down {name} {}' and start again \

@@ -392,3 +392,42 @@ fn a_device_restored_from_a_format_1_map_takes_its_configured_role() {
     assert_eq!(dev.role(), PairRole::Primary, "the configured role");
     assert_eq!(dev.role_note(), None);
 }
+
+#[test]
+fn a_restore_does_not_wait_for_a_peer_restoring_at_the_same_moment() {
+    let s = site();
+    {
+        let mut dev = handle(&s);
+        dev.init_state(uuid::Uuid::from_u128(42), NewVolume::Zeroed, false)
+            .unwrap();
+        dev.configure().unwrap();
+        dev.start(&[beta(true)], &StartOptions::default()).unwrap();
+        // Dropped while AVAILABLE and mirroring (beta not recorded down).
+    }
+    let starting = PeerView {
+        available: false,
+        starting: true,
+        ..beta(true)
+    };
+    let stopped = PeerView {
+        available: false,
+        ..beta(true)
+    };
+    // A restore (both daemons restarting at once) goes on: the device
+    // comes back and connects once the peer is there.
+    for peer in [starting.clone(), stopped] {
+        let mut dev = handle(&s);
+        assert_eq!(
+            dev.restore(&[peer], &StartOptions::default()).unwrap(),
+            AdminState::Available
+        );
+        assert_eq!(dev.role(), PairRole::Secondary);
+    }
+    // A start by the administrator is still refused while the peer starts.
+    let mut dev = handle(&s);
+    dev.configure().unwrap();
+    let err = dev
+        .start(&[starting], &StartOptions::default())
+        .unwrap_err();
+    assert!(err.message.contains("is starting the device"), "{err}");
+}
