@@ -1111,3 +1111,103 @@ impl Drop for AlignedBuf {
         unsafe { std::alloc::dealloc(self.ptr, self.layout) };
     }
 }
+
+/// The state map format, as far as the upgrade tests need it (offsets from
+/// `gmd_core::statemap::format`, written out here so that the test does not
+/// trust the code it tests).
+mod map_format {
+    pub(super) const BLOCK: usize = 4096;
+    pub(super) const SUPER_MAGIC: &[u8; 8] = b"GMDSMAP\0";
+    pub(super) const PAGE_MAGIC: &[u8; 8] = b"GMDSPAGE";
+    /// Version: u16 little-endian at byte 8 of every block.
+    pub(super) const VERSION: usize = 8;
+    /// Superblock: sequence number (u64 LE).
+    pub(super) const SUPER_SEQ: usize = 72;
+    /// Superblock: the version 2 fields (generations, role).
+    pub(super) const SUPER_V2: std::ops::Range<usize> = 1024..1072;
+    /// Superblock: CRC32 in the last 4 bytes.
+    pub(super) const SUPER_CRC: usize = BLOCK - 4;
+    /// Page: CRC32 at byte 60.
+    pub(super) const PAGE_CRC: usize = 60;
+
+    /// CRC32 of `block` with its CRC field zeroed.
+    pub(super) fn crc(block: &[u8], at: usize) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&block[..at]);
+        h.update(&[0; 4]);
+        h.update(&block[at + 4..]);
+        h.finalize()
+    }
+
+    pub(super) fn crc_ok(block: &[u8], at: usize) -> bool {
+        block[at..at + 4] == crc(block, at).to_le_bytes()
+    }
+
+    pub(super) fn set_crc(block: &mut [u8], at: usize) {
+        let c = crc(block, at);
+        block[at..at + 4].copy_from_slice(&c.to_le_bytes());
+    }
+}
+
+/// Rewrites the state map at `path` as gmd wrote it before data generations
+/// (format version 1): in each valid superblock copy the version field
+/// becomes 1 and the version 2 area (bytes 1024..1072: generations, role)
+/// zeroes; each valid page copy gets version 1 too (pages did not change
+/// otherwise); checksums are recomputed. Blocks that are not valid (never
+/// written, torn) are left as they are. Returns how many superblock copies
+/// were rewritten.
+///
+/// # Panics
+/// If the file cannot be read or written.
+pub fn make_format_1_map(path: &Path) -> usize {
+    use map_format::*;
+    let mut bytes = std::fs::read(path).expect("read state map");
+    let mut supers = 0;
+    for (i, block) in bytes.chunks_exact_mut(BLOCK).enumerate() {
+        if i < 2 && &block[..8] == SUPER_MAGIC && crc_ok(block, SUPER_CRC) {
+            block[VERSION..VERSION + 2].copy_from_slice(&1u16.to_le_bytes());
+            block[SUPER_V2].fill(0);
+            set_crc(block, SUPER_CRC);
+            supers += 1;
+        } else if i >= 2 && &block[..8] == PAGE_MAGIC && crc_ok(block, PAGE_CRC) {
+            block[VERSION..VERSION + 2].copy_from_slice(&1u16.to_le_bytes());
+            set_crc(block, PAGE_CRC);
+        }
+    }
+    std::fs::write(path, &bytes).expect("write state map");
+    supers
+}
+
+/// `(format version, sequence number)` of each valid superblock copy of the
+/// state map at `path` (copy A, copy B; `None` for a copy that is not valid).
+///
+/// # Panics
+/// If the file cannot be read.
+pub fn map_superblocks(path: &Path) -> [Option<(u16, u64)>; 2] {
+    use map_format::*;
+    let bytes = std::fs::read(path).expect("read state map");
+    let copy = |i: usize| {
+        let block = bytes.get(i * BLOCK..(i + 1) * BLOCK)?;
+        if &block[..8] != SUPER_MAGIC || !crc_ok(block, SUPER_CRC) {
+            return None;
+        }
+        Some((
+            u16::from_le_bytes(block[VERSION..VERSION + 2].try_into().expect("2")),
+            u64::from_le_bytes(block[SUPER_SEQ..SUPER_SEQ + 8].try_into().expect("8")),
+        ))
+    };
+    [copy(0), copy(1)]
+}
+
+/// Format version of the newest valid superblock copy (the one gmd reads).
+///
+/// # Panics
+/// If no copy is valid.
+pub fn map_version(path: &Path) -> u16 {
+    map_superblocks(path)
+        .into_iter()
+        .flatten()
+        .max_by_key(|&(_, seq)| seq)
+        .expect("a valid superblock")
+        .0
+}
