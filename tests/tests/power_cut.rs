@@ -148,12 +148,13 @@ impl Drop for Fio {
     }
 }
 
-/// The mwc example cluster with beta's data volume and state map on
+/// The example cluster in `mode` (sync or mwc) with beta's data volume and state map on
 /// [`VolatileDisk`]s (one cache each, cut together), both sides
 /// initialised as zeroed volumes.
-fn cluster_with_volatile_secondary() -> (Cluster, VolatileDisk, VolatileDisk) {
+fn cluster_with_volatile_secondary(mode: &str) -> (Cluster, VolatileDisk, VolatileDisk) {
     let cluster = Cluster::with_config(|text| {
         text.replace("promote_failure_timeout = 5", "promote_failure_timeout = 2")
+            .replace("mode = \"mwc\"", &format!("mode = \"{mode}\""))
             .replace("data = \"beta/data10.img\"", "data = \"beta/data10.dev\"")
             .replace(
                 "state_map = \"beta/data10.sm\"",
@@ -191,11 +192,44 @@ fn pieces_lacking(path: &Path, offset: u64, len: u64, byte: u8) -> usize {
         .count()
 }
 
-#[test]
-fn an_mwc_secondary_that_loses_power_and_its_disk_cache_is_made_whole_again() {
-    let (cluster, mut data, mut map) = cluster_with_volatile_secondary();
+/// Waits until the resync to beta has moved half of its regions or more, not all.
+fn resync_half_way(alpha: &Gmdd) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    wait_for(
+        "the resync to be under way",
+        Duration::from_secs(60),
+        || {
+            last = alpha.status_json(DEV)["link"].clone();
+            let (total, left) = (
+                last["resync_total"].as_u64().unwrap_or(0),
+                last["resync_remaining"].as_u64().unwrap_or(0),
+            );
+            last["connected"] == true && left > 0 && left <= total / 2
+        },
+    );
+    last
+}
+
+/// An mwc or sync pair whose secondary (data and map on [`VolatileDisk`]s)
+/// loses its power during the primary's writes, with and without flushes;
+/// with `again_in_resync`, a second time while it resynchronises. In the
+/// end both copies are identical.
+fn secondary_power_cut(mode: &str, again_in_resync: bool) {
+    let (cluster, mut data, mut map) = cluster_with_volatile_secondary(mode);
     let (alpha, beta) = cluster.start_pair();
     let beta_file = cluster.path("beta/data10.img");
+
+    // A flush that completed on the primary: beta's disk flushed too.
+    let mut raw = RawNbd::connect(&alpha.nbd, DEV).expect("NBD handshake");
+    for i in 0..16 {
+        assert_eq!(raw.write(160 * MIB + i * 65536, &[0x66; 65536]).unwrap(), 0);
+    }
+    assert_eq!(raw.flush().unwrap(), 0);
+    assert_eq!(
+        pieces_lacking(&beta_file, 160 * MIB, MIB, 0x66),
+        0,
+        "a completed flush left writes in beta's volatile cache"
+    );
 
     // Writes with flushes (each flush is a barrier: beta's disk flushes).
     let flushed = Fio::spawn(
@@ -214,8 +248,7 @@ fn an_mwc_secondary_that_loses_power_and_its_disk_cache_is_made_whole_again() {
         &cluster.path("fio-unflushed.log"),
     );
     flushed.assert_clean(Duration::from_secs(60));
-    // Acknowledged by alpha (mwc: beta received them), never flushed.
-    let mut raw = RawNbd::connect(&alpha.nbd, DEV).expect("NBD handshake");
+    // Acknowledged by alpha (beta received them), never flushed.
     for i in 0..16 {
         assert_eq!(raw.write(128 * MIB + i * 65536, &[0x77; 65536]).unwrap(), 0);
     }
@@ -225,27 +258,39 @@ fn an_mwc_secondary_that_loses_power_and_its_disk_cache_is_made_whole_again() {
     power_cut(beta, &mut [&mut data, &mut map]);
     let lost = pieces_lacking(&beta_file, 128 * MIB, MIB, 0x77);
     eprintln!(
-        "the cut lost {lost} of 16 acknowledged, unflushed 64 KiB writes on beta's platters \
-         ({:?} after they were acknowledged)",
+        "{mode}: the cut lost {lost} of 16 acknowledged, unflushed 64 KiB writes on beta's \
+         platters ({:?} after they were acknowledged)",
         written_unflushed.elapsed()
     );
     assert!(
         lost > 0,
         "nothing unflushed was lost: the cut did not test what it should"
     );
+    assert_eq!(pieces_lacking(&beta_file, 160 * MIB, MIB, 0x66), 0);
     alpha.wait_mirroring(DEV, false);
 
     // Power back: the same platters, an empty cache, a new gmdd that
     // restores the device and resynchronises.
     data.restart();
     map.restart();
-    let beta = cluster.gmdd("beta");
+    let mut beta = cluster.gmdd("beta");
+    if again_in_resync {
+        let link = resync_half_way(&alpha);
+        eprintln!("{mode}: cut again during the resync: {link}");
+        power_cut(beta, &mut [&mut data, &mut map]);
+        alpha.wait_mirroring(DEV, false);
+        data.restart();
+        map.restart();
+        beta = cluster.gmdd("beta");
+    }
     alpha.wait_mirroring(DEV, true);
     unflushed.assert_clean(Duration::from_secs(120));
     alpha.wait_in_sync(DEV);
     beta.wait_in_sync(DEV);
-    let status = alpha.status_json(DEV);
-    eprintln!("alpha after the resync: {}", status["link"]);
+    eprintln!(
+        "{mode}: alpha after the resync: {}",
+        alpha.status_json(DEV)["link"]
+    );
     alpha.ctl(&["stop", DEV]).ok();
     beta.ctl(&["stop", DEV]).ok();
     data.flush();
@@ -254,4 +299,19 @@ fn an_mwc_secondary_that_loses_power_and_its_disk_cache_is_made_whole_again() {
     beta.terminate();
     data.shut_down();
     map.shut_down();
+}
+
+#[test]
+fn an_mwc_secondary_that_loses_power_and_its_disk_cache_is_made_whole_again() {
+    secondary_power_cut("mwc", false);
+}
+
+#[test]
+fn a_sync_secondary_that_loses_power_and_its_disk_cache_is_made_whole_again() {
+    secondary_power_cut("sync", false);
+}
+
+#[test]
+fn an_mwc_secondary_that_loses_power_again_during_its_resync_is_made_whole() {
+    secondary_power_cut("mwc", true);
 }
