@@ -353,7 +353,10 @@ impl DeviceHandle {
             unreachable!("STOPPED devices have a map")
         };
         let (recorded, _) = self.recorded();
-        let wanted = if options.restoring {
+        // A format 1 map recorded no role: restored, the device takes its
+        // configured one, as a start does.
+        let role_recorded = self.map_file().is_none_or(|m| m.superblock().role_recorded);
+        let wanted = if options.restoring && role_recorded {
             recorded
         } else if self.local().role == Role::Primary {
             PairRole::Primary
@@ -370,13 +373,17 @@ impl DeviceHandle {
                 };
                 continue;
             }
+            // Restoring after a restart, a peer that is not there yet
+            // (unreachable, or restoring or starting its copy at the same
+            // moment) is not waited for: the device comes back in the role
+            // that is safe without it and connects when the peer is there.
+            if options.restoring && (!peer.reachable || peer.starting || !peer.available) {
+                peer_condition = PeerCondition::Unknown {
+                    machine: peer.machine.clone(),
+                };
+                continue;
+            }
             if !peer.reachable {
-                if options.restoring {
-                    peer_condition = PeerCondition::Unknown {
-                        machine: peer.machine.clone(),
-                    };
-                    continue;
-                }
                 return Err(DeviceError::refused(format!(
                     "{name}: start refused: remote peer {} cannot be reached. If {} is down, \
                      record it with 'gmdctl down {name} {}' and start again \
@@ -459,6 +466,7 @@ impl DeviceHandle {
         if let Err(e) = map.update_superblock(|sb| {
             sb.admin_state = AdminState::Available;
             sb.role = role;
+            sb.role_recorded = true;
         }) {
             self.state = State::Stopped {
                 map,

@@ -1897,6 +1897,17 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let control_listener = control::bind(&options.socket)?;
     info!(%machine, config = %config.path.display(), socket = %options.socket.display(), nbd = %nbd_listen, "gmdd starting");
     let daemon = Arc::new(Daemon::new(config, machine, node.clone()));
+    // The driver runs from `Node::start`: a peer met before `peer_events`
+    // subscribed sent its PeerUp to nobody. Take who is up now; anything
+    // later arrives as an event.
+    for peer in node.stats().await?.machines.iter().filter(|m| m.up) {
+        info!(peer = %peer.name, "peer reachable");
+        daemon
+            .reachable
+            .lock()
+            .expect("reachable lock")
+            .insert(peer.name.clone());
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(serve_peers(daemon.clone(), peer_requests));
     {

@@ -455,6 +455,11 @@ impl Daemon {
         inner.connecting = false;
         inner.core.abandon_offer(&peer);
         if let Err(reason) = result {
+            if inner.connected_peer().as_deref() == Some(peer.as_str()) {
+                // Both offered at once and the peer's offer won: mirroring.
+                debug!(%device, %peer, "our offer was not taken: {reason}");
+                return;
+            }
             let repeated = inner.refused.as_ref().is_some_and(|(r, _)| *r == reason);
             if !repeated {
                 warn!(%device, %peer, "not mirroring: {reason}");
@@ -718,6 +723,16 @@ impl Daemon {
             }
         };
         let mut inner = link.inner.lock().expect("link lock");
+        // Both sides offered at once and ours was answered first: theirs
+        // is stale (they are mirroring with us in our session).
+        if inner.core.crossed(&remote) {
+            drop(inner);
+            debug!(%device, peer = %from, "an offer that crossed ours: refused, the session stays");
+            return refuse(format!(
+                "{device}: {} is mirroring with {from} already (an offer made at the same time)",
+                self.machine
+            ));
+        }
         // The initiator starts over (it restarted, or lost our earlier
         // answer): the session in force ends first.
         if inner.connected_peer().is_some() && inner.core.end().is_some() {

@@ -651,3 +651,563 @@ impl Drop for NbdLoop {
         }
     }
 }
+
+/// A minimal NBD client written from the protocol document (fixed
+/// newstyle, `NBD_OPT_GO`, simple replies), for what well-behaved clients
+/// refuse to do: send a write to an export whose flags say it is
+/// read-only, so that the server's own answer can be checked. It also
+/// writes without flushing, which qemu-io does not (it flushes when it
+/// closes the image).
+pub struct RawNbd {
+    stream: std::net::TcpStream,
+    /// Transmission flags the server sent at the handshake.
+    pub flags: u16,
+    /// Export size the server sent.
+    pub size_bytes: u64,
+    cookie: u64,
+}
+
+/// NBD transmission flag: the export is read-only.
+pub const NBD_FLAG_READ_ONLY: u16 = 1 << 1;
+/// NBD error: operation not permitted.
+pub const NBD_EPERM: u32 = 1;
+
+impl RawNbd {
+    /// Connects to `url` (`nbd://HOST:PORT`) and opens `export`.
+    ///
+    /// # Errors
+    /// Connection or protocol errors, or the server refusing the export.
+    pub fn connect(url: &str, export: &str) -> std::io::Result<RawNbd> {
+        use std::io::{Error, Read, Write};
+        let addr = url.trim_start_matches("nbd://").trim_end_matches('/');
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.set_nodelay(true)?;
+        let mut hello = [0u8; 18];
+        stream.read_exact(&mut hello)?;
+        if &hello[..8] != b"NBDMAGIC" || &hello[8..16] != b"IHAVEOPT" {
+            return Err(Error::other("not a newstyle NBD server"));
+        }
+        // Fixed newstyle, no zeroes.
+        stream.write_all(&3u32.to_be_bytes())?;
+        let mut data = Vec::new();
+        data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        data.extend_from_slice(export.as_bytes());
+        // One information request: NBD_INFO_BLOCK_SIZE (this client sends
+        // aligned requests only, which gmd asks clients to promise).
+        data.extend_from_slice(&1u16.to_be_bytes());
+        data.extend_from_slice(&3u16.to_be_bytes());
+        let mut opt = Vec::new();
+        opt.extend_from_slice(b"IHAVEOPT");
+        opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+        opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        opt.extend_from_slice(&data);
+        stream.write_all(&opt)?;
+        let (mut flags, mut size_bytes) = (None, 0);
+        loop {
+            let mut head = [0u8; 20];
+            stream.read_exact(&mut head)?;
+            let reply = u32::from_be_bytes(head[12..16].try_into().expect("4"));
+            let len = u32::from_be_bytes(head[16..20].try_into().expect("4")) as usize;
+            let mut body = vec![0u8; len];
+            stream.read_exact(&mut body)?;
+            match reply {
+                1 => break, // NBD_REP_ACK
+                3 if body.len() >= 12 && body[..2] == [0, 0] => {
+                    // NBD_REP_INFO, NBD_INFO_EXPORT: size and flags.
+                    size_bytes = u64::from_be_bytes(body[2..10].try_into().expect("8"));
+                    flags = Some(u16::from_be_bytes(body[10..12].try_into().expect("2")));
+                }
+                3 => {}
+                e if e & (1 << 31) != 0 => {
+                    return Err(Error::other(format!(
+                        "export {export} refused: reply {e:#x} {}",
+                        String::from_utf8_lossy(&body)
+                    )));
+                }
+                other => return Err(Error::other(format!("unexpected option reply {other}"))),
+            }
+        }
+        Ok(RawNbd {
+            stream,
+            flags: flags.ok_or_else(|| Error::other("no NBD_INFO_EXPORT"))?,
+            size_bytes,
+            cookie: 0,
+        })
+    }
+
+    /// Whether the server said the export is read-only.
+    pub fn read_only(&self) -> bool {
+        self.flags & NBD_FLAG_READ_ONLY != 0
+    }
+
+    fn request(&mut self, kind: u16, offset: u64, len: u32, payload: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.cookie += 1;
+        let mut req = Vec::with_capacity(28 + payload.len());
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&kind.to_be_bytes());
+        req.extend_from_slice(&self.cookie.to_be_bytes());
+        req.extend_from_slice(&offset.to_be_bytes());
+        req.extend_from_slice(&len.to_be_bytes());
+        req.extend_from_slice(payload);
+        self.stream.write_all(&req)
+    }
+
+    /// Reads the simple reply to the last request: its error (0 = success).
+    fn reply(&mut self) -> std::io::Result<u32> {
+        use std::io::Read;
+        let mut head = [0u8; 16];
+        self.stream.read_exact(&mut head)?;
+        if head[..4] != 0x6744_6698u32.to_be_bytes() {
+            return Err(std::io::Error::other("not a simple reply"));
+        }
+        if u64::from_be_bytes(head[8..16].try_into().expect("8")) != self.cookie {
+            return Err(std::io::Error::other("reply to another request"));
+        }
+        Ok(u32::from_be_bytes(head[4..8].try_into().expect("4")))
+    }
+
+    /// Writes `data` at `offset` without flushing; the NBD error (0 = done).
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<u32> {
+        self.request(1, offset, data.len() as u32, data)?;
+        self.reply()
+    }
+
+    /// Reads `len` bytes at `offset`: the data, or the NBD error.
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub fn read(&mut self, offset: u64, len: u32) -> std::io::Result<Result<Vec<u8>, u32>> {
+        use std::io::Read;
+        self.request(0, offset, len, &[])?;
+        let error = self.reply()?;
+        if error != 0 {
+            return Ok(Err(error));
+        }
+        let mut data = vec![0u8; len as usize];
+        self.stream.read_exact(&mut data)?;
+        Ok(Ok(data))
+    }
+
+    /// Flushes; the NBD error (0 = done).
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub fn flush(&mut self) -> std::io::Result<u32> {
+        self.request(3, 0, 0, &[])?;
+        self.reply()
+    }
+}
+
+impl Drop for RawNbd {
+    fn drop(&mut self) {
+        // NBD_CMD_DISC, then close.
+        let _ = self.request(2, 0, 0, &[]);
+    }
+}
+
+/// A disk with a volatile write cache, for power cuts.
+///
+/// `file` plays the platters. `nbdkit` serves it through its cache filter
+/// in writeback mode (`nbdkit-cache-filter(1)`): a write stays in nbdkit's
+/// own cache (a temporary file in `dir`, unlinked) until the client
+/// flushes, then goes to `file` and the file plugin syncs it. `nbdfuse`
+/// shows the export as a file and `losetup --direct-io=on` makes that a
+/// block device, so O_DIRECT writes and fdatasync on the device go
+/// through to nbdkit unchanged (fdatasync → loop flush → FUSE fsync →
+/// NBD_CMD_FLUSH). [`VolatileDisk::cut`] is a power cut: nbdkit is killed
+/// with SIGKILL, and every write not flushed is lost with its cache.
+/// [`VolatileDisk::restart`] powers the disk up again on the same file.
+///
+/// `link` is a symbolic link kept pointing at the current loop device:
+/// name it in gmdd's configuration (`data` or `state_map`).
+///
+/// Dropping the disk kills nbdkit and removes the loop device and the FUSE
+/// mount (lazily if something still holds them), also after a failed test.
+pub struct VolatileDisk {
+    file: PathBuf,
+    dir: PathBuf,
+    /// The symbolic link to the current loop device.
+    pub link: PathBuf,
+    /// The loop device now, e.g. `/dev/loop3` (empty while cut).
+    pub loop_dev: String,
+    nbdkit: Option<Child>,
+    nbdfuse: Option<Child>,
+    powered: u32,
+}
+
+impl VolatileDisk {
+    /// Powers up a disk on `file` (which must exist with its final size),
+    /// working in `dir` (created), with `link` pointing at its loop device.
+    ///
+    /// # Panics
+    /// When nbdkit, nbdfuse or losetup fail (root, `/dev/fuse` and the
+    /// packages `nbdkit`, `libnbd-bin`/`nbdfuse`, `fuse3` are needed).
+    pub fn new(file: &Path, dir: &Path, link: &Path) -> VolatileDisk {
+        std::fs::create_dir_all(dir).expect("disk dir");
+        let mut disk = VolatileDisk {
+            file: file.to_owned(),
+            dir: dir.to_owned(),
+            link: link.to_owned(),
+            loop_dev: String::new(),
+            nbdkit: None,
+            nbdfuse: None,
+            powered: 0,
+        };
+        disk.restart();
+        disk
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("nbdkit.sock")
+    }
+
+    fn fuse_dir(&self) -> PathBuf {
+        self.dir.join("fuse")
+    }
+
+    /// Powers the disk up (again) on the same file: a new nbdkit with an
+    /// empty cache, a new FUSE file and loop device; `link` follows.
+    ///
+    /// # Panics
+    /// If the disk is running, or a tool fails.
+    pub fn restart(&mut self) {
+        assert!(self.nbdkit.is_none(), "the disk is running");
+        self.powered += 1;
+        let socket = self.socket();
+        let _ = std::fs::remove_file(&socket);
+        let mut nbdkit = Command::new("nbdkit");
+        nbdkit
+            .args(["-f", "--exit-with-parent", "-U"])
+            .arg(&socket)
+            .args(["--filter=cache", "file"])
+            .arg(&self.file)
+            .arg("cache=writeback")
+            // The cache's temporary file lives here, not in /var/tmp.
+            .env("TMPDIR", &self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(self.dir.join(format!("nbdkit{}.log", self.powered)))
+                    .expect("nbdkit log"),
+            );
+        self.nbdkit = Some(nbdkit.spawn().expect("nbdkit (package nbdkit)"));
+        wait_for("nbdkit's socket", Duration::from_secs(10), || {
+            socket.exists()
+        });
+        let fuse_dir = self.fuse_dir();
+        std::fs::create_dir_all(&fuse_dir).expect("fuse dir");
+        self.nbdfuse = Some(
+            Command::new("nbdfuse")
+                .arg(fuse_dir.join("nbd"))
+                .arg("--unix")
+                .arg(&socket)
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("nbdfuse (package nbdfuse / libnbd-bin)"),
+        );
+        let file = fuse_dir.join("nbd");
+        wait_for("nbdfuse", Duration::from_secs(10), || file.exists());
+        self.loop_dev = run(Command::new("losetup")
+            .args(["-f", "--show", "--direct-io=on"])
+            .arg(&file))
+        .ok()
+        .stdout
+        .trim()
+        .to_owned();
+        let dio = std::fs::read_to_string(format!(
+            "/sys/block/{}/loop/dio",
+            self.loop_dev.trim_start_matches("/dev/")
+        ))
+        .unwrap_or_default();
+        assert_eq!(
+            dio.trim(),
+            "1",
+            "{} does not do direct I/O on its FUSE file: writes would wait in the page cache",
+            self.loop_dev
+        );
+        // Point the link at the new device (rename replaces atomically).
+        let tmp = self.link.with_extension("new");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&self.loop_dev, &tmp).expect("symlink");
+        std::fs::rename(&tmp, &self.link).expect("rename symlink");
+    }
+
+    /// Power cut: nbdkit is killed with SIGKILL, losing every write that
+    /// was not flushed, then the loop device and FUSE mount are removed.
+    /// To cut a machine, kill its gmdd in the same instant: see
+    /// [`power_cut`].
+    pub fn cut(&mut self) {
+        self.kill_nbdkit();
+        self.teardown();
+    }
+
+    fn kill_nbdkit(&mut self) {
+        if let Some(mut nbdkit) = self.nbdkit.take() {
+            let _ = nbdkit.kill();
+            let _ = nbdkit.wait();
+        }
+    }
+
+    /// Sends SIGKILL to nbdkit without waiting (see [`power_cut`]).
+    fn signal_nbdkit(&self) {
+        if let Some(nbdkit) = &self.nbdkit {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(nbdkit.id() as i32, libc::SIGKILL);
+            }
+        }
+    }
+
+    fn teardown(&mut self) {
+        if !self.loop_dev.is_empty() {
+            let _ = Command::new("losetup")
+                .args(["-d", &self.loop_dev])
+                .stderr(Stdio::null())
+                .status();
+            self.loop_dev.clear();
+        }
+        let fuse_dir = self.fuse_dir();
+        let unmounted = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&fuse_dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&fuse_dir)
+                .stderr(Stdio::null())
+                .status();
+        }
+        if let Some(mut nbdfuse) = self.nbdfuse.take() {
+            let _ = nbdfuse.kill();
+            let _ = nbdfuse.wait();
+        }
+    }
+
+    /// Flushes the disk's cache to the file: fdatasync on the loop device.
+    ///
+    /// # Panics
+    /// If the disk is cut or the flush fails.
+    pub fn flush(&self) {
+        let dev = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.loop_dev)
+            .expect("open the loop device");
+        dev.sync_data().expect("fdatasync through the loop device");
+    }
+
+    /// Flushes, then stops nbdkit and removes the loop device: the file
+    /// holds everything written.
+    pub fn shut_down(mut self) {
+        self.flush();
+        self.cut();
+    }
+}
+
+impl Drop for VolatileDisk {
+    fn drop(&mut self) {
+        self.kill_nbdkit();
+        self.teardown();
+    }
+}
+
+/// A power cut of a machine: its gmdd and its disks' nbdkit get SIGKILL in
+/// the same instant (gmdd first, so it never sees a disk fail; what it had
+/// in flight lands in the cache that dies with nbdkit), then the disks'
+/// loop devices and FUSE mounts are removed.
+pub fn power_cut(gmdd: Gmdd, disks: &mut [&mut VolatileDisk]) {
+    // SAFETY: kill(2) on a child's pid.
+    unsafe {
+        libc::kill(gmdd.pid() as i32, libc::SIGKILL);
+    }
+    for disk in disks.iter() {
+        disk.signal_nbdkit();
+    }
+    gmdd.kill9();
+    for disk in disks.iter_mut() {
+        disk.cut();
+    }
+}
+
+/// Writes `data` at `offset` of `path` with O_DIRECT (no page cache), and
+/// fdatasyncs afterwards when `sync`.
+///
+/// # Panics
+/// On any I/O error, or when `offset` and `data` are not 4 KiB aligned.
+pub fn write_direct(path: &Path, offset: u64, data: &[u8], sync: bool) {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .expect("open O_DIRECT");
+    let buf = AlignedBuf::from(data);
+    file.write_all_at(buf.as_slice(), offset)
+        .expect("O_DIRECT write");
+    if sync {
+        file.sync_data().expect("fdatasync");
+    }
+}
+
+/// Reads `len` bytes at `offset` of `path` with O_DIRECT.
+///
+/// # Panics
+/// On any I/O error, or when `offset` and `len` are not 4 KiB aligned.
+pub fn read_direct(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .expect("open O_DIRECT");
+    let mut buf = AlignedBuf::from(&vec![0u8; len][..]);
+    file.read_exact_at(buf.as_mut_slice(), offset)
+        .expect("O_DIRECT read");
+    buf.as_slice().to_vec()
+}
+
+/// A 4 KiB-aligned buffer for O_DIRECT.
+struct AlignedBuf {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn from(data: &[u8]) -> AlignedBuf {
+        assert!(
+            !data.is_empty() && data.len() % 4096 == 0,
+            "O_DIRECT needs 4 KiB multiples"
+        );
+        let layout = std::alloc::Layout::from_size_align(data.len(), 4096).expect("layout");
+        // SAFETY: non-zero size; the copy stays within the allocation.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        assert!(!ptr.is_null(), "out of memory");
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, data.len()) };
+        AlignedBuf { ptr, layout }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: allocated and initialised for layout.size() bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// The state map format, as far as the upgrade tests need it (offsets from
+/// `gmd_core::statemap::format`, written out here so that the test does not
+/// trust the code it tests).
+mod map_format {
+    pub(super) const BLOCK: usize = 4096;
+    pub(super) const SUPER_MAGIC: &[u8; 8] = b"GMDSMAP\0";
+    pub(super) const PAGE_MAGIC: &[u8; 8] = b"GMDSPAGE";
+    /// Version: u16 little-endian at byte 8 of every block.
+    pub(super) const VERSION: usize = 8;
+    /// Superblock: sequence number (u64 LE).
+    pub(super) const SUPER_SEQ: usize = 72;
+    /// Superblock: the version 2 fields (generations, role).
+    pub(super) const SUPER_V2: std::ops::Range<usize> = 1024..1072;
+    /// Superblock: CRC32 in the last 4 bytes.
+    pub(super) const SUPER_CRC: usize = BLOCK - 4;
+    /// Page: CRC32 at byte 60.
+    pub(super) const PAGE_CRC: usize = 60;
+
+    /// CRC32 of `block` with its CRC field zeroed.
+    pub(super) fn crc(block: &[u8], at: usize) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&block[..at]);
+        h.update(&[0; 4]);
+        h.update(&block[at + 4..]);
+        h.finalize()
+    }
+
+    pub(super) fn crc_ok(block: &[u8], at: usize) -> bool {
+        block[at..at + 4] == crc(block, at).to_le_bytes()
+    }
+
+    pub(super) fn set_crc(block: &mut [u8], at: usize) {
+        let c = crc(block, at);
+        block[at..at + 4].copy_from_slice(&c.to_le_bytes());
+    }
+}
+
+/// Rewrites the state map at `path` as gmd wrote it before data generations
+/// (format version 1): in each valid superblock copy the version field
+/// becomes 1 and the version 2 area (bytes 1024..1072: generations, role)
+/// zeroes; each valid page copy gets version 1 too (pages did not change
+/// otherwise); checksums are recomputed. Blocks that are not valid (never
+/// written, torn) are left as they are. Returns how many superblock copies
+/// were rewritten.
+///
+/// # Panics
+/// If the file cannot be read or written.
+pub fn make_format_1_map(path: &Path) -> usize {
+    use map_format::*;
+    let mut bytes = std::fs::read(path).expect("read state map");
+    let mut supers = 0;
+    for (i, block) in bytes.chunks_exact_mut(BLOCK).enumerate() {
+        if i < 2 && &block[..8] == SUPER_MAGIC && crc_ok(block, SUPER_CRC) {
+            block[VERSION..VERSION + 2].copy_from_slice(&1u16.to_le_bytes());
+            block[SUPER_V2].fill(0);
+            set_crc(block, SUPER_CRC);
+            supers += 1;
+        } else if i >= 2 && &block[..8] == PAGE_MAGIC && crc_ok(block, PAGE_CRC) {
+            block[VERSION..VERSION + 2].copy_from_slice(&1u16.to_le_bytes());
+            set_crc(block, PAGE_CRC);
+        }
+    }
+    std::fs::write(path, &bytes).expect("write state map");
+    supers
+}
+
+/// `(format version, sequence number)` of each valid superblock copy of the
+/// state map at `path` (copy A, copy B; `None` for a copy that is not valid).
+///
+/// # Panics
+/// If the file cannot be read.
+pub fn map_superblocks(path: &Path) -> [Option<(u16, u64)>; 2] {
+    use map_format::*;
+    let bytes = std::fs::read(path).expect("read state map");
+    let copy = |i: usize| {
+        let block = bytes.get(i * BLOCK..(i + 1) * BLOCK)?;
+        if &block[..8] != SUPER_MAGIC || !crc_ok(block, SUPER_CRC) {
+            return None;
+        }
+        Some((
+            u16::from_le_bytes(block[VERSION..VERSION + 2].try_into().expect("2")),
+            u64::from_le_bytes(block[SUPER_SEQ..SUPER_SEQ + 8].try_into().expect("8")),
+        ))
+    };
+    [copy(0), copy(1)]
+}
+
+/// Format version of the newest valid superblock copy (the one gmd reads).
+///
+/// # Panics
+/// If no copy is valid.
+pub fn map_version(path: &Path) -> u16 {
+    map_superblocks(path)
+        .into_iter()
+        .flatten()
+        .max_by_key(|&(_, seq)| seq)
+        .expect("a valid superblock")
+        .0
+}

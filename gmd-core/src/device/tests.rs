@@ -323,3 +323,111 @@ fn restore_returns_to_the_recorded_state() {
         AdminState::Stopped
     );
 }
+
+/// Rewrites both superblock copies of the map at `path` as format 1 wrote
+/// them: version 1, no generations or role (bytes 1024..1072 zero).
+fn make_format_1(path: &std::path::Path) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    for slot in 0..2u64 {
+        let mut block = vec![0u8; 4096];
+        file.read_exact_at(&mut block, slot * 4096).unwrap();
+        if &block[..8] != b"GMDSMAP\0" {
+            continue;
+        }
+        block[8..10].copy_from_slice(&1u16.to_le_bytes());
+        block[1024..1072].fill(0);
+        block[4092..].fill(0);
+        let crc = crc32fast::hash(&block);
+        block[4092..].copy_from_slice(&crc.to_le_bytes());
+        file.write_all_at(&block, slot * 4096).unwrap();
+    }
+}
+
+#[test]
+fn a_device_restored_from_a_format_1_map_takes_its_configured_role() {
+    let s = site();
+    let path = s.config.path.clone();
+    crate::config::set_device_attributes(
+        &path,
+        "data10gmd",
+        "alpha",
+        &[("role".into(), "primary".into())],
+    )
+    .unwrap();
+    let config = ClusterConfig::load(&path).unwrap();
+    let map = config.devices["data10gmd"].machines["alpha"]
+        .state_map
+        .clone();
+    {
+        let mut dev = DeviceHandle::new(&config, "alpha", "data10gmd").unwrap();
+        dev.init_state(uuid::Uuid::from_u128(42), NewVolume::Zeroed, false)
+            .unwrap();
+        dev.configure().unwrap();
+        dev.down(&config, "beta").unwrap();
+        dev.start(&[beta(false)], &StartOptions::default()).unwrap();
+        assert_eq!(dev.role(), PairRole::Primary);
+        // Demoted online, then dropped while AVAILABLE (gmdd killed).
+        dev.set_role(PairRole::Secondary, false).unwrap();
+    }
+    // Format 2 recorded the demotion: restored as secondary.
+    {
+        let mut dev = DeviceHandle::new(&config, "alpha", "data10gmd").unwrap();
+        dev.restore(&[beta(false)], &StartOptions::default())
+            .unwrap();
+        assert_eq!(dev.role(), PairRole::Secondary, "the recorded role");
+    }
+    // The map as the gmd before roles wrote it: no role recorded, so the
+    // configured primary it ran as comes back primary.
+    make_format_1(&map);
+    let mut dev = DeviceHandle::new(&config, "alpha", "data10gmd").unwrap();
+    assert_eq!(
+        dev.restore(&[beta(false)], &StartOptions::default())
+            .unwrap(),
+        AdminState::Available
+    );
+    assert_eq!(dev.role(), PairRole::Primary, "the configured role");
+    assert_eq!(dev.role_note(), None);
+}
+
+#[test]
+fn a_restore_does_not_wait_for_a_peer_restoring_at_the_same_moment() {
+    let s = site();
+    {
+        let mut dev = handle(&s);
+        dev.init_state(uuid::Uuid::from_u128(42), NewVolume::Zeroed, false)
+            .unwrap();
+        dev.configure().unwrap();
+        dev.start(&[beta(true)], &StartOptions::default()).unwrap();
+        // Dropped while AVAILABLE and mirroring (beta not recorded down).
+    }
+    let starting = PeerView {
+        available: false,
+        starting: true,
+        ..beta(true)
+    };
+    let stopped = PeerView {
+        available: false,
+        ..beta(true)
+    };
+    // A restore (both daemons restarting at once) goes on: the device
+    // comes back and connects once the peer is there.
+    for peer in [starting.clone(), stopped] {
+        let mut dev = handle(&s);
+        assert_eq!(
+            dev.restore(&[peer], &StartOptions::default()).unwrap(),
+            AdminState::Available
+        );
+        assert_eq!(dev.role(), PairRole::Secondary);
+    }
+    // A start by the administrator is still refused while the peer starts.
+    let mut dev = handle(&s);
+    dev.configure().unwrap();
+    let err = dev
+        .start(&[starting], &StartOptions::default())
+        .unwrap_err();
+    assert!(err.message.contains("is starting the device"), "{err}");
+}

@@ -944,6 +944,20 @@ impl Engine {
             return;
         }
         if !self.params.readable {
+            let what = if request.kind.changes_data() {
+                self.stats.writes_refused += 1;
+                "write"
+            } else {
+                "read"
+            };
+            if !self.refusal_logged {
+                // Once per role, as for a readable secondary below.
+                self.refusal_logged = true;
+                tracing::warn!(
+                    "a {what} was refused: this copy is secondary (an async secondary serves \
+                     no application I/O: use the primary, or promote this side with 'gmdctl primary')"
+                );
+            }
             self.finish_app(slot, Err(EngineError::Secondary));
             return;
         }

@@ -603,6 +603,11 @@ fn the_async_secondary_refuses_reads_and_writes() {
     });
     assert_eq!(m.completed[0].1, Err(EngineError::Secondary));
     assert_eq!(m.completed[1].1, Err(EngineError::Secondary));
+    assert_eq!(
+        m.engine.stats().writes_refused,
+        1,
+        "the write counts as refused, as on a readable secondary"
+    );
 }
 
 #[test]

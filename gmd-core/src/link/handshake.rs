@@ -172,6 +172,11 @@ pub struct Offer {
     /// Hot regions (resent unless the other side acknowledged them and did
     /// not restart since).
     pub hot: Regions,
+    /// The last session the initiator had with the peer it offers to (0:
+    /// none). A responder mirroring with it in another session takes the
+    /// offer as one that crossed that session (see [`Link::crossed`]).
+    #[serde(default)]
+    pub after_session: u64,
 }
 
 impl Offer {
@@ -273,6 +278,8 @@ enum State {
     Connected {
         peer: String,
         session: u64,
+        /// The peer's device incarnation in this session.
+        peer_incarnation: u64,
     },
 }
 
@@ -299,6 +306,8 @@ pub struct Link {
     incarnation: u64,
     hot: HotPeer,
     state: State,
+    /// The last session with each peer, for [`Offer::after_session`].
+    last_sessions: Vec<(String, u64)>,
 }
 
 impl Link {
@@ -311,6 +320,7 @@ impl Link {
             incarnation: 0,
             hot: HotPeer::Nobody,
             state: State::Idle,
+            last_sessions: Vec::new(),
         }
     }
 
@@ -321,6 +331,7 @@ impl Link {
         self.role = role;
         self.hot = HotPeer::Nobody;
         self.state = State::Idle;
+        self.last_sessions.clear();
     }
 
     /// This side's role.
@@ -356,7 +367,7 @@ impl Link {
     /// The session in force (mirroring) with its peer.
     pub fn connected(&self) -> Option<(&str, u64)> {
         match &self.state {
-            State::Connected { peer, session } => Some((peer, *session)),
+            State::Connected { peer, session, .. } => Some((peer, *session)),
             _ => None,
         }
     }
@@ -371,12 +382,15 @@ impl Link {
     pub fn session_with(&self, peer: &str) -> Option<u64> {
         match &self.state {
             State::Accepted { peer: p, start } if p == peer => Some(start.session),
-            State::Connected { peer: p, session } if p == peer => Some(*session),
+            State::Connected {
+                peer: p, session, ..
+            } if p == peer => Some(*session),
             _ => None,
         }
     }
 
-    /// Builds this side's offer from what its device says now.
+    /// Builds this side's offer from what its device says now (after
+    /// [`Link::begin`], it names the last session with that peer).
     pub fn offer(
         &self,
         identity: Identity,
@@ -384,6 +398,14 @@ impl Link {
         marks: Regions,
         hot: Regions,
     ) -> Offer {
+        let after_session = match &self.state {
+            State::Offered { peer } => self
+                .last_sessions
+                .iter()
+                .find(|(p, _)| p == peer)
+                .map_or(0, |&(_, s)| s),
+            _ => 0,
+        };
         Offer {
             identity,
             facts,
@@ -391,6 +413,37 @@ impl Link {
             hot_peer: self.hot.clone(),
             marks,
             hot,
+            after_session,
+        }
+    }
+
+    /// Whether `remote` crossed the session in force: its sender is
+    /// mirroring with this side, in the same incarnation, in a session it
+    /// did not know of when it made the offer. Both sides offered at once;
+    /// this side's offer was answered first and the other one, still on its
+    /// way or waiting here, is stale: the caller refuses it rather than end
+    /// the session (the peer, connected, would never learn it ended). A
+    /// peer that restarted, or that ended this session itself, offers
+    /// again with a new incarnation or naming this session, and is taken.
+    pub fn crossed(&self, remote: &Offer) -> bool {
+        match &self.state {
+            State::Connected {
+                peer,
+                session,
+                peer_incarnation,
+            } => {
+                *peer == remote.facts.machine
+                    && *peer_incarnation == remote.incarnation
+                    && remote.after_session != *session
+            }
+            _ => false,
+        }
+    }
+
+    fn record_session(&mut self, peer: &str, session: u64) {
+        match self.last_sessions.iter_mut().find(|(p, _)| p == peer) {
+            Some(last) => last.1 = session,
+            None => self.last_sessions.push((peer.to_owned(), session)),
         }
     }
 
@@ -526,9 +579,11 @@ impl Link {
             )));
         }
         self.hot.session_with(peer, accept.incarnation);
+        self.record_session(peer, accept.session);
         self.state = State::Connected {
             peer: peer.to_owned(),
             session: accept.session,
+            peer_incarnation: accept.incarnation,
         };
         Ok(Start {
             peer: peer.to_owned(),
@@ -555,7 +610,12 @@ impl Link {
         match std::mem::replace(&mut self.state, State::Idle) {
             State::Accepted { peer: p, start } if p == peer && start.session == session => {
                 self.hot.session_with(peer, peer_incarnation);
-                self.state = State::Connected { peer: p, session };
+                self.record_session(peer, session);
+                self.state = State::Connected {
+                    peer: p,
+                    session,
+                    peer_incarnation,
+                };
                 Ok(start)
             }
             other => {
@@ -803,6 +863,52 @@ mod tests {
             Err(HandshakeError::Busy(_))
         ));
         assert!(b.on_offer(&bo, &ao, 9).is_ok());
+    }
+
+    #[test]
+    fn an_offer_that_crossed_the_session_it_lost_to_is_refused() {
+        let mut a = Link::new("d", "alpha");
+        let mut b = Link::new("d", "beta");
+        a.started(1, PairRole::Primary);
+        b.started(2, PairRole::Secondary);
+        let offer = |l: &Link, machine: &str| {
+            l.offer(
+                identity(),
+                facts(machine, machine == "alpha", 7, 0),
+                Regions::new(),
+                Regions::new(),
+            )
+        };
+        // Both offer at once; beta's offer is still on its way when alpha's
+        // is answered (beta yields to the smaller name) and connected.
+        a.begin("beta").unwrap();
+        b.begin("alpha").unwrap();
+        let ao = offer(&a, "alpha");
+        let crossing = offer(&b, "beta");
+        let accept = b.on_offer(&offer(&b, "beta"), &ao, 9).unwrap();
+        a.on_accept("beta", &accept, REGIONS).unwrap();
+        b.on_go("alpha", 9, 1).unwrap();
+        // beta's offer arrives: stale, it must not end the session.
+        assert!(a.crossed(&crossing));
+        assert_eq!(a.connected(), Some(("beta", 9)));
+        // beta ends the session itself and offers again: taken.
+        b.end();
+        b.begin("alpha").unwrap();
+        let again = offer(&b, "beta");
+        assert_eq!(again.after_session, 9);
+        assert!(!a.crossed(&again));
+        // beta restarted: a new incarnation, taken.
+        b.started(3, PairRole::Secondary);
+        b.begin("alpha").unwrap();
+        assert!(!a.crossed(&offer(&b, "beta")));
+        // Another peer's offer is not this session's business.
+        let mut g = Link::new("d", "gamma");
+        g.started(1, PairRole::Secondary);
+        g.begin("alpha").unwrap();
+        assert!(!a.crossed(&offer(&g, "gamma")));
+        // Not connected: nothing crosses.
+        a.end();
+        assert!(!a.crossed(&crossing));
     }
 
     #[test]

@@ -262,6 +262,7 @@ impl MapFile {
             peers_down: Vec::new(),
             generations,
             role: crate::link::PairRole::Secondary,
+            role_recorded: true,
         };
         let mut map = MapFile {
             path: path.to_owned(),

@@ -167,6 +167,10 @@ pub struct Superblock {
     /// The role the device ran in when this was written (format 2): a
     /// device restored after a crash comes back in it where that is safe.
     pub role: PairRole,
+    /// Whether `role` was read from the map. Format 1 recorded no role
+    /// (`role` then reads as secondary): a device restored from such a map
+    /// comes back in its configured role, as the gmd that wrote it ran it.
+    pub role_recorded: bool,
 }
 
 /// Why a block could not be decoded.
@@ -290,8 +294,8 @@ pub fn decode_superblock(block: &[u8]) -> Result<(Superblock, u64), BlockError> 
         peers_down.push(name.to_owned());
     }
     let uuid = Uuid::from_slice(&block[16..32]).expect("16 bytes");
-    let (generations, role) = if version == 1 {
-        (Generations::legacy(&uuid), PairRole::Secondary)
+    let (generations, role, role_recorded) = if version == 1 {
+        (Generations::legacy(&uuid), PairRole::Secondary, false)
     } else {
         let at = GENERATIONS_OFFSET;
         let generations = Generations {
@@ -309,7 +313,7 @@ pub fn decode_superblock(block: &[u8]) -> Result<(Superblock, u64), BlockError> 
             2 => PairRole::Split,
             _ => return Err(BlockError::Invalid("role")),
         };
-        (generations, role)
+        (generations, role, true)
     };
     let sb = Superblock {
         uuid,
@@ -323,6 +327,7 @@ pub fn decode_superblock(block: &[u8]) -> Result<(Superblock, u64), BlockError> 
         peers_down,
         generations,
         role,
+        role_recorded,
     };
     if sb.cell_bits != crate::units::CELL_BITS
         || sb.region_size_bytes != crate::units::REGION_SIZE_BYTES
@@ -421,6 +426,7 @@ mod tests {
                 history: [3, 4, 5],
             },
             role: PairRole::Primary,
+            role_recorded: true,
         }
     }
 
@@ -448,11 +454,21 @@ mod tests {
         assert_eq!(seq, 9);
         assert_eq!(read.generations, Generations::legacy(&sb().uuid));
         assert_eq!(read.role, PairRole::Secondary);
+        assert!(!read.role_recorded, "format 1 recorded no role");
         assert_eq!(read.peers_down, sb().peers_down);
-        // Written back, it is version 2 and keeps that generation.
+        // Written back, it is version 2 and keeps that generation; the
+        // role it is written with is recorded from then on.
         encode_superblock(&read, 10, &mut block);
         assert_eq!(read_u16(&block, 8), 2);
-        assert_eq!(decode_superblock(&block).unwrap().0, read);
+        let again = decode_superblock(&block).unwrap().0;
+        assert!(again.role_recorded);
+        assert_eq!(
+            again,
+            Superblock {
+                role_recorded: true,
+                ..read
+            }
+        );
     }
 
     #[test]
