@@ -11,3 +11,13 @@ pub mod protocol;
 pub mod report;
 pub mod sizing;
 pub mod verify;
+
+/// Lets a closed pipe end the program quietly, as command-line tools do
+/// (`gmdctl status | head`), instead of a panic on the failed write.
+pub fn restore_sigpipe() {
+    // SAFETY: setting a signal's disposition to the default has no
+    // preconditions; done first thing in main, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

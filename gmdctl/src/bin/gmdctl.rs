@@ -301,6 +301,7 @@ fn fail(code: i32, message: impl Into<String>) -> Failure {
 }
 
 fn main() {
+    gmdctl::restore_sigpipe();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -47,6 +47,7 @@ struct Args {
 }
 
 fn main() {
+    gmdctl::restore_sigpipe();
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {
