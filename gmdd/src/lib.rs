@@ -1330,6 +1330,7 @@ impl Daemon {
                 .map_or(0, |p| p.discarded),
             resync_read_errors: stats.resync_read_errors,
             resync_failed_regions: stats.resync_failed_regions,
+            resync_bytes_sent: stats.resync_bytes_sent,
         })
     }
 
