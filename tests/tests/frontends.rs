@@ -68,8 +68,8 @@ fn asking_for_ublk_without_the_driver_refuses_and_leaves_the_device_stopped() {
 fn by_default_a_host_without_ublk_exports_over_nbd_and_says_why_once() {
     let cluster = Cluster::with_config(|t| t.replace("export = [\"nbd\"]\n", ""));
     cluster
-            .gmdctl_offline("alpha", &["init-state", DEV, "--zeroed"])
-            .ok();
+        .gmdctl_offline("alpha", &["init-state", DEV, "--zeroed"])
+        .ok();
     let control = no_ublk(&cluster);
     let alpha = cluster.gmdd_env("alpha", &[("GMD_UBLK_CONTROL", &control)]);
     alpha.ctl(&["configure", DEV]).ok();
