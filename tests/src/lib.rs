@@ -822,6 +822,20 @@ impl Gmdd {
         );
     }
 
+    /// Asserts `device`'s state map marks nothing (`gmdctl show-state`
+    /// exits 0 only for a clean map).
+    #[track_caller]
+    pub fn assert_map_clean(&self, device: &str) {
+        let shown = self.ctl(&["show-state", device]);
+        assert_eq!(
+            shown.code,
+            0,
+            "{}'s map of {device} is not clean:\n{}",
+            self.machine,
+            shown.text()
+        );
+    }
+
     /// `gmdstat -l DEVICE --json`: the device's entry in the report.
     pub fn stat_json(&self, device: &str) -> serde_json::Value {
         let run = self.stat(&["-l", device, "--json"]).ok();

@@ -89,6 +89,9 @@ fn a_drill_on_the_secondary_is_discarded_at_rejoin() {
     beta.wait_in_sync(DEV);
     alpha.ctl(&["stop", DEV]).ok();
     beta.ctl(&["stop", DEV]).ok();
+    // A clean stop of a connected pair leaves both maps clean.
+    alpha.assert_map_clean(DEV);
+    beta.assert_map_clean(DEV);
     assert_same_files(
         &cluster.path("alpha/data10.img"),
         &cluster.path("beta/data10.img"),

@@ -178,6 +178,9 @@ fn failover_to_the_secondary_and_back_with_ext4() {
     beta.wait_in_sync(DEV);
     alpha.ctl(&["stop", DEV]).ok();
     beta.ctl(&["stop", DEV]).ok();
+    // A clean stop of a connected pair leaves both maps clean.
+    alpha.assert_map_clean(DEV);
+    beta.assert_map_clean(DEV);
     assert_same_files(
         &cluster.path("alpha/data10.img"),
         &cluster.path("beta/data10.img"),
@@ -233,6 +236,9 @@ fn a_primary_restarted_while_its_peer_is_unreachable_comes_back_secondary() {
     assert_qemu_io_clean(&read);
     alpha.ctl(&["stop", DEV]).ok();
     beta.ctl(&["stop", DEV]).ok();
+    // A clean stop of a connected pair leaves both maps clean.
+    alpha.assert_map_clean(DEV);
+    beta.assert_map_clean(DEV);
     assert_same_files(
         &cluster.path("alpha/data10.img"),
         &cluster.path("beta/data10.img"),

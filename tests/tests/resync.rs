@@ -35,6 +35,9 @@ fn two_new_zeroed_volumes_mirror_without_a_resync() {
     assert_eq!(applied, Some(1 << 20));
     alpha.ctl(&["stop", DEV]).ok();
     beta.ctl(&["stop", DEV]).ok();
+    // A clean stop of a connected pair leaves both maps clean.
+    alpha.assert_map_clean(DEV);
+    beta.assert_map_clean(DEV);
     assert_same_files(
         &cluster.path("alpha/data10.img"),
         &cluster.path("beta/data10.img"),
@@ -102,6 +105,9 @@ fn a_blank_replacement_volume_receives_a_full_copy() {
     );
     alpha.ctl(&["stop", DEV]).ok();
     beta.ctl(&["stop", DEV]).ok();
+    // A clean stop of a connected pair leaves both maps clean.
+    alpha.assert_map_clean(DEV);
+    beta.assert_map_clean(DEV);
     assert_same_files(&cluster.path("alpha/data10.img"), &data);
 }
 
@@ -266,6 +272,9 @@ fn a_resync_resumes_by_itself_after_its_source_is_killed() {
     );
     alpha.ctl(&["stop", DEV]).ok();
     beta.ctl(&["stop", DEV]).ok();
+    // A clean stop of a connected pair leaves both maps clean.
+    alpha.assert_map_clean(DEV);
+    beta.assert_map_clean(DEV);
     assert_same_files(
         &cluster.path("alpha/data10.img"),
         &cluster.path("beta/data10.img"),

@@ -135,6 +135,9 @@ fn one_writer_per_pair_through_gmdctl() {
     beta.wait_in_sync(DEV);
     alpha.ctl(&["stop", DEV]).ok();
     beta.ctl(&["stop", DEV]).ok();
+    // A clean stop of a connected pair leaves both maps clean.
+    alpha.assert_map_clean(DEV);
+    beta.assert_map_clean(DEV);
     assert_same_files(
         &cluster.path("alpha/data10.img"),
         &cluster.path("beta/data10.img"),
