@@ -1282,7 +1282,7 @@ impl Daemon {
         let link = self.link(device)?;
         let stats = runtime.stats().snapshot().engine;
         let inner = link.inner.lock().expect("link lock");
-        let part = inner.plan.map(|(p, _)| p);
+        let part = inner.plan.map(|(p, _, _)| p);
         let (total, remaining) = match part {
             Some(link::ResyncPart::Source) => (stats.resync_total, stats.resync_remaining),
             Some(link::ResyncPart::Target) => {
@@ -1304,7 +1304,7 @@ impl Daemon {
         } else {
             handle.config().mode.to_string()
         };
-        let plan = inner.plan.map(|(_, p)| p);
+        let plan = inner.plan.map(|(_, p, _)| p);
         Some(LinkStatus {
             peer: inner.core.peer().map(str::to_owned),
             connected: connected.is_some(),

@@ -64,6 +64,14 @@ pub(super) enum ResyncPart {
     Target,
 }
 
+/// Regions of a session's resync in this side's part.
+fn part_regions(part: &Part) -> u64 {
+    match part {
+        Part::None => 0,
+        Part::Source(r) | Part::Target { regions: r, .. } => r.count(),
+    }
+}
+
 impl ResyncPart {
     fn of(part: &Part) -> ResyncPart {
         match part {
@@ -100,8 +108,9 @@ pub(super) struct LinkInner {
     pub(super) refused: Option<(String, Instant)>,
     /// This side's part of the current resync is done.
     pub(super) resync_done: bool,
-    /// This side's part in the current session's resync, and the plan.
-    pub(super) plan: Option<(ResyncPart, Plan)>,
+    /// This side's part in the current session's resync, the plan, and
+    /// the regions of that part as the handshake gave them.
+    pub(super) plan: Option<(ResyncPart, Plan, u64)>,
     /// Responder: the incarnation the initiator's offer carried.
     offer_incarnation: u64,
 }
@@ -150,7 +159,7 @@ impl PeerLink for DeviceLink {
     fn resync_done(&self) {
         let mut inner = self.inner.lock().expect("link lock");
         inner.resync_done = true;
-        let part = inner.plan.map(|(p, _)| p.name());
+        let part = inner.plan.map(|(p, _, _)| p.name());
         info!(device = %self.device, peer = ?inner.connected_peer(), part, "resync finished");
     }
 
@@ -494,7 +503,11 @@ impl Daemon {
                 .map_err(|e| e.to_string())?;
             inner.peer_id = self.node.peer(peer);
             inner.resync_done = false;
-            inner.plan = Some((ResyncPart::of(&start.part), start.plan));
+            inner.plan = Some((
+                ResyncPart::of(&start.part),
+                start.plan,
+                part_regions(&start.part),
+            ));
             port.link_event(LinkEvent::Connected {
                 session: start.session,
                 connection: start.connection(link.region_count()),
@@ -534,10 +547,7 @@ impl Daemon {
     /// A session started: say so, and forget the peer's down record.
     async fn connected(self: &Arc<Self>, device: &str, start: &Start) {
         let part = ResyncPart::of(&start.part);
-        let regions = match &start.part {
-            Part::None => 0,
-            Part::Source(r) | Part::Target { regions: r, .. } => r.count(),
-        };
+        let regions = part_regions(&start.part);
         info!(
             %device,
             peer = %start.peer,
@@ -761,7 +771,11 @@ impl Daemon {
             let incarnation = inner.offer_incarnation;
             match inner.core.on_go(from, session, incarnation) {
                 Ok(start) => {
-                    inner.plan = Some((ResyncPart::of(&start.part), start.plan));
+                    inner.plan = Some((
+                        ResyncPart::of(&start.part),
+                        start.plan,
+                        part_regions(&start.part),
+                    ));
                     inner.refused = None;
                     port.link_event(LinkEvent::Connected {
                         session,
