@@ -85,7 +85,10 @@ fn a_drill_on_the_secondary_is_discarded_at_rejoin() {
     );
     // (Regions alpha adds to the resync later, written before the link
     // came up, are counted in the total too.)
-    assert!(regions <= received, "{regions} announced, {received} received");
+    assert!(
+        regions <= received,
+        "{regions} announced, {received} received"
+    );
 
     prod.detach();
     alpha.wait_no_clients(DEV);

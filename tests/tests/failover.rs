@@ -244,3 +244,79 @@ fn a_primary_restarted_while_its_peer_is_unreachable_comes_back_secondary() {
         &cluster.path("beta/data10.img"),
     );
 }
+
+#[test]
+fn a_primary_restarted_with_its_peer_recorded_down_comes_back_primary() {
+    let cluster = Cluster::with_mode("mwc", 2);
+    let (alpha, beta) = cluster.start_pair();
+    // beta fails first: alpha goes on alone and records it down.
+    beta.kill9();
+    wait_for("alpha to record beta down", Duration::from_secs(30), || {
+        let status = alpha.status_json(DEV);
+        status["peers"][0]["down"] == true
+    });
+    assert_qemu_io_clean(&qemu_io(&alpha.url(DEV), &["write -P 0x4d 8M 512k"]));
+    // Then alpha: restarted alone, it may write again at once.
+    alpha.kill9();
+    let alpha = cluster.gmdd("alpha");
+    wait_for(
+        "alpha's device to be restored",
+        Duration::from_secs(30),
+        || alpha.status_json(DEV)["state"] == "AVAILABLE",
+    );
+    let status = alpha.status_json(DEV);
+    assert_eq!(status["role"], "primary", "{status:#}");
+    assert!(status["role_note"].is_null(), "{status:#}");
+    assert_qemu_io_clean(&qemu_io(
+        &alpha.url(DEV),
+        &["read -P 0x4d 8M 512k", "write -P 0x4e 9M 512k"],
+    ));
+    // beta returns and receives what it missed.
+    let beta = cluster.gmdd("beta");
+    alpha.wait_in_sync(DEV);
+    beta.wait_in_sync(DEV);
+    assert_eq!(beta.status_json(DEV)["role"], "secondary");
+    alpha.ctl(&["stop", DEV]).ok();
+    beta.ctl(&["stop", DEV]).ok();
+    alpha.assert_map_clean(DEV);
+    beta.assert_map_clean(DEV);
+    assert_same_files(
+        &cluster.path("alpha/data10.img"),
+        &cluster.path("beta/data10.img"),
+    );
+}
+
+#[test]
+fn a_peer_whose_device_restarted_gets_the_hot_regions_again() {
+    let cluster = Cluster::with_mode("mwc", 2);
+    let (alpha, beta) = cluster.start_pair();
+    // 4 MiB mirrored and acknowledged: 128 regions hot on alpha.
+    assert_qemu_io_clean(&qemu_io(&alpha.url(DEV), &["write -P 0x3c 16M 4M"]));
+    let hot = alpha.status_json(DEV)["map"]["hot"].as_u64().unwrap();
+    assert!(hot >= 128, "{hot} hot region(s)");
+    let sent_before = alpha.status_json(DEV)["link"]["resync_bytes_sent"]
+        .as_u64()
+        .unwrap();
+    // beta's gmdd is killed and restarted: what its disk cache held may be
+    // lost, so alpha sends its hot regions again.
+    beta.kill9();
+    let beta = cluster.gmdd("beta");
+    alpha.wait_mirroring(DEV, true);
+    alpha.wait_in_sync(DEV);
+    beta.wait_in_sync(DEV);
+    let link = &alpha.status_json(DEV)["link"];
+    let sent = link["resync_bytes_sent"].as_u64().unwrap() - sent_before;
+    assert_eq!(link["resync_role"], "source", "{link:#}");
+    assert!(
+        link["resync_total"].as_u64().unwrap() >= 128 && sent >= 128 * REGION,
+        "alpha resends its hot regions ({sent} bytes): {link:#}"
+    );
+    alpha.ctl(&["stop", DEV]).ok();
+    beta.ctl(&["stop", DEV]).ok();
+    alpha.assert_map_clean(DEV);
+    beta.assert_map_clean(DEV);
+    assert_same_files(
+        &cluster.path("alpha/data10.img"),
+        &cluster.path("beta/data10.img"),
+    );
+}

@@ -2,6 +2,8 @@
 //! how (exit code 2, a message naming the machine or the client in the
 //! way), what a secondary's export allows, and the `--json` results.
 
+use std::time::Duration;
+
 use gmd_tests::*;
 
 const DEV: &str = "data10gmd";
@@ -85,7 +87,7 @@ fn one_writer_per_pair_through_gmdctl() {
 
     // alpha may not step down while a client holds its export open.
     let attached = NbdLoop::attach(&alpha.url(DEV), &cluster.path("client"));
-    wait_for("the client", std::time::Duration::from_secs(10), || {
+    wait_for("the client", Duration::from_secs(10), || {
         alpha.status_json(DEV)["clients"] != 0
     });
     assert_refused(
@@ -130,6 +132,22 @@ fn one_writer_per_pair_through_gmdctl() {
     // Text output too.
     let text = alpha.ctl(&["status", DEV]).ok().stdout;
     assert!(text.contains("secondary"), "{text}");
+
+    // Roles survive a daemon restart: beta's gmdd stopped (SIGTERM) and
+    // started again brings its device back primary, alpha's stays secondary.
+    beta.terminate();
+    let beta = cluster.gmdd("beta");
+    wait_for(
+        "beta's device to be restored",
+        Duration::from_secs(30),
+        || beta.status_json(DEV)["state"] == "AVAILABLE",
+    );
+    let status = beta.status_json(DEV);
+    assert_eq!(status["role"], "primary", "{status:#}");
+    assert_eq!(status["configured_role"], "none", "{status:#}");
+    assert_eq!(alpha.status_json(DEV)["role"], "secondary");
+    beta.wait_mirroring(DEV, true);
+    assert_qemu_io_clean(&qemu_io(&beta.url(DEV), &["write -P 0x65 3M 64k"]));
 
     alpha.wait_in_sync(DEV);
     beta.wait_in_sync(DEV);
