@@ -172,6 +172,11 @@ pub struct Offer {
     /// Hot regions (resent unless the other side acknowledged them and did
     /// not restart since).
     pub hot: Regions,
+    /// The last session this side had in force when it made the offer (0:
+    /// none since its device started). A peer mirroring with it in another
+    /// session knows the offer predates that session (see [`Link::crossing`]).
+    #[serde(default)]
+    pub last_session: u64,
 }
 
 impl Offer {
@@ -273,6 +278,8 @@ enum State {
     Connected {
         peer: String,
         session: u64,
+        /// The incarnation of the peer's device in this session.
+        peer_incarnation: u64,
     },
 }
 
@@ -299,6 +306,8 @@ pub struct Link {
     incarnation: u64,
     hot: HotPeer,
     state: State,
+    /// The last session in force since the device started (0: none).
+    last_session: u64,
 }
 
 impl Link {
@@ -311,6 +320,7 @@ impl Link {
             incarnation: 0,
             hot: HotPeer::Nobody,
             state: State::Idle,
+            last_session: 0,
         }
     }
 
@@ -321,6 +331,7 @@ impl Link {
         self.role = role;
         self.hot = HotPeer::Nobody;
         self.state = State::Idle;
+        self.last_session = 0;
     }
 
     /// This side's role.
@@ -356,7 +367,7 @@ impl Link {
     /// The session in force (mirroring) with its peer.
     pub fn connected(&self) -> Option<(&str, u64)> {
         match &self.state {
-            State::Connected { peer, session } => Some((peer, *session)),
+            State::Connected { peer, session, .. } => Some((peer, *session)),
             _ => None,
         }
     }
@@ -371,7 +382,9 @@ impl Link {
     pub fn session_with(&self, peer: &str) -> Option<u64> {
         match &self.state {
             State::Accepted { peer: p, start } if p == peer => Some(start.session),
-            State::Connected { peer: p, session } if p == peer => Some(*session),
+            State::Connected {
+                peer: p, session, ..
+            } if p == peer => Some(*session),
             _ => None,
         }
     }
@@ -391,7 +404,23 @@ impl Link {
             hot_peer: self.hot.clone(),
             marks,
             hot,
+            last_session: self.last_session,
         }
+    }
+
+    /// Whether `remote`'s offer crossed one of this side's own that its
+    /// peer answered: it comes from the peer of the session in force, from
+    /// the same incarnation of its device, and was made before that session
+    /// started (it does not name it). Both sides offered at once, the peer
+    /// took this side's offer, and its own arrives late: the session goes
+    /// on, the offer is refused ([`Link::on_offer`]). An offer made after
+    /// the peer ended the session (it names it), or by a restarted device,
+    /// sets the link up again instead.
+    pub fn crossing(&self, remote: &Offer) -> bool {
+        matches!(&self.state, State::Connected { peer, session, peer_incarnation }
+            if *peer == remote.facts.machine
+                && *peer_incarnation == remote.incarnation
+                && remote.last_session != *session)
     }
 
     /// Initiator: starts a handshake with `peer` (send it the offer).
@@ -440,6 +469,12 @@ impl Link {
             return Err(HandshakeError::Busy(format!(
                 "{}: split for a drill on {}; 'gmdctl rejoin {}' there joins the pair again",
                 self.device, self.machine, self.device
+            )));
+        }
+        if self.crossing(remote) {
+            return Err(HandshakeError::Busy(format!(
+                "{}: {} mirrors with {from} already (its offer crossed {}'s)",
+                self.device, self.machine, self.machine
             )));
         }
         if let State::Offered { peer } = &self.state {
@@ -529,7 +564,9 @@ impl Link {
         self.state = State::Connected {
             peer: peer.to_owned(),
             session: accept.session,
+            peer_incarnation: accept.incarnation,
         };
+        self.last_session = accept.session;
         Ok(Start {
             peer: peer.to_owned(),
             session: accept.session,
@@ -555,7 +592,12 @@ impl Link {
         match std::mem::replace(&mut self.state, State::Idle) {
             State::Accepted { peer: p, start } if p == peer && start.session == session => {
                 self.hot.session_with(peer, peer_incarnation);
-                self.state = State::Connected { peer: p, session };
+                self.state = State::Connected {
+                    peer: p,
+                    session,
+                    peer_incarnation,
+                };
+                self.last_session = session;
                 Ok(start)
             }
             other => {
@@ -803,6 +845,52 @@ mod tests {
             Err(HandshakeError::Busy(_))
         ));
         assert!(b.on_offer(&bo, &ao, 9).is_ok());
+    }
+
+    #[test]
+    fn an_offer_that_crossed_the_answered_one_leaves_the_session_alone() {
+        let mut a = Link::new("d", "alpha");
+        let mut b = Link::new("d", "beta");
+        a.started(1, PairRole::Primary);
+        b.started(2, PairRole::Secondary);
+        let offer = |l: &Link, machine: &str, primary: bool| {
+            l.offer(
+                identity(),
+                facts(machine, primary, 7, 0),
+                Regions::new(),
+                Regions::new(),
+            )
+        };
+        // Both offer; beta (the larger name) answers alpha's, and alpha
+        // connects before beta's own offer reaches it.
+        a.begin("beta").unwrap();
+        b.begin("alpha").unwrap();
+        let (ao, late) = (offer(&a, "alpha", true), offer(&b, "beta", false));
+        let accept = b.on_offer(&offer(&b, "beta", false), &ao, 9).unwrap();
+        a.on_accept("beta", &accept, REGIONS).unwrap();
+        b.on_go("alpha", 9, 1).unwrap();
+        assert!(a.crossing(&late));
+        assert!(matches!(
+            a.on_offer(&offer(&a, "alpha", true), &late, 10),
+            Err(HandshakeError::Busy(_))
+        ));
+        assert_eq!(a.connected(), Some(("beta", 9)), "the session goes on");
+        // beta ends the session and offers again: it names the session,
+        // and alpha sets the link up again.
+        b.end();
+        let again = offer(&b, "beta", false);
+        assert_eq!(again.last_session, 9);
+        assert!(!a.crossing(&again));
+        assert!(a.on_offer(&offer(&a, "alpha", true), &again, 10).is_ok());
+        assert_eq!(a.session_with("beta"), Some(10));
+        b.begin("alpha").unwrap();
+        let go = a.on_go("beta", 10, again.incarnation);
+        assert!(go.is_ok());
+        // beta's device restarted: its offer (no session known) is taken.
+        b.started(3, PairRole::Secondary);
+        let restarted = offer(&b, "beta", false);
+        assert_eq!(restarted.last_session, 0);
+        assert!(!a.crossing(&restarted));
     }
 
     #[test]
