@@ -463,6 +463,13 @@ impl Daemon {
         let mut inner = link.inner.lock().expect("link lock");
         inner.connecting = false;
         inner.core.abandon_offer(&peer);
+        if let Err(reason) = &result {
+            if inner.core.peer() == Some(peer.as_str()) {
+                // The peer's own offer, taken meanwhile, set the link up.
+                debug!(%device, %peer, "own offer not taken ({reason}); the peer's was");
+                return;
+            }
+        }
         if let Err(reason) = result {
             let repeated = inner.refused.as_ref().is_some_and(|(r, _)| *r == reason);
             if !repeated {
@@ -728,6 +735,15 @@ impl Daemon {
             }
         };
         let mut inner = link.inner.lock().expect("link lock");
+        // Both offered at once and the peer took ours: its own offer,
+        // arriving now, must not end the session it just accepted.
+        if inner.core.crossing(&remote) {
+            debug!(%device, peer = %from, "an offer that crossed ours: the session goes on");
+            return refuse(format!(
+                "{device}: {} mirrors with {from} already (the offers crossed)",
+                self.machine
+            ));
+        }
         // The initiator starts over (it restarted, or lost our earlier
         // answer): the session in force ends first.
         if inner.connected_peer().is_some() && inner.core.end().is_some() {
