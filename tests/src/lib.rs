@@ -241,6 +241,17 @@ impl Cluster {
     }
 }
 
+impl Drop for Cluster {
+    /// With `GMD_KEEP_FAILED` set, a failed test leaves its cluster
+    /// directory (configuration, logs, data files, maps) for a look.
+    fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("GMD_KEEP_FAILED").is_some() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+            eprintln!("cluster directory kept: {}", dir.keep().display());
+        }
+    }
+}
+
 impl Default for Cluster {
     fn default() -> Self {
         Self::new()
