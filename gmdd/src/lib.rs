@@ -1898,6 +1898,16 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let control_listener = control::bind(&options.socket)?;
     info!(%machine, config = %config.path.display(), socket = %options.socket.display(), nbd = %nbd_listen, "gmdd starting");
     let daemon = Arc::new(Daemon::new(config, machine, node.clone()));
+    // A peer met before the subscription above had its PeerUp sent to
+    // nobody: take GeoMessage's view now (later changes come as events).
+    // Otherwise that peer would never count as reachable, and past the
+    // start-up grace it is no longer asked anything.
+    if let Ok(stats) = node.stats().await {
+        let mut reachable = daemon.reachable.lock().expect("reachable lock");
+        for m in stats.machines.iter().filter(|m| m.up) {
+            reachable.insert(m.name.clone());
+        }
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(serve_peers(daemon.clone(), peer_requests));
     {
