@@ -273,11 +273,25 @@ pub struct Gmdd {
 }
 
 impl Gmdd {
+    /// Waits until the daemon answers a command: it serves its control
+    /// socket only once it has restored its devices (the socket accepts
+    /// connections before that).
     fn wait_ready(&self) {
+        use std::io::{BufRead, Write};
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                return;
+            if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&self.socket) {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
+                if stream
+                    .write_all(b"{\"version\":1,\"cmd\":\"hello\"}\n")
+                    .is_ok()
+                {
+                    let mut line = String::new();
+                    let mut reader = std::io::BufReader::new(stream);
+                    if reader.read_line(&mut line).is_ok() && line.contains("\"version\"") {
+                        return;
+                    }
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
