@@ -625,13 +625,16 @@ impl Daemon {
             } => {
                 if let Some(link) = self.link(&device) {
                     if link.current(&from, session) {
+                        // Recorded first, as for a peer lost.
+                        self.record_peer(&device, &from, true).await;
+                    }
+                    if link.current(&from, session) {
                         link.end(if flushed {
                             LinkEvent::Left
                         } else {
                             LinkEvent::Lost
                         });
                         warn!(%device, peer = %from, flushed, "peer stopped its device: going on alone, writes are marked stale");
-                        self.record_peer(&device, &from, true).await;
                     }
                 }
                 PeerReply::Ok
@@ -814,10 +817,30 @@ impl Daemon {
     /// mirroring with it goes on alone and records it down.
     pub(super) async fn peer_lost(self: &Arc<Self>, peer: &str, why: &str) {
         for link in self.links() {
-            let lost = link.inner.lock().expect("link lock").core.peer() == Some(peer);
-            if lost && link.disconnect().is_some() {
-                warn!(device = %link.device, %peer, "{why}: the device goes on alone and marks written regions stale");
+            let (lost, session) = {
+                let inner = link.inner.lock().expect("link lock");
+                (
+                    inner.core.peer() == Some(peer),
+                    inner
+                        .core
+                        .connected()
+                        .filter(|(p, _)| *p == peer)
+                        .map(|(_, s)| s),
+                )
+            };
+            if !lost {
+                continue;
+            }
+            // Recorded first: once status shows the link gone, the record
+            // that lets this side go on alone (and be promoted) is there.
+            if let Some(session) = session {
                 self.record_peer(&link.device, peer, true).await;
+                if !link.current(peer, session) {
+                    continue;
+                }
+            }
+            if link.disconnect().is_some() {
+                warn!(device = %link.device, %peer, "{why}: the device goes on alone and marks written regions stale");
             }
         }
     }
