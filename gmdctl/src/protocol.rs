@@ -396,6 +396,9 @@ pub struct LinkStatus {
     pub resync_read_errors: u64,
     /// Regions whose read failed and that wait for their retry.
     pub resync_failed_regions: u64,
+    /// Resync data this side sent since the device started, bytes.
+    #[serde(default)]
+    pub resync_bytes_sent: u64,
 }
 
 /// Result of a role change ([`Command::Primary`], [`Command::Secondary`],

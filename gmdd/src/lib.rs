@@ -1282,7 +1282,7 @@ impl Daemon {
         let link = self.link(device)?;
         let stats = runtime.stats().snapshot().engine;
         let inner = link.inner.lock().expect("link lock");
-        let part = inner.plan.map(|(p, _)| p);
+        let part = inner.plan.map(|(p, _, _)| p);
         let (total, remaining) = match part {
             Some(link::ResyncPart::Source) => (stats.resync_total, stats.resync_remaining),
             Some(link::ResyncPart::Target) => {
@@ -1304,7 +1304,7 @@ impl Daemon {
         } else {
             handle.config().mode.to_string()
         };
-        let plan = inner.plan.map(|(_, p)| p);
+        let plan = inner.plan.map(|(_, p, _)| p);
         Some(LinkStatus {
             peer: inner.core.peer().map(str::to_owned),
             connected: connected.is_some(),
@@ -1330,6 +1330,7 @@ impl Daemon {
                 .map_or(0, |p| p.discarded),
             resync_read_errors: stats.resync_read_errors,
             resync_failed_regions: stats.resync_failed_regions,
+            resync_bytes_sent: stats.resync_bytes_sent,
         })
     }
 
@@ -1897,16 +1898,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let control_listener = control::bind(&options.socket)?;
     info!(%machine, config = %config.path.display(), socket = %options.socket.display(), nbd = %nbd_listen, "gmdd starting");
     let daemon = Arc::new(Daemon::new(config, machine, node.clone()));
-    // The driver runs from `Node::start`: a peer met before `peer_events`
-    // subscribed sent its PeerUp to nobody. Take who is up now; anything
-    // later arrives as an event.
-    for peer in node.stats().await?.machines.iter().filter(|m| m.up) {
-        info!(peer = %peer.name, "peer reachable");
-        daemon
-            .reachable
-            .lock()
-            .expect("reachable lock")
-            .insert(peer.name.clone());
+    // A peer met before the subscription above had its PeerUp sent to
+    // nobody: take GeoMessage's view now (later changes come as events).
+    // Otherwise that peer would never count as reachable, and past the
+    // start-up grace it is no longer asked anything.
+    if let Ok(stats) = node.stats().await {
+        let mut reachable = daemon.reachable.lock().expect("reachable lock");
+        for m in stats.machines.iter().filter(|m| m.up) {
+            reachable.insert(m.name.clone());
+        }
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(serve_peers(daemon.clone(), peer_requests));

@@ -64,6 +64,14 @@ pub(super) enum ResyncPart {
     Target,
 }
 
+/// Regions of a session's resync in this side's part.
+fn part_regions(part: &Part) -> u64 {
+    match part {
+        Part::None => 0,
+        Part::Source(r) | Part::Target { regions: r, .. } => r.count(),
+    }
+}
+
 impl ResyncPart {
     fn of(part: &Part) -> ResyncPart {
         match part {
@@ -100,8 +108,9 @@ pub(super) struct LinkInner {
     pub(super) refused: Option<(String, Instant)>,
     /// This side's part of the current resync is done.
     pub(super) resync_done: bool,
-    /// This side's part in the current session's resync, and the plan.
-    pub(super) plan: Option<(ResyncPart, Plan)>,
+    /// This side's part in the current session's resync, the plan, and
+    /// the regions of that part as the handshake gave them.
+    pub(super) plan: Option<(ResyncPart, Plan, u64)>,
     /// Responder: the incarnation the initiator's offer carried.
     offer_incarnation: u64,
 }
@@ -150,7 +159,7 @@ impl PeerLink for DeviceLink {
     fn resync_done(&self) {
         let mut inner = self.inner.lock().expect("link lock");
         inner.resync_done = true;
-        let part = inner.plan.map(|(p, _)| p.name());
+        let part = inner.plan.map(|(p, _, _)| p.name());
         info!(device = %self.device, peer = ?inner.connected_peer(), part, "resync finished");
     }
 
@@ -454,12 +463,14 @@ impl Daemon {
         let mut inner = link.inner.lock().expect("link lock");
         inner.connecting = false;
         inner.core.abandon_offer(&peer);
-        if let Err(reason) = result {
-            if inner.connected_peer().as_deref() == Some(peer.as_str()) {
-                // Both offered at once and the peer's offer won: mirroring.
-                debug!(%device, %peer, "our offer was not taken: {reason}");
+        if let Err(reason) = &result {
+            if inner.core.peer() == Some(peer.as_str()) {
+                // The peer's own offer, taken meanwhile, set the link up.
+                debug!(%device, %peer, "own offer not taken ({reason}); the peer's was");
                 return;
             }
+        }
+        if let Err(reason) = result {
             let repeated = inner.refused.as_ref().is_some_and(|(r, _)| *r == reason);
             if !repeated {
                 warn!(%device, %peer, "not mirroring: {reason}");
@@ -499,7 +510,11 @@ impl Daemon {
                 .map_err(|e| e.to_string())?;
             inner.peer_id = self.node.peer(peer);
             inner.resync_done = false;
-            inner.plan = Some((ResyncPart::of(&start.part), start.plan));
+            inner.plan = Some((
+                ResyncPart::of(&start.part),
+                start.plan,
+                part_regions(&start.part),
+            ));
             port.link_event(LinkEvent::Connected {
                 session: start.session,
                 connection: start.connection(link.region_count()),
@@ -539,10 +554,7 @@ impl Daemon {
     /// A session started: say so, and forget the peer's down record.
     async fn connected(self: &Arc<Self>, device: &str, start: &Start) {
         let part = ResyncPart::of(&start.part);
-        let regions = match &start.part {
-            Part::None => 0,
-            Part::Source(r) | Part::Target { regions: r, .. } => r.count(),
-        };
+        let regions = part_regions(&start.part);
         info!(
             %device,
             peer = %start.peer,
@@ -613,13 +625,16 @@ impl Daemon {
             } => {
                 if let Some(link) = self.link(&device) {
                     if link.current(&from, session) {
+                        // Recorded first, as for a peer lost.
+                        self.record_peer(&device, &from, true).await;
+                    }
+                    if link.current(&from, session) {
                         link.end(if flushed {
                             LinkEvent::Left
                         } else {
                             LinkEvent::Lost
                         });
                         warn!(%device, peer = %from, flushed, "peer stopped its device: going on alone, writes are marked stale");
-                        self.record_peer(&device, &from, true).await;
                     }
                 }
                 PeerReply::Ok
@@ -723,13 +738,12 @@ impl Daemon {
             }
         };
         let mut inner = link.inner.lock().expect("link lock");
-        // Both sides offered at once and ours was answered first: theirs
-        // is stale (they are mirroring with us in our session).
-        if inner.core.crossed(&remote) {
-            drop(inner);
-            debug!(%device, peer = %from, "an offer that crossed ours: refused, the session stays");
+        // Both offered at once and the peer took ours: its own offer,
+        // arriving now, must not end the session it just accepted.
+        if inner.core.crossing(&remote) {
+            debug!(%device, peer = %from, "an offer that crossed ours: the session goes on");
             return refuse(format!(
-                "{device}: {} is mirroring with {from} already (an offer made at the same time)",
+                "{device}: {} mirrors with {from} already (the offers crossed)",
                 self.machine
             ));
         }
@@ -776,7 +790,11 @@ impl Daemon {
             let incarnation = inner.offer_incarnation;
             match inner.core.on_go(from, session, incarnation) {
                 Ok(start) => {
-                    inner.plan = Some((ResyncPart::of(&start.part), start.plan));
+                    inner.plan = Some((
+                        ResyncPart::of(&start.part),
+                        start.plan,
+                        part_regions(&start.part),
+                    ));
                     inner.refused = None;
                     port.link_event(LinkEvent::Connected {
                         session,
@@ -799,10 +817,30 @@ impl Daemon {
     /// mirroring with it goes on alone and records it down.
     pub(super) async fn peer_lost(self: &Arc<Self>, peer: &str, why: &str) {
         for link in self.links() {
-            let lost = link.inner.lock().expect("link lock").core.peer() == Some(peer);
-            if lost && link.disconnect().is_some() {
-                warn!(device = %link.device, %peer, "{why}: the device goes on alone and marks written regions stale");
+            let (lost, session) = {
+                let inner = link.inner.lock().expect("link lock");
+                (
+                    inner.core.peer() == Some(peer),
+                    inner
+                        .core
+                        .connected()
+                        .filter(|(p, _)| *p == peer)
+                        .map(|(_, s)| s),
+                )
+            };
+            if !lost {
+                continue;
+            }
+            // Recorded first: once status shows the link gone, the record
+            // that lets this side go on alone (and be promoted) is there.
+            if let Some(session) = session {
                 self.record_peer(&link.device, peer, true).await;
+                if !link.current(peer, session) {
+                    continue;
+                }
+            }
+            if link.disconnect().is_some() {
+                warn!(device = %link.device, %peer, "{why}: the device goes on alone and marks written regions stale");
             }
         }
     }

@@ -409,15 +409,12 @@ impl Daemon {
         )];
         let mut warnings = Vec::new();
         loop {
+            // The regions the handshake gave this side (the engine's own
+            // count follows only once the device thread took the session).
             let plan = self
                 .link(device)
                 .and_then(|l| l.inner.lock().expect("link lock").plan);
-            let target = self.with_device(device, |h| {
-                Ok(h.runtime()
-                    .map(|r| r.stats().snapshot().engine.resync_target_total))
-            })?;
-            if plan.is_some() {
-                let regions = target.unwrap_or(0);
+            if let Some((_, _, regions)) = plan {
                 lines.push(format!(
                     "{device}: resynchronising {regions} region(s) ({} bytes) from the primary",
                     regions * gmd_core::units::REGION_SIZE_BYTES

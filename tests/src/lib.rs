@@ -241,6 +241,17 @@ impl Cluster {
     }
 }
 
+impl Drop for Cluster {
+    /// With `GMD_KEEP_FAILED` set, a failed test leaves its cluster
+    /// directory (configuration, logs, data files, maps) for a look.
+    fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("GMD_KEEP_FAILED").is_some() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+            eprintln!("cluster directory kept: {}", dir.keep().display());
+        }
+    }
+}
+
 impl Default for Cluster {
     fn default() -> Self {
         Self::new()
@@ -262,11 +273,25 @@ pub struct Gmdd {
 }
 
 impl Gmdd {
+    /// Waits until the daemon answers a command: it serves its control
+    /// socket only once it has restored its devices (the socket accepts
+    /// connections before that).
     fn wait_ready(&self) {
+        use std::io::{BufRead, Write};
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                return;
+            if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&self.socket) {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
+                if stream
+                    .write_all(b"{\"version\":1,\"cmd\":\"hello\"}\n")
+                    .is_ok()
+                {
+                    let mut line = String::new();
+                    let mut reader = std::io::BufReader::new(stream);
+                    if reader.read_line(&mut line).is_ok() && line.contains("\"version\"") {
+                        return;
+                    }
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -650,6 +675,233 @@ impl Drop for NbdLoop {
             let _ = child.wait();
         }
     }
+}
+
+/// Files written into a mounted filesystem: each path relative to the mount
+/// point, with the bytes it must hold.
+pub type Files = Vec<(PathBuf, Vec<u8>)>;
+
+/// Writes `count` files into `root/<tag>/` and fsyncs each (content depends
+/// on the tag and the index; sizes from a few bytes to ~600 KiB, spread
+/// over many regions), then syncs the filesystem; returns what each holds.
+pub fn write_files(root: &Path, tag: &str, count: u32) -> Files {
+    use std::io::Write;
+    let sub = root.join(tag);
+    std::fs::create_dir_all(&sub).expect("mkdir");
+    let seed = tag
+        .bytes()
+        .fold(0x9e37_79b9_u32, |h, b| h.rotate_left(5) ^ u32::from(b));
+    let files = (0..count)
+        .map(|i| {
+            let len = (i as usize * 104_729 + 13) % (600 << 10);
+            let content: Vec<u8> = (0..len)
+                .map(|b| {
+                    (b as u32)
+                        .wrapping_mul(2_654_435_761)
+                        .wrapping_add(i ^ seed)
+                        .rotate_right(7) as u8
+                })
+                .collect();
+            let rel = PathBuf::from(tag).join(format!("file{i}"));
+            let mut file = std::fs::File::create(root.join(&rel)).expect("create");
+            file.write_all(&content).expect("write");
+            file.sync_all().expect("fsync");
+            (rel, content)
+        })
+        .collect();
+    sync_fs();
+    files
+}
+
+/// The files of `files` that are missing under `root` or hold other bytes.
+pub fn wrong_files(root: &Path, files: &Files) -> Vec<String> {
+    files
+        .iter()
+        .filter(|(rel, content)| std::fs::read(root.join(rel)).ok().as_ref() != Some(content))
+        .map(|(rel, _)| rel.display().to_string())
+        .collect()
+}
+
+/// `sync`: every filesystem's dirty data and metadata to its device.
+pub fn sync_fs() {
+    run(&mut Command::new("sync")).ok();
+}
+
+/// An ext4 filesystem on a device's NBD export, as an application host sees
+/// it: the export attached ([`NbdLoop`]) and mounted at `<dir>/mnt`.
+/// Dropping it unmounts and detaches whatever is left.
+pub struct Ext4 {
+    attached: Option<NbdLoop>,
+    /// The mount point.
+    pub mnt: PathBuf,
+    mounted: bool,
+}
+
+impl Ext4 {
+    /// Attaches the export at `url`, working in `dir` (one per attachment).
+    pub fn attach(url: &str, dir: &Path) -> Ext4 {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).expect("mkdir");
+        Ext4 {
+            attached: Some(NbdLoop::attach(url, dir)),
+            mnt,
+            mounted: false,
+        }
+    }
+
+    /// The loop device.
+    pub fn dev(&self) -> String {
+        self.attached.as_ref().expect("attached").loop_dev.clone()
+    }
+
+    /// `mkfs.ext4` on the device, initialising inode tables and journal
+    /// now (no background zeroing after mount) and discarding nothing.
+    pub fn mkfs(&self) {
+        run(Command::new("mkfs.ext4").args([
+            "-q",
+            "-F",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0,nodiscard",
+            &self.dev(),
+        ]))
+        .ok();
+    }
+
+    /// Mounts it read-write (a filesystem left mounted elsewhere replays its
+    /// journal here).
+    pub fn mount(&mut self) {
+        run(Command::new("mount").arg(self.dev()).arg(&self.mnt)).ok();
+        self.mounted = true;
+    }
+
+    /// Unmounts it.
+    pub fn umount(&mut self) {
+        run(Command::new("umount").arg(&self.mnt)).ok();
+        self.mounted = false;
+    }
+
+    /// Whether the filesystem's journal must be replayed before it is used
+    /// (it was not unmounted cleanly): `needs_recovery` in `dumpe2fs -h`.
+    pub fn needs_recovery(&self) -> bool {
+        let header = run(Command::new("dumpe2fs").args(["-h", &self.dev()])).ok();
+        header
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("Filesystem features:") && l.contains("needs_recovery"))
+    }
+
+    /// `e2fsck -fn` on the (unmounted) device.
+    pub fn fsck(&self) -> Run {
+        assert!(!self.mounted, "e2fsck runs on an unmounted filesystem");
+        run(Command::new("e2fsck").args(["-fn", &self.dev()]))
+    }
+
+    /// Unmounts (if mounted) and detaches, checking each step.
+    pub fn detach(mut self) {
+        if self.mounted {
+            self.umount();
+        }
+        if let Some(attached) = self.attached.take() {
+            attached.detach();
+        }
+    }
+
+    /// The application host lost its server (gmdd killed): the mount is
+    /// dropped lazily and the attachment torn down, whatever fails.
+    pub fn abandon(mut self) {
+        self.teardown();
+    }
+
+    fn teardown(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            self.mounted = false;
+        }
+        // NbdLoop's Drop detaches the loop device and the FUSE mount.
+        drop(self.attached.take());
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Regions a state map on disk asks the resync to cover (its non-zero
+/// cells), read while no gmdd holds it.
+pub fn marked_regions(map: &Path) -> u64 {
+    let (_, cells) =
+        gmd_core::statemap::file::MapFile::open(map, Some(DEVICE_SIZE)).expect("state map");
+    cells.count_nonzero()
+}
+
+impl Gmdd {
+    /// Waits until no NBD client is connected to `device` here.
+    pub fn wait_no_clients(&self, device: &str) {
+        wait_for(
+            &format!("{}: {device}'s NBD clients to leave", self.machine),
+            Duration::from_secs(20),
+            || self.status_json(device)["clients"] == 0,
+        );
+    }
+
+    /// Asserts `device`'s state map marks nothing (`gmdctl show-state`
+    /// exits 0 only for a clean map).
+    #[track_caller]
+    pub fn assert_map_clean(&self, device: &str) {
+        let shown = self.ctl(&["show-state", device]);
+        assert_eq!(
+            shown.code,
+            0,
+            "{}'s map of {device} is not clean:\n{}",
+            self.machine,
+            shown.text()
+        );
+    }
+
+    /// `gmdstat -l DEVICE --json`: the device's entry in the report.
+    pub fn stat_json(&self, device: &str) -> serde_json::Value {
+        let run = self.stat(&["-l", device, "--json"]).ok();
+        let mut report: serde_json::Value =
+            serde_json::from_str(run.stdout.lines().last().expect("a report"))
+                .expect("gmdstat json");
+        report["devices"][0].take()
+    }
+}
+
+/// Looks at a copy's backing file as a disaster-recovery site would:
+/// attached read-only (`losetup -r`), checked with `e2fsck -fn`, mounted
+/// read-only at `mnt` and handed to `check`, which lists what is wrong.
+/// Returns every problem found (empty: the copy is good).
+pub fn inspect_copy(
+    file: &Path,
+    mnt: &Path,
+    check: impl FnOnce(&Path) -> Vec<String>,
+) -> Vec<String> {
+    let dev = run(Command::new("losetup")
+        .args(["-r", "-f", "--show"])
+        .arg(file))
+    .ok()
+    .stdout
+    .trim()
+    .to_owned();
+    let mut problems = Vec::new();
+    let fsck = run(Command::new("e2fsck").args(["-fn", &dev]));
+    if fsck.code != 0 {
+        problems.push(format!("e2fsck -fn {}:\n{}", file.display(), fsck.text()));
+    }
+    std::fs::create_dir_all(mnt).expect("mkdir");
+    let mounted = run(Command::new("mount").args(["-o", "ro"]).arg(&dev).arg(mnt));
+    if mounted.code == 0 {
+        problems.extend(check(mnt));
+        run(Command::new("umount").arg(mnt)).ok();
+    } else {
+        problems.push(format!("mount {}:\n{}", file.display(), mounted.text()));
+    }
+    run(Command::new("losetup").args(["-d", &dev])).ok();
+    problems
 }
 
 /// A minimal NBD client written from the protocol document (fixed

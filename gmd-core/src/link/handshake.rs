@@ -172,11 +172,11 @@ pub struct Offer {
     /// Hot regions (resent unless the other side acknowledged them and did
     /// not restart since).
     pub hot: Regions,
-    /// The last session the initiator had with the peer it offers to (0:
-    /// none). A responder mirroring with it in another session takes the
-    /// offer as one that crossed that session (see [`Link::crossed`]).
+    /// The last session this side had in force when it made the offer (0:
+    /// none since its device started). A peer mirroring with it in another
+    /// session knows the offer predates that session (see [`Link::crossing`]).
     #[serde(default)]
-    pub after_session: u64,
+    pub last_session: u64,
 }
 
 impl Offer {
@@ -278,7 +278,7 @@ enum State {
     Connected {
         peer: String,
         session: u64,
-        /// The peer's device incarnation in this session.
+        /// The incarnation of the peer's device in this session.
         peer_incarnation: u64,
     },
 }
@@ -306,8 +306,8 @@ pub struct Link {
     incarnation: u64,
     hot: HotPeer,
     state: State,
-    /// The last session with each peer, for [`Offer::after_session`].
-    last_sessions: Vec<(String, u64)>,
+    /// The last session in force since the device started (0: none).
+    last_session: u64,
 }
 
 impl Link {
@@ -320,7 +320,7 @@ impl Link {
             incarnation: 0,
             hot: HotPeer::Nobody,
             state: State::Idle,
-            last_sessions: Vec::new(),
+            last_session: 0,
         }
     }
 
@@ -331,7 +331,7 @@ impl Link {
         self.role = role;
         self.hot = HotPeer::Nobody;
         self.state = State::Idle;
-        self.last_sessions.clear();
+        self.last_session = 0;
     }
 
     /// This side's role.
@@ -389,8 +389,7 @@ impl Link {
         }
     }
 
-    /// Builds this side's offer from what its device says now (after
-    /// [`Link::begin`], it names the last session with that peer).
+    /// Builds this side's offer from what its device says now.
     pub fn offer(
         &self,
         identity: Identity,
@@ -398,14 +397,6 @@ impl Link {
         marks: Regions,
         hot: Regions,
     ) -> Offer {
-        let after_session = match &self.state {
-            State::Offered { peer } => self
-                .last_sessions
-                .iter()
-                .find(|(p, _)| p == peer)
-                .map_or(0, |&(_, s)| s),
-            _ => 0,
-        };
         Offer {
             identity,
             facts,
@@ -413,38 +404,23 @@ impl Link {
             hot_peer: self.hot.clone(),
             marks,
             hot,
-            after_session,
+            last_session: self.last_session,
         }
     }
 
-    /// Whether `remote` crossed the session in force: its sender is
-    /// mirroring with this side, in the same incarnation, in a session it
-    /// did not know of when it made the offer. Both sides offered at once;
-    /// this side's offer was answered first and the other one, still on its
-    /// way or waiting here, is stale: the caller refuses it rather than end
-    /// the session (the peer, connected, would never learn it ended). A
-    /// peer that restarted, or that ended this session itself, offers
-    /// again with a new incarnation or naming this session, and is taken.
-    pub fn crossed(&self, remote: &Offer) -> bool {
-        match &self.state {
-            State::Connected {
-                peer,
-                session,
-                peer_incarnation,
-            } => {
-                *peer == remote.facts.machine
-                    && *peer_incarnation == remote.incarnation
-                    && remote.after_session != *session
-            }
-            _ => false,
-        }
-    }
-
-    fn record_session(&mut self, peer: &str, session: u64) {
-        match self.last_sessions.iter_mut().find(|(p, _)| p == peer) {
-            Some(last) => last.1 = session,
-            None => self.last_sessions.push((peer.to_owned(), session)),
-        }
+    /// Whether `remote`'s offer crossed one of this side's own that its
+    /// peer answered: it comes from the peer of the session in force, from
+    /// the same incarnation of its device, and was made before that session
+    /// started (it does not name it). Both sides offered at once, the peer
+    /// took this side's offer, and its own arrives late: the session goes
+    /// on, the offer is refused ([`Link::on_offer`]). An offer made after
+    /// the peer ended the session (it names it), or by a restarted device,
+    /// sets the link up again instead.
+    pub fn crossing(&self, remote: &Offer) -> bool {
+        matches!(&self.state, State::Connected { peer, session, peer_incarnation }
+            if *peer == remote.facts.machine
+                && *peer_incarnation == remote.incarnation
+                && remote.last_session != *session)
     }
 
     /// Initiator: starts a handshake with `peer` (send it the offer).
@@ -493,6 +469,12 @@ impl Link {
             return Err(HandshakeError::Busy(format!(
                 "{}: split for a drill on {}; 'gmdctl rejoin {}' there joins the pair again",
                 self.device, self.machine, self.device
+            )));
+        }
+        if self.crossing(remote) {
+            return Err(HandshakeError::Busy(format!(
+                "{}: {} mirrors with {from} already (its offer crossed {}'s)",
+                self.device, self.machine, self.machine
             )));
         }
         if let State::Offered { peer } = &self.state {
@@ -579,12 +561,12 @@ impl Link {
             )));
         }
         self.hot.session_with(peer, accept.incarnation);
-        self.record_session(peer, accept.session);
         self.state = State::Connected {
             peer: peer.to_owned(),
             session: accept.session,
             peer_incarnation: accept.incarnation,
         };
+        self.last_session = accept.session;
         Ok(Start {
             peer: peer.to_owned(),
             session: accept.session,
@@ -610,12 +592,12 @@ impl Link {
         match std::mem::replace(&mut self.state, State::Idle) {
             State::Accepted { peer: p, start } if p == peer && start.session == session => {
                 self.hot.session_with(peer, peer_incarnation);
-                self.record_session(peer, session);
                 self.state = State::Connected {
                     peer: p,
                     session,
                     peer_incarnation,
                 };
+                self.last_session = session;
                 Ok(start)
             }
             other => {
@@ -866,49 +848,49 @@ mod tests {
     }
 
     #[test]
-    fn an_offer_that_crossed_the_session_it_lost_to_is_refused() {
+    fn an_offer_that_crossed_the_answered_one_leaves_the_session_alone() {
         let mut a = Link::new("d", "alpha");
         let mut b = Link::new("d", "beta");
         a.started(1, PairRole::Primary);
         b.started(2, PairRole::Secondary);
-        let offer = |l: &Link, machine: &str| {
+        let offer = |l: &Link, machine: &str, primary: bool| {
             l.offer(
                 identity(),
-                facts(machine, machine == "alpha", 7, 0),
+                facts(machine, primary, 7, 0),
                 Regions::new(),
                 Regions::new(),
             )
         };
-        // Both offer at once; beta's offer is still on its way when alpha's
-        // is answered (beta yields to the smaller name) and connected.
+        // Both offer; beta (the larger name) answers alpha's, and alpha
+        // connects before beta's own offer reaches it.
         a.begin("beta").unwrap();
         b.begin("alpha").unwrap();
-        let ao = offer(&a, "alpha");
-        let crossing = offer(&b, "beta");
-        let accept = b.on_offer(&offer(&b, "beta"), &ao, 9).unwrap();
+        let (ao, late) = (offer(&a, "alpha", true), offer(&b, "beta", false));
+        let accept = b.on_offer(&offer(&b, "beta", false), &ao, 9).unwrap();
         a.on_accept("beta", &accept, REGIONS).unwrap();
         b.on_go("alpha", 9, 1).unwrap();
-        // beta's offer arrives: stale, it must not end the session.
-        assert!(a.crossed(&crossing));
-        assert_eq!(a.connected(), Some(("beta", 9)));
-        // beta ends the session itself and offers again: taken.
+        assert!(a.crossing(&late));
+        assert!(matches!(
+            a.on_offer(&offer(&a, "alpha", true), &late, 10),
+            Err(HandshakeError::Busy(_))
+        ));
+        assert_eq!(a.connected(), Some(("beta", 9)), "the session goes on");
+        // beta ends the session and offers again: it names the session,
+        // and alpha sets the link up again.
         b.end();
+        let again = offer(&b, "beta", false);
+        assert_eq!(again.last_session, 9);
+        assert!(!a.crossing(&again));
+        assert!(a.on_offer(&offer(&a, "alpha", true), &again, 10).is_ok());
+        assert_eq!(a.session_with("beta"), Some(10));
         b.begin("alpha").unwrap();
-        let again = offer(&b, "beta");
-        assert_eq!(again.after_session, 9);
-        assert!(!a.crossed(&again));
-        // beta restarted: a new incarnation, taken.
+        let go = a.on_go("beta", 10, again.incarnation);
+        assert!(go.is_ok());
+        // beta's device restarted: its offer (no session known) is taken.
         b.started(3, PairRole::Secondary);
-        b.begin("alpha").unwrap();
-        assert!(!a.crossed(&offer(&b, "beta")));
-        // Another peer's offer is not this session's business.
-        let mut g = Link::new("d", "gamma");
-        g.started(1, PairRole::Secondary);
-        g.begin("alpha").unwrap();
-        assert!(!a.crossed(&offer(&g, "gamma")));
-        // Not connected: nothing crosses.
-        a.end();
-        assert!(!a.crossed(&crossing));
+        let restarted = offer(&b, "beta", false);
+        assert_eq!(restarted.last_session, 0);
+        assert!(!a.crossing(&restarted));
     }
 
     #[test]
