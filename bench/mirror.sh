@@ -119,12 +119,17 @@ in_sync() {
 # then beta unless standalone; waits until they mirror in sync.
 start_mode() { # config-mode sync_rate_kib [standalone]
     write_config "$1" "$2"
-    ctl alpha init-state data10gmd --force >/dev/null
-    ctl beta init-state data10gmd --force >/dev/null
+    # The two images are made identical first: both maps then declare the
+    # same data (--zeroed gives both the same generation), so the pair
+    # starts without a full copy.
+    cp --sparse=never alpha/data10.img beta/data10.img
+    ctl alpha init-state data10gmd --zeroed --force >/dev/null
+    ctl beta init-state data10gmd --zeroed --force >/dev/null
     start_gmdd alpha
     ctl alpha configure data10gmd >/dev/null
     ctl alpha down data10gmd beta >/dev/null
     ctl alpha start data10gmd >/dev/null
+    ctl alpha primary data10gmd >/dev/null
     if [ "${3:-}" != standalone ]; then
         start_gmdd beta
         ctl beta configure data10gmd >/dev/null

@@ -28,13 +28,14 @@ truncate -s "$SIZE" alpha/data10.img
 fio --name=fill --filename=alpha/data10.img --rw=write --bs=1M --size="$SIZE" --direct=1 \
     --ioengine=io_uring --iodepth=16 >/dev/null
 CTL="gmdctl --config cluster.toml --machine alpha --socket $W/alpha.sock"
-$CTL init-state data10gmd >/dev/null
+$CTL init-state data10gmd --zeroed >/dev/null   # one machine: its data is the data
 gmdd --config cluster.toml --machine alpha --socket "$W/alpha.sock" 2> gmdd.log &
 GMDD=$!
 for _ in $(seq 200); do [ -S alpha.sock ] && break; sleep 0.05; done
 $CTL configure data10gmd >/dev/null
 $CTL down data10gmd beta >/dev/null
 $CTL start data10gmd >/dev/null
+$CTL primary data10gmd >/dev/null
 URI="nbd://127.0.0.1:$PORT/data10gmd"
 # Second baseline: qemu-nbd, a mature NBD server, on a copy-sized file of its own.
 QPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
