@@ -560,6 +560,34 @@ pub struct NetReport {
     pub paths: Vec<NetPath>,
     /// Datagrams rejected before they had any effect (all reasons).
     pub rejected: u64,
+    /// Of those, datagrams whose authentication failed, per source address
+    /// (the cluster keys, or `encrypt`, may differ).
+    #[serde(default)]
+    pub auth_failures: Vec<AuthFailure>,
+}
+
+/// Datagrams from one address that failed authentication.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthFailure {
+    /// Source address (`ip:port`).
+    pub from: String,
+    /// The configured machine with an interface at that address, if any.
+    pub machine: Option<String>,
+    /// Datagrams that failed authentication.
+    pub count: u64,
+}
+
+/// What to say about datagrams from `from` that fail authentication.
+pub fn auth_failure_text(f: &AuthFailure) -> String {
+    format!(
+        "{} datagram(s) from {}{} failed authentication: the cluster keys (key_file) or `encrypt` may differ between the machines",
+        f.count,
+        f.from,
+        f.machine
+            .as_deref()
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default()
+    )
 }
 
 /// One remote machine in a [`NetReport`].
@@ -691,6 +719,12 @@ impl NetReport {
             }
         }
         d.rejected = d.rejected.saturating_sub(earlier.rejected);
+        for a in &mut d.auth_failures {
+            if let Some(o) = earlier.auth_failures.iter().find(|o| o.from == a.from) {
+                a.count = a.count.saturating_sub(o.count);
+            }
+        }
+        d.auth_failures.retain(|a| a.count > 0);
         d
     }
 }
@@ -800,6 +834,9 @@ pub fn render_netstat(r: &NetReport, seconds: Option<f64>, summary: bool) -> Str
     }
     if r.rejected > 0 {
         let _ = writeln!(out, "rejected datagrams: {}", r.rejected);
+    }
+    for f in &r.auth_failures {
+        let _ = writeln!(out, "{}", auth_failure_text(f));
     }
     out
 }

@@ -103,7 +103,7 @@ pub fn net_config(config: &ClusterConfig, machine: &str, key: &[u8]) -> NetConfi
 
 /// The `netstat` report (and the metrics' network part) from GeoMessage's
 /// counters.
-pub fn net_report(machine: &str, s: &gmd_net::Stats) -> NetReport {
+pub fn net_report(config: &ClusterConfig, machine: &str, s: &gmd_net::Stats) -> NetReport {
     let us = |d: Option<std::time::Duration>| d.map(|d| d.as_micros() as u64);
     NetReport {
         schema: REPORT_SCHEMA,
@@ -161,8 +161,30 @@ pub fn net_report(machine: &str, s: &gmd_net::Stats) -> NetReport {
             })
             .collect(),
         rejected: s.rejected_total(),
+        auth_failures: auth_failures(config, s),
     }
 }
+
+/// GeoMessage's authentication failures per source address, with the
+/// configured machine that has an interface at that address.
+pub fn auth_failures(config: &ClusterConfig, s: &gmd_net::Stats) -> Vec<AuthFailure> {
+    s.auth_failures
+        .iter()
+        .map(|a| AuthFailure {
+            from: a.from.to_string(),
+            machine: config
+                .machines
+                .values()
+                .find(|m| m.interfaces.values().any(|addr| *addr == a.from))
+                .map(|m| m.name.clone()),
+            count: a.count,
+        })
+        .collect()
+}
+
+/// How often gmdd says at most, per source address, that datagrams from
+/// it fail authentication.
+const AUTH_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The daemon's state, shared by the control server, the NBD server and
 /// the GeoMessage tasks.
@@ -185,6 +207,9 @@ pub struct Daemon {
     events: tokio::sync::broadcast::Sender<Event>,
     /// The metrics endpoint's address and its stop token, when it runs.
     metrics: tokio::sync::Mutex<Option<(std::net::SocketAddr, CancellationToken)>>,
+    /// Per source address: when its authentication failures were last
+    /// logged, and the count then.
+    auth_logged: Mutex<HashMap<String, (Instant, u64)>>,
 }
 
 fn control_error(e: DeviceError) -> ControlError {
@@ -257,6 +282,7 @@ impl Daemon {
             reachable: Mutex::new(std::collections::HashSet::new()),
             events: tokio::sync::broadcast::channel(ops::EVENTS_QUEUE_MAX).0,
             metrics: tokio::sync::Mutex::new(None),
+            auth_logged: Mutex::new(HashMap::new()),
         }
     }
 
@@ -1335,6 +1361,7 @@ impl Daemon {
     }
 
     fn status(&self, device: Option<&str>) -> Result<Value, ControlError> {
+        let auth = self.auth_failures_by_machine();
         let config = self.config();
         let devices = self.devices.lock().expect("devices lock");
         let mut out = Vec::new();
@@ -1352,6 +1379,7 @@ impl Daemon {
             };
             let exported = handle.state() == AdminState::Available && self.exports.contains(name);
             out.push(DeviceStatus {
+                schema: STATUS_SCHEMA,
                 name: name.clone(),
                 state: handle.state(),
                 minor: handle.config().minor,
@@ -1371,6 +1399,7 @@ impl Daemon {
                         machine: m.machine.clone(),
                         site: config.site_of(&m.machine).unwrap_or_default().to_owned(),
                         down: down.contains(&m.machine),
+                        auth_failures: auth.get(&m.machine).copied().unwrap_or(0),
                     })
                     .collect(),
                 map,
@@ -1582,7 +1611,7 @@ impl Daemon {
             .rt
             .block_on(self.node.stats())
             .map_err(|e| ControlError::internal(format!("GeoMessage statistics: {e}")))?;
-        to_value(&net_report(&self.machine, &net))
+        to_value(&net_report(&self.config(), &self.machine, &net))
     }
 
     /// Stops every running device without changing its recorded state, so the
@@ -1813,7 +1842,10 @@ async fn watch_peers(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => daemon.reconnect().await,
+            _ = tick.tick() => {
+                daemon.reconnect().await;
+                daemon.log_auth_failures().await;
+            }
             event = events.recv() => match event {
                 Ok(NodeEvent::PeerUp { peer, .. }) => {
                     let name = daemon.node.peer_name(peer).unwrap_or("?").to_owned();
@@ -1846,6 +1878,45 @@ async fn watch_peers(
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
         }
+    }
+}
+
+impl Daemon {
+    /// Says, at most once per [`AUTH_FAILURE_LOG_INTERVAL`] per source
+    /// address, that datagrams from it fail authentication.
+    async fn log_auth_failures(&self) {
+        let Ok(stats) = self.node.stats().await else {
+            return;
+        };
+        let failures = auth_failures(&self.config(), &stats);
+        let mut logged = self.auth_logged.lock().expect("auth_logged lock");
+        for f in failures {
+            let due = logged.get(&f.from).is_none_or(|(at, count)| {
+                *count < f.count && at.elapsed() >= AUTH_FAILURE_LOG_INTERVAL
+            });
+            if due {
+                warn!(
+                    from = %f.from,
+                    machine = f.machine.as_deref().unwrap_or("-"),
+                    "{}",
+                    auth_failure_text(&f)
+                );
+                logged.insert(f.from.clone(), (Instant::now(), f.count));
+            }
+        }
+    }
+
+    /// Datagrams that failed authentication from each machine's addresses.
+    fn auth_failures_by_machine(&self) -> HashMap<String, u64> {
+        let mut out = HashMap::new();
+        if let Ok(stats) = self.rt.block_on(self.node.stats()) {
+            for f in auth_failures(&self.config(), &stats) {
+                if let Some(m) = f.machine {
+                    *out.entry(m).or_insert(0) += f.count;
+                }
+            }
+        }
+        out
     }
 }
 

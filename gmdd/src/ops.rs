@@ -350,7 +350,7 @@ impl Daemon {
             .rt
             .block_on(self.node.stats())
             .map_err(|e| gmdctl::protocol::ControlError::internal(e.to_string()))?;
-        let net = crate::net_report(&self.machine, &net);
+        let net = crate::net_report(&self.config(), &self.machine, &net);
         Ok(gmdctl::metrics::render(&report, &net))
     }
 
