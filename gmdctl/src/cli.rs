@@ -289,7 +289,7 @@ pub enum Cmd {
     /// into DIR (used to build the packages).
     #[command(hide = true)]
     Generate {
-        /// Output directory: DIR/man/*.8, DIR/completions/{bash,zsh,fish}/….
+        /// Output directory: DIR/man/man8/*.8, DIR/completions/{bash,zsh,fish}/….
         dir: PathBuf,
     },
 }
@@ -354,12 +354,12 @@ pub struct GmddArgs {
 
 /// Writes the man pages (section 8: the programs are in /usr/sbin) of
 /// gmdctl, each of its subcommands (`gmdctl-status.8` …), gmdstat and gmdd
-/// into `dir/man`, and their bash, zsh and fish completions into
+/// into `dir/man/man8` (a directory for `MANPATH=dir/man`), and their bash, zsh and fish completions into
 /// `dir/completions/{bash,zsh,fish}`. Returns the files written.
 pub fn generate(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     use clap_complete::Shell;
     let mut written = Vec::new();
-    let man = dir.join("man");
+    let man = dir.join("man").join("man8");
     std::fs::create_dir_all(&man)?;
     let commands = [
         Cli::command(),
@@ -431,11 +431,11 @@ mod tests {
     fn generate_writes_a_page_per_program_and_subcommand_and_completions() {
         let dir = tempfile::tempdir().expect("tempdir");
         let files = generate(dir.path()).expect("generate");
-        for f in ["man/gmdctl.8", "man/gmdctl-status.8", "man/gmdctl-up.8", "man/gmdstat.8",
-            "man/gmdd.8", "completions/bash/gmdctl", "completions/zsh/_gmdstat",
+        for f in ["man/man8/gmdctl.8", "man/man8/gmdctl-status.8", "man/man8/gmdctl-up.8", "man/man8/gmdstat.8",
+            "man/man8/gmdd.8", "completions/bash/gmdctl", "completions/zsh/_gmdstat",
             "completions/fish/gmdd.fish"] {
             assert!(files.contains(&dir.path().join(f)), "{f} missing: {files:?}");
         }
-        assert!(!dir.path().join("man/gmdctl-generate.8").exists());
+        assert!(!dir.path().join("man/man8/gmdctl-generate.8").exists());
     }
 }

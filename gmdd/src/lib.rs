@@ -7,6 +7,7 @@
 mod control;
 mod exports;
 mod link;
+pub mod notify;
 mod ops;
 mod peers;
 mod roles;
@@ -210,6 +211,8 @@ pub struct Daemon {
     /// Per source address: when its authentication failures were last
     /// logged, and the count then.
     auth_logged: Mutex<HashMap<String, (Instant, u64)>>,
+    /// The last STATUS line sent to systemd.
+    status_line: Mutex<String>,
 }
 
 fn control_error(e: DeviceError) -> ControlError {
@@ -283,6 +286,7 @@ impl Daemon {
             events: tokio::sync::broadcast::channel(ops::EVENTS_QUEUE_MAX).0,
             metrics: tokio::sync::Mutex::new(None),
             auth_logged: Mutex::new(HashMap::new()),
+            status_line: Mutex::new(String::new()),
         }
     }
 
@@ -1845,6 +1849,16 @@ async fn watch_peers(
             _ = tick.tick() => {
                 daemon.reconnect().await;
                 daemon.log_auth_failures().await;
+                let summary = daemon.summary().await;
+                let changed = {
+                    let mut last = daemon.status_line.lock().expect("status lock");
+                    let changed = *last != summary;
+                    *last = summary.clone();
+                    changed
+                };
+                if changed {
+                    notify::status(&summary);
+                }
             }
             event = events.recv() => match event {
                 Ok(NodeEvent::PeerUp { peer, .. }) => {
@@ -1906,6 +1920,44 @@ impl Daemon {
         }
     }
 
+    /// One line for systemd's STATUS: devices by state, mirroring, peers.
+    async fn summary(self: &Arc<Self>) -> String {
+        let d = self.clone();
+        let seen = tokio::task::spawn_blocking(move || d.seen())
+            .await
+            .unwrap_or_default();
+        let count = |s: AdminState| seen.iter().filter(|(_, x)| x.state() == s).count();
+        let mirroring = seen.iter().filter(|(_, x)| x.mirroring()).count();
+        let resyncing = seen.iter().filter(|(_, x)| x.resyncing()).count();
+        let mut reachable: Vec<String> = self
+            .reachable
+            .lock()
+            .expect("reachable lock")
+            .iter()
+            .cloned()
+            .collect();
+        reachable.sort();
+        let mut line = format!(
+            "{} device(s): {} AVAILABLE ({mirroring} mirroring",
+            seen.len(),
+            count(AdminState::Available)
+        );
+        if resyncing > 0 {
+            line.push_str(&format!(", {resyncing} resynchronising"));
+        }
+        line.push_str(&format!(
+            "), {} STOPPED, {} DEFINED; peers up: {}",
+            count(AdminState::Stopped),
+            count(AdminState::Defined),
+            if reachable.is_empty() {
+                "none".to_string()
+            } else {
+                reachable.join(", ")
+            }
+        ));
+        line
+    }
+
     /// Datagrams that failed authentication from each machine's addresses.
     fn auth_failures_by_machine(&self) -> HashMap<String, u64> {
         let mut out = HashMap::new();
@@ -1931,6 +1983,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    notify::status("starting: reading the configuration");
     let config = ClusterConfig::load(&options.config)?;
     let machine = resolve_machine(&config, options.machine.as_deref())?;
     let key = gmdctl::keyfile::read(&config.key_file)?;
@@ -1981,6 +2034,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(serve_peers(daemon.clone(), peer_requests));
+    notify::status("starting: restoring devices");
     {
         let d = daemon.clone();
         tokio::task::spawn_blocking(move || d.restore_all()).await?;
@@ -2000,13 +2054,24 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         control_listener,
         shutdown.clone(),
     ));
+    // The control socket serves and every device is back in its recorded
+    // state: systemd may start what depends on gmdd.
+    let summary = daemon.summary().await;
+    notify::notify(&format!("READY=1\nSTATUS={summary}"));
+    info!(status = %summary, "gmdd ready");
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("SIGINT: stopping"); break; }
-            _ = hup.recv() => daemon.reload().await,
+            _ = hup.recv() => {
+                notify::reloading();
+                daemon.reload().await;
+                let summary = daemon.summary().await;
+                notify::notify(&format!("READY=1\nSTATUS={summary}"));
+            }
         }
     }
+    notify::notify("STOPPING=1\nSTATUS=stopping: finishing I/O and persisting the state maps");
     shutdown.cancel();
     let _ = nbd_task.await;
     let _ = control_task.await;

@@ -32,6 +32,7 @@ fn init_logging() {
 
 fn main() {
     let args = Args::parse();
+    gmdd::notify::init();
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .thread_name("gmdd")

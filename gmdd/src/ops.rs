@@ -47,6 +47,23 @@ pub(super) struct Seen {
     refused: Option<String>,
 }
 
+impl Seen {
+    /// Lifecycle state.
+    pub(super) fn state(&self) -> AdminState {
+        self.state
+    }
+
+    /// Whether writes are mirrored to a peer now.
+    pub(super) fn mirroring(&self) -> bool {
+        self.peer.is_some()
+    }
+
+    /// Whether a resync runs.
+    pub(super) fn resyncing(&self) -> bool {
+        self.resync.is_some()
+    }
+}
+
 fn yes(b: bool) -> String {
     if b { "yes" } else { "no" }.into()
 }
