@@ -65,6 +65,40 @@ pub struct DeviceReport {
     pub map_writes: MapWrites,
     /// The current resync, if one runs.
     pub resync: Option<Resync>,
+    /// The role the device runs in here (`primary`, `secondary`, `split`),
+    /// when AVAILABLE.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// Device size, bytes.
+    #[serde(default)]
+    pub size_bytes: u64,
+    /// Resync data this side sent since the device started, bytes.
+    #[serde(default)]
+    pub resync_sent_bytes: u64,
+    /// Why mirroring with the peer is refused, when it is.
+    #[serde(default)]
+    pub refused: Option<String>,
+}
+
+impl DeviceReport {
+    /// Bytes that differ from the peer or are not known to be identical
+    /// (stale and inconsistent regions), at most the device's size.
+    pub fn out_of_sync_bytes(&self) -> u64 {
+        let regions = self.map.map_or(0, |m| m.stale + m.inconsistent);
+        let bytes = regions * gmd_core::units::REGION_SIZE_BYTES;
+        if self.size_bytes > 0 {
+            bytes.min(self.size_bytes)
+        } else {
+            bytes
+        }
+    }
+
+    /// Whether the refusal is a divergence (both sides wrote while apart).
+    pub fn divergence_refused(&self) -> bool {
+        self.refused
+            .as_deref()
+            .is_some_and(|r| r.contains("divergence") || r.contains("holds writes of its own"))
+    }
 }
 
 /// Requests of local applications.
@@ -836,7 +870,20 @@ pub fn render_netstat(r: &NetReport, seconds: Option<f64>, summary: bool) -> Str
         let _ = writeln!(out, "rejected datagrams: {}", r.rejected);
     }
     for f in &r.auth_failures {
-        let _ = writeln!(out, "{}", auth_failure_text(f));
+        let _ = writeln!(
+            out,
+            "failed authentication: {} datagram(s) from {}{}",
+            f.count,
+            f.from,
+            f.machine
+                .as_deref()
+                .map(|m| format!(" ({m})"))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(
+            out,
+            "  the cluster keys (key_file) or `encrypt` may differ between the machines"
+        );
     }
     out
 }
@@ -883,6 +930,10 @@ mod tests {
                 bytes_per_s: 10 << 20,
                 eta_s: Some(12345),
             }),
+            role: Some("primary".into()),
+            size_bytes: 256 << 20,
+            resync_sent_bytes: 0,
+            refused: None,
         }
     }
 
@@ -931,6 +982,11 @@ mod tests {
                 ..Default::default()
             }],
             rejected: 1,
+            auth_failures: vec![AuthFailure {
+                from: "127.0.0.1:6756".into(),
+                machine: Some("beta".into()),
+                count: 26,
+            }],
         };
         for summary in [false, true] {
             for line in render_netstat(&net, Some(1.0), summary).lines() {

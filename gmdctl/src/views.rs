@@ -95,7 +95,7 @@ pub fn picture(map: &StateMap) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "One character = {per} region(s) of {} ({} per line); the worst cell of each shows:",
+        "1 character = {per} region(s) of {}, {} per line (the worst cell shows):",
         format_size(REGION_SIZE_BYTES),
         format_size(per * REGION_SIZE_BYTES * PICTURE_COLUMNS as u64)
     );
@@ -188,7 +188,7 @@ mod tests {
     fn the_resync_bar_shows_percent_rate_and_eta() {
         assert_eq!(
             resync_bar(256, 128, 4 << 20, Some(32)),
-            "[##########..........]  50.0%  128 of 256 regions left  4.0 MiB/s  ETA 0:00:32"
+            "[##########..........]  50.0%  128 of 256 regions left  4 MiB/s  ETA 0:00:32"
         );
         assert_eq!(
             resync_bar(10, 10, 0, None),
@@ -210,7 +210,7 @@ mod tests {
         let text = picture(&map);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines.iter().all(|l| l.chars().count() <= PICTURE_COLUMNS), "{text}");
-        assert!(lines[0].starts_with("One character = 4 region(s)"), "{text}");
+        assert!(lines[0].starts_with("1 character = 4 region(s)"), "{text}");
         assert!(lines[1].starts_with("Shin."), "{text}");
         assert_eq!(lines[1].chars().count(), 80);
         // 2048 characters: 25 full lines and one of 48.

@@ -1493,6 +1493,10 @@ impl Daemon {
             }),
         };
         let link = self.link_status(name, handle);
+        let refused = link
+            .as_ref()
+            .filter(|l| !l.connected)
+            .and_then(|l| l.refused.clone());
         let mode = handle.config().mode;
         let mode_in_effect = match (handle.state(), &link) {
             (AdminState::Defined, _) => "defined".to_string(),
@@ -1562,6 +1566,10 @@ impl Daemon {
                 bytes_per_s: l.resync_bytes_per_s,
                 eta_s: l.resync_eta_s,
             }),
+            role: (handle.state() == AdminState::Available).then(|| handle.role().to_string()),
+            size_bytes: handle.config().size_bytes,
+            resync_sent_bytes: e.resync_bytes_sent,
+            refused,
         }
     }
 
