@@ -13,7 +13,6 @@ use crate::protocol::{DEFAULT_CONFIG, DEFAULT_SOCKET};
 #[command(
     name = "gmdctl",
     version,
-    about,
     after_help = "Exit status: 0 ok, 1 bad input, 2 refused or not available, 255 system error."
 )]
 pub struct Cli {
@@ -300,7 +299,6 @@ pub enum Cmd {
 #[command(
     name = "gmdstat",
     version,
-    about,
     after_help = "The first report gives rates since each device started; each further one, \
                   rates over the last interval.\n\
                   Exit status: 0 ok, 1 bad switches, 2 device not available, 255 system error."
@@ -334,7 +332,6 @@ pub struct GmdstatArgs {
 #[command(
     name = "gmdd",
     version,
-    about,
     after_help = "Logs to the journal under systemd (with levels), else to stderr; GMD_LOG sets \
                   the filter (info, debug, …). SIGTERM stops every device cleanly, SIGHUP \
                   re-reads the configuration. Under systemd (Type=notify) gmdd reports \
