@@ -192,7 +192,7 @@ pub fn render(report: &Report, net: &NetReport) -> String {
         |x| x.resync_sent_bytes as f64,
     );
     w.each(
-        "gmd_device_resync_regions_total",
+        "gmd_device_resync_regions",
         "gauge",
         "Regions of the current resync (0 when none runs).",
         d,

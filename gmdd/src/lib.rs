@@ -213,6 +213,9 @@ pub struct Daemon {
     auth_logged: Mutex<HashMap<String, (Instant, u64)>>,
     /// The last STATUS line sent to systemd.
     status_line: Mutex<String>,
+    /// Something about a device may have changed: the event watcher looks
+    /// (commands, the links, messages to and from peers tell it).
+    changed: Arc<tokio::sync::Notify>,
 }
 
 fn control_error(e: DeviceError) -> ControlError {
@@ -253,6 +256,7 @@ fn basis_name(basis: gmd_core::link::Basis) -> &'static str {
 
 impl Daemon {
     fn new(config: ClusterConfig, machine: String, node: Arc<Node>) -> Daemon {
+        let changed = Arc::new(tokio::sync::Notify::new());
         let mut devices = IndexMap::new();
         let mut links = HashMap::new();
         for device in config.devices_on(&machine) {
@@ -267,6 +271,7 @@ impl Daemon {
                     device.name.clone(),
                     device.minor,
                     device.size_bytes,
+                    changed.clone(),
                 ),
             );
         }
@@ -287,6 +292,7 @@ impl Daemon {
             metrics: tokio::sync::Mutex::new(None),
             auth_logged: Mutex::new(HashMap::new()),
             status_line: Mutex::new(String::new()),
+            changed,
         }
     }
 
