@@ -22,7 +22,7 @@ command -v qemu-io >/dev/null || missing="$missing qemu-utils"
 command -v python3 >/dev/null || missing="$missing python3"
 command -v cargo >/dev/null || { echo "scripts/demo.sh: cargo is missing: install Rust (https://rustup.rs)" >&2; exit 1; }
 if [ -n "$missing" ]; then
-    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    if [ "$(id -u)" -eq 0 ] && [ -z "${GMD_DEMO_NO_INSTALL:-}" ] && command -v apt-get >/dev/null; then
         say "Installing what the demo needs:$missing"
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
     else

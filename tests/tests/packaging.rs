@@ -267,3 +267,29 @@ pub fn metric_names(expr: &str) -> Vec<String> {
     }
     out
 }
+
+#[test]
+fn the_demo_names_what_to_install_before_it_builds() {
+    // A machine without qemu-io: only the tools the check itself uses.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for tool in ["bash", "dirname", "ls", "id", "cargo", "python3"] {
+        let Some(path) = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .map(|d| d.join(tool))
+            .find(|p| p.exists())
+        else {
+            panic!("{tool} not found");
+        };
+        std::os::unix::fs::symlink(path, dir.path().join(tool)).expect("symlink");
+    }
+    let r = run(Command::new(dir.path().join("bash"))
+        .arg(repo("scripts/demo.sh"))
+        .env("PATH", dir.path())
+        .env("GMD_DEMO_NO_INSTALL", "1"));
+    assert_eq!(r.code, 1, "{}", r.text());
+    assert!(
+        r.stderr.contains("install them first: sudo apt-get install qemu-utils"),
+        "{}",
+        r.text()
+    );
+    assert!(!r.text().contains("Building gmd"), "{}", r.text());
+}
