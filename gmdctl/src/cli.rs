@@ -293,7 +293,6 @@ pub enum Cmd {
     },
 }
 
-
 /// Show GeoMirror device statistics.
 #[derive(Parser, Debug)]
 #[command(
@@ -358,11 +357,7 @@ pub fn generate(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     let man = dir.join("man").join("man8");
     std::fs::create_dir_all(&man)?;
-    let commands = [
-        Cli::command(),
-        GmdstatArgs::command(),
-        GmddArgs::command(),
-    ];
+    let commands = [Cli::command(), GmdstatArgs::command(), GmddArgs::command()];
     for cmd in &commands {
         let cmd = cmd.clone();
         let name = cmd.get_name().to_owned();
@@ -428,10 +423,20 @@ mod tests {
     fn generate_writes_a_page_per_program_and_subcommand_and_completions() {
         let dir = tempfile::tempdir().expect("tempdir");
         let files = generate(dir.path()).expect("generate");
-        for f in ["man/man8/gmdctl.8", "man/man8/gmdctl-status.8", "man/man8/gmdctl-up.8", "man/man8/gmdstat.8",
-            "man/man8/gmdd.8", "completions/bash/gmdctl", "completions/zsh/_gmdstat",
-            "completions/fish/gmdd.fish"] {
-            assert!(files.contains(&dir.path().join(f)), "{f} missing: {files:?}");
+        for f in [
+            "man/man8/gmdctl.8",
+            "man/man8/gmdctl-status.8",
+            "man/man8/gmdctl-up.8",
+            "man/man8/gmdstat.8",
+            "man/man8/gmdd.8",
+            "completions/bash/gmdctl",
+            "completions/zsh/_gmdstat",
+            "completions/fish/gmdd.fish",
+        ] {
+            assert!(
+                files.contains(&dir.path().join(f)),
+                "{f} missing: {files:?}"
+            );
         }
         assert!(!dir.path().join("man/man8/gmdctl-generate.8").exists());
     }

@@ -687,9 +687,13 @@ mod tests {
         let ones: Vec<&str> = text
             .lines()
             .filter(|l| {
-                ["gmd_device_state{", "gmd_device_mode_in_effect{", "gmd_device_role{"]
-                    .iter()
-                    .any(|p| l.starts_with(p))
+                [
+                    "gmd_device_state{",
+                    "gmd_device_mode_in_effect{",
+                    "gmd_device_role{",
+                ]
+                .iter()
+                .any(|p| l.starts_with(p))
             })
             .filter(|l| l.ends_with(" 1"))
             .collect();

@@ -5,7 +5,9 @@
 use std::fmt::Write as _;
 
 use gmd_core::statemap::StateMap;
-use gmd_core::statemap::cells::{CELL_ACTIVE as CELL_HOT, CELL_CONSISTENT, CELL_RESYNC as CELL_NOT_RECEIVED, CELL_STALE};
+use gmd_core::statemap::cells::{
+    CELL_ACTIVE as CELL_HOT, CELL_CONSISTENT, CELL_RESYNC as CELL_NOT_RECEIVED, CELL_STALE,
+};
 use gmd_core::units::{REGION_SIZE_BYTES, format_size};
 use serde::Serialize;
 
@@ -209,7 +211,10 @@ mod tests {
         map.set(8191, CELL_STALE);
         let text = picture(&map);
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines.iter().all(|l| l.chars().count() <= PICTURE_COLUMNS), "{text}");
+        assert!(
+            lines.iter().all(|l| l.chars().count() <= PICTURE_COLUMNS),
+            "{text}"
+        );
         assert!(lines[0].starts_with("1 character = 4 region(s)"), "{text}");
         assert!(lines[1].starts_with("Shin."), "{text}");
         assert_eq!(lines[1].chars().count(), 80);
@@ -220,12 +225,36 @@ mod tests {
         assert_eq!(
             cell_runs(&map),
             [
-                CellRun { first: 0, count: 1, value: CELL_HOT },
-                CellRun { first: 1, count: 1, value: CELL_STALE },
-                CellRun { first: 4, count: 1, value: CELL_HOT },
-                CellRun { first: 8, count: 1, value: 1 },
-                CellRun { first: 12, count: 1, value: CELL_NOT_RECEIVED },
-                CellRun { first: 8191, count: 1, value: CELL_STALE },
+                CellRun {
+                    first: 0,
+                    count: 1,
+                    value: CELL_HOT
+                },
+                CellRun {
+                    first: 1,
+                    count: 1,
+                    value: CELL_STALE
+                },
+                CellRun {
+                    first: 4,
+                    count: 1,
+                    value: CELL_HOT
+                },
+                CellRun {
+                    first: 8,
+                    count: 1,
+                    value: 1
+                },
+                CellRun {
+                    first: 12,
+                    count: 1,
+                    value: CELL_NOT_RECEIVED
+                },
+                CellRun {
+                    first: 8191,
+                    count: 1,
+                    value: CELL_STALE
+                },
             ]
         );
     }

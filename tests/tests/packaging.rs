@@ -52,15 +52,32 @@ fn every_program_and_subcommand_has_a_man_page_that_man_renders() {
         assert_eq!(r.code, 0, "man -l {page}.8:\n{}", r.text());
         let plain = plain(&r.stdout);
         for section in ["NAME", "SYNOPSIS", "DESCRIPTION"] {
-            assert!(plain.contains(section), "{page}.8 lacks {section}:\n{plain}");
+            assert!(
+                plain.contains(section),
+                "{page}.8 lacks {section}:\n{plain}"
+            );
         }
-        assert!(r.stderr.trim().is_empty(), "man -l {page}.8 warned:\n{}", r.stderr);
+        assert!(
+            r.stderr.trim().is_empty(),
+            "man -l {page}.8 warned:\n{}",
+            r.stderr
+        );
     }
     // The options are there, as --help gives them.
-    let status = run(Command::new("man").arg("-l").arg(man8.join("gmdctl-show-state.8"))).ok();
+    let status = run(Command::new("man")
+        .arg("-l")
+        .arg(man8.join("gmdctl-show-state.8")))
+    .ok();
     let status = plain(&status.stdout);
-    assert!(status.contains("--picture") && status.contains("--json"), "{status}");
-    let gmdctl = plain(&run(Command::new("man").arg("-l").arg(man8.join("gmdctl.8"))).ok().stdout);
+    assert!(
+        status.contains("--picture") && status.contains("--json"),
+        "{status}"
+    );
+    let gmdctl = plain(
+        &run(Command::new("man").arg("-l").arg(man8.join("gmdctl.8")))
+            .ok()
+            .stdout,
+    );
     assert!(gmdctl.contains("Administer GeoMirror devices"), "{gmdctl}");
     let count = std::fs::read_dir(&man8).expect("man8").count();
     assert_eq!(count, pages.len(), "unexpected pages in {}", man8.display());
@@ -117,8 +134,12 @@ fn bash_completion_loads_and_completes_subcommands_and_options() {
             .iter()
             .any(|c| c == "--timestamps")
     );
-    assert!(bash_complete(&bash.join("gmdstat"), &["gmdstat", "--j"]).contains(&"--json".to_string()));
-    assert!(bash_complete(&bash.join("gmdd"), &["gmdd", "--con"]).contains(&"--config".to_string()));
+    assert!(
+        bash_complete(&bash.join("gmdstat"), &["gmdstat", "--j"]).contains(&"--json".to_string())
+    );
+    assert!(
+        bash_complete(&bash.join("gmdd"), &["gmdd", "--con"]).contains(&"--config".to_string())
+    );
     for (shell, files) in [
         ("zsh", ["_gmdctl", "_gmdstat", "_gmdd"]),
         ("fish", ["gmdctl.fish", "gmdstat.fish", "gmdd.fish"]),
@@ -126,7 +147,10 @@ fn bash_completion_loads_and_completes_subcommands_and_options() {
         for f in files {
             let text = std::fs::read_to_string(dir.path().join("completions").join(shell).join(f))
                 .unwrap_or_else(|e| panic!("{shell}/{f}: {e}"));
-            assert!(text.contains("status") || !f.contains("gmdctl"), "{shell}/{f}");
+            assert!(
+                text.contains("status") || !f.contains("gmdctl"),
+                "{shell}/{f}"
+            );
         }
     }
 }
@@ -134,7 +158,10 @@ fn bash_completion_loads_and_completes_subcommands_and_options() {
 #[test]
 fn the_alert_rules_pass_promtool_check_and_their_unit_tests() {
     let rules = repo("dist/prometheus/gmd-alerts.yml");
-    let r = run(Command::new("promtool").arg("check").arg("rules").arg(&rules));
+    let r = run(Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&rules));
     assert_eq!(r.code, 0, "promtool check rules:\n{}", r.text());
     assert!(r.text().contains("SUCCESS: 6 rules found"), "{}", r.text());
     let r = run(Command::new("promtool")
@@ -172,7 +199,9 @@ fn the_debian_package_holds_programs_unit_man_pages_completions_and_examples() {
         .find(|l| l.trim().ends_with(".deb"))
         .map(|l| PathBuf::from(l.trim()))
         .unwrap_or_else(|| panic!("no .deb named:\n{}", r.text()));
-    let listing = run(Command::new("dpkg-deb").arg("-c").arg(&deb)).ok().stdout;
+    let listing = run(Command::new("dpkg-deb").arg("-c").arg(&deb))
+        .ok()
+        .stdout;
     let entries: BTreeSet<String> = listing
         .lines()
         .filter_map(|l| l.split_whitespace().nth(5))
@@ -223,9 +252,16 @@ fn the_debian_package_holds_programs_unit_man_pages_completions_and_examples() {
     assert_eq!(field("Package"), "gmd");
     assert_eq!(field("Section"), "admin");
     let control = tempfile::tempdir().expect("tempdir");
-    run(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(control.path())).ok();
+    run(Command::new("dpkg-deb")
+        .arg("-e")
+        .arg(&deb)
+        .arg(control.path()))
+    .ok();
     let conffiles = std::fs::read_to_string(control.path().join("conffiles")).expect("conffiles");
-    assert!(conffiles.lines().any(|l| l == "/etc/gmd/README"), "{conffiles}");
+    assert!(
+        conffiles.lines().any(|l| l == "/etc/gmd/README"),
+        "{conffiles}"
+    );
 }
 
 #[test]
@@ -287,7 +323,8 @@ fn the_demo_names_what_to_install_before_it_builds() {
         .env("GMD_DEMO_NO_INSTALL", "1"));
     assert_eq!(r.code, 1, "{}", r.text());
     assert!(
-        r.stderr.contains("install them first: sudo apt-get install qemu-utils"),
+        r.stderr
+            .contains("install them first: sudo apt-get install qemu-utils"),
         "{}",
         r.text()
     );

@@ -35,9 +35,11 @@ fn machines_with_different_keys_are_told_so_in_the_log_status_and_netstat() {
     let alpha = cluster.gmdd("alpha");
     let beta = cluster.gmdd_with_config("beta", &beta_config);
     alpha.ctl(&["configure", DEV]).ok();
-    wait_for("alpha's log names beta's address", Duration::from_secs(30), || {
-        alpha.log_text().contains("failed authentication")
-    });
+    wait_for(
+        "alpha's log names beta's address",
+        Duration::from_secs(30),
+        || alpha.log_text().contains("failed authentication"),
+    );
     let log = alpha.log_text();
     let line = log
         .lines()
@@ -177,7 +179,10 @@ fn a_real_scrape_passes_promtool_and_has_what_the_dashboard_and_alerts_use() {
         }
     }
     let rules = std::fs::read_to_string(repo("dist/prometheus/gmd-alerts.yml")).expect("rules");
-    for l in rules.lines().filter(|l| l.trim_start().starts_with("expr:")) {
+    for l in rules
+        .lines()
+        .filter(|l| l.trim_start().starts_with("expr:"))
+    {
         names.extend(metric_names(l));
     }
     for name in names {
@@ -216,9 +221,10 @@ fn up_list_verify_and_show_state_speak_json_and_draw_the_map() {
     assert_eq!(v["ok"], false, "{v}");
     assert_eq!(verify.code, 1);
     assert!(v["errors"].as_u64() >= Some(1));
-    assert!(v["findings"].as_array().is_some_and(|f| f
-        .iter()
-        .any(|f| f["ok"] == false && f["text"].as_str().is_some_and(|t| t.contains("beta")))));
+    assert!(v["findings"].as_array().is_some_and(|f| {
+        f.iter()
+            .any(|f| f["ok"] == false && f["text"].as_str().is_some_and(|t| t.contains("beta")))
+    }));
 
     // Standalone: the written regions are stale (exit 2: dirty).
     let r = alpha.ctl(&["show-state", DEV, "--json"]);
@@ -243,12 +249,21 @@ fn up_list_verify_and_show_state_speak_json_and_draw_the_map() {
         .lines()
         .filter(|l| !l.is_empty() && l.chars().all(|c| ".hinS".contains(c)))
         .collect();
-    assert!(r.stdout.lines().all(|l| l.chars().count() <= 80), "{}", r.stdout);
+    assert!(
+        r.stdout.lines().all(|l| l.chars().count() <= 80),
+        "{}",
+        r.stdout
+    );
     // 8192 regions, 4 per character: 2048 characters, 80 a line.
     assert_eq!(grid.len(), 26, "{}", r.stdout);
     assert!(grid[0].starts_with("S."), "{}", r.stdout);
     let cells: String = grid.concat();
-    assert_eq!(cells.chars().filter(|c| *c == 'S').count(), 2, "{}", r.stdout);
+    assert_eq!(
+        cells.chars().filter(|c| *c == 'S').count(),
+        2,
+        "{}",
+        r.stdout
+    );
     assert_eq!(cells.chars().nth(1024), Some('S'), "{}", r.stdout);
 
     // DRBD's habit: one command from DEFINED to AVAILABLE (beta configures,
@@ -259,7 +274,11 @@ fn up_list_verify_and_show_state_speak_json_and_draw_the_map() {
     assert!(up.stdout.contains(DEV), "{}", up.text());
     assert_eq!(beta.status_json(DEV)["state"], "AVAILABLE");
     let again = beta.ctl(&["up", DEV]).ok();
-    assert!(again.stdout.contains("already AVAILABLE"), "{}", again.text());
+    assert!(
+        again.stdout.contains("already AVAILABLE"),
+        "{}",
+        again.text()
+    );
     alpha.wait_in_sync(DEV);
 }
 
@@ -270,7 +289,10 @@ fn events_now_prints_the_state_once_with_timestamps() {
     alpha.start_standalone(DEV, "beta");
     let r = alpha.ctl(&["events", "--now", "--timestamps"]).ok();
     let lines: Vec<&str> = r.stdout.lines().collect();
-    assert!(lines.last().is_some_and(|l| l.ends_with(" exists -")), "{lines:?}");
+    assert!(
+        lines.last().is_some_and(|l| l.ends_with(" exists -")),
+        "{lines:?}"
+    );
     for l in &lines {
         let (stamp, rest) = l.split_once(' ').expect("stamp");
         // 2025-01-31T12:34:56.789Z
@@ -278,13 +300,20 @@ fn events_now_prints_the_state_once_with_timestamps() {
         assert!(stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T', "{l}");
         assert!(rest.starts_with("exists "), "{l}");
     }
-    assert!(lines.iter().any(|l| l.contains(&format!(
-        "exists device name:{DEV} state:AVAILABLE"
-    ))));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("exists device name:{DEV} state:AVAILABLE")))
+    );
 }
 
 /// `gmdctl events --json` in a thread; each event with the time it was read.
-fn follow(gmdd: &Gmdd) -> (std::process::Child, std::sync::mpsc::Receiver<serde_json::Value>) {
+fn follow(
+    gmdd: &Gmdd,
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<serde_json::Value>,
+) {
     let mut child = Command::new(bin("gmdctl"))
         .arg("--socket")
         .arg(&gmdd.socket)
@@ -322,7 +351,9 @@ fn device_events_are_pushed_when_they_happen_not_polled() {
     let (mut child, events) = follow(&alpha);
     // The `exists` part first.
     loop {
-        let e = events.recv_timeout(Duration::from_secs(10)).expect("exists");
+        let e = events
+            .recv_timeout(Duration::from_secs(10))
+            .expect("exists");
         if e["object"] == "-" {
             break;
         }

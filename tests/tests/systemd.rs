@@ -22,7 +22,10 @@ fn unit_for_checks(dir: &Path) -> PathBuf {
     let text = text.replace("/usr/sbin/gmdd", gmdd.to_str().expect("utf-8 path"));
     let path = dir.join("gmdd.service");
     std::fs::write(&path, text).expect("write unit");
-    run(Command::new(bin("gmdctl")).arg("generate").arg(dir.join("gen"))).ok();
+    run(Command::new(bin("gmdctl"))
+        .arg("generate")
+        .arg(dir.join("gen")))
+    .ok();
     path
 }
 
@@ -76,7 +79,11 @@ fn the_unit_is_sandboxed_to_an_exposure_of_at_most_5() {
     }
     // io_uring (@aio) and mlock (@memlock) are in the allowed set.
     let service = run(Command::new("systemd-analyze").args(["syscall-filter", "@system-service"]));
-    for (group, call) in [("@aio", "io_uring_setup"), ("@aio", "io_uring_enter"), ("@memlock", "mlock")] {
+    for (group, call) in [
+        ("@aio", "io_uring_setup"),
+        ("@aio", "io_uring_enter"),
+        ("@memlock", "mlock"),
+    ] {
         let calls = run(Command::new("systemd-analyze").args(["syscall-filter", group]));
         assert!(
             service.stdout.lines().any(|l| l.trim() == group)

@@ -822,7 +822,11 @@ impl MapView {
         if self.picture {
             print_map_summary(cells);
             print!("{}", gmdctl::views::picture(cells));
-            if MapSummary::of(cells).is_dirty() { 2 } else { 0 }
+            if MapSummary::of(cells).is_dirty() {
+                2
+            } else {
+                0
+            }
         } else {
             print_map(cells)
         }
