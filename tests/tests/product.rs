@@ -266,12 +266,40 @@ fn up_list_verify_and_show_state_speak_json_and_draw_the_map() {
     );
     assert_eq!(cells.chars().nth(1024), Some('S'), "{}", r.stdout);
 
+    // More for the resync to carry: 96 MiB.
+    assert_qemu_io_clean(&qemu_io(&alpha.url(DEV), &["write -P 0x33 64M 96M"]));
+
     // DRBD's habit: one command from DEFINED to AVAILABLE (beta configures,
     // then starts and receives alpha's stale regions).
     let beta = cluster.gmdd("beta");
     assert_eq!(beta.status_json(DEV)["state"], "DEFINED");
     let up = beta.ctl(&["up", DEV]).ok();
     assert!(up.stdout.contains(DEV), "{}", up.text());
+    // While it runs, status shows the resync as a bar with percent done.
+    let mut bar = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while bar.is_none() && Instant::now() < deadline {
+        let text = alpha.ctl(&["status", DEV]).ok().stdout;
+        bar = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("resync ") && l.contains("regions left"))
+            .map(str::to_owned);
+        let s = alpha.status_json(DEV);
+        if bar.is_none() && s["link"]["connected"] == true && s["link"]["resync_remaining"] == 0 {
+            break;
+        }
+    }
+    let bar = bar.expect("no resync line in gmdctl status while it ran");
+    let (_, rest) = bar.split_once('[').expect("bar");
+    let (cells, rest) = rest.split_once(']').expect("bar end");
+    assert_eq!(cells.chars().count(), 20, "{bar}");
+    assert!(cells.chars().all(|c| c == '#' || c == '.'), "{bar}");
+    assert!(
+        rest.split_whitespace()
+            .next()
+            .is_some_and(|p| p.ends_with('%')),
+        "{bar}"
+    );
     assert_eq!(beta.status_json(DEV)["state"], "AVAILABLE");
     let again = beta.ctl(&["up", DEV]).ok();
     assert!(
