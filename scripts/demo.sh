@@ -12,6 +12,26 @@ DEMO=$ROOT/demo
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
 
+# What the demo needs beyond Rust: libclang (bindgen, for the ublk
+# bindings), qemu-io (the NBD client that writes) and python3. Installed
+# here with apt as .ci/run does when we are root on Debian; otherwise the
+# command to run is printed.
+missing=""
+ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*/libclang*.so* >/dev/null 2>&1 || missing="$missing libclang-dev"
+command -v qemu-io >/dev/null || missing="$missing qemu-utils"
+command -v python3 >/dev/null || missing="$missing python3"
+command -v cargo >/dev/null || { echo "scripts/demo.sh: cargo is missing: install Rust (https://rustup.rs)" >&2; exit 1; }
+if [ -n "$missing" ]; then
+    if [ "$(id -u)" -eq 0 ] && [ -z "${GMD_DEMO_NO_INSTALL:-}" ] && command -v apt-get >/dev/null; then
+        say "Installing what the demo needs:$missing"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    else
+        echo "scripts/demo.sh needs:$missing" >&2
+        echo "install them first: sudo apt-get install$missing" >&2
+        exit 1
+    fi
+fi
+
 say "Building gmd (release)"
 cargo build --release --bins --quiet
 export PATH=$ROOT/target/release:$PATH
@@ -46,7 +66,16 @@ in_sync() { $1 status data10gmd --json | python3 -c '
 import json,sys
 d=json.load(sys.stdin)[0]
 sys.exit(0 if d["link"]["connected"] and d["map"]["stale"]==0 and d["link"]["resync_remaining"]==0 else 1)'; }
-trap 'for m in alpha beta; do [ -f $m.pid ] && kill $(cat $m.pid) 2>/dev/null; done; true' EXIT
+stop_daemons() { # SIGTERM, then wait: the demo leaves nothing running
+    for m in alpha beta; do
+        [ -f "$m.pid" ] || continue
+        pid=$(cat "$m.pid")
+        kill "$pid" 2>/dev/null || continue
+        for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    done
+}
+trap stop_daemons EXIT
 
 say "Starting gmdd on alpha and beta"
 start_gmdd alpha
@@ -90,5 +119,6 @@ run $A stop data10gmd
 run $B stop data10gmd
 run cmp alpha/data10.img beta/data10.img
 echo "alpha/data10.img and beta/data10.img are identical."
+stop_daemons
 echo
 echo "Demo finished. Files and logs are in $DEMO."

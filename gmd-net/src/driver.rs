@@ -257,6 +257,7 @@ impl Node {
             tx_queue: VecDeque::new(),
             rx_arena: BytesMut::new(),
             rx_list: Vec::with_capacity(BATCH_MAX),
+            auth_failures: Vec::new(),
         };
         tokio::spawn(driver.run());
         Ok(Node {
@@ -500,6 +501,8 @@ struct Driver {
     tx_queue: VecDeque<(usize, crate::proto::Transmit)>,
     rx_arena: BytesMut,
     rx_list: Vec<InDatagram>,
+    /// Datagrams that failed authentication, per source address.
+    auth_failures: Vec<crate::stats::AuthFailures>,
 }
 
 impl Driver {
@@ -628,7 +631,9 @@ impl Driver {
                 self.streams.insert(stream, tx);
             }
             Command::Stats(tx) => {
-                let _ = tx.send(self.ep.stats());
+                let mut stats = self.ep.stats();
+                stats.auth_failures = self.auth_failures.clone();
+                let _ = tx.send(stats);
             }
             Command::Pin {
                 peer,
@@ -700,6 +705,7 @@ impl Driver {
                 let _ = whole.split_to(start - consumed);
                 let mut dgram = whole.split_to(d.len);
                 consumed = start + d.len;
+                let bad_auth = self.ep.bad_auth_total();
                 if self.socks[i].gro && d.segment < d.len {
                     while !dgram.is_empty() {
                         let n = d.segment.min(dgram.len());
@@ -709,11 +715,28 @@ impl Driver {
                 } else {
                     self.ep.handle_datagram(now, network, dgram);
                 }
+                let failed = self.ep.bad_auth_total() - bad_auth;
+                if failed > 0 {
+                    if let Some(from) = d.from {
+                        self.count_auth_failures(from, failed);
+                    }
+                }
             }
             self.rx_list = list;
             if got < BATCH_MAX {
                 return;
             }
+        }
+    }
+
+    /// Counts datagrams from `from` that failed authentication.
+    fn count_auth_failures(&mut self, from: std::net::SocketAddr, n: u64) {
+        if let Some(a) = self.auth_failures.iter_mut().find(|a| a.from == from) {
+            a.count += n;
+        } else if self.auth_failures.len() < crate::stats::AUTH_FAILURE_SOURCES_MAX {
+            debug!(%from, "datagrams from this address fail authentication");
+            self.auth_failures
+                .push(crate::stats::AuthFailures { from, count: n });
         }
     }
 

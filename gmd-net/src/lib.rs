@@ -43,7 +43,10 @@ pub use config::{
 };
 pub use error::NetError;
 pub use proto::{Endpoint, Event, RequestId};
-pub use stats::{MachineStats, NetworkStats, PathStats, SecurityStats, Stats};
+pub use stats::{
+    AUTH_FAILURE_SOURCES_MAX, AuthFailures, MachineStats, NetworkStats, PathStats, SecurityStats,
+    Stats,
+};
 
 #[cfg(feature = "tokio")]
 pub use driver::{Incoming, IncomingReceiver, Node, NodeEvent, Responder};

@@ -130,6 +130,20 @@ pub struct SecurityStats {
     pub malformed: u64,
 }
 
+/// Datagrams from one source address whose authentication tag did not
+/// verify (see [`SecurityStats::bad_auth`]): the usual sign of machines
+/// holding different cluster keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthFailures {
+    /// The source address.
+    pub from: std::net::SocketAddr,
+    /// Datagrams from it that failed authentication.
+    pub count: u64,
+}
+
+/// Source addresses tracked in [`Stats::auth_failures`] at most.
+pub const AUTH_FAILURE_SOURCES_MAX: usize = 64;
+
 /// A snapshot of every counter of an endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -143,6 +157,9 @@ pub struct Stats {
     pub security: SecurityStats,
     /// Datagrams dropped by the `recv_loss_ppm` test knob.
     pub injected_losses: u64,
+    /// Authentication failures per source address (filled by the driver;
+    /// at most [`AUTH_FAILURE_SOURCES_MAX`] addresses, the first seen).
+    pub auth_failures: Vec<AuthFailures>,
 }
 
 macro_rules! sub_fields {
@@ -208,6 +225,11 @@ impl Stats {
             malformed
         );
         d.injected_losses = d.injected_losses.saturating_sub(earlier.injected_losses);
+        for a in &mut d.auth_failures {
+            if let Some(o) = earlier.auth_failures.iter().find(|o| o.from == a.from) {
+                a.count = a.count.saturating_sub(o.count);
+            }
+        }
         d
     }
 

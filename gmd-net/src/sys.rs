@@ -255,7 +255,6 @@ pub(crate) struct InDatagram {
     pub(crate) len: usize,
     /// GRO segment size, or `len` when not coalesced.
     pub(crate) segment: usize,
-    #[allow(dead_code)]
     pub(crate) from: Option<SocketAddr>,
 }
 

@@ -3,6 +3,7 @@
 //! client, statistics reports and their renderings, the cluster key,
 //! sizing and verify. Links neither ublk, GeoMessage nor io_uring.
 
+pub mod cli;
 pub mod client;
 pub mod keyfile;
 pub mod machine;
@@ -11,6 +12,7 @@ pub mod protocol;
 pub mod report;
 pub mod sizing;
 pub mod verify;
+pub mod views;
 
 /// Lets a closed pipe end the program quietly, as command-line tools do
 /// (`gmdctl status | head`), instead of a panic on the failed write.

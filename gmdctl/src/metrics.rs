@@ -64,6 +64,40 @@ impl Writer {
     }
 }
 
+/// Every mode in effect a device can report.
+pub const MODES_IN_EFFECT: [&str; 7] = [
+    "sync",
+    "mwc",
+    "async",
+    "async-hwm-fallback",
+    "standalone",
+    "stopped",
+    "defined",
+];
+
+/// A state set (as OpenMetrics has them): per device one sample per
+/// possible value, 1 for the current one and 0 for the others.
+fn state_set(
+    w: &mut Writer,
+    name: &str,
+    help: &str,
+    devices: &[crate::report::DeviceReport],
+    label: &str,
+    values: &[&str],
+    current: impl Fn(&crate::report::DeviceReport) -> String,
+) {
+    if devices.is_empty() {
+        return;
+    }
+    w.family(name, "gauge", help);
+    for x in devices {
+        let now = current(x);
+        for v in values {
+            w.sample(name, &[("device", &x.name), (label, v)], b(now == *v));
+        }
+    }
+}
+
 fn b(x: bool) -> f64 {
     if x { 1.0 } else { 0.0 }
 }
@@ -92,6 +126,86 @@ pub fn render(report: &Report, net: &NetReport) -> String {
             ]
         },
         |_| 1.0,
+    );
+    w.family(
+        "gmd_build_info",
+        "gauge",
+        "The gmd version serving these metrics (value 1).",
+    );
+    w.sample(
+        "gmd_build_info",
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("machine", &report.machine),
+        ],
+        1.0,
+    );
+    state_set(
+        &mut w,
+        "gmd_device_state",
+        "Lifecycle state: 1 for the state the device is in, 0 for the others.",
+        d,
+        "state",
+        &["DEFINED", "STOPPED", "AVAILABLE"],
+        |x| x.state.to_string(),
+    );
+    state_set(
+        &mut w,
+        "gmd_device_mode_in_effect",
+        "Mode in effect: 1 for the device's, 0 for the others.",
+        d,
+        "mode",
+        &MODES_IN_EFFECT,
+        |x| x.mode_in_effect.clone(),
+    );
+    state_set(
+        &mut w,
+        "gmd_device_role",
+        "Role the device runs in here: 1 for its role, 0 for the others (all 0 when not AVAILABLE).",
+        d,
+        "role",
+        &["primary", "secondary", "split"],
+        |x| x.role.clone().unwrap_or_default(),
+    );
+    w.each(
+        "gmd_device_size_bytes",
+        "gauge",
+        "Device size.",
+        d,
+        dev,
+        |x| x.size_bytes as f64,
+    );
+    w.each(
+        "gmd_device_out_of_sync_bytes",
+        "gauge",
+        "Bytes not known to be identical on the peer (stale and inconsistent regions).",
+        d,
+        dev,
+        |x| x.out_of_sync_bytes() as f64,
+    );
+    w.each(
+        "gmd_device_resync_sent_bytes_total",
+        "counter",
+        "Resync data sent to the peer since the device started.",
+        d,
+        dev,
+        |x| x.resync_sent_bytes as f64,
+    );
+    w.each(
+        "gmd_device_resync_regions",
+        "gauge",
+        "Regions of the current resync (0 when none runs).",
+        d,
+        dev,
+        |x| x.resync.as_ref().map_or(0.0, |r| r.regions_total as f64),
+    );
+    w.each(
+        "gmd_device_divergence_refused",
+        "gauge",
+        "Whether mirroring is refused because both sides wrote while apart (gmdctl unify).",
+        d,
+        dev,
+        |x| b(x.divergence_refused()),
     );
     w.each(
         "gmd_device_available",
@@ -515,6 +629,19 @@ pub fn render(report: &Report, net: &NetReport) -> String {
         "Datagrams rejected before they had any effect.",
     );
     w.sample("gmd_rejected_datagrams_total", &[], net.rejected as f64);
+    w.each(
+        "gmd_auth_failed_datagrams_total",
+        "counter",
+        "Datagrams that failed authentication, per source address (the cluster keys may differ).",
+        &net.auth_failures,
+        |f| {
+            vec![
+                ("from", f.from.clone()),
+                ("machine", f.machine.clone().unwrap_or_default()),
+            ]
+        },
+        |f| f.count as f64,
+    );
     w.out
 }
 
@@ -526,5 +653,60 @@ mod tests {
     fn label_values_are_escaped() {
         assert_eq!(labels(&[("a", "x\"y\\z\n")]), r#"{a="x\"y\\z\n"}"#);
         assert_eq!(labels(&[]), "");
+    }
+
+    #[test]
+    fn state_sets_have_one_sample_at_1_per_device() {
+        let report: Report = serde_json::from_value(serde_json::json!({
+            "schema": 1, "machine": "alpha", "uptime_ms": 1000, "peers": [],
+            "devices": [{
+                "name": "d", "state": "AVAILABLE", "mode": "mwc",
+                "mode_in_effect": "standalone", "peer": null, "uptime_ms": 5,
+                "local": {"reads":0,"read_bytes":0,"writes":0,"write_bytes":0,"flushes":0,"errors":0,"in_flight":0},
+                "remote": {"writes":0,"write_bytes":0},
+                "mirrored": {"writes":0,"write_bytes":0,"flushes":0,"failures":0,"wait_us":0,"stalls":0},
+                "latency": {"writes":0,"sum_us":0,"p50_us":null,"p99_us":null,"p999_us":null,"buckets":vec![0u64; LATENCY_BUCKETS]},
+                "backlog": {"bytes":0,"hwm_bytes":0,"hwm_fallbacks":0,"fallback_active":false},
+                "map": {"regions": 8192, "stale": 3, "inconsistent": 1, "hot": 2},
+                "map_writes": {"commits":0,"pages_written":0},
+                "resync": null, "role": "primary", "size_bytes": 268435456,
+                "refused": "d: both alpha and beta wrote while apart (data divergence)"
+            }]
+        }))
+        .expect("report");
+        let net = NetReport {
+            schema: 1,
+            machine: "alpha".into(),
+            machines: vec![],
+            networks: vec![],
+            paths: vec![],
+            rejected: 0,
+            auth_failures: vec![],
+        };
+        let text = render(&report, &net);
+        let ones: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                [
+                    "gmd_device_state{",
+                    "gmd_device_mode_in_effect{",
+                    "gmd_device_role{",
+                ]
+                .iter()
+                .any(|p| l.starts_with(p))
+            })
+            .filter(|l| l.ends_with(" 1"))
+            .collect();
+        assert_eq!(
+            ones,
+            [
+                r#"gmd_device_state{device="d",state="AVAILABLE"} 1"#,
+                r#"gmd_device_mode_in_effect{device="d",mode="standalone"} 1"#,
+                r#"gmd_device_role{device="d",role="primary"} 1"#,
+            ]
+        );
+        assert!(text.contains("gmd_device_out_of_sync_bytes{device=\"d\"} 131072\n"));
+        assert!(text.contains("gmd_device_divergence_refused{device=\"d\"} 1\n"));
+        assert!(text.contains("gmd_build_info{version=\""));
     }
 }

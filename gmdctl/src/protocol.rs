@@ -270,6 +270,15 @@ pub struct Hello {
     pub uptime_s: u64,
 }
 
+/// Version of the JSON of `gmdctl status --json`, `list --json`,
+/// `verify --json` and `show-state --json`: fields are only ever added; any
+/// other change bumps it (docs/OPERATIONS.md).
+pub const STATUS_SCHEMA: u32 = 1;
+
+fn status_schema() -> u32 {
+    STATUS_SCHEMA
+}
+
 /// A remote peer as a device sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerStatus {
@@ -279,11 +288,18 @@ pub struct PeerStatus {
     pub site: String,
     /// Recorded as down with `gmdctl down`.
     pub down: bool,
+    /// Datagrams from its addresses that failed authentication since gmdd
+    /// started: non-zero when the machines' cluster keys differ.
+    #[serde(default)]
+    pub auth_failures: u64,
 }
 
 /// State of one device (result of [`Command::Status`], one per device).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceStatus {
+    /// [`STATUS_SCHEMA`].
+    #[serde(default = "status_schema")]
+    pub schema: u32,
     /// Device name.
     pub name: String,
     /// Lifecycle state.

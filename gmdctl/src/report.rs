@@ -65,6 +65,40 @@ pub struct DeviceReport {
     pub map_writes: MapWrites,
     /// The current resync, if one runs.
     pub resync: Option<Resync>,
+    /// The role the device runs in here (`primary`, `secondary`, `split`),
+    /// when AVAILABLE.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// Device size, bytes.
+    #[serde(default)]
+    pub size_bytes: u64,
+    /// Resync data this side sent since the device started, bytes.
+    #[serde(default)]
+    pub resync_sent_bytes: u64,
+    /// Why mirroring with the peer is refused, when it is.
+    #[serde(default)]
+    pub refused: Option<String>,
+}
+
+impl DeviceReport {
+    /// Bytes that differ from the peer or are not known to be identical
+    /// (stale and inconsistent regions), at most the device's size.
+    pub fn out_of_sync_bytes(&self) -> u64 {
+        let regions = self.map.map_or(0, |m| m.stale + m.inconsistent);
+        let bytes = regions * gmd_core::units::REGION_SIZE_BYTES;
+        if self.size_bytes > 0 {
+            bytes.min(self.size_bytes)
+        } else {
+            bytes
+        }
+    }
+
+    /// Whether the refusal is a divergence (both sides wrote while apart).
+    pub fn divergence_refused(&self) -> bool {
+        self.refused
+            .as_deref()
+            .is_some_and(|r| r.contains("divergence") || r.contains("holds writes of its own"))
+    }
 }
 
 /// Requests of local applications.
@@ -560,6 +594,34 @@ pub struct NetReport {
     pub paths: Vec<NetPath>,
     /// Datagrams rejected before they had any effect (all reasons).
     pub rejected: u64,
+    /// Of those, datagrams whose authentication failed, per source address
+    /// (the cluster keys, or `encrypt`, may differ).
+    #[serde(default)]
+    pub auth_failures: Vec<AuthFailure>,
+}
+
+/// Datagrams from one address that failed authentication.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthFailure {
+    /// Source address (`ip:port`).
+    pub from: String,
+    /// The configured machine with an interface at that address, if any.
+    pub machine: Option<String>,
+    /// Datagrams that failed authentication.
+    pub count: u64,
+}
+
+/// What to say about datagrams from `from` that fail authentication.
+pub fn auth_failure_text(f: &AuthFailure) -> String {
+    format!(
+        "{} datagram(s) from {}{} failed authentication: the cluster keys (key_file) or `encrypt` may differ between the machines",
+        f.count,
+        f.from,
+        f.machine
+            .as_deref()
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default()
+    )
 }
 
 /// One remote machine in a [`NetReport`].
@@ -691,6 +753,12 @@ impl NetReport {
             }
         }
         d.rejected = d.rejected.saturating_sub(earlier.rejected);
+        for a in &mut d.auth_failures {
+            if let Some(o) = earlier.auth_failures.iter().find(|o| o.from == a.from) {
+                a.count = a.count.saturating_sub(o.count);
+            }
+        }
+        d.auth_failures.retain(|a| a.count > 0);
         d
     }
 }
@@ -801,6 +869,22 @@ pub fn render_netstat(r: &NetReport, seconds: Option<f64>, summary: bool) -> Str
     if r.rejected > 0 {
         let _ = writeln!(out, "rejected datagrams: {}", r.rejected);
     }
+    for f in &r.auth_failures {
+        let _ = writeln!(
+            out,
+            "failed authentication: {} datagram(s) from {}{}",
+            f.count,
+            f.from,
+            f.machine
+                .as_deref()
+                .map(|m| format!(" ({m})"))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(
+            out,
+            "  the cluster keys (key_file) or `encrypt` may differ between the machines"
+        );
+    }
     out
 }
 
@@ -846,6 +930,10 @@ mod tests {
                 bytes_per_s: 10 << 20,
                 eta_s: Some(12345),
             }),
+            role: Some("primary".into()),
+            size_bytes: 256 << 20,
+            resync_sent_bytes: 0,
+            refused: None,
         }
     }
 
@@ -894,6 +982,11 @@ mod tests {
                 ..Default::default()
             }],
             rejected: 1,
+            auth_failures: vec![AuthFailure {
+                from: "127.0.0.1:6756".into(),
+                machine: Some("beta".into()),
+                count: 26,
+            }],
         };
         for summary in [false, true] {
             for line in render_netstat(&net, Some(1.0), summary).lines() {

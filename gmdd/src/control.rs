@@ -138,6 +138,8 @@ async fn session(
                     .unwrap_or_else(|e| {
                         Err(ControlError::internal(format!("command failed: {e}")))
                     });
+                // A command may have changed a device: events go out now.
+                daemon.changed.notify_one();
                 let response = match result {
                     Ok(value) => Response {
                         version: PROTOCOL_VERSION,

@@ -7,6 +7,7 @@
 mod control;
 mod exports;
 mod link;
+pub mod notify;
 mod ops;
 mod peers;
 mod roles;
@@ -103,7 +104,7 @@ pub fn net_config(config: &ClusterConfig, machine: &str, key: &[u8]) -> NetConfi
 
 /// The `netstat` report (and the metrics' network part) from GeoMessage's
 /// counters.
-pub fn net_report(machine: &str, s: &gmd_net::Stats) -> NetReport {
+pub fn net_report(config: &ClusterConfig, machine: &str, s: &gmd_net::Stats) -> NetReport {
     let us = |d: Option<std::time::Duration>| d.map(|d| d.as_micros() as u64);
     NetReport {
         schema: REPORT_SCHEMA,
@@ -161,8 +162,30 @@ pub fn net_report(machine: &str, s: &gmd_net::Stats) -> NetReport {
             })
             .collect(),
         rejected: s.rejected_total(),
+        auth_failures: auth_failures(config, s),
     }
 }
+
+/// GeoMessage's authentication failures per source address, with the
+/// configured machine that has an interface at that address.
+pub fn auth_failures(config: &ClusterConfig, s: &gmd_net::Stats) -> Vec<AuthFailure> {
+    s.auth_failures
+        .iter()
+        .map(|a| AuthFailure {
+            from: a.from.to_string(),
+            machine: config
+                .machines
+                .values()
+                .find(|m| m.interfaces.values().any(|addr| *addr == a.from))
+                .map(|m| m.name.clone()),
+            count: a.count,
+        })
+        .collect()
+}
+
+/// How often gmdd says at most, per source address, that datagrams from
+/// it fail authentication.
+const AUTH_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The daemon's state, shared by the control server, the NBD server and
 /// the GeoMessage tasks.
@@ -185,6 +208,14 @@ pub struct Daemon {
     events: tokio::sync::broadcast::Sender<Event>,
     /// The metrics endpoint's address and its stop token, when it runs.
     metrics: tokio::sync::Mutex<Option<(std::net::SocketAddr, CancellationToken)>>,
+    /// Per source address: when its authentication failures were last
+    /// logged, and the count then.
+    auth_logged: Mutex<HashMap<String, (Instant, u64)>>,
+    /// The last STATUS line sent to systemd.
+    status_line: Mutex<String>,
+    /// Something about a device may have changed: the event watcher looks
+    /// (commands, the links, messages to and from peers tell it).
+    changed: Arc<tokio::sync::Notify>,
 }
 
 fn control_error(e: DeviceError) -> ControlError {
@@ -225,6 +256,7 @@ fn basis_name(basis: gmd_core::link::Basis) -> &'static str {
 
 impl Daemon {
     fn new(config: ClusterConfig, machine: String, node: Arc<Node>) -> Daemon {
+        let changed = Arc::new(tokio::sync::Notify::new());
         let mut devices = IndexMap::new();
         let mut links = HashMap::new();
         for device in config.devices_on(&machine) {
@@ -239,6 +271,7 @@ impl Daemon {
                     device.name.clone(),
                     device.minor,
                     device.size_bytes,
+                    changed.clone(),
                 ),
             );
         }
@@ -257,6 +290,9 @@ impl Daemon {
             reachable: Mutex::new(std::collections::HashSet::new()),
             events: tokio::sync::broadcast::channel(ops::EVENTS_QUEUE_MAX).0,
             metrics: tokio::sync::Mutex::new(None),
+            auth_logged: Mutex::new(HashMap::new()),
+            status_line: Mutex::new(String::new()),
+            changed,
         }
     }
 
@@ -1335,6 +1371,7 @@ impl Daemon {
     }
 
     fn status(&self, device: Option<&str>) -> Result<Value, ControlError> {
+        let auth = self.auth_failures_by_machine();
         let config = self.config();
         let devices = self.devices.lock().expect("devices lock");
         let mut out = Vec::new();
@@ -1352,6 +1389,7 @@ impl Daemon {
             };
             let exported = handle.state() == AdminState::Available && self.exports.contains(name);
             out.push(DeviceStatus {
+                schema: STATUS_SCHEMA,
                 name: name.clone(),
                 state: handle.state(),
                 minor: handle.config().minor,
@@ -1371,6 +1409,7 @@ impl Daemon {
                         machine: m.machine.clone(),
                         site: config.site_of(&m.machine).unwrap_or_default().to_owned(),
                         down: down.contains(&m.machine),
+                        auth_failures: auth.get(&m.machine).copied().unwrap_or(0),
                     })
                     .collect(),
                 map,
@@ -1460,6 +1499,10 @@ impl Daemon {
             }),
         };
         let link = self.link_status(name, handle);
+        let refused = link
+            .as_ref()
+            .filter(|l| !l.connected)
+            .and_then(|l| l.refused.clone());
         let mode = handle.config().mode;
         let mode_in_effect = match (handle.state(), &link) {
             (AdminState::Defined, _) => "defined".to_string(),
@@ -1529,6 +1572,10 @@ impl Daemon {
                 bytes_per_s: l.resync_bytes_per_s,
                 eta_s: l.resync_eta_s,
             }),
+            role: (handle.state() == AdminState::Available).then(|| handle.role().to_string()),
+            size_bytes: handle.config().size_bytes,
+            resync_sent_bytes: e.resync_bytes_sent,
+            refused,
         }
     }
 
@@ -1582,7 +1629,7 @@ impl Daemon {
             .rt
             .block_on(self.node.stats())
             .map_err(|e| ControlError::internal(format!("GeoMessage statistics: {e}")))?;
-        to_value(&net_report(&self.machine, &net))
+        to_value(&net_report(&self.config(), &self.machine, &net))
     }
 
     /// Stops every running device without changing its recorded state, so the
@@ -1813,7 +1860,20 @@ async fn watch_peers(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => daemon.reconnect().await,
+            _ = tick.tick() => {
+                daemon.reconnect().await;
+                daemon.log_auth_failures().await;
+                let summary = daemon.summary().await;
+                let changed = {
+                    let mut last = daemon.status_line.lock().expect("status lock");
+                    let changed = *last != summary;
+                    *last = summary.clone();
+                    changed
+                };
+                if changed {
+                    notify::status(&summary);
+                }
+            }
             event = events.recv() => match event {
                 Ok(NodeEvent::PeerUp { peer, .. }) => {
                     let name = daemon.node.peer_name(peer).unwrap_or("?").to_owned();
@@ -1849,6 +1909,83 @@ async fn watch_peers(
     }
 }
 
+impl Daemon {
+    /// Says, at most once per [`AUTH_FAILURE_LOG_INTERVAL`] per source
+    /// address, that datagrams from it fail authentication.
+    async fn log_auth_failures(&self) {
+        let Ok(stats) = self.node.stats().await else {
+            return;
+        };
+        let failures = auth_failures(&self.config(), &stats);
+        let mut logged = self.auth_logged.lock().expect("auth_logged lock");
+        for f in failures {
+            let due = logged.get(&f.from).is_none_or(|(at, count)| {
+                *count < f.count && at.elapsed() >= AUTH_FAILURE_LOG_INTERVAL
+            });
+            if due {
+                warn!(
+                    from = %f.from,
+                    machine = f.machine.as_deref().unwrap_or("-"),
+                    "{}",
+                    auth_failure_text(&f)
+                );
+                logged.insert(f.from.clone(), (Instant::now(), f.count));
+            }
+        }
+    }
+
+    /// One line for systemd's STATUS: devices by state, mirroring, peers.
+    async fn summary(self: &Arc<Self>) -> String {
+        let d = self.clone();
+        let seen = tokio::task::spawn_blocking(move || d.seen())
+            .await
+            .unwrap_or_default();
+        let count = |s: AdminState| seen.iter().filter(|(_, x)| x.state() == s).count();
+        let mirroring = seen.iter().filter(|(_, x)| x.mirroring()).count();
+        let resyncing = seen.iter().filter(|(_, x)| x.resyncing()).count();
+        let mut reachable: Vec<String> = self
+            .reachable
+            .lock()
+            .expect("reachable lock")
+            .iter()
+            .cloned()
+            .collect();
+        reachable.sort();
+        let mut line = format!(
+            "{} device(s): {} AVAILABLE ({mirroring} mirroring",
+            seen.len(),
+            count(AdminState::Available)
+        );
+        if resyncing > 0 {
+            line.push_str(&format!(", {resyncing} resynchronising"));
+        }
+        line.push_str(&format!(
+            "), {} STOPPED, {} DEFINED; peers up: {}",
+            count(AdminState::Stopped),
+            count(AdminState::Defined),
+            if reachable.is_empty() {
+                "none".to_string()
+            } else {
+                reachable.join(", ")
+            }
+        ));
+        line
+    }
+
+    /// Datagrams that failed authentication from each machine's addresses.
+    fn auth_failures_by_machine(&self) -> HashMap<String, u64> {
+        let mut out = HashMap::new();
+        if let Ok(stats) = self.rt.block_on(self.node.stats()) {
+            for f in auth_failures(&self.config(), &stats) {
+                if let Some(m) = f.machine {
+                    *out.entry(m).or_insert(0) += f.count;
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 ///
 /// # Errors
@@ -1860,6 +1997,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    notify::status("starting: reading the configuration");
     let config = ClusterConfig::load(&options.config)?;
     let machine = resolve_machine(&config, options.machine.as_deref())?;
     let key = gmdctl::keyfile::read(&config.key_file)?;
@@ -1910,6 +2048,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(serve_peers(daemon.clone(), peer_requests));
+    notify::status("starting: restoring devices");
     {
         let d = daemon.clone();
         tokio::task::spawn_blocking(move || d.restore_all()).await?;
@@ -1929,13 +2068,24 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         control_listener,
         shutdown.clone(),
     ));
+    // The control socket serves and every device is back in its recorded
+    // state: systemd may start what depends on gmdd.
+    let summary = daemon.summary().await;
+    notify::notify(&format!("READY=1\nSTATUS={summary}"));
+    info!(status = %summary, "gmdd ready");
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("SIGINT: stopping"); break; }
-            _ = hup.recv() => daemon.reload().await,
+            _ = hup.recv() => {
+                notify::reloading();
+                daemon.reload().await;
+                let summary = daemon.summary().await;
+                notify::notify(&format!("READY=1\nSTATUS={summary}"));
+            }
         }
     }
+    notify::notify("STOPPING=1\nSTATUS=stopping: finishing I/O and persisting the state maps");
     shutdown.cancel();
     let _ = nbd_task.await;
     let _ = control_task.await;

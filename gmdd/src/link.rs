@@ -130,6 +130,9 @@ pub(super) struct DeviceLink {
     pub(super) inner: Mutex<LinkInner>,
     node: Arc<Node>,
     rt: tokio::runtime::Handle,
+    /// Told whenever something about the device may have changed, so that
+    /// `gmdctl events` hears of it at once (see `ops::watch_devices`).
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for DeviceLink {
@@ -154,6 +157,8 @@ impl PeerLink for DeviceLink {
         body.put_u64_le(session);
         mirror::encode_into(&message, &mut body);
         let _ = self.out.send((peer, body.freeze()));
+        // Writes, resync data and flushes change backlogs and progress.
+        self.poke();
     }
 
     fn resync_done(&self) {
@@ -161,6 +166,8 @@ impl PeerLink for DeviceLink {
         inner.resync_done = true;
         let part = inner.plan.map(|(p, _, _)| p.name());
         info!(device = %self.device, peer = ?inner.connected_peer(), part, "resync finished");
+        drop(inner);
+        self.poke();
     }
 
     fn stalled(&self, waited_ms: u64) {
@@ -199,6 +206,11 @@ impl PeerLink for DeviceLink {
 }
 
 impl DeviceLink {
+    /// Tells the event watcher that this device may have changed.
+    pub(super) fn poke(&self) {
+        self.changed.notify_one();
+    }
+
     /// Drops a peer that acknowledged nothing for `waited_ms`: the device
     /// goes on alone and marks what it writes stale, as after a peer loss.
     fn drop_stalled_peer(&self, waited_ms: u64) {
@@ -221,6 +233,7 @@ impl DeviceLink {
             ),
             Instant::now(),
         ));
+        self.poke();
     }
 
     /// A link for `device` on `machine` and its two tasks (sender and
@@ -231,6 +244,7 @@ impl DeviceLink {
         device: String,
         minor: u32,
         size_bytes: u64,
+        changed: Arc<tokio::sync::Notify>,
     ) -> Arc<DeviceLink> {
         let (tx, rx) = mpsc::unbounded_channel();
         let link = Arc::new(DeviceLink {
@@ -250,6 +264,7 @@ impl DeviceLink {
             out: tx,
             node: node.clone(),
             rt: tokio::runtime::Handle::current(),
+            changed,
         });
         let stream = device_stream(minor);
         tokio::spawn(send_loop(node.clone(), stream, rx));
@@ -275,6 +290,8 @@ impl DeviceLink {
             }
         };
         inner.core.started(incarnation, role);
+        drop(inner);
+        self.poke();
     }
 
     /// Ends the session, if any, as a loss of the peer (the device marks
@@ -296,6 +313,8 @@ impl DeviceLink {
         inner.connecting = false;
         inner.peer_id = None;
         inner.plan = None;
+        drop(inner);
+        self.poke();
         had.and_then(|session| peer.map(|p| (p, session)))
     }
 
@@ -308,6 +327,7 @@ impl DeviceLink {
     /// Changes the role the link offers (the device's changed already).
     pub(super) fn set_role(&self, role: PairRole) {
         self.inner.lock().expect("link lock").core.set_role(role);
+        self.poke();
     }
 }
 
@@ -363,6 +383,8 @@ async fn receive_loop(node: Arc<Node>, stream: StreamId, link: Arc<DeviceLink>) 
             Ok(message) => port.from_peer(session, message),
             Err(e) => warn!(device = %link.device, error = %e, "device message refused"),
         }
+        // Answers shrink backlogs, resync data fills the target.
+        link.poke();
     }
 }
 
@@ -460,6 +482,7 @@ impl Daemon {
             inner.peer_id = self.node.peer(&peer);
         }
         let result = self.clone().try_connect(&link, &device, &peer).await;
+        link.poke();
         let mut inner = link.inner.lock().expect("link lock");
         inner.connecting = false;
         inner.core.abandon_offer(&peer);
@@ -769,6 +792,8 @@ impl Daemon {
                 warn!(%device, peer = %from, "connection refused: {reason}");
                 let mut inner = link.inner.lock().expect("link lock");
                 inner.refused = Some((reason.clone(), Instant::now()));
+                drop(inner);
+                link.poke();
                 refuse(reason)
             }
         }
@@ -809,6 +834,7 @@ impl Daemon {
                 }
             }
         };
+        link.poke();
         self.connected(device, &start).await;
         PeerReply::Ok
     }

@@ -1,25 +1,8 @@
 //! `gmdd`: the gmd daemon, one per machine.
 
-use std::path::PathBuf;
-
 use clap::Parser;
-use gmdctl::protocol::{DEFAULT_CONFIG, DEFAULT_SOCKET};
+use gmdctl::cli::GmddArgs as Args;
 use gmdd::{Options, run};
-
-/// The gmd daemon: hosts this machine's GeoMirror devices.
-#[derive(Parser, Debug)]
-#[command(name = "gmdd", version, about)]
-struct Args {
-    /// Cluster configuration file (identical on every machine).
-    #[arg(long, default_value = DEFAULT_CONFIG)]
-    config: PathBuf,
-    /// This machine's name in the configuration (default: the hostname).
-    #[arg(long)]
-    machine: Option<String>,
-    /// Control socket (root only).
-    #[arg(long, default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
-}
 
 /// Logs to journald with each event's level as its priority when stderr is
 /// the journal (systemd sets `JOURNAL_STREAM`), to stderr otherwise.
@@ -49,6 +32,7 @@ fn init_logging() {
 
 fn main() {
     let args = Args::parse();
+    gmdd::notify::init();
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .thread_name("gmdd")

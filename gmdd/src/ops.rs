@@ -2,9 +2,9 @@
 //! endpoint.
 //!
 //! Device-level changes (state, connection, HWM fallback, resync, refusals)
-//! are found by comparing a small snapshot of each device every
-//! [`WATCH_INTERVAL`]; peer and path changes come straight from GeoMessage's
-//! events (see `watch_peers`).
+//! are found by comparing a small snapshot of each device as soon as the
+//! daemon is told something changed (`Daemon::changed`); peer and path
+//! changes come straight from GeoMessage's events (see `watch_peers`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,8 +20,11 @@ use tracing::{debug, info, warn};
 use super::Daemon;
 use gmdctl::protocol::Event;
 
-/// How often device snapshots are compared.
-pub(super) const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest time between two comparisons of device snapshots (changes the
+/// daemon is not told about, e.g. an async backlog draining by itself).
+pub(super) const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// Shortest time between two comparisons: a burst of changes is one look.
+pub(super) const WATCH_GAP: Duration = Duration::from_millis(10);
 /// Least time between two resync progress events of one device.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// Events kept for a slow subscriber before it misses some.
@@ -45,6 +48,23 @@ pub(super) struct Seen {
     /// (role, total) of the latest resync, running or finished.
     last_resync: (String, u64),
     refused: Option<String>,
+}
+
+impl Seen {
+    /// Lifecycle state.
+    pub(super) fn state(&self) -> AdminState {
+        self.state
+    }
+
+    /// Whether writes are mirrored to a peer now.
+    pub(super) fn mirroring(&self) -> bool {
+        self.peer.is_some()
+    }
+
+    /// Whether a resync runs.
+    pub(super) fn resyncing(&self) -> bool {
+        self.resync.is_some()
+    }
 }
 
 fn yes(b: bool) -> String {
@@ -246,17 +266,21 @@ fn changes(name: &str, old: &Seen, new: &Seen, last_progress: &mut Instant) -> V
     out
 }
 
-/// Compares device snapshots every [`WATCH_INTERVAL`] and publishes the
-/// differences.
+/// Compares device snapshots whenever something tells the daemon that a
+/// device may have changed (a control command, the link, a message to or
+/// from the peer: [`Daemon::changed`]), at most every [`WATCH_GAP`] and at
+/// least every [`WATCH_INTERVAL`], and publishes the differences.
 pub(super) async fn watch_devices(daemon: Arc<Daemon>, shutdown: CancellationToken) {
     let mut last: HashMap<String, Seen> = HashMap::new();
     let mut progress: HashMap<String, Instant> = HashMap::new();
-    let mut tick = tokio::time::interval(WATCH_INTERVAL);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = daemon.changed.notified() => {}
+            _ = tokio::time::sleep(WATCH_INTERVAL) => {}
         }
+        // Let a burst of changes (a write stream) settle into one look.
+        tokio::time::sleep(WATCH_GAP).await;
         let d = daemon.clone();
         let Ok(now) = tokio::task::spawn_blocking(move || d.seen()).await else {
             continue;
@@ -350,7 +374,7 @@ impl Daemon {
             .rt
             .block_on(self.node.stats())
             .map_err(|e| gmdctl::protocol::ControlError::internal(e.to_string()))?;
-        let net = crate::net_report(&self.machine, &net);
+        let net = crate::net_report(&self.config(), &self.machine, &net);
         Ok(gmdctl::metrics::render(&report, &net))
     }
 

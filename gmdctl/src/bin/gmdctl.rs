@@ -7,264 +7,16 @@
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use clap::{Args, Parser, Subcommand};
+use clap::Parser;
 use gmd_core::config::ClusterConfig;
 use gmd_core::device::{self, DeviceError, ErrorClass};
 use gmd_core::statemap::cells::{CELL_CONSISTENT, CELL_STALE};
 use gmd_core::statemap::dump::{self, MapSummary};
 use gmd_core::units::{REGION_SIZE_BYTES, format_size};
+use gmdctl::cli::{Cli, Cmd, TargetArgs};
 use gmdctl::client::{Client, ClientError};
 use gmdctl::protocol::*;
 use gmdctl::report::{NetReport, render_netstat};
-
-/// Administer GeoMirror devices (gmd).
-#[derive(Parser, Debug)]
-#[command(
-    name = "gmdctl",
-    version,
-    about,
-    after_help = "Exit status: 0 ok, 1 bad input, 2 refused or not available, 255 system error."
-)]
-struct Cli {
-    /// gmdd's control socket.
-    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
-    /// Cluster configuration, for commands that work without gmdd.
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    /// This machine's name (default: the hostname), for commands without gmdd.
-    #[arg(long, global = true)]
-    machine: Option<String>,
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Args, Debug)]
-struct TargetArgs {
-    /// The device.
-    device: Option<String>,
-    /// Every device of this machine.
-    #[arg(short = 'A', long = "all", conflicts_with = "device")]
-    all: bool,
-}
-
-#[derive(Subcommand, Debug)]
-enum Cmd {
-    /// Write a new random cluster key (mode 0600); copy it to every machine.
-    Genkey {
-        /// Key file to create.
-        file: PathBuf,
-        /// Replace an existing key.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Write a fresh state map for this machine's copy of a device (DEFINED only).
-    InitState {
-        /// The device.
-        device: String,
-        /// Replace a valid map (its record of regions to resynchronise is lost).
-        #[arg(long)]
-        force: bool,
-        /// Device identity (default: derived from the cluster name, device
-        /// name, minor and size, so both sides agree).
-        #[arg(long)]
-        uuid: Option<uuid::Uuid>,
-        /// The data volume is new and holds only zeroes, and so does its
-        /// peer's (initialised with --zeroed too): the pair starts without a
-        /// copy. Without it the map says the volume holds no known data: it
-        /// receives a full copy from its peer, and a new pair needs
-        /// 'gmdctl primary DEVICE --force' on the side to keep.
-        #[arg(long)]
-        zeroed: bool,
-    },
-    /// Check configuration, volumes, maps, key and addresses on this machine.
-    Verify,
-    /// One line per device.
-    List,
-    /// Device state in detail.
-    Status {
-        /// One device (default: all).
-        device: Option<String>,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-    },
-    /// DEFINED → STOPPED: open and check the map and the data volume.
-    Configure(TargetArgs),
-    /// STOPPED → AVAILABLE: start serving applications.
-    Start(TargetArgs),
-    /// AVAILABLE → STOPPED (refused while in use).
-    Stop(TargetArgs),
-    /// STOPPED → DEFINED.
-    Unconfigure(TargetArgs),
-    /// Record a remote peer as down: start does not wait for it, and this
-    /// side may become primary alone (an AVAILABLE device stops mirroring
-    /// with it; if the peer is in fact running, its device is stopped).
-    Down {
-        /// The device.
-        device: String,
-        /// The remote machine.
-        peer: String,
-    },
-    /// Make this side primary: applications may write here. Refused while
-    /// the peer is primary, while apart from a peer not known to be down,
-    /// and on a copy that lacks data unless --force.
-    Primary {
-        /// The device.
-        device: String,
-        /// Use this copy as it is even if it lacks data (it becomes the
-        /// newest: its peer's data is overwritten where they differ).
-        #[arg(long)]
-        force: bool,
-        /// Machine-readable result.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Make this side secondary: flush, then refuse writes (refused while a
-    /// client holds the device open).
-    Secondary {
-        /// The device.
-        device: String,
-        /// Machine-readable result.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Disaster-recovery drill: make this secondary copy writable here,
-    /// apart from the primary, while production goes on there.
-    Split {
-        /// The device.
-        device: String,
-        /// Machine-readable result.
-        #[arg(long)]
-        json: bool,
-    },
-    /// End a drill: discard the split copy's writes and resynchronise it
-    /// from the primary (the regions either side changed meanwhile).
-    Rejoin {
-        /// The device.
-        device: String,
-        /// Machine-readable result.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Change attributes while DEFINED: mode, role, role.<machine>, hwm_kib, sync_rate_kib, minor, size, block_size, export.
-    Set {
-        /// The device.
-        device: String,
-        /// KEY=VALUE pairs, applied together.
-        #[arg(required = true)]
-        assignments: Vec<String>,
-    },
-    /// Print a device's state map (exit 2 when it is dirty).
-    ShowState {
-        /// The device (not with --from).
-        #[arg(required_unless_present = "from")]
-        device: Option<String>,
-        /// Also write a machine-readable map file.
-        #[arg(long, value_name = "FILE")]
-        dump: Option<PathBuf>,
-        /// Print a map file written by --dump instead.
-        #[arg(long, value_name = "FILE", conflicts_with_all = ["device", "dump"])]
-        from: Option<PathBuf>,
-    },
-    /// Mark every region stale: the whole device is sent to the peer when mirroring resumes.
-    Dirty {
-        /// The device.
-        device: String,
-    },
-    /// Mark every region consistent (testing only: the record of differences is lost).
-    Clean {
-        /// The device.
-        device: String,
-        /// Confirm that the record of regions to resynchronise may be lost.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Round trips and throughput per message size on each GeoMessage path
-    /// to a machine (the reference's geonet).
-    Netprobe {
-        /// The machine to probe.
-        peer: String,
-        /// Requests per message size.
-        #[arg(long, default_value_t = 20)]
-        rounds: usize,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-    },
-    /// GeoMessage statistics per machine, network and path (the reference's krpcstat).
-    Netstat {
-        /// Summary report (no per-path or second lines).
-        #[arg(short = 's')]
-        summary: bool,
-        /// Only these remote machines.
-        #[arg(short = 'm', num_args = 1.., value_name = "MACHINE")]
-        machines: Vec<String>,
-        /// Only these networks.
-        #[arg(short = 'n', num_args = 1.., value_name = "NETWORK")]
-        networks: Vec<String>,
-        /// Seconds between reports (default 1).
-        #[arg(short = 'i', value_name = "SEC")]
-        interval: Option<f64>,
-        /// Number of reports (default 1; with -i alone, until interrupted).
-        #[arg(short = 'c', value_name = "COUNT")]
-        count: Option<u64>,
-        /// One JSON object per report, per line.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Sample the write rate of block devices or files and report the
-    /// network bandwidth it needs (the reference's gmdsizing); with
-    /// --sync-time, print how long a full synchronisation takes per link.
-    /// Ctrl-C ends sampling early, with a report.
-    Sizing {
-        /// Block devices (sampled from /proc/diskstats) or regular files
-        /// (sampled by their growth).
-        #[arg(required_unless_present = "sync_time", conflicts_with = "sync_time")]
-        targets: Vec<PathBuf>,
-        /// Time between samples: seconds, or e.g. 30s, 5m.
-        #[arg(short = 'i', long, default_value = "1")]
-        interval: String,
-        /// How long to sample: seconds, or e.g. 5m, 24h.
-        #[arg(short = 't', long, default_value = "60")]
-        duration: String,
-        /// Print every interval as it ends.
-        #[arg(short = 'V', long)]
-        verbose: bool,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-        /// Print the table of full synchronisation times instead.
-        #[arg(long, requires_all = ["size", "link"])]
-        sync_time: bool,
-        /// Amount of data to synchronise (e.g. 1T, 500G; binary units).
-        #[arg(long)]
-        size: Option<String>,
-        /// The link's rate (e.g. 1Gbit, 100Mbit, 1.544Mbit).
-        #[arg(long)]
-        link: Option<String>,
-    },
-    /// Stream state changes (like `drbdsetup events2`): the current state as
-    /// `exists` lines, `exists -`, then one `change` line per change.
-    Events {
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
-    },
-    /// After divergence: OR both maps into the master's, clear the other's;
-    /// starting the other side then resyncs those regions from the master.
-    /// With --preview, print the unified map (exit 2 while it is dirty).
-    Unify {
-        /// The device.
-        device: String,
-        /// The machine whose data wins.
-        #[arg(long)]
-        master: String,
-        /// Only show the unified map.
-        #[arg(long)]
-        preview: bool,
-    },
-}
 
 struct Failure {
     code: i32,
@@ -392,7 +144,13 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             );
             Ok(0)
         }
-        Cmd::Verify => {
+        Cmd::Generate { dir } => {
+            let files = gmdctl::cli::generate(dir)
+                .map_err(|e| fail(255, format!("{}: {e}", dir.display())))?;
+            println!("{} file(s) written under {}", files.len(), dir.display());
+            Ok(0)
+        }
+        Cmd::Verify { json } => {
             let path = match (&cli.config, Client::connect(&cli.socket)) {
                 (Some(p), _) => p.clone(),
                 (None, Ok(mut client)) => {
@@ -414,8 +172,21 @@ fn run(cli: Cli) -> Result<i32, Failure> {
                         .into(),
                 }),
             }
-            print!("{}", gmdctl::verify::render(&findings));
-            Ok(if findings.iter().all(|f| f.ok) { 0 } else { 1 })
+            let errors = findings.iter().filter(|f| !f.ok).count();
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "schema": STATUS_SCHEMA,
+                        "ok": errors == 0,
+                        "errors": errors,
+                        "findings": findings,
+                    })
+                );
+            } else {
+                print!("{}", gmdctl::verify::render(&findings));
+            }
+            Ok(if errors == 0 { 0 } else { 1 })
         }
         Cmd::InitState {
             device,
@@ -476,9 +247,31 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             })?,
             *json,
         ),
-        Cmd::List => {
+        Cmd::List { json } => {
             let mut client = Client::connect(&cli.socket)?;
             let devices: Vec<DeviceStatus> = client.call(Command::Status { device: None })?;
+            if *json {
+                let list: Vec<serde_json::Value> = devices
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({
+                            "name": d.name,
+                            "state": d.state,
+                            "mode": d.mode,
+                            "role": d.role,
+                            "minor": d.minor,
+                            "size_bytes": d.size_bytes,
+                            "connected": d.link.as_ref().is_some_and(|l| l.connected),
+                            "peer": d.link.as_ref().and_then(|l| l.peer.clone()),
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({ "schema": STATUS_SCHEMA, "devices": list })
+                );
+                return Ok(0);
+            }
             println!(
                 "{:<16} {:<10} {:<6} {:<10} {:>6} {:>10}",
                 "DEVICE", "STATE", "MODE", "ROLE", "MINOR", "SIZE"
@@ -523,6 +316,7 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             let target = target(t)?;
             print_outcome(Client::connect(&cli.socket)?.call_value(Command::Start { target })?)
         }
+        Cmd::Up(t) => up(&cli.socket, target(t)?),
         Cmd::Stop(t) => {
             let target = target(t)?;
             print_outcome(Client::connect(&cli.socket)?.call_value(Command::Stop { target })?)
@@ -562,18 +356,31 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             device,
             dump: dump_path,
             from,
+            picture,
+            json,
         } => {
+            let view = MapView {
+                picture: *picture,
+                json: *json,
+            };
             if let Some(path) = from {
                 let bytes =
                     std::fs::read(path).map_err(|e| fail(2, format!("{}: {e}", path.display())))?;
                 let (uuid, cells) = dump::decode(&bytes)
                     .map_err(|e| fail(2, format!("{}: {e}", path.display())))?;
+                if view.json {
+                    return Ok(print_map_json(
+                        serde_json::json!({"file": path.display().to_string()}),
+                        &uuid,
+                        &cells,
+                    ));
+                }
                 println!("Map file: {}", path.display());
                 println!("Device id: {uuid}");
-                return Ok(print_map(&cells));
+                return Ok(view.print(&cells));
             }
             let device = device.clone().expect("clap requires it");
-            let (header, uuid, cells) = match daemon_or_offline(&cli.socket)? {
+            let (header, uuid, cells, about) = match daemon_or_offline(&cli.socket)? {
                 Some(mut client) => {
                     let s: ShowState = client.call(Command::ShowState {
                         device: device.clone(),
@@ -583,6 +390,12 @@ fn run(cli: Cli) -> Result<i32, Failure> {
                         .map_err(|e| fail(255, e.to_string()))?;
                     let (uuid, cells) =
                         dump::decode(&bytes).map_err(|e| fail(255, e.to_string()))?;
+                    let about = serde_json::json!({
+                        "machine": s.machine,
+                        "device": s.device,
+                        "state": s.state,
+                        "source": if s.source == "disk" { "disk" } else { "gmdd" },
+                    });
                     (
                         format!(
                             "Point of View: Node {}\nName: {}  Status: {}  (map read from {})",
@@ -593,18 +406,26 @@ fn run(cli: Cli) -> Result<i32, Failure> {
                         ),
                         uuid,
                         cells,
+                        about,
                     )
                 }
                 None => {
                     let (config, machine) = offline(&cli)?;
                     let (dev, local) = local_device(&config, &machine, &device)?;
                     let (uuid, cells) = device::read_map(dev, local)?;
+                    let about = serde_json::json!({
+                        "machine": machine,
+                        "device": device,
+                        "state": "DEFINED",
+                        "source": "disk",
+                    });
                     (
                         format!(
                             "Point of View: Node {machine}\nName: {device}  Status: DEFINED  (map read from disk; gmdd not running)"
                         ),
                         uuid,
                         cells,
+                        about,
                     )
                 }
             };
@@ -613,9 +434,12 @@ fn run(cli: Cli) -> Result<i32, Failure> {
                     .map_err(|e| fail(255, format!("{}: {e}", path.display())))?;
                 eprintln!("map file written to {}", path.display());
             }
+            if view.json {
+                return Ok(print_map_json(about, &uuid, &cells));
+            }
             println!("{header}");
             println!("Device id: {uuid}");
-            Ok(print_map(&cells))
+            Ok(view.print(&cells))
         }
         Cmd::Netprobe { peer, rounds, json } => {
             let mut client = Client::connect(&cli.socket)?;
@@ -702,7 +526,11 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             }
             sizing(targets, interval, duration, *verbose, *json)
         }
-        Cmd::Events { json } => {
+        Cmd::Events {
+            json,
+            now,
+            timestamps,
+        } => {
             use std::io::Write as _;
             let events = Client::connect(&cli.socket)?.events()?;
             let mut out = std::io::stdout().lock();
@@ -710,9 +538,20 @@ fn run(cli: Cli) -> Result<i32, Failure> {
                 let event = event?;
                 let line = if *json {
                     serde_json::to_string(&event).unwrap_or_default()
+                } else if *timestamps {
+                    format!(
+                        "{} {}",
+                        gmdctl::views::rfc3339_ms(event.time_ms),
+                        event.to_text()
+                    )
                 } else {
                     event.to_text()
                 };
+                if *now && event.object == "-" {
+                    // `exists -` ends the current state: with --now, so does the output.
+                    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+                    return Ok(0);
+                }
                 if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
                     // The reader went away (e.g. `| head`).
                     return Ok(0);
@@ -972,6 +811,86 @@ fn netstat(
     Ok(0)
 }
 
+/// How `show-state` prints a map.
+struct MapView {
+    picture: bool,
+    json: bool,
+}
+
+impl MapView {
+    fn print(&self, cells: &gmd_core::statemap::StateMap) -> i32 {
+        if self.picture {
+            print_map_summary(cells);
+            print!("{}", gmdctl::views::picture(cells));
+            if MapSummary::of(cells).is_dirty() {
+                2
+            } else {
+                0
+            }
+        } else {
+            print_map(cells)
+        }
+    }
+}
+
+/// `show-state --json`: the map's counts and its non-clean cells as runs;
+/// exit 2 while dirty, as the text form.
+fn print_map_json(
+    mut about: serde_json::Value,
+    uuid: &uuid::Uuid,
+    cells: &gmd_core::statemap::StateMap,
+) -> i32 {
+    let s = MapSummary::of(cells);
+    about["schema"] = serde_json::json!(STATUS_SCHEMA);
+    about["device_id"] = serde_json::json!(uuid.to_string());
+    about["region_bytes"] = serde_json::json!(REGION_SIZE_BYTES);
+    about["regions"] = serde_json::json!(s.cells);
+    about["stale"] = serde_json::json!(s.stale);
+    about["inconsistent"] = serde_json::json!(s.inconsistent);
+    about["hot"] = serde_json::json!(s.hot);
+    about["dirty"] = serde_json::json!(s.is_dirty());
+    about["runs"] = serde_json::json!(gmdctl::views::cell_runs(cells));
+    println!("{about}");
+    if s.is_dirty() { 2 } else { 0 }
+}
+
+fn print_map_summary(cells: &gmd_core::statemap::StateMap) {
+    let s = MapSummary::of(cells);
+    println!(
+        "State Map: {} cells of {}: {} stale, {} inconsistent, {} hot{}",
+        s.cells,
+        format_size(REGION_SIZE_BYTES),
+        s.stale,
+        s.inconsistent,
+        s.hot,
+        if s.is_dirty() { " (dirty)" } else { " (clean)" }
+    );
+}
+
+/// `gmdctl up`: configure where DEFINED, then start where STOPPED; an
+/// AVAILABLE device is left alone. The lines of both steps are printed.
+fn up(socket: &Path, target: Target) -> Result<i32, Failure> {
+    let mut client = Client::connect(socket)?;
+    let devices: Vec<DeviceStatus> = client.call(Command::Status {
+        device: match &target {
+            Target::Device(d) => Some(d.clone()),
+            Target::All => None,
+        },
+    })?;
+    for d in devices {
+        let one = || Target::Device(d.name.clone());
+        if d.state == gmd_core::statemap::AdminState::Defined {
+            print_outcome(client.call_value(Command::Configure { target: one() })?)?;
+        }
+        if d.state != gmd_core::statemap::AdminState::Available {
+            print_outcome(client.call_value(Command::Start { target: one() })?)?;
+        } else {
+            println!("{}: already AVAILABLE", d.name);
+        }
+    }
+    Ok(0)
+}
+
 fn print_map(cells: &gmd_core::statemap::StateMap) -> i32 {
     let s = MapSummary::of(cells);
     println!(
@@ -1057,6 +976,12 @@ fn print_status(d: &DeviceStatus) {
             p.site,
             if p.down { ": recorded down" } else { "" }
         );
+        if p.auth_failures > 0 {
+            println!(
+                "  auth        {} datagram(s) from {} failed authentication: the cluster keys (key_file) or `encrypt` may differ",
+                p.auth_failures, p.machine
+            );
+        }
     }
     if let Some(l) = &d.link {
         match (&l.peer, l.connected) {
@@ -1064,21 +989,15 @@ fn print_status(d: &DeviceStatus) {
             _ => println!("  mirroring   no: standalone, written regions are marked stale"),
         }
         if l.resync_remaining > 0 {
-            let eta = l
-                .resync_eta_s
-                .map(|s| format!(", about {s} s left"))
-                .unwrap_or_default();
             println!(
-                "  resync      {}: {} of {} regions left{}{}",
+                "  resync      {} {}",
                 l.resync_role.as_deref().unwrap_or("?"),
-                l.resync_remaining,
-                l.resync_total,
-                if l.resync_bytes_per_s > 0 {
-                    format!(", {}/s", format_size(l.resync_bytes_per_s))
-                } else {
-                    String::new()
-                },
-                eta
+                gmdctl::views::resync_bar(
+                    l.resync_total,
+                    l.resync_remaining,
+                    l.resync_bytes_per_s,
+                    l.resync_eta_s
+                )
             );
         }
         if l.backlog_bytes > 0 || l.hwm_fallbacks > 0 {

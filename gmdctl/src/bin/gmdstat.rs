@@ -3,48 +3,16 @@
 //! Exit status (reference): 0 ok, 1 bad switches, 2 a requested device is not
 //! available, 255 system error.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use gmd_core::statemap::AdminState;
+use gmdctl::cli::GmdstatArgs;
 use gmdctl::client::{Client, ClientError};
-use gmdctl::protocol::{Command, ControlError, DEFAULT_SOCKET};
+use gmdctl::protocol::{Command, ControlError};
 use gmdctl::report::{GmdstatDevice, GmdstatJson, Report, render_gmdstat};
 
-/// Show GeoMirror device statistics.
-#[derive(Parser, Debug)]
-#[command(
-    name = "gmdstat",
-    version,
-    about,
-    after_help = "The first report gives rates since each device started; each further one, \
-                  rates over the last interval.\n\
-                  Exit status: 0 ok, 1 bad switches, 2 device not available, 255 system error."
-)]
-struct Args {
-    /// gmdd's control socket.
-    #[arg(long, default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
-    /// Summary report: one line per device.
-    #[arg(short = 's')]
-    summary: bool,
-    /// All devices.
-    #[arg(short = 'A', conflicts_with = "devices")]
-    all: bool,
-    /// These devices (each must be AVAILABLE).
-    #[arg(short = 'l', num_args = 1.., value_name = "GMD")]
-    devices: Vec<String>,
-    /// Seconds between reports (default 1).
-    #[arg(short = 'i', value_name = "SEC")]
-    interval: Option<f64>,
-    /// Number of reports (default 1; with -i alone, until interrupted).
-    #[arg(short = 'c', value_name = "COUNT")]
-    count: Option<u64>,
-    /// One JSON object per report, per line (see docs/OPERATIONS.md).
-    #[arg(long)]
-    json: bool,
-}
+type Args = GmdstatArgs;
 
 fn main() {
     gmdctl::restore_sigpipe();
