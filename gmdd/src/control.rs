@@ -133,13 +133,15 @@ async fn session(
             }
             Ok(request) => {
                 let d = daemon.clone();
-                let result = tokio::task::spawn_blocking(move || d.handle(request.command))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(ControlError::internal(format!("command failed: {e}")))
-                    });
-                // A command may have changed a device: events go out now.
-                daemon.changed.notify_one();
+                // A command may have changed a device: its events go out
+                // before the answer, so none is merged into the next one's.
+                let result = tokio::task::spawn_blocking(move || {
+                    let result = d.handle(request.command);
+                    d.look();
+                    result
+                })
+                .await
+                .unwrap_or_else(|e| Err(ControlError::internal(format!("command failed: {e}"))));
                 let response = match result {
                     Ok(value) => Response {
                         version: PROTOCOL_VERSION,

@@ -216,6 +216,8 @@ pub struct Daemon {
     /// Something about a device may have changed: the event watcher looks
     /// (commands, the links, messages to and from peers tell it).
     changed: Arc<tokio::sync::Notify>,
+    /// What the event watcher saw last, per device (see [`Daemon::look`]).
+    watched: Mutex<ops::Watched>,
 }
 
 fn control_error(e: DeviceError) -> ControlError {
@@ -293,6 +295,7 @@ impl Daemon {
             auth_logged: Mutex::new(HashMap::new()),
             status_line: Mutex::new(String::new()),
             changed,
+            watched: Mutex::new(ops::Watched::default()),
         }
     }
 
@@ -2054,6 +2057,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || d.restore_all()).await?;
     }
     tokio::spawn(watch_peers(daemon.clone(), peer_events, shutdown.clone()));
+    {
+        // The baseline of `gmdctl events`, taken before any command.
+        let d = daemon.clone();
+        tokio::task::spawn_blocking(move || d.look()).await?;
+    }
     tokio::spawn(ops::watch_devices(daemon.clone(), shutdown.clone()));
     let metrics = daemon.config().machines[&daemon.machine].metrics;
     daemon.set_metrics(metrics).await;

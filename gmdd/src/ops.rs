@@ -266,14 +266,45 @@ fn changes(name: &str, old: &Seen, new: &Seen, last_progress: &mut Instant) -> V
     out
 }
 
+/// What the watcher saw last: the snapshot of each device and when it last
+/// published resync progress.
+#[derive(Default)]
+pub(super) struct Watched {
+    last: HashMap<String, Seen>,
+    progress: HashMap<String, Instant>,
+}
+
+impl Daemon {
+    /// Compares every device with what was seen last and publishes the
+    /// differences (blocking). A command looks as soon as it is done, so
+    /// each state a command leaves is published even when the next command
+    /// follows within milliseconds.
+    pub(super) fn look(&self) {
+        let mut watched = self.watched.lock().expect("watched lock");
+        let Watched { last, progress } = &mut *watched;
+        for (name, seen) in self.seen() {
+            // The first look (at start, before the control socket opens)
+            // is the baseline that `exists` events describe.
+            if let Some(old) = last.get(&name) {
+                let p = progress.entry(name.clone()).or_insert_with(Instant::now);
+                for event in changes(&name, old, &seen, p) {
+                    self.publish(event);
+                }
+            }
+            last.insert(name, seen);
+        }
+    }
+}
+
 /// Compares device snapshots whenever something tells the daemon that a
-/// device may have changed (a control command, the link, a message to or
-/// from the peer: [`Daemon::changed`]), at most every [`WATCH_GAP`] and at
-/// least every [`WATCH_INTERVAL`], and publishes the differences.
+/// device may have changed (the link, a message to or from the peer:
+/// [`Daemon::changed`]), at most every [`WATCH_GAP`] and at least every
+/// [`WATCH_INTERVAL`], and publishes the differences. Commands look
+/// themselves, at once ([`Daemon::look`]).
 pub(super) async fn watch_devices(daemon: Arc<Daemon>, shutdown: CancellationToken) {
-    let mut last: HashMap<String, Seen> = HashMap::new();
-    let mut progress: HashMap<String, Instant> = HashMap::new();
     loop {
+        let d = daemon.clone();
+        let _ = tokio::task::spawn_blocking(move || d.look()).await;
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = daemon.changed.notified() => {}
@@ -281,19 +312,6 @@ pub(super) async fn watch_devices(daemon: Arc<Daemon>, shutdown: CancellationTok
         }
         // Let a burst of changes (a write stream) settle into one look.
         tokio::time::sleep(WATCH_GAP).await;
-        let d = daemon.clone();
-        let Ok(now) = tokio::task::spawn_blocking(move || d.seen()).await else {
-            continue;
-        };
-        for (name, seen) in now {
-            if let Some(old) = last.get(&name) {
-                let p = progress.entry(name.clone()).or_insert_with(Instant::now);
-                for event in changes(&name, old, &seen, p) {
-                    daemon.publish(event);
-                }
-            }
-            last.insert(name, seen);
-        }
     }
 }
 
