@@ -1312,6 +1312,7 @@ impl World {
                 role,
                 peer_current: current[1 - n],
                 stale_at_handshake: stale[n],
+                source_current: 0,
             });
         }
         for n in 0..2 {

@@ -300,6 +300,13 @@ pub struct Connection {
     /// map: more now means it wrote alone since, and a target then asks to
     /// renegotiate rather than have those writes overwritten.
     pub stale_at_handshake: u64,
+    /// A source's current generation as the handshake read it: the one the
+    /// target takes. A source that drew another since (it wrote alone
+    /// between the handshake and the connect) asks to renegotiate: the
+    /// target would hold its data under a generation the source no longer
+    /// has, and a later handshake would take their lineages for a
+    /// divergence. [`GEN_NONE`](crate::generations::GEN_NONE): not checked.
+    pub source_current: GenId,
 }
 
 impl From<ResyncRole> for Connection {
@@ -310,6 +317,7 @@ impl From<ResyncRole> for Connection {
             role,
             peer_current: crate::generations::GEN_NONE,
             stale_at_handshake: 0,
+            source_current: crate::generations::GEN_NONE,
         }
     }
 }
@@ -1506,6 +1514,7 @@ impl Engine {
             role,
             peer_current,
             stale_at_handshake,
+            source_current,
         } = connection.into();
         assert!(!self.connected, "already connected");
         self.connected = true;
@@ -1549,6 +1558,17 @@ impl Engine {
                 }
             }
             ResyncRole::Source(bits) => {
+                // The target takes the generation the handshake read here;
+                // one drawn since (a write alone after the handshake) would
+                // leave the two copies' data under different names. Set
+                // the link up again: the next handshake reads this one.
+                if source_current != crate::generations::GEN_NONE
+                    && self.journal.gens.current != source_current
+                {
+                    self.actions.push_back(Action::Renegotiate);
+                    self.start_commit();
+                    return;
+                }
                 let mut set = bits_of(&bits);
                 // Regions that became stale after the handshake's snapshot go
                 // too. The target knows only the handshake's set: it is told

@@ -1069,6 +1069,7 @@ fn a_write_without_the_peer_starts_a_new_generation_durably_first() {
         role: ResyncRole::None,
         peer_current: gens.current,
         stale_at_handshake: 2,
+        source_current: 0,
     });
     m.pump();
     m.engine.peer_lost();
@@ -1092,6 +1093,7 @@ fn a_target_takes_the_source_generation_with_its_marks_and_then_says_so() {
         role: ResyncRole::Target(bits),
         peer_current: 200,
         stale_at_handshake: 0,
+        source_current: 0,
     });
     m.pump();
     assert_eq!(m.engine.generations().current, 200);
@@ -1109,6 +1111,46 @@ fn a_target_takes_the_source_generation_with_its_marks_and_then_says_so() {
         "{:?}",
         m.log
     );
+}
+
+/// A source that wrote alone between the handshake and the connect drew a
+/// new generation: the target would take the one the handshake read, which
+/// the source no longer holds. It asks to renegotiate instead (sim seed 60:
+/// after a role switch the old target went alone from that name and the
+/// pair refused to connect as diverged).
+#[test]
+fn a_source_whose_generation_changed_since_the_handshake_renegotiates() {
+    let mut m = Model::with_generation(Mode::Mwc, 100);
+    // The handshake read generation 100; then a write alone draws another.
+    let a = m.submit(write(0, 4096));
+    m.settle_map();
+    m.finish_local(a);
+    let drawn = m.engine.durable_generations().current;
+    assert_ne!(drawn, 100);
+    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
+    bits[0] = 0b10;
+    m.engine.connect(Connection {
+        role: ResyncRole::Source(bits.clone()),
+        peer_current: 100,
+        stale_at_handshake: 0,
+        source_current: 100,
+    });
+    m.pump();
+    assert!(m.log.iter().any(|l| l == "renegotiate"), "{:?}", m.log);
+    assert!(m.resync_reads.is_empty(), "nothing is sent in that session");
+    m.engine.peer_lost();
+    m.pump();
+    // The next handshake reads the new generation: the session goes on.
+    m.log.clear();
+    m.engine.connect(Connection {
+        role: ResyncRole::Source(bits),
+        peer_current: 100,
+        stale_at_handshake: 1,
+        source_current: drawn,
+    });
+    m.pump();
+    assert!(!m.log.iter().any(|l| l == "renegotiate"), "{:?}", m.log);
+    assert!(!m.resync_reads.is_empty(), "the resync starts");
 }
 
 /// The source stops counting its marks from the older generation once the
@@ -1260,6 +1302,7 @@ fn a_target_refuses_resync_data_for_a_region_it_holds_stale() {
         role: ResyncRole::Target(bits),
         peer_current: 0,
         stale_at_handshake: 1,
+        source_current: 0,
     });
     m.pump();
     m.settle_map();

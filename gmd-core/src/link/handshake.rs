@@ -254,10 +254,15 @@ impl Start {
             Part::Target { source_current, .. } => *source_current,
             _ => self.peer_current,
         };
+        let source_current = match &self.part {
+            Part::Source(_) => self.plan.source_current,
+            _ => crate::generations::GEN_NONE,
+        };
         Connection {
             role,
             peer_current,
             stale_at_handshake: self.stale_at_handshake,
+            source_current,
         }
     }
 }
@@ -735,6 +740,11 @@ mod tests {
                 source_current: 8
             }
         );
+        // The source's engine checks its generation is still the one the
+        // target takes; the target takes it.
+        assert_eq!(sa.connection(REGIONS).source_current, 8);
+        assert_eq!(sb.connection(REGIONS).source_current, 0);
+        assert_eq!(sb.connection(REGIONS).peer_current, 8);
         assert_eq!(a.connected(), Some(("beta", 42)));
         assert_eq!(b.session_with("alpha"), Some(42));
         assert_eq!(b.session_with("gamma"), None);
