@@ -601,8 +601,16 @@ pub struct Engine {
     /// Draws data generation ids.
     gen_source: GenSource,
     /// The next write without a peer starts a new generation (set at start
-    /// and whenever a link ends, cleared when it connects).
+    /// and whenever a link ends that may have given the peer the current
+    /// one, cleared when it connects).
     new_generation_due: bool,
+    /// The peer may hold the current generation: a session took it since
+    /// it was drawn (or it was read from disk). A generation drawn alone
+    /// that no session took since is this side's own: a link set up and
+    /// dropped before the peer got it (a renegotiation) draws no other, so
+    /// that short-lived set-ups do not push the generations the peer holds
+    /// out of the history.
+    current_shared: bool,
     /// Target: the generation taken at connect, to announce once durable.
     adopted: Option<(GenId, Epoch)>,
     /// Regions whose marks may go once a barrier covers them.
@@ -685,6 +693,7 @@ impl Engine {
             stats: EngineStats::default(),
             gen_source: GenSource::new(gen_seed),
             new_generation_due: true,
+            current_shared: true,
             adopted: None,
             clears: Clears::new(region_count, params.activity_regions),
             next_sync: 1,
@@ -782,6 +791,7 @@ impl Engine {
         gens.go_alone(self.gen_source.draw());
         self.journal.set_generations(gens);
         self.new_generation_due = false;
+        self.current_shared = false;
         for region in 0..self.journal.map.region_count() {
             if self.journal.map.get(region) == CELL_RESYNC {
                 self.journal.set(region, CELL_STALE);
@@ -805,6 +815,7 @@ impl Engine {
         gens.discard_own_changes();
         self.journal.set_generations(gens);
         self.new_generation_due = true;
+        self.current_shared = true;
         for region in 0..self.journal.map.region_count() {
             if self.journal.map.get(region) == CELL_STALE {
                 self.journal.set(region, CELL_INCONSISTENT);
@@ -1017,6 +1028,7 @@ impl Engine {
         // are told apart (divergence) rather than one silently overwritten.
         if !self.connected && self.new_generation_due {
             self.new_generation_due = false;
+            self.current_shared = false;
             let mut gens = self.journal.gens;
             gens.go_alone(self.gen_source.draw());
             self.journal.set_generations(gens);
@@ -1552,6 +1564,7 @@ impl Engine {
                 // Same data on both sides: marks no longer count from an
                 // older generation.
                 let mut gens = self.journal.gens;
+                self.current_shared = gens.current == peer_current;
                 if gens.current == peer_current && gens.bitmap != 0 {
                     gens.bitmap = 0;
                     self.journal.set_generations(gens);
@@ -1569,6 +1582,8 @@ impl Engine {
                     self.start_commit();
                     return;
                 }
+                // The target takes this side's generation.
+                self.current_shared = true;
                 let mut set = bits_of(&bits);
                 // Regions that became stale after the handshake's snapshot go
                 // too. The target knows only the handshake's set: it is told
@@ -1629,6 +1644,7 @@ impl Engine {
                 let mut gens = self.journal.gens;
                 gens.adopt(peer_current);
                 self.journal.set_generations(gens);
+                self.current_shared = true;
                 // Received data is applied only once the marks are durable.
                 self.target_marks_epoch = self.journal.needed_all();
                 self.adopted = Some((peer_current, self.target_marks_epoch));
@@ -1697,7 +1713,7 @@ impl Engine {
             return;
         }
         self.connected = false;
-        self.new_generation_due = true;
+        self.new_generation_due = self.current_shared || self.journal.gens.holds_no_data();
         self.adopted = None;
         // Marks waiting for a barrier stay: without the peer's flush the
         // data they cover is not known durable there.

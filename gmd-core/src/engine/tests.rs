@@ -1153,6 +1153,54 @@ fn a_source_whose_generation_changed_since_the_handshake_renegotiates() {
     assert!(!m.resync_reads.is_empty(), "the resync starts");
 }
 
+/// A link set up and dropped before the peer took this side's generation
+/// (the source renegotiated at connect) draws no other: the peer cannot
+/// hold the one drawn alone, and short-lived set-ups would otherwise push
+/// the generation the peer holds out of the history (sim seed 89: after a
+/// few renegotiations the pair refused to connect as diverged). Once a
+/// session gave it to the peer, the next write alone draws again.
+#[test]
+fn a_generation_no_session_took_is_kept_when_the_link_drops_again() {
+    let mut m = Model::with_generation(Mode::Mwc, 100);
+    let a = m.submit(write(0, 4096));
+    m.settle_map();
+    m.finish_local(a);
+    let alone = m.engine.durable_generations();
+    assert_ne!(alone.current, 100);
+    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
+    bits[0] = 1;
+    // A handshake that read generation 100 before the write: renegotiated.
+    m.engine.connect(Connection {
+        role: ResyncRole::Source(bits.clone()),
+        peer_current: 100,
+        stale_at_handshake: 0,
+        source_current: 100,
+    });
+    m.pump();
+    m.engine.peer_lost();
+    m.pump();
+    let b = m.submit(write(7 * REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    m.finish_local(b);
+    assert_eq!(m.engine.durable_generations(), alone, "nothing drawn");
+    // The next handshake reads it; the session gives it to the peer.
+    m.engine.connect(Connection {
+        role: ResyncRole::Source(bits),
+        peer_current: 100,
+        stale_at_handshake: 2,
+        source_current: alone.current,
+    });
+    m.pump();
+    m.engine.peer_lost();
+    m.pump();
+    let c = m.submit(write(9 * REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    m.finish_local(c);
+    let again = m.engine.durable_generations();
+    assert_ne!(again.current, alone.current, "drawn again");
+    assert_eq!(again.bitmap, 100, "the marks still count from the peer's");
+}
+
 /// The source stops counting its marks from the older generation once the
 /// target says it holds the source's.
 #[test]
