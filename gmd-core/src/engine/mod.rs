@@ -593,6 +593,9 @@ pub struct Engine {
     reading: Vec<u64>,
     target: TargetQueue,
     target_marks_epoch: Epoch,
+    /// Source: no resync data is read before the marks of the regions to
+    /// send are durable here (this epoch).
+    source_marks_epoch: Epoch,
     /// Operations of an ended session still being applied locally: until
     /// they land, no resync read and no new operation may touch the disk.
     stale_peer_ops: usize,
@@ -688,6 +691,7 @@ impl Engine {
             reading: Vec::with_capacity(params.resync_slots_max),
             target: TargetQueue::new(params.peer_slots_max),
             target_marks_epoch: 0,
+            source_marks_epoch: 0,
             stale_peer_ops: 0,
             requested: Vec::with_capacity(REQUESTED_MAX),
             stats: EngineStats::default(),
@@ -1475,6 +1479,7 @@ impl Engine {
         self.resume_waiting();
         self.issue_peer_ops();
         self.announce_adoption();
+        self.pump_resync();
         self.start_commit();
     }
 
@@ -1601,6 +1606,13 @@ impl Engine {
                 // Keep every region to send marked here too, so that a crash
                 // of this side during the resync still covers them. (0x6
                 // means "data missing here", which is the target's mark.)
+                // Durably before any of it is read: the target clears its
+                // own mark once the data is on its platters, and this copy's
+                // may still be in its disk cache (a region marked only on
+                // the target, such as one an operation of an ended session
+                // wrote here after the link went): a power cut here must
+                // not leave the two copies different with neither map
+                // saying so.
                 let mut next = set.next_from(0);
                 while let Some(r) = next {
                     let cell = self.journal.map.get(r);
@@ -1609,6 +1621,7 @@ impl Engine {
                     }
                     next = set.next_from(r + 1);
                 }
+                self.source_marks_epoch = self.journal.needed_all();
                 self.stats.resync_total = set.count();
                 if set.count() > 0 {
                     self.resync = Some(ResyncSource::new(set));
@@ -2151,7 +2164,10 @@ impl Engine {
     // ----- resync (source) ------------------------------------------------
 
     fn pump_resync(&mut self) {
-        if !self.connected || self.stale_peer_ops > 0 {
+        if !self.connected
+            || self.stale_peer_ops > 0
+            || self.journal.durable() < self.source_marks_epoch
+        {
             return;
         }
         // The application comes first: while it has requests in flight,

@@ -1149,6 +1149,7 @@ fn a_source_whose_generation_changed_since_the_handshake_renegotiates() {
         source_current: drawn,
     });
     m.pump();
+    m.settle_map();
     assert!(!m.log.iter().any(|l| l == "renegotiate"), "{:?}", m.log);
     assert!(!m.resync_reads.is_empty(), "the resync starts");
 }
@@ -1199,6 +1200,28 @@ fn a_generation_no_session_took_is_kept_when_the_link_drops_again() {
     let again = m.engine.durable_generations();
     assert_ne!(again.current, alone.current, "drawn again");
     assert_eq!(again.bitmap, 100, "the marks still count from the peer's");
+}
+
+/// A resync source marks every region it is to send (here a region its
+/// own map holds clean, marked on the target only), durably before it reads
+/// any: the target clears its mark once the data is on its platters, while
+/// this copy may hold that data in its disk cache only, and a power cut here
+/// would otherwise leave the copies different with neither map marking it
+/// (sim seed 15934: a failover made the old secondary, whose disk cache held
+/// a write of the ended session, the source).
+#[test]
+fn a_source_reads_nothing_before_the_regions_it_sends_are_durably_marked() {
+    let mut m = Model::new(Mode::Mwc);
+    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
+    bits[0] = 1 << 3;
+    m.engine.connect(ResyncRole::Source(bits));
+    m.pump();
+    assert_eq!(m.engine.map().get(3), CELL_INCONSISTENT);
+    assert_eq!(m.durable.get(3), 0);
+    assert!(m.resync_reads.is_empty(), "read before the mark is durable");
+    m.finish_map_write(true);
+    assert_eq!(m.durable.get(3), CELL_INCONSISTENT);
+    assert_eq!(m.resync_reads.len(), 1, "read once it is");
 }
 
 /// The source stops counting its marks from the older generation once the
