@@ -1105,7 +1105,13 @@ impl Engine {
 
     fn dispatch_flush(&mut self, slot: Slot) {
         self.issue_local(slot);
-        if self.connected && self.params.mode != Mode::Async {
+        // Async, a flush is local: the peer gets the backlog in its own
+        // time. On a copy that no longer takes writes (a primary being
+        // demoted flushes before the other side is promoted) it goes to the
+        // peer too and completes once the peer holds everything before it
+        // durably: the new primary then has, on its platters, all that the
+        // old one acknowledged, and nothing of it is still on its way.
+        if self.connected && (self.params.mode != Mode::Async || !self.params.writable) {
             let seq = self.push_remote(Some(slot), RemoteKind::Flush);
             self.slots[slot as usize].remote = Remote::Pending(seq);
             self.stats.remote_flushes += 1;

@@ -382,6 +382,41 @@ fn async_completes_after_the_local_write_and_sends_in_completion_order() {
     assert_eq!(m.engine.backlog_bytes(), 0);
 }
 
+/// Async, a flush is local; on a copy that no longer takes writes (a
+/// primary being demoted flushes before the other side is promoted) it
+/// waits for the peer: the backlog sent before it, and the peer's own
+/// flush. Otherwise the new primary could lose, in a power cut, writes the
+/// old one acknowledged and flushed (sim seed 15937: read back older data
+/// after a switch and a power cut of the new primary).
+#[test]
+fn async_a_flush_after_demotion_waits_for_the_peer() {
+    let mut m = Model::connected(Mode::Async);
+    let a = m.submit(write(0, 4096));
+    m.settle_map();
+    m.finish_local(a);
+    assert_eq!(m.sent.len(), 1, "in the backlog");
+    // A flush while writable completes locally.
+    let f = m.submit(flush());
+    m.finish_local(f);
+    assert!(m.completed.contains(&(f, Ok(()))));
+    // Demoted (read-only, and an async secondary serves no reads): its
+    // flush goes to the peer and waits for it.
+    m.engine.set_access(false, false);
+    m.flushes_sent.clear();
+    m.completed.clear();
+    let g = m.submit(flush());
+    m.finish_local(g);
+    assert!(
+        !m.completed.iter().any(|&(s, _)| s == g),
+        "waits for the peer"
+    );
+    let seq = *m.flushes_sent.last().expect("the flush is sent");
+    assert!(seq > m.sent[0].0, "after the backlog");
+    m.ack(m.sent[0].0);
+    m.ack(seq);
+    assert!(m.completed.contains(&(g, Ok(()))));
+}
+
 #[test]
 fn async_above_the_high_water_mark_waits_for_the_remote_until_caught_up() {
     let mut m = Model::connected(Mode::Async);
