@@ -285,6 +285,8 @@ enum State {
         session: u64,
         /// The peer's device incarnation in this session.
         peer_incarnation: u64,
+        /// This side's offer set it up (else the peer's).
+        initiated: bool,
     },
 }
 
@@ -436,6 +438,7 @@ impl Link {
                 peer,
                 session,
                 peer_incarnation,
+                ..
             } => {
                 *peer == remote.facts.machine
                     && *peer_incarnation == remote.incarnation
@@ -564,16 +567,16 @@ impl Link {
     /// session in force ends first), then send `Go`.
     ///
     /// The answer is taken while the offer is pending, and also while this
-    /// side is in a session with that peer, or waits for the `Go` of the
-    /// peer's own offer: the peer answers an offer only once it is out of
+    /// side waits for the `Go` of the peer's own offer or is in the session
+    /// that offer set up: the peer answers an offer only once it is out of
     /// any session with this side (it ends its session in force to answer,
-    /// or had left it without this side knowing, a session ended on one
-    /// side only), and an offer of the peer's that this side took since
-    /// (both offered, and neither offer was pending any more when the
-    /// other arrived) then waits for a `Go` that may never come. Refusing
-    /// the answer would leave the two sides each waiting for the other;
-    /// taking it, they meet in this session, or (both took an answer) each
-    /// `Go` fails and both start over.
+    /// or had left it without this side knowing: a session ended on one
+    /// side only); the peer's offer was taken here because this side's was
+    /// no longer pending when it arrived (both offered). Refusing the answer
+    /// would leave each side waiting for the other; taking it, they meet in
+    /// this session, or (both took an answer) each `Go` fails and both start
+    /// over. In a session this side's own offer set up, another answer is to
+    /// an older offer, delayed: it is not taken.
     ///
     /// # Errors
     /// No offer to `peer` is under way, or a malformed answer.
@@ -585,9 +588,12 @@ impl Link {
     ) -> Result<Start, HandshakeError> {
         let offered = matches!(&self.state, State::Offered { peer: p } if p == peer);
         let taken = match &self.state {
-            State::Offered { peer: p }
-            | State::Accepted { peer: p, .. }
-            | State::Connected { peer: p, .. } => p == peer,
+            State::Offered { peer: p } | State::Accepted { peer: p, .. } => p == peer,
+            // In a session this side's own offer set up, another answer is
+            // to an offer made before that one (delayed): not taken.
+            State::Connected {
+                peer: p, initiated, ..
+            } => p == peer && !initiated,
             State::Idle => false,
         };
         if !taken {
@@ -611,6 +617,7 @@ impl Link {
             peer: peer.to_owned(),
             session: accept.session,
             peer_incarnation: accept.incarnation,
+            initiated: true,
         };
         Ok(Start {
             peer: peer.to_owned(),
@@ -642,6 +649,7 @@ impl Link {
                     peer: p,
                     session,
                     peer_incarnation,
+                    initiated: false,
                 };
                 Ok(start)
             }
@@ -1023,6 +1031,37 @@ mod tests {
         b.on_go("alpha", 13, 1).unwrap();
         assert_eq!(a.connected(), Some(("beta", 13)));
         assert_eq!(b.connected(), Some(("alpha", 13)));
+    }
+
+    /// Two offers of this side were answered and the answers crossed: in
+    /// the session the later one set up, the earlier answer is stale and
+    /// refused, so that both sides stay in that session (sim seed 4440).
+    #[test]
+    fn a_delayed_answer_to_an_older_offer_leaves_the_session_alone() {
+        let mut a = Link::new("d", "alpha");
+        let mut b = Link::new("d", "beta");
+        a.started(1, PairRole::Primary);
+        b.started(2, PairRole::Secondary);
+        let offer = |l: &Link, machine: &str| {
+            l.offer(
+                identity(),
+                facts(machine, machine == "alpha", 7, 0),
+                Regions::new(),
+                Regions::new(),
+            )
+        };
+        a.begin("beta").unwrap();
+        let older = offer(&a, "alpha");
+        a.end();
+        a.begin("beta").unwrap();
+        let newer = offer(&a, "alpha");
+        let first = b.on_offer(&offer(&b, "beta"), &older, 20).unwrap();
+        let second = b.on_offer(&offer(&b, "beta"), &newer, 21).unwrap();
+        assert_eq!(a.on_accept("beta", &second, REGIONS).unwrap().session, 21);
+        assert!(a.on_accept("beta", &first, REGIONS).is_err());
+        b.on_go("alpha", 21, 1).unwrap();
+        assert_eq!(a.connected(), Some(("beta", 21)));
+        assert_eq!(b.connected(), Some(("alpha", 21)));
     }
 
     #[test]
