@@ -13,6 +13,14 @@
 //!   acknowledged write that no flush covered may be lost (promise 2 covers
 //!   flushed writes only), on that node and so on the pair.
 //!
+//! - A failover (the secondary promoted while the primary is down or apart)
+//!   may lose, in each region the old primary's durable map marks, every
+//!   write acknowledged since that mark was made durable (before it, the
+//!   region was clean: its data durable on both sides): the floors of its
+//!   blocks go back to what they were then. Promise 1 excuses exactly these.
+//! - Writes of the old primary that the new one does not hold are dead: a
+//!   resync must never bring them back (see [`Promises::bury`]).
+//!
 //! Floors change at numbered moments (ticks), so that questions about the
 //! past ("what was promised when this read was submitted") have exact answers.
 
@@ -31,6 +39,9 @@ pub(crate) struct Promises {
     history: Vec<Vec<(u64, WriteId)>>,
     /// Changes so far.
     tick: u64,
+    /// Per block, ranges `(lo, hi]` of write ids that must never show again
+    /// (a failover or a unify discarded them).
+    dead: Vec<Vec<(WriteId, WriteId)>>,
 }
 
 impl Promises {
@@ -41,6 +52,7 @@ impl Promises {
             durable: vec![0; blocks],
             history: vec![Vec::new(); blocks],
             tick: 0,
+            dead: vec![Vec::new(); blocks],
         }
     }
 
@@ -73,9 +85,44 @@ impl Promises {
 
     /// A flush submitted when the floors were `floors` completed.
     pub(crate) fn flushed(&mut self, floors: &[WriteId]) {
-        for (durable, &floor) in self.durable.iter_mut().zip(floors) {
-            *durable = (*durable).max(floor);
+        for ((durable, &floor), &now) in self.durable.iter_mut().zip(floors).zip(&self.floor) {
+            *durable = (*durable).max(floor.min(now));
         }
+    }
+
+    /// A failover: for every block whose region the old primary's durable
+    /// map marks, `marked_since(b)` is the tick at which that mark became
+    /// durable; writes acknowledged after it may be lost (the floor goes
+    /// back to what it was then). What a power cut of the new primary keeps
+    /// is at most the new floor.
+    pub(crate) fn failover(&mut self, marked_since: impl Fn(usize) -> Option<u64>) {
+        self.tick += 1;
+        for b in 0..self.floor.len() {
+            if let Some(since) = marked_since(b) {
+                let then = self.floor_at(b, since);
+                if then < self.floor[b] {
+                    self.floor[b] = then;
+                    self.history[b].push((self.tick, then));
+                }
+            }
+            self.durable[b] = self.durable[b].min(self.floor[b]);
+        }
+    }
+
+    /// The writes `(lo, hi]` of block `b` are gone for good: the copy that
+    /// holds the pair's data now has `lo` there, and the others (up to `hi`,
+    /// the newest write so far) came from a copy whose changes were
+    /// discarded. No read of a copy that is not lagging, and no final copy,
+    /// may show one.
+    pub(crate) fn bury(&mut self, b: usize, lo: WriteId, hi: WriteId) {
+        if hi > lo {
+            self.dead[b].push((lo, hi));
+        }
+    }
+
+    /// Whether write `id` of block `b` was discarded (see [`Promises::bury`]).
+    pub(crate) fn is_dead(&self, b: usize, id: WriteId) -> bool {
+        self.dead[b].iter().any(|&(lo, hi)| lo < id && id <= hi)
     }
 
     /// The writer lost its volatile cache: only durable writes stay promised.
@@ -92,6 +139,11 @@ impl Promises {
     /// The oldest write block `b` may show now.
     pub(crate) fn floor(&self, b: usize) -> WriteId {
         self.floor[b]
+    }
+
+    /// The oldest write every block may show now.
+    pub(crate) fn floor_slice(&self) -> &[WriteId] {
+        &self.floor
     }
 
     /// The floor of block `b` as it was at tick `tick`.
