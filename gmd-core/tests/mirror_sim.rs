@@ -159,17 +159,23 @@
 //!   `Unavailable`, and only where the node's map marks the data not
 //!   received (0x6), or with `Secondary` on an async secondary.
 //!
-//! # At a failover (promise 1)
-//! The old primary's acknowledged writes may be lost exactly in the regions
-//! its durable map marks at that moment (stale: written alone, or lost by
-//! the peer and acknowledged only once durably stale; an intent mark: async
-//! within the HWM, or in flight): there the floor of each block goes back
-//! to what it was when that mark became durable (the region was clean
-//! before: its data durable on both sides). Everything else the new
-//! primary must hold, checked by its reads, (3), and the final state.
-//! Writes of the old primary in those regions that the new primary does not
-//! hold are dead: no read of a copy that is not behind, and no final copy,
-//! may show one again (a resync in the wrong direction would).
+//! # At a failover (promises 1 and 2)
+//! The old primary's acknowledged writes may be lost exactly where its
+//! durable map at that moment says the new primary lacks them: async, any
+//! mark (writes within the HWM are acknowledged once their intent mark is
+//! durable); sync and mwc, a stale mark only (a write the peer lost is
+//! acknowledged once its stale mark is durable; the peer acknowledged
+//! every other one). There the floor of each block goes back to what it
+//! was when that mark became durable. Sync and mwc, blocks a power cut of
+//! the new primary took since its last resync may lose what no flush of
+//! both copies covered (promise 2). Everything else the new primary must
+//! hold, checked by its reads, (3), and the final state; and a power cut of
+//! it afterwards may take only what is not durable there (regions clean on
+//! both durable maps, async what preceded a mark, and flushes of both
+//! copies are). Writes of the old primary in the blocks it may lose that
+//! the new primary does not hold are dead: no read of a copy that is not
+//! behind, and no final copy, may show one again (a resync in the wrong
+//! direction would).
 //!
 //! # At the end, once everything is healed and quiet
 //! - (3) both disks are identical, both durable maps are clean, no region
@@ -283,11 +289,13 @@ enum SlotData {
     AppWriteRefused {
         readable: bool,
     },
-    /// An application flush; the floors when it was submitted, and whether
-    /// it is the flush of a demotion (a role switch waits for it).
+    /// An application flush; the floors when it was submitted, whether it
+    /// is the flush of a demotion (a role switch waits for it), and the
+    /// session its engine was in then.
     AppFlush {
         floors: Vec<WriteId>,
         demotion: bool,
+        session: u64,
     },
     AppRead(Read),
     Peer {
@@ -352,8 +360,12 @@ struct Node {
     map_durable: StateMap,
     map_in_flight: Option<Commit>,
     /// Per region: the promises' tick at which its durable cell last went
-    /// from clean to marked (`None` while clean).
+    /// from clean to marked (`None` while clean), and to stale (`None`
+    /// while not stale).
     marked_since: Vec<Option<u64>>,
+    stale_since: Vec<Option<u64>>,
+    /// Blocks a power cut took here since the last resync finished.
+    cut_blocks: Vec<bool>,
     /// The engine's map when the node last went down (what it knew then).
     map_at_crash: StateMap,
     slots: HashMap<Slot, SlotData>,
@@ -412,6 +424,8 @@ impl Node {
             map_durable: StateMap::new(SIZE),
             map_in_flight: None,
             marked_since: vec![None; REGIONS as usize],
+            stale_since: vec![None; REGIONS as usize],
+            cut_blocks: vec![false; BLOCKS],
             map_at_crash: StateMap::new(SIZE),
             slots: HashMap::new(),
             flushes: HashMap::new(),
@@ -498,6 +512,8 @@ struct History {
     submitted_tick: u64,
     completed: Option<usize>,
     acked: bool,
+    /// The session its engine was in when it was submitted (0: none).
+    session: u64,
 }
 
 /// What happened in a run, summed over seeds for the report.
@@ -646,6 +662,7 @@ impl World {
                 submitted_tick: 0,
                 completed: Some(0),
                 acked: true,
+                session: 0,
             }],
             promises: Promises::new(BLOCKS),
             step: 0,
@@ -885,6 +902,7 @@ impl World {
         if same && a.resync_done && b.resync_done {
             for node in &mut self.nodes {
                 node.behind = None;
+                node.cut_blocks.fill(false);
             }
         }
     }
@@ -1077,6 +1095,12 @@ impl World {
         let now = self.promises.now();
         let node = &mut self.nodes[n];
         for r in 0..REGIONS {
+            let stale = &mut node.stale_since[r as usize];
+            match (node.map_durable.get(r), map.get(r)) {
+                (CELL_STALE, CELL_STALE) => {}
+                (_, CELL_STALE) => *stale = Some(now),
+                _ => *stale = None,
+            }
             let since = &mut node.marked_since[r as usize];
             match (node.map_durable.get(r), map.get(r)) {
                 (0, 0) => {}
@@ -1156,6 +1180,7 @@ impl World {
             submitted_tick: self.promises.now(),
             completed: None,
             acked: false,
+            session: self.nodes[n].engine_session,
         });
         let slot = self.engine(n).submit(request);
         self.nodes[n].slots.insert(slot, SlotData::AppWrite { id });
@@ -1219,11 +1244,13 @@ impl World {
                 fua: false,
             };
             let floors = self.promises.floors();
+            let session = self.nodes[n].engine_session;
             (
                 flush,
                 SlotData::AppFlush {
                     floors,
                     demotion: false,
+                    session,
                 },
             )
         } else {
@@ -1265,12 +1292,17 @@ impl World {
                     "node {n}: a write to a read-only copy completed with {result:?}"
                 );
             }
-            SlotData::AppFlush { floors, demotion } => {
+            SlotData::AppFlush {
+                floors,
+                demotion,
+                session,
+            } => {
                 // A flush whose peer part was lost fails once the map failed
                 // (it cannot mark anything); it promises nothing then.
                 let map_failed = self.nodes[n].map_failed.is_some();
+                let mirrored = self.mirrored(n, session);
                 match result {
-                    Ok(()) => self.promises.flushed(&floors),
+                    Ok(()) => self.promises.flushed(&floors, mirrored),
                     Err(EngineError::MapFailed) if map_failed => {}
                     Err(e) => panic!("node {n}: flush failed with {e:?}"),
                 }
@@ -1290,7 +1322,7 @@ impl World {
         }
         h.completed = Some(self.step);
         h.acked = result.is_ok();
-        let (blocks, fua) = (h.blocks.clone(), h.fua);
+        let (blocks, fua, session) = (h.blocks.clone(), h.fua, h.session);
         // The only refusals: the local disk failing the write, the map
         // failing, data not here after an interrupted resync.
         let failed_here = self.failed_writes.contains(&id);
@@ -1313,8 +1345,17 @@ impl World {
                 "node {n}: write {id} acknowledged, but node {} is the writer",
                 self.writer
             );
-            self.promises.acknowledged(blocks, id, fua);
+            let mirrored = self.mirrored(n, session);
+            self.promises.acknowledged(blocks, id, fua, mirrored);
         }
+    }
+
+    /// Whether a flush or FUA write of node `n` submitted in engine session
+    /// `session` that completes now made its data durable on the peer too:
+    /// sync or mwc, connected in that session all along (the peer answered
+    /// its part).
+    fn mirrored(&self, n: usize, session: u64) -> bool {
+        self.mode != Mode::Async && session != 0 && self.nodes[n].engine_session == session
     }
 
     /// Whether node `n` knows the data of a region of `blocks` is not here:
@@ -1608,6 +1649,7 @@ impl World {
         }
         for (b, id) in lost {
             self.nodes[n].lost[b] = Some((id, self.step));
+            self.nodes[n].cut_blocks[b] = true;
         }
     }
 

@@ -4,6 +4,7 @@
 //! promotions of a writer that came back as secondary, and `unify` for the
 //! one refusal a failover can leave behind.
 
+use gmd_core::config::Mode;
 use gmd_core::engine::Epoch;
 use gmd_core::engine::{OpKind, Request};
 use gmd_core::link::roles::{self, Lacks, PeerCondition};
@@ -222,27 +223,61 @@ impl World {
         Ok(())
     }
 
-    /// Node `m` becomes primary while the writer is down or apart: what
-    /// the writer acknowledged in regions its durable map marks may be lost
-    /// (promise 1), everything else must be on `m`. Writes of the old
-    /// primary that `m` does not hold there are dead from now on, and the
-    /// old primary is behind until a resync brings it the pair's data.
+    /// Node `m` becomes primary while the writer is down or apart. What the
+    /// writer acknowledged may be lost exactly where its durable map says
+    /// `m` lacks it (promise 1): async, any mark (writes within the HWM,
+    /// acknowledged once their intent mark was durable); sync and mwc, a
+    /// stale mark only (a write the peer lost is acknowledged once its stale
+    /// mark is durable; every other one the peer acknowledged) — in both,
+    /// what was acknowledged after that mark was made durable (the region
+    /// was clean before: its data durable on both sides). And in blocks a
+    /// power cut of `m` took since its last resync, whatever no flush
+    /// covered (promise 2). Everything else must be on `m`. Writes of the
+    /// old primary in those blocks that `m` does not hold are dead from now
+    /// on, and the old primary is behind until a resync brings it the
+    /// pair's data.
     fn failover(&mut self, m: usize) {
         let w = self.writer;
-        let since = self.nodes[w].marked_since.clone();
-        let marked = |b: usize| since[region_of(b) as usize];
-        self.promises.failover(marked);
+        let since = if self.mode == Mode::Async {
+            self.nodes[w].marked_since.clone()
+        } else {
+            self.nodes[w].stale_since.clone()
+        };
+        // (Async, what a power cut of `m` took is in regions `w` marks.)
+        let cut: Vec<bool> = if self.mode == Mode::Async {
+            vec![false; BLOCKS]
+        } else {
+            self.nodes[m].cut_blocks.clone()
+        };
+        let lossy = |b: usize| since[region_of(b) as usize].is_some() || cut[b];
+        // Durable on `m`: regions clean on both durable maps (their data is
+        // durable on both sides), and, async, what was acknowledged before
+        // a region was marked (it was clean then); elsewhere only what
+        // flushes of both copies covered.
+        let clean = |n: usize, b: usize| self.nodes[n].map_durable.get(region_of(b)) == 0;
+        let asynchronous = self.mode == Mode::Async;
+        let durable_there: Vec<bool> = (0..BLOCKS)
+            .map(|b| {
+                (clean(w, b) && clean(m, b))
+                    || (asynchronous && since[region_of(b) as usize].is_some())
+            })
+            .collect();
+        self.promises.failover(
+            |b| since[region_of(b) as usize],
+            |b| cut[b],
+            |b| durable_there[b],
+        );
         let hi = self.next_id - 1;
-        for b in 0..BLOCKS {
-            if marked(b).is_some() {
-                let lo = self.nodes[m].disk.visible()[b];
-                self.promises.bury(b, lo, hi);
-            }
+        for b in (0..BLOCKS).filter(|&b| lossy(b)) {
+            let lo = self.nodes[m].disk.visible()[b];
+            self.promises.bury(b, lo, hi);
         }
         let regions = since.iter().filter(|s| s.is_some()).count();
+        let cut = cut.iter().filter(|&&c| c).count();
         self.note(format!(
-            "failover: node {m} promoted while node {w} is {}; {regions} regions marked on \
-             node {w}'s durable map may lose what was acknowledged since",
+            "failover: node {m} promoted while node {w} is {}; {regions} regions of node {w}'s \
+             durable map and {cut} blocks node {m}'s power cuts took may lose what was \
+             acknowledged",
             if self.nodes[w].engine.is_some() {
                 "apart"
             } else {
@@ -336,6 +371,7 @@ impl World {
                 // `gmdctl secondary`: read-only first, then a flush.
                 self.set_role(from, PairRole::Secondary);
                 let floors = self.promises.floors();
+                let session = self.nodes[from].engine_session;
                 let flush = Request {
                     kind: OpKind::Flush,
                     offset_bytes: 0,
@@ -353,6 +389,7 @@ impl World {
                     SlotData::AppFlush {
                         floors,
                         demotion: true,
+                        session,
                     },
                 );
                 self.pump(from);

@@ -33,8 +33,12 @@ use crate::WriteId;
 pub(crate) struct Promises {
     /// The oldest write each block may show now.
     floor: Vec<WriteId>,
-    /// The newest write a completed flush or FUA made durable, per block.
+    /// The newest write a completed flush or FUA made durable on the
+    /// writer, per block…
     durable: Vec<WriteId>,
+    /// …and on both copies (a flush or FUA the peer took part in: sync and
+    /// mwc, connected in the same session from submission to completion).
+    durable_both: Vec<WriteId>,
     /// Per block, every change of its floor: (tick, new floor).
     history: Vec<Vec<(u64, WriteId)>>,
     /// Changes so far.
@@ -50,6 +54,7 @@ impl Promises {
         Promises {
             floor: vec![0; blocks],
             durable: vec![0; blocks],
+            durable_both: vec![0; blocks],
             history: vec![Vec::new(); blocks],
             tick: 0,
             dead: vec![Vec::new(); blocks],
@@ -61,8 +66,15 @@ impl Promises {
         self.tick
     }
 
-    /// Write `id` to `blocks` was acknowledged (durable if FUA).
-    pub(crate) fn acknowledged(&mut self, blocks: Range<usize>, id: WriteId, fua: bool) {
+    /// Write `id` to `blocks` was acknowledged (durable if FUA: on both
+    /// copies if `mirrored`).
+    pub(crate) fn acknowledged(
+        &mut self,
+        blocks: Range<usize>,
+        id: WriteId,
+        fua: bool,
+        mirrored: bool,
+    ) {
         self.tick += 1;
         for b in blocks {
             assert!(
@@ -74,6 +86,9 @@ impl Promises {
             self.history[b].push((self.tick, id));
             if fua {
                 self.durable[b] = id;
+                if mirrored {
+                    self.durable_both[b] = id;
+                }
             }
         }
     }
@@ -83,29 +98,50 @@ impl Promises {
         self.floor.clone()
     }
 
-    /// A flush submitted when the floors were `floors` completed.
-    pub(crate) fn flushed(&mut self, floors: &[WriteId]) {
-        for ((durable, &floor), &now) in self.durable.iter_mut().zip(floors).zip(&self.floor) {
-            *durable = (*durable).max(floor.min(now));
+    /// A flush submitted when the floors were `floors` completed (on both
+    /// copies if `mirrored`).
+    pub(crate) fn flushed(&mut self, floors: &[WriteId], mirrored: bool) {
+        for (b, &floor) in floors.iter().enumerate() {
+            let covered = floor.min(self.floor[b]);
+            self.durable[b] = self.durable[b].max(covered);
+            if mirrored {
+                self.durable_both[b] = self.durable_both[b].max(covered);
+            }
         }
     }
 
-    /// A failover: for every block whose region the old primary's durable
-    /// map marks, `marked_since(b)` is the tick at which that mark became
-    /// durable; writes acknowledged after it may be lost (the floor goes
-    /// back to what it was then). What a power cut of the new primary keeps
-    /// is at most the new floor.
-    pub(crate) fn failover(&mut self, marked_since: impl Fn(usize) -> Option<u64>) {
+    /// A failover. For every block for which `since(b)` gives a tick, the
+    /// new primary may lack every write acknowledged after it: the floor
+    /// goes back to what it was then. For every block `cut(b)` (a power cut
+    /// of the new primary took it), any write no flush of both copies
+    /// covered. The new primary holds durably, in blocks `durable_there(b)`,
+    /// its (new) floor, elsewhere what flushes of both copies covered: that
+    /// is what a power cut of it keeps from now on.
+    pub(crate) fn failover(
+        &mut self,
+        since: impl Fn(usize) -> Option<u64>,
+        cut: impl Fn(usize) -> bool,
+        durable_there: impl Fn(usize) -> bool,
+    ) {
         self.tick += 1;
         for b in 0..self.floor.len() {
-            if let Some(since) = marked_since(b) {
-                let then = self.floor_at(b, since);
-                if then < self.floor[b] {
-                    self.floor[b] = then;
-                    self.history[b].push((self.tick, then));
-                }
+            let mut floor = self.floor[b];
+            if let Some(since) = since(b) {
+                floor = floor.min(self.floor_at(b, since));
             }
-            self.durable[b] = self.durable[b].min(self.floor[b]);
+            if cut(b) {
+                floor = floor.min(self.durable_both[b]);
+            }
+            if floor < self.floor[b] {
+                self.floor[b] = floor;
+                self.history[b].push((self.tick, floor));
+            }
+            self.durable[b] = if durable_there(b) {
+                floor
+            } else {
+                floor.min(self.durable_both[b])
+            };
+            self.durable_both[b] = self.durable_both[b].min(self.durable[b]);
         }
     }
 
@@ -133,6 +169,7 @@ impl Promises {
                 self.floor[b] = self.durable[b];
                 self.history[b].push((self.tick, self.durable[b]));
             }
+            self.durable_both[b] = self.durable_both[b].min(self.floor[b]);
         }
     }
 
