@@ -1,93 +1,205 @@
-//! Deterministic simulation of two mirror engines (`gmd_core::engine`, the
-//! real sans-IO state machines) with simulated disks, map commits, ordered
-//! wires and an application, under faults. Only one node's application
-//! writes: the primary ([`World::primary`], node 0); the other's reads.
+//! Deterministic simulation of a pair of mirror devices: two real engines
+//! (`gmd_core::engine`), each driven by its real link
+//! (`gmd_core::link::Link`) as gmdd drives it, with simulated disks, map
+//! and superblock commits, ordered device wires, the daemons' handshake
+//! messages, an administrator and an application, under faults. Nothing
+//! that decides is copied here: which side is newer and what a resync
+//! moves (`decide`, `Link::on_offer`), which hot regions are skipped
+//! (`HotPeer`), sessions, generations and the rules of roles
+//! (`roles::may_promote`) are gmd-core's.
+//!
+//! # What runs
+//! - Each node: an engine made by `Engine::with_generations` over its
+//!   durable map and superblock generations (both volumes start as two new
+//!   zeroed ones, `Generations::zeroed`), and a `Link` ("node0", "node1")
+//!   started with a new incarnation and the node's role at every engine
+//!   start. The superblock's generations are taken at each map commit from
+//!   `Engine::flushing_generations` and are durable when it completes.
+//! - The daemons (`mirror_sim/daemon.rs`, as gmdd/src/link.rs): a reconnect
+//!   timer on each node begins a handshake (`Link::begin`, an offer from
+//!   `link::offer_parts` over the running engine's map and durable
+//!   generations, `Link::offer`); the responder refuses an offer that
+//!   crossed its session (`Link::crossing`), ends a session in force (engine
+//!   `peer_lost`) and answers (`Link::on_offer`, a new session); the
+//!   initiator connects its engine at `on_accept` (`Start::connection`, the
+//!   runtime's rule: a session in force ends first) and sends `Go`; the
+//!   responder connects at `on_go`. Offer, Accept, Go and their answers are
+//!   control messages with their own random delays (1–6 steps), not
+//!   ordered with the device stream, lost with a partition or a crash of
+//!   either end (a request waiting for its answer then fails); an answer
+//!   reaches only the request it answers. A refused or failed handshake is
+//!   tried again 30 steps later. `Action::Renegotiate` ends the session and
+//!   asks the peer to end it too; `Action::PeerStalled` ends it here only.
+//!   A partition or a crash is the peer lost for the other daemon(s): the
+//!   link ends, a lost session records the peer down (in the superblock).
+//! - Device messages (`mirror_sim/wire.rs`) carry the session they were
+//!   sent in; a receiver takes those of the session its link takes from
+//!   that peer (`Link::session_with`: pending or in force), which wait
+//!   while its engine is not connected yet (the responder before `Go`, as
+//!   the runtime holds them), and drops the others. `SendAdopted` reaches
+//!   `peer_adopted`.
+//! - Roles (`mirror_sim/admin.rs`): a node restarted after a crash takes
+//!   the role recorded in its superblock where `roles::may_promote` allows
+//!   it against what it sees of its peer (reachable and its role, recorded
+//!   down, or unknown), as `DeviceHandle::start` restoring does; the start
+//!   is refused when `decide` could only refuse the pair. The engine's
+//!   access follows the role (`set_access`: writable when primary; an async
+//!   secondary serves no application I/O). Only the primary's application
+//!   writes: the writer ([`World::writer`]), whose acknowledged writes the
+//!   promises are about.
 //!
 //! # Faults
 //! Each has a switch (a constant default, overridden by an environment
 //! variable: `1` on, `0` off) and a probability, in `mirror_sim/faults.rs`.
-//! The defaults keep the default run green on today's engine.
-//! - Always: local operations complete in any order; map commits complete in
-//!   order and are torn page by page by crashes; links break (partitions,
-//!   renegotiation, a stalled peer) and heal; nodes crash (the process: the
-//!   disks' caches stay) and restart some steps later with their durable map.
-//! - `GMD_SIM_DATA_EIO` (on, 1 %): a local data write — the application's,
-//!   the peer's or resync data — fails with EIO, having written any subset
-//!   of its blocks. The application write completes with the error,
+//! Every fault is on by default.
+//! - Always: local operations complete in any order; map commits complete
+//!   in order and are torn page by page (the superblock too) by crashes;
+//!   links break (partitions, renegotiation, a stalled peer) and heal;
+//!   handshake messages are delayed, reordered and lost; nodes crash (the
+//!   process: the disks' caches stay) and restart some steps later with
+//!   their durable map and generations.
+//! - `GMD_SIM_DATA_EIO` (1 %): a local data write — the application's, the
+//!   peer's or resync data — fails with EIO, having written any subset of
+//!   its blocks. The application write completes with the error,
 //!   unacknowledged (what it left counts as a later write over earlier
 //!   ones); a peer write or resync data is answered with the error.
-//! - `GMD_SIM_POWER_CUT` (on, half the crashes): the disks have a volatile
+//! - `GMD_SIM_POWER_CUT` (half the crashes): the disks have a volatile
 //!   write cache (`mirror_sim/disk.rs`; always modelled): a completed write
-//!   is durable only once a flush of that disk completes (an `OpKind::Flush`
-//!   local operation, or the engine's `Action::SyncData`; each covers what
-//!   was cached when it was issued) or if it was written with FUA. A power cut is a crash that also loses the
-//!   cache: all of it, or each cached block with probability 1/2. Map
-//!   commits are durable once complete (the runtime writes and fdatasyncs).
-//! - `GMD_SIM_MAP_EIO` (on, 0.2 % of commits): a map commit fails (each of
-//!   its pages landed or not); the engine fails writes with `MapFailed`
-//!   from then on, and the administrator restarts the node 5–40 steps later.
-//! - `GMD_SIM_RESYNC_EIO` (on, 1 %): a resync read fails with EIO; the
-//!   engine reads the region again after a back-off.
-//! - `GMD_SIM_SYNC_EIO` (on, 1 %): the engine's data sync (`SyncData`, the
+//!   is durable only once a flush of that disk completes (an
+//!   `OpKind::Flush` local operation, or the engine's `Action::SyncData`;
+//!   each covers what was cached when it was issued) or if it was written
+//!   with FUA. A power cut is a crash that also loses the cache: all of it,
+//!   or each cached block with probability 1/2. Map commits are durable
+//!   once complete (the runtime writes and fdatasyncs).
+//! - `GMD_SIM_MAP_EIO` (0.2 % of commits): a map commit fails (each of its
+//!   pages and its superblock landed or not); the engine fails writes with
+//!   `MapFailed` from then on, and the administrator restarts the node 5–40
+//!   steps later.
+//! - `GMD_SIM_RESYNC_EIO` (1 %): a resync read fails with EIO; the engine
+//!   reads the region again after a back-off.
+//! - `GMD_SIM_SYNC_EIO` (1 %): the engine's data sync (`SyncData`, the
 //!   local half of a barrier before marks are cleared) fails with EIO.
-//! - `GMD_SIM_OLD_MESSAGES` (on, 30 %): every message carries the link
-//!   session it was sent in; a message on the wire survives a link loss with
-//!   this probability and arrives once the receiver is in a session again.
-//!   The receiver drops messages of another session ([`wire::accepts`], the
-//!   daemon's receive loop); the engine must never see one.
+//! - `GMD_SIM_OLD_MESSAGES` (30 %): a device message on the wire survives a
+//!   partition or a crash with this probability and arrives later; the
+//!   receiver's link must drop it (the engine must never see one).
+//!
+//! # Events (besides application I/O, completions and deliveries)
+//! - Crashes (process or power cut), restarts at least 20 steps later;
+//!   partitions and heals; the daemons' reconnect timers.
+//! - (a) The application on a read-only copy tries to write: the write
+//!   must complete at once with `EngineError::ReadOnly` (`Secondary` on an
+//!   async secondary), never reach the disk, and leave it unchanged.
+//! - (b) Role switch of a connected pair: the primary's application stops
+//!   and drains, `secondary` on it (read-only, then a flush, which must
+//!   complete), then `primary` on the other under `roles::may_promote`
+//!   (retried while refused; given up after 200 steps).
+//! - (c) Failover: while the primary is down, or apart and demoted, the
+//!   administrator promotes the other (`may_promote` with the peer
+//!   recorded down: `PeerCondition::KnownDown`), once its data is the
+//!   pair's (same generation as the old primary's, which did not record
+//!   its peer down and so will not come back primary by itself) and the
+//!   operations of the ended session landed on its disk; its application
+//!   writes. The old primary restarts as secondary (`may_promote`, as on
+//!   restore) and the handshake resynchronises it from the new primary,
+//!   discarding its own unsent changes.
+//! - A writer that came back as secondary is promoted again (its peer, if
+//!   down, recorded down first).
+//! - Unify (`gmdctl unify --master <writer>`, the other copy stopped; the
+//!   master's union of both maps durably stale before the other discards
+//!   its own changes and gets a clean map) for the refusals an
+//!   administrator can judge: after a failover whose new primary has not
+//!   written, the old primary's stale marks make it look newer
+//!   (`Refusal::TargetIsPrimary`); a divergence where the other copy has no
+//!   stale cell (a primary restarted again and again while apart drew more
+//!   generations than the history keeps). Real divergences (both wrote
+//!   apart) are not staged: the run has one writer.
 //!
 //! # Invariants checked after every step
-//! - (3) wherever the two disks differ, at least one durable map marks the region;
+//! - (3) wherever the two disks differ, at least one durable map marks the
+//!   region;
 //! - (3d) with `GMD_SIM_DURABLE_MARKS` (on): wherever neither durable map
 //!   marks a region, its data is durable on both sides (a mark may be
 //!   cleared only once the data it covers survives a power cut of either
 //!   side; otherwise a power cut leaves the copies different, unmarked);
 //! - (5) async: bytes completed but not acknowledged never exceed the HWM;
-//! - (4) async, outside resync and not after a power cut of the secondary
-//!   until the next resync: the secondary holds a state the primary went
-//!   through — for the newest write present there, every block holds at
-//!   least what was acknowledged before that write was submitted, less what
-//!   a power cut of the primary since took (unflushed writes).
+//! - (R) one writer: at most one running copy is primary, and only the
+//!   writer; each engine's access follows its link's role; a link and its
+//!   engine are in a session together or not at all; an engine takes device
+//!   messages of its own session only;
+//! - (4) async, outside resync, for a secondary not behind (a power cut of
+//!   it, or being the old primary of a failover or the discarded side of a
+//!   unify, until the next resync): the secondary holds a state the primary
+//!   went through — for the newest write present there, every block holds
+//!   at least what was acknowledged before that write was submitted, less
+//!   what a power cut of the primary since took (unflushed writes).
 //!
-//! # At every connect
-//! - (6) every region the resync will not send (neither in the handshake's
-//!   set nor stale) holds the same data on both sides.
+//! # At every connect (the initiator's `on_accept`)
+//! - (6) every region the resync will not send (neither in the Accept's
+//!   regions nor stale) holds the same data on both sides.
 //!
 //! # At the completion of every application request
 //! - Writes: `Ok`; EIO when the local part failed; `MapFailed` only after a
-//!   map commit failed on that node; `Unavailable` only as for reads.
+//!   map commit failed on that node; `Unavailable` only as for reads; only
+//!   the writer's are acknowledged. Writes submitted to a read-only copy:
+//!   see (a).
 //! - Flushes: `Ok` (`MapFailed` after a map commit failed there, promising
-//!   nothing). A completed flush makes every write acknowledged before
-//!   it was submitted durable (promise 2); a FUA write is durable once
+//!   nothing). A completed flush makes every write acknowledged before it
+//!   was submitted durable (promise 2); a FUA write is durable once
 //!   acknowledged (`mirror_sim/oracle.rs`).
-//! - Reads (`Read`): never issued to the disk where the node's map marks
-//!   the data not received (promise 4). The data is recorded when the read's local operation
-//!   completes. Every block must hold the latest write acknowledged before
-//!   the read was submitted, or a later one (in flight, failed, or
-//!   acknowledged meanwhile) — less only by what a power cut of the writer
-//!   since took (unflushed writes). On the secondary, blocks the writer's
-//!   map marks as possibly different on the peer (a write in flight, queued,
-//!   stale, or inconsistent), or after the secondary's own power cut until
-//!   the next resync, may hold older writes. A read fails only with
+//! - Reads: never issued to the disk where the node's map marks the data
+//!   not received (promise 4). The data is recorded when the read's local
+//!   operation completes. Every block must hold the latest write
+//!   acknowledged before the read was submitted, or a later one (in
+//!   flight, failed, or acknowledged meanwhile) — less only by what a power
+//!   cut of the writer since took (unflushed writes), or a failover (below)
+//!   — and never a write a failover discarded. On the copy that is not the
+//!   writer, blocks the writer's map marks as possibly different (a write
+//!   in flight, queued, stale, or inconsistent), or on a copy that is
+//!   behind (see (4)), may hold older writes. A read fails only with
 //!   `Unavailable`, and only where the node's map marks the data not
-//!   received (0x6; the engine's map: the mark is acted on before its
-//!   commit, and made durable before any data it covers arrives).
+//!   received (0x6), or with `Secondary` on an async secondary.
+//!
+//! # At a failover (promises 1 and 2)
+//! The old primary's acknowledged writes may be lost exactly where its
+//! durable map at that moment says the new primary lacks them: async, any
+//! mark (writes within the HWM are acknowledged once their intent mark is
+//! durable); sync and mwc, a stale mark only (a write the peer lost is
+//! acknowledged once its stale mark is durable; the peer acknowledged
+//! every other one). There the floor of each block goes back to what it
+//! was when that mark became durable. Sync and mwc, blocks a power cut of
+//! the new primary took since its last resync may lose what no flush of
+//! both copies covered (promise 2). Everything else the new primary must
+//! hold, checked by its reads, (3), and the final state; and a power cut of
+//! it afterwards may take only what is not durable there (regions clean on
+//! both durable maps, async what preceded a mark, and flushes of both
+//! copies are). Writes of the old primary in the blocks it may lose that
+//! the new primary does not hold are dead: no read of a copy that is not
+//! behind, and no final copy, may show one again (a resync in the wrong
+//! direction would).
 //!
 //! # At the end, once everything is healed and quiet
-//! - (3) both disks are identical, both durable maps are clean and no region
-//!   still counts as awaiting resync data; a region whose application write
-//!   failed locally stays inconsistent (0x7) until a handshake resends it,
-//!   so healing sets the link up again when only such marks are left;
-//! - (1) every block holds its promised write or a later one.
+//! - (3) both disks are identical, both durable maps are clean, no region
+//!   still counts as awaiting resync data, and both copies hold the same
+//!   generation; a region whose application write failed locally stays
+//!   inconsistent (0x7) until a handshake resends it, so healing sets the
+//!   link up again when only such marks are left;
+//! - (1) every block holds its promised write or a later one, and no dead
+//!   write.
 //!
-//! A pair that goes quiet with marks left fails, naming the cause (a resync
-//! stopped by a read error, for one). A failing seed is printed; replay one
-//! with `GMD_SIM_SEED=<n>` (`GMD_SIM_TRACE=1` prints every action,
-//! `GMD_SIM_WATCH=<region>` one region's cells and blocks), change the count
-//! with `GMD_SIM_SEEDS=<n>` (default 2000), the first seed with
-//! `GMD_SIM_SEED_FROM=<n>`, how many failures to collect before stopping
-//! with `GMD_SIM_MAX_FAILURES=<n>` (default 5).
+//! A pair that goes quiet with marks left, or whose link does not come up,
+//! fails, naming the cause (a resync stopped by a read error, the links'
+//! states, the last refusal). A failing seed is printed; replay one with
+//! `GMD_SIM_SEED=<n>` (`GMD_SIM_TRACE=1` prints every action,
+//! `GMD_SIM_WATCH=<region>` one region's cells and blocks, `GMD_SIM_LOG=1`
+//! the events even when it passes, `GMD_SIM_LOG_LINES=<n>` how many), change
+//! the count with `GMD_SIM_SEEDS=<n>` (default 2000; CI runs 20 000 in
+//! release), the first seed with `GMD_SIM_SEED_FROM=<n>`, how many failures
+//! to collect before stopping with `GMD_SIM_MAX_FAILURES=<n>` (default 5).
 
+#[path = "mirror_sim/admin.rs"]
+mod admin;
+#[path = "mirror_sim/daemon.rs"]
+mod daemon;
 #[path = "mirror_sim/disk.rs"]
 mod disk;
 #[path = "mirror_sim/faults.rs"]
@@ -102,9 +214,10 @@ use std::ops::Range;
 
 use gmd_core::config::Mode;
 use gmd_core::engine::{
-    Action, Connection, Engine, EngineError, EngineParams, Epoch, OpKind, PeerOp, Request,
-    ResyncRole, Seq, Slot,
+    Action, Engine, EngineError, EngineParams, Epoch, OpKind, PeerOp, Request, Seq, Slot,
 };
+use gmd_core::generations::Generations;
+use gmd_core::link::{Link, PairRole, Refusal};
 use gmd_core::statemap::StateMap;
 use gmd_core::statemap::cells::{
     CELL_ACTIVE, CELL_CONSISTENT, CELL_INCONSISTENT, CELL_RESYNC, CELL_STALE,
@@ -114,19 +227,23 @@ use gmd_core::units::{REGION_SIZE_BYTES, region_bytes};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use admin::{Switch, Unify};
+use daemon::Task;
 use disk::{CacheSnapshot, Disk, PowerCut};
 use faults::Faults;
 use oracle::Promises;
-use wire::{Msg, Packet};
+use wire::{Control, Msg, Packet};
 
 const BLOCK: u64 = 512;
 const REGIONS: u64 = 48;
 const SIZE: u64 = REGIONS * REGION_SIZE_BYTES;
 const BLOCKS: usize = (SIZE / BLOCK) as usize;
 const STEPS: usize = 1500;
-/// The node whose application writes when a run starts (the primary); see
-/// [`World::primary`]. Role changes (promote, demote, failover) will move it.
-const PRIMARY: usize = 0;
+/// The machines' names (the link's and `decide`'s).
+const NAMES: [&str; 2] = ["node0", "node1"];
+/// The node that is primary when a run starts; role changes and failovers
+/// move the writer ([`World::writer`]).
+const FIRST_PRIMARY: usize = 0;
 /// Steps a crashed node stays down at least.
 const DOWN_STEPS: usize = 20;
 /// Milliseconds the settle phase skips ahead when nothing is in flight
@@ -134,7 +251,7 @@ const DOWN_STEPS: usize = 20;
 /// after a back-off of up to a minute).
 const QUIET_SKIP_MS: usize = 100;
 /// Milliseconds with nothing in flight after which a pair that still has
-/// marks is stuck.
+/// marks, or is not connected, is stuck.
 const STUCK_MS: usize = 180_000;
 
 /// A write's identity; block contents are the id of the write that produced them.
@@ -167,9 +284,18 @@ enum SlotData {
     AppWrite {
         id: WriteId,
     },
-    /// An application flush; the floors when it was submitted.
+    /// A write submitted while the copy was read-only: it must be refused
+    /// without touching the disk.
+    AppWriteRefused {
+        readable: bool,
+    },
+    /// An application flush; the floors when it was submitted, whether it
+    /// is the flush of a demotion (a role switch waits for it), and the
+    /// session its engine was in then.
     AppFlush {
         floors: Vec<WriteId>,
+        demotion: bool,
+        session: u64,
     },
     AppRead(Read),
     Peer {
@@ -191,6 +317,9 @@ struct Read {
     submitted: usize,
     /// The promises' tick when it was submitted.
     since: u64,
+    /// Whether the copy served reads when it was submitted (an async
+    /// secondary does not).
+    readable: bool,
     /// Set when its local operation completes: per block, what the disk held
     /// and the oldest write it may hold (`None`: this replica may lag there).
     data: Option<Vec<(WriteId, Option<WriteId>)>>,
@@ -199,11 +328,44 @@ struct Read {
 /// Pages of a map commit with their cells.
 type PageImages = Vec<(u64, Vec<u8>)>;
 
+/// A map commit in flight: its pages, and the generations it writes in the
+/// superblock (if it writes the superblock).
+#[derive(Clone, Debug)]
+struct Commit {
+    epoch: Epoch,
+    pages: PageImages,
+    gens: Option<Generations>,
+}
+
+/// A node's part in the resync of its engine's session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    None,
+    Source,
+    Target,
+}
+
 struct Node {
     engine: Option<Engine>,
+    /// The device's link (`gmd_core::link::Link`, as gmdd keeps it): role,
+    /// handshake, session, who acknowledged the hot regions.
+    link: Link,
+    /// What the superblock records besides the map: the role a restart
+    /// after a crash asks for, whether the peer is recorded down, the data
+    /// generations (durable: what a restart reads).
+    recorded_role: PairRole,
+    peer_down: bool,
+    gens_durable: Generations,
     disk: Disk,
     map_durable: StateMap,
-    map_in_flight: Option<(Epoch, PageImages)>,
+    map_in_flight: Option<Commit>,
+    /// Per region: the promises' tick at which its durable cell last went
+    /// from clean to marked (`None` while clean), and to stale (`None`
+    /// while not stale).
+    marked_since: Vec<Option<u64>>,
+    stale_since: Vec<Option<u64>>,
+    /// Blocks a power cut took here since the last resync finished.
+    cut_blocks: Vec<bool>,
     /// The engine's map when the node last went down (what it knew then).
     map_at_crash: StateMap,
     slots: HashMap<Slot, SlotData>,
@@ -218,9 +380,10 @@ struct Node {
     down_since: Option<usize>,
     /// A map commit failed: the step at which the administrator restarts the node.
     map_failed: Option<usize>,
-    /// The step of a power cut that lost cached writes here, until the next
-    /// resync finished (or a connect without one).
-    lost_cache: Option<usize>,
+    /// Since when this copy may lack what the pair holds, until the next
+    /// resync finished (or a connect without one): a power cut took cached
+    /// writes here, or it was the old primary at a failover.
+    behind: Option<usize>,
     /// Per block, the write its last power cut took, and when.
     lost: Vec<Option<(WriteId, usize)>>,
     /// Per region, the engine's cell as last seen, and the value it last
@@ -229,12 +392,20 @@ struct Node {
     cleared: Vec<Option<(u8, usize)>>,
     /// The engine's packed map as last seen (to skip unchanged maps).
     packed_seen: Vec<u8>,
-    /// The link session this node's receiver is in (0: none).
-    link_session: u64,
-    /// This incarnation of the node's device (a new one at each start), and
-    /// whose sessions its hot regions come from.
-    incarnation: u64,
-    hot_peer: HotPeer,
+    /// The daemon's side of the link: a handshake it started is under way,
+    /// its requests waiting for an answer, when a handshake was last
+    /// refused (retried later), the incarnation the offer it answered carried.
+    connecting: bool,
+    tasks: Vec<Task>,
+    refused_at: Option<usize>,
+    offer_incarnation: u64,
+    /// The session the engine is connected in (0: none), its part in the
+    /// resync, and whether that part is done.
+    engine_session: u64,
+    part: Part,
+    resync_done: bool,
+    /// The application is stopped (a role switch drains it).
+    app_stopped: bool,
     /// Each of the engine's data syncs in flight (`Action::SyncData`): its
     /// id, when it was issued and what the disk had cached then, in issue
     /// order.
@@ -242,12 +413,19 @@ struct Node {
 }
 
 impl Node {
-    fn new(engine: Engine) -> Node {
+    fn new(n: usize, gens: Generations) -> Node {
         Node {
-            engine: Some(engine),
+            engine: None,
+            link: Link::new("sim", NAMES[n]),
+            recorded_role: PairRole::Secondary,
+            peer_down: false,
+            gens_durable: gens,
             disk: Disk::new(BLOCKS),
             map_durable: StateMap::new(SIZE),
             map_in_flight: None,
+            marked_since: vec![None; REGIONS as usize],
+            stale_since: vec![None; REGIONS as usize],
+            cut_blocks: vec![false; BLOCKS],
             map_at_crash: StateMap::new(SIZE),
             slots: HashMap::new(),
             flushes: HashMap::new(),
@@ -256,14 +434,19 @@ impl Node {
             failed_regions: HashSet::new(),
             down_since: None,
             map_failed: None,
-            lost_cache: None,
+            behind: None,
             lost: vec![None; BLOCKS],
             cells_seen: vec![CELL_CONSISTENT; REGIONS as usize],
             cleared: vec![None; REGIONS as usize],
             packed_seen: StateMap::new(SIZE).packed().to_vec(),
-            link_session: 0,
-            incarnation: 1,
-            hot_peer: HotPeer::Nobody,
+            connecting: false,
+            tasks: Vec::new(),
+            refused_at: None,
+            offer_incarnation: 0,
+            engine_session: 0,
+            part: Part::None,
+            resync_done: false,
+            app_stopped: false,
             syncs: Vec::new(),
         }
     }
@@ -272,9 +455,26 @@ impl Node {
     fn map(&self) -> &StateMap {
         self.engine.as_ref().map_or(&self.map_at_crash, |e| e.map())
     }
+
+    /// The role it runs in (`None`: down).
+    fn role(&self) -> Option<PairRole> {
+        self.engine.as_ref().map(|_| self.link.role())
+    }
+
+    /// Whether the application has requests in flight here.
+    fn app_busy(&self) -> bool {
+        self.slots.values().any(|d| {
+            matches!(
+                d,
+                SlotData::AppWrite { .. } | SlotData::AppFlush { .. } | SlotData::AppRead(_)
+            )
+        })
+    }
 }
 
-fn params(mode: Mode, writable: bool) -> EngineParams {
+/// The engine's parameters for a copy in `role`: writable when primary (or
+/// split), readable unless an async secondary (as `DeviceHandle::start`).
+fn params(mode: Mode, role: PairRole) -> EngineParams {
     EngineParams {
         size_bytes: SIZE,
         block_size: BLOCK as u32,
@@ -282,8 +482,8 @@ fn params(mode: Mode, writable: bool) -> EngineParams {
         slots_max: 6,
         peer_slots_max: 6,
         resync_slots_max: 2,
-        writable,
-        readable: true,
+        writable: role.writable(),
+        readable: readable(mode, role),
         mode,
         hwm_bytes: 24 << 10,
         resync_in_flight_max_bytes: 64 << 10,
@@ -293,6 +493,11 @@ fn params(mode: Mode, writable: bool) -> EngineParams {
         // wait (a wire held up by the scenario) is dropped like a cut link.
         peer_stall_ms: 300,
     }
+}
+
+/// Whether applications may read a copy in `role` (an async secondary serves no I/O).
+fn readable(mode: Mode, role: PairRole) -> bool {
+    !(mode == Mode::Async && role == PairRole::Secondary)
 }
 
 /// One write as the application saw it.
@@ -307,44 +512,8 @@ struct History {
     submitted_tick: u64,
     completed: Option<usize>,
     acked: bool,
-}
-
-/// A handshake in progress: what the daemons agreed from the maps they
-/// read, to be carried out at connect.
-#[derive(Clone, Debug)]
-struct Handshake {
-    source: usize,
-    /// The regions to resend, one bit per region.
-    bits: Vec<u8>,
-    /// Steps until the connect.
-    delay: usize,
-    /// Per node: its stale cells and its durable generation when its map
-    /// was read, and its device's incarnation.
-    stale: [u64; 2],
-    current: [u64; 2],
-    incarnation: [u64; 2],
-}
-
-/// Who acknowledged the writes behind a running device's hot regions
-/// (`gmd_core::link::HotPeer`, for the one peer a node has).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum HotPeer {
-    /// No session since the device started.
-    Nobody,
-    /// Every session was with this incarnation of the peer's device.
-    Only(u64),
-    /// Sessions with several incarnations.
-    Several,
-}
-
-impl HotPeer {
-    fn session_with(&mut self, incarnation: u64) {
-        *self = match *self {
-            HotPeer::Nobody => HotPeer::Only(incarnation),
-            HotPeer::Only(i) if i == incarnation => HotPeer::Only(i),
-            _ => HotPeer::Several,
-        };
-    }
+    /// The session its engine was in when it was submitted (0: none).
+    session: u64,
 }
 
 /// What happened in a run, summed over seeds for the report.
@@ -360,13 +529,32 @@ struct Counts {
     sync_failures: usize,
     /// Data syncs issued while another was in flight.
     syncs_overlapping: usize,
-    /// Messages of an ended session dropped by a receiver in a newer one.
+    /// Device messages of another session dropped by a receiver.
     old_dropped: usize,
+    /// Device messages that waited for the receiver's engine to connect.
+    held: usize,
     /// Blocks of successful reads checked against the promises…
     read_blocks_checked: usize,
     /// …and those excused because the reading replica may lag there.
     read_blocks_lagging: usize,
     reads_unavailable: usize,
+    /// Sessions connected (both sides).
+    sessions: usize,
+    /// Handshakes refused by the link (generations or roles), and how.
+    refusals: usize,
+    refused_target_is_primary: usize,
+    refused_other: usize,
+    /// Writes the application attempted on a read-only copy.
+    writes_refused: usize,
+    /// Role switches completed, failovers, other promotions.
+    switches: usize,
+    failovers: usize,
+    promotions: usize,
+    /// Old primaries that restarted as secondary because the other was primary.
+    restarted_secondary: usize,
+    /// Starts refused by the start rules, and unifies that resolved them.
+    starts_refused: usize,
+    unifies: usize,
 }
 
 impl Counts {
@@ -379,9 +567,21 @@ impl Counts {
         self.sync_failures += other.sync_failures;
         self.syncs_overlapping += other.syncs_overlapping;
         self.old_dropped += other.old_dropped;
+        self.held += other.held;
         self.read_blocks_checked += other.read_blocks_checked;
         self.read_blocks_lagging += other.read_blocks_lagging;
         self.reads_unavailable += other.reads_unavailable;
+        self.sessions += other.sessions;
+        self.refusals += other.refusals;
+        self.refused_target_is_primary += other.refused_target_is_primary;
+        self.refused_other += other.refused_other;
+        self.writes_refused += other.writes_refused;
+        self.switches += other.switches;
+        self.failovers += other.failovers;
+        self.promotions += other.promotions;
+        self.restarted_secondary += other.restarted_secondary;
+        self.starts_refused += other.starts_refused;
+        self.unifies += other.unifies;
     }
 }
 
@@ -389,22 +589,33 @@ struct World {
     rng: StdRng,
     faults: Faults,
     mode: Mode,
-    /// The node whose application writes (and which is the resync source
-    /// unless the other holds stale marks). See [`World::primary`].
-    primary: usize,
+    /// The node whose application writes: the primary, or while none is
+    /// (demoted, down), the last one. The promises are about its data.
+    writer: usize,
     nodes: [Node; 2],
-    /// Messages in flight per direction (0: node 0 → node 1).
+    /// Device messages in flight per direction (0: node 0 → node 1).
     wires: [VecDeque<Packet>; 2],
+    /// The daemons' handshake messages in flight.
+    control: Vec<Control>,
+    /// The network between the nodes is up (no partition).
     link_up: bool,
-    connected: bool,
-    /// The link session in force (0: none), and the last one handed out.
-    session: u64,
+    /// The last session id and request id handed out.
     last_session: u64,
-    /// Node that is source of the resync in progress, if any.
-    resync_source: Option<usize>,
-    resync_done: [bool; 2],
+    last_req: u64,
+    /// Incarnations of devices handed out.
+    last_incarnation: u64,
     /// A resync read of the current session failed: (node, region, step).
     resync_read_failed: Option<(usize, u64, usize)>,
+    /// The last handshake or start the link's rules refused, and when.
+    last_refusal: Option<(usize, Refusal)>,
+    /// A role switch under way.
+    switch: Option<Switch>,
+    /// The old primary of the last failover, until the pair connects again.
+    failed_over_from: Option<usize>,
+    /// A unify under way.
+    unifying: Option<Unify>,
+    /// Regions a durable map cleared since the last check.
+    cleared_since_check: Vec<u64>,
     next_id: WriteId,
     writes: Vec<History>,
     promises: Promises,
@@ -412,9 +623,6 @@ struct World {
     /// The final phase: no new faults but data EIO and resync read errors.
     settling: bool,
     log: Vec<String>,
-    /// A handshake whose maps were read but whose connect has not happened
-    /// yet. Writes go on meanwhile.
-    handshaking: Option<Handshake>,
     /// Application writes whose local part failed (never acknowledged).
     failed_writes: HashSet<WriteId>,
     counts: Counts,
@@ -424,51 +632,64 @@ impl World {
     fn new(seed: u64) -> World {
         let mut rng = StdRng::seed_from_u64(seed);
         let mode = [Mode::Sync, Mode::Mwc, Mode::Async][rng.gen_range(0..3)];
-        let node =
-            |n: usize| Node::new(Engine::new(params(mode, n == PRIMARY), StateMap::new(SIZE)));
+        // Two new volumes the administrator initialised as zeroed: same
+        // generation, nothing to copy.
+        let zeroed = Generations::zeroed(&daemon::identity(mode).uuid);
         let mut world = World {
             rng,
             faults: Faults::get(),
             mode,
-            primary: PRIMARY,
-            nodes: [node(0), node(1)],
+            writer: FIRST_PRIMARY,
+            nodes: [Node::new(0, zeroed), Node::new(1, zeroed)],
             wires: [VecDeque::new(), VecDeque::new()],
+            control: Vec::new(),
             link_up: true,
-            connected: false,
-            session: 0,
             last_session: 0,
-            resync_source: None,
-            resync_done: [false, false],
+            last_req: 0,
+            last_incarnation: 0,
             resync_read_failed: None,
+            last_refusal: None,
+            switch: None,
+            failed_over_from: None,
+            unifying: None,
+            cleared_since_check: Vec::new(),
             next_id: 1,
             writes: vec![History {
-                node: PRIMARY,
+                node: FIRST_PRIMARY,
                 blocks: 0..0,
                 fua: false,
                 submitted: 0,
                 submitted_tick: 0,
                 completed: Some(0),
                 acked: true,
+                session: 0,
             }],
             promises: Promises::new(BLOCKS),
             step: 0,
             settling: false,
             log: Vec::new(),
-            handshaking: None,
             failed_writes: HashSet::new(),
             counts: Counts::default(),
         };
-        world.handshake();
+        for n in 0..2 {
+            let role = if n == FIRST_PRIMARY {
+                PairRole::Primary
+            } else {
+                PairRole::Secondary
+            };
+            world.start_engine(n, role);
+        }
+        // The first handshake completes before the first step.
+        world.reconnect(FIRST_PRIMARY);
+        world.deliver_control();
         world
     }
 
-    /// The node whose application writes. Only it writes (CONSISTENCY.md,
-    /// "One writer"); the other is read-only in every mode.
-    fn primary(&self) -> usize {
-        self.primary
-    }
-
     fn note(&mut self, text: String) {
+        // A note repeated (a refusal retried) is kept once.
+        if self.log.last().is_some_and(|l| l.ends_with(&text)) {
+            return;
+        }
         self.log.push(format!("{:>5} {text}", self.step));
     }
 
@@ -534,7 +755,7 @@ impl World {
             Action::Local(slot) => self.issue_local(n, slot),
             Action::ResyncRead(slot) => {
                 self.nodes[n].locals.push(slot);
-                let session = self.session;
+                let session = self.nodes[n].engine_session;
                 self.nodes[n].slots.insert(
                     slot,
                     SlotData::ResyncRead {
@@ -551,11 +772,14 @@ impl World {
                     .iter()
                     .map(|&p| (p, packed[Layout::page_cells(p, packed.len())].to_vec()))
                     .collect();
+                // The superblock goes with the pages when the generations
+                // changed (the runtime writes it in the same group commit).
+                let gens = engine.flushing_generations();
                 assert!(
                     self.nodes[n].map_in_flight.is_none(),
                     "two map commits in flight"
                 );
-                self.nodes[n].map_in_flight = Some((epoch, pages));
+                self.nodes[n].map_in_flight = Some(Commit { epoch, pages, gens });
             }
             Action::Complete(slot, result) => self.completed(n, slot, result),
             Action::SendWrite {
@@ -620,32 +844,20 @@ impl World {
                 let cached = self.nodes[n].disk.cached();
                 self.nodes[n].syncs.push((sync, self.step, cached));
             }
-            Action::Renegotiate => {
-                self.note(format!("node {n} asks to renegotiate"));
-                self.link_lost();
-            }
-            Action::PeerStalled { waited_ms } => {
-                self.note(format!(
-                    "node {n}: peer silent for {waited_ms} ms, link dropped"
-                ));
-                self.link_lost();
-            }
+            Action::Renegotiate => self.renegotiate(n),
+            Action::PeerStalled { waited_ms } => self.stalled(n, waited_ms),
             Action::ResyncDone => {
                 self.note(format!("resync done on node {n}"));
-                self.resync_done[n] = true;
-                if self.resync_done[0] && self.resync_done[1] {
-                    self.resync_source = None;
-                    self.resync_finished();
-                }
+                self.nodes[n].resync_done = true;
+                self.check_resync_finished();
             }
         }
     }
 
-    /// Queues a message from node `n` on its wire, tagged with its session
-    /// (like the daemon, nothing is sent without one).
+    /// Queues a message from node `n` on its wire, tagged with the session
+    /// its link is in (like gmdd, nothing is sent without one).
     fn send(&mut self, n: usize, msg: Msg) {
-        let session = self.nodes[n].link_session;
-        if session != 0 {
+        if let Some((_, session)) = self.nodes[n].link.connected() {
             self.wires[n].push_back(Packet { session, msg });
         }
     }
@@ -658,26 +870,49 @@ impl World {
             let cached = self.nodes[n].disk.cached();
             self.nodes[n].flushes.insert(slot, cached);
         }
-        if let Some(SlotData::AppRead(read)) = self.nodes[n].slots.get(&slot) {
-            // Promise 4: a replica never serves data it knows it lacks.
-            assert!(
-                !self.not_received(n, &read.blocks),
-                "node {n} reads blocks {:?} from its disk, but its map marks them not received \
-                 (cells {:?})",
-                read.blocks,
-                regions_of(&read.blocks)
-                    .map(|r| self.cells(r))
-                    .collect::<Vec<_>>()
-            );
+        match self.nodes[n].slots.get(&slot) {
+            Some(SlotData::AppRead(read)) => {
+                // Promise 4: a replica never serves data it knows it lacks.
+                assert!(
+                    !self.not_received(n, &read.blocks),
+                    "node {n} reads blocks {:?} from its disk, but its map marks them not \
+                     received (cells {:?})",
+                    read.blocks,
+                    regions_of(&read.blocks)
+                        .map(|r| self.cells(r))
+                        .collect::<Vec<_>>()
+                );
+            }
+            Some(SlotData::AppWriteRefused { .. }) => {
+                panic!("node {n}: a write submitted to a read-only copy is issued to its disk")
+            }
+            _ => {}
         }
     }
 
-    /// A resync finished on both sides: the data a power cut took is back
-    /// (check (6) and the final state tell if it was not).
-    fn resync_finished(&mut self) {
-        for node in &mut self.nodes {
-            node.lost_cache = None;
+    /// A resync finished on both sides of one session (or a session began
+    /// without one): a copy that was behind has what the pair holds again
+    /// (check (6) and the final state tell if it has not).
+    fn check_resync_finished(&mut self) {
+        let [a, b] = &self.nodes;
+        let same = a.engine.is_some()
+            && b.engine.is_some()
+            && a.engine_session != 0
+            && a.engine_session == b.engine_session;
+        if same && a.resync_done && b.resync_done {
+            for node in &mut self.nodes {
+                node.behind = None;
+                node.cut_blocks.fill(false);
+            }
         }
+    }
+
+    /// Whether a resync runs (a node connected as source or target whose
+    /// part is not done).
+    fn resyncing(&self) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| n.engine_session != 0 && n.part != Part::None && !n.resync_done)
     }
 
     // ----- local operations -------------------------------------------
@@ -764,7 +999,7 @@ impl World {
                     self.note(format!(
                         "node {n}: resync read of region {region} fails with EIO"
                     ));
-                    if session == self.session && self.connected {
+                    if session != 0 && session == self.nodes[n].engine_session {
                         self.resync_read_failed
                             .get_or_insert((n, region, self.step));
                     }
@@ -799,16 +1034,17 @@ impl World {
     /// Whether `reader` may hold, in block `b`, an older write than the
     /// writer acknowledged without knowing it: it is not the writer, and the
     /// writer's map says the peer may differ there (a write in flight or
-    /// queued, stale, inconsistent), or a power cut took part of the
-    /// reader's cache since its last resync.
+    /// queued, stale, inconsistent), or the reader is behind (a power cut
+    /// took part of its cache, or it was the old primary at a failover)
+    /// until its next resync.
     fn may_lag(&self, reader: usize, b: usize) -> bool {
-        if reader == self.primary() {
+        if reader == self.writer {
             return false;
         }
-        if self.nodes[reader].lost_cache.is_some() {
+        if self.nodes[reader].behind.is_some() {
             return true;
         }
-        let cell = self.nodes[self.primary()].map().get(region_of(b));
+        let cell = self.nodes[self.writer].map().get(region_of(b));
         cell != CELL_CONSISTENT && cell != CELL_ACTIVE
     }
 
@@ -834,22 +1070,60 @@ impl World {
         self.pump(n);
     }
 
-    fn map_commit_done(&mut self, n: usize) {
-        let (epoch, pages) = self.nodes[n]
-            .map_in_flight
-            .take()
-            .expect("commit in flight");
-        let fails =
-            !self.settling && self.faults.map_eio && self.rng.gen_bool(faults::MAP_EIO_PROBABILITY);
+    /// Commit `commit` of node `n` lands on disk: all of it, or (a failed
+    /// commit, a crash during it) each page and the superblock or not.
+    fn land(&mut self, n: usize, commit: Commit, whole: bool) {
         let mut packed = self.nodes[n].map_durable.packed().to_vec();
-        for (page, cells) in pages {
-            // A failed commit may have written any of its pages.
-            if !fails || self.rng.gen_bool(0.5) {
+        for (page, cells) in commit.pages {
+            if whole || self.rng.gen_bool(0.5) {
                 let range = Layout::page_cells(page, packed.len());
                 packed[range].copy_from_slice(&cells);
             }
         }
-        self.nodes[n].map_durable = StateMap::from_packed(SIZE, packed).unwrap();
+        if let Some(gens) = commit.gens {
+            if whole || self.rng.gen_bool(0.5) {
+                self.nodes[n].gens_durable = gens;
+            }
+        }
+        self.set_durable_map(n, StateMap::from_packed(SIZE, packed).unwrap());
+    }
+
+    /// Node `n`'s durable map becomes `map`; regions that went from clean
+    /// to marked note the promises' tick (a failover may lose what was
+    /// acknowledged after it).
+    fn set_durable_map(&mut self, n: usize, map: StateMap) {
+        let now = self.promises.now();
+        let node = &mut self.nodes[n];
+        for r in 0..REGIONS {
+            let stale = &mut node.stale_since[r as usize];
+            match (node.map_durable.get(r), map.get(r)) {
+                (CELL_STALE, CELL_STALE) => {}
+                (_, CELL_STALE) => *stale = Some(now),
+                _ => *stale = None,
+            }
+            let since = &mut node.marked_since[r as usize];
+            match (node.map_durable.get(r), map.get(r)) {
+                (0, 0) => {}
+                (_, 0) => {
+                    *since = None;
+                    self.cleared_since_check.push(r);
+                }
+                (0, _) => *since = Some(now),
+                _ => {}
+            }
+        }
+        node.map_durable = map;
+    }
+
+    fn map_commit_done(&mut self, n: usize) {
+        let commit = self.nodes[n]
+            .map_in_flight
+            .take()
+            .expect("commit in flight");
+        let epoch = commit.epoch;
+        let fails =
+            !self.settling && self.faults.map_eio && self.rng.gen_bool(faults::MAP_EIO_PROBABILITY);
+        self.land(n, commit, !fails);
         if fails {
             let restart = self.step + self.rng.gen_range(5..=40);
             self.note(format!(
@@ -866,9 +1140,23 @@ impl World {
 
     // ----- the application ------------------------------------------------
 
+    /// The application on node `n` writes: on the primary (the writer),
+    /// unless its application is stopped; on a read-only copy it tries now
+    /// and then, and must be refused.
     fn app_write(&mut self, n: usize) {
         let engine = self.nodes[n].engine.as_ref().expect("running");
-        if !engine.app_slot_available() || n != self.primary() {
+        if !engine.app_slot_available() {
+            return;
+        }
+        let role = self.nodes[n].link.role();
+        if !role.writable() {
+            if self.rng.gen_bool(0.3) {
+                self.app_write_refused(n);
+            }
+            return;
+        }
+        assert_eq!(n, self.writer, "node {n} is {role} but not the writer");
+        if self.nodes[n].app_stopped {
             return;
         }
         let len = self.rng.gen_range(1..=64usize);
@@ -882,17 +1170,7 @@ impl World {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let kind = match self.rng.gen_range(0..10) {
-            0 => OpKind::WriteZeroes,
-            1 => OpKind::Trim,
-            _ => OpKind::Write,
-        };
-        let request = Request {
-            kind,
-            offset_bytes: blocks.start as u64 * BLOCK,
-            len_bytes: len as u64 * BLOCK,
-            fua: self.rng.gen_bool(0.1),
-        };
+        let request = self.random_write(&blocks);
         self.nodes[n].busy_blocks.extend(blocks.clone());
         self.writes.push(History {
             node: n,
@@ -902,19 +1180,63 @@ impl World {
             submitted_tick: self.promises.now(),
             completed: None,
             acked: false,
+            session: self.nodes[n].engine_session,
         });
         let slot = self.engine(n).submit(request);
         self.nodes[n].slots.insert(slot, SlotData::AppWrite { id });
         self.pump(n);
     }
 
-    /// A flush (the writer only) or a read (either node).
+    fn random_write(&mut self, blocks: &Range<usize>) -> Request {
+        let kind = match self.rng.gen_range(0..10) {
+            0 => OpKind::WriteZeroes,
+            1 => OpKind::Trim,
+            _ => OpKind::Write,
+        };
+        Request {
+            kind,
+            offset_bytes: blocks.start as u64 * BLOCK,
+            len_bytes: blocks.len() as u64 * BLOCK,
+            fua: self.rng.gen_bool(0.1),
+        }
+    }
+
+    /// (a) The application on a read-only copy (secondary) writes: the
+    /// engine refuses it at once and nothing reaches the disk.
+    fn app_write_refused(&mut self, n: usize) {
+        let len = self.rng.gen_range(1..=64usize);
+        let start = self.rng.gen_range(0..BLOCKS - len);
+        let blocks = start..start + len;
+        let request = self.random_write(&blocks);
+        let before = self.nodes[n].disk.read(blocks.clone()).to_vec();
+        let readable = readable(self.mode, self.nodes[n].link.role());
+        let slot = self.engine(n).submit(request);
+        self.nodes[n]
+            .slots
+            .insert(slot, SlotData::AppWriteRefused { readable });
+        self.pump(n);
+        assert!(
+            !self.nodes[n].slots.contains_key(&slot),
+            "node {n}: a write to a read-only copy did not complete at once"
+        );
+        assert_eq!(
+            self.nodes[n].disk.read(blocks.clone()),
+            before.as_slice(),
+            "node {n}: a write refused on a read-only copy changed its disk"
+        );
+        self.counts.writes_refused += 1;
+    }
+
+    /// A flush (the writer only, while its application runs) or a read
+    /// (either node).
     fn app_other(&mut self, n: usize) {
         let engine = self.nodes[n].engine.as_ref().expect("running");
         if !engine.app_slot_available() {
             return;
         }
-        let (request, data) = if n == self.primary() && self.rng.gen_bool(0.5) {
+        let role = self.nodes[n].link.role();
+        let writes = role.writable() && !self.nodes[n].app_stopped;
+        let (request, data) = if writes && self.rng.gen_bool(0.5) {
             let flush = Request {
                 kind: OpKind::Flush,
                 offset_bytes: 0,
@@ -922,7 +1244,15 @@ impl World {
                 fua: false,
             };
             let floors = self.promises.floors();
-            (flush, SlotData::AppFlush { floors })
+            let session = self.nodes[n].engine_session;
+            (
+                flush,
+                SlotData::AppFlush {
+                    floors,
+                    demotion: false,
+                    session,
+                },
+            )
         } else {
             let len = self.rng.gen_range(1..=16);
             let start = self.rng.gen_range(0..BLOCKS - len);
@@ -936,6 +1266,7 @@ impl World {
                 blocks: start..start + len,
                 submitted: self.step,
                 since: self.promises.now(),
+                readable: readable(self.mode, role),
                 data: None,
             });
             (read, data)
@@ -949,14 +1280,34 @@ impl World {
     fn completed(&mut self, n: usize, slot: Slot, result: Result<(), EngineError>) {
         match self.nodes[n].slots.remove(&slot).expect("slot data") {
             SlotData::AppWrite { id } => self.write_completed(n, id, result),
-            SlotData::AppFlush { floors } => {
+            SlotData::AppWriteRefused { readable } => {
+                let expected = if readable {
+                    EngineError::ReadOnly
+                } else {
+                    EngineError::Secondary
+                };
+                assert_eq!(
+                    result,
+                    Err(expected),
+                    "node {n}: a write to a read-only copy completed with {result:?}"
+                );
+            }
+            SlotData::AppFlush {
+                floors,
+                demotion,
+                session,
+            } => {
                 // A flush whose peer part was lost fails once the map failed
                 // (it cannot mark anything); it promises nothing then.
                 let map_failed = self.nodes[n].map_failed.is_some();
+                let mirrored = self.mirrored(n, session);
                 match result {
-                    Ok(()) => self.promises.flushed(&floors),
+                    Ok(()) => self.promises.flushed(&floors, mirrored),
                     Err(EngineError::MapFailed) if map_failed => {}
                     Err(e) => panic!("node {n}: flush failed with {e:?}"),
+                }
+                if demotion {
+                    self.demotion_flushed(n);
                 }
             }
             SlotData::AppRead(read) => self.check_read(n, read, result),
@@ -971,7 +1322,7 @@ impl World {
         }
         h.completed = Some(self.step);
         h.acked = result.is_ok();
-        let (blocks, fua) = (h.blocks.clone(), h.fua);
+        let (blocks, fua, session) = (h.blocks.clone(), h.fua, h.session);
         // The only refusals: the local disk failing the write, the map
         // failing, data not here after an interrupted resync.
         let failed_here = self.failed_writes.contains(&id);
@@ -989,8 +1340,22 @@ impl World {
             self.nodes[n].map_failed.is_some()
         );
         if result.is_ok() {
-            self.promises.acknowledged(blocks, id, fua);
+            assert_eq!(
+                n, self.writer,
+                "node {n}: write {id} acknowledged, but node {} is the writer",
+                self.writer
+            );
+            let mirrored = self.mirrored(n, session);
+            self.promises.acknowledged(blocks, id, fua, mirrored);
         }
+    }
+
+    /// Whether a flush or FUA write of node `n` submitted in engine session
+    /// `session` that completes now made its data durable on the peer too:
+    /// sync or mwc, connected in that session all along (the peer answered
+    /// its part).
+    fn mirrored(&self, n: usize, session: u64) -> bool {
+        self.mode != Mode::Async && session != 0 && self.nodes[n].engine_session == session
     }
 
     /// Whether node `n` knows the data of a region of `blocks` is not here:
@@ -1002,10 +1367,19 @@ impl World {
         regions_of(blocks).any(|r| self.nodes[n].map().get(r) == CELL_RESYNC)
     }
 
-    /// A read completed: `Ok` with every block at least its floor (see the
-    /// file header), or `Unavailable` where the data is durably not received.
+    /// A read completed: `Ok` with every block at least its floor and none
+    /// a discarded write (see the file header), or `Unavailable` where the
+    /// data is durably not received, or `Secondary` on an async secondary.
     fn check_read(&mut self, n: usize, read: Read, result: Result<(), EngineError>) {
         let blocks = read.blocks.clone();
+        if !read.readable {
+            assert_eq!(
+                result,
+                Err(EngineError::Secondary),
+                "node {n}: a read on an async secondary completed with {result:?}"
+            );
+            return;
+        }
         match result {
             Ok(()) => {
                 let data = read.data.unwrap_or_else(|| {
@@ -1031,6 +1405,18 @@ impl World {
                             self.losses(region_of(b)),
                         );
                     }
+                    if self.promises.is_dead(b, have) {
+                        panic!(
+                            "node {n}: read of block {b} (submitted at step {}) returned write \
+                             {have} (node {}, submitted at step {}), which a failover \
+                             discarded; cells {}{}",
+                            read.submitted,
+                            self.writes[have as usize].node,
+                            self.writes[have as usize].submitted,
+                            self.cells(region_of(b)),
+                            self.losses(region_of(b)),
+                        );
+                    }
                 }
             }
             Err(EngineError::Unavailable) => {
@@ -1050,33 +1436,37 @@ impl World {
 
     // ----- the network ----------------------------------------------------
 
-    /// Delivers the next message of `wire`, if its receiver is in a session:
-    /// one of another session is dropped there ([`wire::accepts`]).
+    /// Delivers the next message of `wire` (as gmdd's receive loop and the
+    /// runtime do): one of a session the receiver's link does not take from
+    /// the sender ([`Link::session_with`]: pending or in force) is dropped;
+    /// one of the session it takes waits while its engine is not connected
+    /// yet (the responder before `Go`), or has no slot for it.
     fn deliver(&mut self, wire: usize) {
         let to = 1 - wire;
-        let current = self.nodes[to].link_session;
-        if current == 0 {
-            // Nobody receives: messages wait in the network.
+        if self.nodes[to].engine.is_none() {
             return;
         }
         let Some(packet) = self.wires[wire].front() else {
             return;
         };
-        if !wire::accepts(current, packet) {
+        let session = packet.session;
+        let needs_slot = matches!(
+            packet.msg,
+            Msg::Write { .. } | Msg::Flush { .. } | Msg::Resync { .. }
+        );
+        let taken = self.nodes[to].link.session_with(NAMES[wire]);
+        if taken != Some(session) {
             self.wires[wire].pop_front();
             self.counts.old_dropped += 1;
             return;
         }
-        assert!(
-            self.connected && packet.session == self.session,
-            "node {to} would take a message of session {} in session {}: {:?}",
-            packet.session,
-            self.session,
-            packet.msg
-        );
-        let needs_slot = matches!(
-            packet.msg,
-            Msg::Write { .. } | Msg::Flush { .. } | Msg::Resync { .. }
+        if !self.engine(to).is_connected() {
+            self.counts.held += 1;
+            return;
+        }
+        assert_eq!(
+            self.nodes[to].engine_session, session,
+            "node {to}'s engine would take a message of another session"
         );
         if needs_slot && !self.engine(to).peer_slot_available() {
             return;
@@ -1152,20 +1542,11 @@ impl World {
             .insert(slot, SlotData::Peer { seq, id, resync });
     }
 
-    /// The link session ends: both engines lose their peer. Messages on the
-    /// wires are lost, or (`GMD_SIM_OLD_MESSAGES`) some arrive later.
-    fn link_lost(&mut self) {
-        self.handshaking = None;
-        if !self.connected {
-            return;
-        }
-        self.connected = false;
-        self.session = 0;
-        self.resync_source = None;
-        self.resync_read_failed = None;
-        for node in &mut self.nodes {
-            node.link_session = 0;
-        }
+    /// The network between the nodes breaks: messages on the wires are
+    /// lost, or (`GMD_SIM_OLD_MESSAGES`) some arrive later; handshake
+    /// messages are lost.
+    fn break_wires(&mut self) {
+        self.control.clear();
         for wire in &mut self.wires {
             if self.faults.old_messages {
                 wire.retain(|_| self.rng.gen_bool(faults::OLD_MESSAGE_SURVIVAL));
@@ -1173,157 +1554,23 @@ impl World {
                 wire.clear();
             }
         }
-        for n in 0..2 {
-            if self.nodes[n].engine.is_some() {
-                self.engine(n).peer_lost();
-                self.pump(n);
-            }
-        }
     }
 
-    /// What the daemons do when both sides are running and can talk.
-    fn handshake(&mut self) {
-        if self.connected
-            || self.handshaking.is_some()
-            || !self.link_up
-            || self.nodes.iter().any(|n| n.engine.is_none())
-        {
-            return;
-        }
-        let stale = |w: &World, n: usize| {
-            let map = w.nodes[n].engine.as_ref().unwrap().map();
-            (0..map.region_count())
-                .filter(|&r| map.get(r) == CELL_STALE)
-                .count()
-        };
-        // The maps are read now: the regions whose local writes failed so
-        // far are in them, and the resync that follows clears them.
-        for node in &mut self.nodes {
-            node.failed_regions.clear();
-        }
-        let (s0, s1) = (stale(self, 0), stale(self, 1));
-        assert!(
-            s0 == 0 || s1 == 0,
-            "divergence: both sides hold stale regions ({s0}, {s1}), but only node {} writes",
-            self.primary()
-        );
-        let source = if s0 > 0 {
-            0
-        } else if s1 > 0 {
-            1
-        } else {
-            self.primary() // async: the primary; sync/mwc: the side that was running
-        };
-        let bits = self
-            .resync_bits(0)
-            .iter()
-            .zip(&self.resync_bits(1))
-            .map(|(x, y)| x | y)
-            .collect();
-        // The maps were read; the connect happens up to about a message's
-        // way there and back later (Connect, Accept, Go across the network),
-        // long enough for writes issued meanwhile to mark stale, be written
-        // locally and acknowledged before the connect.
-        let delay = if self.step == 0 {
-            0
-        } else {
-            self.rng.gen_range(0..16)
-        };
-        let engine = |n: usize| self.nodes[n].engine.as_ref().expect("running");
-        self.handshaking = Some(Handshake {
-            source,
-            bits,
-            delay,
-            stale: [s0 as u64, s1 as u64],
-            current: [0, 1].map(|n| engine(n).durable_generations().current),
-            incarnation: [0, 1].map(|n| self.nodes[n].incarnation),
-        });
-        self.finish_handshake();
-    }
-
-    /// The regions node `n` offers to resend (`gmd_core::link`'s offer):
-    /// its marks, and its hot regions unless every session since its device
-    /// started was with the peer's device as it is now (a peer that
-    /// restarted may have lost what it acknowledged but had not flushed).
-    fn resync_bits(&self, n: usize) -> Vec<u8> {
-        let engine = self.nodes[n].engine.as_ref().expect("running");
-        let mut bits = engine.dirty_bits();
-        if self.nodes[n].hot_peer != HotPeer::Only(self.nodes[1 - n].incarnation) {
-            for (b, hot) in bits.iter_mut().zip(engine.hot_bits()) {
-                *b |= hot;
-            }
-        }
-        bits
-    }
-
-    fn finish_handshake(&mut self) {
-        let Some(mut handshake) = self.handshaking.take() else {
-            return;
-        };
-        if handshake.delay > 0 {
-            handshake.delay -= 1;
-            self.handshaking = Some(handshake);
-            return;
-        }
-        let restarted = (0..2).any(|n| self.nodes[n].incarnation != handshake.incarnation[n]);
-        if !self.link_up || self.nodes.iter().any(|n| n.engine.is_none()) || restarted {
-            return;
-        }
-        let Handshake {
-            source,
-            bits,
-            stale,
-            current,
-            ..
-        } = handshake;
-        self.check_unsent_regions_match(&bits);
-        self.connected = true;
-        self.last_session += 1;
-        self.session = self.last_session;
+    /// A partition: both daemons lose their peer.
+    fn partition(&mut self) {
+        self.note("partition".into());
+        self.link_up = false;
+        self.break_wires();
         for n in 0..2 {
-            self.nodes[n].link_session = self.session;
-            let peer = self.nodes[1 - n].incarnation;
-            self.nodes[n].hot_peer.session_with(peer);
-        }
-        let regions = bits.iter().map(|b| b.count_ones()).sum::<u32>();
-        self.resync_done = [false, false];
-        self.resync_read_failed = None;
-        let roles = if regions == 0 {
-            // Nothing to resend: the daemons connect both without a resync.
-            self.resync_source = None;
-            self.resync_finished();
-            self.note(format!("connect (session {}): no resync", self.session));
-            [ResyncRole::None, ResyncRole::None]
-        } else {
-            self.resync_source = Some(source);
-            self.note(format!(
-                "connect (session {}): source {source}, {regions} regions",
-                self.session
-            ));
-            let mut roles = [
-                ResyncRole::Target(bits.clone()),
-                ResyncRole::Target(bits.clone()),
-            ];
-            roles[source] = ResyncRole::Source(bits);
-            roles
-        };
-        for (n, role) in roles.into_iter().enumerate() {
-            self.engine(n).connect(Connection {
-                role,
-                peer_current: current[1 - n],
-                stale_at_handshake: stale[n],
-            });
-        }
-        for n in 0..2 {
-            self.pump(n);
+            self.peer_lost(n);
         }
     }
 
     // ----- crashes --------------------------------------------------------
 
     /// Node `n` stops at once (a process crash, or with `cut` a power cut):
-    /// only its peer sees the link go; a dead engine acknowledges nothing
-    /// and commits nothing more.
+    /// its peer's daemon sees it go; a dead engine acknowledges nothing and
+    /// commits nothing more.
     fn crash(&mut self, n: usize, cut: Option<PowerCut>) {
         match cut {
             None => self.note(format!("crash node {n}")),
@@ -1331,7 +1578,19 @@ impl World {
         }
         let engine = self.nodes[n].engine.take().expect("running");
         self.nodes[n].map_at_crash = engine.map().clone();
-        self.link_lost();
+        {
+            let node = &mut self.nodes[n];
+            node.tasks.clear();
+            node.connecting = false;
+            node.link.end();
+            node.engine_session = 0;
+            node.part = Part::None;
+        }
+        if self.switch.is_some_and(|s| s.involves(n)) {
+            self.abandon_switch("a node of the switch went down");
+        }
+        self.break_wires();
+        self.peer_lost(1 - n);
         // In-flight local writes land (in the cache) or not.
         let locals = std::mem::take(&mut self.nodes[n].locals);
         for slot in locals {
@@ -1349,16 +1608,9 @@ impl World {
                 self.nodes[n].disk.write(b, contents[i], false);
             }
         }
-        // A commit in flight lands page by page or not.
-        if let Some((_, pages)) = self.nodes[n].map_in_flight.take() {
-            let mut packed = self.nodes[n].map_durable.packed().to_vec();
-            for (page, cells) in pages {
-                if self.rng.gen_bool(0.5) {
-                    let range = Layout::page_cells(page, packed.len());
-                    packed[range].copy_from_slice(&cells);
-                }
-            }
-            self.nodes[n].map_durable = StateMap::from_packed(SIZE, packed).unwrap();
+        // A commit in flight lands page by page (and the superblock) or not.
+        if let Some(commit) = self.nodes[n].map_in_flight.take() {
+            self.land(n, commit, false);
         }
         // Writes in flight from this node's application are unacknowledged for ever.
         for data in self.nodes[n].slots.values() {
@@ -1373,6 +1625,7 @@ impl World {
         node.busy_blocks.clear();
         node.down_since = Some(self.step);
         node.map_failed = None;
+        node.app_stopped = false;
         if let Some(cut) = cut {
             self.power_cut(n, cut);
         }
@@ -1388,32 +1641,51 @@ impl World {
             "node {n}: power cut lost {} cached blocks",
             lost.len()
         ));
-        if n == self.primary() {
+        if n == self.writer {
             self.promises.power_cut();
         }
         if !lost.is_empty() {
-            self.nodes[n].lost_cache = Some(self.step);
+            self.nodes[n].behind = Some(self.step);
         }
         for (b, id) in lost {
             self.nodes[n].lost[b] = Some((id, self.step));
+            self.nodes[n].cut_blocks[b] = true;
         }
     }
 
-    fn restart(&mut self, n: usize) {
-        let mut engine = Engine::new(
-            params(self.mode, n == self.primary()),
-            self.nodes[n].map_durable.clone(),
+    /// Starts node `n`'s device in `role` from what its disks hold: the
+    /// engine over its durable map and generations, a new incarnation of
+    /// its link (`Link::started`), the role recorded in its superblock.
+    fn start_engine(&mut self, n: usize, role: PairRole) {
+        let seed = self.rng.r#gen::<u64>();
+        let node = &self.nodes[n];
+        let mut engine = Engine::with_generations(
+            params(self.mode, role),
+            node.map_durable.clone(),
+            node.gens_durable,
+            seed,
         );
         engine.tick(self.step as u64);
+        self.last_incarnation += 1;
+        let incarnation = self.last_incarnation;
         let node = &mut self.nodes[n];
         for r in 0..REGIONS {
             node.cells_seen[r as usize] = engine.map().get(r);
         }
         node.packed_seen = engine.map().packed().to_vec();
-        node.incarnation += 1;
-        node.hot_peer = HotPeer::Nobody;
         node.engine = Some(engine);
-        self.nodes[n].down_since = None;
+        node.link.started(incarnation, role);
+        node.recorded_role = role;
+        node.down_since = None;
+        node.connecting = false;
+        node.tasks.clear();
+        node.refused_at = None;
+        node.engine_session = 0;
+        node.part = Part::None;
+        node.resync_done = false;
+        self.note(format!(
+            "node {n} starts as {role} (incarnation {incarnation})"
+        ));
         self.pump(n);
     }
 
@@ -1498,13 +1770,34 @@ impl World {
         }
     }
 
-    fn check(&self) {
-        for r in 0..REGIONS {
-            let marked =
-                self.nodes[0].map_durable.get(r) != 0 || self.nodes[1].map_durable.get(r) != 0;
-            if marked {
-                continue;
+    fn check(&mut self) {
+        // (3d) unmarked data is durable on both sides. A block enters a
+        // disk cache only when written, and a region gets unmarked only when
+        // a map write clears it: those are the ones to look at.
+        if self.faults.durable_marks {
+            let mut regions = [false; REGIONS as usize];
+            for n in 0..2 {
+                for b in self.nodes[n].disk.take_written() {
+                    regions[region_of(b) as usize] = true;
+                }
             }
+            for r in std::mem::take(&mut self.cleared_since_check) {
+                regions[r as usize] = true;
+            }
+            for r in (0..REGIONS).filter(|&r| regions[r as usize]) {
+                let unmarked =
+                    self.nodes[0].map_durable.get(r) == 0 && self.nodes[1].map_durable.get(r) == 0;
+                let cached = |n: usize| region_blocks(r).any(|b| self.nodes[n].disk.is_cached(b));
+                if unmarked && (cached(0) || cached(1)) {
+                    self.durable_violated(r);
+                }
+            }
+        }
+        let unmarked =
+            |r: u64| self.nodes[0].map_durable.get(r) == 0 && self.nodes[1].map_durable.get(r) == 0;
+        // (Identical disks, the common case, need no look per region.)
+        let same = self.nodes[0].disk.visible() == self.nodes[1].disk.visible();
+        for r in (0..REGIONS).filter(|&r| !same && unmarked(r)) {
             let blocks = region_blocks(r);
             // (3) differing regions are marked durably on one side at least.
             if self.nodes[0].disk.read(blocks.clone()) != self.nodes[1].disk.read(blocks.clone()) {
@@ -1517,40 +1810,63 @@ impl World {
                     self.losses(r),
                 );
             }
-            // (3d) and unmarked data is durable on both sides.
-            if self.faults.durable_marks {
-                self.check_durable(r);
-            }
         }
         // (5) the async backlog stays within the HWM.
         for node in &self.nodes {
             if let Some(e) = &node.engine {
                 assert!(
-                    e.backlog_bytes() <= params(self.mode, true).hwm_bytes,
+                    e.backlog_bytes() <= params(self.mode, PairRole::Primary).hwm_bytes,
                     "backlog {} above the HWM",
                     e.backlog_bytes()
                 );
             }
         }
+        // (R) one writer: at most one running copy is primary, only the
+        // writer, and its engine alone takes writes; a link and its engine
+        // are in a session together or not at all.
+        let primaries: Vec<usize> = (0..2)
+            .filter(|&n| self.nodes[n].role() == Some(PairRole::Primary))
+            .collect();
+        assert!(
+            primaries.len() <= 1 && primaries.iter().all(|&n| n == self.writer),
+            "(R) primaries {primaries:?}, writer node {}",
+            self.writer
+        );
+        for (n, node) in self.nodes.iter().enumerate() {
+            if let Some(e) = &node.engine {
+                assert_eq!(
+                    e.params().writable,
+                    node.link.role().writable(),
+                    "(R) node {n}: the engine's access does not follow the link's role"
+                );
+                assert_eq!(
+                    e.is_connected(),
+                    node.link.connected().is_some(),
+                    "node {n}: engine connected {} but link {:?}",
+                    e.is_connected(),
+                    node.link.connected()
+                );
+            }
+        }
         // (4) holds outside resync, for a secondary that is not missing
         // regions from an interrupted resync (it says so in its map) nor
-        // data its power cut took (until the next resync brings it back).
-        let secondary = &self.nodes[1 - self.primary()];
+        // data it is behind on (until the next resync brings it back).
+        let secondary = &self.nodes[1 - self.writer];
         let secondary_complete = (0..REGIONS).all(|r| secondary.map().get(r) != CELL_RESYNC)
             && (0..REGIONS).all(|r| secondary.map_durable.get(r) != CELL_RESYNC);
         if self.mode == Mode::Async
-            && self.resync_source.is_none()
+            && !self.resyncing()
             && secondary_complete
-            && secondary.lost_cache.is_none()
+            && secondary.behind.is_none()
         {
             self.check_secondary_is_an_earlier_state();
         }
     }
 
-    /// (3d) Region `r`, which neither durable map marks, is durable on both
-    /// sides: a power cut of either would otherwise leave the copies
-    /// different with nothing to say so.
-    fn check_durable(&self, r: u64) {
+    /// (3d) Region `r`, which neither durable map marks, is not durable on
+    /// both sides: a power cut of either would leave the copies different
+    /// with nothing to say so.
+    fn durable_violated(&self, r: u64) -> ! {
         for (n, node) in self.nodes.iter().enumerate() {
             if let Some(b) = region_blocks(r).find(|&b| node.disk.is_cached(b)) {
                 panic!(
@@ -1564,6 +1880,7 @@ impl World {
                 );
             }
         }
+        unreachable!("a cached block of region {r}")
     }
 
     /// (4): for the newest write present on the secondary, every block holds
@@ -1571,12 +1888,18 @@ impl World {
     /// cut of the primary since took: the secondary may hold a copy of the
     /// primary's state after it).
     fn check_secondary_is_an_earlier_state(&self) {
-        let secondary = self.nodes[1 - self.primary()].disk.visible();
+        let secondary = self.nodes[1 - self.writer].disk.visible();
         // The floor now is never below the lowest since: blocks at it or
         // above pass whatever the newest write is.
-        let mut behind = (0..BLOCKS)
-            .filter(|&b| secondary[b] < self.promises.floor(b))
-            .peekable();
+        let floors = self.promises.floor_slice();
+        if secondary
+            .iter()
+            .zip(floors)
+            .all(|(have, floor)| have >= floor)
+        {
+            return;
+        }
+        let mut behind = (0..BLOCKS).filter(|&b| secondary[b] < floors[b]).peekable();
         if behind.peek().is_none() {
             return;
         }
@@ -1596,13 +1919,14 @@ impl World {
         }
     }
 
-    /// (6) At connect, every region the resync will not send holds the same
-    /// data on both sides: the engines take them as identical from now on.
-    /// Sent are the handshake's regions and those stale now (the source adds
-    /// its own at connect; a target with any renegotiates).
-    fn check_unsent_regions_match(&self, bits: &[u8]) {
+    /// (6) When a session starts (the initiator connects), every region the
+    /// resync will not send holds the same data on both sides: the engines
+    /// take them as identical from now on. Sent are the handshake's regions
+    /// (`regions`) and those stale now (the source adds its own at connect;
+    /// a target with any renegotiates).
+    fn check_unsent_regions_match(&self, regions: &[u8]) {
         for r in 0..REGIONS {
-            let in_set = bits[(r / 8) as usize] & (1 << (r % 8)) != 0;
+            let in_set = regions[(r / 8) as usize] & (1 << (r % 8)) != 0;
             let stale = self.nodes.iter().any(|n| n.map().get(r) == CELL_STALE);
             let blocks = region_blocks(r);
             if in_set
@@ -1669,8 +1993,20 @@ impl World {
                 0,
                 "node {n}: still counts regions to receive with a clean map"
             );
+            // Both copies hold the same data again: the same generation.
+            assert_eq!(
+                e.durable_generations().current,
+                self.nodes[1 - n]
+                    .engine
+                    .as_ref()
+                    .unwrap()
+                    .durable_generations()
+                    .current,
+                "node {n}: identical clean copies with different generations"
+            );
         }
-        // (1) every block holds its promised write or a later one.
+        // (1) every block holds its promised write or a later one, never
+        // one a failover discarded.
         for b in 0..BLOCKS {
             let have = self.nodes[0].disk.visible()[b];
             let floor = self.promises.floor(b);
@@ -1686,6 +2022,16 @@ impl World {
                     self.losses(region_of(b)),
                 );
             }
+            if self.promises.is_dead(b, have) {
+                let w = &self.writes[have as usize];
+                panic!(
+                    "block {b}: after recovery the disks hold write {have} (node {}, submitted \
+                     at step {}), which a failover discarded{}",
+                    w.node,
+                    w.submitted,
+                    self.losses(region_of(b)),
+                );
+            }
         }
     }
 
@@ -1694,7 +2040,9 @@ impl World {
     fn step(&mut self) {
         self.step += 1;
         self.administer(false);
-        self.finish_handshake();
+        self.deliver_control();
+        self.continue_switch();
+        self.continue_unify();
         let r = self.rng.gen_range(0..100);
         let n = self.rng.gen_range(0..2);
         match r {
@@ -1746,52 +2094,80 @@ impl World {
             }
             95 => {
                 if self.link_up && self.rng.gen_bool(0.5) {
-                    self.note("partition".into());
-                    self.link_up = false;
-                    self.link_lost();
+                    self.partition();
                 } else if !self.link_up {
                     self.note("heal".into());
                     self.link_up = true;
                 }
             }
-            _ => {
+            96..=97 => {
                 for n in 0..2 {
                     if self.nodes[n]
                         .down_since
                         .is_some_and(|s| self.step > s + DOWN_STEPS)
+                        && !self.unify_holds(n)
                     {
-                        self.note(format!("restart node {n}"));
                         self.restart(n);
                     }
                 }
-                self.handshake();
+                // The daemons' reconnect timers.
+                for n in 0..2 {
+                    self.reconnect(n);
+                }
             }
+            _ => self.administer_roles(),
         }
         self.watch();
         self.check();
     }
 
+    /// Whether nothing is in flight anywhere: map commits, local
+    /// operations, data syncs, device and handshake messages.
+    fn quiet(&self) -> bool {
+        self.nodes
+            .iter()
+            .all(|n| n.map_in_flight.is_none() && n.locals.is_empty() && n.syncs.is_empty())
+            && self.wires.iter().all(|w| w.is_empty())
+            && self.control.is_empty()
+    }
+
+    /// Whether both links and engines are in one session.
+    fn connected(&self) -> bool {
+        let [a, b] = &self.nodes;
+        a.engine.is_some()
+            && b.engine.is_some()
+            && a.engine_session != 0
+            && a.engine_session == b.engine_session
+    }
+
     /// Heals everything and runs without new application I/O until quiet.
     fn settle(&mut self) {
         self.settling = true;
-        self.link_up = true;
-        self.administer(true);
-        for n in 0..2 {
-            if self.nodes[n].engine.is_none() {
-                self.restart(n);
-            }
+        if !self.link_up {
+            self.note("heal".into());
+            self.link_up = true;
         }
-        self.handshake();
+        self.administer(true);
         let mut quiet_rounds = 0;
         for round in 0..200_000 {
             self.step += 1;
-            if !self.connected && self.handshaking.is_none() {
-                // A side asked to renegotiate: the daemons set the link up again.
-                self.handshake();
+            self.continue_unify();
+            for n in 0..2 {
+                if self.nodes[n].engine.is_none() && !self.unify_holds(n) {
+                    self.restart(n);
+                }
             }
-            self.finish_handshake();
+            self.deliver_control();
+            self.continue_switch();
+            self.resolve_refusal();
+            for n in 0..2 {
+                self.reconnect(n);
+            }
             let mut progressed = false;
             for n in 0..2 {
+                if self.nodes[n].engine.is_none() {
+                    continue;
+                }
                 if self.nodes[n].map_in_flight.is_some() {
                     self.map_commit_done(n);
                     progressed = true;
@@ -1809,44 +2185,33 @@ impl World {
                 progressed |= self.wires[n].len() != before;
             }
             if round % 7 == 0 {
-                for n in 0..2 {
-                    let now = self.step as u64;
-                    self.engine(n).tick(now);
-                    self.pump(n);
-                }
+                self.tick_all();
             }
             self.watch();
             self.check();
-            let drained = !progressed
-                && self.nodes.iter().all(|n| {
-                    n.map_in_flight.is_none() && n.locals.is_empty() && n.syncs.is_empty()
-                })
-                && self.wires.iter().all(|w| w.is_empty())
-                && self.handshaking.is_none()
-                && self.connected;
-            if drained && self.nodes.iter().all(|n| n.map_durable.is_clean()) {
+            let quiet = !progressed && self.quiet();
+            let connected = self.connected();
+            if quiet && connected && self.nodes.iter().all(|n| n.map_durable.is_clean()) {
                 return;
             }
-            if drained && self.only_failed_writes_marked() {
+            if quiet && connected && self.only_failed_writes_marked() {
                 // A region whose application write failed here stays
                 // inconsistent until a handshake resends it: the operator
                 // sets the link up again.
                 self.note("heal: link set up again for regions whose local write failed".into());
-                self.link_lost();
-                self.handshake();
+                for n in 0..2 {
+                    self.disconnect(n);
+                }
                 quiet_rounds = 0;
-            } else if drained {
-                // Nothing happens until the engines' clocks say so: skip ahead.
+            } else if quiet {
+                // Nothing happens until the engines' or daemons' clocks say
+                // so: skip ahead.
                 quiet_rounds += 1;
                 if quiet_rounds * QUIET_SKIP_MS > STUCK_MS {
                     self.stuck();
                 }
                 self.step += QUIET_SKIP_MS;
-                for n in 0..2 {
-                    let now = self.step as u64;
-                    self.engine(n).tick(now);
-                    self.pump(n);
-                }
+                self.tick_all();
             } else {
                 quiet_rounds = 0;
             }
@@ -1854,11 +2219,22 @@ impl World {
         self.stuck();
     }
 
+    fn tick_all(&mut self) {
+        for n in 0..2 {
+            if self.nodes[n].engine.is_some() {
+                let now = self.step as u64;
+                self.engine(n).tick(now);
+                self.pump(n);
+            }
+        }
+    }
+
     /// The pair does not settle: says why, as far as the simulator knows.
     fn stuck(&self) -> ! {
         let stats = |n: usize| self.nodes[n].engine.as_ref().map(|e| e.stats());
-        let cause = match (self.resync_source, self.resync_read_failed) {
-            (Some(source), Some((node, region, step))) => format!(
+        let source = (0..2).find(|&n| self.nodes[n].part == Part::Source);
+        let cause = match (source, self.resync_read_failed) {
+            (Some(source), Some((node, region, step))) if self.connected() => format!(
                 "the resync hangs: node {node}'s resync read of region {region} failed with EIO \
                  at step {step} (Engine::resync_read_done) and the resync never finished though \
                  the session went on and nothing is in flight (source: {:?} regions to confirm, \
@@ -1867,16 +2243,35 @@ impl World {
                 stats(source).map(|s| s.resync_failed_regions),
                 stats(1 - source).map(|s| s.resync_target_remaining),
             ),
-            (Some(source), None) => format!(
+            (Some(source), None) if self.connected() => format!(
                 "the resync from node {source} never finishes though nothing is in flight \
                  (source: {:?} regions to confirm; target: {:?} to receive)",
                 stats(source).map(|s| s.resync_remaining),
                 stats(1 - source).map(|s| s.resync_target_remaining),
             ),
-            (None, _) if self.connected => {
+            _ if self.connected() => {
                 "marks remain though nothing is in flight and no resync runs".to_string()
             }
-            (None, _) => "the link does not come up".to_string(),
+            _ => {
+                let link = |n: usize| {
+                    let node = &self.nodes[n];
+                    format!(
+                        "link {:?} connecting {} tasks {:?} \
+                         refused at {:?}",
+                        node.link, node.connecting, node.tasks, node.refused_at,
+                    )
+                };
+                format!(
+                    "the link does not come up (node 0: {}; node 1: {}; control messages {}; \
+                     last refusal {:?})",
+                    link(0),
+                    link(1),
+                    self.control.len(),
+                    self.last_refusal
+                        .as_ref()
+                        .map(|(at, r)| format!("step {at}: {r}")),
+                )
+            }
         };
         let marks = |n: usize| -> Vec<(u64, u8, u8)> {
             (0..REGIONS)
@@ -1905,13 +2300,17 @@ impl World {
                 .count()
         };
         panic!(
-            "the pair did not settle: {cause}. Application requests waiting {} / {}, connected \
-             {}, resync source {:?}, wires {} {}, durable marks (region, durable, memory) {:?} / \
-             {:?}, locals {} {}, stats {:?} / {:?}",
+            "the pair did not settle: {cause}. Roles {:?} / {:?}, generations {} / {}, \
+             application requests waiting {} / {}, parts {:?} / {:?}, wires {} {}, durable marks \
+             (region, durable, memory) {:?} / {:?}, locals {} {}, stats {:?} / {:?}",
+            self.nodes[0].role(),
+            self.nodes[1].role(),
+            self.nodes[0].gens_durable,
+            self.nodes[1].gens_durable,
             waiting(0),
             waiting(1),
-            self.connected,
-            self.resync_source,
+            self.nodes[0].part,
+            self.nodes[1].part,
             self.wires[0].len(),
             self.wires[1].len(),
             marks(0),
@@ -1961,12 +2360,14 @@ fn replay(seed: u64) {
         world.settle();
         world.final_checks();
     }));
-    if let Err(e) = result {
+    if result.is_err() || std::env::var_os("GMD_SIM_LOG").is_some() {
         eprintln!("mode {:?}; last events:", world.mode);
         let lines = env_number("GMD_SIM_LOG_LINES", 30) as usize;
         for line in world.log.iter().rev().take(lines).rev() {
             eprintln!("{line}");
         }
+    }
+    if let Err(e) = result {
         std::panic::resume_unwind(e);
     }
 }
@@ -2030,6 +2431,15 @@ fn two_engines_keep_every_invariant_under_faults() {
                 true,
                 counts.read_blocks_lagging,
                 "read blocks of a lagging replica",
+            ),
+            (true, counts.held, "device messages held until Go"),
+            (true, counts.writes_refused, "writes refused on a secondary"),
+            (true, counts.switches, "role switches"),
+            (true, counts.failovers, "failovers"),
+            (
+                true,
+                counts.restarted_secondary,
+                "old primaries restarted as secondary",
             ),
         ] {
             assert!(!on || happened > 0, "no {what} in {seeds} seeds");

@@ -300,6 +300,13 @@ pub struct Connection {
     /// map: more now means it wrote alone since, and a target then asks to
     /// renegotiate rather than have those writes overwritten.
     pub stale_at_handshake: u64,
+    /// A source's current generation as the handshake read it: the one the
+    /// target takes. A source that drew another since (it wrote alone
+    /// between the handshake and the connect) asks to renegotiate: the
+    /// target would hold its data under a generation the source no longer
+    /// has, and a later handshake would take their lineages for a
+    /// divergence. [`GEN_NONE`](crate::generations::GEN_NONE): not checked.
+    pub source_current: GenId,
 }
 
 impl From<ResyncRole> for Connection {
@@ -310,6 +317,7 @@ impl From<ResyncRole> for Connection {
             role,
             peer_current: crate::generations::GEN_NONE,
             stale_at_handshake: 0,
+            source_current: crate::generations::GEN_NONE,
         }
     }
 }
@@ -585,6 +593,9 @@ pub struct Engine {
     reading: Vec<u64>,
     target: TargetQueue,
     target_marks_epoch: Epoch,
+    /// Source: no resync data is read before the marks of the regions to
+    /// send are durable here (this epoch).
+    source_marks_epoch: Epoch,
     /// Operations of an ended session still being applied locally: until
     /// they land, no resync read and no new operation may touch the disk.
     stale_peer_ops: usize,
@@ -593,8 +604,16 @@ pub struct Engine {
     /// Draws data generation ids.
     gen_source: GenSource,
     /// The next write without a peer starts a new generation (set at start
-    /// and whenever a link ends, cleared when it connects).
+    /// and whenever a link ends that may have given the peer the current
+    /// one, cleared when it connects).
     new_generation_due: bool,
+    /// The peer may hold the current generation: a session took it since
+    /// it was drawn (or it was read from disk). A generation drawn alone
+    /// that no session took since is this side's own: a link set up and
+    /// dropped before the peer got it (a renegotiation) draws no other, so
+    /// that short-lived set-ups do not push the generations the peer holds
+    /// out of the history.
+    current_shared: bool,
     /// Target: the generation taken at connect, to announce once durable.
     adopted: Option<(GenId, Epoch)>,
     /// Regions whose marks may go once a barrier covers them.
@@ -672,11 +691,13 @@ impl Engine {
             reading: Vec::with_capacity(params.resync_slots_max),
             target: TargetQueue::new(params.peer_slots_max),
             target_marks_epoch: 0,
+            source_marks_epoch: 0,
             stale_peer_ops: 0,
             requested: Vec::with_capacity(REQUESTED_MAX),
             stats: EngineStats::default(),
             gen_source: GenSource::new(gen_seed),
             new_generation_due: true,
+            current_shared: true,
             adopted: None,
             clears: Clears::new(region_count, params.activity_regions),
             next_sync: 1,
@@ -774,6 +795,7 @@ impl Engine {
         gens.go_alone(self.gen_source.draw());
         self.journal.set_generations(gens);
         self.new_generation_due = false;
+        self.current_shared = false;
         for region in 0..self.journal.map.region_count() {
             if self.journal.map.get(region) == CELL_RESYNC {
                 self.journal.set(region, CELL_STALE);
@@ -797,6 +819,7 @@ impl Engine {
         gens.discard_own_changes();
         self.journal.set_generations(gens);
         self.new_generation_due = true;
+        self.current_shared = true;
         for region in 0..self.journal.map.region_count() {
             if self.journal.map.get(region) == CELL_STALE {
                 self.journal.set(region, CELL_INCONSISTENT);
@@ -1009,6 +1032,7 @@ impl Engine {
         // are told apart (divergence) rather than one silently overwritten.
         if !self.connected && self.new_generation_due {
             self.new_generation_due = false;
+            self.current_shared = false;
             let mut gens = self.journal.gens;
             gens.go_alone(self.gen_source.draw());
             self.journal.set_generations(gens);
@@ -1081,7 +1105,13 @@ impl Engine {
 
     fn dispatch_flush(&mut self, slot: Slot) {
         self.issue_local(slot);
-        if self.connected && self.params.mode != Mode::Async {
+        // Async, a flush is local: the peer gets the backlog in its own
+        // time. On a copy that no longer takes writes (a primary being
+        // demoted flushes before the other side is promoted) it goes to the
+        // peer too and completes once the peer holds everything before it
+        // durably: the new primary then has, on its platters, all that the
+        // old one acknowledged, and nothing of it is still on its way.
+        if self.connected && (self.params.mode != Mode::Async || !self.params.writable) {
             let seq = self.push_remote(Some(slot), RemoteKind::Flush);
             self.slots[slot as usize].remote = Remote::Pending(seq);
             self.stats.remote_flushes += 1;
@@ -1455,6 +1485,7 @@ impl Engine {
         self.resume_waiting();
         self.issue_peer_ops();
         self.announce_adoption();
+        self.pump_resync();
         self.start_commit();
     }
 
@@ -1506,6 +1537,7 @@ impl Engine {
             role,
             peer_current,
             stale_at_handshake,
+            source_current,
         } = connection.into();
         assert!(!self.connected, "already connected");
         self.connected = true;
@@ -1543,12 +1575,26 @@ impl Engine {
                 // Same data on both sides: marks no longer count from an
                 // older generation.
                 let mut gens = self.journal.gens;
+                self.current_shared = gens.current == peer_current;
                 if gens.current == peer_current && gens.bitmap != 0 {
                     gens.bitmap = 0;
                     self.journal.set_generations(gens);
                 }
             }
             ResyncRole::Source(bits) => {
+                // The target takes the generation the handshake read here;
+                // one drawn since (a write alone after the handshake) would
+                // leave the two copies' data under different names. Set
+                // the link up again: the next handshake reads this one.
+                if source_current != crate::generations::GEN_NONE
+                    && self.journal.gens.current != source_current
+                {
+                    self.actions.push_back(Action::Renegotiate);
+                    self.start_commit();
+                    return;
+                }
+                // The target takes this side's generation.
+                self.current_shared = true;
                 let mut set = bits_of(&bits);
                 // Regions that became stale after the handshake's snapshot go
                 // too. The target knows only the handshake's set: it is told
@@ -1566,6 +1612,13 @@ impl Engine {
                 // Keep every region to send marked here too, so that a crash
                 // of this side during the resync still covers them. (0x6
                 // means "data missing here", which is the target's mark.)
+                // Durably before any of it is read: the target clears its
+                // own mark once the data is on its platters, and this copy's
+                // may still be in its disk cache (a region marked only on
+                // the target, such as one an operation of an ended session
+                // wrote here after the link went): a power cut here must
+                // not leave the two copies different with neither map
+                // saying so.
                 let mut next = set.next_from(0);
                 while let Some(r) = next {
                     let cell = self.journal.map.get(r);
@@ -1574,6 +1627,7 @@ impl Engine {
                     }
                     next = set.next_from(r + 1);
                 }
+                self.source_marks_epoch = self.journal.needed_all();
                 self.stats.resync_total = set.count();
                 if set.count() > 0 {
                     self.resync = Some(ResyncSource::new(set));
@@ -1609,6 +1663,7 @@ impl Engine {
                 let mut gens = self.journal.gens;
                 gens.adopt(peer_current);
                 self.journal.set_generations(gens);
+                self.current_shared = true;
                 // Received data is applied only once the marks are durable.
                 self.target_marks_epoch = self.journal.needed_all();
                 self.adopted = Some((peer_current, self.target_marks_epoch));
@@ -1677,7 +1732,7 @@ impl Engine {
             return;
         }
         self.connected = false;
-        self.new_generation_due = true;
+        self.new_generation_due = self.current_shared || self.journal.gens.holds_no_data();
         self.adopted = None;
         // Marks waiting for a barrier stay: without the peer's flush the
         // data they cover is not known durable there.
@@ -2115,7 +2170,10 @@ impl Engine {
     // ----- resync (source) ------------------------------------------------
 
     fn pump_resync(&mut self) {
-        if !self.connected || self.stale_peer_ops > 0 {
+        if !self.connected
+            || self.stale_peer_ops > 0
+            || self.journal.durable() < self.source_marks_epoch
+        {
             return;
         }
         // The application comes first: while it has requests in flight,

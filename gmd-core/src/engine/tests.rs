@@ -382,6 +382,41 @@ fn async_completes_after_the_local_write_and_sends_in_completion_order() {
     assert_eq!(m.engine.backlog_bytes(), 0);
 }
 
+/// Async, a flush is local; on a copy that no longer takes writes (a
+/// primary being demoted flushes before the other side is promoted) it
+/// waits for the peer: the backlog sent before it, and the peer's own
+/// flush. Otherwise the new primary could lose, in a power cut, writes the
+/// old one acknowledged and flushed (sim seed 15937: read back older data
+/// after a switch and a power cut of the new primary).
+#[test]
+fn async_a_flush_after_demotion_waits_for_the_peer() {
+    let mut m = Model::connected(Mode::Async);
+    let a = m.submit(write(0, 4096));
+    m.settle_map();
+    m.finish_local(a);
+    assert_eq!(m.sent.len(), 1, "in the backlog");
+    // A flush while writable completes locally.
+    let f = m.submit(flush());
+    m.finish_local(f);
+    assert!(m.completed.contains(&(f, Ok(()))));
+    // Demoted (read-only, and an async secondary serves no reads): its
+    // flush goes to the peer and waits for it.
+    m.engine.set_access(false, false);
+    m.flushes_sent.clear();
+    m.completed.clear();
+    let g = m.submit(flush());
+    m.finish_local(g);
+    assert!(
+        !m.completed.iter().any(|&(s, _)| s == g),
+        "waits for the peer"
+    );
+    let seq = *m.flushes_sent.last().expect("the flush is sent");
+    assert!(seq > m.sent[0].0, "after the backlog");
+    m.ack(m.sent[0].0);
+    m.ack(seq);
+    assert!(m.completed.contains(&(g, Ok(()))));
+}
+
 #[test]
 fn async_above_the_high_water_mark_waits_for_the_remote_until_caught_up() {
     let mut m = Model::connected(Mode::Async);
@@ -1069,6 +1104,7 @@ fn a_write_without_the_peer_starts_a_new_generation_durably_first() {
         role: ResyncRole::None,
         peer_current: gens.current,
         stale_at_handshake: 2,
+        source_current: 0,
     });
     m.pump();
     m.engine.peer_lost();
@@ -1092,6 +1128,7 @@ fn a_target_takes_the_source_generation_with_its_marks_and_then_says_so() {
         role: ResyncRole::Target(bits),
         peer_current: 200,
         stale_at_handshake: 0,
+        source_current: 0,
     });
     m.pump();
     assert_eq!(m.engine.generations().current, 200);
@@ -1109,6 +1146,117 @@ fn a_target_takes_the_source_generation_with_its_marks_and_then_says_so() {
         "{:?}",
         m.log
     );
+}
+
+/// A source that wrote alone between the handshake and the connect drew a
+/// new generation: the target would take the one the handshake read, which
+/// the source no longer holds. It asks to renegotiate instead (sim seed 60:
+/// after a role switch the old target went alone from that name and the
+/// pair refused to connect as diverged).
+#[test]
+fn a_source_whose_generation_changed_since_the_handshake_renegotiates() {
+    let mut m = Model::with_generation(Mode::Mwc, 100);
+    // The handshake read generation 100; then a write alone draws another.
+    let a = m.submit(write(0, 4096));
+    m.settle_map();
+    m.finish_local(a);
+    let drawn = m.engine.durable_generations().current;
+    assert_ne!(drawn, 100);
+    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
+    bits[0] = 0b10;
+    m.engine.connect(Connection {
+        role: ResyncRole::Source(bits.clone()),
+        peer_current: 100,
+        stale_at_handshake: 0,
+        source_current: 100,
+    });
+    m.pump();
+    assert!(m.log.iter().any(|l| l == "renegotiate"), "{:?}", m.log);
+    assert!(m.resync_reads.is_empty(), "nothing is sent in that session");
+    m.engine.peer_lost();
+    m.pump();
+    // The next handshake reads the new generation: the session goes on.
+    m.log.clear();
+    m.engine.connect(Connection {
+        role: ResyncRole::Source(bits),
+        peer_current: 100,
+        stale_at_handshake: 1,
+        source_current: drawn,
+    });
+    m.pump();
+    m.settle_map();
+    assert!(!m.log.iter().any(|l| l == "renegotiate"), "{:?}", m.log);
+    assert!(!m.resync_reads.is_empty(), "the resync starts");
+}
+
+/// A link set up and dropped before the peer took this side's generation
+/// (the source renegotiated at connect) draws no other: the peer cannot
+/// hold the one drawn alone, and short-lived set-ups would otherwise push
+/// the generation the peer holds out of the history (sim seed 89: after a
+/// few renegotiations the pair refused to connect as diverged). Once a
+/// session gave it to the peer, the next write alone draws again.
+#[test]
+fn a_generation_no_session_took_is_kept_when_the_link_drops_again() {
+    let mut m = Model::with_generation(Mode::Mwc, 100);
+    let a = m.submit(write(0, 4096));
+    m.settle_map();
+    m.finish_local(a);
+    let alone = m.engine.durable_generations();
+    assert_ne!(alone.current, 100);
+    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
+    bits[0] = 1;
+    // A handshake that read generation 100 before the write: renegotiated.
+    m.engine.connect(Connection {
+        role: ResyncRole::Source(bits.clone()),
+        peer_current: 100,
+        stale_at_handshake: 0,
+        source_current: 100,
+    });
+    m.pump();
+    m.engine.peer_lost();
+    m.pump();
+    let b = m.submit(write(7 * REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    m.finish_local(b);
+    assert_eq!(m.engine.durable_generations(), alone, "nothing drawn");
+    // The next handshake reads it; the session gives it to the peer.
+    m.engine.connect(Connection {
+        role: ResyncRole::Source(bits),
+        peer_current: 100,
+        stale_at_handshake: 2,
+        source_current: alone.current,
+    });
+    m.pump();
+    m.engine.peer_lost();
+    m.pump();
+    let c = m.submit(write(9 * REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    m.finish_local(c);
+    let again = m.engine.durable_generations();
+    assert_ne!(again.current, alone.current, "drawn again");
+    assert_eq!(again.bitmap, 100, "the marks still count from the peer's");
+}
+
+/// A resync source marks every region it is to send (here a region its
+/// own map holds clean, marked on the target only), durably before it reads
+/// any: the target clears its mark once the data is on its platters, while
+/// this copy may hold that data in its disk cache only, and a power cut here
+/// would otherwise leave the copies different with neither map marking it
+/// (sim seed 15934: a failover made the old secondary, whose disk cache held
+/// a write of the ended session, the source).
+#[test]
+fn a_source_reads_nothing_before_the_regions_it_sends_are_durably_marked() {
+    let mut m = Model::new(Mode::Mwc);
+    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
+    bits[0] = 1 << 3;
+    m.engine.connect(ResyncRole::Source(bits));
+    m.pump();
+    assert_eq!(m.engine.map().get(3), CELL_INCONSISTENT);
+    assert_eq!(m.durable.get(3), 0);
+    assert!(m.resync_reads.is_empty(), "read before the mark is durable");
+    m.finish_map_write(true);
+    assert_eq!(m.durable.get(3), CELL_INCONSISTENT);
+    assert_eq!(m.resync_reads.len(), 1, "read once it is");
 }
 
 /// The source stops counting its marks from the older generation once the
@@ -1260,6 +1408,7 @@ fn a_target_refuses_resync_data_for_a_region_it_holds_stale() {
         role: ResyncRole::Target(bits),
         peer_current: 0,
         stale_at_handshake: 1,
+        source_current: 0,
     });
     m.pump();
     m.settle_map();

@@ -254,10 +254,15 @@ impl Start {
             Part::Target { source_current, .. } => *source_current,
             _ => self.peer_current,
         };
+        let source_current = match &self.part {
+            Part::Source(_) => self.plan.source_current,
+            _ => crate::generations::GEN_NONE,
+        };
         Connection {
             role,
             peer_current,
             stale_at_handshake: self.stale_at_handshake,
+            source_current,
         }
     }
 }
@@ -280,6 +285,8 @@ enum State {
         session: u64,
         /// The incarnation of the peer's device in this session.
         peer_incarnation: u64,
+        /// This side's offer set it up (else the peer's).
+        initiated: bool,
     },
 }
 
@@ -417,7 +424,7 @@ impl Link {
     /// the peer ended the session (it names it), or by a restarted device,
     /// sets the link up again instead.
     pub fn crossing(&self, remote: &Offer) -> bool {
-        matches!(&self.state, State::Connected { peer, session, peer_incarnation }
+        matches!(&self.state, State::Connected { peer, session, peer_incarnation, .. }
             if *peer == remote.facts.machine
                 && *peer_incarnation == remote.incarnation
                 && remote.last_session != *session)
@@ -536,25 +543,50 @@ impl Link {
         })
     }
 
-    /// Initiator: the responder accepted. Connect the engine with the
-    /// returned start, then send `Go`.
+    /// Initiator: the responder accepted this side's offer (`accept` is
+    /// the answer to it). Connect the engine with the returned start (a
+    /// session in force ends first), then send `Go`.
+    ///
+    /// The answer is taken while the offer is pending, and also while this
+    /// side waits for the `Go` of the peer's own offer or is in the session
+    /// that offer set up: the peer answers an offer only once it is out of
+    /// any session with this side (it ends its session in force to answer,
+    /// or had left it without this side knowing: a session ended on one
+    /// side only); the peer's offer was taken here because this side's was
+    /// no longer pending when it arrived (both offered). Refusing the answer
+    /// would leave each side waiting for the other; taking it, they meet in
+    /// this session, or (both took an answer) each `Go` fails and both start
+    /// over. In a session this side's own offer set up, another answer is to
+    /// an older offer, delayed: it is not taken.
     ///
     /// # Errors
-    /// No offer to `peer` is pending, or a malformed answer.
+    /// No offer to `peer` is under way, or a malformed answer.
     pub fn on_accept(
         &mut self,
         peer: &str,
         accept: &Accept,
         region_count: u64,
     ) -> Result<Start, HandshakeError> {
-        if !matches!(&self.state, State::Offered { peer: p } if p == peer) {
+        let offered = matches!(&self.state, State::Offered { peer: p } if p == peer);
+        let taken = match &self.state {
+            State::Offered { peer: p } | State::Accepted { peer: p, .. } => p == peer,
+            // In a session this side's own offer set up, another answer is
+            // to an offer made before that one (delayed): not taken.
+            State::Connected {
+                peer: p, initiated, ..
+            } => p == peer && !initiated,
+            State::Idle => false,
+        };
+        if !taken {
             return Err(HandshakeError::Busy(format!(
                 "{}: no offer to {peer} is pending",
                 self.device
             )));
         }
         if accept.session == 0 || !accept.regions.is_valid_for(region_count) {
-            self.state = State::Idle;
+            if offered {
+                self.state = State::Idle;
+            }
             return Err(HandshakeError::Invalid(format!(
                 "{}: malformed answer from {peer}",
                 self.device
@@ -565,6 +597,7 @@ impl Link {
             peer: peer.to_owned(),
             session: accept.session,
             peer_incarnation: accept.incarnation,
+            initiated: true,
         };
         self.last_session = accept.session;
         Ok(Start {
@@ -596,6 +629,7 @@ impl Link {
                     peer: p,
                     session,
                     peer_incarnation,
+                    initiated: false,
                 };
                 self.last_session = session;
                 Ok(start)
@@ -717,6 +751,11 @@ mod tests {
                 source_current: 8
             }
         );
+        // The source's engine checks its generation is still the one the
+        // target takes; the target takes it.
+        assert_eq!(sa.connection(REGIONS).source_current, 8);
+        assert_eq!(sb.connection(REGIONS).source_current, 0);
+        assert_eq!(sb.connection(REGIONS).peer_current, 8);
         assert_eq!(a.connected(), Some(("beta", 42)));
         assert_eq!(b.session_with("alpha"), Some(42));
         assert_eq!(b.session_with("gamma"), None);
@@ -891,6 +930,119 @@ mod tests {
         let restarted = offer(&b, "beta", false);
         assert_eq!(restarted.last_session, 0);
         assert!(!a.crossing(&restarted));
+    }
+
+    /// A session ended on one side only (a late failure there), and the
+    /// peer took an offer this side had made before: the answer replaces
+    /// the session, so that both end in the same one (sim seed 17724: one
+    /// side stayed connected, the other waited for a Go).
+    #[test]
+    fn an_answer_from_the_peer_of_the_session_in_force_replaces_it() {
+        let mut a = Link::new("d", "alpha");
+        let mut b = Link::new("d", "beta");
+        a.started(1, PairRole::Primary);
+        b.started(2, PairRole::Secondary);
+        let offer = |l: &Link, machine: &str| {
+            l.offer(
+                identity(),
+                facts(machine, machine == "alpha", 7, 0),
+                Regions::new(),
+                Regions::new(),
+            )
+        };
+        a.begin("beta").unwrap();
+        b.begin("alpha").unwrap();
+        let from_beta = offer(&b, "beta");
+        let accept = b
+            .on_offer(&offer(&b, "beta"), &offer(&a, "alpha"), 9)
+            .unwrap();
+        a.on_accept("beta", &accept, REGIONS).unwrap();
+        b.on_go("alpha", 9, 1).unwrap();
+        // alpha left session 9 without beta knowing, then took beta's old offer.
+        a.end();
+        let late = a.on_offer(&offer(&a, "alpha"), &from_beta, 10).unwrap();
+        let start = b.on_accept("alpha", &late, REGIONS).unwrap();
+        assert_eq!(start.session, 10);
+        assert_eq!(b.connected(), Some(("alpha", 10)));
+        a.on_go("beta", 10, 2).unwrap();
+        assert_eq!(a.connected(), Some(("beta", 10)));
+    }
+
+    /// Both offered and each took the other's offer (neither was pending
+    /// when the other arrived), then each gets the answer to its own: both
+    /// take it, their `Go`s fail on the other side, and both are idle again
+    /// (then the next handshake meets), rather than each waiting for a `Go`
+    /// for ever (sim seeds 575, 16058).
+    #[test]
+    fn offers_taken_on_both_sides_start_over_rather_than_wait() {
+        let mut a = Link::new("d", "alpha");
+        let mut b = Link::new("d", "beta");
+        a.started(1, PairRole::Primary);
+        b.started(2, PairRole::Secondary);
+        let offer = |l: &Link, machine: &str| {
+            l.offer(
+                identity(),
+                facts(machine, machine == "alpha", 7, 0),
+                Regions::new(),
+                Regions::new(),
+            )
+        };
+        a.begin("beta").unwrap();
+        b.begin("alpha").unwrap();
+        let (ao, bo) = (offer(&a, "alpha"), offer(&b, "beta"));
+        // Each offer arrives where the offer made there is no longer pending.
+        a.abandon_offer("beta");
+        b.abandon_offer("alpha");
+        let to_alpha = b.on_offer(&offer(&b, "beta"), &ao, 11).unwrap();
+        let to_beta = a.on_offer(&offer(&a, "alpha"), &bo, 12).unwrap();
+        assert_eq!(a.on_accept("beta", &to_alpha, REGIONS).unwrap().session, 11);
+        assert_eq!(b.on_accept("alpha", &to_beta, REGIONS).unwrap().session, 12);
+        // Each Go finds the other in another session: refused, and the
+        // daemon whose Go was refused disconnects.
+        assert!(b.on_go("alpha", 11, 1).is_err());
+        assert!(a.on_go("beta", 12, 2).is_err());
+        a.end();
+        b.end();
+        assert!(!a.handshaking() && !b.handshaking());
+        a.begin("beta").unwrap();
+        let accept = b
+            .on_offer(&offer(&b, "beta"), &offer(&a, "alpha"), 13)
+            .unwrap();
+        a.on_accept("beta", &accept, REGIONS).unwrap();
+        b.on_go("alpha", 13, 1).unwrap();
+        assert_eq!(a.connected(), Some(("beta", 13)));
+        assert_eq!(b.connected(), Some(("alpha", 13)));
+    }
+
+    /// Two offers of this side were answered and the answers crossed: in
+    /// the session the later one set up, the earlier answer is stale and
+    /// refused, so that both sides stay in that session (sim seed 4440).
+    #[test]
+    fn a_delayed_answer_to_an_older_offer_leaves_the_session_alone() {
+        let mut a = Link::new("d", "alpha");
+        let mut b = Link::new("d", "beta");
+        a.started(1, PairRole::Primary);
+        b.started(2, PairRole::Secondary);
+        let offer = |l: &Link, machine: &str| {
+            l.offer(
+                identity(),
+                facts(machine, machine == "alpha", 7, 0),
+                Regions::new(),
+                Regions::new(),
+            )
+        };
+        a.begin("beta").unwrap();
+        let older = offer(&a, "alpha");
+        a.end();
+        a.begin("beta").unwrap();
+        let newer = offer(&a, "alpha");
+        let first = b.on_offer(&offer(&b, "beta"), &older, 20).unwrap();
+        let second = b.on_offer(&offer(&b, "beta"), &newer, 21).unwrap();
+        assert_eq!(a.on_accept("beta", &second, REGIONS).unwrap().session, 21);
+        assert!(a.on_accept("beta", &first, REGIONS).is_err());
+        b.on_go("alpha", 21, 1).unwrap();
+        assert_eq!(a.connected(), Some(("beta", 21)));
+        assert_eq!(b.connected(), Some(("alpha", 21)));
     }
 
     #[test]

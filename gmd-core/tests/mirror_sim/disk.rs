@@ -25,6 +25,8 @@ pub(crate) struct Disk {
     /// Blocks that may be cached (a superset: each is checked when used).
     dirty: Vec<usize>,
     in_dirty: Vec<bool>,
+    /// Blocks written since [`Disk::take_written`] was last called.
+    written: Vec<usize>,
 }
 
 /// The blocks a flush covers: those cached when it was issued, with the
@@ -50,6 +52,7 @@ impl Disk {
             durable_version: vec![0; blocks],
             dirty: Vec::new(),
             in_dirty: vec![false; blocks],
+            written: Vec::new(),
         }
     }
 
@@ -70,6 +73,7 @@ impl Disk {
 
     /// A write of `id` to block `b` landed: in the cache, or durably (FUA).
     pub(crate) fn write(&mut self, b: usize, id: WriteId, fua: bool) {
+        self.written.push(b);
         self.visible[b] = id;
         self.version[b] += 1;
         if fua {
@@ -96,6 +100,12 @@ impl Disk {
     /// Whether a power cut now could change what block `b` holds.
     pub(crate) fn is_cached(&self, b: usize) -> bool {
         self.visible[b] != self.durable[b]
+    }
+
+    /// The blocks written since the last call (only a write puts a block
+    /// in the cache).
+    pub(crate) fn take_written(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.written)
     }
 
     /// The cached blocks, for a flush being issued now.

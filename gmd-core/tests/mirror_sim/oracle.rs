@@ -13,6 +13,14 @@
 //!   acknowledged write that no flush covered may be lost (promise 2 covers
 //!   flushed writes only), on that node and so on the pair.
 //!
+//! - A failover (the secondary promoted while the primary is down or apart)
+//!   may lose, in each region the old primary's durable map marks, every
+//!   write acknowledged since that mark was made durable (before it, the
+//!   region was clean: its data durable on both sides): the floors of its
+//!   blocks go back to what they were then. Promise 1 excuses exactly these.
+//! - Writes of the old primary that the new one does not hold are dead: a
+//!   resync must never bring them back (see [`Promises::bury`]).
+//!
 //! Floors change at numbered moments (ticks), so that questions about the
 //! past ("what was promised when this read was submitted") have exact answers.
 
@@ -25,12 +33,19 @@ use crate::WriteId;
 pub(crate) struct Promises {
     /// The oldest write each block may show now.
     floor: Vec<WriteId>,
-    /// The newest write a completed flush or FUA made durable, per block.
+    /// The newest write a completed flush or FUA made durable on the
+    /// writer, per block…
     durable: Vec<WriteId>,
+    /// …and on both copies (a flush or FUA the peer took part in: sync and
+    /// mwc, connected in the same session from submission to completion).
+    durable_both: Vec<WriteId>,
     /// Per block, every change of its floor: (tick, new floor).
     history: Vec<Vec<(u64, WriteId)>>,
     /// Changes so far.
     tick: u64,
+    /// Per block, ranges `(lo, hi]` of write ids that must never show again
+    /// (a failover or a unify discarded them).
+    dead: Vec<Vec<(WriteId, WriteId)>>,
 }
 
 impl Promises {
@@ -39,8 +54,10 @@ impl Promises {
         Promises {
             floor: vec![0; blocks],
             durable: vec![0; blocks],
+            durable_both: vec![0; blocks],
             history: vec![Vec::new(); blocks],
             tick: 0,
+            dead: vec![Vec::new(); blocks],
         }
     }
 
@@ -49,8 +66,15 @@ impl Promises {
         self.tick
     }
 
-    /// Write `id` to `blocks` was acknowledged (durable if FUA).
-    pub(crate) fn acknowledged(&mut self, blocks: Range<usize>, id: WriteId, fua: bool) {
+    /// Write `id` to `blocks` was acknowledged (durable if FUA: on both
+    /// copies if `mirrored`).
+    pub(crate) fn acknowledged(
+        &mut self,
+        blocks: Range<usize>,
+        id: WriteId,
+        fua: bool,
+        mirrored: bool,
+    ) {
         self.tick += 1;
         for b in blocks {
             assert!(
@@ -62,6 +86,9 @@ impl Promises {
             self.history[b].push((self.tick, id));
             if fua {
                 self.durable[b] = id;
+                if mirrored {
+                    self.durable_both[b] = id;
+                }
             }
         }
     }
@@ -71,11 +98,67 @@ impl Promises {
         self.floor.clone()
     }
 
-    /// A flush submitted when the floors were `floors` completed.
-    pub(crate) fn flushed(&mut self, floors: &[WriteId]) {
-        for (durable, &floor) in self.durable.iter_mut().zip(floors) {
-            *durable = (*durable).max(floor);
+    /// A flush submitted when the floors were `floors` completed (on both
+    /// copies if `mirrored`).
+    pub(crate) fn flushed(&mut self, floors: &[WriteId], mirrored: bool) {
+        for (b, &floor) in floors.iter().enumerate() {
+            let covered = floor.min(self.floor[b]);
+            self.durable[b] = self.durable[b].max(covered);
+            if mirrored {
+                self.durable_both[b] = self.durable_both[b].max(covered);
+            }
         }
+    }
+
+    /// A failover. For every block for which `since(b)` gives a tick, the
+    /// new primary may lack every write acknowledged after it: the floor
+    /// goes back to what it was then. For every block `cut(b)` (a power cut
+    /// of the new primary took it), any write no flush of both copies
+    /// covered. The new primary holds durably, in blocks `durable_there(b)`,
+    /// its (new) floor, elsewhere what flushes of both copies covered: that
+    /// is what a power cut of it keeps from now on.
+    pub(crate) fn failover(
+        &mut self,
+        since: impl Fn(usize) -> Option<u64>,
+        cut: impl Fn(usize) -> bool,
+        durable_there: impl Fn(usize) -> bool,
+    ) {
+        self.tick += 1;
+        for b in 0..self.floor.len() {
+            let mut floor = self.floor[b];
+            if let Some(since) = since(b) {
+                floor = floor.min(self.floor_at(b, since));
+            }
+            if cut(b) {
+                floor = floor.min(self.durable_both[b]);
+            }
+            if floor < self.floor[b] {
+                self.floor[b] = floor;
+                self.history[b].push((self.tick, floor));
+            }
+            self.durable[b] = if durable_there(b) {
+                floor
+            } else {
+                floor.min(self.durable_both[b])
+            };
+            self.durable_both[b] = self.durable_both[b].min(self.durable[b]);
+        }
+    }
+
+    /// The writes `(lo, hi]` of block `b` are gone for good: the copy that
+    /// holds the pair's data now has `lo` there, and the others (up to `hi`,
+    /// the newest write so far) came from a copy whose changes were
+    /// discarded. No read of a copy that is not lagging, and no final copy,
+    /// may show one.
+    pub(crate) fn bury(&mut self, b: usize, lo: WriteId, hi: WriteId) {
+        if hi > lo {
+            self.dead[b].push((lo, hi));
+        }
+    }
+
+    /// Whether write `id` of block `b` was discarded (see [`Promises::bury`]).
+    pub(crate) fn is_dead(&self, b: usize, id: WriteId) -> bool {
+        self.dead[b].iter().any(|&(lo, hi)| lo < id && id <= hi)
     }
 
     /// The writer lost its volatile cache: only durable writes stay promised.
@@ -86,12 +169,18 @@ impl Promises {
                 self.floor[b] = self.durable[b];
                 self.history[b].push((self.tick, self.durable[b]));
             }
+            self.durable_both[b] = self.durable_both[b].min(self.floor[b]);
         }
     }
 
     /// The oldest write block `b` may show now.
     pub(crate) fn floor(&self, b: usize) -> WriteId {
         self.floor[b]
+    }
+
+    /// The oldest write every block may show now.
+    pub(crate) fn floor_slice(&self) -> &[WriteId] {
+        &self.floor
     }
 
     /// The floor of block `b` as it was at tick `tick`.

@@ -1,7 +1,10 @@
-//! The messages between the two engines, tagged with the link session they
-//! were sent in, and the receiver's session filter.
+//! The messages between the two engines (the device stream), tagged with
+//! the link session they were sent in, and the daemons' handshake requests
+//! (the control stream). Which device messages a receiver takes is the
+//! link's rule ([`gmd_core::link::Link::session_with`]).
 
 use gmd_core::engine::{Request, Seq};
+use gmd_core::link::{Accept, Offer};
 
 use crate::WriteId;
 
@@ -45,10 +48,31 @@ pub(crate) struct Packet {
     pub(crate) msg: Msg,
 }
 
-/// The receiver's filter: a message reaches the engine only if it belongs
-/// to the session the receiver is in (`current`, 0 for none). The daemon
-/// does this in its receive loop (`gmdctl/src/daemon/link.rs`,
-/// `receive_loop`); it will move to gmd-core's link state machine.
-pub(crate) fn accepts(current: u64, packet: &Packet) -> bool {
-    current != 0 && packet.session == current
+/// A request or answer between the daemons (gmdd's `PeerRequest`s of the
+/// handshake), on the control stream: it is not ordered with the device
+/// stream, and is lost with a partition or a crash of either end.
+#[derive(Clone, Debug)]
+pub(crate) enum Ctl {
+    /// `Connect`: the initiator's offer.
+    Offer(Box<Offer>),
+    /// The responder's answer to an offer: accepted, or refused (why).
+    Accepted(Result<Box<Accept>, String>),
+    /// The initiator connected its side of this session.
+    Go(u64),
+    /// The responder's answer to `Go`.
+    GoAnswer(Result<(), String>),
+    /// The sender dropped this session and asks the peer to drop it too.
+    Renegotiate(u64),
+}
+
+/// A control message on its way.
+#[derive(Clone, Debug)]
+pub(crate) struct Control {
+    pub(crate) from: usize,
+    /// The step from which it may arrive.
+    pub(crate) at: usize,
+    /// The request it is, or answers (an answer goes to the request waiting
+    /// for it, never to a later one).
+    pub(crate) req: u64,
+    pub(crate) msg: Ctl,
 }
