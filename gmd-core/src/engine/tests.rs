@@ -1622,7 +1622,10 @@ fn regions_a_compare_found_different_are_resent_after_their_marks_are_durable() 
         .filter(|l| l.starts_with("resync add"))
         .collect();
     assert_eq!(adds, vec!["resync add 4", "resync add 9"]);
-    assert!(m.resync_reads.is_empty(), "read before the marks are durable");
+    assert!(
+        m.resync_reads.is_empty(),
+        "read before the marks are durable"
+    );
     m.finish_map_write(true);
     m.pump();
     assert_eq!(m.durable.get(4), CELL_STALE);
