@@ -1,0 +1,175 @@
+//! `gmdctl compare`: online verify of a connected pair. Bytes changed in
+//! the secondary's data file behind gmd's back are found (exactly those
+//! regions), `--repair` resends them from the primary, the secondary
+//! refuses to run it, and a compare while the application writes reports
+//! no false differences.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use gmd_tests::*;
+
+const DEV: &str = "data10gmd";
+const REGION: u64 = 32 << 10;
+
+fn compare_json(gmdd: &Gmdd, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["compare", DEV, "--json"];
+    args.extend_from_slice(extra);
+    let run = gmdd.ctl(&args).ok();
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {}", run.text()))
+}
+
+fn differing_regions(report: &serde_json::Value) -> Vec<u64> {
+    let mut out = Vec::new();
+    for run in report["ranges"].as_array().expect("ranges") {
+        let first = run["first_region"].as_u64().unwrap();
+        let n = run["regions"].as_u64().unwrap();
+        assert_eq!(run["offset_bytes"].as_u64(), Some(first * REGION), "{run}");
+        out.extend(first..first + n);
+    }
+    out
+}
+
+#[test]
+fn compare_finds_exactly_the_regions_changed_behind_gmds_back_and_repair_resends_them() {
+    let cluster = Cluster::with_mode("mwc", 5);
+    let (alpha, beta) = cluster.start_pair();
+    assert_eq!(alpha.status_json(DEV)["role"], "primary");
+    assert_qemu_io_clean(&qemu_io(
+        &alpha.url(DEV),
+        &["write -P 0x5a 0 4M", "write -P 0x3c 100M 2M"],
+    ));
+    alpha.wait_in_sync(DEV);
+    beta.wait_in_sync(DEV);
+
+    // A clean pair compares clean.
+    let clean = compare_json(&alpha, &["--rate", "1000"]);
+    assert_eq!(clean["state"], "done", "{clean:#}");
+    assert_eq!(clean["differing"], 0, "{clean:#}");
+    assert_eq!(clean["regions_total"], DEVICE_SIZE / REGION, "{clean:#}");
+    assert_eq!(clean["regions_done"], DEVICE_SIZE / REGION, "{clean:#}");
+
+    // Corrupt beta's copy behind gmd's back: regions 3 (written data), 3200
+    // and 3201 (one write across their border) and 8000 (never written).
+    let data = cluster.path("beta/data10.img");
+    let file = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    file.write_all_at(b"rot", 3 * REGION + 100).unwrap();
+    file.write_all_at(&[0xee; 64], 3201 * REGION - 32).unwrap();
+    file.write_all_at(&[1], 8000 * REGION + REGION - 1).unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+
+    let found = compare_json(&alpha, &["--rate", "1000"]);
+    assert_eq!(found["state"], "done", "{found:#}");
+    assert_eq!(
+        differing_regions(&found),
+        vec![3, 3200, 3201, 8000],
+        "{found:#}"
+    );
+    assert_eq!(found["differing"], 4, "{found:#}");
+    assert_eq!(found["out_of_sync_regions"], 4, "{found:#}");
+    assert_eq!(found["repaired"], 0, "{found:#}");
+    // Status shows the result, and the text names the ranges.
+    let status = alpha.status_json(DEV);
+    assert_eq!(status["compare"]["out_of_sync_regions"], 4, "{status:#}");
+    let text = alpha.ctl(&["compare", DEV, "--rate", "1000"]).ok().stdout;
+    assert!(text.contains("4 differ"), "{text}");
+    assert!(text.contains("regions 3200-3201"), "{text}");
+    assert!(text.contains("--repair"), "{text}");
+
+    let repaired = compare_json(&alpha, &["--repair", "--rate", "1000"]);
+    assert_eq!(repaired["state"], "done", "{repaired:#}");
+    assert_eq!(differing_regions(&repaired), vec![3, 3200, 3201, 8000]);
+    assert_eq!(repaired["repaired"], 4, "{repaired:#}");
+    assert_eq!(repaired["out_of_sync_regions"], 0, "{repaired:#}");
+    alpha.wait_in_sync(DEV);
+    beta.wait_in_sync(DEV);
+
+    let again = compare_json(&alpha, &["--rate", "1000"]);
+    assert_eq!(again["differing"], 0, "{again:#}");
+    alpha.ctl(&["stop", DEV]).ok();
+    beta.ctl(&["stop", DEV]).ok();
+    assert_same_files(&cluster.path("alpha/data10.img"), &data);
+}
+
+#[test]
+fn compare_is_refused_on_the_secondary_and_without_a_peer() {
+    let cluster = Cluster::with_mode("mwc", 5);
+    let (alpha, beta) = cluster.start_pair();
+    let run = beta.ctl(&["compare", DEV]);
+    assert_eq!(run.code, 2, "{}", run.text());
+    assert!(
+        run.stderr.contains("compare runs on the primary")
+            && run.stderr.contains("secondary")
+            && run.stderr.contains("alpha"),
+        "{}",
+        run.text()
+    );
+    beta.ctl(&["stop", DEV]).ok();
+    alpha.wait_mirroring(DEV, false);
+    let run = alpha.ctl(&["compare", DEV]);
+    assert_eq!(run.code, 2, "{}", run.text());
+    assert!(
+        run.stderr.contains("compare needs a connected pair"),
+        "{}",
+        run.text()
+    );
+    let run = alpha.ctl(&["compare", "nosuchdev"]);
+    assert_eq!(run.code, 2, "{}", run.text());
+}
+
+#[test]
+fn a_compare_while_the_application_writes_reports_no_false_differences() {
+    let cluster = Cluster::with_mode("mwc", 5);
+    let (alpha, beta) = cluster.start_pair();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (url, stop) = (alpha.url(DEV), stop.clone());
+        std::thread::spawn(move || {
+            let mut rounds = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // Writes all over the device, small and large, a new
+                // pattern each round.
+                let cmds: Vec<String> = (0..64u64)
+                    .map(|i| {
+                        let offset = (i * 4 + rounds % 4) * (1 << 20) + (i % 7) * 4096;
+                        let len = if i % 5 == 0 { "256k" } else { "4k" };
+                        format!("write -P {} {offset} {len}", (rounds + i) % 250 + 1)
+                    })
+                    .collect();
+                let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+                assert_qemu_io_clean(&qemu_io(&url, &refs));
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let started = Instant::now();
+    // 256 MiB at 64 MiB/s: about 4 s of writes under way.
+    let report = compare_json(&alpha, &["--rate", "64"]);
+    stop.store(true, Ordering::Relaxed);
+    let rounds = writer.join().unwrap();
+    assert!(rounds >= 2, "the application wrote during the compare");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "the rate is bounded"
+    );
+    assert_eq!(report["state"], "done", "{report:#}");
+    assert_eq!(report["differing"], 0, "{report:#}");
+    let compared = report["regions_compared"].as_u64().unwrap();
+    assert!(
+        compared > DEVICE_SIZE / REGION / 2,
+        "most regions compared: {report:#}"
+    );
+    alpha.wait_in_sync(DEV);
+    beta.wait_in_sync(DEV);
+    alpha.ctl(&["stop", DEV]).ok();
+    beta.ctl(&["stop", DEV]).ok();
+    assert_same_files(
+        &cluster.path("alpha/data10.img"),
+        &cluster.path("beta/data10.img"),
+    );
+}
