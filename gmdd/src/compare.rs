@@ -27,7 +27,7 @@ use gmd_core::statemap::cells::{CELL_INCONSISTENT, CELL_RESYNC, CELL_STALE};
 use gmd_core::units::{REGION_SIZE_BYTES, region_bytes, region_count};
 use gmdctl::protocol::{
     COMPARE_RATE_DEFAULT_MIB_S, COMPARE_RATE_MAX_MIB_S, CompareReport, CompareState, ControlError,
-    RegionRange, STATUS_SCHEMA,
+    Event, RegionRange, STATUS_SCHEMA,
 };
 use tracing::{info, warn};
 
@@ -247,6 +247,17 @@ impl Daemon {
             compares.insert(device.to_owned(), report.clone());
         }
         info!(%device, peer = %job.peer, repair, rate_mib_s = rate, "online compare started");
+        self.publish(Event::now(
+            "change",
+            "compare",
+            device,
+            &[
+                ("phase", "start".into()),
+                ("peer", job.peer.clone()),
+                ("repair", if repair { "yes" } else { "no" }.into()),
+                ("regions_total", report.regions_total.to_string()),
+            ],
+        ));
         self.changed.notify_one();
         let d = self.clone();
         self.rt.spawn(async move {
@@ -267,6 +278,22 @@ impl Daemon {
                 }
             });
             let r = d.compare_report(&device);
+            if let Some(r) = &r {
+                d.publish(Event::now(
+                    "change",
+                    "compare",
+                    &device,
+                    &[
+                        ("phase", "end".into()),
+                        ("peer", r.peer.clone()),
+                        ("repair", if r.repair { "yes" } else { "no" }.into()),
+                        ("regions_total", r.regions_total.to_string()),
+                        ("state", if r.state == CompareState::Done { "done" } else { "failed" }.into()),
+                        ("differing", r.differing.to_string()),
+                        ("repaired", r.repaired.to_string()),
+                    ],
+                ));
+            }
             match result {
                 Ok(()) => {
                     let (differing, repaired) = r.map_or((0, 0), |r| (r.differing, r.repaired));
@@ -414,6 +441,13 @@ impl Daemon {
             }
             busy += open.iter().filter(|o| **o).count() as u64;
         }
+        info!(
+            device = %job.device,
+            suspects = suspects.len(),
+            differing = differing.len(),
+            busy,
+            "online compare: regions that differed at first look re-checked"
+        );
         differing.sort_unstable();
         let ranges = RegionRange::runs(&differing, job.size_bytes);
         let count = differing.len() as u64;

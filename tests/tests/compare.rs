@@ -4,7 +4,9 @@
 //! refuses to run it, and a compare while the application writes reports
 //! no false differences.
 
+use std::io::Read;
 use std::os::unix::fs::FileExt;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -61,6 +63,15 @@ fn compare_finds_exactly_the_regions_changed_behind_gmds_back_and_repair_resends
     file.sync_all().unwrap();
     drop(file);
 
+    let mut events = Command::new(bin("gmdctl"))
+        .arg("--socket")
+        .arg(&alpha.socket)
+        .args(["events", "--json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("gmdctl events");
     let found = compare_json(&alpha, &["--rate", "1000"]);
     assert_eq!(found["state"], "done", "{found:#}");
     assert_eq!(
@@ -71,6 +82,21 @@ fn compare_finds_exactly_the_regions_changed_behind_gmds_back_and_repair_resends
     assert_eq!(found["differing"], 4, "{found:#}");
     assert_eq!(found["out_of_sync_regions"], 4, "{found:#}");
     assert_eq!(found["repaired"], 0, "{found:#}");
+    // Events: the compare's start and end, with what it found.
+    std::thread::sleep(Duration::from_millis(300));
+    events.kill().ok();
+    let mut out = String::new();
+    events.stdout.take().unwrap().read_to_string(&mut out).ok();
+    events.wait().ok();
+    let compare_events: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["object"] == "compare")
+        .collect();
+    assert_eq!(compare_events.len(), 2, "{out}");
+    assert_eq!(compare_events[0]["attrs"]["phase"], "start", "{out}");
+    assert_eq!(compare_events[1]["attrs"]["phase"], "end", "{out}");
+    assert_eq!(compare_events[1]["attrs"]["differing"], "4", "{out}");
     // Status shows the result, and the text names the ranges.
     let status = alpha.status_json(DEV);
     assert_eq!(status["compare"]["out_of_sync_regions"], 4, "{status:#}");
