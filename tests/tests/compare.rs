@@ -4,11 +4,12 @@
 //! refuses to run it, and a compare while the application writes reports
 //! no false differences.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use gmd_tests::*;
@@ -32,6 +33,38 @@ fn differing_regions(report: &serde_json::Value) -> Vec<u64> {
         out.extend(first..first + n);
     }
     out
+}
+
+/// `gmdctl events --json` of `gmdd`, once its current state was printed;
+/// the compare events it prints next.
+fn follow_events(gmdd: &Gmdd) -> (Child, mpsc::Receiver<serde_json::Value>) {
+    let mut child = Command::new(bin("gmdctl"))
+        .arg("--socket")
+        .arg(&gmdd.socket)
+        .args(["events", "--json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("gmdctl events");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    for line in lines.by_ref() {
+        let e: serde_json::Value = serde_json::from_str(&line.expect("line")).expect("json");
+        if e["object"] == "-" {
+            break;
+        }
+    }
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines {
+            let Ok(line) = line else { return };
+            let e: serde_json::Value = serde_json::from_str(&line).expect("json");
+            if e["object"] == "compare" && tx.send(e).is_err() {
+                return;
+            }
+        }
+    });
+    (child, rx)
 }
 
 #[test]
@@ -63,15 +96,7 @@ fn compare_finds_exactly_the_regions_changed_behind_gmds_back_and_repair_resends
     file.sync_all().unwrap();
     drop(file);
 
-    let mut events = Command::new(bin("gmdctl"))
-        .arg("--socket")
-        .arg(&alpha.socket)
-        .args(["events", "--json"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("gmdctl events");
+    let (mut events, rx) = follow_events(&alpha);
     let found = compare_json(&alpha, &["--rate", "1000"]);
     assert_eq!(found["state"], "done", "{found:#}");
     assert_eq!(
@@ -83,23 +108,34 @@ fn compare_finds_exactly_the_regions_changed_behind_gmds_back_and_repair_resends
     assert_eq!(found["out_of_sync_regions"], 4, "{found:#}");
     assert_eq!(found["repaired"], 0, "{found:#}");
     // Events: the compare's start and end, with what it found.
-    std::thread::sleep(Duration::from_millis(300));
-    events.kill().ok();
-    let mut out = String::new();
-    events.stdout.take().unwrap().read_to_string(&mut out).ok();
-    events.wait().ok();
-    let compare_events: Vec<serde_json::Value> = out
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e["object"] == "compare")
+    let compare_events: Vec<serde_json::Value> = (0..2)
+        .map(|_| {
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("a compare event")
+        })
         .collect();
-    assert_eq!(compare_events.len(), 2, "{out}");
-    assert_eq!(compare_events[0]["attrs"]["phase"], "start", "{out}");
-    assert_eq!(compare_events[1]["attrs"]["phase"], "end", "{out}");
-    assert_eq!(compare_events[1]["attrs"]["differing"], "4", "{out}");
+    events.kill().ok();
+    events.wait().ok();
+    assert_eq!(
+        compare_events[0]["attrs"]["phase"], "start",
+        "{compare_events:?}"
+    );
+    assert_eq!(
+        compare_events[1]["attrs"]["phase"], "end",
+        "{compare_events:?}"
+    );
+    assert_eq!(
+        compare_events[1]["attrs"]["differing"], "4",
+        "{compare_events:?}"
+    );
     // Status shows the result, and the text names the ranges.
     let status = alpha.status_json(DEV);
     assert_eq!(status["compare"]["out_of_sync_regions"], 4, "{status:#}");
+    let text = alpha.ctl(&["status", DEV]).ok().stdout;
+    assert!(
+        text.contains("compare     with beta: done") && text.contains("out_of_sync_regions 4"),
+        "{text}"
+    );
     let text = alpha.ctl(&["compare", DEV, "--rate", "1000"]).ok().stdout;
     assert!(text.contains("4 differ"), "{text}");
     assert!(text.contains("regions 3200-3201"), "{text}");
@@ -148,7 +184,17 @@ fn compare_is_refused_on_the_secondary_and_without_a_peer() {
 
 #[test]
 fn a_compare_while_the_application_writes_reports_no_false_differences() {
-    let cluster = Cluster::with_mode("mwc", 5);
+    compare_under_writes("mwc");
+}
+
+/// Async: writes complete before the peer has them (queued cells).
+#[test]
+fn an_async_compare_while_the_application_writes_reports_no_false_differences() {
+    compare_under_writes("async");
+}
+
+fn compare_under_writes(mode: &str) {
+    let cluster = Cluster::with_mode(mode, 5);
     let (alpha, beta) = cluster.start_pair();
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {

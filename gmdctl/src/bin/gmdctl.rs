@@ -1133,37 +1133,37 @@ fn print_status(d: &DeviceStatus) {
                 l.discarded_regions
             );
         }
-        if let Some(c) = &d.compare {
-            let what = match c.state {
-                CompareState::Running => format!(
-                    "running {:.1}% ({}/{} regions{}), {} differ so far",
-                    c.percent,
-                    c.regions_done,
-                    c.regions_total,
-                    c.eta_s.map_or(String::new(), |s| format!(
-                        ", ETA {}",
-                        gmdctl::views::hms(s)
-                    )),
-                    c.differing
-                ),
-                CompareState::Done => format!(
-                    "done: {} region(s) compared, {} differ, {} repaired; out_of_sync_regions {}",
-                    c.regions_compared, c.differing, c.repaired, c.out_of_sync_regions
-                ),
-                CompareState::Failed => format!(
-                    "failed after {}/{} regions: {}",
-                    c.regions_done,
-                    c.regions_total,
-                    c.error.as_deref().unwrap_or("?")
-                ),
-            };
-            println!("  compare     with {}: {what}", c.peer);
-        }
         if let Some(reason) = &l.refused {
             if !l.connected {
                 println!("  refused     {reason}");
             }
         }
+    }
+    if let Some(c) = &d.compare {
+        let what = match c.state {
+            CompareState::Running => format!(
+                "running {:.1}% ({}/{} regions{}), {} differ so far",
+                c.percent,
+                c.regions_done,
+                c.regions_total,
+                c.eta_s.map_or(String::new(), |s| format!(
+                    ", ETA {}",
+                    gmdctl::views::hms(s)
+                )),
+                c.differing
+            ),
+            CompareState::Done => format!(
+                "done: {} region(s) compared, {} differ, {} repaired; out_of_sync_regions {}",
+                c.regions_compared, c.differing, c.repaired, c.out_of_sync_regions
+            ),
+            CompareState::Failed => format!(
+                "failed after {}/{} regions: {}",
+                c.regions_done,
+                c.regions_total,
+                c.error.as_deref().unwrap_or("?")
+            ),
+        };
+        println!("  compare     with {}: {what}", c.peer);
     }
     for e in &d.exports {
         println!("  export      {e}  ({} client(s))", d.clients);
