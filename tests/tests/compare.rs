@@ -197,33 +197,38 @@ fn compare_under_writes(mode: &str) {
     let cluster = Cluster::with_mode(mode, 5);
     let (alpha, beta) = cluster.start_pair();
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (url, stop) = (alpha.url(DEV), stop.clone());
-        std::thread::spawn(move || {
-            let mut rounds = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                // Writes all over the device, small and large, a new
-                // pattern each round.
-                let cmds: Vec<String> = (0..64u64)
-                    .map(|i| {
-                        let offset = (i * 4 + rounds % 4) * (1 << 20) + (i % 7) * 4096;
-                        let len = if i % 5 == 0 { "256k" } else { "4k" };
-                        format!("write -P {} {offset} {len}", (rounds + i) % 250 + 1)
-                    })
-                    .collect();
-                let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
-                assert_qemu_io_clean(&qemu_io(&url, &refs));
-                rounds += 1;
-            }
-            rounds
+    // Two writers, each all over the device (64 writes per round, small
+    // and large, a new pattern each round), so that writes land while
+    // regions are read on either side.
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let (url, stop) = (alpha.url(DEV), stop.clone());
+            std::thread::spawn(move || {
+                let mut rounds = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let cmds: Vec<String> = (0..64u64)
+                        .map(|i| {
+                            let offset = (i * 4 + (rounds + 2 * w) % 4) * (1 << 20)
+                                + (i % 7) * 4096
+                                + w * 65536;
+                            let len = if i % 5 == 0 { "256k" } else { "4k" };
+                            format!("write -P {} {offset} {len}", (rounds + i + w) % 250 + 1)
+                        })
+                        .collect();
+                    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+                    assert_qemu_io_clean(&qemu_io(&url, &refs));
+                    rounds += 1;
+                }
+                rounds
+            })
         })
-    };
+        .collect();
     let started = Instant::now();
     // 256 MiB at 64 MiB/s: about 4 s of writes under way.
     let report = compare_json(&alpha, &["--rate", "64"]);
     stop.store(true, Ordering::Relaxed);
-    let rounds = writer.join().unwrap();
-    assert!(rounds >= 2, "the application wrote during the compare");
+    let rounds: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert!(rounds >= 4, "the application wrote during the compare");
     assert!(started.elapsed() < Duration::from_secs(30));
     assert!(
         started.elapsed() >= Duration::from_secs(3),
