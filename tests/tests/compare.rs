@@ -157,7 +157,7 @@ fn compare_finds_exactly_the_regions_changed_behind_gmds_back_and_repair_resends
 }
 
 #[test]
-fn compare_is_refused_on_the_secondary_and_without_a_peer() {
+fn compare_is_refused_on_the_secondary_without_a_peer_and_while_one_runs() {
     let cluster = Cluster::with_mode("mwc", 5);
     let (alpha, beta) = cluster.start_pair();
     let run = beta.ctl(&["compare", DEV]);
@@ -169,6 +169,23 @@ fn compare_is_refused_on_the_secondary_and_without_a_peer() {
         "{}",
         run.text()
     );
+    let run = alpha.ctl(&["compare", DEV, "--rate", "0"]);
+    assert_eq!(run.code, 1, "{}", run.text());
+    // --no-wait returns at once; a second compare is refused while the
+    // first runs; status follows it to its end.
+    let run = alpha
+        .ctl(&["compare", DEV, "--no-wait", "--rate", "100"])
+        .ok();
+    assert!(run.stdout.contains("started"), "{}", run.text());
+    let run = alpha.ctl(&["compare", DEV]);
+    assert_eq!(run.code, 2, "{}", run.text());
+    assert!(run.stderr.contains("is running"), "{}", run.text());
+    let running = alpha.status_json(DEV)["compare"].clone();
+    assert_eq!(running["state"], "running", "{running:#}");
+    wait_for("the compare to end", Duration::from_secs(20), || {
+        alpha.status_json(DEV)["compare"]["state"] == "done"
+    });
+    assert_eq!(alpha.status_json(DEV)["compare"]["differing"], 0);
     beta.ctl(&["stop", DEV]).ok();
     alpha.wait_mirroring(DEV, false);
     let run = alpha.ctl(&["compare", DEV]);
