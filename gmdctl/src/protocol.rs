@@ -672,4 +672,23 @@ mod tests {
         assert_eq!(ErrorKind::NotFound.exit_code(), 2);
         assert_eq!(ErrorKind::Internal.exit_code(), 255);
     }
+
+    #[test]
+    fn differing_regions_are_reported_as_runs_with_byte_ranges() {
+        let size = 10 * 32768 + 4096;
+        let runs = RegionRange::runs(&[0, 3, 4, 5, 10], size);
+        let got: Vec<(u64, u64, u64, u64)> = runs
+            .iter()
+            .map(|r| (r.first_region, r.regions, r.offset_bytes, r.len_bytes))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 1, 0, 32768),
+                (3, 3, 3 * 32768, 3 * 32768),
+                (10, 1, 10 * 32768, 4096)
+            ]
+        );
+        assert!(RegionRange::runs(&[], size).is_empty());
+    }
 }
