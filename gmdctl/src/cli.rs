@@ -186,6 +186,27 @@ pub enum Cmd {
         /// The device.
         device: String,
     },
+    /// Online verify (DRBD's verify): compare every region of a connected,
+    /// in-sync device with the peer's copy by checksum while applications
+    /// run, at a bounded rate; report the regions that differ (and with
+    /// --repair, resend them from this side). Runs on the primary, in gmdd.
+    Compare {
+        /// The device.
+        device: String,
+        /// Resynchronise the regions found different from this primary now.
+        #[arg(long)]
+        repair: bool,
+        /// Data read per second on each side, MiB (1-10000).
+        #[arg(long, value_name = "MIB_S", default_value_t = crate::protocol::COMPARE_RATE_DEFAULT_MIB_S)]
+        rate: u64,
+        /// Start it and return; `gmdctl status DEVICE` shows its progress and result.
+        #[arg(long)]
+        no_wait: bool,
+        /// Machine-readable result: regions compared and skipped, `differing`,
+        /// `ranges` (region indices and byte offsets), `repaired`.
+        #[arg(long)]
+        json: bool,
+    },
     /// Mark every region consistent (testing only: the record of differences is lost).
     Clean {
         /// The device.

@@ -163,6 +163,25 @@ pub enum Command {
         /// Only show the unified map.
         preview: bool,
     },
+    /// Online verify: starts comparing every region of the device with the
+    /// peer's copy (checksums on both sides) as a background job on the
+    /// primary (result: [`CompareReport`], as it starts).
+    Compare {
+        /// The device.
+        device: String,
+        /// Resynchronise the regions found different from this side.
+        #[serde(default)]
+        repair: bool,
+        /// Data read per second on each side, MiB (default
+        /// [`COMPARE_RATE_DEFAULT_MIB_S`]).
+        #[serde(default)]
+        rate_mib_s: Option<u64>,
+    },
+    /// The running or last compare of a device (result: [`CompareReport`]).
+    CompareStatus {
+        /// The device.
+        device: String,
+    },
 }
 
 /// A request: a command with the protocol version.
@@ -336,6 +355,109 @@ pub struct DeviceStatus {
     pub problem: Option<String>,
     /// Mirroring, when AVAILABLE.
     pub link: Option<LinkStatus>,
+    /// The running or last online compare since gmdd started, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare: Option<CompareReport>,
+}
+
+/// Default rate of `gmdctl compare`: data read per second on each side.
+pub const COMPARE_RATE_DEFAULT_MIB_S: u64 = 100;
+/// Highest rate `gmdctl compare --rate` takes, MiB/s.
+pub const COMPARE_RATE_MAX_MIB_S: u64 = 10_000;
+
+/// Where an online compare is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompareState {
+    /// Comparing (or re-checking, or repairing).
+    Running,
+    /// Finished: every region was looked at.
+    Done,
+    /// Stopped before the end (`error` says why).
+    Failed,
+}
+
+/// Consecutive regions found different by a compare.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionRange {
+    /// First region index.
+    pub first_region: u64,
+    /// Number of regions.
+    pub regions: u64,
+    /// Byte offset of the first region on the device.
+    pub offset_bytes: u64,
+    /// Bytes covered.
+    pub len_bytes: u64,
+}
+
+/// Progress and result of an online compare (`gmdctl compare DEV --json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CompareReport {
+    /// [`STATUS_SCHEMA`].
+    pub schema: u32,
+    /// Device name.
+    pub device: String,
+    /// The machine compared with.
+    pub peer: String,
+    /// Running, done or failed.
+    pub state: CompareState,
+    /// Regions found different are resynchronised from this side.
+    pub repair: bool,
+    /// Rate limit, MiB read per second on each side.
+    pub rate_mib_s: u64,
+    /// When it started, seconds since the Unix epoch.
+    pub started_unix_s: u64,
+    /// Seconds it ran (so far).
+    pub elapsed_s: f64,
+    /// Regions of the device.
+    pub regions_total: u64,
+    /// Regions looked at so far.
+    pub regions_done: u64,
+    /// Regions whose checksums were compared.
+    pub regions_compared: u64,
+    /// Regions not compared: written, marked or resyncing while looked at
+    /// (a region being written is the application's; any difference there
+    /// is already being sent).
+    pub regions_skipped: u64,
+    /// Percent done.
+    pub percent: f64,
+    /// Estimated seconds left, while running.
+    pub eta_s: Option<u64>,
+    /// Regions found different (each re-checked before it counts).
+    pub differing: u64,
+    /// Those regions as runs.
+    pub ranges: Vec<RegionRange>,
+    /// Regions resynchronised from this side (`repair`).
+    pub repaired: u64,
+    /// Regions found different and not repaired: they differ from the peer
+    /// until `gmdctl compare DEVICE --repair` resends them.
+    pub out_of_sync_regions: u64,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+impl RegionRange {
+    /// Runs of consecutive regions of sorted `regions`.
+    pub fn runs(regions: &[u64], size_bytes: u64) -> Vec<RegionRange> {
+        let region = gmd_core::units::REGION_SIZE_BYTES;
+        let mut out: Vec<RegionRange> = Vec::new();
+        for &r in regions {
+            match out.last_mut() {
+                Some(last) if last.first_region + last.regions == r => last.regions += 1,
+                _ => out.push(RegionRange {
+                    first_region: r,
+                    regions: 1,
+                    offset_bytes: r * region,
+                    len_bytes: 0,
+                }),
+            }
+        }
+        for run in &mut out {
+            let end = ((run.first_region + run.regions) * region).min(size_bytes);
+            run.len_bytes = end.saturating_sub(run.offset_bytes);
+        }
+        out
+    }
 }
 
 /// Result of [`Command::NetProbe`].
@@ -549,5 +671,24 @@ mod tests {
         assert_eq!(ErrorKind::Refused.exit_code(), 2);
         assert_eq!(ErrorKind::NotFound.exit_code(), 2);
         assert_eq!(ErrorKind::Internal.exit_code(), 255);
+    }
+
+    #[test]
+    fn differing_regions_are_reported_as_runs_with_byte_ranges() {
+        let size = 10 * 32768 + 4096;
+        let runs = RegionRange::runs(&[0, 3, 4, 5, 10], size);
+        let got: Vec<(u64, u64, u64, u64)> = runs
+            .iter()
+            .map(|r| (r.first_region, r.regions, r.offset_bytes, r.len_bytes))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 1, 0, 32768),
+                (3, 3, 3 * 32768, 3 * 32768),
+                (10, 1, 10 * 32768, 4096)
+            ]
+        );
+        assert!(RegionRange::runs(&[], size).is_empty());
     }
 }

@@ -4,6 +4,7 @@
 //! devices back to their recorded state when it starts, and on SIGTERM
 //! finishes in-flight I/O and persists every map before exiting.
 
+mod compare;
 mod control;
 mod exports;
 mod link;
@@ -218,6 +219,8 @@ pub struct Daemon {
     changed: Arc<tokio::sync::Notify>,
     /// What the event watcher saw last, per device (see [`Daemon::look`]).
     watched: Mutex<ops::Watched>,
+    /// The running or last online compare of each device (`gmdctl compare`).
+    compares: Mutex<HashMap<String, CompareReport>>,
 }
 
 fn control_error(e: DeviceError) -> ControlError {
@@ -296,6 +299,7 @@ impl Daemon {
             status_line: Mutex::new(String::new()),
             changed,
             watched: Mutex::new(ops::Watched::default()),
+            compares: Mutex::new(HashMap::new()),
         }
     }
 
@@ -741,6 +745,22 @@ impl Daemon {
                 preview,
             } => self.unify(&device, &master, preview),
             Command::NetProbe { peer, rounds } => self.netprobe(&peer, rounds),
+            Command::Compare {
+                device,
+                repair,
+                rate_mib_s,
+            } => to_value(&self.compare_start(&device, repair, rate_mib_s)?),
+            Command::CompareStatus { device } => {
+                if !self.links.contains_key(&device) {
+                    return Err(self.unknown(&device));
+                }
+                match self.compare_report(&device) {
+                    Some(r) => to_value(&r),
+                    None => Err(ControlError::not_found(format!(
+                        "no compare of {device} since gmdd started: gmdctl compare {device}"
+                    ))),
+                }
+            }
         }
     }
 
@@ -1426,6 +1446,7 @@ impl Daemon {
                 clients: self.exports.clients(name),
                 problem: handle.problem().map(str::to_owned),
                 link: self.link_status(name, handle),
+                compare: self.compare_report(name),
             });
         }
         if let Some(d) = device {

@@ -691,6 +691,11 @@ impl Daemon {
                     Err(e) => refused(e.to_string()),
                 }
             }
+            PeerRequest::Checksums {
+                device,
+                session,
+                regions,
+            } => self.on_checksums(&from, &device, session, regions).await,
             PeerRequest::Unify {
                 device,
                 master,

@@ -74,6 +74,13 @@ pub(super) enum PeerRequest {
     GetMap { device: String },
     /// Describe your configuration and state maps (`gmdctl verify`).
     Facts,
+    /// `gmdctl compare`: the checksums of these regions of your copy (at
+    /// most [`crate::compare::CHECKSUM_REGIONS_MAX`]), in session `session`.
+    Checksums {
+        device: String,
+        session: u64,
+        regions: Vec<u64>,
+    },
     /// Unify: as master, mark these regions stale; otherwise drop this
     /// side's own changes and clear the map.
     Unify {
@@ -95,6 +102,10 @@ pub(super) enum PeerReply {
     Map { info: DeviceInfo, bits: String },
     /// The answer to [`PeerRequest::Facts`].
     Facts { facts: gmdctl::verify::MachineFacts },
+    /// The answer to [`PeerRequest::Checksums`]: one per region asked, in
+    /// order; `None` where the region is not settled there (not received,
+    /// marked, written), so it is not compared.
+    Checksums { sums: Vec<Option<u32>> },
     /// Done.
     Ok,
     /// Not done, and why (with the command that resolves it).

@@ -2361,6 +2361,38 @@ impl Engine {
         self.journal.needed_all()
     }
 
+    /// Whether `region` may be compared with the peer now (`gmdctl
+    /// compare`): connected, its cell clean or hot (every write to it
+    /// acknowledged by the peer), and no write of it in flight.
+    pub fn region_settled(&self, region: u64) -> bool {
+        self.connected
+            && region < self.journal.map.region_count()
+            && matches!(self.journal.map.get(region), CELL_CONSISTENT | CELL_ACTIVE)
+            && self.activity.in_flight(region) == 0
+    }
+
+    /// Regions an online compare found different on the peer
+    /// (`gmdctl compare --repair`): marked stale and added to the resync
+    /// now, as a write the peer lost would be (the peer marks them not
+    /// received first, [`Action::SendResyncAdd`]); their data is sent once
+    /// the stale marks are durable. Returns the epoch of those marks.
+    pub fn resend_regions(&mut self, regions: &[u64]) -> Epoch {
+        let count = self.journal.map.region_count();
+        for &region in regions {
+            if region < count && self.journal.map.get(region) != CELL_STALE {
+                self.journal.set(region, CELL_STALE);
+                self.resync_add(region);
+            }
+        }
+        self.start_commit();
+        let epoch = self.journal.needed_all();
+        if self.connected {
+            self.source_marks_epoch = self.source_marks_epoch.max(epoch);
+        }
+        self.pump_resync();
+        epoch
+    }
+
     /// Marks every cell `value` (stale for `gmdctl dirty`); returns the epoch
     /// to wait for before the change is durable.
     pub fn mark_all(&mut self, value: u8) -> Epoch {

@@ -1586,3 +1586,48 @@ fn a_barrier_clears_only_what_it_covers() {
     m.finish_syncs();
     assert_eq!(m.durable.get(1), 0);
 }
+
+/// `gmdctl compare`: a region is compared only while clean or hot with no
+/// write in flight, and never while disconnected.
+#[test]
+fn a_region_is_settled_for_compare_only_without_writes_in_flight() {
+    let m = Model::new(Mode::Mwc);
+    assert!(!m.engine.region_settled(2), "not connected");
+    let mut m = Model::connected(Mode::Mwc);
+    assert!(m.engine.region_settled(2));
+    let s = m.submit(write(2 * REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    assert!(!m.engine.region_settled(2), "a write is in flight");
+    assert!(m.engine.region_settled(3));
+    m.finish_local(s);
+    assert!(!m.engine.region_settled(2), "the peer has not answered");
+    m.ack(m.sent[0].0);
+    assert!(m.engine.region_settled(2), "hot, every write acknowledged");
+    assert!(!m.engine.region_settled(m.engine.map().region_count()));
+}
+
+/// `gmdctl compare --repair`: a differing region is marked stale durably,
+/// announced to the peer, and read for the resync only once the mark is
+/// durable; its confirmation clears it.
+#[test]
+fn regions_a_compare_found_different_are_resent_after_their_marks_are_durable() {
+    let mut m = Model::connected(Mode::Mwc);
+    m.engine.resend_regions(&[4, 9, 4]);
+    m.pump();
+    assert_eq!(m.engine.map().get(4), CELL_STALE);
+    assert_eq!(m.engine.map().get(9), CELL_STALE);
+    let adds: Vec<&String> = m
+        .log
+        .iter()
+        .filter(|l| l.starts_with("resync add"))
+        .collect();
+    assert_eq!(adds, vec!["resync add 4", "resync add 9"]);
+    assert!(
+        m.resync_reads.is_empty(),
+        "read before the marks are durable"
+    );
+    m.finish_map_write(true);
+    m.pump();
+    assert_eq!(m.durable.get(4), CELL_STALE);
+    assert!(!m.resync_reads.is_empty(), "read once they are");
+}

@@ -599,6 +599,13 @@ fn run(cli: Cli) -> Result<i32, Failure> {
                 Ok(0)
             }
         },
+        Cmd::Compare {
+            device,
+            repair,
+            rate,
+            no_wait,
+            json,
+        } => compare(&cli.socket, device, *repair, *rate, *no_wait, *json),
         Cmd::Clean { device, force } => match daemon_or_offline(&cli.socket)? {
             Some(mut client) => print_outcome(client.call_value(Command::Clean {
                 device: device.clone(),
@@ -938,6 +945,114 @@ fn print_role_change(value: serde_json::Value, json: bool) -> Result<i32, Failur
     Ok(0)
 }
 
+/// `gmdctl compare`: starts the daemon's job and, unless told not to,
+/// follows it (progress on stderr when it is a terminal) and prints the result.
+fn compare(
+    socket: &Path,
+    device: &str,
+    repair: bool,
+    rate: u64,
+    no_wait: bool,
+    json: bool,
+) -> Result<i32, Failure> {
+    use std::io::{IsTerminal, Write};
+    let mut client = Client::connect(socket)?;
+    let value = client.call_value(Command::Compare {
+        device: device.to_owned(),
+        repair,
+        rate_mib_s: Some(rate),
+    })?;
+    let mut report: CompareReport =
+        serde_json::from_value(value).map_err(|e| fail(255, e.to_string()))?;
+    if no_wait {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
+        } else {
+            println!(
+                "{device}: compare with {} started ({} regions, {} MiB/s); gmdctl status {device} shows its progress",
+                report.peer, report.regions_total, report.rate_mib_s
+            );
+        }
+        return Ok(0);
+    }
+    let tty = std::io::stderr().is_terminal() && !json;
+    while report.state == CompareState::Running {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let value = client.call_value(Command::CompareStatus {
+            device: device.to_owned(),
+        })?;
+        report = serde_json::from_value(value).map_err(|e| fail(255, e.to_string()))?;
+        if tty {
+            let eta = report.eta_s.map_or(String::new(), |s| {
+                format!(", ETA {}", gmdctl::views::hms(s))
+            });
+            let phase = if report.regions_done < report.regions_total {
+                String::new()
+            } else if report.repair && report.differing > 0 {
+                format!(", repairing {}/{}", report.repaired, report.differing)
+            } else {
+                ", re-checking".to_owned()
+            };
+            eprint!(
+                "\r{device}: {:5.1}% ({}/{} regions){eta}{phase}   ",
+                report.percent, report.regions_done, report.regions_total
+            );
+            let _ = std::io::stderr().flush();
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print_compare(&report);
+    }
+    Ok(if report.state == CompareState::Failed {
+        2
+    } else {
+        0
+    })
+}
+
+fn print_compare(r: &CompareReport) {
+    let device = &r.device;
+    if let Some(e) = &r.error {
+        println!("{device}: compare with {} failed: {e}", r.peer);
+    }
+    println!(
+        "{device}: {} of {} regions compared with {} in {:.1} s ({} skipped: written or marked while looked at), {} differ",
+        r.regions_compared, r.regions_total, r.peer, r.elapsed_s, r.regions_skipped, r.differing
+    );
+    for run in &r.ranges {
+        println!(
+            "  regions {}-{}  bytes {}-{} ({})",
+            run.first_region,
+            run.first_region + run.regions - 1,
+            run.offset_bytes,
+            run.offset_bytes + run.len_bytes - 1,
+            format_size(run.len_bytes)
+        );
+    }
+    if r.repair && r.differing > 0 {
+        println!(
+            "{device}: {} of {} region(s) resent from this side",
+            r.repaired, r.differing
+        );
+    } else if r.differing > 0 {
+        println!(
+            "{device}: the peer's copy differs in {} region(s); resend them with: gmdctl compare {device} --repair",
+            r.differing
+        );
+    }
+}
+
 fn print_status(d: &DeviceStatus) {
     println!(
         "{}  {}  {} mode  {}  minor {}  {}",
@@ -1023,6 +1138,32 @@ fn print_status(d: &DeviceStatus) {
                 println!("  refused     {reason}");
             }
         }
+    }
+    if let Some(c) = &d.compare {
+        let what = match c.state {
+            CompareState::Running => format!(
+                "running {:.1}% ({}/{} regions{}), {} differ so far",
+                c.percent,
+                c.regions_done,
+                c.regions_total,
+                c.eta_s.map_or(String::new(), |s| format!(
+                    ", ETA {}",
+                    gmdctl::views::hms(s)
+                )),
+                c.differing
+            ),
+            CompareState::Done => format!(
+                "done: {} region(s) compared, {} differ, {} repaired; out_of_sync_regions {}",
+                c.regions_compared, c.differing, c.repaired, c.out_of_sync_regions
+            ),
+            CompareState::Failed => format!(
+                "failed after {}/{} regions: {}",
+                c.regions_done,
+                c.regions_total,
+                c.error.as_deref().unwrap_or("?")
+            ),
+        };
+        println!("  compare     with {}: {what}", c.peer);
     }
     for e in &d.exports {
         println!("  export      {e}  ({} client(s))", d.clients);
