@@ -47,6 +47,8 @@ struct Agent<'a> {
     machine: &'static str,
     /// Directory of the stub `crm_master` (first on PATH).
     stubs: PathBuf,
+    /// More resource parameters (`OCF_RESKEY_<name>`).
+    params: Vec<(&'static str, &'static str)>,
 }
 
 impl<'a> Agent<'a> {
@@ -66,6 +68,7 @@ impl<'a> Agent<'a> {
             cluster,
             machine,
             stubs,
+            params: Vec::new(),
         }
     }
 
@@ -91,7 +94,12 @@ impl<'a> Agent<'a> {
                 "OCF_RESKEY_CRM_meta_interval",
                 if probe { "0" } else { "10000" },
             )
-            .env("OCF_RESKEY_CRM_meta_timeout", "90000"))
+            .env("OCF_RESKEY_CRM_meta_timeout", "90000")
+            .envs(
+                self.params
+                    .iter()
+                    .map(|(k, v)| (format!("OCF_RESKEY_{k}"), *v)),
+            ))
     }
 
     /// Runs `action` and asserts its exit code.
@@ -277,6 +285,54 @@ fn pacemaker_actions_fail_over_and_back() {
 }
 
 #[test]
+fn a_promotion_with_the_peer_gone_but_not_recorded_down_records_it() {
+    require_resource_agents();
+    // No promote-failure timeout: gmd never records alpha down by itself.
+    let cluster = Cluster::with_mode("mwc", 0);
+    let alpha = cluster.gmdd("alpha");
+    let beta = cluster.gmdd("beta");
+    let ra = Agent::new(&cluster, "alpha");
+    let mut rb = Agent::new(&cluster, "beta");
+    rb.params.push(("peer_wait", "2"));
+    ra.expect("start", OCF_SUCCESS);
+    rb.expect("start", OCF_SUCCESS);
+    alpha.wait_mirroring(DEV, true);
+    ra.expect("promote", OCF_SUCCESS);
+    assert_qemu_io_clean(&qemu_io(&alpha.url(DEV), &["write -P 0xc1 2M 256k"]));
+    // Both machines fail; only beta returns. Its device comes back
+    // secondary, alpha neither connected nor known to be down: gmd alone
+    // refuses to promote it.
+    alpha.kill9();
+    beta.kill9();
+    let beta = cluster.gmdd("beta");
+    wait_for(
+        "beta's device to be restored",
+        Duration::from_secs(30),
+        || beta.status_json(DEV)["state"] == "AVAILABLE",
+    );
+    let status = beta.status_json(DEV);
+    assert_eq!(status["link"]["connected"], false, "{status:#}");
+    assert_eq!(status["peers"][0]["down"], false, "{status:#}");
+    let refused = beta.ctl(&["primary", DEV]);
+    assert_eq!(refused.code, 2, "{}", refused.text());
+    rb.expect("start", OCF_SUCCESS);
+    rb.expect("monitor", OCF_SUCCESS);
+    assert_eq!(rb.last_score(), "-q -l reboot -v 1000", "{:?}", rb.scores());
+    // Pacemaker promotes it (alpha fenced): after peer_wait the agent
+    // records alpha down, as gmd requires, and promotes without --force.
+    let promoted = rb.expect("promote", OCF_SUCCESS);
+    assert!(
+        promoted.text().contains("recording alpha down"),
+        "{}",
+        promoted.text()
+    );
+    rb.expect("monitor", OCF_RUNNING_PROMOTED);
+    let status = beta.status_json(DEV);
+    assert_eq!(status["peers"][0]["down"], true, "{status:#}");
+    assert_qemu_io_clean(&qemu_io(&beta.url(DEV), &["read -P 0xc1 2M 256k"]));
+}
+
+#[test]
 fn a_resync_target_lacking_data_is_never_promotable() {
     require_resource_agents();
     // alpha's volume is new and zeroed; beta's holds no known data: it
@@ -360,7 +416,7 @@ for a in root.find("actions"):
     );
     let lines: Vec<&str> = parsed.lines().collect();
     assert!(
-        lines.contains(&"params config device gmdctl socket"),
+        lines.contains(&"params config device gmdctl peer_wait socket"),
         "{parsed}"
     );
     assert!(lines.contains(&"required device"), "{parsed}");
@@ -387,6 +443,12 @@ for a in root.find("actions"):
         .current_dir("/usr/share/resource-agents")
         .env("OCF_ROOT", OCF_ROOT));
     assert_eq!(lint.code, 0, "xmllint:\n{}", lint.text());
+
+    // POSIX sh: dash parses it; shellcheck (where installed) finds nothing.
+    run(Command::new("sh").arg("-n").arg(agent())).ok();
+    if Command::new("shellcheck").arg("--version").output().is_ok() {
+        run(Command::new("shellcheck").arg(agent())).ok();
+    }
 
     // validate-all: with gmdd running, a known device passes, an unknown or
     // missing one is a configuration error.
