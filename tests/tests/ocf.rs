@@ -333,6 +333,50 @@ fn a_promotion_with_the_peer_gone_but_not_recorded_down_records_it() {
 }
 
 #[test]
+fn both_instances_started_at_once_come_up_and_mirror() {
+    require_resource_agents();
+    // Pacemaker starts every clone instance at once when the cluster
+    // starts: neither start may stop the other's copy.
+    for round in 0..3 {
+        let cluster = Cluster::with_mode("mwc", 2);
+        let alpha = cluster.gmdd("alpha");
+        let beta = cluster.gmdd("beta");
+        let mut ra = Agent::new(&cluster, "alpha");
+        let mut rb = Agent::new(&cluster, "beta");
+        ra.params.push(("CRM_meta_clone", "0"));
+        rb.params.push(("CRM_meta_clone", "1"));
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| ra.action_with("start", false));
+            let b = s.spawn(|| rb.action_with("start", false));
+            (a.join().expect("alpha"), b.join().expect("beta"))
+        });
+        assert_eq!(
+            a.code,
+            OCF_SUCCESS,
+            "round {round}: alpha start:\n{}",
+            a.text()
+        );
+        assert_eq!(
+            b.code,
+            OCF_SUCCESS,
+            "round {round}: beta start:\n{}",
+            b.text()
+        );
+        alpha.wait_mirroring(DEV, true);
+        beta.wait_mirroring(DEV, true);
+        ra.expect("monitor", OCF_SUCCESS);
+        rb.expect("monitor", OCF_SUCCESS);
+        for g in [&alpha, &beta] {
+            assert!(
+                !g.log_text().contains("at the request of"),
+                "round {round}: a start stopped the other copy:\n{}",
+                g.log_text()
+            );
+        }
+    }
+}
+
+#[test]
 fn a_resync_target_lacking_data_is_never_promotable() {
     require_resource_agents();
     // alpha's volume is new and zeroed; beta's holds no known data: it
