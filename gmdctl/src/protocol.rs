@@ -339,6 +339,18 @@ pub struct DeviceStatus {
     pub uuid: Option<String>,
     /// Which data this copy holds, when the map is readable (durable).
     pub generations: Option<Generations>,
+    /// Whether this copy lacks data it knows of, when the map is readable:
+    /// it holds no known data (a new or replaced volume), or regions it has
+    /// not received from its peer (a resync target that has not finished).
+    /// Such a copy is promoted only with `gmdctl primary --force`; a
+    /// cluster manager must never promote it (the OCF agent deletes its
+    /// promotion score).
+    #[serde(default)]
+    pub lacks_data: Option<bool>,
+    /// Regions this copy has not received from its peer (`0x6` cells),
+    /// when the map is readable.
+    #[serde(default)]
+    pub not_received: Option<u64>,
     /// Data volume path.
     pub data: String,
     /// State map path.

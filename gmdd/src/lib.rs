@@ -1411,6 +1411,7 @@ impl Daemon {
                     .map(|(_, cells)| MapSummary::of(&cells)),
             };
             let exported = handle.state() == AdminState::Available && self.exports.contains(name);
+            let facts = handle.side_facts();
             out.push(DeviceStatus {
                 schema: STATUS_SCHEMA,
                 name: name.clone(),
@@ -1423,6 +1424,8 @@ impl Daemon {
                 size_bytes: handle.config().size_bytes,
                 uuid: handle.uuid().map(|u| u.to_string()),
                 generations: handle.generations(),
+                lacks_data: facts.as_ref().map(|f| f.lacks_data()),
+                not_received: facts.as_ref().map(|f| f.not_received),
                 data: handle.local().data.display().to_string(),
                 state_map: handle.local().state_map.display().to_string(),
                 peers: handle

@@ -1,5 +1,5 @@
 //! What a person installs: the Debian package (`scripts/package.sh`, checked
-//! with `dpkg-deb`), man pages (`man -l`), shell completions (loaded in
+//! with `dpkg-deb`; it holds the OCF resource agent too), man pages (`man -l`), shell completions (loaded in
 //! bash), the Prometheus alert rules (`promtool check rules`, `promtool
 //! test rules`) and the Grafana dashboard.
 
@@ -238,10 +238,16 @@ fn the_debian_package_holds_programs_unit_man_pages_completions_and_examples() {
     for w in &wanted {
         assert!(entries.contains(w), "{w} is not in the package:\n{listing}");
     }
-    // Programs executable, under /usr/sbin.
+    // Programs executable, under /usr/sbin; the OCF resource agent
+    // (ocf:gmd:gmd) executable where Pacemaker looks for it.
     for line in listing.lines().filter(|l| l.contains("./usr/sbin/gmd")) {
         assert!(line.starts_with("-rwxr-xr-x"), "{line}");
     }
+    let agent = listing
+        .lines()
+        .find(|l| l.ends_with("./usr/lib/ocf/resource.d/gmd/gmd"))
+        .unwrap_or_else(|| panic!("the OCF resource agent is not in the package:\n{listing}"));
+    assert!(agent.starts_with("-rwxr-xr-x"), "{agent}");
     let field = |f: &str| {
         run(Command::new("dpkg-deb").arg("-f").arg(&deb).arg(f))
             .ok()
@@ -251,6 +257,10 @@ fn the_debian_package_holds_programs_unit_man_pages_completions_and_examples() {
     };
     assert_eq!(field("Package"), "gmd");
     assert_eq!(field("Section"), "admin");
+    assert!(
+        field("Suggests").contains("resource-agents"),
+        "the OCF agent needs the OCF shell functions"
+    );
     let control = tempfile::tempdir().expect("tempdir");
     run(Command::new("dpkg-deb")
         .arg("-e")

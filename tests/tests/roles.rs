@@ -173,7 +173,9 @@ fn a_copy_holding_no_known_data_is_promoted_only_with_force() {
     alpha.ctl(&["configure", DEV]).ok();
     alpha.ctl(&["down", DEV, "beta"]).ok();
     alpha.ctl(&["start", DEV]).ok();
-    assert_eq!(alpha.status_json(DEV)["role"], "secondary");
+    let status = alpha.status_json(DEV);
+    assert_eq!(status["role"], "secondary");
+    assert_eq!(status["lacks_data"], true, "{status:#}");
     assert_refused(
         &alpha.ctl(&["primary", DEV]),
         &["holds no known data", "--force"],
@@ -189,7 +191,10 @@ fn a_copy_holding_no_known_data_is_promoted_only_with_force() {
     assert_eq!(forced["forced"], true, "{forced}");
     let current = forced["generations"]["current"].as_u64().unwrap();
     assert_ne!(current, 0, "a new generation: {forced}");
-    assert_eq!(alpha.status_json(DEV)["role"], "primary");
+    let status = alpha.status_json(DEV);
+    assert_eq!(status["role"], "primary");
+    assert_eq!(status["lacks_data"], false, "{status:#}");
+    assert_eq!(status["not_received"], 0, "{status:#}");
     assert_qemu_io_clean(&qemu_io(&alpha.url(DEV), &["write -P 0x71 0 64k"]));
     // A stopped device changes no role.
     alpha.ctl(&["stop", DEV]).ok();
