@@ -1237,7 +1237,11 @@ impl Daemon {
             Duration::from_secs(20),
         )) {
             Ok(PeerReply::Map { info, bits }) => {
-                (info, decode_bits(&bits).map_err(ControlError::internal)?)
+                let regions = gmd_core::units::region_count(local.size_bytes);
+                (
+                    info,
+                    decode_bits(&bits, regions).map_err(ControlError::internal)?,
+                )
             }
             Ok(PeerReply::Refused { reason }) => return Err(ControlError::refused(reason)),
             Ok(other) => {
@@ -1843,13 +1847,26 @@ async fn serve_peers(daemon: Arc<Daemon>, mut rx: gmd_net::IncomingReceiver) {
                 .unwrap_or("?")
                 .to_owned();
             let reply = match serde_json::from_slice::<PeerRequest>(&incoming.body) {
-                Ok(request) => daemon.clone().on_peer_request(from, request).await,
+                Ok(request) => daemon.clone().on_peer_request(from.clone(), request).await,
                 Err(e) => PeerReply::Refused {
                     reason: format!("unreadable request: {e}"),
                 },
             };
             if let Some(responder) = incoming.responder {
-                let body = serde_json::to_vec(&reply).unwrap_or_default();
+                let mut body = serde_json::to_vec(&reply).unwrap_or_default();
+                // An answer GeoMessage cannot carry would leave the asker
+                // waiting until its timeout, then saying this side cannot
+                // be reached: say what failed instead.
+                let max = Tuning::default().message_bytes_max;
+                if body.len() > max {
+                    let reason = format!(
+                        "the answer from {} ({} bytes) is larger than a GeoMessage message ({max} bytes)",
+                        daemon.machine,
+                        body.len()
+                    );
+                    warn!(peer = %from, "{reason}");
+                    body = serde_json::to_vec(&PeerReply::Refused { reason }).unwrap_or_default();
+                }
                 let _ = responder.reply(Bytes::from(body));
             }
         });

@@ -701,7 +701,10 @@ impl Daemon {
                 master,
                 bits,
             } => {
-                let bits = match decode_bits(&bits) {
+                let Some(size) = self.config().devices.get(&device).map(|d| d.size_bytes) else {
+                    return refused(format!("device {device} has no copy on {}", self.machine));
+                };
+                let bits = match decode_bits(&bits, gmd_core::units::region_count(size)) {
                     Ok(b) => b,
                     Err(reason) => return refused(reason),
                 };
