@@ -60,7 +60,11 @@ start_gmdd() {
     for _ in $(seq 200); do [ -S "$1.sock" ] && return 0; sleep 0.05; done
     echo "gmdd $1 did not start" >&2; exit 1
 }
-rss_mib() { awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/${PID[$1]}/status"; }
+rss_mib() { # gmdd runs under timeout(1): its child
+    local pid
+    pid=$(pgrep -P "${PID[$1]}" -x gmdd || echo "${PID[$1]}")
+    awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$pid/status"
+}
 now() { date +%s.%N; }
 status_json() { ctl "$1" status data10gmd --json; }
 field() { python3 -c "import json,sys; d=json.load(sys.stdin)[0]; print(eval(sys.argv[1]))" "$1"; }
