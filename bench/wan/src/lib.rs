@@ -1,0 +1,3 @@
+//! An emulated WAN link between two network namespaces.
+
+pub mod link;
