@@ -265,7 +265,7 @@ fn gm_client<T>(
     loss: u32,
     dg: usize,
     f: impl AsyncFnOnce(&Node, gmd_net::PeerId) -> T,
-) -> (T, gmd_net::Stats) {
+) -> (Option<T>, gmd_net::Stats) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -288,9 +288,14 @@ fn gm_client<T>(
             }
         }
         let before = node.stats().await.unwrap();
+        // A case that does not finish in time is reported, not fatal (a
+        // slow case across an emulated WAN must not hide the others).
         let r = tokio::time::timeout(CASE_TIMEOUT, f(&node, peer))
             .await
-            .expect("case timed out");
+            .ok();
+        if r.is_none() {
+            eprintln!("  (case timed out after {CASE_TIMEOUT:?}; reported as 0)");
+        }
         let st = node.stats().await.unwrap().since(&before);
         node.shutdown().await;
         (r, st)
@@ -342,7 +347,7 @@ fn gm_bulk(encrypt: bool, loss: u32, dg: usize, total: usize) -> GmResult {
         total as f64 / start.elapsed().as_secs_f64()
     });
     GmResult {
-        bytes_per_sec: rate,
+        bytes_per_sec: rate.unwrap_or(0.0),
         resends: st.networks.iter().map(|n| n.resends).sum(),
         timeouts: st.networks.iter().map(|n| n.timeouts).sum(),
         injected: st.injected_losses,
@@ -373,6 +378,7 @@ fn gm_rtt(dg: usize) -> Vec<Duration> {
         v
     })
     .0
+    .expect("round trips timed out")
 }
 
 fn median(mut v: Vec<GmResult>) -> GmResult {
