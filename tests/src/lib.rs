@@ -492,6 +492,19 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 }
 
 impl Gmdd {
+    /// `gmdctl events --json` against this daemon, its standard output piped.
+    pub fn events_json(&self) -> Child {
+        Command::new(bin("gmdctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["events", "--json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gmdctl events")
+    }
+
     /// `gmdctl status DEV --json` of this daemon.
     pub fn status_json(&self, device: &str) -> serde_json::Value {
         let run = self.ctl(&["status", device, "--json"]).ok();

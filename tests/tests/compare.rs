@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -38,15 +38,7 @@ fn differing_regions(report: &serde_json::Value) -> Vec<u64> {
 /// `gmdctl events --json` of `gmdd`, once its current state was printed;
 /// the compare events it prints next.
 fn follow_events(gmdd: &Gmdd) -> (Child, mpsc::Receiver<serde_json::Value>) {
-    let mut child = Command::new(bin("gmdctl"))
-        .arg("--socket")
-        .arg(&gmdd.socket)
-        .args(["events", "--json"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("gmdctl events");
+    let mut child = gmdd.events_json();
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     for line in lines.by_ref() {
         let e: serde_json::Value = serde_json::from_str(&line.expect("line")).expect("json");

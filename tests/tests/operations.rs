@@ -228,15 +228,7 @@ struct Events {
 
 impl Events {
     fn start(gmdd: &Gmdd) -> Events {
-        let mut child = Command::new(bin("gmdctl"))
-            .arg("--socket")
-            .arg(&gmdd.socket)
-            .args(["events", "--json"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("gmdctl events");
+        let mut child = gmdd.events_json();
         let stdout = child.stdout.take().expect("stdout");
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

@@ -342,15 +342,7 @@ fn follow(
     std::process::Child,
     std::sync::mpsc::Receiver<serde_json::Value>,
 ) {
-    let mut child = Command::new(bin("gmdctl"))
-        .arg("--socket")
-        .arg(&gmdd.socket)
-        .args(["events", "--json"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("gmdctl events");
+    let mut child = gmdd.events_json();
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

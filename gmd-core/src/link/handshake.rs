@@ -725,6 +725,16 @@ mod tests {
         (sa, sb)
     }
 
+    /// An offer with no marks, made by `machine` (alpha as primary).
+    fn plain_offer(l: &Link, machine: &str) -> Offer {
+        l.offer(
+            identity(),
+            facts(machine, machine == "alpha", 7, 0),
+            Regions::new(),
+            Regions::new(),
+        )
+    }
+
     #[test]
     fn a_handshake_connects_both_sides_with_mirrored_parts() {
         let mut a = Link::new("d", "alpha");
@@ -942,25 +952,19 @@ mod tests {
         let mut b = Link::new("d", "beta");
         a.started(1, PairRole::Primary);
         b.started(2, PairRole::Secondary);
-        let offer = |l: &Link, machine: &str| {
-            l.offer(
-                identity(),
-                facts(machine, machine == "alpha", 7, 0),
-                Regions::new(),
-                Regions::new(),
-            )
-        };
         a.begin("beta").unwrap();
         b.begin("alpha").unwrap();
-        let from_beta = offer(&b, "beta");
+        let from_beta = plain_offer(&b, "beta");
         let accept = b
-            .on_offer(&offer(&b, "beta"), &offer(&a, "alpha"), 9)
+            .on_offer(&plain_offer(&b, "beta"), &plain_offer(&a, "alpha"), 9)
             .unwrap();
         a.on_accept("beta", &accept, REGIONS).unwrap();
         b.on_go("alpha", 9, 1).unwrap();
         // alpha left session 9 without beta knowing, then took beta's old offer.
         a.end();
-        let late = a.on_offer(&offer(&a, "alpha"), &from_beta, 10).unwrap();
+        let late = a
+            .on_offer(&plain_offer(&a, "alpha"), &from_beta, 10)
+            .unwrap();
         let start = b.on_accept("alpha", &late, REGIONS).unwrap();
         assert_eq!(start.session, 10);
         assert_eq!(b.connected(), Some(("alpha", 10)));
@@ -979,22 +983,14 @@ mod tests {
         let mut b = Link::new("d", "beta");
         a.started(1, PairRole::Primary);
         b.started(2, PairRole::Secondary);
-        let offer = |l: &Link, machine: &str| {
-            l.offer(
-                identity(),
-                facts(machine, machine == "alpha", 7, 0),
-                Regions::new(),
-                Regions::new(),
-            )
-        };
         a.begin("beta").unwrap();
         b.begin("alpha").unwrap();
-        let (ao, bo) = (offer(&a, "alpha"), offer(&b, "beta"));
+        let (ao, bo) = (plain_offer(&a, "alpha"), plain_offer(&b, "beta"));
         // Each offer arrives where the offer made there is no longer pending.
         a.abandon_offer("beta");
         b.abandon_offer("alpha");
-        let to_alpha = b.on_offer(&offer(&b, "beta"), &ao, 11).unwrap();
-        let to_beta = a.on_offer(&offer(&a, "alpha"), &bo, 12).unwrap();
+        let to_alpha = b.on_offer(&plain_offer(&b, "beta"), &ao, 11).unwrap();
+        let to_beta = a.on_offer(&plain_offer(&a, "alpha"), &bo, 12).unwrap();
         assert_eq!(a.on_accept("beta", &to_alpha, REGIONS).unwrap().session, 11);
         assert_eq!(b.on_accept("alpha", &to_beta, REGIONS).unwrap().session, 12);
         // Each Go finds the other in another session: refused, and the
@@ -1006,7 +1002,7 @@ mod tests {
         assert!(!a.handshaking() && !b.handshaking());
         a.begin("beta").unwrap();
         let accept = b
-            .on_offer(&offer(&b, "beta"), &offer(&a, "alpha"), 13)
+            .on_offer(&plain_offer(&b, "beta"), &plain_offer(&a, "alpha"), 13)
             .unwrap();
         a.on_accept("beta", &accept, REGIONS).unwrap();
         b.on_go("alpha", 13, 1).unwrap();
@@ -1023,21 +1019,13 @@ mod tests {
         let mut b = Link::new("d", "beta");
         a.started(1, PairRole::Primary);
         b.started(2, PairRole::Secondary);
-        let offer = |l: &Link, machine: &str| {
-            l.offer(
-                identity(),
-                facts(machine, machine == "alpha", 7, 0),
-                Regions::new(),
-                Regions::new(),
-            )
-        };
         a.begin("beta").unwrap();
-        let older = offer(&a, "alpha");
+        let older = plain_offer(&a, "alpha");
         a.end();
         a.begin("beta").unwrap();
-        let newer = offer(&a, "alpha");
-        let first = b.on_offer(&offer(&b, "beta"), &older, 20).unwrap();
-        let second = b.on_offer(&offer(&b, "beta"), &newer, 21).unwrap();
+        let newer = plain_offer(&a, "alpha");
+        let first = b.on_offer(&plain_offer(&b, "beta"), &older, 20).unwrap();
+        let second = b.on_offer(&plain_offer(&b, "beta"), &newer, 21).unwrap();
         assert_eq!(a.on_accept("beta", &second, REGIONS).unwrap().session, 21);
         assert!(a.on_accept("beta", &first, REGIONS).is_err());
         b.on_go("alpha", 21, 1).unwrap();
