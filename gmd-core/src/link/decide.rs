@@ -8,7 +8,7 @@
 //! | neither holds data | connect; nothing to copy (promote one with `--force`) |
 //! | one holds no data | full copy from the other |
 //! | same `current`, no marks | nothing to do |
-//! | same `current`, marks | the union of the marks, from the side with stale marks, else the primary, else the side that lacks nothing (ties: the smaller machine name) |
+//! | same `current`, marks | the union of the marks, from the side with stale marks, else the primary, else the side that lacks nothing, else the only side with marks (ties: the smaller machine name) |
 //! | my `bitmap` is the peer's `current` | I went on alone from the peer's data: the union from me |
 //! | the peer's `current` is in my history | a full copy from me |
 //! | (and the same the other way round) | |
@@ -314,18 +314,25 @@ fn same_data_source(device: &str, local: &SideFacts, remote: &SideFacts) -> Resu
         _ => {}
     }
     match (lacks(local), lacks(remote)) {
-        (false, true) => Ok(Side::Local),
-        (true, false) => Ok(Side::Remote),
+        (false, true) => return Ok(Side::Local),
+        (true, false) => return Ok(Side::Remote),
         (true, true) => {
             let (a, b) = ordered(local, remote);
-            Err(Refusal::BothLackData {
+            return Err(Refusal::BothLackData {
                 device: device.into(),
                 a: a.machine.clone(),
                 b: b.machine.clone(),
-            })
+            });
         }
-        (false, false) if local.machine <= remote.machine => Ok(Side::Local),
-        (false, false) => Ok(Side::Remote),
+        (false, false) => {}
+    }
+    // A side without marks knows of nothing it holds that its peer lacks;
+    // the other side's marks (its own writes, resent) do.
+    match (local.marked > 0, remote.marked > 0) {
+        (true, false) => Ok(Side::Local),
+        (false, true) => Ok(Side::Remote),
+        _ if local.machine <= remote.machine => Ok(Side::Local),
+        _ => Ok(Side::Remote),
     }
 }
 
@@ -423,6 +430,24 @@ mod tests {
         let a = marked(side("a", 7, 0), 0, 0, 1);
         assert_eq!(decide("d", &a, &b).unwrap().source, Some(Side::Local));
         assert_eq!(decide("d", &b, &a).unwrap().source, Some(Side::Remote));
+    }
+
+    /// Seed 27329 of the mirror simulator: node1, demoted in a switch
+    /// that a power cut of node0 broke off, holds hot regions node0
+    /// acknowledged and then lost; node0 restarted with a clean map. The
+    /// only side with marks sends them, whatever the names.
+    #[test]
+    fn same_data_between_secondaries_comes_from_the_only_one_with_marks() {
+        let unmarked = side("a", 7, 0);
+        let hot = marked(side("b", 7, 0), 0, 0, 5);
+        assert_eq!(
+            decide("d", &unmarked, &hot).unwrap().source,
+            Some(Side::Remote)
+        );
+        assert_eq!(
+            decide("d", &hot, &unmarked).unwrap().source,
+            Some(Side::Local)
+        );
     }
 
     #[test]
