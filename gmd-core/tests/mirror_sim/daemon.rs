@@ -61,13 +61,14 @@ impl World {
     fn offer(&self, n: usize) -> Offer {
         let node = &self.nodes[n];
         let engine = node.engine.as_ref().expect("running");
-        let (facts, marks, hot) = link::offer_parts(
+        let (mut facts, marks, hot) = link::offer_parts(
             NAMES[n],
             node.link.role() == PairRole::Primary,
             engine.durable_generations(),
             engine.map(),
             MapSource::Running,
         );
+        facts.ran_primary = node.ran_primary;
         node.link.offer(identity(self.mode), facts, marks, hot)
     }
 
