@@ -336,7 +336,11 @@ impl World {
     /// engine loses its peer if it had a session.
     pub(crate) fn disconnect(&mut self, n: usize) -> Option<u64> {
         let had = self.nodes[n].link.end();
-        self.nodes[n].connecting = false;
+        // A handshake this daemon started is still under way while it
+        // waits for an answer (gmdd's `try_connect` runs to its end): no
+        // new offer before, whose own handshake the old answer would
+        // abandon.
+        self.nodes[n].connecting = !self.nodes[n].tasks.is_empty();
         if had.is_some() {
             self.engine_lost_peer(n);
         }
