@@ -172,6 +172,8 @@ enum State {
         _data_lock: File,
         started: Instant,
         role: PairRole,
+        /// See [`Superblock::ran_primary`](crate::statemap::format::Superblock::ran_primary).
+        ran_primary: bool,
     },
 }
 
@@ -461,12 +463,18 @@ impl DeviceHandle {
         else {
             unreachable!("checked above")
         };
+        // A copy that ran as primary when it stopped (it crashed so) and
+        // starts as secondary keeps saying so until it is given a role: its
+        // marks hold the last writer's writes (`SideFacts::ran_primary`).
+        let ran_primary = role == PairRole::Secondary
+            && (recorded == PairRole::Primary || map.superblock().ran_primary);
         // Recorded first: a device found AVAILABLE in its map is restored
         // by the next gmdd, in the role recorded with it.
         if let Err(e) = map.update_superblock(|sb| {
             sb.admin_state = AdminState::Available;
             sb.role = role;
             sb.role_recorded = true;
+            sb.ran_primary = ran_primary;
         }) {
             self.state = State::Stopped {
                 map,
@@ -519,6 +527,7 @@ impl DeviceHandle {
             _data_lock,
             started: Instant::now(),
             role,
+            ran_primary,
         };
         Ok(())
     }
@@ -565,24 +574,34 @@ impl DeviceHandle {
             State::Defined => None,
             State::Stopped { map, cells, .. } => {
                 let sb = map.superblock();
-                Some(crate::link::offer_parts(
+                let (mut facts, marks, hot) = crate::link::offer_parts(
                     &machine,
                     sb.role == PairRole::Primary,
                     sb.generations,
                     cells,
                     crate::link::MapSource::Disk,
-                ))
+                );
+                facts.ran_primary = sb.ran_primary;
+                Some((facts, marks, hot))
             }
-            State::Available { runtime, role, .. } => {
+            State::Available {
+                runtime,
+                role,
+                ran_primary,
+                ..
+            } => {
                 let primary = *role == PairRole::Primary;
+                let ran_primary = *ran_primary;
                 Some(runtime.port().inspect(|engine: &Engine| {
-                    crate::link::offer_parts(
+                    let (mut facts, marks, hot) = crate::link::offer_parts(
                         &machine,
                         primary,
                         engine.durable_generations(),
                         engine.map(),
                         crate::link::MapSource::Running,
-                    )
+                    );
+                    facts.ran_primary = ran_primary;
+                    (facts, marks, hot)
                 }))
             }
         }
@@ -640,6 +659,7 @@ impl DeviceHandle {
         self.change_running(move |engine, sb| {
             engine.set_access(new.writable(), readable);
             sb.role = new;
+            sb.ran_primary = false;
             let epoch = engine.touch_superblock();
             if forced {
                 epoch.max(engine.force_new_generation())
@@ -647,8 +667,12 @@ impl DeviceHandle {
                 epoch
             }
         })?;
-        if let State::Available { role, .. } = &mut self.state {
+        if let State::Available {
+            role, ran_primary, ..
+        } = &mut self.state
+        {
             *role = new;
+            *ran_primary = false;
         }
         self.role_note = None;
         Ok(())
@@ -675,20 +699,29 @@ impl DeviceHandle {
                 }
                 map.write_all(&next).map_err(|e| map_error(&name, &e))?;
                 *cells = next;
-                map.update_superblock(|sb| sb.generations.discard_own_changes())
-                    .map_err(|e| map_error(&name, &e))
+                map.update_superblock(|sb| {
+                    sb.generations.discard_own_changes();
+                    sb.ran_primary = false;
+                })
+                .map_err(|e| map_error(&name, &e))
             }
             State::Available { .. } => {
                 let (tx, rx) = mpsc::channel();
-                self.change_running(move |engine, _| {
+                self.change_running(move |engine, sb| {
                     let epoch = engine.discard_own_changes();
                     let _ = tx.send(epoch.is_some());
+                    if epoch.is_some() {
+                        sb.ran_primary = false;
+                    }
                     epoch.unwrap_or_else(|| engine.durable_epoch())
                 })?;
                 if rx.try_recv() != Ok(true) {
                     return Err(DeviceError::refused(format!(
                         "{name}: mirroring with its peer: only a copy apart can discard its changes"
                     )));
+                }
+                if let State::Available { ran_primary, .. } = &mut self.state {
+                    *ran_primary = false;
                 }
                 Ok(())
             }

@@ -351,9 +351,12 @@ struct Node {
     /// handshake, session, who acknowledged the hot regions.
     link: Link,
     /// What the superblock records besides the map: the role a restart
-    /// after a crash asks for, whether the peer is recorded down, the data
-    /// generations (durable: what a restart reads).
+    /// after a crash asks for, whether it ran as primary when it last
+    /// stopped and was given no role since (`SideFacts::ran_primary`, as
+    /// `DeviceHandle::start` records it), whether the peer is recorded
+    /// down, the data generations (durable: what a restart reads).
     recorded_role: PairRole,
+    ran_primary: bool,
     peer_down: bool,
     gens_durable: Generations,
     disk: Disk,
@@ -418,6 +421,7 @@ impl Node {
             engine: None,
             link: Link::new("sim", NAMES[n]),
             recorded_role: PairRole::Secondary,
+            ran_primary: false,
             peer_down: false,
             gens_durable: gens,
             disk: Disk::new(BLOCKS),
@@ -1675,6 +1679,8 @@ impl World {
         node.packed_seen = engine.map().packed().to_vec();
         node.engine = Some(engine);
         node.link.started(incarnation, role);
+        node.ran_primary = role == PairRole::Secondary
+            && (node.recorded_role == PairRole::Primary || node.ran_primary);
         node.recorded_role = role;
         node.down_since = None;
         node.connecting = false;

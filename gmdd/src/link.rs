@@ -310,7 +310,9 @@ impl DeviceLink {
                 port.link_event(event);
             }
         }
-        inner.connecting = false;
+        // `connecting` stays: a handshake this side started runs to its end
+        // (`connect` clears it then), so that no new one begins meanwhile,
+        // whose offer the old one's end would abandon.
         inner.peer_id = None;
         inner.plan = None;
         drop(inner);

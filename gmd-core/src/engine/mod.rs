@@ -614,7 +614,10 @@ pub struct Engine {
     /// that short-lived set-ups do not push the generations the peer holds
     /// out of the history.
     current_shared: bool,
-    /// Target: the generation taken at connect, to announce once durable.
+    /// Target: the source's generation, to take once the marks of the
+    /// regions this side lacks are durable (the epoch).
+    adopting: Option<(GenId, Epoch)>,
+    /// Target: the generation taken, to announce once durable.
     adopted: Option<(GenId, Epoch)>,
     /// Regions whose marks may go once a barrier covers them.
     clears: Clears,
@@ -698,6 +701,7 @@ impl Engine {
             gen_source: GenSource::new(gen_seed),
             new_generation_due: true,
             current_shared: true,
+            adopting: None,
             adopted: None,
             clears: Clears::new(region_count, params.activity_regions),
             next_sync: 1,
@@ -1484,6 +1488,7 @@ impl Engine {
         }
         self.resume_waiting();
         self.issue_peer_ops();
+        self.adopt_once_marked();
         self.announce_adoption();
         self.pump_resync();
         self.start_commit();
@@ -1657,16 +1662,18 @@ impl Engine {
                     next = set.next_from(r + 1);
                 }
                 self.stats.resync_target_total = count;
-                // This copy takes the source's generation now, durably with
-                // the marks of every region it still lacks: an interrupted
-                // resync then resumes from those marks.
-                let mut gens = self.journal.gens;
-                gens.adopt(peer_current);
-                self.journal.set_generations(gens);
+                // This copy takes the source's generation once the marks of
+                // every region it still lacks are durable, in a later map
+                // write: an interrupted resync then resumes from those
+                // marks. Not in the same write: a crash tears a map write
+                // page by page, and a superblock naming the source's data
+                // over a page still holding this side's stale marks would
+                // make those look like writes of the source's generation
+                // the source lacks (its discarded changes sent back).
                 self.current_shared = true;
                 // Received data is applied only once the marks are durable.
                 self.target_marks_epoch = self.journal.needed_all();
-                self.adopted = Some((peer_current, self.target_marks_epoch));
+                self.adopting = Some((peer_current, self.target_marks_epoch));
                 if count == 0 {
                     self.actions.push_back(Action::ResyncDone);
                 }
@@ -1683,9 +1690,25 @@ impl Engine {
             }
         }
         self.start_commit();
+        self.adopt_once_marked();
         self.announce_adoption();
         self.pump_resync();
         self.pump_barrier();
+    }
+
+    /// Target: takes the source's generation once the marks of what this
+    /// side lacks are durable (see [`Engine::connect`]).
+    fn adopt_once_marked(&mut self) {
+        if let Some((current, epoch)) = self.adopting {
+            if self.connected && self.journal.durable() >= epoch && !self.journal.failed {
+                self.adopting = None;
+                let mut gens = self.journal.gens;
+                gens.adopt(current);
+                self.journal.set_generations(gens);
+                self.start_commit();
+                self.adopted = Some((current, self.journal.needed_all()));
+            }
+        }
     }
 
     /// Whether more regions are stale than the handshake found. On a side
@@ -1733,6 +1756,7 @@ impl Engine {
         }
         self.connected = false;
         self.new_generation_due = self.current_shared || self.journal.gens.holds_no_data();
+        self.adopting = None;
         self.adopted = None;
         // Marks waiting for a barrier stay: without the peer's flush the
         // data they cover is not known durable there.

@@ -47,6 +47,9 @@ struct Model {
     hold_syncs: bool,
     /// Data volume syncs asked for and not yet finished.
     syncs: Vec<u64>,
+    /// The generations each map write put in the superblock (`None`: it
+    /// did not write the superblock).
+    map_gens: Vec<Option<Generations>>,
 }
 
 impl Model {
@@ -70,6 +73,7 @@ impl Model {
             resync_sent: Vec::new(),
             hold_syncs: false,
             syncs: Vec::new(),
+            map_gens: Vec::new(),
         }
     }
 
@@ -111,6 +115,7 @@ impl Model {
                         .collect();
                     self.in_flight_map = Some((epoch, pages));
                     self.map_writes += 1;
+                    self.map_gens.push(self.engine.flushing_generations());
                 }
                 Action::Complete(slot, result) => {
                     self.log.push(format!("complete {slot}"));
@@ -1117,10 +1122,16 @@ fn a_write_without_the_peer_starts_a_new_generation_durably_first() {
     assert_eq!(again.bitmap, gens.current);
 }
 
-/// A resync target takes the source's generation at connect, durably with
-/// its marks, and tells the source only then.
+/// A resync target takes the source's generation once the marks of what
+/// it lacks are durable, in a later map write than theirs, and tells the
+/// source only then. Sim seed 30318: the target had stale marks of its own
+/// (writes a failover discarded); a crash tore the map write that held
+/// both the new generation and the 0x6 marks over them, the superblock
+/// landed and the page did not, and the copy came back naming the
+/// source's data with its discarded writes marked stale, as if the source
+/// lacked them: promoted later, it sent them back.
 #[test]
-fn a_target_takes_the_source_generation_with_its_marks_and_then_says_so() {
+fn a_target_takes_the_source_generation_once_its_marks_are_durable_and_then_says_so() {
     let mut m = Model::with_generation(Mode::Mwc, 100);
     let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
     bits[0] = 0b110;
@@ -1131,6 +1142,17 @@ fn a_target_takes_the_source_generation_with_its_marks_and_then_says_so() {
         source_current: 0,
     });
     m.pump();
+    // The write of the marks does not name the source's data.
+    assert!(m.in_flight_map.is_some());
+    assert_ne!(m.map_gens.last().unwrap().map(|g| g.current), Some(200));
+    assert_eq!(m.engine.generations().current, 100);
+    m.finish_map_write(true);
+    assert_eq!(m.durable.get(1), CELL_RESYNC);
+    assert_eq!(m.durable.get(2), CELL_RESYNC);
+    assert_eq!(m.engine.durable_generations().current, 100);
+    // Then the generation, in a write of its own.
+    assert!(m.in_flight_map.is_some());
+    assert_eq!(m.map_gens.last().unwrap().map(|g| g.current), Some(200));
     assert_eq!(m.engine.generations().current, 200);
     assert!(
         !m.log.iter().any(|l| l.starts_with("adopted")),
@@ -1139,7 +1161,6 @@ fn a_target_takes_the_source_generation_with_its_marks_and_then_says_so() {
     );
     m.settle_map();
     assert_eq!(m.engine.durable_generations().current, 200);
-    assert_eq!(m.durable.get(1), CELL_RESYNC);
     assert_eq!(
         m.log.iter().filter(|l| *l == "adopted 200").count(),
         1,

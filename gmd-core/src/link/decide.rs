@@ -8,7 +8,7 @@
 //! | neither holds data | connect; nothing to copy (promote one with `--force`) |
 //! | one holds no data | full copy from the other |
 //! | same `current`, no marks | nothing to do |
-//! | same `current`, marks | the union of the marks, from the side with stale marks, else the primary, else the side that lacks nothing (ties: the smaller machine name) |
+//! | same `current`, marks | the union of the marks, from the side with stale marks, else the primary, else the side that lacks nothing, else the side that ran as primary last and has marks, else the only side with marks (ties: the smaller machine name) |
 //! | my `bitmap` is the peer's `current` | I went on alone from the peer's data: the union from me |
 //! | the peer's `current` is in my history | a full copy from me |
 //! | (and the same the other way round) | |
@@ -35,6 +35,14 @@ pub struct SideFacts {
     pub not_received: u64,
     /// Regions this side's map asks the resync to cover.
     pub marked: u64,
+    /// Whether this side ran as primary when it last stopped (it crashed,
+    /// or was stopped, as primary) and has not been given a role since:
+    /// its marks then hold the last writer's writes, which its peer, a
+    /// secondary then, may have lost (a power cut takes what it had not
+    /// flushed). Restarted as secondary, such a copy is still the source
+    /// of the marks' union (DRBD's "crashed primary").
+    #[serde(default)]
+    pub ran_primary: bool,
 }
 
 impl SideFacts {
@@ -314,18 +322,38 @@ fn same_data_source(device: &str, local: &SideFacts, remote: &SideFacts) -> Resu
         _ => {}
     }
     match (lacks(local), lacks(remote)) {
-        (false, true) => Ok(Side::Local),
-        (true, false) => Ok(Side::Remote),
+        (false, true) => return Ok(Side::Local),
+        (true, false) => return Ok(Side::Remote),
         (true, true) => {
             let (a, b) = ordered(local, remote);
-            Err(Refusal::BothLackData {
+            return Err(Refusal::BothLackData {
                 device: device.into(),
                 a: a.machine.clone(),
                 b: b.machine.clone(),
-            })
+            });
         }
-        (false, false) if local.machine <= remote.machine => Ok(Side::Local),
-        (false, false) => Ok(Side::Remote),
+        (false, false) => {}
+    }
+    // Neither is primary now. Marks of a secondary that lacks nothing are
+    // writes it made as primary (hot or in flight when it stopped): the
+    // data of the last writer is the pair's. The copy that crashed as
+    // primary holds it; its peer may have lost what it had not flushed
+    // (a power cut), while what the peer itself wrote as primary before
+    // reached this one before it was promoted (a switch is made while
+    // connected).
+    let last_writer = |s: &SideFacts| s.ran_primary && s.marked > 0;
+    match (last_writer(local), last_writer(remote)) {
+        (true, false) => return Ok(Side::Local),
+        (false, true) => return Ok(Side::Remote),
+        _ => {}
+    }
+    // A side without marks knows of nothing it holds that its peer lacks;
+    // the other side's marks (its own writes, resent) do.
+    match (local.marked > 0, remote.marked > 0) {
+        (true, false) => Ok(Side::Local),
+        (false, true) => Ok(Side::Remote),
+        _ if local.machine <= remote.machine => Ok(Side::Local),
+        _ => Ok(Side::Remote),
     }
 }
 
@@ -374,6 +402,7 @@ mod tests {
             stale: 0,
             not_received: 0,
             marked: 0,
+            ran_primary: false,
         }
     }
 
@@ -391,6 +420,11 @@ mod tests {
 
     fn primary(mut s: SideFacts) -> SideFacts {
         s.primary = true;
+        s
+    }
+
+    fn ran_primary(mut s: SideFacts) -> SideFacts {
+        s.ran_primary = true;
         s
     }
 
@@ -423,6 +457,47 @@ mod tests {
         let a = marked(side("a", 7, 0), 0, 0, 1);
         assert_eq!(decide("d", &a, &b).unwrap().source, Some(Side::Local));
         assert_eq!(decide("d", &b, &a).unwrap().source, Some(Side::Remote));
+    }
+
+    /// Seed 23666 of the mirror simulator: node1, primary, crashed (its
+    /// disk kept what it wrote); node0, a secondary since a switch, lost
+    /// the writes it had not flushed in a power cut, and kept marks of its
+    /// own from when it was primary before the switch. Both restarted as
+    /// secondaries with the same generation: the copy that crashed as
+    /// primary sends the union, whatever the names.
+    #[test]
+    fn same_data_between_secondaries_comes_from_the_one_that_crashed_as_primary() {
+        let old = marked(side("a", 7, 0), 0, 0, 2);
+        let last = ran_primary(marked(side("b", 7, 0), 0, 0, 10));
+        assert_eq!(decide("d", &old, &last).unwrap().source, Some(Side::Remote));
+        assert_eq!(decide("d", &last, &old).unwrap().source, Some(Side::Local));
+        // A flag left from long ago on a copy without marks says nothing.
+        let clean = ran_primary(side("b", 7, 0));
+        assert_eq!(decide("d", &old, &clean).unwrap().source, Some(Side::Local));
+        // What a copy lacks still comes first.
+        let lacking = ran_primary(marked(side("b", 7, 0), 0, 3, 0));
+        assert_eq!(
+            decide("d", &old, &lacking).unwrap().source,
+            Some(Side::Local)
+        );
+    }
+
+    /// Seed 27329 of the mirror simulator: node1, demoted in a switch
+    /// that a power cut of node0 broke off, holds hot regions node0
+    /// acknowledged and then lost; node0 restarted with a clean map. The
+    /// only side with marks sends them, whatever the names.
+    #[test]
+    fn same_data_between_secondaries_comes_from_the_only_one_with_marks() {
+        let unmarked = side("a", 7, 0);
+        let hot = marked(side("b", 7, 0), 0, 0, 5);
+        assert_eq!(
+            decide("d", &unmarked, &hot).unwrap().source,
+            Some(Side::Remote)
+        );
+        assert_eq!(
+            decide("d", &hot, &unmarked).unwrap().source,
+            Some(Side::Local)
+        );
     }
 
     #[test]
@@ -526,9 +601,10 @@ mod tests {
             0u64..3,
             0u64..3,
             0u64..3,
+            any::<bool>(),
         )
             .prop_map(
-                move |(p, current, bitmap, history, stale, nr, other)| SideFacts {
+                move |(p, current, bitmap, history, stale, nr, other, ran)| SideFacts {
                     machine: machine.into(),
                     primary: p,
                     gens: Generations {
@@ -539,6 +615,7 @@ mod tests {
                     stale,
                     not_received: nr,
                     marked: stale + nr + other,
+                    ran_primary: ran,
                 },
             )
     }

@@ -19,7 +19,8 @@ pub enum MapSource {
 }
 
 /// The facts and region sets of a copy with map `cells` and durable
-/// generations `gens` on `machine`: (facts, marks, hot regions).
+/// generations `gens` on `machine`: (facts, marks, hot regions). The caller
+/// sets [`SideFacts::ran_primary`] from its superblock.
 pub fn offer_parts(
     machine: &str,
     primary: bool,
@@ -41,6 +42,7 @@ pub fn offer_parts(
         stale: cells.count_value(CELL_STALE),
         not_received: cells.count_value(CELL_RESYNC),
         marked: marks.count(),
+        ran_primary: false,
     };
     (facts, marks, hot)
 }

@@ -705,6 +705,7 @@ mod tests {
             stale: 0,
             not_received: 0,
             marked: 0,
+            ran_primary: false,
         }
     }
 

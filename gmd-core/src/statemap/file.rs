@@ -263,6 +263,7 @@ impl MapFile {
             generations,
             role: crate::link::PairRole::Secondary,
             role_recorded: true,
+            ran_primary: false,
         };
         let mut map = MapFile {
             path: path.to_owned(),

@@ -171,6 +171,11 @@ pub struct Superblock {
     /// (`role` then reads as secondary): a device restored from such a map
     /// comes back in its configured role, as the gmd that wrote it ran it.
     pub role_recorded: bool,
+    /// Whether the device ran as primary when it last stopped and has been
+    /// given no role since (format 2; 0 in maps written before it): it
+    /// started again as secondary, and its marks hold the last writer's
+    /// writes (see [`crate::link::SideFacts::ran_primary`]).
+    pub ran_primary: bool,
 }
 
 /// Why a block could not be decoded.
@@ -258,6 +263,7 @@ pub fn encode_superblock(sb: &Superblock, seq: u64, block: &mut [u8]) {
         PairRole::Primary => 1,
         PairRole::Split => 2,
     };
+    block[at + 41] = u8::from(sb.ran_primary);
     let crc = crc_with_zeroed(block, CRC_OFFSET);
     block[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
 }
@@ -294,8 +300,13 @@ pub fn decode_superblock(block: &[u8]) -> Result<(Superblock, u64), BlockError> 
         peers_down.push(name.to_owned());
     }
     let uuid = Uuid::from_slice(&block[16..32]).expect("16 bytes");
-    let (generations, role, role_recorded) = if version == 1 {
-        (Generations::legacy(&uuid), PairRole::Secondary, false)
+    let (generations, role, role_recorded, ran_primary) = if version == 1 {
+        (
+            Generations::legacy(&uuid),
+            PairRole::Secondary,
+            false,
+            false,
+        )
     } else {
         let at = GENERATIONS_OFFSET;
         let generations = Generations {
@@ -313,7 +324,12 @@ pub fn decode_superblock(block: &[u8]) -> Result<(Superblock, u64), BlockError> 
             2 => PairRole::Split,
             _ => return Err(BlockError::Invalid("role")),
         };
-        (generations, role, true)
+        let ran_primary = match block[at + 41] {
+            0 => false,
+            1 => true,
+            _ => return Err(BlockError::Invalid("ran as primary")),
+        };
+        (generations, role, true, ran_primary)
     };
     let sb = Superblock {
         uuid,
@@ -328,6 +344,7 @@ pub fn decode_superblock(block: &[u8]) -> Result<(Superblock, u64), BlockError> 
         generations,
         role,
         role_recorded,
+        ran_primary,
     };
     if sb.cell_bits != crate::units::CELL_BITS
         || sb.region_size_bytes != crate::units::REGION_SIZE_BYTES
@@ -427,6 +444,7 @@ mod tests {
             },
             role: PairRole::Primary,
             role_recorded: true,
+            ran_primary: true,
         }
     }
 

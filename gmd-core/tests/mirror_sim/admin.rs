@@ -66,13 +66,14 @@ impl World {
     fn start_role(&self, n: usize) -> Result<PairRole, Refusal> {
         let node = &self.nodes[n];
         let peer = 1 - n;
-        let (facts, _, _) = link::offer_parts(
+        let (mut facts, _, _) = link::offer_parts(
             NAMES[n],
             node.recorded_role == PairRole::Primary,
             node.gens_durable,
             &node.map_durable,
             MapSource::Disk,
         );
+        facts.ran_primary = node.ran_primary;
         let reachable = self.link_up && self.nodes[peer].engine.is_some();
         let condition = if node.peer_down && !reachable {
             PeerCondition::KnownDown {
@@ -104,15 +105,18 @@ impl World {
         if reachable {
             let peer_node = &self.nodes[peer];
             let engine = peer_node.engine.as_ref().expect("running");
-            let (remote, _, _) = link::offer_parts(
+            let (mut remote, _, _) = link::offer_parts(
                 NAMES[peer],
                 peer_node.link.role() == PairRole::Primary,
                 engine.durable_generations(),
                 engine.map(),
                 MapSource::Running,
             );
+            remote.ran_primary = peer_node.ran_primary;
             let mut local = facts;
             local.primary = role == PairRole::Primary;
+            local.ran_primary = role == PairRole::Secondary
+                && (node.recorded_role == PairRole::Primary || node.ran_primary);
             local.marked = local.marked.max(local.stale + local.not_received);
             link::decide("sim", &local, &remote)?;
         }
@@ -153,6 +157,7 @@ impl World {
         engine.touch_superblock();
         self.nodes[n].link.set_role(role);
         self.nodes[n].recorded_role = role;
+        self.nodes[n].ran_primary = false;
         self.pump(n);
     }
 
@@ -548,6 +553,7 @@ impl World {
         node.gens_durable.discard_own_changes();
         // A stopped device's clean stop records it secondary.
         node.recorded_role = PairRole::Secondary;
+        node.ran_primary = false;
         self.set_durable_map(o, StateMap::new(SIZE));
         self.counts.unifies += 1;
         self.note(format!(

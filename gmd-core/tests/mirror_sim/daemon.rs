@@ -61,13 +61,14 @@ impl World {
     fn offer(&self, n: usize) -> Offer {
         let node = &self.nodes[n];
         let engine = node.engine.as_ref().expect("running");
-        let (facts, marks, hot) = link::offer_parts(
+        let (mut facts, marks, hot) = link::offer_parts(
             NAMES[n],
             node.link.role() == PairRole::Primary,
             engine.durable_generations(),
             engine.map(),
             MapSource::Running,
         );
+        facts.ran_primary = node.ran_primary;
         node.link.offer(identity(self.mode), facts, marks, hot)
     }
 
@@ -335,7 +336,11 @@ impl World {
     /// engine loses its peer if it had a session.
     pub(crate) fn disconnect(&mut self, n: usize) -> Option<u64> {
         let had = self.nodes[n].link.end();
-        self.nodes[n].connecting = false;
+        // A handshake this daemon started is still under way while it
+        // waits for an answer (gmdd's `try_connect` runs to its end): no
+        // new offer before, whose own handshake the old answer would
+        // abandon.
+        self.nodes[n].connecting = !self.nodes[n].tasks.is_empty();
         if had.is_some() {
             self.engine_lost_peer(n);
         }
