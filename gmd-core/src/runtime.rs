@@ -64,8 +64,12 @@ const KIND_DATA: u64 = 0;
 const KIND_MAP_PAGE: u64 = 1;
 const KIND_MAP_SYNC: u64 = 2;
 const KIND_WAKE: u64 = 3;
-// With [`KIND_MAP_SYNC`], index 0 is the map's sync; any other index is the
+// With [`KIND_MAP_SYNC`], index 0 is the map's sync, [`MAP_PAGES_SYNC`] the
+// sync of a commit's pages before its superblock; any other index is the
 // id of a data volume sync for a barrier (ids start at 1).
+/// The sync that makes a commit's pages durable before its superblock is
+/// written (a superblock never names generations its pages do not hold).
+const MAP_PAGES_SYNC: u64 = 1 << 61;
 /// In a group commit's page list: the superblock, not a page.
 const SUPERBLOCK_PAGE: u64 = u64::MAX;
 
@@ -861,6 +865,8 @@ struct Flush {
     writes_in_flight: usize,
     failed: Option<i32>,
     syncing: bool,
+    /// The commit's pages are durable (its superblock may be written).
+    pages_synced: bool,
 }
 
 struct Worker {
@@ -1493,6 +1499,7 @@ impl Worker {
                         writes_in_flight: 0,
                         failed: None,
                         syncing: false,
+                        pages_synced: false,
                     });
                     self.pump_flush(core)?;
                 }
@@ -1596,10 +1603,25 @@ impl Worker {
                 }
                 return Ok(());
             }
+            let (page, slot, seq) = self.flush_pages[flush.next];
+            // The superblock (last in the list) goes only once the pages
+            // before it are durable: a crash then leaves old generations
+            // over new pages, never new generations over old pages (a copy
+            // naming data whose marks did not land).
+            if page == SUPERBLOCK_PAGE && flush.next > 0 && !flush.pages_synced {
+                if flush.writes_in_flight == 0 {
+                    flush.syncing = true;
+                    let sqe = opcode::Fsync::new(types::Fd(self.map_file.as_raw_fd()))
+                        .flags(types::FsyncFlags::DATASYNC)
+                        .build()
+                        .user_data(user_data(KIND_MAP_SYNC, MAP_PAGES_SYNC));
+                    self.push(sqe)?;
+                }
+                return Ok(());
+            }
             let Some(buf_index) = self.map_bufs_free.pop() else {
                 return Ok(());
             };
-            let (page, slot, seq) = self.flush_pages[flush.next];
             flush.next += 1;
             flush.writes_in_flight += 1;
             let packed = core.engine.map().packed();
@@ -1656,7 +1678,12 @@ impl Worker {
             }
             return self.pump_flush(core);
         }
-        // The sync ends the group commit.
+        if index == MAP_PAGES_SYNC && res >= 0 {
+            flush.syncing = false;
+            flush.pages_synced = true;
+            return self.pump_flush(core);
+        }
+        // The sync ends the group commit (or failed before its superblock).
         let epoch = flush.epoch;
         self.flush = None;
         if res < 0 {
@@ -1692,7 +1719,7 @@ impl Worker {
             self.ops_in_flight -= 1;
             match kind {
                 KIND_DATA => self.on_data_completion(core, index as Slot, res)?,
-                KIND_MAP_SYNC if index != 0 => {
+                KIND_MAP_SYNC if index != 0 && index != MAP_PAGES_SYNC => {
                     core.engine
                         .data_synced(index, if res < 0 { Err(-res) } else { Ok(()) });
                 }

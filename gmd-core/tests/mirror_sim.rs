@@ -53,7 +53,8 @@
 //! variable: `1` on, `0` off) and a probability, in `mirror_sim/faults.rs`.
 //! Every fault is on by default.
 //! - Always: local operations complete in any order; map commits complete
-//!   in order and are torn page by page (the superblock too) by crashes;
+//!   in order and are torn page by page by crashes (the superblock lands
+//!   only after all of its commit's pages, as the runtime writes it);
 //!   links break (partitions, renegotiation, a stalled peer) and heal;
 //!   handshake messages are delayed, reordered and lost; nodes crash (the
 //!   process: the disks' caches stay) and restart some steps later with
@@ -1075,17 +1076,21 @@ impl World {
     }
 
     /// Commit `commit` of node `n` lands on disk: all of it, or (a failed
-    /// commit, a crash during it) each page and the superblock or not.
+    /// commit, a crash during it) each page or not, and the superblock only
+    /// if every page did: the runtime writes it after the pages are synced.
     fn land(&mut self, n: usize, commit: Commit, whole: bool) {
         let mut packed = self.nodes[n].map_durable.packed().to_vec();
+        let mut every_page = true;
         for (page, cells) in commit.pages {
             if whole || self.rng.gen_bool(0.5) {
                 let range = Layout::page_cells(page, packed.len());
                 packed[range].copy_from_slice(&cells);
+            } else {
+                every_page = false;
             }
         }
         if let Some(gens) = commit.gens {
-            if whole || self.rng.gen_bool(0.5) {
+            if whole || (every_page && self.rng.gen_bool(0.5)) {
                 self.nodes[n].gens_durable = gens;
             }
         }
