@@ -869,6 +869,38 @@ struct Flush {
     pages_synced: bool,
 }
 
+/// What a group commit does next ([`flush_step`]).
+#[derive(Debug, PartialEq, Eq)]
+enum FlushStep {
+    /// Write the next page (or the superblock).
+    Write,
+    /// Sync the pages written, before the superblock.
+    SyncPages,
+    /// Sync what was written: the commit ends.
+    SyncAll,
+    /// Wait for writes in flight.
+    Wait,
+}
+
+/// The next step of a group commit writing `pages` (the superblock, if
+/// any, last). The superblock goes only once the pages before it are
+/// durable: a crash then leaves old generations over new pages, never new
+/// generations over old pages (a copy naming data whose marks did not land).
+fn flush_step(pages: &[(u64, u8, u64)], flush: &Flush) -> FlushStep {
+    match pages.get(flush.next) {
+        None if flush.writes_in_flight == 0 => FlushStep::SyncAll,
+        None => FlushStep::Wait,
+        Some(&(page, _, _)) if page == SUPERBLOCK_PAGE && flush.next > 0 && !flush.pages_synced => {
+            if flush.writes_in_flight == 0 {
+                FlushStep::SyncPages
+            } else {
+                FlushStep::Wait
+            }
+        }
+        Some(_) => FlushStep::Write,
+    }
+}
+
 struct Worker {
     shared: Arc<Shared>,
     ring: IoUring,
@@ -1592,36 +1624,25 @@ impl Worker {
             if flush.failed.is_some() || flush.syncing {
                 return Ok(());
             }
-            if flush.next == self.flush_pages.len() {
-                if flush.writes_in_flight == 0 {
-                    flush.syncing = true;
-                    let sqe = opcode::Fsync::new(types::Fd(self.map_file.as_raw_fd()))
-                        .flags(types::FsyncFlags::DATASYNC)
-                        .build()
-                        .user_data(user_data(KIND_MAP_SYNC, 0));
-                    self.push(sqe)?;
-                }
-                return Ok(());
-            }
-            let (page, slot, seq) = self.flush_pages[flush.next];
-            // The superblock (last in the list) goes only once the pages
-            // before it are durable: a crash then leaves old generations
-            // over new pages, never new generations over old pages (a copy
-            // naming data whose marks did not land).
-            if page == SUPERBLOCK_PAGE && flush.next > 0 && !flush.pages_synced {
-                if flush.writes_in_flight == 0 {
-                    flush.syncing = true;
-                    let sqe = opcode::Fsync::new(types::Fd(self.map_file.as_raw_fd()))
-                        .flags(types::FsyncFlags::DATASYNC)
-                        .build()
-                        .user_data(user_data(KIND_MAP_SYNC, MAP_PAGES_SYNC));
-                    self.push(sqe)?;
-                }
+            let sync = match flush_step(&self.flush_pages, flush) {
+                FlushStep::Wait => return Ok(()),
+                FlushStep::Write => None,
+                FlushStep::SyncPages => Some(MAP_PAGES_SYNC),
+                FlushStep::SyncAll => Some(0),
+            };
+            if let Some(sync) = sync {
+                flush.syncing = true;
+                let sqe = opcode::Fsync::new(types::Fd(self.map_file.as_raw_fd()))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+                    .user_data(user_data(KIND_MAP_SYNC, sync));
+                self.push(sqe)?;
                 return Ok(());
             }
             let Some(buf_index) = self.map_bufs_free.pop() else {
                 return Ok(());
             };
+            let (page, slot, seq) = self.flush_pages[flush.next];
             flush.next += 1;
             flush.writes_in_flight += 1;
             let packed = core.engine.map().packed();

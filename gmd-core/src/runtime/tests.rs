@@ -1007,3 +1007,62 @@ fn latency_percentiles_are_bucket_upper_bounds() {
     assert_eq!(latency_bucket(0), 0);
     assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
 }
+
+/// A group commit that carries the superblock syncs its pages before it
+/// writes the superblock; one without, or the superblock alone, syncs once.
+#[test]
+fn a_commits_superblock_is_written_only_after_its_pages_are_durable() {
+    use super::{FlushStep, SUPERBLOCK_PAGE, flush_step};
+    let flush = |next, writes_in_flight, pages_synced| super::Flush {
+        epoch: 1,
+        next,
+        writes_in_flight,
+        failed: None,
+        syncing: false,
+        pages_synced,
+    };
+    let with_superblock = [(3, 0, 7), (9, 1, 7), (SUPERBLOCK_PAGE, 1, 4)];
+    assert_eq!(
+        flush_step(&with_superblock, &flush(0, 0, false)),
+        FlushStep::Write
+    );
+    assert_eq!(
+        flush_step(&with_superblock, &flush(1, 1, false)),
+        FlushStep::Write
+    );
+    // Both pages written: their writes complete, then they are synced.
+    assert_eq!(
+        flush_step(&with_superblock, &flush(2, 2, false)),
+        FlushStep::Wait
+    );
+    assert_eq!(
+        flush_step(&with_superblock, &flush(2, 0, false)),
+        FlushStep::SyncPages
+    );
+    // Only then the superblock, and the sync that ends the commit.
+    assert_eq!(
+        flush_step(&with_superblock, &flush(2, 0, true)),
+        FlushStep::Write
+    );
+    assert_eq!(
+        flush_step(&with_superblock, &flush(3, 1, true)),
+        FlushStep::Wait
+    );
+    assert_eq!(
+        flush_step(&with_superblock, &flush(3, 0, true)),
+        FlushStep::SyncAll
+    );
+    // Pages alone, or the superblock alone: one sync.
+    let pages = [(3, 0, 7), (9, 1, 7)];
+    assert_eq!(flush_step(&pages, &flush(1, 1, false)), FlushStep::Write);
+    assert_eq!(flush_step(&pages, &flush(2, 0, false)), FlushStep::SyncAll);
+    let superblock = [(SUPERBLOCK_PAGE, 1, 4)];
+    assert_eq!(
+        flush_step(&superblock, &flush(0, 0, false)),
+        FlushStep::Write
+    );
+    assert_eq!(
+        flush_step(&superblock, &flush(1, 0, false)),
+        FlushStep::SyncAll
+    );
+}
