@@ -123,6 +123,17 @@ impl Cluster {
         }
     }
 
+    /// The example cluster with alpha's metrics endpoint on 127.0.0.1:`port`.
+    pub fn with_metrics_on(port: u16) -> Cluster {
+        Cluster::with_config(|text| {
+            text.replacen(
+                "nbd_listen = \"127.0.0.1:",
+                &format!("metrics = \"127.0.0.1:{port}\"\nnbd_listen = \"127.0.0.1:"),
+                1,
+            )
+        })
+    }
+
     /// The example cluster with `edit` applied to the configuration text;
     /// key and data files created, state maps not.
     pub fn with_config(edit: impl FnOnce(String) -> String) -> Cluster {

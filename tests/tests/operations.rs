@@ -400,13 +400,7 @@ fn scrape(addr: &str) -> String {
 #[test]
 fn prometheus_scrape_parses_with_the_same_figures() {
     let port = free_port();
-    let cluster = Cluster::with_config(|text| {
-        text.replacen(
-            "nbd_listen = \"127.0.0.1:",
-            &format!("metrics = \"127.0.0.1:{port}\"\nnbd_listen = \"127.0.0.1:"),
-            1,
-        )
-    });
+    let cluster = Cluster::with_metrics_on(port);
     cluster.init_zeroed();
     let alpha = cluster.gmdd("alpha");
     alpha.start_standalone(DEV, "beta");

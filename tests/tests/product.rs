@@ -112,13 +112,7 @@ fn metric_names(expr: &str) -> Vec<String> {
 #[test]
 fn a_real_scrape_passes_promtool_and_has_what_the_dashboard_and_alerts_use() {
     let port = free_port();
-    let cluster = Cluster::with_config(|text| {
-        text.replacen(
-            "nbd_listen = \"127.0.0.1:",
-            &format!("metrics = \"127.0.0.1:{port}\"\nnbd_listen = \"127.0.0.1:"),
-            1,
-        )
-    });
+    let cluster = Cluster::with_metrics_on(port);
     cluster.init_zeroed();
     let (alpha, _beta) = cluster.start_pair();
     alpha.ctl(&["primary", DEV]).ok();
