@@ -607,6 +607,21 @@ impl DeviceHandle {
         }
     }
 
+    /// A handle that waits, without this device's lock, until the map on
+    /// disk lacks no region the memory holds (see
+    /// [`Engine::lacks_durable`]); call it before [`Self::offer_parts`] for
+    /// a handshake. `None` when not running (a map read from disk is what
+    /// is durable).
+    pub fn lacks_settler(&self) -> Option<LacksSettler> {
+        match &self.state {
+            State::Available { runtime, .. } => Some(LacksSettler {
+                port: runtime.port(),
+                name: self.config.name.clone(),
+            }),
+            _ => None,
+        }
+    }
+
     /// This copy's facts (see [`DeviceHandle::offer_parts`]).
     pub fn side_facts(&self) -> Option<SideFacts> {
         self.offer_parts().map(|(facts, _, _)| facts)
@@ -1314,3 +1329,38 @@ pub fn mark_all_on_disk(
 #[cfg(feature = "runtime")]
 #[cfg(test)]
 mod tests;
+
+/// Waits until a running device's map on disk lacks no region its memory
+/// holds (from [`DeviceHandle::lacks_settler`]).
+pub struct LacksSettler {
+    port: crate::runtime::Port,
+    name: String,
+}
+
+impl LacksSettler {
+    /// Returns at once when nothing is pending, else starts the map write
+    /// and waits for it.
+    ///
+    /// # Errors
+    /// The map write fails, or the device thread does not answer.
+    pub fn settle(&self) -> Result<(), DeviceError> {
+        if self.port.inspect(|e| e.lacks_durable()) {
+            return Ok(());
+        }
+        let (tx, rx) = mpsc::channel();
+        self.port.change(
+            |engine, _| engine.settle_lacks(),
+            move |r| {
+                let _ = tx.send(r);
+            },
+        );
+        let name = &self.name;
+        match rx.recv_timeout(DEVICE_REPLY_TIMEOUT) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(DeviceError::internal(format!("{name}: {e}"))),
+            Err(_) => Err(DeviceError::internal(format!(
+                "{name}: the device thread did not answer"
+            ))),
+        }
+    }
+}

@@ -452,6 +452,17 @@ impl Daemon {
         let link = self
             .link(device)
             .ok_or_else(|| format!("no device {device}"))?;
+        // The offer says what this copy lacks as its map on disk says it: a
+        // region just received counts once its cleared mark is written.
+        let settler = self
+            .devices
+            .lock()
+            .expect("devices lock")
+            .get(device)
+            .and_then(|h| h.lacks_settler());
+        if let Some(settler) = settler {
+            settler.settle().map_err(|e| e.to_string())?;
+        }
         let devices = self.devices.lock().expect("devices lock");
         let handle = devices
             .get(device)

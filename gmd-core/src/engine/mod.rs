@@ -863,6 +863,23 @@ impl Engine {
         self.journal.flushing()
     }
 
+    /// Whether every region this copy no longer lacks (a `0x6` mark cleared
+    /// as the resync brought its data) is also cleared on disk. Until then
+    /// the durable map says this copy lacks data the memory says it holds,
+    /// and a handshake must not tell the peer the latter: a crash would
+    /// bring back marks the peer was told were gone (with the peer lacking
+    /// the same regions, neither side would be the source).
+    pub fn lacks_durable(&self) -> bool {
+        self.journal.durable() >= self.journal.lacks_cleared_at()
+    }
+
+    /// Starts the map write that makes [`Engine::lacks_durable`] true and
+    /// returns the epoch to wait for.
+    pub fn settle_lacks(&mut self) -> Epoch {
+        self.start_commit();
+        self.journal.lacks_cleared_at()
+    }
+
     /// The last epoch known durable.
     pub fn durable_epoch(&self) -> Epoch {
         self.journal.durable()

@@ -683,6 +683,41 @@ fn direct_reads_are_allowed_only_when_readable_and_nothing_awaits_resync() {
     assert!(m.engine.direct_reads_allowed());
 }
 
+/// A target that received a region's data holds it in memory at once, but
+/// says so to a handshake only once the map on disk does too: a crash in
+/// between brings the 0x6 mark back, and the peer, told otherwise, may by
+/// then lack the same region (mirror_sim seed 178303: both sides then lack
+/// data and neither may be the source).
+#[test]
+fn a_target_s_received_regions_count_for_a_handshake_only_once_durable() {
+    let mut m = Model::new(Mode::Mwc);
+    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
+    bits[0] |= 1 << 3;
+    m.engine.connect(ResyncRole::Target(bits));
+    m.pump();
+    m.settle_map();
+    assert!(m.engine.lacks_durable(), "lacking region 3 is on disk");
+    let slot = m.engine.peer_op(resync_op(1, 3));
+    m.pump();
+    m.settle_map();
+    m.local.retain(|&s| s != slot);
+    m.engine.local_done(slot, Ok(()));
+    assert_eq!(m.engine.map().get(3), CELL_CONSISTENT);
+    assert_eq!(
+        m.durable.get(3),
+        CELL_RESYNC,
+        "the clear rides a later commit"
+    );
+    assert!(!m.engine.lacks_durable());
+    let epoch = m.engine.settle_lacks();
+    m.pump();
+    assert!(!m.engine.lacks_durable(), "the commit is in flight");
+    m.settle_map();
+    assert!(m.engine.durable_epoch() >= epoch);
+    assert!(m.engine.lacks_durable());
+    assert_eq!(m.durable.get(3), CELL_CONSISTENT);
+}
+
 /// A side that wrote alone after the handshake read its map and is then
 /// told to be the target must not let the source overwrite those writes:
 /// it asks for a new handshake and keeps its stale marks.
