@@ -607,14 +607,13 @@ impl DeviceHandle {
         }
     }
 
-    /// A handle that waits, without this device's lock, until the map on
-    /// disk lacks no region the memory holds (see
-    /// [`Engine::lacks_durable`]); call it before [`Self::offer_parts`] for
-    /// a handshake. `None` when not running (a map read from disk is what
-    /// is durable).
-    pub fn lacks_settler(&self) -> Option<LacksSettler> {
+    /// A handle that waits, without this device's lock, until what a
+    /// handshake reads of this copy is on disk as in memory (see
+    /// [`Engine::facts_durable`]); call it before [`Self::offer_parts`].
+    /// `None` when not running (a map read from disk is what is durable).
+    pub fn facts_settler(&self) -> Option<FactsSettler> {
         match &self.state {
-            State::Available { runtime, .. } => Some(LacksSettler {
+            State::Available { runtime, .. } => Some(FactsSettler {
                 port: runtime.port(),
                 name: self.config.name.clone(),
             }),
@@ -1330,26 +1329,29 @@ pub fn mark_all_on_disk(
 #[cfg(test)]
 mod tests;
 
-/// Waits until a running device's map on disk lacks no region its memory
-/// holds (from [`DeviceHandle::lacks_settler`]).
-pub struct LacksSettler {
+#[cfg(feature = "runtime")]
+/// Waits until what a handshake reads of a running device is on disk as in
+/// memory: generations and lacked regions (from
+/// [`DeviceHandle::facts_settler`]; see [`Engine::facts_durable`]).
+pub struct FactsSettler {
     port: crate::runtime::Port,
     name: String,
 }
 
-impl LacksSettler {
+#[cfg(feature = "runtime")]
+impl FactsSettler {
     /// Returns at once when nothing is pending, else starts the map write
     /// and waits for it.
     ///
     /// # Errors
     /// The map write fails, or the device thread does not answer.
     pub fn settle(&self) -> Result<(), DeviceError> {
-        if self.port.inspect(|e| e.lacks_durable()) {
+        if self.port.inspect(|e| e.facts_durable()) {
             return Ok(());
         }
         let (tx, rx) = mpsc::channel();
         self.port.change(
-            |engine, _| engine.settle_lacks(),
+            |engine, _| engine.settle_facts(),
             move |r| {
                 let _ = tx.send(r);
             },

@@ -72,14 +72,15 @@ impl World {
         node.link.offer(identity(self.mode), facts, marks, hot)
     }
 
-    /// Whether node `n`'s map on disk lacks no region its memory holds; if
-    /// not, the map write that settles it is started.
-    fn lacks_durable(&mut self, n: usize) -> bool {
+    /// Whether what a handshake reads of node `n` is on disk as in memory
+    /// (`Engine::facts_durable`); if not, the map write that settles it is
+    /// started.
+    fn facts_durable(&mut self, n: usize) -> bool {
         let engine = self.engine(n);
-        if engine.lacks_durable() {
+        if engine.facts_durable() {
             return true;
         }
-        engine.settle_lacks();
+        engine.settle_facts();
         self.pump(n);
         false
     }
@@ -111,7 +112,7 @@ impl World {
                 continue;
             }
             match c.msg {
-                Ctl::Offer(remote) if !self.lacks_durable(to) => {
+                Ctl::Offer(remote) if !self.facts_durable(to) => {
                     // gmdd's `local_offer` waits for that map write.
                     self.control.push(Control {
                         from: c.from,
@@ -161,8 +162,8 @@ impl World {
             return;
         }
         // gmdd's `local_offer` first waits until the map on disk lacks no
-        // more than the memory says (`Engine::settle_lacks`).
-        if !self.lacks_durable(n) {
+        // more than the memory says (`Engine::settle_facts`).
+        if !self.facts_durable(n) {
             return;
         }
         if self.nodes[n].link.begin(NAMES[peer]).is_err() {
