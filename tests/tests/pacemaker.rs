@@ -96,6 +96,8 @@ fn a_real_pacemaker_cluster_fails_over_and_the_node_rejoins_as_secondary() {
     let first = get("first_primary");
     assert!(first == "alpha" || first == "beta", "{first}");
     let survivor = if first == "alpha" { "beta" } else { "alpha" };
+    // Every process of the dead node was gone (its PID namespace empty).
+    assert_eq!(num("dead_node_processes_left"), 0);
     assert_eq!(get("failover_promoted"), survivor);
     // Through Pacemaker's promote operation on the survivor.
     assert!(num("survivor_promote_ops") >= 1, "{}", r.stdout);
