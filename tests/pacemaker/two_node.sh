@@ -18,9 +18,11 @@
 # NBD export; every process of that node is killed (SIGKILL to its PID
 # namespace's first process); Pacemaker on the other node promotes its copy
 # and all the data is there; more is written; the node returns with the
-# same files; Pacemaker starts its instance as secondary and gmd resyncs
-# only what changed. Prints `RESULT key=value` lines for the Rust test
-# (tests/tests/pacemaker.rs); exits non-zero on any failure. Every node
+# same files; Pacemaker finds (or starts) its instance unpromoted, gmd
+# secondary, and gmd resyncs only what changed; a planned switch back
+# (crm_resource --move --promoted) promotes it again and every byte
+# written reads back there. Prints `RESULT key=value` lines for the Rust
+# test (tests/tests/pacemaker.rs); exits non-zero on any failure. Every node
 # (and so every process and namespace) is killed on exit; the work
 # directory is removed unless GMD_KEEP_FAILED is set and the run failed.
 set -euo pipefail
@@ -286,7 +288,7 @@ start_node alpha
 start_node beta
 link_nodes
 log "nodes started: alpha init ${UNSHARE[alpha]}, beta init ${UNSHARE[beta]}"
-wait_until 60 "a DC elected, both nodes online" \
+wait_until 50 "a DC elected, both nodes online" \
     eval 'has_dc alpha && [ "$(online_nodes alpha)" = "alpha beta" ]'
 log "cluster up after $((SECONDS - t0))s: $(on alpha crm_mon -1 | grep -E 'Current DC|Online')"
 
@@ -305,7 +307,7 @@ EOF
 on alpha crm configure load update "$work/cluster/crm.txt" 2>&1 | grep -v "Blind faith" >&2 || true
 
 # ---- Pacemaker starts both instances and promotes one.
-wait_until 40 "the clone promoted on one node" eval '[ -n "$(promoted_node alpha)" ]'
+wait_until 30 "the clone promoted on one node" eval '[ -n "$(promoted_node alpha)" ]'
 first=$(promoted_node alpha)
 other=alpha
 [ "$first" = alpha ] && other=beta
@@ -342,7 +344,7 @@ map_json=$("$bindir/gmdctl" --config "$work/cluster/cluster.toml" --machine "$fi
 dead_marks=$(python3 -c 'import json,sys; print(sum(r["count"] for r in json.load(sys.stdin)["runs"]))' <<<"$map_json")
 echo "RESULT dead_node_marks=$dead_marks"
 
-wait_until 40 "Pacemaker promotes $other" eval '[ "$(promoted_node "$other")" = "$other" ]'
+wait_until 30 "Pacemaker promotes $other" eval '[ "$(promoted_node "$other")" = "$other" ]'
 [ "$(status_field "$other" role)" = primary ] || fail "$other promoted but gmd says $(status_field "$other" role)"
 log "failover: $other promoted $((SECONDS - t1))s after $first died"
 echo "RESULT failover_promoted=$other"
@@ -388,6 +390,21 @@ echo "RESULT returned_probe_running=$(ops "$first" probe)"
 # Who recorded the dead node down: the agent's promote (after peer_wait),
 # or gmd itself (its promote-failure timeout) — informational.
 echo "RESULT agent_recorded_down=$(grep -c "recording $first down" "$work/$other/log-pacemaker/pacemaker.log" || true)"
+
+# ---- switch back, planned: Pacemaker demotes the survivor and promotes
+# the returned node, where every byte written on either side reads back.
+t3=$SECONDS
+on "$other" crm_resource --move --promoted -r "$RSC-clone" -N "$first" >&2
+wait_until 20 "Pacemaker promotes $first back" eval '[ "$(promoted_node "$other")" = "$first" ]'
+wait_until 10 "$other's instance unpromoted" eval '[ "$(role_on "$other" "$other")" = Unpromoted ]'
+on "$other" crm_resource --clear -r "$RSC-clone" >&2
+[ "$(status_field "$first" role)" = primary ] || fail "$first promoted but gmd says $(status_field "$first" role)"
+[ "$(status_field "$other" role)" = secondary ] || fail "$other demoted but gmd says $(status_field "$other" role)"
+log "switched back to $first in $((SECONDS - t3))s"
+echo "RESULT switched_back_to=$first"
+echo "RESULT survivor_demote_ops=$(ops "$other" demote)"
+qemu_io_on "$first" "read -P 0xa1 0 1M" "read -P 0xa2 64M 512k" "read -P 0xb1 128M 256k"
+echo "RESULT data_after_switch_back=ok"
 log "$(on "$other" crm_mon -1 | sed -n '/Node List/,$p' | tr '\n' ' ')"
 status=0
 log "passed in $((SECONDS - t0))s"

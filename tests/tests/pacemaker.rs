@@ -7,7 +7,8 @@
 //! its own corosync, Pacemaker daemons and gmdd. Pacemaker promotes one
 //! side; data is written there; every process of that node is killed;
 //! Pacemaker promotes the other side, where all the data is; the node
-//! returns and rejoins as secondary, resynchronising only what changed.
+//! returns and rejoins as secondary, resynchronising only what changed;
+//! a planned switch back promotes it again.
 //! The script prints `RESULT key=value` lines, checked here.
 
 use std::collections::HashMap;
@@ -131,4 +132,11 @@ fn a_real_pacemaker_cluster_fails_over_and_the_node_rejoins_as_secondary() {
     assert!(regions * REGION < DEVICE_SIZE / 16, "{}", r.stdout);
     // And both copies are the same, region by region.
     assert_eq!(num("compare_differing"), 0);
+
+    // A planned switch back (`crm_resource --move --promoted`): Pacemaker
+    // demotes the survivor and promotes the returned node, where every
+    // byte written on either side reads back.
+    assert_eq!(get("switched_back_to"), first);
+    assert!(num("survivor_demote_ops") >= 1, "{}", r.stdout);
+    assert_eq!(get("data_after_switch_back"), "ok");
 }
