@@ -483,9 +483,6 @@ enum Wait {
     /// Done, but the peer did not get it: acknowledged once the map is
     /// durable up to this epoch (its regions stale on disk).
     Acknowledge(Epoch),
-    /// Writing without the peer: the generation drawn for it must be
-    /// durable (this epoch) before its stale marks are made.
-    Generation(Epoch),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -1066,19 +1063,6 @@ impl Engine {
             gens.go_alone(self.gen_source.draw());
             self.journal.set_generations(gens);
         }
-        // Its stale marks go in a later commit than the generation: a crash
-        // tears a commit page by page, and stale marks over the generation
-        // the peer holds too would read as the peer's writes this side lacks
-        // besides its own (divergence), where a new generation with no
-        // marks yet is only a side that wrote nothing since.
-        if !self.connected {
-            let need = self.journal.needed_generations();
-            if need > self.journal.durable() {
-                self.park(slot, Wait::Generation(need));
-                self.start_commit();
-                return;
-            }
-        }
         // Write intent (connected) or stale mark (standalone).
         for region in regions.clone() {
             self.clears.touched(region);
@@ -1549,9 +1533,7 @@ impl Engine {
             let slot = self.waiting.pop_front().expect("counted");
             let info = self.slots[slot as usize];
             match info.wait {
-                Wait::Epoch(_) | Wait::Acknowledge(_) | Wait::Generation(_)
-                    if self.journal.failed =>
-                {
+                Wait::Epoch(_) | Wait::Acknowledge(_) if self.journal.failed => {
                     self.finish_app(slot, Err(EngineError::MapFailed));
                 }
                 Wait::Acknowledge(need) if need <= self.journal.durable() => {
@@ -1562,10 +1544,6 @@ impl Engine {
                     self.dispatch_write(slot);
                 }
                 Wait::ResyncRead | Wait::ResyncTarget => {
-                    self.slots[slot as usize].wait = Wait::None;
-                    self.advance(slot);
-                }
-                Wait::Generation(need) if need <= self.journal.durable() || self.connected => {
                     self.slots[slot as usize].wait = Wait::None;
                     self.advance(slot);
                 }
