@@ -425,7 +425,9 @@ fn parse_fence(
         Some(t) => {
             c.problem(
                 format!("{field}.fence_timeout"),
-                format!("{t} is not a timeout; use seconds ≥ 1 (default {FENCE_TIMEOUT_S_DEFAULT})"),
+                format!(
+                    "{t} is not a timeout; use seconds ≥ 1 (default {FENCE_TIMEOUT_S_DEFAULT})"
+                ),
             );
             FENCE_TIMEOUT_S_DEFAULT
         }
