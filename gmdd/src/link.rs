@@ -113,6 +113,11 @@ pub(super) struct LinkInner {
     pub(super) plan: Option<(ResyncPart, Plan, u64)>,
     /// Responder: the incarnation the initiator's offer carried.
     offer_incarnation: u64,
+    /// Writes are held: the peer was lost and this side may not write
+    /// alone yet (see `isolation`).
+    pub(super) frozen: Option<super::isolation::Frozen>,
+    /// Peer losses that held writes so far.
+    pub(super) losses: u64,
 }
 
 impl LinkInner {
@@ -129,10 +134,14 @@ pub(super) struct DeviceLink {
     out: mpsc::UnboundedSender<(PeerId, Bytes)>,
     pub(super) inner: Mutex<LinkInner>,
     node: Arc<Node>,
-    rt: tokio::runtime::Handle,
+    pub(super) rt: tokio::runtime::Handle,
     /// Told whenever something about the device may have changed, so that
     /// `gmdctl events` hears of it at once (see `ops::watch_devices`).
     changed: Arc<tokio::sync::Notify>,
+    /// This link itself, for tasks it starts from the device thread.
+    pub(super) me: std::sync::Weak<DeviceLink>,
+    /// How the device behaves when its peer is lost.
+    pub(super) isolation: super::isolation::Settings,
 }
 
 impl std::fmt::Debug for DeviceLink {
@@ -223,7 +232,7 @@ impl DeviceLink {
              and resynchronised when the peer answers again)",
             waited_ms as f64 / 1000.0
         );
-        self.disconnect();
+        self.lose("the peer acknowledged nothing");
         // Do not reconnect at once to a peer that is probably still stuck:
         // wait as after a refused handshake, serving alone meanwhile.
         self.inner.lock().expect("link lock").refused = Some((
@@ -245,9 +254,10 @@ impl DeviceLink {
         minor: u32,
         size_bytes: u64,
         changed: Arc<tokio::sync::Notify>,
+        isolation: super::isolation::Settings,
     ) -> Arc<DeviceLink> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let link = Arc::new(DeviceLink {
+        let link = Arc::new_cyclic(|me| DeviceLink {
             inner: Mutex::new(LinkInner {
                 port: None,
                 peer_id: None,
@@ -258,6 +268,8 @@ impl DeviceLink {
                 resync_done: false,
                 plan: None,
                 offer_incarnation: 0,
+                frozen: None,
+                losses: 0,
             }),
             device,
             size_bytes,
@@ -265,6 +277,8 @@ impl DeviceLink {
             node: node.clone(),
             rt: tokio::runtime::Handle::current(),
             changed,
+            me: me.clone(),
+            isolation,
         });
         let stream = device_stream(minor);
         tokio::spawn(send_loop(node.clone(), stream, rx));
@@ -301,7 +315,7 @@ impl DeviceLink {
     }
 
     /// Ends the session, if any, telling the device with `event`.
-    fn end(&self, event: LinkEvent) -> Option<(String, u64)> {
+    pub(super) fn end(&self, event: LinkEvent) -> Option<(String, u64)> {
         let mut inner = self.inner.lock().expect("link lock");
         let peer = inner.core.peer().map(str::to_owned);
         let had = inner.core.end();
@@ -323,7 +337,9 @@ impl DeviceLink {
     /// Forgets the running device (it is stopping).
     pub(super) fn detach(&self) {
         self.disconnect();
-        self.inner.lock().expect("link lock").port = None;
+        let mut inner = self.inner.lock().expect("link lock");
+        DeviceLink::thaw(&mut inner, &self.device);
+        inner.port = None;
     }
 
     /// Changes the role the link offers (the device's changed already).
@@ -540,6 +556,7 @@ impl Daemon {
                 start.plan,
                 part_regions(&start.part),
             ));
+            DeviceLink::thaw(&mut inner, &link.device);
             port.link_event(LinkEvent::Connected {
                 session: start.session,
                 connection: start.connection(link.region_count()),
@@ -831,6 +848,7 @@ impl Daemon {
                         part_regions(&start.part),
                     ));
                     inner.refused = None;
+                    DeviceLink::thaw(&mut inner, &link.device);
                     port.link_event(LinkEvent::Connected {
                         session,
                         connection: start.connection(link.region_count()),
@@ -851,7 +869,10 @@ impl Daemon {
 
     /// GeoMessage declared `peer` down (or saw it restart): every device
     /// mirroring with it goes on alone and records it down.
-    pub(super) async fn peer_lost(self: &Arc<Self>, peer: &str, why: &str) {
+    ///
+    /// `isolating`: the peer is unreachable (not known to have stopped):
+    /// the device may hold its writes instead (see `isolation`).
+    pub(super) async fn peer_lost(self: &Arc<Self>, peer: &str, why: &str, isolating: bool) {
         for link in self.links() {
             let (lost, session) = {
                 let inner = link.inner.lock().expect("link lock");
@@ -875,7 +896,9 @@ impl Daemon {
                     continue;
                 }
             }
-            if link.disconnect().is_some() {
+            if isolating {
+                link.lose(why);
+            } else if link.disconnect().is_some() {
                 warn!(device = %link.device, %peer, "{why}: the device goes on alone and marks written regions stale");
             }
         }
