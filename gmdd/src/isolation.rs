@@ -191,7 +191,8 @@ impl DeviceLink {
         let policy = self.isolation.policy;
         self.rt.spawn(async move {
             let started = Instant::now();
-            let (code, detail) = run_handler(&handler, &device, &peer, &machine, policy).await;
+            let (code, detail) =
+                run_handler(&handler, "fence", &device, &peer, &machine, policy).await;
             let fence = isolation::fence_outcome(code);
             let mut inner = link.inner.lock().expect("link lock");
             let Some(frozen) = inner.frozen.as_mut().filter(|f| f.loss == loss) else {
@@ -203,6 +204,7 @@ impl DeviceLink {
             let took = started.elapsed().as_secs_f64();
             if isolation::verdict(policy, true, false, fence) == Verdict::GoOn {
                 inner.frozen = None;
+                inner.fenced = Some(peer.clone());
                 if let Some(port) = &inner.port {
                     port.release_isolation();
                 }
@@ -216,10 +218,38 @@ impl DeviceLink {
     }
 }
 
-/// Runs `handler` with the device and peer in its environment; its exit
-/// code (`None`: killed, timed out, or not started) and a description.
+impl DeviceLink {
+    /// The pair is in sync again after this side fenced its peer: the
+    /// handler runs with `unfence` to lift what it placed (its result is
+    /// only logged). Nothing happens when this side fenced nothing.
+    pub(super) fn unfence(&self) {
+        let Some(peer) = self.inner.lock().expect("link lock").fenced.take() else {
+            return;
+        };
+        let Some(handler) = self.isolation.fence.clone() else {
+            return;
+        };
+        let device = self.device.clone();
+        let machine = self.isolation.machine.clone();
+        let policy = self.isolation.policy;
+        self.rt.spawn(async move {
+            let (code, detail) =
+                run_handler(&handler, "unfence", &device, &peer, &machine, policy).await;
+            if code == Some(0) {
+                info!(%device, %peer, "fence handler (unfence): {detail}: the peer may be promoted again");
+            } else {
+                warn!(%device, %peer, "fence handler (unfence): {detail}: what it placed may still forbid promoting {peer}; lift it by hand");
+            }
+        });
+    }
+}
+
+/// Runs `handler action` (`fence` or `unfence`) with the device and peer
+/// in its environment; its exit code (`None`: killed, timed out, or not
+/// started) and a description.
 async fn run_handler(
     handler: &FenceHandler,
+    action: &str,
     device: &str,
     peer: &str,
     machine: &str,
@@ -228,6 +258,8 @@ async fn run_handler(
     let path = handler.path.display().to_string();
     let mut command = tokio::process::Command::new(&handler.path);
     command
+        .arg(action)
+        .env("GMD_FENCE_ACTION", action)
         .env("GMD_DEVICE", device)
         .env("GMD_PEER", peer)
         .env("GMD_MACHINE", machine)
@@ -240,7 +272,7 @@ async fn run_handler(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    info!(%device, %peer, handler = %path, "running the fence handler");
+    info!(%device, %peer, handler = %path, action, "running the fence handler");
     let child = match command.spawn() {
         Ok(c) => c,
         Err(e) => return (None, format!("{path} could not be run: {e}")),

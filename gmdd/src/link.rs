@@ -118,6 +118,9 @@ pub(super) struct LinkInner {
     pub(super) frozen: Option<super::isolation::Frozen>,
     /// Peer losses that held writes so far.
     pub(super) losses: u64,
+    /// The peer the fence handler fenced, until the pair is in sync again
+    /// (then the handler runs with `unfence`).
+    pub(super) fenced: Option<String>,
 }
 
 impl LinkInner {
@@ -176,6 +179,7 @@ impl PeerLink for DeviceLink {
         let part = inner.plan.map(|(p, _, _)| p.name());
         info!(device = %self.device, peer = ?inner.connected_peer(), part, "resync finished");
         drop(inner);
+        self.unfence();
         self.poke();
     }
 
@@ -270,6 +274,7 @@ impl DeviceLink {
                 offer_incarnation: 0,
                 frozen: None,
                 losses: 0,
+                fenced: None,
             }),
             device,
             size_bytes,
@@ -618,6 +623,11 @@ impl Daemon {
             );
         }
         self.record_peer(device, &start.peer, false).await;
+        if part == ResyncPart::None {
+            if let Some(link) = self.link(device) {
+                link.unfence();
+            }
+        }
     }
 
     /// Records or forgets `peer` as down for `device` (in its map).
