@@ -195,6 +195,11 @@ impl DeviceLink {
                 run_handler(&handler, "fence", &device, &peer, &machine, policy).await;
             let fence = isolation::fence_outcome(code);
             let mut inner = link.inner.lock().expect("link lock");
+            if fence == Fence::Fenced {
+                // Whatever it placed is lifted once the pair is in sync
+                // again, even if the hold ended meanwhile.
+                inner.fenced = Some(peer.clone());
+            }
             let Some(frozen) = inner.frozen.as_mut().filter(|f| f.loss == loss) else {
                 info!(%device, %peer, "{detail}: the hold it was run for had ended already");
                 return;
@@ -204,7 +209,6 @@ impl DeviceLink {
             let took = started.elapsed().as_secs_f64();
             if isolation::verdict(policy, true, false, fence) == Verdict::GoOn {
                 inner.frozen = None;
-                inner.fenced = Some(peer.clone());
                 if let Some(port) = &inner.port {
                     port.release_isolation();
                 }

@@ -200,15 +200,19 @@ fn gmdctl_down_releases_a_held_non_dominant_primary() {
     assert!(holds(&cluster, "alpha", 4 << 20, 0x34));
 }
 
-/// Adds a fence handler for `machine`: a script that records its
-/// environment in `fence.env` and exits with the code in `fence.exit`.
+/// Adds a fence handler for `machine`: a script that logs each action in
+/// `fence.actions`, and for `fence` records its environment in `fence.env`
+/// and exits with the code in `fence.exit`.
 fn add_fence_handler(cluster: &Cluster, machine: &str, exit: i32) {
     let script = cluster.path("fence.sh");
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\necho \"fencing $GMD_PEER for $GMD_DEVICE\"\n\
+            "#!/bin/sh\necho \"$1 $GMD_PEER for $GMD_DEVICE\" >> {actions}\n\
+             [ \"$1\" = unfence ] && exit 0\n\
+             echo \"fencing $GMD_PEER for $GMD_DEVICE\"\n\
              env | grep -E '^(GMD|DRBD)_' | sort > {env}\nexit $(cat {exit})\n",
+            actions = cluster.path("fence.actions").display(),
             env = cluster.path("fence.env").display(),
             exit = cluster.path("fence.exit").display(),
         ),
@@ -265,6 +269,7 @@ fn a_fence_handler_that_fails_keeps_writes_held_and_one_that_succeeds_releases_t
     assert!(env.contains("GMD_DEVICE=data10gmd\n"), "{env}");
     assert!(env.contains("GMD_PEER=alpha\n"), "{env}");
     assert!(env.contains("DRBD_RESOURCE=data10gmd\n"), "{env}");
+    assert!(env.contains("GMD_FENCE_ACTION=fence\n"), "{env}");
     assert!(
         beta.log_text()
             .contains("fence handler stdout: fencing alpha for data10gmd"),
@@ -287,6 +292,16 @@ fn a_fence_handler_that_fails_keeps_writes_held_and_one_that_succeeds_releases_t
     cut.heal();
     converge(&cluster, &alpha, &beta);
     assert!(holds(&cluster, "alpha", 6 << 20, 0x45));
+    // In sync again: what the handler placed is lifted (once; the failed
+    // fence placed nothing).
+    let actions = || std::fs::read_to_string(cluster.path("fence.actions")).unwrap_or_default();
+    wait_for("the unfence", Duration::from_secs(30), || {
+        actions().contains("unfence")
+    });
+    assert_eq!(
+        actions(),
+        "fence alpha for data10gmd\nfence alpha for data10gmd\nunfence alpha for data10gmd\n"
+    );
 }
 
 #[test]
