@@ -109,10 +109,7 @@ impl DeviceLink {
             }
             return had;
         }
-        let had = self.end(LinkEvent::Isolated);
-        if had.is_none() {
-            return None;
-        }
+        let had = self.end(LinkEvent::Isolated)?;
         let loss = {
             let mut inner = self.inner.lock().expect("link lock");
             inner.losses += 1;
@@ -143,7 +140,7 @@ impl DeviceLink {
             ),
         }
         self.poke();
-        had
+        Some(had)
     }
 
     /// `gmdctl down` recorded `peer` down: a hold because of it ends.

@@ -1793,7 +1793,8 @@ impl Daemon {
                 .collect::<Vec<_>>()
         };
         if strip(&new) != strip(&old) {
-            restart.push("machines (interfaces, sites, timeouts, nbd_listen)".into());
+            restart
+                .push("machines (interfaces, sites, timeouts, nbd_listen, fence handlers)".into());
         }
         let here = |c: &ClusterConfig| {
             c.devices_on(&self.machine)
