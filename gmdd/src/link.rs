@@ -16,7 +16,9 @@
 //! - A peer declared down by GeoMessage (its promote-failure timeout), a
 //!   peer that restarted, or a peer that says it leaves, turns the link off:
 //!   the device goes on alone, marks what it writes stale, and records the
-//!   peer as down. A peer that comes back is connected again automatically.
+//!   peer as down — unless, for a peer that is unreachable (or stalled),
+//!   the isolation verdict holds its writes instead (see `isolation`). A
+//!   peer that comes back is connected again automatically.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

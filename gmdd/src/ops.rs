@@ -1,7 +1,8 @@
 //! Operations: the event stream (`gmdctl events`) and the Prometheus
 //! endpoint.
 //!
-//! Device-level changes (state, connection, HWM fallback, resync, refusals)
+//! Device-level changes (state, connection, HWM fallback, resync, refusals,
+//! writes held on isolation)
 //! are found by comparing a small snapshot of each device as soon as the
 //! daemon is told something changed (`Daemon::changed`); peer and path
 //! changes come straight from GeoMessage's events (see `watch_peers`).
