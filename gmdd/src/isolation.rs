@@ -143,9 +143,11 @@ impl DeviceLink {
         Some(had)
     }
 
-    /// `gmdctl down` recorded `peer` down: a hold because of it ends.
+    /// `gmdctl down` recorded `peer` down: a hold because of it ends, and
+    /// a promotion until the link returns needs no fencing.
     pub(super) fn confirm_down(&self, peer: &str) {
         let mut inner = self.inner.lock().expect("link lock");
+        inner.confirmed_down = Some(peer.to_owned());
         if inner.frozen.as_ref().is_some_and(|f| f.peer == peer) {
             inner.frozen = None;
             if let Some(port) = &inner.port {
@@ -160,8 +162,53 @@ impl DeviceLink {
     /// The link is back (or the device stopped): a hold ends with it (the
     /// engine ends its own on connect).
     pub(super) fn thaw(inner: &mut super::link::LinkInner, device: &str) {
+        inner.confirmed_down = None;
         if let Some(f) = inner.frozen.take() {
             info!(%device, peer = %f.peer, "the hold ends: held writes go on");
+        }
+    }
+
+    /// Before this side is promoted while `peer` is apart (recorded down,
+    /// not confirmed by `gmdctl down`): the fence handler runs, as DRBD
+    /// runs `fence-peer` before promoting; blocks the calling thread.
+    /// `Ok` with a line for the administrator when it ran and fenced the
+    /// peer (or `None`: nothing to run); `Err` with the refusal otherwise.
+    pub(super) fn fence_before_promotion(&self, peer: &str) -> Result<Option<String>, String> {
+        let confirmed = self
+            .inner
+            .lock()
+            .expect("link lock")
+            .confirmed_down
+            .as_deref()
+            == Some(peer);
+        let policy = self.isolation.policy;
+        if isolation::verdict(policy, true, confirmed, Fence::NotRun) != Verdict::RunFence {
+            return Ok(None);
+        }
+        let Some(handler) = self.isolation.fence.clone() else {
+            return Ok(None);
+        };
+        let device = &self.device;
+        let (code, detail) = self.rt.block_on(run_handler(
+            &handler,
+            "fence",
+            device,
+            peer,
+            &self.isolation.machine,
+            policy,
+        ));
+        if isolation::fence_outcome(code) == Fence::Fenced {
+            self.inner.lock().expect("link lock").fenced = Some(peer.to_owned());
+            warn!(%device, %peer, "fence handler before promotion: {detail}: the peer is fenced");
+            Ok(Some(format!(
+                "{device}: the fence handler fenced {peer} before the promotion ({detail})"
+            )))
+        } else {
+            warn!(%device, %peer, "fence handler before promotion: {detail}: promotion refused");
+            Err(format!(
+                "{device}: promote refused: {peer} is apart and the fence handler did not fence it \
+                 ({detail}); if {peer} is down, confirm it with 'gmdctl down {device} {peer}' and promote again"
+            ))
         }
     }
 

@@ -1117,9 +1117,13 @@ impl Daemon {
             if handle.state() == AdminState::Defined {
                 let config = self.config();
                 drop(devices);
-                return self
-                    .with_device(device, |h| h.down(&config, peer))
-                    .map(|()| Value::Null);
+                self.with_device(device, |h| h.down(&config, peer))?;
+                // A promotion once it starts needs no fencing: the
+                // administrator confirmed the peer down.
+                if let Some(link) = self.link(device) {
+                    link.confirm_down(peer);
+                }
+                return Ok(Value::Null);
             }
         }
         // A running device stops mirroring with it first: it goes on alone.

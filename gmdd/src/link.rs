@@ -123,6 +123,8 @@ pub(super) struct LinkInner {
     /// The peer the fence handler fenced, until the pair is in sync again
     /// (then the handler runs with `unfence`).
     pub(super) fenced: Option<String>,
+    /// The peer `gmdctl down` confirmed down since the link was last up.
+    pub(super) confirmed_down: Option<String>,
 }
 
 impl LinkInner {
@@ -277,6 +279,7 @@ impl DeviceLink {
                 frozen: None,
                 losses: 0,
                 fenced: None,
+                confirmed_down: None,
             }),
             device,
             size_bytes,

@@ -324,3 +324,45 @@ fn a_fence_handler_gates_the_dominant_site_too() {
     converge(&cluster, &alpha, &beta);
     assert!(holds(&cluster, "beta", 7 << 20, 0x55));
 }
+
+#[test]
+fn a_fence_handler_runs_before_a_secondary_is_promoted_while_apart() {
+    let cluster = Cluster::with_mode("mwc", PROMOTE_S);
+    add_fence_handler(&cluster, "beta", 6);
+    let (alpha, beta) = pair_with_primary(&cluster, "alpha");
+    let cut = Cut::new(&cluster.geomessage_ports());
+    beta.wait_mirroring(DEV, false);
+    wait_for("beta to record alpha down", Duration::from_secs(30), || {
+        beta.status_json(DEV)["peers"][0]["down"] == true
+    });
+    // Exit 6 (DRBD: the peer is primary and refused): not fenced.
+    let refused = beta.ctl(&["primary", DEV]);
+    assert_eq!(refused.code, 2, "{}", refused.text());
+    assert!(
+        refused
+            .stderr
+            .contains("the fence handler did not fence it")
+            && refused.stderr.contains("gmdctl down data10gmd alpha"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(beta.status_json(DEV)["role"], "secondary");
+    // The handler fences: the promotion goes through.
+    std::fs::write(cluster.path("fence.exit"), "7").expect("exit code");
+    let promoted = beta.ctl(&["primary", DEV]).ok();
+    assert!(
+        promoted
+            .stdout
+            .contains("fenced alpha before the promotion"),
+        "{}",
+        promoted.text()
+    );
+    assert_eq!(beta.status_json(DEV)["role"], "primary");
+    let actions = std::fs::read_to_string(cluster.path("fence.actions")).unwrap_or_default();
+    assert_eq!(
+        actions,
+        "fence alpha for data10gmd\nfence alpha for data10gmd\n"
+    );
+    drop(cut);
+    drop((alpha, beta));
+}
