@@ -298,11 +298,17 @@ done
 log "rsync --inplace --no-whole-file baseline"
 sync
 R0=$(date +%s.%N)
-timeout 600 rsync --inplace --no-whole-file alpha/data10.img stale.img
+# --ignore-times: the two images have the same size and may have the same
+# modification time, and rsync would skip the copy on that alone.
+timeout 600 rsync --inplace --no-whole-file --ignore-times alpha/data10.img stale.img
 R1=$(date +%s.%N)
 RSYNC_S=$(python3 -c "print(round($R1 - $R0, 3))")
 # the stale copy is from the first resync; later passes changed other regions
 RSYNC_OK=$(cmp -s alpha/data10.img stale.img && echo same || echo DIFFER)
+if [ "$RSYNC_OK" != same ]; then
+  echo "mirror.sh: the rsync baseline did not make the copies identical; its time means nothing" >&2
+  exit 1
+fi
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
 python3 - "$TSV" "$RESYNC_TSV" "$RSYNC_S" "$RAW_LAT" "$W" "$T" "$SIZE" "$HOT" "$DIRTY" "$REGIONS" "$RSYNC_OK" <<'PY'

@@ -607,6 +607,20 @@ impl DeviceHandle {
         }
     }
 
+    /// A handle that waits, without this device's lock, until what a
+    /// handshake reads of this copy is on disk as in memory (see
+    /// [`Engine::facts_durable`]); call it before [`Self::offer_parts`].
+    /// `None` when not running (a map read from disk is what is durable).
+    pub fn facts_settler(&self) -> Option<FactsSettler> {
+        match &self.state {
+            State::Available { runtime, .. } => Some(FactsSettler {
+                port: runtime.port(),
+                name: self.config.name.clone(),
+            }),
+            _ => None,
+        }
+    }
+
     /// This copy's facts (see [`DeviceHandle::offer_parts`]).
     pub fn side_facts(&self) -> Option<SideFacts> {
         self.offer_parts().map(|(facts, _, _)| facts)
@@ -1314,3 +1328,41 @@ pub fn mark_all_on_disk(
 #[cfg(feature = "runtime")]
 #[cfg(test)]
 mod tests;
+
+#[cfg(feature = "runtime")]
+/// Waits until what a handshake reads of a running device is on disk as in
+/// memory: generations and lacked regions (from
+/// [`DeviceHandle::facts_settler`]; see [`Engine::facts_durable`]).
+pub struct FactsSettler {
+    port: crate::runtime::Port,
+    name: String,
+}
+
+#[cfg(feature = "runtime")]
+impl FactsSettler {
+    /// Returns at once when nothing is pending, else starts the map write
+    /// and waits for it.
+    ///
+    /// # Errors
+    /// The map write fails, or the device thread does not answer.
+    pub fn settle(&self) -> Result<(), DeviceError> {
+        if self.port.inspect(|e| e.facts_durable()) {
+            return Ok(());
+        }
+        let (tx, rx) = mpsc::channel();
+        self.port.change(
+            |engine, _| engine.settle_facts(),
+            move |r| {
+                let _ = tx.send(r);
+            },
+        );
+        let name = &self.name;
+        match rx.recv_timeout(DEVICE_REPLY_TIMEOUT) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(DeviceError::internal(format!("{name}: {e}"))),
+            Err(_) => Err(DeviceError::internal(format!(
+                "{name}: the device thread did not answer"
+            ))),
+        }
+    }
+}

@@ -478,6 +478,18 @@ impl Daemon {
         let link = self
             .link(device)
             .ok_or_else(|| format!("no device {device}"))?;
+        // The offer says what the map on disk says: a region just received
+        // counts once its cleared mark is written, a generation just drawn
+        // once it is.
+        let settler = self
+            .devices
+            .lock()
+            .expect("devices lock")
+            .get(device)
+            .and_then(|h| h.facts_settler());
+        if let Some(settler) = settler {
+            settler.settle().map_err(|e| e.to_string())?;
+        }
         let devices = self.devices.lock().expect("devices lock");
         let handle = devices
             .get(device)

@@ -3,7 +3,8 @@
 //! `ocf-tester` against a running pair, the actions Pacemaker issues
 //! through a failover and a switch back, promotion scores (a stub
 //! `crm_master` on PATH logs them; no cluster runs), meta-data and
-//! validate-all. No Pacemaker cluster is started.
+//! validate-all. No Pacemaker cluster is started here (`pacemaker.rs` runs
+//! a real one).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -144,6 +144,9 @@ pub(super) struct Journal {
     /// Cells marked not received (`0x6`): kept here, where every change
     /// goes through, so that no path can leave the count behind.
     resync_cells: u64,
+    /// The commit after which every `0x6` mark cleared so far is cleared on
+    /// disk too (a crash before it brings the marks back).
+    lacks_cleared_at: Epoch,
     started: Epoch,
     durable: Epoch,
     in_flight: bool,
@@ -166,6 +169,7 @@ impl Journal {
             gens_flushing: None,
             superblock_dirty: false,
             resync_cells,
+            lacks_cleared_at: 0,
             started: 0,
             durable: 0,
             in_flight: false,
@@ -178,6 +182,8 @@ impl Journal {
         let old = self.map.set(region, value);
         if old == CELL_RESYNC && value != CELL_RESYNC {
             self.resync_cells -= 1;
+            // Its page is dirty now: the next commit writes it.
+            self.lacks_cleared_at = self.started + 1;
         } else if value == CELL_RESYNC && old != CELL_RESYNC {
             self.resync_cells += 1;
         }
@@ -259,6 +265,12 @@ impl Journal {
         self.durable
     }
 
+    /// The epoch after which no `0x6` mark cleared in memory is still set
+    /// on disk.
+    pub(super) fn lacks_cleared_at(&self) -> Epoch {
+        self.lacks_cleared_at
+    }
+
     pub(super) fn has_dirty(&self) -> bool {
         !self.dirty.is_empty() || self.superblock_dirty
     }
@@ -311,6 +323,9 @@ impl Journal {
             }
             self.changed.extend(&self.flushing_regions);
             self.superblock_dirty |= gens.is_some();
+            if self.lacks_cleared_at > self.durable {
+                self.lacks_cleared_at = self.started + 1;
+            }
         }
     }
 }

@@ -488,6 +488,9 @@ enum Wait {
     /// Done, but the peer did not get it: acknowledged once the map is
     /// durable up to this epoch (its regions stale on disk).
     Acknowledge(Epoch),
+    /// Writing without the peer: the generation drawn for it must be
+    /// durable (this epoch) before its stale marks are made.
+    Generation(Epoch),
     /// Isolated: the write waits for the link or a release (not admitted
     /// yet if its local part is idle, else waiting for its completion).
     Isolated,
@@ -881,6 +884,28 @@ impl Engine {
         self.journal.flushing()
     }
 
+    /// Whether what a handshake reads of this copy is on disk as in memory:
+    /// the generations (one drawn for a write alone is durable before that
+    /// write), and every region this copy no longer lacks (a `0x6` mark
+    /// cleared as the resync brought its data; the clear rides a later
+    /// commit). Until then a handshake must wait: a crash would bring back
+    /// marks the peer was told were gone (with the peer lacking the same
+    /// regions, neither side could be the source), and a generation the
+    /// peer never heard of would read as a divergence later.
+    pub fn facts_durable(&self) -> bool {
+        let durable = self.journal.durable();
+        durable >= self.journal.lacks_cleared_at() && durable >= self.journal.needed_generations()
+    }
+
+    /// Starts the map write that makes [`Engine::facts_durable`] true and
+    /// returns the epoch to wait for.
+    pub fn settle_facts(&mut self) -> Epoch {
+        self.start_commit();
+        self.journal
+            .lacks_cleared_at()
+            .max(self.journal.needed_generations())
+    }
+
     /// The last epoch known durable.
     pub fn durable_epoch(&self) -> Epoch {
         self.journal.durable()
@@ -1064,6 +1089,19 @@ impl Engine {
             let mut gens = self.journal.gens;
             gens.go_alone(self.gen_source.draw());
             self.journal.set_generations(gens);
+        }
+        // Its stale marks go in a later commit than the generation: a crash
+        // tears a commit page by page, and stale marks over the generation
+        // the peer holds too would read as the peer's writes this side lacks
+        // besides its own (divergence), where a new generation with no
+        // marks yet is only a side that wrote nothing since.
+        if !self.connected {
+            let need = self.journal.needed_generations();
+            if need > self.journal.durable() {
+                self.park(slot, Wait::Generation(need));
+                self.start_commit();
+                return;
+            }
         }
         // Write intent (connected) or stale mark (standalone).
         for region in regions.clone() {
@@ -1543,7 +1581,9 @@ impl Engine {
             let slot = self.waiting.pop_front().expect("counted");
             let info = self.slots[slot as usize];
             match info.wait {
-                Wait::Epoch(_) | Wait::Acknowledge(_) if self.journal.failed => {
+                Wait::Epoch(_) | Wait::Acknowledge(_) | Wait::Generation(_)
+                    if self.journal.failed =>
+                {
                     self.finish_app(slot, Err(EngineError::MapFailed));
                 }
                 Wait::Acknowledge(need) if need <= self.journal.durable() => {
@@ -1554,6 +1594,10 @@ impl Engine {
                     self.dispatch_write(slot);
                 }
                 Wait::ResyncRead | Wait::ResyncTarget => {
+                    self.slots[slot as usize].wait = Wait::None;
+                    self.advance(slot);
+                }
+                Wait::Generation(need) if need <= self.journal.durable() || self.connected => {
                     self.slots[slot as usize].wait = Wait::None;
                     self.advance(slot);
                 }
@@ -1618,7 +1662,12 @@ impl Engine {
         }
         match role {
             ResyncRole::None => {
-                if self.wrote_alone(stale_at_handshake) {
+                // A generation drawn after the handshake read this side (a
+                // write alone waiting for it) is not the pair's: set the
+                // link up again, as for a write alone.
+                let drawn_since =
+                    self.journal.gens.current != self.journal.durable_generations().current;
+                if self.wrote_alone(stale_at_handshake) || drawn_since {
                     self.actions.push_back(Action::Renegotiate);
                 }
                 // Same data on both sides: marks no longer count from an

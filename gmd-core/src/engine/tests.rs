@@ -311,6 +311,9 @@ fn standalone_first_write_to_a_region_waits_for_the_stale_mark() {
     let mut m = Model::new(Mode::Mwc);
     let a = m.submit(write(0, 4096));
     assert!(m.local.is_empty(), "the write must wait for its mark");
+    // First the generation drawn for writing alone, then the mark.
+    m.finish_map_write(true);
+    assert!(m.local.is_empty(), "the write must wait for its mark");
     m.finish_map_write(true);
     assert_eq!(m.local, vec![a]);
     assert_eq!(m.durable.get(0), crate::statemap::cells::CELL_STALE);
@@ -318,7 +321,7 @@ fn standalone_first_write_to_a_region_waits_for_the_stale_mark() {
     // The region is durably stale now: no further map write.
     let b = m.submit(write(8192, 4096));
     assert_eq!(m.local, vec![b]);
-    assert_eq!(m.map_writes, 1);
+    assert_eq!(m.map_writes, 2);
     m.finish_local(b);
     assert!(m.completed.iter().all(|(_, r)| r.is_ok()));
     assert!(m.sent.is_empty(), "nothing goes to a peer that is down");
@@ -332,9 +335,13 @@ fn marks_arriving_during_a_map_write_are_group_committed() {
         m.submit(write(i * 10 * REGION_SIZE_BYTES, 4096));
     }
     assert_eq!(m.map_writes, 1);
+    // The generation drawn for writing alone goes first, alone.
+    m.finish_map_write(true);
+    assert!(m.local.is_empty());
+    assert_eq!(m.map_writes, 2);
     m.finish_map_write(true);
     assert_eq!(m.local.len(), 1, "only the first write's mark is durable");
-    assert_eq!(m.map_writes, 2, "the others went out together");
+    assert_eq!(m.map_writes, 3, "the others went out together");
     m.finish_map_write(true);
     assert_eq!(m.local.len(), 9);
 }
@@ -681,6 +688,41 @@ fn direct_reads_are_allowed_only_when_readable_and_nothing_awaits_resync() {
     }
     assert!(m.log.iter().any(|l| l == "resync done"), "{:?}", m.log);
     assert!(m.engine.direct_reads_allowed());
+}
+
+/// A target that received a region's data holds it in memory at once, but
+/// says so to a handshake only once the map on disk does too: a crash in
+/// between brings the 0x6 mark back, and the peer, told otherwise, may by
+/// then lack the same region (mirror_sim seed 178303: both sides then lack
+/// data and neither may be the source).
+#[test]
+fn a_target_s_received_regions_count_for_a_handshake_only_once_durable() {
+    let mut m = Model::new(Mode::Mwc);
+    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
+    bits[0] |= 1 << 3;
+    m.engine.connect(ResyncRole::Target(bits));
+    m.pump();
+    m.settle_map();
+    assert!(m.engine.facts_durable(), "lacking region 3 is on disk");
+    let slot = m.engine.peer_op(resync_op(1, 3));
+    m.pump();
+    m.settle_map();
+    m.local.retain(|&s| s != slot);
+    m.engine.local_done(slot, Ok(()));
+    assert_eq!(m.engine.map().get(3), CELL_CONSISTENT);
+    assert_eq!(
+        m.durable.get(3),
+        CELL_RESYNC,
+        "the clear rides a later commit"
+    );
+    assert!(!m.engine.facts_durable());
+    let epoch = m.engine.settle_facts();
+    m.pump();
+    assert!(!m.engine.facts_durable(), "the commit is in flight");
+    m.settle_map();
+    assert!(m.engine.durable_epoch() >= epoch);
+    assert!(m.engine.facts_durable());
+    assert_eq!(m.durable.get(3), CELL_CONSISTENT);
 }
 
 /// A side that wrote alone after the handshake read its map and is then
@@ -1120,6 +1162,64 @@ fn a_write_without_the_peer_starts_a_new_generation_durably_first() {
     let again = m.engine.durable_generations();
     assert_ne!(again.current, gens.current);
     assert_eq!(again.bitmap, gens.current);
+}
+
+/// The generation a write alone draws is written in a commit of its own,
+/// before the write's stale marks: a crash tearing one commit of both could
+/// land the page and not the superblock, and stale marks over the
+/// generation the peer holds too read as divergence (the peer, promoted
+/// meanwhile, had stale marks of its own there; mirror_sim seeds 137300,
+/// 158537, 198072).
+#[test]
+fn a_write_alone_marks_its_regions_only_after_its_new_generation_is_durable() {
+    let mut m = Model::with_generation(Mode::Sync, 100);
+    let a = m.submit(write(3 * REGION_SIZE_BYTES, 4096));
+    let first = m.in_flight_map.as_ref().expect("a commit").1.clone();
+    assert!(
+        m.map_gens.last().unwrap().is_some(),
+        "the first commit writes the superblock"
+    );
+    let page = Layout::page_of_region(3);
+    assert!(
+        first
+            .iter()
+            .all(|(p, cells)| *p != page || cells.iter().all(|&c| c == 0)),
+        "no stale mark rides with the new generation: {first:?}"
+    );
+    assert_ne!(m.engine.map().get(3), CELL_STALE);
+    m.finish_map_write(true);
+    // The generation is durable; the mark comes next, then the write.
+    assert_eq!(m.engine.map().get(3), CELL_STALE);
+    assert!(m.local.is_empty(), "not before the mark is durable");
+    m.settle_map();
+    assert_eq!(m.durable.get(3), CELL_STALE);
+    assert_eq!(m.local, vec![a]);
+    assert_ne!(m.engine.durable_generations().current, 100);
+}
+
+/// A write alone that drew a generation and waits for it to be durable has
+/// marked nothing yet; a handshake that read the older generation and found
+/// the same data on both sides does not make the new one the pair's: the
+/// link is set up again, and the next handshake reads it (mirror_sim seed
+/// 1804: it became durable later and read as a divergence).
+#[test]
+fn a_generation_drawn_after_the_handshake_read_this_side_sets_the_link_up_again() {
+    let mut m = Model::with_generation(Mode::Mwc, 100);
+    let a = m.submit(write(0, 4096));
+    assert!(m.in_flight_map.is_some(), "the new generation's commit");
+    assert!(!m.engine.facts_durable(), "a handshake must wait for it");
+    assert_eq!(m.engine.durable_generations().current, 100);
+    m.engine.connect(Connection {
+        role: ResyncRole::None,
+        peer_current: 100,
+        stale_at_handshake: 0,
+        source_current: 0,
+    });
+    m.pump();
+    assert!(m.log.iter().any(|l| l == "renegotiate"), "{:?}", m.log);
+    m.settle_map();
+    assert!(m.engine.facts_durable());
+    let _ = a;
 }
 
 /// A resync target takes the source's generation once the marks of what

@@ -72,6 +72,19 @@ impl World {
         node.link.offer(identity(self.mode), facts, marks, hot)
     }
 
+    /// Whether what a handshake reads of node `n` is on disk as in memory
+    /// (`Engine::facts_durable`); if not, the map write that settles it is
+    /// started.
+    fn facts_durable(&mut self, n: usize) -> bool {
+        let engine = self.engine(n);
+        if engine.facts_durable() {
+            return true;
+        }
+        engine.settle_facts();
+        self.pump(n);
+        false
+    }
+
     fn send_control(&mut self, from: usize, req: u64, msg: Ctl) {
         if !self.link_up {
             // The peer cannot be reached: the message is lost.
@@ -99,6 +112,16 @@ impl World {
                 continue;
             }
             match c.msg {
+                Ctl::Offer(remote) if !self.facts_durable(to) => {
+                    // gmdd's `local_offer` waits for that map write.
+                    self.control.push(Control {
+                        from: c.from,
+                        at: self.step + 1,
+                        req: c.req,
+                        msg: Ctl::Offer(remote),
+                    });
+                    continue;
+                }
                 Ctl::Offer(remote) => self.on_offer(to, c.from, c.req, *remote),
                 Ctl::Accepted(answer) => self.on_accepted(to, c.from, c.req, answer),
                 Ctl::Go(session) => self.on_go(to, c.from, c.req, session),
@@ -136,6 +159,11 @@ impl World {
         // The peer's status: reachable, AVAILABLE (mirroring with nobody
         // else: it has no other peer).
         if !self.link_up || self.nodes[peer].engine.is_none() {
+            return;
+        }
+        // gmdd's `local_offer` first waits until the map on disk lacks no
+        // more than the memory says (`Engine::settle_facts`).
+        if !self.facts_durable(n) {
             return;
         }
         if self.nodes[n].link.begin(NAMES[peer]).is_err() {
