@@ -1,7 +1,9 @@
 //! The Pacemaker fence handler the package installs
 //! (`dist/ocf/fence-pacemaker`, /usr/lib/gmd/fence-pacemaker), run against
 //! a fake `cibadmin` and `crm_node` on PATH that record their arguments
-//! and keep the constraints section in a file (no Pacemaker runs here).
+//! and keep the constraints section in a file, and against Pacemaker's own
+//! `cibadmin` on a CIB file (`CIB_file`), which `crm_verify` then checks
+//! against Pacemaker's schema.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -167,4 +169,100 @@ fn fence_fails_without_quorum_or_without_a_clone_and_gmd_clone_names_one() {
     let (code, text) = cib.run("bogus", &[]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("unknown action"), "{text}");
+}
+
+/// A CIB with the device's promotable clone, for Pacemaker's tools in file
+/// mode.
+const CIB: &str = r#"<cib validate-with="pacemaker-3.0" epoch="1" num_updates="0" admin_epoch="0">
+  <configuration>
+    <crm_config>
+      <cluster_property_set id="options">
+        <nvpair id="options-stonith" name="stonith-enabled" value="false"/>
+      </cluster_property_set>
+    </crm_config>
+    <nodes>
+      <node id="1" uname="alpha"/>
+      <node id="2" uname="beta"/>
+    </nodes>
+    <resources>
+      <clone id="data10-clone">
+        <meta_attributes id="data10-meta">
+          <nvpair id="data10-promotable" name="promotable" value="true"/>
+        </meta_attributes>
+        <primitive id="data10" class="ocf" provider="gmd" type="gmd">
+          <instance_attributes id="data10-ia">
+            <nvpair id="data10-dev" name="device" value="data10gmd"/>
+          </instance_attributes>
+        </primitive>
+      </clone>
+    </resources>
+    <constraints/>
+  </configuration>
+  <status/>
+</cib>
+"#;
+
+#[test]
+fn pacemakers_own_cibadmin_takes_the_constraint_and_crm_verify_accepts_it() {
+    for tool in ["cibadmin", "crm_verify"] {
+        assert!(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("command -v {tool}"))
+                .output()
+                .is_ok_and(|o| o.status.success()),
+            "missing {tool}: apt-get install pacemaker-cli-utils (.ci/run installs pacemaker)"
+        );
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cib = dir.path().join("cib.xml");
+    std::fs::write(&cib, CIB).expect("cib");
+    let run = |action: &str| {
+        let out = Command::new(handler())
+            .arg(action)
+            .env("CIB_file", &cib)
+            .env("GMD_DEVICE", "data10gmd")
+            .env("GMD_PEER", "beta")
+            .output()
+            .expect("run the handler");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let constraints = || {
+        let out = Command::new("cibadmin")
+            .args(["-Q", "-o", "constraints"])
+            .env("CIB_file", &cib)
+            .output()
+            .expect("cibadmin");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (code, text) = run("fence");
+    assert_eq!(code, 4, "{text}");
+    let placed = constraints();
+    assert!(
+        placed.contains(r#"<rsc_location rsc="data10-clone" id="gmd-fence-data10gmd">"#)
+            && placed.contains(r#"role="Promoted" score="-INFINITY""#),
+        "{placed}"
+    );
+    let verify = Command::new("crm_verify")
+        .arg("-x")
+        .arg(&cib)
+        .output()
+        .expect("crm_verify");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    // Placed already: modified in place, quietly.
+    let (code, text) = run("fence");
+    assert_eq!(code, 4, "{text}");
+    assert!(!text.contains("failed_update"), "{text}");
+    let (code, text) = run("unfence");
+    assert_eq!(code, 0, "{text}");
+    assert!(!constraints().contains("gmd-fence"), "{}", constraints());
 }
