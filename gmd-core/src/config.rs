@@ -17,6 +17,8 @@
 //! interfaces = { geonet1 = "127.0.0.1:6755" }
 //! nbd_listen = "127.0.0.1:10809"  # or "unix:/run/gmd/nbd.sock"
 //! # metrics = "127.0.0.1:9477"    # Prometheus endpoint; off when absent
+//! # fence_handler = "/usr/lib/gmd/fence-pacemaker"  # run before going on alone
+//! # fence_timeout = 60            # seconds the handler may take
 //!
 //! [devices.data10gmd]
 //! minor = 10
@@ -192,7 +194,24 @@ pub struct Machine {
     pub nbd_listen: ListenAddr,
     /// Where gmdd serves Prometheus metrics (`GET /metrics`); off when absent.
     pub metrics: Option<SocketAddr>,
+    /// The command run before a primary of this machine goes on without
+    /// its peer (see [`crate::link::isolation`]); none when absent.
+    pub fence: Option<FenceHandler>,
 }
+
+/// A fence handler: a command that makes sure the peer can no longer write
+/// (a cluster-manager constraint, a STONITH), run with the device and peer
+/// names in its environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FenceHandler {
+    /// Absolute path of the executable.
+    pub path: PathBuf,
+    /// Seconds it may run before it is killed and counted as failed.
+    pub timeout_s: u64,
+}
+
+/// Seconds a fence handler may run when `fence_timeout` is not given.
+pub const FENCE_TIMEOUT_S_DEFAULT: u64 = 60;
 
 /// A GeoMessage network.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -355,6 +374,8 @@ struct RawMachine {
     interfaces: IndexMap<String, String>,
     nbd_listen: Option<String>,
     metrics: Option<String>,
+    fence_handler: Option<String>,
+    fence_timeout: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -387,6 +408,50 @@ struct RawDeviceMachine {
     state_map: Option<String>,
     role: Option<String>,
     ublk_id: Option<i64>,
+}
+
+/// The fence handler of machine `field`: an absolute path (the same file
+/// names it for every machine, and a handler runs as root: no lookup in a
+/// search path or relative to the file), and a timeout of 1 s or more.
+fn parse_fence(
+    c: &mut Checker,
+    field: &str,
+    handler: Option<String>,
+    timeout: Option<i64>,
+) -> Option<FenceHandler> {
+    let timeout_s = match timeout {
+        None => FENCE_TIMEOUT_S_DEFAULT,
+        Some(t) if t >= 1 => t as u64,
+        Some(t) => {
+            c.problem(
+                format!("{field}.fence_timeout"),
+                format!(
+                    "{t} is not a timeout; use seconds ≥ 1 (default {FENCE_TIMEOUT_S_DEFAULT})"
+                ),
+            );
+            FENCE_TIMEOUT_S_DEFAULT
+        }
+    };
+    let Some(handler) = handler else {
+        if timeout.is_some() {
+            c.problem(
+                format!("{field}.fence_timeout"),
+                "fence_timeout without fence_handler; set fence_handler = \"/usr/lib/gmd/fence-pacemaker\" or drop fence_timeout",
+            );
+        }
+        return None;
+    };
+    let path = PathBuf::from(&handler);
+    if handler.is_empty() || !path.is_absolute() {
+        c.problem(
+            format!("{field}.fence_handler"),
+            format!(
+                "{handler:?} is not an absolute path; name the executable in full, e.g. \"/usr/lib/gmd/fence-pacemaker\""
+            ),
+        );
+        return None;
+    }
+    Some(FenceHandler { path, timeout_s })
 }
 
 struct Checker {
@@ -701,6 +766,7 @@ fn build(c: &mut Checker, path: &Path, base: &Path, raw: RawConfig) -> ClusterCo
                 None
             }
         };
+        let fence = parse_fence(c, &field, m.fence_handler, m.fence_timeout);
         machines.insert(
             machine_name.clone(),
             Machine {
@@ -710,6 +776,7 @@ fn build(c: &mut Checker, path: &Path, base: &Path, raw: RawConfig) -> ClusterCo
                 interfaces,
                 nbd_listen,
                 metrics,
+                fence,
             },
         );
     }

@@ -114,6 +114,11 @@ pub enum LinkEvent {
     },
     /// The peer is gone.
     Lost,
+    /// The peer is gone and this side may not write alone yet (site
+    /// isolation): writes wait ([`crate::engine::Engine::peer_isolated`])
+    /// until the link returns or the isolation is released (the runtime's
+    /// `Port::release_isolation`).
+    Isolated,
     /// The peer stopped its device cleanly, after flushing its volume
     /// ([`crate::engine::Engine::peer_left`]).
     Left,

@@ -643,6 +643,18 @@ impl Port {
         self.control(Control::Link(event));
     }
 
+    /// Ends a site isolation ([`LinkEvent::Isolated`]): held writes
+    /// complete or go on alone. Nothing happens when not isolated.
+    pub fn release_isolation(&self) {
+        self.change(
+            |engine, _| {
+                engine.release_isolation();
+                engine.durable_epoch()
+            },
+            |_| {},
+        );
+    }
+
     /// Asks for a copy of the live state map; `reply` is called on the device thread.
     pub fn snapshot(&self, reply: impl FnOnce(StateMap) + Send + 'static) {
         self.control(Control::Snapshot(Box::new(reply)));
@@ -1359,6 +1371,10 @@ impl Worker {
                 self.session = 0;
                 engine.peer_lost();
             }
+            Control::Link(LinkEvent::Isolated) => {
+                self.session = 0;
+                engine.peer_isolated();
+            }
             Control::Link(LinkEvent::Left) => {
                 self.session = 0;
                 engine.peer_left();
@@ -1369,6 +1385,9 @@ impl Worker {
                     // Hot regions' marks go behind a barrier: a clean stop
                     // of a connected pair leaves both maps clean.
                     engine.prepare_stop();
+                    // Held writes were never acknowledged: they fail
+                    // rather than complete alone (their regions stay stale).
+                    engine.fail_isolated();
                 }
             }
         }

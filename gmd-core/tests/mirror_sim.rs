@@ -83,6 +83,13 @@
 //! - `GMD_SIM_OLD_MESSAGES` (30 %): a device message on the wire survives a
 //!   partition or a crash with this probability and arrives later; the
 //!   receiver's link must drop it (the engine must never see one).
+//! - `GMD_SIM_ISOLATION` (half the losses): a sync/mwc primary whose peer
+//!   is lost holds its writes (`Engine::peer_isolated`, gmdd's
+//!   `LinkEvent::Isolated` on the non-dominant site) until the link returns
+//!   or, 20 % of administration rounds, the administrator releases it
+//!   (`release_isolation`, gmdctl down). It shifts the random sequence of
+//!   seeds where a primary loses its peer; `GMD_SIM_ISOLATION=0` replays
+//!   seeds found before it.
 //!
 //! # Events (besides application I/O, completions and deliveries)
 //! - Crashes (process or power cut), restarts at least 20 steps later;
@@ -537,6 +544,10 @@ struct Counts {
     /// Device messages of another session dropped by a receiver.
     old_dropped: usize,
     /// Device messages that waited for the receiver's engine to connect.
+    /// Primaries that held their writes on losing their peer, and holds
+    /// the administrator released.
+    isolations: usize,
+    releases: usize,
     held: usize,
     /// Blocks of successful reads checked against the promises…
     read_blocks_checked: usize,
@@ -573,6 +584,8 @@ impl Counts {
         self.syncs_overlapping += other.syncs_overlapping;
         self.old_dropped += other.old_dropped;
         self.held += other.held;
+        self.isolations += other.isolations;
+        self.releases += other.releases;
         self.read_blocks_checked += other.read_blocks_checked;
         self.read_blocks_lagging += other.read_blocks_lagging;
         self.reads_unavailable += other.reads_unavailable;
@@ -2125,6 +2138,21 @@ impl World {
                 for n in 0..2 {
                     self.reconnect(n);
                 }
+                // The administrator confirms a lost peer down (`gmdctl
+                // down`): a held node goes on alone.
+                for n in 0..2 {
+                    if self.nodes[n]
+                        .engine
+                        .as_ref()
+                        .is_some_and(|e| e.is_isolated())
+                        && self.rng.gen_bool(faults::RELEASE_PROBABILITY)
+                    {
+                        self.note(format!("node {n}: peer confirmed down, held writes go on"));
+                        self.counts.releases += 1;
+                        self.engine(n).release_isolation();
+                        self.pump(n);
+                    }
+                }
             }
             _ => self.administer_roles(),
         }
@@ -2444,6 +2472,12 @@ fn two_engines_keep_every_invariant_under_faults() {
                 "read blocks of a lagging replica",
             ),
             (true, counts.held, "device messages held until Go"),
+            (
+                faults.isolation,
+                counts.isolations,
+                "primaries holding writes",
+            ),
+            (faults.isolation, counts.releases, "held primaries released"),
             (true, counts.writes_refused, "writes refused on a secondary"),
             (true, counts.switches, "role switches"),
             (true, counts.failovers, "failovers"),

@@ -549,6 +549,31 @@ pub struct LinkStatus {
     /// Resync data this side sent since the device started, bytes.
     #[serde(default)]
     pub resync_bytes_sent: u64,
+    /// Writes are held because the peer was lost (site isolation), when
+    /// they are.
+    #[serde(default)]
+    pub isolation: Option<IsolationStatus>,
+}
+
+/// A device whose writes are held after it lost its peer (site isolation;
+/// see docs/OPERATIONS.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IsolationStatus {
+    /// Always true (the field is absent when nothing is held).
+    pub frozen: bool,
+    /// The peer lost.
+    pub peer: String,
+    /// Why: `non-dominant` (this site is not the dominant one), `fencing`
+    /// (the fence handler runs), `fence-failed`.
+    pub hold: String,
+    /// Seconds since the peer was lost.
+    pub since_s: u64,
+    /// Application writes waiting now.
+    pub writes_held: u64,
+    /// How the fence handler ended, when it did.
+    pub fence: Option<String>,
+    /// One sentence for the administrator: what is held and what ends it.
+    pub message: String,
 }
 
 /// Result of a role change ([`Command::Primary`], [`Command::Secondary`],
@@ -596,7 +621,7 @@ pub struct Event {
     /// `exists` for the state when the stream starts, `change` afterwards.
     pub change: String,
     /// What changed: `device`, `connection`, `peer`, `path`, `hwm`,
-    /// `resync`, `divergence`, `refused`; `-` ends the `exists` part.
+    /// `resync`, `divergence`, `refused`, `isolation`; `-` ends the `exists` part.
     pub object: String,
     /// The device, or the machine for `peer` and `path`.
     pub name: String,

@@ -78,6 +78,10 @@ pub struct DeviceReport {
     /// Why mirroring with the peer is refused, when it is.
     #[serde(default)]
     pub refused: Option<String>,
+    /// Writes are held after the peer was lost (site isolation): what is
+    /// held and what ends it, when they are.
+    #[serde(default)]
+    pub frozen: Option<String>,
 }
 
 impl DeviceReport {
@@ -398,6 +402,26 @@ fn ms(us: Option<u64>) -> String {
     us.map_or_else(|| "-".into(), |u| format!("{:.3}", u as f64 / 1000.0))
 }
 
+/// Splits `text` at spaces into lines of at most `width` characters (a
+/// longer word stands alone).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
 /// Renders one gmdstat report as text, each line at most 80 columns.
 /// `earlier` is the previous report (`None`: rates since start).
 pub fn render_gmdstat(now: &Report, earlier: Option<(&Report, f64)>, summary: bool) -> String {
@@ -462,6 +486,11 @@ pub fn render_gmdstat(now: &Report, earlier: Option<(&Report, f64)>, summary: bo
             "\n{}  {}  mode {} (configured {})  {peer}",
             d.name, d.state, d.mode_in_effect, d.mode
         );
+        if let Some(frozen) = &d.frozen {
+            for line in wrap(&format!("FROZEN {frozen}"), 76) {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
         let _ = writeln!(
             out,
             "  {:<16} {:>11} {:>12} {:>10} {:>11}",
@@ -934,6 +963,33 @@ mod tests {
             size_bytes: 256 << 20,
             resync_sent_bytes: 0,
             refused: None,
+            frozen: None,
+        }
+    }
+
+    #[test]
+    fn a_frozen_device_says_so_within_eighty_columns() {
+        let mut d = device();
+        d.frozen = Some(
+            "writes frozen: peer beta lost, this site is not dominant; waiting for the link \
+             or 'gmdctl down data10gmd beta'"
+                .into(),
+        );
+        let report = Report {
+            schema: REPORT_SCHEMA,
+            machine: "alpha".into(),
+            uptime_ms: 10_000,
+            devices: vec![d],
+            peers: vec![],
+        };
+        let text = render_gmdstat(&report, None, false);
+        assert!(
+            text.contains("FROZEN writes frozen: peer beta lost"),
+            "{text}"
+        );
+        assert!(text.contains("'gmdctl down data10gmd beta'"), "{text}");
+        for line in text.lines() {
+            assert!(line.chars().count() <= 80, "too wide: {line:?}");
         }
     }
 

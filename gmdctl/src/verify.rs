@@ -101,6 +101,7 @@ pub fn verify_local(config_path: &Path, machine: Option<&str>) -> Vec<Finding> {
             )));
         }
     }
+    out.extend(isolation_findings(&config, &machine));
     for device in config.devices_on(&machine) {
         let local = device.on(&machine).expect("devices_on");
         let name = &device.name;
@@ -143,6 +144,45 @@ pub fn verify_local(config_path: &Path, machine: Option<&str>) -> Vec<Finding> {
             Err(e) => out.push(err(gmd_core::device::map_error(name, &e).message)),
         }
     }
+    out
+}
+
+/// What this machine does when the sites are isolated, and whether its
+/// fence handler can be run.
+fn isolation_findings(config: &ClusterConfig, machine: &str) -> Vec<Finding> {
+    use std::os::unix::fs::PermissionsExt;
+    let me = &config.machines[machine];
+    let dominant = config.sites.get(&me.site).is_some_and(|s| s.dominant);
+    let mut out = vec![ok(if dominant {
+        format!(
+            "site {} is dominant: on isolation its sync/mwc primaries go on alone once the peer is lost",
+            me.site
+        )
+    } else {
+        format!(
+            "site {} is not dominant: on isolation its sync/mwc primaries hold their writes until the link returns or 'gmdctl down'",
+            me.site
+        )
+    })];
+    let Some(fence) = &me.fence else {
+        return out;
+    };
+    let field = format!("machines.{machine}.fence_handler");
+    out.push(match std::fs::metadata(&fence.path) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => ok(format!(
+            "fence handler {} is executable (timeout {} s); it runs before a primary here goes on without its peer",
+            fence.path.display(),
+            fence.timeout_s
+        )),
+        Ok(_) => err(format!(
+            "{field}: {} is not an executable file; chmod +x it or fix the path",
+            fence.path.display()
+        )),
+        Err(e) => err(format!(
+            "{field}: {} cannot be used ({e}); install it (the gmd package puts fence-pacemaker in /usr/lib/gmd/) or fix the path",
+            fence.path.display()
+        )),
+    });
     out
 }
 

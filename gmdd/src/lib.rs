@@ -7,6 +7,7 @@
 mod compare;
 mod control;
 mod exports;
+mod isolation;
 mod link;
 pub mod notify;
 mod ops;
@@ -277,6 +278,7 @@ impl Daemon {
                     device.minor,
                     device.size_bytes,
                     changed.clone(),
+                    isolation_settings(&config, &machine, device),
                 ),
             );
         }
@@ -1115,9 +1117,13 @@ impl Daemon {
             if handle.state() == AdminState::Defined {
                 let config = self.config();
                 drop(devices);
-                return self
-                    .with_device(device, |h| h.down(&config, peer))
-                    .map(|()| Value::Null);
+                self.with_device(device, |h| h.down(&config, peer))?;
+                // A promotion once it starts needs no fencing: the
+                // administrator confirmed the peer down.
+                if let Some(link) = self.link(device) {
+                    link.confirm_down(peer);
+                }
+                return Ok(Value::Null);
             }
         }
         // A running device stops mirroring with it first: it goes on alone.
@@ -1152,6 +1158,9 @@ impl Daemon {
         let config = self.config();
         self.with_device(device, |h| h.down(&config, peer))?;
         info!(%device, %peer, "remote peer recorded as down");
+        if let Some(link) = self.link(device) {
+            link.confirm_down(peer);
+        }
         to_value(&Outcome {
             lines: vec![format!("{device}: remote peer {peer} recorded as down")],
             warnings,
@@ -1394,6 +1403,10 @@ impl Daemon {
             resync_read_errors: stats.resync_read_errors,
             resync_failed_regions: stats.resync_failed_regions,
             resync_bytes_sent: stats.resync_bytes_sent,
+            isolation: {
+                drop(inner);
+                link.isolation_status(stats.writes_held)
+            },
         })
     }
 
@@ -1534,6 +1547,10 @@ impl Daemon {
             .as_ref()
             .filter(|l| !l.connected)
             .and_then(|l| l.refused.clone());
+        let frozen = link
+            .as_ref()
+            .and_then(|l| l.isolation.as_ref())
+            .map(|i| format!("{} ({} write(s) held)", i.message, i.writes_held));
         let mode = handle.config().mode;
         let mode_in_effect = match (handle.state(), &link) {
             (AdminState::Defined, _) => "defined".to_string(),
@@ -1607,6 +1624,7 @@ impl Daemon {
             size_bytes: handle.config().size_bytes,
             resync_sent_bytes: e.resync_bytes_sent,
             refused,
+            frozen,
         }
     }
 
@@ -1779,7 +1797,8 @@ impl Daemon {
                 .collect::<Vec<_>>()
         };
         if strip(&new) != strip(&old) {
-            restart.push("machines (interfaces, sites, timeouts, nbd_listen)".into());
+            restart
+                .push("machines (interfaces, sites, timeouts, nbd_listen, fence handlers)".into());
         }
         let here = |c: &ClusterConfig| {
             c.devices_on(&self.machine)
@@ -1931,12 +1950,12 @@ async fn watch_peers(
                     daemon.reachable.lock().expect("reachable lock").remove(&name);
                     warn!(peer = %name, "peer down: promote-failure timeout exceeded");
                     daemon.publish(Event::now("change", "peer", &name, &[("up", "no".into())]));
-                    daemon.peer_lost(&name, "peer unreachable for its promote-failure timeout").await;
+                    daemon.peer_lost(&name, "peer unreachable for its promote-failure timeout", true).await;
                 }
                 Ok(NodeEvent::PeerRestarted { peer, .. }) => {
                     let name = daemon.node.peer_name(peer).unwrap_or("?").to_owned();
                     daemon.publish(Event::now("change", "peer", &name, &[("up", "yes".into()), ("restarted", "yes".into())]));
-                    daemon.peer_lost(&name, "peer restarted").await;
+                    daemon.peer_lost(&name, "peer restarted", false).await;
                 }
                 Ok(NodeEvent::PathUp { peer, network }) => daemon.path_event(peer, network, true),
                 Ok(NodeEvent::PathDown { peer, network }) => daemon.path_event(peer, network, false),
@@ -2167,4 +2186,27 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     info!("gmdd stopped");
     Ok(())
+}
+
+/// How `device` behaves on `machine` when its peer is lost: the machine's
+/// site, the device's mode, the machine's fence handler.
+fn isolation_settings(
+    config: &ClusterConfig,
+    machine: &str,
+    device: &Device,
+) -> isolation::Settings {
+    let here = config.machines.get(machine);
+    let dominant = here
+        .and_then(|m| config.sites.get(&m.site))
+        .is_some_and(|s| s.dominant);
+    let fence = here.and_then(|m| m.fence.clone());
+    isolation::Settings {
+        machine: machine.to_owned(),
+        policy: gmd_core::link::isolation::Policy {
+            dominant,
+            mode: device.mode,
+            fence_handler: fence.is_some(),
+        },
+        fence,
+    }
 }

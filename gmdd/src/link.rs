@@ -16,7 +16,9 @@
 //! - A peer declared down by GeoMessage (its promote-failure timeout), a
 //!   peer that restarted, or a peer that says it leaves, turns the link off:
 //!   the device goes on alone, marks what it writes stale, and records the
-//!   peer as down. A peer that comes back is connected again automatically.
+//!   peer as down — unless, for a peer that is unreachable (or stalled),
+//!   the isolation verdict holds its writes instead (see `isolation`). A
+//!   peer that comes back is connected again automatically.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -113,6 +115,16 @@ pub(super) struct LinkInner {
     pub(super) plan: Option<(ResyncPart, Plan, u64)>,
     /// Responder: the incarnation the initiator's offer carried.
     offer_incarnation: u64,
+    /// Writes are held: the peer was lost and this side may not write
+    /// alone yet (see `isolation`).
+    pub(super) frozen: Option<super::isolation::Frozen>,
+    /// Peer losses that held writes so far.
+    pub(super) losses: u64,
+    /// The peer the fence handler fenced, until the pair is in sync again
+    /// (then the handler runs with `unfence`).
+    pub(super) fenced: Option<String>,
+    /// The peer `gmdctl down` confirmed down since the link was last up.
+    pub(super) confirmed_down: Option<String>,
 }
 
 impl LinkInner {
@@ -129,10 +141,14 @@ pub(super) struct DeviceLink {
     out: mpsc::UnboundedSender<(PeerId, Bytes)>,
     pub(super) inner: Mutex<LinkInner>,
     node: Arc<Node>,
-    rt: tokio::runtime::Handle,
+    pub(super) rt: tokio::runtime::Handle,
     /// Told whenever something about the device may have changed, so that
     /// `gmdctl events` hears of it at once (see `ops::watch_devices`).
     changed: Arc<tokio::sync::Notify>,
+    /// This link itself, for tasks it starts from the device thread.
+    pub(super) me: std::sync::Weak<DeviceLink>,
+    /// How the device behaves when its peer is lost.
+    pub(super) isolation: super::isolation::Settings,
 }
 
 impl std::fmt::Debug for DeviceLink {
@@ -167,6 +183,7 @@ impl PeerLink for DeviceLink {
         let part = inner.plan.map(|(p, _, _)| p.name());
         info!(device = %self.device, peer = ?inner.connected_peer(), part, "resync finished");
         drop(inner);
+        self.unfence();
         self.poke();
     }
 
@@ -223,7 +240,7 @@ impl DeviceLink {
              and resynchronised when the peer answers again)",
             waited_ms as f64 / 1000.0
         );
-        self.disconnect();
+        self.lose("the peer acknowledged nothing");
         // Do not reconnect at once to a peer that is probably still stuck:
         // wait as after a refused handshake, serving alone meanwhile.
         self.inner.lock().expect("link lock").refused = Some((
@@ -245,9 +262,10 @@ impl DeviceLink {
         minor: u32,
         size_bytes: u64,
         changed: Arc<tokio::sync::Notify>,
+        isolation: super::isolation::Settings,
     ) -> Arc<DeviceLink> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let link = Arc::new(DeviceLink {
+        let link = Arc::new_cyclic(|me| DeviceLink {
             inner: Mutex::new(LinkInner {
                 port: None,
                 peer_id: None,
@@ -258,6 +276,10 @@ impl DeviceLink {
                 resync_done: false,
                 plan: None,
                 offer_incarnation: 0,
+                frozen: None,
+                losses: 0,
+                fenced: None,
+                confirmed_down: None,
             }),
             device,
             size_bytes,
@@ -265,6 +287,8 @@ impl DeviceLink {
             node: node.clone(),
             rt: tokio::runtime::Handle::current(),
             changed,
+            me: me.clone(),
+            isolation,
         });
         let stream = device_stream(minor);
         tokio::spawn(send_loop(node.clone(), stream, rx));
@@ -301,7 +325,7 @@ impl DeviceLink {
     }
 
     /// Ends the session, if any, telling the device with `event`.
-    fn end(&self, event: LinkEvent) -> Option<(String, u64)> {
+    pub(super) fn end(&self, event: LinkEvent) -> Option<(String, u64)> {
         let mut inner = self.inner.lock().expect("link lock");
         let peer = inner.core.peer().map(str::to_owned);
         let had = inner.core.end();
@@ -323,7 +347,9 @@ impl DeviceLink {
     /// Forgets the running device (it is stopping).
     pub(super) fn detach(&self) {
         self.disconnect();
-        self.inner.lock().expect("link lock").port = None;
+        let mut inner = self.inner.lock().expect("link lock");
+        DeviceLink::thaw(&mut inner, &self.device);
+        inner.port = None;
     }
 
     /// Changes the role the link offers (the device's changed already).
@@ -552,6 +578,7 @@ impl Daemon {
                 start.plan,
                 part_regions(&start.part),
             ));
+            DeviceLink::thaw(&mut inner, &link.device);
             port.link_event(LinkEvent::Connected {
                 session: start.session,
                 connection: start.connection(link.region_count()),
@@ -613,6 +640,11 @@ impl Daemon {
             );
         }
         self.record_peer(device, &start.peer, false).await;
+        if part == ResyncPart::None {
+            if let Some(link) = self.link(device) {
+                link.unfence();
+            }
+        }
     }
 
     /// Records or forgets `peer` as down for `device` (in its map).
@@ -843,6 +875,7 @@ impl Daemon {
                         part_regions(&start.part),
                     ));
                     inner.refused = None;
+                    DeviceLink::thaw(&mut inner, &link.device);
                     port.link_event(LinkEvent::Connected {
                         session,
                         connection: start.connection(link.region_count()),
@@ -863,7 +896,10 @@ impl Daemon {
 
     /// GeoMessage declared `peer` down (or saw it restart): every device
     /// mirroring with it goes on alone and records it down.
-    pub(super) async fn peer_lost(self: &Arc<Self>, peer: &str, why: &str) {
+    ///
+    /// `isolating`: the peer is unreachable (not known to have stopped):
+    /// the device may hold its writes instead (see `isolation`).
+    pub(super) async fn peer_lost(self: &Arc<Self>, peer: &str, why: &str, isolating: bool) {
         for link in self.links() {
             let (lost, session) = {
                 let inner = link.inner.lock().expect("link lock");
@@ -887,7 +923,9 @@ impl Daemon {
                     continue;
                 }
             }
-            if link.disconnect().is_some() {
+            if isolating {
+                link.lose(why);
+            } else if link.disconnect().is_some() {
                 warn!(device = %link.device, %peer, "{why}: the device goes on alone and marks written regions stale");
             }
         }

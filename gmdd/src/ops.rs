@@ -1,7 +1,8 @@
 //! Operations: the event stream (`gmdctl events`) and the Prometheus
 //! endpoint.
 //!
-//! Device-level changes (state, connection, HWM fallback, resync, refusals)
+//! Device-level changes (state, connection, HWM fallback, resync, refusals,
+//! writes held on isolation)
 //! are found by comparing a small snapshot of each device as soon as the
 //! daemon is told something changed (`Daemon::changed`); peer and path
 //! changes come straight from GeoMessage's events (see `watch_peers`).
@@ -48,6 +49,8 @@ pub(super) struct Seen {
     /// (role, total) of the latest resync, running or finished.
     last_resync: (String, u64),
     refused: Option<String>,
+    /// (peer, hold) while writes are held after the peer was lost.
+    frozen: Option<(String, String)>,
 }
 
 impl Seen {
@@ -123,6 +126,10 @@ impl Daemon {
                         .as_ref()
                         .filter(|l| !l.connected)
                         .and_then(|l| l.refused.clone()),
+                    frozen: link
+                        .as_ref()
+                        .and_then(|l| l.isolation.as_ref())
+                        .map(|i| (i.peer.clone(), i.hold.clone())),
                 };
                 (name.clone(), seen)
             })
@@ -141,6 +148,9 @@ impl Daemon {
             ));
             if s.state == AdminState::Available {
                 out.push(connection_event("exists", &name, &s));
+            }
+            if s.frozen.is_some() {
+                out.push(isolation_event("exists", &name, &s));
             }
             if let Some((role, total, left)) = &s.resync {
                 out.push(Event::now(
@@ -180,6 +190,21 @@ fn connection_event(change: &str, name: &str, s: &Seen) -> Event {
             ("peer", s.peer.clone().unwrap_or_else(|| "-".into())),
             ("connected", yes(s.peer.is_some())),
             ("mode", s.mode.clone()),
+        ],
+    )
+}
+
+/// Whether writes are held after the peer was lost, and why.
+fn isolation_event(change: &str, name: &str, s: &Seen) -> Event {
+    let (peer, hold) = s.frozen.clone().unwrap_or_else(|| ("-".into(), "-".into()));
+    Event::now(
+        change,
+        "isolation",
+        name,
+        &[
+            ("frozen", yes(s.frozen.is_some())),
+            ("peer", peer),
+            ("hold", hold),
         ],
     )
 }
@@ -250,6 +275,9 @@ fn changes(name: &str, old: &Seen, new: &Seen, last_progress: &mut Instant) -> V
             out.push(resync_event("progress", role, *total, *left));
         }
         _ => {}
+    }
+    if old.frozen != new.frozen {
+        out.push(isolation_event("change", name, new));
     }
     if old.refused != new.refused {
         if let Some(reason) = &new.refused {
@@ -434,7 +462,33 @@ mod tests {
             resyncs: 0,
             last_resync: Default::default(),
             refused: None,
+            frozen: None,
         }
+    }
+
+    #[test]
+    fn a_hold_is_published_when_it_starts_changes_and_ends() {
+        let mut p = Instant::now();
+        let a = seen();
+        let mut b = a.clone();
+        b.frozen = Some(("beta".into(), "fencing".into()));
+        let mut c = b.clone();
+        c.frozen = Some(("beta".into(), "fence-failed".into()));
+        let text = |x: &Seen, y: &Seen, p: &mut Instant| -> Vec<String> {
+            changes("d", x, y, p).iter().map(Event::to_text).collect()
+        };
+        assert_eq!(
+            text(&a, &b, &mut p),
+            ["change isolation name:d frozen:yes peer:beta hold:fencing"]
+        );
+        assert_eq!(
+            text(&b, &c, &mut p),
+            ["change isolation name:d frozen:yes peer:beta hold:fence-failed"]
+        );
+        assert_eq!(
+            text(&c, &a, &mut p),
+            ["change isolation name:d frozen:no peer:- hold:-"]
+        );
     }
 
     #[test]

@@ -244,9 +244,16 @@ impl Daemon {
                 "{device}: promote refused: {who}; close it (it is read-only while secondary) and promote again"
             )));
         }
+        let mut fenced = None;
+        if let (PeerCondition::KnownDown { machine }, Some(link)) = (&peer, self.link(device)) {
+            fenced = link
+                .fence_before_promotion(machine)
+                .map_err(ControlError::refused)?;
+        }
         self.apply_role(device, PairRole::Primary, forced)?;
         self.reexport(device, PairRole::Primary)?;
         let mut lines = vec![format!("{device}: primary on {}", self.machine)];
+        lines.extend(fenced);
         let mut warnings = Vec::new();
         if forced {
             warn!(%device, "promoted with --force: this copy is the newest as it is");

@@ -301,3 +301,59 @@ fn verify_passes_on_a_good_setup_and_names_each_problem() {
     );
     assert!(v.stdout.trim_end().ends_with("2 ERROR(S)"), "{}", v.stdout);
 }
+
+#[test]
+fn verify_names_the_site_role_and_checks_the_fence_handler() {
+    let cluster = Cluster::new();
+    let v = cluster.gmdctl_offline("alpha", &["verify"]).ok();
+    assert!(v.stdout.contains("site austin is dominant"), "{}", v.stdout);
+    let v = cluster.gmdctl_offline("beta", &["verify"]).ok();
+    assert!(
+        v.stdout.contains("site dallas is not dominant"),
+        "{}",
+        v.stdout
+    );
+    // A handler that is missing, then one that is not executable.
+    let config = cluster.path("cluster.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let handler = cluster.path("fence.sh");
+    let text = text.replacen(
+        "[machines.alpha]",
+        &format!(
+            "[machines.alpha]\nfence_handler = \"{}\"",
+            handler.display()
+        ),
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let v = cluster.gmdctl_offline("alpha", &["verify"]);
+    assert_eq!(v.code, 1, "{}", v.text());
+    assert!(
+        v.stdout.contains("machines.alpha.fence_handler") && v.stdout.contains("cannot be used"),
+        "{}",
+        v.stdout
+    );
+    std::fs::write(&handler, "#!/bin/sh\nexit 0\n").unwrap();
+    let v = cluster.gmdctl_offline("alpha", &["verify"]);
+    assert!(
+        v.stdout.contains("is not an executable file"),
+        "{}",
+        v.stdout
+    );
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&handler)
+        .status()
+        .unwrap();
+    let v = cluster.gmdctl_offline("alpha", &["verify"]).ok();
+    assert!(v.stdout.contains("fence handler"), "{}", v.stdout);
+    assert!(v.stdout.trim_end().ends_with("No ERRORS"), "{}", v.stdout);
+    // A relative path is refused when the file is read.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&handler.display().to_string(), "fence.sh");
+    std::fs::write(&config, text).unwrap();
+    let v = cluster.gmdctl_offline("alpha", &["verify"]);
+    assert_eq!(v.code, 1, "{}", v.text());
+    assert!(v.stdout.contains("not an absolute path"), "{}", v.stdout);
+}

@@ -248,6 +248,12 @@ fn the_debian_package_holds_programs_unit_man_pages_completions_and_examples() {
         .find(|l| l.ends_with("./usr/lib/ocf/resource.d/gmd/gmd"))
         .unwrap_or_else(|| panic!("the OCF resource agent is not in the package:\n{listing}"));
     assert!(agent.starts_with("-rwxr-xr-x"), "{agent}");
+    // The Pacemaker fence handler, where the docs name it for fence_handler.
+    let fence = listing
+        .lines()
+        .find(|l| l.ends_with("./usr/lib/gmd/fence-pacemaker"))
+        .unwrap_or_else(|| panic!("the fence handler is not in the package:\n{listing}"));
+    assert!(fence.starts_with("-rwxr-xr-x"), "{fence}");
     let field = |f: &str| {
         run(Command::new("dpkg-deb").arg("-f").arg(&deb).arg(f))
             .ok()

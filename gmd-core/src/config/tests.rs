@@ -176,6 +176,43 @@ fn sites_need_two_and_one_dominant() {
 }
 
 #[test]
+fn a_fence_handler_is_an_absolute_path_with_a_timeout() {
+    assert_eq!(parse(EXAMPLE).unwrap().machines["alpha"].fence, None);
+    let with = |keys: &str| {
+        edited(
+            "nbd_listen = \"127.0.0.1:10809\"",
+            &format!("nbd_listen = \"127.0.0.1:10809\"\n{keys}"),
+        )
+    };
+    let config = parse(&with("fence_handler = \"/usr/lib/gmd/fence-pacemaker\"")).unwrap();
+    assert_eq!(
+        config.machines["alpha"].fence,
+        Some(FenceHandler {
+            path: PathBuf::from("/usr/lib/gmd/fence-pacemaker"),
+            timeout_s: FENCE_TIMEOUT_S_DEFAULT,
+        })
+    );
+    assert_eq!(config.machines["beta"].fence, None);
+    let config = parse(&with("fence_handler = \"/bin/true\"\nfence_timeout = 5")).unwrap();
+    assert_eq!(config.machines["alpha"].fence.clone().unwrap().timeout_s, 5);
+    assert_problem(
+        &with("fence_handler = \"fence-pacemaker\""),
+        "machines.alpha.fence_handler",
+        "not an absolute path",
+    );
+    assert_problem(
+        &with("fence_handler = \"/bin/true\"\nfence_timeout = 0"),
+        "machines.alpha.fence_timeout",
+        "seconds ≥ 1",
+    );
+    assert_problem(
+        &with("fence_timeout = 5"),
+        "machines.alpha.fence_timeout",
+        "without fence_handler",
+    );
+}
+
+#[test]
 fn async_needs_one_primary_and_secondaries() {
     let text = edited("mode = \"mwc\"", "mode = \"async\"");
     assert_problem(

@@ -440,6 +440,11 @@ pub struct EngineStats {
     pub resync_refused: u64,
     /// Application writes refused because this copy is secondary.
     pub writes_refused: u64,
+    /// Whether writes without the peer are held (1) or not (0): see
+    /// [`Engine::peer_isolated`].
+    pub isolated: u64,
+    /// Application writes held now, waiting for the link or a release.
+    pub writes_held: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -483,6 +488,9 @@ enum Wait {
     /// Done, but the peer did not get it: acknowledged once the map is
     /// durable up to this epoch (its regions stale on disk).
     Acknowledge(Epoch),
+    /// Isolated: the write waits for the link or a release (not admitted
+    /// yet if its local part is idle, else waiting for its completion).
+    Isolated,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -629,6 +637,9 @@ pub struct Engine {
     peer_flushed: bool,
     /// A refused write was logged since the access last changed.
     refusal_logged: bool,
+    /// The peer was lost and this side may not write alone yet: writes wait
+    /// (see [`Engine::peer_isolated`]).
+    isolated: bool,
 }
 
 impl Engine {
@@ -708,6 +719,7 @@ impl Engine {
             barrier: None,
             peer_flushed: false,
             refusal_logged: false,
+            isolated: false,
         }
     }
 
@@ -738,6 +750,12 @@ impl Engine {
         s.resync_failed_regions = self.resync.as_ref().map_or(0, |r| r.failed_count());
         s.activity_regions = self.activity.len() as u64;
         s.connected = u64::from(self.connected);
+        s.isolated = u64::from(self.isolated);
+        s.writes_held = self
+            .waiting
+            .iter()
+            .filter(|&&slot| self.slots[slot as usize].wait == Wait::Isolated)
+            .count() as u64;
         s
     }
 
@@ -1053,6 +1071,12 @@ impl Engine {
             self.park(slot, Wait::ResyncRead);
             return;
         }
+        // Isolated: the write waits, admitted once the link returns or the
+        // hold is released (no generation drawn, no stale mark made).
+        if !self.connected && self.isolated {
+            self.park(slot, Wait::Isolated);
+            return;
+        }
         // Writing without the peer: a new generation first, durable before
         // the write lands, so that a peer promoted meanwhile and this side
         // are told apart (divergence) rather than one silently overwritten.
@@ -1241,6 +1265,14 @@ impl Engine {
             return;
         };
         if matches!(info.remote, Remote::Pending(_)) || matches!(info.wait, Wait::Acknowledge(_)) {
+            return;
+        }
+        // Isolated: a write the peer did not get is not acknowledged until
+        // the link returns or the hold is released.
+        if self.isolated && !self.connected && info.remote == Remote::Lost {
+            if info.wait != Wait::Isolated {
+                self.park(slot, Wait::Isolated);
+            }
             return;
         }
         let regions = self.regions(&info.request);
@@ -1547,6 +1579,18 @@ impl Engine {
                     self.slots[slot as usize].wait = Wait::None;
                     self.advance(slot);
                 }
+                Wait::Isolated if !self.isolated || self.connected => {
+                    self.slots[slot as usize].wait = Wait::None;
+                    if info.local == Local::Idle {
+                        // Not admitted yet: as if submitted now.
+                        self.slots[slot as usize].after = self.next_seq - 1;
+                        self.slots[slot as usize].session =
+                            if self.connected { self.session } else { 0 };
+                        self.advance(slot);
+                    } else {
+                        self.try_complete(slot);
+                    }
+                }
                 _ => self.waiting.push_back(slot),
             }
         }
@@ -1716,6 +1760,12 @@ impl Engine {
                 }
             }
         }
+        // The link is back: held writes complete (their regions are stale,
+        // in this session's resync) and new ones are mirrored.
+        if self.isolated {
+            self.isolated = false;
+            self.resume_waiting();
+        }
         self.start_commit();
         self.adopt_once_marked();
         self.announce_adoption();
@@ -1863,6 +1913,64 @@ impl Engine {
                     self.try_complete(slot);
                 }
             }
+        }
+        self.resume_waiting();
+        self.start_commit();
+    }
+
+    /// The link to the peer ended and this side may not write alone yet
+    /// (site isolation, [`crate::link::isolation`]): as
+    /// [`Engine::peer_lost`], but every write the peer did not acknowledge,
+    /// and every new one, waits instead of completing or going on alone,
+    /// until the link returns ([`Engine::connect`]) or
+    /// [`Engine::release_isolation`]. Reads and flushes go on.
+    pub fn peer_isolated(&mut self) {
+        if !self.connected {
+            return;
+        }
+        self.isolated = true;
+        self.peer_lost();
+    }
+
+    /// Whether writes without the peer are held ([`Engine::peer_isolated`]).
+    pub fn is_isolated(&self) -> bool {
+        self.isolated && !self.connected
+    }
+
+    /// Ends an isolation: this side may write alone (the peer was confirmed
+    /// down, or fenced). Held writes complete, or go on alone and mark their
+    /// regions stale. Nothing happens when not isolated.
+    pub fn release_isolation(&mut self) {
+        if !self.isolated {
+            return;
+        }
+        self.isolated = false;
+        self.resume_waiting();
+        self.start_commit();
+    }
+
+    /// Fails every held write with [`EngineError::Unavailable`] and ends
+    /// the isolation (the device stops: a held write was never
+    /// acknowledged, and completing it alone now would be the very
+    /// divergence the hold prevents). Their regions stay stale.
+    pub fn fail_isolated(&mut self) {
+        if !self.isolated {
+            return;
+        }
+        self.isolated = false;
+        let mut count = self.waiting.len();
+        while count > 0 {
+            count -= 1;
+            let slot = self.waiting.pop_front().expect("counted");
+            let info = self.slots[slot as usize];
+            if info.wait != Wait::Isolated {
+                self.waiting.push_back(slot);
+                continue;
+            }
+            if info.tracked {
+                self.end_regions(self.regions(&info.request), true);
+            }
+            self.finish_app(slot, Err(EngineError::Unavailable));
         }
         self.resume_waiting();
         self.start_commit();

@@ -1713,3 +1713,138 @@ fn regions_a_compare_found_different_are_resent_after_their_marks_are_durable() 
     assert_eq!(m.durable.get(4), CELL_STALE);
     assert!(!m.resync_reads.is_empty(), "read once they are");
 }
+
+// ----- site isolation --------------------------------------------------
+
+/// A connected mwc model with one write done locally but not acknowledged
+/// by the peer when the link is lost, isolated; returns it and the slot.
+fn isolated_with_a_lost_write(mode: Mode) -> (Model, Slot) {
+    let mut m = Model::connected(mode);
+    let s = m.submit(write(0, 4096));
+    m.settle_map();
+    if mode == Mode::Mwc {
+        m.finish_local(s);
+    }
+    m.engine.peer_isolated();
+    m.pump();
+    if mode == Mode::Sync {
+        // sync: the local write goes once the peer is gone.
+        m.finish_local(s);
+    }
+    m.settle_map();
+    (m, s)
+}
+
+#[test]
+fn an_isolated_side_holds_lost_and_new_writes_without_failing_them() {
+    for mode in [Mode::Sync, Mode::Mwc] {
+        let (mut m, lost) = isolated_with_a_lost_write(mode);
+        assert!(m.engine.is_isolated());
+        assert!(m.completed.is_empty(), "{mode:?}: a held write completed");
+        let generation = m.engine.generations().current;
+        let new = m.submit(write(10 * REGION_SIZE_BYTES, 4096));
+        m.settle_map();
+        assert!(m.local.is_empty(), "{mode:?}: a new write was issued");
+        assert_eq!(m.engine.map().get(10), 0, "no stale mark for a held write");
+        assert_eq!(
+            m.engine.generations().current,
+            generation,
+            "no new generation"
+        );
+        assert_eq!(m.engine.stats().writes_held, 2);
+        // Reads and flushes go on.
+        let read = m.submit(Request {
+            kind: OpKind::Read,
+            ..write(0, 4096)
+        });
+        m.finish_local(read);
+        let f = m.submit(flush());
+        m.finish_local(f);
+        assert_eq!(m.completed, vec![(read, Ok(())), (f, Ok(()))]);
+        // Released (the peer confirmed down): both complete, alone.
+        m.completed.clear();
+        m.engine.release_isolation();
+        m.pump();
+        m.settle_map();
+        m.finish_local(new);
+        m.settle_map();
+        let mut done: Vec<_> = m.completed.clone();
+        done.sort_by_key(|(s, _)| *s);
+        let mut want = vec![(lost, Ok(())), (new, Ok(()))];
+        want.sort_by_key(|(s, _)| *s);
+        assert_eq!(done, want, "{mode:?}");
+        assert_eq!(m.engine.map().get(10), CELL_STALE);
+        assert_ne!(m.engine.generations().current, generation, "alone now");
+        assert_eq!(m.engine.stats().writes_held, 0);
+    }
+}
+
+#[test]
+fn an_isolated_side_whose_link_returns_mirrors_the_held_writes() {
+    let (mut m, lost) = isolated_with_a_lost_write(Mode::Mwc);
+    let new = m.submit(write(10 * REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    let generation = m.engine.generations().current;
+    m.engine.connect(ResyncRole::None);
+    m.pump();
+    m.settle_map();
+    assert!(!m.engine.is_isolated());
+    // The lost write completes (its region stays stale, for the resync);
+    // the new one is mirrored like any other.
+    assert_eq!(m.completed, vec![(lost, Ok(()))]);
+    assert_eq!(m.engine.map().get(0), CELL_STALE);
+    assert!(m.sent.iter().any(|&(_, s)| s == new), "{:?}", m.log);
+    m.finish_local(new);
+    let (seq, _) = *m.sent.iter().find(|&&(_, s)| s == new).unwrap();
+    m.ack(seq);
+    assert_eq!(m.completed.last(), Some(&(new, Ok(()))));
+    assert_eq!(
+        m.engine.generations().current,
+        generation,
+        "never wrote alone"
+    );
+}
+
+#[test]
+fn a_plain_peer_loss_still_goes_on_alone() {
+    let mut m = Model::connected(Mode::Mwc);
+    let s = m.submit(write(0, 4096));
+    m.settle_map();
+    m.finish_local(s);
+    m.engine.peer_lost();
+    m.pump();
+    m.settle_map();
+    assert!(!m.engine.is_isolated());
+    assert_eq!(m.completed, vec![(s, Ok(()))]);
+    // A release without an isolation changes nothing.
+    m.engine.release_isolation();
+    m.pump();
+    let t = m.submit(write(4096, 4096));
+    m.settle_map();
+    m.finish_local(t);
+    m.settle_map();
+    assert_eq!(m.completed.last(), Some(&(t, Ok(()))));
+}
+
+#[test]
+fn held_writes_fail_when_the_isolated_device_stops() {
+    let (mut m, lost) = isolated_with_a_lost_write(Mode::Mwc);
+    let new = m.submit(write(10 * REGION_SIZE_BYTES, 4096));
+    m.engine.fail_isolated();
+    m.pump();
+    m.settle_map();
+    let mut done = m.completed.clone();
+    done.sort_by_key(|(s, _)| *s);
+    let mut want = vec![
+        (lost, Err(EngineError::Unavailable)),
+        (new, Err(EngineError::Unavailable)),
+    ];
+    want.sort_by_key(|(s, _)| *s);
+    assert_eq!(done, want);
+    assert_eq!(
+        m.engine.map().get(0),
+        CELL_STALE,
+        "the lost write's region stays stale"
+    );
+    assert!(m.engine.is_idle());
+}

@@ -199,7 +199,7 @@ impl World {
             self.note(format!(
                 "node {r}: a new offer from node {i} ends the session in force"
             ));
-            self.engine_lost_peer(r);
+            self.engine_lost_peer(r, false);
         }
         self.last_session += 1;
         let session = self.last_session;
@@ -350,19 +350,30 @@ impl World {
         self.check_resync_finished();
     }
 
-    /// The engine of node `n` lost its session.
-    fn engine_lost_peer(&mut self, n: usize) {
+    /// The engine of node `n` lost its session (`isolate`: holding its
+    /// writes, as gmdd's `LinkEvent::Isolated`).
+    fn engine_lost_peer(&mut self, n: usize, isolate: bool) {
         let node = &mut self.nodes[n];
         node.engine_session = 0;
         node.part = Part::None;
         node.resync_done = false;
-        self.engine(n).peer_lost();
+        if isolate {
+            self.counts.isolations += 1;
+            self.engine(n).peer_isolated();
+        } else {
+            self.engine(n).peer_lost();
+        }
         self.pump(n);
     }
 
     /// gmdd's `disconnect`: the link's handshake or session ends; the
     /// engine loses its peer if it had a session.
     pub(crate) fn disconnect(&mut self, n: usize) -> Option<u64> {
+        self.disconnect_holding(n, false)
+    }
+
+    /// As [`World::disconnect`]; `isolate`: the engine holds its writes.
+    fn disconnect_holding(&mut self, n: usize, isolate: bool) -> Option<u64> {
         let had = self.nodes[n].link.end();
         // A handshake this daemon started is still under way while it
         // waits for an answer (gmdd's `try_connect` runs to its end): no
@@ -370,7 +381,7 @@ impl World {
         // abandon.
         self.nodes[n].connecting = !self.nodes[n].tasks.is_empty();
         if had.is_some() {
-            self.engine_lost_peer(n);
+            self.engine_lost_peer(n, isolate);
         }
         had
     }
@@ -382,8 +393,19 @@ impl World {
         if self.nodes[n].engine.is_none() {
             return;
         }
-        if self.nodes[n].link.peer() == Some(NAMES[1 - n]) && self.disconnect(n).is_some() {
-            self.note(format!("node {n}: peer lost, goes on alone"));
+        let isolate = {
+            let params = self.engine(n).params();
+            params.writable && params.mode != Mode::Async
+        } && self.faults.isolation
+            && self.rng.gen_bool(super::faults::ISOLATION_PROBABILITY);
+        if self.nodes[n].link.peer() == Some(NAMES[1 - n])
+            && self.disconnect_holding(n, isolate).is_some()
+        {
+            if isolate {
+                self.note(format!("node {n}: peer lost, holds its writes"));
+            } else {
+                self.note(format!("node {n}: peer lost, goes on alone"));
+            }
             self.nodes[n].peer_down = true;
         }
         let tasks = std::mem::take(&mut self.nodes[n].tasks);

@@ -74,6 +74,21 @@ pub(crate) const OLD_MESSAGES: Switch = Switch {
     what: "messages of an ended session arrive in the next one",
 };
 
+/// A primary in sync or mwc that loses its peer sometimes holds its writes
+/// (site isolation: the non-dominant site, or a fence handler running)
+/// until the link returns or the administrator releases it.
+pub(crate) const ISOLATION: Switch = Switch {
+    env: "GMD_SIM_ISOLATION",
+    default: true,
+    what: "a primary that loses its peer may hold its writes until the link returns or a release",
+};
+
+/// Chance that a sync/mwc primary losing its peer isolates (holds writes).
+pub(crate) const ISOLATION_PROBABILITY: f64 = 0.5;
+/// Chance per administration round that a held node is released (the
+/// peer confirmed down).
+pub(crate) const RELEASE_PROBABILITY: f64 = 0.2;
+
 impl Switch {
     fn read(self) -> bool {
         match std::env::var(self.env).as_deref() {
@@ -95,6 +110,7 @@ pub(crate) struct Faults {
     pub(crate) resync_eio: bool,
     pub(crate) sync_eio: bool,
     pub(crate) old_messages: bool,
+    pub(crate) isolation: bool,
 }
 
 impl Faults {
@@ -109,6 +125,7 @@ impl Faults {
             resync_eio: RESYNC_EIO.read(),
             sync_eio: SYNC_EIO.read(),
             old_messages: OLD_MESSAGES.read(),
+            isolation: ISOLATION.read(),
         })
     }
 
@@ -122,6 +139,7 @@ impl Faults {
             (RESYNC_EIO, self.resync_eio),
             (SYNC_EIO, self.sync_eio),
             (OLD_MESSAGES, self.old_messages),
+            (ISOLATION, self.isolation),
         ]
         .iter()
         .map(|(s, on)| format!("  {}={} ({})", s.env, u8::from(*on), s.what))

@@ -1138,6 +1138,12 @@ fn print_status(d: &DeviceStatus) {
                 println!("  refused     {reason}");
             }
         }
+        if let Some(i) = &l.isolation {
+            println!(
+                "  FROZEN      {} ({} write(s) held)",
+                i.message, i.writes_held
+            );
+        }
     }
     if let Some(c) = &d.compare {
         let what = match c.state {
