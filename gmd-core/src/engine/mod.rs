@@ -585,7 +585,6 @@ enum RemoteKind {
     },
 }
 
-
 /// A barrier in flight: the local data volume is being synced and the peer
 /// flushes its own; once both are done, the marks of `regions` go.
 #[derive(Debug)]
@@ -2462,7 +2461,8 @@ impl Engine {
                     // sync rate, and CHECKS_IN_FLIGHT_MAX bounds them.
                     rs.in_flight_bytes -= len;
                     rs.checks_in_flight += 1;
-                    let seq = self.push_remote(None, RemoteKind::ResyncCheck { region, bytes: len });
+                    let seq =
+                        self.push_remote(None, RemoteKind::ResyncCheck { region, bytes: len });
                     self.stats.resync_checks += 1;
                     self.actions
                         .push_back(Action::SendResyncCheck { slot, seq, region });

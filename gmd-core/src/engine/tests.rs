@@ -1718,7 +1718,10 @@ fn a_region_found_the_same_moves_no_data_and_clears_after_both_flushed() {
     m.ack(seq);
     m.settle_map();
     assert_ne!(m.durable.get(4), 0, "not before the barrier");
-    assert!(!m.flushes_sent.is_empty(), "a barrier asks the peer to flush");
+    assert!(
+        !m.flushes_sent.is_empty(),
+        "a barrier asks the peer to flush"
+    );
     m.ack_flushes();
     assert_eq!(m.durable.get(4), 0);
     assert!(m.resync_sent.is_empty());

@@ -787,7 +787,10 @@ mod tests {
         let mut old = serde_json::to_value(plain_offer(&a, "alpha")).unwrap();
         old.as_object_mut().unwrap().remove("resync_checksums");
         let offer: Offer = serde_json::from_value(old).unwrap();
-        assert!(!offer.resync_checksums, "an older peer's offer does not ask");
+        assert!(
+            !offer.resync_checksums,
+            "an older peer's offer does not ask"
+        );
     }
 
     #[test]
