@@ -1065,7 +1065,10 @@ impl Core {
                 }
                 // A check from the peer: compare the region read with its
                 // checksum; the buffer is not needed any more.
-                if let Some(sum) = entry.check_sum.take() {
+                if let Some(sum) = entry
+                    .check_sum
+                    .take_if(|_| request.kind == OpKind::Read)
+                {
                     let same = match entry.data.take() {
                         Some(Data::Owned(buf)) => {
                             region_sum(&buf[..request.len_bytes as usize]) == sum
@@ -1455,6 +1458,7 @@ impl Worker {
                 FromPeer::Op { op, data } => {
                     let slot = core.engine.peer_op(op);
                     let entry = &mut core.slots[slot as usize];
+                    entry.check_sum = None;
                     entry.peer_seq = op.seq;
                     entry.done_bytes = 0;
                     entry.phase = Phase::Main;
@@ -1569,13 +1573,17 @@ impl Worker {
                 Action::Reply(slot, result) => {
                     let entry = &mut core.slots[slot as usize];
                     entry.data = None;
+                    entry.check_sum = None;
                     let seq = entry.peer_seq;
                     self.send(ToPeer::Reply {
                         seq,
                         result: result.map_err(|e| e.errno()),
                     });
                 }
-                Action::Discard(slot) => core.slots[slot as usize].data = None,
+                Action::Discard(slot) => {
+                    core.slots[slot as usize].data = None;
+                    core.slots[slot as usize].check_sum = None;
+                }
                 Action::ResyncRead(slot) => {
                     let len = core.engine.request(slot).len_bytes as usize;
                     let entry = &mut core.slots[slot as usize];
