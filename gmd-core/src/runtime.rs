@@ -1065,10 +1065,7 @@ impl Core {
                 }
                 // A check from the peer: compare the region read with its
                 // checksum; the buffer is not needed any more.
-                if let Some(sum) = entry
-                    .check_sum
-                    .take_if(|_| request.kind == OpKind::Read)
-                {
+                if let Some(sum) = entry.check_sum.take_if(|_| request.kind == OpKind::Read) {
                     let same = match entry.data.take() {
                         Some(Data::Owned(buf)) => {
                             region_sum(&buf[..request.len_bytes as usize]) == sum
