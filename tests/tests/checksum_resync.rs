@@ -80,3 +80,46 @@ fn a_full_copy_between_copies_holding_the_same_data_moves_only_the_differences()
     beta.assert_map_clean(DEV);
     assert_same_files(&alpha_data, &beta_data);
 }
+
+/// A pair whose machines disagree (beta's daemon does not ask for checksum
+/// resync, as an older one could not) copies plainly: every region's data
+/// moves, no checksum crosses the link, and the copies end identical.
+#[test]
+fn a_pair_where_only_one_side_asks_copies_plainly() {
+    let cluster = Cluster::with_config(|t| {
+        t.replace(
+            "sync_rate_kib = 32",
+            "sync_rate_kib = 2048\nresync_checksums = true",
+        )
+    });
+    let text = std::fs::read_to_string(cluster.path("cluster.toml")).unwrap();
+    let beta_config = cluster.path("beta.toml");
+    std::fs::write(
+        &beta_config,
+        text.replace("resync_checksums = true", "resync_checksums = false"),
+    )
+    .unwrap();
+    cluster
+        .gmdctl_offline("alpha", &["init-state", DEV, "--zeroed"])
+        .ok();
+    cluster.gmdctl_offline("beta", &["init-state", DEV]).ok();
+    let alpha = cluster.gmdd("alpha");
+    let beta = cluster.gmdd_with_config("beta", &beta_config);
+    alpha.start_standalone(DEV, "beta");
+    beta.ctl(&["configure", DEV]).ok();
+    beta.ctl(&["start", DEV]).ok();
+    alpha.wait_mirroring(DEV, true);
+    alpha.wait_in_sync(DEV);
+    beta.wait_in_sync(DEV);
+    let link = alpha.status_json(DEV)["link"].clone();
+    assert_eq!(link["resync_full"], true, "{link:#}");
+    assert_eq!(link["resync_checks"], 0, "{link:#}");
+    assert_eq!(link["resync_same_bytes"], 0, "{link:#}");
+    assert_eq!(link["resync_bytes_sent"], DEVICE_SIZE, "{link:#}");
+    alpha.ctl(&["stop", DEV]).ok();
+    beta.ctl(&["stop", DEV]).ok();
+    assert_same_files(
+        &cluster.path("alpha/data10.img"),
+        &cluster.path("beta/data10.img"),
+    );
+}
