@@ -259,6 +259,10 @@ pub struct Device {
     pub hwm_kib: u64,
     /// Resync concurrency, KiB in flight.
     pub sync_rate_kib: u64,
+    /// Checksum resync: a region's checksum goes first during resync and
+    /// its data only if the target's copy differs (used when both
+    /// machines' daemons ask for it; default off).
+    pub resync_checksums: bool,
     /// Frontends that expose the device; empty = the default for the host.
     pub export: Vec<Frontend>,
     /// ublk queues (one thread each); 0 = one per core.
@@ -394,6 +398,7 @@ struct RawDevice {
     block_size: Option<i64>,
     hwm_kib: Option<i64>,
     sync_rate_kib: Option<i64>,
+    resync_checksums: Option<toml::Value>,
     export: Option<Vec<String>>,
     ublk_queues: Option<i64>,
     ublk_depth: Option<i64>,
@@ -897,6 +902,17 @@ fn build(c: &mut Checker, path: &Path, base: &Path, raw: RawConfig) -> ClusterCo
         };
         let hwm_kib = positive(c, "hwm_kib", d.hwm_kib, HWM_KIB_DEFAULT);
         let sync_rate_kib = positive(c, "sync_rate_kib", d.sync_rate_kib, SYNC_RATE_KIB_DEFAULT);
+        let resync_checksums = match d.resync_checksums {
+            None => false,
+            Some(toml::Value::Boolean(on)) => on,
+            Some(other) => {
+                c.problem(
+                    format!("{field}.resync_checksums"),
+                    format!("{other} is not allowed; use true or false (default false)"),
+                );
+                false
+            }
+        };
         let mut export = Vec::new();
         for e in d.export.unwrap_or_default() {
             match e.as_str() {
@@ -1012,6 +1028,7 @@ fn build(c: &mut Checker, path: &Path, base: &Path, raw: RawConfig) -> ClusterCo
                 block_size,
                 hwm_kib,
                 sync_rate_kib,
+                resync_checksums,
                 export,
                 ublk_queues,
                 ublk_depth,

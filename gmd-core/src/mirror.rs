@@ -12,6 +12,18 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::engine::{Connection, EngineError, OpKind, PeerOp, Request, Seq};
 use crate::generations::GenId;
 
+/// The checksum of a region in checksum resync: BLAKE3, 256 bits. A
+/// region found equal is not sent, so a collision would leave two
+/// different copies with clean maps (the worst, silent, failure): the
+/// checksum must make that practically impossible, which a 32-bit CRC
+/// does not (one in 4 billion regions; a large device has millions).
+pub type RegionSum = [u8; 32];
+
+/// The [`RegionSum`] of a region's data.
+pub fn region_sum(data: &[u8]) -> RegionSum {
+    *blake3::hash(data).as_bytes()
+}
+
 /// A message from the device thread for the peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ToPeer {
@@ -39,6 +51,16 @@ pub enum ToPeer {
         region: u64,
         /// Its bytes.
         data: Bytes,
+    },
+    /// The checksum of one resync region, in place of its data: the peer
+    /// answers `Ok` if its copy has the same (checksum resync).
+    ResyncCheck {
+        /// Stream position.
+        seq: Seq,
+        /// The region.
+        region: u64,
+        /// The checksum of this side's copy.
+        sum: RegionSum,
     },
     /// The answer to the peer's message `seq`.
     Reply {
@@ -74,6 +96,16 @@ pub enum FromPeer {
         op: PeerOp,
         /// Its data.
         data: Bytes,
+    },
+    /// The peer's checksum of one resync region
+    /// ([`crate::engine::Engine::peer_check`]).
+    ResyncCheck {
+        /// Its place in the peer's stream.
+        seq: Seq,
+        /// The region.
+        region: u64,
+        /// The peer's checksum.
+        sum: RegionSum,
     },
     /// The peer's answer to our message `seq`.
     Answer {
@@ -150,6 +182,9 @@ const TAG_RESYNC_ADD: u8 = 6;
 /// Added with data generations (likewise refused by older peers, which
 /// then keep counting their marks from the older generation: safe).
 const TAG_ADOPTED: u8 = 7;
+/// Added with checksum resync; sent only to a peer that asked for it in
+/// the handshake (an older one would refuse it).
+const TAG_RESYNC_CHECK: u8 = 8;
 
 /// Why a message from the peer was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -192,6 +227,7 @@ pub fn encoded_len(message: &ToPeer) -> usize {
         | ToPeer::Adopted { .. } => 9,
         ToPeer::Resync { data, .. } => 17 + data.len(),
         ToPeer::Reply { .. } => 13,
+        ToPeer::ResyncCheck { .. } => 17 + 32,
     }
 }
 
@@ -223,6 +259,12 @@ pub fn encode_into(message: &ToPeer, out: &mut BytesMut) {
             out.put_u64_le(*seq);
             out.put_u64_le(*region);
             out.put_slice(data);
+        }
+        ToPeer::ResyncCheck { seq, region, sum } => {
+            out.put_u8(TAG_RESYNC_CHECK);
+            out.put_u64_le(*seq);
+            out.put_u64_le(*region);
+            out.put_slice(sum);
         }
         ToPeer::Reply { seq, result } => {
             out.put_u8(TAG_REPLY);
@@ -372,6 +414,21 @@ pub fn decode(body: &Bytes, size_bytes: u64) -> Result<FromPeer, DecodeError> {
         TAG_ADOPTED => Ok(FromPeer::Adopted {
             current: take_u64(body, &mut at)?,
         }),
+        TAG_RESYNC_CHECK => {
+            let seq = take_u64(body, &mut at)?;
+            let region = take_u64(body, &mut at)?;
+            if region
+                .checked_mul(crate::units::REGION_SIZE_BYTES)
+                .is_none_or(|start| start >= size_bytes)
+            {
+                return Err(DecodeError("region beyond the device"));
+            }
+            let sum: RegionSum = body
+                .get(at..)
+                .and_then(|rest| rest.try_into().ok())
+                .ok_or(DecodeError("a resync checksum is 32 bytes"))?;
+            Ok(FromPeer::ResyncCheck { seq, region, sum })
+        }
         _ => Err(DecodeError("unknown message")),
     }
 }
@@ -410,6 +467,11 @@ mod tests {
             ToPeer::Prioritize { region: 6 },
             ToPeer::ResyncAdd { region: 7 },
             ToPeer::Adopted { current: 8 },
+            ToPeer::ResyncCheck {
+                seq: 9,
+                region: 10,
+                sum: [3; 32],
+            },
         ] {
             let mut out = BytesMut::new();
             out.put_u64_le(9);
@@ -469,6 +531,23 @@ mod tests {
             decode(&encode(&ToPeer::Adopted { current: 0xfeed }), 1 << 20).unwrap(),
             FromPeer::Adopted { current: 0xfeed }
         );
+        let sum = region_sum(b"region");
+        assert_eq!(
+            decode(
+                &encode(&ToPeer::ResyncCheck {
+                    seq: 4,
+                    region: 31,
+                    sum
+                }),
+                1 << 20
+            )
+            .unwrap(),
+            FromPeer::ResyncCheck {
+                seq: 4,
+                region: 31,
+                sum
+            }
+        );
     }
 
     #[test]
@@ -507,5 +586,22 @@ mod tests {
             "region beyond the device"
         );
         assert!(decode(&encode(&ToPeer::ResyncAdd { region: u64::MAX }), 1 << 20).is_err());
+        let check = ToPeer::ResyncCheck {
+            seq: 1,
+            region: 32,
+            sum: [0; 32],
+        };
+        assert!(
+            decode(&encode(&check), 1 << 20).is_err(),
+            "region beyond the device"
+        );
+        let mut short = encode(&ToPeer::ResyncCheck {
+            seq: 1,
+            region: 0,
+            sum: [0; 32],
+        })
+        .to_vec();
+        short.pop();
+        assert!(decode(&Bytes::from(short), 1 << 20).is_err(), "short sum");
     }
 }

@@ -43,7 +43,7 @@ use crate::buf::{BufPool, IoBuf};
 use crate::engine::{
     Action, Engine, EngineError, EngineParams, EngineStats, Epoch, OpKind, Request, Seq, Slot,
 };
-use crate::mirror::{FromPeer, LinkEvent, PeerLink, ToPeer};
+use crate::mirror::{FromPeer, LinkEvent, PeerLink, RegionSum, ToPeer, region_sum};
 use crate::statemap::cells::StateMap;
 use crate::statemap::file::PageSlots;
 use crate::statemap::format::{self, BLOCK_SIZE, Layout, Superblock};
@@ -856,6 +856,8 @@ struct SlotEntry {
     local_done_at: Option<Instant>,
     done_bytes: u64,
     phase: Phase,
+    /// The peer's checksum of the region a check from it reads (peer slots).
+    check_sum: Option<RegionSum>,
 }
 
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
@@ -1072,6 +1074,18 @@ impl Core {
                 entry.done_bytes += res as u64;
                 if entry.done_bytes < request.len_bytes {
                     return self.local_sqe(slot, fd);
+                }
+                // A check from the peer: compare the region read with its
+                // checksum; the buffer is not needed any more.
+                if let Some(sum) = entry.check_sum.take_if(|_| request.kind == OpKind::Read) {
+                    let same = match entry.data.take() {
+                        Some(Data::Owned(buf)) => {
+                            region_sum(&buf[..request.len_bytes as usize]) == sum
+                        }
+                        _ => false,
+                    };
+                    self.engine.check_done(slot, Ok(same));
+                    return None;
                 }
                 // Hand an application read's data back with its request.
                 if request.kind == OpKind::Read {
@@ -1449,13 +1463,18 @@ impl Worker {
                 continue;
             }
             match message {
-                FromPeer::Op { .. } if !core.engine.peer_slot_available() => return Ok(()),
+                FromPeer::Op { .. } | FromPeer::ResyncCheck { .. }
+                    if !core.engine.peer_slot_available() =>
+                {
+                    return Ok(());
+                }
                 _ => {}
             }
             match self.peer_waiting.pop_front().expect("present").1 {
                 FromPeer::Op { op, data } => {
                     let slot = core.engine.peer_op(op);
                     let entry = &mut core.slots[slot as usize];
+                    entry.check_sum = None;
                     entry.peer_seq = op.seq;
                     entry.done_bytes = 0;
                     entry.phase = Phase::Main;
@@ -1467,6 +1486,16 @@ impl Worker {
                         buf.copy_from_slice(&data);
                         Some(Data::Owned(buf))
                     };
+                }
+                FromPeer::ResyncCheck { seq, region, sum } => {
+                    let slot = core.engine.peer_check(seq, region);
+                    let len = core.engine.request(slot).len_bytes as usize;
+                    let entry = &mut core.slots[slot as usize];
+                    entry.peer_seq = seq;
+                    entry.done_bytes = 0;
+                    entry.phase = Phase::Main;
+                    entry.check_sum = Some(sum);
+                    entry.data = Some(Data::Owned(self.pool.take(len)));
                 }
                 FromPeer::Answer { seq, result } => core.engine.remote_done(seq, result),
                 FromPeer::Prioritize { region } => core.engine.prioritize(region),
@@ -1560,13 +1589,17 @@ impl Worker {
                 Action::Reply(slot, result) => {
                     let entry = &mut core.slots[slot as usize];
                     entry.data = None;
+                    entry.check_sum = None;
                     let seq = entry.peer_seq;
                     self.send(ToPeer::Reply {
                         seq,
                         result: result.map_err(|e| e.errno()),
                     });
                 }
-                Action::Discard(slot) => core.slots[slot as usize].data = None,
+                Action::Discard(slot) => {
+                    core.slots[slot as usize].data = None;
+                    core.slots[slot as usize].check_sum = None;
+                }
                 Action::ResyncRead(slot) => {
                     let len = core.engine.request(slot).len_bytes as usize;
                     let entry = &mut core.slots[slot as usize];
@@ -1581,6 +1614,13 @@ impl Worker {
                         _ => unreachable!("a resync read fills an owned buffer"),
                     };
                     self.send(ToPeer::Resync { seq, region, data });
+                }
+                Action::SendResyncCheck { slot, seq, region } => {
+                    let sum = match core.slots[slot as usize].data.take() {
+                        Some(Data::Owned(buf)) => region_sum(&buf[..]),
+                        _ => unreachable!("a resync read fills an owned buffer"),
+                    };
+                    self.send(ToPeer::ResyncCheck { seq, region, sum });
                 }
                 Action::SyncData(sync) => {
                     let sqe = opcode::Fsync::new(types::Fd(self.data.as_raw_fd()))

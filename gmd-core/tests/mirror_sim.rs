@@ -77,7 +77,13 @@
 //!   `MapFailed` from then on, and the administrator restarts the node 5–40
 //!   steps later.
 //! - `GMD_SIM_RESYNC_EIO` (1 %): a resync read fails with EIO; the engine
-//!   reads the region again after a back-off.
+//!   reads the region again after a back-off. A target's read for a
+//!   checksum check fails likewise (answered as different: the data moves).
+//! - Checksum resync (not a fault): in odd seeds both links ask for it
+//!   (`Link::set_resync_checksums`), so a source sends a region's checksum
+//!   (`Msg::ResyncCheck`, the blocks themselves: a perfect checksum) and
+//!   its data only if the target's copy differs; in one seed of four only
+//!   node 0 asks, and the pair must resync plainly.
 //! - `GMD_SIM_SYNC_EIO` (1 %): the engine's data sync (`SyncData`, the
 //!   local half of a barrier before marks are cleared) fails with EIO.
 //! - `GMD_SIM_OLD_MESSAGES` (30 %): a device message on the wire survives a
@@ -310,6 +316,11 @@ enum SlotData {
         seq: Seq,
         id: WriteId,
         resync: Option<Vec<WriteId>>,
+    },
+    /// A checksum check from the peer: its copy of the region.
+    PeerCheck {
+        seq: Seq,
+        blocks: Vec<WriteId>,
     },
     /// A resync read of link session `session`, and its data once read.
     ResyncRead {
@@ -571,6 +582,10 @@ struct Counts {
     /// Starts refused by the start rules, and unifies that resolved them.
     starts_refused: usize,
     unifies: usize,
+    /// Checksum resync: regions found the same (no data moved), and
+    /// regions found different (data moved).
+    checks_same: usize,
+    checks_differ: usize,
 }
 
 impl Counts {
@@ -600,6 +615,8 @@ impl Counts {
         self.restarted_secondary += other.restarted_secondary;
         self.starts_refused += other.starts_refused;
         self.unifies += other.unifies;
+        self.checks_same += other.checks_same;
+        self.checks_differ += other.checks_differ;
     }
 }
 
@@ -689,6 +706,12 @@ impl World {
             failed_writes: HashSet::new(),
             counts: Counts::default(),
         };
+        // Checksum resync: both nodes ask for it in odd seeds; in one seed
+        // of four only node 0 does (the pair then resyncs plainly).
+        for n in 0..2 {
+            let asks = seed % 2 == 1 || (seed % 4 == 2 && n == 0);
+            world.nodes[n].link.set_resync_checksums(asks);
+        }
         for n in 0..2 {
             let role = if n == FIRST_PRIMARY {
                 PairRole::Primary
@@ -822,14 +845,18 @@ impl World {
             }
             Action::SendFlush { seq } => self.send(n, Msg::Flush { seq }),
             Action::Reply(slot, result) => {
-                let Some(SlotData::Peer { seq, .. }) = self.nodes[n].slots.remove(&slot) else {
+                let Some(SlotData::Peer { seq, .. } | SlotData::PeerCheck { seq, .. }) =
+                    self.nodes[n].slots.remove(&slot)
+                else {
                     panic!("Reply for a slot without a peer op")
                 };
                 let ok = result.is_ok();
                 self.send(n, Msg::Ack { seq, ok });
             }
             Action::Discard(slot) => {
-                let Some(SlotData::Peer { .. }) = self.nodes[n].slots.remove(&slot) else {
+                let Some(SlotData::Peer { .. } | SlotData::PeerCheck { .. }) =
+                    self.nodes[n].slots.remove(&slot)
+                else {
                     panic!("Discard of a slot without a peer op")
                 };
             }
@@ -844,6 +871,23 @@ impl World {
                 self.send(
                     n,
                     Msg::Resync {
+                        seq,
+                        region,
+                        blocks,
+                    },
+                );
+            }
+            Action::SendResyncCheck { slot, seq, region } => {
+                let Some(SlotData::ResyncRead {
+                    blocks: Some(blocks),
+                    ..
+                }) = self.nodes[n].slots.remove(&slot)
+                else {
+                    panic!("SendResyncCheck without data")
+                };
+                self.send(
+                    n,
+                    Msg::ResyncCheck {
                         seq,
                         region,
                         blocks,
@@ -944,7 +988,27 @@ impl World {
                 self.nodes[n].disk.flush(&issued, &mut self.rng);
                 Ok(())
             }
-            OpKind::Read => self.read_done(n, slot, &request),
+            OpKind::Read => {
+                if let Some(SlotData::PeerCheck { blocks, .. }) = self.nodes[n].slots.get(&slot) {
+                    // A check: compare this copy with the peer's (a read
+                    // that fails answers "different").
+                    let result = if self.faults.resync_eio
+                        && self.rng.gen_bool(faults::RESYNC_EIO_PROBABILITY)
+                    {
+                        Err(libc::EIO)
+                    } else {
+                        Ok(self.nodes[n].disk.read(blocks_of(&request)) == &blocks[..])
+                    };
+                    match result {
+                        Ok(true) => self.counts.checks_same += 1,
+                        _ => self.counts.checks_differ += 1,
+                    }
+                    self.engine(n).check_done(slot, result);
+                    self.pump(n);
+                    return;
+                }
+                self.read_done(n, slot, &request)
+            }
             _ => self.data_write_done(n, slot, &request),
         };
         self.engine(n).local_done(slot, result);
@@ -1474,7 +1538,7 @@ impl World {
         let session = packet.session;
         let needs_slot = matches!(
             packet.msg,
-            Msg::Write { .. } | Msg::Flush { .. } | Msg::Resync { .. }
+            Msg::Write { .. } | Msg::Flush { .. } | Msg::Resync { .. } | Msg::ResyncCheck { .. }
         );
         let taken = self.nodes[to].link.session_with(NAMES[wire]);
         if taken != Some(session) {
@@ -1535,6 +1599,17 @@ impl World {
                     fua: false,
                 };
                 (seq, 0, Some(blocks), op(seq, 0, request, Some(region)))
+            }
+            Msg::ResyncCheck {
+                seq,
+                region,
+                blocks,
+            } => {
+                let slot = self.engine(to).peer_check(seq, region);
+                self.nodes[to]
+                    .slots
+                    .insert(slot, SlotData::PeerCheck { seq, blocks });
+                return;
             }
             Msg::Ack { seq, ok } => {
                 let result = if ok {
@@ -2478,6 +2553,8 @@ fn two_engines_keep_every_invariant_under_faults() {
                 "primaries holding writes",
             ),
             (faults.isolation, counts.releases, "held primaries released"),
+            (true, counts.checks_same, "resync regions found the same"),
+            (true, counts.checks_differ, "resync regions found different"),
             (true, counts.writes_refused, "writes refused on a secondary"),
             (true, counts.switches, "role switches"),
             (true, counts.failovers, "failovers"),

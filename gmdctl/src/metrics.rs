@@ -192,6 +192,14 @@ pub fn render(report: &Report, net: &NetReport) -> String {
         |x| x.resync_sent_bytes as f64,
     );
     w.each(
+        "gmd_device_resync_same_bytes_total",
+        "counter",
+        "Resync regions found identical on the peer by checksum since the device started (data not moved).",
+        d,
+        dev,
+        |x| x.resync_same_bytes as f64,
+    );
+    w.each(
         "gmd_device_resync_regions",
         "gauge",
         "Regions of the current resync (0 when none runs).",

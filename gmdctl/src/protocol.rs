@@ -549,6 +549,16 @@ pub struct LinkStatus {
     /// Resync data this side sent since the device started, bytes.
     #[serde(default)]
     pub resync_bytes_sent: u64,
+    /// Resync regions found identical by checksum since the device
+    /// started, bytes: not sent (source) or not received (target).
+    #[serde(default)]
+    pub resync_same_bytes: u64,
+    /// Resync checksums this side sent since the device started (source).
+    #[serde(default)]
+    pub resync_checks: u64,
+    /// Of those, the regions the peer found different (their data moved).
+    #[serde(default)]
+    pub resync_checks_differ: u64,
     /// Writes are held because the peer was lost (site isolation), when
     /// they are.
     #[serde(default)]

@@ -75,6 +75,10 @@ pub struct DeviceReport {
     /// Resync data this side sent since the device started, bytes.
     #[serde(default)]
     pub resync_sent_bytes: u64,
+    /// Resync regions found identical by checksum since the device
+    /// started, bytes (not sent, or not received): `resync_checksums`.
+    #[serde(default)]
+    pub resync_same_bytes: u64,
     /// Why mirroring with the peer is refused, when it is.
     #[serde(default)]
     pub refused: Option<String>,
@@ -962,6 +966,7 @@ mod tests {
             role: Some("primary".into()),
             size_bytes: 256 << 20,
             resync_sent_bytes: 0,
+            resync_same_bytes: 0,
             refused: None,
             frozen: None,
         }

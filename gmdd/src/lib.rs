@@ -1403,6 +1403,9 @@ impl Daemon {
             resync_read_errors: stats.resync_read_errors,
             resync_failed_regions: stats.resync_failed_regions,
             resync_bytes_sent: stats.resync_bytes_sent,
+            resync_same_bytes: stats.resync_same_bytes,
+            resync_checks: stats.resync_checks,
+            resync_checks_differ: stats.resync_checks_differ,
             isolation: {
                 drop(inner);
                 link.isolation_status(stats.writes_held)
@@ -1623,6 +1626,7 @@ impl Daemon {
             role: (handle.state() == AdminState::Available).then(|| handle.role().to_string()),
             size_bytes: handle.config().size_bytes,
             resync_sent_bytes: e.resync_bytes_sent,
+            resync_same_bytes: e.resync_same_bytes,
             refused,
             frozen,
         }

@@ -500,7 +500,12 @@ impl Daemon {
         let (facts, marks, hot) = handle
             .offer_parts()
             .ok_or_else(|| format!("{device}: the state map is not open"))?;
-        let inner = link.inner.lock().expect("link lock");
+        let mut inner = link.inner.lock().expect("link lock");
+        // The configuration as the device was started with it: a session
+        // uses checksum resync when both sides' offers ask for it.
+        inner
+            .core
+            .set_resync_checksums(handle.config().resync_checksums);
         Ok(inner.core.offer(identity, facts, marks, hot))
     }
 

@@ -40,6 +40,7 @@ fn example_parses_with_resolved_paths_and_defaults() {
     assert_eq!(dev.size_bytes, 256 << 20);
     assert_eq!(dev.hwm_kib, 128);
     assert_eq!(dev.sync_rate_kib, 32);
+    assert!(!dev.resync_checksums, "checksum resync is off by default");
     assert_eq!(dev.block_size, 512);
     assert_eq!(dev.export, vec![Frontend::Nbd]);
     assert_eq!(
@@ -329,5 +330,16 @@ fn ublk_queues_and_depth_parse_with_defaults_and_named_errors() {
         &edited("export = [\"nbd\"]", "export = [\"iscsi\"]"),
         "devices.data10gmd.export",
         "use \"ublk\" and/or \"nbd\"",
+    );
+}
+
+#[test]
+fn resync_checksums_is_a_boolean() {
+    let text = edited("hwm_kib = 128", "hwm_kib = 128\nresync_checksums = true");
+    assert!(parse(&text).unwrap().devices["data10gmd"].resync_checksums);
+    assert_problem(
+        &edited("hwm_kib = 128", "hwm_kib = 128\nresync_checksums = \"yes\""),
+        "devices.data10gmd.resync_checksums",
+        "use true or false",
     );
 }

@@ -34,6 +34,12 @@
 //!   reading a region while writes to it are in flight, and holding back
 //!   writes to a region while it reads it; the target holds back its own
 //!   application's I/O to regions not yet received.
+//! - **Checksum resync.** When both sides agreed on it
+//!   ([`Connection::resync_checksums`]), the source sends a region's
+//!   checksum where its data would go in the stream; the target compares it
+//!   with its own copy at that point of the stream and, when they match and
+//!   its volume is synced, takes the region as received. Otherwise the
+//!   region is read again and its data sent as above.
 
 mod activity;
 mod clears;
@@ -161,6 +167,10 @@ pub enum EngineError {
     /// Resync data for a region this side holds stale (it wrote it alone).
     #[error("this side holds the region stale; the link is set up again")]
     StaleHere,
+    /// A resync checksum from the peer does not match this side's copy of
+    /// the region: the peer sends its data.
+    #[error("the region differs from the peer's copy; the peer sends its data")]
+    Differs,
 }
 
 impl EngineError {
@@ -175,6 +185,7 @@ impl EngineError {
             EngineError::PeerLost => libc::ENOTCONN,
             EngineError::Stopping => libc::ESHUTDOWN,
             EngineError::StaleHere => libc::EBUSY,
+            EngineError::Differs => libc::EILSEQ,
         }
     }
 }
@@ -188,7 +199,9 @@ pub struct PeerOp {
     pub after: Seq,
     /// What to do (`Flush` is a barrier).
     pub request: Request,
-    /// Resync data for this region (the write covers the whole region).
+    /// Resync data for this region (the write covers the whole region); a
+    /// `Read` of a whole region is a checksum check of it
+    /// ([`Engine::peer_check`]).
     pub resync_region: Option<u64>,
 }
 
@@ -231,6 +244,18 @@ pub enum Action {
     /// Send the region data read into this slot as message `seq` (taking the
     /// buffer); the slot is free again. Report with [`Engine::remote_done`].
     SendResync {
+        /// The slot holding the data.
+        slot: Slot,
+        /// Its place in the stream.
+        seq: Seq,
+        /// The region.
+        region: u64,
+    },
+    /// Send the checksum of the region data read into this slot instead of
+    /// the data, as message `seq` (the peer compares it with its copy);
+    /// the slot is free again. Report with [`Engine::remote_done`]: `Ok`
+    /// means the peer's copy is the same (and durable there).
+    SendResyncCheck {
         /// The slot holding the data.
         slot: Slot,
         /// Its place in the stream.
@@ -307,6 +332,9 @@ pub struct Connection {
     /// has, and a later handshake would take their lineages for a
     /// divergence. [`GEN_NONE`](crate::generations::GEN_NONE): not checked.
     pub source_current: GenId,
+    /// Both sides agreed on checksum resync: a source sends each region's
+    /// checksum first and its data only if the target's copy differs.
+    pub resync_checksums: bool,
 }
 
 impl From<ResyncRole> for Connection {
@@ -318,6 +346,7 @@ impl From<ResyncRole> for Connection {
             peer_current: crate::generations::GEN_NONE,
             stale_at_handshake: 0,
             source_current: crate::generations::GEN_NONE,
+            resync_checksums: false,
         }
     }
 }
@@ -416,6 +445,14 @@ pub struct EngineStats {
     pub resync_remaining: u64,
     /// Resync bytes sent since start.
     pub resync_bytes_sent: u64,
+    /// Bytes of resync regions found identical by checksum since start
+    /// (source: not sent; target: not received).
+    pub resync_same_bytes: u64,
+    /// Resync checksums sent since start (source).
+    pub resync_checks: u64,
+    /// Of those, the regions the target found different (their data was
+    /// then sent).
+    pub resync_checks_differ: u64,
     /// Regions still to be received (target side).
     pub resync_target_remaining: u64,
     /// Regions to receive in the current resync (target side).
@@ -510,6 +547,13 @@ struct SlotInfo {
 }
 
 impl SlotInfo {
+    /// A checksum check from the peer ([`Engine::peer_check`]).
+    fn is_check(&self) -> bool {
+        self.owner == Owner::Peer
+            && self.resync_region.is_some()
+            && self.request.kind == OpKind::Read
+    }
+
     const FREE: SlotInfo = SlotInfo {
         owner: Owner::Free,
         request: Request {
@@ -542,6 +586,11 @@ enum RemoteKind {
         region: u64,
         bytes: u64,
     },
+    /// The checksum of a resync region instead of its data.
+    ResyncCheck {
+        region: u64,
+        bytes: u64,
+    },
 }
 
 /// A barrier in flight: the local data volume is being synced and the peer
@@ -568,6 +617,10 @@ struct RemoteEntry {
 
 /// Most regions remembered as asked for from the peer.
 const REQUESTED_MAX: usize = 64;
+
+/// Most resync checksums on the wire at once (source): each makes the
+/// target read one region, so at most 64 × 32 KiB = 2 MiB of reads there.
+const CHECKS_IN_FLIGHT_MAX: usize = 64;
 
 /// The per-device state machine. See the module documentation.
 #[derive(Debug)]
@@ -635,6 +688,13 @@ pub struct Engine {
     barrier: Option<Barrier>,
     /// The next barrier needs no peer part (the peer flushed as it left).
     peer_flushed: bool,
+    /// Target: checks found equal whose reads finished, waiting for a sync.
+    checks_equal: Vec<Slot>,
+    /// Target: the id of the data sync in flight for the checks of
+    /// `checks_syncing`; once it is done, their regions count as received.
+    check_sync: Option<u64>,
+    /// Target: the checks the sync in flight covers.
+    checks_syncing: Vec<Slot>,
     /// A refused write was logged since the access last changed.
     refusal_logged: bool,
     /// The peer was lost and this side may not write alone yet: writes wait
@@ -718,6 +778,9 @@ impl Engine {
             next_sync: 1,
             barrier: None,
             peer_flushed: false,
+            checks_equal: Vec::with_capacity(params.peer_slots_max),
+            check_sync: None,
+            checks_syncing: Vec::with_capacity(params.peer_slots_max),
             refusal_logged: false,
             isolated: false,
         }
@@ -1350,6 +1413,12 @@ impl Engine {
             Local::InFlight,
             "slot {slot} had no local operation"
         );
+        if info.is_check() {
+            // A check reported without its comparison: taken as different
+            // (the data is sent), never as the same.
+            self.check_done(slot, result.map(|()| false));
+            return;
+        }
         self.slots[slot as usize].local = Local::Done(result);
         match info.owner {
             Owner::App => self.app_local_done(slot, result),
@@ -1485,6 +1554,9 @@ impl Engine {
             (RemoteKind::Resync { region, bytes }, _) => {
                 self.resync_confirmed(region, bytes, result)
             }
+            (RemoteKind::ResyncCheck { region, bytes }, _) => {
+                self.resync_checked(region, bytes, result)
+            }
         }
         while self.remote.front().is_some_and(|e| e.done) {
             self.remote.pop_front();
@@ -1609,6 +1681,7 @@ impl Engine {
             peer_current,
             stale_at_handshake,
             source_current,
+            resync_checksums,
         } = connection.into();
         assert!(!self.connected, "already connected");
         self.connected = true;
@@ -1706,7 +1779,9 @@ impl Engine {
                 self.source_marks_epoch = self.journal.needed_all();
                 self.stats.resync_total = set.count();
                 if set.count() > 0 {
-                    self.resync = Some(ResyncSource::new(set));
+                    let mut rs = ResyncSource::new(set);
+                    rs.checks = resync_checksums;
+                    self.resync = Some(rs);
                 } else {
                     self.actions.push_back(Action::ResyncDone);
                 }
@@ -1882,9 +1957,14 @@ impl Engine {
                 s.owner == Owner::Peer && s.local == Local::InFlight && s.session == session
             })
             .count();
-        // Operations from the peer not yet applied are dropped.
+        // Operations from the peer not yet applied are dropped, and so are
+        // checks found equal that wait for a sync (unanswered: the peer
+        // sends those regions again in a later session).
         self.scratch.clear();
         self.target.drain_pending(&mut self.scratch);
+        self.scratch.append(&mut self.checks_equal);
+        self.scratch.append(&mut self.checks_syncing);
+        self.check_sync = None;
         let dropped: Vec<Slot> = self.scratch.drain(..).collect();
         for slot in dropped {
             self.slots[slot as usize] = SlotInfo::FREE;
@@ -2055,6 +2135,10 @@ impl Engine {
     /// Reports the end of [`Action::SyncData`] `sync`. A sync of a barrier
     /// that was dropped (the link ended) counts for nothing.
     pub fn data_synced(&mut self, sync: u64, result: Result<(), i32>) {
+        if self.check_sync == Some(sync) {
+            self.check_sync_done(result);
+            return;
+        }
         let Some(barrier) = self.barrier.as_mut().filter(|b| b.sync == sync) else {
             return;
         };
@@ -2182,7 +2266,7 @@ impl Engine {
         let slot = self.free_peer.pop().expect("a peer slot is free");
         // Resync data clears this side's mark once written: written with
         // FUA, so that the mark never goes before the data is durable.
-        if op.resync_region.is_some() {
+        if op.resync_region.is_some() && op.request.kind == OpKind::Write {
             op.request.fua = true;
         }
         self.slots[slot as usize] = SlotInfo {
@@ -2243,6 +2327,114 @@ impl Engine {
         });
         self.issue_peer_ops();
         slot
+    }
+
+    /// Takes a resync checksum check from the peer, message `seq`: the
+    /// peer's copy of `region` has the checksum the driver keeps; returns
+    /// the slot. It is ordered like resync data of the region: the driver
+    /// reads the region into a buffer when told ([`Action::Local`] of a
+    /// `Read`), compares the checksums and reports with
+    /// [`Engine::check_done`]. A region found the same counts as received
+    /// once this side's volume is synced (the answer waits for that).
+    ///
+    /// # Panics
+    /// If no peer slot is free ([`Engine::peer_slot_available`]).
+    pub fn peer_check(&mut self, seq: Seq, region: u64) -> Slot {
+        let bytes = if region < self.journal.map.region_count() {
+            region_bytes(region, self.params.size_bytes)
+        } else {
+            // Refused by the range check of `peer_op`.
+            let start = region.saturating_mul(REGION_SIZE_BYTES);
+            start..start.saturating_add(REGION_SIZE_BYTES)
+        };
+        self.peer_op(PeerOp {
+            seq,
+            after: 0,
+            request: Request {
+                kind: OpKind::Read,
+                offset_bytes: bytes.start,
+                len_bytes: bytes.end - bytes.start,
+                fua: false,
+            },
+            resync_region: Some(region),
+        })
+    }
+
+    /// Reports the end of the read of check `slot` ([`Engine::peer_check`]):
+    /// `Ok(true)` if this copy's checksum matched the peer's, `Ok(false)` if
+    /// not, `Err(errno)` if the read failed (the peer then sends the data).
+    ///
+    /// # Panics
+    /// If `slot` had no check in flight.
+    pub fn check_done(&mut self, slot: Slot, result: Result<bool, i32>) {
+        let info = self.slots[slot as usize];
+        assert!(
+            info.is_check() && info.local == Local::InFlight,
+            "slot {slot} had no check in flight"
+        );
+        if !self.connected || info.session != self.session {
+            self.slots[slot as usize].local = Local::Done(Ok(()));
+            self.peer_local_done(slot, Ok(()));
+            return;
+        }
+        self.slots[slot as usize].local = Local::Done(result.map(|_| ()));
+        self.target.finished(slot);
+        match result {
+            Ok(true) => {
+                self.checks_equal.push(slot);
+                self.pump_check_sync();
+            }
+            Ok(false) => self.finish_peer(slot, Err(EngineError::Differs)),
+            Err(errno) => self.finish_peer(slot, Err(EngineError::Io(errno))),
+        }
+        self.issue_peer_ops();
+    }
+
+    /// Target: syncs the data volume for the checks found equal, unless a
+    /// sync for earlier ones is in flight. Only checks whose reads finished
+    /// before the sync is issued count on it: what they read is then on disk.
+    fn pump_check_sync(&mut self) {
+        if self.check_sync.is_some() || self.checks_equal.is_empty() || !self.connected {
+            return;
+        }
+        debug_assert!(self.checks_syncing.is_empty());
+        std::mem::swap(&mut self.checks_equal, &mut self.checks_syncing);
+        let sync = self.next_sync;
+        self.next_sync += 1;
+        self.check_sync = Some(sync);
+        self.actions.push_back(Action::SyncData(sync));
+    }
+
+    /// Target: the sync for checks found equal ended.
+    fn check_sync_done(&mut self, result: Result<(), i32>) {
+        self.check_sync = None;
+        for i in 0..self.checks_syncing.len() {
+            let slot = self.checks_syncing[i];
+            match result {
+                Ok(()) => self.check_equal_done(slot),
+                Err(errno) => self.finish_peer(slot, Err(EngineError::Io(errno))),
+            }
+        }
+        self.checks_syncing.clear();
+        self.pump_check_sync();
+    }
+
+    /// Target: the region of check `slot` is the same here as on the peer,
+    /// and durable: it counts as received, as if its data had been written.
+    fn check_equal_done(&mut self, slot: Slot) {
+        let info = self.slots[slot as usize];
+        let region = info.resync_region.expect("checks carry a region");
+        self.stats.resync_same_bytes += info.request.len_bytes;
+        if self.journal.map.get(region) == CELL_RESYNC {
+            self.journal.set(region, CELL_CONSISTENT);
+            self.requested.retain(|&r| r != region);
+            if self.journal.resync_cells() == 0 {
+                self.actions.push_back(Action::ResyncDone);
+            }
+            self.resume_waiting();
+        }
+        self.finish_peer(slot, Ok(()));
+        self.start_commit();
     }
 
     fn issue_peer_ops(&mut self) {
@@ -2348,6 +2540,7 @@ impl Engine {
         };
         while !self.free_resync.is_empty()
             && (rs.in_flight_bytes == 0 || rs.in_flight_bytes + REGION_SIZE_BYTES <= budget)
+            && rs.checks_in_flight < CHECKS_IN_FLIGHT_MAX
         {
             let activity = &self.activity;
             let Some(region) = rs.next(|r| activity.in_flight(r) > 0) else {
@@ -2396,7 +2589,22 @@ impl Engine {
         }
         match (current, result) {
             (true, Ok(())) => {
-                self.resync.as_mut().expect("current").read_succeeded();
+                let rs = self.resync.as_mut().expect("current");
+                rs.read_succeeded();
+                if rs.checks && !rs.send_data.get(region) {
+                    // Only the checksum goes: it weighs nothing against the
+                    // sync rate, and CHECKS_IN_FLIGHT_MAX bounds them.
+                    rs.in_flight_bytes -= len;
+                    rs.checks_in_flight += 1;
+                    let seq =
+                        self.push_remote(None, RemoteKind::ResyncCheck { region, bytes: len });
+                    self.stats.resync_checks += 1;
+                    self.actions
+                        .push_back(Action::SendResyncCheck { slot, seq, region });
+                    self.resume_waiting();
+                    self.pump_resync();
+                    return;
+                }
                 let seq = self.push_remote(None, RemoteKind::Resync { region, bytes: len });
                 self.stats.resync_bytes_sent += len;
                 self.actions
@@ -2439,6 +2647,39 @@ impl Engine {
         if result.is_err() {
             return;
         }
+        self.resync_region_done(region);
+    }
+
+    /// The target answered the checksum of `region`: `Ok`, its copy is the
+    /// same (and durable); an error, it differs (or could not be read
+    /// there): the data is read again and sent.
+    fn resync_checked(&mut self, region: u64, bytes: u64, result: Result<(), EngineError>) {
+        let Some(rs) = self.resync.as_mut() else {
+            return;
+        };
+        rs.busy.clear(region);
+        rs.checks_in_flight -= 1;
+        if rs.resend.get(region) {
+            // A local write failed after the region was read: what was
+            // compared is not this copy; the region goes again.
+            rs.resend.clear(region);
+            return;
+        }
+        if result.is_err() {
+            self.stats.resync_checks_differ += 1;
+            rs.send_data.set(region);
+            return;
+        }
+        self.stats.resync_same_bytes += bytes;
+        self.resync_region_done(region);
+    }
+
+    /// The target holds `region` as this side does (data written or found
+    /// the same, durably there).
+    fn resync_region_done(&mut self, region: u64) {
+        let Some(rs) = self.resync.as_mut() else {
+            return;
+        };
         rs.pending.clear(region);
         // The target wrote the region durably (resync data is written with
         // FUA); the mark goes once this side's copy is durable too, behind

@@ -96,6 +96,12 @@ pub(super) struct ResyncSource {
     pub(super) in_flight_bytes: u64,
     /// Regions at the start.
     pub(super) total: u64,
+    /// Checksum resync: a region goes as its checksum first.
+    pub(super) checks: bool,
+    /// Regions whose checksum the target found different: their data goes.
+    pub(super) send_data: RegionBits,
+    /// Checksums on the wire, not yet answered.
+    pub(super) checks_in_flight: usize,
 }
 
 impl ResyncSource {
@@ -105,6 +111,9 @@ impl ResyncSource {
             total: pending.count(),
             busy: RegionBits::new(regions),
             resend: RegionBits::new(regions),
+            send_data: RegionBits::new(regions),
+            checks: false,
+            checks_in_flight: 0,
             failed: RegionBits::new(regions),
             retry_at_ms: 0,
             failed_rounds: 0,

@@ -42,6 +42,8 @@ struct Model {
     resync_reads: Vec<Slot>,
     /// Resync data sent: (seq, region).
     resync_sent: Vec<(Seq, u64)>,
+    /// Resync checksums sent: (seq, region).
+    checks_sent: Vec<(Seq, u64)>,
     /// Data volume syncs wait for [`Model::finish_syncs`] instead of
     /// completing at once.
     hold_syncs: bool,
@@ -71,6 +73,7 @@ impl Model {
             stalls: Vec::new(),
             resync_reads: Vec::new(),
             resync_sent: Vec::new(),
+            checks_sent: Vec::new(),
             hold_syncs: false,
             syncs: Vec::new(),
             map_gens: Vec::new(),
@@ -155,6 +158,11 @@ impl Model {
                     self.log.push(format!("send resync {region}"));
                     self.resync_sent.push((seq, region));
                 }
+                Action::SendResyncCheck { seq, region, .. } => {
+                    self.log.push(format!("send check {region}"));
+                    self.checks_sent.push((seq, region));
+                }
+                Action::Discard(slot) => self.log.push(format!("discard {slot}")),
                 Action::ResyncDone => self.log.push("resync done".into()),
                 Action::Renegotiate => self.log.push("renegotiate".into()),
                 Action::SendAdopted { current } => self.log.push(format!("adopted {current}")),
@@ -166,7 +174,6 @@ impl Model {
                         self.engine.data_synced(sync, Ok(()));
                     }
                 }
-                other => panic!("unexpected {other:?}"),
             }
         }
     }
@@ -1145,6 +1152,7 @@ fn a_write_without_the_peer_starts_a_new_generation_durably_first() {
         peer_current: gens.current,
         stale_at_handshake: 2,
         source_current: 0,
+        resync_checksums: false,
     });
     m.pump();
     m.engine.peer_lost();
@@ -1175,6 +1183,7 @@ fn a_generation_drawn_after_the_handshake_read_this_side_sets_the_link_up_again(
         peer_current: 100,
         stale_at_handshake: 1,
         source_current: 0,
+        resync_checksums: false,
     });
     m.pump();
     assert!(m.log.iter().any(|l| l == "renegotiate"), "{:?}", m.log);
@@ -1201,6 +1210,7 @@ fn a_target_takes_the_source_generation_once_its_marks_are_durable_and_then_says
         peer_current: 200,
         stale_at_handshake: 0,
         source_current: 0,
+        resync_checksums: false,
     });
     m.pump();
     // The write of the marks does not name the source's data.
@@ -1251,6 +1261,7 @@ fn a_source_whose_generation_changed_since_the_handshake_renegotiates() {
         peer_current: 100,
         stale_at_handshake: 0,
         source_current: 100,
+        resync_checksums: false,
     });
     m.pump();
     assert!(m.log.iter().any(|l| l == "renegotiate"), "{:?}", m.log);
@@ -1264,6 +1275,7 @@ fn a_source_whose_generation_changed_since_the_handshake_renegotiates() {
         peer_current: 100,
         stale_at_handshake: 1,
         source_current: drawn,
+        resync_checksums: false,
     });
     m.pump();
     m.settle_map();
@@ -1293,6 +1305,7 @@ fn a_generation_no_session_took_is_kept_when_the_link_drops_again() {
         peer_current: 100,
         stale_at_handshake: 0,
         source_current: 100,
+        resync_checksums: false,
     });
     m.pump();
     m.engine.peer_lost();
@@ -1307,6 +1320,7 @@ fn a_generation_no_session_took_is_kept_when_the_link_drops_again() {
         peer_current: 100,
         stale_at_handshake: 2,
         source_current: alone.current,
+        resync_checksums: false,
     });
     m.pump();
     m.engine.peer_lost();
@@ -1491,6 +1505,7 @@ fn a_target_refuses_resync_data_for_a_region_it_holds_stale() {
         peer_current: 0,
         stale_at_handshake: 1,
         source_current: 0,
+        resync_checksums: false,
     });
     m.pump();
     m.settle_map();
@@ -1847,4 +1862,233 @@ fn held_writes_fail_when_the_isolated_device_stops() {
         "the lost write's region stays stale"
     );
     assert!(m.engine.is_idle());
+}
+
+// ----- checksum resync ----------------------------------------------------
+
+/// One bit per region, `regions` set.
+fn bits_of(m: &Model, regions: &[u64]) -> Vec<u8> {
+    let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
+    for &r in regions {
+        bits[(r / 8) as usize] |= 1 << (r % 8);
+    }
+    bits
+}
+
+/// Connects `m` as the source of `regions` with checksum resync.
+fn connect_checking_source(m: &mut Model, regions: &[u64]) {
+    let bits = bits_of(m, regions);
+    m.engine.connect(Connection {
+        resync_checksums: true,
+        ..Connection::from(ResyncRole::Source(bits))
+    });
+    m.pump();
+    m.settle_map();
+}
+
+/// A target with `regions` not received, its marks durable.
+fn checking_target(regions: &[u64]) -> Model {
+    let mut t = Model::new(Mode::Mwc);
+    let bits = bits_of(&t, regions);
+    t.engine.connect(Connection {
+        resync_checksums: true,
+        ..Connection::from(ResyncRole::Target(bits))
+    });
+    t.pump();
+    t.settle_map();
+    t
+}
+
+/// Source: a region's checksum goes instead of its data; the target's
+/// "same" clears the mark only behind a barrier (both volumes flushed),
+/// and no data message is ever sent for it.
+#[test]
+fn a_region_found_the_same_moves_no_data_and_clears_after_both_flushed() {
+    let mut m = Model::new(Mode::Mwc);
+    connect_checking_source(&mut m, &[4]);
+    let read = m.resync_reads.pop().expect("the region is read");
+    m.engine.local_done(read, Ok(()));
+    m.pump();
+    assert!(m.resync_sent.is_empty(), "no data goes first");
+    let (seq, region) = m.checks_sent[0];
+    assert_eq!(region, 4);
+    m.ack(seq);
+    m.settle_map();
+    assert_ne!(m.durable.get(4), 0, "not before the barrier");
+    assert!(
+        !m.flushes_sent.is_empty(),
+        "a barrier asks the peer to flush"
+    );
+    m.ack_flushes();
+    assert_eq!(m.durable.get(4), 0);
+    assert!(m.resync_sent.is_empty());
+    assert!(m.log.iter().any(|l| l == "resync done"), "{:?}", m.log);
+    let stats = m.engine.stats();
+    assert_eq!(stats.resync_same_bytes, REGION_SIZE_BYTES);
+    assert_eq!(stats.resync_bytes_sent, 0);
+    assert_eq!(stats.resync_checks, 1);
+}
+
+/// Target: a region found the same is taken as received only once its
+/// volume is synced (what it read is then on disk), and only then answered.
+#[test]
+fn a_target_takes_a_region_found_the_same_once_its_volume_is_synced() {
+    let mut t = checking_target(&[4, 5]);
+    t.hold_syncs = true;
+    let slot = t.engine.peer_check(1, 4);
+    t.pump();
+    assert_eq!(t.local, vec![slot], "the region is read");
+    assert_eq!(t.engine.request(slot).kind, OpKind::Read);
+    t.local.clear();
+    t.engine.check_done(slot, Ok(true));
+    t.pump();
+    assert_eq!(t.syncs.len(), 1, "a sync first");
+    assert!(!t.log.iter().any(|l| l.starts_with("reply")), "{:?}", t.log);
+    assert_eq!(t.engine.map().get(4), CELL_RESYNC, "not received yet");
+    t.finish_syncs();
+    assert!(
+        t.log.iter().any(|l| *l == format!("reply {slot} Ok(())")),
+        "{:?}",
+        t.log
+    );
+    assert_eq!(t.durable.get(4), CELL_CONSISTENT);
+    assert_eq!(t.durable.get(5), CELL_RESYNC);
+    assert_eq!(t.engine.stats().resync_same_bytes, REGION_SIZE_BYTES);
+    assert!(!t.log.iter().any(|l| l == "resync done"), "region 5 waits");
+}
+
+/// A region whose checksum differs (or cannot be read on the target) keeps
+/// its marks, and its data then moves as in a plain resync.
+#[test]
+fn a_region_found_different_moves_its_data() {
+    let mut t = checking_target(&[4]);
+    let slot = t.engine.peer_check(1, 4);
+    t.pump();
+    t.engine.check_done(slot, Ok(false));
+    t.pump();
+    assert!(
+        t.log
+            .iter()
+            .any(|l| *l == format!("reply {slot} Err(Differs)")),
+        "{:?}",
+        t.log
+    );
+    assert_eq!(t.engine.map().get(4), CELL_RESYNC, "still to receive");
+    assert_eq!(t.engine.stats().resync_same_bytes, 0);
+
+    let mut m = Model::new(Mode::Mwc);
+    connect_checking_source(&mut m, &[4]);
+    let read = m.resync_reads.pop().expect("read");
+    m.engine.local_done(read, Ok(()));
+    m.pump();
+    let (seq, _) = m.checks_sent[0];
+    m.engine
+        .remote_done(seq, Err(EngineError::Remote(libc::EILSEQ)));
+    m.pump();
+    m.ack_flushes();
+    assert_ne!(m.durable.get(4), 0, "still marked");
+    // Read again, and this time the data goes.
+    let seq = m.read_and_send_region(4);
+    assert_eq!(m.checks_sent.len(), 1, "no second check");
+    m.ack(seq);
+    m.ack_flushes();
+    assert_eq!(m.durable.get(4), 0);
+    let stats = m.engine.stats();
+    assert_eq!(stats.resync_checks_differ, 1);
+    assert_eq!(stats.resync_bytes_sent, REGION_SIZE_BYTES);
+    assert_eq!(stats.resync_same_bytes, 0);
+}
+
+/// A write to a region being read for its check waits until the check is
+/// on the stream, so it comes after it; on the target, a write after a
+/// check of its region waits until the check has read it: the check
+/// always compares the copies at the same point of the stream.
+#[test]
+fn a_write_racing_a_check_is_ordered_after_it_on_both_sides() {
+    let mut m = Model::new(Mode::Mwc);
+    connect_checking_source(&mut m, &[2]);
+    let read = m.resync_reads.pop().expect("read");
+    let w = m.submit(write(2 * REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    assert!(m.sent.is_empty(), "the write waits for the region's read");
+    m.engine.local_done(read, Ok(()));
+    m.pump();
+    m.settle_map();
+    let (check_seq, _) = m.checks_sent[0];
+    let (write_seq, slot) = m.sent[0];
+    assert_eq!(slot, w);
+    assert!(write_seq > check_seq, "the write follows the check");
+
+    let mut t = checking_target(&[2]);
+    let check = t.engine.peer_check(1, 2);
+    t.pump();
+    let op = t.engine.peer_op(PeerOp {
+        seq: 2,
+        after: 0,
+        request: write(2 * REGION_SIZE_BYTES, 4096),
+        resync_region: None,
+    });
+    t.pump();
+    assert_eq!(t.local, vec![check], "the write waits for the check's read");
+    t.local.clear();
+    t.engine.check_done(check, Ok(false));
+    t.pump();
+    assert_eq!(t.local, vec![op]);
+}
+
+/// A local write failing after a region was read for its check: the
+/// peer's "same" compared what this copy no longer holds; the region goes
+/// again and its mark stays.
+#[test]
+fn a_local_write_failing_after_a_check_was_read_sends_the_region_again() {
+    let mut m = Model::new(Mode::Async);
+    connect_checking_source(&mut m, &[2]);
+    let read = m.resync_reads.pop().expect("read");
+    m.engine.local_done(read, Ok(()));
+    m.pump();
+    let (seq, _) = m.checks_sent[0];
+    let w = m.submit(write(2 * REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    m.local.retain(|&s| s != w);
+    m.engine.local_done(w, Err(libc::EIO));
+    m.pump();
+    m.ack(seq);
+    m.ack_flushes();
+    assert_ne!(m.durable.get(2), 0, "kept");
+    assert_eq!(m.engine.stats().resync_same_bytes, 0);
+    assert_eq!(m.resync_reads.len(), 1, "read again");
+}
+
+/// Checks found equal that wait for their sync when the link ends are
+/// dropped unanswered, their marks kept; the sync's late end does nothing.
+#[test]
+fn checks_waiting_for_their_sync_are_dropped_when_the_link_ends() {
+    let mut t = checking_target(&[4]);
+    t.hold_syncs = true;
+    let slot = t.engine.peer_check(1, 4);
+    t.pump();
+    t.engine.check_done(slot, Ok(true));
+    t.pump();
+    t.engine.peer_lost();
+    t.pump();
+    assert!(
+        t.log.iter().any(|l| *l == format!("discard {slot}")),
+        "{:?}",
+        t.log
+    );
+    assert!(!t.log.iter().any(|l| l.starts_with("reply")), "{:?}", t.log);
+    t.finish_syncs();
+    assert_eq!(t.engine.map().get(4), CELL_RESYNC, "still not received");
+    assert!(t.engine.peer_slot_available());
+    assert_eq!(t.engine.stats().resync_same_bytes, 0);
+}
+
+/// Without checksum resync agreed, data goes as before.
+#[test]
+fn without_checksums_agreed_resync_sends_data() {
+    let mut m = Model::new(Mode::Mwc);
+    let seq = m.source_sends_region(3);
+    assert!(m.checks_sent.is_empty());
+    m.ack(seq);
+    assert_eq!(m.engine.stats().resync_checks, 0);
 }

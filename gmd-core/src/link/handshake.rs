@@ -177,6 +177,10 @@ pub struct Offer {
     /// session knows the offer predates that session (see [`Link::crossing`]).
     #[serde(default)]
     pub last_session: u64,
+    /// This side asks for checksum resync (`resync_checksums = true`) and
+    /// understands its messages. Absent from older peers' offers: `false`.
+    #[serde(default)]
+    pub resync_checksums: bool,
 }
 
 impl Offer {
@@ -206,6 +210,10 @@ pub struct Accept {
     pub your_stale: u64,
     /// The responder's current generation.
     pub peer_current: GenId,
+    /// Both offers asked for checksum resync: the session uses it. Absent
+    /// from older peers' answers: `false`, plain resync.
+    #[serde(default)]
+    pub resync_checksums: bool,
 }
 
 /// This side's part in the resync a session starts with.
@@ -240,6 +248,8 @@ pub struct Start {
     pub plan: Plan,
     /// This side's stale cells when the handshake read its map.
     pub stale_at_handshake: u64,
+    /// Both sides agreed on checksum resync for this session.
+    pub resync_checksums: bool,
 }
 
 impl Start {
@@ -263,6 +273,7 @@ impl Start {
             peer_current,
             stale_at_handshake: self.stale_at_handshake,
             source_current,
+            resync_checksums: self.resync_checksums,
         }
     }
 }
@@ -315,6 +326,8 @@ pub struct Link {
     state: State,
     /// The last session in force since the device started (0: none).
     last_session: u64,
+    /// This side's offers ask for checksum resync.
+    resync_checksums: bool,
 }
 
 impl Link {
@@ -328,7 +341,14 @@ impl Link {
             hot: HotPeer::Nobody,
             state: State::Idle,
             last_session: 0,
+            resync_checksums: false,
         }
+    }
+
+    /// Whether this side's offers ask for checksum resync (the device's
+    /// `resync_checksums`); a session uses it only if both sides ask.
+    pub fn set_resync_checksums(&mut self, on: bool) {
+        self.resync_checksums = on;
     }
 
     /// The device started (incarnation `incarnation`, never 0) in `role`:
@@ -412,6 +432,7 @@ impl Link {
             marks,
             hot,
             last_session: self.last_session,
+            resync_checksums: self.resync_checksums,
         }
     }
 
@@ -524,6 +545,9 @@ impl Link {
         } else {
             Regions::new()
         };
+        // Only when both ask for it: a peer that does not know checksum
+        // resync (or does not want it) gets plain resync data.
+        let resync_checksums = local.resync_checksums && remote.resync_checksums;
         let start = Start {
             peer: from.clone(),
             session,
@@ -531,6 +555,7 @@ impl Link {
             peer_current: remote.facts.gens.current,
             plan,
             stale_at_handshake: local.facts.stale,
+            resync_checksums,
         };
         self.state = State::Accepted { peer: from, start };
         Ok(Accept {
@@ -540,6 +565,7 @@ impl Link {
             incarnation: self.incarnation,
             your_stale: remote.facts.stale,
             peer_current: local.facts.gens.current,
+            resync_checksums,
         })
     }
 
@@ -607,6 +633,7 @@ impl Link {
             peer_current: accept.peer_current,
             plan: accept.plan,
             stale_at_handshake: accept.your_stale,
+            resync_checksums: accept.resync_checksums,
         })
     }
 
@@ -734,6 +761,36 @@ mod tests {
             Regions::new(),
             Regions::new(),
         )
+    }
+
+    /// Checksum resync is used only when both offers ask for it; an offer
+    /// or answer without the field (an older peer) counts as not asking.
+    #[test]
+    fn checksum_resync_needs_both_sides_and_old_peers_do_not_ask() {
+        for (ask_a, ask_b) in [(true, true), (true, false), (false, true), (false, false)] {
+            let mut a = Link::new("d", "alpha");
+            let mut b = Link::new("d", "beta");
+            a.started(1, PairRole::Primary);
+            b.started(2, PairRole::Secondary);
+            a.set_resync_checksums(ask_a);
+            b.set_resync_checksums(ask_b);
+            let ao = plain_offer(&a, "alpha");
+            let bo = plain_offer(&b, "beta");
+            assert_eq!(ao.resync_checksums, ask_a);
+            let (sa, sb) = handshake(&mut a, ao, &mut b, bo);
+            let both = ask_a && ask_b;
+            assert_eq!(sa.connection(REGIONS).resync_checksums, both);
+            assert_eq!(sb.connection(REGIONS).resync_checksums, both);
+        }
+        let mut a = Link::new("d", "alpha");
+        a.set_resync_checksums(true);
+        let mut old = serde_json::to_value(plain_offer(&a, "alpha")).unwrap();
+        old.as_object_mut().unwrap().remove("resync_checksums");
+        let offer: Offer = serde_json::from_value(old).unwrap();
+        assert!(
+            !offer.resync_checksums,
+            "an older peer's offer does not ask"
+        );
     }
 
     #[test]

@@ -25,6 +25,13 @@ pub(crate) enum Msg {
         region: u64,
         blocks: Vec<WriteId>,
     },
+    /// Checksum resync: the sender's copy of the region, standing for its
+    /// checksum (a perfect one: equal exactly when the blocks are).
+    ResyncCheck {
+        seq: Seq,
+        region: u64,
+        blocks: Vec<WriteId>,
+    },
     Ack {
         seq: Seq,
         ok: bool,

@@ -1121,6 +1121,12 @@ fn print_status(d: &DeviceStatus) {
                 l.backlog_bytes, l.hwm_fallbacks
             );
         }
+        if l.resync_checks > 0 || l.resync_same_bytes > 0 {
+            println!(
+                "  checksums   {} byte(s) of resync found identical (not moved); {} of {} region(s) checked differed and were sent",
+                l.resync_same_bytes, l.resync_checks_differ, l.resync_checks
+            );
+        }
         if l.resync_read_errors > 0 {
             println!(
                 "  resync      {} read error(s); {} region(s) wait to be read again",
