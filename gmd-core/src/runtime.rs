@@ -29,7 +29,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -56,6 +56,17 @@ pub use crate::latency::{LATENCY_BUCKETS, latency_percentile_us};
 pub const MAP_WRITES_INFLIGHT_MAX: usize = 64;
 /// How often the engine clock advances (lazy cleaning, resync pacing).
 pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
+/// Messages from the peer the device holds and the engine has not taken yet
+/// (the peer inbox plus those waiting for a peer slot). When it is reached
+/// [`Port::from_peer`] gives the message back and the caller waits before
+/// offering it again; nothing is dropped, and since the device thread never
+/// waits on this, the engine keeps taking messages as its peer slots free
+/// (a peer operation needs only the local disk to finish). The caller
+/// (gmdd's receive task) holds the message's GeoMessage credit meanwhile,
+/// so the peer's flow control stops the sender. 16 384 messages covers a
+/// full 64 MiB receive window of 4 KiB writes; the queue itself costs about
+/// 64 bytes a message (the data is shared with the received datagrams).
+pub const PEER_MESSAGES_QUEUED_MAX: usize = 16_384;
 /// How long a stopping device waits for the peer to acknowledge its backlog.
 pub const STOP_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -255,6 +266,9 @@ struct Shared {
     inbox: ArrayQueue<Submission>,
     control: Mutex<Vec<Control>>,
     peer_inbox: Mutex<VecDeque<(u64, FromPeer)>>,
+    /// Messages in `peer_inbox` and `Worker::peer_waiting`, at most
+    /// [`PEER_MESSAGES_QUEUED_MAX`].
+    peer_queued: AtomicUsize,
     control_pending: AtomicBool,
     wake_fd: OwnedFd,
     sleeping: AtomicBool,
@@ -293,6 +307,7 @@ impl Shared {
             inbox: ArrayQueue::new(params.slots_max),
             control: Mutex::new(Vec::new()),
             peer_inbox: Mutex::new(VecDeque::new()),
+            peer_queued: AtomicUsize::new(0),
             control_pending: AtomicBool::new(false),
             wake_fd,
             sleeping: AtomicBool::new(false),
@@ -628,7 +643,17 @@ impl Port {
 
     /// Delivers a message from the peer, sent in link session `session`;
     /// messages of any other than the current session are dropped.
-    pub fn from_peer(&self, session: u64, message: FromPeer) {
+    ///
+    /// # Errors
+    /// The device holds [`PEER_MESSAGES_QUEUED_MAX`] messages the engine has
+    /// not taken yet: the message is given back; offer it again shortly
+    /// (the device thread is working through them).
+    pub fn from_peer(&self, session: u64, message: FromPeer) -> Result<(), FromPeer> {
+        let queued = &self.shared.peer_queued;
+        if queued.fetch_add(1, Ordering::AcqRel) >= PEER_MESSAGES_QUEUED_MAX {
+            queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(message);
+        }
         self.shared
             .peer_inbox
             .lock()
@@ -636,6 +661,7 @@ impl Port {
             .push_back((session, message));
         self.shared.control_pending.store(true, Ordering::SeqCst);
         self.shared.wake();
+        Ok(())
     }
 
     /// Tells the device the link changed.
@@ -774,8 +800,12 @@ impl Runtime {
     }
 
     /// Delivers a message from the peer (see [`Port::from_peer`]).
-    pub fn from_peer(&self, session: u64, message: FromPeer) {
-        self.port().from_peer(session, message);
+    ///
+    /// # Errors
+    /// As [`Port::from_peer`]: the message is given back when the device
+    /// holds too many already.
+    pub fn from_peer(&self, session: u64, message: FromPeer) -> Result<(), FromPeer> {
+        self.port().from_peer(session, message)
     }
 
     /// Tells the device the link changed.
@@ -1453,13 +1483,18 @@ impl Worker {
         }
         if !core.engine.is_connected() {
             // Keep only what may belong to a session about to start.
+            let before = self.peer_waiting.len();
             self.peer_waiting
                 .retain(|(s, _)| *s != 0 && *s != self.session);
+            self.shared
+                .peer_queued
+                .fetch_sub(before - self.peer_waiting.len(), Ordering::AcqRel);
             return Ok(());
         }
         while let Some((session, message)) = self.peer_waiting.front() {
             if *session != self.session {
                 self.peer_waiting.pop_front();
+                self.shared.peer_queued.fetch_sub(1, Ordering::AcqRel);
                 continue;
             }
             match message {
@@ -1470,7 +1505,9 @@ impl Worker {
                 }
                 _ => {}
             }
-            match self.peer_waiting.pop_front().expect("present").1 {
+            let message = self.peer_waiting.pop_front().expect("present").1;
+            self.shared.peer_queued.fetch_sub(1, Ordering::AcqRel);
+            match message {
                 FromPeer::Op { op, data } => {
                     let slot = core.engine.peer_op(op);
                     let entry = &mut core.slots[slot as usize];

@@ -9,6 +9,15 @@
 //! a request semaphore sized to `requests_outstanding_max`; `send` and
 //! `request` wait on them, and permits return when the core reports the
 //! message acknowledged (or dropped by a reset).
+//!
+//! Queues, each with a named bound (see docs/ARCHITECTURE.md, "Queues"):
+//! - commands to the driver: [`COMMAND_QUEUE_MAX`]; a caller waits for room
+//!   (the driver never waits on it, so this cannot deadlock);
+//! - received messages of a stream: [`stream_queue_max`], which the
+//!   receive window already bounds because a message holds its credit (its
+//!   [`Receipt`]) until the application drops it;
+//! - credit given back: not a queue but a sum per peer and session
+//!   (`Releases`), so giving credit back never waits and never allocates.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::poll_fn;
@@ -18,13 +27,18 @@ use std::task::Poll;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
+use std::sync::Mutex;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
+
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::config::{NetConfig, NetworkId, PeerId, Topology};
-use crate::proto::{Credit, Endpoint, Event, IncomingKind, ReplyTo, RequestId, message_charge};
+use crate::proto::{
+    Credit, Endpoint, Event, IncomingKind, MESSAGE_OVERHEAD_BYTES, ReplyTo, RequestId,
+    message_charge,
+};
 use crate::stats::Stats;
 use crate::sys::{self, BATCH_MAX, GSO_BYTES_MAX, GSO_SEGMENTS_MAX, InDatagram, OutDatagram};
 use crate::{NetError, StreamId};
@@ -35,6 +49,15 @@ const TRANSMITS_PER_TURN: usize = 64;
 const RECV_BATCHES_PER_TURN: usize = 8;
 /// Commands taken per loop turn.
 const COMMANDS_PER_TURN: usize = 1024;
+/// Commands waiting for the driver (sends, replies, registrations, stats).
+/// A caller finding it full waits for room: backpressure, nothing dropped.
+/// The driver takes up to [`COMMANDS_PER_TURN`] per turn and never sends to
+/// it itself, so a waiting caller always makes progress. Sends in it are
+/// already admitted by the send-buffer gate, so they bound its memory
+/// (`send_buffer_bytes_max` per peer); the rest are small.
+pub const COMMAND_QUEUE_MAX: usize = 1024;
+const _: () = assert!(COMMAND_QUEUE_MAX >= COMMANDS_PER_TURN);
+
 /// Capacity of the event broadcast channel; a receiver that lags further
 /// loses the oldest events (and sees `RecvError::Lagged`).
 pub(crate) const EVENT_CHANNEL_CAPACITY: usize = 4096;
@@ -95,24 +118,103 @@ pub struct Incoming {
     pub body: Bytes,
     /// Present for requests: answer through it (later and out of order is fine).
     pub responder: Option<Responder>,
+    /// Holds the message's receive-window credit: dropping it (or the whole
+    /// `Incoming`) gives the credit back to the peer. Keep it until the
+    /// message is *processed*, not just received, so that the peer's flow
+    /// control bounds the backlog of unprocessed messages.
+    pub receipt: Receipt,
+}
+
+/// Receive-window credit of one delivered message, given back to the peer
+/// when dropped. Dropping never blocks and never allocates.
+#[derive(Debug)]
+pub struct Receipt {
+    credit: Option<Credit>,
+    releases: Arc<Releases>,
+}
+
+impl Receipt {
+    /// Bytes of receive window this receipt gives back.
+    pub fn bytes(&self) -> usize {
+        self.credit.map_or(0, |c| c.bytes())
+    }
+}
+
+impl Drop for Receipt {
+    fn drop(&mut self) {
+        if let Some(credit) = self.credit.take() {
+            self.releases.add(credit);
+        }
+    }
+}
+
+/// Credit given back by receipts and not yet handed to the endpoint,
+/// summed per (peer, session): at most one entry per peer and session with
+/// receipts outstanding, so it stays a few entries long.
+#[derive(Debug, Default)]
+struct Releases {
+    pending: Mutex<Vec<Credit>>,
+    /// Wakes the driver when `pending` stops being empty.
+    wake: Notify,
+}
+
+impl Releases {
+    fn add(&self, credit: Credit) {
+        let mut pending = self.pending.lock().expect("releases lock");
+        let was_empty = pending.is_empty();
+        match pending
+            .iter_mut()
+            .find(|c| c.peer == credit.peer && c.session == credit.session)
+        {
+            Some(c) => c.bytes += credit.bytes,
+            None => pending.push(credit),
+        }
+        drop(pending);
+        if was_empty {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Moves the pending credit into `into` (emptied first), keeping both
+    /// allocations.
+    fn take(&self, into: &mut Vec<Credit>) {
+        into.clear();
+        std::mem::swap(&mut *self.pending.lock().expect("releases lock"), into);
+    }
+}
+
+/// Capacity of a stream's queue of received messages. Every queued message
+/// holds at least [`MESSAGE_OVERHEAD_BYTES`] of its peer's receive window
+/// until the application drops its [`Receipt`], so with `peers` peers at
+/// most `peers * recv_window_bytes / MESSAGE_OVERHEAD_BYTES` messages can
+/// wait, twice that across a session reset (the old session's receipts
+/// outstanding, the new one's window fresh). The queue is sized to that,
+/// so the driver never finds it full in practice; if it does, the message
+/// waits with the driver (`unclaimed`, which the same credit bounds) and is
+/// delivered in order once there is room. tokio allocates the queue in small
+/// blocks as it fills, so a large capacity costs nothing while unused.
+pub fn stream_queue_max(peers: usize, recv_window_bytes: usize) -> usize {
+    2 * peers.max(1) * (recv_window_bytes / MESSAGE_OVERHEAD_BYTES).max(1)
 }
 
 /// Answers one request.
 #[derive(Debug)]
 pub struct Responder {
     to: ReplyTo,
-    cmd: mpsc::UnboundedSender<Command>,
+    cmd: mpsc::Sender<Command>,
 }
 
 impl Responder {
-    /// Sends the reply. Replies to a session that has since been reset are
-    /// dropped (the requester already got `PeerDown`/`PeerRestarted`).
+    /// Sends the reply, waiting while the driver's command queue is full.
+    /// Replies to a session that has since been reset are dropped (the
+    /// requester already got `PeerDown`/`PeerRestarted`).
     ///
     /// # Errors
     /// `Shutdown` if the node is gone.
-    pub fn reply(self, body: Bytes) -> Result<(), NetError> {
+    pub async fn reply(self, body: Bytes) -> Result<(), NetError> {
         self.cmd
             .send(Command::Reply { to: self.to, body })
+            .await
             .map_err(|_| NetError::Shutdown)
     }
 
@@ -123,20 +225,18 @@ impl Responder {
 }
 
 /// Receives the messages of one stream, in order (except the control stream).
-/// Taking a message returns its receive-window credit to the peer, so a slow
-/// consumer slows the sender instead of growing memory.
+/// A message's receive-window credit returns to the peer when its
+/// [`Incoming::receipt`] is dropped, so a slow consumer slows the sender
+/// instead of growing memory.
 #[derive(Debug)]
 pub struct IncomingReceiver {
-    rx: mpsc::UnboundedReceiver<(Incoming, Credit)>,
-    cmd: mpsc::UnboundedSender<Command>,
+    rx: mpsc::Receiver<Incoming>,
 }
 
 impl IncomingReceiver {
     /// Waits for the next message; `None` once the node is shut down.
     pub async fn recv(&mut self) -> Option<Incoming> {
-        let (inc, credit) = self.rx.recv().await?;
-        let _ = self.cmd.send(Command::Release(credit));
-        Some(inc)
+        self.rx.recv().await
     }
 }
 
@@ -153,10 +253,9 @@ enum Command {
         to: ReplyTo,
         body: Bytes,
     },
-    Release(Credit),
     Register {
         stream: StreamId,
-        tx: mpsc::UnboundedSender<(Incoming, Credit)>,
+        tx: mpsc::Sender<Incoming>,
     },
     Stats(oneshot::Sender<Stats>),
     Pin {
@@ -179,9 +278,11 @@ pub struct Node {
     topo: Topology,
     message_bytes_max: usize,
     gates: Arc<Vec<Gate>>,
-    cmd: mpsc::UnboundedSender<Command>,
+    cmd: mpsc::Sender<Command>,
     events: broadcast::Sender<NodeEvent>,
     local_addrs: Vec<std::net::SocketAddr>,
+    /// Capacity of each stream's queue ([`stream_queue_max`]).
+    stream_queue_max: usize,
 }
 
 struct Sock {
@@ -239,9 +340,13 @@ impl Node {
                 })
                 .collect(),
         );
-        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
         let (ev_tx, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
+        let releases = Arc::new(Releases::default());
+        let stream_queue_max = stream_queue_max(topo.peers.len(), t.recv_window_bytes);
         let driver = Driver {
+            releases,
+            released: Vec::new(),
             ep,
             socks,
             cmd_rx,
@@ -267,6 +372,7 @@ impl Node {
             cmd: cmd_tx,
             events: ev_tx,
             local_addrs,
+            stream_queue_max,
         })
     }
 
@@ -369,6 +475,7 @@ impl Node {
                 reply: Some(tx),
                 accepted: None,
             })
+            .await
             .map_err(|_| NetError::Shutdown)?;
         rx.await.map_err(|_| NetError::Shutdown)?
     }
@@ -416,6 +523,7 @@ impl Node {
                 reply: None,
                 accepted,
             })
+            .await
             .map_err(|_| NetError::Shutdown)
     }
 
@@ -425,15 +533,13 @@ impl Node {
     ///
     /// # Errors
     /// `Shutdown`.
-    pub fn register_stream(&self, stream: StreamId) -> Result<IncomingReceiver, NetError> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    pub async fn register_stream(&self, stream: StreamId) -> Result<IncomingReceiver, NetError> {
+        let (tx, rx) = mpsc::channel(self.stream_queue_max);
         self.cmd
             .send(Command::Register { stream, tx })
+            .await
             .map_err(|_| NetError::Shutdown)?;
-        Ok(IncomingReceiver {
-            rx,
-            cmd: self.cmd.clone(),
-        })
+        Ok(IncomingReceiver { rx })
     }
 
     /// Subscribes to peer and path events.
@@ -449,6 +555,7 @@ impl Node {
         let (tx, rx) = oneshot::channel();
         self.cmd
             .send(Command::Stats(tx))
+            .await
             .map_err(|_| NetError::Shutdown)?;
         rx.await.map_err(|_| NetError::Shutdown)
     }
@@ -466,6 +573,7 @@ impl Node {
                 network,
                 done: tx,
             })
+            .await
             .map_err(|_| NetError::Shutdown)?;
         rx.await.map_err(|_| NetError::Shutdown)?
     }
@@ -474,7 +582,7 @@ impl Node {
     /// `Shutdown` and stops the driver.
     pub async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.cmd.send(Command::Shutdown(tx)).is_ok() {
+        if self.cmd.send(Command::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
         }
         for g in self.gates.iter() {
@@ -487,15 +595,21 @@ impl Node {
 struct Driver {
     ep: Endpoint,
     socks: Vec<Sock>,
-    cmd_rx: mpsc::UnboundedReceiver<Command>,
-    cmd_tx: mpsc::UnboundedSender<Command>,
+    cmd_rx: mpsc::Receiver<Command>,
+    cmd_tx: mpsc::Sender<Command>,
+    /// Credit given back by receipts.
+    releases: Arc<Releases>,
+    /// Scratch for taking `releases` without allocating.
+    released: Vec<Credit>,
     events: broadcast::Sender<NodeEvent>,
     gates: Arc<Vec<Gate>>,
     pending: BTreeMap<(PeerId, RequestId), oneshot::Sender<Result<Bytes, NetError>>>,
-    streams: BTreeMap<StreamId, mpsc::UnboundedSender<(Incoming, Credit)>>,
-    /// Messages for streams nobody registered yet; bounded by the receive
-    /// window because their credit is held until they are taken.
-    unclaimed: BTreeMap<StreamId, VecDeque<(Incoming, Credit)>>,
+    streams: BTreeMap<StreamId, mpsc::Sender<Incoming>>,
+    /// Messages for streams nobody registered yet, or whose queue was full;
+    /// bounded by the receive window because each holds its credit until
+    /// the application drops it. While a stream has messages here, newer
+    /// ones queue behind them (order).
+    unclaimed: BTreeMap<StreamId, VecDeque<Incoming>>,
     tx_bufs: Vec<Vec<u8>>,
     /// Filled transmit buffers waiting for the socket: (buffer index, transmit).
     tx_queue: VecDeque<(usize, crate::proto::Transmit)>,
@@ -524,6 +638,9 @@ impl Driver {
                     }
                 }
             }
+            // Credit given back, and messages waiting for room in a queue.
+            self.take_releases();
+            self.deliver_unclaimed();
             // 2. Receive.
             for i in 0..self.socks.len() {
                 self.receive(i);
@@ -575,6 +692,7 @@ impl Driver {
                         return;
                     }
                 },
+                _ = self.releases.wake.notified() => {}
                 _ = wake => {}
                 _ = sleep => {}
             }
@@ -619,16 +737,9 @@ impl Driver {
                     debug!(error = %e, "reply dropped");
                 }
             }
-            Command::Release(c) => self.ep.release(c),
             Command::Register { stream, tx } => {
-                if let Some(q) = self.unclaimed.remove(&stream) {
-                    for item in q {
-                        if let Err(mpsc::error::SendError(item)) = tx.send(item) {
-                            self.ep.release(item.1);
-                        }
-                    }
-                }
                 self.streams.insert(stream, tx);
+                self.deliver_unclaimed();
             }
             Command::Stats(tx) => {
                 let mut stats = self.ep.stats();
@@ -841,27 +952,30 @@ impl Driver {
                         stream: d.stream,
                         body: d.body,
                         responder,
+                        receipt: Receipt {
+                            credit: Some(d.credit),
+                            releases: self.releases.clone(),
+                        },
                     };
                     if d.stream == StreamId::PROBE {
                         // netprobe: answer at once with a short reply.
-                        self.ep.release(d.credit);
-                        if let Some(r) = inc.responder {
-                            let head = inc.body.slice(..inc.body.len().min(8));
+                        let Incoming {
+                            mut receipt,
+                            responder,
+                            body,
+                            ..
+                        } = inc;
+                        if let Some(c) = receipt.credit.take() {
+                            self.ep.release(c);
+                        }
+                        let inc = (body, responder);
+                        if let Some(r) = inc.1 {
+                            let head = inc.0.slice(..inc.0.len().min(8));
                             let _ = self.ep.reply(Instant::now(), r.to, head);
                         }
                         continue;
                     }
-                    let item = (inc, d.credit);
-                    match self.streams.get(&d.stream) {
-                        Some(tx) => {
-                            if let Err(mpsc::error::SendError(item)) = tx.send(item) {
-                                // Receiver dropped: hold until registered again.
-                                self.streams.remove(&d.stream);
-                                self.unclaimed.entry(d.stream).or_default().push_back(item);
-                            }
-                        }
-                        None => self.unclaimed.entry(d.stream).or_default().push_back(item),
-                    }
+                    self.deliver(inc);
                     continue;
                 }
                 Event::Reply {
@@ -894,6 +1008,72 @@ impl Driver {
                 }
             };
             let _ = self.events.send(ne);
+        }
+    }
+
+    /// Hands a message to its stream's queue, or keeps it in `unclaimed`
+    /// (in order) when the stream has no receiver, its queue is full, or
+    /// older messages of the stream wait there already.
+    fn deliver(&mut self, inc: Incoming) {
+        let stream = inc.stream;
+        if let Some(q) = self.unclaimed.get_mut(&stream) {
+            q.push_back(inc);
+            return;
+        }
+        let Some(tx) = self.streams.get(&stream) else {
+            self.unclaimed.entry(stream).or_default().push_back(inc);
+            return;
+        };
+        match tx.try_send(inc) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(inc)) => {
+                debug!(stream = stream.0, "stream queue full: the message waits");
+                self.unclaimed.entry(stream).or_default().push_back(inc);
+            }
+            Err(mpsc::error::TrySendError::Closed(inc)) => {
+                // Receiver dropped: hold until registered again.
+                self.streams.remove(&stream);
+                self.unclaimed.entry(stream).or_default().push_back(inc);
+            }
+        }
+    }
+
+    /// Moves waiting messages into their streams' queues while there is
+    /// room, oldest first.
+    fn deliver_unclaimed(&mut self) {
+        if self.unclaimed.is_empty() {
+            return;
+        }
+        let Driver {
+            unclaimed, streams, ..
+        } = self;
+        unclaimed.retain(|stream, q| {
+            let Some(tx) = streams.get(stream) else {
+                return true;
+            };
+            while let Some(inc) = q.pop_front() {
+                match tx.try_send(inc) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(inc)) => {
+                        q.push_front(inc);
+                        return true;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(inc)) => {
+                        q.push_front(inc);
+                        streams.remove(stream);
+                        return true;
+                    }
+                }
+            }
+            false
+        });
+    }
+
+    /// Gives the credit released by receipts to the endpoint.
+    fn take_releases(&mut self) {
+        self.releases.take(&mut self.released);
+        for c in self.released.drain(..) {
+            self.ep.release(c);
         }
     }
 

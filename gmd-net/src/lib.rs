@@ -49,7 +49,10 @@ pub use stats::{
 };
 
 #[cfg(feature = "tokio")]
-pub use driver::{Incoming, IncomingReceiver, Node, NodeEvent, Responder};
+pub use driver::{
+    COMMAND_QUEUE_MAX, Incoming, IncomingReceiver, Node, NodeEvent, Receipt, Responder,
+    stream_queue_max,
+};
 
 /// A stream of messages to one peer. Streams other than [`StreamId::CONTROL`]
 /// deliver in order; each is independent of the others (one per device keeps

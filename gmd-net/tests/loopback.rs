@@ -36,15 +36,19 @@ fn tuning() -> Tuning {
 /// Node A = m0, node B = m1, one relay per network. Ports are picked by the
 /// kernel and may race with other tests, so a failed bind retries.
 fn pair(promote: Duration, datagram_bytes: usize) -> Pair {
+    pair_tuned(promote, datagram_bytes, tuning())
+}
+
+fn pair_tuned(promote: Duration, datagram_bytes: usize, tuning: Tuning) -> Pair {
     for _ in 0..10 {
-        if let Some(p) = try_pair(promote, datagram_bytes) {
+        if let Some(p) = try_pair(promote, datagram_bytes, tuning.clone()) {
             return p;
         }
     }
     panic!("could not bind the test sockets");
 }
 
-fn try_pair(promote: Duration, datagram_bytes: usize) -> Option<Pair> {
+fn try_pair(promote: Duration, datagram_bytes: usize, tuning: Tuning) -> Option<Pair> {
     // Hold the reservations until every port is chosen.
     let held: Vec<UdpSocket> = [1, 2, 1, 2]
         .iter()
@@ -71,10 +75,10 @@ fn try_pair(promote: Duration, datagram_bytes: usize) -> Option<Pair> {
         datagram_bytes,
         promote,
         true,
-        tuning(),
+        tuning.clone(),
     ))
     .ok()?;
-    let b_config = cluster_config(1, &b_view, datagram_bytes, promote, true, tuning());
+    let b_config = cluster_config(1, &b_view, datagram_bytes, promote, true, tuning);
     let b = Node::start(b_config.clone()).ok()?;
     Some(Pair {
         a,
@@ -84,12 +88,12 @@ fn try_pair(promote: Duration, datagram_bytes: usize) -> Option<Pair> {
     })
 }
 
-fn echo(node: &Node, stream: StreamId) {
-    let mut rx = node.register_stream(stream).expect("register");
+async fn echo(node: &Node, stream: StreamId) {
+    let mut rx = node.register_stream(stream).await.expect("register");
     tokio::spawn(async move {
         while let Some(inc) = rx.recv().await {
             if let Some(r) = inc.responder {
-                let _ = r.reply(inc.body);
+                let _ = r.reply(inc.body).await;
             }
         }
     });
@@ -106,7 +110,7 @@ async fn traffic_moves_to_the_other_path_when_one_is_cut() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let p = pair(Duration::from_secs(30), 8192);
         let peer_b = p.a.peer("m1").expect("m1");
-        echo(&p.b, StreamId(1));
+        echo(&p.b, StreamId(1)).await;
         let mut events = p.a.events();
         // Warm up so both paths are measured.
         p.a.request(peer_b, StreamId(1), payload(0, 100))
@@ -188,7 +192,7 @@ async fn ordered_stream_and_large_messages_survive_loss() {
                 .store(20_000, std::sync::atomic::Ordering::Relaxed);
         }
         let peer_b = p.a.peer("m1").expect("m1");
-        let mut rx = p.b.register_stream(StreamId(7)).expect("register");
+        let mut rx = p.b.register_stream(StreamId(7)).await.expect("register");
         let sizes = [0usize, 1, 1300, 5000, 4 << 20, 70_000, 3];
         let sender = async {
             for (i, &len) in sizes.iter().enumerate() {
@@ -239,7 +243,7 @@ async fn posted_messages_keep_their_order_with_sends_under_loss() {
                 .store(10_000, std::sync::atomic::Ordering::Relaxed);
         }
         let peer_b = p.a.peer("m1").expect("m1");
-        let mut rx = p.b.register_stream(StreamId(9)).expect("register");
+        let mut rx = p.b.register_stream(StreamId(9)).await.expect("register");
         const COUNT: u32 = 600;
         let len = |i: u32| 4 + (i as usize * 7919) % 40_000;
         let sender = async {
@@ -266,13 +270,77 @@ async fn posted_messages_keep_their_order_with_sends_under_loss() {
     .expect("test timed out");
 }
 
+/// A received message holds its receive-window credit until the
+/// application drops it (its receipt), not merely until it is taken from
+/// the stream: a consumer that holds what it took stops the sender at one
+/// window, and once it lets go everything arrives, in order, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_returns_when_the_message_is_dropped_not_when_it_is_taken() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        const WINDOW: usize = (4 << 20) + (64 << 10);
+        const LEN: usize = 64 << 10;
+        const COUNT: u32 = 256; // 16 MiB: about four windows
+        let p = pair_tuned(
+            Duration::from_secs(30),
+            1400,
+            Tuning {
+                recv_window_bytes: WINDOW,
+                message_bytes_max: 4 << 20,
+                ..tuning()
+            },
+        );
+        let peer_b = p.a.peer("m1").expect("m1");
+        let mut rx = p.b.register_stream(StreamId(5)).await.expect("register");
+        let sender = tokio::spawn({
+            let a = std::sync::Arc::new(p.a);
+            let a2 = a.clone();
+            async move {
+                for i in 0..COUNT {
+                    a2.post(peer_b, StreamId(5), payload(i, LEN))
+                        .await
+                        .expect("post");
+                }
+                a
+            }
+        });
+        // Take everything that arrives and hold it, until nothing more comes.
+        let mut held = Vec::new();
+        while let Ok(Some(inc)) = tokio::time::timeout(Duration::from_millis(700), rx.recv()).await
+        {
+            held.push(inc);
+        }
+        let charged: usize = held.iter().map(|m| m.receipt.bytes()).sum();
+        assert!(
+            charged <= WINDOW && (held.len() as u32) < COUNT,
+            "{} messages ({charged} bytes of credit) arrived while held: more than one window",
+            held.len()
+        );
+        assert!(!held.is_empty(), "nothing arrived");
+        for (i, m) in held.iter().enumerate() {
+            assert_eq!(m.body, payload(i as u32, LEN), "message {i} out of order");
+        }
+        // Letting go returns the credit: the rest follows, in order.
+        let first = held.len() as u32;
+        drop(held);
+        for i in first..COUNT {
+            let inc = rx.recv().await.expect("message");
+            assert_eq!(inc.body, payload(i, LEN), "message {i} out of order");
+        }
+        let a = sender.await.expect("sender");
+        a.shutdown().await;
+        p.b.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_down_fails_outstanding_requests_and_recovers() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let p = pair(Duration::from_millis(1500), 1400);
         let peer_b = p.a.peer("m1").expect("m1");
         // No echo: requests stay outstanding.
-        let _rx = p.b.register_stream(StreamId(2)).expect("register");
+        let _rx = p.b.register_stream(StreamId(2)).await.expect("register");
         let mut events = p.a.events();
         p.a.send(peer_b, StreamId(2), Bytes::from_static(b"hello"))
             .await
@@ -305,7 +373,7 @@ async fn peer_down_fails_outstanding_requests_and_recovers() {
         for r in &p.relays {
             r.set_cut(false);
         }
-        echo(&p.b, StreamId(3));
+        echo(&p.b, StreamId(3)).await;
         let mut seen_down = false;
         loop {
             match events.recv().await.expect("events") {
@@ -381,7 +449,7 @@ async fn restarted_peer_is_recognised() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let p = pair(Duration::from_secs(30), 1400);
         let peer_b = p.a.peer("m1").expect("m1");
-        let _silent = p.b.register_stream(StreamId(4)).expect("register");
+        let _silent = p.b.register_stream(StreamId(4)).await.expect("register");
         let mut events = p.a.events();
         let pending =
             p.a.request(peer_b, StreamId(4), Bytes::from_static(b"unanswered"));
@@ -404,7 +472,7 @@ async fn restarted_peer_is_recognised() {
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         };
-        echo(&b2, StreamId(4));
+        echo(&b2, StreamId(4)).await;
         let new_epoch = loop {
             match events.recv().await.expect("event") {
                 NodeEvent::PeerUp { peer, epoch } if peer == peer_b => break epoch,

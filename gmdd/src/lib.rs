@@ -1890,7 +1890,7 @@ async fn serve_peers(daemon: Arc<Daemon>, mut rx: gmd_net::IncomingReceiver) {
                     warn!(peer = %from, "{reason}");
                     body = serde_json::to_vec(&PeerReply::Refused { reason }).unwrap_or_default();
                 }
-                let _ = responder.reply(Bytes::from(body));
+                let _ = responder.reply(Bytes::from(body)).await;
             }
         });
     }
@@ -2099,7 +2099,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // Follow peer events from the start: a session that comes up while the
     // devices are being restored must still count as reachable.
     let peer_events = node.events();
-    let peer_requests = node.register_stream(StreamId::CONTROL)?;
+    let peer_requests = node.register_stream(StreamId::CONTROL).await?;
     let control_listener = control::bind(&options.socket)?;
     info!(%machine, config = %config.path.display(), socket = %options.socket.display(), nbd = %nbd_listen, "gmdd starting");
     let daemon = Arc::new(Daemon::new(config, machine, node.clone()));

@@ -47,6 +47,25 @@ pub(super) const RECONNECT_INTERVAL: Duration = Duration::from_secs(2);
 /// Device messages up to this size are handed to GeoMessage without
 /// waiting for the driver to queue each one (see `send_loop`).
 const POST_BYTES_MAX: usize = 64 << 10;
+/// Messages for the peer waiting for the sender task (`DeviceLink::out`).
+/// The engine bounds what it has in flight toward the peer: one message per
+/// busy slot (application, peer and resync slots: 528 with the default
+/// parameters) plus, in async mode, the unacknowledged backlog below
+/// `hwm_kib`; 16 384 covers the slots and an 8 MiB async backlog of
+/// 512-byte writes, so a peer that keeps up with the engine's own limits
+/// never fills it. Its memory is that of the messages (the engine's
+/// bounds, in bytes). If it does fill, the device thread must not wait (it
+/// holds the engine, and the peer's progress can depend on this side
+/// taking the peer's messages, whose credit only the engine returns), and
+/// dropping a message would break the mirror silently: the link drops the
+/// peer as a stalled one instead (the device goes on alone, marks what it
+/// writes stale, and resynchronises when the peer is back).
+pub(super) const OUT_MESSAGES_MAX: usize = 16_384;
+/// How long the receive task waits before offering a message again to a
+/// device whose peer queue is full (`gmd_core::runtime::PEER_MESSAGES_QUEUED_MAX`);
+/// the message keeps its GeoMessage credit meanwhile, so the peer's flow
+/// control holds the sender back.
+const PEER_QUEUE_RETRY: Duration = Duration::from_millis(1);
 /// A refused connection is retried this much later.
 const REFUSED_RETRY: Duration = Duration::from_secs(30);
 
@@ -138,7 +157,8 @@ impl LinkInner {
 pub(super) struct DeviceLink {
     pub(super) device: String,
     size_bytes: u64,
-    out: mpsc::UnboundedSender<(PeerId, Bytes)>,
+    /// Messages for the sender task, at most [`OUT_MESSAGES_MAX`].
+    out: mpsc::Sender<(PeerId, Bytes)>,
     pub(super) inner: Mutex<LinkInner>,
     node: Arc<Node>,
     pub(super) rt: tokio::runtime::Handle,
@@ -172,7 +192,17 @@ impl PeerLink for DeviceLink {
         let mut body = BytesMut::with_capacity(8 + mirror::encoded_len(&message));
         body.put_u64_le(session);
         mirror::encode_into(&message, &mut body);
-        let _ = self.out.send((peer, body.freeze()));
+        match self.out.try_send((peer, body.freeze())) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.drop_stuck_peer(format!(
+                    "{OUT_MESSAGES_MAX} messages wait to be sent to the peer"
+                ));
+                return;
+            }
+            // The sender task ended with the runtime: nothing to send on.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
         // Writes, resync data and flushes change backlogs and progress.
         self.poke();
     }
@@ -231,25 +261,27 @@ impl DeviceLink {
     /// Drops a peer that acknowledged nothing for `waited_ms`: the device
     /// goes on alone and marks what it writes stale, as after a peer loss.
     fn drop_stalled_peer(&self, waited_ms: u64) {
+        self.drop_stuck_peer(format!(
+            "the peer acknowledged nothing for {:.1} s",
+            waited_ms as f64 / 1000.0
+        ));
+    }
+
+    /// Drops a peer that does not keep up (`why`): the device goes on alone
+    /// and marks what it writes stale, as after a peer loss.
+    fn drop_stuck_peer(&self, why: String) {
         let peer = self.inner.lock().expect("link lock").connected_peer();
         warn!(
             device = %self.device,
             ?peer,
-            "the peer acknowledged nothing for {:.1} s while writes waited: \
-             dropping it and going on alone (written regions are marked stale \
-             and resynchronised when the peer answers again)",
-            waited_ms as f64 / 1000.0
+            "{why} while writes waited: dropping it and going on alone \
+             (written regions are marked stale and resynchronised when the \
+             peer answers again)"
         );
         self.lose("the peer acknowledged nothing");
         // Do not reconnect at once to a peer that is probably still stuck:
         // wait as after a refused handshake, serving alone meanwhile.
-        self.inner.lock().expect("link lock").refused = Some((
-            format!(
-                "the peer acknowledged nothing for {:.1} s",
-                waited_ms as f64 / 1000.0
-            ),
-            Instant::now(),
-        ));
+        self.inner.lock().expect("link lock").refused = Some((why, Instant::now()));
         self.poke();
     }
 
@@ -264,7 +296,7 @@ impl DeviceLink {
         changed: Arc<tokio::sync::Notify>,
         isolation: super::isolation::Settings,
     ) -> Arc<DeviceLink> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(OUT_MESSAGES_MAX);
         let link = Arc::new_cyclic(|me| DeviceLink {
             inner: Mutex::new(LinkInner {
                 port: None,
@@ -359,11 +391,7 @@ impl DeviceLink {
     }
 }
 
-async fn send_loop(
-    node: Arc<Node>,
-    stream: StreamId,
-    mut rx: mpsc::UnboundedReceiver<(PeerId, Bytes)>,
-) {
+async fn send_loop(node: Arc<Node>, stream: StreamId, mut rx: mpsc::Receiver<(PeerId, Bytes)>) {
     while let Some((peer, body)) = rx.recv().await {
         // In order: flow control admits each message before the next, and
         // the driver takes them in that order. Small messages do not wait a
@@ -382,7 +410,7 @@ async fn send_loop(
 }
 
 async fn receive_loop(node: Arc<Node>, stream: StreamId, link: Arc<DeviceLink>) {
-    let mut rx = match node.register_stream(stream) {
+    let mut rx = match node.register_stream(stream).await {
         Ok(rx) => rx,
         Err(e) => {
             warn!(device = %link.device, error = %e, "cannot receive device messages");
@@ -390,7 +418,14 @@ async fn receive_loop(node: Arc<Node>, stream: StreamId, link: Arc<DeviceLink>) 
         }
     };
     while let Some(incoming) = rx.recv().await {
-        let body = incoming.body;
+        // The message's GeoMessage credit goes back when its last byte is
+        // dropped: for an operation with data, when the engine takes it
+        // (it copies the data into an aligned buffer then), so the peer's
+        // flow-control window bounds this side's unprocessed backlog.
+        let body = Bytes::from_owner(Held {
+            body: incoming.body,
+            _receipt: incoming.receipt,
+        });
         if body.len() < 8 {
             warn!(device = %link.device, "malformed device message (no session)");
             continue;
@@ -408,11 +443,32 @@ async fn receive_loop(node: Arc<Node>, stream: StreamId, link: Arc<DeviceLink>) 
             continue;
         };
         match mirror::decode(&body.slice(8..), link.size_bytes) {
-            Ok(message) => port.from_peer(session, message),
+            Ok(message) => {
+                let mut message = message;
+                // A full device queue holds this task (and so the stream,
+                // and the peer's window) until the engine catches up.
+                while let Err(back) = port.from_peer(session, message) {
+                    message = back;
+                    tokio::time::sleep(PEER_QUEUE_RETRY).await;
+                }
+            }
             Err(e) => warn!(device = %link.device, error = %e, "device message refused"),
         }
         // Answers shrink backlogs, resync data fills the target.
         link.poke();
+    }
+}
+
+/// A received device message and the receipt of its credit, released
+/// together when the last slice of the message is dropped.
+struct Held {
+    body: Bytes,
+    _receipt: gmd_net::Receipt,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
     }
 }
 

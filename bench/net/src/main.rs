@@ -242,10 +242,12 @@ fn gm_server(args: &[String]) {
         .unwrap();
     rt.block_on(async move {
         let node = Node::start(gm_config(1, ports, encrypt, loss, dg)).expect("start server");
-        let mut rx = node.register_stream(StreamId(1)).unwrap();
+        let mut rx = node.register_stream(StreamId(1)).await.unwrap();
         while let Some(inc) = rx.recv().await {
             if let Some(r) = inc.responder {
-                let _ = r.reply(inc.body.slice(..inc.body.len().min(RTT_BYTES)));
+                let _ = r
+                    .reply(inc.body.slice(..inc.body.len().min(RTT_BYTES)))
+                    .await;
             }
         }
     });

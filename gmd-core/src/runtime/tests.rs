@@ -458,7 +458,8 @@ mod mirroring {
             let decoded: FromPeer = mirror::decode(&bytes, SIZE).expect("valid message");
             // Once the other side stopped, its messages are lost.
             if let Some(other) = self.other.get().expect("linked").upgrade() {
-                other.from_peer(self.session, decoded);
+                let taken = other.from_peer(self.session, decoded);
+                assert!(taken.is_ok(), "these tests never fill the peer queue");
             }
         }
         fn resync_done(&self) {
@@ -599,6 +600,50 @@ mod mirroring {
         let (tx, rx) = mpsc::channel();
         rt.snapshot(move |m| tx.send(m).unwrap());
         rx.recv_timeout(Duration::from_secs(10)).unwrap()
+    }
+
+    /// The device holds at most `PEER_MESSAGES_QUEUED_MAX` messages from the
+    /// peer that its engine has not taken: the next one is given back (the
+    /// caller waits and offers it again), none is lost, and once the engine
+    /// takes them there is room again.
+    #[test]
+    fn the_peer_queue_is_bounded_and_gives_messages_back_when_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let wire = || {
+            Arc::new(Wire {
+                other: OnceLock::new(),
+                session: 7,
+                resyncs_done: AtomicU64::new(0),
+            })
+        };
+        let (wire_a, wire_b) = (wire(), wire());
+        let (a, _, _) = side(dir.path(), "a", wire_a.clone());
+        let (b, _, _) = side(dir.path(), "b", wire_b.clone());
+        let (a, b) = (Arc::new(a), Arc::new(b));
+        wire_a.other.set(Arc::downgrade(&b)).unwrap();
+        wire_b.other.set(Arc::downgrade(&a)).unwrap();
+        // Not connected yet: messages of session 7 wait for it to start.
+        let message = |region| FromPeer::Prioritize { region };
+        for region in 0..PEER_MESSAGES_QUEUED_MAX as u64 {
+            assert!(a.from_peer(7, message(region % 4)).is_ok());
+        }
+        match a.from_peer(7, message(0)) {
+            Err(FromPeer::Prioritize { region: 0 }) => {}
+            other => panic!("a full queue must give the message back, got {other:?}"),
+        }
+        // Session 7 starts: the engine takes every waiting message.
+        connect(&a, &b, 7, stale_bits(&snapshot(&a)));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut offered = message(0);
+        loop {
+            match a.from_peer(7, offered) {
+                Ok(()) => break,
+                Err(back) => offered = back,
+            }
+            assert!(Instant::now() < deadline, "the queue never drained");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        stop_both(a, b);
     }
 
     /// A resync target waits for direct reads in flight before it takes
