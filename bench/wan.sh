@@ -21,6 +21,7 @@ RATE=${2:-200}
 GIB=${GIB:-0.25}
 REPEAT=${REPEAT:-1}
 ROUNDS=${ROUNDS:-200}
+FAIR_SECS=${FAIR_SECS:-15}
 DATAGRAM=${DATAGRAM:-1400}
 NS_A=wanbench$$a
 NS_B=wanbench$$b
@@ -42,8 +43,17 @@ for _ in $(seq 100); do
     kill -0 "$WAN" 2>/dev/null || { echo "gmd-wan failed" >&2; exit 1; }
     sleep 0.1
 done
+# The TCP reference is Linux CUBIC unless TCP_CC says otherwise (the host
+# default may be bbr): set on the bench's own sockets.
+TCP_CC=${TCP_CC:-cubic}
 date -u '+%F %T UTC'
-echo "bench/wan.sh $RTT $RATE: GIB=$GIB REPEAT=$REPEAT ROUNDS=$ROUNDS DATAGRAM=$DATAGRAM LOSS=${LOSS:-0} REORDER=${REORDER:-0}"
+echo "bench/wan.sh $RTT $RATE: GIB=$GIB REPEAT=$REPEAT ROUNDS=$ROUNDS DATAGRAM=$DATAGRAM LOSS=${LOSS:-0} REORDER=${REORDER:-0} TCP_CC=$TCP_CC"
+INJ=--no-injected-loss
+[ "${INJECTED:-0}" = 1 ] && INJ=
+OUT=$(mktemp)
 timeout 900 ip netns exec "$NS_A" target/release/gmd-net-bench all \
     --gib "$GIB" --repeat "$REPEAT" --datagram "$DATAGRAM" --rtt-rounds "$ROUNDS" \
-    --addr0 10.77.0.1 --addr1 10.77.0.2 --server-netns "$NS_B"
+    --addr0 10.77.0.1 --addr1 10.77.0.2 --server-netns "$NS_B" --tcp-cc "$TCP_CC" $INJ | tee -a "$OUT"
+timeout 120 ip netns exec "$NS_A" target/release/gmd-net-bench fair \
+    --secs "$FAIR_SECS" --link-mbit "$RATE" --datagram "$DATAGRAM" \
+    --addr0 10.77.0.1 --addr1 10.77.0.2 --server-netns "$NS_B" --tcp-cc "$TCP_CC" | tee -a "$OUT"

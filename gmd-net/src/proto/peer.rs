@@ -361,6 +361,11 @@ impl Peer {
         self.session
     }
 
+    /// Congestion window of the preferred path, bytes (congestion: wan2).
+    pub(crate) fn window_bytes(&self) -> Option<usize> {
+        self.active.map(|i| self.paths[i].cwnd_bytes)
+    }
+
     pub(crate) fn is_up(&self) -> bool {
         self.state == PeerState::Up
     }
@@ -853,7 +858,7 @@ impl Peer {
                 }
                 eliciting_acked = true;
                 p.on_left_flight(size);
-                p.on_ack_cc(time_sent, size, t);
+                p.on_ack_cc(now, time_sent, size);
                 p.timeouts_in_row = 0;
                 p.rto_base_touch(now);
                 for ci in cs..ce {
@@ -992,7 +997,7 @@ impl Peer {
         let p = &mut self.paths[path];
         p.on_left_flight(size);
         if !timeout {
-            p.on_loss_cc(now, time_sent, t);
+            p.on_loss_cc(now, time_sent);
         }
         if credit {
             self.credit_dirty = true;
