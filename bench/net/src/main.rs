@@ -108,6 +108,17 @@ fn main() {
         }
         Some("gm-server") => gm_server(&args),
         Some("fair") => fair(&args),
+        Some("gm") => {
+            // GeoMessage alone for --secs (GMD_BENCH_VERBOSE: a trace).
+            let secs = arg(&args, "--secs")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(10.0);
+            let dg = arg(&args, "--datagram")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1400);
+            let r = gm_bulk_for(dg, secs);
+            println!("  geomsg alone {secs} s: {:.2} MiB/s", r / (1 << 20) as f64);
+        }
         Some("all") | None => all(&args),
         Some(other) => {
             eprintln!("unknown mode {other}; use: all [--gib N] [--datagram BYTES]");
@@ -423,11 +434,29 @@ fn gm_bulk_for(dg: usize, secs: f64) -> f64 {
         // Connected (gm_client waited for an answer): start now.
         let start = Instant::now();
         let mut sent = 0usize;
+        let verbose = std::env::var_os("GMD_BENCH_VERBOSE").is_some();
+        let mut shown = 0.0;
         while start.elapsed().as_secs_f64() < secs {
             node.send(peer, StreamId(1), msg.clone())
                 .await
                 .expect("send");
             sent += MESSAGE_BYTES;
+            if verbose && start.elapsed().as_secs_f64() >= shown {
+                shown += 0.5;
+                let st = node.stats().await.unwrap();
+                let (p, n) = (&st.paths[0], &st.networks[0]);
+                eprintln!(
+                    "{:>6.3}s {} MiB: cwnd {} in flight {} srtt {:?} rto {:?} resends {} timeouts {}",
+                    start.elapsed().as_secs_f64(),
+                    sent >> 20,
+                    p.cwnd_bytes,
+                    p.in_flight_bytes,
+                    p.srtt,
+                    p.rto,
+                    n.resends,
+                    n.timeouts
+                );
+            }
         }
         node.request(peer, StreamId(1), Bytes::from_static(b"done"))
             .await

@@ -15,9 +15,12 @@
 //!
 //! Random loss: a loss-based controller gives up most of a long path at a
 //! fraction of a percent of random loss (Mathis: rate ≈ 1.22·MSS/(RTT·√p)).
-//! A loss that comes while the path shows no queue — the latest round trip
-//! within the HyStart threshold of the minimum — and while recent loss stays
-//! under [`TOLERATED_LOSS_FRACTION`] cannot be this flow's queue overflowing;
+//! A loss that comes while the path shows no queue — the smallest round trip
+//! of this round and the last within the HyStart threshold of the minimum
+//! (the smallest, so that a late sample from a busy host is not a queue; a
+//! full drop-tail queue delays every sample) — and while recent loss stays
+//! under [`TOLERATED_LOSS_FRACTION`] (or [`TOLERATED_LOSSES`] datagrams, for
+//! small windows) cannot be this flow's queue overflowing;
 //! the window is kept ([`Cubic::tolerated_losses`] counts them). Once the
 //! queue builds (another flow, or this one past the path's capacity) every
 //! loss is a congestion event as in RFC 9438, so the fair share with TCP
@@ -40,6 +43,9 @@ const CSS_ROUNDS: u32 = 5;
 /// Above this fraction of datagrams lost over the last two rounds, every
 /// loss is a congestion event whatever the round trip says (BBRv2's 2 %).
 pub(crate) const TOLERATED_LOSS_FRACTION: f64 = 0.02;
+/// However small the window, this many datagrams lost over the last two
+/// rounds may still be random loss.
+pub(crate) const TOLERATED_LOSSES: u64 = 2;
 
 /// The round-trip figures of the path the controller reads.
 #[derive(Debug, Clone, Copy)]
@@ -55,9 +61,11 @@ impl RttView {
     fn queue_threshold(&self) -> Duration {
         (self.min / 8).clamp(HYSTART_RTT_THRESH_MIN, HYSTART_RTT_THRESH_MAX)
     }
-    /// Whether the latest round trip shows a standing queue.
-    fn queued(&self) -> bool {
-        self.min != Duration::MAX && self.latest >= self.min + self.queue_threshold()
+    /// Whether `sample` shows a standing queue.
+    fn queued(&self, sample: Duration) -> bool {
+        self.min != Duration::MAX
+            && sample != Duration::MAX
+            && sample >= self.min + self.queue_threshold()
     }
 }
 
@@ -196,15 +204,19 @@ impl Cubic {
         self.epoch_start = None;
     }
 
-    /// Fraction of datagrams lost over this round and the last.
-    fn recent_loss_fraction(&self) -> f64 {
+    /// Whether the datagrams lost over this round and the last may be
+    /// random loss: few, or a small fraction.
+    fn recent_loss_small(&self) -> bool {
         let lost = self.round_lost[0] + self.round_lost[1];
         let total = lost + self.round_acked[0] + self.round_acked[1];
-        if total == 0 {
-            0.0
-        } else {
-            lost as f64 / total as f64
-        }
+        lost <= TOLERATED_LOSSES || lost as f64 <= TOLERATED_LOSS_FRACTION * total as f64
+    }
+
+    /// The smallest round trip of this round and the last (the latest
+    /// sample when neither has one).
+    fn recent_min_rtt(&self, rtt: RttView) -> Duration {
+        let m = self.round_min_rtt.min(self.last_round_min_rtt);
+        if m == Duration::MAX { rtt.latest } else { m }
     }
 
     /// `len` bytes sent at `sent` were acknowledged at `now`. `rtt` is the
@@ -315,7 +327,7 @@ impl Cubic {
         if self.in_recovery(sent) {
             return;
         }
-        if !rtt.queued() && self.recent_loss_fraction() <= TOLERATED_LOSS_FRACTION {
+        if !rtt.queued(self.recent_min_rtt(rtt)) && self.recent_loss_small() {
             self.tolerated += 1;
             return;
         }
@@ -425,6 +437,8 @@ mod tests {
     fn at_most_one_decrease_per_loss_episode() {
         let mut cc = cubic();
         let now = run(&mut cc, Instant::now(), 4, RTT);
+        // Two rounds with a standing queue of one RTT.
+        let now = run(&mut cc, now, 2, RTT * 2);
         let before = cc.cwnd();
         let sent = now - RTT;
         let queued = flat(RTT * 2);
@@ -446,6 +460,7 @@ mod tests {
         while cc.cwnd() < 1_000 * MSS {
             now = run(&mut cc, now, 1, RTT);
         }
+        now = run(&mut cc, now, 2, RTT * 2);
         let w_max = cc.cwnd();
         cc.on_loss(now, now - RTT, flat(RTT * 2));
         let reduced = cc.cwnd();
@@ -470,8 +485,12 @@ mod tests {
         // is kept while the path shows no queue.
         let mut cc = cubic();
         let mut now = run(&mut cc, Instant::now(), 6, RTT);
+        now = run(&mut cc, now, 2, RTT * 2);
         cc.on_loss(now, now - RTT, flat(RTT * 2));
+        assert_eq!(cc.congestion_events(), 1);
         let after_first = cc.cwnd();
+        // The queue drains.
+        now = run(&mut cc, now, 2, RTT);
         for _ in 0..20 {
             now = run(&mut cc, now, 1, RTT);
             cc.on_loss(now, now - RTT / 2, flat(RTT));
@@ -479,6 +498,16 @@ mod tests {
         assert_eq!(cc.congestion_events(), 1);
         assert_eq!(cc.tolerated_losses(), 20);
         assert!(cc.cwnd() > after_first);
+    }
+
+    #[test]
+    fn a_late_sample_from_a_busy_host_is_not_a_queue() {
+        let mut cc = cubic();
+        let now = run(&mut cc, Instant::now(), 4, RTT);
+        // The round's other samples show no queue; the latest is late.
+        cc.on_loss(now, now - RTT / 2, flat(RTT * 2));
+        assert_eq!(cc.congestion_events(), 0);
+        assert_eq!(cc.tolerated_losses(), 1);
     }
 
     #[test]

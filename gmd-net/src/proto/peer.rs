@@ -975,12 +975,11 @@ impl Peer {
     fn declare_lost(
         &mut self,
         now: Instant,
-        shared: &Shared,
+        _shared: &Shared,
         sink: &mut Sink,
         i: usize,
         timeout: bool,
     ) {
-        let t = &shared.tuning;
         let s = &mut self.sent[i];
         s.resolved = true;
         let (path, time_sent, size, cs, ce, credit) = (
