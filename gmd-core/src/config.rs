@@ -57,8 +57,8 @@ pub const UBLK_QUEUES_MAX: i64 = 64;
 pub const UBLK_DEPTH_MAX: i64 = 1024;
 /// Default async high water mark, KiB.
 pub const HWM_KIB_DEFAULT: u64 = 128;
-/// Default resync concurrency, in KiB.
-pub const SYNC_RATE_KIB_DEFAULT: u64 = 32;
+/// Smallest resync window, KiB: the reference's default, one region.
+pub const SYNC_RATE_KIB_FLOOR: u64 = 32;
 /// Default NBD listen address.
 pub const NBD_LISTEN_DEFAULT: &str = "127.0.0.1:10809";
 /// Default GeoMessage UDP port (reference).
@@ -238,8 +238,10 @@ pub struct Device {
     pub block_size: u32,
     /// High water mark of async mode, KiB.
     pub hwm_kib: u64,
-    /// Resync concurrency, KiB in flight.
-    pub sync_rate_kib: u64,
+    /// Cap on resync data in flight, KiB, when the person set one; `None`
+    /// (the default) lets the window follow the link alone (twice its
+    /// congestion window, see [`crate::engine::resync_window`]).
+    pub sync_rate_kib: Option<u64>,
     /// Frontends that expose the device; empty = the default for the host.
     pub export: Vec<Frontend>,
     /// ublk queues (one thread each); 0 = one per core.
@@ -829,7 +831,10 @@ fn build(c: &mut Checker, path: &Path, base: &Path, raw: RawConfig) -> ClusterCo
             }
         };
         let hwm_kib = positive(c, "hwm_kib", d.hwm_kib, HWM_KIB_DEFAULT);
-        let sync_rate_kib = positive(c, "sync_rate_kib", d.sync_rate_kib, SYNC_RATE_KIB_DEFAULT);
+        let sync_rate_kib = d
+            .sync_rate_kib
+            .is_some()
+            .then(|| positive(c, "sync_rate_kib", d.sync_rate_kib, SYNC_RATE_KIB_FLOOR));
         let mut export = Vec::new();
         for e in d.export.unwrap_or_default() {
             match e.as_str() {
