@@ -295,12 +295,11 @@ pub fn hwm_advice(bits_s: f64, rtt_s: f64) -> HwmAdvice {
 pub fn hwm_text(link_label: &str, bits_s: f64, rtt_ms: f64) -> String {
     let a = hwm_advice(bits_s, rtt_ms / 1000.0);
     format!(
-        "link {link_label} ({:.3} Mbit/s), round trip {rtt_ms} ms
-           bandwidth-delay product  {} KiB
-           async high water mark    hwm_kib = {}   (2 x BDP: sustained writes
-                                    at the link rate; less caps them at
-                                    about hwm / round trip)
-",
+        "link {link_label} ({:.3} Mbit/s), round trip {rtt_ms} ms\n\
+         \x20 bandwidth-delay product  {} KiB\n\
+         \x20 async high water mark    hwm_kib = {}  (2 x BDP: sustained writes\n\
+         \x20                          reach the link rate; less caps them\n\
+         \x20                          near hwm / round trip)\n",
         bits_s / 1e6,
         a.bdp_bytes.div_ceil(1024),
         a.hwm_kib,

@@ -44,7 +44,7 @@ mod tests {
         // 200 Mbit/s × 50 ms ≈ 1.25 MB of congestion window.
         let bdp = 1_250_000;
         assert_eq!(resync_window(true, 8 * MIB, Some(bdp)), 2 * bdp);
-        assert_eq!(resync_window(true, 1 * MIB, Some(bdp)), MIB);
+        assert_eq!(resync_window(true, MIB, Some(bdp)), MIB);
     }
 
     #[test]
