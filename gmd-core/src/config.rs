@@ -239,8 +239,8 @@ pub struct Device {
     /// High water mark of async mode, KiB.
     pub hwm_kib: u64,
     /// Cap on resync data in flight, KiB, when the person set one; `None`
-    /// (the default) lets the window follow the link alone (twice its
-    /// congestion window, see [`crate::engine::resync_window`]).
+    /// (the default) lets the window follow the link alone (a multiple of
+    /// its congestion window, see [`crate::engine::resync_window`]).
     pub sync_rate_kib: Option<u64>,
     /// Frontends that expose the device; empty = the default for the host.
     pub export: Vec<Frontend>,

@@ -37,9 +37,9 @@ use crate::volume;
 
 /// Request slots per device (requests in flight at once).
 pub const DEVICE_SLOTS: usize = 256;
-/// Resync reads in flight at most: 256 regions, 8 MiB, twice the
-/// bandwidth-delay product of 330 Mbit/s at 100 ms (the ceiling of the
-/// adaptive resync window when `sync_rate_kib` is not set).
+/// Resync reads in flight at most: 256 regions, 8 MiB (the ceiling of the
+/// adaptive resync window when `sync_rate_kib` is not set; four congestion
+/// windows of a 165 Mbit/s, 100 ms link).
 pub const RESYNC_SLOTS: usize = 256;
 /// Largest single read or write accepted.
 pub const IO_LEN_MAX: u32 = 4 << 20;

@@ -1670,10 +1670,10 @@ fn an_adaptive_resync_window_follows_the_link_and_a_set_cap_bounds_it() {
     m.settle_map();
     // No measure of the link yet: one region, as the reference's 32 KiB.
     assert_eq!(m.resync_reads.len(), 1);
-    // A congestion window of 1.5 regions: three regions in flight.
+    // A congestion window of 1.5 regions: six regions in flight.
     m.engine.set_link_window(Some(REGION_SIZE_BYTES * 3 / 2));
     m.pump();
-    assert_eq!(m.resync_reads.len(), 3);
+    assert_eq!(m.resync_reads.len(), 6);
     // A wide link: the cap (the person's sync_rate_kib) bounds it.
     m.engine.set_link_window(Some(100 * REGION_SIZE_BYTES));
     m.pump();
