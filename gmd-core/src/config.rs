@@ -59,8 +59,8 @@ pub const UBLK_QUEUES_MAX: i64 = 64;
 pub const UBLK_DEPTH_MAX: i64 = 1024;
 /// Default async high water mark, KiB.
 pub const HWM_KIB_DEFAULT: u64 = 128;
-/// Default resync concurrency, in KiB.
-pub const SYNC_RATE_KIB_DEFAULT: u64 = 32;
+/// Smallest resync window, KiB: the reference's default, one region.
+pub const SYNC_RATE_KIB_FLOOR: u64 = 32;
 /// Default NBD listen address.
 pub const NBD_LISTEN_DEFAULT: &str = "127.0.0.1:10809";
 /// Default GeoMessage UDP port (reference).
@@ -257,8 +257,10 @@ pub struct Device {
     pub block_size: u32,
     /// High water mark of async mode, KiB.
     pub hwm_kib: u64,
-    /// Resync concurrency, KiB in flight.
-    pub sync_rate_kib: u64,
+    /// Cap on resync data in flight, KiB, when the person set one; `None`
+    /// (the default) lets the window follow the link alone (a multiple of
+    /// its congestion window, see [`crate::engine::resync_window`]).
+    pub sync_rate_kib: Option<u64>,
     /// Checksum resync: a region's checksum goes first during resync and
     /// its data only if the target's copy differs (used when both
     /// machines' daemons ask for it; default off).
@@ -901,7 +903,10 @@ fn build(c: &mut Checker, path: &Path, base: &Path, raw: RawConfig) -> ClusterCo
             }
         };
         let hwm_kib = positive(c, "hwm_kib", d.hwm_kib, HWM_KIB_DEFAULT);
-        let sync_rate_kib = positive(c, "sync_rate_kib", d.sync_rate_kib, SYNC_RATE_KIB_DEFAULT);
+        let sync_rate_kib = d
+            .sync_rate_kib
+            .is_some()
+            .then(|| positive(c, "sync_rate_kib", d.sync_rate_kib, SYNC_RATE_KIB_FLOOR));
         let resync_checksums = match d.resync_checksums {
             None => false,
             Some(toml::Value::Boolean(on)) => on,

@@ -31,11 +31,16 @@ use crate::runtime::{Runtime, RuntimeConfig};
 use crate::statemap::cells::{CELL_CONSISTENT, CELL_STALE, StateMap};
 use crate::statemap::file::{MapError, MapFile};
 use crate::statemap::format::{AdminState, PEER_NAME_MAX, Superblock};
+use crate::units::REGION_SIZE_BYTES;
 use crate::units::format_size;
 use crate::volume;
 
 /// Request slots per device (requests in flight at once).
 pub const DEVICE_SLOTS: usize = 256;
+/// Resync reads in flight at most: 256 regions, 8 MiB (the ceiling of the
+/// adaptive resync window when `sync_rate_kib` is not set; four congestion
+/// windows of a 165 Mbit/s, 100 ms link).
+pub const RESYNC_SLOTS: usize = 256;
 /// Largest single read or write accepted.
 pub const IO_LEN_MAX: u32 = 4 << 20;
 #[cfg(feature = "runtime")]
@@ -491,7 +496,14 @@ impl DeviceHandle {
         params.writable = role.writable();
         params.readable = !async_secondary;
         params.hwm_bytes = self.config.hwm_kib * 1024;
-        params.resync_in_flight_max_bytes = self.config.sync_rate_kib * 1024;
+        // The resync window follows the link, capped by sync_rate_kib
+        // when set, else by the resync slots.
+        params.resync_slots_max = RESYNC_SLOTS;
+        params.resync_adaptive = true;
+        params.resync_in_flight_max_bytes = self
+            .config
+            .sync_rate_kib
+            .map_or(RESYNC_SLOTS as u64 * REGION_SIZE_BYTES, |k| k * 1024);
         params.peer_stall_ms = options.peer_stall_ms;
         let runtime = Runtime::start(RuntimeConfig {
             name: name.clone(),

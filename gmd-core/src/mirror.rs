@@ -169,6 +169,12 @@ pub trait PeerLink: Send + Sync + 'static {
     /// The peer answered nothing for `waited_ms` while messages waited
     /// ([`crate::engine::Action::PeerStalled`]): drop the session.
     fn stalled(&self, waited_ms: u64);
+    /// The link's congestion window toward the peer, bytes: what it
+    /// estimates it can have in flight (rate × round trip). An adaptive
+    /// resync window follows it. `None` (the default): not known.
+    fn window_hint(&self) -> Option<u64> {
+        None
+    }
 }
 
 const TAG_WRITE: u8 = 1;

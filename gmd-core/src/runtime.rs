@@ -67,6 +67,10 @@ pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
 /// full 64 MiB receive window of 4 KiB writes; the queue itself costs about
 /// 64 bytes a message (the data is shared with the received datagrams).
 pub const PEER_MESSAGES_QUEUED_MAX: usize = 16_384;
+
+/// How often the peer link's congestion window is read for the adaptive
+/// resync window: a few times per round trip of a long link.
+pub const LINK_WINDOW_INTERVAL: Duration = Duration::from_millis(5);
 /// How long a stopping device waits for the peer to acknowledge its backlog.
 pub const STOP_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -762,6 +766,7 @@ impl Runtime {
             stopping: None,
             started: Instant::now(),
             last_tick: Instant::now(),
+            last_window: Instant::now(),
             controls: VecDeque::new(),
             controls_waiting: None,
         };
@@ -972,6 +977,8 @@ struct Worker {
     stopping: Option<Instant>,
     started: Instant,
     last_tick: Instant,
+    /// Last read of the link's congestion window.
+    last_window: Instant,
     /// Control messages not yet handled, in order: a link event that can
     /// make this side a resync target waits at the front until no direct
     /// read is in flight (the thread goes on serving requests meanwhile).
@@ -1315,6 +1322,11 @@ impl Worker {
                 // A refused request frees its slot at once: handle that
                 // before the slot can be given to the next request.
                 self.execute_actions(core)?;
+            }
+            if self.last_window.elapsed() >= LINK_WINDOW_INTERVAL {
+                self.last_window = Instant::now();
+                let window = self.shared.link.as_ref().and_then(|l| l.window_hint());
+                core.engine.set_link_window(window);
             }
             if self.last_tick.elapsed() >= TICK_INTERVAL {
                 self.last_tick = Instant::now();

@@ -510,6 +510,7 @@ fn params(mode: Mode, role: PairRole) -> EngineParams {
         mode,
         hwm_bytes: 24 << 10,
         resync_in_flight_max_bytes: 64 << 10,
+        resync_adaptive: false,
         activity_regions: 6,
         activity_idle_ms: 40,
         // Steps are milliseconds: a peer silent this long while messages

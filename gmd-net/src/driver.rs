@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::future::poll_fn;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -270,6 +271,9 @@ enum Command {
 struct Gate {
     bytes: Semaphore,
     requests: Semaphore,
+    /// Congestion window toward the peer, bytes (0: down or unknown), as
+    /// of the driver's last turn ([`Node::peer_window`]).
+    window: AtomicU64,
 }
 
 /// A running GeoMessage endpoint.
@@ -337,6 +341,7 @@ impl Node {
                 .map(|_| Gate {
                     bytes: Semaphore::new(t.send_buffer_bytes_max),
                     requests: Semaphore::new(t.requests_outstanding_max),
+                    window: AtomicU64::new(0),
                 })
                 .collect(),
         );
@@ -374,6 +379,16 @@ impl Node {
             local_addrs,
             stream_queue_max,
         })
+    }
+
+    /// Congestion window of the preferred path to `peer`, bytes, as of the
+    /// driver's last turn: the link's estimate of rate × round trip. `None`
+    /// while the peer is down or not measured. Cheap (one atomic load).
+    pub fn peer_window(&self, peer: PeerId) -> Option<u64> {
+        self.gates
+            .get(peer.0 as usize)
+            .map(|g| g.window.load(Ordering::Relaxed))
+            .filter(|&w| w > 0)
     }
 
     /// The peer called `name`.
@@ -654,6 +669,7 @@ impl Driver {
             let blocked = self.transmit();
             // 5. Events.
             self.dispatch_events();
+            self.publish_windows();
             // 6. Sleep until something happens.
             if !self.cmd_rx.is_empty() {
                 continue;
@@ -696,6 +712,15 @@ impl Driver {
                 _ = wake => {}
                 _ = sleep => {}
             }
+        }
+    }
+
+    /// Copies each peer's congestion window where [`Node::peer_window`]
+    /// reads it.
+    fn publish_windows(&self) {
+        for (i, gate) in self.gates.iter().enumerate() {
+            let w = self.ep.peer_window(PeerId(i as u16)).unwrap_or(0);
+            gate.window.store(w as u64, Ordering::Relaxed);
         }
     }
 

@@ -255,7 +255,10 @@ pub enum Cmd {
     Sizing {
         /// Block devices (sampled from /proc/diskstats) or regular files
         /// (sampled by their growth).
-        #[arg(required_unless_present = "sync_time", conflicts_with = "sync_time")]
+        #[arg(
+            required_unless_present_any = ["sync_time", "rtt_ms"],
+            conflicts_with_all = ["sync_time", "rtt_ms"]
+        )]
         targets: Vec<PathBuf>,
         /// Time between samples: seconds, or e.g. 30s, 5m.
         #[arg(short = 'i', long, default_value = "1")]
@@ -272,6 +275,15 @@ pub enum Cmd {
         /// Print the table of full synchronisation times instead.
         #[arg(long, requires_all = ["size", "link"])]
         sync_time: bool,
+        /// The link's round trip in milliseconds: with --link, print the
+        /// async high water mark it needs (2 x bandwidth-delay product).
+        #[arg(
+            long,
+            value_name = "MS",
+            requires = "link",
+            conflicts_with = "sync_time"
+        )]
+        rtt_ms: Option<f64>,
         /// Amount of data to synchronise (e.g. 1T, 500G; binary units).
         #[arg(long)]
         size: Option<String>,

@@ -266,6 +266,46 @@ pub fn sync_hours(bytes: f64, bits_s: f64) -> f64 {
     bytes * 8.0 / (bits_s * LINK_EFFICIENCY) / 3600.0
 }
 
+/// The async high water mark a link needs, from its rate and round trip.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HwmAdvice {
+    /// Bandwidth-delay product, bytes: what the link holds in flight.
+    pub bdp_bytes: u64,
+    /// Recommended `hwm_kib`: twice the bandwidth-delay product, rounded up
+    /// to 64 KiB, never below the default.
+    pub hwm_kib: u64,
+}
+
+/// `hwm_kib` for async mode over a link of `bits_s` with a round trip of
+/// `rtt_s`: at least twice its bandwidth-delay product. Async mode stops
+/// the application at the high water mark of unacknowledged data; with less
+/// than one BDP the link idles while acks travel back, and sustained writes
+/// reach the link rate only with about two (one in flight, one queued
+/// behind it while the first is acknowledged).
+pub fn hwm_advice(bits_s: f64, rtt_s: f64) -> HwmAdvice {
+    let bdp_bytes = (bits_s / 8.0 * rtt_s).ceil() as u64;
+    let two = (2 * bdp_bytes).div_ceil(1024).next_multiple_of(64);
+    HwmAdvice {
+        bdp_bytes,
+        hwm_kib: two.max(gmd_core::config::HWM_KIB_DEFAULT),
+    }
+}
+
+/// `gmdctl sizing --link RATE --rtt-ms MS` as text.
+pub fn hwm_text(link_label: &str, bits_s: f64, rtt_ms: f64) -> String {
+    let a = hwm_advice(bits_s, rtt_ms / 1000.0);
+    format!(
+        "link {link_label} ({:.3} Mbit/s), round trip {rtt_ms} ms\n\
+         \x20 bandwidth-delay product  {} KiB\n\
+         \x20 async high water mark    hwm_kib = {}  (2 x BDP: sustained writes\n\
+         \x20                          reach the link rate; less caps them\n\
+         \x20                          near hwm / round trip)\n",
+        bits_s / 1e6,
+        a.bdp_bytes.div_ceil(1024),
+        a.hwm_kib,
+    )
+}
+
 /// Common links and their rates in bit/s (reference table 20, and today's).
 pub const LINKS: &[(&str, f64)] = &[
     ("T1", 1.544e6),
@@ -358,6 +398,22 @@ mod tests {
         assert_eq!(parse_link_bits_s("1.544Mbit"), Ok(1.544e6));
         assert_eq!(parse_link_bits_s("100M"), Ok(100e6));
         assert!(parse_link_bits_s("fast").is_err());
+    }
+
+    #[test]
+    fn hwm_is_at_least_twice_the_bdp() {
+        // 200 Mbit/s × 50 ms = 1.25 MB; twice that, rounded up to 64 KiB.
+        let a = hwm_advice(200e6, 0.050);
+        assert_eq!(a.bdp_bytes, 1_250_000);
+        assert!(a.hwm_kib * 1024 >= 2 * a.bdp_bytes);
+        assert_eq!(a.hwm_kib, 2496);
+        // A LAN keeps the default.
+        assert_eq!(hwm_advice(1e9, 0.0002).hwm_kib, 128);
+        let t = hwm_text("200Mbit", 200e6, 50.0);
+        assert!(t.contains("hwm_kib = 2496"), "{t}");
+        for line in t.lines() {
+            assert!(line.len() <= 80, "{line:?}");
+        }
     }
 
     #[test]

@@ -221,6 +221,11 @@ impl PeerLink for DeviceLink {
         self.drop_stalled_peer(waited_ms);
     }
 
+    fn window_hint(&self) -> Option<u64> {
+        let peer = self.inner.lock().expect("link lock").peer_id?;
+        self.node.peer_window(peer)
+    }
+
     fn renegotiate(&self) {
         let (peer, session) = {
             let inner = self.inner.lock().expect("link lock");

@@ -33,6 +33,9 @@ struct Opts {
     addr1: Ipv4Addr,
     server_netns: Option<String>,
     rtt_rounds: usize,
+    /// TCP congestion control of the client sockets (`--tcp-cc`), e.g.
+    /// cubic; `None`: the system default.
+    tcp_cc: Option<String>,
 }
 
 static OPTS: OnceLock<Opts> = OnceLock::new();
@@ -97,12 +100,25 @@ fn main() {
         addr1: addr("--addr1", Ipv4Addr::LOCALHOST),
         server_netns: arg(&args, "--server-netns"),
         rtt_rounds: arg(&args, "--rtt-rounds").map_or(RTT_ROUNDS, |n| n.parse().expect("rounds")),
+        tcp_cc: arg(&args, "--tcp-cc"),
     });
     match args.get(1).map(String::as_str) {
         Some("tcp-server") => {
             tcp_server(arg(&args, "--port").expect("--port").parse().expect("port"))
         }
         Some("gm-server") => gm_server(&args),
+        Some("fair") => fair(&args),
+        Some("gm") => {
+            // GeoMessage alone for --secs (GMD_BENCH_VERBOSE: a trace).
+            let secs = arg(&args, "--secs")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(10.0);
+            let dg = arg(&args, "--datagram")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1400);
+            let r = gm_bulk_for(dg, secs);
+            println!("  geomsg alone {secs} s: {:.2} MiB/s", r / (1 << 20) as f64);
+        }
         Some("all") | None => all(&args),
         Some(other) => {
             eprintln!("unknown mode {other}; use: all [--gib N] [--datagram BYTES]");
@@ -180,11 +196,37 @@ fn tcp_server(port: u16) {
     }
 }
 
+/// Sets the socket's TCP congestion control (root may pick any the kernel
+/// has, whatever the namespace's default).
+fn set_tcp_cc(s: &TcpStream, cc: &str) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket and a buffer of the given length.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            cc.as_ptr().cast(),
+            cc.len() as libc::socklen_t,
+        )
+    };
+    assert!(
+        r == 0,
+        "TCP_CONGESTION {cc}: {} (see net.ipv4.tcp_available_congestion_control)",
+        std::io::Error::last_os_error()
+    );
+}
+
 fn tcp_connect(port: u16) -> TcpStream {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match TcpStream::connect((opts().addr1, port)) {
-            Ok(s) => return s,
+            Ok(s) => {
+                if let Some(cc) = &opts().tcp_cc {
+                    set_tcp_cc(&s, cc);
+                }
+                return s;
+            }
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => panic!("connect: {e}"),
         }
@@ -205,6 +247,26 @@ fn tcp_bulk(port: u16, total: usize) -> f64 {
     let mut k = [0u8; 1];
     s.read_exact(&mut k).unwrap();
     total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Sends 1 MiB messages for `secs`, then waits for the receiver's ack:
+/// bytes per second.
+fn tcp_bulk_for(port: u16, secs: f64) -> f64 {
+    let mut s = tcp_connect(port);
+    s.set_nodelay(true).ok();
+    let msg = vec![0x5a; MESSAGE_BYTES];
+    let start = Instant::now();
+    let mut sent = 0usize;
+    s.write_all(b"B").unwrap();
+    while start.elapsed().as_secs_f64() < secs {
+        s.write_all(&(MESSAGE_BYTES as u32).to_be_bytes()).unwrap();
+        s.write_all(&msg).unwrap();
+        sent += MESSAGE_BYTES;
+    }
+    s.write_all(&0u32.to_be_bytes()).unwrap();
+    let mut k = [0u8; 1];
+    s.read_exact(&mut k).unwrap();
+    sent as f64 / start.elapsed().as_secs_f64()
 }
 
 fn tcp_rtt(port: u16) -> Vec<Duration> {
@@ -356,6 +418,91 @@ fn gm_bulk(encrypt: bool, loss: u32, dg: usize, total: usize) -> GmResult {
     }
 }
 
+/// GeoMessage (encrypted) sends 1 MiB messages for `secs`, then a request
+/// on the same ordered stream: bytes per second.
+fn gm_bulk_for(dg: usize, secs: f64) -> f64 {
+    let ports = [free_port(), free_port()];
+    let _server = spawn(&[
+        "gm-server",
+        "--p0",
+        &ports[0].to_string(),
+        "--p1",
+        &ports[1].to_string(),
+        "--datagram",
+        &dg.to_string(),
+    ]);
+    let msg = Bytes::from(vec![0x5a; MESSAGE_BYTES]);
+    let (rate, _) = gm_client(ports, true, 0, dg, async |node: &Node, peer| {
+        // Connected (gm_client waited for an answer): start now.
+        let start = Instant::now();
+        let mut sent = 0usize;
+        let verbose = std::env::var_os("GMD_BENCH_VERBOSE").is_some();
+        let mut shown = 0.0;
+        while start.elapsed().as_secs_f64() < secs {
+            node.send(peer, StreamId(1), msg.clone())
+                .await
+                .expect("send");
+            sent += MESSAGE_BYTES;
+            if verbose && start.elapsed().as_secs_f64() >= shown {
+                shown += 0.5;
+                let st = node.stats().await.unwrap();
+                let (p, n) = (&st.paths[0], &st.networks[0]);
+                eprintln!(
+                    "{:>6.3}s {} MiB: cwnd {} in flight {} srtt {:?} rto {:?} resends {} timeouts {}",
+                    start.elapsed().as_secs_f64(),
+                    sent >> 20,
+                    p.cwnd_bytes,
+                    p.in_flight_bytes,
+                    p.srtt,
+                    p.rto,
+                    n.resends,
+                    n.timeouts
+                );
+            }
+        }
+        node.request(peer, StreamId(1), Bytes::from_static(b"done"))
+            .await
+            .expect("final");
+        sent as f64 / start.elapsed().as_secs_f64()
+    });
+    rate.unwrap_or(0.0)
+}
+
+/// `fair --secs S --link-mbit R`: a TCP stream and a GeoMessage stream on
+/// the same link at once for S seconds; prints each one's rate and share
+/// of the link.
+fn fair(args: &[String]) {
+    let secs: f64 = arg(args, "--secs")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20.0);
+    let link: f64 = arg(args, "--link-mbit")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200.0)
+        * 1e6
+        / 8.0;
+    let dg: usize = arg(args, "--datagram")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1400);
+    let tcp_port = free_port();
+    let _tcp = spawn(&["tcp-server", "--port", &tcp_port.to_string()]);
+    let gm = std::thread::spawn(move || gm_bulk_for(dg, secs));
+    let tcp = tcp_bulk_for(tcp_port, secs);
+    let gm = gm.join().expect("geomsg thread");
+    let mib = |b: f64| b / (1 << 20) as f64;
+    println!(
+        "  fair share, {secs} s together: tcp {:.1} MiB/s ({:.2} of the link), geomsg {:.1} MiB/s ({:.2} of the link)",
+        mib(tcp),
+        tcp / link,
+        mib(gm),
+        gm / link
+    );
+    println!(
+        "figures: fair_tcp_link={:.3} fair_geomsg_link={:.3}",
+        tcp / link,
+        gm / link
+    );
+}
+
 fn gm_rtt(dg: usize) -> Vec<Duration> {
     let ports = [free_port(), free_port()];
     let _server = spawn(&[
@@ -426,7 +573,11 @@ fn all(args: &[String]) {
         });
         runs[1].push(gm_bulk(true, 0, dg, total));
         runs[2].push(gm_bulk(false, 0, dg, total));
-        runs[3].push(gm_bulk(true, 10_000, dg, total));
+        runs[3].push(if args.iter().any(|a| a == "--no-injected-loss") {
+            GmResult::default()
+        } else {
+            gm_bulk(true, 10_000, dg, total)
+        });
         let show: Vec<String> = runs
             .iter()
             .map(|v| format!("{:.0}", mib(v[r].bytes_per_sec)))
@@ -457,6 +608,10 @@ fn all(args: &[String]) {
         gm1.resends,
         gm1.timeouts,
         gm1.injected
+    );
+    println!(
+        "figures: tcp_Bps={:.0} geomsg_Bps={:.0} geomsg_auth_Bps={:.0}",
+        tcp, gm0.bytes_per_sec, gm0p.bytes_per_sec
     );
     let mut tr = tcp_rtt(tcp_port);
     let mut gr = gm_rtt(dg);

@@ -39,7 +39,7 @@ fn example_parses_with_resolved_paths_and_defaults() {
     assert_eq!(dev.mode, Mode::Mwc);
     assert_eq!(dev.size_bytes, 256 << 20);
     assert_eq!(dev.hwm_kib, 128);
-    assert_eq!(dev.sync_rate_kib, 32);
+    assert_eq!(dev.sync_rate_kib, Some(32));
     assert!(!dev.resync_checksums, "checksum resync is off by default");
     assert_eq!(dev.block_size, 512);
     assert_eq!(dev.export, vec![Frontend::Nbd]);
@@ -342,4 +342,14 @@ fn resync_checksums_is_a_boolean() {
         "devices.data10gmd.resync_checksums",
         "use true or false",
     );
+}
+
+#[test]
+fn sync_rate_kib_is_a_cap_only_when_set() {
+    let text = EXAMPLE.replace("sync_rate_kib = 32", "");
+    assert_ne!(text, EXAMPLE, "the example sets sync_rate_kib");
+    let config = parse(&text).unwrap();
+    assert_eq!(config.devices["data10gmd"].sync_rate_kib, None);
+    let config = parse(&EXAMPLE.replace("sync_rate_kib = 32", "sync_rate_kib = 0")).unwrap_err();
+    assert!(config.to_string().contains("sync_rate_kib"), "{config}");
 }

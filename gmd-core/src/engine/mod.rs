@@ -45,6 +45,7 @@ mod activity;
 mod clears;
 mod journal;
 mod resync;
+pub mod resync_window;
 mod target;
 
 use std::collections::VecDeque;
@@ -374,8 +375,12 @@ pub struct EngineParams {
     pub mode: Mode,
     /// Async high water mark, bytes.
     pub hwm_bytes: u64,
-    /// Resync data in flight at most, bytes (the sync rate).
+    /// Resync data in flight at most, bytes: the cap of the adaptive
+    /// window, or the fixed window when `resync_adaptive` is off.
     pub resync_in_flight_max_bytes: u64,
+    /// The resync window follows the peer link's congestion window
+    /// ([`Engine::set_link_window`], [`resync_window::resync_window`]).
+    pub resync_adaptive: bool,
     /// Idle regions kept in the activity set.
     pub activity_regions: usize,
     /// A region idle this long leaves the activity set.
@@ -400,6 +405,7 @@ impl EngineParams {
             mode,
             hwm_bytes: 128 << 10,
             resync_in_flight_max_bytes: 32 << 10,
+            resync_adaptive: false,
             // 1 GiB of hot regions kept for 30 s: a database's working set
             // pays no map write per data write; a crash resends at most this.
             activity_regions: 32_768,
@@ -650,6 +656,8 @@ pub struct Engine {
     backlog_bytes: u64,
     fallback: bool,
     resync: Option<ResyncSource>,
+    /// The peer link's congestion window, bytes, as last reported.
+    link_window: Option<u64>,
     /// Regions being read for resync: application writes to them wait.
     reading: Vec<u64>,
     target: TargetQueue,
@@ -762,6 +770,7 @@ impl Engine {
             backlog_bytes: 0,
             fallback: false,
             resync: None,
+            link_window: None,
             reading: Vec::with_capacity(params.resync_slots_max),
             target: TargetQueue::new(params.peer_slots_max),
             target_marks_epoch: 0,
@@ -2530,11 +2539,8 @@ impl Engine {
         // The application comes first: while it has requests in flight,
         // resync keeps to half its budget (always at least one region).
         let app_busy = self.free_app.len() < self.params.slots_max;
-        let budget = if app_busy {
-            self.params.resync_in_flight_max_bytes / 2
-        } else {
-            self.params.resync_in_flight_max_bytes
-        };
+        let window = self.resync_window_bytes();
+        let budget = if app_busy { window / 2 } else { window };
         let Some(rs) = self.resync.as_mut() else {
             return;
         };
@@ -2697,6 +2703,30 @@ impl Engine {
     }
 
     // ----- time and administration ----------------------------------------
+
+    /// The peer link's congestion window in bytes (`None`: not measured,
+    /// or no peer), which an adaptive resync window follows; a wider one
+    /// lets more resync reads start now.
+    pub fn set_link_window(&mut self, bytes: Option<u64>) {
+        let wider = match (self.link_window, bytes) {
+            (Some(a), Some(b)) => b > a,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        self.link_window = bytes;
+        if wider {
+            self.pump_resync();
+        }
+    }
+
+    /// Resync bytes allowed in flight now (application idle).
+    pub fn resync_window_bytes(&self) -> u64 {
+        resync_window::resync_window(
+            self.params.resync_adaptive,
+            self.params.resync_in_flight_max_bytes,
+            self.link_window,
+        )
+    }
 
     /// Advances the engine clock: idle regions leave the activity set (their
     /// cells are cleared lazily) and pending map changes are committed.

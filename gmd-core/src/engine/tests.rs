@@ -2092,3 +2092,31 @@ fn without_checksums_agreed_resync_sends_data() {
     m.ack(seq);
     assert_eq!(m.engine.stats().resync_checks, 0);
 }
+
+#[test]
+fn an_adaptive_resync_window_follows_the_link_and_a_set_cap_bounds_it() {
+    // 16 regions to send, 16 resync slots, cap 8 regions.
+    let mut p = params(Mode::Mwc);
+    p.resync_slots_max = 16;
+    p.resync_adaptive = true;
+    p.resync_in_flight_max_bytes = 8 * REGION_SIZE_BYTES;
+    let mut m = Model::with(p);
+    let regions = m.engine.map().region_count();
+    let mut bits = vec![0u8; regions.div_ceil(8) as usize];
+    bits[0] = 0xff;
+    bits[1] = 0xff;
+    m.engine.connect(ResyncRole::Source(bits));
+    m.pump();
+    m.settle_map();
+    // No measure of the link yet: one region, as the reference's 32 KiB.
+    assert_eq!(m.resync_reads.len(), 1);
+    // A congestion window of 1.5 regions: six regions in flight.
+    m.engine.set_link_window(Some(REGION_SIZE_BYTES * 3 / 2));
+    m.pump();
+    assert_eq!(m.resync_reads.len(), 6);
+    // A wide link: the cap (the person's sync_rate_kib) bounds it.
+    m.engine.set_link_window(Some(100 * REGION_SIZE_BYTES));
+    m.pump();
+    assert_eq!(m.resync_reads.len(), 8);
+    assert_eq!(m.engine.resync_window_bytes(), 8 * REGION_SIZE_BYTES);
+}

@@ -500,6 +500,7 @@ mod mirroring {
                 block_size: 4096,
                 slots_max: 64,
                 resync_in_flight_max_bytes: 256 << 10,
+                resync_adaptive: false,
                 ..EngineParams::new(SIZE, mode)
             },
             pool: BufPool::new(),

@@ -13,6 +13,7 @@
 //! after the peer is declared down, and does not time out requests on its own
 //! (the promote-failure timeout does).
 
+mod congestion;
 mod path;
 mod peer;
 
@@ -613,6 +614,16 @@ impl Endpoint {
             .get(peer.0 as usize)
             .and_then(|p| p.as_ref())
             .map(|p| p.local_epoch())
+    }
+
+    /// Congestion window of the peer's preferred path, bytes, while the
+    /// peer is up: what the path estimates it can have in flight.
+    pub fn peer_window(&self, peer: PeerId) -> Option<usize> {
+        self.peers
+            .get(peer.0 as usize)
+            .and_then(|p| p.as_ref())
+            .filter(|p| p.is_up())
+            .and_then(|p| p.window_bytes())
     }
 
     /// Whether the peer is currently up.

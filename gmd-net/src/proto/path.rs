@@ -1,8 +1,9 @@
 //! One path to a peer: RTT estimation (RFC 6298), retransmission timeout with
-//! backoff, AIMD congestion control, liveness.
+//! backoff, congestion control ([`super::congestion`]), liveness.
 
 use std::time::{Duration, Instant};
 
+use super::congestion::{Cubic, RttView};
 use crate::config::{PathConfig, Tuning};
 
 /// Clock granularity `G` of RFC 6298.
@@ -10,10 +11,6 @@ pub(crate) const GRANULARITY: Duration = Duration::from_micros(100);
 
 /// Smallest congestion window, in datagrams.
 const CWND_MIN_DATAGRAMS: usize = 4;
-
-/// Bounds of the RTT increase that ends slow start (RFC 9406).
-const HYSTART_RTT_THRESH_MIN: Duration = Duration::from_millis(4);
-const HYSTART_RTT_THRESH_MAX: Duration = Duration::from_millis(16);
 
 /// RFC 6298 smoothed RTT estimator.
 #[derive(Debug, Clone)]
@@ -103,15 +100,13 @@ pub(crate) struct Path {
     pub(crate) rtt: RttEstimator,
     /// Consecutive retransmission timeouts without an ack on this path.
     pub(crate) timeouts_in_row: u32,
+    /// Congestion window, bytes: a copy of `cc`'s after every change.
     pub(crate) cwnd_bytes: usize,
-    pub(crate) ssthresh_bytes: usize,
+    /// Congestion controller.
+    pub(crate) cc: Cubic,
     pub(crate) in_flight_bytes: usize,
     /// Ack-eliciting packets in flight on this path.
     pub(crate) in_flight_packets: usize,
-    /// Bytes acknowledged in congestion avoidance toward the next increase.
-    pub(crate) acked_accum_bytes: usize,
-    /// Packets sent before this time belong to the current recovery period.
-    pub(crate) recovery_start: Option<Instant>,
     /// Earliest time-threshold loss deadline of packets on this path.
     pub(crate) loss_time: Option<Instant>,
     /// The retransmission timer runs from here: the first ack-eliciting send
@@ -133,17 +128,22 @@ pub(crate) struct Path {
 
 impl Path {
     pub(crate) fn new(cfg: PathConfig, t: &Tuning) -> Self {
+        let cc = Cubic::new(
+            cfg.datagram_bytes,
+            t.cwnd_initial_bytes,
+            CWND_MIN_DATAGRAMS * cfg.datagram_bytes,
+            t.cwnd_max_bytes,
+            t.cwnd_decrease_percent,
+        );
         Path {
             cfg,
             state: PathState::Unknown,
             rtt: RttEstimator::new(),
             timeouts_in_row: 0,
-            cwnd_bytes: t.cwnd_initial_bytes,
-            ssthresh_bytes: usize::MAX,
+            cwnd_bytes: cc.cwnd(),
+            cc,
             in_flight_bytes: 0,
             in_flight_packets: 0,
-            acked_accum_bytes: 0,
-            recovery_start: None,
             loss_time: None,
             rto_base: None,
             largest_acked: None,
@@ -161,16 +161,13 @@ impl Path {
         self.in_flight_bytes = 0;
         self.in_flight_packets = 0;
         self.largest_acked = None;
-        self.recovery_start = None;
         self.loss_time = None;
         self.rto_base = None;
         self.ack_pending = false;
         self.unacked_received = 0;
         self.timers[PathTimer::Loss as usize] = None;
-        self.cwnd_bytes = self
-            .cwnd_bytes
-            .min(t.cwnd_initial_bytes.max(self.cwnd_bytes / 2));
-        self.acked_accum_bytes = 0;
+        self.cc.on_session_reset(t.cwnd_initial_bytes);
+        self.cwnd_bytes = self.cc.cwnd();
     }
 
     /// Restarts the retransmission timer's reference point.
@@ -191,12 +188,6 @@ impl Path {
     /// Smoothed RTT used to rank paths; unmeasured paths rank as the initial RTO.
     pub(crate) fn rank_rtt(&self, t: &Tuning) -> Duration {
         self.rtt.srtt().unwrap_or(t.rto_initial)
-    }
-
-    /// Smallest congestion window: enough datagrams that a single loss can
-    /// still be detected by the packets after it rather than a timeout.
-    pub(crate) fn min_cwnd(&self) -> usize {
-        CWND_MIN_DATAGRAMS * self.cfg.datagram_bytes
     }
 
     /// Room for another datagram of `len` bytes under the congestion window.
@@ -227,52 +218,47 @@ impl Path {
         self.in_flight_packets = self.in_flight_packets.saturating_sub(1);
     }
 
-    /// Congestion response to an acknowledged packet sent at `sent`.
-    pub(crate) fn on_ack_cc(&mut self, sent: Instant, len: usize, t: &Tuning) {
-        if self.recovery_start.is_some_and(|r| sent <= r) {
-            return;
+    fn rtt_view(&self) -> RttView {
+        RttView {
+            latest: self.rtt.latest(),
+            min: self.rtt.min(),
         }
-        if self.cwnd_bytes < self.ssthresh_bytes {
-            // Leave slow start once the RTT shows a standing queue (the
-            // delay-increase test of HyStart++, RFC 9406), before a burst
-            // overflows a buffer and costs a retransmission timeout.
-            let min = self.rtt.min();
-            let thresh = (min / 8).clamp(HYSTART_RTT_THRESH_MIN, HYSTART_RTT_THRESH_MAX);
-            if self.rtt.srtt().is_some() && self.rtt.latest() >= min + thresh {
-                self.ssthresh_bytes = self.cwnd_bytes;
-            } else {
-                self.cwnd_bytes += len;
-            }
-        } else {
-            // Additive increase: one datagram per window acknowledged.
-            self.acked_accum_bytes += len;
-            if self.acked_accum_bytes >= self.cwnd_bytes {
-                self.acked_accum_bytes -= self.cwnd_bytes;
-                self.cwnd_bytes += self.cfg.datagram_bytes;
-            }
-        }
-        self.cwnd_bytes = self.cwnd_bytes.min(t.cwnd_max_bytes);
     }
 
-    /// Congestion response to a loss of a packet sent at `sent`: one
-    /// multiplicative decrease per round trip.
-    pub(crate) fn on_loss_cc(&mut self, now: Instant, sent: Instant, t: &Tuning) {
-        if self.recovery_start.is_some_and(|r| sent <= r) {
-            return;
-        }
-        self.recovery_start = Some(now);
-        let kept = self.cwnd_bytes / 100 * t.cwnd_decrease_percent as usize;
-        self.cwnd_bytes = kept.max(self.min_cwnd());
-        self.ssthresh_bytes = self.cwnd_bytes;
-        self.acked_accum_bytes = 0;
+    /// Congestion response to a packet of `len` bytes sent at `sent` and
+    /// acknowledged at `now` (already out of `in_flight_bytes`).
+    pub(crate) fn on_ack_cc(&mut self, now: Instant, sent: Instant, len: usize) {
+        // Window-limited: the flight before this ack used at least half of it.
+        let limited = (self.in_flight_bytes + len) * 2 >= self.cwnd_bytes;
+        let rtt = self.rtt_view();
+        self.cc.on_ack(now, sent, len, rtt, limited);
+        self.cwnd_bytes = self.cc.cwnd();
     }
 
-    /// Congestion response to a retransmission timeout.
+    /// Congestion response to a loss of a packet sent at `sent` (at most
+    /// one decrease per loss episode, none for a loss without a queue).
+    pub(crate) fn on_loss_cc(&mut self, now: Instant, sent: Instant) {
+        let rtt = self.rtt_view();
+        self.cc.on_loss(now, sent, rtt);
+        self.cwnd_bytes = self.cc.cwnd();
+    }
+
+    /// Congestion response to a retransmission timeout. The first one in a
+    /// row counts as one loss (a lost tail: the last datagrams of a flight,
+    /// or their acks, which no later ack can reveal); only a second one in a
+    /// row — nothing acknowledged for two timeouts, persistent congestion in
+    /// RFC 9002's terms — restarts the window from its minimum. Collapsing on
+    /// every tail loss left a long path at 0.5 % random loss in a cycle of
+    /// timeouts and slow starts.
     pub(crate) fn on_timeout_cc(&mut self, now: Instant) {
-        self.ssthresh_bytes = (self.cwnd_bytes / 2).max(self.min_cwnd());
-        self.cwnd_bytes = self.min_cwnd();
-        self.recovery_start = Some(now);
-        self.acked_accum_bytes = 0;
+        if self.timeouts_in_row == 0 {
+            let rtt = self.rtt_view();
+            let sent = self.rto_base.unwrap_or(now);
+            self.cc.on_loss(now, sent, rtt);
+        } else {
+            self.cc.on_timeout(now);
+        }
+        self.cwnd_bytes = self.cc.cwnd();
     }
 }
 
@@ -305,5 +291,37 @@ mod tests {
         }
         assert_eq!(r.rto(&t), t.rto_min);
         assert!(t.rto_min < Duration::from_millis(100));
+    }
+
+    fn path() -> Path {
+        let cfg = PathConfig {
+            network: crate::config::NetworkId(0),
+            remote_addr: "127.0.0.1:1".parse().unwrap(),
+            datagram_bytes: 1400,
+        };
+        Path::new(cfg, &Tuning::default())
+    }
+
+    #[test]
+    fn first_timeout_in_a_row_is_one_loss_the_second_collapses() {
+        let mut p = path();
+        let t0 = Instant::now();
+        for i in 0..5u32 {
+            p.rtt.sample(Duration::from_millis(50));
+            let now = t0 + Duration::from_millis(50) * (i + 1);
+            for _ in 0..p.cwnd_bytes / 1400 {
+                p.in_flight_bytes = p.cwnd_bytes;
+                p.on_ack_cc(now, now - Duration::from_millis(50), 1400);
+            }
+        }
+        let before = p.cwnd_bytes;
+        let now = t0 + Duration::from_secs(2);
+        p.rto_base_touch(now - Duration::from_millis(100));
+        p.on_timeout_cc(now);
+        // No queue seen: a tolerated loss, the window stays.
+        assert_eq!(p.cwnd_bytes, before);
+        p.timeouts_in_row = 1;
+        p.on_timeout_cc(now + Duration::from_millis(200));
+        assert_eq!(p.cwnd_bytes, CWND_MIN_DATAGRAMS * 1400);
     }
 }

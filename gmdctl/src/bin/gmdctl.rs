@@ -509,7 +509,22 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             sync_time,
             size,
             link,
+            rtt_ms,
         } => {
+            if let Some(rtt) = rtt_ms {
+                let link = link.as_deref().unwrap_or("");
+                let bits = gmdctl::sizing::parse_link_bits_s(link).map_err(|e| fail(1, e))?;
+                if !(rtt.is_finite() && *rtt > 0.0) {
+                    return Err(fail(
+                        1,
+                        format!(
+                            "--rtt-ms {rtt} is not a round trip; give milliseconds > 0, e.g. 50"
+                        ),
+                    ));
+                }
+                print!("{}", gmdctl::sizing::hwm_text(link, bits, *rtt));
+                return Ok(0);
+            }
             if *sync_time {
                 let (size, link) = (size.as_deref().unwrap_or(""), link.as_deref().unwrap_or(""));
                 let bytes = gmd_core::units::parse_size_bytes(size)

@@ -364,6 +364,11 @@ impl Peer {
         self.session
     }
 
+    /// Congestion window of the preferred path, bytes (congestion: wan2).
+    pub(crate) fn window_bytes(&self) -> Option<usize> {
+        self.active.map(|i| self.paths[i].cwnd_bytes)
+    }
+
     pub(crate) fn is_up(&self) -> bool {
         self.state == PeerState::Up
     }

@@ -252,7 +252,7 @@ impl Peer {
                 }
                 eliciting_acked = true;
                 p.on_left_flight(size);
-                p.on_ack_cc(time_sent, size, t);
+                p.on_ack_cc(now, time_sent, size);
                 p.timeouts_in_row = 0;
                 p.rto_base_touch(now);
                 for ci in cs..ce {
@@ -369,12 +369,11 @@ impl Peer {
     pub(super) fn declare_lost(
         &mut self,
         now: Instant,
-        shared: &Shared,
+        _shared: &Shared,
         sink: &mut Sink,
         i: usize,
         timeout: bool,
     ) {
-        let t = &shared.tuning;
         let s = &mut self.sent[i];
         s.resolved = true;
         let (path, time_sent, size, cs, ce, credit) = (
@@ -391,7 +390,7 @@ impl Peer {
         let p = &mut self.paths[path];
         p.on_left_flight(size);
         if !timeout {
-            p.on_loss_cc(now, time_sent, t);
+            p.on_loss_cc(now, time_sent);
         }
         if credit {
             self.credit_dirty = true;

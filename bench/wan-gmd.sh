@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Two gmdd across the emulated WAN (called by bench/wan.sh with gmd-wan up):
+# alpha in namespace NS_A (10.77.0.1), beta in NS_B (10.77.0.2), a SIZE
+# device (default 1 GiB) backed by files.
+#   1. resync: init-state without --zeroed on both, alpha primary --force,
+#      beta started: the whole device is copied; timed from beta's start to
+#      in sync. Default configuration: no sync_rate_kib (adaptive window).
+#   2. mwc 4 KiB random writes at QD32 (fio's nbd engine in NS_A), T s.
+#   3. async 1 MiB sequential writes at QD16 with hwm_kib from
+#      `gmdctl sizing --link --rtt-ms` (2 x BDP), T s.
+# Prints one `figures:` line per case for bench/wan.sh.
+#
+# Usage: bench/wan-gmd.sh NS_A NS_B RATE_MBIT RTT_MS   (root; binaries in
+#   target/release). Environment: SIZE (default 1G), T (default 15), KEEP=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NS_A=$1 NS_B=$2 RATE=$3 RTT=$4
+SIZE=${SIZE:-1G}
+T=${T:-15}
+ROOT=$PWD
+BYTES=$(numfmt --from=iec "$SIZE")
+LINK_BPS=$(awk "BEGIN { print $RATE * 1e6 / 8 }")
+export PATH=$ROOT/target/release:$PATH
+W=$(mktemp -d /tmp/gmd-wan.XXXXXX)
+declare -A PID=()
+cleanup() {
+    for m in "${!PID[@]}"; do kill "${PID[$m]}" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    if [ -n "${KEEP:-}" ]; then echo "work directory kept: $W" >&2; else rm -rf "$W"; fi
+}
+trap cleanup EXIT
+log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+cd "$W"
+gmdctl genkey cluster.key >/dev/null
+mkdir -p alpha beta
+truncate -s "$SIZE" alpha/data10.img beta/data10.img
+HWM=$(gmdctl sizing --link "${RATE}Mbit" --rtt-ms "$RTT" | sed -n 's/.*hwm_kib = \([0-9]*\).*/\1/p')
+
+write_config() { # mode
+    sed -e "s/256MiB/$SIZE/" -e 's/datagram_size = 8192.*/datagram_size = 1400/' \
+        -e 's/127.0.0.1:6755/10.77.0.1:6755/' -e 's/127.0.0.1:6756/10.77.0.2:6756/' \
+        -e "s/^mode = \"mwc\"/mode = \"$1\"/" -e '/^sync_rate_kib/d' \
+        -e "s/^hwm_kib = 128/hwm_kib = $HWM/" \
+        "$ROOT/examples/loopback.toml" > cluster.toml
+    if [ "$1" = async ]; then
+        sed -i -e 's|^state_map = "alpha/data10.sm"|&\nrole = "primary"|' \
+               -e 's|^state_map = "beta/data10.sm"|&\nrole = "secondary"|' cluster.toml
+    fi
+}
+ns_of() { [ "$1" = alpha ] && echo "$NS_A" || echo "$NS_B"; }
+ctl() { local m=$1; shift; timeout 60 gmdctl --config cluster.toml --machine "$m" --socket "$W/$m.sock" "$@"; }
+start_gmdd() { # machine
+    rm -f "$1.sock"
+    timeout 900 ip netns exec "$(ns_of "$1")" gmdd --config cluster.toml --machine "$1" \
+        --socket "$W/$1.sock" </dev/null >>"$1.log" 2>&1 &
+    PID[$1]=$!
+    for _ in $(seq 200); do [ -S "$1.sock" ] && return 0; sleep 0.05; done
+    echo "gmdd $1 did not come up" >&2; tail "$1.log" >&2; return 1
+}
+stop_gmdd() { # machine
+    local pid=${PID[$1]:-}
+    [ -n "$pid" ] || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    unset "PID[$1]"
+}
+status_field() { # machine python-expression-on-d
+    ctl "$1" status data10gmd --json | python3 -c "import json,sys; d=json.load(sys.stdin)[0]; print($2)"
+}
+wait_until() { # seconds what command...
+    local n=$(($1 * 10)) what=$2; shift 2
+    for _ in $(seq "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+    echo "timed out waiting for $what" >&2; return 1
+}
+connected() { [ "$(status_field alpha 'd["link"]["connected"]')" = True ]; }
+in_sync() {
+    [ "$(status_field alpha 'd["link"]["connected"] and d["link"]["resync_remaining"]==0 and d["map"]["stale"]==0 and d["map"]["inconsistent"]==0')" = True ]
+}
+# fio in NS_A against alpha's NBD export; prints "iops bw_KiB_s".
+fio_nbd() { # name rw bs qd
+    timeout $((T + 60)) ip netns exec "$NS_A" fio --name="$1" --rw="$2" --bs="$3" --iodepth="$4" \
+        --size="$SIZE" --runtime="$T" --time_based --randrepeat=0 --norandommap \
+        --ioengine=nbd --uri=nbd://127.0.0.1:10809/data10gmd --output-format=json > "$1.json"
+    python3 - "$1.json" <<'PY'
+import json, sys
+text = open(sys.argv[1]).read()
+w = json.loads(text[text.index("{"):])["jobs"][0]["write"]
+print(round(w["iops"]), w["bw"])
+PY
+}
+
+# 1. Full resync of the device, default configuration.
+write_config mwc
+ctl alpha init-state data10gmd --force >/dev/null
+ctl beta init-state data10gmd --force >/dev/null
+start_gmdd alpha
+ctl alpha configure data10gmd >/dev/null
+ctl alpha down data10gmd beta >/dev/null
+ctl alpha start data10gmd >/dev/null
+ctl alpha primary data10gmd --force >/dev/null
+start_gmdd beta
+ctl beta configure data10gmd >/dev/null
+t0=$(date +%s.%N)
+ctl beta start data10gmd >/dev/null
+if wait_until 60 "mirroring" connected && wait_until 300 "resync of $SIZE" in_sync; then
+    t1=$(date +%s.%N)
+    python3 -c "
+s = $t1 - $t0; r = $BYTES / s
+print(f'  resync {$BYTES >> 20} MiB: {s:.1f} s, {r / 2**20:.1f} MiB/s = {r / $LINK_BPS:.2f} of the link')
+print(f'figures: resync_link={r / $LINK_BPS:.3f}')"
+    ctl alpha netstat 2>/dev/null | sed 's/^/  /' | head -8 || true
+else
+    echo "  resync did not finish in 300 s"
+    echo "figures: resync_link=n/a(not-finished-in-300s)"
+fi
+
+# 2. mwc 4 KiB QD32 random writes (in sync now).
+if in_sync; then
+    read -r IOPS _ < <(fio_nbd mwc-qd32 randwrite 4k 32)
+    python3 -c "
+goal = 0.9 * 32 / ($RTT / 1000)
+print(f'  mwc 4 KiB QD32: {$IOPS} writes/s, goal 0.9 x 32 / RTT = {goal:.0f} ({$IOPS / goal:.2f}x)')
+print(f'figures: mwc_qd32_iops={$IOPS} mwc_qd32_goal={goal:.0f}')"
+else
+    echo "figures: mwc_qd32_iops=n/a(not-in-sync)"
+fi
+
+# 3. async sustained 1 MiB writes with hwm_kib = 2 x BDP. The images are
+#    identical after the resync: fresh maps declare them so.
+ctl alpha stop data10gmd >/dev/null || true
+ctl beta stop data10gmd >/dev/null || true
+stop_gmdd alpha
+stop_gmdd beta
+write_config async
+ctl alpha init-state data10gmd --zeroed --force >/dev/null
+ctl beta init-state data10gmd --zeroed --force >/dev/null
+start_gmdd alpha
+ctl alpha configure data10gmd >/dev/null
+ctl alpha down data10gmd beta >/dev/null
+ctl alpha start data10gmd >/dev/null
+ctl alpha primary data10gmd >/dev/null
+start_gmdd beta
+ctl beta configure data10gmd >/dev/null
+ctl beta start data10gmd >/dev/null
+if wait_until 60 "mirroring (async)" connected; then
+    read -r _ BW < <(fio_nbd async-seq write 1M 16)
+    python3 -c "
+r = $BW * 1024
+print(f'  async 1 MiB QD16, hwm_kib {$HWM}: {r / 2**20:.1f} MiB/s = {r / $LINK_BPS:.2f} of the link')
+print(f'figures: async_link={r / $LINK_BPS:.3f} async_hwm_kib=$HWM')"
+else
+    echo "figures: async_link=n/a(async-pair-did-not-connect)"
+fi
+ctl alpha stop data10gmd >/dev/null 2>&1 || true
+ctl beta stop data10gmd >/dev/null 2>&1 || true

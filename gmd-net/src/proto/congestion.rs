@@ -1,0 +1,550 @@
+//! Congestion control of one path, sans-IO: CUBIC (RFC 9438) with the
+//! slow-start exit of HyStart++ (RFC 9406), and a tolerance of random loss.
+//!
+//! The path calls [`Cubic::on_ack`] for every acknowledged datagram,
+//! [`Cubic::on_loss`] for every datagram declared lost and
+//! [`Cubic::on_timeout`] on a retransmission timeout; it sends while its
+//! bytes in flight stay under [`Cubic::cwnd`].
+//!
+//! Why CUBIC: the former Reno-like controller grew by one datagram per round
+//! trip after a loss, so at 50 ms and 200 Mbit/s (a bandwidth-delay product
+//! of ~900 datagrams) one early slow-start exit took ~45 s to reach the
+//! link rate. CUBIC's growth depends on the time since the last decrease,
+//! not on the round trip, and it converges with a TCP stream on the same
+//! link (same decrease factor, same shape).
+//!
+//! Random loss: a loss-based controller gives up most of a long path at a
+//! fraction of a percent of random loss (Mathis: rate ≈ 1.22·MSS/(RTT·√p)).
+//! A loss that comes while the path shows no queue — the smallest round trip
+//! of this round and the last within the HyStart threshold of the minimum
+//! (the smallest, so that a late sample from a busy host is not a queue; a
+//! full drop-tail queue delays every sample) — and while recent loss stays
+//! under [`TOLERATED_LOSS_FRACTION`] (or [`TOLERATED_LOSSES`] datagrams, for
+//! small windows) cannot be this flow's queue overflowing;
+//! the window is kept ([`Cubic::tolerated_losses`] counts them). Once the
+//! queue builds (another flow, or this one past the path's capacity) every
+//! loss is a congestion event as in RFC 9438, so the fair share with TCP
+//! stays that of two CUBIC flows. Reordering taken for loss is tolerated the
+//! same way: it comes without a queue.
+
+use std::time::{Duration, Instant};
+
+/// CUBIC's scaling constant C, in datagrams per second cubed (RFC 9438 §4.1).
+const CUBIC_C: f64 = 0.4;
+/// Round-trip samples per round before HyStart++ judges the round (N_RTT_SAMPLE).
+const HYSTART_SAMPLES_MIN: u32 = 8;
+/// Bounds of the RTT increase that ends slow start (RFC 9406).
+const HYSTART_RTT_THRESH_MIN: Duration = Duration::from_millis(4);
+const HYSTART_RTT_THRESH_MAX: Duration = Duration::from_millis(16);
+/// Conservative slow start grows this many times slower than slow start.
+const CSS_GROWTH_DIVISOR: usize = 4;
+/// Rounds of conservative slow start before congestion avoidance.
+const CSS_ROUNDS: u32 = 5;
+/// Above this fraction of datagrams lost over the last two rounds, every
+/// loss is a congestion event whatever the round trip says (BBRv2's 2 %).
+pub(crate) const TOLERATED_LOSS_FRACTION: f64 = 0.02;
+/// However small the window, this many datagrams lost over the last two
+/// rounds may still be random loss.
+pub(crate) const TOLERATED_LOSSES: u64 = 2;
+
+/// The round-trip figures of the path the controller reads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RttView {
+    /// Latest sample.
+    pub(crate) latest: Duration,
+    /// Smallest sample seen.
+    pub(crate) min: Duration,
+}
+
+impl RttView {
+    /// The queueing delay that counts as a queue: min/8 within 4..16 ms.
+    fn queue_threshold(&self) -> Duration {
+        (self.min / 8).clamp(HYSTART_RTT_THRESH_MIN, HYSTART_RTT_THRESH_MAX)
+    }
+    /// Whether `sample` shows a standing queue.
+    fn queued(&self, sample: Duration) -> bool {
+        self.min != Duration::MAX
+            && sample != Duration::MAX
+            && sample >= self.min + self.queue_threshold()
+    }
+}
+
+/// Phase of the controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Exponential growth.
+    SlowStart,
+    /// HyStart++'s conservative slow start, entered when the RTT rose;
+    /// `baseline` is the round minimum that triggered it.
+    Conservative { baseline: Duration, rounds: u32 },
+    /// CUBIC's window function.
+    Avoidance,
+}
+
+/// CUBIC congestion controller of one path (see the module documentation).
+#[derive(Debug, Clone)]
+pub(crate) struct Cubic {
+    datagram: usize,
+    min_cwnd: usize,
+    max_cwnd: usize,
+    /// Multiplicative decrease: window kept after a congestion event.
+    beta: f64,
+    cwnd: usize,
+    ssthresh: usize,
+    phase: Phase,
+    /// Window before the last reduction, bytes (W_max).
+    w_max: f64,
+    /// Time from the epoch start to reach `w_max`, seconds.
+    k: f64,
+    /// Start of the current congestion-avoidance epoch.
+    epoch_start: Option<Instant>,
+    /// Reno-friendly window estimate, bytes (W_est).
+    w_est: f64,
+    /// Datagrams sent before this belong to the current recovery period:
+    /// their loss does not decrease the window again.
+    recovery_start: Option<Instant>,
+    /// A round ends when a datagram sent at or after this is acknowledged.
+    round_start: Option<Instant>,
+    round_min_rtt: Duration,
+    last_round_min_rtt: Duration,
+    round_samples: u32,
+    /// Datagrams acknowledged and lost in this round and the last.
+    round_acked: [u64; 2],
+    round_lost: [u64; 2],
+    tolerated: u64,
+    congestion_events: u64,
+}
+
+impl Cubic {
+    /// A controller for datagrams of `datagram` bytes, starting at
+    /// `initial` bytes, never below `min_cwnd` nor above `max_cwnd`, keeping
+    /// `decrease_percent` of the window on a congestion event.
+    pub(crate) fn new(
+        datagram: usize,
+        initial: usize,
+        min_cwnd: usize,
+        max_cwnd: usize,
+        decrease_percent: u32,
+    ) -> Self {
+        Cubic {
+            datagram,
+            min_cwnd,
+            max_cwnd,
+            beta: f64::from(decrease_percent) / 100.0,
+            cwnd: initial.clamp(min_cwnd, max_cwnd),
+            ssthresh: usize::MAX,
+            phase: Phase::SlowStart,
+            w_max: 0.0,
+            k: 0.0,
+            epoch_start: None,
+            w_est: 0.0,
+            recovery_start: None,
+            round_start: None,
+            round_min_rtt: Duration::MAX,
+            last_round_min_rtt: Duration::MAX,
+            round_samples: 0,
+            round_acked: [0; 2],
+            round_lost: [0; 2],
+            tolerated: 0,
+            congestion_events: 0,
+        }
+    }
+
+    /// Congestion window, bytes.
+    pub(crate) fn cwnd(&self) -> usize {
+        self.cwnd
+    }
+    /// Slow-start threshold, bytes (`usize::MAX` before the first exit).
+    #[cfg(test)]
+    pub(crate) fn ssthresh(&self) -> usize {
+        self.ssthresh
+    }
+    /// Current phase.
+    #[cfg(test)]
+    pub(crate) fn phase(&self) -> Phase {
+        self.phase
+    }
+    /// Losses that left the window as it was (no queue, little loss).
+    #[cfg(test)]
+    pub(crate) fn tolerated_losses(&self) -> u64 {
+        self.tolerated
+    }
+    /// Multiplicative decreases so far (losses and timeouts).
+    #[cfg(test)]
+    pub(crate) fn congestion_events(&self) -> u64 {
+        self.congestion_events
+    }
+
+    fn in_recovery(&self, sent: Instant) -> bool {
+        self.recovery_start.is_some_and(|r| sent <= r)
+    }
+
+    fn next_round(&mut self, now: Instant) {
+        self.round_start = Some(now);
+        self.last_round_min_rtt = self.round_min_rtt;
+        self.round_min_rtt = Duration::MAX;
+        self.round_samples = 0;
+        self.round_acked = [0, self.round_acked[0]];
+        self.round_lost = [0, self.round_lost[0]];
+        if let Phase::Conservative { baseline, rounds } = self.phase {
+            if rounds + 1 >= CSS_ROUNDS {
+                self.enter_avoidance();
+            } else {
+                self.phase = Phase::Conservative {
+                    baseline,
+                    rounds: rounds + 1,
+                };
+            }
+        }
+    }
+
+    fn enter_avoidance(&mut self) {
+        self.ssthresh = self.cwnd;
+        self.phase = Phase::Avoidance;
+        self.epoch_start = None;
+    }
+
+    /// Whether the datagrams lost over this round and the last may be
+    /// random loss: few, or a small fraction.
+    fn recent_loss_small(&self) -> bool {
+        let lost = self.round_lost[0] + self.round_lost[1];
+        let total = lost + self.round_acked[0] + self.round_acked[1];
+        lost <= TOLERATED_LOSSES || lost as f64 <= TOLERATED_LOSS_FRACTION * total as f64
+    }
+
+    /// The smallest round trip of this round and the last (the latest
+    /// sample when neither has one).
+    fn recent_min_rtt(&self, rtt: RttView) -> Duration {
+        let m = self.round_min_rtt.min(self.last_round_min_rtt);
+        if m == Duration::MAX { rtt.latest } else { m }
+    }
+
+    /// `len` bytes sent at `sent` were acknowledged at `now`. `rtt` is the
+    /// path's view including this ack's sample; `cwnd_limited` whether the
+    /// sender was using at least half the window (an application-limited
+    /// sender does not grow it, RFC 9438 §5.8).
+    pub(crate) fn on_ack(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        len: usize,
+        rtt: RttView,
+        cwnd_limited: bool,
+    ) {
+        if self.round_start.is_none_or(|r| sent >= r) {
+            self.next_round(now);
+        }
+        self.round_acked[0] += 1;
+        if rtt.latest > Duration::ZERO {
+            self.round_min_rtt = self.round_min_rtt.min(rtt.latest);
+            self.round_samples += 1;
+        }
+        if self.in_recovery(sent) {
+            return;
+        }
+        if !cwnd_limited {
+            // The epoch restarts from the window actually used when the
+            // sender comes back.
+            self.epoch_start = None;
+            return;
+        }
+        match self.phase {
+            Phase::SlowStart => {
+                self.cwnd += len;
+                if self.round_samples >= HYSTART_SAMPLES_MIN
+                    && self.last_round_min_rtt != Duration::MAX
+                    && self.round_min_rtt != Duration::MAX
+                {
+                    let thresh = (self.last_round_min_rtt / 8)
+                        .clamp(HYSTART_RTT_THRESH_MIN, HYSTART_RTT_THRESH_MAX);
+                    if self.round_min_rtt >= self.last_round_min_rtt + thresh {
+                        self.phase = Phase::Conservative {
+                            baseline: self.round_min_rtt,
+                            rounds: 0,
+                        };
+                    }
+                }
+                if self.cwnd >= self.ssthresh {
+                    self.enter_avoidance();
+                }
+            }
+            Phase::Conservative { baseline, .. } => {
+                self.cwnd += len / CSS_GROWTH_DIVISOR;
+                if self.round_samples >= HYSTART_SAMPLES_MIN && self.round_min_rtt < baseline {
+                    // The RTT came back down: the rise was not a queue.
+                    self.phase = Phase::SlowStart;
+                }
+            }
+            Phase::Avoidance => self.avoidance(now, len, rtt),
+        }
+        self.cwnd = self.cwnd.min(self.max_cwnd);
+    }
+
+    fn avoidance(&mut self, now: Instant, len: usize, rtt: RttView) {
+        let mss = self.datagram as f64;
+        let cwnd = self.cwnd as f64;
+        let epoch = match self.epoch_start {
+            Some(e) => e,
+            None => {
+                self.epoch_start = Some(now);
+                if cwnd < self.w_max {
+                    self.k = ((self.w_max - cwnd) / mss / CUBIC_C).cbrt();
+                } else {
+                    self.k = 0.0;
+                    self.w_max = cwnd;
+                }
+                self.w_est = cwnd;
+                now
+            }
+        };
+        // Target one round trip ahead (RFC 9438 §4.2), within 1.5× the window.
+        let ahead = if rtt.min == Duration::MAX {
+            0.0
+        } else {
+            rtt.min.as_secs_f64()
+        };
+        let t = now.saturating_duration_since(epoch).as_secs_f64() + ahead - self.k;
+        let w_cubic = CUBIC_C * t * t * t * mss + self.w_max;
+        let target = w_cubic.clamp(cwnd, 1.5 * cwnd);
+        // Reno-friendly estimate (RFC 9438 §4.3).
+        let alpha = if self.w_est >= self.w_max {
+            1.0
+        } else {
+            3.0 * (1.0 - self.beta) / (1.0 + self.beta)
+        };
+        self.w_est += alpha * mss * len as f64 / cwnd;
+        let next = if w_cubic < self.w_est {
+            self.w_est
+        } else {
+            cwnd + (target - cwnd) * len as f64 / cwnd
+        };
+        self.cwnd = (next as usize).max(self.cwnd);
+    }
+
+    /// A datagram of the path sent at `sent` was declared lost at `now`.
+    pub(crate) fn on_loss(&mut self, now: Instant, sent: Instant, rtt: RttView) {
+        self.round_lost[0] += 1;
+        if self.in_recovery(sent) {
+            return;
+        }
+        if !rtt.queued(self.recent_min_rtt(rtt)) && self.recent_loss_small() {
+            self.tolerated += 1;
+            return;
+        }
+        self.congestion_event(now);
+    }
+
+    fn congestion_event(&mut self, now: Instant) {
+        self.congestion_events += 1;
+        self.recovery_start = Some(now);
+        let cwnd = self.cwnd as f64;
+        // Fast convergence (RFC 9438 §4.7): a flow whose window keeps
+        // shrinking releases bandwidth to newer flows.
+        self.w_max = if cwnd < self.w_max {
+            cwnd * (1.0 + self.beta) / 2.0
+        } else {
+            cwnd
+        };
+        self.cwnd = ((cwnd * self.beta) as usize).max(self.min_cwnd);
+        self.ssthresh = self.cwnd;
+        self.phase = Phase::Avoidance;
+        self.epoch_start = None;
+    }
+
+    /// Retransmission timeout at `now`: everything in flight is taken as
+    /// lost, the window restarts from its minimum in slow start up to the
+    /// reduced threshold.
+    pub(crate) fn on_timeout(&mut self, now: Instant) {
+        self.congestion_event(now);
+        self.cwnd = self.min_cwnd;
+        self.phase = Phase::SlowStart;
+    }
+
+    /// A new session with the peer: the window is kept at most at half,
+    /// never below `initial`.
+    pub(crate) fn on_session_reset(&mut self, initial: usize) {
+        self.cwnd = self.cwnd.min(initial.max(self.cwnd / 2));
+        self.recovery_start = None;
+        self.epoch_start = None;
+        self.round_start = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MSS: usize = 1400;
+    const RTT: Duration = Duration::from_millis(50);
+
+    fn flat(latest: Duration) -> RttView {
+        RttView { latest, min: RTT }
+    }
+
+    /// A sender that always fills the window, one round trip at a time:
+    /// every datagram of a round is acknowledged one RTT after its round
+    /// began, with `rtt` as the sample. Returns the time after `rounds`.
+    fn run(cc: &mut Cubic, mut now: Instant, rounds: u32, rtt: Duration) -> Instant {
+        for _ in 0..rounds {
+            let sent = now;
+            now += rtt;
+            let n = cc.cwnd() / MSS;
+            for _ in 0..n {
+                cc.on_ack(now, sent, MSS, flat(rtt), true);
+            }
+        }
+        now
+    }
+
+    fn cubic() -> Cubic {
+        Cubic::new(MSS, 64 << 10, 4 * MSS, 64 << 20, 70)
+    }
+
+    #[test]
+    fn slow_start_doubles_per_round_until_the_rtt_rises() {
+        let mut cc = cubic();
+        let now = Instant::now();
+        let w0 = cc.cwnd();
+        let now = run(&mut cc, now, 3, RTT);
+        assert_eq!(cc.phase(), Phase::SlowStart);
+        assert!(
+            cc.cwnd() >= w0 * 7,
+            "{} after 3 rounds from {w0}",
+            cc.cwnd()
+        );
+        // A standing queue of 20 ms: conservative slow start, then avoidance.
+        run(&mut cc, now, 1, RTT + Duration::from_millis(20));
+        assert!(matches!(cc.phase(), Phase::Conservative { .. }));
+    }
+
+    #[test]
+    fn one_jittered_sample_does_not_end_slow_start() {
+        // The former exit test fired on any single late sample; a loaded
+        // host delays a few acks by many milliseconds.
+        let mut cc = cubic();
+        let mut now = run(&mut cc, Instant::now(), 2, RTT);
+        let sent = now;
+        now += RTT;
+        let n = cc.cwnd() / MSS;
+        for i in 0..n {
+            let rtt = if i == 3 { RTT * 2 } else { RTT };
+            cc.on_ack(now, sent, MSS, flat(rtt), true);
+        }
+        assert_eq!(cc.phase(), Phase::SlowStart);
+    }
+
+    #[test]
+    fn at_most_one_decrease_per_loss_episode() {
+        let mut cc = cubic();
+        let now = run(&mut cc, Instant::now(), 4, RTT);
+        // Two rounds with a standing queue of one RTT.
+        let now = run(&mut cc, now, 2, RTT * 2);
+        let before = cc.cwnd();
+        let sent = now - RTT;
+        let queued = flat(RTT * 2);
+        for _ in 0..50 {
+            cc.on_loss(now, sent, queued);
+        }
+        assert_eq!(cc.congestion_events(), 1);
+        assert_eq!(cc.cwnd(), (before as f64 * 0.7) as usize);
+        // A datagram sent after the decrease starts a new episode.
+        cc.on_loss(now + RTT * 2, now + RTT, queued);
+        assert_eq!(cc.congestion_events(), 2);
+    }
+
+    #[test]
+    fn window_returns_to_its_maximum_after_about_k_seconds() {
+        let mut cc = cubic();
+        let mut now = run(&mut cc, Instant::now(), 4, RTT);
+        // Leave slow start by a loss at a known window, with a queue.
+        while cc.cwnd() < 1_000 * MSS {
+            now = run(&mut cc, now, 1, RTT);
+        }
+        now = run(&mut cc, now, 2, RTT * 2);
+        let w_max = cc.cwnd();
+        cc.on_loss(now, now - RTT, flat(RTT * 2));
+        let reduced = cc.cwnd();
+        assert!(reduced < w_max);
+        // K = cbrt(W_max·(1-β)/C) in datagrams.
+        let k = ((w_max / MSS) as f64 * 0.3 / CUBIC_C).cbrt();
+        let start = now;
+        while cc.cwnd() < w_max * 99 / 100 {
+            now = run(&mut cc, now, 1, RTT);
+            assert!(now - start < Duration::from_secs_f64(k * 2.0), "too slow");
+        }
+        let took = (now - start).as_secs_f64();
+        assert!(took > k * 0.5, "{took:.2}s, K {k:.2}s");
+        // Reno's one datagram per round trip would need twice as long.
+        let reno = ((w_max - reduced) / MSS) as f64 * RTT.as_secs_f64();
+        assert!(took < reno / 2.0, "{took:.2}s vs Reno {reno:.2}s");
+    }
+
+    #[test]
+    fn loss_without_a_queue_keeps_the_window() {
+        // Random loss (or reordering taken for loss) at 0.5 %: the window
+        // is kept while the path shows no queue.
+        let mut cc = cubic();
+        let mut now = run(&mut cc, Instant::now(), 6, RTT);
+        now = run(&mut cc, now, 2, RTT * 2);
+        cc.on_loss(now, now - RTT, flat(RTT * 2));
+        assert_eq!(cc.congestion_events(), 1);
+        let after_first = cc.cwnd();
+        // The queue drains.
+        now = run(&mut cc, now, 2, RTT);
+        for _ in 0..20 {
+            now = run(&mut cc, now, 1, RTT);
+            cc.on_loss(now, now - RTT / 2, flat(RTT));
+        }
+        assert_eq!(cc.congestion_events(), 1);
+        assert_eq!(cc.tolerated_losses(), 20);
+        assert!(cc.cwnd() > after_first);
+    }
+
+    #[test]
+    fn a_late_sample_from_a_busy_host_is_not_a_queue() {
+        let mut cc = cubic();
+        let now = run(&mut cc, Instant::now(), 4, RTT);
+        // The round's other samples show no queue; the latest is late.
+        cc.on_loss(now, now - RTT / 2, flat(RTT * 2));
+        assert_eq!(cc.congestion_events(), 0);
+        assert_eq!(cc.tolerated_losses(), 1);
+    }
+
+    #[test]
+    fn heavy_loss_is_congestion_even_without_a_queue() {
+        let mut cc = cubic();
+        let now = run(&mut cc, Instant::now(), 3, RTT);
+        let sent = now - RTT;
+        // 10 % of the last round lost.
+        let acked = cc.round_acked[0];
+        for _ in 0..acked / 10 + 1 {
+            cc.on_loss(now, sent, flat(RTT));
+        }
+        assert_eq!(cc.congestion_events(), 1);
+    }
+
+    #[test]
+    fn application_limited_sender_does_not_grow_the_window() {
+        let mut cc = cubic();
+        let now = Instant::now();
+        let w0 = cc.cwnd();
+        for i in 0..1000u32 {
+            cc.on_ack(now + RTT * i, now + RTT * i - RTT, MSS, flat(RTT), false);
+        }
+        assert_eq!(cc.cwnd(), w0);
+    }
+
+    #[test]
+    fn timeout_restarts_from_the_minimum_in_slow_start() {
+        let mut cc = cubic();
+        let now = run(&mut cc, Instant::now(), 4, RTT);
+        let before = cc.cwnd();
+        cc.on_timeout(now);
+        assert_eq!(cc.cwnd(), 4 * MSS);
+        assert_eq!(cc.ssthresh(), (before as f64 * 0.7) as usize);
+        assert_eq!(cc.phase(), Phase::SlowStart);
+        // Slow start again up to the threshold, then avoidance.
+        run(&mut cc, now, 12, RTT);
+        assert_eq!(cc.phase(), Phase::Avoidance);
+    }
+}
