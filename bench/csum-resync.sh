@@ -21,6 +21,7 @@
 #   are).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+BENCH_DIR=$PWD/bench
 SIZE=${SIZE:-1G}
 RATE=${RATE:-4096}
 PROFILE=${PROFILE:-release}
@@ -66,27 +67,8 @@ write_config() { # resync_checksums
         "$ROOT/examples/loopback.toml" > cluster.toml
     grep -q "^resync_checksums = $1" cluster.toml
 }
-ctl() { local m=$1; shift; timeout 60 gmdctl --config cluster.toml --machine "$m" --socket "$W/$m.sock" "$@"; }
-start_gmdd() { # machine; gmdd's output goes to a log file, never to a pipe
-    rm -f "$1.sock"
-    timeout 900 gmdd --config cluster.toml --machine "$1" --socket "$W/$1.sock" \
-        </dev/null >>"$1.log" 2>&1 &
-    PID[$1]=$!
-    for _ in $(seq 200); do [ -S "$1.sock" ] && return 0; sleep 0.05; done
-    echo "gmdd $1 did not come up" >&2; tail "$1.log" >&2; return 1
-}
-stop_gmdd() { # machine
-    local pid=${PID[$1]:-}
-    [ -n "$pid" ] || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    unset "PID[$1]"
-}
-status_field() { # machine python-expression-on-d (device status)
-    ctl "$1" status data10gmd --json | python3 -c "import json,sys; d=json.load(sys.stdin)[0]; print($2)"
-}
+# shellcheck source=bench/lib.sh
+. "$BENCH_DIR/lib.sh"
 # GeoMessage message bytes this machine sent to the other one.
 link_bytes() { # machine
     timeout 30 gmdstat --socket "$W/$1.sock" -A --json \

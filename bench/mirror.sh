@@ -26,6 +26,7 @@
 #   there), SKIP_BUILD=1 (use the binaries in target/release as they are).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+BENCH_DIR=$PWD/bench
 for tool in fio rsync; do
   command -v "$tool" >/dev/null || { echo "mirror.sh needs $tool (apt-get install fio rsync)" >&2; exit 1; }
 done
@@ -84,28 +85,10 @@ write_config() { # mode sync_rate_kib
                -e 's|^state_map = "beta/data10.sm"|&\nrole = "secondary"|' cluster.toml
     fi
 }
-ctl() { local m=$1; shift; timeout 60 gmdctl --config cluster.toml --machine "$m" --socket "$W/$m.sock" "$@"; }
+GMDD_TIMEOUT=3600
+# shellcheck source=bench/lib.sh
+. "$BENCH_DIR/lib.sh"
 stat_json() { timeout 30 gmdstat --socket "$W/alpha.sock" -l data10gmd --json; }
-start_gmdd() { # machine; gmdd's output goes to a log file, never to a pipe
-    rm -f "$1.sock"
-    timeout 3600 gmdd --config cluster.toml --machine "$1" --socket "$W/$1.sock" \
-        </dev/null >>"$1.log" 2>&1 &
-    PID[$1]=$!
-    for _ in $(seq 200); do [ -S "$1.sock" ] && return 0; sleep 0.05; done
-    echo "gmdd $1 did not come up" >&2; tail "$1.log" >&2; return 1
-}
-stop_gmdd() { # machine
-    local pid=${PID[$1]:-}
-    [ -n "$pid" ] || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    unset "PID[$1]"
-}
-status_field() { # machine python-expression-on-d (device status)
-    ctl "$1" status data10gmd --json | python3 -c "import json,sys; d=json.load(sys.stdin)[0]; print($2)"
-}
 wait_until() { # seconds what command...
     local n=$(($1 * 5)) what=$2; shift 2
     for _ in $(seq "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done

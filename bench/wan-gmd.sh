@@ -14,6 +14,7 @@
 #   target/release). Environment: SIZE (default 1G), T (default 15), KEEP=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+BENCH_DIR=$PWD/bench
 NS_A=$1 NS_B=$2 RATE=$3 RTT=$4
 SIZE=${SIZE:-1G}
 T=${T:-15}
@@ -48,27 +49,9 @@ write_config() { # mode
     fi
 }
 ns_of() { [ "$1" = alpha ] && echo "$NS_A" || echo "$NS_B"; }
-ctl() { local m=$1; shift; timeout 60 gmdctl --config cluster.toml --machine "$m" --socket "$W/$m.sock" "$@"; }
-start_gmdd() { # machine
-    rm -f "$1.sock"
-    timeout 900 ip netns exec "$(ns_of "$1")" gmdd --config cluster.toml --machine "$1" \
-        --socket "$W/$1.sock" </dev/null >>"$1.log" 2>&1 &
-    PID[$1]=$!
-    for _ in $(seq 200); do [ -S "$1.sock" ] && return 0; sleep 0.05; done
-    echo "gmdd $1 did not come up" >&2; tail "$1.log" >&2; return 1
-}
-stop_gmdd() { # machine
-    local pid=${PID[$1]:-}
-    [ -n "$pid" ] || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    unset "PID[$1]"
-}
-status_field() { # machine python-expression-on-d
-    ctl "$1" status data10gmd --json | python3 -c "import json,sys; d=json.load(sys.stdin)[0]; print($2)"
-}
+# shellcheck source=bench/lib.sh
+. "$BENCH_DIR/lib.sh"
+gmdd_prefix() { echo ip netns exec "$(ns_of "$1")"; }
 wait_until() { # seconds what command...
     local n=$(($1 * 10)) what=$2; shift 2
     for _ in $(seq "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
