@@ -169,6 +169,21 @@ impl Cluster {
         self.dir.path().join(rel)
     }
 
+    /// Waits until both copies of the example device `data10gmd` are in
+    /// sync, stops both, and checks their backing files are identical.
+    #[track_caller]
+    pub fn stop_in_sync_and_compare(&self, alpha: &Gmdd, beta: &Gmdd) {
+        let dev = "data10gmd";
+        alpha.wait_in_sync(dev);
+        beta.wait_in_sync(dev);
+        alpha.ctl(&["stop", dev]).ok();
+        beta.ctl(&["stop", dev]).ok();
+        assert_same_files(
+            &self.path("alpha/data10.img"),
+            &self.path("beta/data10.img"),
+        );
+    }
+
     /// Control socket of `machine`'s gmdd.
     pub fn socket(&self, machine: &str) -> PathBuf {
         self.path(&format!("{machine}.sock"))

@@ -99,14 +99,7 @@ fn wait_frozen(gmdd: &Gmdd) -> serde_json::Value {
 /// Stops both devices once in sync and checks the copies are identical.
 fn converge(cluster: &Cluster, alpha: &Gmdd, beta: &Gmdd) {
     alpha.wait_mirroring(DEV, true);
-    alpha.wait_in_sync(DEV);
-    beta.wait_in_sync(DEV);
-    alpha.ctl(&["stop", DEV]).ok();
-    beta.ctl(&["stop", DEV]).ok();
-    assert_same_files(
-        &cluster.path("alpha/data10.img"),
-        &cluster.path("beta/data10.img"),
-    );
+    cluster.stop_in_sync_and_compare(alpha, beta);
 }
 
 /// Bytes of `machine`'s backing file at `offset`, 64 KiB, all `pattern`.

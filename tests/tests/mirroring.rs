@@ -105,18 +105,6 @@ fn wait_child(child: &mut Child, timeout: Duration) -> Option<bool> {
     }
 }
 
-/// Stops both devices and compares the backing files.
-fn stop_and_compare(cluster: &Cluster, alpha: &Gmdd, beta: &Gmdd) {
-    alpha.wait_in_sync(DEV);
-    beta.wait_in_sync(DEV);
-    alpha.ctl(&["stop", DEV]).ok();
-    beta.ctl(&["stop", DEV]).ok();
-    assert_same_files(
-        &cluster.path("alpha/data10.img"),
-        &cluster.path("beta/data10.img"),
-    );
-}
-
 fn secondary_killed(mode: &str) {
     let cluster = Cluster::with_mode(mode, PROMOTE_S);
     let (alpha, beta) = cluster.start_pair();
@@ -131,7 +119,7 @@ fn secondary_killed(mode: &str) {
     fio.assert_clean();
     let status = alpha.status_json(DEV);
     assert!(status["link"]["connected"] == true || status["map"]["stale"].as_u64() > Some(0));
-    stop_and_compare(&cluster, &alpha, &beta);
+    cluster.stop_in_sync_and_compare(&alpha, &beta);
 }
 
 fn primary_killed(mode: &str) {
@@ -156,7 +144,7 @@ fn primary_killed(mode: &str) {
     let mut verify: Vec<String> = first.clone();
     verify.push("--verify_only".into());
     Fio::spawn(&verify, &cluster.path("fio3.log")).assert_clean();
-    stop_and_compare(&cluster, &alpha, &beta);
+    cluster.stop_in_sync_and_compare(&alpha, &beta);
 }
 
 fn network_cut(mode: &str) {
@@ -174,7 +162,7 @@ fn network_cut(mode: &str) {
     cut.heal();
     fio.assert_clean();
     alpha.wait_mirroring(DEV, true);
-    stop_and_compare(&cluster, &alpha, &beta);
+    cluster.stop_in_sync_and_compare(&alpha, &beta);
 }
 
 #[test]
@@ -265,7 +253,7 @@ fn divergence_refuses_until_unified() {
     alpha.ctl(&["unify", DEV, "--master", "alpha"]).ok();
     beta.ctl(&["start", DEV]).ok();
     beta.wait_mirroring(DEV, true);
-    stop_and_compare(&cluster, &alpha, &beta);
+    cluster.stop_in_sync_and_compare(&alpha, &beta);
     // alpha's data won; beta's write while apart was discarded.
     let data = std::fs::read(cluster.path("beta/data10.img")).unwrap();
     assert!(data[..65536].iter().all(|&b| b == 0xaa));
@@ -318,7 +306,7 @@ fn async_secondary_holds_a_prefix_of_the_primarys_writes_after_a_cut() {
     cut.heal();
     let beta = cluster.gmdd("beta");
     beta.wait_mirroring(DEV, true);
-    stop_and_compare(&cluster, &alpha, &beta);
+    cluster.stop_in_sync_and_compare(&alpha, &beta);
 }
 
 #[test]
@@ -369,7 +357,7 @@ fn down_on_an_available_peer_stops_its_device() {
     assert_qemu_io_clean(&qemu_io(&alpha.url(DEV), &["write -P 0x42 1M 64k"]));
     beta.ctl(&["start", DEV]).ok();
     beta.wait_mirroring(DEV, true);
-    stop_and_compare(&cluster, &alpha, &beta);
+    cluster.stop_in_sync_and_compare(&alpha, &beta);
 }
 
 #[test]
