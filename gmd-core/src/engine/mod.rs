@@ -703,6 +703,8 @@ pub struct Engine {
     check_sync: Option<u64>,
     /// Target: the checks the sync in flight covers.
     checks_syncing: Vec<Slot>,
+    /// Target: checks a failed write spoiled, being answered (scratch).
+    spoiled: Vec<Slot>,
     /// A refused write was logged since the access last changed.
     refusal_logged: bool,
     /// The peer was lost and this side may not write alone yet: writes wait
@@ -790,6 +792,7 @@ impl Engine {
             checks_equal: Vec::with_capacity(params.peer_slots_max),
             check_sync: None,
             checks_syncing: Vec::with_capacity(params.peer_slots_max),
+            spoiled: Vec::with_capacity(params.peer_slots_max),
             refusal_logged: false,
             isolated: false,
         }
@@ -1393,10 +1396,7 @@ impl Engine {
             let left = self.activity.end(region, self.now_ms);
             let cell = self.journal.map.get(region);
             if lost {
-                if cell != CELL_STALE {
-                    self.journal.set(region, CELL_STALE);
-                    self.resync_add(region);
-                }
+                self.mark_region_stale(region);
             } else if left == 0 && (CELL_WRITING..=CELL_QUEUED).contains(&cell) {
                 self.journal.set(region, CELL_ACTIVE);
             }
@@ -1583,10 +1583,23 @@ impl Engine {
 
     fn mark_stale(&mut self, regions: Range<u64>) {
         for region in regions {
-            if self.journal.map.get(region) != CELL_STALE {
-                self.journal.set(region, CELL_STALE);
-                self.resync_add(region);
+            self.mark_region_stale(region);
+        }
+    }
+
+    /// The peer lost a write to `region`: it is stale here and goes again.
+    /// Resync data or a checksum of the region read before that write may
+    /// be on its way: its confirmation describes the peer's copy before the
+    /// loss, so it must not clear the region; it is sent again after it.
+    fn mark_region_stale(&mut self, region: u64) {
+        if let Some(rs) = self.resync.as_mut() {
+            if rs.busy.get(region) {
+                rs.resend.set(region);
             }
+        }
+        if self.journal.map.get(region) != CELL_STALE {
+            self.journal.set(region, CELL_STALE);
+            self.resync_add(region);
         }
     }
 
@@ -2500,12 +2513,37 @@ impl Engine {
             // that neither a crash nor a cut leaves a clean map over them.
             for region in self.regions(&info.request) {
                 self.mark_not_received(region);
+                self.spoil_checks(region);
             }
             self.target_marks_epoch = self.journal.needed_all();
             self.start_commit();
         }
         self.finish_peer(slot, result.map_err(EngineError::Io));
         self.issue_peer_ops();
+    }
+
+    /// Target: a write from the peer to `region` failed here after a check
+    /// of the region had read it and found it the same. The check compared
+    /// what this copy held before the write; the copy no longer matches the
+    /// peer's, so the check is answered as different (the data is sent)
+    /// instead of clearing the region once the sync is done.
+    fn spoil_checks(&mut self, region: u64) {
+        for list in [&mut self.checks_equal, &mut self.checks_syncing] {
+            let slots = &self.slots;
+            let mut k = 0;
+            while k < list.len() {
+                let slot = list[k];
+                if slots[slot as usize].resync_region == Some(region) {
+                    list.swap_remove(k);
+                    self.spoiled.push(slot);
+                } else {
+                    k += 1;
+                }
+            }
+        }
+        while let Some(slot) = self.spoiled.pop() {
+            self.finish_peer(slot, Err(EngineError::Differs));
+        }
     }
 
     /// Marks `region` as waiting for the peer's data (`0x6`), unless it is

@@ -2059,6 +2059,81 @@ fn a_local_write_failing_after_a_check_was_read_sends_the_region_again() {
     assert_eq!(m.resync_reads.len(), 1, "read again");
 }
 
+/// Target: a check found the region the same, then a later write from the
+/// peer to it failed here (partly written): the check compared what this
+/// copy held before, so it is answered "differs" and the region stays
+/// marked not received, durably, whether or not its sync had started.
+#[test]
+fn a_peer_write_failing_after_a_check_read_the_region_spoils_the_check() {
+    for sync_started in [false, true] {
+        let mut t = checking_target(&[2, 3]);
+        t.hold_syncs = true;
+        let other = t.engine.peer_check(1, 3);
+        t.pump();
+        t.engine.check_done(other, Ok(true));
+        t.pump();
+        assert_eq!(t.syncs.len(), 1, "the first check's sync holds the second");
+        let check = t.engine.peer_check(2, 2);
+        t.pump();
+        t.engine.check_done(check, Ok(true));
+        if sync_started {
+            t.finish_syncs();
+            t.hold_syncs = true;
+            assert_eq!(t.syncs.len(), 1, "the check's own sync is in flight");
+        }
+        let op = t.engine.peer_op(PeerOp {
+            seq: 3,
+            after: 0,
+            request: write(2 * REGION_SIZE_BYTES, 4096),
+            resync_region: None,
+        });
+        t.pump();
+        t.local.retain(|&s| s != op);
+        t.engine.local_done(op, Err(libc::EIO));
+        t.pump();
+        t.finish_syncs();
+        t.settle_map();
+        assert!(
+            t.log
+                .iter()
+                .any(|l| *l == format!("reply {check} Err(Differs)")),
+            "sync started {sync_started}: {:?}",
+            t.log
+        );
+        assert_eq!(t.durable.get(2), CELL_RESYNC, "sync started {sync_started}");
+        assert_eq!(t.durable.get(3), CELL_CONSISTENT, "the other check stands");
+        assert_eq!(t.engine.stats().resync_same_bytes, REGION_SIZE_BYTES);
+    }
+}
+
+/// Source: the peer lost a write to a region whose checksum (or data) was
+/// read before it and is on its way: the answer describes the peer's copy
+/// before the loss, so it clears nothing and the region goes again, even
+/// when the peer's error arrives first.
+#[test]
+fn a_write_the_peer_lost_after_a_check_was_read_sends_the_region_again() {
+    let mut m = Model::new(Mode::Mwc);
+    connect_checking_source(&mut m, &[2]);
+    let read = m.resync_reads.pop().expect("read");
+    m.engine.local_done(read, Ok(()));
+    m.pump();
+    let (check_seq, _) = m.checks_sent[0];
+    let w = m.submit(write(2 * REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    let (write_seq, _) = *m.sent.iter().find(|&&(_, s)| s == w).expect("sent");
+    m.engine
+        .remote_done(write_seq, Err(EngineError::Remote(libc::EIO)));
+    m.pump();
+    m.finish_local(w);
+    m.settle_map();
+    m.ack(check_seq);
+    m.ack_flushes();
+    m.settle_map();
+    assert_ne!(m.durable.get(2), 0, "kept");
+    assert_eq!(m.engine.stats().resync_same_bytes, 0);
+    assert_eq!(m.resync_reads.len(), 1, "read again");
+}
+
 /// Checks found equal that wait for their sync when the link ends are
 /// dropped unanswered, their marks kept; the sync's late end does nothing.
 #[test]
