@@ -683,10 +683,9 @@ impl DeviceHandle {
         self.require(AdminState::Available, "change its role", "gmdctl start")?;
         let readable = !(self.config.mode == Mode::Async && new == PairRole::Secondary);
         self.change_running(move |engine, sb| {
-            engine.set_access(new.writable(), readable);
             sb.role = new;
             sb.ran_primary = false;
-            let epoch = engine.touch_superblock();
+            let epoch = engine.change_access(new.writable(), readable);
             if forced {
                 epoch.max(engine.force_new_generation())
             } else {

@@ -916,6 +916,10 @@ struct Flush {
     syncing: bool,
     /// The commit's pages are durable (its superblock may be written).
     pages_synced: bool,
+    /// The superblock this commit writes, as it was when the commit began:
+    /// a change made meanwhile (a role) goes with the next commit, after
+    /// what the engine orders before it.
+    superblock: Option<Superblock>,
 }
 
 /// What a group commit does next ([`flush_step`]).
@@ -1613,9 +1617,11 @@ impl Worker {
                         let (slot, seq) = self.page_slots.next(page);
                         self.flush_pages.push((page, slot, seq));
                     }
+                    let mut superblock = None;
                     if let Some(gens) = core.engine.flushing_generations() {
                         self.superblock.generations = gens;
                         self.superblock.generation += 1;
+                        superblock = Some(self.superblock.clone());
                         self.flush_pages.push((
                             SUPERBLOCK_PAGE,
                             self.super_slot ^ 1,
@@ -1629,6 +1635,7 @@ impl Worker {
                         failed: None,
                         syncing: false,
                         pages_synced: false,
+                        superblock,
                     });
                     self.pump_flush(core)?;
                 }
@@ -1756,7 +1763,8 @@ impl Worker {
             let packed = core.engine.map().packed();
             let buf = &mut self.map_bufs[buf_index];
             let offset = if page == SUPERBLOCK_PAGE {
-                format::encode_superblock(&self.superblock, seq, buf);
+                let superblock = flush.superblock.as_ref().expect("taken with its page");
+                format::encode_superblock(superblock, seq, buf);
                 Layout::superblock_offset(slot)
             } else {
                 format::encode_page(

@@ -2306,7 +2306,11 @@ impl World {
             self.check();
             let quiet = !progressed && self.quiet();
             let connected = self.connected();
-            if quiet && connected && self.nodes.iter().all(|n| n.map_durable.is_clean()) {
+            let idle = self
+                .nodes
+                .iter()
+                .all(|n| n.engine.as_ref().is_some_and(|e| e.is_idle()));
+            if quiet && connected && idle && self.nodes.iter().all(|n| n.map_durable.is_clean()) {
                 return;
             }
             if quiet && connected && self.only_failed_writes_marked() {

@@ -534,6 +534,19 @@ enum Wait {
     /// Isolated: the write waits for the link or a release (not admitted
     /// yet if its local part is idle, else waiting for its completion).
     Isolated,
+    /// Not admitted yet: this copy is being promoted and its data volume
+    /// is being synced first ([`Engine::change_access`]).
+    Promotion,
+}
+
+/// A promotion waiting for the sync of the data volume
+/// ([`Engine::change_access`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Promotion {
+    /// Sync `u64` is in flight.
+    Syncing(u64),
+    /// The last sync failed: the next tick tries again.
+    Retry,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -707,6 +720,9 @@ pub struct Engine {
     spoiled: Vec<Slot>,
     /// A refused write was logged since the access last changed.
     refusal_logged: bool,
+    /// Becoming writable: the data volume is synced first; meanwhile map
+    /// commits and application writes wait.
+    promotion: Option<Promotion>,
     /// The peer was lost and this side may not write alone yet: writes wait
     /// (see [`Engine::peer_isolated`]).
     isolated: bool,
@@ -794,6 +810,7 @@ impl Engine {
             checks_syncing: Vec::with_capacity(params.peer_slots_max),
             spoiled: Vec::with_capacity(params.peer_slots_max),
             refusal_logged: false,
+            promotion: None,
             isolated: false,
         }
     }
@@ -848,6 +865,7 @@ impl Engine {
             && self.remote.is_empty()
             && self.barrier.is_none()
             && self.clears.is_empty()
+            && self.promotion.is_none()
     }
 
     /// The data generations as they are now (changes not yet durable included).
@@ -882,6 +900,59 @@ impl Engine {
         self.params.writable = writable;
         self.params.readable = readable;
         self.refusal_logged = false;
+    }
+
+    /// Changes what applications may do here for a new role, as
+    /// [`Engine::set_access`], and has the next map write record the role
+    /// (the driver sets it in the superblock); returns the epoch after
+    /// which that is durable.
+    ///
+    /// Becoming writable (promotion), the data volume is synced before
+    /// anything else: what this copy received from its peer as secondary
+    /// and holds only in a cache is then durable before the role is
+    /// recorded and before the first write of the new primary. A power cut
+    /// afterwards cannot take writes the old primary had acknowledged from
+    /// the copy that now decides (CONSISTENCY.md, "durable means flushed").
+    /// Meanwhile map commits and application writes wait; a failed sync is
+    /// reported and tried again at the next tick.
+    pub fn change_access(&mut self, writable: bool, readable: bool) -> Epoch {
+        let promote = writable && !self.params.writable;
+        self.set_access(writable, readable);
+        if !writable {
+            self.promotion = None;
+        } else if promote {
+            self.sync_for_promotion();
+        }
+        let epoch = self.touch_superblock();
+        self.start_commit();
+        self.resume_waiting();
+        epoch
+    }
+
+    fn sync_for_promotion(&mut self) {
+        let sync = self.next_sync;
+        self.next_sync += 1;
+        self.promotion = Some(Promotion::Syncing(sync));
+        self.actions.push_back(Action::SyncData(sync));
+    }
+
+    /// The data volume sync of a promotion ended.
+    fn promotion_synced(&mut self, result: Result<(), i32>) {
+        match result {
+            Ok(()) => {
+                self.promotion = None;
+                self.start_commit();
+                self.resume_waiting();
+            }
+            Err(errno) => {
+                tracing::error!(
+                    errno,
+                    "the data volume cannot be synced: the promotion waits (what this copy \
+                     received must be durable before it writes as primary); trying again"
+                );
+                self.promotion = Some(Promotion::Retry);
+            }
+        }
     }
 
     /// Makes this copy the newest as it is (`gmdctl primary --force`): a
@@ -1101,6 +1172,10 @@ impl Engine {
                 );
             }
             self.finish_app(slot, Err(EngineError::Secondary));
+            return;
+        }
+        if request.kind.changes_data() && self.promotion.is_some() {
+            self.park(slot, Wait::Promotion);
             return;
         }
         if request.kind.changes_data() && !self.params.writable {
@@ -1643,7 +1718,7 @@ impl Engine {
     }
 
     fn start_commit(&mut self) {
-        if self.journal.failed {
+        if self.journal.failed || self.promotion.is_some() {
             return;
         }
         if let Some(epoch) = self.journal.start() {
@@ -1671,6 +1746,14 @@ impl Engine {
                 }
                 Wait::ResyncRead | Wait::ResyncTarget => {
                     self.slots[slot as usize].wait = Wait::None;
+                    self.advance(slot);
+                }
+                Wait::Promotion if self.promotion.is_none() => {
+                    // Not admitted yet: as if submitted now.
+                    self.slots[slot as usize].wait = Wait::None;
+                    self.slots[slot as usize].after = self.next_seq - 1;
+                    self.slots[slot as usize].session =
+                        if self.connected { self.session } else { 0 };
                     self.advance(slot);
                 }
                 Wait::Isolated if !self.isolated || self.connected => {
@@ -2157,6 +2240,10 @@ impl Engine {
     /// Reports the end of [`Action::SyncData`] `sync`. A sync of a barrier
     /// that was dropped (the link ended) counts for nothing.
     pub fn data_synced(&mut self, sync: u64, result: Result<(), i32>) {
+        if self.promotion == Some(Promotion::Syncing(sync)) {
+            self.promotion_synced(result);
+            return;
+        }
         if self.check_sync == Some(sync) {
             self.check_sync_done(result);
             return;
@@ -2770,6 +2857,9 @@ impl Engine {
     /// cells are cleared lazily) and pending map changes are committed.
     pub fn tick(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
+        if self.promotion == Some(Promotion::Retry) {
+            self.sync_for_promotion();
+        }
         self.check_stall();
         self.evict_idle();
         self.start_commit();

@@ -1589,6 +1589,56 @@ fn access_follows_the_role() {
     assert_eq!(m.completed.last(), Some(&(w, Ok(()))));
 }
 
+/// A secondary promoted syncs its data volume before anything else: what
+/// it received from the old primary (acknowledged there) may sit in a
+/// cache only. The superblock recording the role and the first write of
+/// the new primary both wait for that sync; a failed sync is tried again
+/// at the next tick, the writes held meanwhile (never failed).
+#[test]
+fn a_promotion_syncs_the_data_volume_before_the_role_and_the_first_write() {
+    let mut m = Model::with(EngineParams {
+        writable: false,
+        ..params(Mode::Sync)
+    });
+    m.hold_syncs = true;
+    let epoch = m.engine.change_access(true, true);
+    m.pump();
+    assert_eq!(m.syncs.len(), 1, "the data volume is synced first");
+    assert!(m.in_flight_map.is_none(), "the role waits for the sync");
+    let w = m.submit(write(0, 4096));
+    assert!(m.local.is_empty() && m.completed.is_empty(), "held");
+    assert!(!m.engine.is_idle());
+    // The sync fails: reported, tried again at the next tick.
+    let failed = m.syncs.pop().expect("sync");
+    m.engine.data_synced(failed, Err(libc::EIO));
+    m.pump();
+    assert!(m.in_flight_map.is_none() && m.completed.is_empty());
+    m.tick(1_000);
+    assert_eq!(m.syncs.len(), 1, "tried again");
+    assert!(m.engine.durable_epoch() < epoch);
+    m.finish_syncs();
+    assert!(m.engine.durable_epoch() >= epoch, "the role is durable now");
+    m.finish_local(w);
+    assert_eq!(m.completed, vec![(w, Ok(()))]);
+    // Already primary: nothing to sync.
+    m.engine.change_access(true, true);
+    m.pump();
+    assert!(m.syncs.is_empty());
+    // Demoted while a promotion waits: the held write is refused.
+    m.engine.change_access(false, true);
+    m.engine.change_access(true, true);
+    m.pump();
+    let held = m.submit(write(0, 4096));
+    m.engine.change_access(false, true);
+    m.pump();
+    assert_eq!(
+        m.completed.last(),
+        Some(&(held, Err(EngineError::ReadOnly)))
+    );
+    m.settle_map();
+    assert!(m.engine.is_idle());
+}
+
 /// `--force` makes a copy that lacks regions the newest as it is: a new
 /// generation, and the regions it had not received turn stale (sent from
 /// here); discarding goes the other way.

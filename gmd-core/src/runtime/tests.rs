@@ -1066,6 +1066,7 @@ fn a_commits_superblock_is_written_only_after_its_pages_are_durable() {
         failed: None,
         syncing: false,
         pages_synced,
+        superblock: None,
     };
     let with_superblock = [(3, 0, 7), (9, 1, 7), (SUPERBLOCK_PAGE, 1, 4)];
     assert_eq!(

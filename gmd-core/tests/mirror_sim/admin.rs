@@ -153,8 +153,7 @@ impl World {
     fn set_role(&mut self, n: usize, role: PairRole) {
         let readable = readable(self.mode, role);
         let engine = self.engine(n);
-        engine.set_access(role.writable(), readable);
-        engine.touch_superblock();
+        engine.change_access(role.writable(), readable);
         self.nodes[n].link.set_role(role);
         self.nodes[n].recorded_role = role;
         self.nodes[n].ran_primary = false;
