@@ -914,7 +914,10 @@ impl Engine {
     /// afterwards cannot take writes the old primary had acknowledged from
     /// the copy that now decides (CONSISTENCY.md, "durable means flushed").
     /// Meanwhile map commits and application writes wait; a failed sync is
-    /// reported and tried again at the next tick.
+    /// reported and tried again at the next tick. Promoted apart from the
+    /// peer (a failover), the copy starts a new generation in that commit
+    /// (as DRBD does at promotion): the old primary, back with data this
+    /// copy lacks, is then behind it, not "the same data" whose marks win.
     pub fn change_access(&mut self, writable: bool, readable: bool) -> Epoch {
         let promote = writable && !self.params.writable;
         self.set_access(writable, readable);
@@ -922,11 +925,30 @@ impl Engine {
             self.promotion = None;
         } else if promote {
             self.sync_for_promotion();
+            if !self.connected {
+                // A failover: this copy's data is the pair's from now on,
+                // whatever the old primary holds that it lacks. Told apart
+                // by a generation in the same commit as the role, before
+                // `gmdctl primary` returns, whether or not it writes.
+                self.draw_generation_if_due();
+            }
         }
         let epoch = self.touch_superblock();
         self.start_commit();
         self.resume_waiting();
         epoch
+    }
+
+    /// Starts a new generation if none was drawn since the peer may have
+    /// taken the current one (this side is apart from it).
+    fn draw_generation_if_due(&mut self) {
+        if self.new_generation_due {
+            self.new_generation_due = false;
+            self.current_shared = false;
+            let mut gens = self.journal.gens;
+            gens.go_alone(self.gen_source.draw());
+            self.journal.set_generations(gens);
+        }
     }
 
     fn sync_for_promotion(&mut self) {
@@ -1230,12 +1252,8 @@ impl Engine {
         // Writing without the peer: a new generation first, durable before
         // the write lands, so that a peer promoted meanwhile and this side
         // are told apart (divergence) rather than one silently overwritten.
-        if !self.connected && self.new_generation_due {
-            self.new_generation_due = false;
-            self.current_shared = false;
-            let mut gens = self.journal.gens;
-            gens.go_alone(self.gen_source.draw());
-            self.journal.set_generations(gens);
+        if !self.connected {
+            self.draw_generation_if_due();
         }
         // Write intent (connected) or stale mark (standalone).
         for region in regions.clone() {

@@ -1639,6 +1639,48 @@ fn a_promotion_syncs_the_data_volume_before_the_role_and_the_first_write() {
     assert!(m.engine.is_idle());
 }
 
+/// A copy promoted apart from its peer (a failover) starts a new
+/// generation in the commit that records its role, before `gmdctl
+/// primary` returns and whether or not it ever writes: the old primary,
+/// back with writes this copy never got, is behind it. Promoted while
+/// connected (a switch), the pair's generation stays.
+#[test]
+fn a_failover_promotion_draws_a_generation_with_the_role_and_a_switch_does_not() {
+    let secondary = |current| {
+        let mut m = Model::with_generation(Mode::Mwc, current);
+        m.engine.set_access(false, true);
+        m
+    };
+    let mut apart = secondary(100);
+    let epoch = apart.engine.change_access(true, true);
+    apart.pump();
+    assert_eq!(apart.engine.durable_generations().current, 100);
+    apart.settle_map();
+    assert!(apart.engine.durable_epoch() >= epoch);
+    let gens = apart.engine.durable_generations();
+    assert_ne!(gens.current, 100, "a new generation, durable with the role");
+    assert_eq!((gens.bitmap, gens.history[0]), (100, 100));
+    // Its first write draws no other.
+    let w = apart.submit(write(0, 4096));
+    apart.settle_map();
+    apart.finish_local(w);
+    assert_eq!(apart.engine.durable_generations(), gens);
+
+    let mut connected = secondary(100);
+    connected.engine.connect(Connection {
+        role: ResyncRole::None,
+        peer_current: 100,
+        stale_at_handshake: 0,
+        source_current: 0,
+        resync_checksums: false,
+    });
+    connected.pump();
+    connected.engine.change_access(true, true);
+    connected.pump();
+    connected.settle_map();
+    assert_eq!(connected.engine.durable_generations().current, 100);
+}
+
 /// `--force` makes a copy that lacks regions the newest as it is: a new
 /// generation, and the regions it had not received turn stale (sent from
 /// here); discarding goes the other way.

@@ -150,14 +150,49 @@ impl World {
     }
 
     /// Changes node `n`'s role: its engine's access, its link, its superblock.
-    fn set_role(&mut self, n: usize, role: PairRole) {
-        let readable = readable(self.mode, role);
-        let engine = self.engine(n);
-        engine.change_access(role.writable(), readable);
+    ///
+    /// `gmdctl primary|secondary` returns once the change is durable (a
+    /// promotion syncs the data volume first; a failover's new generation
+    /// goes in the same commit): the administrator's command is one step
+    /// here, its device's syncs and map commits run to their end. If the
+    /// map cannot be written the role stays as it was (the engine has
+    /// failed; the node restarts in its recorded role).
+    fn set_role(&mut self, n: usize, role: PairRole) -> Result<(), String> {
+        let before = self.nodes[n].link.role();
+        let read = readable(self.mode, role);
+        let epoch = self.engine(n).change_access(role.writable(), read);
+        self.pump(n);
+        let mut rounds = 0;
+        loop {
+            let engine = self.nodes[n].engine.as_ref().expect("running");
+            if engine.map_failed() {
+                let read = readable(self.mode, before);
+                self.engine(n).change_access(before.writable(), read);
+                self.pump(n);
+                return Err("the map cannot be written".into());
+            }
+            if engine.durable_epoch() >= epoch {
+                break;
+            }
+            rounds += 1;
+            assert!(
+                rounds < 100_000,
+                "node {n}: a role change never became durable"
+            );
+            if self.nodes[n].map_in_flight.is_some() {
+                self.map_commit_done(n);
+            } else if !self.nodes[n].syncs.is_empty() {
+                self.sync_done(n, 0);
+            } else {
+                let now = self.step as u64;
+                self.engine(n).tick(now);
+                self.pump(n);
+            }
+        }
         self.nodes[n].link.set_role(role);
         self.nodes[n].recorded_role = role;
         self.nodes[n].ran_primary = false;
-        self.pump(n);
+        Ok(())
     }
 
     /// What node `n`'s daemon knows of its peer for a role change (gmdd's
@@ -211,6 +246,7 @@ impl World {
             // back behind what the ended session still has on its disk.
             return Err("operations of the ended session still land here".into());
         }
+        self.set_role(n, PairRole::Primary)?;
         if n != self.writer && !connected {
             self.failover(n);
         } else if n != self.writer {
@@ -222,7 +258,6 @@ impl World {
             self.counts.promotions += 1;
             self.note(format!("node {n} promoted again ({condition:?})"));
         }
-        self.set_role(n, PairRole::Primary);
         self.writer = n;
         Ok(())
     }
@@ -373,7 +408,10 @@ impl World {
                     return;
                 }
                 // `gmdctl secondary`: read-only first, then a flush.
-                self.set_role(from, PairRole::Secondary);
+                if let Err(why) = self.set_role(from, PairRole::Secondary) {
+                    self.abandon_switch(&format!("node {from} cannot be demoted: {why}"));
+                    return;
+                }
                 let floors = self.promises.floors();
                 let session = self.nodes[from].engine_session;
                 let flush = Request {
