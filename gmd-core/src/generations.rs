@@ -37,6 +37,14 @@ pub struct Generations {
     pub bitmap: GenId,
     /// Earlier `current` ids, newest first (0: empty).
     pub history: [GenId; HISTORY_LEN],
+    /// The pair's primary term as this copy knows it: one more than the
+    /// highest either side held, at each promotion; both sides take the
+    /// higher at a connection. Of two copies of the same generation, the
+    /// one with the higher term was promoted last (in a switch, which
+    /// covers what the earlier primary wrote), so its data is the pair's
+    /// (0 in maps and offers that predate it).
+    #[serde(default)]
+    pub term: u64,
 }
 
 /// Derives a generation id from a device identity and a purpose, so that

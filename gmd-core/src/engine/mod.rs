@@ -336,6 +336,8 @@ pub struct Connection {
     /// Both sides agreed on checksum resync: a source sends each region's
     /// checksum first and its data only if the target's copy differs.
     pub resync_checksums: bool,
+    /// The peer's primary term; this side takes it if higher.
+    pub peer_term: u64,
 }
 
 impl From<ResyncRole> for Connection {
@@ -347,6 +349,7 @@ impl From<ResyncRole> for Connection {
             peer_current: crate::generations::GEN_NONE,
             stale_at_handshake: 0,
             source_current: crate::generations::GEN_NONE,
+            peer_term: 0,
             resync_checksums: false,
         }
     }
@@ -925,6 +928,9 @@ impl Engine {
             self.promotion = None;
         } else if promote {
             self.sync_for_promotion();
+            let mut gens = self.journal.gens;
+            gens.term += 1;
+            self.journal.set_generations(gens);
             if !self.connected {
                 // A failover: this copy's data is the pair's from now on,
                 // whatever the old primary holds that it lacks. Told apart
@@ -1805,8 +1811,14 @@ impl Engine {
             stale_at_handshake,
             source_current,
             resync_checksums,
+            peer_term,
         } = connection.into();
         assert!(!self.connected, "already connected");
+        if peer_term > self.journal.gens.term {
+            let mut gens = self.journal.gens;
+            gens.term = peer_term;
+            self.journal.set_generations(gens);
+        }
         self.connected = true;
         self.session += 1;
         self.stall_reported = false;

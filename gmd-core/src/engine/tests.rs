@@ -1148,6 +1148,7 @@ fn a_write_without_the_peer_starts_a_new_generation_durably_first() {
     // A connection to a peer holding this data and a loss later, the next
     // write alone draws again, counting from the generation both held.
     m.engine.connect(Connection {
+        peer_term: 0,
         role: ResyncRole::None,
         peer_current: gens.current,
         stale_at_handshake: 2,
@@ -1179,6 +1180,7 @@ fn a_generation_drawn_after_the_handshake_read_this_side_sets_the_link_up_again(
     assert!(!m.engine.facts_durable(), "a handshake must wait for it");
     assert_eq!(m.engine.durable_generations().current, 100);
     m.engine.connect(Connection {
+        peer_term: 0,
         role: ResyncRole::None,
         peer_current: 100,
         stale_at_handshake: 1,
@@ -1206,6 +1208,7 @@ fn a_target_takes_the_source_generation_once_its_marks_are_durable_and_then_says
     let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
     bits[0] = 0b110;
     m.engine.connect(Connection {
+        peer_term: 0,
         role: ResyncRole::Target(bits),
         peer_current: 200,
         stale_at_handshake: 0,
@@ -1257,6 +1260,7 @@ fn a_source_whose_generation_changed_since_the_handshake_renegotiates() {
     let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
     bits[0] = 0b10;
     m.engine.connect(Connection {
+        peer_term: 0,
         role: ResyncRole::Source(bits.clone()),
         peer_current: 100,
         stale_at_handshake: 0,
@@ -1271,6 +1275,7 @@ fn a_source_whose_generation_changed_since_the_handshake_renegotiates() {
     // The next handshake reads the new generation: the session goes on.
     m.log.clear();
     m.engine.connect(Connection {
+        peer_term: 0,
         role: ResyncRole::Source(bits),
         peer_current: 100,
         stale_at_handshake: 1,
@@ -1301,6 +1306,7 @@ fn a_generation_no_session_took_is_kept_when_the_link_drops_again() {
     bits[0] = 1;
     // A handshake that read generation 100 before the write: renegotiated.
     m.engine.connect(Connection {
+        peer_term: 0,
         role: ResyncRole::Source(bits.clone()),
         peer_current: 100,
         stale_at_handshake: 0,
@@ -1316,6 +1322,7 @@ fn a_generation_no_session_took_is_kept_when_the_link_drops_again() {
     assert_eq!(m.engine.durable_generations(), alone, "nothing drawn");
     // The next handshake reads it; the session gives it to the peer.
     m.engine.connect(Connection {
+        peer_term: 0,
         role: ResyncRole::Source(bits),
         peer_current: 100,
         stale_at_handshake: 2,
@@ -1364,6 +1371,7 @@ fn a_source_forgets_the_older_generation_once_the_target_adopted() {
         params(Mode::Mwc),
         StateMap::new(SIZE),
         Generations {
+            term: 0,
             current: 200,
             bitmap: 100,
             history: [100, 0, 0],
@@ -1501,6 +1509,7 @@ fn a_target_refuses_resync_data_for_a_region_it_holds_stale() {
     let mut bits = vec![0u8; m.engine.map().region_count().div_ceil(8) as usize];
     bits[0] = 1 << 5;
     m.engine.connect(Connection {
+        peer_term: 0,
         role: ResyncRole::Target(bits),
         peer_current: 0,
         stale_at_handshake: 1,
@@ -1666,8 +1675,10 @@ fn a_failover_promotion_draws_a_generation_with_the_role_and_a_switch_does_not()
     apart.finish_local(w);
     assert_eq!(apart.engine.durable_generations(), gens);
 
+    assert_eq!(gens.term, 1, "a promotion raises the term");
     let mut connected = secondary(100);
     connected.engine.connect(Connection {
+        peer_term: 4,
         role: ResyncRole::None,
         peer_current: 100,
         stale_at_handshake: 0,
@@ -1675,10 +1686,17 @@ fn a_failover_promotion_draws_a_generation_with_the_role_and_a_switch_does_not()
         resync_checksums: false,
     });
     connected.pump();
+    connected.settle_map();
+    assert_eq!(
+        connected.engine.durable_generations().term,
+        4,
+        "a connection takes the peer's higher term"
+    );
     connected.engine.change_access(true, true);
     connected.pump();
     connected.settle_map();
-    assert_eq!(connected.engine.durable_generations().current, 100);
+    let gens = connected.engine.durable_generations();
+    assert_eq!((gens.current, gens.term), (100, 5));
 }
 
 /// `--force` makes a copy that lacks regions the newest as it is: a new

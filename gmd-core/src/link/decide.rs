@@ -347,6 +347,17 @@ fn same_data_source(device: &str, local: &SideFacts, remote: &SideFacts) -> Resu
         (false, true) => return Ok(Side::Remote),
         _ => {}
     }
+    // The copy promoted last holds the pair's data: it was promoted in a
+    // switch (a promotion apart draws another generation), after the
+    // earlier primary's writes reached it and its volume was synced, so
+    // the other's marks cover nothing it lacks (its own failed local
+    // writes, or hot regions already here), while its own may cover
+    // writes the other lost in a power cut.
+    match local.gens.term.cmp(&remote.gens.term) {
+        std::cmp::Ordering::Greater => return Ok(Side::Local),
+        std::cmp::Ordering::Less => return Ok(Side::Remote),
+        std::cmp::Ordering::Equal => {}
+    }
     // A side without marks knows of nothing it holds that its peer lacks;
     // the other side's marks (its own writes, resent) do.
     match (local.marked > 0, remote.marked > 0) {
@@ -395,6 +406,7 @@ mod tests {
             machine: machine.into(),
             primary: false,
             gens: Generations {
+                term: 0,
                 current,
                 bitmap,
                 history: [0; 3],
@@ -480,6 +492,51 @@ mod tests {
             decide("d", &old, &lacking).unwrap().source,
             Some(Side::Local)
         );
+    }
+
+    /// Seed 57327 of the mirror simulator: node1, promoted in a switch,
+    /// wrote, was demoted in a switch that a power cut of node0 broke off
+    /// (node0 lost part of those writes); node0 kept marks of its own
+    /// failed local writes from when it was primary before. Both restarted
+    /// as secondaries with the same generation and marks: the copy
+    /// promoted last (the higher term) sends the union, whatever the names
+    /// and even without marks of its own.
+    #[test]
+    fn same_data_between_secondaries_comes_from_the_one_promoted_last() {
+        let term = |mut s: SideFacts, term| {
+            s.gens.term = term;
+            s
+        };
+        let older = term(marked(side("a", 7, 0), 0, 0, 2), 1);
+        let last = term(marked(side("b", 7, 0), 0, 0, 1), 2);
+        assert_eq!(
+            decide("d", &older, &last).unwrap().source,
+            Some(Side::Remote)
+        );
+        assert_eq!(
+            decide("d", &last, &older).unwrap().source,
+            Some(Side::Local)
+        );
+        let clean_last = term(side("b", 7, 0), 2);
+        assert_eq!(
+            decide("d", &older, &clean_last).unwrap().source,
+            Some(Side::Remote)
+        );
+        // Stale marks, a primary, and what a copy lacks still come first.
+        let stale = term(marked(side("a", 7, 0), 1, 0, 0), 1);
+        assert_eq!(
+            decide("d", &stale, &last).unwrap().source,
+            Some(Side::Local)
+        );
+        let lacking = term(marked(side("b", 7, 0), 0, 3, 0), 2);
+        assert_eq!(
+            decide("d", &older, &lacking).unwrap().source,
+            Some(Side::Local)
+        );
+        // Terms equal (maps from before terms): the name decides, as before.
+        let a = marked(side("a", 7, 0), 0, 0, 2);
+        let b = marked(side("b", 7, 0), 0, 0, 1);
+        assert_eq!(decide("d", &b, &a).unwrap().source, Some(Side::Remote));
     }
 
     /// Seed 27329 of the mirror simulator: node1, demoted in a switch
@@ -608,6 +665,7 @@ mod tests {
                     machine: machine.into(),
                     primary: p,
                     gens: Generations {
+                        term: 0,
                         current,
                         bitmap,
                         history,

@@ -210,6 +210,9 @@ pub struct Accept {
     pub your_stale: u64,
     /// The responder's current generation.
     pub peer_current: GenId,
+    /// The responder's primary term (absent from older peers: 0).
+    #[serde(default)]
+    pub peer_term: u64,
     /// Both offers asked for checksum resync: the session uses it. Absent
     /// from older peers' answers: `false`, plain resync.
     #[serde(default)]
@@ -244,6 +247,8 @@ pub struct Start {
     /// The peer's current generation (the engine drops its own bitmap when
     /// they are the same).
     pub peer_current: GenId,
+    /// The peer's primary term (see [`crate::generations::Generations::term`]).
+    pub peer_term: u64,
     /// The plan, as this side sees it (for logs and status).
     pub plan: Plan,
     /// This side's stale cells when the handshake read its map.
@@ -274,6 +279,7 @@ impl Start {
             stale_at_handshake: self.stale_at_handshake,
             source_current,
             resync_checksums: self.resync_checksums,
+            peer_term: self.peer_term,
         }
     }
 }
@@ -553,6 +559,7 @@ impl Link {
             session,
             part: part(&plan, Side::Local, &regions),
             peer_current: remote.facts.gens.current,
+            peer_term: remote.facts.gens.term,
             plan,
             stale_at_handshake: local.facts.stale,
             resync_checksums,
@@ -565,6 +572,7 @@ impl Link {
             incarnation: self.incarnation,
             your_stale: remote.facts.stale,
             peer_current: local.facts.gens.current,
+            peer_term: local.facts.gens.term,
             resync_checksums,
         })
     }
@@ -631,6 +639,7 @@ impl Link {
             session: accept.session,
             part: part(&accept.plan, Side::Local, &accept.regions),
             peer_current: accept.peer_current,
+            peer_term: accept.peer_term,
             plan: accept.plan,
             stale_at_handshake: accept.your_stale,
             resync_checksums: accept.resync_checksums,
@@ -725,6 +734,7 @@ mod tests {
             machine: machine.into(),
             primary,
             gens: Generations {
+                term: 0,
                 current,
                 bitmap,
                 history: [0; 3],

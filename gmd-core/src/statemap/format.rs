@@ -56,7 +56,7 @@ const _: () = assert!(PAGE_CELL_BYTES % 2 == 0);
 const GENERATIONS_OFFSET: usize = 1024;
 
 const _: () = assert!(88 + 1 + PEERS_DOWN_MAX * (PEER_NAME_MAX + 1) < GENERATIONS_OFFSET);
-const _: () = assert!(GENERATIONS_OFFSET + 48 < CRC_OFFSET);
+const _: () = assert!(GENERATIONS_OFFSET + 56 < CRC_OFFSET);
 
 /// Where each block of a map of `page_count` pages lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -264,6 +264,7 @@ pub fn encode_superblock(sb: &Superblock, seq: u64, block: &mut [u8]) {
         PairRole::Split => 2,
     };
     block[at + 41] = u8::from(sb.ran_primary);
+    block[at + 48..at + 56].copy_from_slice(&g.term.to_le_bytes());
     let crc = crc_with_zeroed(block, CRC_OFFSET);
     block[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
 }
@@ -317,6 +318,8 @@ pub fn decode_superblock(block: &[u8]) -> Result<(Superblock, u64), BlockError> 
                 read_u64(block, at + 24),
                 read_u64(block, at + 32),
             ],
+            // Zero in maps written before terms.
+            term: read_u64(block, at + 48),
         };
         let role = match block[at + 40] {
             0 => PairRole::Secondary,
@@ -438,6 +441,7 @@ mod tests {
             admin_state: AdminState::Available,
             peers_down: vec!["beta".into(), "delta".into()],
             generations: Generations {
+                term: 9,
                 current: 0x1111,
                 bitmap: 0x2222,
                 history: [3, 4, 5],
@@ -455,11 +459,24 @@ mod tests {
         assert_eq!(decode_superblock(&block), Ok((sb(), 42)));
     }
 
+    /// A format 2 superblock written before primary terms reads term 0.
+    #[test]
+    fn a_superblock_from_before_terms_reads_term_zero() {
+        let mut block = vec![0; BLOCK_SIZE];
+        encode_superblock(&sb(), 42, &mut block);
+        block[GENERATIONS_OFFSET + 48..GENERATIONS_OFFSET + 56].fill(0);
+        let crc = crc_with_zeroed(&block, CRC_OFFSET);
+        block[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+        let (read, _) = decode_superblock(&block).unwrap();
+        assert_eq!(read.generations.term, 0);
+        assert_eq!(read.generations.current, sb().generations.current);
+    }
+
     /// A superblock as format version 1 wrote it: no generations, no role.
     fn encode_version_1(sb: &Superblock, seq: u64, block: &mut [u8]) {
         encode_superblock(sb, seq, block);
         block[8..10].copy_from_slice(&1u16.to_le_bytes());
-        block[GENERATIONS_OFFSET..GENERATIONS_OFFSET + 48].fill(0);
+        block[GENERATIONS_OFFSET..GENERATIONS_OFFSET + 56].fill(0);
         let crc = crc_with_zeroed(block, CRC_OFFSET);
         block[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
     }
