@@ -883,7 +883,7 @@ impl Daemon {
         let mut inner = link.inner.lock().expect("link lock");
         // Both offered at once and the peer took ours: its own offer,
         // arriving now, must not end the session it just accepted.
-        if inner.core.crossing(&remote) {
+        if inner.core.refuse_crossing(&remote) {
             debug!(%device, peer = %from, "an offer that crossed ours: the session goes on");
             return refuse(format!(
                 "{device}: {} mirrors with {from} already (the offers crossed)",

@@ -334,6 +334,8 @@ pub struct Link {
     last_session: u64,
     /// This side's offers ask for checksum resync.
     resync_checksums: bool,
+    /// The session in force for which a crossing offer was refused once.
+    crossing_refused: Option<u64>,
 }
 
 impl Link {
@@ -348,6 +350,7 @@ impl Link {
             state: State::Idle,
             last_session: 0,
             resync_checksums: false,
+            crossing_refused: None,
         }
     }
 
@@ -449,12 +452,26 @@ impl Link {
     /// took this side's offer, and its own arrives late: the session goes
     /// on, the offer is refused ([`Link::on_offer`]). An offer made after
     /// the peer ended the session (it names it), or by a restarted device,
-    /// sets the link up again instead.
+    /// sets the link up again instead. So does a second such offer in one
+    /// session: a peer that took part in it would not offer again after
+    /// the refusal (it is connected), so it has left the session without
+    /// this side knowing (mirror_sim seed 63457 offered forever).
     pub fn crossing(&self, remote: &Offer) -> bool {
         matches!(&self.state, State::Connected { peer, session, peer_incarnation, .. }
             if *peer == remote.facts.machine
                 && *peer_incarnation == remote.incarnation
-                && remote.last_session != *session)
+                && remote.last_session != *session
+                && self.crossing_refused != Some(*session))
+    }
+
+    /// Whether to refuse `remote`'s offer as a crossing ([`Link::crossing`]);
+    /// a refusal counts once per session.
+    pub fn refuse_crossing(&mut self, remote: &Offer) -> bool {
+        if !self.crossing(remote) {
+            return false;
+        }
+        self.crossing_refused = self.connected().map(|(_, session)| session);
+        true
     }
 
     /// Initiator: starts a handshake with `peer` (send it the offer).
@@ -505,7 +522,7 @@ impl Link {
                 self.device, self.machine, self.device
             )));
         }
-        if self.crossing(remote) {
+        if self.refuse_crossing(remote) {
             return Err(HandshakeError::Busy(format!(
                 "{}: {} mirrors with {from} already (its offer crossed {}'s)",
                 self.device, self.machine, self.machine
@@ -992,6 +1009,9 @@ mod tests {
             Err(HandshakeError::Busy(_))
         ));
         assert_eq!(a.connected(), Some(("beta", 9)), "the session goes on");
+        // The same offer again: beta is not in the session (it would not
+        // offer again after the refusal), so the link is set up again.
+        assert!(!a.crossing(&late), "refused once per session");
         // beta ends the session and offers again: it names the session,
         // and alpha sets the link up again.
         b.end();

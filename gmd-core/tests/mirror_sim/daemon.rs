@@ -187,7 +187,7 @@ impl World {
         let local = self.offer(r);
         // Both offered at once and ours was answered first: theirs is
         // stale (`Link::crossing`), the session stays.
-        if self.nodes[r].link.crossing(&remote) {
+        if self.nodes[r].link.refuse_crossing(&remote) {
             self.note(format!(
                 "node {r}: node {i}'s offer crossed the session in force"
             ));
