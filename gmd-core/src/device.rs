@@ -685,7 +685,7 @@ impl DeviceHandle {
         self.change_running(move |engine, sb| {
             sb.role = new;
             sb.ran_primary = false;
-            let epoch = engine.change_access(new.writable(), readable);
+            let epoch = engine.change_access(new, readable);
             if forced {
                 epoch.max(engine.force_new_generation())
             } else {

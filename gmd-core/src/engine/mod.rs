@@ -56,6 +56,7 @@ pub use target::Seq;
 
 use crate::config::Mode;
 use crate::generations::{GenId, GenSource, Generations};
+use crate::link::PairRole;
 use crate::statemap::cells::{
     CELL_ACTIVE, CELL_CONSISTENT, CELL_INCONSISTENT, CELL_LOCAL_DONE, CELL_QUEUED,
     CELL_REMOTE_DONE, CELL_RESYNC, CELL_STALE, CELL_WRITING, CellValue, StateMap,
@@ -905,8 +906,10 @@ impl Engine {
         self.refusal_logged = false;
     }
 
-    /// Changes what applications may do here for a new role, as
-    /// [`Engine::set_access`], and has the next map write record the role
+    /// Changes what applications may do here for a new `role`, as
+    /// [`Engine::set_access`] (`readable`: not an async secondary), raises
+    /// the primary term at a promotion to primary (not for a drill's
+    /// split), and has the next map write record the role
     /// (the driver sets it in the superblock); returns the epoch after
     /// which that is durable.
     ///
@@ -921,16 +924,20 @@ impl Engine {
     /// peer (a failover), the copy starts a new generation in that commit
     /// (as DRBD does at promotion): the old primary, back with data this
     /// copy lacks, is then behind it, not "the same data" whose marks win.
-    pub fn change_access(&mut self, writable: bool, readable: bool) -> Epoch {
+    pub fn change_access(&mut self, role: PairRole, readable: bool) -> Epoch {
+        let writable = role.writable();
         let promote = writable && !self.params.writable;
         self.set_access(writable, readable);
         if !writable {
             self.promotion = None;
         } else if promote {
             self.sync_for_promotion();
-            let mut gens = self.journal.gens;
-            gens.term += 1;
-            self.journal.set_generations(gens);
+            if role == PairRole::Primary {
+                // Not a drill's split: its writes are discarded at rejoin.
+                let mut gens = self.journal.gens;
+                gens.term += 1;
+                self.journal.set_generations(gens);
+            }
             if !self.connected {
                 // A failover: this copy's data is the pair's from now on,
                 // whatever the old primary holds that it lacks. Told apart

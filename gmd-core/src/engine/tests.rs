@@ -1610,7 +1610,7 @@ fn a_promotion_syncs_the_data_volume_before_the_role_and_the_first_write() {
         ..params(Mode::Sync)
     });
     m.hold_syncs = true;
-    let epoch = m.engine.change_access(true, true);
+    let epoch = m.engine.change_access(PairRole::Primary, true);
     m.pump();
     assert_eq!(m.syncs.len(), 1, "the data volume is synced first");
     assert!(m.in_flight_map.is_none(), "the role waits for the sync");
@@ -1630,15 +1630,15 @@ fn a_promotion_syncs_the_data_volume_before_the_role_and_the_first_write() {
     m.finish_local(w);
     assert_eq!(m.completed, vec![(w, Ok(()))]);
     // Already primary: nothing to sync.
-    m.engine.change_access(true, true);
+    m.engine.change_access(PairRole::Primary, true);
     m.pump();
     assert!(m.syncs.is_empty());
     // Demoted while a promotion waits: the held write is refused.
-    m.engine.change_access(false, true);
-    m.engine.change_access(true, true);
+    m.engine.change_access(PairRole::Secondary, true);
+    m.engine.change_access(PairRole::Primary, true);
     m.pump();
     let held = m.submit(write(0, 4096));
-    m.engine.change_access(false, true);
+    m.engine.change_access(PairRole::Secondary, true);
     m.pump();
     assert_eq!(
         m.completed.last(),
@@ -1661,7 +1661,7 @@ fn a_failover_promotion_draws_a_generation_with_the_role_and_a_switch_does_not()
         m
     };
     let mut apart = secondary(100);
-    let epoch = apart.engine.change_access(true, true);
+    let epoch = apart.engine.change_access(PairRole::Primary, true);
     apart.pump();
     assert_eq!(apart.engine.durable_generations().current, 100);
     apart.settle_map();
@@ -1692,7 +1692,7 @@ fn a_failover_promotion_draws_a_generation_with_the_role_and_a_switch_does_not()
         4,
         "a connection takes the peer's higher term"
     );
-    connected.engine.change_access(true, true);
+    connected.engine.change_access(PairRole::Primary, true);
     connected.pump();
     connected.settle_map();
     let gens = connected.engine.durable_generations();

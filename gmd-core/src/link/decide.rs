@@ -300,6 +300,19 @@ fn ordered<'a>(x: &'a SideFacts, y: &'a SideFacts) -> (&'a SideFacts, &'a SideFa
 
 /// Same data, some marks: who sends the union.
 fn same_data_source(device: &str, local: &SideFacts, remote: &SideFacts) -> Result<Side, Refusal> {
+    // The copy promoted last holds the pair's data. Of one generation, it
+    // was promoted in a switch (a promotion apart draws another), once it
+    // lacked nothing of the earlier primary's and its volume was synced:
+    // the other's marks cover nothing it lacks (stale marks whose clear
+    // did not land, failed local writes, hot regions already here) — and
+    // a secondary makes no stale marks — while its own may cover writes
+    // the other lost in a power cut. Equal terms (maps from before terms,
+    // or no promotion since): the rules below.
+    match local.gens.term.cmp(&remote.gens.term) {
+        std::cmp::Ordering::Greater => return Ok(Side::Local),
+        std::cmp::Ordering::Less => return Ok(Side::Remote),
+        std::cmp::Ordering::Equal => {}
+    }
     let lacks = |s: &SideFacts| s.not_received > 0;
     match (local.stale > 0, remote.stale > 0) {
         (true, false) => return Ok(Side::Local),
@@ -346,17 +359,6 @@ fn same_data_source(device: &str, local: &SideFacts, remote: &SideFacts) -> Resu
         (true, false) => return Ok(Side::Local),
         (false, true) => return Ok(Side::Remote),
         _ => {}
-    }
-    // The copy promoted last holds the pair's data: it was promoted in a
-    // switch (a promotion apart draws another generation), after the
-    // earlier primary's writes reached it and its volume was synced, so
-    // the other's marks cover nothing it lacks (its own failed local
-    // writes, or hot regions already here), while its own may cover
-    // writes the other lost in a power cut.
-    match local.gens.term.cmp(&remote.gens.term) {
-        std::cmp::Ordering::Greater => return Ok(Side::Local),
-        std::cmp::Ordering::Less => return Ok(Side::Remote),
-        std::cmp::Ordering::Equal => {}
     }
     // A side without marks knows of nothing it holds that its peer lacks;
     // the other side's marks (its own writes, resent) do.
@@ -522,17 +524,26 @@ mod tests {
             decide("d", &older, &clean_last).unwrap().source,
             Some(Side::Remote)
         );
-        // Stale marks, a primary, and what a copy lacks still come first.
+        // Even over stale marks of the earlier primary (seed 25119: their
+        // clear had not landed; the region had reached the later one
+        // before its promotion), on either side or both.
         let stale = term(marked(side("a", 7, 0), 1, 0, 0), 1);
         assert_eq!(
             decide("d", &stale, &last).unwrap().source,
-            Some(Side::Local)
+            Some(Side::Remote)
         );
-        let lacking = term(marked(side("b", 7, 0), 0, 3, 0), 2);
+        let both = term(marked(side("b", 7, 0), 2, 0, 0), 2);
         assert_eq!(
-            decide("d", &older, &lacking).unwrap().source,
+            decide("d", &stale, &both).unwrap().source,
+            Some(Side::Remote)
+        );
+        assert_eq!(
+            decide("d", &both, &stale).unwrap().source,
             Some(Side::Local)
         );
+        // The copy promoted last never takes data: lacking some, it refuses.
+        let lacking = term(marked(side("b", 7, 0), 0, 3, 0), 2);
+        assert!(decide("d", &older, &lacking).is_err());
         // Terms equal (maps from before terms): the name decides, as before.
         let a = marked(side("a", 7, 0), 0, 0, 2);
         let b = marked(side("b", 7, 0), 0, 0, 1);

@@ -160,14 +160,14 @@ impl World {
     fn set_role(&mut self, n: usize, role: PairRole) -> Result<(), String> {
         let before = self.nodes[n].link.role();
         let read = readable(self.mode, role);
-        let epoch = self.engine(n).change_access(role.writable(), read);
+        let epoch = self.engine(n).change_access(role, read);
         self.pump(n);
         let mut rounds = 0;
         loop {
             let engine = self.nodes[n].engine.as_ref().expect("running");
             if engine.map_failed() {
                 let read = readable(self.mode, before);
-                self.engine(n).change_access(before.writable(), read);
+                self.engine(n).change_access(before, read);
                 self.pump(n);
                 return Err("the map cannot be written".into());
             }
