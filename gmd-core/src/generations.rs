@@ -37,9 +37,11 @@ pub struct Generations {
     pub bitmap: GenId,
     /// Earlier `current` ids, newest first (0: empty).
     pub history: [GenId; HISTORY_LEN],
-    /// The pair's primary term as this copy knows it: one more than the
-    /// highest either side held, at each promotion; both sides take the
-    /// higher at a connection. Of two copies of the same generation, the
+    /// The pair's primary term as this copy knows it: raised at each
+    /// promotion; at a connection of the same data both sides take the
+    /// higher, and a resync target takes the source's with its generation
+    /// (terms count promotions within one lineage). Of two copies of the
+    /// same generation, the
     /// one with the higher term was promoted last (in a switch, which
     /// covers what the earlier primary wrote), so its data is the pair's
     /// (0 in maps and offers that predate it).

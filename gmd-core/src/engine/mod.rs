@@ -700,9 +700,9 @@ pub struct Engine {
     /// that short-lived set-ups do not push the generations the peer holds
     /// out of the history.
     current_shared: bool,
-    /// Target: the source's generation, to take once the marks of the
-    /// regions this side lacks are durable (the epoch).
-    adopting: Option<(GenId, Epoch)>,
+    /// Target: the source's generation and primary term, to take once the
+    /// marks of the regions this side lacks are durable (the epoch).
+    adopting: Option<(GenId, u64, Epoch)>,
     /// Target: the generation taken, to announce once durable.
     adopted: Option<(GenId, Epoch)>,
     /// Regions whose marks may go once a barrier covers them.
@@ -1821,7 +1821,11 @@ impl Engine {
             peer_term,
         } = connection.into();
         assert!(!self.connected, "already connected");
-        if peer_term > self.journal.gens.term {
+        // Of the same data, both take the higher term; a target takes the
+        // source's with its generation (terms count promotions within one
+        // lineage: a higher one on a copy that then received another
+        // lineage says nothing about it).
+        if matches!(role, ResyncRole::None) && peer_term > self.journal.gens.term {
             let mut gens = self.journal.gens;
             gens.term = peer_term;
             self.journal.set_generations(gens);
@@ -1961,7 +1965,7 @@ impl Engine {
                 self.current_shared = true;
                 // Received data is applied only once the marks are durable.
                 self.target_marks_epoch = self.journal.needed_all();
-                self.adopting = Some((peer_current, self.target_marks_epoch));
+                self.adopting = Some((peer_current, peer_term, self.target_marks_epoch));
                 if count == 0 {
                     self.actions.push_back(Action::ResyncDone);
                 }
@@ -1993,11 +1997,12 @@ impl Engine {
     /// Target: takes the source's generation once the marks of what this
     /// side lacks are durable (see [`Engine::connect`]).
     fn adopt_once_marked(&mut self) {
-        if let Some((current, epoch)) = self.adopting {
+        if let Some((current, term, epoch)) = self.adopting {
             if self.connected && self.journal.durable() >= epoch && !self.journal.failed {
                 self.adopting = None;
                 let mut gens = self.journal.gens;
                 gens.adopt(current);
+                gens.term = term;
                 self.journal.set_generations(gens);
                 self.start_commit();
                 self.adopted = Some((current, self.journal.needed_all()));

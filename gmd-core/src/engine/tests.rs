@@ -1697,6 +1697,32 @@ fn a_failover_promotion_draws_a_generation_with_the_role_and_a_switch_does_not()
     connected.settle_map();
     let gens = connected.engine.durable_generations();
     assert_eq!((gens.current, gens.term), (100, 5));
+
+    // A resync target takes the source's term with its generation, even a
+    // lower one: its own counted promotions of another lineage (seed
+    // 248924: the higher term of a copy that then received the failed-over
+    // side's data made it the source of data it lacked).
+    let mut target = secondary(100);
+    target.engine.change_access(PairRole::Primary, true);
+    target.pump();
+    target.settle_map();
+    target.engine.change_access(PairRole::Secondary, true);
+    target.pump();
+    target.settle_map();
+    assert_eq!(target.engine.durable_generations().term, 1);
+    let bits = bits_of(&target, &[3]);
+    target.engine.connect(Connection {
+        peer_term: 0,
+        role: ResyncRole::Target(bits),
+        peer_current: 300,
+        stale_at_handshake: 0,
+        source_current: 0,
+        resync_checksums: false,
+    });
+    target.pump();
+    target.settle_map();
+    let gens = target.engine.durable_generations();
+    assert_eq!((gens.current, gens.term), (300, 0));
 }
 
 /// `--force` makes a copy that lacks regions the newest as it is: a new
