@@ -85,6 +85,11 @@ pub enum ToPeer {
         /// The generation.
         current: GenId,
     },
+    /// This side was promoted with primary term `term`.
+    Term {
+        /// The term.
+        term: u64,
+    },
 }
 
 /// A message from the peer for the device thread.
@@ -130,6 +135,12 @@ pub enum FromPeer {
     Adopted {
         /// The generation.
         current: GenId,
+    },
+    /// The peer was promoted with primary term `term`
+    /// ([`crate::engine::Engine::peer_promoted`]).
+    Term {
+        /// The term.
+        term: u64,
     },
 }
 
@@ -191,6 +202,10 @@ const TAG_ADOPTED: u8 = 7;
 /// Added with checksum resync; sent only to a peer that asked for it in
 /// the handshake (an older one would refuse it).
 const TAG_RESYNC_CHECK: u8 = 8;
+/// Added with primary terms (refused by older peers, which then count
+/// their own promotions only: their terms may tie, and the same-data rules
+/// fall back to the marks).
+const TAG_TERM: u8 = 9;
 
 /// Why a message from the peer was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -230,7 +245,8 @@ pub fn encoded_len(message: &ToPeer) -> usize {
         ToPeer::Flush { .. }
         | ToPeer::Prioritize { .. }
         | ToPeer::ResyncAdd { .. }
-        | ToPeer::Adopted { .. } => 9,
+        | ToPeer::Adopted { .. }
+        | ToPeer::Term { .. } => 9,
         ToPeer::Resync { data, .. } => 17 + data.len(),
         ToPeer::Reply { .. } => 13,
         ToPeer::ResyncCheck { .. } => 17 + 32,
@@ -291,6 +307,10 @@ pub fn encode_into(message: &ToPeer, out: &mut BytesMut) {
         ToPeer::Adopted { current } => {
             out.put_u8(TAG_ADOPTED);
             out.put_u64_le(*current);
+        }
+        ToPeer::Term { term } => {
+            out.put_u8(TAG_TERM);
+            out.put_u64_le(*term);
         }
     }
 }
@@ -420,6 +440,9 @@ pub fn decode(body: &Bytes, size_bytes: u64) -> Result<FromPeer, DecodeError> {
         TAG_ADOPTED => Ok(FromPeer::Adopted {
             current: take_u64(body, &mut at)?,
         }),
+        TAG_TERM => Ok(FromPeer::Term {
+            term: take_u64(body, &mut at)?,
+        }),
         TAG_RESYNC_CHECK => {
             let seq = take_u64(body, &mut at)?;
             let region = take_u64(body, &mut at)?;
@@ -473,6 +496,7 @@ mod tests {
             ToPeer::Prioritize { region: 6 },
             ToPeer::ResyncAdd { region: 7 },
             ToPeer::Adopted { current: 8 },
+            ToPeer::Term { term: 3 },
             ToPeer::ResyncCheck {
                 seq: 9,
                 region: 10,
@@ -536,6 +560,10 @@ mod tests {
         assert_eq!(
             decode(&encode(&ToPeer::Adopted { current: 0xfeed }), 1 << 20).unwrap(),
             FromPeer::Adopted { current: 0xfeed }
+        );
+        assert_eq!(
+            decode(&encode(&ToPeer::Term { term: 12 }), 1 << 20).unwrap(),
+            FromPeer::Term { term: 12 }
         );
         let sum = region_sum(b"region");
         assert_eq!(

@@ -1196,6 +1196,7 @@ impl Core {
             Action::SendPrioritize { region } => ToPeer::Prioritize { region },
             Action::SendResyncAdd { region } => ToPeer::ResyncAdd { region },
             Action::SendAdopted { current } => ToPeer::Adopted { current },
+            Action::SendTerm { term } => ToPeer::Term { term },
             other => return Err(other),
         };
         if let Some(link) = link {
@@ -1558,6 +1559,7 @@ impl Worker {
                     self.update_read_gate(core);
                 }
                 FromPeer::Adopted { current } => core.engine.peer_adopted(current),
+                FromPeer::Term { term } => core.engine.peer_promoted(term),
             }
             // An answer may complete a request and free its slot: carry that
             // out before a new request can be given the same slot.
@@ -1704,7 +1706,8 @@ impl Worker {
                 | Action::SendFlush { .. }
                 | Action::SendPrioritize { .. }
                 | Action::SendResyncAdd { .. }
-                | Action::SendAdopted { .. } => {
+                | Action::SendAdopted { .. }
+                | Action::SendTerm { .. } => {
                     unreachable!("sent by Core::send")
                 }
             }

@@ -898,6 +898,7 @@ impl World {
             Action::SendPrioritize { region } => self.send(n, Msg::Prioritize { region }),
             Action::SendResyncAdd { region } => self.send(n, Msg::ResyncAdd { region }),
             Action::SendAdopted { current } => self.send(n, Msg::Adopted { current }),
+            Action::SendTerm { term } => self.send(n, Msg::Term { term }),
             Action::SyncData(sync) => {
                 // Two syncs in flight (the first one's barrier was dropped
                 // with its link): counted; each reports its own id.
@@ -1631,6 +1632,10 @@ impl World {
             }
             Msg::Adopted { current } => {
                 self.engine(to).peer_adopted(current);
+                return;
+            }
+            Msg::Term { term } => {
+                self.engine(to).peer_promoted(term);
                 return;
             }
         };

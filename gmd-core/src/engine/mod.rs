@@ -282,6 +282,12 @@ pub enum Action {
     /// durably holds generation `current` (with every region it still
     /// lacks marked): the source then stops counting its marks from an
     /// older one. Sent in stream order, never answered.
+    /// Send the peer this side's new primary term (a promotion while
+    /// connected): its own next promotion goes above it.
+    SendTerm {
+        /// The term.
+        term: u64,
+    },
     SendAdopted {
         /// The generation taken.
         current: GenId,
@@ -727,6 +733,9 @@ pub struct Engine {
     /// Becoming writable: the data volume is synced first; meanwhile map
     /// commits and application writes wait.
     promotion: Option<Promotion>,
+    /// The highest primary term the peer has shown (its handshake, or a
+    /// promotion while connected): this side's next promotion goes above.
+    peer_term: u64,
     /// The peer was lost and this side may not write alone yet: writes wait
     /// (see [`Engine::peer_isolated`]).
     isolated: bool,
@@ -815,6 +824,7 @@ impl Engine {
             spoiled: Vec::with_capacity(params.peer_slots_max),
             refusal_logged: false,
             promotion: None,
+            peer_term: 0,
             isolated: false,
         }
     }
@@ -934,9 +944,14 @@ impl Engine {
             self.sync_for_promotion();
             if role == PairRole::Primary {
                 // Not a drill's split: its writes are discarded at rejoin.
+                // Above every term the pair has shown this side: the peer
+                // may have been promoted again within this session.
                 let mut gens = self.journal.gens;
-                gens.term += 1;
+                gens.term = gens.term.max(self.peer_term) + 1;
                 self.journal.set_generations(gens);
+                if self.connected {
+                    self.actions.push_back(Action::SendTerm { term: gens.term });
+                }
             }
             if !self.connected {
                 // A failover: this copy's data is the pair's from now on,
@@ -1821,6 +1836,7 @@ impl Engine {
             peer_term,
         } = connection.into();
         assert!(!self.connected, "already connected");
+        self.peer_term = self.peer_term.max(peer_term);
         // Of the same data, both take the higher term; a target takes the
         // source's with its generation (terms count promotions within one
         // lineage: a higher one on a copy that then received another
@@ -1992,6 +2008,13 @@ impl Engine {
         self.announce_adoption();
         self.pump_resync();
         self.pump_barrier();
+    }
+
+    /// The peer was promoted, while connected, with primary `term`: this
+    /// side's next promotion goes above it (within one session, a
+    /// promotion's term reaches the peer only so).
+    pub fn peer_promoted(&mut self, term: u64) {
+        self.peer_term = self.peer_term.max(term);
     }
 
     /// Target: takes the source's generation once the marks of what this

@@ -166,6 +166,7 @@ impl Model {
                 Action::ResyncDone => self.log.push("resync done".into()),
                 Action::Renegotiate => self.log.push("renegotiate".into()),
                 Action::SendAdopted { current } => self.log.push(format!("adopted {current}")),
+                Action::SendTerm { term } => self.log.push(format!("term {term}")),
                 Action::SyncData(sync) => {
                     self.log.push("sync data".into());
                     if self.hold_syncs {
@@ -1697,6 +1698,20 @@ fn a_failover_promotion_draws_a_generation_with_the_role_and_a_switch_does_not()
     connected.settle_map();
     let gens = connected.engine.durable_generations();
     assert_eq!((gens.current, gens.term), (100, 5));
+    assert!(
+        connected.log.iter().any(|l| l == "term 5"),
+        "a promotion while connected tells the peer its term: {:?}",
+        connected.log
+    );
+    // The peer, promoted again within the session (seeds 535784, 753808),
+    // says so: this side's next promotion goes above it.
+    connected.engine.change_access(PairRole::Secondary, true);
+    connected.pump();
+    connected.engine.peer_promoted(9);
+    connected.engine.change_access(PairRole::Primary, true);
+    connected.pump();
+    connected.settle_map();
+    assert_eq!(connected.engine.durable_generations().term, 10);
 
     // A resync target takes the source's term with its generation, even a
     // lower one: its own counted promotions of another lineage (seed

@@ -45,6 +45,9 @@ pub(crate) enum Msg {
     Adopted {
         current: u64,
     },
+    Term {
+        term: u64,
+    },
 }
 
 /// A message on the wire: the daemon prefixes each with its link session.
