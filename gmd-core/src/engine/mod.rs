@@ -278,16 +278,16 @@ pub enum Action {
         /// The region.
         region: u64,
     },
-    /// Tell the peer, source of this side's resync, that this side now
-    /// durably holds generation `current` (with every region it still
-    /// lacks marked): the source then stops counting its marks from an
-    /// older one. Sent in stream order, never answered.
     /// Send the peer this side's new primary term (a promotion while
     /// connected): its own next promotion goes above it.
     SendTerm {
         /// The term.
         term: u64,
     },
+    /// Tell the peer, source of this side's resync, that this side now
+    /// durably holds generation `current` (with every region it still
+    /// lacks marked): the source then stops counting its marks from an
+    /// older one. Sent in stream order, never answered.
     SendAdopted {
         /// The generation taken.
         current: GenId,
