@@ -28,15 +28,9 @@ PROFILE=${PROFILE:-release}
 ROOT=$PWD
 BYTES=$(numfmt --from=iec "$SIZE")
 
-W=$(mktemp -d /tmp/gmd-csum.XXXXXX)
-declare -A PID=()
-cleanup() {
-    for m in "${!PID[@]}"; do kill "${PID[$m]}" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    if [ -n "${KEEP:-}" ]; then echo "work directory kept: $W" >&2; else rm -rf "$W"; fi
-}
-trap cleanup EXIT
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+# shellcheck source=bench/lib.sh
+. "$BENCH_DIR/lib.sh"
+bench_workdir csum
 
 if [ -z "${SKIP_BUILD:-}" ]; then
     if [ "$PROFILE" = release ]; then
@@ -67,8 +61,6 @@ write_config() { # resync_checksums
         "$ROOT/examples/loopback.toml" > cluster.toml
     grep -q "^resync_checksums = $1" cluster.toml
 }
-# shellcheck source=bench/lib.sh
-. "$BENCH_DIR/lib.sh"
 # GeoMessage message bytes this machine sent to the other one.
 link_bytes() { # machine
     timeout 30 gmdstat --socket "$W/$1.sock" -A --json \

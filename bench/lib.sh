@@ -1,12 +1,34 @@
 # shellcheck shell=bash
 # Helpers shared by the bench scripts that run two gmdd (alpha, beta) from
-# a cluster.toml in the work directory $W (the current directory). Source it
-# after setting W and `declare -A PID=()`.
+# a cluster.toml in the work directory $W (the current directory, made by
+# `bench_workdir`).
 #   GMDD_TIMEOUT  seconds a gmdd may run at most (default 900)
 #   gmdd_prefix   a function printing the command a machine's gmdd runs
 #                 under (default none; wan-gmd.sh: `ip netns exec NS`)
+#   KEEP          set: the work directory is kept at exit
 
 gmdd_prefix() { :; }
+
+log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+
+# Makes the work directory $W (/tmp/gmd-$1.XXXXXX) and the table PID of
+# the gmdd started; at exit they are stopped and $W removed.
+bench_workdir() {
+    W=$(mktemp -d "/tmp/gmd-$1.XXXXXX")
+    BENCH_WORKDIR=$W
+    declare -gA PID=()
+    trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+    for m in "${!PID[@]}"; do kill "${PID[$m]}" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    if [ -n "${KEEP:-}" ]; then
+        echo "work directory kept: $BENCH_WORKDIR" >&2
+    else
+        rm -rf "$BENCH_WORKDIR"
+    fi
+}
 
 # gmdctl against machine $1's daemon.
 ctl() { local m=$1; shift; timeout 60 gmdctl --config cluster.toml --machine "$m" --socket "$W/$m.sock" "$@"; }

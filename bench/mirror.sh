@@ -42,15 +42,9 @@ REGIONS=$((BYTES / 32768))
 DIRTY=$((REGIONS * DIRTY_PERMILLE / 1000))
 FIO_T=$((T + 60))
 
-W=$(mktemp -d /tmp/gmd-mirror.XXXXXX)
-declare -A PID=()
-cleanup() {
-    for m in "${!PID[@]}"; do kill "${PID[$m]}" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    if [ -n "${KEEP:-}" ]; then echo "work directory kept: $W" >&2; else rm -rf "$W"; fi
-}
-trap cleanup EXIT
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+# shellcheck source=bench/lib.sh
+. "$BENCH_DIR/lib.sh"
+bench_workdir mirror
 
 [ -n "${SKIP_BUILD:-}" ] || timeout 1200 cargo build --release --bins --quiet
 export PATH=$ROOT/target/release:$PATH
@@ -86,8 +80,6 @@ write_config() { # mode sync_rate_kib
     fi
 }
 GMDD_TIMEOUT=3600
-# shellcheck source=bench/lib.sh
-. "$BENCH_DIR/lib.sh"
 stat_json() { timeout 30 gmdstat --socket "$W/alpha.sock" -l data10gmd --json; }
 wait_until() { # seconds what command...
     local n=$(($1 * 5)) what=$2; shift 2

@@ -32,16 +32,10 @@ REGIONS=$((BYTES / 32768))
 STRIDE=$((32768 * 1000 / STALE_PERMILLE))
 WRITES=$((BYTES / STRIDE))
 
-W=$(mktemp -d /tmp/gmd-scale.XXXXXX)
+# shellcheck source=bench/lib.sh
+. "$PWD/bench/lib.sh"
+bench_workdir scale
 W0=$W
-declare -A PID=()
-cleanup() {
-    for m in "${!PID[@]}"; do kill "${PID[$m]}" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    if [ -n "${KEEP:-}" ]; then echo "work directory kept: $W0" >&2; else rm -rf "$W0"; fi
-}
-trap cleanup EXIT
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 
 [ -n "${SKIP_BUILD:-}" ] || timeout 1200 cargo build --release --bins --quiet
 export PATH=$ROOT/target/release:$PATH

@@ -22,15 +22,9 @@ ROOT=$PWD
 BYTES=$(numfmt --from=iec "$SIZE")
 LINK_BPS=$(awk "BEGIN { print $RATE * 1e6 / 8 }")
 export PATH=$ROOT/target/release:$PATH
-W=$(mktemp -d /tmp/gmd-wan.XXXXXX)
-declare -A PID=()
-cleanup() {
-    for m in "${!PID[@]}"; do kill "${PID[$m]}" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    if [ -n "${KEEP:-}" ]; then echo "work directory kept: $W" >&2; else rm -rf "$W"; fi
-}
-trap cleanup EXIT
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+# shellcheck source=bench/lib.sh
+. "$BENCH_DIR/lib.sh"
+bench_workdir wan
 cd "$W"
 gmdctl genkey cluster.key >/dev/null
 mkdir -p alpha beta
@@ -49,8 +43,6 @@ write_config() { # mode
     fi
 }
 ns_of() { [ "$1" = alpha ] && echo "$NS_A" || echo "$NS_B"; }
-# shellcheck source=bench/lib.sh
-. "$BENCH_DIR/lib.sh"
 gmdd_prefix() { echo ip netns exec "$(ns_of "$1")"; }
 wait_until() { # seconds what command...
     local n=$(($1 * 10)) what=$2; shift 2
