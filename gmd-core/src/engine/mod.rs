@@ -962,7 +962,6 @@ impl Engine {
             }
         }
         let epoch = self.touch_superblock();
-        self.start_commit();
         self.resume_waiting();
         epoch
     }
