@@ -5,9 +5,11 @@
 #    gmd's NBD export (fio's nbd engine) with the peer recorded down
 #    (standalone), and mirrored in sync, mwc and async (alpha primary, beta
 #    secondary): 4 KiB randwrite QD1 mean latency, 4 KiB randwrite QD32 IOPS,
-#    1 MiB sequential write QD16 throughput. Each mode is warmed by one
-#    sequential pass over the device first (first touch of a region costs a
-#    map commit), reported on its own;
+#    1 MiB sequential write QD16 throughput. Each mode first runs 4 KiB
+#    randwrite QD1 over the whole device while it is cold (fresh maps: the
+#    first write to each 4 MiB activity extent costs a map commit), then is
+#    warmed by one sequential pass over the device, both reported on their
+#    own;
 #  * state map writes per data write (gmdstat --json), over the measured
 #    points and over a 4 KiB randwrite into a 64 MiB hot set;
 #  * resync of the device with 1 % of its 32 KiB regions dirty (beta stopped,
@@ -148,7 +150,7 @@ PY
 }
 
 TSV=$W/results.tsv
-printf 'target\tqd1_clat_us\tqd32_iops\tseq1m_qd16_MiBs\twarm_MiBs\twarm_commits/writes\tsteady_commits/writes\tsteady_pages/writes\thot_commits/writes\thot_pages/writes\thwm_fallbacks\tsrtt_us\trtt64_us\trtt8k_us\n' > "$TSV"
+printf 'target\tcold_qd1_us\tcold_commits/writes\tqd1_clat_us\tqd32_iops\tseq1m_qd16_MiBs\twarm_MiBs\twarm_commits/writes\tsteady_commits/writes\tsteady_pages/writes\thot_commits/writes\thot_pages/writes\thwm_fallbacks\tsrtt_us\trtt64_us\trtt8k_us\n' > "$TSV"
 
 log "allocating the backing files ($SIZE each)"
 for m in alpha beta; do
@@ -162,7 +164,7 @@ RAW=(--filename=alpha/data10.img --ioengine=io_uring --direct=1)
 read -r RAW_LAT _ _ < <(fio_run raw-qd1 randwrite 4k 1 "$SIZE" "${RAW[@]}")
 read -r _ RAW_IOPS _ < <(fio_run raw-qd32 randwrite 4k 32 "$SIZE" "${RAW[@]}")
 read -r _ _ RAW_BW < <(fio_run raw-seq randwrite 1M 16 "$SIZE" "${RAW[@]}" --rw=write)
-printf 'raw file\t%s\t%s\t%s\t-\t-\t-\t-\t-\t-\t-\t-\t-\t-\n' "$RAW_LAT" "$RAW_IOPS" "$((RAW_BW / 1024))" >> "$TSV"
+printf 'raw file\t-\t-\t%s\t%s\t%s\t-\t-\t-\t-\t-\t-\t-\t-\t-\t-\n' "$RAW_LAT" "$RAW_IOPS" "$((RAW_BW / 1024))" >> "$TSV"
 
 NBD=(--ioengine=nbd --uri="$URI")
 for mode in standalone sync mwc async; do
@@ -186,6 +188,8 @@ PY
 )
     fi
     snap "$mode-0"
+    read -r COLD_LAT _ _ < <(fio_run "$mode-cold" randwrite 4k 1 "$SIZE" "${NBD[@]}")
+    snap "$mode-c"
     WARM=$(warm "${NBD[@]}")
     snap "$mode-1"
     read -r LAT _ _ < <(fio_run "$mode-qd1" randwrite 4k 1 "$SIZE" "${NBD[@]}")
@@ -201,10 +205,11 @@ import json,sys; d=json.loads(sys.stdin.readline())
 print(min(p["srtt_us"] for p in d["paths"] if p["peer"]=="beta"))')
     fi
     FALLBACKS=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["devices"][0]["backlog"]["hwm_fallbacks"])' "$mode-3.stat.json")
-    read -r wc_ ww_ wn_ < <(map_delta "$mode-0" "$mode-1")
+    read -r cc_ _ cn_ < <(map_delta "$mode-0" "$mode-c")
+    read -r wc_ _ wn_ < <(map_delta "$mode-c" "$mode-1")
     read -r sc_ sp_ sn_ < <(map_delta "$mode-1" "$mode-2")
     read -r hc_ hp_ hn_ < <(map_delta "$mode-2" "$mode-3")
-    printf '%s\t%s\t%s\t%s\t%s\t%s/%s\t%s/%s\t%s/%s\t%s/%s\t%s/%s\t%s\t%s\t%s\t%s\n' "$mode" "$LAT" "$IOPS" "$((BW / 1024))" \
+    printf '%s\t%s\t%s/%s\t%s\t%s\t%s\t%s\t%s/%s\t%s/%s\t%s/%s\t%s/%s\t%s/%s\t%s\t%s\t%s\t%s\n' "$mode" "$COLD_LAT" "$cc_" "$cn_" "$LAT" "$IOPS" "$((BW / 1024))" \
         "$WARM" "$wc_" "$wn_" "$sc_" "$sn_" "$sp_" "$sn_" "$hc_" "$hn_" "$hp_" "$hn_" "$FALLBACKS" "$SRTT" "$RTT" "$RTT8" >> "$TSV"
     stop_gmdd beta; stop_gmdd alpha
 done
@@ -304,6 +309,11 @@ for name in ["raw file", "standalone", "sync", "mwc", "async"]:
           f" {f(r,'qd32_iops'):>12.0f} {f(r,'qd32_iops')/f(raw,'qd32_iops'):>5.2f}x {f(r,'qd32_iops')/f(sa,'qd32_iops'):>5.2f}x"
           f" {f(r,'seq1m_qd16_MiBs'):>13.0f} {f(r,'seq1m_qd16_MiBs')/f(raw,'seq1m_qd16_MiBs'):>5.2f}x {f(r,'seq1m_qd16_MiBs')/f(sa,'seq1m_qd16_MiBs'):>5.2f}x"
           f" {r['warm_MiBs']:>10}")
+print(f"\nfirst touch: 4k randwrite QD1 over the whole cold device ({t} s; raw file {raw_lat:.1f} us)")
+print(f"{'mode':<11} {'QD1 us':>9} {'x raw':>6} {'map commits/writes':>24}")
+for name in ["standalone", "sync", "mwc", "async"]:
+    r = rows[name]
+    print(f"{name:<11} {f(r,'cold_qd1_us'):>9.1f} {f(r,'cold_qd1_us')/raw_lat:>5.2f}x {frac(r['cold_commits/writes']):>24}")
 print(f"\nstate map writes per data write (commits/writes; pages/writes)")
 print(f"{'mode':<11} {'warm-up pass':>22} {'measured points':>24} {'pages':>8} {'hot set '+hot:>22} {'pages':>8} {'HWM fallbacks':>13} {'srtt us':>8}")
 for name in ["standalone", "sync", "mwc", "async"]:

@@ -511,7 +511,10 @@ fn params(mode: Mode, role: PairRole) -> EngineParams {
         hwm_bytes: 24 << 10,
         resync_in_flight_max_bytes: 64 << 10,
         resync_adaptive: false,
-        activity_regions: 6,
+        // Two extents of 4 regions: writes warm their neighbours, and
+        // extents leave the set by age and by capacity.
+        activity_regions: 8,
+        activity_extent_regions: 4,
         activity_idle_ms: 40,
         // Steps are milliseconds: a peer silent this long while messages
         // wait (a wire held up by the scenario) is dropped like a cut link.

@@ -15,10 +15,12 @@
 //!
 //! # Rules it enforces
 //! - **Write intent before dispatch.** Connected, a write first puts its
-//!   regions in the activity set (cell `0x1`, durable before the write is
-//!   issued anywhere); regions stay marked while hot and are cleared lazily
-//!   once idle, so hot regions cost no map write. With the peer down, a write
-//!   marks its regions stale (`0xf`), durable before the write is issued.
+//!   regions' extent (4 MiB) in the activity set (its own cells `0x1`,
+//!   durable before the write is issued anywhere; the extent's other clean
+//!   cells `0x5` in the same commit); extents stay marked while hot and are
+//!   cleared lazily once idle, so writes to hot extents cost no map write.
+//!   With the peer down, a write marks its regions stale (`0xf`), durable
+//!   before the write is issued.
 //! - **Modes.** sync: remote, then local, then completion. mwc: local and
 //!   remote together, completion when both are done. async: local, then
 //!   completion, then the remote in completion order; when the bytes
@@ -391,9 +393,13 @@ pub struct EngineParams {
     /// The resync window follows the peer link's congestion window
     /// ([`Engine::set_link_window`], [`resync_window::resync_window`]).
     pub resync_adaptive: bool,
-    /// Idle regions kept in the activity set.
+    /// Regions of idle extents kept in the activity set (the bound of what
+    /// a crash resends).
     pub activity_regions: usize,
-    /// A region idle this long leaves the activity set.
+    /// Regions per activity extent, the unit of write intent (a power of
+    /// two; 128 regions = 4 MiB).
+    pub activity_extent_regions: u64,
+    /// An extent idle this long leaves the activity set.
     pub activity_idle_ms: u64,
     /// A connected peer that answers nothing for this long while messages
     /// wait is dropped ([`Action::PeerStalled`]); 0 = wait forever.
@@ -416,9 +422,11 @@ impl EngineParams {
             hwm_bytes: 128 << 10,
             resync_in_flight_max_bytes: 32 << 10,
             resync_adaptive: false,
-            // 1 GiB of hot regions kept for 30 s: a database's working set
-            // pays no map write per data write; a crash resends at most this.
+            // 1 GiB of hot extents of 4 MiB kept for 30 s: a database's
+            // working set pays no map write per data write, random writes
+            // one per 4 MiB touched; a crash resends at most this.
             activity_regions: 32_768,
+            activity_extent_regions: 128,
             activity_idle_ms: 30_000,
             peer_stall_ms: 30_000,
         }
@@ -477,8 +485,8 @@ pub struct EngineStats {
     pub peer_ops: u64,
     /// Bytes written for the peer.
     pub peer_op_bytes: u64,
-    /// Regions in the activity set.
-    pub activity_regions: u64,
+    /// Extents in the activity set.
+    pub activity_extents: u64,
     /// Whether a peer is connected (1) or not (0).
     pub connected: u64,
     /// Times a connected peer was dropped for answering nothing.
@@ -788,8 +796,15 @@ impl Engine {
             free_resync: (peer..total as Slot).rev().collect(),
             actions: VecDeque::with_capacity(total * 3 + 8),
             waiting: VecDeque::with_capacity(total),
-            activity: ActivitySet::new(params.activity_regions, in_flight_regions.min(1 << 16)),
-            evicted: Vec::with_capacity(params.activity_regions),
+            activity: ActivitySet::new(
+                params.activity_extent_regions,
+                params.activity_regions,
+                in_flight_regions.min(1 << 16),
+                region_count,
+            ),
+            evicted: Vec::with_capacity(
+                params.activity_regions + params.activity_extent_regions as usize,
+            ),
             scratch: Vec::with_capacity(total),
             now_ms: 0,
             remote_progress_ms: 0,
@@ -854,7 +869,7 @@ impl Engine {
         s.resync_total = self.resync.as_ref().map_or(s.resync_total, |r| r.total);
         s.resync_target_remaining = self.journal.resync_cells();
         s.resync_failed_regions = self.resync.as_ref().map_or(0, |r| r.failed_count());
-        s.activity_regions = self.activity.len() as u64;
+        s.activity_extents = self.activity.len() as u64;
         s.connected = u64::from(self.connected);
         s.isolated = u64::from(self.isolated);
         s.writes_held = self
@@ -1288,7 +1303,10 @@ impl Engine {
             self.activity.begin(region, self.now_ms);
             let cell = self.journal.map.get(region);
             if self.connected {
-                if cell == CELL_CONSISTENT || cell == CELL_ACTIVE {
+                if cell == CELL_CONSISTENT {
+                    self.journal.set(region, CELL_WRITING);
+                    self.warm_extent(region);
+                } else if cell == CELL_ACTIVE {
                     self.journal.set(region, CELL_WRITING);
                 }
             } else if cell != CELL_STALE {
@@ -1310,6 +1328,18 @@ impl Engine {
             return;
         }
         self.dispatch_write(slot);
+    }
+
+    /// A write to clean `region` pays a map commit: the other clean regions
+    /// of its extent become hot in that same commit (same page), so that
+    /// later writes anywhere in the extent pay none. They hold no write,
+    /// so their marks claim nothing the peer lacks.
+    fn warm_extent(&mut self, region: u64) {
+        for r in self.activity.extent_of(region) {
+            if r != region && self.journal.map.get(r) == CELL_CONSISTENT {
+                self.journal.set(r, CELL_ACTIVE);
+            }
+        }
     }
 
     fn park(&mut self, slot: Slot, wait: Wait) {
