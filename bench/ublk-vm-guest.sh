@@ -8,13 +8,6 @@ boot_guest
 while read -r m; do insmod "/modules/$m" 2>/dev/null; done < /modules/extra.list
 wait_until 10 test -b /dev/vda || { echo "no /dev/vda"; echo "RESULT: FAIL"; poweroff -f; }
 FIO="fio --ioengine=io_uring --direct=1 --time_based --runtime=${BENCH_S:-10} --ramp_time=2 --group_reporting"
-# parse OP: "  write: IOPS=12.3k, BW=48.1MiB/s (...)" → "MiB/s IOPS"
-parse() {
-  grep -m1 " $1: IOPS=" | sed 's/.*IOPS=\([0-9.]*[kM]*\), BW=\([0-9.]*\)\([KMG]i*B\)\/s.*/\1 \2 \3/' |
-  awk '{ i=$1; m=1; if (i ~ /k$/) m=1000; if (i ~ /M$/) m=1000000; sub(/[kM]$/, "", i)
-         b=$2; u=$3; f=1; if (u=="KiB") f=1/1024; if (u=="GiB") f=1024; if (u=="B") f=1/1048576
-         printf "%.1f %d", b*f, i*m }'
-}
 job() { # TARGET DEVICE SIZE
   local t=$1 dev=$2 size=$3
   # Write the whole device once first (not measured): the jobs then see

@@ -9,6 +9,15 @@
 # figure and its ratio to the raw disk (absolute TCG figures mean nothing),
 # and how many of the device's writes ran on the ublk queue threads.
 # Env: VM_WORK (default target/vm), BENCH_S (seconds per fio job, default 10).
+#
+# bench/ublk-vm.sh two-vm: alpha and beta each in its own TCG VM (one vCPU,
+# 1 GiB each), joined by a qemu `-netdev socket,udp=` link, 1 GiB virtio
+# data disks with cache=none, the state maps on their own small virtio
+# disks; fio (libaio, direct, BENCH_S seconds per job, default 20) in
+# alpha's VM on a raw virtio disk of the same size, then on /dev/ublkb0
+# mirrored in each of MODES (default "mwc async"), a fresh pair per mode.
+# Env: DGRAM (GeoMessage datagram size, default 1400: no IP fragments at
+# the link's MTU of 1500), HWM_KIB (async high water mark, default 128).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VM=$ROOT/tests/vm
@@ -16,7 +25,11 @@ W=${VM_WORK:-$ROOT/target/vm}
 mkdir -p "$W"
 (cd "$ROOT" && cargo build --release -p gmdd -p gmdctl --bins --quiet)
 "$VM/setup-kernel.sh" "$W" >/dev/null
-{ echo '#!/bin/busybox sh'; echo "BENCH_S=${BENCH_S:-10}"; cat "$VM/guest/lib.sh" "$ROOT/bench/ublk-vm-guest.sh"; } > "$W/bench-init.sh"
+if [ "${1:-}" = two-vm ]; then
+  . "$ROOT/bench/ublk-2vm.sh"
+  exit
+fi
+{ echo '#!/bin/busybox sh'; echo "BENCH_S=${BENCH_S:-10}"; cat "$VM/guest/lib.sh" "$ROOT/bench/vm-fio.sh" "$ROOT/bench/ublk-vm-guest.sh"; } > "$W/bench-init.sh"
 EXTRA_MODULES=virtio_blk "$VM/mkinitramfs.sh" "$W" "$W/bench-init.sh" "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" "$ROOT/target/release/gmdstat" "$(command -v fio)" >/dev/null
 truncate -s 2G "$W/bench-disk.img"
 DISK=$W/bench-disk.img TMO=${TMO:-1200} MEM=${MEM:-2560} "$VM/boot.sh" "$W" 'RESULT: PASS' > "$W/bench.out" 2>&1 || { tail -40 "$W/console.log"; exit 1; }

@@ -1,0 +1,83 @@
+# shellcheck shell=bash
+# The two-VM mode of bench/ublk-vm.sh (sourced by it: ROOT, VM, W set, the
+# release binaries and the kernel ready). See ublk-vm.sh's header.
+BENCH_S=${BENCH_S:-20}
+MODES=${MODES:-mwc async}
+key=$(mktemp)
+"$ROOT/target/release/gmdctl" genkey "$key" >/dev/null
+{
+  echo '#!/bin/busybox sh'
+  echo "BENCH_S=$BENCH_S DGRAM=${DGRAM:-1400} HWM_KIB=${HWM_KIB:-128} CLUSTER_KEY=$(cat "$key")"
+  cat "$VM/guest/lib.sh" "$ROOT/bench/vm-fio.sh" "$ROOT/bench/ublk-2vm-guest.sh"
+} > "$W/bench2-init.sh"
+rm -f "$key"
+EXTRA_MODULES="virtio_blk virtio_net" "$VM/mkinitramfs.sh" "$W" "$W/bench2-init.sh" \
+  "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" "$ROOT/target/release/gmdstat" "$(command -v fio)" >/dev/null
+free_udp() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# vm NAME MODE RAW PORT PEER_PORT MAC: boots one machine's VM in the background.
+vm() {
+  local name=$1 mode=$2 raw=$3 port=$4 peer=$5 mac=$6 disks=()
+  rm -f "$W/2vm-$name-data.img" "$W/2vm-$name-map.img"
+  truncate -s 1G "$W/2vm-$name-data.img"
+  truncate -s 64M "$W/2vm-$name-map.img"
+  disks=(-drive "file=$W/2vm-$name-data.img,format=raw,if=virtio,cache=none"
+         -drive "file=$W/2vm-$name-map.img,format=raw,if=virtio,cache=none")
+  if [ "$raw" = 1 ]; then
+    rm -f "$W/2vm-raw.img"; truncate -s 1G "$W/2vm-raw.img"
+    disks+=(-drive "file=$W/2vm-raw.img,format=raw,if=virtio,cache=none")
+  fi
+  timeout "${TMO:-900}" qemu-system-x86_64 -accel tcg -cpu max -smp 1 -m 1024 \
+    -nographic -no-reboot -kernel "$W/kernel/vmlinuz" -initrd "$W/initramfs.cpio.gz" "${disks[@]}" \
+    -netdev "socket,id=n0,udp=127.0.0.1:$peer,localaddr=127.0.0.1:$port" \
+    -device "virtio-net-pci,netdev=n0,mac=$mac" \
+    -append "console=ttyS0 quiet panic=-1 gmdrole=$name gmdmode=$mode gmdraw=$raw" \
+    </dev/null >"$W/2vm-$name.console" 2>&1 &
+}
+: > "$W/2vm-bench.out"
+raw=1
+for mode in $MODES; do
+  pa=$(free_udp); pb=$(free_udp)
+  vm beta "$mode" 0 "$pb" "$pa" 52:54:00:99:00:02; beta_pid=$!
+  vm alpha "$mode" "$raw" "$pa" "$pb" 52:54:00:99:00:01; alpha_pid=$!
+  wait "$alpha_pid" || true
+  kill "$beta_pid" 2>/dev/null; wait "$beta_pid" 2>/dev/null || true
+  tr -d '\r' < "$W/2vm-alpha.console" >> "$W/2vm-bench.out"
+  if ! grep -q 'RESULT: PASS' "$W/2vm-alpha.console"; then
+    echo "two-vm $mode failed; alpha's console:" >&2; tail -40 "$W/2vm-alpha.console" >&2
+    echo "beta's console:" >&2; tail -20 "$W/2vm-beta.console" >&2
+    exit 1
+  fi
+  raw=0
+done
+sed -n 's/.*BENCH-INFO netstat \(.*\)/\1/p' "$W/2vm-bench.out" | python3 -c '
+import json, sys
+for line in sys.stdin:
+    mode, _, text = line.partition(" ")
+    try:
+        d = json.loads(text)
+    except ValueError:
+        continue
+    for p in d.get("paths", []):
+        print(f"  {mode} netstat path:", {k: p[k] for k in ("peer", "srtt_us", "rttvar_us", "rto_us", "cwnd_bytes") if k in p})
+    for m in d.get("machines", []):
+        print(f"  {mode} netstat peer:", {k: m[k] for k in ("name", "bytes_sent", "resends", "failures", "fragmented") if k in m})
+'
+sed -n 's/.*BENCH-INFO gmdstat \(.*\)/\1/p' "$W/2vm-bench.out" | python3 -c '
+import json, sys
+for line in sys.stdin:
+    mode, _, text = line.partition(" ")
+    try:
+        dev = json.loads(text)["devices"][0]
+    except (ValueError, KeyError, IndexError):
+        continue
+    c, w = dev["map_writes"]["commits"], dev["local"]["writes"]
+    print(f"  {mode} map commits / local writes: {c} / {w}" + (f" = {c / w:.4f}" if w else ""))
+'
+sed -n 's/.*BENCH /BENCH /p' "$W/2vm-bench.out" | awk '
+  $1 == "BENCH" { key = $3; if ($2 == "raw") raw[key] = $4; line[++n] = $0 }
+  END {
+    printf "%-11s %-18s %10s %8s %9s\n", "target", "job", "MiB/s", "IOPS", "vs raw"
+    for (i = 1; i <= n; i++) { split(line[i], f, " ")
+      r = raw[f[3]] > 0 ? sprintf("%.3f", f[4] / raw[f[3]]) : "-"
+      printf "%-11s %-18s %10s %8s %9s\n", f[2], f[3], f[4], f[5], r }
+  }'
