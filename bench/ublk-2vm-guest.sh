@@ -58,9 +58,11 @@ job() { # TARGET DEVICE
   echo "BENCH $1 randwrite-4k-qd1 $($FIO --name=r4k1 --filename=$2 --size=1G --rw=randwrite --bs=4k --iodepth=1 | parse write)"
   echo "BENCH $1 write-1m-qd16 $($FIO --name=s1m --filename=$2 --size=1G --rw=write --bs=1m --iodepth=16 | parse write)"
 }
+log "$role: up"
 if [ "$role" = alpha ] && [ "$raw" = 1 ]; then
   wait_until 10 test -b /dev/vdc || fail "no /dev/vdc"
   job raw /dev/vdc
+  log "alpha: raw disk measured"
 fi
 if [ "$role" = beta ]; then
   gmdd_up "$d" beta || fail "gmdd"
@@ -68,15 +70,26 @@ else
   gmdd_up "$d" alpha ublk || fail "gmdd"
 fi
 ctl "$d" "$role" configure d0 >/dev/null || fail "configure"
-# The peer's VM may still be booting: retry until it answers.
-wait_until 300 ctl "$d" "$role" start d0 || { ctl "$d" "$role" start d0; fail "start"; }
+# The first device of a new pair starts with its peer recorded down (alpha);
+# beta starts once alpha's device is AVAILABLE (alpha may still be
+# measuring its raw disk): it retries until then.
+if [ "$role" = alpha ]; then
+  ctl "$d" alpha down d0 beta >/dev/null 2>&1 || fail "down"
+fi
+if ! wait_until 60 ctl "$d" "$role" start d0; then
+  log "$role: not started after 60 s; the link so far:"
+  ctl "$d" "$role" netstat; tail -n 15 "$d/$role.log"
+  wait_until 1140 ctl "$d" "$role" start d0 || { ctl "$d" "$role" start d0; fail "start"; }
+fi
 log "$role: d0 started ($mode)"
 if [ "$role" = beta ]; then
   while :; do sleep 3600; done
 fi
 wait_until 300 in_sync "$d" alpha d0 || { sync_report "$d" d0; fail "not in sync"; }
 wait_until 10 test -b /dev/ublkb0 || fail "no /dev/ublkb0"
+log "alpha: mirroring in sync"
 job "$mode" /dev/ublkb0
+log "alpha: $mode measured"
 ctl "$d" alpha netstat --json -c 1 | tr -d '\n' | sed "s/^/BENCH-INFO netstat $mode /"; echo
 gmdstat --socket "$d/alpha.sock" -l d0 --json | tr -d ' \n' | sed "s/^/BENCH-INFO gmdstat $mode /"; echo
 echo "RESULT: PASS"

@@ -3,7 +3,7 @@
 # release binaries and the kernel ready). See ublk-vm.sh's header.
 BENCH_S=${BENCH_S:-20}
 MODES=${MODES:-mwc async}
-key=$(mktemp)
+key=$(mktemp -u)
 "$ROOT/target/release/gmdctl" genkey "$key" >/dev/null
 {
   echo '#!/bin/busybox sh'
@@ -40,7 +40,8 @@ for mode in $MODES; do
   vm beta "$mode" 0 "$pb" "$pa" 52:54:00:99:00:02; beta_pid=$!
   vm alpha "$mode" "$raw" "$pa" "$pb" 52:54:00:99:00:01; alpha_pid=$!
   wait "$alpha_pid" || true
-  kill "$beta_pid" 2>/dev/null; wait "$beta_pid" 2>/dev/null || true
+  kill "$beta_pid" 2>/dev/null || true
+  wait "$beta_pid" 2>/dev/null || true
   tr -d '\r' < "$W/2vm-alpha.console" >> "$W/2vm-bench.out"
   if ! grep -q 'RESULT: PASS' "$W/2vm-alpha.console"; then
     echo "two-vm $mode failed; alpha's console:" >&2; tail -40 "$W/2vm-alpha.console" >&2
