@@ -15,7 +15,7 @@ role=$(arg gmdrole); mode=$(arg gmdmode); raw=$(arg gmdraw)
 fail() { echo "[$role] $*"; echo "RESULT: FAIL"; poweroff -f; }
 wait_until 10 test -b /dev/vdb || fail "no /dev/vdb"
 n=1; peer=beta; [ "$role" = beta ] && { n=2; peer=alpha; }
-ip addr add 10.99.0.$n/24 dev eth0 && ip link set eth0 up || fail "no eth0"
+ip addr add 10.99.0.$n/24 dev eth0 && ip link set eth0 mtu "$MTU" up || fail "no eth0 (MTU $MTU)"
 mkfs.ext4 -q -F /dev/vdb && mkdir -p /m && mount -t ext4 /dev/vdb /m || fail "map disk"
 d=/m/pair
 mkdir -p "$d"
@@ -24,6 +24,7 @@ cat > "$d/cluster.toml" <<TOML
 [cluster]
 name = "vm2-$mode"
 key_file = "cluster.key"
+encrypt = $ENCRYPT
 [sites.austin]
 dominant = true
 [sites.dallas]

@@ -17,7 +17,9 @@
 # alpha's VM on a raw virtio disk of the same size, then on /dev/ublkb0
 # mirrored in each of MODES (default "mwc async"), a fresh pair per mode.
 # Env: DGRAM (GeoMessage datagram size, default 1400: no IP fragments at
-# the link's MTU of 1500), HWM_KIB (async high water mark, default 128).
+# the link's MTU of 1500), HWM_KIB (async high water mark, default 128),
+# ENCRYPT (GeoMessage encryption, default true; false: authentication only),
+# MTU (of the guests' link, default 1500; DGRAM must fit in it).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VM=$ROOT/tests/vm
