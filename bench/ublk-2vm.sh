@@ -43,6 +43,11 @@ for mode in $MODES; do
   kill "$beta_pid" 2>/dev/null || true
   wait "$beta_pid" 2>/dev/null || true
   tr -d '\r' < "$W/2vm-alpha.console" >> "$W/2vm-bench.out"
+  # Each side's datagram counters at the end (Udp: InDatagrams NoPorts
+  # InErrors OutDatagrams RcvbufErrors ...; eth0 ring drops).
+  for m in alpha beta; do
+    tr -d '\r' < "$W/2vm-$m.console" | grep '^BENCH-NET' | tail -n 1 | sed "s/^BENCH-NET/  $mode:/"
+  done
   if ! grep -q 'RESULT: PASS' "$W/2vm-alpha.console"; then
     echo "two-vm $mode failed; alpha's console:" >&2; tail -40 "$W/2vm-alpha.console" >&2
     echo "beta's console:" >&2; tail -20 "$W/2vm-beta.console" >&2
