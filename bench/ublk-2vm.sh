@@ -79,11 +79,4 @@ for line in sys.stdin:
     c, w = dev["map_writes"]["commits"], dev["local"]["writes"]
     print(f"  {mode} map commits / local writes: {c} / {w}" + (f" = {c / w:.4f}" if w else ""))
 '
-sed -n 's/.*BENCH /BENCH /p' "$W/2vm-bench.out" | awk '
-  $1 == "BENCH" { key = $3; if ($2 == "raw") raw[key] = $4; line[++n] = $0 }
-  END {
-    printf "%-11s %-18s %10s %8s %9s\n", "target", "job", "MiB/s", "IOPS", "vs raw"
-    for (i = 1; i <= n; i++) { split(line[i], f, " ")
-      r = raw[f[3]] > 0 ? sprintf("%.3f", f[4] / raw[f[3]]) : "-"
-      printf "%-11s %-18s %10s %8s %9s\n", f[2], f[3], f[4], f[5], r }
-  }'
+bench_table 3 < "$W/2vm-bench.out"

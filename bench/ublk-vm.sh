@@ -27,6 +27,18 @@ W=${VM_WORK:-$ROOT/target/vm}
 mkdir -p "$W"
 (cd "$ROOT" && cargo build --release -p gmdd -p gmdctl --bins --quiet)
 "$VM/setup-kernel.sh" "$W" >/dev/null
+# bench_table DIGITS: "BENCH <target> <job> <MiB/s> <IOPS>" lines in (others
+# ignored) → the table, each figure with its ratio to the raw disk's.
+bench_table() {
+  sed -n 's/.*BENCH /BENCH /p' | awk -v digits="$1" '
+    $1 == "BENCH" { key = $3; if ($2 == "raw") raw[key] = $4; line[++n] = $0 }
+    END {
+      printf "%-11s %-18s %10s %8s %9s\n", "target", "job", "MiB/s", "IOPS", "vs raw"
+      for (i = 1; i <= n; i++) { split(line[i], f, " ")
+        r = raw[f[3]] > 0 ? sprintf("%." digits "f", f[4] / raw[f[3]]) : "-"
+        printf "%-11s %-18s %10s %8s %9s\n", f[2], f[3], f[4], f[5], r }
+    }'
+}
 if [ "${1:-}" = two-vm ]; then
   . "$ROOT/bench/ublk-2vm.sh"
   exit
@@ -36,11 +48,4 @@ EXTRA_MODULES=virtio_blk "$VM/mkinitramfs.sh" "$W" "$W/bench-init.sh" "$ROOT/tar
 truncate -s 2G "$W/bench-disk.img"
 DISK=$W/bench-disk.img TMO=${TMO:-1200} MEM=${MEM:-2560} "$VM/boot.sh" "$W" 'RESULT: PASS' > "$W/bench.out" 2>&1 || { tail -40 "$W/console.log"; exit 1; }
 tr -d '\r' < "$W/console.log" | sed -n 's/.*BENCH-INFO /  /p'
-tr -d '\r' < "$W/console.log" | sed -n 's/.*BENCH /BENCH /p' | awk '
-  $1 == "BENCH" { key = $3; if ($2 == "raw") raw[key] = $4; line[++n] = $0 }
-  END {
-    printf "%-11s %-18s %10s %8s %9s\n", "target", "job", "MiB/s", "IOPS", "vs raw"
-    for (i = 1; i <= n; i++) { split(line[i], f, " ")
-      r = raw[f[3]] > 0 ? sprintf("%.2f", f[4] / raw[f[3]]) : "-"
-      printf "%-11s %-18s %10s %8s %9s\n", f[2], f[3], f[4], f[5], r }
-  }'
+tr -d '\r' < "$W/console.log" | bench_table 2
