@@ -58,7 +58,7 @@ const CLASSES: [(char, &str); 5] = [
     ('S', "stale (differs from the peer)"),
     ('n', "not received (resync target)"),
     ('i', "in flight or to be resent"),
-    ('h', "hot (its 4 MiB extent written recently, identical)"),
+    ('h', "hot (recently written, identical)"),
     ('.', "clean"),
 ];
 
