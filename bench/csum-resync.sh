@@ -42,8 +42,6 @@ fi
 export PATH=$ROOT/target/$PROFILE:$PATH
 log "load average at start: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) cores; work directory $W"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-free_udp() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 NBD_A=$(free_port); NBD_B=$(free_port); GM_A=$(free_udp); GM_B=$(free_udp)
 
 cd "$W"

@@ -9,6 +9,10 @@
 
 gmdd_prefix() { :; }
 
+# A free TCP or UDP port on the loopback (the kernel's choice).
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+free_udp() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 
 # Makes the work directory $W (/tmp/gmd-$1.XXXXXX) and the table PID of

@@ -13,7 +13,8 @@ key=$(mktemp -u)
 rm -f "$key"
 EXTRA_MODULES="virtio_blk virtio_net" "$VM/mkinitramfs.sh" "$W" "$W/bench2-init.sh" \
   "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" "$ROOT/target/release/gmdstat" "$(command -v fio)" >/dev/null
-free_udp() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 # vm NAME MODE RAW PORT PEER_PORT MAC: boots one machine's VM in the background.
 vm() {
   local name=$1 mode=$2 raw=$3 port=$4 peer=$5 mac=$6 disks=()
