@@ -75,12 +75,7 @@ impl ActivitySet {
 
     /// The regions of the extent that holds `region`.
     pub(super) fn extent_of(&self, region: u64) -> Range<u64> {
-        self.regions(region >> self.shift)
-    }
-
-    fn regions(&self, extent: u64) -> Range<u64> {
-        let start = extent << self.shift;
-        start..((extent + 1) << self.shift).min(self.region_count)
+        extent_regions(self.shift, self.region_count, region >> self.shift)
     }
 
     /// Number of extents in the set.
@@ -146,7 +141,7 @@ impl ActivitySet {
         self.extents.retain(|&extent, e| {
             let keep = e.in_flight > 0 || now_ms.saturating_sub(e.last_ms) < idle_ms;
             if !keep {
-                out.extend(extent << shift..((extent + 1) << shift).min(count));
+                out.extend(extent_regions(shift, count, extent));
             }
             keep
         });
@@ -168,7 +163,7 @@ impl ActivitySet {
         for i in 0..excess.min(self.scratch.len()) {
             let extent = self.scratch[i].1;
             self.extents.remove(&extent);
-            out.extend(self.regions(extent));
+            out.extend(extent_regions(self.shift, self.region_count, extent));
         }
     }
 
@@ -184,13 +179,18 @@ impl ActivitySet {
         let count = self.region_count;
         self.extents.retain(|&extent, e| {
             if e.in_flight == 0 {
-                out.extend(extent << shift..((extent + 1) << shift).min(count));
+                out.extend(extent_regions(shift, count, extent));
                 false
             } else {
                 true
             }
         });
     }
+}
+
+/// Regions of `extent` (of `1 << shift` regions) among `region_count`.
+fn extent_regions(shift: u32, region_count: u64, extent: u64) -> Range<u64> {
+    extent << shift..((extent + 1) << shift).min(region_count)
 }
 
 #[cfg(test)]
