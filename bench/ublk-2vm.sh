@@ -68,6 +68,8 @@ for line in sys.stdin:
         print(f"  {mode} netstat path:", {k: p[k] for k in ("peer", "srtt_us", "rttvar_us", "rto_us", "cwnd_bytes") if k in p})
     for m in d.get("machines", []):
         print(f"  {mode} netstat peer:", {k: m[k] for k in ("name", "bytes_sent", "resends", "failures", "fragmented") if k in m})
+    for n in d.get("networks", []):
+        print(f"  {mode} netstat network:", {k: n[k] for k in ("name", "packets_sent", "resends", "spurious", "timeouts") if k in n})
 '
 sed -n 's/.*BENCH-INFO gmdstat \(.*\)/\1/p' "$W/2vm-bench.out" | python3 -c '
 import json, sys

@@ -73,6 +73,9 @@ pub struct NetworkStats {
     pub bytes_received: u64,
     /// Packets whose data was declared lost and re-queued (resends).
     pub resends: u64,
+    /// Packets declared lost that were acknowledged after all (a late
+    /// acknowledgement or reordering): resends that were not needed.
+    pub spurious: u64,
     /// Retransmission timeouts that fired.
     pub timeouts: u64,
     /// Times a path on this network was declared down.
@@ -106,6 +109,9 @@ pub struct PathStats {
     pub cwnd_bytes: usize,
     /// Bytes in flight.
     pub in_flight_bytes: usize,
+    /// Congestion-window decreases undone because every loss behind them
+    /// proved spurious.
+    pub undone_decreases: u64,
 }
 
 /// Datagrams rejected before they could have any effect, by reason.
@@ -204,6 +210,7 @@ impl Stats {
                     bytes_sent,
                     bytes_received,
                     resends,
+                    spurious,
                     timeouts,
                     failures,
                     duplicates,

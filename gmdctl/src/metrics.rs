@@ -580,6 +580,14 @@ pub fn render(report: &Report, net: &NetReport) -> String {
         |x| x.resends as f64,
     );
     w.each(
+        "gmd_network_spurious_losses_total",
+        "counter",
+        "Datagrams declared lost and acknowledged after all (late or reordered).",
+        n,
+        netl,
+        |x| x.spurious as f64,
+    );
+    w.each(
         "gmd_network_timeouts_total",
         "counter",
         "Retransmission timeouts.",

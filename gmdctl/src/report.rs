@@ -705,6 +705,10 @@ pub struct NetNetwork {
     pub bytes_received: u64,
     /// Datagrams whose data was re-sent.
     pub resends: u64,
+    /// Datagrams declared lost and acknowledged after all (late or
+    /// reordered, not lost). Absent from a gmdd before 2026-12.
+    #[serde(default)]
+    pub spurious: u64,
     /// Retransmission timeouts.
     pub timeouts: u64,
     /// Times a path on it was declared down.
@@ -779,6 +783,7 @@ impl NetReport {
                 n.bytes_sent = n.bytes_sent.saturating_sub(o.bytes_sent);
                 n.bytes_received = n.bytes_received.saturating_sub(o.bytes_received);
                 n.resends = n.resends.saturating_sub(o.resends);
+                n.spurious = n.spurious.saturating_sub(o.spurious);
                 n.timeouts = n.timeouts.saturating_sub(o.timeouts);
                 n.failures = n.failures.saturating_sub(o.failures);
                 n.duplicates = n.duplicates.saturating_sub(o.duplicates);
@@ -873,8 +878,8 @@ pub fn render_netstat(r: &NetReport, seconds: Option<f64>, summary: bool) -> Str
         if !summary {
             let _ = writeln!(
                 out,
-                "  resends {}  timeouts {}  failures {}  dups {}  other {}",
-                n.resends, n.timeouts, n.failures, n.duplicates, n.other
+                "  resends {}  spurious {}  timeouts {}  failures {}  dups {}  other {}",
+                n.resends, n.spurious, n.timeouts, n.failures, n.duplicates, n.other
             );
         }
     }

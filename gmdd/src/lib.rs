@@ -141,6 +141,7 @@ pub fn net_report(config: &ClusterConfig, machine: &str, s: &gmd_net::Stats) -> 
                 bytes_sent: n.bytes_sent,
                 bytes_received: n.bytes_received,
                 resends: n.resends,
+                spurious: n.spurious,
                 timeouts: n.timeouts,
                 failures: n.failures,
                 duplicates: n.duplicates,

@@ -26,6 +26,13 @@
 //! loss is a congestion event as in RFC 9438, so the fair share with TCP
 //! stays that of two CUBIC flows. Reordering taken for loss is tolerated the
 //! same way: it comes without a queue.
+//!
+//! Spurious loss: packet numbers are never reused, so an acknowledgement of
+//! a datagram already declared lost proves it arrived (a late acknowledgement
+//! from a stalled receiver, or reordering). When every datagram declared
+//! lost since the last decrease turns out to have arrived,
+//! [`Cubic::on_spurious_loss`] undoes that decrease (as Linux TCP's undo
+//! does with DSACK or timestamps; F-RTO for timeouts, RFC 5682).
 
 use std::time::{Duration, Instant};
 
@@ -81,6 +88,23 @@ pub(crate) enum Phase {
     Avoidance,
 }
 
+/// The controller's state before its last decrease, kept while every loss
+/// declared since may still prove spurious.
+#[derive(Debug, Clone)]
+struct Undo {
+    /// When the decrease happened.
+    at: Instant,
+    cwnd: usize,
+    ssthresh: usize,
+    phase: Phase,
+    w_max: f64,
+    k: f64,
+    /// Datagrams declared lost since the decrease (the one that caused it
+    /// included), and how many of them were acknowledged after all.
+    lost: u64,
+    spurious: u64,
+}
+
 /// CUBIC congestion controller of one path (see the module documentation).
 #[derive(Debug, Clone)]
 pub(crate) struct Cubic {
@@ -113,6 +137,8 @@ pub(crate) struct Cubic {
     round_lost: [u64; 2],
     tolerated: u64,
     congestion_events: u64,
+    undo: Option<Undo>,
+    undone: u64,
 }
 
 impl Cubic {
@@ -147,6 +173,8 @@ impl Cubic {
             round_lost: [0; 2],
             tolerated: 0,
             congestion_events: 0,
+            undo: None,
+            undone: 0,
         }
     }
 
@@ -173,6 +201,10 @@ impl Cubic {
     #[cfg(test)]
     pub(crate) fn congestion_events(&self) -> u64 {
         self.congestion_events
+    }
+    /// Decreases undone because their losses proved spurious.
+    pub(crate) fn undone(&self) -> u64 {
+        self.undone
     }
 
     fn in_recovery(&self, sent: Instant) -> bool {
@@ -334,7 +366,54 @@ impl Cubic {
         self.congestion_event(now);
     }
 
+    /// A datagram was declared lost at `lost_at`, after the controller's
+    /// response to it: it counts against undoing the last decrease.
+    pub(crate) fn note_lost(&mut self, lost_at: Instant) {
+        if let Some(u) = &mut self.undo
+            && lost_at >= u.at
+        {
+            u.lost += 1;
+        }
+    }
+
+    /// A datagram declared lost at `lost_at` was acknowledged after all.
+    /// When every loss declared since the last decrease has proved spurious,
+    /// the decrease is undone (the window and threshold come back, never
+    /// lower than they are now). Returns whether it was.
+    pub(crate) fn on_spurious_loss(&mut self, lost_at: Instant) -> bool {
+        let Some(u) = &mut self.undo else {
+            return false;
+        };
+        if lost_at < u.at {
+            return false;
+        }
+        u.spurious += 1;
+        if u.spurious < u.lost {
+            return false;
+        }
+        let u = self.undo.take().expect("checked above");
+        self.cwnd = self.cwnd.max(u.cwnd);
+        self.ssthresh = self.ssthresh.max(u.ssthresh);
+        self.phase = u.phase;
+        self.w_max = u.w_max;
+        self.k = u.k;
+        self.epoch_start = None;
+        self.recovery_start = None;
+        self.undone += 1;
+        true
+    }
+
     fn congestion_event(&mut self, now: Instant) {
+        self.undo = Some(Undo {
+            at: now,
+            cwnd: self.cwnd,
+            ssthresh: self.ssthresh,
+            phase: self.phase,
+            w_max: self.w_max,
+            k: self.k,
+            lost: 0,
+            spurious: 0,
+        });
         self.congestion_events += 1;
         self.recovery_start = Some(now);
         let cwnd = self.cwnd as f64;
@@ -355,7 +434,12 @@ impl Cubic {
     /// lost, the window restarts from its minimum in slow start up to the
     /// reduced threshold.
     pub(crate) fn on_timeout(&mut self, now: Instant) {
+        // Undo goes back to before the first of consecutive decreases.
+        let before = self.undo.clone().filter(|u| u.spurious < u.lost);
         self.congestion_event(now);
+        if before.is_some() {
+            self.undo = before;
+        }
         self.cwnd = self.min_cwnd;
         self.phase = Phase::SlowStart;
     }
@@ -364,6 +448,7 @@ impl Cubic {
     /// never below `initial`.
     pub(crate) fn on_session_reset(&mut self, initial: usize) {
         self.cwnd = self.cwnd.min(initial.max(self.cwnd / 2));
+        self.undo = None;
         self.recovery_start = None;
         self.epoch_start = None;
         self.round_start = None;
@@ -532,6 +617,74 @@ mod tests {
             cc.on_ack(now + RTT * i, now + RTT * i - RTT, MSS, flat(RTT), false);
         }
         assert_eq!(cc.cwnd(), w0);
+    }
+
+    /// A window grown in slow start, then two rounds with a queue, so that
+    /// the next loss is a congestion event.
+    fn queued(cc: &mut Cubic) -> Instant {
+        let now = run(cc, Instant::now(), 6, RTT);
+        run(cc, now, 2, RTT * 2)
+    }
+
+    #[test]
+    fn a_decrease_whose_losses_all_prove_spurious_is_undone() {
+        let mut cc = cubic();
+        let now = queued(&mut cc);
+        let before = (cc.cwnd(), cc.ssthresh(), cc.phase());
+        // Three datagrams of one flight declared lost: one decrease.
+        for _ in 0..3 {
+            cc.on_loss(now, now - RTT, flat(RTT * 2));
+            cc.note_lost(now);
+        }
+        assert_eq!(cc.congestion_events(), 1);
+        assert!(cc.cwnd() < before.0);
+        // Their acknowledgements arrive late: the first two change nothing.
+        assert!(!cc.on_spurious_loss(now));
+        assert!(!cc.on_spurious_loss(now));
+        assert!(cc.cwnd() < before.0);
+        assert!(cc.on_spurious_loss(now));
+        assert_eq!((cc.cwnd(), cc.ssthresh(), cc.phase()), before);
+        assert_eq!(cc.undone(), 1);
+        // Nothing left to undo.
+        assert!(!cc.on_spurious_loss(now));
+    }
+
+    #[test]
+    fn a_decrease_with_one_real_loss_behind_it_stays() {
+        let mut cc = cubic();
+        let now = queued(&mut cc);
+        let before = cc.cwnd();
+        cc.on_loss(now, now - RTT, flat(RTT * 2));
+        cc.note_lost(now);
+        // A later loss in the same episode that never proves spurious.
+        cc.on_loss(now + RTT / 2, now - RTT, flat(RTT * 2));
+        cc.note_lost(now + RTT / 2);
+        assert!(!cc.on_spurious_loss(now));
+        assert!(cc.cwnd() < before);
+        assert_eq!(cc.undone(), 0);
+        // A loss declared before the decrease says nothing about it.
+        assert!(!cc.on_spurious_loss(now - RTT));
+    }
+
+    #[test]
+    fn timeouts_from_a_stall_are_undone_back_to_before_the_first() {
+        // A stalled receiver: a loss event, then two timeouts in a row,
+        // then every acknowledgement arrives.
+        let mut cc = cubic();
+        let now = queued(&mut cc);
+        let (before, phase) = (cc.cwnd(), cc.phase());
+        cc.on_loss(now, now - RTT, flat(RTT * 2));
+        cc.note_lost(now);
+        let t1 = now + RTT * 4;
+        cc.on_timeout(t1);
+        cc.note_lost(t1);
+        cc.note_lost(t1);
+        assert_eq!(cc.cwnd(), 4 * MSS);
+        for at in [now, t1, t1] {
+            cc.on_spurious_loss(at);
+        }
+        assert_eq!((cc.cwnd(), cc.phase()), (before, phase));
+        assert_eq!(cc.undone(), 1);
     }
 
     #[test]

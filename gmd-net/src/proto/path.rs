@@ -12,6 +12,29 @@ pub(crate) const GRANULARITY: Duration = Duration::from_micros(100);
 /// Smallest congestion window, in datagrams.
 const CWND_MIN_DATAGRAMS: usize = 4;
 
+/// Packets acknowledged above a missing one before it is declared lost, at
+/// first (RFC 9002's kPacketThreshold).
+pub(crate) const PACKET_THRESHOLD: u64 = 3;
+/// The packet threshold never grows past this: reordering deeper than that
+/// turns the packet rule off, and is left to the time threshold (RACK,
+/// RFC 8985, relies on time alone).
+const PACKET_THRESHOLD_MAX: u64 = 32;
+/// The packet threshold that turns the packet rule off.
+const PACKET_THRESHOLD_OFF: u64 = u64::MAX;
+/// Time threshold at first: a packet is lost 1 + 1/8 round trips after it
+/// was sent (RFC 9002's kTimeThreshold), in eighths of a round trip beyond
+/// the first.
+const REORDER_EIGHTHS_INITIAL: u32 = 1;
+/// The time threshold never grows past 1 + 64/8 round trips, nor past the
+/// retransmission timeout. A guest that stalls for milliseconds on a
+/// sub-millisecond path needs many round trips; the timeout bounds what a
+/// real loss waits.
+const REORDER_EIGHTHS_MAX: u32 = 64;
+/// After this many losses without a spurious one, the thresholds step back
+/// toward their initial values (RFC 8985 §6.2 decays its reordering window
+/// the same way).
+const REORDER_DECAY_LOSSES: u32 = 64;
+
 /// RFC 6298 smoothed RTT estimator.
 #[derive(Debug, Clone)]
 pub(crate) struct RttEstimator {
@@ -124,6 +147,13 @@ pub(crate) struct Path {
     pub(crate) unacked_received: u32,
     /// A ping should go out at the next opportunity.
     pub(crate) ping_pending: bool,
+    /// Packet threshold of loss detection, raised by reordering.
+    pub(crate) packet_threshold: u64,
+    /// Time threshold of loss detection: `rtt + rtt × reorder_eighths / 8`,
+    /// raised by late acknowledgements.
+    reorder_eighths: u32,
+    /// Losses declared since the last spurious one.
+    losses_since_spurious: u32,
 }
 
 impl Path {
@@ -153,6 +183,9 @@ impl Path {
             ack_pending: false,
             unacked_received: 0,
             ping_pending: false,
+            packet_threshold: PACKET_THRESHOLD,
+            reorder_eighths: REORDER_EIGHTHS_INITIAL,
+            losses_since_spurious: 0,
         }
     }
 
@@ -166,6 +199,9 @@ impl Path {
         self.ack_pending = false;
         self.unacked_received = 0;
         self.timers[PathTimer::Loss as usize] = None;
+        self.packet_threshold = PACKET_THRESHOLD;
+        self.reorder_eighths = REORDER_EIGHTHS_INITIAL;
+        self.losses_since_spurious = 0;
         self.cc.on_session_reset(t.cwnd_initial_bytes);
         self.cwnd_bytes = self.cc.cwnd();
     }
@@ -243,6 +279,79 @@ impl Path {
         self.cwnd_bytes = self.cc.cwnd();
     }
 
+    /// The larger of the smoothed and latest RTT (RFC 9002 §6.1.2).
+    fn loss_rtt(&self, t: &Tuning) -> Duration {
+        self.rtt
+            .srtt()
+            .unwrap_or(t.rto_initial)
+            .max(self.rtt.latest())
+    }
+
+    /// How long after its sending an unacknowledged packet is declared lost:
+    /// 9/8 of [`Self::loss_rtt`] at first, more after late acknowledgements,
+    /// but not past the retransmission timeout once that is the longer.
+    pub(crate) fn loss_delay(&self, t: &Tuning) -> Duration {
+        let rtt = self.loss_rtt(t);
+        let first = rtt + rtt / 8;
+        let adapted = rtt + rtt * self.reorder_eighths / 8;
+        adapted.min(self.rtt.rto(t)).max(first).max(GRANULARITY)
+    }
+
+    /// A packet of this path was declared lost at `now`, after the
+    /// congestion response to it.
+    pub(crate) fn on_lost(&mut self, now: Instant) {
+        self.cc.note_lost(now);
+        self.losses_since_spurious += 1;
+        if self.losses_since_spurious >= REORDER_DECAY_LOSSES {
+            self.losses_since_spurious = 0;
+            self.reorder_eighths = (self.reorder_eighths / 2).max(REORDER_EIGHTHS_INITIAL);
+            self.packet_threshold = if self.packet_threshold > PACKET_THRESHOLD_MAX {
+                PACKET_THRESHOLD_MAX
+            } else {
+                (self.packet_threshold / 2).max(PACKET_THRESHOLD)
+            };
+        }
+    }
+
+    /// A packet sent at `sent` and declared lost at `lost_at` was
+    /// acknowledged at `now` after all, with `above` packets acknowledged
+    /// above it. An acknowledgement within the time threshold means the
+    /// packet threshold misjudged reordering; a later one, that the time
+    /// threshold was too short for this path's delays: the threshold that
+    /// misfired grows just enough. The congestion response is undone when
+    /// every loss since it proved spurious. Returns whether it was.
+    pub(crate) fn on_spurious_loss(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        lost_at: Instant,
+        above: u64,
+        t: &Tuning,
+    ) -> bool {
+        self.losses_since_spurious = 0;
+        let took = now.saturating_duration_since(sent);
+        if took <= self.loss_delay(t) {
+            let needed = if above < PACKET_THRESHOLD_MAX {
+                above + 1
+            } else {
+                PACKET_THRESHOLD_OFF
+            };
+            self.packet_threshold = self.packet_threshold.max(needed);
+        } else {
+            let rtt = self.loss_rtt(t);
+            if !rtt.is_zero() {
+                let beyond = took.saturating_sub(rtt).as_nanos() * 8;
+                let eighths = beyond
+                    .div_ceil(rtt.as_nanos())
+                    .min(REORDER_EIGHTHS_MAX.into());
+                self.reorder_eighths = self.reorder_eighths.max(eighths as u32);
+            }
+        }
+        let undone = self.cc.on_spurious_loss(lost_at);
+        self.cwnd_bytes = self.cc.cwnd();
+        undone
+    }
+
     /// Congestion response to a retransmission timeout. The first one in a
     /// row counts as one loss (a lost tail: the last datagrams of a flight,
     /// or their acks, which no later ack can reveal); only a second one in a
@@ -300,6 +409,49 @@ mod tests {
             datagram_bytes: 1400,
         };
         Path::new(cfg, &Tuning::default())
+    }
+
+    #[test]
+    fn spurious_losses_grow_the_threshold_that_misfired_and_losses_decay_it() {
+        let t = Tuning::default();
+        let mut p = path();
+        let ms = Duration::from_millis;
+        p.rtt.sample(ms(50));
+        let t0 = Instant::now();
+        assert_eq!(p.loss_delay(&t), ms(50) * 9 / 8);
+        // Acknowledged 30 ms after sending, within the time threshold:
+        // reordering past the packet threshold, 10 packets deep.
+        p.on_spurious_loss(t0 + ms(30), t0, t0 + ms(20), 9, &t);
+        assert_eq!(p.packet_threshold, 10);
+        assert_eq!(p.loss_delay(&t), ms(50) * 9 / 8);
+        // Deeper than 32: the packet rule is off until losses bring it back.
+        let mut deep = path();
+        deep.rtt.sample(ms(50));
+        deep.on_spurious_loss(t0 + ms(30), t0, t0 + ms(20), 40, &t);
+        assert_eq!(deep.packet_threshold, u64::MAX);
+        for _ in 0..REORDER_DECAY_LOSSES {
+            deep.on_lost(t0);
+        }
+        assert_eq!(deep.packet_threshold, 32);
+        // Acknowledged 70 ms after sending: the time threshold grows to
+        // cover it in whole eighths (1 + 4/8 round trips), not further.
+        p.on_spurious_loss(t0 + ms(70), t0, t0 + ms(57), 1, &t);
+        assert_eq!(p.loss_delay(&t), ms(75));
+        assert_eq!(p.packet_threshold, 10);
+        // Never beyond the retransmission timeout.
+        p.on_spurious_loss(t0 + ms(2000), t0, t0 + ms(57), 1, &t);
+        assert_eq!(p.loss_delay(&t), p.rtt.rto(&t));
+        assert!(p.loss_delay(&t) > ms(100));
+        // Losses that stay losses bring both back, step by step.
+        for _ in 0..REORDER_DECAY_LOSSES {
+            p.on_lost(t0);
+        }
+        assert_eq!(p.packet_threshold, 5);
+        for _ in 0..7 * REORDER_DECAY_LOSSES {
+            p.on_lost(t0);
+        }
+        assert_eq!(p.loss_delay(&t), ms(50) * 9 / 8);
+        assert_eq!(p.packet_threshold, PACKET_THRESHOLD);
     }
 
     #[test]

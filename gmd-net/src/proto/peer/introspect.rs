@@ -54,6 +54,7 @@ impl Peer {
                 rto: p.rto(t),
                 cwnd_bytes: p.cwnd_bytes,
                 in_flight_bytes: p.in_flight_bytes,
+                undone_decreases: p.cc.undone(),
             });
         }
     }

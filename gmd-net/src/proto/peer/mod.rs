@@ -24,8 +24,6 @@ mod send;
 mod session;
 mod timers;
 
-/// Packets acknowledged above a missing one before it is declared lost.
-const PACKET_THRESHOLD: u64 = 3;
 /// Ack-eliciting packets received before an acknowledgement is sent at once.
 const ACK_EVERY_PACKETS: u32 = 2;
 /// Smallest useful fragment when filling the end of a datagram.
@@ -89,8 +87,23 @@ struct SentPacket {
     /// Ack-eliciting, counted in the path's bytes in flight. Ack-only
     /// packets are tracked too, for the send time of RTT samples.
     in_flight: bool,
+    /// Acknowledged or declared lost.
     resolved: bool,
 }
+
+/// A packet declared lost, kept a while in `Peer::lost` so that a late
+/// acknowledgement can still prove the loss spurious.
+#[derive(Debug)]
+struct LostPacket {
+    path: u8,
+    time_sent: Instant,
+    lost_at: Instant,
+    /// Its fragments: acknowledged after all if the packet was.
+    chunks: Vec<Chunk>,
+}
+
+/// Lost packets remembered per peer; older ones are forgotten first.
+const LOST_RECORDS_MAX: usize = 4096;
 
 #[derive(Debug)]
 struct OutMsg {
@@ -203,6 +216,8 @@ pub(crate) struct Peer {
     hello_pn: u64,
 
     sent: VecDeque<SentPacket>,
+    /// Packets declared lost in the last `Tuning::rto_max`, by number.
+    lost: BTreeMap<u64, LostPacket>,
     chunk_log: VecDeque<Chunk>,
     chunk_base: u64,
     received_pns: RangeSet,
@@ -321,6 +336,7 @@ impl Peer {
             next_pn: 0,
             hello_pn: 0,
             sent: VecDeque::new(),
+            lost: BTreeMap::new(),
             chunk_log: VecDeque::new(),
             chunk_base: 0,
             received_pns: RangeSet::new(),

@@ -16,8 +16,8 @@ use crate::ranges::RangeSet;
 use crate::wire::{self, FLAG_ENCRYPTED, Frame, HEADER_BYTES, Header, MsgKind, TAG_BYTES};
 
 use super::{
-    ACK_EVERY_PACKETS, Chunk, PACKET_THRESHOLD, Peer, PeerTimer, RecvData, RecvLane, RecvMsg,
-    Reset, Slot, lane_ordered, recv_slots_max,
+    ACK_EVERY_PACKETS, Chunk, LOST_RECORDS_MAX, LostPacket, Peer, PeerTimer, RecvData, RecvLane,
+    RecvMsg, Reset, Slot, lane_ordered, recv_slots_max,
 };
 
 impl Peer {
@@ -261,6 +261,31 @@ impl Peer {
                 }
             }
         }
+        // Packets declared lost that this frame acknowledges after all.
+        for (lo, hi) in a.ranges() {
+            while let Some((&pn, _)) = self.lost.range(lo..=hi).next() {
+                let l = self.lost.remove(&pn).expect("just found");
+                newly_acked_any = true;
+                eliciting_acked = true;
+                let path = l.path as usize;
+                if path == pi_recv && largest_on_path.is_none_or(|(x, _)| pn > x) {
+                    largest_on_path = Some((pn, l.time_sent));
+                }
+                let p = &mut self.paths[path];
+                if p.largest_acked.is_none_or(|x| pn > x) {
+                    p.largest_acked = Some(pn);
+                }
+                p.timeouts_in_row = 0;
+                let above = a.largest.saturating_sub(pn);
+                if p.on_spurious_loss(now, l.time_sent, l.lost_at, above, t) {
+                    debug!(peer = %self.cfg.name, cwnd = p.cwnd_bytes, "losses proved spurious: decrease undone");
+                }
+                sink.nets[p.cfg.network.0 as usize].spurious += 1;
+                for c in l.chunks {
+                    self.on_chunk_acked(sink, c);
+                }
+            }
+        }
         // RTT sample of the path the ack came back on, from the largest newly
         // acknowledged packet sent on it, when something ack-eliciting was
         // acknowledged (RFC 9002 §5.1, per path). The peer's ack delay is
@@ -292,6 +317,7 @@ impl Peer {
                 });
             }
         }
+        self.forget_lost(now, t);
         if newly_acked_any {
             self.detect_losses(now, shared, sink);
             self.trim_sent();
@@ -349,9 +375,8 @@ impl Peer {
             if s.pn > la {
                 continue;
             }
-            let rtt = p.rtt.srtt().unwrap_or(t.rto_initial).max(p.rtt.latest());
-            let loss_delay = (rtt * 9 / 8).max(GRANULARITY);
-            if la >= s.pn + PACKET_THRESHOLD || s.time_sent + loss_delay <= now {
+            let loss_delay = p.loss_delay(t);
+            if la >= s.pn.saturating_add(p.packet_threshold) || s.time_sent + loss_delay <= now {
                 lost.push(i);
             } else {
                 let when = s.time_sent + loss_delay;
@@ -392,6 +417,7 @@ impl Peer {
         if !timeout {
             p.on_loss_cc(now, time_sent);
         }
+        p.on_lost(now);
         if credit {
             self.credit_dirty = true;
         }
@@ -399,7 +425,22 @@ impl Peer {
             sink.nets[p.cfg.network.0 as usize].resends += 1;
             self.stats.resends += 1;
         }
-        trace!(peer = %self.cfg.name, pn = self.sent[i].pn, "lost");
+        let pn = self.sent[i].pn;
+        trace!(peer = %self.cfg.name, pn, "lost");
+        if self.lost.len() >= LOST_RECORDS_MAX {
+            self.lost.pop_first();
+        }
+        self.lost.insert(
+            pn,
+            LostPacket {
+                path: path as u8,
+                time_sent,
+                lost_at: now,
+                chunks: (cs..ce)
+                    .map(|ci| self.chunk_log[(ci - self.chunk_base) as usize])
+                    .collect(),
+            },
+        );
         for ci in cs..ce {
             let c = self.chunk_log[(ci - self.chunk_base) as usize];
             let Some(lane) = self.lanes.get_mut(&c.lane) else {
@@ -410,6 +451,18 @@ impl Peer {
             if !m.acked.contains_range(start, end) {
                 self.retransmit.push_back(c);
             }
+        }
+    }
+
+    /// Forgets lost packets declared more than `rto_max` ago: an
+    /// acknowledgement later than that is not waited for.
+    pub(super) fn forget_lost(&mut self, now: Instant, t: &Tuning) {
+        while self
+            .lost
+            .first_key_value()
+            .is_some_and(|(_, l)| now.saturating_duration_since(l.lost_at) >= t.rto_max)
+        {
+            self.lost.pop_first();
         }
     }
 

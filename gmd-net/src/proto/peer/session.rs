@@ -55,6 +55,7 @@ impl Peer {
         self.pending.clear();
         self.retransmit.clear();
         self.sent.clear();
+        self.lost.clear();
         self.chunk_log.clear();
         self.chunk_base = 0;
         self.received_pns.clear();

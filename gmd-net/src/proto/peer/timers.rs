@@ -96,6 +96,9 @@ impl Peer {
         // Retransmission timeout: everything in flight on this path is lost.
         let net = self.paths[pi].cfg.network;
         sink.nets[net.0 as usize].timeouts += 1;
+        // The congestion response first, so that the losses below count
+        // against undoing it.
+        self.paths[pi].on_timeout_cc(now);
         let idx: Vec<usize> = self
             .sent
             .iter()
@@ -108,7 +111,6 @@ impl Peer {
         }
         self.trim_sent();
         let p = &mut self.paths[pi];
-        p.on_timeout_cc(now);
         p.timeouts_in_row += 1;
         p.rto_base = Some(now);
         p.ping_pending = true;
