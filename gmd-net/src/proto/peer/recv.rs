@@ -261,8 +261,14 @@ impl Peer {
                 }
             }
         }
-        // Packets declared lost that this frame acknowledges after all.
-        for (lo, hi) in a.ranges() {
+        // Packets declared lost that this frame acknowledges after all
+        // (usually none are remembered: skip parsing the ranges again).
+        let ranges = if self.lost.is_empty() {
+            None
+        } else {
+            Some(a.ranges())
+        };
+        for (lo, hi) in ranges.into_iter().flatten() {
             while let Some((&pn, _)) = self.lost.range(lo..=hi).next() {
                 let l = self.lost.remove(&pn).expect("just found");
                 newly_acked_any = true;
