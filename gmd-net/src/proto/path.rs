@@ -34,6 +34,12 @@ const REORDER_EIGHTHS_MAX: u32 = 64;
 /// toward their initial values (RFC 8985 §6.2 decays its reordering window
 /// the same way).
 const REORDER_DECAY_LOSSES: u32 = 64;
+/// Datagrams a probe timeout lets go out beyond the congestion window
+/// (RFC 9002 §6.2.4: one or two).
+pub(crate) const PROBE_DATAGRAMS: u32 = 2;
+/// Probe timeouts in a row, with nothing acknowledged, after which losses
+/// the next acknowledgement reveals are persistent congestion.
+const PERSISTENT_TIMEOUTS: u32 = 2;
 
 /// RFC 6298 smoothed RTT estimator.
 #[derive(Debug, Clone)]
@@ -154,6 +160,12 @@ pub(crate) struct Path {
     reorder_eighths: u32,
     /// Losses declared since the last spurious one.
     losses_since_spurious: u32,
+    /// Ack-eliciting datagrams that may still go out beyond the congestion
+    /// window: the probes of the last probe timeout.
+    probe_budget: u32,
+    /// `timeouts_in_row` as it was when the acknowledgement being processed
+    /// arrived; losses it reveals after enough timeouts collapse the window.
+    timeouts_before_ack: u32,
 }
 
 impl Path {
@@ -186,6 +198,8 @@ impl Path {
             packet_threshold: PACKET_THRESHOLD,
             reorder_eighths: REORDER_EIGHTHS_INITIAL,
             losses_since_spurious: 0,
+            probe_budget: 0,
+            timeouts_before_ack: 0,
         }
     }
 
@@ -202,6 +216,8 @@ impl Path {
         self.packet_threshold = PACKET_THRESHOLD;
         self.reorder_eighths = REORDER_EIGHTHS_INITIAL;
         self.losses_since_spurious = 0;
+        self.probe_budget = 0;
+        self.timeouts_before_ack = 0;
         self.cc.on_session_reset(t.cwnd_initial_bytes);
         self.cwnd_bytes = self.cc.cwnd();
     }
@@ -226,9 +242,10 @@ impl Path {
         self.rtt.srtt().unwrap_or(t.rto_initial)
     }
 
-    /// Room for another datagram of `len` bytes under the congestion window.
+    /// Room for another datagram of `len` bytes under the congestion window,
+    /// or a probe owed after a probe timeout.
     pub(crate) fn can_send(&self, len: usize) -> bool {
-        self.in_flight_bytes + len <= self.cwnd_bytes
+        self.in_flight_bytes + len <= self.cwnd_bytes || self.probe_budget > 0
     }
 
     /// An ack-eliciting datagram of `len` bytes went out. The retransmission
@@ -245,6 +262,7 @@ impl Path {
             }
             self.in_flight_bytes += len;
             self.in_flight_packets += 1;
+            self.probe_budget = self.probe_budget.saturating_sub(1);
         }
     }
 
@@ -272,11 +290,31 @@ impl Path {
     }
 
     /// Congestion response to a loss of a packet sent at `sent` (at most
-    /// one decrease per loss episode, none for a loss without a queue).
+    /// one decrease per loss episode, none for a loss without a queue). A
+    /// loss revealed by the first acknowledgement after
+    /// [`PERSISTENT_TIMEOUTS`] probe timeouts in a row is persistent
+    /// congestion (RFC 9002 §7.6): the window restarts from its minimum,
+    /// once for all the losses that acknowledgement reveals.
     pub(crate) fn on_loss_cc(&mut self, now: Instant, sent: Instant) {
-        let rtt = self.rtt_view();
-        self.cc.on_loss(now, sent, rtt);
+        if self.timeouts_before_ack >= PERSISTENT_TIMEOUTS {
+            self.timeouts_before_ack = 0;
+            self.cc.on_timeout(now);
+        } else {
+            let rtt = self.rtt_view();
+            self.cc.on_loss(now, sent, rtt);
+        }
         self.cwnd_bytes = self.cc.cwnd();
+    }
+
+    /// An acknowledgement arrived on some path: remembers how many probe
+    /// timeouts in a row preceded it, for the losses it may reveal.
+    pub(crate) fn ack_arrived(&mut self) {
+        self.timeouts_before_ack = self.timeouts_in_row;
+    }
+
+    /// The acknowledgement is processed: its losses are declared.
+    pub(crate) fn ack_processed(&mut self) {
+        self.timeouts_before_ack = 0;
     }
 
     /// The larger of the smoothed and latest RTT (RFC 9002 §6.1.2).
@@ -352,21 +390,25 @@ impl Path {
         undone
     }
 
-    /// Congestion response to a retransmission timeout. The first one in a
-    /// row counts as one loss (a lost tail: the last datagrams of a flight,
-    /// or their acks, which no later ack can reveal); only a second one in a
-    /// row — nothing acknowledged for two timeouts, persistent congestion in
-    /// RFC 9002's terms — restarts the window from its minimum. Collapsing on
-    /// every tail loss left a long path at 0.5 % random loss in a cycle of
-    /// timeouts and slow starts.
-    pub(crate) fn on_timeout_cc(&mut self, now: Instant) {
-        if self.timeouts_in_row == 0 {
-            let rtt = self.rtt_view();
-            let sent = self.rto_base.unwrap_or(now);
-            self.cc.on_loss(now, sent, rtt);
-        } else {
-            self.cc.on_timeout(now);
-        }
+    /// A probe timeout at `now` (RFC 9002 §6.2): nothing was acknowledged
+    /// for a retransmission timeout. Nothing is declared lost and the
+    /// window stays: a stalled receiver acknowledges everything late, and
+    /// declaring the whole flight lost resent it all for nothing. Instead a
+    /// ping and up to [`PROBE_DATAGRAMS`] datagrams go out beyond the
+    /// window; their acknowledgement reveals by the usual thresholds what
+    /// was really lost. The timer backs off.
+    pub(crate) fn on_probe_timeout(&mut self, now: Instant) {
+        self.timeouts_in_row += 1;
+        self.rto_base = Some(now);
+        self.ping_pending = true;
+        self.probe_budget = PROBE_DATAGRAMS;
+    }
+
+    /// The path was declared down: everything still in flight on it is
+    /// lost, and its window restarts from its minimum.
+    pub(crate) fn on_down_cc(&mut self, now: Instant) {
+        self.probe_budget = 0;
+        self.cc.on_timeout(now);
         self.cwnd_bytes = self.cc.cwnd();
     }
 }
@@ -455,7 +497,7 @@ mod tests {
     }
 
     #[test]
-    fn first_timeout_in_a_row_is_one_loss_the_second_collapses() {
+    fn a_probe_timeout_keeps_the_window_and_two_before_a_loss_collapse_it() {
         let mut p = path();
         let t0 = Instant::now();
         for i in 0..5u32 {
@@ -468,12 +510,51 @@ mod tests {
         }
         let before = p.cwnd_bytes;
         let now = t0 + Duration::from_secs(2);
-        p.rto_base_touch(now - Duration::from_millis(100));
-        p.on_timeout_cc(now);
-        // No queue seen: a tolerated loss, the window stays.
+        p.in_flight_bytes = before;
+        assert!(!p.can_send(1400));
+        p.on_probe_timeout(now);
+        // The window stays, the timer backs off, and two probes may go out
+        // beyond the full window, not three.
         assert_eq!(p.cwnd_bytes, before);
-        p.timeouts_in_row = 1;
-        p.on_timeout_cc(now + Duration::from_millis(200));
+        assert_eq!(p.rto(&Tuning::default()), p.rtt.rto(&Tuning::default()) * 2);
+        assert!(p.ping_pending);
+        for _ in 0..PROBE_DATAGRAMS {
+            assert!(p.can_send(1400));
+            p.on_sent(now, 1400, true);
+        }
+        assert!(!p.can_send(1400));
+        // The probes' acknowledgement reveals a loss after one timeout: one
+        // loss (tolerated here, no queue was seen), not a collapse.
+        p.ack_arrived();
+        p.timeouts_in_row = 0;
+        p.on_loss_cc(
+            now + Duration::from_millis(50),
+            now - Duration::from_millis(100),
+        );
+        p.ack_processed();
+        assert_eq!(p.cwnd_bytes, before);
+        // After two timeouts in a row, a revealed loss is persistent
+        // congestion: the window restarts from its minimum.
+        p.on_probe_timeout(now + Duration::from_millis(100));
+        p.on_probe_timeout(now + Duration::from_millis(300));
+        p.ack_arrived();
+        p.timeouts_in_row = 0;
+        p.on_loss_cc(now + Duration::from_millis(400), now);
         assert_eq!(p.cwnd_bytes, CWND_MIN_DATAGRAMS * 1400);
+        p.ack_processed();
+        // An acknowledgement that reveals nothing lost after the same two
+        // timeouts (a stalled receiver) leaves the window alone.
+        let mut q = path();
+        let w = q.cwnd_bytes;
+        q.on_probe_timeout(now);
+        q.on_probe_timeout(now + Duration::from_millis(500));
+        q.ack_arrived();
+        q.timeouts_in_row = 0;
+        q.ack_processed();
+        q.on_loss_cc(
+            now + Duration::from_secs(1),
+            now + Duration::from_millis(900),
+        );
+        assert_eq!(q.cwnd_bytes, w);
     }
 }

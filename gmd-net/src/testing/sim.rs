@@ -112,6 +112,10 @@ pub struct Sim {
     trace: bool,
     /// Datagrams dropped by loss, queue or down links.
     pub dropped: u64,
+    /// Per machine: stalled until then (a host that is not scheduled):
+    /// it receives, sends and times out nothing, and what arrives for it
+    /// waits, in order.
+    stalled_until: Vec<Option<Instant>>,
     buf: Vec<u8>,
 }
 
@@ -186,8 +190,20 @@ impl Sim {
             groups_delivered: Default::default(),
             trace: std::env::var_os("GMD_SIM_TRACE").is_some(),
             dropped: 0,
+            stalled_until: vec![None; machines],
             buf: Vec::new(),
         }
+    }
+
+    /// Stalls `machine` from now until `until`, as a host that is not
+    /// scheduled (a busy hypervisor): nothing it would receive is lost,
+    /// but nothing is processed before then.
+    pub fn stall(&mut self, machine: usize, until: Instant) {
+        self.stalled_until[machine] = Some(until);
+    }
+
+    fn stalled(&self, machine: usize) -> Option<Instant> {
+        self.stalled_until[machine].filter(|&u| u > self.now)
     }
 
     fn link_index(&self, network: usize, from: usize, to: usize) -> usize {
@@ -241,6 +257,9 @@ impl Sim {
     /// Moves every endpoint's pending datagrams onto the links.
     pub fn flush(&mut self) {
         for from in 0..self.nodes.len() {
+            if self.stalled(from).is_some() {
+                continue;
+            }
             let mut buf = std::mem::take(&mut self.buf);
             while let Some(t) = self.nodes[from]
                 .endpoint
@@ -322,7 +341,11 @@ impl Sim {
         let e = self
             .nodes
             .iter()
-            .filter_map(|n| n.endpoint.poll_timeout())
+            .enumerate()
+            .filter_map(|(m, n)| {
+                let t = n.endpoint.poll_timeout()?;
+                Some(self.stalled(m).map_or(t, |u| t.max(u)))
+            })
             .min();
         match (q, e) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -344,6 +367,11 @@ impl Sim {
                 break;
             }
             self.queue.pop();
+            if let Some(u) = self.stalled(self.in_flight[&id].to) {
+                // Waits for the host, behind what was queued before it.
+                self.queue.push(Reverse((u, id)));
+                continue;
+            }
             let pkt = self.in_flight.remove(&id).expect("queued packet");
             if self.partitioned || !self.network_up[pkt.network] {
                 self.dropped += 1;
@@ -361,7 +389,11 @@ impl Sim {
                 data,
             );
         }
-        for n in &mut self.nodes {
+        for m in 0..self.nodes.len() {
+            if self.stalled(m).is_some() {
+                continue;
+            }
+            let n = &mut self.nodes[m];
             if n.endpoint.poll_timeout().is_some_and(|t| t <= self.now) {
                 n.endpoint.handle_timeout(self.now);
             }

@@ -213,6 +213,9 @@ impl Peer {
             sink.sec.malformed += 1;
             return;
         }
+        for p in &mut self.paths {
+            p.ack_arrived();
+        }
         let mut newly_acked_any = false;
         let mut eliciting_acked = false;
         // Largest newly acknowledged packet sent on the path the ack came back on.
@@ -329,6 +332,9 @@ impl Peer {
             self.trim_sent();
             self.refresh_active(shared, sink);
         }
+        for p in &mut self.paths {
+            p.ack_processed();
+        }
     }
 
     fn on_chunk_acked(&mut self, sink: &mut Sink, c: Chunk) {
@@ -403,7 +409,7 @@ impl Peer {
         _shared: &Shared,
         sink: &mut Sink,
         i: usize,
-        timeout: bool,
+        path_down: bool,
     ) {
         let s = &mut self.sent[i];
         s.resolved = true;
@@ -420,16 +426,12 @@ impl Peer {
         }
         let p = &mut self.paths[path];
         p.on_left_flight(size);
-        if !timeout {
+        if !path_down {
             p.on_loss_cc(now, time_sent);
         }
         p.on_lost(now);
         if credit {
             self.credit_dirty = true;
-        }
-        if ce > cs {
-            sink.nets[p.cfg.network.0 as usize].resends += 1;
-            self.stats.resends += 1;
         }
         let pn = self.sent[i].pn;
         trace!(peer = %self.cfg.name, pn, "lost");
@@ -447,17 +449,37 @@ impl Peer {
                     .collect(),
             },
         );
-        for ci in cs..ce {
+        if self.requeue_unacked(cs, ce, false) {
+            sink.nets[self.paths[path].cfg.network.0 as usize].resends += 1;
+            self.stats.resends += 1;
+        }
+    }
+
+    /// Queues for resending the chunks `cs..ce` of the chunk log that are
+    /// not acknowledged yet: at the back, or at the `front` (in order) for
+    /// probes. Returns whether any was queued.
+    pub(super) fn requeue_unacked(&mut self, cs: u64, ce: u64, front: bool) -> bool {
+        let mut queued = false;
+        for k in 0..ce - cs {
+            // Pushed at the front, the last goes first so order is kept.
+            let ci = if front { ce - 1 - k } else { cs + k };
             let c = self.chunk_log[(ci - self.chunk_base) as usize];
             let Some(lane) = self.lanes.get_mut(&c.lane) else {
                 continue;
             };
             let Some(m) = lane.get(c.seq) else { continue };
             let (start, end) = c.range();
-            if !m.acked.contains_range(start, end) {
+            if m.acked.contains_range(start, end) {
+                continue;
+            }
+            queued = true;
+            if front {
+                self.retransmit.push_front(c);
+            } else {
                 self.retransmit.push_back(c);
             }
         }
+        queued
     }
 
     /// Forgets lost packets declared more than `rto_max` ago: an

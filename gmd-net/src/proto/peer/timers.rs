@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use tracing::debug;
 
-use crate::proto::path::{Path, PathState, PathTimer};
+use crate::proto::path::{PROBE_DATAGRAMS, Path, PathState, PathTimer};
 use crate::proto::{Event, Shared, Sink};
 
 use super::{Peer, PeerState, PeerTimer, Reset};
@@ -93,28 +93,14 @@ impl Peer {
             self.paths[pi].timers[PathTimer::Loss as usize] = None;
             return;
         }
-        // Retransmission timeout: everything in flight on this path is lost.
+        // Probe timeout: nothing acknowledged for a retransmission timeout.
+        // Nothing is declared lost yet; probes ask the peer what arrived.
         let net = self.paths[pi].cfg.network;
         sink.nets[net.0 as usize].timeouts += 1;
-        // The congestion response first, so that the losses below count
-        // against undoing it.
-        self.paths[pi].on_timeout_cc(now);
-        let idx: Vec<usize> = self
-            .sent
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.resolved && s.path as usize == pi)
-            .map(|(i, _)| i)
-            .collect();
-        for i in idx {
-            self.declare_lost(now, shared, sink, i, true);
-        }
-        self.trim_sent();
+        self.paths[pi].on_probe_timeout(now);
+        self.queue_probe_data(sink, pi);
         let p = &mut self.paths[pi];
-        p.timeouts_in_row += 1;
-        p.rto_base = Some(now);
-        p.ping_pending = true;
-        debug!(peer = %self.cfg.name, network = net.0, timeouts = p.timeouts_in_row, "retransmission timeout");
+        debug!(peer = %self.cfg.name, network = net.0, timeouts = p.timeouts_in_row, "probe timeout");
         if p.timeouts_in_row >= t.path_timeouts_max && p.state != PathState::Down {
             p.state = PathState::Down;
             sink.nets[net.0 as usize].failures += 1;
@@ -123,9 +109,49 @@ impl Peer {
                 peer: self.id,
                 network: net,
             });
+            // No acknowledgement will come back on this path: what it
+            // carries is lost, to be resent on another.
+            p.on_down_cc(now);
+            let idx: Vec<usize> = self
+                .sent
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !s.resolved && s.path as usize == pi)
+                .map(|(i, _)| i)
+                .collect();
+            for i in idx {
+                self.declare_lost(now, shared, sink, i, true);
+            }
+            self.trim_sent();
             self.refresh_active(shared, sink);
         }
         self.arm_loss_timer(pi, t);
+    }
+
+    /// Queues the data of the oldest packets still in flight on path `pi`
+    /// for resending ahead of everything else, as many as a probe timeout
+    /// lets out beyond the window: if they were lost, the probes carry them
+    /// already; if not, the probes' acknowledgement tells.
+    fn queue_probe_data(&mut self, sink: &mut Sink, pi: usize) {
+        let mut probes = Vec::new();
+        for s in &self.sent {
+            if probes.len() == PROBE_DATAGRAMS as usize {
+                break;
+            }
+            if !s.resolved && s.in_flight && s.path as usize == pi && s.chunks_end > s.chunks_start
+            {
+                probes.push((s.chunks_start, s.chunks_end));
+            }
+        }
+        let mut queued = 0;
+        for &(cs, ce) in probes.iter().rev() {
+            if self.requeue_unacked(cs, ce, true) {
+                queued += 1;
+            }
+        }
+        let net = self.paths[pi].cfg.network;
+        sink.nets[net.0 as usize].resends += queued;
+        self.stats.resends += queued;
     }
 
     /// Chooses the preferred path: lowest smoothed RTT among working paths,
