@@ -90,12 +90,20 @@ pub struct LinkStats {
     pub lost: u64,
     /// Packets dropped at the full queue.
     pub queue_drops: u64,
+    /// Of those, TCP segments (IPv4 protocol 6): who loses at a shared
+    /// queue tells whether GeoMessage and TCP share it fairly.
+    pub queue_drops_tcp: u64,
     /// Packets held back to be reordered.
     pub reordered: u64,
     /// Packets handed out by [`Link::pop_due`].
     pub packets_out: u64,
     /// Bytes handed out by [`Link::pop_due`].
     pub bytes_out: u64,
+}
+
+/// Whether `packet` is an IPv4 TCP segment.
+fn is_tcp(packet: &[u8]) -> bool {
+    packet.len() > 9 && packet[0] >> 4 == 4 && packet[9] == 6
 }
 
 /// A packet in propagation: ordered by due time, then by sequence.
@@ -188,6 +196,9 @@ impl Link {
         };
         if self.queued_bytes + packet.len() > self.params.queue_bytes && !self.queue.is_empty() {
             self.stats.queue_drops += 1;
+            if is_tcp(&packet) {
+                self.stats.queue_drops_tcp += 1;
+            }
             return Verdict::QueueFull;
         }
         if self.queue.is_empty() {
@@ -417,6 +428,18 @@ mod tests {
             vec![Queued, Queued, Queued, Queued, QueueFull, QueueFull]
         );
         assert_eq!(l.stats().queue_drops, 2);
+        assert_eq!(l.stats().queue_drops_tcp, 0);
+        // Drops of TCP segments are counted apart from UDP datagrams.
+        let ip = |protocol: u8| {
+            let mut p = vec![0u8; 1000];
+            p[0] = 0x45;
+            p[9] = protocol;
+            p
+        };
+        assert_eq!(l.push(Duration::ZERO, ip(6)), QueueFull);
+        assert_eq!(l.push(Duration::ZERO, ip(17)), QueueFull);
+        assert_eq!(l.stats().queue_drops, 4);
+        assert_eq!(l.stats().queue_drops_tcp, 1);
         // After 1 ms one has drained: room for exactly one more.
         assert_eq!(l.push(ms(1), packet(6, 1000)), Queued);
         assert_eq!(l.push(ms(1), packet(7, 1000)), QueueFull);

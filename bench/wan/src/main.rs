@@ -113,8 +113,15 @@ fn params(a: &UpArgs) -> LinkParams {
 
 fn print_stats(name: &str, s: &LinkStats) {
     println!(
-        "  {name}: in {} pkts / {} B, out {} pkts / {} B, lost {}, queue drops {}, reordered {}",
-        s.packets_in, s.bytes_in, s.packets_out, s.bytes_out, s.lost, s.queue_drops, s.reordered
+        "  {name}: in {} pkts / {} B, out {} pkts / {} B, lost {}, queue drops {} (tcp {}), reordered {}",
+        s.packets_in,
+        s.bytes_in,
+        s.packets_out,
+        s.bytes_out,
+        s.lost,
+        s.queue_drops,
+        s.queue_drops_tcp,
+        s.reordered
     );
 }
 
