@@ -581,3 +581,75 @@ fn sim_deep_reordering_is_not_taken_for_loss() {
         "{received} bytes in 3 s on a {rate} B/s link ({n:?})"
     );
 }
+
+/// Slow start on a long path with a drop-tail queue (the simulator's
+/// 100 ms): it ends when the queue forms, not after a doubling window has
+/// overfilled it, so the start loses (almost) nothing and the window does
+/// not come out of it at twice what the path holds.
+#[test]
+fn sim_slow_start_ends_before_the_queue_overflows() {
+    use bytes::Bytes;
+    use gmd_net::proto::Event;
+    use gmd_net::{PeerId, StreamId, Tuning};
+
+    let ms = Duration::from_millis;
+    let mut sim = Sim::new(
+        5,
+        2,
+        1,
+        1400,
+        Duration::from_secs(30),
+        true,
+        Tuning::default(),
+    );
+    let rate = 12_500_000u64;
+    sim.set_network(
+        0,
+        LinkParams {
+            latency: ms(25),
+            bandwidth_bytes_per_sec: rate,
+            ..LinkParams::default()
+        },
+    );
+    let start = sim.now;
+    let end = start + ms(3000);
+    let mut received = 0u64;
+    while sim.now < end {
+        while sim.nodes[0]
+            .endpoint
+            .send(
+                sim.now,
+                PeerId(1),
+                StreamId(1),
+                Bytes::from(vec![7u8; 64 << 10]),
+            )
+            .is_ok()
+        {}
+        for e in sim.drain_events(1) {
+            if let Event::Message(d) = e {
+                received += d.body.len() as u64;
+                sim.nodes[1].endpoint.release(d.credit);
+            }
+        }
+        sim.drain_events(0);
+        sim.step(end);
+    }
+    let n = sim.nodes[0].endpoint.stats().networks[0].clone();
+    let p = sim.nodes[0].endpoint.stats().paths[0].clone();
+    // The path holds 50 ms × 12.5 MB/s = 625 kB plus a 1.25 MB queue.
+    assert!(
+        sim.dropped <= 10,
+        "slow start overshot: {} dropped, {n:?}",
+        sim.dropped
+    );
+    assert!(
+        p.cwnd_bytes <= 2_000_000,
+        "window {} after slow start",
+        p.cwnd_bytes
+    );
+    // Virtual time: most of the link over 3 s, slow start included.
+    assert!(
+        received >= rate * 3 * 7 / 10,
+        "{received} bytes in 3 s on a {rate} B/s link ({n:?})"
+    );
+}

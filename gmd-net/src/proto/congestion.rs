@@ -27,6 +27,13 @@
 //! stays that of two CUBIC flows. Reordering taken for loss is tolerated the
 //! same way: it comes without a queue.
 //!
+//! Slow start ends when the smallest of the last [`RECENT_SAMPLES`] RTT
+//! samples shows a queue, not only when a whole round's minimum does: a
+//! doubling window overfills a drop-tail queue in the round the queue forms,
+//! and the overshoot (two BDP, hundreds of datagrams dropped) took the link
+//! from a TCP stream started at the same time for the rest of its run.
+//! Conservative slow start ends in avoidance when the queue keeps growing.
+//!
 //! Spurious loss: packet numbers are never reused, so an acknowledgement of
 //! a datagram already declared lost proves it arrived (a late acknowledgement
 //! from a stalled receiver, or reordering). When every datagram declared
@@ -43,6 +50,8 @@ const HYSTART_SAMPLES_MIN: u32 = 8;
 /// Bounds of the RTT increase that ends slow start (RFC 9406).
 const HYSTART_RTT_THRESH_MIN: Duration = Duration::from_millis(4);
 const HYSTART_RTT_THRESH_MAX: Duration = Duration::from_millis(16);
+/// RTT samples whose minimum is the current view of the queue.
+const RECENT_SAMPLES: usize = 8;
 /// Conservative slow start grows this many times slower than slow start.
 const CSS_GROWTH_DIVISOR: usize = 4;
 /// Rounds of conservative slow start before congestion avoidance.
@@ -132,6 +141,11 @@ pub(crate) struct Cubic {
     round_min_rtt: Duration,
     last_round_min_rtt: Duration,
     round_samples: u32,
+    /// The last [`RECENT_SAMPLES`] RTT samples (a ring, `recent_next` the
+    /// oldest) and how many were taken.
+    recent: [Duration; RECENT_SAMPLES],
+    recent_next: usize,
+    recent_taken: u64,
     /// Datagrams acknowledged and lost in this round and the last.
     round_acked: [u64; 2],
     round_lost: [u64; 2],
@@ -169,6 +183,9 @@ impl Cubic {
             round_min_rtt: Duration::MAX,
             last_round_min_rtt: Duration::MAX,
             round_samples: 0,
+            recent: [Duration::MAX; RECENT_SAMPLES],
+            recent_next: 0,
+            recent_taken: 0,
             round_acked: [0; 2],
             round_lost: [0; 2],
             tolerated: 0,
@@ -251,6 +268,14 @@ impl Cubic {
         if m == Duration::MAX { rtt.latest } else { m }
     }
 
+    /// The smallest of the last [`RECENT_SAMPLES`] round trips, once there
+    /// are that many: a forming queue delays every one of them, a busy host
+    /// only some.
+    fn last_samples_min_rtt(&self) -> Option<Duration> {
+        (self.recent_taken >= RECENT_SAMPLES as u64)
+            .then(|| self.recent.iter().copied().min().expect("not empty"))
+    }
+
     /// `len` bytes sent at `sent` were acknowledged at `now`. `rtt` is the
     /// path's view including this ack's sample; `cwnd_limited` whether the
     /// sender was using at least half the window (an application-limited
@@ -270,6 +295,9 @@ impl Cubic {
         if rtt.latest > Duration::ZERO {
             self.round_min_rtt = self.round_min_rtt.min(rtt.latest);
             self.round_samples += 1;
+            self.recent[self.recent_next] = rtt.latest;
+            self.recent_next = (self.recent_next + 1) % RECENT_SAMPLES;
+            self.recent_taken += 1;
         }
         if self.in_recovery(sent) {
             return;
@@ -289,9 +317,15 @@ impl Cubic {
                 {
                     let thresh = (self.last_round_min_rtt / 8)
                         .clamp(HYSTART_RTT_THRESH_MIN, HYSTART_RTT_THRESH_MAX);
-                    if self.round_min_rtt >= self.last_round_min_rtt + thresh {
+                    // The round's minimum (RFC 9406) sees a queue only a
+                    // round after it formed, when a doubling window has
+                    // overfilled it; the recent samples see it form.
+                    let now_rtt = self
+                        .round_min_rtt
+                        .max(self.last_samples_min_rtt().unwrap_or(Duration::ZERO));
+                    if now_rtt >= self.last_round_min_rtt + thresh {
                         self.phase = Phase::Conservative {
-                            baseline: self.round_min_rtt,
+                            baseline: now_rtt,
                             rounds: 0,
                         };
                     }
@@ -300,9 +334,22 @@ impl Cubic {
                     self.enter_avoidance();
                 }
             }
-            Phase::Conservative { baseline, .. } => {
+            Phase::Conservative { baseline, rounds } => {
                 self.cwnd += len / CSS_GROWTH_DIVISOR;
-                if self.round_samples >= HYSTART_SAMPLES_MIN && self.round_min_rtt < baseline {
+                // The queue keeps growing: this is the path's capacity.
+                let thresh = (baseline / 8).clamp(HYSTART_RTT_THRESH_MIN, HYSTART_RTT_THRESH_MAX);
+                if self
+                    .last_samples_min_rtt()
+                    .is_some_and(|m| m >= baseline + thresh)
+                {
+                    self.enter_avoidance();
+                    self.cwnd = self.cwnd.min(self.max_cwnd);
+                    return;
+                }
+                if rounds >= 1
+                    && self.round_samples >= HYSTART_SAMPLES_MIN
+                    && self.round_min_rtt < baseline
+                {
                     // The RTT came back down: the rise was not a queue.
                     self.phase = Phase::SlowStart;
                 }
@@ -513,6 +560,47 @@ mod tests {
         let n = cc.cwnd() / MSS;
         for i in 0..n {
             let rtt = if i == 3 { RTT * 2 } else { RTT };
+            cc.on_ack(now, sent, MSS, flat(rtt), true);
+        }
+        assert_eq!(cc.phase(), Phase::SlowStart);
+    }
+
+    #[test]
+    fn a_queue_forming_ends_slow_start_in_its_round_and_a_growing_one_ends_css() {
+        // A doubling window fills a queue of one BDP within the round in
+        // which it forms; the round's minimum would show it a round later,
+        // after the loss of a window's worth.
+        let ms = Duration::from_millis;
+        let mut cc = cubic();
+        let mut now = run(&mut cc, Instant::now(), 3, RTT);
+        let sent = now;
+        now += RTT;
+        let n = cc.cwnd() / MSS;
+        for i in 0..n {
+            // The queue forms halfway through the round: 10 ms, then more.
+            let rtt = if i < n / 2 { RTT } else { RTT + ms(10) };
+            cc.on_ack(now, sent, MSS, flat(rtt), true);
+        }
+        let Phase::Conservative { baseline, .. } = cc.phase() else {
+            panic!("still {:?} with the queue formed", cc.phase());
+        };
+        assert_eq!(baseline, RTT + ms(10));
+        // In conservative slow start the queue grows by another threshold
+        // (60 ms / 8): this is the path's capacity, avoidance starts.
+        let w = cc.cwnd();
+        for _ in 0..RECENT_SAMPLES {
+            cc.on_ack(now, sent, MSS, flat(RTT + ms(18)), true);
+        }
+        assert_eq!(cc.phase(), Phase::Avoidance);
+        assert!(cc.cwnd() < w + RECENT_SAMPLES * MSS / 2);
+        // A few late samples among prompt ones (a busy host) do not end
+        // slow start: the smallest of the recent ones stays low.
+        let mut cc = cubic();
+        let mut now = run(&mut cc, Instant::now(), 3, RTT);
+        let sent = now;
+        now += RTT;
+        for i in 0..cc.cwnd() / MSS {
+            let rtt = if i % 4 == 3 { RTT + ms(30) } else { RTT };
             cc.on_ack(now, sent, MSS, flat(rtt), true);
         }
         assert_eq!(cc.phase(), Phase::SlowStart);
