@@ -347,6 +347,20 @@ fn sim_cut_path_is_declared_down_and_its_data_moves() {
 /// Nothing was lost. The sender declared them lost, resent them and slowed
 /// down; the late acknowledgements prove every one of those losses
 /// spurious, and the slowdown is undone.
+/// Two machines on one network, 1 400-byte datagrams, encrypted, default
+/// tuning.
+fn pair(seed: u64) -> Sim {
+    Sim::new(
+        seed,
+        2,
+        1,
+        1400,
+        Duration::from_secs(30),
+        true,
+        gmd_net::Tuning::default(),
+    )
+}
+
 /// A sender of one 16 KiB message every `every` on stream 1 from machine 0
 /// to machine 1, which releases each as it arrives.
 struct Paced {
@@ -403,18 +417,8 @@ impl Paced {
 
 #[test]
 fn sim_a_stalled_receiver_loses_nothing_and_the_window_comes_back() {
-    use gmd_net::Tuning;
-
     let ms = Duration::from_millis;
-    let mut sim = Sim::new(
-        7,
-        2,
-        1,
-        1400,
-        Duration::from_secs(30),
-        true,
-        Tuning::default(),
-    );
+    let mut sim = pair(7);
     let link = LinkParams {
         latency: ms(10),
         bandwidth_bytes_per_sec: 5_000_000,
@@ -468,18 +472,8 @@ fn sim_a_stalled_receiver_loses_nothing_and_the_window_comes_back() {
 /// declared lost, so the window stays.
 #[test]
 fn sim_a_receiver_host_stall_gets_probes_not_the_flight_again() {
-    use gmd_net::Tuning;
-
     let ms = Duration::from_millis;
-    let mut sim = Sim::new(
-        11,
-        2,
-        1,
-        1400,
-        Duration::from_secs(30),
-        true,
-        Tuning::default(),
-    );
+    let mut sim = pair(11);
     sim.set_network(
         0,
         LinkParams {
@@ -521,34 +515,14 @@ fn sim_a_receiver_host_stall_gets_probes_not_the_flight_again() {
     );
 }
 
-#[test]
-fn sim_deep_reordering_is_not_taken_for_loss() {
+/// Machine 0 sends 64 KiB messages to machine 1 as fast as the stream
+/// takes them for `secs` of virtual time; returns the bytes delivered.
+fn bulk(sim: &mut Sim, secs: Duration) -> u64 {
     use bytes::Bytes;
     use gmd_net::proto::Event;
-    use gmd_net::{PeerId, StreamId, Tuning};
+    use gmd_net::{PeerId, StreamId};
 
-    let ms = Duration::from_millis;
-    let mut sim = Sim::new(
-        11,
-        2,
-        1,
-        1400,
-        Duration::from_secs(30),
-        true,
-        Tuning::default(),
-    );
-    let rate = 50_000_000u64;
-    sim.set_network(
-        0,
-        LinkParams {
-            latency: ms(1),
-            jitter: ms(2),
-            bandwidth_bytes_per_sec: rate,
-            ..LinkParams::default()
-        },
-    );
-    let start = sim.now;
-    let end = start + ms(3000);
+    let end = sim.now + secs;
     let mut received = 0u64;
     while sim.now < end {
         while sim.nodes[0]
@@ -570,6 +544,24 @@ fn sim_deep_reordering_is_not_taken_for_loss() {
         sim.drain_events(0);
         sim.step(end);
     }
+    received
+}
+
+#[test]
+fn sim_deep_reordering_is_not_taken_for_loss() {
+    let ms = Duration::from_millis;
+    let mut sim = pair(11);
+    let rate = 50_000_000u64;
+    sim.set_network(
+        0,
+        LinkParams {
+            latency: ms(1),
+            jitter: ms(2),
+            bandwidth_bytes_per_sec: rate,
+            ..LinkParams::default()
+        },
+    );
+    let received = bulk(&mut sim, ms(3000));
     let n = sim.nodes[0].endpoint.stats().networks[0].clone();
     assert!(
         n.resends * 100 <= n.packets_sent,
@@ -588,20 +580,8 @@ fn sim_deep_reordering_is_not_taken_for_loss() {
 /// not come out of it at twice what the path holds.
 #[test]
 fn sim_slow_start_ends_before_the_queue_overflows() {
-    use bytes::Bytes;
-    use gmd_net::proto::Event;
-    use gmd_net::{PeerId, StreamId, Tuning};
-
     let ms = Duration::from_millis;
-    let mut sim = Sim::new(
-        5,
-        2,
-        1,
-        1400,
-        Duration::from_secs(30),
-        true,
-        Tuning::default(),
-    );
+    let mut sim = pair(5);
     let rate = 12_500_000u64;
     sim.set_network(
         0,
@@ -611,29 +591,7 @@ fn sim_slow_start_ends_before_the_queue_overflows() {
             ..LinkParams::default()
         },
     );
-    let start = sim.now;
-    let end = start + ms(3000);
-    let mut received = 0u64;
-    while sim.now < end {
-        while sim.nodes[0]
-            .endpoint
-            .send(
-                sim.now,
-                PeerId(1),
-                StreamId(1),
-                Bytes::from(vec![7u8; 64 << 10]),
-            )
-            .is_ok()
-        {}
-        for e in sim.drain_events(1) {
-            if let Event::Message(d) = e {
-                received += d.body.len() as u64;
-                sim.nodes[1].endpoint.release(d.credit);
-            }
-        }
-        sim.drain_events(0);
-        sim.step(end);
-    }
+    let received = bulk(&mut sim, ms(3000));
     let n = sim.nodes[0].endpoint.stats().networks[0].clone();
     let p = sim.nodes[0].endpoint.stats().paths[0].clone();
     // The path holds 50 ms × 12.5 MB/s = 625 kB plus a 1.25 MB queue.
