@@ -31,7 +31,7 @@ vm() {
     -nographic -no-reboot -kernel "$W/kernel/vmlinuz" -initrd "$W/initramfs.cpio.gz" "${disks[@]}" \
     -netdev "socket,id=n0,udp=127.0.0.1:$peer,localaddr=127.0.0.1:$port" \
     -device "virtio-net-pci,netdev=n0,mac=$mac" \
-    -append "console=ttyS0 quiet panic=-1 gmdrole=$name gmdmode=$mode gmdraw=$raw" \
+    -append "console=ttyS0 quiet panic=-1 gmdrole=$name gmdmode=$mode gmdraw=$raw ${GUEST_APPEND:-}" \
     </dev/null >"$W/2vm-$name.console" 2>&1 &
 }
 : > "$W/2vm-bench.out"

@@ -19,7 +19,8 @@
 # Env: DGRAM (GeoMessage datagram size, default 1400: no IP fragments at
 # the link's MTU of 1500), HWM_KIB (async high water mark, default 128),
 # ENCRYPT (GeoMessage encryption, default true; false: authentication only),
-# MTU (of the guests' link, default 1500; DGRAM must fit in it).
+# MTU (of the guests' link, default 1500; DGRAM must fit in it),
+# GUEST_APPEND (extra guest kernel parameters, e.g. idle=poll).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VM=$ROOT/tests/vm
