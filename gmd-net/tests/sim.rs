@@ -611,3 +611,44 @@ fn sim_slow_start_ends_before_the_queue_overflows() {
         "{received} bytes in 3 s on a {rate} B/s link ({n:?})"
     );
 }
+
+/// A standby path is pinged while the active one carries traffic; the
+/// peer's acknowledgements cover the whole session and go back on both
+/// paths, so the ack of a standby ping often arrives first on the active
+/// path. The standby path still counts as up soon: its packets arrive.
+#[test]
+fn sim_a_standby_path_comes_up_while_the_active_one_is_busy() {
+    let ms = Duration::from_millis;
+    let mut sim = Sim::new(
+        3,
+        2,
+        2,
+        1400,
+        Duration::from_secs(30),
+        true,
+        gmd_net::Tuning::default(),
+    );
+    // The standby path is the slower one: acks on the active path win.
+    for (n, latency) in [(0, ms(2)), (1, ms(20))] {
+        sim.set_network(
+            n,
+            LinkParams {
+                latency,
+                bandwidth_bytes_per_sec: 10_000_000,
+                ..LinkParams::default()
+            },
+        );
+    }
+    let mut tx = Paced::new(&sim, ms(2));
+    let start = sim.now;
+    let mut up_at = None;
+    while sim.now < start + ms(3000) && up_at.is_none() {
+        let until = sim.now + ms(50);
+        tx.run(&mut sim, until);
+        if sim.nodes[0].endpoint.stats().paths.iter().all(|p| p.up) {
+            up_at = Some(sim.now - start);
+        }
+    }
+    let up_at = up_at.expect("the standby path never came up in 3 s");
+    assert!(up_at <= ms(1000), "both paths up only after {up_at:?}");
+}
