@@ -141,11 +141,10 @@ pub(crate) struct Cubic {
     round_min_rtt: Duration,
     last_round_min_rtt: Duration,
     round_samples: u32,
-    /// The last [`RECENT_SAMPLES`] RTT samples (a ring, `recent_next` the
-    /// oldest) and how many were taken.
+    /// The last [`RECENT_SAMPLES`] RTT samples, a ring filled in order
+    /// (`Duration::MAX` where none yet), `recent_next` the oldest.
     recent: [Duration; RECENT_SAMPLES],
     recent_next: usize,
-    recent_taken: u64,
     /// Datagrams acknowledged and lost in this round and the last.
     round_acked: [u64; 2],
     round_lost: [u64; 2],
@@ -185,7 +184,6 @@ impl Cubic {
             round_samples: 0,
             recent: [Duration::MAX; RECENT_SAMPLES],
             recent_next: 0,
-            recent_taken: 0,
             round_acked: [0; 2],
             round_lost: [0; 2],
             tolerated: 0,
@@ -272,7 +270,7 @@ impl Cubic {
     /// are that many: a forming queue delays every one of them, a busy host
     /// only some.
     fn last_samples_min_rtt(&self) -> Option<Duration> {
-        (self.recent_taken >= RECENT_SAMPLES as u64)
+        (self.recent[RECENT_SAMPLES - 1] != Duration::MAX)
             .then(|| self.recent.iter().copied().min().expect("not empty"))
     }
 
@@ -297,7 +295,6 @@ impl Cubic {
             self.round_samples += 1;
             self.recent[self.recent_next] = rtt.latest;
             self.recent_next = (self.recent_next + 1) % RECENT_SAMPLES;
-            self.recent_taken += 1;
         }
         if self.in_recovery(sent) {
             return;
@@ -343,10 +340,7 @@ impl Cubic {
                     .is_some_and(|m| m >= baseline + thresh)
                 {
                     self.enter_avoidance();
-                    self.cwnd = self.cwnd.min(self.max_cwnd);
-                    return;
-                }
-                if rounds >= 1
+                } else if rounds >= 1
                     && self.round_samples >= HYSTART_SAMPLES_MIN
                     && self.round_min_rtt < baseline
                 {

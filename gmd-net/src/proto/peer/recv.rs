@@ -218,9 +218,6 @@ impl Peer {
         }
         let mut newly_acked_any = false;
         let mut eliciting_acked = false;
-        // Paths whose packets this ack, arriving on another path, shows
-        // delivered (a bit per path).
-        let mut delivered_elsewhere = 0u64;
         // Largest newly acknowledged packet sent on the path the ack came back on.
         let mut largest_on_path: Option<(u64, Instant)> = None;
         for (lo, hi) in a.ranges() {
@@ -256,10 +253,18 @@ impl Peer {
                 if !in_flight {
                     continue;
                 }
-                if path != pi_recv {
-                    // Acknowledged on another path (acks cover the whole
-                    // session): no RTT sample for it, but it delivered.
-                    delivered_elsewhere |= 1 << path.min(63);
+                if path != pi_recv && p.state == PathState::Unknown {
+                    // Acknowledged on another path first (acks cover the
+                    // whole session): no RTT sample, but the path delivers.
+                    // A standby path pinged while the active one carries
+                    // acks might otherwise wait many pings for an ack of
+                    // its own to win that race before it counts as up.
+                    p.state = PathState::Up;
+                    debug!(peer = %self.cfg.name, network = p.cfg.network.0, "path up (delivered)");
+                    sink.events.push_back(Event::PathUp {
+                        peer: self.id,
+                        network: p.cfg.network,
+                    });
                 }
                 eliciting_acked = true;
                 p.on_left_flight(size);
@@ -328,21 +333,6 @@ impl Peer {
             if p.state != PathState::Up {
                 p.state = PathState::Up;
                 debug!(peer = %self.cfg.name, network = p.cfg.network.0, "path up");
-                sink.events.push_back(Event::PathUp {
-                    peer: self.id,
-                    network: p.cfg.network,
-                });
-            }
-        }
-        // A path whose packets arrive is usable even when their acks happen
-        // to come back on another path first: a standby path pinged while
-        // the active one carries acks might otherwise wait many pings for
-        // an ack of its own to win that race before it counts as up.
-        for pi in 0..self.paths.len().min(64) {
-            let p = &mut self.paths[pi];
-            if delivered_elsewhere & (1 << pi) != 0 && p.state == PathState::Unknown {
-                p.state = PathState::Up;
-                debug!(peer = %self.cfg.name, network = p.cfg.network.0, "path up (delivered)");
                 sink.events.push_back(Event::PathUp {
                     peer: self.id,
                     network: p.cfg.network,
