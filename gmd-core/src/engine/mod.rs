@@ -683,6 +683,14 @@ pub struct Engine {
     /// Number of the current (or last) link session.
     session: u64,
     next_seq: Seq,
+    /// What a write submitted now depends on (async): the last message of
+    /// the stream that is not an application's write or flush still
+    /// waiting for the peer. Those are sent before they complete (mwc, the
+    /// fallback past the high water mark) and count only once the peer has
+    /// answered: a write the application has not seen complete orders
+    /// nothing after it, and depending on it would make the peer apply a
+    /// busy device's writes one round of answers at a time.
+    depends_on: Seq,
     remote: VecDeque<RemoteEntry>,
     backlog_bytes: u64,
     fallback: bool,
@@ -812,6 +820,7 @@ impl Engine {
             connected: false,
             session: 0,
             next_seq: 1,
+            depends_on: 0,
             remote: VecDeque::with_capacity(total * 2),
             backlog_bytes: 0,
             fallback: false,
@@ -1153,7 +1162,7 @@ impl Engine {
         self.slots[slot as usize] = SlotInfo {
             owner: Owner::App,
             request,
-            after: self.next_seq - 1,
+            after: self.depends_on,
             session: if self.connected { self.session } else { 0 },
             ..SlotInfo::FREE
         };
@@ -1430,6 +1439,9 @@ impl Engine {
     fn push_remote(&mut self, slot: Option<Slot>, kind: RemoteKind) -> Seq {
         let seq = self.next_seq;
         self.next_seq += 1;
+        if slot.is_none() {
+            self.depends_on = seq;
+        }
         if self.remote.is_empty() {
             // Answered messages leave the front at once, so an empty queue
             // means nothing was waiting: the stall clock starts now.
@@ -1662,6 +1674,17 @@ impl Engine {
         }
         entry.done = true;
         let entry = *entry;
+        if entry.slot.is_some() {
+            // The peer has it: what the application submits from now on
+            // may depend on it (see `depends_on`).
+            self.depends_on = self.depends_on.max(seq);
+            if self.backlog_bytes == 0 {
+                // Caught up. (A write larger than the high water mark
+                // falls back with nothing in the backlog, and no backlog
+                // answer would end the fallback.)
+                self.fallback = false;
+            }
+        }
         self.remote_progress_ms = self.now_ms;
         if result.is_err() {
             self.stats.remote_failures += 1;
@@ -1826,7 +1849,7 @@ impl Engine {
                 Wait::Promotion if self.promotion.is_none() => {
                     // Not admitted yet: as if submitted now.
                     self.slots[slot as usize].wait = Wait::None;
-                    self.slots[slot as usize].after = self.next_seq - 1;
+                    self.slots[slot as usize].after = self.depends_on;
                     self.slots[slot as usize].session =
                         if self.connected { self.session } else { 0 };
                     self.advance(slot);
@@ -1835,7 +1858,7 @@ impl Engine {
                     self.slots[slot as usize].wait = Wait::None;
                     if info.local == Local::Idle {
                         // Not admitted yet: as if submitted now.
-                        self.slots[slot as usize].after = self.next_seq - 1;
+                        self.slots[slot as usize].after = self.depends_on;
                         self.slots[slot as usize].session =
                             if self.connected { self.session } else { 0 };
                         self.advance(slot);
