@@ -23,7 +23,8 @@
 # Usage: bench/mirror.sh [SECONDS_PER_POINT]      (default 10)
 # Environment: SIZE (device size, default 1G), HOT (hot set, default 64M),
 #   DIRTY_PERMILLE (default 10 = 1 %), RATES (sync_rate_kib values, default
-#   "32 1024"), QUIET_WAIT (seconds to wait for 1-min load < 0.6 first,
+#   "32 1024"), MODES (default "standalone sync mwc async"), HWM_KIB (async
+#   high water mark, default 128), QUIET_WAIT (seconds to wait for 1-min load < 0.6 first,
 #   default 0), KEEP=1 (keep the work directory), RESULTS (copy results.tsv
 #   there), SKIP_BUILD=1 (use the binaries in target/release as they are).
 set -euo pipefail
@@ -38,6 +39,8 @@ HOT=${HOT:-64M}
 DIRTY_PERMILLE=${DIRTY_PERMILLE:-10}
 RATES=${RATES:-32 1024}
 QUIET_WAIT=${QUIET_WAIT:-0}
+MODES=${MODES:-standalone sync mwc async}
+HWM_KIB=${HWM_KIB:-128}
 ROOT=$PWD
 BYTES=$(numfmt --from=iec "$SIZE")
 REGIONS=$((BYTES / 32768))
@@ -73,6 +76,7 @@ write_config() { # mode sync_rate_kib
         -e "s/127.0.0.1:10809/127.0.0.1:$NBD_A/" -e "s/127.0.0.1:10810/127.0.0.1:$NBD_B/" \
         -e "s/127.0.0.1:6755/127.0.0.1:$GM_A/" -e "s/127.0.0.1:6756/127.0.0.1:$GM_B/" \
         -e "s/^mode = \"mwc\"/mode = \"$1\"/" -e "s/^sync_rate_kib = 32/sync_rate_kib = $2/" \
+        -e "s/^hwm_kib = 128/hwm_kib = $HWM_KIB/" \
         "$ROOT/examples/loopback.toml" > cluster.toml
     if [ "$1" = async ]; then
         sed -i -e 's|^state_map = "alpha/data10.sm"|&\nrole = "primary"|' \
@@ -165,7 +169,7 @@ read -r _ _ RAW_BW < <(fio_run raw-seq randwrite 1M 16 "$SIZE" "${RAW[@]}" --rw=
 printf 'raw file\t-\t-\t%s\t%s\t%s\t-\t-\t-\t-\t-\t-\t-\t-\t-\t-\n' "$RAW_LAT" "$RAW_IOPS" "$((RAW_BW / 1024))" >> "$TSV"
 
 NBD=(--ioengine=nbd --uri="$URI")
-for mode in standalone sync mwc async; do
+for mode in $MODES; do
     log "mode $mode"
     cfgmode=$mode; [ "$mode" = standalone ] && cfgmode=mwc
     start_mode "$cfgmode" 32 "$mode"
@@ -301,7 +305,7 @@ def frac(s):
     return f"{a/b:.4f} ({int(a)}/{int(b)})" if b else "-"
 print(f"\nmirror.sh: {t} s per point, device {size}, hot set {hot}, loopback\n")
 print(f"{'target':<11} {'4k QD1 us':>9} {'x raw':>6} {'x sa':>6} {'4k QD32 IOPS':>12} {'x raw':>6} {'x sa':>6} {'1M QD16 MiB/s':>13} {'x raw':>6} {'x sa':>6} {'warm MiB/s':>10}")
-for name in ["raw file", "standalone", "sync", "mwc", "async"]:
+for name in [n for n in ["raw file", "standalone", "sync", "mwc", "async"] if n in rows]:
     r = rows[name]
     print(f"{name:<11} {f(r,'qd1_clat_us'):>9.1f} {f(r,'qd1_clat_us')/f(raw,'qd1_clat_us'):>5.2f}x {f(r,'qd1_clat_us')/f(sa,'qd1_clat_us'):>5.2f}x"
           f" {f(r,'qd32_iops'):>12.0f} {f(r,'qd32_iops')/f(raw,'qd32_iops'):>5.2f}x {f(r,'qd32_iops')/f(sa,'qd32_iops'):>5.2f}x"
@@ -309,12 +313,12 @@ for name in ["raw file", "standalone", "sync", "mwc", "async"]:
           f" {r['warm_MiBs']:>10}")
 print(f"\nfirst touch: 4k randwrite QD1 over the whole cold device ({t} s; raw file {raw_lat:.1f} us)")
 print(f"{'mode':<11} {'QD1 us':>9} {'x raw':>6} {'map commits/writes':>24}")
-for name in ["standalone", "sync", "mwc", "async"]:
+for name in [n for n in ["standalone", "sync", "mwc", "async"] if n in rows]:
     r = rows[name]
     print(f"{name:<11} {f(r,'cold_qd1_us'):>9.1f} {f(r,'cold_qd1_us')/raw_lat:>5.2f}x {frac(r['cold_commits/writes']):>24}")
 print(f"\nstate map writes per data write (commits/writes; pages/writes)")
 print(f"{'mode':<11} {'warm-up pass':>22} {'measured points':>24} {'pages':>8} {'hot set '+hot:>22} {'pages':>8} {'HWM fallbacks':>13} {'srtt us':>8}")
-for name in ["standalone", "sync", "mwc", "async"]:
+for name in [n for n in ["standalone", "sync", "mwc", "async"] if n in rows]:
     r = rows[name]
     pg = lambda k: (lambda a, b: f"{a/b:.4f}" if b else "-")(*map(float, r[k].split("/")))
     print(f"{name:<11} {frac(r['warm_commits/writes']):>22} {frac(r['steady_commits/writes']):>24} {pg('steady_pages/writes'):>8}"
@@ -328,23 +332,25 @@ for line in open(rtsv):
     ratio = rsync_s / float(total)
     best = max(best, ratio)
     print(f"{rate:>13} {stale:>6} {float(total):>18.3f} {float(transfer):>20.3f} {ratio:>12.1f}x {same:>7}")
-mwc = rows["mwc"]
-rtt = float(mwc["rtt64_us"])
-rtt8 = float(mwc["rtt8k_us"])
-mlat = f(mwc, "qd1_clat_us")
-sa_lat = f(sa, "qd1_clat_us")
-a_ratio = f(rows["async"], "seq1m_qd16_MiBs") / f(sa, "seq1m_qd16_MiBs")
-print(f"\nidle GeoMessage round trip (netprobe, avg of 200, in the mwc run): 64 B {rtt:.0f} us, 8 KiB {rtt8:.0f} us;"
-      f" smoothed RTT after the runs (netstat): {mwc['srtt_us']} us")
 print("\ngoals")
-print(f"  async 1M throughput / standalone = {a_ratio:.2f}x (goal >= 0.9x): {'met' if a_ratio >= 0.9 else 'NOT met'}"
-      f"; HWM fallbacks {rows['async']['hwm_fallbacks']}")
-for label, rl, r_, loc in [("raw local write", "RTT 64 B", rtt, raw_lat), ("raw local write", "RTT 8 KiB", rtt8, raw_lat),
-                           ("standalone gmd write", "RTT 64 B", rtt, sa_lat)]:
-    bound = max(loc, r_ + loc)
-    print(f"  mwc QD1 {mlat:.1f} us vs max({label} {loc:.1f}, {rl} {r_:.0f} + remote write ~{loc:.1f}) = {bound:.1f} us:"
-          f" {mlat/bound:.2f}x (goal <= 1.1x): {'met' if mlat <= 1.1*bound else 'NOT met'}")
-for name in ["sync", "mwc", "async"]:
+if "async" in rows:
+    a_ratio = f(rows["async"], "seq1m_qd16_MiBs") / f(sa, "seq1m_qd16_MiBs")
+    print(f"  async 1M throughput / standalone = {a_ratio:.2f}x (goal >= 0.9x): {'met' if a_ratio >= 0.9 else 'NOT met'}"
+          f"; HWM fallbacks {rows['async']['hwm_fallbacks']}")
+if "mwc" in rows:
+    mwc = rows["mwc"]
+    rtt = float(mwc["rtt64_us"])
+    rtt8 = float(mwc["rtt8k_us"])
+    mlat = f(mwc, "qd1_clat_us")
+    sa_lat = f(sa, "qd1_clat_us")
+    print(f"  (idle GeoMessage round trip, netprobe, avg of 200, in the mwc run: 64 B {rtt:.0f} us, 8 KiB {rtt8:.0f} us;"
+          f" smoothed RTT after the runs, netstat: {mwc['srtt_us']} us)")
+    for label, rl, r_, loc in [("raw local write", "RTT 64 B", rtt, raw_lat), ("raw local write", "RTT 8 KiB", rtt8, raw_lat),
+                               ("standalone gmd write", "RTT 64 B", rtt, sa_lat)]:
+        bound = max(loc, r_ + loc)
+        print(f"  mwc QD1 {mlat:.1f} us vs max({label} {loc:.1f}, {rl} {r_:.0f} + remote write ~{loc:.1f}) = {bound:.1f} us:"
+              f" {mlat/bound:.2f}x (goal <= 1.1x): {'met' if mlat <= 1.1*bound else 'NOT met'}")
+for name in [n for n in ["sync", "mwc", "async"] if n in rows]:
     a, b = map(float, rows[name]["hot_commits/writes"].split("/"))
     print(f"  {name} map commits per write, 4k randwrite in {hot}: {a/b:.4f} = 1/{b/max(a,1):.0f} (goal <= 1/64): {'met' if a/b <= 1/64 else 'NOT met'}")
 print(f"  resync vs rsync: best {best:.1f}x (goal >= 20x): {'met' if best >= 20 else 'NOT met'}")
