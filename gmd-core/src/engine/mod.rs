@@ -501,6 +501,8 @@ pub struct EngineStats {
     pub resync_refused: u64,
     /// Application writes refused because this copy is secondary.
     pub writes_refused: u64,
+    /// Application writes that waited for an earlier overlapping one.
+    pub overlap_waits: u64,
     /// Whether writes without the peer are held (1) or not (0): see
     /// [`Engine::peer_isolated`].
     pub isolated: u64,
@@ -555,6 +557,9 @@ enum Wait {
     /// Not admitted yet: this copy is being promoted and its data volume
     /// is being synced first ([`Engine::change_access`]).
     Promotion,
+    /// Not admitted yet: an earlier application write overlapping this one
+    /// has not finished ([`Engine::waits_for_overlap`]).
+    Overlap,
 }
 
 /// A promotion waiting for the sync of the data volume
@@ -581,6 +586,8 @@ struct SlotInfo {
     after: Seq,
     session: u64,
     resync_region: Option<u64>,
+    /// Submission order of application requests.
+    ticket: u64,
 }
 
 impl SlotInfo {
@@ -606,6 +613,7 @@ impl SlotInfo {
         after: 0,
         session: 0,
         resync_region: None,
+        ticket: 0,
     };
 }
 
@@ -683,6 +691,13 @@ pub struct Engine {
     /// Number of the current (or last) link session.
     session: u64,
     next_seq: Seq,
+    /// Submission tickets of application requests so far.
+    next_ticket: u64,
+    /// Application writes waiting for an overlapping one (`Wait::Overlap`).
+    overlap_waiters: usize,
+    /// An application write finished while some waited for an overlap:
+    /// the next `poll_action` looks at them.
+    overlap_freed: bool,
     /// What a write submitted now depends on (async): the last message of
     /// the stream that is not an application's write or flush still
     /// waiting for the peer. Those are sent before they complete (mwc, the
@@ -820,6 +835,9 @@ impl Engine {
             connected: false,
             session: 0,
             next_seq: 1,
+            next_ticket: 0,
+            overlap_waiters: 0,
+            overlap_freed: false,
             depends_on: 0,
             remote: VecDeque::with_capacity(total * 2),
             backlog_bytes: 0,
@@ -1092,7 +1110,52 @@ impl Engine {
 
     /// The next action for the driver, if any.
     pub fn poll_action(&mut self) -> Option<Action> {
+        if self.overlap_freed {
+            self.overlap_freed = false;
+            self.resume_overlaps();
+        }
         self.actions.pop_front()
+    }
+
+    /// Whether an earlier application write overlapping `slot`'s has not
+    /// finished. Overlapping writes go one after the other, so that both
+    /// copies apply them in the same order: issued together, the local disk
+    /// would keep whichever of them landed last, and the peer the one sent
+    /// last (DRBD waits for conflicting writes the same way).
+    fn waits_for_overlap(&self, slot: Slot) -> bool {
+        let me = &self.slots[slot as usize];
+        let (start, end) = (
+            me.request.offset_bytes,
+            me.request.offset_bytes + me.request.len_bytes,
+        );
+        self.slots[..self.params.slots_max]
+            .iter()
+            .enumerate()
+            .any(|(i, o)| {
+                i != slot as usize
+                    && o.owner == Owner::App
+                    && o.ticket < me.ticket
+                    && o.request.kind.changes_data()
+                    && o.request.offset_bytes < end
+                    && start < o.request.offset_bytes + o.request.len_bytes
+            })
+    }
+
+    /// Admits the writes waiting for an overlapping one that has finished,
+    /// in the order they were submitted (waiting ones keep their order).
+    fn resume_overlaps(&mut self) {
+        let mut count = self.waiting.len();
+        while count > 0 {
+            count -= 1;
+            let slot = self.waiting.pop_front().expect("counted");
+            if self.slots[slot as usize].wait == Wait::Overlap && !self.waits_for_overlap(slot) {
+                self.overlap_waiters -= 1;
+                self.slots[slot as usize].wait = Wait::None;
+                self.advance(slot);
+            } else {
+                self.waiting.push_back(slot);
+            }
+        }
     }
 
     /// Pages the current map write must write (valid after [`Action::PersistMap`]).
@@ -1159,8 +1222,10 @@ impl Engine {
     /// If no application slot is free ([`Engine::app_slot_available`]).
     pub fn submit(&mut self, request: Request) -> Slot {
         let slot = self.free_app.pop().expect("an application slot is free");
+        self.next_ticket += 1;
         self.slots[slot as usize] = SlotInfo {
             owner: Owner::App,
+            ticket: self.next_ticket,
             request,
             after: self.depends_on,
             session: if self.connected { self.session } else { 0 },
@@ -1285,6 +1350,11 @@ impl Engine {
             self.issue_local(slot);
             return;
         }
+        if self.waits_for_overlap(slot) {
+            self.stats.overlap_waits += 1;
+            self.park(slot, Wait::Overlap);
+            return;
+        }
         if self.journal.failed {
             self.finish_app(slot, Err(EngineError::MapFailed));
             return;
@@ -1352,6 +1422,9 @@ impl Engine {
     }
 
     fn park(&mut self, slot: Slot, wait: Wait) {
+        if wait == Wait::Overlap {
+            self.overlap_waiters += 1;
+        }
         self.slots[slot as usize].wait = wait;
         self.waiting.push_back(slot);
     }
@@ -1566,6 +1639,9 @@ impl Engine {
     }
 
     fn finish_app(&mut self, slot: Slot, result: Result<(), EngineError>) {
+        if self.slots[slot as usize].request.kind.changes_data() && self.overlap_waiters > 0 {
+            self.overlap_freed = true;
+        }
         self.slots[slot as usize] = SlotInfo::FREE;
         self.free_app.push(slot);
         self.actions.push_back(Action::Complete(slot, result));
