@@ -249,6 +249,8 @@ enum Command {
         body: Bytes,
         reply: Option<oneshot::Sender<Result<Bytes, NetError>>>,
         accepted: Option<oneshot::Sender<Result<(), NetError>>>,
+        /// A one-way message that may pass earlier ones ([`Node::post_passing`]).
+        passing: bool,
     },
     Reply {
         to: ReplyTo,
@@ -489,6 +491,7 @@ impl Node {
                 body,
                 reply: Some(tx),
                 accepted: None,
+                passing: false,
             })
             .await
             .map_err(|_| NetError::Shutdown)?;
@@ -503,7 +506,7 @@ impl Node {
     /// `MessageTooLarge`, `Shutdown`.
     pub async fn send(&self, peer: PeerId, stream: StreamId, body: Bytes) -> Result<(), NetError> {
         let (tx, rx) = oneshot::channel();
-        self.one_way(peer, stream, body, Some(tx)).await?;
+        self.one_way(peer, stream, body, Some(tx), false).await?;
         rx.await.map_err(|_| NetError::Shutdown)?
     }
 
@@ -517,7 +520,23 @@ impl Node {
     /// # Errors
     /// `BadPeer`, `MessageTooLarge`, `Shutdown`.
     pub async fn post(&self, peer: PeerId, stream: StreamId, body: Bytes) -> Result<(), NetError> {
-        self.one_way(peer, stream, body, None).await
+        self.one_way(peer, stream, body, None, false).await
+    }
+
+    /// As [`Node::post`], for a message the peer may deliver before earlier
+    /// messages of the stream that have not arrived yet (a datagram of
+    /// theirs was lost): one that depends on none of them, which only the
+    /// sender can know. Later messages still wait for it.
+    ///
+    /// # Errors
+    /// As [`Node::post`].
+    pub async fn post_passing(
+        &self,
+        peer: PeerId,
+        stream: StreamId,
+        body: Bytes,
+    ) -> Result<(), NetError> {
+        self.one_way(peer, stream, body, None, true).await
     }
 
     /// Admits a one-way message and hands it to the driver, which answers
@@ -528,6 +547,7 @@ impl Node {
         stream: StreamId,
         body: Bytes,
         accepted: Option<oneshot::Sender<Result<(), NetError>>>,
+        passing: bool,
     ) -> Result<(), NetError> {
         self.admit(peer, body.len(), false).await?;
         self.cmd
@@ -537,6 +557,7 @@ impl Node {
                 body,
                 reply: None,
                 accepted,
+                passing,
             })
             .await
             .map_err(|_| NetError::Shutdown)
@@ -733,6 +754,7 @@ impl Driver {
                 body,
                 reply,
                 accepted,
+                passing,
             } => {
                 let charge = message_charge(body.len());
                 let gate = &self.gates[peer.0 as usize];
@@ -748,7 +770,11 @@ impl Driver {
                         }
                     }
                 } else {
-                    let r = self.ep.send(now, peer, stream, body);
+                    let r = if passing {
+                        self.ep.send_passing(now, peer, stream, body)
+                    } else {
+                        self.ep.send(now, peer, stream, body)
+                    };
                     if r.is_err() {
                         gate.bytes.add_permits(charge);
                     }

@@ -32,6 +32,9 @@ pub struct MachineStats {
     pub fragments: u64,
     /// Duplicate message fragments received and dropped.
     pub duplicate_fragments: u64,
+    /// Passing messages delivered before earlier ones of their ordered
+    /// stream that had not arrived yet (after a loss).
+    pub passed: u64,
     /// Datagrams to this machine whose data was declared lost and re-queued
     /// (retries, summed over its paths).
     pub resends: u64,
@@ -194,6 +197,7 @@ impl Stats {
                     fragmented,
                     fragments,
                     duplicate_fragments,
+                    passed,
                     resends,
                     peer_downs,
                     restarts

@@ -265,6 +265,11 @@ impl<'a> Reader<'a> {
 pub enum MsgKind {
     /// One-way message.
     OneWay,
+    /// One-way message its receiver may deliver before earlier messages of
+    /// its ordered stream that have not arrived yet (the sender knows it
+    /// does not depend on them); later messages of the stream still wait
+    /// for it, as for any other.
+    Passing,
     /// Request expecting a reply with the same id.
     Request(u64),
     /// Reply to the request with this id.
@@ -375,7 +380,7 @@ pub fn stream_frame_header_len(
     len: usize,
 ) -> usize {
     let kind_len = match kind {
-        MsgKind::OneWay => 1,
+        MsgKind::OneWay | MsgKind::Passing => 1,
         MsgKind::Request(id) | MsgKind::Reply(id) => 1 + varint_len(id),
     };
     1 + varint_len(u64::from(stream))
@@ -393,6 +398,7 @@ pub fn write_stream(w: &mut Writer<'_>, f: &StreamFrame<'_>) {
     w.varint(f.seq);
     match f.kind {
         MsgKind::OneWay => w.u8(0),
+        MsgKind::Passing => w.u8(3),
         MsgKind::Request(id) => {
             w.u8(1);
             w.varint(id);
@@ -524,6 +530,7 @@ fn decode_frame<'a>(r: &mut Reader<'a>) -> Result<Frame<'a>, DecodeError> {
                 0 => MsgKind::OneWay,
                 1 => MsgKind::Request(r.varint()?),
                 2 => MsgKind::Reply(r.varint()?),
+                3 => MsgKind::Passing,
                 _ => return Err(DecodeError::Malformed),
             };
             let total_len = u32::try_from(r.varint()?).map_err(|_| DecodeError::Malformed)?;
@@ -628,6 +635,18 @@ mod tests {
         );
         let got: Vec<_> = frames(&buf[..n]).collect();
         assert!(matches!(&got[..], [Ok(Frame::Stream(g))] if *g == f));
+        for kind in [MsgKind::OneWay, MsgKind::Passing, MsgKind::Reply(5)] {
+            let f = StreamFrame { kind, ..f };
+            let mut other = [0u8; 256];
+            let mut w = Writer::new(&mut other);
+            write_stream(&mut w, &f);
+            let n = w.len();
+            let got: Vec<_> = frames(&other[..n]).collect();
+            assert!(
+                matches!(&got[..], [Ok(Frame::Stream(g))] if *g == f),
+                "{kind:?}"
+            );
+        }
         // Truncated data.
         assert!(validate_payload(&buf[..n - 1]).is_err());
         // Fragment past the end of the message.

@@ -349,6 +349,26 @@ impl Endpoint {
             .map(|_| ())
     }
 
+    /// Queues a one-way message as [`Endpoint::send`] does, which the peer
+    /// may deliver before earlier messages of `stream` that have not
+    /// arrived yet (a datagram of theirs was lost); messages sent after it
+    /// still wait for it. For a message that depends on none of the earlier
+    /// ones still on their way: the sender must know that.
+    ///
+    /// # Errors
+    /// As [`Endpoint::send`].
+    pub fn send_passing(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        stream: StreamId,
+        body: Bytes,
+    ) -> Result<(), NetError> {
+        self.check_stream(stream)?;
+        self.enqueue(now, peer, stream, wire::MsgKind::Passing, body, None)
+            .map(|_| ())
+    }
+
     /// Queues a request; the reply arrives as `Event::Reply` with the returned
     /// id, or `Event::RequestFailed` if the peer goes down or restarts first.
     ///

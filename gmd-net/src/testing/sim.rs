@@ -576,6 +576,8 @@ struct SentMsg {
     stream: u16,
     sent_at: Instant,
     request: Option<RequestId>,
+    /// Sent as a passing message ([`Endpoint::send_passing`]).
+    passing: bool,
     /// Outcome: delivered at, replied, failed.
     delivered: Vec<Instant>,
     replied: bool,
@@ -657,7 +659,8 @@ struct Runner {
     backlog: Vec<(usize, usize, u16, usize, Bytes, bool)>,
     /// Credits to release later: (at, machine, credit)
     releases: Vec<(Instant, usize, crate::proto::Credit)>,
-    /// Last delivered app sequence per (to, from, from incarnation, stream).
+    /// Last delivered app sequence that did not pass, per (to, from, from
+    /// incarnation, stream).
     order: BTreeMap<(usize, usize, u32, u16), usize>,
     downs: Vec<(Instant, usize, usize)>,
     restarts_done: Vec<(Instant, usize)>,
@@ -689,6 +692,8 @@ impl Runner {
                 self.sim.rng.gen_range(12..2_000)
             };
             let is_request = self.sim.rng.gen_bool(0.5);
+            // A third of the one-way messages may pass earlier ones.
+            let passing = !is_request && self.sim.rng.gen_bool(1.0 / 3.0);
             let idx = self.msgs.len();
             self.msgs.push(SentMsg {
                 from,
@@ -697,6 +702,7 @@ impl Runner {
                 stream,
                 sent_at: self.sim.now,
                 request: None,
+                passing,
                 delivered: Vec::new(),
                 replied: false,
                 failed: false,
@@ -728,6 +734,9 @@ impl Runner {
             let res = if is_request {
                 ep.request(now, PeerId(to as u16), StreamId(stream), body.clone())
                     .map(Some)
+            } else if self.msgs[idx].passing {
+                ep.send_passing(now, PeerId(to as u16), StreamId(stream), body.clone())
+                    .map(|_| None)
             } else {
                 ep.send(now, PeerId(to as u16), StreamId(stream), body.clone())
                     .map(|_| None)
@@ -791,6 +800,9 @@ impl Runner {
                             )));
                         }
                         if d.stream.is_ordered() {
+                            // Nothing comes after a later message that
+                            // does not pass; a passing one may come before
+                            // earlier ones.
                             let k = (m, msg.from, msg.from_incarnation, msg.stream);
                             if let Some(&prev) = self.order.get(&k)
                                 && prev > idx
@@ -800,7 +812,9 @@ impl Runner {
                                     msg.stream
                                 )));
                             }
-                            self.order.insert(k, idx);
+                            if !msg.passing {
+                                self.order.insert(k, idx);
+                            }
                         }
                         self.msgs[idx].delivered.push(now);
                         if let IncomingKind::Request(to) = d.kind {

@@ -236,6 +236,9 @@ pub(crate) struct Peer {
     recv_lanes: BTreeMap<u16, RecvLane>,
     /// Receive slots across all lanes (bounded by `recv_slots_max`).
     recv_slots: usize,
+    /// Slots of ordered lanes whose passing message was delivered ahead of
+    /// earlier ones (bounded by `passed_slots_max`).
+    passed_slots: usize,
     charged_in: u64,
     released_in: u64,
     credit_advertised: u64,
@@ -280,7 +283,17 @@ const CHUNKS_PER_PACKET_AVG: usize = 4;
 /// the windows of the three unordered lanes, whose delivered slots wait for
 /// earlier ones after their credit was released.
 pub(crate) fn recv_slots_max(t: &Tuning) -> usize {
-    t.recv_window_bytes / MESSAGE_OVERHEAD_BYTES + 3 * t.stream_window_messages as usize
+    t.recv_window_bytes / MESSAGE_OVERHEAD_BYTES
+        + 3 * t.stream_window_messages as usize
+        + passed_slots_max(t)
+}
+
+/// Passing messages of ordered lanes delivered ahead of earlier ones and
+/// still waiting for them (their credit released): one lane's window. Past
+/// it, a passing message waits for its turn, its credit held, so the
+/// sender's credit bounds the rest.
+pub(crate) fn passed_slots_max(t: &Tuning) -> usize {
+    t.stream_window_messages as usize
 }
 
 /// Tracked packets reserved for control traffic.
@@ -352,6 +365,7 @@ impl Peer {
             next_request: 1,
             recv_lanes: BTreeMap::new(),
             recv_slots: 0,
+            passed_slots: 0,
             charged_in: 0,
             released_in: 0,
             credit_advertised: t.recv_window_bytes as u64,

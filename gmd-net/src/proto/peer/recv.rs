@@ -17,7 +17,7 @@ use crate::wire::{self, FLAG_ENCRYPTED, Frame, HEADER_BYTES, Header, MsgKind, TA
 
 use super::{
     ACK_EVERY_PACKETS, Chunk, LOST_RECORDS_MAX, LostPacket, Peer, PeerTimer, RecvData, RecvLane,
-    RecvMsg, Reset, Slot, lane_ordered, recv_slots_max,
+    RecvMsg, Reset, Slot, lane_ordered, passed_slots_max, recv_slots_max,
 };
 
 impl Peer {
@@ -656,17 +656,42 @@ impl Peer {
         self.deliver_ready(shared, sink, s.stream);
     }
 
-    fn deliver_ready(&mut self, _shared: &Shared, sink: &mut Sink, lane_id: u16) {
+    fn deliver_ready(&mut self, shared: &Shared, sink: &mut Sink, lane_id: u16) {
+        let passed_max = passed_slots_max(&shared.tuning);
         let lane = self.recv_lanes.get_mut(&lane_id).expect("lane exists");
         let mut out = Vec::new();
         if lane.ordered {
-            while matches!(lane.slots.front(), Some(Slot::Ready(_))) {
-                let Some(Slot::Ready(m)) = lane.slots.pop_front() else {
-                    unreachable!()
-                };
+            loop {
+                match lane.slots.front() {
+                    Some(Slot::Ready(_)) => {
+                        let Some(Slot::Ready(m)) = lane.slots.pop_front() else {
+                            unreachable!()
+                        };
+                        out.push(m);
+                    }
+                    // A passing message delivered before its turn.
+                    Some(Slot::Delivered) => {
+                        lane.slots.pop_front();
+                        self.passed_slots -= 1;
+                    }
+                    _ => break,
+                }
                 lane.base += 1;
                 self.recv_slots -= 1;
-                out.push(m);
+            }
+            // Passing messages go before earlier ones that have not arrived.
+            for slot in lane.slots.iter_mut() {
+                if self.passed_slots >= passed_max {
+                    break;
+                }
+                if matches!(slot, Slot::Ready(m) if m.kind == MsgKind::Passing) {
+                    self.passed_slots += 1;
+                    self.stats.passed += 1;
+                    let Slot::Ready(m) = std::mem::replace(slot, Slot::Delivered) else {
+                        unreachable!()
+                    };
+                    out.push(m);
+                }
             }
         } else {
             for slot in lane.slots.iter_mut() {

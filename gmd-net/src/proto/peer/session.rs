@@ -62,6 +62,7 @@ impl Peer {
         self.largest_received = None;
         self.recv_lanes.clear();
         self.recv_slots = 0;
+        self.passed_slots = 0;
         self.charged_in = 0;
         self.released_in = 0;
         self.credit_advertised = t.recv_window_bytes as u64;
