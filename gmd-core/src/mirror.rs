@@ -172,6 +172,12 @@ pub enum LinkEvent {
 pub trait PeerLink: Send + Sync + 'static {
     /// Sends one message, in order.
     fn send(&self, message: ToPeer);
+    /// Sends one message that the peer may take before earlier ones still
+    /// on their way (the engine found it depends on none of them; see
+    /// [`crate::engine::Engine::poll_action`]). By default, in order.
+    fn send_passing(&self, message: ToPeer) {
+        self.send(message);
+    }
     /// This side's part of a resync finished.
     fn resync_done(&self);
     /// The session must be dropped and set up again (see

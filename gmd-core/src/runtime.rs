@@ -1157,13 +1157,16 @@ impl Core {
     /// Carries out an action any thread may: a message to the peer.
     /// Gives any other action back.
     fn send(&mut self, link: Option<&Arc<dyn PeerLink>>, action: Action) -> Result<(), Action> {
+        let mut passes = false;
         let message = match action {
             Action::SendWrite {
                 slot,
                 seq,
                 after,
                 request,
+                passing,
             } => {
+                passes = passing;
                 let entry = &mut self.slots[slot as usize];
                 let data = if request.kind == OpKind::Write {
                     let shared = match entry.data.take() {
@@ -1199,8 +1202,10 @@ impl Core {
             Action::SendTerm { term } => ToPeer::Term { term },
             other => return Err(other),
         };
-        if let Some(link) = link {
-            link.send(message);
+        match link {
+            Some(link) if passes => link.send_passing(message),
+            Some(link) => link.send(message),
+            None => {}
         }
         Ok(())
     }
@@ -1644,15 +1649,26 @@ impl Worker {
                 Action::Complete(slot, result) => {
                     hand_back(core.finish(slot, &result, &self.shared.stats), result);
                 }
-                Action::Reply(slot, result) => {
+                Action::Reply {
+                    slot,
+                    result,
+                    passing,
+                } => {
                     let entry = &mut core.slots[slot as usize];
                     entry.data = None;
                     entry.check_sum = None;
                     let seq = entry.peer_seq;
-                    self.send(ToPeer::Reply {
+                    let reply = ToPeer::Reply {
                         seq,
                         result: result.map_err(|e| e.errno()),
-                    });
+                    };
+                    if let Some(link) = &self.shared.link {
+                        if passing {
+                            link.send_passing(reply);
+                        } else {
+                            link.send(reply);
+                        }
+                    }
                 }
                 Action::Discard(slot) => {
                     core.slots[slot as usize].data = None;

@@ -37,7 +37,10 @@
 //!   that peer (`Link::session_with`: pending or in force), which wait
 //!   while its engine is not connected yet (the responder before `Go`, as
 //!   the runtime holds them), and drops the others. `SendAdopted` reaches
-//!   `peer_adopted`.
+//!   `peer_adopted`. A message the engine let pass (`SendWrite`'s and
+//!   `Reply`'s `passing`) is delivered before earlier ones still on the
+//!   wire at random (`faults::PASS_CHANCE`), as GeoMessage does after a
+//!   loss; any other waits for all before it.
 //! - Roles (`mirror_sim/admin.rs`): a node restarted after a crash takes
 //!   the role recorded in its superblock where `roles::may_promote` allows
 //!   it against what it sees of its peer (reachable and its role, recorded
@@ -558,6 +561,8 @@ struct Counts {
     syncs_overlapping: usize,
     /// Device messages of another session dropped by a receiver.
     old_dropped: usize,
+    /// Passing device messages delivered before earlier ones.
+    passed: usize,
     /// Device messages that waited for the receiver's engine to connect.
     /// Primaries that held their writes on losing their peer, and holds
     /// the administrator released.
@@ -602,6 +607,7 @@ impl Counts {
         self.sync_failures += other.sync_failures;
         self.syncs_overlapping += other.syncs_overlapping;
         self.old_dropped += other.old_dropped;
+        self.passed += other.passed;
         self.held += other.held;
         self.isolations += other.isolations;
         self.releases += other.releases;
@@ -832,12 +838,13 @@ impl World {
                 seq,
                 after,
                 request,
+                passing,
             } => {
                 let Some(SlotData::AppWrite { id }) = self.nodes[n].slots.get(&slot).cloned()
                 else {
                     panic!("SendWrite of a slot without a write")
                 };
-                self.send(
+                self.send_as(
                     n,
                     Msg::Write {
                         seq,
@@ -845,17 +852,22 @@ impl World {
                         id,
                         request,
                     },
+                    passing,
                 );
             }
             Action::SendFlush { seq } => self.send(n, Msg::Flush { seq }),
-            Action::Reply(slot, result) => {
+            Action::Reply {
+                slot,
+                result,
+                passing,
+            } => {
                 let Some(SlotData::Peer { seq, .. } | SlotData::PeerCheck { seq, .. }) =
                     self.nodes[n].slots.remove(&slot)
                 else {
                     panic!("Reply for a slot without a peer op")
                 };
                 let ok = result.is_ok();
-                self.send(n, Msg::Ack { seq, ok });
+                self.send_as(n, Msg::Ack { seq, ok }, passing);
             }
             Action::Discard(slot) => {
                 let Some(SlotData::Peer { .. } | SlotData::PeerCheck { .. }) =
@@ -924,8 +936,18 @@ impl World {
     /// Queues a message from node `n` on its wire, tagged with the session
     /// its link is in (like gmdd, nothing is sent without one).
     fn send(&mut self, n: usize, msg: Msg) {
+        self.send_as(n, msg, false);
+    }
+
+    /// As `send`; a passing message may be delivered before earlier ones
+    /// still on the wire (GeoMessage's `post_passing`, after a loss).
+    fn send_as(&mut self, n: usize, msg: Msg, passing: bool) {
         if let Some((_, session)) = self.nodes[n].link.connected() {
-            self.wires[n].push_back(Packet { session, msg });
+            self.wires[n].push_back(Packet {
+                session,
+                msg,
+                passing,
+            });
         }
     }
 
@@ -1537,7 +1559,17 @@ impl World {
         if self.nodes[to].engine.is_none() {
             return;
         }
-        let Some(packet) = self.wires[wire].front() else {
+        // A passing message may go first (as when the datagrams of those
+        // before it were lost); any other waits for all before it.
+        let passers: Vec<usize> = (1..self.wires[wire].len())
+            .filter(|&i| self.wires[wire][i].passing)
+            .collect();
+        let at = if !passers.is_empty() && self.rng.gen_bool(faults::PASS_CHANCE) {
+            passers[self.rng.gen_range(0..passers.len())]
+        } else {
+            0
+        };
+        let Some(packet) = self.wires[wire].get(at) else {
             return;
         };
         let session = packet.session;
@@ -1547,7 +1579,7 @@ impl World {
         );
         let taken = self.nodes[to].link.session_with(NAMES[wire]);
         if taken != Some(session) {
-            self.wires[wire].pop_front();
+            self.wires[wire].remove(at);
             self.counts.old_dropped += 1;
             return;
         }
@@ -1562,7 +1594,10 @@ impl World {
         if needs_slot && !self.engine(to).peer_slot_available() {
             return;
         }
-        let msg = self.wires[wire].pop_front().expect("front").msg;
+        if at != 0 {
+            self.counts.passed += 1;
+        }
+        let msg = self.wires[wire].remove(at).expect("chosen").msg;
         self.hand_over(to, msg);
         self.pump(to);
     }
@@ -2560,6 +2595,11 @@ fn two_engines_keep_every_invariant_under_faults() {
                 "read blocks of a lagging replica",
             ),
             (true, counts.held, "device messages held until Go"),
+            (
+                true,
+                counts.passed,
+                "device messages delivered before earlier ones",
+            ),
             (
                 faults.isolation,
                 counts.isolations,

@@ -686,6 +686,11 @@ pub struct NetMachine {
     pub fragments: u64,
     /// Datagrams re-sent after a loss.
     pub resends: u64,
+    /// Messages from it delivered before earlier ones held up by a loss
+    /// (writes and answers that depend on none of those). Absent from older
+    /// daemons' reports: 0.
+    #[serde(default)]
+    pub passed: u64,
     /// Times it was declared down.
     pub peer_downs: u64,
 }

@@ -128,6 +128,7 @@ pub fn net_report(config: &ClusterConfig, machine: &str, s: &gmd_net::Stats) -> 
                 fragmented: m.fragmented,
                 fragments: m.fragments,
                 resends: m.resends,
+                passed: m.passed,
                 peer_downs: m.peer_downs,
             })
             .collect(),

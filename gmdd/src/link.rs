@@ -158,7 +158,7 @@ pub(super) struct DeviceLink {
     pub(super) device: String,
     size_bytes: u64,
     /// Messages for the sender task, at most [`OUT_MESSAGES_MAX`].
-    out: mpsc::Sender<(PeerId, Bytes)>,
+    out: mpsc::Sender<Outgoing>,
     pub(super) inner: Mutex<LinkInner>,
     node: Arc<Node>,
     pub(super) rt: tokio::runtime::Handle,
@@ -181,30 +181,11 @@ impl std::fmt::Debug for DeviceLink {
 
 impl PeerLink for DeviceLink {
     fn send(&self, message: ToPeer) {
-        let (session, peer) = {
-            let inner = self.inner.lock().expect("link lock");
-            match (inner.core.connected(), inner.peer_id) {
-                (Some((_, s)), Some(p)) => (s, p),
-                _ => return,
-            }
-        };
-        // One buffer: the session, then the message (one copy of the data).
-        let mut body = BytesMut::with_capacity(8 + mirror::encoded_len(&message));
-        body.put_u64_le(session);
-        mirror::encode_into(&message, &mut body);
-        match self.out.try_send((peer, body.freeze())) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.drop_stuck_peer(format!(
-                    "{OUT_MESSAGES_MAX} messages wait to be sent to the peer"
-                ));
-                return;
-            }
-            // The sender task ended with the runtime: nothing to send on.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
-        // Writes, resync data and flushes change backlogs and progress.
-        self.poke();
+        self.queue(message, false);
+    }
+
+    fn send_passing(&self, message: ToPeer) {
+        self.queue(message, true);
     }
 
     fn resync_done(&self) {
@@ -258,6 +239,40 @@ impl PeerLink for DeviceLink {
 }
 
 impl DeviceLink {
+    /// Queues a device message for the peer, prefixed with the session
+    /// (`passing`: the peer may take it before earlier ones still on their
+    /// way, see `gmd_core::engine::Engine::poll_action`).
+    fn queue(&self, message: ToPeer, passing: bool) {
+        let (session, peer) = {
+            let inner = self.inner.lock().expect("link lock");
+            match (inner.core.connected(), inner.peer_id) {
+                (Some((_, s)), Some(p)) => (s, p),
+                _ => return,
+            }
+        };
+        // One buffer: the session, then the message (one copy of the data).
+        let mut body = BytesMut::with_capacity(8 + mirror::encoded_len(&message));
+        body.put_u64_le(session);
+        mirror::encode_into(&message, &mut body);
+        match self.out.try_send(Outgoing {
+            peer,
+            body: body.freeze(),
+            passing,
+        }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.drop_stuck_peer(format!(
+                    "{OUT_MESSAGES_MAX} messages wait to be sent to the peer"
+                ));
+                return;
+            }
+            // The sender task ended with the runtime: nothing to send on.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+        // Writes, resync data and flushes change backlogs and progress.
+        self.poke();
+    }
+
     /// Tells the event watcher that this device may have changed.
     pub(super) fn poke(&self) {
         self.changed.notify_one();
@@ -396,14 +411,33 @@ impl DeviceLink {
     }
 }
 
-async fn send_loop(node: Arc<Node>, stream: StreamId, mut rx: mpsc::Receiver<(PeerId, Bytes)>) {
-    while let Some((peer, body)) = rx.recv().await {
+/// A device message on its way to the sender task.
+#[derive(Debug)]
+pub(super) struct Outgoing {
+    peer: PeerId,
+    /// The session, then the encoded message.
+    body: Bytes,
+    /// It may pass earlier messages (`Node::post_passing`).
+    passing: bool,
+}
+
+async fn send_loop(node: Arc<Node>, stream: StreamId, mut rx: mpsc::Receiver<Outgoing>) {
+    while let Some(Outgoing {
+        peer,
+        body,
+        passing,
+    }) = rx.recv().await
+    {
         // In order: flow control admits each message before the next, and
         // the driver takes them in that order. Small messages do not wait a
         // driver turn each (4 KiB writes stream back to back); large ones
         // do, which paces the driver's fragmenting (measured: bursts of
         // 1 MiB messages lost a quarter of their throughput).
-        let result = if body.len() <= POST_BYTES_MAX {
+        // A large message never passes (it is sent whole, in order): that
+        // is always allowed.
+        let result = if passing && body.len() <= POST_BYTES_MAX {
+            node.post_passing(peer, stream, body).await
+        } else if body.len() <= POST_BYTES_MAX {
             node.post(peer, stream, body).await
         } else {
             node.send(peer, stream, body).await

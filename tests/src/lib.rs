@@ -538,6 +538,12 @@ impl Gmdd {
         all[0].take()
     }
 
+    /// `gmdctl netstat --json` of this daemon (one report).
+    pub fn netstat_json(&self) -> serde_json::Value {
+        let run = self.ctl(&["netstat", "--json", "-c", "1"]).ok();
+        serde_json::from_str(run.stdout.lines().next().unwrap_or("")).expect("netstat json")
+    }
+
     /// Waits until the device mirrors (or stops mirroring) with its peer.
     pub fn wait_mirroring(&self, device: &str, mirroring: bool) {
         wait_for(
@@ -595,6 +601,19 @@ impl Cut {
     /// # Panics
     /// When nftables cannot be used (root and the `nftables` package are needed).
     pub fn new(ports: &[u16]) -> Cut {
+        Cut::with_rule(ports, "drop")
+    }
+
+    /// Drops `per_mille` of the GeoMessage datagrams to the given UDP
+    /// ports, at random (a lossy link rather than a cut).
+    ///
+    /// # Panics
+    /// As [`Cut::new`].
+    pub fn lossy(ports: &[u16], per_mille: u32) -> Cut {
+        Cut::with_rule(ports, &format!("numgen random mod 1000 < {per_mille} drop"))
+    }
+
+    fn with_rule(ports: &[u16], rule: &str) -> Cut {
         let table = format!(
             "gmdcut{}{}",
             std::process::id(),
@@ -602,7 +621,7 @@ impl Cut {
         );
         let set: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
         let script = format!(
-            "table inet {table} {{\n  chain out {{\n    type filter hook output priority 0;\n    udp dport {{ {} }} drop\n  }}\n}}\n",
+            "table inet {table} {{\n  chain out {{\n    type filter hook output priority 0;\n    udp dport {{ {} }} {rule}\n  }}\n}}\n",
             set.join(", ")
         );
         let mut child = Command::new("nft")

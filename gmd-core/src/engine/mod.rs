@@ -231,6 +231,10 @@ pub enum Action {
         after: Seq,
         /// The write (the slot may be free by the time this is handled).
         request: Request,
+        /// The peer may apply it before earlier messages still on their
+        /// way (see [`Engine::poll_action`]): send it so that it can pass
+        /// them (`PeerLink::send_passing`).
+        passing: bool,
     },
     /// Send a flush barrier as message `seq`; report with [`Engine::remote_done`].
     SendFlush {
@@ -238,7 +242,15 @@ pub enum Action {
         seq: Seq,
     },
     /// Answer the peer for the operation in this slot; the slot is free again.
-    Reply(Slot, Result<(), EngineError>),
+    Reply {
+        /// The slot of the operation.
+        slot: Slot,
+        /// How it went.
+        result: Result<(), EngineError>,
+        /// The answer may pass earlier messages still on their way (see
+        /// [`Engine::poll_action`]).
+        passing: bool,
+    },
     /// Drop the operation in this slot without answering (it belonged to an
     /// earlier link session); the slot is free again.
     Discard(Slot),
@@ -347,6 +359,9 @@ pub struct Connection {
     pub resync_checksums: bool,
     /// The peer's primary term; this side takes it if higher.
     pub peer_term: u64,
+    /// The peer takes device messages that pass earlier ones (see
+    /// [`Engine::poll_action`]); an older one does not.
+    pub passing: bool,
 }
 
 impl From<ResyncRole> for Connection {
@@ -360,6 +375,7 @@ impl From<ResyncRole> for Connection {
             source_current: crate::generations::GEN_NONE,
             peer_term: 0,
             resync_checksums: false,
+            passing: true,
         }
     }
 }
@@ -638,6 +654,19 @@ enum RemoteKind {
     },
 }
 
+/// Whether application writes may pass earlier messages to the peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fence {
+    /// Yes, as far as this goes (see [`Engine::poll_action`]).
+    Clear,
+    /// No: the next message with a sequence number goes in order (the
+    /// session's first, or one after an unsequenced message).
+    NextSent,
+    /// No, until the peer answered this message or a later one: sent in
+    /// order, it arrived after everything before it.
+    Until(Seq),
+}
+
 /// A barrier in flight: the local data volume is being synced and the peer
 /// flushes its own; once both are done, the marks of `regions` go.
 #[derive(Debug)]
@@ -698,6 +727,13 @@ pub struct Engine {
     /// An application write finished while some waited for an overlap:
     /// the next `poll_action` looks at them.
     overlap_freed: bool,
+    /// Whether writes may pass earlier messages (see [`Engine::poll_action`]).
+    fence: Fence,
+    /// This side has sent nothing but answers in this session: its answers
+    /// to plain writes may pass each other.
+    answers_only: bool,
+    /// The peer of this session takes passing messages.
+    peer_takes_passing: bool,
     /// What a write submitted now depends on (async): the last message of
     /// the stream that is not an application's write or flush still
     /// waiting for the peer. Those are sent before they complete (mwc, the
@@ -838,6 +874,9 @@ impl Engine {
             next_ticket: 0,
             overlap_waiters: 0,
             overlap_freed: false,
+            fence: Fence::NextSent,
+            answers_only: true,
+            peer_takes_passing: false,
             depends_on: 0,
             remote: VecDeque::with_capacity(total * 2),
             backlog_bytes: 0,
@@ -1109,12 +1148,83 @@ impl Engine {
     }
 
     /// The next action for the driver, if any.
+    ///
+    /// Which messages may pass earlier ones on their way to the peer is
+    /// decided here, in the order they are sent: an application write in
+    /// sync or mwc mode that overlaps no earlier message the peer has not
+    /// answered, with no unanswered message before it but writes, and
+    /// nothing unsequenced (a `SendResyncAdd`, a `SendTerm`…) sent since
+    /// an answer showed the peer has everything before it; and this side's
+    /// answers to plain writes while it has sent nothing but answers in
+    /// this session. The peer applies such a write on arrival, so a lost
+    /// datagram holds up only its own write, not every one behind it.
     pub fn poll_action(&mut self) -> Option<Action> {
         if self.overlap_freed {
             self.overlap_freed = false;
             self.resume_overlaps();
         }
-        self.actions.pop_front()
+        let mut action = self.actions.pop_front()?;
+        match &mut action {
+            Action::SendWrite {
+                seq,
+                after,
+                request,
+                passing,
+                ..
+            } => {
+                *passing = self.write_may_pass(*seq, *after, request);
+                self.sequenced_sent(*seq);
+            }
+            Action::SendFlush { seq }
+            | Action::SendResync { seq, .. }
+            | Action::SendResyncCheck { seq, .. } => self.sequenced_sent(*seq),
+            Action::SendPrioritize { .. }
+            | Action::SendResyncAdd { .. }
+            | Action::SendAdopted { .. }
+            | Action::SendTerm { .. } => {
+                self.fence = Fence::NextSent;
+                self.answers_only = false;
+            }
+            Action::Reply { passing, .. } => {
+                *passing = *passing && self.answers_only && self.peer_takes_passing;
+            }
+            _ => {}
+        }
+        Some(action)
+    }
+
+    /// A message with a sequence number goes to the peer.
+    fn sequenced_sent(&mut self, seq: Seq) {
+        self.answers_only = false;
+        if self.fence == Fence::NextSent {
+            self.fence = Fence::Until(seq);
+        }
+    }
+
+    /// Whether the write sent as `seq` may pass earlier messages (see
+    /// [`Engine::poll_action`]).
+    fn write_may_pass(&self, seq: Seq, after: Seq, request: &Request) -> bool {
+        if !self.connected
+            || !self.peer_takes_passing
+            || self.params.mode == Mode::Async
+            || after != 0
+            || self.fence != Fence::Clear
+        {
+            return false;
+        }
+        let regions = self.regions(request);
+        self.remote
+            .iter()
+            .take_while(|e| e.seq < seq)
+            .filter(|e| !e.done)
+            .all(|e| match e.kind {
+                RemoteKind::Write {
+                    regions_start,
+                    regions_end,
+                    ..
+                } => regions_end <= regions.start || regions.end <= regions_start,
+                _ => false,
+            })
     }
 
     /// Whether an earlier application write overlapping `slot`'s has not
@@ -1565,6 +1675,7 @@ impl Engine {
             seq,
             after,
             request,
+            passing: false,
         });
     }
 
@@ -1712,6 +1823,7 @@ impl Engine {
                         seq,
                         after,
                         request,
+                        passing: false,
                     });
                 } else {
                     // High water mark: this write and those after it wait
@@ -1750,6 +1862,13 @@ impl Engine {
         }
         entry.done = true;
         let entry = *entry;
+        if let Fence::Until(first) = self.fence
+            && seq >= first
+        {
+            // Sent in order after whatever closed the fence: the peer has
+            // taken that.
+            self.fence = Fence::Clear;
+        }
         if entry.slot.is_some() {
             // The peer has it: what the application submits from now on
             // may depend on it (see `depends_on`).
@@ -1962,6 +2081,7 @@ impl Engine {
             source_current,
             resync_checksums,
             peer_term,
+            passing,
         } = connection.into();
         assert!(!self.connected, "already connected");
         self.peer_term = self.peer_term.max(peer_term);
@@ -1976,6 +2096,11 @@ impl Engine {
         }
         self.connected = true;
         self.session += 1;
+        // The session's first message goes in order: the peer numbers the
+        // session from it.
+        self.fence = Fence::NextSent;
+        self.answers_only = true;
+        self.peer_takes_passing = passing;
         self.stall_reported = false;
         self.new_generation_due = false;
         self.peer_flushed = false;
@@ -2840,9 +2965,21 @@ impl Engine {
     }
 
     fn finish_peer(&mut self, slot: Slot, result: Result<(), EngineError>) {
+        let request = self.slots[slot as usize].request;
+        let resync = self.slots[slot as usize].resync_region.is_some();
         self.slots[slot as usize] = SlotInfo::FREE;
         self.free_peer.push(slot);
-        self.actions.push_back(Action::Reply(slot, result));
+        // An answer to a plain write that went well is one the peer takes
+        // in any order; whether it may pass is decided as it is sent.
+        let passing = result.is_ok()
+            && request.kind.changes_data()
+            && !resync
+            && self.params.mode != Mode::Async;
+        self.actions.push_back(Action::Reply {
+            slot,
+            result,
+            passing,
+        });
     }
 
     // ----- resync (source) ------------------------------------------------

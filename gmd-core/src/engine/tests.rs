@@ -34,6 +34,8 @@ struct Model {
     sent: Vec<(Seq, Slot)>,
     /// The dependency each sent write carried: (seq, after).
     afters: Vec<(Seq, Seq)>,
+    /// Writes sent as passing earlier messages.
+    passing: Vec<Seq>,
     flushes_sent: Vec<Seq>,
     completed: Vec<(Slot, Result<(), EngineError>)>,
     map_writes: usize,
@@ -69,6 +71,7 @@ impl Model {
             local: Vec::new(),
             sent: Vec::new(),
             afters: Vec::new(),
+            passing: Vec::new(),
             flushes_sent: Vec::new(),
             completed: Vec::new(),
             map_writes: 0,
@@ -132,8 +135,12 @@ impl Model {
                     seq,
                     after,
                     request,
+                    passing,
                 } => {
                     self.afters.push((seq, after));
+                    if passing {
+                        self.passing.push(seq);
+                    }
                     for region in self
                         .durable
                         .regions_of(request.offset_bytes, request.len_bytes)
@@ -152,8 +159,13 @@ impl Model {
                     self.flushes_sent.push(seq);
                 }
                 Action::PeerStalled { waited_ms } => self.stalls.push(waited_ms),
-                Action::Reply(slot, result) => {
-                    self.log.push(format!("reply {slot} {result:?}"));
+                Action::Reply {
+                    slot,
+                    result,
+                    passing,
+                } => {
+                    let how = if passing { " passing" } else { "" };
+                    self.log.push(format!("reply {slot} {result:?}{how}"));
                 }
                 Action::SendResyncAdd { region } => self.log.push(format!("resync add {region}")),
                 Action::SendPrioritize { region } => self.log.push(format!("prioritize {region}")),
@@ -581,6 +593,109 @@ fn an_overlapping_write_waits_until_the_earlier_one_finished() {
             assert!(seq_of(second) > seq_of(first), "{mode}: sent after it");
         }
     }
+}
+
+/// In sync and mwc, a write that overlaps nothing the peer has not answered,
+/// with only writes unanswered before it, may pass them on the way (a lost
+/// datagram then holds up only its own write). The session's first message
+/// goes in order, and so does everything until the peer answered it; a
+/// write sent while a flush is unanswered goes in order; async writes
+/// (ordered by their dependencies) always do.
+#[test]
+fn a_write_may_pass_earlier_ones_only_when_it_depends_on_none_of_them() {
+    for mode in [Mode::Sync, Mode::Mwc] {
+        let mut m = Model::connected(mode);
+        let w = |m: &mut Model, region: u64| {
+            let slot = m.submit(write(region * REGION_SIZE_BYTES, 4096));
+            m.settle_map();
+            m.sent.iter().find(|&&(_, s)| s == slot).expect("sent").0
+        };
+        let first = w(&mut m, 0);
+        let second = w(&mut m, 1);
+        assert!(
+            m.passing.is_empty(),
+            "{mode}: in order until the first is answered"
+        );
+        m.ack(first);
+        m.ack(second);
+        let third = w(&mut m, 2);
+        let fourth = w(&mut m, 3);
+        assert_eq!(m.passing, vec![third, fourth], "{mode}");
+        // A flush on its way: the next write goes in order.
+        let f = m.submit(flush());
+        assert_eq!(m.flushes_sent.len(), 1, "{mode}");
+        let fifth = w(&mut m, 4);
+        assert!(!m.passing.contains(&fifth), "{mode}: after a flush");
+        m.ack(third);
+        m.ack(fourth);
+        m.ack(m.flushes_sent[0]);
+        m.finish_local(f);
+        let sixth = w(&mut m, 5);
+        assert!(m.passing.contains(&sixth), "{mode}: flush answered");
+    }
+    let mut m = Model::connected(Mode::Async);
+    for region in 0..3 {
+        let slot = m.submit(write(region * REGION_SIZE_BYTES, 4096));
+        m.settle_map();
+        m.finish_local(slot);
+        m.ack(m.sent.last().expect("sent").0);
+    }
+    assert!(m.passing.is_empty(), "async writes never pass");
+    // A peer that does not take passing messages (an older one) gets none.
+    let mut m = Model::new(Mode::Mwc);
+    m.engine.connect(Connection {
+        passing: false,
+        ..Connection::from(ResyncRole::None)
+    });
+    m.pump();
+    for region in 0..3 {
+        let slot = m.submit(write(region * REGION_SIZE_BYTES, 4096));
+        m.settle_map();
+        m.finish_local(slot);
+        m.ack(m.sent.last().expect("sent").0);
+    }
+    assert!(m.passing.is_empty(), "the peer does not take them");
+}
+
+/// Answers to plain writes that went well may pass each other (the peer
+/// takes answers in any order), while this side has sent the peer nothing
+/// but answers in the session; answers to failed writes and flushes go in
+/// order.
+#[test]
+fn only_answers_to_writes_that_went_well_may_pass() {
+    let mut m = Model::connected(Mode::Mwc);
+    let op = |seq: Seq, request: Request| PeerOp {
+        seq,
+        after: 0,
+        request,
+        resync_region: None,
+    };
+    let good = m.engine.peer_op(op(1, write(0, 4096)));
+    m.pump();
+    m.finish_local(good);
+    let bad = m.engine.peer_op(op(2, write(REGION_SIZE_BYTES, 4096)));
+    m.pump();
+    m.local.retain(|&s| s != bad);
+    m.engine.local_done(bad, Err(libc::EIO));
+    m.pump();
+    m.settle_map();
+    let f = m.engine.peer_op(op(3, flush()));
+    m.pump();
+    m.finish_local(f);
+    let replies: Vec<&String> = m.log.iter().filter(|l| l.starts_with("reply")).collect();
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    assert!(replies[0].ends_with(" passing"), "{replies:?}");
+    assert!(!replies[1].ends_with(" passing"), "{replies:?}");
+    assert!(!replies[2].ends_with(" passing"), "{replies:?}");
+    // Once this side sent the peer something else, its answers go in order.
+    let w = m.submit(write(5 * REGION_SIZE_BYTES, 4096));
+    m.settle_map();
+    assert!(m.sent.iter().any(|&(_, s)| s == w));
+    let next = m.engine.peer_op(op(4, write(7 * REGION_SIZE_BYTES, 4096)));
+    m.pump();
+    m.finish_local(next);
+    let last = m.log.iter().rfind(|l| l.starts_with("reply")).unwrap();
+    assert!(!last.ends_with(" passing"), "{last}");
 }
 
 #[test]
@@ -1322,6 +1437,7 @@ fn a_write_without_the_peer_starts_a_new_generation_durably_first() {
         stale_at_handshake: 2,
         source_current: 0,
         resync_checksums: false,
+        passing: true,
     });
     m.pump();
     m.engine.peer_lost();
@@ -1354,6 +1470,7 @@ fn a_generation_drawn_after_the_handshake_read_this_side_sets_the_link_up_again(
         stale_at_handshake: 1,
         source_current: 0,
         resync_checksums: false,
+        passing: true,
     });
     m.pump();
     assert!(m.log.iter().any(|l| l == "renegotiate"), "{:?}", m.log);
@@ -1382,6 +1499,7 @@ fn a_target_takes_the_source_generation_once_its_marks_are_durable_and_then_says
         stale_at_handshake: 0,
         source_current: 0,
         resync_checksums: false,
+        passing: true,
     });
     m.pump();
     // The write of the marks does not name the source's data.
@@ -1434,6 +1552,7 @@ fn a_source_whose_generation_changed_since_the_handshake_renegotiates() {
         stale_at_handshake: 0,
         source_current: 100,
         resync_checksums: false,
+        passing: true,
     });
     m.pump();
     assert!(m.log.iter().any(|l| l == "renegotiate"), "{:?}", m.log);
@@ -1449,6 +1568,7 @@ fn a_source_whose_generation_changed_since_the_handshake_renegotiates() {
         stale_at_handshake: 1,
         source_current: drawn,
         resync_checksums: false,
+        passing: true,
     });
     m.pump();
     m.settle_map();
@@ -1480,6 +1600,7 @@ fn a_generation_no_session_took_is_kept_when_the_link_drops_again() {
         stale_at_handshake: 0,
         source_current: 100,
         resync_checksums: false,
+        passing: true,
     });
     m.pump();
     m.engine.peer_lost();
@@ -1496,6 +1617,7 @@ fn a_generation_no_session_took_is_kept_when_the_link_drops_again() {
         stale_at_handshake: 2,
         source_current: alone.current,
         resync_checksums: false,
+        passing: true,
     });
     m.pump();
     m.engine.peer_lost();
@@ -1683,6 +1805,7 @@ fn a_target_refuses_resync_data_for_a_region_it_holds_stale() {
         stale_at_handshake: 1,
         source_current: 0,
         resync_checksums: false,
+        passing: true,
     });
     m.pump();
     m.settle_map();
@@ -1852,6 +1975,7 @@ fn a_failover_promotion_draws_a_generation_with_the_role_and_a_switch_does_not()
         stale_at_handshake: 0,
         source_current: 0,
         resync_checksums: false,
+        passing: true,
     });
     connected.pump();
     connected.settle_map();
@@ -1900,6 +2024,7 @@ fn a_failover_promotion_draws_a_generation_with_the_role_and_a_switch_does_not()
         stale_at_handshake: 0,
         source_current: 0,
         resync_checksums: false,
+        passing: true,
     });
     target.pump();
     target.settle_map();
@@ -2199,6 +2324,7 @@ fn connect_checking_source(m: &mut Model, regions: &[u64]) {
     let bits = bits_of(m, regions);
     m.engine.connect(Connection {
         resync_checksums: true,
+        passing: true,
         ..Connection::from(ResyncRole::Source(bits))
     });
     m.pump();
@@ -2211,6 +2337,7 @@ fn checking_target(regions: &[u64]) -> Model {
     let bits = bits_of(&t, regions);
     t.engine.connect(Connection {
         resync_checksums: true,
+        passing: true,
         ..Connection::from(ResyncRole::Target(bits))
     });
     t.pump();

@@ -181,6 +181,12 @@ pub struct Offer {
     /// understands its messages. Absent from older peers' offers: `false`.
     #[serde(default)]
     pub resync_checksums: bool,
+    /// This side takes device messages that pass earlier ones (GeoMessage's
+    /// passing messages; see [`crate::engine::Engine::poll_action`]).
+    /// Absent from older peers' offers, which would refuse such messages:
+    /// `false`.
+    #[serde(default)]
+    pub passing: bool,
 }
 
 impl Offer {
@@ -217,6 +223,10 @@ pub struct Accept {
     /// from older peers' answers: `false`, plain resync.
     #[serde(default)]
     pub resync_checksums: bool,
+    /// Both offers take passing device messages: the session may send them.
+    /// Absent from older peers' answers: `false`.
+    #[serde(default)]
+    pub passing: bool,
 }
 
 /// This side's part in the resync a session starts with.
@@ -255,6 +265,8 @@ pub struct Start {
     pub stale_at_handshake: u64,
     /// Both sides agreed on checksum resync for this session.
     pub resync_checksums: bool,
+    /// Both sides take passing device messages.
+    pub passing: bool,
 }
 
 impl Start {
@@ -280,6 +292,7 @@ impl Start {
             source_current,
             resync_checksums: self.resync_checksums,
             peer_term: self.peer_term,
+            passing: self.passing,
         }
     }
 }
@@ -442,6 +455,7 @@ impl Link {
             hot,
             last_session: self.last_session,
             resync_checksums: self.resync_checksums,
+            passing: true,
         }
     }
 
@@ -571,6 +585,7 @@ impl Link {
         // Only when both ask for it: a peer that does not know checksum
         // resync (or does not want it) gets plain resync data.
         let resync_checksums = local.resync_checksums && remote.resync_checksums;
+        let passing = local.passing && remote.passing;
         let start = Start {
             peer: from.clone(),
             session,
@@ -580,6 +595,7 @@ impl Link {
             plan,
             stale_at_handshake: local.facts.stale,
             resync_checksums,
+            passing,
         };
         self.state = State::Accepted { peer: from, start };
         Ok(Accept {
@@ -591,6 +607,7 @@ impl Link {
             peer_current: local.facts.gens.current,
             peer_term: local.facts.gens.term,
             resync_checksums,
+            passing,
         })
     }
 
@@ -660,6 +677,7 @@ impl Link {
             plan: accept.plan,
             stale_at_handshake: accept.your_stale,
             resync_checksums: accept.resync_checksums,
+            passing: accept.passing,
         })
     }
 
@@ -818,6 +836,31 @@ mod tests {
             !offer.resync_checksums,
             "an older peer's offer does not ask"
         );
+    }
+
+    /// Passing device messages are used only when both offers say they
+    /// take them: an older peer would refuse them.
+    #[test]
+    fn passing_messages_need_both_sides_and_old_peers_do_not_take_them() {
+        let mut a = Link::new("d", "alpha");
+        let mut b = Link::new("d", "beta");
+        a.started(1, PairRole::Primary);
+        b.started(2, PairRole::Secondary);
+        let ao = plain_offer(&a, "alpha");
+        let bo = plain_offer(&b, "beta");
+        assert!(ao.passing && bo.passing);
+        let (sa, sb) = handshake(&mut a, ao.clone(), &mut b, bo);
+        assert!(sa.connection(REGIONS).passing && sb.connection(REGIONS).passing);
+        let mut old = serde_json::to_value(plain_offer(&b, "beta")).unwrap();
+        old.as_object_mut().unwrap().remove("passing");
+        let old: Offer = serde_json::from_value(old).unwrap();
+        assert!(!old.passing, "an older peer's offer does not take them");
+        let mut a = Link::new("d", "alpha");
+        let mut b = Link::new("d", "beta");
+        a.started(1, PairRole::Primary);
+        b.started(2, PairRole::Secondary);
+        let (sa, sb) = handshake(&mut a, ao, &mut b, old);
+        assert!(!sa.connection(REGIONS).passing && !sb.connection(REGIONS).passing);
     }
 
     #[test]

@@ -19,6 +19,10 @@ pub(crate) const SYNC_EIO_PROBABILITY: f64 = 0.01;
 /// Chance that a message on the wire survives a link loss (it is delivered
 /// once the receiver is in a session again, and must be dropped there).
 pub(crate) const OLD_MESSAGE_SURVIVAL: f64 = 0.3;
+/// Chance that a delivery takes a passing message (one the sender let
+/// pass earlier ones) from behind others on the wire, as GeoMessage does
+/// when the datagrams of those before it were lost.
+pub(crate) const PASS_CHANCE: f64 = 0.3;
 
 /// One switch: its environment variable, its default and what it does.
 #[derive(Clone, Copy, Debug)]

@@ -56,6 +56,8 @@ pub(crate) struct Packet {
     /// The link session it was sent in (never 0: nothing is sent without one).
     pub(crate) session: u64,
     pub(crate) msg: Msg,
+    /// It may be delivered before earlier messages still on the wire.
+    pub(crate) passing: bool,
 }
 
 /// A request or answer between the daemons (gmdd's `PeerRequest`s of the
