@@ -125,6 +125,8 @@ if wait_until 60 "mirroring (async)" connected; then
 r = $BW * 1024
 print(f'  async 1 MiB QD16, hwm_kib {$HWM}: {r / 2**20:.1f} MiB/s = {r / $LINK_BPS:.2f} of the link')
 print(f'figures: async_link={r / $LINK_BPS:.3f} async_hwm_kib=$HWM')"
+    ctl alpha netstat 2>/dev/null | sed 's/^/  /' || true
+    status_field alpha 'd["backlog"]' 2>/dev/null | sed 's/^/  backlog /' || true
 else
     echo "figures: async_link=n/a(async-pair-did-not-connect)"
 fi
