@@ -86,6 +86,21 @@ impl Model {
         }
     }
 
+    /// Async, connected, past its 16 KiB high water mark: four 4 KiB writes
+    /// (regions 0–3) in the backlog, the fifth (region 4) sent and waiting
+    /// for the peer.
+    fn past_the_high_water_mark() -> Self {
+        let mut m = Model::connected(Mode::Async);
+        let slots: Vec<Slot> = (0..5u64)
+            .map(|i| m.submit(write(i * REGION_SIZE_BYTES, 4096)))
+            .collect();
+        m.settle_map();
+        for s in slots {
+            m.finish_local(s);
+        }
+        m
+    }
+
     fn connected(mode: Mode) -> Self {
         let mut m = Model::new(mode);
         m.engine.connect(ResyncRole::None);
@@ -451,16 +466,7 @@ fn async_a_flush_after_demotion_waits_for_the_peer() {
 
 #[test]
 fn async_above_the_high_water_mark_waits_for_the_remote_until_caught_up() {
-    let mut m = Model::connected(Mode::Async);
-    // HWM 16 KiB: four 4 KiB writes fit, the fifth does not.
-    let mut slots = Vec::new();
-    for i in 0..5u64 {
-        slots.push(m.submit(write(i * REGION_SIZE_BYTES, 4096)));
-    }
-    m.settle_map();
-    for &s in &slots {
-        m.finish_local(s);
-    }
+    let mut m = Model::past_the_high_water_mark();
     assert_eq!(m.completed.len(), 4, "the fifth waits for the peer");
     assert!(m.engine.backlog_bytes() <= 16 << 10);
     assert_eq!(m.engine.stats().hwm_fallbacks, 1);
@@ -514,16 +520,7 @@ fn async_a_write_above_the_high_water_mark_falls_back_only_until_the_peer_has_it
 /// QD32 on loopback ran at a third of mwc's rate).
 #[test]
 fn async_falling_back_a_write_does_not_depend_on_writes_still_waiting_for_the_peer() {
-    let mut m = Model::connected(Mode::Async);
-    // HWM 16 KiB: four 4 KiB writes fit, the fifth falls back.
-    let mut slots = Vec::new();
-    for i in 0..5u64 {
-        slots.push(m.submit(write(i * REGION_SIZE_BYTES, 4096)));
-    }
-    m.settle_map();
-    for &s in &slots {
-        m.finish_local(s);
-    }
+    let mut m = Model::past_the_high_water_mark();
     let backlog_last = m.sent[3].0;
     let fifth = m.sent[4].0;
     assert_eq!(m.engine.stats().hwm_fallback_active, 1);

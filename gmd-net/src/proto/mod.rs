@@ -344,9 +344,7 @@ impl Endpoint {
         stream: StreamId,
         body: Bytes,
     ) -> Result<(), NetError> {
-        self.check_stream(stream)?;
-        self.enqueue(now, peer, stream, wire::MsgKind::OneWay, body, None)
-            .map(|_| ())
+        self.one_way(now, peer, stream, wire::MsgKind::OneWay, body)
     }
 
     /// Queues a one-way message as [`Endpoint::send`] does, which the peer
@@ -364,8 +362,19 @@ impl Endpoint {
         stream: StreamId,
         body: Bytes,
     ) -> Result<(), NetError> {
+        self.one_way(now, peer, stream, wire::MsgKind::Passing, body)
+    }
+
+    fn one_way(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        stream: StreamId,
+        kind: wire::MsgKind,
+        body: Bytes,
+    ) -> Result<(), NetError> {
         self.check_stream(stream)?;
-        self.enqueue(now, peer, stream, wire::MsgKind::Passing, body, None)
+        self.enqueue(now, peer, stream, kind, body, None)
             .map(|_| ())
     }
 
