@@ -69,7 +69,7 @@ pub(crate) fn check_reply(asked: usize, reply: PeerReply) -> Result<Vec<Option<u
             "the peer answered {} checksums for {asked} regions",
             sums.len()
         )),
-        PeerReply::Refused { reason } => Err(reason),
+        PeerReply::Refused { reason, .. } => Err(reason),
         other => Err(format!("unexpected answer {other:?}")),
     }
 }
@@ -514,7 +514,7 @@ impl Daemon {
         session: u64,
         regions: Vec<u64>,
     ) -> PeerReply {
-        let refused = |reason: String| PeerReply::Refused { reason };
+        let refused = PeerReply::refused;
         let (data, size_bytes) = {
             let devices = self.devices.lock().expect("devices lock");
             let Some(handle) = devices.get(device) else {
@@ -594,9 +594,7 @@ mod tests {
         };
         assert!(check_reply(2, short).is_err());
         assert!(check_reply(1, PeerReply::Ok).is_err());
-        let refused = PeerReply::Refused {
-            reason: "no".into(),
-        };
+        let refused = PeerReply::refused("no".into());
         assert_eq!(check_reply(1, refused).unwrap_err(), "no");
     }
 

@@ -1148,7 +1148,7 @@ impl Daemon {
                     Ok(PeerReply::Ok) => warnings.push(format!(
                         "{peer} was in fact AVAILABLE: its copy of {device} was stopped to protect against divergence"
                     )),
-                    Ok(PeerReply::Refused { reason }) => {
+                    Ok(PeerReply::Refused { reason, .. }) => {
                         return Err(ControlError::refused(format!(
                             "{device}: {peer} is AVAILABLE and could not be stopped: {reason}"
                         )));
@@ -1254,7 +1254,7 @@ impl Daemon {
                     decode_bits(&bits, regions).map_err(ControlError::internal)?,
                 )
             }
-            Ok(PeerReply::Refused { reason }) => return Err(ControlError::refused(reason)),
+            Ok(PeerReply::Refused { reason, .. }) => return Err(ControlError::refused(reason)),
             Ok(other) => {
                 return Err(ControlError::internal(format!(
                     "unexpected answer {other:?}"
@@ -1320,7 +1320,7 @@ impl Daemon {
                     .block_on(self.ask(machine, &request, Duration::from_secs(30)))
                 {
                     Ok(PeerReply::Ok) => Ok(()),
-                    Ok(PeerReply::Refused { reason }) => Err(ControlError::refused(reason)),
+                    Ok(PeerReply::Refused { reason, .. }) => Err(ControlError::refused(reason)),
                     Ok(other) => Err(ControlError::internal(format!(
                         "unexpected answer {other:?}"
                     ))),
@@ -1394,7 +1394,7 @@ impl Daemon {
             resync_eta_s: eta,
             backlog_bytes: stats.backlog_bytes,
             hwm_fallbacks: stats.hwm_fallbacks,
-            refused: inner.refused.as_ref().map(|(r, _)| r.clone()),
+            refused: inner.refused.as_ref().map(|r| r.reason.clone()),
             resync_basis: plan
                 .filter(|p| p.source.is_some())
                 .map(|p| basis_name(p.basis).to_owned()),
@@ -1873,9 +1873,7 @@ async fn serve_peers(daemon: Arc<Daemon>, mut rx: gmd_net::IncomingReceiver) {
                 .to_owned();
             let reply = match serde_json::from_slice::<PeerRequest>(&incoming.body) {
                 Ok(request) => daemon.clone().on_peer_request(from.clone(), request).await,
-                Err(e) => PeerReply::Refused {
-                    reason: format!("unreadable request: {e}"),
-                },
+                Err(e) => PeerReply::refused(format!("unreadable request: {e}")),
             };
             if let Some(responder) = incoming.responder {
                 let mut body = serde_json::to_vec(&reply).unwrap_or_default();
@@ -1890,7 +1888,7 @@ async fn serve_peers(daemon: Arc<Daemon>, mut rx: gmd_net::IncomingReceiver) {
                         body.len()
                     );
                     warn!(peer = %from, "{reason}");
-                    body = serde_json::to_vec(&PeerReply::Refused { reason }).unwrap_or_default();
+                    body = serde_json::to_vec(&PeerReply::refused(reason)).unwrap_or_default();
                 }
                 let _ = responder.reply(Bytes::from(body)).await;
             }

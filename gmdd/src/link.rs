@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use gmd_core::link::{Link, Offer, PairRole, Part, Plan, Start};
+use gmd_core::link::{HandshakeError, Link, Offer, PairRole, Part, Plan, Start};
 use gmd_core::mirror::{self, LinkEvent, PeerLink, ToPeer};
 use gmd_core::runtime::Port;
 use gmd_core::units::region_count;
@@ -66,8 +66,110 @@ pub(super) const OUT_MESSAGES_MAX: usize = 16_384;
 /// the message keeps its GeoMessage credit meanwhile, so the peer's flow
 /// control holds the sender back.
 const PEER_QUEUE_RETRY: Duration = Duration::from_millis(1);
-/// A refused connection is retried this much later.
+/// A connection refused for good (a divergence, a role, another device)
+/// is retried this much later; one refused only for now (the peer could
+/// not be reached, or was busy with a handshake of its own) at the next
+/// look ([`RECONNECT_INTERVAL`]).
 const REFUSED_RETRY: Duration = Duration::from_secs(30);
+
+/// Why the last connection attempt failed, and when the next may start.
+#[derive(Clone, Debug)]
+pub(super) struct Refusal {
+    /// What status and events show.
+    pub(super) reason: String,
+    /// It holds until something changes on one side.
+    lasting: bool,
+    /// No attempt before this.
+    retry_at: Instant,
+}
+
+impl Refusal {
+    /// A refusal that holds until something changes: the next attempt
+    /// waits [`REFUSED_RETRY`].
+    pub(super) fn lasting(reason: String) -> Self {
+        Refusal {
+            reason,
+            lasting: true,
+            retry_at: Instant::now() + REFUSED_RETRY,
+        }
+    }
+
+    /// Records a failed attempt in `slot`; returns whether its reason is
+    /// new (worth a warning). A failure only for now does not hide a
+    /// lasting refusal's reason (a divergence stays on show while the peer
+    /// is busy), and never holds the next attempt back.
+    fn record(slot: &mut Option<Refusal>, reason: String, lasting: bool) -> bool {
+        if lasting {
+            let new = slot.as_ref().is_none_or(|r| r.reason != reason);
+            *slot = Some(Refusal::lasting(reason));
+            return new;
+        }
+        let now = Instant::now();
+        match slot {
+            Some(r) if r.lasting => {
+                r.retry_at = now;
+                false
+            }
+            _ => {
+                let new = slot.as_ref().is_none_or(|r| r.reason != reason);
+                *slot = Some(Refusal {
+                    reason,
+                    lasting: false,
+                    retry_at: now,
+                });
+                new
+            }
+        }
+    }
+
+    /// The next attempt must wait.
+    fn holds(&self) -> bool {
+        Instant::now() < self.retry_at
+    }
+}
+
+/// A connection attempt that failed: why, and whether it holds until
+/// something changes ([`Refusal`]).
+#[derive(Debug)]
+struct Failed {
+    reason: String,
+    lasting: bool,
+}
+
+impl Failed {
+    /// Holds until something changes on one side.
+    fn lasting(reason: String) -> Self {
+        Failed {
+            reason,
+            lasting: true,
+        }
+    }
+
+    /// Only for now: the peer did not answer, or something was in the way.
+    fn for_now(reason: String) -> Self {
+        Failed {
+            reason,
+            lasting: false,
+        }
+    }
+
+    /// The peer's refusal (`busy`: only for now, see [`PeerReply::Refused`]).
+    fn peer(reason: String, busy: bool) -> Self {
+        Failed {
+            reason,
+            lasting: !busy,
+        }
+    }
+}
+
+/// Why a handshake step failed, as the reply to the peer: a handshake or
+/// session in the way is only for now.
+fn refusal_reply(e: &HandshakeError) -> PeerReply {
+    match e {
+        HandshakeError::Busy(reason) => PeerReply::busy(reason.clone()),
+        other => PeerReply::refused(other.to_string()),
+    }
+}
 
 /// The stream of a device: its minor number + 1 (stream 0 is control).
 pub(super) fn device_stream(minor: u32) -> StreamId {
@@ -125,8 +227,8 @@ pub(super) struct LinkInner {
     connecting: bool,
     /// The device is being started (peers asking see STARTING).
     pub(super) starting: bool,
-    /// Last refusal and when.
-    pub(super) refused: Option<(String, Instant)>,
+    /// The last failed connection attempt.
+    pub(super) refused: Option<Refusal>,
     /// This side's part of the current resync is done.
     pub(super) resync_done: bool,
     /// This side's part in the current session's resync, the plan, and
@@ -301,7 +403,7 @@ impl DeviceLink {
         self.lose("the peer acknowledged nothing");
         // Do not reconnect at once to a peer that is probably still stuck:
         // wait as after a refused handshake, serving alone meanwhile.
-        self.inner.lock().expect("link lock").refused = Some((why, Instant::now()));
+        self.inner.lock().expect("link lock").refused = Some(Refusal::lasting(why));
         self.poke();
     }
 
@@ -626,19 +728,20 @@ impl Daemon {
         let mut inner = link.inner.lock().expect("link lock");
         inner.connecting = false;
         inner.core.abandon_offer(&peer);
-        if let Err(reason) = &result {
+        if let Err(failed) = &result {
             if inner.core.peer() == Some(peer.as_str()) {
                 // The peer's own offer, taken meanwhile, set the link up.
+                let reason = &failed.reason;
                 debug!(%device, %peer, "own offer not taken ({reason}); the peer's was");
                 return;
             }
         }
-        if let Err(reason) = result {
-            let repeated = inner.refused.as_ref().is_some_and(|(r, _)| *r == reason);
-            if !repeated {
+        if let Err(Failed { reason, lasting }) = result {
+            if Refusal::record(&mut inner.refused, reason.clone(), lasting) {
                 warn!(%device, %peer, "not mirroring: {reason}");
+            } else {
+                debug!(%device, %peer, "not mirroring: {reason}");
             }
-            inner.refused = Some((reason, Instant::now()));
         }
     }
 
@@ -647,30 +750,40 @@ impl Daemon {
         link: &Arc<DeviceLink>,
         device: &str,
         peer: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failed> {
         let d = self.clone();
         let name = device.to_owned();
         let offer = tokio::task::spawn_blocking(move || d.local_offer(&name))
             .await
-            .map_err(|e| e.to_string())??;
+            .map_err(|e| Failed::lasting(e.to_string()))?
+            .map_err(Failed::lasting)?;
         let request = PeerRequest::Connect {
             device: device.into(),
             offer: Box::new(offer),
         };
-        let accept = match self.ask(peer, &request, HANDSHAKE_TIMEOUT).await? {
+        let accept = match self
+            .ask(peer, &request, HANDSHAKE_TIMEOUT)
+            .await
+            .map_err(Failed::for_now)?
+        {
             PeerReply::Accept { accept } => accept,
-            PeerReply::Refused { reason } => return Err(reason),
-            other => return Err(format!("unexpected answer {other:?}")),
+            PeerReply::Refused { reason, busy } => return Err(Failed::peer(reason, busy)),
+            other => return Err(Failed::lasting(format!("unexpected answer {other:?}"))),
         };
         let start = {
             let mut inner = link.inner.lock().expect("link lock");
             let Some(port) = inner.port.clone() else {
-                return Err("the device stopped during the handshake".into());
+                return Err(Failed::for_now(
+                    "the device stopped during the handshake".into(),
+                ));
             };
             let start = inner
                 .core
                 .on_accept(peer, &accept, link.region_count())
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Failed {
+                    lasting: !matches!(e, HandshakeError::Busy(_)),
+                    reason: e.to_string(),
+                })?;
             inner.peer_id = self.node.peer(peer);
             inner.resync_done = false;
             inner.plan = Some((
@@ -697,17 +810,17 @@ impl Daemon {
             .await
         {
             Ok(PeerReply::Ok) => {}
-            Ok(PeerReply::Refused { reason }) => {
+            Ok(PeerReply::Refused { reason, busy }) => {
                 link.disconnect();
-                return Err(reason);
+                return Err(Failed::peer(reason, busy));
             }
             Ok(other) => {
                 link.disconnect();
-                return Err(format!("unexpected answer {other:?}"));
+                return Err(Failed::lasting(format!("unexpected answer {other:?}")));
             }
             Err(e) => {
                 link.disconnect();
-                return Err(e);
+                return Err(Failed::for_now(e));
             }
         }
         link.inner.lock().expect("link lock").refused = None;
@@ -768,7 +881,7 @@ impl Daemon {
         from: String,
         request: PeerRequest,
     ) -> PeerReply {
-        let refused = |reason: String| PeerReply::Refused { reason };
+        let refused = PeerReply::refused;
         match request {
             PeerRequest::Facts => {
                 let d = self.clone();
@@ -867,7 +980,7 @@ impl Daemon {
     }
 
     async fn on_connect(self: Arc<Self>, from: String, device: String, remote: Offer) -> PeerReply {
-        let refuse = |reason: String| PeerReply::Refused { reason };
+        let refuse = PeerReply::refused;
         let Some(link) = self.link(&device) else {
             return refuse(format!("device {device} has no copy on {}", self.machine));
         };
@@ -885,7 +998,7 @@ impl Daemon {
             )
         };
         if !running {
-            return refuse(format!("{device} is not AVAILABLE on {}", self.machine));
+            return PeerReply::busy(format!("{device} is not AVAILABLE on {}", self.machine));
         }
         // One active remote peer: a second one joining takes over.
         if let Some(previous) = previous {
@@ -919,7 +1032,7 @@ impl Daemon {
         // arriving now, must not end the session it just accepted.
         if inner.core.refuse_crossing(&remote) {
             debug!(%device, peer = %from, "an offer that crossed ours: the session goes on");
-            return refuse(format!(
+            return PeerReply::busy(format!(
                 "{device}: {} mirrors with {from} already (the offers crossed)",
                 self.machine
             ));
@@ -940,13 +1053,20 @@ impl Daemon {
                     accept: Box::new(accept),
                 }
             }
+            Err(HandshakeError::Busy(reason)) => {
+                // Only for now (a handshake of this side's own): nothing
+                // to record, the peer may try again at once.
+                drop(inner);
+                debug!(%device, peer = %from, "connection refused for now: {reason}");
+                PeerReply::busy(reason)
+            }
             Err(e) => {
                 let reason = e.to_string();
+                let new = Refusal::record(&mut inner.refused, reason.clone(), true);
                 drop(inner);
-                warn!(%device, peer = %from, "connection refused: {reason}");
-                let mut inner = link.inner.lock().expect("link lock");
-                inner.refused = Some((reason.clone(), Instant::now()));
-                drop(inner);
+                if new {
+                    warn!(%device, peer = %from, "connection refused: {reason}");
+                }
                 link.poke();
                 refuse(reason)
             }
@@ -955,16 +1075,12 @@ impl Daemon {
 
     async fn on_go(self: Arc<Self>, from: &str, device: &str, session: u64) -> PeerReply {
         let Some(link) = self.link(device) else {
-            return PeerReply::Refused {
-                reason: format!("no device {device}"),
-            };
+            return PeerReply::refused(format!("no device {device}"));
         };
         let start = {
             let mut inner = link.inner.lock().expect("link lock");
             let Some(port) = inner.port.clone() else {
-                return PeerReply::Refused {
-                    reason: format!("{device} stopped on {}", self.machine),
-                };
+                return PeerReply::busy(format!("{device} stopped on {}", self.machine));
             };
             let incarnation = inner.offer_incarnation;
             match inner.core.on_go(from, session, incarnation) {
@@ -982,11 +1098,7 @@ impl Daemon {
                     });
                     start
                 }
-                Err(e) => {
-                    return PeerReply::Refused {
-                        reason: e.to_string(),
-                    };
-                }
+                Err(e) => return refusal_reply(&e),
             }
         };
         link.poke();
@@ -1055,10 +1167,7 @@ impl Daemon {
                     || inner.core.peer().is_some()
                     || inner.connecting
                     || inner.core.role() == PairRole::Split
-                    || inner
-                        .refused
-                        .as_ref()
-                        .is_some_and(|(_, at)| at.elapsed() < REFUSED_RETRY)
+                    || inner.refused.as_ref().is_some_and(Refusal::holds)
             };
             if skip {
                 continue;
@@ -1090,5 +1199,79 @@ impl DeviceLink {
             .core
             .session_with(peer)
             == Some(session)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_for_now_does_not_hold_the_next_attempt() {
+        let mut slot = None;
+        assert!(Refusal::record(
+            &mut slot,
+            "beta did not answer".into(),
+            false
+        ));
+        assert!(!slot.as_ref().unwrap().holds());
+        // The same reason again is not news (no second warning).
+        assert!(!Refusal::record(
+            &mut slot,
+            "beta did not answer".into(),
+            false
+        ));
+    }
+
+    #[test]
+    fn a_lasting_refusal_holds_and_stays_on_show_through_failures_for_now() {
+        let mut slot = None;
+        assert!(Refusal::record(&mut slot, "data divergence".into(), true));
+        assert!(slot.as_ref().unwrap().holds());
+        // Busy a moment later: the divergence is still what status shows,
+        // but the next attempt need not wait.
+        assert!(!Refusal::record(
+            &mut slot,
+            "beta is connecting to alpha itself".into(),
+            false
+        ));
+        let r = slot.as_ref().unwrap();
+        assert_eq!(r.reason, "data divergence");
+        assert!(!r.holds());
+        // The divergence found again holds again, without a new warning.
+        assert!(!Refusal::record(&mut slot, "data divergence".into(), true));
+        assert!(slot.as_ref().unwrap().holds());
+        // Another lasting reason replaces it.
+        assert!(Refusal::record(
+            &mut slot,
+            "not the same device".into(),
+            true
+        ));
+        assert_eq!(slot.unwrap().reason, "not the same device");
+    }
+
+    #[test]
+    fn only_a_busy_handshake_is_refused_for_now() {
+        let busy = refusal_reply(&HandshakeError::Busy("connecting itself".into()));
+        assert!(matches!(busy, PeerReply::Refused { busy: true, .. }));
+        let invalid = refusal_reply(&HandshakeError::Invalid("not the same device".into()));
+        assert!(matches!(invalid, PeerReply::Refused { busy: false, .. }));
+    }
+
+    #[test]
+    fn refusals_read_the_same_to_daemons_that_do_not_know_busy() {
+        // A lasting refusal is written as before; an older daemon's refusal
+        // (no `busy`) reads as lasting; an older daemon reading a busy one
+        // ignores the field it does not know.
+        let lasting = serde_json::to_value(PeerReply::refused("no".into())).unwrap();
+        assert_eq!(
+            lasting,
+            serde_json::json!({"reply": "refused", "reason": "no"})
+        );
+        let old: PeerReply = serde_json::from_str(r#"{"reply":"refused","reason":"no"}"#).unwrap();
+        assert!(matches!(old, PeerReply::Refused { busy: false, .. }));
+        let busy = serde_json::to_string(&PeerReply::busy("later".into())).unwrap();
+        let back: PeerReply = serde_json::from_str(&busy).unwrap();
+        assert!(matches!(back, PeerReply::Refused { busy: true, .. }));
     }
 }

@@ -108,7 +108,30 @@ pub(super) enum PeerReply {
     /// Done.
     Ok,
     /// Not done, and why (with the command that resolves it).
-    Refused { reason: String },
+    Refused {
+        reason: String,
+        /// Only for now: something in the way (a handshake of its own, a
+        /// device starting or stopping) that goes by itself, so a
+        /// connection may be tried again at once. Older daemons never
+        /// say so, and their refusals count as lasting.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        busy: bool,
+    },
+}
+
+impl PeerReply {
+    /// A refusal that holds until something changes on one side.
+    pub(super) fn refused(reason: String) -> Self {
+        PeerReply::Refused {
+            reason,
+            busy: false,
+        }
+    }
+
+    /// A refusal only for now (see [`PeerReply::Refused`]).
+    pub(super) fn busy(reason: String) -> Self {
+        PeerReply::Refused { reason, busy: true }
+    }
 }
 
 /// Encodes a bitmap for the wire, as a packed region set: the marks of a
