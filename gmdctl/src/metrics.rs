@@ -264,6 +264,14 @@ pub fn render(report: &Report, net: &NetReport) -> String {
         |x| x.local.direct_writes as f64,
     );
     w.each(
+        "gmd_device_overlap_waits_total",
+        "counter",
+        "Writes that waited for an earlier overlapping write to finish.",
+        d,
+        dev,
+        |x| x.local.overlap_waits as f64,
+    );
+    w.each(
         "gmd_device_writes_total",
         "counter",
         "Local writes completed.",

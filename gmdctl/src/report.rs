@@ -134,6 +134,10 @@ pub struct LocalCounters {
     pub errors: u64,
     /// Requests in the device now (a gauge).
     pub in_flight: u64,
+    /// Writes that waited for an earlier overlapping write to finish (so
+    /// that both copies end with the later one's data).
+    #[serde(default)]
+    pub overlap_waits: u64,
 }
 
 /// Writes originated by the remote peer (mirrored or resynchronised to here).
@@ -308,6 +312,7 @@ impl DeviceReport {
                 flushes: l.flushes.saturating_sub(e.flushes),
                 errors: l.errors.saturating_sub(e.errors),
                 in_flight: l.in_flight,
+                overlap_waits: l.overlap_waits.saturating_sub(e.overlap_waits),
             },
             remote: RemoteCounters {
                 writes: r.writes.saturating_sub(er.writes),

@@ -1589,6 +1589,7 @@ impl Daemon {
                 flushes: c.flushes,
                 errors: c.errors,
                 in_flight: c.in_flight,
+                overlap_waits: e.overlap_waits,
             },
             remote: RemoteCounters {
                 writes: e.peer_ops,
