@@ -11,13 +11,17 @@
 # Prints one `figures:` line per case for bench/wan.sh.
 #
 # Usage: bench/wan-gmd.sh NS_A NS_B RATE_MBIT RTT_MS   (root; binaries in
-#   target/release). Environment: SIZE (default 1G), T (default 15), KEEP=1.
+#   target/release). Environment: SIZE (default 1G), T (default 15), KEEP=1,
+#   CASES (default "resync mwc async"; without resync, mwc starts from
+#   zeroed maps), REPEAT (default 1: runs of each of the mwc and async cases).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BENCH_DIR=$PWD/bench
 NS_A=$1 NS_B=$2 RATE=$3 RTT=$4
 SIZE=${SIZE:-1G}
 T=${T:-15}
+CASES=${CASES:-resync mwc async}
+REPEAT=${REPEAT:-1}
 ROOT=$PWD
 BYTES=$(numfmt --from=iec "$SIZE")
 LINK_BPS=$(awk "BEGIN { print $RATE * 1e6 / 8 }")
@@ -66,7 +70,29 @@ print(round(w["iops"]), w["bw"])
 PY
 }
 
+has_case() { [[ " $CASES " == *" $1 "* ]]; }
+# Stops both daemons, then starts a pair in MODE from maps that declare
+# the identical (zeroed) files in sync.
+restart_zeroed() { # mode
+    ctl alpha stop data10gmd >/dev/null 2>&1 || true
+    ctl beta stop data10gmd >/dev/null 2>&1 || true
+    stop_gmdd alpha 2>/dev/null || true
+    stop_gmdd beta 2>/dev/null || true
+    write_config "$1"
+    ctl alpha init-state data10gmd --zeroed --force >/dev/null
+    ctl beta init-state data10gmd --zeroed --force >/dev/null
+    start_gmdd alpha
+    ctl alpha configure data10gmd >/dev/null
+    ctl alpha down data10gmd beta >/dev/null
+    ctl alpha start data10gmd >/dev/null
+    ctl alpha primary data10gmd >/dev/null
+    start_gmdd beta
+    ctl beta configure data10gmd >/dev/null
+    ctl beta start data10gmd >/dev/null
+}
+
 # 1. Full resync of the device, default configuration.
+if has_case resync; then
 write_config mwc
 ctl alpha init-state data10gmd --force >/dev/null
 ctl beta init-state data10gmd --force >/dev/null
@@ -90,8 +116,15 @@ else
     echo "  resync did not finish in 300 s"
     echo "figures: resync_link=n/a(not-finished-in-300s)"
 fi
+elif has_case mwc; then
+    # The files are identical (both zero): fresh maps declare them so.
+    restart_zeroed mwc
+    wait_until 60 "mirroring" connected || true
+fi
 
 # 2. mwc 4 KiB QD32 random writes (in sync now).
+if has_case mwc; then
+for _ in $(seq "$REPEAT"); do
 if in_sync; then
     read -r IOPS _ < <(fio_nbd mwc-qd32 randwrite 4k 32)
     python3 -c "
@@ -101,24 +134,15 @@ print(f'figures: mwc_qd32_iops={$IOPS} mwc_qd32_goal={goal:.0f}')"
 else
     echo "figures: mwc_qd32_iops=n/a(not-in-sync)"
 fi
+done
+fi
 
 # 3. async sustained 1 MiB writes with hwm_kib = 2 x BDP. The images are
-#    identical after the resync: fresh maps declare them so.
-ctl alpha stop data10gmd >/dev/null || true
-ctl beta stop data10gmd >/dev/null || true
-stop_gmdd alpha
-stop_gmdd beta
-write_config async
-ctl alpha init-state data10gmd --zeroed --force >/dev/null
-ctl beta init-state data10gmd --zeroed --force >/dev/null
-start_gmdd alpha
-ctl alpha configure data10gmd >/dev/null
-ctl alpha down data10gmd beta >/dev/null
-ctl alpha start data10gmd >/dev/null
-ctl alpha primary data10gmd >/dev/null
-start_gmdd beta
-ctl beta configure data10gmd >/dev/null
-ctl beta start data10gmd >/dev/null
+#    identical after the resync (or both still zero): fresh maps declare
+#    them so. Each run starts a fresh pair.
+if has_case async; then
+for _ in $(seq "$REPEAT"); do
+restart_zeroed async
 if wait_until 60 "mirroring (async)" connected; then
     read -r _ BW < <(fio_nbd async-seq write 1M 16)
     python3 -c "
@@ -129,6 +153,8 @@ print(f'figures: async_link={r / $LINK_BPS:.3f} async_hwm_kib=$HWM')"
     status_field alpha 'd["backlog"]' 2>/dev/null | sed 's/^/  backlog /' || true
 else
     echo "figures: async_link=n/a(async-pair-did-not-connect)"
+fi
+done
 fi
 ctl alpha stop data10gmd >/dev/null 2>&1 || true
 ctl beta stop data10gmd >/dev/null 2>&1 || true
