@@ -654,6 +654,62 @@ mod mirroring {
         stop_both(a, b);
     }
 
+    /// The peer's answers are taken on the thread that delivers them (here
+    /// the peer's device thread, which the wire runs on) and complete their
+    /// writes from there, but only in the session in force: one of another
+    /// session goes through the queue (and is dropped there). In sync mode
+    /// an answer starts the local write, which is the device thread's: none
+    /// is taken elsewhere.
+    #[test]
+    fn answers_are_taken_where_they_arrive_in_the_session_in_force() {
+        assert!(answers_taken_where_they_arrive(crate::config::Mode::Mwc) > 0);
+        assert_eq!(
+            answers_taken_where_they_arrive(crate::config::Mode::Sync),
+            0
+        );
+    }
+
+    /// 20 mirrored writes, one at a time, in `mode`; the answers the
+    /// writing side took without its device thread.
+    fn answers_taken_where_they_arrive(mode: crate::config::Mode) -> u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let wire = || {
+            Arc::new(Wire {
+                other: OnceLock::new(),
+                session: 8,
+                resyncs_done: AtomicU64::new(0),
+            })
+        };
+        let (wire_a, wire_b) = (wire(), wire());
+        let (a, data_a, _) = side_in(dir.path(), "a", wire_a.clone(), mode);
+        let (b, data_b, _) = side_in(dir.path(), "b", wire_b.clone(), mode);
+        let (a, b) = (Arc::new(a), Arc::new(b));
+        wire_a.other.set(Arc::downgrade(&b)).unwrap();
+        wire_b.other.set(Arc::downgrade(&a)).unwrap();
+        // No session yet: an answer of session 7 is queued, not taken.
+        let stray = FromPeer::Answer {
+            seq: 1,
+            result: Ok(()),
+        };
+        a.from_peer(7, stray).unwrap();
+        assert_eq!(a.stats().snapshot().answers_here, 0);
+        connect(&a, &b, 8, stale_bits(&snapshot(&a)));
+        let pool = BufPool::new();
+        let sink = Arc::new(Collect::default());
+        // One write at a time: each completes once the peer answered.
+        for i in 0..20u64 {
+            write_all(&a, &sink, &pool, &[(i * 65536, 8192, i as u8 + 1)], None);
+        }
+        let here = a.stats().snapshot().answers_here;
+        assert_eq!(a.stats().snapshot().engine.remote_writes, 20);
+        stop_both(a, b);
+        assert_eq!(
+            std::fs::read(&data_a).unwrap(),
+            std::fs::read(&data_b).unwrap()
+        );
+        here
+    }
+
     /// A resync target waits for direct reads in flight before it takes
     /// the link, then refuses them until every region arrived; afterwards
     /// they see the source's data.
