@@ -77,11 +77,7 @@ for checks in false true; do
     # known data: the pair starts with a full copy to beta.
     ctl alpha init-state data10gmd --zeroed --force >/dev/null
     ctl beta init-state data10gmd --force >/dev/null
-    start_gmdd alpha
-    ctl alpha configure data10gmd >/dev/null
-    ctl alpha down data10gmd beta >/dev/null
-    ctl alpha start data10gmd >/dev/null
-    ctl alpha primary data10gmd >/dev/null
+    start_alpha_alone
     start_gmdd beta
     a0=$(link_bytes alpha); b0=$(link_bytes beta)
     t0=$(date +%s.%N)

@@ -60,6 +60,15 @@ stop_gmdd() {
 }
 
 # A field of machine $1's device status: python expression $2 over `d`.
+# Starts gmdd on alpha and its device alone, as primary, with beta recorded
+# down; further arguments go to `gmdctl primary` (e.g. --force).
+start_alpha_alone() {
+    start_gmdd alpha
+    ctl alpha configure data10gmd >/dev/null
+    ctl alpha down data10gmd beta >/dev/null
+    ctl alpha start data10gmd >/dev/null
+    ctl alpha primary data10gmd "$@" >/dev/null
+}
 status_field() {
     ctl "$1" status data10gmd --json | python3 -c "import json,sys; d=json.load(sys.stdin)[0]; print($2)"
 }

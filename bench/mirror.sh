@@ -104,11 +104,7 @@ start_mode() { # config-mode sync_rate_kib [standalone]
     cp --sparse=never alpha/data10.img beta/data10.img
     ctl alpha init-state data10gmd --zeroed --force >/dev/null
     ctl beta init-state data10gmd --zeroed --force >/dev/null
-    start_gmdd alpha
-    ctl alpha configure data10gmd >/dev/null
-    ctl alpha down data10gmd beta >/dev/null
-    ctl alpha start data10gmd >/dev/null
-    ctl alpha primary data10gmd >/dev/null
+    start_alpha_alone
     if [ "${3:-}" != standalone ]; then
         start_gmdd beta
         ctl beta configure data10gmd >/dev/null

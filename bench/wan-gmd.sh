@@ -81,11 +81,7 @@ restart_zeroed() { # mode
     write_config "$1"
     ctl alpha init-state data10gmd --zeroed --force >/dev/null
     ctl beta init-state data10gmd --zeroed --force >/dev/null
-    start_gmdd alpha
-    ctl alpha configure data10gmd >/dev/null
-    ctl alpha down data10gmd beta >/dev/null
-    ctl alpha start data10gmd >/dev/null
-    ctl alpha primary data10gmd >/dev/null
+    start_alpha_alone
     start_gmdd beta
     ctl beta configure data10gmd >/dev/null
     ctl beta start data10gmd >/dev/null
@@ -96,11 +92,7 @@ if has_case resync; then
 write_config mwc
 ctl alpha init-state data10gmd --force >/dev/null
 ctl beta init-state data10gmd --force >/dev/null
-start_gmdd alpha
-ctl alpha configure data10gmd >/dev/null
-ctl alpha down data10gmd beta >/dev/null
-ctl alpha start data10gmd >/dev/null
-ctl alpha primary data10gmd --force >/dev/null
+start_alpha_alone --force
 start_gmdd beta
 ctl beta configure data10gmd >/dev/null
 t0=$(date +%s.%N)

@@ -480,10 +480,6 @@ mod mirroring {
         }
     }
 
-    fn side(dir: &std::path::Path, name: &str, link: Arc<Wire>) -> (Runtime, PathBuf, PathBuf) {
-        side_in(dir, name, link, crate::config::Mode::Mwc)
-    }
-
     fn side_in(
         dir: &std::path::Path,
         name: &str,
@@ -515,6 +511,41 @@ mod mirroring {
         })
         .unwrap();
         (runtime, data, map)
+    }
+
+    /// Two runtimes in `mode`, `a` and `b`, each linked to the other by a
+    /// wire that delivers in link session `session`.
+    struct Pair {
+        a: Arc<Runtime>,
+        b: Arc<Runtime>,
+        wire_a: Arc<Wire>,
+        wire_b: Arc<Wire>,
+        data_a: PathBuf,
+        data_b: PathBuf,
+    }
+
+    fn pair(dir: &std::path::Path, mode: crate::config::Mode, session: u64) -> Pair {
+        let wire = || {
+            Arc::new(Wire {
+                other: OnceLock::new(),
+                session,
+                resyncs_done: AtomicU64::new(0),
+            })
+        };
+        let (wire_a, wire_b) = (wire(), wire());
+        let (a, data_a, _) = side_in(dir, "a", wire_a.clone(), mode);
+        let (b, data_b, _) = side_in(dir, "b", wire_b.clone(), mode);
+        let (a, b) = (Arc::new(a), Arc::new(b));
+        wire_a.other.set(Arc::downgrade(&b)).unwrap();
+        wire_b.other.set(Arc::downgrade(&a)).unwrap();
+        Pair {
+            a,
+            b,
+            wire_a,
+            wire_b,
+            data_a,
+            data_b,
+        }
     }
 
     /// Writes on `rt`; with a frontend, the way a ublk queue thread does.
@@ -617,19 +648,7 @@ mod mirroring {
     #[test]
     fn the_peer_queue_is_bounded_and_gives_messages_back_when_full() {
         let dir = tempfile::tempdir().unwrap();
-        let wire = || {
-            Arc::new(Wire {
-                other: OnceLock::new(),
-                session: 7,
-                resyncs_done: AtomicU64::new(0),
-            })
-        };
-        let (wire_a, wire_b) = (wire(), wire());
-        let (a, _, _) = side(dir.path(), "a", wire_a.clone());
-        let (b, _, _) = side(dir.path(), "b", wire_b.clone());
-        let (a, b) = (Arc::new(a), Arc::new(b));
-        wire_a.other.set(Arc::downgrade(&b)).unwrap();
-        wire_b.other.set(Arc::downgrade(&a)).unwrap();
+        let Pair { a, b, .. } = pair(dir.path(), crate::config::Mode::Mwc, 7);
         // Not connected yet: messages of session 7 wait for it to start.
         let message = |region| FromPeer::Prioritize { region };
         for region in 0..PEER_MESSAGES_QUEUED_MAX as u64 {
@@ -673,19 +692,13 @@ mod mirroring {
     /// writing side took without its device thread.
     fn answers_taken_where_they_arrive(mode: crate::config::Mode) -> u64 {
         let dir = tempfile::tempdir().unwrap();
-        let wire = || {
-            Arc::new(Wire {
-                other: OnceLock::new(),
-                session: 8,
-                resyncs_done: AtomicU64::new(0),
-            })
-        };
-        let (wire_a, wire_b) = (wire(), wire());
-        let (a, data_a, _) = side_in(dir.path(), "a", wire_a.clone(), mode);
-        let (b, data_b, _) = side_in(dir.path(), "b", wire_b.clone(), mode);
-        let (a, b) = (Arc::new(a), Arc::new(b));
-        wire_a.other.set(Arc::downgrade(&b)).unwrap();
-        wire_b.other.set(Arc::downgrade(&a)).unwrap();
+        let Pair {
+            a,
+            b,
+            data_a,
+            data_b,
+            ..
+        } = pair(dir.path(), mode, 8);
         // No session yet: an answer of session 7 is queued, not taken.
         let stray = FromPeer::Answer {
             seq: 1,
@@ -716,19 +729,7 @@ mod mirroring {
     #[test]
     fn a_resync_target_drains_direct_reads_and_refuses_them_until_resynced() {
         let dir = tempfile::tempdir().unwrap();
-        let wire = |session| {
-            Arc::new(Wire {
-                other: OnceLock::new(),
-                session,
-                resyncs_done: AtomicU64::new(0),
-            })
-        };
-        let (wire_a, wire_b) = (wire(9), wire(9));
-        let (a, _, _) = side(dir.path(), "a", wire_a.clone());
-        let (b, _, _) = side(dir.path(), "b", wire_b.clone());
-        let (a, b) = (Arc::new(a), Arc::new(b));
-        wire_a.other.set(Arc::downgrade(&b)).unwrap();
-        wire_b.other.set(Arc::downgrade(&a)).unwrap();
+        let Pair { a, b, wire_b, .. } = pair(dir.path(), crate::config::Mode::Mwc, 9);
         let pool = BufPool::new();
         let sink = Arc::new(Collect::default());
         let region = 12u64;
@@ -793,22 +794,14 @@ mod mirroring {
     #[test]
     fn standalone_writes_resync_then_mirrored_writes_leave_identical_copies() {
         let dir = tempfile::tempdir().unwrap();
-        let wire_a = Arc::new(Wire {
-            other: OnceLock::new(),
-            session: 7,
-            resyncs_done: AtomicU64::new(0),
-        });
-        let wire_b = Arc::new(Wire {
-            other: OnceLock::new(),
-            session: 7,
-            resyncs_done: AtomicU64::new(0),
-        });
-        let (a, data_a, _) = side(dir.path(), "a", wire_a.clone());
-        let (b, data_b, _) = side(dir.path(), "b", wire_b.clone());
-        let a = Arc::new(a);
-        let b = Arc::new(b);
-        wire_a.other.set(Arc::downgrade(&b)).unwrap();
-        wire_b.other.set(Arc::downgrade(&a)).unwrap();
+        let Pair {
+            a,
+            b,
+            wire_a,
+            wire_b,
+            data_a,
+            data_b,
+        } = pair(dir.path(), crate::config::Mode::Mwc, 7);
         let pool = BufPool::new();
         let sink = Arc::new(Collect::default());
 
@@ -1004,19 +997,14 @@ mod mirroring {
         use crate::config::Mode;
         for mode in [Mode::Sync, Mode::Mwc, Mode::Async] {
             let dir = tempfile::tempdir().unwrap();
-            let wire = || {
-                Arc::new(Wire {
-                    other: OnceLock::new(),
-                    session: 5,
-                    resyncs_done: AtomicU64::new(0),
-                })
-            };
-            let (wire_a, wire_b) = (wire(), wire());
-            let (a, data_a, _) = side_in(dir.path(), "a", wire_a.clone(), mode);
-            let (b, data_b, _) = side_in(dir.path(), "b", wire_b.clone(), mode);
-            let (a, b) = (Arc::new(a), Arc::new(b));
-            wire_a.other.set(Arc::downgrade(&b)).unwrap();
-            wire_b.other.set(Arc::downgrade(&a)).unwrap();
+            let Pair {
+                a,
+                b,
+                wire_a,
+                wire_b,
+                data_a,
+                data_b,
+            } = pair(dir.path(), mode, 5);
             let pool = BufPool::new();
             // A alone first: 300 regions to resynchronise.
             let alone: Vec<(u64, u64, u8)> = (0..300u64)
