@@ -445,9 +445,11 @@ mod mirroring {
 
     /// Hands every message to the other runtime through the wire encoding.
     struct Wire {
-        /// Weak: each runtime holds its link, so strong references both
-        /// ways would keep both alive.
-        other: OnceLock<Weak<Runtime>>,
+        /// What the other runtime's ports reach, held weakly: each runtime
+        /// holds its link, so strong references both ways would keep both
+        /// alive. It lives until that runtime's device thread ended, so the
+        /// answers to a stopping side's last messages still reach it.
+        other: OnceLock<Weak<Shared>>,
         session: u64,
         resyncs_done: AtomicU64,
     }
@@ -457,7 +459,8 @@ mod mirroring {
             let bytes = mirror::encode(&message);
             let decoded: FromPeer = mirror::decode(&bytes, SIZE).expect("valid message");
             // Once the other side stopped, its messages are lost.
-            if let Some(other) = self.other.get().expect("linked").upgrade() {
+            if let Some(shared) = self.other.get().expect("linked").upgrade() {
+                let other = Port { shared };
                 // Only the bounded-queue test fills it, before its session
                 // starts: the message waits until the other side drains it.
                 let deadline = Instant::now() + Duration::from_secs(20);
@@ -536,8 +539,8 @@ mod mirroring {
         let (a, data_a, _) = side_in(dir, "a", wire_a.clone(), mode);
         let (b, data_b, _) = side_in(dir, "b", wire_b.clone(), mode);
         let (a, b) = (Arc::new(a), Arc::new(b));
-        wire_a.other.set(Arc::downgrade(&b)).unwrap();
-        wire_b.other.set(Arc::downgrade(&a)).unwrap();
+        wire_a.other.set(Arc::downgrade(&b.shared)).unwrap();
+        wire_b.other.set(Arc::downgrade(&a.shared)).unwrap();
         Pair {
             a,
             b,
@@ -616,22 +619,17 @@ mod mirroring {
         }
     }
 
-    /// Stops `a`, then `b`. Once `a` is out of its `Arc`, `b`'s answers no
-    /// longer reach it: let `a`'s backlog drain first.
+    /// Stops `a`, then `b`; `a` drains what it sent while `b` still
+    /// answers (well within [`STOP_DRAIN_TIMEOUT`]).
     fn stop_both(a: Arc<Runtime>, b: Arc<Runtime>) {
         for rt in [a, b] {
-            let mut rt = rt;
-            let deadline = Instant::now() + Duration::from_secs(20);
-            // The other side's link may hold it for a moment.
-            let rt = loop {
-                match Arc::try_unwrap(rt) {
-                    Ok(rt) => break rt,
-                    Err(back) => rt = back,
-                }
-                assert!(Instant::now() < deadline, "a runtime is still held");
-                std::thread::sleep(Duration::from_millis(1));
-            };
+            let started = Instant::now();
+            let rt = Arc::try_unwrap(rt).unwrap_or_else(|_| panic!("a runtime is still held"));
             rt.stop().unwrap();
+            assert!(
+                started.elapsed() < STOP_DRAIN_TIMEOUT,
+                "the peer's answers did not drain the stop"
+            );
         }
     }
 
