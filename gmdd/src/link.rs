@@ -99,23 +99,23 @@ impl Refusal {
     /// lasting refusal's reason (a divergence stays on show while the peer
     /// is busy), and never holds the next attempt back.
     fn record(slot: &mut Option<Refusal>, reason: String, lasting: bool) -> bool {
-        if lasting {
-            let new = slot.as_ref().is_none_or(|r| r.reason != reason);
-            *slot = Some(Refusal::lasting(reason));
-            return new;
-        }
         let now = Instant::now();
         match slot {
-            Some(r) if r.lasting => {
+            Some(r) if r.lasting && !lasting => {
                 r.retry_at = now;
                 false
             }
             _ => {
                 let new = slot.as_ref().is_none_or(|r| r.reason != reason);
+                let hold = if lasting {
+                    REFUSED_RETRY
+                } else {
+                    Duration::ZERO
+                };
                 *slot = Some(Refusal {
                     reason,
-                    lasting: false,
-                    retry_at: now,
+                    lasting,
+                    retry_at: now + hold,
                 });
                 new
             }
