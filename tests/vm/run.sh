@@ -27,6 +27,7 @@ echo "vm: booting (TCG) after $(( $(date +%s) - t0 )) s of preparation"
 set +e
 TMO=${TMO:-840} MEM=${MEM:-2560} SMP=${SMP:-2} "$HERE/boot.sh" "$W" 'RESULT: PASS' > "$W/boot.out" 2>&1
 set -e
+grep '^vm: ' "$W/boot.out" || true
 grep -E '^\[guest|^MODE |^RESULT' "$W/console.log" | tr -d '\r' || true
 status=0
 for mode in mwc async sync recover failover nodriver; do

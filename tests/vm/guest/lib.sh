@@ -14,6 +14,7 @@ boot_guest() {
   # takes gmd's punch-hole fallback.
   mkdir -p /t; mount -t tmpfs -o size=1400m tmpfs /t
   export GMD_LOG=info
+  log "init started"
 }
 
 log() { echo "[guest $(cut -d' ' -f1 /proc/uptime)s] $*"; }
