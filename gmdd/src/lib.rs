@@ -7,6 +7,7 @@
 mod compare;
 mod control;
 mod exports;
+pub mod flusher;
 mod isolation;
 mod link;
 pub mod notify;

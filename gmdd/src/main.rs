@@ -34,6 +34,10 @@ fn main() {
     let args = Args::parse();
     gmdd::notify::init();
     init_logging();
+    // Before any other thread exists: they inherit the state.
+    if let Err(e) = gmdd::flusher::enter() {
+        tracing::warn!("{}", gmdd::flusher::explain(&e));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .thread_name("gmdd")
         .enable_all()

@@ -87,6 +87,88 @@ fn start_needs_the_peer_recorded_down() {
     assert!(!list.stdout.contains(DEV), "{}", list.text());
 }
 
+/// `PF_MEMALLOC_NOIO` in the flags of `/proc/<pid>/task/<tid>/stat`
+/// (include/linux/sched.h), set by `PR_SET_IO_FLUSHER`.
+const PF_MEMALLOC_NOIO: u64 = 0x0008_0000;
+
+/// Each thread of process `pid`: (thread id, name, kernel task flags).
+fn thread_flags(pid: u32) -> Vec<(String, String, u64)> {
+    let mut threads = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).expect("task list") {
+        let tid = entry
+            .expect("task entry")
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        // "tid (name) state ppid pgrp session tty_nr tpgid flags ..."; the
+        // name may hold spaces and parentheses, so count after the last ')'.
+        let open = stat.find('(').expect("name");
+        let close = stat.rfind(')').expect("name");
+        let name = stat[open + 1..close].to_string();
+        let flags: u64 = stat[close + 1..]
+            .split_whitespace()
+            .nth(6)
+            .and_then(|f| f.parse().ok())
+            .expect("flags field");
+        threads.push((tid, name, flags));
+    }
+    threads
+}
+
+/// True when this process holds `CAP_SYS_RESOURCE` (bit 24 of CapEff),
+/// which `PR_SET_IO_FLUSHER` needs; gmdd started from here inherits it.
+fn holds_cap_sys_resource() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .expect("CapEff line");
+    u64::from_str_radix(eff.trim(), 16).expect("hex capabilities") & (1 << 24) != 0
+}
+
+/// gmdd serves block devices, so the kernel may wait on it to write their
+/// dirty pages back: none of its threads may start I/O from its own memory
+/// allocations (the IO_FLUSHER state), or the machine can deadlock under
+/// memory pressure. Where gmdd cannot have that state (no
+/// `CAP_SYS_RESOURCE`, as in some containers), it says so and what to do,
+/// and serves anyway. The test VM (`tests/vm`, full capabilities) checks
+/// the flag on a ublk-serving gmdd as well.
+#[test]
+fn every_gmdd_thread_is_an_io_flusher() {
+    let cluster = Cluster::new();
+    let alpha = cluster.gmdd("alpha");
+    alpha.start_standalone(DEV, "beta");
+    // The device thread, its ring's workers, the NBD export and the async
+    // runtime's workers all exist once a write went through.
+    assert_qemu_io_clean(&qemu_io(&alpha.url(DEV), &["write -P 0x11 0 64k"]));
+    let threads = thread_flags(alpha.pid());
+    assert!(threads.len() >= 3, "{threads:?}");
+    let log = std::fs::read_to_string(&alpha.log).expect("log");
+    if holds_cap_sys_resource() {
+        for (tid, name, flags) in &threads {
+            assert!(
+                flags & PF_MEMALLOC_NOIO != 0,
+                "gmdd thread {tid} ({name}) is not an IO_FLUSHER (flags {flags:#x}); all: {threads:x?}"
+            );
+        }
+        assert!(!log.contains("IO_FLUSHER"), "gmdd warned:\n{log}");
+    } else {
+        assert!(
+            threads
+                .iter()
+                .all(|(_, _, flags)| flags & PF_MEMALLOC_NOIO == 0),
+            "{threads:x?}"
+        );
+        assert!(
+            log.contains("gmdd is not in the IO_FLUSHER state (it lacks CAP_SYS_RESOURCE"),
+            "gmdd did not say why it is not an IO_FLUSHER:\n{log}"
+        );
+    }
+}
+
 #[test]
 fn qemu_io_data_and_stale_marks_survive_restart_and_kill9() {
     let cluster = Cluster::new();

@@ -90,6 +90,19 @@ gmdd_kill() { # DIR MACHINE SIGNAL
   ! kill -0 "$pid" 2>/dev/null
 }
 
+# io_flushers DIR MACHINE: every thread of the machine's gmdd (ublk queue
+# threads, device thread, io_uring workers, runtime) is in the IO_FLUSHER
+# state: PF_MEMALLOC_NOIO (0x80000) in the flags field of its stat.
+io_flushers() {
+  local pid t f n=0; pid=$(cat "$1/$2.pid")
+  for t in /proc/$pid/task/*; do
+    f=$(sed 's/.*) //' "$t/stat" | cut -d' ' -f7)
+    [ $(( f & 0x80000 )) -ne 0 ] || { log "$2: thread ${t##*/} ($(cat "$t/comm")) is not an IO_FLUSHER (flags $f)"; return 1; }
+    n=$((n+1))
+  done
+  log "$2: all $n gmdd threads are IO_FLUSHERs"
+}
+
 # in_sync DIR MACHINE DEVICE: connected, nothing left to resync, map clean.
 in_sync() {
   local s; s=$(ctl "$1" "$2" status "$3" --json 2>/dev/null | tr -d ' \n')

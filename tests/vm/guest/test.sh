@@ -33,6 +33,7 @@ mirror_scenario() {
   sync; echo 3 > /proc/sys/vm/drop_caches
   (cd /mnt/$mode && sha256sum -c -s /tmp/sums.$mode) || { log "$mode: files read back differ"; return 1; }
   direct_count "$d" alpha $dev reads || { log "$mode: no direct reads counted"; return 1; }
+  io_flushers "$d" alpha || return 1
   # Writes run on the queue threads too; in sync mode the local write
   # follows the peer's answer, on the device thread.
   if [ "$mode" = sync ]; then
