@@ -96,7 +96,8 @@ gmdd_kill() { # DIR MACHINE SIGNAL
 io_flushers() {
   local pid t f n=0; pid=$(cat "$1/$2.pid")
   for t in /proc/$pid/task/*; do
-    f=$(sed 's/.*) //' "$t/stat" | cut -d' ' -f7)
+    f=$(sed 's/.*) //' "$t/stat" 2>/dev/null | cut -d' ' -f7)
+    [ -n "$f" ] || continue  # the thread ended meanwhile (an io_uring worker)
     [ $(( f & 0x80000 )) -ne 0 ] || { log "$2: thread ${t##*/} ($(cat "$t/comm")) is not an IO_FLUSHER (flags $f)"; return 1; }
     n=$((n+1))
   done
