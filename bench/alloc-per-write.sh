@@ -1,0 +1,70 @@
+#!/bin/bash
+# Benchmark (not a test): how many heap allocations each gmdd of a pair on
+# loopback makes per 4 KiB write, in each of MODES (default "standalone
+# mwc async sync"). Each gmdd runs with an LD_PRELOAD shim
+# (bench/alloc/count.c) counting malloc/calloc/realloc/aligned allocations;
+# after one 1 MiB pass over the device, fio writes N (default 20000) 4 KiB
+# blocks at random through alpha's NBD export at QD (default 1), and the
+# counts' growth is divided by N. Needs cc and fio.
+# Usage: bench/alloc-per-write.sh     Env: MODES, N, QD, SIZE (256M), SKIP_BUILD=1
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+MODES=${MODES:-standalone mwc async sync}
+N=${N:-20000}; QD=${QD:-1}; SIZE=${SIZE:-256M}
+for tool in cc fio; do command -v "$tool" >/dev/null || { echo "alloc-per-write.sh needs $tool" >&2; exit 1; }; done
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --bins --quiet
+export PATH=$ROOT/target/release:$PATH
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+bench_workdir alloc
+cc -O2 -shared -fPIC -o "$W/count.so" "$ROOT/bench/alloc/count.c" -lpthread
+gmdd_prefix() { echo env LD_PRELOAD="$W/count.so" ALLOC_COUNT="$W/count"; }
+cd "$W"
+gmdctl genkey cluster.key >/dev/null
+mkdir -p alpha beta
+truncate -s "$SIZE" alpha/data10.img && fallocate -l "$SIZE" alpha/data10.img
+# counts MACHINE → "malloc calloc realloc aligned" of its gmdd (timeout's child)
+counts() { local pid; pid=$(pgrep -P "${PID[$1]}" gmdd); cat "count.$pid"; }
+printf '%-11s %-6s %8s %8s %8s %8s\n' mode side malloc calloc realloc aligned
+for mode in $MODES; do
+    cmode=$mode; [ "$mode" = standalone ] && cmode=mwc
+    NBD_A=$(free_port); NBD_B=$(free_port); GM_A=$(free_udp); GM_B=$(free_udp)
+    sed -e "s/256MiB/$SIZE/" -e "s/127.0.0.1:10809/127.0.0.1:$NBD_A/" -e "s/127.0.0.1:10810/127.0.0.1:$NBD_B/" \
+        -e "s/127.0.0.1:6755/127.0.0.1:$GM_A/" -e "s/127.0.0.1:6756/127.0.0.1:$GM_B/" \
+        -e "s/^mode = \"mwc\"/mode = \"$cmode\"/" "$ROOT/examples/loopback.toml" > cluster.toml
+    if [ "$cmode" = async ]; then
+        sed -i -e 's|^state_map = "alpha/data10.sm"|&\nrole = "primary"|' \
+               -e 's|^state_map = "beta/data10.sm"|&\nrole = "secondary"|' cluster.toml
+    fi
+    cp --sparse=never alpha/data10.img beta/data10.img
+    ctl alpha init-state data10gmd --zeroed --force >/dev/null
+    ctl beta init-state data10gmd --zeroed --force >/dev/null
+    start_alpha_alone 2>/dev/null
+    sides=(alpha)
+    if [ "$mode" != standalone ]; then
+        sides+=(beta)
+        start_gmdd beta
+        ctl beta configure data10gmd >/dev/null
+        ctl beta start data10gmd >/dev/null
+        for _ in $(seq 300); do
+            [ "$(status_field alpha 'd["link"]["connected"] and d["link"]["resync_remaining"]==0')" = True ] && break
+            sleep 0.2
+        done
+    fi
+    URI="nbd://127.0.0.1:$NBD_A/data10gmd"
+    timeout 600 fio --name=warm --ioengine=nbd --uri="$URI" --rw=write --bs=1M --iodepth=16 --size="$SIZE" >/dev/null
+    sleep 2  # the shim writes its counts every second
+    declare -A before=()
+    for m in "${sides[@]}"; do before[$m]=$(counts "$m"); done
+    timeout 600 fio --name=w --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth="$QD" \
+        --size="$SIZE" --number_ios="$N" --norandommap --randrepeat=0 >/dev/null
+    sleep 2.5
+    for m in "${sides[@]}"; do
+        read -r -a a <<< "${before[$m]}"; read -r -a b <<< "$(counts "$m")"
+        printf '%-11s %-6s' "$mode" "$m"
+        for i in 0 1 2 3; do printf ' %8.2f' "$(echo "(${b[$i]} - ${a[$i]}) / $N" | bc -l)"; done
+        echo
+    done
+    for m in "${sides[@]}"; do stop_gmdd "$m"; done
+done
