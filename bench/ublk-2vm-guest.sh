@@ -60,10 +60,51 @@ TOML
 # Both data disks are new sparse files (zeros): the pair starts without a copy.
 gmdctl --config "$d/cluster.toml" --machine "$role" init-state d0 --zeroed >/dev/null || fail "init-state"
 FIO="fio --ioengine=libaio --direct=1 --time_based --runtime=$BENCH_S --ramp_time=2 --group_reporting --randrepeat=0 --norandommap"
+# profile SECONDS: what this VM does meanwhile, printed as "BENCH-PERF
+# <role> ..." lines: a system-wide CPU profile (perf, cpu-clock: TCG has no
+# hardware counters; the share of each program and kernel, then the
+# hottest symbols) for half the time, then context switches for 3 s, then
+# system calls per thread (perf trace -s) for the rest.
+profile() {
+  local rec=$(($1 / 2)) tr=$(($1 - $1 / 2 - 3))
+  perf record -q -e cpu-clock -F 499 -a -o /t/perf.data -- sleep "$rec" >/dev/null 2>&1 || { echo "BENCH-PERF $role perf record failed"; return; }
+  perf stat -e context-switches,cpu-migrations,page-faults -a -- sleep 3 2>&1 | grep -E 'context|migr|faults|elapsed' | sed "s/^/BENCH-PERF $role stat /"
+  mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null
+  # One second of thread switches, wake-ups and system calls, in order
+  # (a few writes' worth, to follow one through the threads).
+  if [ -n "$SCHED_LINES" ]; then
+    perf record -q -e sched:sched_switch -e sched:sched_wakeup -e raw_syscalls:sys_enter -e raw_syscalls:sys_exit \
+      -a -o /t/sched.data -- sleep 1 >/dev/null 2>&1
+    perf script -i /t/sched.data -F comm,tid,time,event,trace 2>/dev/null | grep -v '^ *perf ' | tail -n +200 | head -n "$SCHED_LINES" |
+      sed "s/^/BENCH-PERF $role sched /"
+  fi
+  perf trace -s -a -o /t/trace.txt -- sleep "$tr" >/dev/null 2>&1 || echo "BENCH-PERF $role perf trace failed"
+  awk '/^ [^ ].*\(/ { keep = ($0 ~ /gmd|ublk|fio|iou/) } keep && (/^ [^ ].*\(/ || /^ +[a-z_0-9]+ +[0-9]+ /)' /t/trace.txt 2>/dev/null |
+    head -n 150 | sed "s/^/BENCH-PERF $role trace /"
+  for sort in comm,dso comm,dso,sym; do
+    perf report -i /t/perf.data --stdio --no-children --sort $sort --percent-limit 0.5 2>/dev/null |
+      grep -v '^#' | grep -v '^ *$' | head -n 50 | sed "s/^/BENCH-PERF $role /"
+  done
+}
+# fio_job NAME RW BS QD DEVICE → "MiB/s IOPS"; with PERF set, alpha
+# profiles its VM while the job runs on the mirror (after the 2 s ramp).
+fio_job() {
+  local name=$1 rw=$2 bs=$3 qd=$4 dev=$5
+  if [ -n "$PERF" ] && [ "$dev" != /dev/vdc ]; then
+    (sleep 3; profile $((BENCH_S - 2)) > /t/perf.alpha) &
+    echo $! > /t/perf.pid
+  fi
+  $FIO --name="$name" --filename="$dev" --size=1G --rw="$rw" --bs="$bs" --iodepth="$qd" | parse write
+}
 job() { # TARGET DEVICE
-  echo "BENCH $1 randwrite-4k-qd32 $($FIO --name=r4k --filename=$2 --size=1G --rw=randwrite --bs=4k --iodepth=32 | parse write)"
-  echo "BENCH $1 randwrite-4k-qd1 $($FIO --name=r4k1 --filename=$2 --size=1G --rw=randwrite --bs=4k --iodepth=1 | parse write)"
-  echo "BENCH $1 write-1m-qd16 $($FIO --name=s1m --filename=$2 --size=1G --rw=write --bs=1m --iodepth=16 | parse write)"
+  for j in "randwrite-4k-qd32 randwrite 4k 32" "randwrite-4k-qd1 randwrite 4k 1" "write-1m-qd16 write 1m 16"; do
+    set -- "$1" "$2" $j
+    # JOB=<job>: that job only (raw included, for its ratio).
+    [ -z "$JOB" ] || [ "$JOB" = "$3" ] || continue
+    echo "BENCH $1 $3 $(fio_job "$3" "$4" "$5" "$6" "$2")"
+  done
+  # Not a bare wait: gmdd runs in the background of this shell too.
+  [ ! -f /t/perf.pid ] || { wait "$(cat /t/perf.pid)"; cat /t/perf.alpha; rm -f /t/perf.pid /t/perf.alpha; }
 }
 log "$role: up"
 if [ "$role" = alpha ] && [ "$raw" = 1 ]; then
@@ -90,6 +131,15 @@ if ! wait_until 60 ctl "$d" "$role" start d0; then
 fi
 log "$role: d0 started ($mode)"
 if [ "$role" = beta ]; then
+  if [ -n "$PERF" ]; then
+    # Profile the peer's side of the same job: from when alpha's writes
+    # arrive (1 MiB received since the pair was in sync), as long as alpha.
+    rx() { cat /sys/class/net/eth0/statistics/rx_bytes; }
+    rx_above() { [ "$(rx)" -gt "$1" ]; }
+    wait_until 300 in_sync "$d" beta d0
+    wait_until 1200 rx_above $(( $(rx) + 1048576 ))
+    sleep 3; profile $((BENCH_S - 2))
+  fi
   while :; do sleep 5; net_counters; done
 fi
 wait_until 300 in_sync "$d" alpha d0 || { sync_report "$d" d0; fail "not in sync"; }
@@ -97,6 +147,12 @@ wait_until 10 test -b /dev/ublkb0 || fail "no /dev/ublkb0"
 log "alpha: mirroring in sync"
 job "$mode" /dev/ublkb0
 log "alpha: $mode measured"
+if [ -n "$PERF" ]; then
+  # The link itself, idle (after the job: beta's profile starts on traffic):
+  # ICMP round trips, then GeoMessage's (netprobe).
+  ping -c 20 -i 0.2 10.99.0.2 | tail -n 1 | sed 's/^/BENCH-PERF alpha ping /'
+  ctl "$d" alpha netprobe beta --rounds 50 | sed 's/^/BENCH-PERF alpha netprobe /'
+fi
 # beta prints its counters every 5 s: after 6 s idle its last line covers
 # every datagram of the jobs, comparable with alpha's.
 sleep 6

@@ -7,12 +7,13 @@ key=$(mktemp -u)
 "$ROOT/target/release/gmdctl" genkey "$key" >/dev/null
 {
   echo '#!/bin/busybox sh'
-  echo "BENCH_S=$BENCH_S DGRAM=${DGRAM:-1400} HWM_KIB=${HWM_KIB:-128} ENCRYPT=${ENCRYPT:-true} MTU=${MTU:-1500} CLUSTER_KEY=$(cat "$key")"
+  echo "BENCH_S=$BENCH_S DGRAM=${DGRAM:-1400} HWM_KIB=${HWM_KIB:-128} ENCRYPT=${ENCRYPT:-true} MTU=${MTU:-1500} JOB=${JOB:-} PERF=${PERF:-} SCHED_LINES=${SCHED_LINES:-} CLUSTER_KEY=$(cat "$key")"
   cat "$VM/guest/lib.sh" "$ROOT/bench/vm-fio.sh" "$ROOT/bench/ublk-2vm-guest.sh"
 } > "$W/bench2-init.sh"
 rm -f "$key"
+perf=(); [ -z "${PERF:-}" ] || perf=("$(command -v perf)")
 EXTRA_MODULES="virtio_blk virtio_net" "$VM/mkinitramfs.sh" "$W" "$W/bench2-init.sh" \
-  "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" "$ROOT/target/release/gmdstat" "$(command -v fio)" >/dev/null
+  "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" "$ROOT/target/release/gmdstat" "$(command -v fio)" "${perf[@]}" >/dev/null
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
 # vm NAME MODE RAW PORT PEER_PORT MAC: boots one machine's VM in the background.
@@ -47,7 +48,10 @@ for mode in $MODES; do
   # Each side's datagram counters at the end (Udp: InDatagrams NoPorts
   # InErrors OutDatagrams RcvbufErrors ...; eth0 ring drops).
   for m in alpha beta; do
-    tr -d '\r' < "$W/2vm-$m.console" | grep '^BENCH-NET' | tail -n 1 | sed "s/^BENCH-NET/  $mode:/"
+    { tr -d '\r' < "$W/2vm-$m.console" | grep '^BENCH-NET' || true; } | tail -n 1 | sed "s/^BENCH-NET/  $mode:/"
+  done
+  for m in alpha beta; do
+    tr -d '\r' < "$W/2vm-$m.console" | sed -n "s/^BENCH-PERF/  $mode perf:/p"
   done
   if ! grep -q 'RESULT: PASS' "$W/2vm-alpha.console"; then
     echo "two-vm $mode failed; alpha's console:" >&2; tail -40 "$W/2vm-alpha.console" >&2

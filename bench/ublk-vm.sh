@@ -20,7 +20,12 @@
 # the link's MTU of 1500), HWM_KIB (async high water mark, default 128),
 # ENCRYPT (GeoMessage encryption, default true; false: authentication only),
 # MTU (of the guests' link, default 1500; DGRAM must fit in it),
-# GUEST_APPEND (extra guest kernel parameters, e.g. idle=poll).
+# GUEST_APPEND (extra guest kernel parameters, e.g. idle=poll),
+# JOB (one job's name, e.g. randwrite-4k-qd1: run only that one, raw
+# included), PERF=1 (profile both VMs while the mirrored job runs: perf,
+# cpu-clock, system-wide — the share of each program and the hottest
+# symbols, context switches, system calls per thread; SCHED_LINES=N adds
+# N lines of one second's thread switches, wake-ups and system calls).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VM=$ROOT/tests/vm
