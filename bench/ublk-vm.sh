@@ -8,7 +8,8 @@
 # measured (steady state: blocks allocated, regions marked). Prints each
 # figure and its ratio to the raw disk (absolute TCG figures mean nothing),
 # and how many of the device's writes ran on the ublk queue threads.
-# Env: VM_WORK (default target/vm), BENCH_S (seconds per fio job, default 10).
+# Env: VM_WORK (default target/vm), BENCH_S (seconds per fio job, default 10),
+# SKIP_BUILD=1 (use the release binaries as they are).
 #
 # bench/ublk-vm.sh two-vm: alpha and beta each in its own TCG VM (one vCPU,
 # 1 GiB each), joined by a qemu `-netdev socket,udp=` link, 1 GiB virtio
@@ -31,7 +32,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VM=$ROOT/tests/vm
 W=${VM_WORK:-$ROOT/target/vm}
 mkdir -p "$W"
-(cd "$ROOT" && cargo build --release -p gmdd -p gmdctl --bins --quiet)
+[ -n "${SKIP_BUILD:-}" ] || (cd "$ROOT" && cargo build --release -p gmdd -p gmdctl --bins --quiet)
 "$VM/setup-kernel.sh" "$W" >/dev/null
 # bench_table DIGITS: "BENCH <target> <job> <MiB/s> <IOPS>" lines in (others
 # ignored) → the table, each figure with its ratio to the raw disk's.

@@ -258,7 +258,7 @@ impl Daemon {
                 ("regions_total", report.regions_total.to_string()),
             ],
         ));
-        self.changed.notify_one();
+        self.watch.changed.notify_one();
         let d = self.clone();
         self.rt.spawn(async move {
             let device = job.device.clone();
@@ -305,7 +305,7 @@ impl Daemon {
                 }
                 Err(e) => warn!(%device, "online compare stopped: {e}"),
             }
-            d.changed.notify_one();
+            d.watch.changed.notify_one();
         });
         Ok(report)
     }

@@ -220,7 +220,7 @@ pub struct Daemon {
     status_line: Mutex<String>,
     /// Something about a device may have changed: the event watcher looks
     /// (commands, the links, messages to and from peers tell it).
-    changed: Arc<tokio::sync::Notify>,
+    watch: Arc<ops::Watch>,
     /// What the event watcher saw last, per device (see [`Daemon::look`]).
     watched: Mutex<ops::Watched>,
     /// The running or last online compare of each device (`gmdctl compare`).
@@ -265,7 +265,7 @@ fn basis_name(basis: gmd_core::link::Basis) -> &'static str {
 
 impl Daemon {
     fn new(config: ClusterConfig, machine: String, node: Arc<Node>) -> Daemon {
-        let changed = Arc::new(tokio::sync::Notify::new());
+        let watch = Arc::new(ops::Watch::default());
         let mut devices = IndexMap::new();
         let mut links = HashMap::new();
         for device in config.devices_on(&machine) {
@@ -280,7 +280,7 @@ impl Daemon {
                     device.name.clone(),
                     device.minor,
                     device.size_bytes,
-                    changed.clone(),
+                    watch.clone(),
                     isolation_settings(&config, &machine, device),
                 ),
             );
@@ -302,7 +302,7 @@ impl Daemon {
             metrics: tokio::sync::Mutex::new(None),
             auth_logged: Mutex::new(HashMap::new()),
             status_line: Mutex::new(String::new()),
-            changed,
+            watch,
             watched: Mutex::new(ops::Watched::default()),
             compares: Mutex::new(HashMap::new()),
         }

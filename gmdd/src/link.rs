@@ -266,7 +266,7 @@ pub(super) struct DeviceLink {
     pub(super) rt: tokio::runtime::Handle,
     /// Told whenever something about the device may have changed, so that
     /// `gmdctl events` hears of it at once (see `ops::watch_devices`).
-    changed: Arc<tokio::sync::Notify>,
+    watch: Arc<super::ops::Watch>,
     /// This link itself, for tasks it starts from the device thread.
     pub(super) me: std::sync::Weak<DeviceLink>,
     /// How the device behaves when its peer is lost.
@@ -372,12 +372,12 @@ impl DeviceLink {
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
         // Writes, resync data and flushes change backlogs and progress.
-        self.poke();
+        self.watch.traffic.notify_one();
     }
 
     /// Tells the event watcher that this device may have changed.
     pub(super) fn poke(&self) {
-        self.changed.notify_one();
+        self.watch.changed.notify_one();
     }
 
     /// Drops a peer that acknowledged nothing for `waited_ms`: the device
@@ -415,7 +415,7 @@ impl DeviceLink {
         device: String,
         minor: u32,
         size_bytes: u64,
-        changed: Arc<tokio::sync::Notify>,
+        watch: Arc<super::ops::Watch>,
         isolation: super::isolation::Settings,
     ) -> Arc<DeviceLink> {
         let (tx, rx) = mpsc::channel(OUT_MESSAGES_MAX);
@@ -440,7 +440,7 @@ impl DeviceLink {
             out: tx,
             node: node.clone(),
             rt: tokio::runtime::Handle::current(),
-            changed,
+            watch,
             me: me.clone(),
             isolation,
         });
@@ -596,7 +596,7 @@ async fn receive_loop(node: Arc<Node>, stream: StreamId, link: Arc<DeviceLink>) 
             Err(e) => warn!(device = %link.device, error = %e, "device message refused"),
         }
         // Answers shrink backlogs, resync data fills the target.
-        link.poke();
+        link.watch.traffic.notify_one();
     }
 }
 

@@ -4,7 +4,7 @@
 //! Device-level changes (state, connection, HWM fallback, resync, refusals,
 //! writes held on isolation)
 //! are found by comparing a small snapshot of each device as soon as the
-//! daemon is told something changed (`Daemon::changed`); peer and path
+//! daemon is told something changed (`Daemon::watch`); peer and path
 //! changes come straight from GeoMessage's events (see `watch_peers`).
 
 use std::collections::HashMap;
@@ -26,6 +26,24 @@ use gmdctl::protocol::Event;
 pub(super) const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// Shortest time between two comparisons: a burst of changes is one look.
 pub(super) const WATCH_GAP: Duration = Duration::from_millis(10);
+/// Shortest time between two comparisons made for messages alone: a write
+/// stream moves backlogs and resync progress all the time, and a look per
+/// message burst (up to 100 a second) took a CPU's share from the data
+/// path on slow machines.
+pub(super) const TRAFFIC_GAP: Duration = Duration::from_millis(100);
+
+/// What tells the event watcher ([`watch_devices`]) to compare device
+/// snapshots.
+#[derive(Default)]
+pub(super) struct Watch {
+    /// Something about a device may have changed (a command, the link
+    /// coming up or going, a refusal, a resync ending): look within
+    /// [`WATCH_GAP`].
+    pub(super) changed: tokio::sync::Notify,
+    /// A message went to or came from a peer (backlogs, the HWM fallback,
+    /// resync progress move with them): look within [`TRAFFIC_GAP`].
+    pub(super) traffic: tokio::sync::Notify,
+}
 /// Least time between two resync progress events of one device.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// Events kept for a slow subscriber before it misses some.
@@ -325,20 +343,47 @@ impl Daemon {
 }
 
 /// Compares device snapshots whenever something tells the daemon that a
-/// device may have changed (the link, a message to or from the peer:
-/// [`Daemon::changed`]), at most every [`WATCH_GAP`] and at least every
-/// [`WATCH_INTERVAL`], and publishes the differences. Commands look
-/// themselves, at once ([`Daemon::look`]).
+/// device may have changed ([`Watch`]: the link, a message to or from the
+/// peer), at most every [`WATCH_GAP`] (every [`TRAFFIC_GAP`] for messages
+/// alone) and at least every [`WATCH_INTERVAL`], and publishes the
+/// differences. Commands look themselves, at once ([`Daemon::look`]).
 pub(super) async fn watch_devices(daemon: Arc<Daemon>, shutdown: CancellationToken) {
-    loop {
+    let watch = daemon.watch.clone();
+    watch_loop(&watch, &shutdown, || {
         let d = daemon.clone();
-        let _ = tokio::task::spawn_blocking(move || d.look()).await;
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = daemon.changed.notified() => {}
-            _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+        async move {
+            let _ = tokio::task::spawn_blocking(move || d.look()).await;
         }
-        // Let a burst of changes (a write stream) settle into one look.
+    })
+    .await;
+}
+
+/// The timing of [`watch_devices`]: calls `look` at once, then after every
+/// change it is told of, until `shutdown`.
+async fn watch_loop<F, Fut>(watch: &Watch, shutdown: &CancellationToken, mut look: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        look().await;
+        let traffic = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = watch.changed.notified() => false,
+            _ = watch.traffic.notified() => true,
+            _ = tokio::time::sleep(WATCH_INTERVAL) => false,
+        };
+        if traffic {
+            // Messages alone: one look per TRAFFIC_GAP (messages meanwhile
+            // leave one permit, so the last of a stream is looked at too),
+            // sooner if something else changes.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = watch.changed.notified() => {}
+                _ = tokio::time::sleep(TRAFFIC_GAP) => {}
+            }
+        }
+        // Let a burst of changes settle into one look.
         tokio::time::sleep(WATCH_GAP).await;
     }
 }
@@ -450,6 +495,83 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs [`watch_loop`] on a paused clock while `drive` pokes it; returns
+    /// the (virtual) times of its looks, from the start.
+    async fn looks_while<D, DF>(drive: D) -> Vec<Duration>
+    where
+        D: FnOnce(Arc<Watch>) -> DF,
+        DF: std::future::Future<Output = ()>,
+    {
+        let watch = Arc::new(Watch::default());
+        let shutdown = CancellationToken::new();
+        let looks = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let start = tokio::time::Instant::now();
+        let task = {
+            let (watch, shutdown, looks) = (watch.clone(), shutdown.clone(), looks.clone());
+            tokio::spawn(async move {
+                watch_loop(&watch, &shutdown, || {
+                    looks.lock().unwrap().push(start.elapsed());
+                    std::future::ready(())
+                })
+                .await;
+            })
+        };
+        drive(watch).await;
+        shutdown.cancel();
+        task.await.unwrap();
+        looks.lock().unwrap().clone()
+    }
+
+    /// A write stream (a message every millisecond for a second) is looked
+    /// at about every TRAFFIC_GAP, not every WATCH_GAP, and its end is seen.
+    #[tokio::test(start_paused = true)]
+    async fn messages_alone_are_looked_at_every_traffic_gap() {
+        let looks = looks_while(|watch| async move {
+            for _ in 0..1000 {
+                watch.traffic.notify_one();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        })
+        .await;
+        let during = looks
+            .iter()
+            .filter(|t| **t > Duration::ZERO && **t <= Duration::from_secs(1))
+            .count();
+        let gap = (TRAFFIC_GAP + WATCH_GAP).as_millis() as usize;
+        assert!(
+            (1000 / gap - 1..=1000 / gap + 1).contains(&during),
+            "{during} looks in a second of messages: {looks:?}"
+        );
+        // The last message (at 999 ms) is looked at within one gap.
+        assert!(
+            looks.iter().any(|t| *t > Duration::from_millis(999)
+                && *t <= Duration::from_millis(999) + TRAFFIC_GAP + 2 * WATCH_GAP),
+            "{looks:?}"
+        );
+    }
+
+    /// A change (a command, the link) during a write stream is looked at
+    /// within WATCH_GAP, not held back by the stream's TRAFFIC_GAP.
+    #[tokio::test(start_paused = true)]
+    async fn a_change_is_looked_at_at_once_even_in_a_message_stream() {
+        let looks = looks_while(|watch| async move {
+            for i in 0..200 {
+                watch.traffic.notify_one();
+                if i == 150 {
+                    watch.changed.notify_one();
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        assert!(
+            looks.iter().any(|t| *t >= Duration::from_millis(150)
+                && *t <= Duration::from_millis(150) + 2 * WATCH_GAP),
+            "{looks:?}"
+        );
+    }
 
     fn seen() -> Seen {
         Seen {
