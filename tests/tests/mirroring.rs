@@ -369,7 +369,11 @@ fn a_second_remote_peer_takes_over_from_the_first() {
             "{}\n[machines.gamma]\nsite = \"dallas\"\npromote_failure_timeout = 2\n\
              interfaces = {{ geonet1 = \"127.0.0.1:{gamma_geo}\" }}\nnbd_listen = \"127.0.0.1:{gamma_nbd}\"\n\n\
              [devices.data10gmd.machines.gamma]\ndata = \"gamma/data10.img\"\nstate_map = \"gamma/data10.sm\"\n",
+            // Two full copies of the device (to beta, then to gamma): at
+            // the reference's 32 KiB in flight they took minutes on a
+            // loaded machine.
             text.replace("promote_failure_timeout = 5", "promote_failure_timeout = 2")
+                .replace("sync_rate_kib = 32", "sync_rate_kib = 2048")
         )
     });
     std::fs::create_dir_all(cluster.path("gamma")).unwrap();
