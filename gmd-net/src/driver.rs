@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::future::poll_fn;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -289,11 +289,18 @@ pub struct Node {
     local_addrs: Vec<std::net::SocketAddr>,
     /// Capacity of each stream's queue ([`stream_queue_max`]).
     stream_queue_max: usize,
+    /// The endpoint, for one-way messages sent from the caller's thread;
+    /// weak, so that the sockets close when the driver ends.
+    shared: std::sync::Weak<Shared>,
+    /// Messages in `cmd` (or on their way in) that the driver has not yet
+    /// given to the endpoint: while any is, nothing is sent past them.
+    sends_queued: Arc<AtomicUsize>,
 }
 
 struct Sock {
     io: UdpSocket,
-    gso: bool,
+    /// UDP GSO works (cleared when the kernel refuses it).
+    gso: AtomicBool,
     gro: bool,
     slot_bytes: usize,
 }
@@ -332,7 +339,7 @@ impl Node {
             debug!(network = %name, %addr, gso, gro, "socket bound");
             socks.push(Sock {
                 io,
-                gso,
+                gso: AtomicBool::new(gso),
                 gro,
                 slot_bytes,
             });
@@ -351,11 +358,26 @@ impl Node {
         let (ev_tx, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
         let releases = Arc::new(Releases::default());
         let stream_queue_max = stream_queue_max(topo.peers.len(), t.recv_window_bytes);
+        let sends_queued = Arc::new(AtomicUsize::new(0));
+        let shared = Arc::new(Shared {
+            sends_queued: sends_queued.clone(),
+            link: Mutex::new(Link {
+                ep,
+                tx_bufs: (0..BATCH_MAX)
+                    .map(|_| Vec::with_capacity(GSO_BYTES_MAX))
+                    .collect(),
+                tx_queue: VecDeque::new(),
+                sleeps_until: None,
+                blocked: None,
+                sent_now: vec![0; topo.peers.len()],
+            }),
+            socks,
+            releases: releases.clone(),
+        });
         let driver = Driver {
+            shared: shared.clone(),
             releases,
             released: Vec::new(),
-            ep,
-            socks,
             cmd_rx,
             cmd_tx: cmd_tx.clone(),
             events: ev_tx.clone(),
@@ -363,10 +385,6 @@ impl Node {
             pending: BTreeMap::new(),
             streams: BTreeMap::new(),
             unclaimed: BTreeMap::new(),
-            tx_bufs: (0..BATCH_MAX)
-                .map(|_| Vec::with_capacity(GSO_BYTES_MAX))
-                .collect(),
-            tx_queue: VecDeque::new(),
             rx_arena: BytesMut::new(),
             rx_list: Vec::with_capacity(BATCH_MAX),
             auth_failures: Vec::new(),
@@ -380,6 +398,8 @@ impl Node {
             events: ev_tx,
             local_addrs,
             stream_queue_max,
+            shared: Arc::downgrade(&shared),
+            sends_queued,
         })
     }
 
@@ -484,6 +504,7 @@ impl Node {
     ) -> Result<Bytes, NetError> {
         self.admit(peer, body.len(), true).await?;
         let (tx, rx) = oneshot::channel();
+        let counted = QueuedSend::count(&self.sends_queued);
         self.cmd
             .send(Command::Send {
                 peer,
@@ -495,6 +516,7 @@ impl Node {
             })
             .await
             .map_err(|_| NetError::Shutdown)?;
+        counted.queued();
         rx.await.map_err(|_| NetError::Shutdown)?
     }
 
@@ -514,8 +536,9 @@ impl Node {
     /// after earlier `post`s and `send`s from the same task), returning as
     /// soon as flow control admits it and the driver has it: unlike
     /// [`Node::send`], it does not wait a driver turn for the message to be
-    /// queued, so one task can stream messages back to back. A refusal by
-    /// the driver (peer down, unknown stream) is not reported.
+    /// queued, so one task can stream messages back to back (the driver
+    /// sends what piles up in few system calls). A refusal by the driver
+    /// (peer down, unknown stream) is not reported.
     ///
     /// # Errors
     /// `BadPeer`, `MessageTooLarge`, `Shutdown`.
@@ -539,6 +562,55 @@ impl Node {
         self.one_way(peer, stream, body, None, true).await
     }
 
+    /// As [`Node::post`] (or [`Node::post_passing`] when `passing`), from
+    /// any thread and without waiting, for a message that should not wait
+    /// for the driver task to be scheduled (a write at queue depth 1): when
+    /// nothing sent to the peer is unacknowledged (the link is idle, so
+    /// there is nothing to batch it with) and flow control admits the
+    /// message at once, it is handed to the endpoint and its datagrams leave
+    /// on this thread. Otherwise (traffic in flight, send buffer full, a bad
+    /// peer or size) the body comes back untouched, for the caller to
+    /// [`Node::post`] it, in order, through the driver, which sends what
+    /// piles up in few system calls.
+    /// The caller keeps the stream's order: nothing of the stream may still
+    /// be on its way through an unfinished `post` or `send`.
+    ///
+    /// # Errors
+    /// The body, when the message was not taken.
+    pub fn try_post_now(
+        &self,
+        peer: PeerId,
+        stream: StreamId,
+        body: Bytes,
+        passing: bool,
+    ) -> Result<(), Bytes> {
+        let Ok(gate) = self.gate(peer, body.len()) else {
+            return Err(body);
+        };
+        let Some(shared) = self.shared.upgrade() else {
+            return Err(body);
+        };
+        match gate
+            .bytes
+            .try_acquire_many(message_charge(body.len()) as u32)
+        {
+            Ok(permits) => permits.forget(),
+            Err(_) => return Err(body),
+        }
+        shared.send_now(gate, peer, stream, body, passing)
+    }
+
+    /// True while a message to `peer` waits in the driver's queue, or is
+    /// queued or unacknowledged in the endpoint: then
+    /// [`Node::try_post_now`] gives messages back.
+    pub fn is_sending_to(&self, peer: PeerId) -> bool {
+        let Some(shared) = self.shared.upgrade() else {
+            return false;
+        };
+        let link = shared.link.lock().expect("endpoint lock");
+        shared.sends_queued.load(Ordering::Acquire) > 0 || link.ep.is_sending_to(peer)
+    }
+
     /// Admits a one-way message and hands it to the driver, which answers
     /// on `accepted` once it is queued (or refused).
     async fn one_way(
@@ -550,6 +622,7 @@ impl Node {
         passing: bool,
     ) -> Result<(), NetError> {
         self.admit(peer, body.len(), false).await?;
+        let counted = QueuedSend::count(&self.sends_queued);
         self.cmd
             .send(Command::Send {
                 peer,
@@ -560,7 +633,9 @@ impl Node {
                 passing,
             })
             .await
-            .map_err(|_| NetError::Shutdown)
+            .map_err(|_| NetError::Shutdown)?;
+        counted.queued();
+        Ok(())
     }
 
     /// Registers a stream and returns its receiver. Messages that arrived for
@@ -628,9 +703,32 @@ impl Node {
     }
 }
 
+/// Counts one [`Command::Send`] in [`Node::sends_queued`] from before it
+/// enters the command queue; uncounted on drop unless it got in (then the
+/// driver uncounts it when it gives the message to the endpoint), so a
+/// refused or cancelled send never leaves the count up.
+struct QueuedSend<'a>(&'a AtomicUsize);
+
+impl<'a> QueuedSend<'a> {
+    fn count(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        QueuedSend(n)
+    }
+
+    /// The command is in the queue: the driver uncounts it.
+    fn queued(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for QueuedSend<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 struct Driver {
-    ep: Endpoint,
-    socks: Vec<Sock>,
+    shared: Arc<Shared>,
     cmd_rx: mpsc::Receiver<Command>,
     cmd_tx: mpsc::Sender<Command>,
     /// Credit given back by receipts.
@@ -646,64 +744,240 @@ struct Driver {
     /// the application drops it. While a stream has messages here, newer
     /// ones queue behind them (order).
     unclaimed: BTreeMap<StreamId, VecDeque<Incoming>>,
-    tx_bufs: Vec<Vec<u8>>,
-    /// Filled transmit buffers waiting for the socket: (buffer index, transmit).
-    tx_queue: VecDeque<(usize, crate::proto::Transmit)>,
     rx_arena: BytesMut,
     rx_list: Vec<InDatagram>,
     /// Datagrams that failed authentication, per source address.
     auth_failures: Vec<crate::stats::AuthFailures>,
 }
 
-impl Driver {
-    async fn run(mut self) {
-        loop {
-            // 1. Commands.
-            for _ in 0..COMMANDS_PER_TURN {
-                match self.cmd_rx.try_recv() {
-                    Ok(Command::Shutdown(done)) => {
-                        self.shutdown().await;
-                        let _ = done.send(());
-                        return;
-                    }
-                    Ok(c) => self.command(c),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        self.shutdown().await;
-                        return;
-                    }
+/// What the driver task shares with the tasks and threads that send one-way
+/// messages themselves ([`Node::post`], [`Node::try_post_now`]): the endpoint
+/// and its transmit buffers behind one lock, the sockets, and the driver's
+/// wake-up. A sender hands its message to the endpoint and transmits what
+/// the window allows on its own thread, so a write's datagrams leave without
+/// waiting for the driver task to be scheduled; receiving and timers stay
+/// with the driver.
+struct Shared {
+    link: Mutex<Link>,
+    /// [`Node::sends_queued`].
+    sends_queued: Arc<AtomicUsize>,
+    socks: Vec<Sock>,
+    /// Credit given back; its `wake` also wakes the driver for a sender.
+    releases: Arc<Releases>,
+}
+
+/// The endpoint and what transmitting needs (under [`Shared::link`]).
+struct Link {
+    ep: Endpoint,
+    tx_bufs: Vec<Vec<u8>>,
+    /// Filled transmit buffers waiting for the socket: (buffer index, transmit).
+    tx_queue: VecDeque<(usize, crate::proto::Transmit)>,
+    /// The deadline the driver sleeps until, as it last looked (`None`: no
+    /// timer). A sender that moves the endpoint's deadline earlier wakes it.
+    sleeps_until: Option<Instant>,
+    /// The socket a transmit found full, whose readiness the driver awaits.
+    blocked: Option<usize>,
+    /// Messages sent by [`Shared::send_now`], per peer (`MachineStats::sent_now`).
+    sent_now: Vec<u64>,
+}
+
+/// How far one call of [`Link::transmit`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transmitted {
+    /// Nothing left that the window allows.
+    All,
+    /// This socket would block; the rest waits for it.
+    Blocked(usize),
+    /// [`TRANSMITS_PER_TURN`] batches went out; more may be ready.
+    TurnFull,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Gives a one-way message, admitted by `gate`, to the endpoint and
+    /// transmits what the window allows, on the calling thread, if nothing
+    /// sent to `peer` is unacknowledged; wakes the driver if the endpoint
+    /// now needs it sooner than it planned (a new deadline, a full socket,
+    /// more to send). A message not taken (traffic in flight) comes back, a
+    /// refused one (peer down) is dropped; both return their charge.
+    fn send_now(
+        &self,
+        gate: &Gate,
+        peer: PeerId,
+        stream: StreamId,
+        body: Bytes,
+        passing: bool,
+    ) -> Result<(), Bytes> {
+        let now = Instant::now();
+        let charge = message_charge(body.len());
+        let mut link = self.link.lock().expect("endpoint lock");
+        // Order: the driver takes queued messages under this lock, so none
+        // is between the queue and the endpoint now.
+        if self.sends_queued.load(Ordering::Acquire) > 0 || link.ep.is_sending_to(peer) {
+            drop(link);
+            gate.bytes.add_permits(charge);
+            return Err(body);
+        }
+        let r = if passing {
+            link.ep.send_passing(now, peer, stream, body)
+        } else {
+            link.ep.send(now, peer, stream, body)
+        };
+        if r.is_err() {
+            drop(link);
+            gate.bytes.add_permits(charge);
+            return Ok(());
+        }
+        if let Some(n) = link.sent_now.get_mut(peer.0 as usize) {
+            *n += 1;
+        }
+        let sent = link.transmit(&self.socks);
+        if let Transmitted::Blocked(i) = sent {
+            link.blocked = Some(i);
+        }
+        let sooner = match (link.ep.poll_timeout(), link.sleeps_until) {
+            (Some(t), Some(s)) => t < s,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        drop(link);
+        if sooner || sent != Transmitted::All {
+            self.releases.wake.notify_one();
+        }
+        Ok(())
+    }
+}
+
+impl Link {
+    /// Drains the endpoint's transmits into the sockets, at most
+    /// [`TRANSMITS_PER_TURN`] batches.
+    fn transmit(&mut self, socks: &[Sock]) -> Transmitted {
+        let now = Instant::now();
+        for _ in 0..TRANSMITS_PER_TURN {
+            // Fill free buffers.
+            while self.tx_queue.len() < BATCH_MAX {
+                let idx = (0..BATCH_MAX)
+                    .find(|b| !self.tx_queue.iter().any(|q| q.0 == *b))
+                    .expect("free buffer");
+                let mut buf = std::mem::take(&mut self.tx_bufs[idx]);
+                let max = self.max_segments(socks);
+                let t = self.ep.poll_transmit(now, max, &mut buf);
+                self.tx_bufs[idx] = buf;
+                match t {
+                    Some(t) => self.tx_queue.push_back((idx, t)),
+                    None => break,
                 }
             }
-            // Credit given back, and messages waiting for room in a queue.
-            self.take_releases();
-            self.deliver_unclaimed();
-            // 2. Receive.
-            for i in 0..self.socks.len() {
-                self.receive(i);
+            if self.tx_queue.is_empty() {
+                return Transmitted::All;
             }
-            // 3. Timers.
-            let now = Instant::now();
-            if self.ep.poll_timeout().is_some_and(|t| t <= now) {
-                self.ep.handle_timeout(now);
+            // Send a run of transmits that share a socket.
+            let net = self.tx_queue[0].1.network.0 as usize;
+            let n = self
+                .tx_queue
+                .iter()
+                .take_while(|q| q.1.network.0 as usize == net)
+                .count();
+            let sock = &socks[net];
+            let items: Vec<OutDatagram<'_>> = self
+                .tx_queue
+                .iter()
+                .take(n)
+                .map(|(b, t)| OutDatagram {
+                    dest: t.destination,
+                    data: &self.tx_bufs[*b][..t.len],
+                    segment: t.segment_bytes,
+                })
+                .collect();
+            let gso = sock.gso.load(Ordering::Relaxed);
+            let r = sock.io.try_io(Interest::WRITABLE, || {
+                sys::send_batch(&sock.io, &items, gso)
+            });
+            drop(items);
+            match r {
+                Ok(k) => {
+                    for _ in 0..k {
+                        self.tx_queue.pop_front();
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Transmitted::Blocked(net);
+                }
+                Err(e) => {
+                    if gso && e.raw_os_error() == Some(libc::EIO) {
+                        warn!("UDP GSO failed; sending datagrams one by one from now on");
+                        sock.gso.store(false, Ordering::Relaxed);
+                        continue;
+                    }
+                    // Unreachable destination and the like: drop the datagram;
+                    // loss recovery and path liveness deal with it.
+                    debug!(error = %e, "send");
+                    self.tx_queue.pop_front();
+                }
             }
-            // 4. Transmit.
-            let blocked = self.transmit();
-            // 5. Events.
-            self.dispatch_events();
-            self.publish_windows();
-            // 6. Sleep until something happens.
-            if !self.cmd_rx.is_empty() {
-                continue;
-            }
-            let deadline = self.ep.poll_timeout();
+        }
+        Transmitted::TurnFull
+    }
+
+    fn max_segments(&self, socks: &[Sock]) -> usize {
+        // The same limit for every path; computed from the smallest datagram.
+        let dg = self
+            .ep
+            .topology()
+            .networks
+            .iter()
+            .map(|n| n.2)
+            .min()
+            .unwrap_or(1400);
+        if socks.iter().all(|s| s.gso.load(Ordering::Relaxed)) {
+            (GSO_BYTES_MAX / dg).clamp(1, GSO_SEGMENTS_MAX)
+        } else {
+            1
+        }
+    }
+}
+
+/// What a driver turn ended with.
+enum Turn {
+    /// Stop: the node shuts down (answer `done` when given).
+    Shutdown(Option<oneshot::Sender<()>>),
+    /// Work may be left: turn again at once.
+    Again,
+    /// Sleep until the deadline, a socket, a command or a wake-up.
+    Sleep {
+        deadline: Option<Instant>,
+        blocked: Option<usize>,
+    },
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let shared = self.shared.clone();
+        loop {
+            let (deadline, blocked) = match self.turn() {
+                Turn::Shutdown(done) => {
+                    self.shutdown().await;
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
+                    return;
+                }
+                Turn::Again => continue,
+                Turn::Sleep { deadline, blocked } => (deadline, blocked),
+            };
             let wake = poll_fn(|cx| {
-                for s in &self.socks {
+                for s in &shared.socks {
                     if s.io.poll_recv_ready(cx).is_ready() {
                         return Poll::Ready(());
                     }
                 }
                 if let Some(i) = blocked
-                    && self.socks[i].io.poll_send_ready(cx).is_ready()
+                    && shared.socks[i].io.poll_send_ready(cx).is_ready()
                 {
                     return Poll::Ready(());
                 }
@@ -723,29 +997,79 @@ impl Driver {
                         let _ = done.send(());
                         return;
                     }
-                    Some(c) => self.command(c),
+                    Some(c) => {
+                        let mut link = shared.link.lock().expect("endpoint lock");
+                        self.command(&mut link, c);
+                    }
                     None => {
                         self.shutdown().await;
                         return;
                     }
                 },
-                _ = self.releases.wake.notified() => {}
+                _ = shared.releases.wake.notified() => {}
                 _ = wake => {}
                 _ = sleep => {}
             }
         }
     }
 
+    /// One turn, under the endpoint lock: commands, credit, receive,
+    /// timers, transmit, events.
+    fn turn(&mut self) -> Turn {
+        let shared = self.shared.clone();
+        let mut link = shared.link.lock().expect("endpoint lock");
+        // 1. Commands.
+        for _ in 0..COMMANDS_PER_TURN {
+            match self.cmd_rx.try_recv() {
+                Ok(Command::Shutdown(done)) => return Turn::Shutdown(Some(done)),
+                Ok(c) => self.command(&mut link, c),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => return Turn::Shutdown(None),
+            }
+        }
+        // Credit given back, and messages waiting for room in a queue.
+        self.take_releases(&mut link);
+        self.deliver_unclaimed();
+        // 2. Receive.
+        for i in 0..shared.socks.len() {
+            self.receive(&mut link, i);
+        }
+        // 3. Timers.
+        let now = Instant::now();
+        if link.ep.poll_timeout().is_some_and(|t| t <= now) {
+            link.ep.handle_timeout(now);
+        }
+        // 4. Transmit.
+        let sent = link.transmit(&shared.socks);
+        link.blocked = match sent {
+            Transmitted::Blocked(i) => Some(i),
+            _ => None,
+        };
+        // 5. Events.
+        self.dispatch_events(&mut link);
+        self.publish_windows(&link);
+        // 6. Sleep until something happens.
+        if sent == Transmitted::TurnFull || !self.cmd_rx.is_empty() {
+            return Turn::Again;
+        }
+        let deadline = link.ep.poll_timeout();
+        link.sleeps_until = deadline;
+        Turn::Sleep {
+            deadline,
+            blocked: link.blocked,
+        }
+    }
+
     /// Copies each peer's congestion window where [`Node::peer_window`]
     /// reads it.
-    fn publish_windows(&self) {
+    fn publish_windows(&self, link: &Link) {
         for (i, gate) in self.gates.iter().enumerate() {
-            let w = self.ep.peer_window(PeerId(i as u16)).unwrap_or(0);
+            let w = link.ep.peer_window(PeerId(i as u16)).unwrap_or(0);
             gate.window.store(w as u64, Ordering::Relaxed);
         }
     }
 
-    fn command(&mut self, c: Command) {
+    fn command(&mut self, link: &mut Link, c: Command) {
         let now = Instant::now();
         match c {
             Command::Send {
@@ -756,10 +1080,12 @@ impl Driver {
                 accepted,
                 passing,
             } => {
+                // The endpoint has it once this call returns, under the lock.
+                self.shared.sends_queued.fetch_sub(1, Ordering::AcqRel);
                 let charge = message_charge(body.len());
                 let gate = &self.gates[peer.0 as usize];
                 if let Some(reply) = reply {
-                    match self.ep.request(now, peer, stream, body) {
+                    match link.ep.request(now, peer, stream, body) {
                         Ok(id) => {
                             self.pending.insert((peer, id), reply);
                         }
@@ -771,9 +1097,9 @@ impl Driver {
                     }
                 } else {
                     let r = if passing {
-                        self.ep.send_passing(now, peer, stream, body)
+                        link.ep.send_passing(now, peer, stream, body)
                     } else {
-                        self.ep.send(now, peer, stream, body)
+                        link.ep.send(now, peer, stream, body)
                     };
                     if r.is_err() {
                         gate.bytes.add_permits(charge);
@@ -784,7 +1110,7 @@ impl Driver {
                 }
             }
             Command::Reply { to, body } => {
-                if let Err(e) = self.ep.reply(now, to, body) {
+                if let Err(e) = link.ep.reply(now, to, body) {
                     debug!(error = %e, "reply dropped");
                 }
             }
@@ -793,8 +1119,14 @@ impl Driver {
                 self.deliver_unclaimed();
             }
             Command::Stats(tx) => {
-                let mut stats = self.ep.stats();
+                let mut stats = link.ep.stats();
                 stats.auth_failures = self.auth_failures.clone();
+                for m in &mut stats.machines {
+                    let peer = link.ep.topology().peer_by_name(&m.name);
+                    if let Some(n) = peer.and_then(|p| link.sent_now.get(p.0 as usize)) {
+                        m.sent_now = *n;
+                    }
+                }
                 let _ = tx.send(stats);
             }
             Command::Pin {
@@ -802,14 +1134,16 @@ impl Driver {
                 network,
                 done,
             } => {
-                let _ = done.send(self.ep.pin_path(peer, network));
+                let _ = done.send(link.ep.pin_path(peer, network));
             }
             Command::Shutdown(_) => unreachable!("handled by the loop"),
         }
     }
 
-    fn receive(&mut self, i: usize) {
-        let slot = self.socks[i].slot_bytes;
+    fn receive(&mut self, link: &mut Link, i: usize) {
+        let shared = self.shared.clone();
+        let socks = &shared.socks;
+        let slot = socks[i].slot_bytes;
         let need = slot * BATCH_MAX;
         for _ in 0..RECV_BATCHES_PER_TURN {
             // Reuses the previous allocation when every datagram split off it
@@ -818,10 +1152,7 @@ impl Driver {
             self.rx_arena.reserve(need);
             self.rx_list.clear();
             let Driver {
-                socks,
-                rx_arena,
-                rx_list,
-                ..
+                rx_arena, rx_list, ..
             } = self;
             let spare: &mut [MaybeUninit<u8>] = &mut rx_arena.spare_capacity_mut()[..need];
             let r = socks[i].io.try_io(Interest::READABLE, || {
@@ -867,17 +1198,17 @@ impl Driver {
                 let _ = whole.split_to(start - consumed);
                 let mut dgram = whole.split_to(d.len);
                 consumed = start + d.len;
-                let bad_auth = self.ep.bad_auth_total();
-                if self.socks[i].gro && d.segment < d.len {
+                let bad_auth = link.ep.bad_auth_total();
+                if socks[i].gro && d.segment < d.len {
                     while !dgram.is_empty() {
                         let n = d.segment.min(dgram.len());
                         let seg = dgram.split_to(n);
-                        self.ep.handle_datagram(now, network, seg);
+                        link.ep.handle_datagram(now, network, seg);
                     }
                 } else {
-                    self.ep.handle_datagram(now, network, dgram);
+                    link.ep.handle_datagram(now, network, dgram);
                 }
-                let failed = self.ep.bad_auth_total() - bad_auth;
+                let failed = link.ep.bad_auth_total() - bad_auth;
                 if failed > 0 {
                     if let Some(from) = d.from {
                         self.count_auth_failures(from, failed);
@@ -902,93 +1233,8 @@ impl Driver {
         }
     }
 
-    /// Drains the endpoint's transmits into sockets. Returns the socket that
-    /// would block, if any.
-    fn transmit(&mut self) -> Option<usize> {
-        let now = Instant::now();
-        for _ in 0..TRANSMITS_PER_TURN {
-            // Fill free buffers.
-            while self.tx_queue.len() < BATCH_MAX {
-                let idx = (0..BATCH_MAX)
-                    .find(|b| !self.tx_queue.iter().any(|q| q.0 == *b))
-                    .expect("free buffer");
-                let mut buf = std::mem::take(&mut self.tx_bufs[idx]);
-                let max = self.max_segments();
-                let t = self.ep.poll_transmit(now, max, &mut buf);
-                self.tx_bufs[idx] = buf;
-                match t {
-                    Some(t) => self.tx_queue.push_back((idx, t)),
-                    None => break,
-                }
-            }
-            if self.tx_queue.is_empty() {
-                return None;
-            }
-            // Send a run of transmits that share a socket.
-            let net = self.tx_queue[0].1.network.0 as usize;
-            let n = self
-                .tx_queue
-                .iter()
-                .take_while(|q| q.1.network.0 as usize == net)
-                .count();
-            let sock = &self.socks[net];
-            let items: Vec<OutDatagram<'_>> = self
-                .tx_queue
-                .iter()
-                .take(n)
-                .map(|(b, t)| OutDatagram {
-                    dest: t.destination,
-                    data: &self.tx_bufs[*b][..t.len],
-                    segment: t.segment_bytes,
-                })
-                .collect();
-            let gso = sock.gso;
-            let r = sock.io.try_io(Interest::WRITABLE, || {
-                sys::send_batch(&sock.io, &items, gso)
-            });
-            drop(items);
-            match r {
-                Ok(k) => {
-                    for _ in 0..k {
-                        self.tx_queue.pop_front();
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(net),
-                Err(e) => {
-                    if gso && e.raw_os_error() == Some(libc::EIO) {
-                        warn!("UDP GSO failed; sending datagrams one by one from now on");
-                        self.socks[net].gso = false;
-                        continue;
-                    }
-                    // Unreachable destination and the like: drop the datagram;
-                    // loss recovery and path liveness deal with it.
-                    debug!(error = %e, "send");
-                    self.tx_queue.pop_front();
-                }
-            }
-        }
-        None
-    }
-
-    fn max_segments(&self) -> usize {
-        // The same limit for every path; computed from the smallest datagram.
-        let dg = self
-            .ep
-            .topology()
-            .networks
-            .iter()
-            .map(|n| n.2)
-            .min()
-            .unwrap_or(1400);
-        if self.socks.iter().all(|s| s.gso) {
-            (GSO_BYTES_MAX / dg).clamp(1, GSO_SEGMENTS_MAX)
-        } else {
-            1
-        }
-    }
-
-    fn dispatch_events(&mut self) {
-        while let Some(e) = self.ep.poll_event() {
+    fn dispatch_events(&mut self, link: &mut Link) {
+        while let Some(e) = link.ep.poll_event() {
             let ne = match e {
                 Event::Message(d) => {
                     let responder = match d.kind {
@@ -1017,12 +1263,12 @@ impl Driver {
                             ..
                         } = inc;
                         if let Some(c) = receipt.credit.take() {
-                            self.ep.release(c);
+                            link.ep.release(c);
                         }
                         let inc = (body, responder);
                         if let Some(r) = inc.1 {
                             let head = inc.0.slice(..inc.0.len().min(8));
-                            let _ = self.ep.reply(Instant::now(), r.to, head);
+                            let _ = link.ep.reply(Instant::now(), r.to, head);
                         }
                         continue;
                     }
@@ -1121,10 +1367,10 @@ impl Driver {
     }
 
     /// Gives the credit released by receipts to the endpoint.
-    fn take_releases(&mut self) {
+    fn take_releases(&mut self, link: &mut Link) {
         self.releases.take(&mut self.released);
         for c in self.released.drain(..) {
-            self.ep.release(c);
+            link.ep.release(c);
         }
     }
 
@@ -1137,11 +1383,20 @@ impl Driver {
     }
 
     async fn shutdown(&mut self) {
-        let now = Instant::now();
-        self.ep.close(now);
+        let shared = self.shared.clone();
+        shared
+            .link
+            .lock()
+            .expect("endpoint lock")
+            .ep
+            .close(Instant::now());
         // Best effort: push the CLOSE datagrams out.
         for _ in 0..4 {
-            if self.transmit().is_none() && self.tx_queue.is_empty() {
+            let done = {
+                let mut link = shared.link.lock().expect("endpoint lock");
+                link.transmit(&shared.socks) == Transmitted::All && link.tx_queue.is_empty()
+            };
+            if done {
                 break;
             }
             tokio::task::yield_now().await;

@@ -35,6 +35,9 @@ pub struct MachineStats {
     /// Passing messages delivered before earlier ones of their ordered
     /// stream that had not arrived yet (after a loss).
     pub passed: u64,
+    /// One-way messages the sending thread transmitted itself, the link
+    /// being idle (`Node::try_post_now`), instead of the driver task.
+    pub sent_now: u64,
     /// Datagrams to this machine whose data was declared lost and re-queued
     /// (retries, summed over its paths).
     pub resends: u64,
@@ -196,6 +199,7 @@ impl Stats {
                     failures,
                     fragmented,
                     fragments,
+                    sent_now,
                     duplicate_fragments,
                     passed,
                     resends,

@@ -521,3 +521,77 @@ async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output
     .await;
     out.into_iter().map(|o| o.expect("done")).collect()
 }
+
+/// Waits until nothing sent to `peer` is queued or unacknowledged.
+async fn until_idle(node: &Node, peer: PeerId) {
+    for _ in 0..2_000 {
+        if !node.is_sending_to(peer) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the link never became idle");
+}
+
+/// A message sent from the caller's thread (`try_post_now`, no hop to the
+/// driver) never passes one already on its way: while a posted message
+/// waits in the driver's queue, or a sent one is unacknowledged, it comes
+/// back untouched for the caller to post behind them; on an idle link it
+/// goes at once. On a current-thread runtime the driver runs only when this
+/// task waits, so "queued" and "in flight" are exact here.
+#[tokio::test]
+async fn a_message_sent_now_never_passes_one_queued_or_in_flight() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let p = pair(Duration::from_secs(30), 1400);
+        let peer_b = p.a.peer("m1").expect("m1");
+        echo(&p.b, StreamId(4)).await;
+        p.a.request(peer_b, StreamId(4), Bytes::from_static(b"up"))
+            .await
+            .expect("session up");
+        let stream = StreamId(9);
+        let mut rx = p.b.register_stream(stream).await.expect("register");
+        let mut expect = 0u32;
+        let mut received = async |upto: u32| {
+            while expect < upto {
+                let inc = rx.recv().await.expect("message");
+                assert_eq!(
+                    inc.body,
+                    payload(expect, 100),
+                    "message {expect} out of order"
+                );
+                expect += 1;
+            }
+        };
+        until_idle(&p.a, peer_b).await;
+        let sent = p.a.try_post_now(peer_b, stream, payload(0, 100), false);
+        assert_eq!(sent, Ok(()), "an idle link takes the message at once");
+        received(1).await;
+
+        // Queued for the driver, not yet with the endpoint.
+        until_idle(&p.a, peer_b).await;
+        p.a.post(peer_b, stream, payload(1, 100))
+            .await
+            .expect("post");
+        let back = p.a.try_post_now(peer_b, stream, payload(2, 100), false);
+        assert_eq!(back, Err(payload(2, 100)), "a message passed one queued");
+        p.a.post(peer_b, stream, payload(2, 100))
+            .await
+            .expect("post");
+        received(3).await;
+
+        // Sent and not acknowledged yet.
+        until_idle(&p.a, peer_b).await;
+        let sent = p.a.try_post_now(peer_b, stream, payload(3, 100), false);
+        assert_eq!(sent, Ok(()), "an idle link takes the message at once");
+        let back = p.a.try_post_now(peer_b, stream, payload(4, 100), true);
+        assert_eq!(back, Err(payload(4, 100)), "a message passed one in flight");
+        p.a.post(peer_b, stream, payload(4, 100))
+            .await
+            .expect("post");
+        received(5).await;
+        p.a.shutdown().await;
+        p.b.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}

@@ -628,6 +628,15 @@ impl Endpoint {
         self.peers.iter().flatten().all(|p| p.is_idle())
     }
 
+    /// True while a message sent to `peer` is queued or unacknowledged
+    /// (its send buffer holds something).
+    pub fn is_sending_to(&self, peer: PeerId) -> bool {
+        self.peers
+            .get(peer.0 as usize)
+            .and_then(|p| p.as_ref())
+            .is_some_and(|p| p.is_sending())
+    }
+
     /// The peer's epoch in the current session, if known.
     pub fn peer_epoch(&self, peer: PeerId) -> Option<u64> {
         self.peers

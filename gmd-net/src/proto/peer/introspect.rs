@@ -23,6 +23,10 @@ impl Peer {
         }
     }
 
+    pub(crate) fn is_sending(&self) -> bool {
+        self.buffered_bytes > 0
+    }
+
     pub(crate) fn is_idle(&self) -> bool {
         self.buffered_bytes == 0
             && self.reply_bytes == 0
