@@ -178,6 +178,18 @@ pub trait PeerLink: Send + Sync + 'static {
     fn send_passing(&self, message: ToPeer) {
         self.send(message);
     }
+    /// Sends one message a request waits for (a write in sync or mwc, a
+    /// flush, an answer to the peer), `passing` as in
+    /// [`PeerLink::send_passing`]. A link may send it on the calling thread
+    /// rather than hand it to a sender that batches. By default, as `send`
+    /// or `send_passing`.
+    fn send_awaited(&self, message: ToPeer, passing: bool) {
+        if passing {
+            self.send_passing(message);
+        } else {
+            self.send(message);
+        }
+    }
     /// This side's part of a resync finished.
     fn resync_done(&self);
     /// The session must be dropped and set up again (see

@@ -1217,6 +1217,7 @@ impl Core {
     /// Gives any other action back.
     fn send(&mut self, link: Option<&Arc<dyn PeerLink>>, action: Action) -> Result<(), Action> {
         let mut passes = false;
+        let mut awaits = false;
         let message = match action {
             Action::SendWrite {
                 slot,
@@ -1224,8 +1225,10 @@ impl Core {
                 after,
                 request,
                 passing,
+                awaited,
             } => {
                 passes = passing;
+                awaits = awaited;
                 let entry = &mut self.slots[slot as usize];
                 let data = if request.kind == OpKind::Write {
                     let shared = match entry.data.take() {
@@ -1254,7 +1257,10 @@ impl Core {
                     data,
                 }
             }
-            Action::SendFlush { seq } => ToPeer::Flush { seq },
+            Action::SendFlush { seq, awaited } => {
+                awaits = awaited;
+                ToPeer::Flush { seq }
+            }
             Action::SendPrioritize { region } => ToPeer::Prioritize { region },
             Action::SendResyncAdd { region } => ToPeer::ResyncAdd { region },
             Action::SendAdopted { current } => ToPeer::Adopted { current },
@@ -1262,6 +1268,7 @@ impl Core {
             other => return Err(other),
         };
         match link {
+            Some(link) if awaits => link.send_awaited(message, passes),
             Some(link) if passes => link.send_passing(message),
             Some(link) => link.send(message),
             None => {}
@@ -1724,12 +1731,9 @@ impl Worker {
                         seq,
                         result: result.map_err(|e| e.errno()),
                     };
+                    // The peer's request (or its backlog) waits for it.
                     if let Some(link) = &self.shared.link {
-                        if passing {
-                            link.send_passing(reply);
-                        } else {
-                            link.send(reply);
-                        }
+                        link.send_awaited(reply, passing);
                     }
                 }
                 Action::Discard(slot) => {

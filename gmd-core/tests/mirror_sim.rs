@@ -839,6 +839,7 @@ impl World {
                 after,
                 request,
                 passing,
+                ..
             } => {
                 let Some(SlotData::AppWrite { id }) = self.nodes[n].slots.get(&slot).cloned()
                 else {
@@ -855,7 +856,7 @@ impl World {
                     passing,
                 );
             }
-            Action::SendFlush { seq } => self.send(n, Msg::Flush { seq }),
+            Action::SendFlush { seq, .. } => self.send(n, Msg::Flush { seq }),
             Action::Reply {
                 slot,
                 result,

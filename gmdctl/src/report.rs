@@ -696,6 +696,11 @@ pub struct NetMachine {
     /// daemons' reports: 0.
     #[serde(default)]
     pub passed: u64,
+    /// Messages to it that the thread holding them sent itself, the link
+    /// being idle (a write at queue depth 1: no hop to the network task).
+    /// Absent from older daemons' reports: 0.
+    #[serde(default)]
+    pub sent_now: u64,
     /// Times it was declared down.
     pub peer_downs: u64,
 }
@@ -783,6 +788,8 @@ impl NetReport {
                 m.fragmented = m.fragmented.saturating_sub(o.fragmented);
                 m.fragments = m.fragments.saturating_sub(o.fragments);
                 m.resends = m.resends.saturating_sub(o.resends);
+                m.passed = m.passed.saturating_sub(o.passed);
+                m.sent_now = m.sent_now.saturating_sub(o.sent_now);
                 m.peer_downs = m.peer_downs.saturating_sub(o.peer_downs);
             }
         }

@@ -130,6 +130,7 @@ pub fn net_report(config: &ClusterConfig, machine: &str, s: &gmd_net::Stats) -> 
                 fragments: m.fragments,
                 resends: m.resends,
                 passed: m.passed,
+                sent_now: m.sent_now,
                 peer_downs: m.peer_downs,
             })
             .collect(),

@@ -20,6 +20,7 @@
 //!   the isolation verdict holds its writes instead (see `isolation`). A
 //!   peer that comes back is connected again automatically.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -261,6 +262,14 @@ pub(super) struct DeviceLink {
     size_bytes: u64,
     /// Messages for the sender task, at most [`OUT_MESSAGES_MAX`].
     out: mpsc::Sender<Outgoing>,
+    /// Messages handed to the sender task and not yet taken by GeoMessage
+    /// (queued in `out`, or in the task's hands). While any is, a new
+    /// message follows them through `out`; when none is, it is sent from
+    /// the calling thread ([`Node::try_post_now`]), still in order: every
+    /// message of the device is queued under the engine's lock.
+    out_pending: Arc<AtomicUsize>,
+    /// The device's GeoMessage stream.
+    stream: StreamId,
     pub(super) inner: Mutex<LinkInner>,
     node: Arc<Node>,
     pub(super) rt: tokio::runtime::Handle,
@@ -283,11 +292,15 @@ impl std::fmt::Debug for DeviceLink {
 
 impl PeerLink for DeviceLink {
     fn send(&self, message: ToPeer) {
-        self.queue(message, false);
+        self.queue(message, false, false);
     }
 
     fn send_passing(&self, message: ToPeer) {
-        self.queue(message, true);
+        self.queue(message, true, false);
+    }
+
+    fn send_awaited(&self, message: ToPeer, passing: bool) {
+        self.queue(message, passing, true);
     }
 
     fn resync_done(&self) {
@@ -343,8 +356,11 @@ impl PeerLink for DeviceLink {
 impl DeviceLink {
     /// Queues a device message for the peer, prefixed with the session
     /// (`passing`: the peer may take it before earlier ones still on their
-    /// way, see `gmd_core::engine::Engine::poll_action`).
-    fn queue(&self, message: ToPeer, passing: bool) {
+    /// way, see `gmd_core::engine::Engine::poll_action`). An `awaited` one
+    /// (a request waits for it) leaves from this thread when the link is
+    /// idle: no hop to the runtime on the write's path. Under load, and
+    /// for the rest (async's backlog, resync), the sender task batches.
+    fn queue(&self, message: ToPeer, passing: bool, awaited: bool) {
         let (session, peer) = {
             let inner = self.inner.lock().expect("link lock");
             match (inner.core.connected(), inner.peer_id) {
@@ -356,20 +372,38 @@ impl DeviceLink {
         let mut body = BytesMut::with_capacity(8 + mirror::encoded_len(&message));
         body.put_u64_le(session);
         mirror::encode_into(&message, &mut body);
+        let mut body = body.freeze();
+        // Nothing of the device waits with the sender task: send from here
+        // (no hop to the runtime), if the link is idle and flow control
+        // admits it at once.
+        if awaited && body.len() <= POST_BYTES_MAX && self.out_pending.load(Ordering::Acquire) == 0
+        {
+            match self.node.try_post_now(peer, self.stream, body, passing) {
+                Ok(()) => {
+                    self.watch.traffic.notify_one();
+                    return;
+                }
+                Err(back) => body = back,
+            }
+        }
+        self.out_pending.fetch_add(1, Ordering::AcqRel);
         match self.out.try_send(Outgoing {
             peer,
-            body: body.freeze(),
+            body,
             passing,
         }) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
+                self.out_pending.fetch_sub(1, Ordering::AcqRel);
                 self.drop_stuck_peer(format!(
                     "{OUT_MESSAGES_MAX} messages wait to be sent to the peer"
                 ));
                 return;
             }
             // The sender task ended with the runtime: nothing to send on.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.out_pending.fetch_sub(1, Ordering::AcqRel);
+            }
         }
         // Writes, resync data and flushes change backlogs and progress.
         self.watch.traffic.notify_one();
@@ -419,6 +453,8 @@ impl DeviceLink {
         isolation: super::isolation::Settings,
     ) -> Arc<DeviceLink> {
         let (tx, rx) = mpsc::channel(OUT_MESSAGES_MAX);
+        let stream = device_stream(minor);
+        let out_pending = Arc::new(AtomicUsize::new(0));
         let link = Arc::new_cyclic(|me| DeviceLink {
             inner: Mutex::new(LinkInner {
                 port: None,
@@ -438,14 +474,15 @@ impl DeviceLink {
             device,
             size_bytes,
             out: tx,
+            out_pending: out_pending.clone(),
+            stream,
             node: node.clone(),
             rt: tokio::runtime::Handle::current(),
             watch,
             me: me.clone(),
             isolation,
         });
-        let stream = device_stream(minor);
-        tokio::spawn(send_loop(node.clone(), stream, rx));
+        tokio::spawn(send_loop(node.clone(), stream, rx, out_pending));
         tokio::spawn(receive_loop(node, stream, link.clone()));
         link
     }
@@ -523,7 +560,12 @@ pub(super) struct Outgoing {
     passing: bool,
 }
 
-async fn send_loop(node: Arc<Node>, stream: StreamId, mut rx: mpsc::Receiver<Outgoing>) {
+async fn send_loop(
+    node: Arc<Node>,
+    stream: StreamId,
+    mut rx: mpsc::Receiver<Outgoing>,
+    pending: Arc<AtomicUsize>,
+) {
     while let Some(Outgoing {
         peer,
         body,
@@ -544,6 +586,8 @@ async fn send_loop(node: Arc<Node>, stream: StreamId, mut rx: mpsc::Receiver<Out
         } else {
             node.send(peer, stream, body).await
         };
+        // GeoMessage has it (or refused it): later messages may go direct.
+        pending.fetch_sub(1, Ordering::AcqRel);
         if let Err(e) = result {
             debug!(stream = stream.0, error = %e, "device message not sent");
         }

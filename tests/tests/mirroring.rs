@@ -578,3 +578,45 @@ fn sync_overlapping_writes_leave_both_copies_the_same() {
 fn mwc_overlapping_writes_leave_both_copies_the_same() {
     overlapping_writes("mwc");
 }
+
+/// Writes one at a time: in mwc each leaves from the thread that holds it
+/// (the link is idle between them, nothing to batch with), and so does the
+/// peer's answer; in async the writes go through the sender task (they are
+/// complete already, nothing waits for them) and only the answers leave at
+/// once. `gmdctl netstat --json` counts them (`sent_now`).
+#[test]
+fn writes_at_queue_depth_one_leave_without_a_hop_only_when_awaited() {
+    const WRITES: u64 = 64;
+    for mode in ["mwc", "async"] {
+        let cluster = Cluster::with_mode(mode, PROMOTE_S);
+        let (alpha, beta) = cluster.start_pair();
+        let sent_now = |g: &Gmdd| g.netstat_json()["machines"][0]["sent_now"].as_u64();
+        let (alpha_before, beta_before) = (sent_now(&alpha), sent_now(&beta));
+        let commands: Vec<String> = (0..WRITES)
+            .map(|i| format!("write -P {} {} 4k", i + 1, i * (1 << 20)))
+            .collect();
+        let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
+        assert_qemu_io_clean(&qemu_io(&alpha.url(DEV), &refs));
+        wait_for("the peer has every write", Duration::from_secs(30), || {
+            alpha.status_json(DEV)["link"]["backlog_bytes"] == 0
+        });
+        let alpha_now = sent_now(&alpha).zip(alpha_before).map(|(a, b)| a - b);
+        let beta_now = sent_now(&beta).zip(beta_before).map(|(a, b)| a - b);
+        if mode == "mwc" {
+            assert!(
+                alpha_now >= Some(WRITES / 2),
+                "mwc: most writes leave from the writing thread: {alpha_now:?} of {WRITES}"
+            );
+        } else {
+            assert_eq!(
+                alpha_now,
+                Some(0),
+                "async: no write waits, none skips the batching"
+            );
+        }
+        assert!(
+            beta_now >= Some(WRITES / 2),
+            "{mode}: most answers leave from beta's device thread: {beta_now:?} of {WRITES}"
+        );
+    }
+}

@@ -235,11 +235,19 @@ pub enum Action {
         /// way (see [`Engine::poll_action`]): send it so that it can pass
         /// them (`PeerLink::send_passing`).
         passing: bool,
+        /// The application's request waits for the peer's answer (sync,
+        /// mwc, async past its high water mark); false for async's backlog,
+        /// already complete. A link sends an awaited write at once rather
+        /// than batching it (`PeerLink::send_awaited`).
+        awaited: bool,
     },
     /// Send a flush barrier as message `seq`; report with [`Engine::remote_done`].
     SendFlush {
         /// Its place in the stream.
         seq: Seq,
+        /// An application's flush waits for the peer's answer (as for
+        /// [`Action::SendWrite`]); false for a barrier nobody waits on.
+        awaited: bool,
     },
     /// Answer the peer for the operation in this slot; the slot is free again.
     Reply {
@@ -1175,7 +1183,7 @@ impl Engine {
                 *passing = self.write_may_pass(*seq, *after, request);
                 self.sequenced_sent(*seq);
             }
-            Action::SendFlush { seq }
+            Action::SendFlush { seq, .. }
             | Action::SendResync { seq, .. }
             | Action::SendResyncCheck { seq, .. } => self.sequenced_sent(*seq),
             Action::SendPrioritize { .. }
@@ -1582,7 +1590,8 @@ impl Engine {
             let seq = self.push_remote(Some(slot), RemoteKind::Flush);
             self.slots[slot as usize].remote = Remote::Pending(seq);
             self.stats.remote_flushes += 1;
-            self.actions.push_back(Action::SendFlush { seq });
+            self.actions
+                .push_back(Action::SendFlush { seq, awaited: true });
         }
     }
 
@@ -1676,6 +1685,7 @@ impl Engine {
             after,
             request,
             passing: false,
+            awaited: true,
         });
     }
 
@@ -1799,7 +1809,10 @@ impl Engine {
                 self.push_remote(None, RemoteKind::Flush);
                 let seq = self.next_seq - 1;
                 self.stats.remote_flushes += 1;
-                self.actions.push_back(Action::SendFlush { seq });
+                self.actions.push_back(Action::SendFlush {
+                    seq,
+                    awaited: false,
+                });
             } else if request.kind.changes_data() {
                 if !self.fallback && self.backlog_bytes + request.len_bytes <= self.params.hwm_bytes
                 {
@@ -1824,6 +1837,7 @@ impl Engine {
                         after,
                         request,
                         passing: false,
+                        awaited: false,
                     });
                 } else {
                     // High water mark: this write and those after it wait
@@ -2540,7 +2554,10 @@ impl Engine {
         }
         let remote = self.connected.then(|| {
             let seq = self.push_remote(None, RemoteKind::Barrier);
-            self.actions.push_back(Action::SendFlush { seq });
+            self.actions.push_back(Action::SendFlush {
+                seq,
+                awaited: false,
+            });
             seq
         });
         let sync = self.next_sync;

@@ -56,6 +56,8 @@ struct Model {
     /// The generations each map write put in the superblock (`None`: it
     /// did not write the superblock).
     map_gens: Vec<Option<Generations>>,
+    /// Whether each write or flush sent was marked awaited: (seq, awaited).
+    awaited: Vec<(Seq, bool)>,
 }
 
 impl Model {
@@ -83,6 +85,7 @@ impl Model {
             hold_syncs: false,
             syncs: Vec::new(),
             map_gens: Vec::new(),
+            awaited: Vec::new(),
         }
     }
 
@@ -151,7 +154,9 @@ impl Model {
                     after,
                     request,
                     passing,
+                    awaited,
                 } => {
+                    self.awaited.push((seq, awaited));
                     self.afters.push((seq, after));
                     if passing {
                         self.passing.push(seq);
@@ -169,7 +174,8 @@ impl Model {
                     self.log.push(format!("send {slot}"));
                     self.sent.push((seq, slot));
                 }
-                Action::SendFlush { seq } => {
+                Action::SendFlush { seq, awaited } => {
+                    self.awaited.push((seq, awaited));
                     self.log.push("send flush".into());
                     self.flushes_sent.push(seq);
                 }
@@ -714,6 +720,43 @@ fn flush_is_honoured_remotely_in_sync_and_mwc_but_not_waited_for_in_async() {
         m.flushes_sent.len(),
         1,
         "a barrier still goes into the stream"
+    );
+}
+
+/// A write or flush is `awaited` (the link sends it at once instead of
+/// batching it) exactly when the application's request waits for the
+/// peer's answer: in sync and mwc always, in async only past the high
+/// water mark; async's backlog and its flush barriers are already complete.
+#[test]
+fn a_message_is_awaited_exactly_when_a_request_waits_for_its_answer() {
+    for mode in [Mode::Sync, Mode::Mwc] {
+        let mut m = Model::connected(mode);
+        m.submit(write(0, 4096));
+        m.submit(flush());
+        m.settle_map();
+        assert_eq!(m.awaited.len(), 2, "{mode}");
+        assert!(m.awaited.iter().all(|&(_, a)| a), "{mode}: {:?}", m.awaited);
+    }
+    let mut m = Model::connected(Mode::Async);
+    let w = m.submit(write(0, 4096));
+    m.settle_map();
+    m.finish_local(w);
+    let f = m.submit(flush());
+    m.finish_local(f);
+    assert_eq!(
+        m.completed.len(),
+        2,
+        "both complete before the peer answers"
+    );
+    assert_eq!(
+        m.awaited.iter().map(|&(_, a)| a).collect::<Vec<_>>(),
+        [false, false]
+    );
+    // Past the high water mark the fifth write waits for the peer.
+    let m = Model::past_the_high_water_mark();
+    assert_eq!(
+        m.awaited.iter().map(|&(_, a)| a).collect::<Vec<_>>(),
+        [false, false, false, false, true]
     );
 }
 
