@@ -967,7 +967,11 @@ impl Driver {
                     }
                     return;
                 }
-                Turn::Again => continue,
+                // Let the runtime's other tasks run between busy turns.
+                Turn::Again => {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
                 Turn::Sleep { deadline, blocked } => (deadline, blocked),
             };
             let wake = poll_fn(|cx| {
