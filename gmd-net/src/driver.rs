@@ -608,7 +608,7 @@ impl Node {
             return false;
         };
         let link = shared.link.lock().expect("endpoint lock");
-        shared.sends_queued.load(Ordering::Acquire) > 0 || link.ep.is_sending_to(peer)
+        shared.busy_toward(&link, peer)
     }
 
     /// Admits a one-way message and hands it to the driver, which answers
@@ -799,6 +799,13 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// A send is queued for the driver, or something sent to `peer` is
+    /// queued or unacknowledged in the endpoint (`link` is its lock held):
+    /// a message must not leave from the caller's thread now.
+    fn busy_toward(&self, link: &Link, peer: PeerId) -> bool {
+        self.sends_queued.load(Ordering::Acquire) > 0 || link.ep.is_sending_to(peer)
+    }
+
     /// Gives a one-way message, admitted by `gate`, to the endpoint and
     /// transmits what the window allows, on the calling thread, if nothing
     /// sent to `peer` is unacknowledged; wakes the driver if the endpoint
@@ -818,7 +825,7 @@ impl Shared {
         let mut link = self.link.lock().expect("endpoint lock");
         // Order: the driver takes queued messages under this lock, so none
         // is between the queue and the endpoint now.
-        if self.sends_queued.load(Ordering::Acquire) > 0 || link.ep.is_sending_to(peer) {
+        if self.busy_toward(&link, peer) {
             drop(link);
             gate.bytes.add_permits(charge);
             return Err(body);
