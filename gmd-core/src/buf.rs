@@ -137,15 +137,22 @@ impl RawBuf {
     }
 }
 
+/// Free buffers of one size.
+struct Class {
+    size: usize,
+    free: ArrayQueue<RawBuf>,
+}
+
 struct PoolShared {
-    free: [ArrayQueue<RawBuf>; CLASS_SIZES.len()],
+    /// Ascending sizes.
+    classes: Box<[Class]>,
 }
 
 impl PoolShared {
     fn give_back(&self, raw: RawBuf) {
-        match CLASS_SIZES.iter().position(|&s| s == raw.capacity) {
+        match self.classes.iter().find(|c| c.size == raw.capacity) {
             Some(class) => {
-                if let Err(raw) = self.free[class].push(raw) {
+                if let Err(raw) = class.free.push(raw) {
                     raw.free();
                 }
             }
@@ -156,8 +163,8 @@ impl PoolShared {
 
 impl Drop for PoolShared {
     fn drop(&mut self) {
-        for queue in &self.free {
-            while let Some(raw) = queue.pop() {
+        for class in &self.classes {
+            while let Some(raw) = class.free.pop() {
                 raw.free();
             }
         }
@@ -183,11 +190,37 @@ impl std::fmt::Debug for BufPool {
 }
 
 impl BufPool {
-    /// An empty pool; buffers are allocated on first use.
+    /// An empty pool of the daemon's size classes ([`CLASS_SIZES`], keeping
+    /// [`RETAIN_MAX`]); buffers are allocated on first use.
     pub fn new() -> BufPool {
+        let classes: Vec<_> = CLASS_SIZES.into_iter().zip(RETAIN_MAX).collect();
+        Self::with_classes(&classes)
+    }
+
+    /// An empty pool of the given `(size, how many free ones to keep)`
+    /// classes, e.g. one class of exactly the size a frontend's requests
+    /// may reach.
+    ///
+    /// # Panics
+    /// If the sizes are not ascending multiples of [`BUF_ALIGN`] or a class
+    /// keeps none.
+    pub fn with_classes(classes: &[(usize, usize)]) -> BufPool {
+        assert!(
+            classes.windows(2).all(|w| w[0].0 < w[1].0)
+                && classes
+                    .iter()
+                    .all(|&(size, keep)| size > 0 && size % BUF_ALIGN == 0 && keep > 0),
+            "buffer classes must be ascending, aligned and keep some"
+        );
         BufPool {
             shared: Arc::new(PoolShared {
-                free: std::array::from_fn(|i| ArrayQueue::new(RETAIN_MAX[i])),
+                classes: classes
+                    .iter()
+                    .map(|&(size, keep)| Class {
+                        size,
+                        free: ArrayQueue::new(keep),
+                    })
+                    .collect(),
             }),
         }
     }
@@ -196,12 +229,12 @@ impl BufPool {
     ///
     /// The content is whatever the previous user left; callers overwrite it.
     pub fn take(&self, len: usize) -> IoBuf {
-        let Some(class) = CLASS_SIZES.iter().position(|&s| s >= len) else {
+        let Some(class) = self.shared.classes.iter().find(|c| c.size >= len) else {
             return IoBuf::new(len);
         };
-        let raw = self.shared.free[class].pop().unwrap_or_else(|| RawBuf {
-            ptr: raw_alloc(CLASS_SIZES[class]),
-            capacity: CLASS_SIZES[class],
+        let raw = class.free.pop().unwrap_or_else(|| RawBuf {
+            ptr: raw_alloc(class.size),
+            capacity: class.size,
         });
         IoBuf {
             ptr: raw.ptr,
@@ -212,8 +245,8 @@ impl BufPool {
     }
 
     /// Number of free buffers held, per class (for tests and statistics).
-    pub fn free_counts(&self) -> [usize; CLASS_SIZES.len()] {
-        std::array::from_fn(|i| self.shared.free[i].len())
+    pub fn free_counts(&self) -> Vec<usize> {
+        self.shared.classes.iter().map(|c| c.free.len()).collect()
     }
 }
 
@@ -243,6 +276,17 @@ mod tests {
         assert_eq!(big.capacity(), 9 << 20);
         drop(big);
         assert_eq!(pool.free_counts().iter().sum::<usize>(), 0);
+    }
+
+    #[test]
+    fn a_pool_of_one_class_serves_exactly_that_size() {
+        let pool = BufPool::with_classes(&[(512 << 10, 2)]);
+        let bufs: Vec<_> = (0..3).map(|_| pool.take(512 << 10)).collect();
+        assert!(bufs.iter().all(|b| b.capacity() == 512 << 10));
+        drop(bufs);
+        assert_eq!(pool.free_counts(), vec![2]);
+        assert_eq!(pool.take(4096).capacity(), 512 << 10, "small requests too");
+        assert_eq!(pool.take(1 << 20).capacity(), 1 << 20, "larger: unpooled");
     }
 
     #[test]

@@ -18,8 +18,12 @@
 //! the queue's ring and commits the result; no other thread and no copy.
 //!
 //! Everything else (writes, flushes, discards, and reads the engine must
-//! order) copies write data into a pooled buffer and runs on the queue
-//! thread ([`Submitter::start_here`]): the engine takes the request there,
+//! order) runs on the queue thread ([`Submitter::start_here`]). A write of
+//! at least half a request buffer hands the tag's buffer itself to the
+//! engine, and the tag takes a fresh one from the queue's pool for its next
+//! request (the kernel reads the buffer's address anew with every
+//! `COMMIT_AND_FETCH`); a smaller one is copied into a pooled buffer of its
+//! size. The engine takes the request there,
 //! hands what goes to the peer to GeoMessage, and gives the local I/O back
 //! as an io_uring operation that the task issues on the queue's ring. When
 //! it finishes ([`Submitter::local_result`]) the request usually completes
@@ -31,9 +35,9 @@
 //! so the queue thread wakes and hands each result to its tag's task. The
 //! task copies read data back and commits the result to the kernel.
 //!
-//! Nothing is allocated per request: buffers come from the device's
-//! [`BufPool`], completion queues and per-tag slots are sized when the queue
-//! starts.
+//! Nothing is allocated per request once warm: buffers come from the
+//! device's [`BufPool`] and the queue's pool of request-sized buffers,
+//! completion queues and per-tag slots are sized when the queue starts.
 //!
 //! # Lifetime
 //!
@@ -57,7 +61,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
-use gmd_core::buf::{BufPool, IoBuf};
+use gmd_core::buf::{BUF_ALIGN, BufPool, IoBuf};
 use gmd_core::engine::{EngineError, OpKind, Request};
 use gmd_core::runtime::{CompletionSink, DirectRead, Here, Submission, Submitter};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
@@ -613,6 +617,12 @@ fn serve_queue(qid: u16, dev: &UblkDev, shared: &Arc<Shared>) {
     let slots: Rc<RefCell<Vec<TagSlot>>> = Rc::new(RefCell::new(
         (0..depth).map(|_| TagSlot::default()).collect(),
     ));
+    // Request-sized buffers that large writes take to the engine (see
+    // `TagBuf`): as many kept free as the queue has tags.
+    let tag_pool = BufPool::with_classes(&[(
+        (dev.dev_info.max_io_buf_bytes as usize).next_multiple_of(BUF_ALIGN),
+        depth.max(1),
+    )]);
     let exe = Rc::new(smol::LocalExecutor::new());
     let mut tasks = Vec::with_capacity(depth);
     for tag in queue.tags() {
@@ -620,8 +630,9 @@ fn serve_queue(qid: u16, dev: &UblkDev, shared: &Arc<Shared>) {
         let slots = slots.clone();
         let shared = shared.clone();
         let sink: Arc<dyn CompletionSink> = sink.clone();
+        let pool = tag_pool.clone();
         tasks.push(exe.spawn(async move {
-            match tag_task(&q, tag, &shared, &sink, &slots).await {
+            match tag_task(&q, tag, &shared, &sink, &slots, pool).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
                 Err(e) => warn!(id = shared.spec.id, tag, "ublk io task failed: {e}"),
             }
@@ -674,6 +685,65 @@ async fn reap(q: &UblkQueue<'_>, sink: &QueueSink, slots: &RefCell<Vec<TagSlot>>
     }
 }
 
+/// Where the kernel puts a tag's next request, and takes a read's data from
+/// when the tag commits: first the buffer registered with libublk at the
+/// first fetch; after the tag's first large write, buffers of the queue's
+/// own pool, so that a large write's buffer itself goes to the engine (no
+/// copy) while a fresh one takes its place for the next request. The
+/// kernel reads the address anew from every `COMMIT_AND_FETCH`, and only
+/// writes into it once that command has handed it over.
+struct TagBuf {
+    /// Registered with libublk (which keeps its address): lives as long as
+    /// the tag's task.
+    registered: libublk::helpers::IoBuf<u8>,
+    /// The pooled buffer that replaced it, at full capacity.
+    current: Option<IoBuf>,
+    /// The queue's pool of request-sized buffers.
+    pool: BufPool,
+}
+
+impl TagBuf {
+    fn new(bytes: usize, pool: BufPool) -> TagBuf {
+        TagBuf {
+            registered: libublk::helpers::IoBuf::<u8>::new(bytes),
+            current: None,
+            pool,
+        }
+    }
+
+    /// The buffer the current request's data is in (full capacity).
+    fn data(&mut self) -> &mut [u8] {
+        match &mut self.current {
+            Some(b) => b,
+            None => self.registered.as_mut_slice(),
+        }
+    }
+
+    /// The data of the current request, a write of `len` bytes, as the
+    /// engine's buffer. A write of at least half a request buffer moves
+    /// the buffer itself (held memory stays within twice the data while
+    /// async keeps it for the peer); a smaller one is copied into a buffer
+    /// of `small`'s that fits it.
+    fn write_data(&mut self, len: usize, small: &BufPool) -> IoBuf {
+        let capacity = self.registered.as_slice().len();
+        let large = len >= capacity / 2;
+        if large && self.current.is_some() {
+            let next = self.pool.take(capacity);
+            let mut full = self.current.replace(next).expect("checked above");
+            full.set_len(len);
+            return full;
+        }
+        let mut copy = small.take(len);
+        copy.copy_from_slice(&self.data()[..len]);
+        if large {
+            // The registered buffer never leaves the tag: from now on its
+            // requests land in pooled buffers that can.
+            self.current = Some(self.pool.take(capacity));
+        }
+        copy
+    }
+}
+
 /// Serves one tag for the life of the queue.
 async fn tag_task(
     q: &UblkQueue<'_>,
@@ -681,17 +751,23 @@ async fn tag_task(
     shared: &Shared,
     sink: &Arc<dyn CompletionSink>,
     slots: &RefCell<Vec<TagSlot>>,
+    pool: BufPool,
 ) -> Result<(), UblkError> {
-    let mut buf = libublk::helpers::IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
-    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
-        .await?;
+    let mut buf = TagBuf::new(q.dev.dev_info.max_io_buf_bytes as usize, pool);
+    q.submit_io_prep_cmd(
+        tag,
+        BufDesc::Slice(buf.registered.as_slice()),
+        0,
+        Some(&buf.registered),
+    )
+    .await?;
     loop {
         if shared.frozen.load(Ordering::Relaxed) {
             // Left for the next gmdd: never answer; the kernel reissues.
             std::future::pending::<()>().await;
         }
-        let res = handle(q, tag, shared, sink, slots, buf.as_mut_slice()).await;
-        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+        let res = handle(q, tag, shared, sink, slots, &mut buf).await;
+        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.data()), res)
             .await?;
     }
 }
@@ -769,7 +845,7 @@ async fn handle(
     shared: &Shared,
     sink: &Arc<dyn CompletionSink>,
     slots: &RefCell<Vec<TagSlot>>,
-    data: &mut [u8],
+    tag_buf: &mut TagBuf,
 ) -> i32 {
     let iod = q.get_iod(tag);
     let op = iod.op_flags & 0xff;
@@ -799,25 +875,18 @@ async fn handle(
         }
     };
     let len = request.len_bytes as usize;
-    if kind == OpKind::Read && len <= data.len() {
+    if kind == OpKind::Read && len <= tag_buf.data().len() {
         if let Some(read) = shared
             .submitter
             .direct_read(request.offset_bytes, request.len_bytes)
         {
-            return read_direct(q, read, request.offset_bytes, &mut data[..len]).await;
+            return read_direct(q, read, request.offset_bytes, &mut tag_buf.data()[..len]).await;
         }
     }
     let io_buf = match kind {
-        OpKind::Read | OpKind::Write => {
-            if len > data.len() {
-                return -libc::EINVAL;
-            }
-            let mut b = shared.pool.take(len);
-            if kind == OpKind::Write {
-                b.copy_from_slice(&data[..len]);
-            }
-            Some(b)
-        }
+        OpKind::Read | OpKind::Write if len > tag_buf.data().len() => return -libc::EINVAL,
+        OpKind::Read => Some(shared.pool.take(len)),
+        OpKind::Write => Some(tag_buf.write_data(len, &shared.pool)),
         _ => None,
     };
     let submission = Submission {
@@ -853,7 +922,7 @@ async fn handle(
         Ok(()) => match kind {
             OpKind::Read => match back {
                 Some(b) if b.len() >= len => {
-                    data[..len].copy_from_slice(&b[..len]);
+                    tag_buf.data()[..len].copy_from_slice(&b[..len]);
                     len as i32
                 }
                 _ => -libc::EIO,
