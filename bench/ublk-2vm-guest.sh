@@ -12,6 +12,9 @@ boot_guest
 while read -r m; do insmod "/modules/$m" 2>/dev/null; done < /modules/extra.list
 arg() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 role=$(arg gmdrole); mode=$(arg gmdmode); raw=$(arg gmdraw)
+# gmdmode=standalone: alpha alone (beta recorded down, no beta VM), the
+# device in mwc mode: the ublk path and the local write without the peer.
+standalone=; [ "$mode" = standalone ] && { standalone=1; mode=mwc; }
 fail() { echo "[$role] $*"; echo "RESULT: FAIL"; poweroff -f; }
 # Where datagrams are lost: this kernel's UDP counters (receive buffer
 # errors: gmdd did not read in time) and eth0's drops (the virtio ring).
@@ -131,6 +134,7 @@ ctl "$d" "$role" configure d0 >/dev/null || fail "configure"
 if [ "$role" = alpha ]; then
   ctl "$d" alpha down d0 beta >/dev/null 2>&1 || fail "down"
 fi
+[ -z "$standalone" ] || mode=standalone
 if ! wait_until 60 ctl "$d" "$role" start d0; then
   log "$role: not started after 60 s; the link so far:"
   ctl "$d" "$role" netstat; tail -n 15 "$d/$role.log"
@@ -149,12 +153,14 @@ if [ "$role" = beta ]; then
   fi
   while :; do sleep 5; net_counters; done
 fi
-wait_until 300 in_sync "$d" alpha d0 || { sync_report "$d" d0; fail "not in sync"; }
+if [ -z "$standalone" ]; then
+  wait_until 300 in_sync "$d" alpha d0 || { sync_report "$d" d0; fail "not in sync"; }
+fi
 wait_until 10 test -b /dev/ublkb0 || fail "no /dev/ublkb0"
-log "alpha: mirroring in sync"
+log "alpha: ${standalone:+standalone, }ready"
 job "$mode" /dev/ublkb0
 log "alpha: $mode measured"
-if [ -n "$PERF" ]; then
+if [ -n "$PERF" ] && [ -z "$standalone" ]; then
   # The link itself, idle (after the job: beta's profile starts on traffic):
   # ICMP round trips, then GeoMessage's (netprobe).
   ping -c 20 -i 0.2 10.99.0.2 | tail -n 1 | sed 's/^/BENCH-PERF alpha ping /'

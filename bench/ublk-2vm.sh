@@ -39,11 +39,18 @@ vm() {
 raw=1
 for mode in $MODES; do
   pa=$(free_udp); pb=$(free_udp)
-  vm beta "$mode" 0 "$pb" "$pa" 52:54:00:99:00:02; beta_pid=$!
+  beta_pid=
+  if [ "$mode" != standalone ]; then
+    vm beta "$mode" 0 "$pb" "$pa" 52:54:00:99:00:02; beta_pid=$!
+  fi
   vm alpha "$mode" "$raw" "$pa" "$pb" 52:54:00:99:00:01; alpha_pid=$!
   wait "$alpha_pid" || true
-  kill "$beta_pid" 2>/dev/null || true
-  wait "$beta_pid" 2>/dev/null || true
+  if [ -n "$beta_pid" ]; then
+    kill "$beta_pid" 2>/dev/null || true
+    wait "$beta_pid" 2>/dev/null || true
+  else
+    : > "$W/2vm-beta.console"
+  fi
   tr -d '\r' < "$W/2vm-alpha.console" >> "$W/2vm-bench.out"
   # Each side's datagram counters at the end (Udp: InDatagrams NoPorts
   # InErrors OutDatagrams RcvbufErrors ...; eth0 ring drops).

@@ -16,7 +16,8 @@
 # data disks with cache=none, the state maps on their own small virtio
 # disks; fio (libaio, direct, BENCH_S seconds per job, default 20) in
 # alpha's VM on a raw virtio disk of the same size, then on /dev/ublkb0
-# mirrored in each of MODES (default "mwc async"), a fresh pair per mode.
+# mirrored in each of MODES (default "mwc async"; "standalone": alpha alone,
+# beta recorded down and no beta VM), a fresh pair per mode.
 # Env: DGRAM (GeoMessage datagram size, default 1400: no IP fragments at
 # the link's MTU of 1500), HWM_KIB (async high water mark, default 128),
 # ENCRYPT (GeoMessage encryption, default true; false: authentication only),
