@@ -160,6 +160,17 @@ wait_until 10 test -b /dev/ublkb0 || fail "no /dev/ublkb0"
 log "alpha: ${standalone:+standalone, }ready"
 job "$mode" /dev/ublkb0
 log "alpha: $mode measured"
+# A figure is a mirrored one only if the pair stayed together: one
+# mirroring session from the start, still connected at the end.
+if [ -z "$standalone" ]; then
+  sessions=$(sed 's/\x1b\[[0-9;]*m//g' "$d/alpha.log" | grep -c 'gmdd::link: mirroring' || true)
+  s=$(ctl "$d" alpha status d0 --json | tr -d ' \n')
+  case $s in *'"connected":true'*) ;; *) sessions=0;; esac
+  if [ "$sessions" != 1 ]; then
+    grep -E 'mirroring|not mirroring|goes on alone|unreachable|down' "$d/alpha.log" | tail -n 20
+    fail "the pair did not stay connected through the $mode job (mirroring sessions: $sessions, connected at the end: $([ "$sessions" = 0 ] && echo no || echo yes))"
+  fi
+fi
 if [ -n "$PERF" ] && [ -z "$standalone" ]; then
   # The link itself, idle (after the job: beta's profile starts on traffic):
   # ICMP round trips, then GeoMessage's (netprobe).
