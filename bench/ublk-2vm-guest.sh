@@ -103,7 +103,14 @@ job() { # TARGET DEVICE
   # JOB alone: mark every 4 MiB activity extent first (4096 random writes,
   # not measured), as the QD32 job does for the others; otherwise the job
   # measures first-touch state map commits too.
-  if [ -n "$JOB" ] && [ "$2" != /dev/vdc ]; then
+  # Standalone: write the whole device once (1 MiB, not measured), as
+  # bench/ublk-vm.sh does: a device alone marks each 32 KiB region stale
+  # on its first write, which a device that has run alone for a while has
+  # done long ago.
+  if [ -n "$standalone" ] && [ "$2" != /dev/vdc ]; then
+    fio --ioengine=libaio --direct=1 --name=fill --filename="$2" --size=1G --rw=write --bs=1m \
+      --iodepth=16 >/dev/null
+  elif [ -n "$JOB" ] && [ "$2" != /dev/vdc ]; then
     fio --ioengine=libaio --direct=1 --name=warm --filename="$2" --size=1G --rw=randwrite --bs=4k \
       --iodepth=32 --number_ios=4096 --norandommap --randrepeat=0 >/dev/null
   fi
