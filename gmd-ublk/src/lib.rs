@@ -86,6 +86,10 @@ pub const DEPTH_DEFAULT: u16 = 128;
 /// Largest single read or write the kernel sends (bytes).
 pub const IO_BYTES_MAX: u32 = 512 << 10;
 
+/// Request-sized buffers a queue keeps free once large writes gave them
+/// back (16 MiB at 512 KiB each; more are freed and allocated again).
+const TAG_BUFS_FREE_MAX: usize = 32;
+
 /// Largest discard or write-zeroes request the kernel sends (bytes).
 pub const DISCARD_BYTES_MAX: u32 = 64 << 20;
 
@@ -617,11 +621,11 @@ fn serve_queue(qid: u16, dev: &UblkDev, shared: &Arc<Shared>) {
     let slots: Rc<RefCell<Vec<TagSlot>>> = Rc::new(RefCell::new(
         (0..depth).map(|_| TagSlot::default()).collect(),
     ));
-    // Request-sized buffers that large writes take to the engine (see
-    // `TagBuf`): as many kept free as the queue has tags.
+    // Request-sized buffers, one per tag and those large writes took to
+    // the engine (see `TagBuf`); at most TAG_BUFS_FREE_MAX kept free.
     let tag_pool = BufPool::with_classes(&[(
         (dev.dev_info.max_io_buf_bytes as usize).next_multiple_of(BUF_ALIGN),
-        depth.max(1),
+        TAG_BUFS_FREE_MAX,
     )]);
     let exe = Rc::new(smol::LocalExecutor::new());
     let mut tasks = Vec::with_capacity(depth);
@@ -686,37 +690,29 @@ async fn reap(q: &UblkQueue<'_>, sink: &QueueSink, slots: &RefCell<Vec<TagSlot>>
 }
 
 /// Where the kernel puts a tag's next request, and takes a read's data from
-/// when the tag commits: first the buffer registered with libublk at the
-/// first fetch; after the tag's first large write, buffers of the queue's
-/// own pool, so that a large write's buffer itself goes to the engine (no
-/// copy) while a fresh one takes its place for the next request. The
-/// kernel reads the address anew from every `COMMIT_AND_FETCH`, and only
-/// writes into it once that command has handed it over.
+/// when the tag commits: a buffer of the queue's own pool, so that a large
+/// write's buffer itself goes to the engine (no copy) while a fresh one
+/// takes its place for the next request. The kernel reads the address
+/// anew from every `FETCH`/`COMMIT_AND_FETCH`, and only writes into it
+/// once that command has handed it over.
 struct TagBuf {
-    /// Registered with libublk (which keeps its address): lives as long as
-    /// the tag's task.
-    registered: libublk::helpers::IoBuf<u8>,
-    /// The pooled buffer that replaced it, at full capacity.
-    current: Option<IoBuf>,
+    /// At the full request size.
+    current: IoBuf,
     /// The queue's pool of request-sized buffers.
     pool: BufPool,
 }
 
 impl TagBuf {
-    fn new(bytes: usize, pool: BufPool) -> TagBuf {
+    fn new(pool: BufPool, bytes: usize) -> TagBuf {
         TagBuf {
-            registered: libublk::helpers::IoBuf::<u8>::new(bytes),
-            current: None,
+            current: pool.take(bytes),
             pool,
         }
     }
 
-    /// The buffer the current request's data is in (full capacity).
+    /// The buffer the current request's data is in (full request size).
     fn data(&mut self) -> &mut [u8] {
-        match &mut self.current {
-            Some(b) => b,
-            None => self.registered.as_mut_slice(),
-        }
+        &mut self.current
     }
 
     /// The data of the current request, a write of `len` bytes, as the
@@ -725,21 +721,15 @@ impl TagBuf {
     /// async keeps it for the peer); a smaller one is copied into a buffer
     /// of `small`'s that fits it.
     fn write_data(&mut self, len: usize, small: &BufPool) -> IoBuf {
-        let capacity = self.registered.as_slice().len();
-        let large = len >= capacity / 2;
-        if large && self.current.is_some() {
-            let next = self.pool.take(capacity);
-            let mut full = self.current.replace(next).expect("checked above");
+        let bytes = self.current.len();
+        if len >= bytes / 2 {
+            let next = self.pool.take(bytes);
+            let mut full = std::mem::replace(&mut self.current, next);
             full.set_len(len);
             return full;
         }
         let mut copy = small.take(len);
-        copy.copy_from_slice(&self.data()[..len]);
-        if large {
-            // The registered buffer never leaves the tag: from now on its
-            // requests land in pooled buffers that can.
-            self.current = Some(self.pool.take(capacity));
-        }
+        copy.copy_from_slice(&self.current[..len]);
         copy
     }
 }
@@ -753,12 +743,15 @@ async fn tag_task(
     slots: &RefCell<Vec<TagSlot>>,
     pool: BufPool,
 ) -> Result<(), UblkError> {
-    let mut buf = TagBuf::new(q.dev.dev_info.max_io_buf_bytes as usize, pool);
+    let mut buf = TagBuf::new(pool, q.dev.dev_info.max_io_buf_bytes as usize);
+    // libublk counts a buffer of its own per tag before the device starts;
+    // the kernel is given ours. A page is enough for the count.
+    let registered = libublk::helpers::IoBuf::<u8>::new(BUF_ALIGN);
     q.submit_io_prep_cmd(
         tag,
-        BufDesc::Slice(buf.registered.as_slice()),
+        BufDesc::RawAddress(buf.data().as_ptr()),
         0,
-        Some(&buf.registered),
+        Some(&registered),
     )
     .await?;
     loop {
