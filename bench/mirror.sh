@@ -294,8 +294,10 @@ import csv, sys, math, os
 tsv, rtsv, rsync_s, raw_lat, w, t, size, hot, dirty, regions, rsync_ok = sys.argv[1:]
 rsync_s, raw_lat = float(rsync_s), float(raw_lat)
 rows = {r["target"]: r for r in csv.DictReader(open(tsv), delimiter="\t")}
-raw, sa = rows["raw file"], rows["standalone"]
+raw, sa = rows["raw file"], rows.get("standalone")
 f = lambda r, k: float(r[k])
+# Ratio to standalone, or "-" when MODES left standalone out.
+xsa = lambda r, k: f"{f(r, k) / f(sa, k):>5.2f}x" if sa else f"{'-':>6}"
 def frac(s):
     a, b = map(float, s.split("/"))
     return f"{a/b:.4f} ({int(a)}/{int(b)})" if b else "-"
@@ -303,9 +305,9 @@ print(f"\nmirror.sh: {t} s per point, device {size}, hot set {hot}, loopback\n")
 print(f"{'target':<11} {'4k QD1 us':>9} {'x raw':>6} {'x sa':>6} {'4k QD32 IOPS':>12} {'x raw':>6} {'x sa':>6} {'1M QD16 MiB/s':>13} {'x raw':>6} {'x sa':>6} {'warm MiB/s':>10}")
 for name in [n for n in ["raw file", "standalone", "sync", "mwc", "async"] if n in rows]:
     r = rows[name]
-    print(f"{name:<11} {f(r,'qd1_clat_us'):>9.1f} {f(r,'qd1_clat_us')/f(raw,'qd1_clat_us'):>5.2f}x {f(r,'qd1_clat_us')/f(sa,'qd1_clat_us'):>5.2f}x"
-          f" {f(r,'qd32_iops'):>12.0f} {f(r,'qd32_iops')/f(raw,'qd32_iops'):>5.2f}x {f(r,'qd32_iops')/f(sa,'qd32_iops'):>5.2f}x"
-          f" {f(r,'seq1m_qd16_MiBs'):>13.0f} {f(r,'seq1m_qd16_MiBs')/f(raw,'seq1m_qd16_MiBs'):>5.2f}x {f(r,'seq1m_qd16_MiBs')/f(sa,'seq1m_qd16_MiBs'):>5.2f}x"
+    print(f"{name:<11} {f(r,'qd1_clat_us'):>9.1f} {f(r,'qd1_clat_us')/f(raw,'qd1_clat_us'):>5.2f}x {xsa(r,'qd1_clat_us')}"
+          f" {f(r,'qd32_iops'):>12.0f} {f(r,'qd32_iops')/f(raw,'qd32_iops'):>5.2f}x {xsa(r,'qd32_iops')}"
+          f" {f(r,'seq1m_qd16_MiBs'):>13.0f} {f(r,'seq1m_qd16_MiBs')/f(raw,'seq1m_qd16_MiBs'):>5.2f}x {xsa(r,'seq1m_qd16_MiBs')}"
           f" {r['warm_MiBs']:>10}")
 print(f"\nfirst touch: 4k randwrite QD1 over the whole cold device ({t} s; raw file {raw_lat:.1f} us)")
 print(f"{'mode':<11} {'QD1 us':>9} {'x raw':>6} {'map commits/writes':>24}")
@@ -329,7 +331,7 @@ for line in open(rtsv):
     best = max(best, ratio)
     print(f"{rate:>13} {stale:>6} {float(total):>18.3f} {float(transfer):>20.3f} {ratio:>12.1f}x {same:>7}")
 print("\ngoals")
-if "async" in rows:
+if "async" in rows and sa:
     a_ratio = f(rows["async"], "seq1m_qd16_MiBs") / f(sa, "seq1m_qd16_MiBs")
     print(f"  async 1M throughput / standalone = {a_ratio:.2f}x (goal >= 0.9x): {'met' if a_ratio >= 0.9 else 'NOT met'}"
           f"; HWM fallbacks {rows['async']['hwm_fallbacks']}")
@@ -338,11 +340,12 @@ if "mwc" in rows:
     rtt = float(mwc["rtt64_us"])
     rtt8 = float(mwc["rtt8k_us"])
     mlat = f(mwc, "qd1_clat_us")
-    sa_lat = f(sa, "qd1_clat_us")
     print(f"  (idle GeoMessage round trip, netprobe, avg of 200, in the mwc run: 64 B {rtt:.0f} us, 8 KiB {rtt8:.0f} us;"
           f" smoothed RTT after the runs, netstat: {mwc['srtt_us']} us)")
-    for label, rl, r_, loc in [("raw local write", "RTT 64 B", rtt, raw_lat), ("raw local write", "RTT 8 KiB", rtt8, raw_lat),
-                               ("standalone gmd write", "RTT 64 B", rtt, sa_lat)]:
+    bounds = [("raw local write", "RTT 64 B", rtt, raw_lat), ("raw local write", "RTT 8 KiB", rtt8, raw_lat)]
+    if sa:
+        bounds.append(("standalone gmd write", "RTT 64 B", rtt, f(sa, "qd1_clat_us")))
+    for label, rl, r_, loc in bounds:
         bound = max(loc, r_ + loc)
         print(f"  mwc QD1 {mlat:.1f} us vs max({label} {loc:.1f}, {rl} {r_:.0f} + remote write ~{loc:.1f}) = {bound:.1f} us:"
               f" {mlat/bound:.2f}x (goal <= 1.1x): {'met' if mlat <= 1.1*bound else 'NOT met'}")

@@ -3,7 +3,7 @@
 //! each block next to the invariant it relies on.
 
 use std::io;
-use std::mem::{MaybeUninit, size_of, zeroed};
+use std::mem::{size_of, zeroed};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -259,13 +259,14 @@ pub(crate) struct InDatagram {
 }
 
 /// Receives up to `slots` datagrams with one `recvmmsg` into `arena`, which
-/// holds `slots` consecutive slots of `slot_bytes` each.
+/// holds `slots` consecutive slots of `slot_bytes` each (initialised memory:
+/// the kernel overwrites what it receives, the rest keeps its old bytes).
 ///
 /// # Errors
 /// The OS error when nothing was received (`WouldBlock` included).
 pub(crate) fn recv_batch(
     sock: &impl AsRawFd,
-    arena: &mut [MaybeUninit<u8>],
+    arena: &mut [u8],
     slot_bytes: usize,
     out: &mut Vec<InDatagram>,
 ) -> io::Result<usize> {
