@@ -1492,6 +1492,9 @@ mod tests {
             })
             .collect();
         assert_eq!(arenas.kept.len(), RX_ARENAS_MAX);
-        assert!(held.iter().all(|d| &d[..] == b"x"), "datagrams outlive their arena's handle");
+        assert!(
+            held.iter().all(|d| &d[..] == b"x"),
+            "datagrams outlive their arena's handle"
+        );
     }
 }
