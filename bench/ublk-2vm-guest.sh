@@ -128,6 +128,7 @@ if [ "$role" = alpha ] && [ "$raw" = 1 ]; then
   wait_until 10 test -b /dev/vdc || fail "no /dev/vdc"
   job raw /dev/vdc
   log "alpha: raw disk measured"
+  ! command -v gmd-net-bench >/dev/null || echo "BENCH-CRYPTO $(gmd-net-bench crypto --datagram "$DGRAM")"
 fi
 if [ "$role" = beta ]; then
   gmdd_up "$d" beta || fail "gmdd"

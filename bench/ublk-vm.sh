@@ -33,7 +33,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VM=$ROOT/tests/vm
 W=${VM_WORK:-$ROOT/target/vm}
 mkdir -p "$W"
-[ -n "${SKIP_BUILD:-}" ] || (cd "$ROOT" && cargo build --release -p gmdd -p gmdctl --bins --quiet)
+[ -n "${SKIP_BUILD:-}" ] || (cd "$ROOT" && cargo build --release -p gmdd -p gmdctl -p gmd-net-bench --bins --quiet)
 "$VM/setup-kernel.sh" "$W" >/dev/null
 # bench_table DIGITS: "BENCH <target> <job> <MiB/s> <IOPS>" lines in (others
 # ignored) → the table, each figure with its ratio to the raw disk's.
