@@ -936,21 +936,25 @@ impl Link {
                 .take_while(|q| q.1.network.0 as usize == net)
                 .count();
             let sock = &socks[net];
-            let items: Vec<OutDatagram<'_>> = self
-                .tx_queue
-                .iter()
-                .take(n)
-                .map(|(b, t)| OutDatagram {
+            // On the stack: the queue holds at most BATCH_MAX transmits.
+            let unused = OutDatagram {
+                dest: self.tx_queue[0].1.destination,
+                data: &[],
+                segment: 0,
+            };
+            let mut items = [unused; BATCH_MAX];
+            for (item, (b, t)) in items.iter_mut().zip(self.tx_queue.iter().take(n)) {
+                *item = OutDatagram {
                     dest: t.destination,
                     data: &self.tx_bufs[*b][..t.len],
                     segment: t.segment_bytes,
-                })
-                .collect();
+                };
+            }
+            let items = &items[..n];
             let gso = sock.gso.load(Ordering::Relaxed);
-            let r = sock.io.try_io(Interest::WRITABLE, || {
-                sys::send_batch(&sock.io, &items, gso)
-            });
-            drop(items);
+            let r = sock
+                .io
+                .try_io(Interest::WRITABLE, || sys::send_batch(&sock.io, items, gso));
             match r {
                 Ok(k) => {
                     for _ in 0..k {

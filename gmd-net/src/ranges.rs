@@ -1,17 +1,32 @@
 //! A small set of half-open `u64` ranges, kept sorted and merged. Used for
 //! received packet numbers (to build ACK frames), the bytes of a message
 //! being reassembled, and the bytes of a sent message already acknowledged.
+//! The last two nearly always hold one range (fragments arrive and are
+//! acknowledged in order), so up to [`INLINE_RANGES`] live inside the set:
+//! a set per message sent or received allocates nothing.
+
+use smallvec::SmallVec;
+
+/// Ranges held without a heap allocation.
+pub const INLINE_RANGES: usize = 2;
 
 /// Sorted, disjoint, non-adjacent half-open ranges `[start, end)`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RangeSet {
-    ranges: Vec<(u64, u64)>,
+    ranges: SmallVec<[(u64, u64); INLINE_RANGES]>,
 }
 
 impl RangeSet {
     /// An empty set.
-    pub const fn new() -> Self {
-        RangeSet { ranges: Vec::new() }
+    pub fn new() -> Self {
+        RangeSet {
+            ranges: SmallVec::new(),
+        }
+    }
+
+    /// True while the ranges live inside the set (no heap allocation).
+    pub fn is_inline(&self) -> bool {
+        !self.ranges.spilled()
     }
 
     /// Number of disjoint ranges.
@@ -115,6 +130,20 @@ mod tests {
         assert!(!s.contains(41));
         s.remove_below(20);
         assert_eq!(s.iter().collect::<Vec<_>>(), vec![(20, 41)]);
+    }
+
+    #[test]
+    fn a_message_received_in_order_allocates_no_ranges() {
+        let mut s = RangeSet::new();
+        for fragment in 0..100u64 {
+            s.insert(fragment * 1400, (fragment + 1) * 1400);
+        }
+        s.insert(200_000, 200_001);
+        assert_eq!(s.len(), 2);
+        assert!(s.is_inline());
+        s.insert(300_000, 300_001);
+        assert!(!s.is_inline(), "a third range moves to the heap");
+        assert!(s.contains_range(0, 140_000) && s.contains(300_000));
     }
 
     proptest! {

@@ -252,6 +252,9 @@ pub(crate) struct Peer {
     hello_due: Vec<bool>,
     last_hello_reply: Vec<Option<Instant>>,
     close_due: Vec<bool>,
+    /// Messages ready for delivery, gathered per call (kept to reuse its
+    /// allocation).
+    ready_scratch: Vec<RecvMsg>,
 }
 
 /// Makes `buf` at least `len` long. Transmit buffers are reused without
@@ -376,6 +379,7 @@ impl Peer {
             hello_due: vec![true; n],
             last_hello_reply: vec![None; n],
             close_due: vec![false; n],
+            ready_scratch: Vec::new(),
         };
         p.timers[PeerTimer::Handshake as usize] = Some(now + t.handshake_interval);
         p.arm_down_timer();

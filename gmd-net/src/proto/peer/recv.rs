@@ -659,7 +659,7 @@ impl Peer {
     fn deliver_ready(&mut self, shared: &Shared, sink: &mut Sink, lane_id: u16) {
         let passed_max = passed_slots_max(&shared.tuning);
         let lane = self.recv_lanes.get_mut(&lane_id).expect("lane exists");
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.ready_scratch);
         if lane.ordered {
             loop {
                 match lane.slots.front() {
@@ -708,7 +708,7 @@ impl Peer {
                 self.recv_slots -= 1;
             }
         }
-        for m in out {
+        for m in out.drain(..) {
             let body = match m.data {
                 RecvData::Whole(b) => b,
                 RecvData::Parts(b) => b.freeze(),
@@ -754,5 +754,6 @@ impl Peer {
                 }
             }
         }
+        self.ready_scratch = out;
     }
 }

@@ -249,7 +249,8 @@ impl Peer {
         let mut has_credit = false;
         // ACK for what arrived on this path (covers the whole session).
         if self.paths[pi].unacked_received > 0 || self.paths[pi].ack_pending {
-            let ranges: Vec<(u64, u64)> = self
+            // Nearly always a few ranges: on the stack, no allocation.
+            let ranges: smallvec::SmallVec<[(u64, u64); 8]> = self
                 .received_pns
                 .iter()
                 .rev()
