@@ -61,8 +61,6 @@ const RX_ARENAS_MAX: usize = 4;
 #[derive(Debug, Default)]
 struct RxArenas {
     kept: Vec<BytesMut>,
-    /// Index of the arena [`RxArenas::arena`] returned last.
-    current: usize,
 }
 
 impl RxArenas {
@@ -73,7 +71,7 @@ impl RxArenas {
     /// datagram, the oldest is let go (its datagrams keep its memory until
     /// they are dropped).
     fn arena(&mut self, need: usize) -> &mut BytesMut {
-        self.current = match self.kept.iter_mut().position(|a| a.try_reclaim(need)) {
+        let k = match self.kept.iter_mut().position(|a| a.try_reclaim(need)) {
             Some(k) => k,
             None => {
                 let mut fresh = BytesMut::zeroed(need);
@@ -85,12 +83,7 @@ impl RxArenas {
                 self.kept.len() - 1
             }
         };
-        &mut self.kept[self.current]
-    }
-
-    /// The arena [`RxArenas::arena`] returned last.
-    fn current(&mut self) -> &mut BytesMut {
-        &mut self.kept[self.current]
+        &mut self.kept[k]
     }
 }
 /// Commands taken per loop turn.
@@ -1229,13 +1222,11 @@ impl Driver {
                     return;
                 }
             };
-            let used = self
-                .rx_list
+            let used = rx_list
                 .iter()
                 .map(|d| d.slot * slot + d.len)
                 .max()
                 .unwrap_or(0);
-            let arena = self.rx_arenas.current();
             // SAFETY: an arena's allocation is initialised throughout (see
             // `RxArenas`): what recvmmsg did not overwrite between the
             // datagrams holds earlier bytes, and nothing reads them.
@@ -1474,7 +1465,7 @@ mod tests {
         let a = arenas.arena(4096);
         let first = a.as_ptr();
         a.extend_from_slice(b"datagram");
-        let held = arenas.current().split_to(8).freeze();
+        let held = a.split_to(8).freeze();
         // Held by a datagram: the next batch gets another arena.
         let b = arenas.arena(4096);
         assert_ne!(b.as_ptr(), first);
@@ -1491,8 +1482,9 @@ mod tests {
         let mut arenas = RxArenas::default();
         let held: Vec<Bytes> = (0..RX_ARENAS_MAX + 2)
             .map(|_| {
-                arenas.arena(1024).extend_from_slice(b"x");
-                arenas.current().split_to(1).freeze()
+                let a = arenas.arena(1024);
+                a.extend_from_slice(b"x");
+                a.split_to(1).freeze()
             })
             .collect();
         assert_eq!(arenas.kept.len(), RX_ARENAS_MAX);
