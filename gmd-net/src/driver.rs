@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::sync::Mutex;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -34,6 +34,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot};
 use tracing::{debug, warn};
 
+use crate::arena::Arenas;
 use crate::config::{NetConfig, NetworkId, PeerId, Topology};
 use crate::proto::{
     Credit, Endpoint, Event, IncomingKind, MESSAGE_OVERHEAD_BYTES, ReplyTo, RequestId,
@@ -48,44 +49,17 @@ const TRANSMITS_PER_TURN: usize = 64;
 /// Receive batches per socket per loop turn.
 const RECV_BATCHES_PER_TURN: usize = 8;
 /// Receive arenas kept for reuse (each one batch's slots: 2 MiB with GRO).
+///
+/// Receive memory for `recvmmsg` batches ([`Arenas`], zero-filled): each
+/// arena's whole allocation is zero-filled once, when it is made, and from
+/// then on only overwritten by the kernel, so it is initialised wherever a
+/// batch lands in it and the gaps between a batch's datagrams need no
+/// clearing. Clearing the unused tail of every slot instead (up to 64 KiB
+/// per datagram with GRO's slots, for a 1 400-byte datagram or a 50-byte
+/// acknowledgement) took 5 % of all CPU of a mirrored 1 MiB write stream on
+/// loopback, plus page faults on every fresh arena.
 const RX_ARENAS_MAX: usize = 4;
 
-/// Receive memory for `recvmmsg` batches. Each arena's whole allocation is
-/// zero-filled once, when it is made, and from then on only overwritten by
-/// the kernel, so it is initialised wherever a batch lands in it and the
-/// gaps between a batch's datagrams need no clearing. Clearing the unused
-/// tail of every slot instead (up to 64 KiB per datagram with GRO's slots,
-/// for a 1 400-byte datagram or a 50-byte acknowledgement) took 5 % of all
-/// CPU of a mirrored 1 MiB write stream on loopback, plus page faults on
-/// every fresh arena.
-#[derive(Debug, Default)]
-struct RxArenas {
-    kept: Vec<BytesMut>,
-}
-
-impl RxArenas {
-    /// An empty arena with room for `need` bytes: one whose earlier
-    /// datagrams have all been dropped (reclaimed without allocating, so its
-    /// memory stays initialised), else a new zero-filled one. At most
-    /// [`RX_ARENAS_MAX`] are kept; when every one is still held by a
-    /// datagram, the oldest is let go (its datagrams keep its memory until
-    /// they are dropped).
-    fn arena(&mut self, need: usize) -> &mut BytesMut {
-        let k = match self.kept.iter_mut().position(|a| a.try_reclaim(need)) {
-            Some(k) => k,
-            None => {
-                let mut fresh = BytesMut::zeroed(need);
-                fresh.clear();
-                if self.kept.len() == RX_ARENAS_MAX {
-                    self.kept.remove(0);
-                }
-                self.kept.push(fresh);
-                self.kept.len() - 1
-            }
-        };
-        &mut self.kept[k]
-    }
-}
 /// Commands taken per loop turn.
 const COMMANDS_PER_TURN: usize = 1024;
 /// Commands waiting for the driver (sends, replies, registrations, stats).
@@ -397,6 +371,8 @@ impl Node {
         let releases = Arc::new(Releases::default());
         let stream_queue_max = stream_queue_max(topo.peers.len(), t.recv_window_bytes);
         let sends_queued = Arc::new(AtomicUsize::new(0));
+        // One batch of the largest slots per arena.
+        let rx_arena_bytes = socks.iter().map(|s| s.slot_bytes).max().unwrap_or(2048) * BATCH_MAX;
         let shared = Arc::new(Shared {
             sends_queued: sends_queued.clone(),
             link: Mutex::new(Link {
@@ -423,7 +399,7 @@ impl Node {
             pending: BTreeMap::new(),
             streams: BTreeMap::new(),
             unclaimed: BTreeMap::new(),
-            rx_arenas: RxArenas::default(),
+            rx_arenas: Arenas::new(RX_ARENAS_MAX, rx_arena_bytes, true),
             rx_list: Vec::with_capacity(BATCH_MAX),
             auth_failures: Vec::new(),
         };
@@ -782,7 +758,7 @@ struct Driver {
     /// the application drops it. While a stream has messages here, newer
     /// ones queue behind them (order).
     unclaimed: BTreeMap<StreamId, VecDeque<Incoming>>,
-    rx_arenas: RxArenas,
+    rx_arenas: Arenas,
     rx_list: Vec<InDatagram>,
     /// Datagrams that failed authentication, per source address.
     auth_failures: Vec<crate::stats::AuthFailures>,
@@ -1206,7 +1182,7 @@ impl Driver {
             let arena = rx_arenas.arena(need);
             let spare = &mut arena.spare_capacity_mut()[..need];
             // SAFETY: an arena's allocation is initialised throughout (see
-            // `RxArenas`), and `u8` and `MaybeUninit<u8>` share a layout.
+            // `RX_ARENAS_MAX`), and `u8` and `MaybeUninit<u8>` share a layout.
             let spare: &mut [u8] =
                 unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast(), need) };
             let r = socks[i].io.try_io(Interest::READABLE, || {
@@ -1228,7 +1204,7 @@ impl Driver {
                 .max()
                 .unwrap_or(0);
             // SAFETY: an arena's allocation is initialised throughout (see
-            // `RxArenas`): what recvmmsg did not overwrite between the
+            // `RX_ARENAS_MAX`): what recvmmsg did not overwrite between the
             // datagrams holds earlier bytes, and nothing reads them.
             unsafe { arena.set_len(used) };
             let mut whole = arena.split_to(used);
@@ -1452,45 +1428,5 @@ impl Driver {
             g.requests.close();
         }
         self.streams.clear();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_receive_arena_is_reused_once_its_datagrams_are_dropped() {
-        let mut arenas = RxArenas::default();
-        let a = arenas.arena(4096);
-        let first = a.as_ptr();
-        a.extend_from_slice(b"datagram");
-        let held = a.split_to(8).freeze();
-        // Held by a datagram: the next batch gets another arena.
-        let b = arenas.arena(4096);
-        assert_ne!(b.as_ptr(), first);
-        assert_eq!(b.capacity(), 4096);
-        assert!(b.is_empty());
-        drop(held);
-        // Reclaimed in place, from the start of its allocation.
-        assert_eq!(arenas.arena(4096).as_ptr(), first);
-        assert_eq!(arenas.kept.len(), 2, "no new allocation");
-    }
-
-    #[test]
-    fn at_most_the_limit_of_arenas_is_kept() {
-        let mut arenas = RxArenas::default();
-        let held: Vec<Bytes> = (0..RX_ARENAS_MAX + 2)
-            .map(|_| {
-                let a = arenas.arena(1024);
-                a.extend_from_slice(b"x");
-                a.split_to(1).freeze()
-            })
-            .collect();
-        assert_eq!(arenas.kept.len(), RX_ARENAS_MAX);
-        assert!(
-            held.iter().all(|d| &d[..] == b"x"),
-            "datagrams outlive their arena's handle"
-        );
     }
 }

@@ -11,6 +11,8 @@
 //! - [`proto`]: the sans-IO protocol core ([`proto::Endpoint`]): sessions and
 //!   epochs, acknowledgements, loss recovery, congestion and flow control,
 //!   fragmentation, streams, path choice, peer liveness, counters.
+//! - [`arena`]: buffers reused in place (receive batches; a sender's
+//!   encoded messages).
 //! - `driver` (feature `tokio`, default): [`Node`], one UDP socket per local
 //!   interface, batched with `sendmmsg`/`recvmmsg` and UDP GSO/GRO.
 //! - `testing` (feature `test-support`): a deterministic network simulator and
@@ -19,6 +21,7 @@
 //! `docs/net.md` describes the wire format, state machine, timers, path
 //! choice, security and memory bounds.
 
+pub mod arena;
 pub mod config;
 pub mod crypto;
 pub mod proto;

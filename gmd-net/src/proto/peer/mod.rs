@@ -10,6 +10,7 @@ use bytes::{Bytes, BytesMut};
 use super::MESSAGE_OVERHEAD_BYTES;
 use super::Shared;
 use super::path::Path;
+use crate::arena::Arenas;
 use crate::config::{NetworkId, PeerConfig, PeerId, Tuning};
 use crate::crypto::{ReplayWindow, SessionKey};
 use crate::ranges::RangeSet;
@@ -28,6 +29,12 @@ mod timers;
 const ACK_EVERY_PACKETS: u32 = 2;
 /// Smallest useful fragment when filling the end of a datagram.
 const FRAGMENT_BYTES_MIN: usize = 64;
+/// Reassembly arenas kept per peer, of [`REASSEMBLY_ARENA_BYTES`] each: at
+/// most 1 MiB held per peer once idle; a message larger than an arena is
+/// reassembled in a buffer of its own.
+const REASSEMBLY_ARENAS: usize = 4;
+/// See [`REASSEMBLY_ARENAS`].
+const REASSEMBLY_ARENA_BYTES: usize = 256 << 10;
 
 /// Timers of a peer, indexing `Peer::timers`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,6 +262,9 @@ pub(crate) struct Peer {
     /// Messages ready for delivery, gathered per call (kept to reuse its
     /// allocation).
     ready_scratch: Vec<RecvMsg>,
+    /// Where messages of several datagrams are reassembled
+    /// ([`REASSEMBLY_ARENAS`]): nothing allocated per message.
+    reassembly: Arenas,
 }
 
 /// Makes `buf` at least `len` long. Transmit buffers are reused without
@@ -380,6 +390,7 @@ impl Peer {
             last_hello_reply: vec![None; n],
             close_due: vec![false; n],
             ready_scratch: Vec::new(),
+            reassembly: Arenas::new(REASSEMBLY_ARENAS, REASSEMBLY_ARENA_BYTES, false),
         };
         p.timers[PeerTimer::Handshake as usize] = Some(now + t.handshake_interval);
         p.arm_down_timer();

@@ -597,7 +597,12 @@ impl Peer {
             let data = if s.offset == 0 && s.data.len() == s.total_len as usize {
                 RecvData::Whole(body.clone())
             } else {
-                RecvData::Parts(BytesMut::with_capacity(s.total_len as usize))
+                // Exactly its length, carved from an arena (its own buffer
+                // when larger than one).
+                let total = s.total_len as usize;
+                let arena = self.reassembly.arena(total);
+                let rest = arena.split_off(total);
+                RecvData::Parts(std::mem::replace(arena, rest))
             };
             *slot = Slot::Partial(RecvMsg {
                 kind: s.kind,

@@ -2,6 +2,7 @@
 
 use std::time::Instant;
 
+use smallvec::SmallVec;
 use tracing::debug;
 
 use crate::proto::path::{PROBE_DATAGRAMS, Path, PathState, PathTimer};
@@ -133,7 +134,8 @@ impl Peer {
     /// lets out beyond the window: if they were lost, the probes carry them
     /// already; if not, the probes' acknowledgement tells.
     fn queue_probe_data(&mut self, sink: &mut Sink, pi: usize) {
-        let mut probes = Vec::new();
+        // On the stack: a probe timeout allocates nothing.
+        let mut probes: SmallVec<[(u64, u64); PROBE_DATAGRAMS as usize]> = SmallVec::new();
         for s in &self.sent {
             if probes.len() == PROBE_DATAGRAMS as usize {
                 break;
