@@ -6,12 +6,14 @@
 # after one 1 MiB pass over the device, fio writes N (default 20000) 4 KiB
 # blocks at random through alpha's NBD export at QD (default 1), and the
 # counts' growth is divided by N. Needs cc and fio.
-# Usage: bench/alloc-per-write.sh     Env: MODES, N, QD, SIZE (256M), SKIP_BUILD=1
+# Usage: bench/alloc-per-write.sh     Env: MODES, N, QD, SIZE (256M), SKIP_BUILD=1,
+#   DGRAM (GeoMessage datagram size, default the example's 8192: a 4 KiB write
+#   in one datagram; 1400 reassembles it from four)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 MODES=${MODES:-standalone mwc async sync}
-N=${N:-20000}; QD=${QD:-1}; SIZE=${SIZE:-256M}
+N=${N:-20000}; QD=${QD:-1}; SIZE=${SIZE:-256M}; DGRAM=${DGRAM:-8192}
 for tool in cc fio; do command -v "$tool" >/dev/null || { echo "alloc-per-write.sh needs $tool" >&2; exit 1; }; done
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --bins --quiet
 export PATH=$ROOT/target/release:$PATH
@@ -32,7 +34,8 @@ for mode in $MODES; do
     NBD_A=$(free_port); NBD_B=$(free_port); GM_A=$(free_udp); GM_B=$(free_udp)
     sed -e "s/256MiB/$SIZE/" -e "s/127.0.0.1:10809/127.0.0.1:$NBD_A/" -e "s/127.0.0.1:10810/127.0.0.1:$NBD_B/" \
         -e "s/127.0.0.1:6755/127.0.0.1:$GM_A/" -e "s/127.0.0.1:6756/127.0.0.1:$GM_B/" \
-        -e "s/^mode = \"mwc\"/mode = \"$cmode\"/" "$ROOT/examples/loopback.toml" > cluster.toml
+        -e "s/^mode = \"mwc\"/mode = \"$cmode\"/" -e "s/^datagram_size = 8192/datagram_size = $DGRAM/" \
+        "$ROOT/examples/loopback.toml" > cluster.toml
     if [ "$cmode" = async ]; then
         sed -i -e 's|^state_map = "alpha/data10.sm"|&\nrole = "primary"|' \
                -e 's|^state_map = "beta/data10.sm"|&\nrole = "secondary"|' cluster.toml

@@ -24,9 +24,11 @@ pub fn region_sum(data: &[u8]) -> RegionSum {
     *blake3::hash(data).as_bytes()
 }
 
-/// A message from the device thread for the peer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ToPeer {
+/// A message from the device thread for the peer. Its data is borrowed
+/// from the device's buffers: a [`PeerLink`] encodes the message (one copy
+/// of the data) before its `send` returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToPeer<'a> {
     /// Apply this write (data empty for write-zeroes and trim).
     Write {
         /// Stream position.
@@ -36,7 +38,7 @@ pub enum ToPeer {
         /// The operation.
         request: Request,
         /// The data.
-        data: Bytes,
+        data: &'a [u8],
     },
     /// A barrier: everything before it durable.
     Flush {
@@ -50,7 +52,7 @@ pub enum ToPeer {
         /// The region.
         region: u64,
         /// Its bytes.
-        data: Bytes,
+        data: &'a [u8],
     },
     /// The checksum of one resync region, in place of its data: the peer
     /// answers `Ok` if its copy has the same (checksum resync).
@@ -144,6 +146,57 @@ pub enum FromPeer {
     },
 }
 
+/// What a received message keeps of its transport until the device thread
+/// has taken it: for GeoMessage, the message's flow-control credit, so that
+/// the peer's window bounds this side's unprocessed backlog. Dropping it
+/// gives that back. It allocates nothing: the owner is shared, the token
+/// names what to release.
+pub struct Hold {
+    owner: Option<std::sync::Arc<dyn Release>>,
+    token: u64,
+}
+
+/// Whoever gives back what a [`Hold`] kept.
+pub trait Release: Send + Sync + 'static {
+    /// Gives back what `token` names (once per token).
+    fn release(&self, token: u64);
+}
+
+impl Hold {
+    /// A hold that keeps nothing.
+    pub fn none() -> Hold {
+        Hold {
+            owner: None,
+            token: 0,
+        }
+    }
+
+    /// A hold that calls `owner.release(token)` when dropped.
+    pub fn new(owner: std::sync::Arc<dyn Release>, token: u64) -> Hold {
+        Hold {
+            owner: Some(owner),
+            token,
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(owner) = self.owner.take() {
+            owner.release(self.token);
+        }
+    }
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold")
+            .field("held", &self.owner.is_some())
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
 /// A change of the link, decided by the daemon's handshake.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkEvent {
@@ -168,14 +221,15 @@ pub enum LinkEvent {
 }
 
 /// Where the device thread sends what is for the peer. Called on the device
-/// thread: must not block.
+/// thread (or a frontend's): must not block, and encodes each message before
+/// returning (its data is borrowed).
 pub trait PeerLink: Send + Sync + 'static {
     /// Sends one message, in order.
-    fn send(&self, message: ToPeer);
+    fn send(&self, message: ToPeer<'_>);
     /// Sends one message that the peer may take before earlier ones still
     /// on their way (the engine found it depends on none of them; see
     /// [`crate::engine::Engine::poll_action`]). By default, in order.
-    fn send_passing(&self, message: ToPeer) {
+    fn send_passing(&self, message: ToPeer<'_>) {
         self.send(message);
     }
     /// Sends one message a request waits for (a write in sync or mwc, a
@@ -183,7 +237,7 @@ pub trait PeerLink: Send + Sync + 'static {
     /// [`PeerLink::send_passing`]. A link may send it on the calling thread
     /// rather than hand it to a sender that batches. By default, as `send`
     /// or `send_passing`.
-    fn send_awaited(&self, message: ToPeer, passing: bool) {
+    fn send_awaited(&self, message: ToPeer<'_>, passing: bool) {
         if passing {
             self.send_passing(message);
         } else {
@@ -250,14 +304,14 @@ fn kind_of(byte: u8) -> Option<OpKind> {
 }
 
 /// Encodes a message: the header, then the data.
-pub fn encode(message: &ToPeer) -> Bytes {
+pub fn encode(message: &ToPeer<'_>) -> Bytes {
     let mut out = BytesMut::with_capacity(encoded_len(message));
     encode_into(message, &mut out);
     out.freeze()
 }
 
 /// How many bytes [`encode_into`] appends for `message`.
-pub fn encoded_len(message: &ToPeer) -> usize {
+pub fn encoded_len(message: &ToPeer<'_>) -> usize {
     match message {
         ToPeer::Write { data, .. } => 35 + data.len(),
         ToPeer::Flush { .. }
@@ -273,7 +327,7 @@ pub fn encoded_len(message: &ToPeer) -> usize {
 
 /// Appends the encoding of `message` to `out` (for a sender that puts its
 /// own header first: one buffer, one copy of the data).
-pub fn encode_into(message: &ToPeer, out: &mut BytesMut) {
+pub fn encode_into(message: &ToPeer<'_>, out: &mut BytesMut) {
     match message {
         ToPeer::Write {
             seq,
@@ -499,13 +553,13 @@ mod tests {
                 seq: 1,
                 after: 0,
                 request,
-                data: data.clone(),
+                data: &data,
             },
             ToPeer::Flush { seq: 2 },
             ToPeer::Resync {
                 seq: 3,
                 region: 4,
-                data,
+                data: &data,
             },
             ToPeer::Reply {
                 seq: 5,
@@ -540,7 +594,7 @@ mod tests {
                 len_bytes: 4,
                 fua: true,
             },
-            data: Bytes::from_static(b"abcd"),
+            data: b"abcd",
         };
         match decode(&encode(&write), 1 << 20).unwrap() {
             FromPeer::Op { op, data } => {
@@ -565,7 +619,7 @@ mod tests {
         let resync = ToPeer::Resync {
             seq: 1,
             region: 1,
-            data: Bytes::from(vec![0u8; 32768]),
+            data: &[0u8; 32768],
         };
         assert!(matches!(
             decode(&encode(&resync), 1 << 20).unwrap(),
@@ -615,7 +669,7 @@ mod tests {
                 len_bytes: 4,
                 fua: false,
             },
-            data: Bytes::from_static(b"abcd"),
+            data: b"abcd",
         };
         assert!(
             decode(&encode(&write), 1 << 20).is_err(),
@@ -627,7 +681,7 @@ mod tests {
         let resync = ToPeer::Resync {
             seq: 1,
             region: 0,
-            data: Bytes::from(vec![0u8; 100]),
+            data: &[0u8; 100],
         };
         assert!(
             decode(&encode(&resync), 1 << 20).is_err(),

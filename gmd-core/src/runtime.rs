@@ -34,7 +34,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use io_uring::{IoUring, opcode, squeue, types};
 use uuid::Uuid;
@@ -43,7 +42,7 @@ use crate::buf::{BufPool, IoBuf};
 use crate::engine::{
     Action, Engine, EngineError, EngineParams, EngineStats, Epoch, OpKind, Request, Seq, Slot,
 };
-use crate::mirror::{FromPeer, LinkEvent, PeerLink, RegionSum, ToPeer, region_sum};
+use crate::mirror::{FromPeer, Hold, LinkEvent, PeerLink, RegionSum, ToPeer, region_sum};
 use crate::statemap::cells::StateMap;
 use crate::statemap::file::PageSlots;
 use crate::statemap::format::{self, BLOCK_SIZE, Layout, Superblock};
@@ -275,7 +274,7 @@ struct Shared {
     link: Option<Arc<dyn PeerLink>>,
     inbox: ArrayQueue<Submission>,
     control: Mutex<Vec<Control>>,
-    peer_inbox: Mutex<VecDeque<(u64, FromPeer)>>,
+    peer_inbox: Mutex<VecDeque<(u64, FromPeer, Hold)>>,
     /// Messages in `peer_inbox` and `Worker::peer_waiting`, at most
     /// [`PEER_MESSAGES_QUEUED_MAX`].
     peer_queued: AtomicUsize,
@@ -707,6 +706,21 @@ impl Port {
     /// not taken yet: the message is given back; offer it again shortly
     /// (the device thread is working through them).
     pub fn from_peer(&self, session: u64, message: FromPeer) -> Result<(), FromPeer> {
+        self.from_peer_held(session, message, Hold::none())
+            .map_err(|(message, _)| message)
+    }
+
+    /// As [`Port::from_peer`], with what the message keeps of its transport
+    /// until the device thread has taken it (then `hold` is dropped).
+    ///
+    /// # Errors
+    /// As [`Port::from_peer`]: both are given back.
+    pub fn from_peer_held(
+        &self,
+        session: u64,
+        message: FromPeer,
+        hold: Hold,
+    ) -> Result<(), (FromPeer, Hold)> {
         if let FromPeer::Answer { seq, result } = message {
             if self.shared.answer_here(session, seq, result) {
                 return Ok(());
@@ -715,13 +729,13 @@ impl Port {
         let queued = &self.shared.peer_queued;
         if queued.fetch_add(1, Ordering::AcqRel) >= PEER_MESSAGES_QUEUED_MAX {
             queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(message);
+            return Err((message, hold));
         }
         self.shared
             .peer_inbox
             .lock()
             .expect("peer inbox lock")
-            .push_back((session, message));
+            .push_back((session, message, hold));
         self.shared.control_pending.store(true, Ordering::SeqCst);
         self.shared.wake();
         Ok(())
@@ -915,33 +929,13 @@ impl Drop for Runtime {
     }
 }
 
-/// The data a slot's operation works on.
-enum Data {
-    /// An aligned buffer owned by the slot.
-    Owned(IoBuf),
-    /// Shared with a message to the peer (the bytes stay valid while held).
-    Shared(Bytes),
-}
-
-impl Data {
-    fn ptr(&mut self, offset: u64) -> *mut u8 {
-        match self {
-            Data::Owned(buf) => {
-                // SAFETY: offset < buffer length (checked by the caller).
-                unsafe { buf.as_mut_ptr().add(offset as usize) }
-            }
-            // The kernel only reads from a shared buffer (a write).
-            Data::Shared(bytes) => bytes[offset as usize..].as_ptr().cast_mut(),
-        }
-    }
-}
-
 #[derive(Default)]
 struct SlotEntry {
     /// Application request (app slots).
     submission: Option<Submission>,
-    /// Buffer for peer operations and resync reads, or the shared app data.
-    data: Option<Data>,
+    /// Buffer for peer operations, resync reads and the application's
+    /// data once its local part is issued.
+    data: Option<IoBuf>,
     /// The peer's stream position (peer slots).
     peer_seq: Seq,
     started: Option<Instant>,
@@ -1032,7 +1026,7 @@ struct Worker {
     map_bufs: Vec<IoBuf>,
     map_bufs_free: Vec<usize>,
     /// Messages from the peer waiting for a slot, with their session.
-    peer_waiting: VecDeque<(u64, FromPeer)>,
+    peer_waiting: VecDeque<(u64, FromPeer, Hold)>,
     pool: BufPool,
     stopping: Option<Instant>,
     started: Instant,
@@ -1103,11 +1097,12 @@ impl Core {
             (OpKind::Read | OpKind::Write, _) => {
                 if entry.data.is_none() {
                     if let Some(buf) = entry.submission.as_mut().and_then(|s| s.buf.take()) {
-                        entry.data = Some(Data::Owned(buf));
+                        entry.data = Some(buf);
                     }
                 }
                 let data = entry.data.as_mut().expect("reads and writes have a buffer");
-                let ptr = data.ptr(entry.done_bytes);
+                // SAFETY: done_bytes < the request's length = the buffer's.
+                let ptr = unsafe { data.as_mut_ptr().add(entry.done_bytes as usize) };
                 if request.kind == OpKind::Read {
                     opcode::Read::new(fd, ptr, remaining as u32)
                         .offset(offset)
@@ -1179,9 +1174,7 @@ impl Core {
                 // checksum; the buffer is not needed any more.
                 if let Some(sum) = entry.check_sum.take_if(|_| request.kind == OpKind::Read) {
                     let same = match entry.data.take() {
-                        Some(Data::Owned(buf)) => {
-                            region_sum(&buf[..request.len_bytes as usize]) == sum
-                        }
+                        Some(buf) => region_sum(&buf[..request.len_bytes as usize]) == sum,
                         _ => false,
                     };
                     self.engine.check_done(slot, Ok(same));
@@ -1189,9 +1182,9 @@ impl Core {
                 }
                 // Hand an application read's data back with its request.
                 if request.kind == OpKind::Read {
-                    if let (Some(Data::Owned(_)), Some(sub)) = (&entry.data, &entry.submission) {
+                    if let (Some(_), Some(sub)) = (&entry.data, &entry.submission) {
                         if sub.buf.is_none() {
-                            if let Some(Data::Owned(buf)) = entry.data.take() {
+                            if let Some(buf) = entry.data.take() {
                                 entry.submission.as_mut().expect("checked").buf = Some(buf);
                             }
                         }
@@ -1229,26 +1222,22 @@ impl Core {
             } => {
                 passes = passing;
                 awaits = awaited;
-                let entry = &mut self.slots[slot as usize];
-                let data = if request.kind == OpKind::Write {
-                    let shared = match entry.data.take() {
-                        Some(Data::Shared(bytes)) => bytes,
-                        // Already being written locally: the heap memory
-                        // stays where it is when the buffer moves into Bytes.
-                        Some(Data::Owned(buf)) => Bytes::from_owner(buf),
-                        _ => {
-                            let buf = entry
-                                .submission
-                                .as_mut()
-                                .and_then(|s| s.buf.take())
-                                .expect("a write carries its data");
-                            Bytes::from_owner(buf)
-                        }
-                    };
-                    entry.data = Some(Data::Shared(shared.clone()));
-                    shared
+                // Borrowed: the link encodes (copies) it before `send`
+                // returns, so the buffer stays with the slot, unshared.
+                let entry = &self.slots[slot as usize];
+                let data: &[u8] = if request.kind == OpKind::Write {
+                    let len = request.len_bytes as usize;
+                    let held = entry
+                        .submission
+                        .as_ref()
+                        .and_then(|s| s.buf.as_ref())
+                        .map(|buf| &buf[..len]);
+                    match &entry.data {
+                        Some(buf) => &buf[..len],
+                        None => held.expect("a write carries its data"),
+                    }
                 } else {
-                    Bytes::new()
+                    &[]
                 };
                 ToPeer::Write {
                     seq,
@@ -1367,9 +1356,10 @@ impl Worker {
                 let controls: Vec<Control> =
                     std::mem::take(&mut *self.shared.control.lock().expect("control queue lock"));
                 self.controls.extend(controls);
-                let messages: VecDeque<(u64, FromPeer)> =
-                    std::mem::take(&mut *self.shared.peer_inbox.lock().expect("peer inbox lock"));
-                self.peer_waiting.extend(messages);
+                // Drained, not swapped: the inbox keeps its room (a fresh
+                // one would allocate on the next message).
+                let mut inbox = self.shared.peer_inbox.lock().expect("peer inbox lock");
+                self.peer_waiting.extend(inbox.drain(..));
             }
             while let Some(control) = self.controls.front() {
                 // As a resync target, reads of regions not yet received must
@@ -1576,13 +1566,13 @@ impl Worker {
             // Keep only what may belong to a session about to start.
             let before = self.peer_waiting.len();
             self.peer_waiting
-                .retain(|(s, _)| *s != 0 && *s != core.session);
+                .retain(|(s, _, _)| *s != 0 && *s != core.session);
             self.shared
                 .peer_queued
                 .fetch_sub(before - self.peer_waiting.len(), Ordering::AcqRel);
             return Ok(());
         }
-        while let Some((session, message)) = self.peer_waiting.front() {
+        while let Some((session, message, _)) = self.peer_waiting.front() {
             if *session != core.session {
                 self.peer_waiting.pop_front();
                 self.shared.peer_queued.fetch_sub(1, Ordering::AcqRel);
@@ -1596,7 +1586,10 @@ impl Worker {
                 }
                 _ => {}
             }
-            let message = self.peer_waiting.pop_front().expect("present").1;
+            // The hold goes when the engine has taken the message (a
+            // write's data copied into an aligned buffer): at the end of
+            // this turn of the loop.
+            let (_, message, _hold) = self.peer_waiting.pop_front().expect("present");
             self.shared.peer_queued.fetch_sub(1, Ordering::AcqRel);
             match message {
                 FromPeer::Op { op, data } => {
@@ -1612,7 +1605,7 @@ impl Worker {
                         // O_DIRECT needs aligned memory: one copy here.
                         let mut buf = self.pool.take(data.len());
                         buf.copy_from_slice(&data);
-                        Some(Data::Owned(buf))
+                        Some(buf)
                     };
                 }
                 FromPeer::ResyncCheck { seq, region, sum } => {
@@ -1623,7 +1616,7 @@ impl Worker {
                     entry.done_bytes = 0;
                     entry.phase = Phase::Main;
                     entry.check_sum = Some(sum);
-                    entry.data = Some(Data::Owned(self.pool.take(len)));
+                    entry.data = Some(self.pool.take(len));
                 }
                 FromPeer::Answer { seq, result } => core.engine.remote_done(seq, result),
                 FromPeer::Prioritize { region } => core.engine.prioritize(region),
@@ -1743,21 +1736,25 @@ impl Worker {
                 Action::ResyncRead(slot) => {
                     let len = core.engine.request(slot).len_bytes as usize;
                     let entry = &mut core.slots[slot as usize];
-                    entry.data = Some(Data::Owned(self.pool.take(len)));
+                    entry.data = Some(self.pool.take(len));
                     entry.done_bytes = 0;
                     entry.phase = Phase::Main;
                     self.issue_local(core, slot)?;
                 }
                 Action::SendResync { slot, seq, region } => {
                     let data = match core.slots[slot as usize].data.take() {
-                        Some(Data::Owned(buf)) => Bytes::from_owner(buf),
+                        Some(buf) => buf,
                         _ => unreachable!("a resync read fills an owned buffer"),
                     };
-                    self.send(ToPeer::Resync { seq, region, data });
+                    self.send(ToPeer::Resync {
+                        seq,
+                        region,
+                        data: &data[..],
+                    });
                 }
                 Action::SendResyncCheck { slot, seq, region } => {
                     let sum = match core.slots[slot as usize].data.take() {
-                        Some(Data::Owned(buf)) => region_sum(&buf[..]),
+                        Some(buf) => region_sum(&buf[..]),
                         _ => unreachable!("a resync read fills an owned buffer"),
                     };
                     self.send(ToPeer::ResyncCheck { seq, region, sum });

@@ -24,12 +24,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use gmd_core::link::{HandshakeError, Link, Offer, PairRole, Part, Plan, Start};
-use gmd_core::mirror::{self, LinkEvent, PeerLink, ToPeer};
+use gmd_core::mirror::{self, Hold, LinkEvent, PeerLink, Release, ToPeer};
 use gmd_core::runtime::Port;
 use gmd_core::units::region_count;
-use gmd_net::{Node, PeerId, StreamId};
+use gmd_net::arena::Arenas;
+use gmd_net::{Node, PeerId, Receipt, StreamId};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -66,6 +67,14 @@ pub(super) const OUT_MESSAGES_MAX: usize = 16_384;
 /// device whose peer queue is full (`gmd_core::runtime::PEER_MESSAGES_QUEUED_MAX`);
 /// the message keeps its GeoMessage credit meanwhile, so the peer's flow
 /// control holds the sender back.
+/// Encoding buffers per device link: messages to the peer are carved from
+/// up to [`ENCODE_ARENAS`] arenas of [`ENCODE_ARENA_BYTES`] (at most 1 MiB
+/// held per device once idle), so a small message (a 4 KiB write, an
+/// answer) allocates nothing, and neither does GeoMessage's clone of it; a
+/// larger one (over 256 KiB) gets a buffer of its own.
+const ENCODE_ARENAS: usize = 4;
+/// See [`ENCODE_ARENAS`].
+const ENCODE_ARENA_BYTES: usize = 256 << 10;
 const PEER_QUEUE_RETRY: Duration = Duration::from_millis(1);
 /// A connection refused for good (a divergence, a role, another device)
 /// is retried this much later; one refused only for now (the peer could
@@ -270,6 +279,8 @@ pub(super) struct DeviceLink {
     out_pending: Arc<AtomicUsize>,
     /// The device's GeoMessage stream.
     stream: StreamId,
+    /// Where messages to the peer are encoded ([`ENCODE_ARENAS`]).
+    encode: Mutex<Arenas>,
     pub(super) inner: Mutex<LinkInner>,
     node: Arc<Node>,
     pub(super) rt: tokio::runtime::Handle,
@@ -291,15 +302,15 @@ impl std::fmt::Debug for DeviceLink {
 }
 
 impl PeerLink for DeviceLink {
-    fn send(&self, message: ToPeer) {
+    fn send(&self, message: ToPeer<'_>) {
         self.queue(message, false, false);
     }
 
-    fn send_passing(&self, message: ToPeer) {
+    fn send_passing(&self, message: ToPeer<'_>) {
         self.queue(message, true, false);
     }
 
-    fn send_awaited(&self, message: ToPeer, passing: bool) {
+    fn send_awaited(&self, message: ToPeer<'_>, passing: bool) {
         self.queue(message, passing, true);
     }
 
@@ -360,7 +371,7 @@ impl DeviceLink {
     /// (a request waits for it) leaves from this thread when the link is
     /// idle: no hop to the runtime on the write's path. Under load, and
     /// for the rest (async's backlog, resync), the sender task batches.
-    fn queue(&self, message: ToPeer, passing: bool, awaited: bool) {
+    fn queue(&self, message: ToPeer<'_>, passing: bool, awaited: bool) {
         let (session, peer) = {
             let inner = self.inner.lock().expect("link lock");
             match (inner.core.connected(), inner.peer_id) {
@@ -368,11 +379,15 @@ impl DeviceLink {
                 _ => return,
             }
         };
-        // One buffer: the session, then the message (one copy of the data).
-        let mut body = BytesMut::with_capacity(8 + mirror::encoded_len(&message));
-        body.put_u64_le(session);
-        mirror::encode_into(&message, &mut body);
-        let mut body = body.freeze();
+        // One buffer: the session, then the message (one copy of the data),
+        // carved from an arena (nothing allocated for a small message).
+        let mut body = {
+            let mut arenas = self.encode.lock().expect("encode lock");
+            let buf = arenas.arena(8 + mirror::encoded_len(&message));
+            buf.put_u64_le(session);
+            mirror::encode_into(&message, buf);
+            buf.split().freeze()
+        };
         // Nothing of the device waits with the sender task: send from here
         // (no hop to the runtime), if the link is idle and flow control
         // admits it at once.
@@ -476,6 +491,7 @@ impl DeviceLink {
             out: tx,
             out_pending: out_pending.clone(),
             stream,
+            encode: Mutex::new(Arenas::new(ENCODE_ARENAS, ENCODE_ARENA_BYTES, false)),
             node: node.clone(),
             rt: tokio::runtime::Handle::current(),
             watch,
@@ -602,15 +618,9 @@ async fn receive_loop(node: Arc<Node>, stream: StreamId, link: Arc<DeviceLink>) 
             return;
         }
     };
+    let receipts = Arc::new(Receipts::default());
     while let Some(incoming) = rx.recv().await {
-        // The message's GeoMessage credit goes back when its last byte is
-        // dropped: for an operation with data, when the engine takes it
-        // (it copies the data into an aligned buffer then), so the peer's
-        // flow-control window bounds this side's unprocessed backlog.
-        let body = Bytes::from_owner(Held {
-            body: incoming.body,
-            _receipt: incoming.receipt,
-        });
+        let body = incoming.body;
         if body.len() < 8 {
             warn!(device = %link.device, "malformed device message (no session)");
             continue;
@@ -629,11 +639,16 @@ async fn receive_loop(node: Arc<Node>, stream: StreamId, link: Arc<DeviceLink>) 
         };
         match mirror::decode(&body.slice(8..), link.size_bytes) {
             Ok(message) => {
-                let mut message = message;
+                // The message's GeoMessage credit goes back when the device
+                // thread has taken it (for an operation with data, once it
+                // is copied into an aligned buffer), so the peer's
+                // flow-control window bounds this side's unprocessed backlog.
+                let token = receipts.keep(incoming.receipt);
+                let mut offered = (message, Hold::new(receipts.clone(), token));
                 // A full device queue holds this task (and so the stream,
                 // and the peer's window) until the engine catches up.
-                while let Err(back) = port.from_peer(session, message) {
-                    message = back;
+                while let Err(back) = port.from_peer_held(session, offered.0, offered.1) {
+                    offered = back;
                     tokio::time::sleep(PEER_QUEUE_RETRY).await;
                 }
             }
@@ -644,16 +659,31 @@ async fn receive_loop(node: Arc<Node>, stream: StreamId, link: Arc<DeviceLink>) 
     }
 }
 
-/// A received device message and the receipt of its credit, released
-/// together when the last slice of the message is dropped.
-struct Held {
-    body: Bytes,
-    _receipt: gmd_net::Receipt,
+/// Receipts of the device messages the device thread has not taken yet,
+/// each named by the token of the message's [`Hold`]. Dropping the hold
+/// drops the receipt, which gives the message's credit back to the peer.
+/// The slots are reused: nothing is allocated per message once warm.
+#[derive(Default)]
+struct Receipts {
+    held: Mutex<slab::Slab<Receipt>>,
 }
 
-impl AsRef<[u8]> for Held {
-    fn as_ref(&self) -> &[u8] {
-        &self.body
+impl Receipts {
+    /// Keeps `receipt` until the hold of the returned token is dropped.
+    fn keep(&self, receipt: Receipt) -> u64 {
+        self.held.lock().expect("receipts lock").insert(receipt) as u64
+    }
+}
+
+impl Release for Receipts {
+    fn release(&self, token: u64) {
+        let receipt = self
+            .held
+            .lock()
+            .expect("receipts lock")
+            .try_remove(token as usize);
+        // Given back outside the lock.
+        drop(receipt);
     }
 }
 

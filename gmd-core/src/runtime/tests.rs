@@ -440,7 +440,7 @@ fn mark_all_is_durable_when_acknowledged() {
 mod mirroring {
     use super::*;
     use crate::engine::ResyncRole;
-    use crate::mirror::{self, FromPeer, LinkEvent, PeerLink, ToPeer};
+    use crate::mirror::{self, FromPeer, Hold, LinkEvent, PeerLink, Release, ToPeer};
     use std::sync::{OnceLock, Weak};
 
     /// Hands every message to the other runtime through the wire encoding.
@@ -455,7 +455,7 @@ mod mirroring {
     }
 
     impl PeerLink for Wire {
-        fn send(&self, message: ToPeer) {
+        fn send(&self, message: ToPeer<'_>) {
             let bytes = mirror::encode(&message);
             let decoded: FromPeer = mirror::decode(&bytes, SIZE).expect("valid message");
             // Once the other side stopped, its messages are lost.
@@ -656,6 +656,19 @@ mod mirroring {
             Err(FromPeer::Prioritize { region: 0 }) => {}
             other => panic!("a full queue must give the message back, got {other:?}"),
         }
+        // With its hold, which is not given back meanwhile.
+        let released = Arc::new(Released::default());
+        match a
+            .port()
+            .from_peer_held(7, message(1), Hold::new(released.clone(), 5))
+        {
+            Err((FromPeer::Prioritize { region: 1 }, hold)) => {
+                assert!(released.tokens().is_empty());
+                drop(hold);
+                assert_eq!(released.tokens(), [5]);
+            }
+            other => panic!("a full queue must give the message back, got {other:?}"),
+        }
         // Session 7 starts: the engine takes every waiting message.
         connect(&a, &b, 7, stale_bits(&snapshot(&a)));
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -668,6 +681,67 @@ mod mirroring {
             assert!(Instant::now() < deadline, "the queue never drained");
             std::thread::sleep(Duration::from_millis(1));
         }
+        stop_both(a, b);
+    }
+
+    /// Records the tokens of the holds given back.
+    #[derive(Default)]
+    struct Released(Mutex<Vec<u64>>);
+
+    impl Release for Released {
+        fn release(&self, token: u64) {
+            self.0.lock().unwrap().push(token);
+        }
+    }
+
+    impl Released {
+        fn tokens(&self) -> Vec<u64> {
+            let mut t = self.0.lock().unwrap().clone();
+            t.sort_unstable();
+            t
+        }
+
+        fn wait_for(&self, expected: &[u64]) {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while self.tokens() != expected {
+                assert!(
+                    Instant::now() < deadline,
+                    "released {:?}, expected {expected:?}",
+                    self.tokens()
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// A message from the peer keeps what it holds of its transport (its
+    /// flow-control credit) while it waits for the engine, and gives it back
+    /// once the device thread has taken it, or dropped it for being of an
+    /// ended session; one given back by a full queue keeps its hold.
+    #[test]
+    fn a_peer_message_holds_its_credit_until_the_device_thread_takes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let Pair { a, b, .. } = pair(dir.path(), crate::config::Mode::Mwc, 7);
+        let released = Arc::new(Released::default());
+        let hold = |token| Hold::new(released.clone(), token);
+        // Not connected yet: messages of session 7 wait for it to start.
+        for region in 0..3 {
+            a.port()
+                .from_peer_held(7, FromPeer::Prioritize { region }, hold(region))
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            released.tokens().is_empty(),
+            "held while waiting for the engine"
+        );
+        connect(&a, &b, 7, stale_bits(&snapshot(&a)));
+        released.wait_for(&[0, 1, 2]);
+        // Another session's message is dropped: its hold goes with it.
+        a.port()
+            .from_peer_held(6, FromPeer::Prioritize { region: 0 }, hold(9))
+            .unwrap();
+        released.wait_for(&[0, 1, 2, 9]);
         stop_both(a, b);
     }
 
@@ -869,15 +943,15 @@ mod mirroring {
         );
     }
 
-    /// Records what the device would send.
+    /// Records what the device would send, encoded.
     #[derive(Default)]
     struct Recorder {
-        sent: Mutex<Vec<ToPeer>>,
+        sent: Mutex<Vec<bytes::Bytes>>,
     }
 
     impl PeerLink for Recorder {
-        fn send(&self, message: ToPeer) {
-            self.sent.lock().unwrap().push(message);
+        fn send(&self, message: ToPeer<'_>) {
+            self.sent.lock().unwrap().push(mirror::encode(&message));
         }
         fn resync_done(&self) {}
         fn renegotiate(&self) {}
