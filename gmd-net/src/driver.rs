@@ -356,6 +356,7 @@ impl Node {
                 slot_bytes,
             });
         }
+        warn_of_fragmentation(&topo);
         let gates: Arc<Vec<Gate>> = Arc::new(
             topo.peers
                 .iter()
@@ -967,6 +968,37 @@ impl Link {
     }
 }
 
+/// Warns, for every path, when the configured datagram size is larger than
+/// the path's MTU carries unfragmented (the kernel's view of the route: a
+/// smaller hop further on is not seen). IP then splits each datagram, and
+/// one lost fragment loses the whole datagram: a 8 KiB datagram over a
+/// 1 500-byte link, for one, lost so many that throughput collapsed.
+fn warn_of_fragmentation(topo: &crate::config::Topology) {
+    for peer in &topo.peers {
+        for path in &peer.paths {
+            let (network, local, _) = &topo.networks[path.network.0 as usize];
+            let Ok(mtu) = sys::path_mtu(*local, path.remote_addr) else {
+                continue;
+            };
+            if let Some(max) = fragmented(path.datagram_bytes, mtu, path.remote_addr.is_ipv6()) {
+                warn!(
+                    "datagram_size {} of network {network} is more than the path to {} at {} carries \
+                     whole (MTU {mtu}: {max} bytes of UDP payload): IP fragments every datagram and a \
+                     lost fragment loses all of it; set datagram_size = {max} or less in [networks.{network}]",
+                    path.datagram_bytes, peer.name, path.remote_addr
+                );
+            }
+        }
+    }
+}
+
+/// `Some(largest whole datagram)` when datagrams of `datagram_bytes` are
+/// fragmented on a path of `mtu` bytes.
+fn fragmented(datagram_bytes: usize, mtu: usize, ipv6: bool) -> Option<usize> {
+    let max = sys::datagram_max_for_mtu(mtu, ipv6);
+    (datagram_bytes > max).then_some(max)
+}
+
 /// What a driver turn ended with.
 enum Turn {
     /// Stop: the node shuts down (answer `done` when given).
@@ -1428,5 +1460,41 @@ impl Driver {
             g.requests.close();
         }
         self.streams.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    #[test]
+    fn a_datagram_larger_than_the_path_carries_whole_is_found() {
+        // 1 500-byte Ethernet: 1 472 bytes of UDP payload over IPv4, 1 452 over IPv6.
+        assert_eq!(fragmented(1400, 1500, false), None);
+        assert_eq!(fragmented(1472, 1500, false), None);
+        assert_eq!(fragmented(1473, 1500, false), Some(1472));
+        assert_eq!(fragmented(8192, 1500, false), Some(1472));
+        assert_eq!(fragmented(1472, 1500, true), Some(1452));
+        assert_eq!(fragmented(8192, 9000, false), None);
+    }
+
+    #[test]
+    fn the_path_mtu_of_the_loopback_is_the_loopbacks() {
+        let lo: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        let peer: SocketAddr = "127.0.0.1:9".parse().expect("address");
+        let mtu = sys::path_mtu(lo, peer).expect("IP_MTU on a connected socket");
+        let dev: usize = std::fs::read_to_string("/sys/class/net/lo/mtu")
+            .expect("lo's MTU")
+            .trim()
+            .parse()
+            .expect("a number");
+        // An IP packet is at most 65 535 bytes, whatever the device says.
+        assert_eq!(mtu, dev.min(65_535));
+        assert_eq!(
+            fragmented(65_000, mtu, false),
+            None,
+            "loopback carries 65 000 bytes whole"
+        );
     }
 }

@@ -53,6 +53,29 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<(std::net::UdpSocket, bool, b
     Ok((sock, gso, gro))
 }
 
+/// The largest UDP payload that crosses a path of `mtu` bytes unfragmented:
+/// the MTU less the IP (20 bytes for IPv4, 40 for IPv6) and UDP (8) headers.
+pub(crate) fn datagram_max_for_mtu(mtu: usize, ipv6: bool) -> usize {
+    mtu.saturating_sub(if ipv6 { 48 } else { 28 })
+}
+
+/// The kernel's MTU of the path from `local`'s address to `peer`: the
+/// route's, or what path-MTU discovery has learnt since (`IP_MTU` of a
+/// socket connected there; nothing is sent).
+pub(crate) fn path_mtu(local: SocketAddr, peer: SocketAddr) -> io::Result<usize> {
+    let mut from = local;
+    from.set_port(0);
+    let sock = std::net::UdpSocket::bind(from)?;
+    sock.connect(peer)?;
+    let (level, name) = if peer.is_ipv4() {
+        (libc::IPPROTO_IP, libc::IP_MTU)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU)
+    };
+    let mtu = getsockopt_int(sock.as_raw_fd(), level, name)?;
+    usize::try_from(mtu).map_err(|_| io::Error::other("negative MTU"))
+}
+
 fn setsockopt_int(
     fd: RawFd,
     level: libc::c_int,

@@ -696,3 +696,77 @@ fn verify_across_machines_names_each_mismatch() {
         }
     }
 }
+
+/// A local route to `addr` with its own MTU, removed when dropped: the
+/// loopback delivers to it, and the kernel reports the route's MTU as the
+/// path MTU toward it, as for a peer behind a 1 500-byte link.
+struct RouteWithMtu(&'static str);
+
+impl RouteWithMtu {
+    fn add(addr: &'static str, mtu: u32) -> RouteWithMtu {
+        run(Command::new("ip").args([
+            "route",
+            "replace",
+            "local",
+            &format!("{addr}/32"),
+            "dev",
+            "lo",
+            "mtu",
+            &mtu.to_string(),
+            "table",
+            "local",
+        ]))
+        .ok();
+        RouteWithMtu(addr)
+    }
+}
+
+impl Drop for RouteWithMtu {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args([
+                "route",
+                "del",
+                "local",
+                &format!("{}/32", self.0),
+                "table",
+                "local",
+            ])
+            .status();
+    }
+}
+
+/// A datagram size that the path to the peer cannot carry whole (8 KiB
+/// datagrams, the example's, toward a peer behind a 1 500-byte MTU) is
+/// named when gmdd starts, with the size that fits; on the loopback the
+/// same size draws no warning.
+#[test]
+fn gmdd_warns_when_datagrams_would_be_fragmented_on_the_way_to_the_peer() {
+    const WARNING: &str = "IP fragments every datagram";
+    let _route = RouteWithMtu::add("127.77.0.2", 1500);
+    let cluster = Cluster::with_config(|t| {
+        // beta's GeoMessage address (the second interface) behind the route.
+        let at = t.rfind("geonet1 = \"127.0.0.1:").expect("beta's interface");
+        format!(
+            "{}geonet1 = \"127.77.0.2:{}",
+            &t[..at],
+            &t[at + "geonet1 = \"127.0.0.1:".len()..]
+        )
+    });
+    let alpha = cluster.gmdd("alpha");
+    wait_for("the warning", Duration::from_secs(10), || {
+        alpha.log_text().contains(WARNING)
+    });
+    let log = alpha.log_text();
+    assert!(
+        log.contains("datagram_size 8192 of network geonet1")
+            && log.contains("path to beta at 127.77.0.2:")
+            && log.contains("set datagram_size = 1472 or less in [networks.geonet1]"),
+        "{log}"
+    );
+    drop(alpha);
+    let plain = Cluster::new();
+    let alpha = plain.gmdd("alpha");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!alpha.log_text().contains(WARNING), "{}", alpha.log_text());
+}
