@@ -1,11 +1,15 @@
 #!/bin/bash
-# Benchmark (not a test): how many heap allocations each gmdd of a pair on
-# loopback makes per 4 KiB write, in each of MODES (default "standalone
-# mwc async sync"). Each gmdd runs with an LD_PRELOAD shim
-# (bench/alloc/count.c) counting malloc/calloc/realloc/aligned allocations;
-# after one 1 MiB pass over the device, fio writes N (default 20000) 4 KiB
-# blocks at random through alpha's NBD export at QD (default 1), and the
-# counts' growth is divided by N. Needs cc and fio.
+# Benchmark (not a test): how many heap allocations, context switches and
+# system calls each gmdd of a pair on loopback makes per 4 KiB write, in each
+# of MODES (default "standalone mwc async sync"). Each gmdd runs with an
+# LD_PRELOAD shim (bench/alloc/count.c) counting malloc/calloc/realloc/aligned
+# allocations, and `perf stat -p` counts its threads' context switches and
+# system calls while fio runs (columns "-" without perf); after one 1 MiB
+# pass over the device, fio writes N (default 20000) 4 KiB blocks at random
+# through alpha's NBD export at QD (default 1), and each count's growth is
+# divided by N. Exact counts, not timings: they hold on a noisy host, and a
+# context switch is what costs most in a one-vCPU guest. THREADS=1 also
+# prints each thread's switches per write. Needs cc and fio (and perf).
 # Usage: bench/alloc-per-write.sh     Env: MODES, N, QD, SIZE (256M), SKIP_BUILD=1,
 #   DGRAM (GeoMessage datagram size, default the example's 8192: a 4 KiB write
 #   in one datagram; 1400 reassembles it from four)
@@ -28,7 +32,23 @@ mkdir -p alpha beta
 truncate -s "$SIZE" alpha/data10.img && fallocate -l "$SIZE" alpha/data10.img
 # counts MACHINE → "malloc calloc realloc aligned" of its gmdd (timeout's child)
 counts() { local pid; pid=$(pgrep -P "${PID[$1]}" gmdd); cat "count.$pid"; }
-printf '%-11s %-6s %8s %8s %8s %8s\n' mode side malloc calloc realloc aligned
+# perf_start MACHINE: count its gmdd's context switches and system calls
+# until perf_stop (perf stat attached to every thread, per thread)
+perf_start() {
+    command -v perf >/dev/null || return 0
+    perf stat -p "$(pgrep -P "${PID[$1]}" gmdd)" --per-thread -x, \
+        -e context-switches,raw_syscalls:sys_enter -o "perf.$1" 2>/dev/null &
+    PERF[$1]=$!
+}
+perf_stop() { [ -n "${PERF[$1]:-}" ] || return 0; kill -INT "${PERF[$1]}"; wait "${PERF[$1]}" || true; }
+# perf_total MACHINE EVENT → the event's count over all threads
+perf_total() {
+    [ -f "perf.$1" ] || { echo -; return; }
+    awk -F, -v e="$2" '$4 == e { n += $2 } END { print n + 0 }' "perf.$1"
+}
+per_write() { [ "$1" = - ] && echo - || echo "$1 / $N" | bc -l | xargs printf '%.2f'; }
+declare -A PERF=()
+printf '%-11s %-6s %8s %8s %8s %8s %9s %9s\n' mode side malloc calloc realloc aligned switches syscalls
 for mode in $MODES; do
     cmode=$mode; [ "$mode" = standalone ] && cmode=mwc
     NBD_A=$(free_port); NBD_B=$(free_port); GM_A=$(free_udp); GM_B=$(free_udp)
@@ -59,15 +79,25 @@ for mode in $MODES; do
     timeout 600 fio --name=warm --ioengine=nbd --uri="$URI" --rw=write --bs=1M --iodepth=16 --size="$SIZE" >/dev/null
     sleep 2  # the shim writes its counts every second
     declare -A before=()
-    for m in "${sides[@]}"; do before[$m]=$(counts "$m"); done
+    for m in "${sides[@]}"; do before[$m]=$(counts "$m"); rm -f "perf.$m"; perf_start "$m"; done
     timeout 600 fio --name=w --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth="$QD" \
         --size="$SIZE" --number_ios="$N" --norandommap --randrepeat=0 >/dev/null
+    for m in "${sides[@]}"; do perf_stop "$m"; done
     sleep 2.5
     for m in "${sides[@]}"; do
         read -r -a a <<< "${before[$m]}"; read -r -a b <<< "$(counts "$m")"
         printf '%-11s %-6s' "$mode" "$m"
         for i in 0 1 2 3; do printf ' %8.2f' "$(echo "(${b[$i]} - ${a[$i]}) / $N" | bc -l)"; done
-        echo
+        printf ' %9s %9s\n' "$(per_write "$(perf_total "$m" context-switches)")" \
+            "$(per_write "$(perf_total "$m" raw_syscalls:sys_enter)")"
     done
+    if [ -n "${THREADS:-}" ]; then
+        for m in "${sides[@]}"; do
+            [ -f "perf.$m" ] || continue
+            awk -F, -v m="$m" -v n="$N" '$4 == "context-switches" && $2 > 0 {
+                s[$1] += $2 } END {
+                for (t in s) printf "    %-6s %-20s %6.2f switches per write\n", m, t, s[t] / n }' "perf.$m" | sort -k3 -rn | grep -v " 0.00 "
+        done
+    fi
     for m in "${sides[@]}"; do stop_gmdd "$m"; done
 done
