@@ -25,11 +25,50 @@ net_counters() {
 wait_until 10 test -b /dev/vdb || fail "no /dev/vdb"
 n=1; peer=beta; [ "$role" = beta ] && { n=2; peer=alpha; }
 ip addr add 10.99.0.$n/24 dev eth0 && ip link set eth0 mtu "$MTU" up || fail "no eth0 (MTU $MTU)"
-mkfs.ext4 -q -F /dev/vdb && mkdir -p /m && mount -t ext4 /dev/vdb /m || fail "map disk"
-d=/m/pair
-mkdir -p "$d"
-echo "$CLUSTER_KEY" > "$d/cluster.key"; chmod 600 "$d/cluster.key"
-cat > "$d/cluster.toml" <<TOML
+# drbd-c / drbd-a: the same pair with DRBD 8.4 (the guest kernel's module)
+# in protocol C or A instead of gmd, on the same disks and link: data on
+# /dev/vda, metadata (activity log, bitmap) on /dev/vdb, DRBD's defaults
+# otherwise. New zeroed disks on both sides: the initial sync is skipped
+# (new-current-uuid --clear-bitmap), as gmd's pair starts without a copy.
+drbd_state() { sed -n 's/.* cs:\([A-Za-z]*\) ro:\([A-Za-z/]*\) ds:\([A-Za-z/]*\).*/\1 \2 \3/p' /proc/drbd; }
+drbd_is() { [ "$(drbd_state)" = "$*" ]; }
+drbd_pair() {
+  local proto=$1
+  load drbd
+  test -e /proc/drbd || fail "no drbd module"
+  mkdir -p /var/lock /var/run/drbd /var/lib/drbd
+  drbdmeta --force 0 v08 /dev/vdb flex-external create-md > /t/drbdmeta.log 2>&1 || { cat /t/drbdmeta.log; fail "drbdmeta create-md"; }
+  drbdsetup-84 new-resource r0 && drbdsetup-84 new-minor r0 0 0 &&
+    drbdsetup-84 attach 0 /dev/vda /dev/vdb flexible || fail "drbd attach"
+  drbdsetup-84 connect r0 "ipv4:10.99.0.$n:7789" "ipv4:10.99.0.$((3 - n)):7789" --protocol="$proto" ||
+    fail "drbd connect"
+  log "$role: drbd protocol $proto, $(drbd_state)"
+  if [ "$role" = beta ]; then
+    while :; do sleep 5; net_counters; done
+  fi
+  wait_until 1200 drbd_is Connected Secondary/Secondary Inconsistent/Inconsistent || fail "drbd not connected: $(drbd_state)"
+  drbdsetup-84 new-current-uuid 0 --clear-bitmap || fail "drbd new-current-uuid"
+  wait_until 60 drbd_is Connected Secondary/Secondary UpToDate/UpToDate || fail "drbd not in sync: $(drbd_state)"
+  drbdsetup-84 primary 0 || fail "drbd primary"
+  wait_until 10 test -b /dev/drbd0 || fail "no /dev/drbd0"
+  log "alpha: drbd ready, $(drbd_state)"
+  job "$mode" /dev/drbd0
+  log "alpha: $mode measured"
+  # A figure is a mirrored one only if the pair stayed connected.
+  drbd_is Connected Primary/Secondary UpToDate/UpToDate || fail "drbd pair not together at the end: $(drbd_state)"
+  sleep 6
+  net_counters
+  echo "RESULT: PASS"
+  poweroff -f
+}
+# gmd's state map lives in an ext4 file system on /dev/vdb; DRBD's
+# metadata takes the whole disk.
+gmd_setup() {
+  mkfs.ext4 -q -F /dev/vdb && mkdir -p /m && mount -t ext4 /dev/vdb /m || fail "map disk"
+  d=/m/pair
+  mkdir -p "$d"
+  echo "$CLUSTER_KEY" > "$d/cluster.key"; chmod 600 "$d/cluster.key"
+  cat > "$d/cluster.toml" <<TOML
 [cluster]
 name = "vm2-$mode"
 key_file = "cluster.key"
@@ -60,8 +99,10 @@ data = "/dev/vda"
 state_map = "/m/pair/data.sm"
 role = "secondary"
 TOML
-# Both data disks are new sparse files (zeros): the pair starts without a copy.
-gmdctl --config "$d/cluster.toml" --machine "$role" init-state d0 --zeroed >/dev/null || fail "init-state"
+  # Both data disks are new sparse files (zeros): the pair starts without a copy.
+  gmdctl --config "$d/cluster.toml" --machine "$role" init-state d0 --zeroed >/dev/null || fail "init-state"
+}
+case $mode in drbd-*) ;; *) gmd_setup;; esac
 FIO="fio --ioengine=libaio --direct=1 --time_based --runtime=$BENCH_S --ramp_time=2 --group_reporting --randrepeat=0 --norandommap"
 # profile SECONDS: what this VM does meanwhile, printed as "BENCH-PERF
 # <role> ..." lines: a system-wide CPU profile (perf, cpu-clock: TCG has no
@@ -130,6 +171,7 @@ if [ "$role" = alpha ] && [ "$raw" = 1 ]; then
   log "alpha: raw disk measured"
   ! command -v gmd-net-bench >/dev/null || echo "BENCH-CRYPTO $(gmd-net-bench crypto --datagram "$DGRAM")"
 fi
+case $mode in drbd-c) drbd_pair C;; drbd-a) drbd_pair A;; esac
 if [ "$role" = beta ]; then
   gmdd_up "$d" beta || fail "gmdd"
 else
@@ -191,5 +233,9 @@ sleep 6
 net_counters
 ctl "$d" alpha netstat --json -c 1 | tr -d '\n' | sed "s/^/BENCH-INFO netstat $mode /"; echo
 gmdstat --socket "$d/alpha.sock" -l d0 --json | tr -d ' \n' | sed "s/^/BENCH-INFO gmdstat $mode /"; echo
+# Whether this kernel took UDP GSO (it needs checksum offload on the link;
+# without it every datagram is its own trip through the stack and the
+# virtio queue).
+echo "BENCH-INFO gso $mode $(sed 's/\x1b\[[0-9;]*m//g' "$d/alpha.log" | grep -o 'UDP GSO failed.*' | head -n 1)"
 echo "RESULT: PASS"
 poweroff -f

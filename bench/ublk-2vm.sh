@@ -15,8 +15,18 @@ perf=(); [ -z "${PERF:-}" ] || perf=("$(command -v perf)")
 # The guest's own ceilings (seal+open per datagram, a 1 MiB copy), printed
 # with the table: what one emulated vCPU can carry of a mirrored stream.
 netbench=(); [ ! -x "$ROOT/target/release/gmd-net-bench" ] || netbench=("$ROOT/target/release/gmd-net-bench")
+# DRBD 8.4 (the guest kernel's drbd module) for the drbd-* modes: its 8.4
+# tools from Debian's drbd-utils.
+drbd=()
+case " $MODES " in *" drbd-"*)
+  for t in /lib/drbd/drbdsetup-84 /sbin/drbdmeta; do
+    [ -x "$t" ] || { echo "MODES $MODES needs $t: apt-get install drbd-utils" >&2; exit 1; }
+    drbd+=("$t")
+  done;;
+esac
 EXTRA_MODULES="virtio_blk virtio_net" "$VM/mkinitramfs.sh" "$W" "$W/bench2-init.sh" \
-  "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" "$ROOT/target/release/gmdstat" "$(command -v fio)" "${perf[@]}" "${netbench[@]}" >/dev/null
+  "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" "$ROOT/target/release/gmdstat" "$(command -v fio)" \
+  "${perf[@]}" "${netbench[@]}" "${drbd[@]}" >/dev/null
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
 # vm NAME MODE RAW PORT PEER_PORT MAC: boots one machine's VM in the background.
@@ -96,5 +106,6 @@ for line in sys.stdin:
     c, w = dev["map_writes"]["commits"], dev["local"]["writes"]
     print(f"  {mode} map commits / local writes: {c} / {w}" + (f" = {c / w:.4f}" if w else ""))
 '
+sed -n 's/.*BENCH-INFO gso \([^ ]*\) \(..*\)/  \1 alpha: \2/p' "$W/2vm-bench.out"
 sed -n 's/^BENCH-CRYPTO /  in the guest (one vCPU): /p' "$W/2vm-bench.out"
 bench_table 3 < "$W/2vm-bench.out"

@@ -17,7 +17,10 @@
 # disks; fio (libaio, direct, BENCH_S seconds per job, default 20) in
 # alpha's VM on a raw virtio disk of the same size, then on /dev/ublkb0
 # mirrored in each of MODES (default "mwc async"; "standalone": alpha alone,
-# beta recorded down and no beta VM), a fresh pair per mode.
+# beta recorded down and no beta VM; "drbd-c", "drbd-a": DRBD 8.4, the
+# guest kernel's module, protocol C or A, on the same disks and link, its
+# metadata on the small disk; needs drbd-utils on the host), a fresh pair
+# per mode.
 # Env: DGRAM (GeoMessage datagram size, default 1400: no IP fragments at
 # the link's MTU of 1500), HWM_KIB (async high water mark, default 128),
 # ENCRYPT (GeoMessage encryption, default true; false: authentication only),
