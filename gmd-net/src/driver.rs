@@ -32,7 +32,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::arena::Arenas;
 use crate::config::{NetConfig, NetworkId, PeerId, Topology};
@@ -309,6 +309,10 @@ pub struct Node {
     sends_queued: Arc<AtomicUsize>,
 }
 
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
 struct Sock {
     io: UdpSocket,
     /// UDP GSO works (cleared when the kernel refuses it).
@@ -348,7 +352,13 @@ impl Node {
             } else {
                 (*dg).next_power_of_two().max(2048)
             };
-            debug!(network = %name, %addr, gso, gro, "socket bound");
+            info!(
+                network = %name,
+                %addr,
+                "listening; the kernel batches datagrams on sending (UDP GSO): {}, on receiving (UDP GRO): {}",
+                yes_no(gso),
+                yes_no(gro)
+            );
             socks.push(Sock {
                 io,
                 gso: AtomicBool::new(gso),
@@ -1182,6 +1192,10 @@ impl Driver {
             Command::Stats(tx) => {
                 let mut stats = link.ep.stats();
                 stats.auth_failures = self.auth_failures.clone();
+                for (n, s) in stats.networks.iter_mut().zip(&self.shared.socks) {
+                    n.gso = s.gso.load(Ordering::Relaxed);
+                    n.gro = s.gro;
+                }
                 for m in &mut stats.machines {
                     let peer = link.ep.topology().peer_by_name(&m.name);
                     if let Some(n) = peer.and_then(|p| link.sent_now.get(p.0 as usize)) {

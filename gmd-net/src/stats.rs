@@ -92,6 +92,11 @@ pub struct NetworkStats {
     pub other: u64,
     /// Smoothed RTT of the best path on this network, if measured.
     pub srtt: Option<Duration>,
+    /// The kernel takes a batch of datagrams as one send (UDP GSO); false
+    /// once it refused one, or without a socket (the simulator).
+    pub gso: bool,
+    /// The kernel hands received datagrams over in batches (UDP GRO).
+    pub gro: bool,
 }
 
 /// State of one path (interface pair) to one peer.

@@ -407,6 +407,24 @@ fn count(n: u64, width: usize) -> String {
     }
 }
 
+/// Whether the kernel batches the network's datagrams, when the daemon
+/// says (without batching each datagram is its own trip through the
+/// kernel, which small virtual machines feel).
+fn batching(n: &NetNetwork) -> Option<String> {
+    let word = |b: Option<bool>| match b {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "?",
+    };
+    (n.gso.is_some() || n.gro.is_some()).then(|| {
+        format!(
+            "  batched by the kernel: sending {} (GSO), receiving {} (GRO)",
+            word(n.gso),
+            word(n.gro)
+        )
+    })
+}
+
 fn ms(us: Option<u64>) -> String {
     us.map_or_else(|| "-".into(), |u| format!("{:.3}", u as f64 / 1000.0))
 }
@@ -734,6 +752,13 @@ pub struct NetNetwork {
     pub other: u64,
     /// Smoothed RTT of its best path, µs.
     pub srtt_us: Option<u64>,
+    /// The kernel takes a batch of datagrams as one send (UDP GSO). Absent
+    /// from a gmdd before 2026-12-07.
+    #[serde(default)]
+    pub gso: Option<bool>,
+    /// The kernel hands received datagrams over in batches (UDP GRO).
+    #[serde(default)]
+    pub gro: Option<bool>,
 }
 
 /// One path in a [`NetReport`].
@@ -898,6 +923,9 @@ pub fn render_netstat(r: &NetReport, seconds: Option<f64>, summary: bool) -> Str
                 "  resends {}  spurious {}  timeouts {}  failures {}  dups {}  other {}",
                 n.resends, n.spurious, n.timeouts, n.failures, n.duplicates, n.other
             );
+            if let Some(line) = batching(n) {
+                let _ = writeln!(out, "{line}");
+            }
         }
     }
     if !summary && !r.paths.is_empty() {
@@ -1055,6 +1083,8 @@ mod tests {
                 name: "geonet1".into(),
                 packets_sent: 99_999_999,
                 srtt_us: Some(123_456),
+                gso: Some(false),
+                gro: Some(true),
                 ..Default::default()
             }],
             paths: vec![NetPath {
@@ -1076,6 +1106,27 @@ mod tests {
                 assert!(line.chars().count() <= 80, "too wide: {line:?}");
             }
         }
+    }
+
+    #[test]
+    fn netstat_says_whether_the_kernel_batches_datagrams_when_the_daemon_knows() {
+        let mut n = NetNetwork {
+            name: "geonet1".into(),
+            gso: Some(false),
+            gro: Some(true),
+            ..Default::default()
+        };
+        assert_eq!(
+            batching(&n).as_deref(),
+            Some("  batched by the kernel: sending no (GSO), receiving yes (GRO)")
+        );
+        // A daemon from before the fields: nothing said, rather than "no".
+        let old: NetNetwork = serde_json::from_str(r#"{"name":"geonet1","packets_sent":1,"packets_received":1,"bytes_sent":1,"bytes_received":1,"resends":0,"timeouts":0,"failures":0,"duplicates":0,"other":0,"srtt_us":null}"#)
+            .expect("an older daemon's network");
+        assert_eq!((old.gso, old.gro), (None, None));
+        assert_eq!(batching(&old), None);
+        n.gso = None;
+        assert!(batching(&n).expect("gro known").contains("sending ? (GSO)"));
     }
 
     #[test]

@@ -150,6 +150,8 @@ pub fn net_report(config: &ClusterConfig, machine: &str, s: &gmd_net::Stats) -> 
                 duplicates: n.duplicates,
                 other: n.other,
                 srtt_us: us(n.srtt),
+                gso: Some(n.gso),
+                gro: Some(n.gro),
             })
             .collect(),
         paths: s
