@@ -6,6 +6,9 @@
 # server, cache=none, io_uring), and against gmdd's NBD export of a device on
 # the first file (fio's nbd engine); the table shows the ratios. Every run is bounded by
 # RUNTIME seconds. Usage: bench/nbd.sh [RUNTIME_S] [SIZE]
+# Env: SKIP_BUILD=1 (use what is built), BIN (directory holding gmdd and
+# gmdctl, default target/release: to compare two builds), WORKLOADS (a subset
+# of the names below, space-separated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${1:-10}
@@ -15,8 +18,8 @@ W=$(mktemp -d /tmp/gmd-bench.XXXXXX)
 trap 'kill $GMDD 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$W"' EXIT
 GMDD=
 
-cargo build --release --bins --quiet
-export PATH=$ROOT/target/release:$PATH
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --bins --quiet
+export PATH=${BIN:-$ROOT/target/release}:$PATH
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 sed -e "s/256MiB/$SIZE/" -e "s/127.0.0.1:10809/127.0.0.1:$PORT/" -e 's/127.0.0.1:10810/127.0.0.1:1/' \
     examples/loopback.toml > "$W/cluster.toml"
@@ -64,8 +67,11 @@ PY
 
 [ -n "${HOLD:-}" ] && { echo "gmdd pid $GMDD uri $URI"; sleep "$HOLD"; }
 printf '%-20s %13s %13s %13s %9s %10s\n' "workload" "raw file" "qemu-nbd" "gmd NBD" "gmd/raw" "gmd/qemu"
-for spec in "1M-seq-write-QD16 write 1M 16" "4k-randwrite-QD32 randwrite 4k 32" "4k-randread-QD32 randread 4k 32"; do
+echo "(throughput ratios, higher is better; QD1 rows: mean latency and latency ratios, lower is better)"
+for spec in "1M-seq-write-QD16 write 1M 16" "4k-randwrite-QD32 randwrite 4k 32" "4k-randread-QD32 randread 4k 32" \
+    "4k-randwrite-QD1 randwrite 4k 1" "4k-randread-QD1 randread 4k 1"; do
     set -- $spec
+    case " ${WORKLOADS:-$1} " in *" $1 "*) ;; *) continue ;; esac
     raw=$(measure "raw-$1" "$2" "$3" "$4" --filename=alpha/data10.img --ioengine=io_uring --direct=1)
     qemu=$(measure "qemu-$1" "$2" "$3" "$4" --ioengine=nbd --uri="nbd://127.0.0.1:$QPORT/q")
     gmd=$(measure "gmd-$1" "$2" "$3" "$4" --ioengine=nbd --uri="$URI")
@@ -77,9 +83,17 @@ qbw, qiops = map(float, sys.argv[4].split())
 gbw, giops = map(float, sys.argv[5].split())
 if bs == "1M":
     fmt = lambda bw, iops: f"{bw/1024:.0f} MiB/s"
+elif name.endswith("QD1"):
+    # One request at a time: the mean latency says more than IOPS.
+    fmt = lambda bw, iops: f"{1e6/iops:.1f} us"
 else:
     fmt = lambda bw, iops: f"{iops/1000:.1f}k IOPS"
-print(f"{name:<20} {fmt(rbw,riops):>13} {fmt(qbw,qiops):>13} {fmt(gbw,giops):>13} {gbw/rbw:>8.2f}x {gbw/qbw:>9.2f}x")
+if name.endswith("QD1"):
+    # Latency ratios (gmd's time over the baseline's): lower is better.
+    print(f"{name:<20} {fmt(rbw,riops):>13} {fmt(qbw,qiops):>13} {fmt(gbw,giops):>13} "
+          f"{riops/giops:>4.2f}x lat {qiops/giops:>5.2f}x lat")
+else:
+    print(f"{name:<20} {fmt(rbw,riops):>13} {fmt(qbw,qiops):>13} {fmt(gbw,giops):>13} {gbw/rbw:>8.2f}x {gbw/qbw:>9.2f}x")
 PY
 done
 echo

@@ -12,6 +12,7 @@
 //! payload) is disconnected with a log line; other clients are unaffected.
 
 pub mod proto;
+mod replies;
 mod server;
 
 pub use server::{Export, Lease, Limits, Listener, Registry, Server};

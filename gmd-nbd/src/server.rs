@@ -1,20 +1,20 @@
 //! The NBD server: accept loop, handshake and transmission.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crossbeam_queue::ArrayQueue;
-use gmd_core::buf::{BufPool, IoBuf};
-use gmd_core::engine::{EngineError, OpKind, Request};
+use gmd_core::buf::BufPool;
+use gmd_core::engine::{OpKind, Request};
 use gmd_core::runtime::{CompletionSink, Submission};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::proto::*;
+use crate::replies::{Connection, Done, ReplySocket, write_replies};
 
 /// A device as the NBD server sees it.
 pub trait Export: Send + Sync + 'static {
@@ -86,7 +86,7 @@ const WRITE_PAYLOAD_MAX: u32 = 64 << 20;
 /// Read-side buffer: several small requests arrive in one system call.
 const READ_BUFFER_BYTES: usize = 64 << 10;
 /// Unit of the per-connection byte budget.
-const BUDGET_UNIT: u64 = 4096;
+pub(crate) const BUDGET_UNIT: u64 = 4096;
 
 /// Where a server listens.
 #[derive(Debug)]
@@ -180,7 +180,7 @@ impl Server {
     async fn connection<R, W>(&self, id: u64, mut reader: R, mut writer: W) -> Result<(), String>
     where
         R: AsyncRead + Unpin + Send,
-        W: AsyncWrite + Unpin + Send,
+        W: AsyncWrite + ReplySocket + Unpin,
     {
         let handshake = tokio::time::timeout(
             self.limits.handshake_timeout,
@@ -345,36 +345,32 @@ impl Server {
     ) -> Result<(), String>
     where
         R: AsyncRead + Unpin + Send,
-        W: AsyncWrite + Unpin + Send,
+        W: ReplySocket,
     {
         let limits = self.limits;
         let budget_units = (limits.bytes_per_connection_max / BUDGET_UNIT).max(1);
-        let conn = Arc::new(Connection {
-            done: ArrayQueue::new(limits.requests_per_connection_max),
-            notify: Notify::new(),
-            requests: Semaphore::new(limits.requests_per_connection_max),
-            bytes: Semaphore::new(budget_units as usize),
-            in_flight: AtomicUsize::new(0),
-            reader_done: AtomicBool::new(false),
-        });
+        let conn = Arc::new(Connection::new(
+            export.clone(),
+            Arc::new(writer),
+            limits.requests_per_connection_max,
+            budget_units,
+        ));
         let sink: Arc<dyn CompletionSink> = conn.clone();
         let read_side = async {
             let result = self
                 .read_requests(&export, &conn, &sink, &mut reader, budget_units)
                 .await;
-            conn.reader_done.store(true, Ordering::SeqCst);
-            conn.notify.notify_one();
+            conn.reader_done();
             result
         };
-        let write_side = write_replies(&export, &conn, writer, budget_units);
-        let (read_result, write_result) = tokio::join!(read_side, write_side);
+        let (read_result, write_result) = tokio::join!(read_side, write_replies(&conn));
         read_result.and(write_result)
     }
 
-    async fn read_requests<R: AsyncRead + Unpin>(
+    async fn read_requests<R: AsyncRead + Unpin, S: ReplySocket>(
         &self,
         export: &Arc<dyn Export>,
-        conn: &Arc<Connection>,
+        conn: &Arc<Connection<S>>,
         sink: &Arc<dyn CompletionSink>,
         reader: &mut R,
         budget_units: u64,
@@ -410,7 +406,7 @@ impl Server {
                 _ => {
                     // Unknown commands carry no payload: refuse and go on.
                     take_permit(&conn.requests).await;
-                    conn.in_flight.fetch_add(1, Ordering::SeqCst);
+                    conn.started();
                     conn.push(Done::immediate(h.cookie, OpKind::Flush, 0, EINVAL));
                     continue;
                 }
@@ -428,7 +424,7 @@ impl Server {
                         .map_err(io_text)?;
                 }
                 take_permit(&conn.requests).await;
-                conn.in_flight.fetch_add(1, Ordering::SeqCst);
+                conn.started();
                 conn.push(Done::immediate(h.cookie, kind, 0, EOVERFLOW));
                 continue;
             }
@@ -445,7 +441,7 @@ impl Server {
                     .expect("semaphore never closed")
                     .forget();
             }
-            conn.in_flight.fetch_add(1, Ordering::SeqCst);
+            conn.started();
             let mut buf = None;
             if matches!(kind, OpKind::Read | OpKind::Write) {
                 let mut b = export.buffers().take(h.length as usize);
@@ -538,126 +534,6 @@ async fn option_reply<W: AsyncWrite + Unpin>(
     out.extend_from_slice(data);
     writer.write_all(&out).await.map_err(io_text)?;
     writer.flush().await.map_err(io_text)
-}
-
-/// A finished request waiting for its reply.
-struct Done {
-    cookie: u64,
-    kind: OpKind,
-    budget_units: u64,
-    error: u32,
-    buf: Option<IoBuf>,
-    admitted: bool,
-}
-
-impl Done {
-    fn immediate(cookie: u64, kind: OpKind, budget_units: u64, error: u32) -> Done {
-        Done {
-            cookie,
-            kind,
-            budget_units,
-            error,
-            buf: None,
-            admitted: false,
-        }
-    }
-}
-
-/// Per-connection state shared by the reader, the writer and the device thread.
-struct Connection {
-    done: ArrayQueue<Done>,
-    notify: Notify,
-    requests: Semaphore,
-    bytes: Semaphore,
-    in_flight: AtomicUsize,
-    reader_done: AtomicBool,
-}
-
-impl Connection {
-    fn push(&self, done: Done) {
-        if self.done.push(done).is_err() {
-            unreachable!("replies are bounded by the request permits");
-        }
-        self.notify.notify_one();
-    }
-}
-
-impl CompletionSink for Connection {
-    fn complete(
-        &self,
-        tag: u64,
-        request: &Request,
-        result: Result<(), EngineError>,
-        buf: Option<IoBuf>,
-    ) {
-        let budget_units = match request.kind {
-            OpKind::Read | OpKind::Write => request.len_bytes.div_ceil(BUDGET_UNIT).max(1),
-            _ => 0,
-        };
-        self.push(Done {
-            cookie: tag,
-            kind: request.kind,
-            budget_units,
-            error: match result {
-                Ok(()) => 0,
-                Err(e) => nbd_error(e.errno()),
-            },
-            buf,
-            admitted: true,
-        });
-    }
-}
-
-async fn write_replies<W: AsyncWrite + Unpin>(
-    export: &Arc<dyn Export>,
-    conn: &Connection,
-    writer: W,
-    budget_units: u64,
-) -> Result<(), String> {
-    let mut writer = BufWriter::with_capacity(64 << 10, writer);
-    let mut broken: Option<String> = None;
-    loop {
-        let mut wrote = false;
-        while let Some(done) = conn.done.pop() {
-            if broken.is_none() {
-                let header = simple_reply(done.error, done.cookie);
-                let mut result = writer.write_all(&header).await;
-                if result.is_ok() && done.error == 0 && done.kind == OpKind::Read {
-                    if let Some(buf) = &done.buf {
-                        result = writer.write_all(buf).await;
-                    }
-                }
-                if let Err(e) = result {
-                    broken = Some(io_text(e));
-                }
-                wrote = true;
-            }
-            drop(done.buf);
-            if done.admitted {
-                export.admission().add_permits(1);
-            }
-            if done.budget_units > 0 {
-                conn.bytes
-                    .add_permits(done.budget_units.min(budget_units) as usize);
-            }
-            conn.requests.add_permits(1);
-            conn.in_flight.fetch_sub(1, Ordering::SeqCst);
-        }
-        if wrote && broken.is_none() {
-            if let Err(e) = writer.flush().await {
-                broken = Some(io_text(e));
-            }
-        }
-        if conn.reader_done.load(Ordering::SeqCst) && conn.in_flight.load(Ordering::SeqCst) == 0 {
-            break;
-        }
-        conn.notify.notified().await;
-    }
-    let _ = writer.shutdown().await;
-    match broken {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
 }
 
 enum Stream {
