@@ -244,6 +244,12 @@ pub trait PeerLink: Send + Sync + 'static {
             self.send(message);
         }
     }
+    /// The calling thread carried out a batch of the engine's actions and
+    /// handed back its completions: messages the link held back until then
+    /// (async's backlog, so that the application's completion does not wait
+    /// for the message) may leave now. Called with the engine's lock held,
+    /// as every send. By default the link holds nothing back.
+    fn end_of_batch(&self) {}
     /// This side's part of a resync finished.
     fn resync_done(&self);
     /// The session must be dropped and set up again (see

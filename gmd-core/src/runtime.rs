@@ -436,6 +436,9 @@ impl Shared {
                 }
             }
         }
+        if let Some(link) = &self.link {
+            link.end_of_batch();
+        }
         core.publish_stats(&self.stats);
         if deferred {
             self.control_pending.store(true, Ordering::SeqCst);
@@ -1663,8 +1666,17 @@ impl Worker {
         }
     }
 
-    /// Carries out the actions left by frontends, then the engine's.
+    /// Carries out the actions left by frontends, then the engine's; what
+    /// the link held back during them leaves at the end.
     fn execute_actions(&mut self, core: &mut Core) -> io::Result<()> {
+        let result = self.carry_out(core);
+        if let Some(link) = &self.shared.link {
+            link.end_of_batch();
+        }
+        result
+    }
+
+    fn carry_out(&mut self, core: &mut Core) -> io::Result<()> {
         loop {
             let Some(action) = core
                 .deferred

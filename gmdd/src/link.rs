@@ -49,6 +49,9 @@ pub(super) const RECONNECT_INTERVAL: Duration = Duration::from_secs(2);
 /// Device messages up to this size are handed to GeoMessage without
 /// waiting for the driver to queue each one (see `send_loop`).
 const POST_BYTES_MAX: usize = 64 << 10;
+/// Room for async's backlog of one engine batch, made when the link starts
+/// (a larger batch grows it once).
+const HELD_MESSAGES_INITIAL: usize = 64;
 /// Messages for the peer waiting for the sender task (`DeviceLink::out`).
 /// The engine bounds what it has in flight toward the peer: one message per
 /// busy slot (application, peer and resync slots: 528 with the default
@@ -281,6 +284,10 @@ pub(super) struct DeviceLink {
     stream: StreamId,
     /// Where messages to the peer are encoded ([`ENCODE_ARENAS`]).
     encode: Mutex<Arenas>,
+    /// Async's backlog of the engine's current batch, in order, until its
+    /// end (`PeerLink::end_of_batch`): it leaves after the batch's
+    /// completions (see `queue`).
+    held: Mutex<Vec<Outgoing>>,
     pub(super) inner: Mutex<LinkInner>,
     node: Arc<Node>,
     pub(super) rt: tokio::runtime::Handle,
@@ -312,6 +319,13 @@ impl PeerLink for DeviceLink {
 
     fn send_awaited(&self, message: ToPeer<'_>, passing: bool) {
         self.queue(message, passing, true);
+    }
+
+    fn end_of_batch(&self) {
+        let mut held = self.held.lock().expect("held lock");
+        for outgoing in held.drain(..) {
+            self.post(outgoing, true);
+        }
     }
 
     fn resync_done(&self) {
@@ -369,8 +383,11 @@ impl DeviceLink {
     /// (`passing`: the peer may take it before earlier ones still on their
     /// way, see `gmd_core::engine::Engine::poll_action`). An `awaited` one
     /// (a request waits for it) leaves from this thread when the link is
-    /// idle: no hop to the runtime on the write's path. Under load, and
-    /// for the rest (async's backlog, resync), the sender task batches.
+    /// idle: no hop to the runtime on the write's path. Async's backlog (a
+    /// write or barrier nobody waits for) is held until the end of the
+    /// engine's batch (`PeerLink::end_of_batch`), after the batch's
+    /// completions went back to the application, and then leaves the same
+    /// way. Under load, and for the rest (resync), the sender task batches.
     fn queue(&self, message: ToPeer<'_>, passing: bool, awaited: bool) {
         let (session, peer) = {
             let inner = self.inner.lock().expect("link lock");
@@ -379,34 +396,57 @@ impl DeviceLink {
                 _ => return,
             }
         };
+        let backlog = !awaited && matches!(message, ToPeer::Write { .. } | ToPeer::Flush { .. });
         // One buffer: the session, then the message (one copy of the data),
         // carved from an arena (nothing allocated for a small message).
-        let mut body = {
+        let body = {
             let mut arenas = self.encode.lock().expect("encode lock");
             let buf = arenas.arena(8 + mirror::encoded_len(&message));
             buf.put_u64_le(session);
             mirror::encode_into(&message, buf);
             buf.split().freeze()
         };
-        // Nothing of the device waits with the sender task: send from here
-        // (no hop to the runtime), if the link is idle and flow control
-        // admits it at once.
-        if awaited && body.len() <= POST_BYTES_MAX && self.out_pending.load(Ordering::Acquire) == 0
+        let outgoing = Outgoing {
+            peer,
+            body,
+            passing,
+        };
+        let mut held = self.held.lock().expect("held lock");
+        if backlog {
+            held.push(outgoing);
+            return;
+        }
+        // In order: what was held back goes first.
+        for earlier in held.drain(..) {
+            self.post(earlier, true);
+        }
+        drop(held);
+        self.post(outgoing, awaited);
+    }
+
+    /// Hands one message to GeoMessage: from this thread (no hop to the
+    /// runtime) when `direct`, the link is idle and flow control admits it
+    /// at once; otherwise through the sender task, behind what it holds.
+    fn post(&self, mut outgoing: Outgoing, direct: bool) {
+        if direct
+            && outgoing.body.len() <= POST_BYTES_MAX
+            && self.out_pending.load(Ordering::Acquire) == 0
         {
-            match self.node.try_post_now(peer, self.stream, body, passing) {
+            match self.node.try_post_now(
+                outgoing.peer,
+                self.stream,
+                outgoing.body,
+                outgoing.passing,
+            ) {
                 Ok(()) => {
                     self.watch.traffic.notify_one();
                     return;
                 }
-                Err(back) => body = back,
+                Err(back) => outgoing.body = back,
             }
         }
         self.out_pending.fetch_add(1, Ordering::AcqRel);
-        match self.out.try_send(Outgoing {
-            peer,
-            body,
-            passing,
-        }) {
+        match self.out.try_send(outgoing) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.out_pending.fetch_sub(1, Ordering::AcqRel);
@@ -492,6 +532,7 @@ impl DeviceLink {
             out_pending: out_pending.clone(),
             stream,
             encode: Mutex::new(Arenas::new(ENCODE_ARENAS, ENCODE_ARENA_BYTES, false)),
+            held: Mutex::new(Vec::with_capacity(HELD_MESSAGES_INITIAL)),
             node: node.clone(),
             rt: tokio::runtime::Handle::current(),
             watch,

@@ -958,6 +958,114 @@ mod mirroring {
         fn stalled(&self, _: u64) {}
     }
 
+    /// One log of what a device thread did, in order: messages handed to
+    /// the link, batch ends, completions.
+    #[derive(Default)]
+    struct Journal {
+        log: Mutex<Vec<&'static str>>,
+    }
+
+    impl PeerLink for Journal {
+        fn send(&self, message: ToPeer<'_>) {
+            let what = match message {
+                ToPeer::Write { .. } => "send write",
+                _ => "send other",
+            };
+            self.log.lock().unwrap().push(what);
+        }
+        fn end_of_batch(&self) {
+            self.log.lock().unwrap().push("end of batch");
+        }
+        fn resync_done(&self) {}
+        fn renegotiate(&self) {}
+        fn stalled(&self, _: u64) {}
+    }
+
+    impl CompletionSink for Journal {
+        fn complete(&self, _: u64, _: &Request, result: Result<(), EngineError>, _: Option<IoBuf>) {
+            assert!(result.is_ok(), "{result:?}");
+            self.log.lock().unwrap().push("complete");
+        }
+    }
+
+    /// An async write is complete once written here, and the message that
+    /// carries it to the peer must not make the application wait: the
+    /// device thread tells the link that its batch ended (so a link that
+    /// held the message back may send it) only after handing the batch's
+    /// completions back.
+    #[test]
+    fn an_async_batch_ends_after_its_completions_went_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Arc::new(Journal::default());
+        let data = dir.path().join("a.img");
+        let map = dir.path().join("a.sm");
+        File::create(&data).unwrap().set_len(SIZE).unwrap();
+        let file = MapFile::create(&map, Uuid::from_u128(3), SIZE, false).unwrap();
+        let rt = Runtime::start(RuntimeConfig {
+            name: "a".into(),
+            data_path: data,
+            map_path: map,
+            uuid: Uuid::from_u128(3),
+            map: StateMap::new(SIZE),
+            page_slots: file.page_slots().clone(),
+            superblock: file.superblock_state(),
+            gen_seed: 1,
+            params: EngineParams {
+                block_size: 4096,
+                ..EngineParams::new(SIZE, crate::config::Mode::Async)
+            },
+            pool: BufPool::new(),
+            link: Some(journal.clone()),
+        })
+        .unwrap();
+        rt.link_event(LinkEvent::Connected {
+            session: 1,
+            connection: ResyncRole::Source(vec![0; 256]).into(),
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while rt.stats().snapshot().engine.connected == 0 {
+            assert!(Instant::now() < deadline, "no link");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let pool = BufPool::new();
+        let mut buf = pool.take(4096);
+        buf.fill(7);
+        rt.submit(Submission {
+            request: Request {
+                kind: OpKind::Write,
+                offset_bytes: 0,
+                len_bytes: 4096,
+                fua: false,
+            },
+            buf: Some(buf),
+            tag: 1,
+            sink: journal.clone(),
+        })
+        .unwrap();
+        while !journal.log.lock().unwrap().contains(&"complete") {
+            assert!(Instant::now() < deadline, "the write did not complete");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The peer never answers here: let the device go on alone to stop.
+        rt.link_event(LinkEvent::Lost);
+        rt.stop().unwrap();
+        let log = journal.log.lock().unwrap().clone();
+        let sent = log
+            .iter()
+            .position(|&e| e == "send write")
+            .expect("the write was sent");
+        let completed = log.iter().position(|&e| e == "complete").unwrap();
+        let batch_end = sent
+            + log[sent..]
+                .iter()
+                .position(|&e| e == "end of batch")
+                .expect("the batch that sent the write ended");
+        assert!(
+            sent < completed && completed < batch_end,
+            "the write's completion must go back before its batch ends: {log:?}"
+        );
+    }
+
     /// While an action waits for the device thread, a frontend carries out
     /// nothing the engine asks after it (here an async write's message and
     /// its completion, which would free the data the message needs) and
