@@ -26,7 +26,8 @@
 #   "32 1024"), MODES (default "standalone sync mwc async"), HWM_KIB (async
 #   high water mark, default 128), QUIET_WAIT (seconds to wait for 1-min load < 0.6 first,
 #   default 0), KEEP=1 (keep the work directory), RESULTS (copy results.tsv
-#   there), SKIP_BUILD=1 (use the binaries in target/release as they are).
+#   there), SKIP_BUILD=1 (use the binaries in target/release as they are),
+#   BIN (directory holding gmdd and gmdctl instead: to compare two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BENCH_DIR=$PWD/bench
@@ -52,7 +53,7 @@ FIO_T=$((T + 60))
 bench_workdir mirror
 
 [ -n "${SKIP_BUILD:-}" ] || timeout 1200 cargo build --release --bins --quiet
-export PATH=$ROOT/target/release:$PATH
+export PATH=${BIN:-$ROOT/target/release}:$PATH
 
 if [ "$QUIET_WAIT" -gt 0 ]; then
     waited=0

@@ -9,7 +9,9 @@
 # figure and its ratio to the raw disk (absolute TCG figures mean nothing),
 # and how many of the device's writes ran on the ublk queue threads.
 # Env: VM_WORK (default target/vm), BENCH_S (seconds per fio job, default 10),
-# SKIP_BUILD=1 (use the release binaries as they are).
+# SKIP_BUILD=1 (use the release binaries as they are), BIN (directory
+# holding the gmdd, gmdctl and gmdstat to put in the VMs, default
+# target/release: to compare two builds).
 #
 # bench/ublk-vm.sh two-vm: alpha and beta each in its own TCG VM (one vCPU,
 # 1 GiB each), joined by a qemu `-netdev socket,udp=` link, 1 GiB virtio
@@ -55,7 +57,7 @@ if [ "${1:-}" = two-vm ]; then
   exit
 fi
 { echo '#!/bin/busybox sh'; echo "BENCH_S=${BENCH_S:-10}"; cat "$VM/guest/lib.sh" "$ROOT/bench/vm-fio.sh" "$ROOT/bench/ublk-vm-guest.sh"; } > "$W/bench-init.sh"
-EXTRA_MODULES=virtio_blk "$VM/mkinitramfs.sh" "$W" "$W/bench-init.sh" "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" "$ROOT/target/release/gmdstat" "$(command -v fio)" >/dev/null
+EXTRA_MODULES=virtio_blk "$VM/mkinitramfs.sh" "$W" "$W/bench-init.sh" "${BIN:-$ROOT/target/release}/gmdd" "${BIN:-$ROOT/target/release}/gmdctl" "${BIN:-$ROOT/target/release}/gmdstat" "$(command -v fio)" >/dev/null
 truncate -s 2G "$W/bench-disk.img"
 DISK=$W/bench-disk.img TMO=${TMO:-1200} MEM=${MEM:-2560} "$VM/boot.sh" "$W" 'RESULT: PASS' > "$W/bench.out" 2>&1 || { tail -40 "$W/console.log"; exit 1; }
 tr -d '\r' < "$W/console.log" | sed -n 's/.*BENCH-INFO /  /p'
