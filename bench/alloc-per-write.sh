@@ -12,7 +12,8 @@
 # prints each thread's switches per write. Needs cc and fio (and perf).
 # Usage: bench/alloc-per-write.sh     Env: MODES, N, QD, SIZE (256M), SKIP_BUILD=1,
 #   DGRAM (GeoMessage datagram size, default the example's 8192: a 4 KiB write
-#   in one datagram; 1400 reassembles it from four)
+#   in one datagram; 1400 reassembles it from four), BIN (directory holding
+#   gmdd and gmdctl, default target/release: to compare two builds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -20,7 +21,7 @@ MODES=${MODES:-standalone mwc async sync}
 N=${N:-20000}; QD=${QD:-1}; SIZE=${SIZE:-256M}; DGRAM=${DGRAM:-8192}
 for tool in cc fio; do command -v "$tool" >/dev/null || { echo "alloc-per-write.sh needs $tool" >&2; exit 1; }; done
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --bins --quiet
-export PATH=$ROOT/target/release:$PATH
+export PATH=${BIN:-$ROOT/target/release}:$PATH
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
 bench_workdir alloc
