@@ -387,3 +387,42 @@ fn garbage_disconnects_only_its_sender() {
     }
     panic!("leases were not released after the clients left");
 }
+
+/// A client that asks for far more than the socket holds, reads none of it
+/// and hangs up: the replies the server was writing (from its writer task
+/// and from the threads that finished the reads) fail, every permit comes
+/// back, the connection ends, and the next client is served.
+#[test]
+fn a_client_that_stops_reading_and_hangs_up_frees_its_connection() {
+    let f = serve();
+    let mut s = go(&f);
+    let mut out = Vec::new();
+    for i in 0..48u64 {
+        // 1 MiB reads (48 MiB of replies) with small ones between them.
+        out.extend_from_slice(&request(CMD_READ, 100 + i, i << 20, 1 << 20, 0));
+        out.extend_from_slice(&request(CMD_READ, 200 + i, i * 4096, 4096, 0));
+    }
+    s.write_all(&out).unwrap();
+    // Let the server fill the socket and wait for room.
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while *f.leases.lock().unwrap() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection of a client that hung up was never released"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut next = go(&f);
+    next.write_all(&request(CMD_WRITE, 1, 4096, 4096, 0))
+        .unwrap();
+    next.write_all(&[9u8; 4096]).unwrap();
+    assert_eq!(read_reply(&mut next), (0, 1));
+    next.write_all(&request(CMD_READ, 2, 4096, 4096, 0))
+        .unwrap();
+    assert_eq!(read_reply(&mut next), (0, 2));
+    let mut data = [0u8; 4096];
+    next.read_exact(&mut data).unwrap();
+    assert!(data.iter().all(|&b| b == 9));
+}
