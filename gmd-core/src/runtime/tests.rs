@@ -486,7 +486,7 @@ mod mirroring {
     fn side_in(
         dir: &std::path::Path,
         name: &str,
-        link: Arc<Wire>,
+        link: Arc<dyn PeerLink>,
         mode: crate::config::Mode,
     ) -> (Runtime, PathBuf, PathBuf) {
         let data = dir.join(format!("{name}.img"));
@@ -997,27 +997,7 @@ mod mirroring {
     fn an_async_batch_ends_after_its_completions_went_back() {
         let dir = tempfile::tempdir().unwrap();
         let journal = Arc::new(Journal::default());
-        let data = dir.path().join("a.img");
-        let map = dir.path().join("a.sm");
-        File::create(&data).unwrap().set_len(SIZE).unwrap();
-        let file = MapFile::create(&map, Uuid::from_u128(3), SIZE, false).unwrap();
-        let rt = Runtime::start(RuntimeConfig {
-            name: "a".into(),
-            data_path: data,
-            map_path: map,
-            uuid: Uuid::from_u128(3),
-            map: StateMap::new(SIZE),
-            page_slots: file.page_slots().clone(),
-            superblock: file.superblock_state(),
-            gen_seed: 1,
-            params: EngineParams {
-                block_size: 4096,
-                ..EngineParams::new(SIZE, crate::config::Mode::Async)
-            },
-            pool: BufPool::new(),
-            link: Some(journal.clone()),
-        })
-        .unwrap();
+        let (rt, _, _) = side_in(dir.path(), "a", journal.clone(), crate::config::Mode::Async);
         rt.link_event(LinkEvent::Connected {
             session: 1,
             connection: ResyncRole::Source(vec![0; 256]).into(),
