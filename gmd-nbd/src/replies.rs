@@ -279,6 +279,9 @@ impl<S: ReplySocket> Connection<S> {
                 slices += u.unsent_slices(&mut iov[slices..]);
             }
             match socket.try_write_vectored(&iov[..slices]) {
+                // A stream socket that takes nothing of a non-empty write
+                // is gone; never loop on it.
+                Ok(0) => wire.broken = Some("the connection takes no more bytes".into()),
                 Ok(mut n) => {
                     while n > 0 {
                         let first = wire
