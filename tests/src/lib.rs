@@ -75,11 +75,23 @@ pub fn run(cmd: &mut Command) -> Run {
     Run::from(output)
 }
 
-/// A free TCP or UDP port on 127.0.0.1 (both protocols free at the time of the call).
+/// A free TCP or UDP port on 127.0.0.1 (both protocols free at the time of
+/// the call), below the kernel's ephemeral range (32768 and up here): a
+/// daemon restarted on its port must not find it taken meanwhile by a
+/// socket of another test that asked the kernel for any port (a failover
+/// test once failed so, "Address already in use").
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    const FIRST: u16 = 20_000;
+    const COUNT: u64 = 12_000;
     loop {
-        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = tcp.local_addr().expect("addr").port();
+        // A random start per call (std's hasher keys are random per process).
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = FIRST + (h.finish() % COUNT) as u16;
+        let Ok(_tcp) = TcpListener::bind(("127.0.0.1", port)) else {
+            continue;
+        };
         if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
