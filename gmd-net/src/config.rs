@@ -74,8 +74,13 @@ pub struct InterfaceConfig {
 pub struct NetworkConfig {
     /// Network name.
     pub name: String,
-    /// Largest UDP payload sent on this network, header and tag included.
+    /// Largest UDP payload sent on this network, header and tag included;
+    /// with `discover`, the size to start from and never go below.
     pub datagram_bytes: usize,
+    /// Discover how large a datagram each path carries (path-MTU
+    /// discovery), from `datagram_bytes` up to the first hop's MTU and at
+    /// most [`crate::DISCOVERY_MAX`].
+    pub discover: bool,
 }
 
 /// Timers and bounds. Every queue, window and retry of the protocol has its
@@ -175,8 +180,11 @@ pub struct PathConfig {
     pub network: NetworkId,
     /// The peer's address on it.
     pub remote_addr: SocketAddr,
-    /// Datagram size on this network.
+    /// Datagram size on this network: fixed, or where discovery starts.
     pub datagram_bytes: usize,
+    /// Largest datagram discovery may try; `datagram_bytes` when the size
+    /// is fixed.
+    pub datagram_max: usize,
 }
 
 /// One remote machine as the core sees it.
@@ -201,7 +209,8 @@ pub struct Topology {
     pub local: PeerId,
     /// Wire id of the local machine.
     pub local_machine_id: u32,
-    /// Local networks: (name, local address, datagram size), in interface order.
+    /// Local networks: (name, local address, largest datagram), in interface
+    /// order.
     pub networks: Vec<(String, SocketAddr, usize)>,
     /// One entry per configured machine; the local one has no paths.
     pub peers: Vec<PeerConfig>,
@@ -276,11 +285,19 @@ impl NetConfig {
                 ));
             }
         }
+        // (start, largest) datagram size of a network.
         let datagram_bytes = |net: &str| {
-            self.networks
-                .iter()
-                .find(|n| n.name == net)
-                .map_or(DATAGRAM_BYTES_DEFAULT, |n| n.datagram_bytes)
+            self.networks.iter().find(|n| n.name == net).map_or(
+                (DATAGRAM_BYTES_DEFAULT, DATAGRAM_BYTES_DEFAULT),
+                |n| {
+                    let max = if n.discover {
+                        crate::DISCOVERY_MAX.max(n.datagram_bytes)
+                    } else {
+                        n.datagram_bytes
+                    };
+                    (n.datagram_bytes, max)
+                },
+            )
         };
         let mut ids = Vec::new();
         for (i, m) in self.machines.iter().enumerate() {
@@ -325,21 +342,28 @@ impl NetConfig {
             ));
         };
         let local = &self.machines[local_index];
+        let sizes: Vec<(usize, usize)> = local
+            .interfaces
+            .iter()
+            .map(|i| datagram_bytes(&i.network))
+            .collect();
         let networks: Vec<(String, SocketAddr, usize)> = local
             .interfaces
             .iter()
-            .map(|i| (i.network.clone(), i.addr, datagram_bytes(&i.network)))
+            .zip(&sizes)
+            .map(|(i, &(_, max))| (i.network.clone(), i.addr, max))
             .collect();
         let mut peers = Vec::new();
         for (i, m) in self.machines.iter().enumerate() {
             let mut paths = Vec::new();
             if i != local_index {
-                for (n, (net, _, dg)) in networks.iter().enumerate() {
+                for (n, ((net, _, _), &(start, max))) in networks.iter().zip(&sizes).enumerate() {
                     if let Some(ifc) = m.interfaces.iter().find(|x| &x.network == net) {
                         paths.push(PathConfig {
                             network: NetworkId(n as u8),
                             remote_addr: ifc.addr,
-                            datagram_bytes: *dg,
+                            datagram_bytes: start,
+                            datagram_max: max,
                         });
                     }
                 }

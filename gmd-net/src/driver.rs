@@ -337,14 +337,26 @@ impl Node {
             .unwrap_or(1)
             .max(1);
         let seed = epoch ^ u64::from(std::process::id()).rotate_left(32);
-        let ep = Endpoint::new(&config, epoch, seed, Instant::now())?;
+        let mut ep = Endpoint::new(&config, epoch, seed, Instant::now())?;
         let topo = ep.topology().clone();
         let t = ep.tuning().clone();
         let mut socks = Vec::new();
         let mut local_addrs = Vec::new();
-        for (name, addr, dg) in &topo.networks {
+        for (n, (name, addr, dg)) in topo.networks.iter().enumerate() {
             let (s, gso, gro) =
                 sys::bind(*addr).map_err(|e| NetError::io(format!("bind {name} {addr}"), &e))?;
+            let discovering = discovering_paths(&topo, NetworkId(n as u8));
+            if !discovering.is_empty() {
+                sys::set_dont_fragment(&s, addr.is_ipv6())
+                    .map_err(|e| NetError::io(format!("don't-fragment on {name} {addr}"), &e))?;
+                for remote in discovering {
+                    // What the first hop carries: discovery searches below.
+                    if let Ok(mtu) = sys::path_mtu(*addr, remote) {
+                        let limit = sys::datagram_max_for_mtu(mtu, remote.is_ipv6());
+                        ep.cap_datagrams(NetworkId(n as u8), remote, limit);
+                    }
+                }
+            }
             local_addrs.push(s.local_addr().map_err(|e| NetError::io("local_addr", &e))?);
             let io = UdpSocket::from_std(s).map_err(|e| NetError::io("register socket", &e))?;
             let slot_bytes = if gro {
@@ -961,21 +973,23 @@ impl Link {
     }
 
     fn max_segments(&self, socks: &[Sock]) -> usize {
-        // The same limit for every path; computed from the smallest datagram.
-        let dg = self
-            .ep
-            .topology()
-            .networks
-            .iter()
-            .map(|n| n.2)
-            .min()
-            .unwrap_or(1400);
+        // The endpoint keeps a batch within GSO_BYTES_MAX.
         if socks.iter().all(|s| s.gso.load(Ordering::Relaxed)) {
-            (GSO_BYTES_MAX / dg).clamp(1, GSO_SEGMENTS_MAX)
+            GSO_SEGMENTS_MAX
         } else {
             1
         }
     }
+}
+
+/// Peer addresses on network `net` whose datagram size is discovered.
+fn discovering_paths(topo: &Topology, net: NetworkId) -> Vec<std::net::SocketAddr> {
+    topo.peers
+        .iter()
+        .flat_map(|p| &p.paths)
+        .filter(|p| p.network == net && p.datagram_max > p.datagram_bytes)
+        .map(|p| p.remote_addr)
+        .collect()
 }
 
 /// Warns, for every path, when the configured datagram size is larger than
@@ -985,7 +999,12 @@ impl Link {
 /// 1 500-byte link, for one, lost so many that throughput collapsed.
 fn warn_of_fragmentation(topo: &crate::config::Topology) {
     for peer in &topo.peers {
-        for path in &peer.paths {
+        // A discovered size stays below the first hop's MTU by itself.
+        for path in peer
+            .paths
+            .iter()
+            .filter(|p| p.datagram_max == p.datagram_bytes)
+        {
             let (network, local, _) = &topo.networks[path.network.0 as usize];
             let Ok(mtu) = sys::path_mtu(*local, path.remote_addr) else {
                 continue;

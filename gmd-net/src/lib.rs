@@ -45,7 +45,8 @@ pub use config::{
     PORT_DEFAULT, PeerId, Tuning,
 };
 pub use error::NetError;
-pub use proto::{Endpoint, Event, RequestId};
+pub use proto::mtu::DISCOVERY_MAX;
+pub use proto::{Endpoint, Event, RequestId, TRANSMIT_BYTES_MAX};
 pub use stats::{
     AUTH_FAILURE_SOURCES_MAX, AuthFailures, MachineStats, NetworkStats, PathStats, SecurityStats,
     Stats,

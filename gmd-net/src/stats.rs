@@ -123,6 +123,16 @@ pub struct PathStats {
     /// Congestion-window decreases undone because every loss behind them
     /// proved spurious.
     pub undone_decreases: u64,
+    /// Size of data datagrams now (UDP payload).
+    pub datagram_bytes: usize,
+    /// Largest size the path may use: the discovery's ceiling, or the
+    /// configured size when it is fixed.
+    pub datagram_max: usize,
+    /// Path-MTU probes sent.
+    pub mtu_probes: u64,
+    /// Times datagrams above the starting size stopped passing and the
+    /// size fell back to it.
+    pub black_holes: u64,
 }
 
 /// Datagrams rejected before they could have any effect, by reason.

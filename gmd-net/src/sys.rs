@@ -12,7 +12,7 @@ pub(crate) const BATCH_MAX: usize = 32;
 /// Largest number of segments of one GSO send (the kernel's UDP_MAX_SEGMENTS).
 pub(crate) const GSO_SEGMENTS_MAX: usize = 64;
 /// Largest GSO super-datagram.
-pub(crate) const GSO_BYTES_MAX: usize = 65_000;
+pub(crate) const GSO_BYTES_MAX: usize = crate::proto::TRANSMIT_BYTES_MAX;
 /// Socket buffer size asked for (the kernel may clamp it).
 pub(crate) const SOCKET_BUFFER_BYTES: usize = 16 << 20;
 
@@ -51,6 +51,28 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<(std::net::UdpSocket, bool, b
     // GSO is per-send; probe that the option is known.
     let gso = getsockopt_int(fd, SOL_UDP, UDP_SEGMENT).is_ok();
     Ok((sock, gso, gro))
+}
+
+/// Sends every datagram of `sock` with the don't-fragment bit and never
+/// fragments one locally, whatever the kernel learnt of the path
+/// (`IP_PMTUDISC_PROBE`): path-MTU discovery's probes must be dropped by a
+/// hop that cannot carry them, not split. A datagram larger than the
+/// interface's MTU fails to send.
+pub(crate) fn set_dont_fragment(sock: &std::net::UdpSocket, ipv6: bool) -> io::Result<()> {
+    let (level, name, value) = if ipv6 {
+        (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_PROBE,
+        )
+    } else {
+        (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_PROBE,
+        )
+    };
+    setsockopt_int(sock.as_raw_fd(), level, name, value)
 }
 
 /// The largest UDP payload that crosses a path of `mtu` bytes unfragmented:

@@ -40,15 +40,32 @@ fn pair(promote: Duration, datagram_bytes: usize) -> Pair {
 }
 
 fn pair_tuned(promote: Duration, datagram_bytes: usize, tuning: Tuning) -> Pair {
+    pair_sized(promote, datagram_bytes, false, tuning)
+}
+
+/// A pair whose datagrams start at `datagram_bytes` and, with `discover`,
+/// follow what each path carries.
+fn pair_sized(promote: Duration, datagram_bytes: usize, discover: bool, tuning: Tuning) -> Pair {
     for _ in 0..10 {
-        if let Some(p) = try_pair(promote, datagram_bytes, tuning.clone()) {
+        if let Some(p) = try_pair(promote, datagram_bytes, discover, tuning.clone()) {
             return p;
         }
     }
     panic!("could not bind the test sockets");
 }
 
-fn try_pair(promote: Duration, datagram_bytes: usize, tuning: Tuning) -> Option<Pair> {
+fn try_pair(
+    promote: Duration,
+    datagram_bytes: usize,
+    discover: bool,
+    tuning: Tuning,
+) -> Option<Pair> {
+    let sized = |mut c: gmd_net::NetConfig| {
+        for n in &mut c.networks {
+            n.discover = discover;
+        }
+        c
+    };
     // Hold the reservations until every port is chosen.
     let held: Vec<UdpSocket> = [1, 2, 1, 2]
         .iter()
@@ -69,16 +86,23 @@ fn try_pair(promote: Duration, datagram_bytes: usize, tuning: Tuning) -> Option<
         relays.iter().map(|r| r.addr_for_b()).collect(),
         b_addrs.to_vec(),
     ];
-    let a = Node::start(cluster_config(
+    let a = Node::start(sized(cluster_config(
         0,
         &a_view,
         datagram_bytes,
         promote,
         true,
         tuning.clone(),
-    ))
+    )))
     .ok()?;
-    let b_config = cluster_config(1, &b_view, datagram_bytes, promote, true, tuning);
+    let b_config = sized(cluster_config(
+        1,
+        &b_view,
+        datagram_bytes,
+        promote,
+        true,
+        tuning,
+    ));
     let b = Node::start(b_config.clone()).ok()?;
     Some(Pair {
         a,
@@ -223,6 +247,79 @@ async fn ordered_stream_and_large_messages_survive_loss() {
             m1.fragmented >= 3,
             "large messages were not fragmented: {m1:?}"
         );
+        p.a.shutdown().await;
+        p.b.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Path-MTU discovery on real sockets (don't-fragment set, the route's MTU
+/// as ceiling): through a relay that drops datagrams above 3 000 bytes,
+/// A's datagrams to B grow from 1 400 to within 32 bytes below 3 000;
+/// when the relay then drops everything above 1 400 (a route change), the
+/// size falls back and every message still arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_grow_to_what_the_path_carries_and_fall_back_when_it_shrinks() {
+    use std::sync::atomic::Ordering::Relaxed;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let p = pair_sized(Duration::from_secs(30), 1400, true, tuning());
+        // One path, the one through relay 0.
+        p.relays[1].set_cut(true);
+        p.relays[0].control.datagram_max.store(3000, Relaxed);
+        let peer_b = p.a.peer("m1").expect("m1");
+        let mut rx = p.b.register_stream(StreamId(7)).await.expect("register");
+        let path = |st: &gmd_net::Stats| {
+            st.paths
+                .iter()
+                .find(|x| x.network == "net0")
+                .expect("net0")
+                .clone()
+        };
+        let mut sent = 0u32;
+        let mut received = 0u32;
+        let mut exchange = async |n: u32| {
+            for _ in 0..n {
+                p.a.send(peer_b, StreamId(7), payload(sent, 64 << 10))
+                    .await
+                    .expect("send");
+                sent += 1;
+                let inc = rx.recv().await.expect("message");
+                assert_eq!(
+                    inc.body,
+                    payload(received, 64 << 10),
+                    "out of order or corrupted"
+                );
+                received += 1;
+            }
+        };
+        let mut rounds = 0;
+        let grown = loop {
+            exchange(20).await;
+            rounds += 1;
+            let st = path(&p.a.stats().await.unwrap());
+            if st.datagram_bytes > 2900 || rounds > 200 {
+                break st;
+            }
+        };
+        assert!(
+            (2968..=3000).contains(&grown.datagram_bytes),
+            "settled at {} bytes: {grown:?}",
+            grown.datagram_bytes
+        );
+        p.relays[0].control.datagram_max.store(1400, Relaxed);
+        let mut rounds = 0;
+        let fallen = loop {
+            exchange(20).await;
+            rounds += 1;
+            let st = path(&p.a.stats().await.unwrap());
+            if st.black_holes > 0 || rounds > 200 {
+                break st;
+            }
+        };
+        assert_eq!(fallen.datagram_bytes, 1400, "{fallen:?}");
+        assert_eq!(fallen.black_holes, 1, "{fallen:?}");
+        exchange(20).await;
         p.a.shutdown().await;
         p.b.shutdown().await;
     })

@@ -719,3 +719,120 @@ fn sim_a_passing_message_goes_before_an_earlier_lost_one_and_the_next_waits() {
         );
     }
 }
+
+/// Runs 16 KiB every 4 ms from machine 0 to 1 over a 10 ms link carrying
+/// datagrams of at most `carries` bytes (0: any), for `secs`; returns the
+/// sender's path and network statistics.
+fn paced_over(
+    sim: &mut Sim,
+    carries: usize,
+    secs: u64,
+) -> (gmd_net::PathStats, gmd_net::NetworkStats) {
+    sim.set_network(
+        0,
+        LinkParams {
+            latency: Duration::from_millis(10),
+            datagram_max: carries,
+            ..LinkParams::default()
+        },
+    );
+    let mut tx = Paced::new(sim, Duration::from_millis(4));
+    let start = sim.now;
+    tx.run(sim, start + Duration::from_secs(secs));
+    assert!(
+        tx.received + 8 >= tx.sent,
+        "{} of {} arrived",
+        tx.received,
+        tx.sent
+    );
+    let st = sim.nodes[0].endpoint.stats();
+    (st.paths[0].clone(), st.networks[0].clone())
+}
+
+/// Path-MTU discovery finds the largest datagram each path carries, within
+/// 32 bytes and never above, and data then uses it: fewer datagrams for
+/// the same messages. Lost probes resend no data. A fixed size never
+/// probes.
+#[test]
+fn sim_discovery_finds_what_the_path_carries_and_data_uses_it() {
+    let fixed = {
+        let mut sim = pair(21);
+        let (p, n) = paced_over(&mut sim, 0, 3);
+        assert_eq!(p.mtu_probes, 0, "a fixed size probed: {p:?}");
+        assert_eq!(p.datagram_bytes, 1400);
+        n.packets_sent
+    };
+    for carries in [0, 1472, 3000, 1400] {
+        let mut sim = pair(21);
+        sim.discover_datagram_sizes();
+        let (p, n) = paced_over(&mut sim, carries, 3);
+        let limit = if carries == 0 {
+            gmd_net::DISCOVERY_MAX
+        } else {
+            carries
+        };
+        assert!(
+            p.datagram_bytes <= limit && p.datagram_bytes + 32 >= limit.max(1432),
+            "carries {carries}: settled at {} ({p:?})",
+            p.datagram_bytes
+        );
+        assert!(p.mtu_probes > 0, "carries {carries}: no probe");
+        assert_eq!(n.resends, 0, "carries {carries}: lost probes resent data");
+        assert_eq!(p.black_holes, 0);
+        if carries == 0 {
+            assert!(
+                n.packets_sent * 3 < fixed,
+                "8 972-byte datagrams: {} datagrams, 1 400-byte: {fixed}",
+                n.packets_sent
+            );
+        }
+    }
+}
+
+/// A path that stops carrying the datagrams discovery proved (a route
+/// change to a tunnel, silently dropping them) is a black hole for every
+/// full datagram: the size falls back to the base within seconds, the
+/// session survives, every message arrives, and the search that starts
+/// again a minute later keeps the size the path now carries.
+#[test]
+fn sim_a_black_hole_falls_back_to_the_base_and_loses_nothing() {
+    let s = Duration::from_secs;
+    let mut sim = pair(23);
+    sim.discover_datagram_sizes();
+    let link = LinkParams {
+        latency: Duration::from_millis(10),
+        ..LinkParams::default()
+    };
+    sim.set_network(0, link);
+    let mut tx = Paced::new(&sim, Duration::from_millis(4));
+    let start = sim.now;
+    tx.run(&mut sim, start + s(2));
+    let p = sim.nodes[0].endpoint.stats().paths[0].clone();
+    assert_eq!(p.datagram_bytes, gmd_net::DISCOVERY_MAX);
+    // From now on nothing above 1 400 bytes passes, either way.
+    sim.set_network(
+        0,
+        LinkParams {
+            datagram_max: 1400,
+            ..link
+        },
+    );
+    let start = sim.now;
+    tx.run(&mut sim, start + s(3));
+    assert!(
+        tx.received + 40 >= tx.sent,
+        "3 s after the change only {} of {} arrived",
+        tx.received,
+        tx.sent
+    );
+    let p = sim.nodes[0].endpoint.stats().paths[0].clone();
+    assert_eq!(p.black_holes, 1, "{p:?}");
+    assert_eq!(p.datagram_bytes, 1400);
+    let probes = p.mtu_probes;
+    tx.run(&mut sim, start + s(75));
+    assert!(tx.received + 8 >= tx.sent);
+    let p = sim.nodes[0].endpoint.stats().paths[0].clone();
+    assert!(p.mtu_probes > probes, "no search after the black hole");
+    assert_eq!(p.datagram_bytes, 1400, "{p:?}");
+    assert_eq!(p.black_holes, 1, "{p:?}");
+}

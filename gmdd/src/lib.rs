@@ -92,9 +92,11 @@ pub fn net_config(config: &ClusterConfig, machine: &str, key: &[u8]) -> NetConfi
             .values()
             .map(|n| NetworkConfig {
                 name: n.name.clone(),
+                // Unset: discovered per path, from the default up.
                 datagram_bytes: n
                     .datagram_size
                     .map_or(gmd_net::DATAGRAM_BYTES_DEFAULT, |d| d as usize),
+                discover: n.datagram_size.is_none(),
             })
             .collect(),
         tuning: Tuning {

@@ -66,6 +66,11 @@ fn free_port() -> u16 {
         .expect("port")
 }
 
+/// `--datagram BYTES`, or `auto` (0): the size follows the path.
+fn datagram_arg(s: &str) -> Option<usize> {
+    if s == "auto" { Some(0) } else { s.parse().ok() }
+}
+
 fn gm_config(
     local: usize,
     ports: [u16; 2],
@@ -89,7 +94,13 @@ fn gm_config(
         machines: vec![m(0), m(1)],
         networks: vec![NetworkConfig {
             name: "lo".into(),
-            datagram_bytes: datagram,
+            // 0 (`--datagram auto`): discovered from the default up.
+            datagram_bytes: if datagram == 0 {
+                gmd_net::DATAGRAM_BYTES_DEFAULT
+            } else {
+                datagram
+            },
+            discover: datagram == 0,
         }],
         tuning: Tuning {
             recv_loss_ppm: loss_ppm,
@@ -120,7 +131,7 @@ fn main() {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(10.0);
             let dg = arg(&args, "--datagram")
-                .and_then(|s| s.parse().ok())
+                .and_then(|s| datagram_arg(&s))
                 .unwrap_or(1400);
             let r = gm_bulk_for(dg, secs);
             println!("  geomsg alone {secs} s: {:.2} MiB/s", r / (1 << 20) as f64);
@@ -306,7 +317,9 @@ fn gm_server(args: &[String]) {
         .unwrap_or_default()
         .parse()
         .unwrap_or(0);
-    let dg: usize = arg(args, "--datagram").unwrap().parse().unwrap();
+    let dg: usize = arg(args, "--datagram")
+        .and_then(|s| datagram_arg(&s))
+        .expect("--datagram BYTES|auto");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -490,7 +503,7 @@ fn fair(args: &[String]) {
         * 1e6
         / 8.0;
     let dg: usize = arg(args, "--datagram")
-        .and_then(|s| s.parse().ok())
+        .and_then(|s| datagram_arg(&s))
         .unwrap_or(1400);
     let tcp_port = free_port();
     let _tcp = spawn(&["tcp-server", "--port", &tcp_port.to_string()]);
@@ -554,7 +567,7 @@ fn all(args: &[String]) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1.0);
     let dg: usize = arg(args, "--datagram")
-        .and_then(|s| s.parse().ok())
+        .and_then(|s| datagram_arg(&s))
         .unwrap_or(65_000);
     let total = ((gib * (1u64 << 30) as f64) as usize / MESSAGE_BYTES).max(1) * MESSAGE_BYTES;
     let mib = |b: f64| b / (1 << 20) as f64;
@@ -671,7 +684,7 @@ fn crypto(args: &[String]) {
     use gmd_net::crypto::{MasterKey, SessionIds};
     use gmd_net::wire::{HEADER_BYTES, TAG_BYTES};
     let dg: usize = arg(args, "--datagram")
-        .and_then(|s| s.parse().ok())
+        .and_then(|s| datagram_arg(&s))
         .unwrap_or(1400);
     assert!(dg > HEADER_BYTES + TAG_BYTES, "--datagram too small");
     let key = MasterKey::new(&[0x42; 32], 1).session(SessionIds {

@@ -193,6 +193,14 @@ impl Cubic {
         }
     }
 
+    /// Datagrams are `datagram` bytes from now on, and the window never
+    /// below `min_cwnd` (nor above its maximum).
+    pub(crate) fn set_datagram(&mut self, datagram: usize, min_cwnd: usize) {
+        self.datagram = datagram;
+        self.min_cwnd = min_cwnd.min(self.max_cwnd);
+        self.cwnd = self.cwnd.max(self.min_cwnd);
+    }
+
     /// Congestion window, bytes.
     pub(crate) fn cwnd(&self) -> usize {
         self.cwnd

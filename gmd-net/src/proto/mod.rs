@@ -14,6 +14,7 @@
 //! (the promote-failure timeout does).
 
 mod congestion;
+pub mod mtu;
 mod path;
 mod peer;
 
@@ -172,6 +173,9 @@ pub enum Event {
         bytes: usize,
     },
 }
+
+/// Most bytes one [`Transmit`] holds: what one UDP GSO send takes.
+pub const TRANSMIT_BYTES_MAX: usize = 65_000;
 
 /// A datagram (or, with `segment_bytes < len`, a GSO batch of datagrams of
 /// `segment_bytes` each, the last possibly shorter) written into the buffer
@@ -535,8 +539,17 @@ impl Endpoint {
             .min()
     }
 
+    /// Limits the datagrams of every path from network `network` to
+    /// `peer_addr` to `limit` bytes: what the first hop carries whole (the
+    /// route's MTU less the headers). Discovery searches below it.
+    pub fn cap_datagrams(&mut self, network: NetworkId, peer_addr: SocketAddr, limit: usize) {
+        for p in self.peers.iter_mut().flatten() {
+            p.cap_datagrams(network, peer_addr, limit);
+        }
+    }
+
     /// Writes the next datagram(s) to send into `buf`, up to `max_datagrams`
-    /// datagrams of one path batched for GSO. The datagrams are
+    /// datagrams of one path batched for GSO, [`TRANSMIT_BYTES_MAX`] in all. The datagrams are
     /// `buf[..transmit.len]`; `buf` may be longer (it is reused as scratch
     /// and never shrunk, so reuse one buffer per batch slot).
     pub fn poll_transmit(

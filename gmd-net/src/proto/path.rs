@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use super::congestion::{Cubic, RttView};
+use super::mtu::PathMtu;
 use crate::config::{PathConfig, Tuning};
 
 /// Clock granularity `G` of RFC 6298.
@@ -166,6 +167,8 @@ pub(crate) struct Path {
     /// `timeouts_in_row` as it was when the acknowledgement being processed
     /// arrived; losses it reveals after enough timeouts collapse the window.
     timeouts_before_ack: u32,
+    /// Datagram size, fixed or discovered.
+    pub(crate) mtu: PathMtu,
 }
 
 impl Path {
@@ -177,8 +180,10 @@ impl Path {
             t.cwnd_max_bytes,
             t.cwnd_decrease_percent,
         );
+        let mtu = PathMtu::discover(cfg.datagram_bytes, cfg.datagram_max);
         Path {
             cfg,
+            mtu,
             state: PathState::Unknown,
             rtt: RttEstimator::new(),
             timeouts_in_row: 0,
@@ -218,7 +223,22 @@ impl Path {
         self.losses_since_spurious = 0;
         self.probe_budget = 0;
         self.timeouts_before_ack = 0;
+        self.mtu.on_session_reset();
         self.cc.on_session_reset(t.cwnd_initial_bytes);
+        self.cwnd_bytes = self.cc.cwnd();
+    }
+
+    /// Size of data datagrams on this path now.
+    pub(crate) fn datagram_bytes(&self) -> usize {
+        self.mtu.current()
+    }
+
+    /// The datagram size changed: the congestion controller counts in
+    /// datagrams of the new size, and its smallest window holds
+    /// [`CWND_MIN_DATAGRAMS`] of them.
+    pub(crate) fn datagram_size_changed(&mut self) {
+        let d = self.mtu.current();
+        self.cc.set_datagram(d, CWND_MIN_DATAGRAMS * d);
         self.cwnd_bytes = self.cc.cwnd();
     }
 
@@ -449,6 +469,7 @@ mod tests {
             network: crate::config::NetworkId(0),
             remote_addr: "127.0.0.1:1".parse().unwrap(),
             datagram_bytes: 1400,
+            datagram_max: 1400,
         };
         Path::new(cfg, &Tuning::default())
     }

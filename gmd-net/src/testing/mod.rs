@@ -48,6 +48,7 @@ pub fn cluster_config(
             .map(|n| NetworkConfig {
                 name: format!("net{n}"),
                 datagram_bytes,
+                discover: false,
             })
             .collect(),
         tuning,

@@ -1,14 +1,15 @@
 //! A fault-injecting UDP relay for one path between two endpoints on real
 //! sockets: machine A is configured to reach B at [`Relay::addr_for_a`], B to
 //! reach A at [`Relay::addr_for_b`]. Datagrams can be dropped entirely (path
-//! cut) or with a probability, in either direction.
+//! cut), with a probability, or above a size (a hop of a smaller MTU that
+//! drops don't-fragment packets), in either direction.
 //!
 //! Two threads, each bounded by a read timeout so that dropping the relay
 //! stops them within 50 ms.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -19,6 +20,8 @@ pub struct RelayControl {
     pub cut: AtomicBool,
     /// Drop this many datagrams per million, pseudo-randomly.
     pub loss_ppm: AtomicU32,
+    /// Drop datagrams larger than this many bytes; 0 = none.
+    pub datagram_max: AtomicUsize,
     /// Datagrams forwarded.
     pub forwarded: AtomicU64,
     /// Datagrams dropped.
@@ -108,7 +111,8 @@ fn spawn_half(
             x ^= x >> 7;
             x ^= x << 17;
             let ppm = u64::from(control.loss_ppm.load(Ordering::Relaxed));
-            if control.cut.load(Ordering::Relaxed) || x % 1_000_000 < ppm {
+            let max = control.datagram_max.load(Ordering::Relaxed);
+            if control.cut.load(Ordering::Relaxed) || x % 1_000_000 < ppm || (max > 0 && n > max) {
                 control.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }

@@ -38,6 +38,10 @@ pub struct LinkParams {
     pub duplicate: f64,
     /// Bytes per second; 0 = unlimited.
     pub bandwidth_bytes_per_sec: u64,
+    /// Largest datagram (UDP payload) the link carries; larger ones are
+    /// dropped, as a hop drops a don't-fragment packet above its MTU. 0 =
+    /// any size.
+    pub datagram_max: usize,
 }
 
 impl Default for LinkParams {
@@ -48,6 +52,7 @@ impl Default for LinkParams {
             loss: 0.0,
             duplicate: 0.0,
             bandwidth_bytes_per_sec: 0,
+            datagram_max: 0,
         }
     }
 }
@@ -117,6 +122,7 @@ pub struct Sim {
     /// waits, in order.
     stalled_until: Vec<Option<Instant>>,
     buf: Vec<u8>,
+    seed: u64,
 }
 
 fn sim_addr(machine: usize, network: usize) -> SocketAddr {
@@ -192,6 +198,20 @@ impl Sim {
             dropped: 0,
             stalled_until: vec![None; machines],
             buf: Vec::new(),
+            seed,
+        }
+    }
+
+    /// Makes every machine discover its datagram sizes, from the size
+    /// given to [`Sim::new`] up to [`crate::DISCOVERY_MAX`], instead of
+    /// using that size throughout. Call before anything runs.
+    pub fn discover_datagram_sizes(&mut self) {
+        for (m, c) in self.configs.iter_mut().enumerate() {
+            for n in &mut c.networks {
+                n.discover = true;
+            }
+            self.nodes[m].endpoint =
+                Endpoint::new(c, 1_000_000, self.seed ^ m as u64, self.start).expect("valid");
         }
     }
 
@@ -290,7 +310,9 @@ impl Sim {
         }
         let li = self.link_index(network, from, to);
         let p = self.links[li].params;
-        if p.loss > 0.0 && self.rng.gen_bool(p.loss) {
+        if (p.loss > 0.0 && self.rng.gen_bool(p.loss))
+            || (p.datagram_max > 0 && data.len() > p.datagram_max)
+        {
             self.dropped += 1;
             return;
         }
@@ -473,6 +495,12 @@ pub struct Scenario {
     pub large_fraction: f64,
     /// The application releases credit this long after delivery.
     pub release_delay: Duration,
+    /// Datagram sizes are discovered, from `datagram_bytes` up (links may
+    /// carry less: `LinkParams::datagram_max`).
+    pub discover: bool,
+    /// Then every link stops carrying datagrams above `datagram_bytes`
+    /// (a route change: a black hole for the sizes discovered).
+    pub shrink_at: Option<Duration>,
 }
 
 impl Scenario {
@@ -504,6 +532,7 @@ impl Scenario {
                     } else {
                         0
                     },
+                    datagram_max: 0,
                 }
             })
             .collect();
@@ -550,7 +579,33 @@ impl Scenario {
             } else {
                 Duration::ZERO
             },
+            discover: false,
+            shrink_at: None,
         }
+        .with_discovery_from(seed)
+    }
+
+    /// Path-MTU discovery for some seeds, drawn from a generator of its
+    /// own so that the rest of each seed's scenario stays what it was.
+    fn with_discovery_from(mut self, seed: u64) -> Scenario {
+        let mut r = StdRng::seed_from_u64(seed ^ 0x6d74_7564_6973_636f);
+        if !r.gen_bool(0.4) {
+            return self;
+        }
+        self.discover = true;
+        let base = self.datagram_bytes;
+        for l in &mut self.links {
+            l.datagram_max = match r.gen_range(0..4) {
+                0 => 0,
+                1 => base + 72,
+                2 => r.gen_range(base..=crate::DISCOVERY_MAX.max(base)),
+                _ => base,
+            };
+        }
+        if r.gen_bool(0.3) {
+            self.shrink_at = Some(Duration::from_millis(r.gen_range(100..3_000)));
+        }
+        self
     }
 
     /// Tuning used by scenarios: a small window so flow control is exercised.
@@ -1039,9 +1094,13 @@ pub fn run_scenario(sc: Scenario) -> Result<SimStats, SimFailure> {
         sc.encrypt,
         sc.tuning(),
     );
+    if sc.discover {
+        sim.discover_datagram_sizes();
+    }
     for (n, l) in sc.links.iter().enumerate() {
         sim.set_network(n, *l);
     }
+    let mut shrink_at = sc.shrink_at.map(|d| sim.start + d);
     let mut r = Runner {
         sc: sc.clone(),
         sim,
@@ -1107,6 +1166,18 @@ pub fn run_scenario(sc: Scenario) -> Result<SimStats, SimFailure> {
             r.check_bounds()?;
         }
         let now = r.sim.now;
+        if shrink_at.is_some_and(|at| now >= at) {
+            shrink_at = None;
+            for (n, l) in sc.links.iter().enumerate() {
+                r.sim.set_network(
+                    n,
+                    LinkParams {
+                        datagram_max: sc.datagram_bytes,
+                        ..*l
+                    },
+                );
+            }
+        }
         if !fault_started && now >= fault_start {
             fault_started = true;
             match sc.fault {
@@ -1182,6 +1253,9 @@ pub fn run_scenario(sc: Scenario) -> Result<SimStats, SimFailure> {
             until = until.min(fault_end);
         }
         if let Some(x) = r.releases.iter().map(|x| x.0).min() {
+            until = until.min(x);
+        }
+        if let Some(x) = shrink_at {
             until = until.min(x);
         }
         if !r.backlog.is_empty() {

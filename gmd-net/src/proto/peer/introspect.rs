@@ -59,6 +59,10 @@ impl Peer {
                 cwnd_bytes: p.cwnd_bytes,
                 in_flight_bytes: p.in_flight_bytes,
                 undone_decreases: p.cc.undone(),
+                datagram_bytes: p.datagram_bytes(),
+                datagram_max: p.mtu.max(),
+                mtu_probes: p.mtu.probes(),
+                black_holes: p.mtu.black_holes(),
             });
         }
     }

@@ -3,6 +3,7 @@
 //! control and path choice.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -96,6 +97,8 @@ struct SentPacket {
     in_flight: bool,
     /// Acknowledged or declared lost.
     resolved: bool,
+    /// A path-MTU probe: padding only; its loss is not congestion.
+    mtu_probe: bool,
 }
 
 /// A packet declared lost, kept a while in `Peer::lost` so that a late
@@ -321,6 +324,22 @@ fn lane_ordered(lane: u16) -> bool {
 }
 
 impl Peer {
+    /// Limits the datagrams of its path on `network` to `peer_addr`, if it
+    /// has one, to `limit` bytes.
+    pub(crate) fn cap_datagrams(
+        &mut self,
+        network: NetworkId,
+        peer_addr: SocketAddr,
+        limit: usize,
+    ) {
+        for p in &mut self.paths {
+            if p.cfg.network == network && p.cfg.remote_addr == peer_addr {
+                p.mtu.cap(limit);
+                p.datagram_size_changed();
+            }
+        }
+    }
+
     pub(crate) fn new(
         id: PeerId,
         cfg: PeerConfig,

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tracing::{debug, trace};
+use tracing::{debug, info, trace, warn};
 
 use crate::StreamId;
 use crate::config::{NetworkId, Tuning};
@@ -231,7 +231,7 @@ impl Peer {
                 }
                 newly_acked_any = true;
                 self.sent[i].resolved = true;
-                let (pn, path, time_sent, size, cs, ce, in_flight) = {
+                let (pn, path, time_sent, size, cs, ce, in_flight, mtu_probe) = {
                     let s = &self.sent[i];
                     (
                         s.pn,
@@ -241,6 +241,7 @@ impl Peer {
                         s.chunks_start,
                         s.chunks_end,
                         s.in_flight,
+                        s.mtu_probe,
                     )
                 };
                 if path == pi_recv && largest_on_path.is_none_or(|(l, _)| pn > l) {
@@ -267,6 +268,21 @@ impl Peer {
                     });
                 }
                 eliciting_acked = true;
+                if mtu_probe {
+                    let was = p.datagram_bytes();
+                    p.mtu.on_probe_acked(now, size);
+                    if p.datagram_bytes() != was {
+                        p.datagram_size_changed();
+                        info!(
+                            peer = %self.cfg.name,
+                            network = %shared.topo.networks[p.cfg.network.0 as usize].0,
+                            "the path carries datagrams of {} bytes (was {was}): data uses them",
+                            p.datagram_bytes()
+                        );
+                    }
+                } else if p.mtu.is_large(size) {
+                    p.mtu.on_large_acked();
+                }
                 p.on_left_flight(size);
                 p.on_ack_cc(now, time_sent, size);
                 p.timeouts_in_row = 0;
@@ -419,26 +435,44 @@ impl Peer {
     pub(super) fn declare_lost(
         &mut self,
         now: Instant,
-        _shared: &Shared,
+        shared: &Shared,
         sink: &mut Sink,
         i: usize,
         path_down: bool,
     ) {
         let s = &mut self.sent[i];
         s.resolved = true;
-        let (path, time_sent, size, cs, ce, credit) = (
+        let (path, time_sent, size, cs, ce, credit, mtu_probe) = (
             s.path as usize,
             s.time_sent,
             s.size as usize,
             s.chunks_start,
             s.chunks_end,
             s.has_credit,
+            s.mtu_probe,
         );
         if !s.in_flight {
             return;
         }
         let p = &mut self.paths[path];
         p.on_left_flight(size);
+        if mtu_probe {
+            // Too big for the path, most likely: not congestion, and
+            // nothing to resend.
+            p.mtu.on_probe_lost(now, size);
+            return;
+        }
+        if !path_down && p.mtu.is_large(size) && p.mtu.on_large_trouble(now) {
+            p.datagram_size_changed();
+            warn!(
+                peer = %self.cfg.name,
+                network = %shared.topo.networks[p.cfg.network.0 as usize].0,
+                "datagrams larger than {} bytes stopped reaching the peer: back to that size, \
+                 probing larger ones again in {} s",
+                p.datagram_bytes(),
+                crate::proto::mtu::BLACK_HOLE_RETRY.as_secs()
+            );
+        }
         if !path_down {
             p.on_loss_cc(now, time_sent);
         }

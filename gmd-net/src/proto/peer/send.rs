@@ -6,7 +6,7 @@ use crate::config::Tuning;
 use crate::crypto::SessionIds;
 use crate::proto::message_charge;
 use crate::proto::path::PathState;
-use crate::proto::{Shared, Sink, Transmit};
+use crate::proto::{Shared, Sink, TRANSMIT_BYTES_MAX, Transmit};
 use crate::wire::{self, FLAG_ENCRYPTED, HEADER_BYTES, Header, TAG_BYTES, Writer};
 
 use super::{Chunk, FRAGMENT_BYTES_MIN, Peer, PeerTimer, SentPacket, data_packets_max, grow};
@@ -41,12 +41,12 @@ impl Peer {
     fn data_path(&self, t: &Tuning) -> Option<usize> {
         if let Some(p) = self.pin {
             return (self.paths[p].is_usable()
-                && self.paths[p].can_send(self.paths[p].cfg.datagram_bytes))
+                && self.paths[p].can_send(self.paths[p].datagram_bytes()))
             .then_some(p);
         }
         let a = self.active?;
         let pa = &self.paths[a];
-        if pa.can_send(pa.cfg.datagram_bytes) {
+        if pa.can_send(pa.datagram_bytes()) {
             return Some(a);
         }
         if t.spill_rtt_ratio == 0 || pa.state != PathState::Up {
@@ -57,9 +57,7 @@ impl Peer {
             .filter(|&i| i != a)
             .filter(|&i| {
                 let p = &self.paths[i];
-                p.state == PathState::Up
-                    && p.rank_rtt(t) <= limit
-                    && p.can_send(p.cfg.datagram_bytes)
+                p.state == PathState::Up && p.rank_rtt(t) <= limit && p.can_send(p.datagram_bytes())
             })
             .min_by_key(|&i| (self.paths[i].rank_rtt(t), i))
     }
@@ -89,7 +87,7 @@ impl Peer {
             let p = &self.paths[pi];
             if p.ack_pending || p.ping_pending || (self.credit_dirty && Some(pi) == data_path) {
                 let with_data = Some(pi) == data_path;
-                let seg = self.paths[pi].cfg.datagram_bytes;
+                let seg = self.paths[pi].datagram_bytes();
                 grow(buf, seg);
                 let len = self.build_packet(now, shared, sink, pi, &mut buf[..seg], with_data);
                 if len > 0 {
@@ -97,14 +95,23 @@ impl Peer {
                 }
             }
         }
+        // A path-MTU probe, when one is due.
+        for pi in 0..self.paths.len() {
+            if let Some(len) = self.build_mtu_probe(now, shared, sink, pi, buf) {
+                return Some(self.transmit(pi, len, len));
+            }
+        }
         // Data, batched for GSO while datagrams come out full-sized.
         let pi = data_path?;
         if !self.has_data() || self.sent.len() >= data_packets_max(t) {
             return None;
         }
-        let seg = self.paths[pi].cfg.datagram_bytes;
+        let seg = self.paths[pi].datagram_bytes();
         let mut total = 0;
         for _ in 0..max_datagrams {
+            if total + seg > TRANSMIT_BYTES_MAX && total > 0 {
+                break;
+            }
             if !self.has_data()
                 || !self.paths[pi].can_send(seg)
                 || self.sent.len() >= data_packets_max(t)
@@ -123,6 +130,58 @@ impl Peer {
             }
         }
         (total > 0).then(|| self.transmit(pi, total, seg.min(total)))
+    }
+
+    /// A path-MTU probe on path `pi`, if one is due and the path is up with
+    /// room in its window: a datagram of the size to try, holding pings
+    /// only (a ping is one byte, so the padding is pings too, which every
+    /// version of the protocol reads). Returns its length.
+    fn build_mtu_probe(
+        &mut self,
+        now: Instant,
+        shared: &Shared,
+        sink: &mut Sink,
+        pi: usize,
+        buf: &mut Vec<u8>,
+    ) -> Option<usize> {
+        let t = &shared.tuning;
+        let p = &self.paths[pi];
+        let size = p.mtu.probe_due(now)?;
+        if p.state != PathState::Up
+            || !p.can_send(size)
+            || self.sent.len() >= t.sent_packets_max.min(data_packets_max(t))
+        {
+            return None;
+        }
+        grow(buf, size);
+        buf[HEADER_BYTES..size - TAG_BYTES].fill(wire::FRAME_PING);
+        let pn = self.next_pn;
+        self.next_pn += 1;
+        let end = self.chunk_base + self.chunk_log.len() as u64;
+        self.sent.push_back(SentPacket {
+            pn,
+            path: pi as u8,
+            time_sent: now,
+            size: size as u32,
+            chunks_start: end,
+            chunks_end: end,
+            has_credit: false,
+            in_flight: true,
+            resolved: false,
+            mtu_probe: true,
+        });
+        let p = &mut self.paths[pi];
+        p.on_sent(now, size, true);
+        p.mtu.on_probe_sent(size);
+        self.arm_loss_timer(pi, t);
+        self.seal(
+            shared,
+            self.remote_epoch.expect("session established"),
+            pn,
+            &mut buf[..size],
+        );
+        self.account_sent(sink, pi, size, false);
+        Some(size)
     }
 
     fn transmit(&self, pi: usize, len: usize, segment_bytes: usize) -> Transmit {
@@ -176,6 +235,7 @@ impl Peer {
                     has_credit: false,
                     in_flight: !close,
                     resolved: close,
+                    mtu_probe: false,
                 });
             }
             if !close && tracked {
@@ -322,6 +382,7 @@ impl Peer {
                 has_credit,
                 in_flight: eliciting,
                 resolved: false,
+                mtu_probe: false,
             });
         }
         if eliciting && track {
