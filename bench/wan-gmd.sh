@@ -13,7 +13,8 @@
 # Usage: bench/wan-gmd.sh NS_A NS_B RATE_MBIT RTT_MS   (root; binaries in
 #   target/release). Environment: SIZE (default 1G), T (default 15), KEEP=1,
 #   CASES (default "resync mwc async"; without resync, mwc starts from
-#   zeroed maps), REPEAT (default 1: runs of each of the mwc and async cases).
+#   zeroed maps), REPEAT (default 1: runs of each of the mwc and async cases),
+#   DATAGRAM (datagram_size; default auto: unset, discovered per path).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BENCH_DIR=$PWD/bench
@@ -36,7 +37,10 @@ truncate -s "$SIZE" alpha/data10.img beta/data10.img
 HWM=$(gmdctl sizing --link "${RATE}Mbit" --rtt-ms "$RTT" | sed -n 's/.*hwm_kib = \([0-9]*\).*/\1/p')
 
 write_config() { # mode
-    sed -e "s/256MiB/$SIZE/" -e 's/datagram_size = 8192.*/datagram_size = 1400/' \
+    # DATAGRAM=auto (the default): no datagram_size, each path discovers its own.
+    local dgram='/^datagram_size = /d'
+    [ "${DATAGRAM:-auto}" = auto ] || dgram="s/^datagram_size = .*/datagram_size = $DATAGRAM/"
+    sed -e "s/256MiB/$SIZE/" -e "$dgram" \
         -e 's/127.0.0.1:6755/10.77.0.1:6755/' -e 's/127.0.0.1:6756/10.77.0.2:6756/' \
         -e "s/^mode = \"mwc\"/mode = \"$1\"/" -e '/^sync_rate_kib/d' \
         -e "s/^hwm_kib = 128/hwm_kib = $HWM/" \

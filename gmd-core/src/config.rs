@@ -218,7 +218,8 @@ pub const FENCE_TIMEOUT_S_DEFAULT: u64 = 60;
 pub struct Network {
     /// Network name.
     pub name: String,
-    /// Largest datagram sent on this network (bytes); `None` = GeoMessage's default.
+    /// Largest datagram sent on this network (bytes); `None` = each path
+    /// discovers what it carries (path-MTU discovery, from 1 400 bytes up).
     pub datagram_size: Option<u32>,
 }
 

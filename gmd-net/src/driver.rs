@@ -359,10 +359,12 @@ impl Node {
             }
             local_addrs.push(s.local_addr().map_err(|e| NetError::io("local_addr", &e))?);
             let io = UdpSocket::from_std(s).map_err(|e| NetError::io("register socket", &e))?;
+            // Without GRO, room for the largest datagram of this network
+            // or of a peer that discovers its size.
             let slot_bytes = if gro {
                 65_536
             } else {
-                (*dg).next_power_of_two().max(2048)
+                (*dg).max(crate::DISCOVERY_MAX).next_power_of_two()
             };
             info!(
                 network = %name,

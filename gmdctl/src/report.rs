@@ -782,6 +782,11 @@ pub struct NetPath {
     pub cwnd_bytes: u64,
     /// Bytes in flight.
     pub in_flight_bytes: u64,
+    /// Size of its data datagrams now (UDP payload): the configured
+    /// `datagram_size`, or what path-MTU discovery found. Absent from a
+    /// gmdd before 2026-12-07 (evening).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datagram_bytes: Option<u64>,
 }
 
 impl NetReport {
@@ -931,13 +936,21 @@ pub fn render_netstat(r: &NetReport, seconds: Option<f64>, summary: bool) -> Str
     if !summary && !r.paths.is_empty() {
         let _ = writeln!(
             out,
-            "{:<12} {:<10} {:<4} {:<6} {:>9} {:>9} {:>9} {:>9}",
-            "PATH TO", "NETWORK", "UP", "ACTIVE", "srtt ms", "rttvar ms", "rto ms", "cwnd KiB"
+            "{:<12} {:<10} {:<4} {:<6} {:>9} {:>9} {:>9} {:>8} {:>5}",
+            "PATH TO",
+            "NETWORK",
+            "UP",
+            "ACTIVE",
+            "srtt ms",
+            "rttvar ms",
+            "rto ms",
+            "cwnd KiB",
+            "dgram"
         );
         for p in &r.paths {
             let _ = writeln!(
                 out,
-                "{:<12} {:<10} {:<4} {:<6} {:>9} {:>9} {:>9} {:>9}",
+                "{:<12} {:<10} {:<4} {:<6} {:>9} {:>9} {:>9} {:>8} {:>5}",
                 p.peer,
                 p.network,
                 if p.up { "yes" } else { "no" },
@@ -945,7 +958,9 @@ pub fn render_netstat(r: &NetReport, seconds: Option<f64>, summary: bool) -> Str
                 ms(p.srtt_us),
                 ms(p.rttvar_us),
                 ms(Some(p.rto_us)),
-                fit(kib(p.cwnd_bytes), 9)
+                fit(kib(p.cwnd_bytes), 8),
+                p.datagram_bytes
+                    .map_or_else(|| "-".into(), |b| b.to_string())
             );
         }
     }
@@ -1092,6 +1107,7 @@ mod tests {
                 network: "geonet1".into(),
                 rto_us: 1_000_000,
                 cwnd_bytes: 1 << 30,
+                datagram_bytes: Some(65_000),
                 ..Default::default()
             }],
             rejected: 1,
@@ -1127,6 +1143,42 @@ mod tests {
         assert_eq!(batching(&old), None);
         n.gso = None;
         assert!(batching(&n).expect("gro known").contains("sending ? (GSO)"));
+    }
+
+    #[test]
+    fn netstat_shows_each_paths_datagram_size_when_the_daemon_knows() {
+        let mut r = NetReport {
+            schema: REPORT_SCHEMA,
+            machine: "alpha".into(),
+            machines: Vec::new(),
+            networks: Vec::new(),
+            rejected: 0,
+            auth_failures: Vec::new(),
+            paths: vec![NetPath {
+                peer: "beta".into(),
+                network: "geonet1".into(),
+                up: true,
+                active: true,
+                datagram_bytes: Some(1472),
+                ..Default::default()
+            }],
+        };
+        let text = render_netstat(&r, None, false);
+        let header = text
+            .lines()
+            .find(|l| l.starts_with("PATH TO"))
+            .expect("table");
+        let row = text.lines().find(|l| l.starts_with("beta")).expect("row");
+        assert!(header.ends_with("dgram"), "{header:?}");
+        assert!(row.ends_with(" 1472"), "{row:?}");
+        // A daemon from before the field: "-", and its JSON still reads.
+        let old: NetPath = serde_json::from_str(r#"{"peer":"beta","network":"geonet1","up":true,"active":true,"srtt_us":null,"rttvar_us":null,"rto_us":1,"cwnd_bytes":1,"in_flight_bytes":0}"#)
+            .expect("an older daemon's path");
+        assert_eq!(old.datagram_bytes, None);
+        r.paths = vec![old];
+        let text = render_netstat(&r, None, false);
+        let row = text.lines().find(|l| l.starts_with("beta")).expect("row");
+        assert!(row.ends_with(" -"), "{row:?}");
     }
 
     #[test]

@@ -169,6 +169,7 @@ pub fn net_report(config: &ClusterConfig, machine: &str, s: &gmd_net::Stats) -> 
                 rto_us: p.rto.as_micros() as u64,
                 cwnd_bytes: p.cwnd_bytes as u64,
                 in_flight_bytes: p.in_flight_bytes as u64,
+                datagram_bytes: Some(p.datagram_bytes as u64),
             })
             .collect(),
         rejected: s.rejected_total(),

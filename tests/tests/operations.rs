@@ -736,6 +736,58 @@ impl Drop for RouteWithMtu {
     }
 }
 
+/// With no `datagram_size` set, each path finds the largest datagram it
+/// carries whole and data uses it: toward a peer behind a 1 500-byte MTU,
+/// 1 472 bytes (the MTU less the IP and UDP headers); over the loopback,
+/// the 8 972 of a jumbo frame. `gmdctl netstat` shows both, and nothing
+/// warns of fragmentation.
+#[test]
+fn gmdd_discovers_the_datagram_size_each_path_carries_when_none_is_set() {
+    let _route = RouteWithMtu::add("127.77.0.3", 1500);
+    let cluster = Cluster::with_config(|t| {
+        let at = t.rfind("geonet1 = \"127.0.0.1:").expect("beta's interface");
+        let t = format!(
+            "{}geonet1 = \"127.77.0.3:{}",
+            &t[..at],
+            &t[at + "geonet1 = \"127.0.0.1:".len()..]
+        );
+        t.lines()
+            .filter(|l| !l.starts_with("datagram_size"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let alpha = cluster.gmdd("alpha");
+    let beta = cluster.gmdd("beta");
+    let datagram = |g: &Gmdd| {
+        let run = g.ctl(&["netstat", "--json"]).ok();
+        let json: serde_json::Value = serde_json::from_str(&run.stdout).expect("netstat json");
+        json["paths"][0]["datagram_bytes"].as_u64()
+    };
+    wait_for(
+        "alpha's datagrams at 1 472 bytes",
+        Duration::from_secs(20),
+        || datagram(&alpha) == Some(1472),
+    );
+    wait_for(
+        "beta's datagrams at 8 972 bytes",
+        Duration::from_secs(20),
+        || datagram(&beta) == Some(8972),
+    );
+    let text = alpha.ctl(&["netstat"]).ok().stdout;
+    let row = text
+        .lines()
+        .skip_while(|l| !l.starts_with("PATH TO"))
+        .nth(1)
+        .expect("path row");
+    assert!(row.starts_with("beta ") && row.ends_with(" 1472"), "{text}");
+    let log = alpha.log_text();
+    assert!(
+        log.contains("the path carries datagrams of 1472 bytes (was 1400)"),
+        "{log}"
+    );
+    assert!(!log.contains("IP fragments every datagram"), "{log}");
+}
+
 /// A datagram size that the path to the peer cannot carry whole (8 KiB
 /// datagrams, the example's, toward a peer behind a 1 500-byte MTU) is
 /// named when gmdd starts, with the size that fits; on the loopback the

@@ -343,6 +343,8 @@ struct GmResult {
     resends: u64,
     timeouts: u64,
     injected: u64,
+    /// The sender's datagram size at the end (discovered or set).
+    datagram: usize,
 }
 
 fn gm_client<T>(
@@ -437,6 +439,7 @@ fn gm_bulk(encrypt: bool, loss: u32, dg: usize, total: usize) -> GmResult {
         resends: st.networks.iter().map(|n| n.resends).sum(),
         timeouts: st.networks.iter().map(|n| n.timeouts).sum(),
         injected: st.injected_losses,
+        datagram: st.paths.first().map_or(0, |p| p.datagram_bytes),
     }
 }
 
@@ -572,10 +575,15 @@ fn all(args: &[String]) {
     let total = ((gib * (1u64 << 30) as f64) as usize / MESSAGE_BYTES).max(1) * MESSAGE_BYTES;
     let mib = |b: f64| b / (1 << 20) as f64;
     println!(
-        "GeoMessage vs TCP, {} -> {}: {} MiB in 1 MiB messages, datagram {dg} bytes",
+        "GeoMessage vs TCP, {} -> {}: {} MiB in 1 MiB messages, datagram {}",
         opts().addr0,
         opts().addr1,
-        total >> 20
+        total >> 20,
+        if dg == 0 {
+            "discovered per path".to_string()
+        } else {
+            format!("{dg} bytes")
+        }
     );
 
     let repeat: usize = arg(args, "--repeat")
@@ -592,6 +600,7 @@ fn all(args: &[String]) {
             resends: 0,
             timeouts: 0,
             injected: 0,
+            datagram: 0,
         });
         runs[1].push(gm_bulk(true, 0, dg, total));
         runs[2].push(gm_bulk(false, 0, dg, total));
@@ -613,10 +622,11 @@ fn all(args: &[String]) {
     let tcp = tcp.bytes_per_sec;
     println!("  tcp bulk                   {:>9.1} MiB/s", mib(tcp));
     println!(
-        "  geomsg bulk, 0% loss, enc  {:>9.1} MiB/s  resends {} timeouts {}",
+        "  geomsg bulk, 0% loss, enc  {:>9.1} MiB/s  resends {} timeouts {} datagrams {} bytes",
         mib(gm0.bytes_per_sec),
         gm0.resends,
-        gm0.timeouts
+        gm0.timeouts,
+        gm0.datagram
     );
     println!(
         "  geomsg bulk, 0% loss, auth {:>9.1} MiB/s  resends {} timeouts {}",
