@@ -68,6 +68,8 @@ gmd_setup() {
   d=/m/pair
   mkdir -p "$d"
   echo "$CLUSTER_KEY" > "$d/cluster.key"; chmod 600 "$d/cluster.key"
+  dgram_line="datagram_size = $DGRAM"
+  [ "$DGRAM" != auto ] || dgram_line="# no datagram_size: each path discovers its own"
   cat > "$d/cluster.toml" <<TOML
 [cluster]
 name = "vm2-$mode"
@@ -77,7 +79,7 @@ encrypt = $ENCRYPT
 dominant = true
 [sites.dallas]
 [networks.geonet1]
-datagram_size = $DGRAM
+$dgram_line
 [machines.alpha]
 site = "austin"
 interfaces = { geonet1 = "10.99.0.1:6755" }
@@ -169,7 +171,7 @@ if [ "$role" = alpha ] && [ "$raw" = 1 ]; then
   wait_until 10 test -b /dev/vdc || fail "no /dev/vdc"
   job raw /dev/vdc
   log "alpha: raw disk measured"
-  ! command -v gmd-net-bench >/dev/null || echo "BENCH-CRYPTO $(gmd-net-bench crypto --datagram "$DGRAM")"
+  ! command -v gmd-net-bench >/dev/null || echo "BENCH-CRYPTO $(gmd-net-bench crypto --datagram "$([ "$DGRAM" = auto ] && echo $((MTU - 28)) || echo "$DGRAM")")"
 fi
 case $mode in drbd-c) drbd_pair C;; drbd-a) drbd_pair A;; esac
 if [ "$role" = beta ]; then
@@ -210,6 +212,7 @@ wait_until 10 test -b /dev/ublkb0 || fail "no /dev/ublkb0"
 log "alpha: ${standalone:+standalone, }ready"
 job "$mode" /dev/ublkb0
 log "alpha: $mode measured"
+[ -n "$standalone" ] || log "alpha: datagrams to beta of $(ctl "$d" alpha netstat --json | tr -d ' \n' | sed -n 's/.*"datagram_bytes":\([0-9]*\).*/\1/p') bytes"
 # A figure is a mirrored one only if the pair stayed together: one
 # mirroring session from the start, still connected at the end.
 if [ -z "$standalone" ]; then

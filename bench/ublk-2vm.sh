@@ -7,7 +7,7 @@ key=$(mktemp -u)
 "$ROOT/target/release/gmdctl" genkey "$key" >/dev/null
 {
   echo '#!/bin/busybox sh'
-  echo "BENCH_S=$BENCH_S DGRAM=${DGRAM:-1400} HWM_KIB=${HWM_KIB:-128} ENCRYPT=${ENCRYPT:-true} MTU=${MTU:-1500} JOB=${JOB:-} PERF=${PERF:-} SCHED_LINES=${SCHED_LINES:-} CLUSTER_KEY=$(cat "$key")"
+  echo "BENCH_S=$BENCH_S DGRAM=${DGRAM:-auto} HWM_KIB=${HWM_KIB:-128} ENCRYPT=${ENCRYPT:-true} MTU=${MTU:-1500} JOB=${JOB:-} PERF=${PERF:-} SCHED_LINES=${SCHED_LINES:-} CLUSTER_KEY=$(cat "$key")"
   cat "$VM/guest/lib.sh" "$ROOT/bench/vm-fio.sh" "$ROOT/bench/ublk-2vm-guest.sh"
 } > "$W/bench2-init.sh"
 rm -f "$key"

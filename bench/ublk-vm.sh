@@ -23,8 +23,9 @@
 # guest kernel's module, protocol C or A, on the same disks and link, its
 # metadata on the small disk; needs drbd-utils on the host), a fresh pair
 # per mode.
-# Env: DGRAM (GeoMessage datagram size, default 1400: no IP fragments at
-# the link's MTU of 1500), HWM_KIB (async high water mark, default 128),
+# Env: DGRAM (GeoMessage datagram size; default auto: no datagram_size,
+# discovered per path as users get it, 1 472 at the link's MTU of 1500;
+# 1400 pins the size of runs before 2026-12-07 evening), HWM_KIB (async high water mark, default 128),
 # ENCRYPT (GeoMessage encryption, default true; false: authentication only),
 # MTU (of the guests' link, default 1500; DGRAM must fit in it),
 # GUEST_APPEND (extra guest kernel parameters, e.g. idle=poll),

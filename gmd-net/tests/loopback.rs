@@ -293,33 +293,28 @@ async fn datagrams_grow_to_what_the_path_carries_and_fall_back_when_it_shrinks()
                 received += 1;
             }
         };
-        let mut rounds = 0;
-        let grown = loop {
-            exchange(20).await;
-            rounds += 1;
-            let st = path(&p.a.stats().await.unwrap());
-            if st.datagram_bytes > 2900 || rounds > 200 {
-                break st;
+        // Exchanges messages until `done` holds of A's path (200 rounds at most).
+        let mut exchange_until = async |done: fn(&gmd_net::PathStats) -> bool| {
+            for _ in 0..200 {
+                exchange(20).await;
+                let st = path(&p.a.stats().await.unwrap());
+                if done(&st) {
+                    return st;
+                }
             }
+            path(&p.a.stats().await.unwrap())
         };
+        let grown = exchange_until(|st| st.datagram_bytes > 2900).await;
         assert!(
             (2968..=3000).contains(&grown.datagram_bytes),
             "settled at {} bytes: {grown:?}",
             grown.datagram_bytes
         );
         p.relays[0].control.datagram_max.store(1400, Relaxed);
-        let mut rounds = 0;
-        let fallen = loop {
-            exchange(20).await;
-            rounds += 1;
-            let st = path(&p.a.stats().await.unwrap());
-            if st.black_holes > 0 || rounds > 200 {
-                break st;
-            }
-        };
+        let fallen = exchange_until(|st| st.black_holes > 0).await;
         assert_eq!(fallen.datagram_bytes, 1400, "{fallen:?}");
         assert_eq!(fallen.black_holes, 1, "{fallen:?}");
-        exchange(20).await;
+        exchange_until(|_| true).await;
         p.a.shutdown().await;
         p.b.shutdown().await;
     })

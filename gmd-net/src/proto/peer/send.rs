@@ -132,8 +132,8 @@ impl Peer {
         (total > 0).then(|| self.transmit(pi, total, seg.min(total)))
     }
 
-    /// A path-MTU probe on path `pi`, if one is due and the path is up with
-    /// room in its window: a datagram of the size to try, holding pings
+    /// A path-MTU probe on path `pi`, if one is due and the path is up, not
+    /// timing out, with room in its window: a datagram of the size to try, holding pings
     /// only (a ping is one byte, so the padding is pings too, which every
     /// version of the protocol reads). Returns its length.
     fn build_mtu_probe(
@@ -147,8 +147,10 @@ impl Peer {
         let t = &shared.tuning;
         let p = &self.paths[pi];
         let size = p.mtu.probe_due(now)?;
+        // Not while the path times out: its probe budget is for data.
         if p.state != PathState::Up
-            || !p.can_send(size)
+            || p.timeouts_in_row > 0
+            || p.in_flight_bytes + size > p.cwnd_bytes
             || self.sent.len() >= t.sent_packets_max.min(data_packets_max(t))
         {
             return None;
