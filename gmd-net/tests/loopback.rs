@@ -258,7 +258,8 @@ async fn ordered_stream_and_large_messages_survive_loss() {
 /// as ceiling): through a relay that drops datagrams above 3 000 bytes,
 /// A's datagrams to B grow from 1 400 to within 32 bytes below 3 000;
 /// when the relay then drops everything above 1 400 (a route change), the
-/// size falls back and every message still arrives, in order.
+/// size falls back and stays there, and every message still arrives, in
+/// order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn datagrams_grow_to_what_the_path_carries_and_fall_back_when_it_shrinks() {
     use std::sync::atomic::Ordering::Relaxed;
@@ -311,10 +312,15 @@ async fn datagrams_grow_to_what_the_path_carries_and_fall_back_when_it_shrinks()
             grown.datagram_bytes
         );
         p.relays[0].control.datagram_max.store(1400, Relaxed);
-        let fallen = exchange_until(|st| st.black_holes > 0).await;
+        // Back to 1 400 by black-hole detection or, if the host stalls the
+        // lone pings long enough, because the path was declared down (the
+        // simulator checks which, deterministically); then it stays there.
+        let fallen = exchange_until(|st| st.datagram_bytes <= 1400).await;
         assert_eq!(fallen.datagram_bytes, 1400, "{fallen:?}");
-        assert_eq!(fallen.black_holes, 1, "{fallen:?}");
-        exchange_until(|_| true).await;
+        for _ in 0..5 {
+            let st = exchange_until(|_| true).await;
+            assert_eq!(st.datagram_bytes, 1400, "{st:?}");
+        }
         p.a.shutdown().await;
         p.b.shutdown().await;
     })

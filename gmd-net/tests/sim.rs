@@ -836,3 +836,47 @@ fn sim_a_black_hole_falls_back_to_the_base_and_loses_nothing() {
     assert_eq!(p.datagram_bytes, 1400, "{p:?}");
     assert_eq!(p.black_holes, 1, "{p:?}");
 }
+
+/// An outage is not a black hole: a path that carries nothing at all for a
+/// while (large datagrams and small alike) times out and may go down, but
+/// its size is not taken for too big; once it is back, the search proves
+/// the size again, and every message arrives.
+#[test]
+fn sim_an_outage_is_not_taken_for_a_black_hole() {
+    let s = Duration::from_secs;
+    let mut sim = pair(29);
+    sim.discover_datagram_sizes();
+    sim.set_network(
+        0,
+        LinkParams {
+            latency: Duration::from_millis(10),
+            ..LinkParams::default()
+        },
+    );
+    let mut tx = Paced::new(&sim, Duration::from_millis(4));
+    let start = sim.now;
+    tx.run(&mut sim, start + s(2));
+    assert_eq!(
+        sim.nodes[0].endpoint.stats().paths[0].datagram_bytes,
+        gmd_net::DISCOVERY_MAX
+    );
+    for cut in [Duration::from_millis(300), s(3)] {
+        sim.set_network_up(0, false);
+        let at = sim.now;
+        tx.run(&mut sim, at + cut);
+        sim.set_network_up(0, true);
+        let at = sim.now;
+        tx.run(&mut sim, at + s(3));
+        let p = sim.nodes[0].endpoint.stats().paths[0].clone();
+        assert_eq!(
+            p.black_holes, 0,
+            "a {cut:?} outage taken for a black hole: {p:?}"
+        );
+        assert_eq!(
+            p.datagram_bytes,
+            gmd_net::DISCOVERY_MAX,
+            "after {cut:?}: {p:?}"
+        );
+    }
+    assert!(tx.received + 8 >= tx.sent, "{} of {}", tx.received, tx.sent);
+}

@@ -13,10 +13,13 @@
 //! [`RAISE_INTERVAL`], for a path that grew.
 //!
 //! A path that stops carrying the size it proved (a route change, a
-//! tunnel) is a black hole for every full datagram: the losses and probe
-//! timeouts of datagrams above the base, [`BLACK_HOLE_EVENTS`] of them with
-//! no such datagram acknowledged in between, bring the size back to the
-//! base; the search starts again after [`BLACK_HOLE_RETRY`]. A path
+//! tunnel) is a black hole for every full datagram: losses of datagrams
+//! above the base at [`BLACK_HOLE_EVENTS`] distinct moments, with no such
+//! datagram acknowledged in between, bring the size back to the base; the
+//! search starts again after [`BLACK_HOLE_RETRY`]. A loss is only declared
+//! when something sent later was acknowledged, so a path that carries
+//! nothing at all (an outage) never looks like a black hole; after a probe
+//! timeout the path's ping goes alone, small enough to pass one. A path
 //! declared down starts again from the base, and searches as soon as it
 //! is up. Losing a probe never touches the congestion window.
 //!
@@ -36,8 +39,8 @@ const SEARCH_DONE_GAP: usize = 32;
 /// A complete search starts again after this long (RFC 8899's
 /// PMTU_RAISE_TIMER).
 pub(crate) const RAISE_INTERVAL: Duration = Duration::from_secs(600);
-/// Losses and probe timeouts of datagrams above the base, with none
-/// acknowledged in between, that make a black hole.
+/// Loss events of datagrams above the base, with none acknowledged in
+/// between, that make a black hole.
 pub(crate) const BLACK_HOLE_EVENTS: u32 = 3;
 /// After a black hole, the search starts again after this long.
 pub(crate) const BLACK_HOLE_RETRY: Duration = Duration::from_secs(60);
@@ -59,8 +62,8 @@ pub(crate) struct PathMtu {
     failures: u8,
     /// No search before then.
     paused_until: Option<Instant>,
-    /// Loss events and probe timeouts of datagrams above the base since one
-    /// was last acknowledged.
+    /// Loss events of datagrams above the base since one was last
+    /// acknowledged.
     suspicious: u32,
     /// When the last of them was counted: losses declared at one instant
     /// are one event.
@@ -118,6 +121,11 @@ impl PathMtu {
     /// Black holes seen so far.
     pub(crate) fn black_holes(&self) -> u64 {
         self.black_holes
+    }
+
+    /// Whether data datagrams are above the base now.
+    pub(crate) fn is_raised(&self) -> bool {
+        self.current > self.base
     }
 
     /// Whether a datagram of `len` bytes could be lost to a black hole
@@ -197,10 +205,9 @@ impl PathMtu {
         self.suspicious = 0;
     }
 
-    /// Datagrams above the base were lost, or a probe timeout fired, at
-    /// `now`. Returns whether that makes a black hole (the size is back to
-    /// the base).
-    pub(crate) fn on_large_trouble(&mut self, now: Instant) -> bool {
+    /// Datagrams above the base were declared lost at `now`. Returns
+    /// whether that makes a black hole (the size is back to the base).
+    pub(crate) fn on_large_lost(&mut self, now: Instant) -> bool {
         if self.current <= self.base || self.suspicious_at == Some(now) {
             return false;
         }
@@ -305,7 +312,7 @@ mod tests {
         let mut m = PathMtu::fixed(8192);
         assert_eq!(m.probe_due(now), None);
         for k in 0..10 {
-            assert!(!m.on_large_trouble(now + Duration::from_secs(k)));
+            assert!(!m.on_large_lost(now + Duration::from_secs(k)));
         }
         m.on_path_down();
         assert_eq!(m.current(), 8192);
@@ -336,21 +343,21 @@ mod tests {
         search(&mut m, now, 1472);
         // Losses at one instant are one event; an acknowledged large
         // datagram clears the count (congestion, not a black hole).
-        assert!(!m.on_large_trouble(now + s(1)));
-        assert!(!m.on_large_trouble(now + s(1)));
-        assert!(!m.on_large_trouble(now + s(2)));
+        assert!(!m.on_large_lost(now + s(1)));
+        assert!(!m.on_large_lost(now + s(1)));
+        assert!(!m.on_large_lost(now + s(2)));
         m.on_large_acked();
-        assert!(!m.on_large_trouble(now + s(3)));
-        assert!(!m.on_large_trouble(now + s(4)));
+        assert!(!m.on_large_lost(now + s(3)));
+        assert!(!m.on_large_lost(now + s(4)));
         assert_eq!(m.current(), 1472);
-        assert!(m.on_large_trouble(now + s(5)));
+        assert!(m.on_large_lost(now + s(5)));
         assert_eq!(m.current(), 1400);
         assert_eq!(m.black_holes(), 1);
         // No probe for a while, then the search starts over.
         assert_eq!(m.probe_due(now + s(6)), None);
         assert_eq!(m.probe_due(now + s(5) + BLACK_HOLE_RETRY), Some(1472));
         // At the base there is nothing to fall from.
-        assert!(!m.on_large_trouble(now + s(7)));
+        assert!(!m.on_large_lost(now + s(7)));
     }
 
     #[test]

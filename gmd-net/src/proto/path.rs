@@ -154,6 +154,11 @@ pub(crate) struct Path {
     pub(crate) unacked_received: u32,
     /// A ping should go out at the next opportunity.
     pub(crate) ping_pending: bool,
+    /// That ping goes without data, in a small datagram: after a probe
+    /// timeout on a path whose datagrams are above the base, so that it
+    /// passes a black hole for large ones and its acknowledgement shows
+    /// them lost.
+    pub(crate) ping_alone: bool,
     /// Packet threshold of loss detection, raised by reordering.
     pub(crate) packet_threshold: u64,
     /// Time threshold of loss detection: `rtt + rtt × reorder_eighths / 8`,
@@ -200,6 +205,7 @@ impl Path {
             ack_pending: false,
             unacked_received: 0,
             ping_pending: false,
+            ping_alone: false,
             packet_threshold: PACKET_THRESHOLD,
             reorder_eighths: REORDER_EIGHTHS_INITIAL,
             losses_since_spurious: 0,
@@ -421,6 +427,7 @@ impl Path {
         self.timeouts_in_row += 1;
         self.rto_base = Some(now);
         self.ping_pending = true;
+        self.ping_alone = self.mtu.is_raised();
         self.probe_budget = PROBE_DATAGRAMS;
     }
 

@@ -462,7 +462,7 @@ impl Peer {
             p.mtu.on_probe_lost(now, size);
             return;
         }
-        if !path_down && p.mtu.is_large(size) && p.mtu.on_large_trouble(now) {
+        if !path_down && p.mtu.is_large(size) && p.mtu.on_large_lost(now) {
             p.datagram_size_changed();
             warn!(
                 peer = %self.cfg.name,

@@ -86,7 +86,8 @@ impl Peer {
         for pi in 0..self.paths.len() {
             let p = &self.paths[pi];
             if p.ack_pending || p.ping_pending || (self.credit_dirty && Some(pi) == data_path) {
-                let with_data = Some(pi) == data_path;
+                let with_data = Some(pi) == data_path && !(p.ping_pending && p.ping_alone);
+                self.paths[pi].ping_alone = false;
                 let seg = self.paths[pi].datagram_bytes();
                 grow(buf, seg);
                 let len = self.build_packet(now, shared, sink, pi, &mut buf[..seg], with_data);

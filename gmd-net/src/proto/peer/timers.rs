@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use smallvec::SmallVec;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::proto::path::{PROBE_DATAGRAMS, Path, PathState, PathTimer};
 use crate::proto::{Event, Shared, Sink};
@@ -101,17 +101,6 @@ impl Peer {
         self.paths[pi].on_probe_timeout(now);
         self.queue_probe_data(sink, pi);
         let p = &mut self.paths[pi];
-        if p.mtu.on_large_trouble(now) {
-            p.datagram_size_changed();
-            warn!(
-                peer = %self.cfg.name,
-                network = %shared.topo.networks[net.0 as usize].0,
-                "nothing larger than {} bytes reached the peer for several timeouts: back to that \
-                 size, probing larger ones again in {} s",
-                p.datagram_bytes(),
-                crate::proto::mtu::BLACK_HOLE_RETRY.as_secs()
-            );
-        }
         debug!(peer = %self.cfg.name, network = net.0, timeouts = p.timeouts_in_row, "probe timeout");
         if p.timeouts_in_row >= t.path_timeouts_max && p.state != PathState::Down {
             p.state = PathState::Down;
