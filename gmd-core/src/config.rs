@@ -213,6 +213,12 @@ pub struct FenceHandler {
 /// Seconds a fence handler may run when `fence_timeout` is not given.
 pub const FENCE_TIMEOUT_S_DEFAULT: u64 = 60;
 
+/// Smallest `datagram_size` accepted.
+pub const DATAGRAM_SIZE_MIN: i64 = 576;
+/// Largest `datagram_size` accepted: GeoMessage's largest datagram
+/// (`gmd_net::config::DATAGRAM_BYTES_MAX`; gmdd's tests check they agree).
+pub const DATAGRAM_SIZE_MAX: i64 = 65_000;
+
 /// A GeoMessage network.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Network {
@@ -662,11 +668,14 @@ fn build(c: &mut Checker, path: &Path, base: &Path, raw: RawConfig) -> ClusterCo
         c.name(&field, "network", &net_name);
         let datagram_size = match net.datagram_size {
             None => None,
-            Some(n) if (576..=65507).contains(&n) => Some(n as u32),
+            Some(n) if (DATAGRAM_SIZE_MIN..=DATAGRAM_SIZE_MAX).contains(&n) => Some(n as u32),
             Some(n) => {
                 c.problem(
                     format!("{field}.datagram_size"),
-                    format!("{n} is out of range; use 576–65507 bytes"),
+                    format!(
+                        "{n} is out of range; use {DATAGRAM_SIZE_MIN}–{DATAGRAM_SIZE_MAX} bytes, \
+                         or leave it unset for each path to find the size it carries"
+                    ),
                 );
                 None
             }

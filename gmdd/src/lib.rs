@@ -2222,3 +2222,17 @@ fn isolation_settings(
         fence,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The configuration accepts exactly the datagram sizes GeoMessage can
+    /// send: gmd-core cannot see gmd-net's limits, so they are checked here.
+    #[test]
+    fn the_configured_datagram_range_is_geomessages() {
+        assert_eq!(
+            gmd_core::config::DATAGRAM_SIZE_MAX,
+            gmd_net::config::DATAGRAM_BYTES_MAX as i64
+        );
+        assert!(gmd_core::config::DATAGRAM_SIZE_MIN >= gmd_net::config::DATAGRAM_BYTES_MIN as i64);
+    }
+}

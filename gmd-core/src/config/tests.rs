@@ -87,6 +87,19 @@ fn bad_mode_names_the_allowed_values() {
 }
 
 #[test]
+fn a_datagram_size_geomessage_cannot_send_is_refused_with_the_range() {
+    for bad in ["575", "65001"] {
+        assert_problem(
+            &edited("datagram_size = 8192", &format!("datagram_size = {bad}")),
+            "networks.geonet1.datagram_size",
+            "use 576–65000 bytes, or leave it unset",
+        );
+    }
+    let config = parse(&edited("datagram_size = 8192", "datagram_size = 65000")).unwrap();
+    assert_eq!(config.networks["geonet1"].datagram_size, Some(65_000));
+}
+
+#[test]
 fn minor_out_of_range_and_duplicates_are_refused() {
     assert_problem(
         &edited("minor = 10", "minor = 1024"),
