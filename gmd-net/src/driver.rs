@@ -23,13 +23,13 @@ use std::collections::{BTreeMap, VecDeque};
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use std::sync::Mutex;
 use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use tokio::io::unix::AsyncFd;
 
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -314,7 +314,13 @@ fn yes_no(b: bool) -> &'static str {
 }
 
 struct Sock {
-    io: UdpSocket,
+    /// Registered for reading only: a socket registered for writing too
+    /// wakes the thread parked in `epoll_wait` each time the kernel frees a
+    /// sent datagram's buffer (at once on loopback), so every datagram sent
+    /// from a device thread woke a runtime thread for nothing. While the
+    /// socket is full the driver watches a duplicate of it for room
+    /// ([`WriteWatch`]).
+    io: AsyncFd<std::net::UdpSocket>,
     /// UDP GSO works (cleared when the kernel refuses it).
     gso: AtomicBool,
     gro: bool,
@@ -358,7 +364,8 @@ impl Node {
                 }
             }
             local_addrs.push(s.local_addr().map_err(|e| NetError::io("local_addr", &e))?);
-            let io = UdpSocket::from_std(s).map_err(|e| NetError::io("register socket", &e))?;
+            let io =
+                register(s, Interest::READABLE).map_err(|e| NetError::io("register socket", &e))?;
             // Without GRO, room for the largest datagram of this network
             // or of a peer that discovers its size.
             let slot_bytes = if gro {
@@ -946,9 +953,7 @@ impl Link {
             }
             let items = &items[..n];
             let gso = sock.gso.load(Ordering::Relaxed);
-            let r = sock
-                .io
-                .try_io(Interest::WRITABLE, || sys::send_batch(&sock.io, items, gso));
+            let r = sys::send_batch(sock.io.get_ref(), items, gso);
             match r {
                 Ok(k) => {
                     for _ in 0..k {
@@ -1030,6 +1035,52 @@ fn fragmented(datagram_bytes: usize, mtu: usize, ipv6: bool) -> Option<usize> {
     (datagram_bytes > max).then_some(max)
 }
 
+/// Registers `sock` with the runtime for `interest` alone.
+fn register(
+    sock: std::net::UdpSocket,
+    interest: Interest,
+) -> std::io::Result<AsyncFd<std::net::UdpSocket>> {
+    // SAFETY: the socket owns its descriptor, open and the same for as long
+    // as the `AsyncFd` holds the socket.
+    unsafe { AsyncFd::register_with_interest(sock, interest) }.map_err(|e| e.into_parts().1)
+}
+
+/// Watches the one full socket for room to send: a duplicate of its
+/// descriptor registered for writing, only while the socket is full (the
+/// socket itself is registered for reading only, see [`Sock`]).
+#[derive(Default)]
+struct WriteWatch {
+    watched: Option<(usize, AsyncFd<std::net::UdpSocket>)>,
+}
+
+impl WriteWatch {
+    /// Watches socket `blocked` (none: stops watching), registered anew
+    /// each time: a registration reports room the socket already has, so
+    /// nothing freed since the send that failed is missed, and no readiness
+    /// left from an earlier wake-up stands for room that is gone.
+    fn follow(&mut self, socks: &[Sock], blocked: Option<usize>) {
+        self.watched = None;
+        self.watched = blocked.and_then(|i| {
+            let dup = socks[i].io.get_ref().try_clone().ok()?;
+            match register(dup, Interest::WRITABLE) {
+                Ok(fd) => Some((i, fd)),
+                Err(e) => {
+                    debug!(error = %e, "watching a full socket");
+                    None
+                }
+            }
+        });
+    }
+
+    /// Ready when the watched socket has room again.
+    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match &self.watched {
+            Some((_, fd)) => fd.poll_write_ready(cx).map(|_| ()),
+            None => Poll::Pending,
+        }
+    }
+}
+
 /// What a driver turn ended with.
 enum Turn {
     /// Stop: the node shuts down (answer `done` when given).
@@ -1046,6 +1097,7 @@ enum Turn {
 impl Driver {
     async fn run(mut self) {
         let shared = self.shared.clone();
+        let mut watch = WriteWatch::default();
         loop {
             let (deadline, blocked) = match self.turn() {
                 Turn::Shutdown(done) => {
@@ -1062,18 +1114,15 @@ impl Driver {
                 }
                 Turn::Sleep { deadline, blocked } => (deadline, blocked),
             };
+            watch.follow(&shared.socks, blocked);
             let wake = poll_fn(|cx| {
                 for s in &shared.socks {
-                    if s.io.poll_recv_ready(cx).is_ready() {
+                    // Readiness is cleared by the receive that finds nothing.
+                    if s.io.poll_read_ready(cx).is_ready() {
                         return Poll::Ready(());
                     }
                 }
-                if let Some(i) = blocked
-                    && shared.socks[i].io.poll_send_ready(cx).is_ready()
-                {
-                    return Poll::Ready(());
-                }
-                Poll::Pending
+                watch.poll_room(cx)
             });
             let sleep = async {
                 match deadline {
@@ -1252,8 +1301,8 @@ impl Driver {
             // `RX_ARENAS_MAX`), and `u8` and `MaybeUninit<u8>` share a layout.
             let spare: &mut [u8] =
                 unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast(), need) };
-            let r = socks[i].io.try_io(Interest::READABLE, || {
-                sys::recv_batch(&socks[i].io, spare, slot, rx_list)
+            let r = socks[i].io.try_io(Interest::READABLE, |s| {
+                sys::recv_batch(s, spare, slot, rx_list)
             });
             let got = match r {
                 Ok(n) => n,
@@ -1502,6 +1551,7 @@ impl Driver {
 mod tests {
     use super::*;
     use std::net::SocketAddr;
+    use std::time::Duration;
 
     #[test]
     fn a_datagram_larger_than_the_path_carries_whole_is_found() {
@@ -1530,6 +1580,50 @@ mod tests {
             fragmented(65_000, mtu, false),
             None,
             "loopback carries 65 000 bytes whole"
+        );
+    }
+    fn test_sock() -> Sock {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        s.set_nonblocking(true).expect("non-blocking");
+        Sock {
+            io: register(s, Interest::READABLE).expect("register"),
+            gso: AtomicBool::new(false),
+            gro: false,
+            slot_bytes: 2048,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_is_watched_for_room_and_only_while_it_is_full() {
+        let socks = [test_sock(), test_sock()];
+        let mut watch = WriteWatch::default();
+        async fn room(watch: &WriteWatch) -> bool {
+            let room = poll_fn(|cx| watch.poll_room(cx));
+            tokio::time::timeout(Duration::from_millis(500), room)
+                .await
+                .is_ok()
+        }
+        // Nothing full: nothing to wait for.
+        watch.follow(&socks, None);
+        assert!(!room(&watch).await, "room reported with no socket full");
+        // Socket 1 refused a send: room it already has again is reported
+        // by the new registration, not lost between the send and now.
+        watch.follow(&socks, Some(1));
+        assert!(
+            room(&watch).await,
+            "room of the watched socket not reported"
+        );
+        // Still full after the next try: watched anew, reported again.
+        watch.follow(&socks, Some(1));
+        assert!(
+            room(&watch).await,
+            "room not reported after a second refusal"
+        );
+        // Sent: no longer watched, so its room wakes nobody.
+        watch.follow(&socks, None);
+        assert!(
+            !room(&watch).await,
+            "room reported after the socket was sent to"
         );
     }
 }
