@@ -37,8 +37,8 @@ use tracing::{debug, info, warn};
 use crate::arena::Arenas;
 use crate::config::{NetConfig, NetworkId, PeerId, Topology};
 use crate::proto::{
-    Credit, Endpoint, Event, IncomingKind, MESSAGE_OVERHEAD_BYTES, ReplyTo, RequestId,
-    message_charge,
+    CREDIT_GRANT_DIVISOR, Credit, Endpoint, Event, IncomingKind, MESSAGE_OVERHEAD_BYTES, ReplyTo,
+    RequestId, message_charge,
 };
 use crate::stats::Stats;
 use crate::sys::{self, BATCH_MAX, GSO_BYTES_MAX, GSO_SEGMENTS_MAX, InDatagram, OutDatagram};
@@ -164,28 +164,51 @@ impl Drop for Receipt {
 /// Credit given back by receipts and not yet handed to the endpoint,
 /// summed per (peer, session): at most one entry per peer and session with
 /// receipts outstanding, so it stays a few entries long.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Releases {
     pending: Mutex<Vec<Credit>>,
-    /// Wakes the driver when `pending` stops being empty.
+    /// Wakes the driver when a peer's pending credit reaches `wake_bytes`.
     wake: Notify,
+    /// Credit worth a grant on its own ([`CREDIT_GRANT_DIVISOR`] of the
+    /// receive window). Less waits for the driver's next turn — the next
+    /// datagram, timer or command — rather than waking it: the endpoint
+    /// would not grant it alone, and a receipt dropped by a device thread
+    /// for each message woke a runtime thread for nothing. A sender blocked
+    /// on credit has a whole window held here, so its grant always comes.
+    wake_bytes: usize,
 }
 
 impl Releases {
-    fn add(&self, credit: Credit) {
+    fn new(recv_window_bytes: usize) -> Self {
+        Releases {
+            pending: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            wake_bytes: (recv_window_bytes / CREDIT_GRANT_DIVISOR).max(1),
+        }
+    }
+
+    /// Adds released credit; returns whether it woke the driver.
+    fn add(&self, credit: Credit) -> bool {
         let mut pending = self.pending.lock().expect("releases lock");
-        let was_empty = pending.is_empty();
-        match pending
+        let (before, after) = match pending
             .iter_mut()
             .find(|c| c.peer == credit.peer && c.session == credit.session)
         {
-            Some(c) => c.bytes += credit.bytes,
-            None => pending.push(credit),
-        }
+            Some(c) => {
+                c.bytes += credit.bytes;
+                (c.bytes - credit.bytes, c.bytes)
+            }
+            None => {
+                pending.push(credit);
+                (0, credit.bytes)
+            }
+        };
         drop(pending);
-        if was_empty {
+        let wake = before < self.wake_bytes && after >= self.wake_bytes;
+        if wake {
             self.wake.notify_one();
         }
+        wake
     }
 
     /// Moves the pending credit into `into` (emptied first), keeping both
@@ -400,7 +423,7 @@ impl Node {
         );
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
         let (ev_tx, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
-        let releases = Arc::new(Releases::default());
+        let releases = Arc::new(Releases::new(t.recv_window_bytes));
         let stream_queue_max = stream_queue_max(topo.peers.len(), t.recv_window_bytes);
         let sends_queued = Arc::new(AtomicUsize::new(0));
         // One batch of the largest slots per arena.
@@ -1582,6 +1605,40 @@ mod tests {
             "loopback carries 65 000 bytes whole"
         );
     }
+    fn credit(peer: u16, session: u64, bytes: usize) -> Credit {
+        Credit {
+            peer: PeerId(peer),
+            session,
+            bytes,
+        }
+    }
+
+    #[test]
+    fn released_credit_wakes_the_driver_only_once_it_is_worth_a_grant() {
+        // A window of 8 MiB: a grant is worth 1 MiB.
+        let r = Releases::new(8 << 20);
+        // 4 KiB writes' receipts: none wakes the driver until 1 MiB waits.
+        for i in 1..256 {
+            assert!(!r.add(credit(0, 7, 4096)), "receipt {i} woke the driver");
+        }
+        assert!(r.add(credit(0, 7, 4096)), "1 MiB released did not wake it");
+        // Past the mark it has been woken already: no second wake-up.
+        assert!(!r.add(credit(0, 7, 4096)));
+        // Each peer and session counts on its own.
+        assert!(r.add(credit(1, 3, 1 << 20)), "another peer's grant");
+        let mut taken = Vec::new();
+        r.take(&mut taken);
+        assert_eq!(
+            taken.iter().map(|c| c.bytes).sum::<usize>(),
+            (257 << 12) + (1 << 20)
+        );
+        // Taken: counting starts again.
+        assert!(!r.add(credit(0, 7, 4096)));
+        assert!(r.add(credit(0, 7, 1 << 20)));
+        // A window smaller than a message still wakes on every release.
+        assert!(Releases::new(4).add(credit(0, 1, 1)));
+    }
+
     fn test_sock() -> Sock {
         let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         s.set_nonblocking(true).expect("non-blocking");

@@ -42,6 +42,11 @@ pub fn message_charge(len_bytes: usize) -> usize {
     len_bytes + MESSAGE_OVERHEAD_BYTES
 }
 
+/// A receiver grants new credit once this fraction (1/n) of its receive
+/// window was freed since its last grant; released credit smaller than that
+/// waits for the driver's next turn instead of waking it.
+pub(crate) const CREDIT_GRANT_DIVISOR: usize = 8;
+
 /// Identifies a request within a session with one peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RequestId(pub u64);

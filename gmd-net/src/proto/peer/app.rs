@@ -100,7 +100,9 @@ impl Peer {
         // Advertise when at least an eighth of the window was freed, so that
         // a sender blocked on credit resumes without waiting for an ack.
         let limit = self.released_in + self.recv_window;
-        if limit >= self.credit_advertised + self.recv_window / 8 {
+        if limit
+            >= self.credit_advertised + self.recv_window / super::super::CREDIT_GRANT_DIVISOR as u64
+        {
             self.credit_dirty = true;
         }
     }
