@@ -9,7 +9,9 @@
 # through alpha's NBD export at QD (default 1), and each count's growth is
 # divided by N. Exact counts, not timings: they hold on a noisy host, and a
 # context switch is what costs most in a one-vCPU guest. THREADS=1 also
-# prints each thread's switches per write. Needs cc and fio (and perf).
+# prints each thread's switches per write; WAKEUPS=1 records which thread
+# woke which and from where (perf sched_wakeup with call stacks) and prints
+# the most frequent per write and side. Needs cc and fio (and perf).
 # Usage: bench/alloc-per-write.sh     Env: MODES, N, QD, SIZE (256M), SKIP_BUILD=1,
 #   DGRAM (GeoMessage datagram size, default the example's 8192: a 4 KiB write
 #   in one datagram; 1400 reassembles it from four), BIN (directory holding
@@ -41,14 +43,39 @@ perf_start() {
         -e context-switches,raw_syscalls:sys_enter -o "perf.$1" 2>/dev/null &
     PERF[$1]=$!
 }
-perf_stop() { [ -n "${PERF[$1]:-}" ] || return 0; kill -INT "${PERF[$1]}"; wait "${PERF[$1]}" || true; }
+perf_stop() {
+    local p
+    for p in ${PERF[$1]:-} ${WAKE[$1]:-}; do kill -INT "$p"; wait "$p" || true; done
+}
+# wake_start MACHINE (WAKEUPS=1): record the wake-ups its gmdd's threads make
+wake_start() {
+    [ -n "${WAKEUPS:-}" ] && command -v perf >/dev/null || return 0
+    perf record -q -p "$(pgrep -P "${PID[$1]}" gmdd)" -e sched:sched_wakeup -g \
+        -o "wake.$1.data" >/dev/null 2>&1 &
+    WAKE[$1]=$!
+}
+# wake_report MACHINE: "waker -> woken < kernel and user frames" per write
+wake_report() {
+    [ -f "wake.$1.data" ] || return 0
+    perf script -i "wake.$1.data" 2>/dev/null | awk -v m="$1" -v n="$N" '
+        function flush() { if (key != "") count[key]++ }
+        /^[^ \t]/ { flush(); woken = ""; for (i = 1; i <= NF; i++) if ($i ~ /^comm=/) woken = substr($i, 6)
+                    key = $1 " -> " woken; depth = 0; next }
+        /^[ \t]+[0-9a-f]+ / { fn = $2; sub(/\+0x.*/, "", fn)
+            # skip the scheduler, the wake-up and the system-call plumbing
+            if (depth < 6 && fn !~ /^(__schedule|schedule|__traceiter|perf_|trace_|ttwu|try_to_wake|wake_up|__wake|autoremove|pollwake|__pollwake|ep_poll_callback|ep_autoremove|default_wake|_raw_spin|__x64_sys|do_syscall|entry_SYSCALL|futex_wake|do_futex|__futex|syscall$|vfs_write|ksys_write|__GI___libc_write|eventfd_write)/) {
+                key = key " < " fn; depth++ }
+            next }
+        END { flush(); for (k in count) if (count[k] / n >= 0.05) printf "    %-6s %5.2f wake-ups per write: %s\n", m, count[k] / n, k }' |
+        sort -k2 -rn | head -8
+}
 # perf_total MACHINE EVENT → the event's count over all threads
 perf_total() {
     [ -f "perf.$1" ] || { echo -; return; }
     awk -F, -v e="$2" '$4 == e { n += $2 } END { print n + 0 }' "perf.$1"
 }
 per_write() { [ "$1" = - ] && echo - || echo "$1 / $N" | bc -l | xargs printf '%.2f'; }
-declare -A PERF=()
+declare -A PERF=() WAKE=()
 printf '%-11s %-6s %8s %8s %8s %8s %9s %9s\n' mode side malloc calloc realloc aligned switches syscalls
 for mode in $MODES; do
     cmode=$mode; [ "$mode" = standalone ] && cmode=mwc
@@ -80,7 +107,7 @@ for mode in $MODES; do
     timeout 600 fio --name=warm --ioengine=nbd --uri="$URI" --rw=write --bs=1M --iodepth=16 --size="$SIZE" >/dev/null
     sleep 2  # the shim writes its counts every second
     declare -A before=()
-    for m in "${sides[@]}"; do before[$m]=$(counts "$m"); rm -f "perf.$m"; perf_start "$m"; done
+    for m in "${sides[@]}"; do before[$m]=$(counts "$m"); rm -f "perf.$m" "wake.$m.data"; perf_start "$m"; wake_start "$m"; done
     timeout 600 fio --name=w --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth="$QD" \
         --size="$SIZE" --number_ios="$N" --norandommap --randrepeat=0 >/dev/null
     for m in "${sides[@]}"; do perf_stop "$m"; done
@@ -100,5 +127,6 @@ for mode in $MODES; do
                 for (t in s) printf "    %-6s %-20s %6.2f switches per write\n", m, t, s[t] / n }' "perf.$m" | sort -k3 -rn | grep -v " 0.00 "
         done
     fi
+    for m in "${sides[@]}"; do wake_report "$m"; done
     for m in "${sides[@]}"; do stop_gmdd "$m"; done
 done

@@ -2,9 +2,11 @@
 # The two-VM mode of bench/ublk-vm.sh (sourced by it: ROOT, VM, W set, the
 # release binaries and the kernel ready). See ublk-vm.sh's header.
 BENCH_S=${BENCH_S:-20}
+# The build under test (BIN: another build's directory, as in ublk-vm.sh).
+REL=${BIN:-$ROOT/target/release}
 MODES=${MODES:-mwc async}
 key=$(mktemp -u)
-"$ROOT/target/release/gmdctl" genkey "$key" >/dev/null
+"$REL/gmdctl" genkey "$key" >/dev/null
 {
   echo '#!/bin/busybox sh'
   echo "BENCH_S=$BENCH_S DGRAM=${DGRAM:-auto} HWM_KIB=${HWM_KIB:-128} ENCRYPT=${ENCRYPT:-true} MTU=${MTU:-1500} JOB=${JOB:-} PERF=${PERF:-} SCHED_LINES=${SCHED_LINES:-} CLUSTER_KEY=$(cat "$key")"
@@ -14,7 +16,7 @@ rm -f "$key"
 perf=(); [ -z "${PERF:-}" ] || perf=("$(command -v perf)")
 # The guest's own ceilings (seal+open per datagram, a 1 MiB copy), printed
 # with the table: what one emulated vCPU can carry of a mirrored stream.
-netbench=(); [ ! -x "$ROOT/target/release/gmd-net-bench" ] || netbench=("$ROOT/target/release/gmd-net-bench")
+netbench=(); [ ! -x "$REL/gmd-net-bench" ] || netbench=("$REL/gmd-net-bench")
 # DRBD 8.4 (the guest kernel's drbd module) for the drbd-* modes: its 8.4
 # tools from Debian's drbd-utils.
 drbd=()
@@ -25,7 +27,7 @@ case " $MODES " in *" drbd-"*)
   done;;
 esac
 EXTRA_MODULES="virtio_blk virtio_net" "$VM/mkinitramfs.sh" "$W" "$W/bench2-init.sh" \
-  "$ROOT/target/release/gmdd" "$ROOT/target/release/gmdctl" "$ROOT/target/release/gmdstat" "$(command -v fio)" \
+  "$REL/gmdd" "$REL/gmdctl" "$REL/gmdstat" "$(command -v fio)" \
   "${perf[@]}" "${netbench[@]}" "${drbd[@]}" >/dev/null
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
