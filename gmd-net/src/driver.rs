@@ -1073,7 +1073,7 @@ fn register(
 /// socket itself is registered for reading only, see [`Sock`]).
 #[derive(Default)]
 struct WriteWatch {
-    watched: Option<(usize, AsyncFd<std::net::UdpSocket>)>,
+    watched: Option<AsyncFd<std::net::UdpSocket>>,
 }
 
 impl WriteWatch {
@@ -1083,22 +1083,20 @@ impl WriteWatch {
     /// left from an earlier wake-up stands for room that is gone.
     fn follow(&mut self, socks: &[Sock], blocked: Option<usize>) {
         self.watched = None;
+        // Without a watch (out of descriptors) the path's timers still
+        // bring the driver back to try again.
         self.watched = blocked.and_then(|i| {
-            let dup = socks[i].io.get_ref().try_clone().ok()?;
-            match register(dup, Interest::WRITABLE) {
-                Ok(fd) => Some((i, fd)),
-                Err(e) => {
-                    debug!(error = %e, "watching a full socket");
-                    None
-                }
-            }
+            let dup = socks[i].io.get_ref().try_clone();
+            dup.and_then(|d| register(d, Interest::WRITABLE))
+                .inspect_err(|e| debug!(error = %e, "watching a full socket"))
+                .ok()
         });
     }
 
     /// Ready when the watched socket has room again.
     fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
         match &self.watched {
-            Some((_, fd)) => fd.poll_write_ready(cx).map(|_| ()),
+            Some(fd) => fd.poll_write_ready(cx).map(|_| ()),
             None => Poll::Pending,
         }
     }
