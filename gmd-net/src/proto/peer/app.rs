@@ -101,7 +101,7 @@ impl Peer {
         // a sender blocked on credit resumes without waiting for an ack.
         let limit = self.released_in + self.recv_window;
         if limit
-            >= self.credit_advertised + self.recv_window / super::super::CREDIT_GRANT_DIVISOR as u64
+            >= self.credit_advertised + self.recv_window / crate::proto::CREDIT_GRANT_DIVISOR as u64
         {
             self.credit_dirty = true;
         }
