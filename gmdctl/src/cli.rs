@@ -379,6 +379,13 @@ pub struct GmddArgs {
     /// Control socket (root only).
     #[arg(long, default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Threads of the async runtime (GeoMessage's driver, NBD connections,
+    /// the control socket). One by default: GeoMessage's work is one task
+    /// and the devices have threads of their own, so a second runtime
+    /// thread mostly wakes the first; raise it for many NBD-exported
+    /// devices under load.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub runtime_threads: u16,
 }
 
 /// Writes the man pages (section 8: the programs are in /usr/sbin) of

@@ -2109,7 +2109,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let peer_events = node.events();
     let peer_requests = node.register_stream(StreamId::CONTROL).await?;
     let control_listener = control::bind(&options.socket)?;
-    info!(%machine, config = %config.path.display(), socket = %options.socket.display(), nbd = %nbd_listen, "gmdd starting");
+    let runtime_threads = tokio::runtime::Handle::current().metrics().num_workers();
+    info!(%machine, config = %config.path.display(), socket = %options.socket.display(), nbd = %nbd_listen, runtime_threads, "gmdd starting");
     let daemon = Arc::new(Daemon::new(config, machine, node.clone()));
     // A peer met before the subscription above had its PeerUp sent to
     // nobody: take GeoMessage's view now (later changes come as events).

@@ -39,6 +39,7 @@ fn main() {
         tracing::warn!("{}", gmdd::flusher::explain(&e));
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(args.runtime_threads))
         .thread_name("gmdd")
         .enable_all()
         .build()

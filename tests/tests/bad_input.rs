@@ -109,6 +109,30 @@ fn missing_key_unknown_machine_and_busy_ports_are_refused() {
     );
 }
 
+/// The runtime has one thread unless told otherwise (a second one mostly
+/// wakes the first, bench/RESULTS.md); a count of none, or more than 256,
+/// is refused before anything starts.
+#[test]
+fn gmdd_runs_one_runtime_thread_unless_told_and_refuses_a_bad_count() {
+    let cluster = Cluster::new();
+    for bad in ["0", "257", "many"] {
+        let r = run(Command::new(bin("gmdd"))
+            .arg("--config")
+            .arg(&cluster.config)
+            .args(["--machine", "alpha", "--runtime-threads", bad, "--socket"])
+            .arg(cluster.socket("alpha")));
+        assert_eq!(r.code, 2, "{}", r.text());
+        assert!(r.stderr.contains("--runtime-threads"), "{}", r.stderr);
+        assert!(!cluster.socket("alpha").exists(), "no socket left behind");
+    }
+    let alpha = cluster.gmdd("alpha");
+    assert!(
+        alpha.log_text().contains("runtime_threads=1"),
+        "{}",
+        alpha.log_text()
+    );
+}
+
 #[test]
 fn a_second_gmdd_on_the_same_socket_is_refused() {
     let cluster = Cluster::new();
