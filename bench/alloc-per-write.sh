@@ -11,7 +11,10 @@
 # context switch is what costs most in a one-vCPU guest. THREADS=1 also
 # prints each thread's switches per write; WAKEUPS=1 records which thread
 # woke which and from where (perf sched_wakeup with call stacks) and prints
-# the most frequent per write and side. Needs cc and fio (and perf).
+# the most frequent per write and side. SYSCALLS=1 traces each side's system
+# calls (perf trace -s) and prints, per thread, each call made at least
+# 0.05 times per write (with how many of them failed, e.g. EAGAIN).
+# Needs cc and fio (and perf).
 # Usage: bench/alloc-per-write.sh     Env: MODES, N, QD, SIZE (256M), SKIP_BUILD=1,
 #   DGRAM (GeoMessage datagram size, default the example's 8192: a 4 KiB write
 #   in one datagram; 1400 reassembles it from four), BIN (directory holding
@@ -45,7 +48,7 @@ perf_start() {
 }
 perf_stop() {
     local p
-    for p in ${PERF[$1]:-} ${WAKE[$1]:-}; do kill -INT "$p"; wait "$p" || true; done
+    for p in ${PERF[$1]:-} ${WAKE[$1]:-} ${TRACE[$1]:-}; do kill -INT "$p"; wait "$p" || true; done
 }
 # wake_start MACHINE (WAKEUPS=1): record the wake-ups its gmdd's threads make
 wake_start() {
@@ -69,13 +72,29 @@ wake_report() {
         END { flush(); for (k in count) if (count[k] / n >= 0.05) printf "    %-6s %5.2f wake-ups per write: %s\n", m, count[k] / n, k }' |
         sort -k2 -rn | head -8
 }
+# trace_start MACHINE (SYSCALLS=1): summarise its gmdd's system calls per thread
+trace_start() {
+    [ -n "${SYSCALLS:-}" ] && command -v perf >/dev/null || return 0
+    perf trace -s -p "$(pgrep -P "${PID[$1]}" gmdd)" -o "trace.$1" >/dev/null 2>&1 &
+    TRACE[$1]=$!
+}
+# trace_report MACHINE: "thread call calls (failed) per write", busiest first
+trace_report() {
+    [ -f "trace.$1" ] || return 0
+    awk -v m="$1" -v n="$N" '
+        /^ [^ ].* \([0-9]+\), [0-9]+ events/ { t = $1; next }
+        t != "" && /^ +[a-z_0-9]+ +[0-9]+ +[0-9]+ / { c[t " " $1] += $2; e[t " " $1] += $3 }
+        END { for (k in c) if (c[k] / n >= 0.05) {
+                split(k, a, " "); printf "    %-6s %-16s %-16s %5.2f per write (%.2f failed)\n", m, a[1], a[2], c[k] / n, e[k] / n } }' \
+        "trace.$1" | sort -k4 -rn
+}
 # perf_total MACHINE EVENT → the event's count over all threads
 perf_total() {
     [ -f "perf.$1" ] || { echo -; return; }
     awk -F, -v e="$2" '$4 == e { n += $2 } END { print n + 0 }' "perf.$1"
 }
 per_write() { [ "$1" = - ] && echo - || echo "$1 / $N" | bc -l | xargs printf '%.2f'; }
-declare -A PERF=() WAKE=()
+declare -A PERF=() WAKE=() TRACE=()
 printf '%-11s %-6s %8s %8s %8s %8s %9s %9s\n' mode side malloc calloc realloc aligned switches syscalls
 for mode in $MODES; do
     cmode=$mode; [ "$mode" = standalone ] && cmode=mwc
@@ -107,7 +126,7 @@ for mode in $MODES; do
     timeout 600 fio --name=warm --ioengine=nbd --uri="$URI" --rw=write --bs=1M --iodepth=16 --size="$SIZE" >/dev/null
     sleep 2  # the shim writes its counts every second
     declare -A before=()
-    for m in "${sides[@]}"; do before[$m]=$(counts "$m"); rm -f "perf.$m" "wake.$m.data"; perf_start "$m"; wake_start "$m"; done
+    for m in "${sides[@]}"; do before[$m]=$(counts "$m"); rm -f "perf.$m" "wake.$m.data" "trace.$m"; perf_start "$m"; wake_start "$m"; trace_start "$m"; done
     timeout 600 fio --name=w --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth="$QD" \
         --size="$SIZE" --number_ios="$N" --norandommap --randrepeat=0 >/dev/null
     for m in "${sides[@]}"; do perf_stop "$m"; done
@@ -128,5 +147,6 @@ for mode in $MODES; do
         done
     fi
     for m in "${sides[@]}"; do wake_report "$m"; done
+    for m in "${sides[@]}"; do trace_report "$m"; done
     for m in "${sides[@]}"; do stop_gmdd "$m"; done
 done

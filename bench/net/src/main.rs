@@ -7,6 +7,9 @@
 //!   loss (the `recv_loss_ppm` knob on both nodes);
 //! - small-message round trips: TCP ping-pong vs GeoMessage request/reply.
 //!
+//! `gmd-net-bench rtt` runs only the round trips (TCP, then GeoMessage),
+//! `--repeat` times, printing p50 and p99 of each and their ratio.
+//!
 //! `gmd-net-bench crypto` measures what one CPU can seal and open per second
 //! with GeoMessage's own keys (AES-256-GCM, and the ChaCha20-Poly1305 tag of
 //! authentication-only mode) on datagrams of `--datagram` bytes, and how
@@ -24,7 +27,7 @@
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -137,10 +140,11 @@ fn main() {
             println!("  geomsg alone {secs} s: {:.2} MiB/s", r / (1 << 20) as f64);
         }
         Some("crypto") => crypto(&args),
+        Some("rtt") => rtt(&args),
         Some("all") | None => all(&args),
         Some(other) => {
             eprintln!(
-                "unknown mode {other}; use: all [--gib N] [--datagram BYTES] | crypto [--datagram BYTES]"
+                "unknown mode {other}; use: all [--gib N] [--datagram BYTES] | rtt [--repeat N] | crypto [--datagram BYTES]"
             );
             std::process::exit(1);
         }
@@ -324,16 +328,24 @@ fn gm_server(args: &[String]) {
         .enable_all()
         .build()
         .unwrap();
+    // The server answers from a task of its own, as gmdd's tasks do: a
+    // future under `block_on` is polled only after the runtime looked at
+    // its sockets once more (an extra `epoll_wait` per wake-up).
     rt.block_on(async move {
         let node = Node::start(gm_config(1, ports, encrypt, loss, dg)).expect("start server");
         let mut rx = node.register_stream(StreamId(1)).await.unwrap();
-        while let Some(inc) = rx.recv().await {
-            if let Some(r) = inc.responder {
-                let _ = r
-                    .reply(inc.body.slice(..inc.body.len().min(RTT_BYTES)))
-                    .await;
+        tokio::spawn(async move {
+            let _node = node;
+            while let Some(inc) = rx.recv().await {
+                if let Some(r) = inc.responder {
+                    let _ = r
+                        .reply(inc.body.slice(..inc.body.len().min(RTT_BYTES)))
+                        .await;
+                }
             }
-        }
+        })
+        .await
+        .expect("server task");
     });
 }
 
@@ -347,19 +359,28 @@ struct GmResult {
     datagram: usize,
 }
 
-fn gm_client<T>(
+/// Starts the client node, waits until the server answers, and runs the
+/// case `f` in a task of its own (as gmdd's tasks run: a future under
+/// `block_on` is polled only after the runtime looked at its sockets once
+/// more, an extra `epoll_wait` per wake-up that no gmdd task pays).
+fn gm_client<T, Fut>(
     ports: [u16; 2],
     encrypt: bool,
     loss: u32,
     dg: usize,
-    f: impl AsyncFnOnce(&Node, gmd_net::PeerId) -> T,
-) -> (Option<T>, gmd_net::Stats) {
+    f: impl FnOnce(Arc<Node>, gmd_net::PeerId) -> Fut + Send + 'static,
+) -> (Option<T>, gmd_net::Stats)
+where
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async move {
-        let node = Node::start(gm_config(0, ports, encrypt, loss, dg)).expect("start client");
+        let node =
+            Arc::new(Node::start(gm_config(0, ports, encrypt, loss, dg)).expect("start client"));
         let peer = node.peer("bench1").unwrap();
         // Wait until the server answers.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -378,8 +399,9 @@ fn gm_client<T>(
         let before = node.stats().await.unwrap();
         // A case that does not finish in time is reported, not fatal (a
         // slow case across an emulated WAN must not hide the others).
-        let r = tokio::time::timeout(CASE_TIMEOUT, f(&node, peer))
+        let r = tokio::spawn(tokio::time::timeout(CASE_TIMEOUT, f(node.clone(), peer)))
             .await
+            .expect("case task")
             .ok();
         if r.is_none() {
             eprintln!("  (case timed out after {CASE_TIMEOUT:?}; reported as 0)");
@@ -406,34 +428,40 @@ fn gm_bulk(encrypt: bool, loss: u32, dg: usize, total: usize) -> GmResult {
         &dg.to_string(),
     ]);
     let msg = Bytes::from(vec![0x5a; MESSAGE_BYTES]);
-    let (rate, st) = gm_client(ports, encrypt, loss, dg, async |node: &Node, peer| {
-        let start = Instant::now();
-        let verbose = std::env::var_os("GMD_BENCH_VERBOSE").is_some();
-        for i in 0..total / MESSAGE_BYTES {
-            node.send(peer, StreamId(1), msg.clone())
-                .await
-                .expect("send");
-            if verbose && i % 64 == 0 {
-                let st = node.stats().await.unwrap();
-                let (p, n) = (&st.paths[0], &st.networks[0]);
-                eprintln!(
-                    "{:>6.3}s msg {i}: cwnd {} in flight {} srtt {:?} rto {:?} resends {} timeouts {}",
-                    start.elapsed().as_secs_f64(),
-                    p.cwnd_bytes,
-                    p.in_flight_bytes,
-                    p.srtt,
-                    p.rto,
-                    n.resends,
-                    n.timeouts
-                );
+    let (rate, st) = gm_client(
+        ports,
+        encrypt,
+        loss,
+        dg,
+        move |node: Arc<Node>, peer| async move {
+            let start = Instant::now();
+            let verbose = std::env::var_os("GMD_BENCH_VERBOSE").is_some();
+            for i in 0..total / MESSAGE_BYTES {
+                node.send(peer, StreamId(1), msg.clone())
+                    .await
+                    .expect("send");
+                if verbose && i % 64 == 0 {
+                    let st = node.stats().await.unwrap();
+                    let (p, n) = (&st.paths[0], &st.networks[0]);
+                    eprintln!(
+                        "{:>6.3}s msg {i}: cwnd {} in flight {} srtt {:?} rto {:?} resends {} timeouts {}",
+                        start.elapsed().as_secs_f64(),
+                        p.cwnd_bytes,
+                        p.in_flight_bytes,
+                        p.srtt,
+                        p.rto,
+                        n.resends,
+                        n.timeouts
+                    );
+                }
             }
-        }
-        // Same ordered stream: the reply proves everything before it arrived.
-        node.request(peer, StreamId(1), Bytes::from_static(b"done"))
-            .await
-            .expect("final");
-        total as f64 / start.elapsed().as_secs_f64()
-    });
+            // Same ordered stream: the reply proves everything before it arrived.
+            node.request(peer, StreamId(1), Bytes::from_static(b"done"))
+                .await
+                .expect("final");
+            total as f64 / start.elapsed().as_secs_f64()
+        },
+    );
     GmResult {
         bytes_per_sec: rate.unwrap_or(0.0),
         resends: st.networks.iter().map(|n| n.resends).sum(),
@@ -457,39 +485,45 @@ fn gm_bulk_for(dg: usize, secs: f64) -> f64 {
         &dg.to_string(),
     ]);
     let msg = Bytes::from(vec![0x5a; MESSAGE_BYTES]);
-    let (rate, _) = gm_client(ports, true, 0, dg, async |node: &Node, peer| {
-        // Connected (gm_client waited for an answer): start now.
-        let start = Instant::now();
-        let mut sent = 0usize;
-        let verbose = std::env::var_os("GMD_BENCH_VERBOSE").is_some();
-        let mut shown = 0.0;
-        while start.elapsed().as_secs_f64() < secs {
-            node.send(peer, StreamId(1), msg.clone())
-                .await
-                .expect("send");
-            sent += MESSAGE_BYTES;
-            if verbose && start.elapsed().as_secs_f64() >= shown {
-                shown += 0.5;
-                let st = node.stats().await.unwrap();
-                let (p, n) = (&st.paths[0], &st.networks[0]);
-                eprintln!(
-                    "{:>6.3}s {} MiB: cwnd {} in flight {} srtt {:?} rto {:?} resends {} timeouts {}",
-                    start.elapsed().as_secs_f64(),
-                    sent >> 20,
-                    p.cwnd_bytes,
-                    p.in_flight_bytes,
-                    p.srtt,
-                    p.rto,
-                    n.resends,
-                    n.timeouts
-                );
+    let (rate, _) = gm_client(
+        ports,
+        true,
+        0,
+        dg,
+        move |node: Arc<Node>, peer| async move {
+            // Connected (gm_client waited for an answer): start now.
+            let start = Instant::now();
+            let mut sent = 0usize;
+            let verbose = std::env::var_os("GMD_BENCH_VERBOSE").is_some();
+            let mut shown = 0.0;
+            while start.elapsed().as_secs_f64() < secs {
+                node.send(peer, StreamId(1), msg.clone())
+                    .await
+                    .expect("send");
+                sent += MESSAGE_BYTES;
+                if verbose && start.elapsed().as_secs_f64() >= shown {
+                    shown += 0.5;
+                    let st = node.stats().await.unwrap();
+                    let (p, n) = (&st.paths[0], &st.networks[0]);
+                    eprintln!(
+                        "{:>6.3}s {} MiB: cwnd {} in flight {} srtt {:?} rto {:?} resends {} timeouts {}",
+                        start.elapsed().as_secs_f64(),
+                        sent >> 20,
+                        p.cwnd_bytes,
+                        p.in_flight_bytes,
+                        p.srtt,
+                        p.rto,
+                        n.resends,
+                        n.timeouts
+                    );
+                }
             }
-        }
-        node.request(peer, StreamId(1), Bytes::from_static(b"done"))
-            .await
-            .expect("final");
-        sent as f64 / start.elapsed().as_secs_f64()
-    });
+            node.request(peer, StreamId(1), Bytes::from_static(b"done"))
+                .await
+                .expect("final");
+            sent as f64 / start.elapsed().as_secs_f64()
+        },
+    );
     rate.unwrap_or(0.0)
 }
 
@@ -540,19 +574,54 @@ fn gm_rtt(dg: usize) -> Vec<Duration> {
         &dg.to_string(),
     ]);
     let body = Bytes::from(vec![7u8; RTT_BYTES]);
-    gm_client(ports, true, 0, dg, async |node: &Node, peer| {
-        let mut v = Vec::with_capacity(opts().rtt_rounds);
-        for _ in 0..opts().rtt_rounds {
-            let t = Instant::now();
-            node.request(peer, StreamId(1), body.clone())
-                .await
-                .expect("rtt");
-            v.push(t.elapsed());
-        }
-        v
-    })
+    gm_client(
+        ports,
+        true,
+        0,
+        dg,
+        move |node: Arc<Node>, peer| async move {
+            let mut v = Vec::with_capacity(opts().rtt_rounds);
+            for _ in 0..opts().rtt_rounds {
+                let t = Instant::now();
+                node.request(peer, StreamId(1), body.clone())
+                    .await
+                    .expect("rtt");
+                v.push(t.elapsed());
+            }
+            v
+        },
+    )
     .0
     .expect("round trips timed out")
+}
+
+/// Round trips only: TCP ping-pong then GeoMessage request/reply of
+/// [`RTT_BYTES`], `--repeat` times, each with p50, p99 and their ratios.
+fn rtt(args: &[String]) {
+    let dg: usize = arg(args, "--datagram")
+        .and_then(|s| datagram_arg(&s))
+        .unwrap_or(65_000);
+    let repeat: usize = arg(args, "--repeat")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    let tcp_port = free_port();
+    let _tcp = spawn(&["tcp-server", "--port", &tcp_port.to_string()]);
+    println!(
+        "round trips of {RTT_BYTES} B x {}, {repeat} times: TCP ping-pong, then GeoMessage request/reply",
+        opts().rtt_rounds
+    );
+    for r in 0..repeat {
+        let mut tr = tcp_rtt(tcp_port);
+        let mut gr = gm_rtt(dg);
+        let (t50, t99) = (pct(&mut tr, 0.5), pct(&mut tr, 0.99));
+        let (g50, g99) = (pct(&mut gr, 0.5), pct(&mut gr, 0.99));
+        println!(
+            "  run {r}: tcp p50 {t50:?} p99 {t99:?}; geomsg p50 {g50:?} p99 {g99:?}; ratio p50 {:.2}x p99 {:.2}x",
+            g50.as_secs_f64() / t50.as_secs_f64(),
+            g99.as_secs_f64() / t99.as_secs_f64()
+        );
+    }
 }
 
 fn median(mut v: Vec<GmResult>) -> GmResult {
