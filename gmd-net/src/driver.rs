@@ -457,6 +457,7 @@ impl Node {
             rx_arenas: Arenas::new(RX_ARENAS_MAX, rx_arena_bytes, true),
             rx_list: Vec::with_capacity(BATCH_MAX),
             auth_failures: Vec::new(),
+            receives: vec![(0, 0); shared.socks.len()],
         };
         tokio::spawn(driver.run());
         Ok(Node {
@@ -817,6 +818,9 @@ struct Driver {
     rx_list: Vec<InDatagram>,
     /// Datagrams that failed authentication, per source address.
     auth_failures: Vec<crate::stats::AuthFailures>,
+    /// Per socket: receive system calls, and those that found nothing
+    /// (`NetworkStats::receive_calls`, `NetworkStats::empty_receives`).
+    receives: Vec<(u64, u64)>,
 }
 
 /// What the driver task shares with the tasks and threads that send one-way
@@ -1138,7 +1142,7 @@ impl Driver {
             watch.follow(&shared.socks, blocked);
             let wake = poll_fn(|cx| {
                 for s in &shared.socks {
-                    // Readiness is cleared by the receive that finds nothing.
+                    // Readiness is cleared by a receive that empties the queue.
                     if s.io.poll_read_ready(cx).is_ready() {
                         return Poll::Ready(());
                     }
@@ -1287,6 +1291,10 @@ impl Driver {
                     n.gso = s.gso.load(Ordering::Relaxed);
                     n.gro = s.gro;
                 }
+                for (n, &(calls, empty)) in stats.networks.iter_mut().zip(&self.receives) {
+                    n.receive_calls = calls;
+                    n.empty_receives = empty;
+                }
                 for m in &mut stats.machines {
                     let peer = link.ep.topology().peer_by_name(&m.name);
                     if let Some(n) = peer.and_then(|p| link.sent_now.get(p.0 as usize)) {
@@ -1322,19 +1330,43 @@ impl Driver {
             // `RX_ARENAS_MAX`), and `u8` and `MaybeUninit<u8>` share a layout.
             let spare: &mut [u8] =
                 unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast(), need) };
+            // A short batch emptied the socket's queue (recvmmsg stops
+            // early only when nothing is left, or on an error, and this
+            // unconnected socket without IP_RECVERR is told of no ICMP
+            // errors): it is reported as `WouldBlock`, which clears the
+            // readiness. Otherwise the next turn would find the socket
+            // still marked readable and spend a recvmmsg to learn it is
+            // empty — one wasted system call and turn per wake-up. A
+            // datagram that arrives after this call is a new edge for
+            // epoll, and tokio keeps readiness that came after it was read.
+            let mut got = 0;
+            let counts = &mut self.receives[i];
             let r = socks[i].io.try_io(Interest::READABLE, |s| {
-                sys::recv_batch(s, spare, slot, rx_list)
+                counts.0 += 1;
+                got = sys::recv_batch(s, spare, slot, rx_list).inspect_err(|e| {
+                    if e.kind() == std::io::ErrorKind::WouldBlock {
+                        counts.1 += 1;
+                    }
+                })?;
+                if got < BATCH_MAX {
+                    Err(std::io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
             });
-            let got = match r {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            match r {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => {
-                    // ICMP errors (port unreachable) surface here; the protocol
-                    // handles the loss, so only note it.
+                    // An error of the socket (none is expected, see above);
+                    // the protocol handles any loss, so only note it.
                     debug!(error = %e, "recv");
                     return;
                 }
-            };
+            }
+            if got == 0 {
+                return;
+            }
             let used = rx_list
                 .iter()
                 .map(|d| d.slot * slot + d.len)

@@ -97,6 +97,11 @@ pub struct NetworkStats {
     pub gso: bool,
     /// The kernel hands received datagrams over in batches (UDP GRO).
     pub gro: bool,
+    /// Receive system calls (`recvmmsg`) on this network's socket.
+    pub receive_calls: u64,
+    /// Receive system calls that found nothing to read: each one is a
+    /// wake-up or turn spent for no datagram.
+    pub empty_receives: u64,
 }
 
 /// State of one path (interface pair) to one peer.

@@ -559,6 +559,65 @@ async fn netprobe_measures_every_path() {
     .expect("test timed out");
 }
 
+/// A receive that empties a socket's queue clears its readiness, so a
+/// wake-up costs one `recvmmsg`, not a second one that finds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_up_costs_one_receive_not_a_second_empty_one() {
+    const ROUNDS: u32 = 300;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let p = pair(Duration::from_secs(30), 8192);
+        echo(&p.b, StreamId(1)).await;
+        let peer_b = p.a.peer("m1").expect("m1");
+        loop {
+            let st = p.a.stats().await.unwrap();
+            if st.paths.iter().all(|x| x.up) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let receives = |st: &gmd_net::Stats| {
+            st.networks.iter().fold((0, 0), |(c, e), n| {
+                (c + n.receive_calls, e + n.empty_receives)
+            })
+        };
+        let before = [
+            receives(&p.a.stats().await.unwrap()),
+            receives(&p.b.stats().await.unwrap()),
+        ];
+        // One request at a time: every datagram finds its receiver asleep.
+        for i in 0..ROUNDS {
+            let reply =
+                p.a.request(peer_b, StreamId(1), payload(i, 64))
+                    .await
+                    .expect("reply");
+            assert_eq!(reply, payload(i, 64));
+        }
+        let after = [
+            receives(&p.a.stats().await.unwrap()),
+            receives(&p.b.stats().await.unwrap()),
+        ];
+        for (side, (b, a)) in ["m0", "m1"].iter().zip(before.iter().zip(&after)) {
+            let (calls, empty) = (a.0 - b.0, a.1 - b.1);
+            eprintln!(
+                "{side}: {calls} receive calls, {empty} found nothing, in {ROUNDS} round trips"
+            );
+            assert!(
+                calls >= u64::from(ROUNDS),
+                "{side}: {calls} receive calls for {ROUNDS} round trips"
+            );
+            // Races (a datagram read before its own wake-up arrives) leave a few.
+            assert!(
+                empty * 4 < u64::from(ROUNDS),
+                "{side}: {empty} of {calls} receive calls found nothing in {ROUNDS} round trips"
+            );
+        }
+        p.a.shutdown().await;
+        p.b.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_peer_is_recognised() {
     tokio::time::timeout(TEST_TIMEOUT, async {
