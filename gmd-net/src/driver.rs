@@ -1119,10 +1119,39 @@ enum Turn {
     },
 }
 
+/// Lets the runtime's other ready tasks run once before the caller goes on:
+/// the task wakes itself, which puts it at the back of the run queue.
+/// Unlike `tokio::task::yield_now`, the runtime does not poll its sockets
+/// (an `epoll_wait`) before running it again when nothing else is ready.
+async fn let_others_run_first() {
+    let mut first = true;
+    poll_fn(|cx| {
+        if std::mem::take(&mut first) {
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+}
+
 impl Driver {
     async fn run(mut self) {
         let shared = self.shared.clone();
         let mut watch = WriteWatch::default();
+        // One timer for the driver's life, moved as the endpoint's deadline
+        // moves (`armed`: where it is set). Moving a tokio timer earlier
+        // than the runtime planned to wake makes it wake its own thread (an
+        // eventfd write and one more `epoll_wait`); a deadline that came
+        // earlier (an acknowledgement owed, most often) is therefore first
+        // given one turn of the runtime's other ready tasks, in which a task
+        // that got a message may answer and carry the acknowledgement along,
+        // moving the deadline back.
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(sleep);
+        let mut armed: Option<Instant> = None;
+        let mut yielded = false;
         loop {
             let (deadline, blocked) = match self.turn() {
                 Turn::Shutdown(done) => {
@@ -1139,6 +1168,18 @@ impl Driver {
                 }
                 Turn::Sleep { deadline, blocked } => (deadline, blocked),
             };
+            if let Some(d) = deadline {
+                if armed != Some(d) {
+                    if armed.is_some_and(|a| d < a) && !yielded {
+                        yielded = true;
+                        let_others_run_first().await;
+                        continue;
+                    }
+                    sleep.as_mut().reset(d.into());
+                    armed = Some(d);
+                }
+            }
+            yielded = false;
             watch.follow(&shared.socks, blocked);
             let wake = poll_fn(|cx| {
                 for s in &shared.socks {
@@ -1149,9 +1190,9 @@ impl Driver {
                 }
                 watch.poll_room(cx)
             });
-            let sleep = async {
+            let timer = async {
                 match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    Some(_) => sleep.as_mut().await,
                     None => std::future::pending().await,
                 }
             };
@@ -1174,7 +1215,7 @@ impl Driver {
                 },
                 _ = shared.releases.wake.notified() => {}
                 _ = wake => {}
-                _ = sleep => {}
+                _ = timer => {}
             }
         }
     }
