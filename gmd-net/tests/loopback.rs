@@ -123,6 +123,14 @@ async fn echo(node: &Node, stream: StreamId) {
     });
 }
 
+/// Waits until every path of `node` is up (its session is set up and each
+/// path measured).
+async fn until_paths_up(node: &Node) {
+    while !node.stats().await.unwrap().paths.iter().all(|x| x.up) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn payload(i: u32, len: usize) -> Bytes {
     let mut v = vec![(i % 251) as u8; len];
     v[..4].copy_from_slice(&i.to_be_bytes());
@@ -522,13 +530,7 @@ async fn netprobe_measures_every_path() {
         let p = pair(Duration::from_secs(30), 8192);
         let peer_b = p.a.peer("m1").expect("m1");
         // Wait for the session and for both paths to be measured.
-        loop {
-            let st = p.a.stats().await.unwrap();
-            if st.paths.iter().all(|x| x.up) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until_paths_up(&p.a).await;
         let report = gmd_net::netprobe::netprobe(&p.a, peer_b, &[64, 100_000], 5)
             .await
             .expect("probe");
@@ -568,13 +570,7 @@ async fn a_wake_up_costs_one_receive_not_a_second_empty_one() {
         let p = pair(Duration::from_secs(30), 8192);
         echo(&p.b, StreamId(1)).await;
         let peer_b = p.a.peer("m1").expect("m1");
-        loop {
-            let st = p.a.stats().await.unwrap();
-            if st.paths.iter().all(|x| x.up) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until_paths_up(&p.a).await;
         let receives = |st: &gmd_net::Stats| {
             st.networks.iter().fold((0, 0), |(c, e), n| {
                 (c + n.receive_calls, e + n.empty_receives)

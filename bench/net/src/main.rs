@@ -412,6 +412,23 @@ where
     })
 }
 
+/// Prints, after `what` (GMD_BENCH_VERBOSE), the first path's window, bytes
+/// in flight, RTT and losses.
+async fn show_progress(node: &Node, start: Instant, what: &str) {
+    let st = node.stats().await.unwrap();
+    let (p, n) = (&st.paths[0], &st.networks[0]);
+    eprintln!(
+        "{:>6.3}s {what}: cwnd {} in flight {} srtt {:?} rto {:?} resends {} timeouts {}",
+        start.elapsed().as_secs_f64(),
+        p.cwnd_bytes,
+        p.in_flight_bytes,
+        p.srtt,
+        p.rto,
+        n.resends,
+        n.timeouts
+    );
+}
+
 fn gm_bulk(encrypt: bool, loss: u32, dg: usize, total: usize) -> GmResult {
     let ports = [free_port(), free_port()];
     let _server = spawn(&[
@@ -441,18 +458,7 @@ fn gm_bulk(encrypt: bool, loss: u32, dg: usize, total: usize) -> GmResult {
                     .await
                     .expect("send");
                 if verbose && i % 64 == 0 {
-                    let st = node.stats().await.unwrap();
-                    let (p, n) = (&st.paths[0], &st.networks[0]);
-                    eprintln!(
-                        "{:>6.3}s msg {i}: cwnd {} in flight {} srtt {:?} rto {:?} resends {} timeouts {}",
-                        start.elapsed().as_secs_f64(),
-                        p.cwnd_bytes,
-                        p.in_flight_bytes,
-                        p.srtt,
-                        p.rto,
-                        n.resends,
-                        n.timeouts
-                    );
+                    show_progress(&node, start, &format!("msg {i}")).await;
                 }
             }
             // Same ordered stream: the reply proves everything before it arrived.
@@ -503,19 +509,7 @@ fn gm_bulk_for(dg: usize, secs: f64) -> f64 {
                 sent += MESSAGE_BYTES;
                 if verbose && start.elapsed().as_secs_f64() >= shown {
                     shown += 0.5;
-                    let st = node.stats().await.unwrap();
-                    let (p, n) = (&st.paths[0], &st.networks[0]);
-                    eprintln!(
-                        "{:>6.3}s {} MiB: cwnd {} in flight {} srtt {:?} rto {:?} resends {} timeouts {}",
-                        start.elapsed().as_secs_f64(),
-                        sent >> 20,
-                        p.cwnd_bytes,
-                        p.in_flight_bytes,
-                        p.srtt,
-                        p.rto,
-                        n.resends,
-                        n.timeouts
-                    );
+                    show_progress(&node, start, &format!("{} MiB", sent >> 20)).await;
                 }
             }
             node.request(peer, StreamId(1), Bytes::from_static(b"done"))
