@@ -589,6 +589,17 @@ fn gm_rtt(dg: usize) -> Vec<Duration> {
     .expect("round trips timed out")
 }
 
+/// TCP ping-pong against the server on `tcp_port`, then GeoMessage
+/// request/reply: (p50, p99) of each, TCP first.
+fn round_trips(tcp_port: u16, dg: usize) -> [(Duration, Duration); 2] {
+    let mut tr = tcp_rtt(tcp_port);
+    let mut gr = gm_rtt(dg);
+    [
+        (pct(&mut tr, 0.5), pct(&mut tr, 0.99)),
+        (pct(&mut gr, 0.5), pct(&mut gr, 0.99)),
+    ]
+}
+
 /// Round trips only: TCP ping-pong then GeoMessage request/reply of
 /// [`RTT_BYTES`], `--repeat` times, each with p50, p99 and their ratios.
 fn rtt(args: &[String]) {
@@ -606,10 +617,7 @@ fn rtt(args: &[String]) {
         opts().rtt_rounds
     );
     for r in 0..repeat {
-        let mut tr = tcp_rtt(tcp_port);
-        let mut gr = gm_rtt(dg);
-        let (t50, t99) = (pct(&mut tr, 0.5), pct(&mut tr, 0.99));
-        let (g50, g99) = (pct(&mut gr, 0.5), pct(&mut gr, 0.99));
+        let [(t50, t99), (g50, g99)] = round_trips(tcp_port, dg);
         println!(
             "  run {r}: tcp p50 {t50:?} p99 {t99:?}; geomsg p50 {g50:?} p99 {g99:?}; ratio p50 {:.2}x p99 {:.2}x",
             g50.as_secs_f64() / t50.as_secs_f64(),
@@ -708,10 +716,7 @@ fn all(args: &[String]) {
         "figures: tcp_Bps={:.0} geomsg_Bps={:.0} geomsg_auth_Bps={:.0}",
         tcp, gm0.bytes_per_sec, gm0p.bytes_per_sec
     );
-    let mut tr = tcp_rtt(tcp_port);
-    let mut gr = gm_rtt(dg);
-    let (t50, t99) = (pct(&mut tr, 0.5), pct(&mut tr, 0.99));
-    let (g50, g99) = (pct(&mut gr, 0.5), pct(&mut gr, 0.99));
+    let [(t50, t99), (g50, g99)] = round_trips(tcp_port, dg);
     println!(
         "  rtt {RTT_BYTES} B x {}: tcp p50 {t50:?} p99 {t99:?}; geomsg p50 {g50:?} p99 {g99:?}",
         opts().rtt_rounds
